@@ -1,0 +1,203 @@
+"""`distill`: co-distil one teacher into several students from a single teacher pass.
+
+Each command parses, validates and calls one function in `distill.pipeline`.
+Bad input prints one line and exits 2; `--debug` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Co-distil one large (MoE) teacher into several students from one teacher pass.",
+)
+
+_STATE = {"debug": False}
+
+ConfigOpt = typer.Option(..., "--config", "-c", help="Run config (YAML). `distill init` writes an example.")
+SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set train.steps=50 (repeatable; value parsed as YAML).")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars; log lines only.")
+
+
+def _overrides(pairs: Optional[list[str]]) -> dict:
+    from distill.errors import UserError
+
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise UserError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.steps=50")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _load(config: Path, sets: Optional[list[str]]):
+    from distill.config import check_inputs_exist, load_config
+
+    cfg = load_config(config, _overrides(sets))
+    check_inputs_exist(cfg)
+    return cfg
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+):
+    _STATE["debug"] = debug
+
+
+@app.command()
+def init(
+    path: Path = typer.Argument(Path("distill.yaml"), help="Where to write the commented example config."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+):
+    """Write a commented example config to PATH."""
+    from distill.pipeline import write_example_config
+
+    write_example_config(path, force=force)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Output dir for every artefact."),
+    quick: bool = typer.Option(False, "--quick", help="Small sizes and few steps (about 10 minutes on 2 CPU cores)."),
+    tiny: bool = typer.Option(False, "--tiny", hidden=True, help="Smallest sizes (for tests)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from finished stages and checkpoints in OUT."),
+    quiet: bool = QuietOpt,
+):
+    """Run the embedded default end to end, offline: stdlib corpus, pretrain a teacher, cache, co-distil, eval, export, report."""
+    from distill.demo import run_demo
+
+    run_demo(out, size="tiny" if tiny else "quick" if quick else "full", resume=resume, progress=not quiet)
+
+
+@app.command()
+def pretrain(
+    config: Path = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the last pretraining checkpoint."),
+    quiet: bool = QuietOpt,
+):
+    """Train the teacher from scratch with plain CE (teacher.source: preset); saves OUT/teacher."""
+    from distill.pipeline import pretrain_teacher
+
+    pretrain_teacher(_load(config, sets), resume=resume, progress=not quiet)
+
+
+@app.command()
+def cache(
+    config: Path = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made by another teacher/tokenizer/data/k."),
+    quiet: bool = QuietOpt,
+):
+    """Run the teacher once over the data and write the top-k logit cache (resumes if interrupted)."""
+    from distill.pipeline import build_cache
+
+    build_cache(_load(config, sets), overwrite=overwrite, progress=not quiet)
+
+
+@app.command()
+def train(
+    config: Path = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue every student from its latest checkpoint."),
+    quiet: bool = QuietOpt,
+):
+    """Co-distil all students: one teacher signal per batch, shared by every student."""
+    from distill.pipeline import train_students
+
+    train_students(_load(config, sets), resume=resume, progress=not quiet)
+
+
+@app.command()
+def run(
+    config: Path = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue finished stages and checkpoints."),
+    quiet: bool = QuietOpt,
+):
+    """cache (or pretrain + cache) + train + export + eval + report, from one config."""
+    from distill.pipeline import run_all
+
+    run_all(_load(config, sets), resume=resume, progress=not quiet)
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="A student checkpoint dir (…/checkpoints/step_N) or a student dir (latest checkpoint)."),
+    out: Path = typer.Option(..., "--out", help="Where to write the Hugging Face model dir."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer dir to include (default: found from the run dir)."),
+):
+    """Write a standard Hugging Face model dir (config, safetensors, tokenizer, model card)."""
+    from distill.export import export_checkpoint
+
+    path = export_checkpoint(checkpoint, out, dtype=dtype, tokenizer_dir=tokenizer)
+    typer.echo(f"exported {path}")
+
+
+@app.command("eval")
+def eval_(
+    config: Path = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
+    quiet: bool = QuietOpt,
+):
+    """Evaluate the teacher and every student on the held-out split; write report.json, report.md and plots."""
+    from distill.pipeline import evaluate_run
+
+    evaluate_run(_load(config, sets), progress=not quiet)
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="A cache dir, a checkpoint dir or an exported model dir."),
+    verify: bool = typer.Option(False, "--verify", help="Check every shard's checksum; exit 1 naming a bad shard."),
+):
+    """Describe (and optionally verify) a cache, checkpoint or model dir."""
+    from distill.inspect import inspect_path
+
+    ok = inspect_path(path, verify=verify)
+    raise typer.Exit(0 if ok else 1)
+
+
+def main() -> None:
+    from distill.errors import UserError
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    debug = "--debug" in sys.argv
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        if debug:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except (typer.Exit, SystemExit) as e:
+        code = getattr(e, "exit_code", getattr(e, "code", 0))
+        sys.exit(code if isinstance(code, int) else 0)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""The run config: one YAML file, validated by pydantic before any work starts.
+
+Every field is documented where it is declared; `distill init` writes an example.
+A bad config fails with `ConfigError`, a one-line message naming the key.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from distill.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TokenizerConfig(_Strict):
+    path: Path | None = Field(None, description="Local Hugging Face tokenizer dir. None: train a byte-level BPE on the corpus.")
+    vocab_size: int = Field(4096, ge=260, le=1_000_000, description="BPE vocabulary size when training one.")
+
+
+class DataConfig(_Strict):
+    paths: list[Path] = Field(default_factory=list, description="Files or dirs: .txt/.py/.md (one document per file), .jsonl/.json, .parquet, or a `datasets.save_to_disk` dir.")
+    stdlib: bool = Field(False, description="Use the Python standard library's .py sources on this machine as the corpus (the offline default).")
+    text_field: str = Field("text", description="Column holding the text in jsonl/parquet/dataset inputs.")
+    seq_len: int = Field(256, ge=8, le=1_048_576, description="Tokens per training block.")
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="Share of documents held out for validation (split by document hash, so deterministic).")
+    max_documents: int | None = Field(None, ge=1, description="Use at most this many documents (first in sorted path order).")
+    max_train_blocks: int | None = Field(None, ge=1, description="Keep at most this many training blocks.")
+    max_val_blocks: int | None = Field(None, ge=1, description="Keep at most this many validation blocks.")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+
+    @model_validator(mode="after")
+    def _has_source(self):
+        if not self.paths and not self.stdlib:
+            raise ValueError("data: give `paths` (files or dirs) or set `stdlib: true`")
+        return self
+
+
+class ScheduleConfig(_Strict):
+    kind: Literal["constant", "linear", "cosine", "step"] = Field("constant", description="Shape of the curve from `start` to `end` over training.")
+    start: float = Field(0.5, ge=0.0, le=1.0, description="Value at the first step (after warmup).")
+    end: float = Field(0.5, ge=0.0, le=1.0, description="Value at the last step.")
+    warmup_steps: int = Field(0, ge=0, description="Steps holding `start` before the curve begins.")
+    boundaries: list[float] = Field(default_factory=list, description="`step` kind only: fractions of training (0..1, increasing) where the value jumps.")
+    values: list[float] = Field(default_factory=list, description="`step` kind only: value after each boundary (same length as boundaries).")
+
+    @model_validator(mode="after")
+    def _step_shape(self):
+        if self.kind == "step":
+            if len(self.boundaries) != len(self.values) or not self.boundaries:
+                raise ValueError("step schedule: `boundaries` and `values` must be non-empty and of equal length")
+            if any(b <= a for a, b in zip(self.boundaries, self.boundaries[1:])) or not 0 < self.boundaries[0] or self.boundaries[-1] >= 1:
+                raise ValueError("step schedule: `boundaries` must increase strictly inside (0, 1)")
+        return self
+
+
+class LossConfig(_Strict):
+    divergence: str = Field("forward_kl", description="Soft-target divergence: forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tv.")
+    temperature: float = Field(1.0, gt=0.0, le=100.0, description="Softmax temperature for both sides; the loss is scaled by T^2.")
+    tail: Literal["bucket", "renorm"] = Field("bucket", description="Top-k tail estimator: `bucket` keeps the missing mass as one outcome; `renorm` renormalises the top-k.")
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD interpolation weight.")
+    alpha: float = Field(0.1, ge=0.0, le=1.0, description="Skew KL mixing weight (DistiLLM).")
+    hard_target: Literal["labels", "teacher_argmax"] = Field("labels", description="Hard target: ground-truth next tokens or the teacher's top-1.")
+    soft_weight: ScheduleConfig = Field(default_factory=ScheduleConfig, description="w_soft(t); w_hard(t) = 1 - w_soft(t). start > end goes soft -> hard, start < end hard -> soft.")
+    adaptive: Literal["none", "confidence", "entropy", "disagreement"] = Field("none", description="Per-token soft weights following the teacher, normalised so their mean is w_soft(t).")
+    chunk_size: int = Field(1024, ge=1, description="Tokens per chunk of [tokens, vocab] logits held at once.")
+    balance_weight: float = Field(0.01, ge=0.0, description="Switch-style MoE load-balancing loss weight (MoE students).")
+    z_weight: float = Field(0.001, ge=0.0, description="Router z-loss weight (MoE students).")
+    bias_update_rate: float = Field(0.0, ge=0.0, description="DeepSeek-V3 aux-loss-free balancing: expert-bias step per update (0 = off).")
+
+    @field_validator("divergence")
+    @classmethod
+    def _known_divergence(cls, v: str) -> str:
+        from losses import DIVERGENCES
+
+        if v not in DIVERGENCES:
+            raise ValueError(f"unknown divergence {v!r}; choose one of {', '.join(sorted(DIVERGENCES))}")
+        return v
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(1e-3, gt=0.0, le=10.0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine decays to lr * min_lr_ratio.")
+    warmup_steps: int = Field(20, ge=0, description="Linear LR warmup steps.")
+    weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay (not on norms and biases).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm (0 = off).")
+
+
+class ModelConfig(_Strict):
+    preset: str = Field(..., description="Model preset: behemoth, scout, maverick, dense, dense_llama4.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Preset size arguments (hidden_size, num_layers, num_experts, ...).")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        from students.presets import PRESETS
+
+        if v not in PRESETS:
+            raise ValueError(f"unknown preset {v!r}; choose one of {', '.join(sorted(PRESETS))}")
+        return v
+
+
+class StudentConfig(_Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Directory-safe name; artefacts go to OUT/students/NAME/.")
+    model: ModelConfig
+    baseline: bool = Field(False, description="CE-only baseline: ground-truth labels only, no teacher signal.")
+    init: Literal["random", "teacher"] = Field("random", description="Random init, or copy embeddings/layers/experts from the teacher.")
+    init_layers: list[int] | None = Field(None, description="Teacher layers copied into student layers 0..n-1 when init=teacher.")
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    device: str | None = Field(None, description="Device for this student (e.g. cuda:1); default: train.device.")
+
+
+class TeacherConfig(_Strict):
+    source: Literal["preset", "checkpoint", "cache"] = Field("checkpoint", description="`checkpoint`: a local Hugging Face dir; `preset`: build from a preset (then `distill pretrain` trains it); `cache`: an existing logit cache only.")
+    path: Path | None = Field(None, description="Teacher checkpoint dir (source=checkpoint). Default for source=preset: OUT/teacher.")
+    model: ModelConfig | None = Field(None, description="Teacher architecture (source=preset).")
+    pretrain: "PretrainConfig" = Field(default_factory=lambda: PretrainConfig())
+
+    @model_validator(mode="after")
+    def _source_fields(self):
+        if self.source == "preset" and self.model is None:
+            raise ValueError("teacher.model is required when teacher.source is 'preset'")
+        return self
+
+
+class PretrainConfig(_Strict):
+    steps: int = Field(300, ge=1, description="Teacher pretraining steps (plain CE).")
+    batch_size: int = Field(16, ge=1, description="Blocks per pretraining step.")
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=30))
+
+
+class CacheConfig(_Strict):
+    dir: Path | None = Field(None, description="Cache dir. Default: OUT/cache.")
+    k: int = Field(64, ge=1, description="Top-k log-probs kept per token (must not exceed the vocab).")
+    encoding: str = Field("lossless", description="Shard encoding: lossless (default), fp16, bf16, compact (lossy, smallest).")
+    batch_size: int = Field(8, ge=1, description="Blocks per teacher forward.")
+    shard_sequences: int = Field(256, ge=1, description="Blocks per shard file.")
+
+
+class TrainConfig(_Strict):
+    mode: Literal["cached", "online"] = Field("cached", description="`cached`: read the teacher signal from the cache; `online`: run the teacher once per batch.")
+    steps: int = Field(200, ge=1, description="Optimizer steps per student.")
+    batch_size: int = Field(8, ge=1, description="Blocks per step (global, across data-parallel ranks).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per step.")
+    eval_every: int = Field(50, ge=0, description="Validate every N steps (0 = only at the end).")
+    eval_blocks: int = Field(32, ge=1, description="Validation blocks per evaluation.")
+    checkpoint_every: int = Field(50, ge=0, description="Checkpoint every N steps (0 = only at the end).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept per student.")
+    max_nonfinite: int = Field(10, ge=0, description="Skipped non-finite steps tolerated before the run stops.")
+    device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Autocast precision: auto = bf16 on GPU, fp32 on CPU.")
+    engine: Literal["torch", "deepspeed"] = Field("torch", description="Plain PyTorch, or one DeepSpeed engine per student (launch with `deepspeed` or torchrun).")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (engine=deepspeed).")
+    deepspeed_config: Path | None = Field(None, description="A ds_config JSON passed through to DeepSpeed (engine=deepspeed); batch sizes are filled in.")
+    online_dense: bool = Field(False, description="Online mode: hand students the teacher's dense logits (exact loss) instead of top-k.")
+    deterministic: bool = Field(True, description="torch.use_deterministic_algorithms for exact resume.")
+
+
+class ExportConfig(_Strict):
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Weights dtype in exported dirs.")
+    max_shard_size: str = Field("2GB", description="Safetensors shard size for large models.")
+
+
+class RunConfig(_Strict):
+    out_dir: Path = Field(Path("runs/default"), description="Where every artefact of the run goes.")
+    seed: int = Field(0, description="Seed for data order, init and sampling.")
+    data: DataConfig
+    teacher: TeacherConfig
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    students: list[StudentConfig] = Field(..., min_length=1)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        names = [s.name for s in self.students]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"students: duplicate name(s) {sorted(dup)}")
+        if self.teacher.source == "cache" and self.train.mode == "online":
+            raise ValueError("train.mode 'online' needs a teacher model, but teacher.source is 'cache'")
+        return self
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.cache.dir or self.out_dir / "cache"
+
+    @property
+    def teacher_dir(self) -> Path:
+        return self.teacher.path or self.out_dir / "teacher"
+
+
+TeacherConfig.model_rebuild()
+
+
+def _format_error(err: dict) -> str:
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; `distill init` writes every key)"
+    return f"{where}: {msg}"
+
+
+def parse_config(raw: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        first = _format_error(e.errors()[0])
+        more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise UserError(f"{source}: {first}{more}") from None
+
+
+def load_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read and validate a YAML config; `overrides` maps dotted keys to values."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"config file {path} does not exist; `distill init {path}` writes an example")
+    if path.is_dir():
+        raise UserError(f"config path {path} is a directory; pass the YAML file inside it")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise UserError(f"{path}{where}: not valid YAML ({type(e).__name__})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of keys at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    cfg = parse_config(raw, str(path))
+    # Relative paths in a config are relative to the config file, as users expect.
+    base = path.parent
+    _resolve_paths(cfg, base)
+    return cfg
+
+
+def _resolve_paths(cfg: RunConfig, base: Path) -> None:
+    def fix(p: Path | None) -> Path | None:
+        return p if p is None or p.is_absolute() else (base / p)
+
+    cfg.data.paths = [fix(p) for p in cfg.data.paths]
+    cfg.data.tokenizer.path = fix(cfg.data.tokenizer.path)
+    cfg.teacher.path = fix(cfg.teacher.path)
+    cfg.cache.dir = fix(cfg.cache.dir)
+    cfg.train.deepspeed_config = fix(cfg.train.deepspeed_config)
+
+
+def check_inputs_exist(cfg: RunConfig) -> None:
+    """Missing files fail before any work starts, naming the key."""
+    for i, p in enumerate(cfg.data.paths):
+        if not p.exists():
+            raise UserError(f"data.paths[{i}]: {p} does not exist")
+    if cfg.data.tokenizer.path is not None and not cfg.data.tokenizer.path.is_dir():
+        raise UserError(f"data.tokenizer.path: {cfg.data.tokenizer.path} is not a directory")
+    if cfg.teacher.source == "checkpoint":
+        if cfg.teacher.path is None:
+            raise UserError("teacher.path: required when teacher.source is 'checkpoint'")
+        if not cfg.teacher.path.is_dir():
+            raise UserError(f"teacher.path: {cfg.teacher.path} is not a directory")
+    if cfg.train.deepspeed_config is not None and not cfg.train.deepspeed_config.is_file():
+        raise UserError(f"train.deepspeed_config: {cfg.train.deepspeed_config} does not exist")

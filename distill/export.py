@@ -1,0 +1,128 @@
+"""Export a student checkpoint as a standard Hugging Face model dir.
+
+Dense students are `LlamaForCausalLM`, MoE students `Llama4ForCausalLM`; the sparse MoE
+forward is a runtime swap over stock parameter names, so the dir loads in stock
+transformers with no project code.  The dir is written under a temp name and renamed.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from distill import checkpoint
+from distill.errors import UserError
+from distill.fsutil import atomic_write_text, describe_os_error, publish_dir, writable_temp_dir
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A step dir, a checkpoints dir or a student dir -> the step dir to export."""
+    path = Path(path)
+    if (path / "meta.json").exists() and (path / "model.safetensors").exists():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = checkpoint.latest(root)
+        if found is not None:
+            return found
+    raise UserError(f"{path}: no checkpoint found (expected a step_N dir with model.safetensors and meta.json)")
+
+
+def load_checkpoint_model(ckpt: Path):
+    """The stock transformers model a checkpoint holds (no sparse swap: export is stock)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(ckpt))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    try:
+        weights = load_file(str(ckpt / "model.safetensors"))
+    except Exception as e:
+        raise UserError(f"{ckpt / 'model.safetensors'}: unreadable ({type(e).__name__}); "
+                        f"export an earlier checkpoint") from None
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise UserError(f"{ckpt}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model
+
+
+def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size: str = "2GB",
+                card: str | None = None) -> Path:
+    """save_pretrained + tokenizer + generation config (+ README.md), atomically."""
+    from transformers import GenerationConfig
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    out = Path(out)
+    tmp = writable_temp_dir(out)
+    try:
+        model = model.to(DTYPES[dtype])
+        model.config.architectures = [type(model).__name__]
+        model.save_pretrained(str(tmp), max_shard_size=max_shard_size, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+            eos = tokenizer.eos_token_id
+            GenerationConfig(eos_token_id=eos, bos_token_id=tokenizer.bos_token_id, pad_token_id=eos,
+                             max_new_tokens=64).save_pretrained(str(tmp))
+        if card is not None:
+            (tmp / "README.md").write_text(card)
+        publish_dir(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(describe_os_error(e, out)) from e
+    return out
+
+
+def model_card(name: str, meta: dict, metrics: dict | None = None) -> str:
+    """A short model card: teacher, data, loss recipe, token budget, eval metrics."""
+    sc = meta.get("student_config", {})
+    loss = sc.get("loss", {})
+    sched = loss.get("soft_weight", {})
+    lines = [
+        f"# {name}", "",
+        "Distilled with the co-distillation toolkit (one teacher pass shared by several students).", "",
+        "| field | value |", "|---|---|",
+        f"| architecture | {sc.get('model', {}).get('preset', '?')} |",
+        f"| kind | {'CE-only baseline' if sc.get('baseline') else 'distilled'} |",
+        f"| teacher | {meta.get('teacher', '?')} |",
+        f"| data fingerprint | {meta.get('data_fingerprint', '?')} |",
+        f"| tokenizer hash | {meta.get('tokenizer_hash', '?')} |",
+        f"| divergence | {loss.get('divergence', '-')} (T={loss.get('temperature', '-')}, tail={loss.get('tail', '-')}) |",
+        f"| soft-weight schedule | {sched.get('kind', '-')} {sched.get('start', '-')} -> {sched.get('end', '-')} |",
+        f"| hard target | {loss.get('hard_target', '-')} |",
+        f"| steps | {meta.get('step', '?')} |",
+        f"| train tokens | {meta.get('tokens_seen', '?')} |",
+    ]
+    for k, v in (metrics or {}).items():
+        lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+    lines += ["", "Load with `transformers.AutoModelForCausalLM.from_pretrained(dir)`.", ""]
+    return "\n".join(lines)
+
+
+def _find_tokenizer_dir(ckpt: Path) -> Path | None:
+    # .../OUT/students/NAME/checkpoints/step_N -> OUT/tokenizer
+    for parent in ckpt.parents:
+        if (parent / "tokenizer" / "tokenizer.json").exists():
+            return parent / "tokenizer"
+    return None
+
+
+def export_checkpoint(path: Path, out: Path, dtype: str = "fp32", tokenizer_dir: Path | None = None,
+                      metrics: dict | None = None) -> Path:
+    """`distill export`: checkpoint (or student dir) -> Hugging Face model dir at `out`."""
+    from transformers import AutoTokenizer
+
+    ckpt = resolve_checkpoint(path)
+    meta = checkpoint.load_meta(ckpt)
+    meta["tokens_seen"] = torch.load(ckpt / "state.pt", weights_only=False).get("tokens_seen")
+    tok_dir = tokenizer_dir or _find_tokenizer_dir(ckpt)
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir and (Path(tok_dir) / "tokenizer.json").exists() else None
+    model = load_checkpoint_model(ckpt)
+    name = meta.get("student", ckpt.parent.parent.name)
+    save_hf_dir(model, tokenizer, out, dtype=dtype, card=model_card(name, meta, metrics))
+    atomic_write_text(Path(out) / "distill_meta.json", json.dumps(meta, indent=2, default=str))
+    return Path(out)

@@ -1,0 +1,92 @@
+"""Crash-safe file writes: temp file in the same dir, fsync, rename, fsync the dir.
+
+A reader therefore sees either the old file or the whole new one, never a torn write.
+An OSError (disk full, read-only dir) becomes a `UserError` naming the path, and the
+temp file is removed, so the previous good state stays intact.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+from distill.errors import UserError
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def describe_os_error(e: OSError, path: Path) -> str:
+    if e.errno == errno.ENOSPC:
+        what = "disk full"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        what = "not writable"
+    else:
+        what = e.strerror or type(e).__name__
+    return f"cannot write {path}: {what}; free space or choose another output dir (previous files are intact)"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(describe_os_error(e, path)) from e
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(dirpath))
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Make a fully written temp dir visible under `final` in one rename.
+
+    An existing `final` is moved aside first and removed only after the new one is in place.
+    """
+    fsync_tree(tmp)
+    old = final.with_name(f".{final.name}.old{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def writable_temp_dir(final: Path) -> Path:
+    """A fresh temp dir beside `final` (same filesystem, so the rename is atomic)."""
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(describe_os_error(e, final)) from e
+    return tmp

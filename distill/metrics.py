@@ -1,0 +1,90 @@
+"""Per-step metrics: JSONL per student (and TensorBoard when installed), plus progress bars.
+
+OUT/students/NAME/metrics.jsonl holds one JSON object a line:
+    {"step": 10, "kind": "train", "loss": ..., "hard": ..., "soft": ..., "w_hard": ..., ...}
+On resume, lines past the resumed step are dropped so the file matches the weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+def metrics_path(out_dir: Path, name: str) -> Path:
+    return out_dir / "students" / name / "metrics.jsonl"
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a torn last line from a crash
+    return rows
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: Path, names: list[str], start_step: int, enabled: bool = True):
+        self.enabled = enabled
+        self.last: dict[str, dict] = {}
+        self.files = {}
+        self.tb = {}
+        if not enabled:
+            return
+        for name in names:
+            path = metrics_path(out_dir, name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            kept = [r for r in read_metrics(path) if r.get("step", 0) <= start_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            self.files[name] = open(path, "a", buffering=1)
+            with contextlib.suppress(ImportError):
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb[name] = SummaryWriter(str(out_dir / "tensorboard" / name), purge_step=start_step + 1)
+
+    def log(self, name: str, step: int, values: dict, kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "kind": kind, **values}
+        self.last[name] = row
+        self.files[name].write(json.dumps(row) + "\n")
+        if name in self.tb:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb[name].add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        for w in self.tb.values():
+            w.close()
+
+
+class _Bar:
+    def __init__(self, progress: Progress | None, task):
+        self.progress, self.task = progress, task
+
+    def update(self, n: int, losses: dict | None = None) -> None:
+        if self.progress is None:
+            return
+        desc = "  ".join(f"{k}={v:.3f}" for k, v in (losses or {}).items() if isinstance(v, float))
+        self.progress.update(self.task, advance=n, info=desc)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, label: str, enabled: bool, completed: int = 0):
+    """A rich progress bar (no-op when disabled or quiet)."""
+    if not enabled:
+        yield _Bar(None, None)
+        return
+    cols = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+    with Progress(*cols, transient=False) as p:
+        task = p.add_task(label, total=total, completed=completed, info="")
+        yield _Bar(p, task)

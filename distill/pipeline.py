@@ -1,0 +1,267 @@
+"""What each CLI command does, one function each: pretrain, cache, train, run, eval.
+
+Every function validates before it writes, and each stage can be rerun: finished work
+is detected and reused (a finished teacher, complete cache shards, checkpoints).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from distill.config import ModelConfig, RunConfig, StudentConfig
+from distill.data import PackedData, prepare_data, vocab_size_of
+from distill.engine import DeepSpeedEngine, TorchEngine, autocast_dtype, deepspeed_config, resolve_device
+from distill.errors import UserError
+from distill.fsutil import atomic_write_json
+from distill.student import Student, make_optimizer
+from distill.trainer import LoopConfig, run_hash, train_loop
+from teachers import CachedTeacher, LiveTeacher, load_teacher_model, teacher_identity
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def setup_runtime(cfg: RunConfig) -> tuple[int, int]:
+    """Seed, determinism and (under a launcher) torch.distributed. Returns (rank, world_size)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        if cfg.train.engine == "deepspeed":
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        else:
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def prepare(cfg: RunConfig, progress: bool = False) -> PackedData:
+    """Packed data; a checkpoint teacher's own tokenizer is used unless one is named."""
+    if (cfg.teacher.source == "checkpoint" and cfg.data.tokenizer.path is None
+            and cfg.teacher.path is not None and (cfg.teacher.path / "tokenizer.json").exists()):
+        cfg.data.tokenizer.path = cfg.teacher.path
+    return prepare_data(cfg.data, cfg.out_dir, progress=progress)
+
+
+def model_config(model_cfg: ModelConfig, vocab_size: int, where: str):
+    """A transformers config from a preset; vocab defaults to the tokenizer's real size."""
+    from students.presets import PRESETS
+
+    args = dict(model_cfg.args)
+    args.setdefault("vocab_size", vocab_size)
+    if args["vocab_size"] < vocab_size:
+        raise UserError(f"{where}.model.args.vocab_size={args['vocab_size']} is smaller than the tokenizer's "
+                        f"{vocab_size} tokens; remove it to use the tokenizer's size")
+    try:
+        return PRESETS[model_cfg.preset](**args)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}.model.args: {e}") from None
+
+
+def check_k(cfg: RunConfig, vocab: int) -> None:
+    if cfg.cache.k > vocab:
+        raise UserError(f"cache.k={cfg.cache.k} is larger than the vocabulary ({vocab} tokens); choose k <= {vocab}")
+
+
+# ----------------------------------------------------------------------------- teacher
+
+
+def pretrain_teacher(cfg: RunConfig, resume: bool = True, progress: bool = True) -> Path:
+    """Plain-CE training of a preset teacher; writes a Hugging Face dir at OUT/teacher."""
+    from students.build import build_model
+
+    if cfg.teacher.source != "preset":
+        raise UserError("pretrain: teacher.source must be 'preset' (a checkpoint teacher is already trained)")
+    out = cfg.teacher_dir
+    if resume and (out / "pretrain_done.json").exists():
+        return out
+    rank, world = setup_runtime(cfg)
+    data = prepare(cfg, progress)
+    vocab = vocab_size_of(data.tokenizer)
+    model = build_model(model_config(cfg.teacher.model, vocab, "teacher"), seed=cfg.seed)
+    pre = cfg.teacher.pretrain
+    as_student = StudentConfig(name="teacher", model=cfg.teacher.model, baseline=True, optim=pre.optim)
+    student = make_student(cfg, as_student, model, pre.steps, pre.batch_size)
+    loop = loop_config(cfg, pre.steps, pre.batch_size, rank, world,
+                       run_hash("pretrain", cfg.teacher.model_dump(mode="json"), data.fingerprint, cfg.seed))
+    result = train_loop([student], None, data.train, data.val, None, loop, cfg.out_dir / "pretrain",
+                        resume=resume, progress=progress)
+    if rank == 0:
+        from distill.export import save_hf_dir
+
+        save_hf_dir(student.model, data.tokenizer, out, dtype="fp32")
+        atomic_write_json(out / "pretrain_done.json", {"steps": pre.steps, "data_fingerprint": data.fingerprint,
+                                                       **result["students"].get("teacher", {})})
+    return out
+
+
+def teacher_model(cfg: RunConfig):
+    path = cfg.teacher_dir
+    if not path.is_dir():
+        hint = "run `distill pretrain` first" if cfg.teacher.source == "preset" else "check teacher.path"
+        raise UserError(f"teacher dir {path} does not exist; {hint}")
+    return load_teacher_model(path)
+
+
+def cache_identity(cfg: RunConfig, data: PackedData) -> dict:
+    return {**teacher_identity(cfg.teacher_dir), "tokenizer_hash": data.tokenizer_hash,
+            "data_fingerprint": data.fingerprint, "seq_len": str(data.seq_len),
+            "vocab_size": str(vocab_size_of(data.tokenizer))}
+
+
+def live_teacher(cfg: RunConfig, data: PackedData, device: torch.device) -> LiveTeacher:
+    return LiveTeacher(teacher_model(cfg), cfg.cache.k, vocab_size_of(data.tokenizer), device,
+                       autocast_dtype(cfg.train.precision, device), keep_dense=cfg.train.online_dense)
+
+
+def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> Path:
+    """One teacher pass over train and validation blocks -> OUT/cache (resumes after a crash)."""
+    from distill.cache import write_cache
+
+    if cfg.teacher.source == "cache":
+        return cfg.cache_dir
+    rank, world = setup_runtime(cfg)
+    data = prepare(cfg, progress)
+    check_k(cfg, vocab_size_of(data.tokenizer))
+    teacher = live_teacher(cfg, data, resolve_device(cfg.train.device))
+    splits = {"train": data.train[:, :-1], "val": data.val[:, :-1]}
+    return write_cache(cfg.cache_dir, teacher.logits, splits, identity=cache_identity(cfg, data), k=cfg.cache.k,
+                       encoding=cfg.cache.encoding, batch_size=cfg.cache.batch_size,
+                       shard_sequences=cfg.cache.shard_sequences, overwrite=overwrite, rank=rank,
+                       world_size=world, progress=progress and rank == 0)
+
+
+# ----------------------------------------------------------------------------- students
+
+
+def loop_config(cfg: RunConfig, steps: int, batch_size: int, rank: int, world: int, rhash: str) -> LoopConfig:
+    t = cfg.train
+    if batch_size % (t.grad_accum * world):
+        raise UserError(f"train.batch_size={batch_size} must be divisible by grad_accum ({t.grad_accum}) "
+                        f"x data-parallel ranks ({world})")
+    return LoopConfig(steps=steps, batch_size=batch_size, grad_accum=t.grad_accum, eval_every=t.eval_every,
+                      eval_blocks=t.eval_blocks, checkpoint_every=t.checkpoint_every, keep_last=t.keep_last,
+                      max_nonfinite=t.max_nonfinite, seed=cfg.seed, run_hash=rhash, rank=rank, world_size=world)
+
+
+def make_student(cfg: RunConfig, sc: StudentConfig, model, steps: int, batch_size: int) -> Student:
+    device = resolve_device(sc.device or cfg.train.device)
+    opt, sched = make_optimizer(model, sc.optim, steps)
+    if cfg.train.engine == "deepspeed":
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        micro = batch_size // cfg.train.grad_accum // world
+        engine = DeepSpeedEngine(model, opt, sched, deepspeed_config(cfg.train, sc.optim, micro))
+    else:
+        engine = TorchEngine(model, opt, sched, sc.optim, device, cfg.train.precision)
+    return Student(sc, model, engine, steps)
+
+
+def build_students(cfg: RunConfig, data: PackedData) -> list[Student]:
+    from students.build import build_model
+    from students.init import init_from_teacher
+
+    vocab = vocab_size_of(data.tokenizer)
+    teacher = None
+    students = []
+    for i, sc in enumerate(cfg.students):
+        # The same seed for every student: a baseline and its distilled twin start identical.
+        model = build_model(model_config(sc.model, vocab, f"students[{i}]"), seed=cfg.seed)
+        if sc.init == "teacher":
+            teacher = teacher or teacher_model(cfg)
+            init_from_teacher(model, teacher, layers=sc.init_layers)
+        students.append(make_student(cfg, sc, model, cfg.train.steps, cfg.train.batch_size))
+    return students
+
+
+def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Co-distil every student from one teacher signal per batch."""
+    rank, world = setup_runtime(cfg)
+    data = prepare(cfg, progress)
+    vocab = vocab_size_of(data.tokenizer)
+    if cfg.train.mode == "cached":
+        manifest_identity = None if cfg.teacher.source == "cache" else cache_identity(cfg, data)
+        if not (cfg.cache_dir / "manifest.json").exists():
+            raise UserError(f"no cache at {cfg.cache_dir}; run `distill cache` first or set train.mode: online")
+        teacher = CachedTeacher(cfg.cache_dir, "train", manifest_identity)
+        val_teacher = CachedTeacher(cfg.cache_dir, "val", manifest_identity)
+        _check_cache_matches_data(teacher, data)
+    else:
+        check_k(cfg, vocab)
+        teacher = val_teacher = live_teacher(cfg, data, resolve_device(cfg.train.device))
+    students = build_students(cfg, data)
+    rhash = run_hash("train", [s.model_dump(mode="json") for s in cfg.students], data.fingerprint,
+                     cfg.seed, cfg.train.steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.mode)
+    loop = loop_config(cfg, cfg.train.steps, cfg.train.batch_size, rank, world, rhash)
+    loop.extra_meta = {"data_fingerprint": data.fingerprint, "teacher": str(cfg.teacher_dir),
+                       "tokenizer_hash": data.tokenizer_hash}
+    result = train_loop(students, teacher, data.train, data.val, val_teacher, loop, cfg.out_dir,
+                        resume=resume, progress=progress)
+    result["teacher_reads"] = getattr(teacher, "reads", None)
+    if rank == 0:
+        result["students_info"] = {s.name: {"tokens_seen": s.tokens_seen, "nonfinite_steps": s.nonfinite_steps}
+                                   for s in students}
+        atomic_write_json(cfg.out_dir / "train_summary.json", result)
+    return result
+
+
+def _check_cache_matches_data(teacher: CachedTeacher, data: PackedData) -> None:
+    m = teacher.reader.manifest
+    ident = m.get("identity", {})
+    if ident.get("data_fingerprint") not in (None, data.fingerprint):
+        raise UserError(f"cache at {teacher.reader.cache_dir} was made from other data (fingerprint "
+                        f"{ident.get('data_fingerprint')} != {data.fingerprint}); rerun `distill cache --overwrite`")
+    if len(teacher) != len(data.train):
+        raise UserError(f"cache has {len(teacher)} train blocks but the data has {len(data.train)}; "
+                        f"rerun `distill cache` to complete it")
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+
+def run_all(cfg: RunConfig, resume: bool = True, progress: bool = True) -> dict:
+    """(pretrain) + cache + train + export + eval/report from one config."""
+    from distill.report import evaluate_run
+
+    if cfg.teacher.source == "preset":
+        pretrain_teacher(cfg, resume=resume, progress=progress)
+    if cfg.train.mode == "cached":
+        build_cache(cfg, progress=progress)
+    train_students(cfg, resume=resume, progress=progress)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return {}
+    export_students(cfg)
+    return evaluate_run(cfg, progress=progress)
+
+
+def export_students(cfg: RunConfig) -> dict[str, Path]:
+    from distill.export import export_checkpoint
+
+    out = {}
+    for sc in cfg.students:
+        student_dir = cfg.out_dir / "students" / sc.name
+        out[sc.name] = export_checkpoint(student_dir, student_dir / "export", dtype=cfg.export.dtype,
+                                         tokenizer_dir=cfg.data.tokenizer.path or cfg.out_dir / "tokenizer")
+    return out
+
+
+def evaluate_run(cfg: RunConfig, progress: bool = True) -> dict:
+    from distill.report import evaluate_run as _evaluate
+
+    return _evaluate(cfg, progress=progress)
+
+
+def write_example_config(path: Path, force: bool = False) -> None:
+    from distill.fsutil import atomic_write_text
+
+    path = Path(path)
+    if path.exists() and not force:
+        raise UserError(f"{path} already exists; pass --force to overwrite it")
+    atomic_write_text(path, (Path(__file__).parent / "example_config.yaml").read_text())

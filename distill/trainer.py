@@ -1,0 +1,193 @@
+"""The co-distillation loop: one teacher signal per batch, handed to every student.
+
+    for step in steps:
+        blocks  = the step's blocks (a seeded permutation per epoch: resumable exactly)
+        signal  = teacher.signal(blocks)        # 1 cache read or 1 teacher forward
+        for student in students:
+            student.train_step(step, blocks, signal)
+        log, validate, checkpoint
+
+SIGINT/SIGTERM finish the current step, checkpoint every student and exit.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import signal as signals
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from distill import checkpoint
+from distill.errors import UserError
+from distill.evaluate import evaluate_model
+from distill.metrics import MetricsLogger, progress_bar
+from distill.student import Student
+
+
+class TrainingInterrupted(UserError):
+    """SIGINT/SIGTERM: checkpoints were written; rerun with --resume."""
+
+    exit_code = 130
+
+
+class TrainingAborted(UserError):
+    """Too many non-finite steps: stopped, last good checkpoint kept."""
+
+    exit_code = 3
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    batch_size: int  # global blocks per step
+    grad_accum: int
+    eval_every: int
+    eval_blocks: int
+    checkpoint_every: int
+    keep_last: int
+    max_nonfinite: int
+    seed: int
+    run_hash: str  # identity of everything that shapes the trajectory
+    rank: int = 0
+    world_size: int = 1
+    extra_meta: dict = field(default_factory=dict)
+
+
+def run_hash(*parts) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def batch_indices(step: int, batch_size: int, n_blocks: int, seed: int) -> list[int]:
+    """Blocks for `step`: consecutive slices of a per-epoch seeded permutation."""
+    out: list[int] = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n_blocks)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(n_blocks, generator=g)
+        take = min(batch_size - len(out), n_blocks - offset)
+        out += perm[offset: offset + take].tolist()
+        pos += take
+    return out
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def __enter__(self):
+        self._old = {s: signals.signal(s, self._handle) for s in (signals.SIGINT, signals.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signals.signal(s, h)
+        return False
+
+
+def _ckpt_root(out_dir: Path, student: Student) -> Path:
+    return out_dir / "students" / student.name / "checkpoints"
+
+
+def save_all(out_dir: Path, students: list[Student], step: int, loop: LoopConfig) -> None:
+    if loop.world_size > 1:
+        dist.barrier()
+    for s in students:
+        ds_engine = getattr(s.engine, "engine", None)
+        meta = {"student": s.name, "run_hash": loop.run_hash, "student_config": s.cfg.model_dump(mode="json"),
+                **loop.extra_meta}
+        if ds_engine is not None:
+            # Every rank writes its optimizer partition; rank 0 the weights and the step dir.
+            ds_engine.save_checkpoint(str(_ckpt_root(out_dir, s) / "deepspeed"), tag=f"step_{step:08d}")
+        if loop.rank == 0:
+            checkpoint.save(_ckpt_root(out_dir, s), step, s.model, {**s.state(), "rng": checkpoint.rng_state()},
+                            meta, loop.keep_last)
+    if loop.world_size > 1:
+        dist.barrier()
+
+
+def resume_all(out_dir: Path, students: list[Student], loop: LoopConfig) -> int:
+    """Load every student's latest checkpoint; all must be at the same step."""
+    latest = {s.name: checkpoint.latest(_ckpt_root(out_dir, s)) for s in students}
+    if all(p is None for p in latest.values()):
+        return 0
+    steps = {name: (checkpoint.load_meta(p)["step"] if p else 0) for name, p in latest.items()}
+    if len(set(steps.values())) != 1:
+        raise UserError(f"students' checkpoints are at different steps {steps}; remove the newer ones "
+                        f"or start a new out_dir")
+    rng = None
+    for s in students:
+        state = checkpoint.load(latest[s.name], s.model, loop.run_hash)
+        s.load_state(state)
+        ds_engine = getattr(s.engine, "engine", None)
+        if ds_engine is not None:
+            ds_engine.load_checkpoint(str(_ckpt_root(out_dir, s) / "deepspeed"),
+                                      tag=latest[s.name].name, load_module_strict=False)
+        rng = state["rng"]
+    checkpoint.set_rng_state(rng)
+    return next(iter(steps.values()))
+
+
+def train_loop(students: list[Student], teacher, train_blocks: torch.Tensor, val_blocks: torch.Tensor,
+               val_teacher, loop: LoopConfig, out_dir: Path, resume: bool, progress: bool) -> dict:
+    """Train every student for `loop.steps`; returns the final validation metrics per student."""
+    start = resume_all(out_dir, students, loop) if resume else 0
+    logger = MetricsLogger(out_dir, [s.name for s in students], start, enabled=loop.rank == 0)
+    final_eval: dict = {}
+    teacher_calls_before = teacher.forward_calls if teacher is not None else 0
+    micro = loop.batch_size // loop.grad_accum
+    with _StopFlag() as stop, progress_bar(loop.steps, "co-distilling", progress and loop.rank == 0, start) as bar:
+        for step in range(start, loop.steps):
+            # --- the step's blocks: global batch, this rank's share, split into micro-batches
+            idx = batch_indices(step, loop.batch_size, len(train_blocks), loop.seed)
+            micro_batches = []
+            for m in range(loop.grad_accum):
+                mine = idx[m * micro:(m + 1) * micro][loop.rank::loop.world_size]
+                blocks = train_blocks[mine]
+                input_ids, labels = blocks[:, :-1], blocks[:, 1:]
+                # --- one teacher signal per micro-batch, shared by every student
+                if teacher is not None:
+                    sig, valid = teacher.signal(mine, input_ids)
+                else:
+                    sig, valid = None, torch.ones_like(labels, dtype=torch.bool)
+                micro_batches.append((input_ids, labels, sig, valid))
+
+            # --- every student learns from the same signal
+            for s in students:
+                metrics = s.train_step(step, micro_batches)
+                teacher_invalid = sum(int((~mb[3]).sum()) for mb in micro_batches)
+                logger.log(s.name, step + 1, {**metrics, "teacher_nonfinite_tokens": teacher_invalid})
+                if s.nonfinite_steps > loop.max_nonfinite:
+                    raise TrainingAborted(
+                        f"student {s.name}: {s.nonfinite_steps} non-finite steps (limit train.max_nonfinite="
+                        f"{loop.max_nonfinite}); stopped at step {step + 1}. The last good checkpoint is kept; "
+                        f"lower the lr or check the teacher signal")
+            done = step + 1
+            bar.update(1, {s.name: logger.last.get(s.name, {}).get("loss") for s in students})
+
+            # --- validation and checkpoints
+            if done == loop.steps or (loop.eval_every and done % loop.eval_every == 0):
+                for s in students:
+                    final_eval[s.name] = evaluate_model(
+                        s.model, val_blocks[: loop.eval_blocks],
+                        None if val_teacher is None else val_teacher.signal, device=s.device)
+                    logger.log(s.name, done, final_eval[s.name], kind="val")
+            if done == loop.steps or (loop.checkpoint_every and done % loop.checkpoint_every == 0) or stop.signum:
+                save_all(out_dir, students, done, loop)
+            if stop.signum and done < loop.steps:
+                raise TrainingInterrupted(
+                    f"stopped by signal {stop.signum} after step {done}; checkpoints saved under "
+                    f"{out_dir / 'students'}; rerun with --resume to continue")
+    calls = (teacher.forward_calls - teacher_calls_before) if teacher is not None else 0
+    logger.close()
+    return {"students": final_eval, "teacher_forward_calls": calls, "start_step": start}
+

@@ -1,0 +1,53 @@
+"""MoE balance terms: pure functions of per-layer router logits (torch only).
+
+Both take `router_logits`: a list with one (N, E) tensor per MoE layer (N tokens,
+E experts), e.g. `students.build.collect_router_logits(model)`, and return a scalar
+averaged over layers (0 for an empty list, so dense students need no special case).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _zero(router_logits: list[torch.Tensor]) -> torch.Tensor:
+    return torch.zeros(()) if not router_logits else router_logits[0].new_zeros((), dtype=torch.float32)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """Switch-Transformer balance loss, E * sum_e f_e * P_e, averaged over layers.
+
+    f_e: fraction of the N*top_k routing slots that go to expert e (the tokens whose
+         top-k includes e, divided by top_k), so sum_e f_e = 1.  Not differentiable.
+    P_e: mean over tokens of the router probability of e.  Carries the gradient.
+    Equals 1 for perfectly uniform routing and probabilities, up to E when collapsed.
+    Fedus et al. 2021, arXiv:2101.03961, eq. 4.
+
+    Llama 4 gates with a per-expert sigmoid, which is not a distribution over experts;
+    P uses softmax over the logits instead, so the loss keeps the Switch meaning ("mass
+    the router puts on each expert") and its 1-at-balance scale.  The selection for f
+    is the top-k of the raw logits (any selection-only `expert_bias` is not seen).
+    """
+    if not router_logits:
+        return _zero(router_logits)
+    losses = []
+    for logits in router_logits:  # (N, E)
+        logits = logits.float()
+        num_experts = logits.shape[-1]
+        chosen = torch.topk(logits.detach(), top_k, dim=-1).indices  # (N, k)
+        slots = torch.zeros_like(logits).scatter_(1, chosen, 1.0)  # (N, E) 1 where routed
+        fraction = slots.mean(dim=0) / top_k  # (E,) f_e
+        prob = torch.softmax(logits, dim=-1).mean(dim=0)  # (E,) P_e
+        losses.append(num_experts * torch.sum(fraction * prob))
+    return torch.stack(losses).mean()
+
+
+def router_z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
+    """mean over tokens of logsumexp(logits)^2, averaged over layers.
+
+    Keeps router logits small so the router stays numerically stable (ST-MoE,
+    Zoph et al. 2022, arXiv:2202.08906, eq. 5).  Computed in fp32.
+    """
+    if not router_logits:
+        return _zero(router_logits)
+    losses = [torch.logsumexp(logits.float(), dim=-1).square().mean() for logits in router_logits]
+    return torch.stack(losses).mean()

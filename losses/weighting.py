@@ -1,0 +1,130 @@
+"""Per-token soft weights that follow the teacher, and the hard/soft combination.
+
+The schedule (`losses.schedules`) says how much soft loss a step gets on average, w_soft(t).
+An adaptive mode redistributes that amount across tokens by a non-negative score r_i:
+
+    w_i = w_soft(t) * r_i / mean_{valid j}(r_j)        (0 at masked tokens)
+
+so the average soft weight over valid tokens is exactly w_soft(t).  Scores (all detached):
+
+  uniform       r_i = 1                                   (plain scheduled KD)
+  confidence    r_i = teacher's top-1 probability (T = 1)
+  entropy       r_i = exp(-H_i), H_i the teacher's entropy: low entropy -> high weight.
+                From a top-k signal, H_i is the entropy over the k ids plus one tail bucket (a
+                lower bound on the true entropy); exact with dense logits.
+  disagreement  r_i = the per-token soft loss itself: spend the soft weight where the student
+                is furthest from the teacher.
+If every valid score is 0 (e.g. no disagreement anywhere) the weights fall back to uniform.
+"""
+from __future__ import annotations
+
+import torch
+
+from losses.signal import TeacherSignal
+
+WEIGHTING_MODES = ("uniform", "confidence", "entropy", "disagreement")
+
+
+def teacher_confidence(signal: TeacherSignal) -> torch.Tensor:
+    """Teacher's top-1 probability, (..., k) signal -> (...,) fp32."""
+    if signal.logits is not None:
+        return torch.softmax(signal.logits.float(), dim=-1).amax(dim=-1)
+    return signal.topk_logprobs.float().amax(dim=-1).exp()
+
+
+def teacher_entropy(signal: TeacherSignal) -> torch.Tensor:
+    """Teacher entropy in nats, (..., k) signal -> (...,) fp32.
+
+    Dense logits: exact.  Top-k: entropy of the (k + 1)-outcome distribution [top-k, tail],
+    which treats the tail as one token and so never exceeds the true entropy.
+    """
+    if signal.logits is not None:
+        logp = torch.log_softmax(signal.logits.float(), dim=-1)
+    else:
+        tail = signal.tail_logprob().unsqueeze(-1)
+        logp = torch.cat([signal.topk_logprobs.float(), tail], dim=-1)  # (..., k + 1)
+    p = logp.exp()
+    return -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
+
+
+def _scores(mode: str, signal: TeacherSignal | None, soft: torch.Tensor | None) -> torch.Tensor:
+    if mode == "disagreement":
+        if soft is None:
+            raise ValueError('weighting "disagreement" needs the per-token soft loss')
+        return soft.detach().float().clamp_min(0.0)
+    if signal is None:
+        raise ValueError(f"weighting {mode!r} needs the teacher signal")
+    if mode == "confidence":
+        return teacher_confidence(signal)
+    return torch.exp(-teacher_entropy(signal))
+
+
+def soft_weights(
+    mode: str,
+    w_soft: float,
+    mask: torch.Tensor | None,
+    *,
+    signal: TeacherSignal | None = None,
+    soft: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token soft weights (N,), detached, averaging to `w_soft` over valid tokens.
+
+    mode: one of WEIGHTING_MODES.  mask: (N,) bool or None (all valid).  signal: the (N, k)
+    teacher signal (confidence/entropy).  soft: the (N,) per-token soft loss (disagreement).
+    Masked tokens get weight 0; a fully masked batch gives all zeros.
+    """
+    if mode not in WEIGHTING_MODES:
+        raise ValueError(f"unknown weighting mode {mode!r}; expected one of {WEIGHTING_MODES}")
+    if w_soft < 0:
+        raise ValueError(f"w_soft must be >= 0, got {w_soft}")
+    ref = soft if soft is not None else signal.topk_logprobs if signal is not None else mask
+    if ref is None:
+        raise ValueError("soft_weights needs at least one of mask, signal or soft")
+    n_tokens = ref.shape[0]
+    if mask is None:
+        valid = torch.ones(n_tokens, dtype=torch.bool, device=ref.device)
+    else:
+        valid = mask.bool()
+    if mode == "uniform":
+        return valid.float() * w_soft
+    r = _scores(mode, signal, soft).masked_fill(~valid, 0.0)  # (N,)
+    mean = r.sum() / valid.sum().clamp_min(1)
+    w = torch.where(mean > 0, r / mean.clamp_min(torch.finfo(r.dtype).tiny), torch.ones_like(r))
+    return (w * w_soft).masked_fill(~valid, 0.0)
+
+
+def combine(
+    hard: torch.Tensor,
+    soft: torch.Tensor,
+    mask: torch.Tensor | None,
+    w_hard: float,
+    w_soft: float | torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token-mean of w_hard * hard + w_soft_i * soft over valid tokens.
+
+    hard, soft: (N,) per-token losses.  mask: (N,) bool or None.  w_soft: a float or (N,)
+    per-token weights (`soft_weights`).  Returns `(total, stats)`: total is a scalar tensor
+    (0 with zero gradients when every token is masked, never NaN); stats holds floats for
+    logging: loss, hard and soft (mean over valid tokens), w_hard, w_soft (mean over valid
+    tokens), n_valid.
+    """
+    valid = torch.ones_like(hard, dtype=torch.bool) if mask is None else mask.bool()
+    count = valid.sum()
+    n = count.clamp_min(1)
+    w_s = torch.as_tensor(w_soft, dtype=soft.dtype, device=soft.device).expand_as(soft)
+    w_s = w_s.detach().masked_fill(~valid, 0.0)  # (N,)
+    hard0, soft0 = hard.masked_fill(~valid, 0.0), soft.masked_fill(~valid, 0.0)
+    total = (w_hard * hard0 + w_s * soft0).sum() / n
+    with torch.no_grad():  # one host sync for all the logged numbers
+        sums = torch.stack([hard0.sum(), soft0.sum(), w_s.sum()])
+        values = torch.cat([total.reshape(1), sums / n, count.reshape(1)]).float().tolist()
+    stats = {
+        "loss": values[0],
+        "hard": values[1],
+        "soft": values[2],
+        "w_hard": float(w_hard),
+        "w_soft": values[3],
+        "n_valid": int(values[4]),
+    }
+    return total, stats
+

@@ -1,0 +1,144 @@
+"""Build or load a causal LM of the student family, with the sparse MoE forward on.
+
+`build_model` makes a fresh model from a preset config; `load_causal_lm` loads a
+Hugging Face model directory (including a multimodal Llama 4 checkpoint, of which it
+keeps the text tower).  Both return stock transformers classes (`LlamaForCausalLM`,
+`Llama4ForCausalLM`) whose MoE blocks run `SparseLlama4TextMoe.forward`.
+
+Random init is transformers' `_init_weights`: every Linear / Embedding weight and the
+expert tensors ~ Normal(0, initializer_range = 0.02), norms = 1, no biases.  With
+`scaled_init=True` the projections that write into the residual stream (attention
+`o_proj`, MLP / shared-expert `down_proj`, `experts.down_proj`) are further scaled by
+1 / sqrt(2 * num_layers) (GPT-2, Radford et al. 2019 sec. 2.3), so the residual
+stream's variance does not grow with depth at init.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Llama4Config,
+    Llama4ForCausalLM,
+    Llama4TextConfig,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
+
+from .sparse_moe import enable_sparse_moe, moe_modules
+
+_RESIDUAL_OUTPUTS = ("o_proj.weight", "down_proj.weight", "experts.down_proj")
+
+
+def _text_config(config: PreTrainedConfig) -> PreTrainedConfig:
+    # A multimodal Llama 4 config carries the text tower's config inside.
+    return config.text_config if isinstance(config, Llama4Config) else config
+
+
+def build_model(
+    config: PreTrainedConfig,
+    seed: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    scaled_init: bool = False,
+) -> PreTrainedModel:
+    """A freshly initialised causal LM for `config`, sparse MoE enabled.
+
+    LlamaConfig -> LlamaForCausalLM; Llama4TextConfig (or a Llama4Config's text_config)
+    -> Llama4ForCausalLM.  `seed` makes init reproducible without touching the global
+    RNG (it runs under `torch.random.fork_rng`).  See the module docstring for init.
+    """
+    config = _text_config(config)
+    if isinstance(config, LlamaConfig):
+        cls = LlamaForCausalLM
+    elif isinstance(config, Llama4TextConfig):
+        cls = Llama4ForCausalLM
+    else:
+        raise ValueError(f"build_model: unsupported config type {type(config).__name__}")
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = cls(config)
+    if scaled_init:
+        factor = 1.0 / math.sqrt(2 * config.num_hidden_layers)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(_RESIDUAL_OUTPUTS):
+                    param.mul_(factor)
+    model.to(dtype)
+    enable_sparse_moe(model)
+    return model
+
+
+def _check_model_dir(path: Path) -> None:
+    """One-line ValueErrors for the usual ways a model directory is broken."""
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a directory")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: no config.json")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"{index}: unreadable safetensors index ({err})") from None
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise ValueError(f"{path}: index names missing shard(s) {missing}")
+        files = [path / s for s in shards]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        if any(path.glob("pytorch_model*.bin")):
+            return  # legacy torch pickles; from_pretrained reports their problems
+        raise ValueError(f"{path}: no weights (*.safetensors or pytorch_model*.bin)")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as err:  # safetensors raises its own error types
+            raise ValueError(f"{file}: corrupt safetensors file ({err})") from None
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load a local Hugging Face causal-LM directory, sparse MoE enabled.
+
+    A multimodal Llama 4 directory (`model_type == "llama4"`, a
+    `Llama4ForConditionalGeneration` checkpoint) yields its text tower: transformers
+    maps it to `Llama4ForCausalLM` with the `text_config` and strips the
+    `language_model.` key prefix; the vision tower's weights are ignored.
+    Any *missing* weight is an error (it would silently stay randomly initialised).
+    """
+    path = Path(path)
+    _check_model_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path / 'config.json'}: unreadable config ({err})") from None
+    model, info = AutoModelForCausalLM.from_pretrained(
+        path, config=_text_config(config), dtype=dtype, output_loading_info=True
+    )
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} weight(s), e.g. {missing[:3]}")
+    unexpected = {k for k in info["unexpected_keys"] if not k.startswith(("vision_model.", "multi_modal_projector."))}
+    if unexpected:
+        raise ValueError(f"{path}: checkpoint has unexpected weight(s), e.g. {sorted(unexpected)[:3]}")
+    enable_sparse_moe(model)
+    return model
+
+
+def collect_router_logits(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Router logits (N, E) of each MoE layer from the last forward, graph kept."""
+    return [m.last_router_logits for m in moe_modules(model) if m.last_router_logits is not None]
+
+
+def expert_load(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Tokens per expert (E,) int64 of each MoE layer from the last forward."""
+    return [m.last_expert_counts for m in moe_modules(model) if m.last_expert_counts is not None]

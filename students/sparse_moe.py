@@ -1,0 +1,289 @@
+"""A sparse forward for transformers' `Llama4TextMoe`, over the very same parameters.
+
+Stock `Llama4TextMoe.forward` feeds *every* token to *every* expert: it repeats the
+(N, H) token matrix E times, scales each copy by that expert's sigmoid gate (0 for
+experts outside the token's top-k) and runs one (E, N, H) @ (E, H, 2I) bmm.  The
+compute is E / top_k times what the routing needs.
+
+`SparseLlama4TextMoe` keeps the stock module tree and parameter names
+(`router.weight` (E, H), `experts.gate_up_proj` (E, H, 2I), `experts.down_proj`
+(E, I, H), `shared_expert.{gate,up,down}_proj`), so `state_dict`, `save_pretrained`
+and `from_pretrained` are unchanged; only `forward` differs.  It sorts the N*k
+(token, expert) assignments by expert and runs each expert on its own tokens only.
+
+Llama 4 semantics, matched exactly (see `Llama4Router` / `Llama4TextMoe.forward`):
+  logits = router(x)                       (N, E)
+  top-k over the logits                    (N, k) ids
+  gate   = sigmoid(top-k logits)           (N, k), computed in fp32
+  out    = shared_expert(x) + sum_j expert_{id_j}(x * gate_j)
+The gate scales the expert's *input*, not its output.
+
+Aux-loss-free balancing (DeepSeek-V3, arXiv:2412.19437 sec. 2.1.2): a non-persistent
+buffer `expert_bias` (E,) is added to the logits for expert *selection* only; gates use
+the unbiased logits.  `update_expert_bias` nudges it toward balanced load.  Because the
+buffer is not persistent, checkpoints stay stock.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+# Padded bmm wastes E*C - M rows of compute (C = max tokens per expert, M = N*top_k).
+# Measured on 2 CPU cores (fwd+bwd of the expert matmuls, M = 2048, H = 256):
+#   16 experts x 512:  balanced (waste 1.18) pad 51 ms, grouped_mm 57 ms, loop 52 ms;
+#                      skewed (waste 4.6)    pad 193 ms, grouped_mm 53 ms, loop 57 ms.
+#   128 experts x 128: balanced (waste 1.75) pad 42 ms, grouped_mm 49 ms, loop 82 ms;
+#                      skewed (waste 7.1)    pad 103 ms, grouped_mm 45 ms, loop 67 ms.
+# One big bmm beats many small GEMMs until padding roughly doubles the work; small
+# experts (few tokens each) make the jagged kernels relatively slower, so the break-even
+# waste grows with the number of experts.  See `_choose_path`.
+_PAD_MAX_WASTE_FEW_EXPERTS = 1.4
+_PAD_MAX_WASTE_MANY_EXPERTS = 2.0
+_MANY_EXPERTS = 64
+
+PATHS = ("auto", "pad", "loop", "grouped_mm")
+
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_grouped_mm_probe: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's jagged grouped GEMM runs forward *and* backward here.
+
+    torch documents it for bf16 on CUDA sm80+; torch 2.13 also runs it on CPU in fp32.
+    Rather than encode those rules, run a tiny case once per (device type, dtype),
+    including an empty group, and cache the answer.
+    """
+    if _grouped_mm is None:
+        return False
+    key = (device.type, dtype)
+    if key not in _grouped_mm_probe:
+        try:
+            # Probe with grad on and autocast off whatever context the first forward runs in
+            # (a no_grad first call must not cache "unavailable").
+            with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+                _grouped_mm_probe[key] = _probe_grouped_mm(device, dtype)
+        except (RuntimeError, NotImplementedError, TypeError):
+            _grouped_mm_probe[key] = False
+    return _grouped_mm_probe[key]
+
+
+def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    gen = torch.Generator(device=device).manual_seed(0)  # leave the global RNG stream alone
+    a = torch.randn(12, 16, device=device, generator=gen).to(dtype).requires_grad_()
+    b = torch.randn(3, 16, 8, device=device, generator=gen).to(dtype).requires_grad_()
+    offs = torch.tensor([5, 5, 12], device=device, dtype=torch.int32)  # group 1 is empty
+    out = _grouped_mm(a, b, offs=offs)  # (12, 8)
+    out.backward(torch.ones_like(out))
+    ref = torch.cat([a[:5] @ b[0], a[5:] @ b[2]])
+    return bool(torch.allclose(out, ref, rtol=1e-2, atol=1e-2))
+
+
+def route(
+    router_logits: torch.Tensor, expert_bias: torch.Tensor | None, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama 4 routing: (N, E) logits -> gates (N, k) and expert ids (N, k).
+
+    The bias (E,) only moves the selection; the gate is sigmoid of the *unbiased* logit
+    (computed in fp32 like `Llama4Router`, then cast back to the logits' dtype).
+    """
+    select = router_logits if expert_bias is None else router_logits + expert_bias.to(router_logits.dtype)
+    _, expert_ids = torch.topk(select.detach(), top_k, dim=-1)  # (N, k)
+    chosen = router_logits.gather(1, expert_ids)  # (N, k), carries the router's grad
+    gates = torch.sigmoid(chosen.float()).to(router_logits.dtype)
+    return gates, expert_ids
+
+
+def _choose_path(counts: list[int], num_tokens: int, grouped_ok: bool) -> str:
+    """Pick the CPU (or no-grouped-GEMM) path from the per-expert token counts."""
+    num_experts = len(counts)
+    capacity = max(counts)
+    waste = num_experts * capacity / max(num_tokens, 1)  # padded rows / real rows
+    limit = _PAD_MAX_WASTE_MANY_EXPERTS if num_experts >= _MANY_EXPERTS else _PAD_MAX_WASTE_FEW_EXPERTS
+    if waste <= limit:
+        return "pad"
+    return "grouped_mm" if grouped_ok else "loop"
+
+
+def experts_forward(
+    xs: torch.Tensor,
+    sorted_expert: torch.Tensor,
+    counts: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    act_fn,
+    path: str = "auto",
+) -> torch.Tensor:
+    """Run each expert's SwiGLU on its own rows of `xs`.
+
+    xs:            (M, H) expert inputs, sorted by expert id (M = N * top_k).
+    sorted_expert: (M,) the expert id of each row, non-decreasing.
+    counts:        (E,) rows per expert; sum(counts) == M.
+    gate_up_proj:  (E, H, 2I) stock layout: first I columns gate, last I up.
+    down_proj:     (E, I, H).
+    Returns (M, H): row r is expert sorted_expert[r] applied to xs[r].
+    """
+    num_experts, hidden, two_inter = gate_up_proj.shape
+    num_rows = xs.shape[0]
+    if num_rows == 0:
+        return xs.new_zeros(0, hidden)
+    if path not in PATHS:
+        raise ValueError(f"unknown MoE path {path!r}; expected one of {PATHS}")
+
+    # Under autocast stock's bmm runs in the autocast dtype; the jagged kernel is not on
+    # autocast's list, so cast for it explicitly.
+    compute_dtype = xs.dtype
+    if torch.is_autocast_enabled(xs.device.type):
+        compute_dtype = torch.get_autocast_dtype(xs.device.type)
+    grouped_ok = False
+    if path in ("auto", "grouped_mm"):
+        # The jagged kernel wants 16-byte aligned row strides.
+        item = torch.empty(0, dtype=compute_dtype).element_size()
+        aligned = (hidden * item) % 16 == 0 and (two_inter // 2 * item) % 16 == 0
+        grouped_ok = aligned and grouped_mm_available(xs.device, compute_dtype)
+
+    if path == "auto":
+        if xs.is_cuda and grouped_ok:
+            path = "grouped_mm"  # no host sync: offsets stay on the device
+        else:
+            path = _choose_path(counts.tolist(), num_rows, grouped_ok)
+
+    if path == "grouped_mm":
+        if not grouped_ok:
+            raise RuntimeError(f"grouped_mm is not usable for {compute_dtype} on {xs.device.type}")
+        offs = torch.cumsum(counts, 0).to(torch.int32)  # (E,) end row of each expert
+        w1, w2 = gate_up_proj.to(compute_dtype), down_proj.to(compute_dtype)
+        h = _grouped_mm(xs.to(compute_dtype), w1, offs=offs)  # (M, 2I)
+        gate, up = h.chunk(2, dim=-1)
+        return _grouped_mm((act_fn(gate) * up).contiguous(), w2, offs=offs)  # (M, H)
+
+    if path == "loop":
+        # unbind (not w[e]) so backward stacks E grads once instead of materialising a
+        # full (E, H, 2I) zero tensor per expert.
+        w1s, w2s = gate_up_proj.unbind(0), down_proj.unbind(0)
+        outs = []
+        for e, rows in zip(range(num_experts), xs.split(counts.tolist())):
+            if rows.shape[0] == 0:
+                continue
+            gate, up = (rows @ w1s[e]).chunk(2, dim=-1)  # (m_e, I) each
+            outs.append((act_fn(gate) * up) @ w2s[e])  # (m_e, H)
+        return torch.cat(outs)
+
+    # "pad": scatter rows into an (E, C, H) buffer, zero-padded to the largest expert's
+    # count C, and run two bmm's.  Padding rows are zero in and out (no biases, and
+    # act(0) * 0 == 0), so they add nothing to outputs or gradients.
+    capacity = int(counts.max())
+    starts = torch.cumsum(counts, 0) - counts  # (E,) first row of each expert
+    pos = torch.arange(num_rows, device=xs.device) - starts[sorted_expert]  # (M,) row within its expert
+    slot = sorted_expert * capacity + pos  # (M,) row in the flattened buffer
+    buf = xs.new_zeros(num_experts * capacity, hidden).index_copy(0, slot, xs)
+    h = torch.bmm(buf.view(num_experts, capacity, hidden), gate_up_proj)  # (E, C, 2I)
+    gate, up = h.chunk(2, dim=-1)
+    out = torch.bmm(act_fn(gate) * up, down_proj)  # (E, C, H)
+    return out.reshape(num_experts * capacity, hidden)[slot]  # (M, H)
+
+
+class SparseLlama4TextMoe(Llama4TextMoe):
+    """`Llama4TextMoe` with a sparse forward; same parameters, same outputs.
+
+    Per forward it records:
+      last_router_logits  (N, E) the router's logits, graph kept (for aux losses);
+      last_expert_counts  (E,) int64 tokens routed to each expert (detached);
+      counts_since_update (E,) int64 sum of counts over grad-enabled training forwards
+                          since the last `update_expert_bias` (so gradient accumulation
+                          balances over the whole step, not the last micro-batch).
+    `path` picks the expert kernel: "auto" (default), "pad", "loop" or "grouped_mm".
+    """
+
+    path: str = "auto"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._init_sparse_state()
+
+    def _init_sparse_state(self) -> None:
+        device = self.router.weight.device
+        # Not persistent: the checkpoint stays stock and loads into stock transformers.
+        self.register_buffer("expert_bias", torch.zeros(self.num_experts, device=device), persistent=False)
+        self.register_buffer(
+            "counts_since_update", torch.zeros(self.num_experts, dtype=torch.long, device=device), persistent=False
+        )
+        self.last_router_logits: torch.Tensor | None = None
+        self.last_expert_counts: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = hidden_states.reshape(-1, self.hidden_dim)  # (N, H)
+        num_tokens = x.shape[0]
+        # Call the stock router module (not just its weight) so transformers' output
+        # recorder still sees it (`output_router_logits=True`); we use its logits only.
+        _, router_logits = self.router(x)  # (N, E)
+        gates, expert_ids = route(router_logits, self.expert_bias, self.top_k)  # (N, k) each
+
+        # Sort the N*k (token, slot) assignments by expert; a stable sort keeps token
+        # order inside each expert, so results do not depend on sort internals.
+        flat_expert = expert_ids.reshape(-1)  # (M,), index t*k + j
+        order = torch.argsort(flat_expert, stable=True)  # (M,)
+        counts = torch.bincount(flat_expert, minlength=self.num_experts)  # (E,)
+        sorted_token = order // self.top_k  # (M,) token of each sorted row
+        xs = x[sorted_token] * gates.reshape(-1)[order].unsqueeze(-1).to(x.dtype)  # (M, H)
+
+        ys = experts_forward(
+            xs, flat_expert[order], counts, self.experts.gate_up_proj, self.experts.down_proj,
+            self.experts.act_fn, self.path,
+        )  # (M, H)
+        # Undo the sort with a gather (deterministic, unlike index_add on CUDA).
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        routed = ys[inverse].view(num_tokens, self.top_k, -1).sum(dim=1)  # (N, H)
+
+        out = self.shared_expert(x) + routed  # (N, H)
+
+        self.last_router_logits = router_logits
+        self.last_expert_counts = counts.detach()
+        if self.training and torch.is_grad_enabled():
+            self.counts_since_update += counts.detach()
+        return out, router_logits
+
+
+def moe_modules(model: nn.Module) -> list[SparseLlama4TextMoe]:
+    """The sparse MoE blocks of `model`, in module (= layer) order."""
+    return [m for m in model.modules() if isinstance(m, SparseLlama4TextMoe)]
+
+
+def enable_sparse_moe(model: nn.Module) -> int:
+    """Swap every stock `Llama4TextMoe` in `model` to the sparse forward, in place.
+
+    Only `__class__` changes (plus two non-persistent buffers), so parameters,
+    optimizer state and hooks stay attached.  Returns how many blocks were swapped
+    (0 for models without MoE, e.g. Llama or dense Llama 4; idempotent).
+    """
+    swapped = 0
+    for module in model.modules():
+        if type(module) is Llama4TextMoe:
+            module.__class__ = SparseLlama4TextMoe
+            module._init_sparse_state()
+            swapped += 1
+    return swapped
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, rate: float) -> int:
+    """One aux-loss-free balancing step per MoE layer (DeepSeek-V3).
+
+    bias_e += rate * sign(mean_load - load_e), with load from `counts_since_update`
+    (tokens routed since the last call); underloaded experts become likelier picks.
+    sign() makes the step scale-free, so counting a recomputed (activation
+    checkpointed) forward twice changes nothing.  Layers with no recorded training
+    tokens are left alone.  Returns the number of layers updated.
+    """
+    updated = 0
+    for moe in moe_modules(model):
+        load = moe.counts_since_update.float()  # (E,)
+        if load.sum() == 0:
+            continue
+        moe.expert_bias += rate * torch.sign(load.mean() - load)
+        moe.counts_since_update.zero_()
+        updated += 1
+    return updated

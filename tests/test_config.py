@@ -1,0 +1,104 @@
+"""Config validation: bad input names the key, exits 2, writes nothing."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill.config import load_config, parse_config
+from distill.demo import SIZES, demo_config
+from distill.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def minimal(**over) -> dict:
+    cfg = {"data": {"stdlib": True}, "teacher": {"source": "preset", "model": {"preset": "behemoth"}},
+           "students": [{"name": "s", "model": {"preset": "dense"}}]}
+    for dotted, value in over.items():
+        node = cfg
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+        node[leaf] = value
+    return cfg
+
+
+def error_of(raw: dict) -> str:
+    with pytest.raises(UserError) as e:
+        parse_config(raw)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")) + [ROOT / "distill" / "example_config.yaml"],
+                         ids=lambda p: p.name)
+def test_every_shipped_yaml_loads(path):
+    cfg = load_config(path)
+    assert cfg.students
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_demo_configs_validate(size, tmp_path):
+    cfg = parse_config(demo_config(tmp_path, size))
+    assert [s.name for s in cfg.students] == ["scout", "maverick", "dense", "dense-baseline"]
+    assert cfg.students[3].baseline
+
+
+@pytest.mark.parametrize("key,value,expect", [
+    ("students.0.optim.lr", -1.0, "students.0.optim.lr"),
+    ("students.0.model.preset", "gpt5", "unknown preset 'gpt5'"),
+    ("students.0.loss.divergence", "hellinger", "unknown divergence 'hellinger'"),
+    ("students.0.loss.soft_weight.start", 1.5, "students.0.loss.soft_weight.start"),
+    ("students.0.loss.soft_weight.kind", "zigzag", "students.0.loss.soft_weight.kind"),
+    ("train.steps", 0, "train.steps"),
+    ("train.steps", "many", "train.steps"),
+    ("cache.k", 0, "cache.k"),
+    ("data.seq_len", 2, "data.seq_len"),
+    ("students.0.bogus", 1, "students.0.bogus: unknown key"),
+    ("train.mode", "telepathic", "train.mode"),
+])
+def test_bad_values_name_the_key(key, value, expect):
+    assert expect in error_of(minimal(**{key: value}))
+
+
+def test_step_schedule_boundaries_must_increase():
+    sched = {"kind": "step", "boundaries": [0.6, 0.3], "values": [0.2, 0.1]}
+    assert "boundaries" in error_of(minimal(**{"students.0.loss.soft_weight": sched}))
+
+
+def test_duplicate_student_names_refused():
+    raw = minimal()
+    raw["students"].append(dict(raw["students"][0]))
+    assert "duplicate" in error_of(raw)
+
+
+def test_missing_data_source_refused():
+    raw = minimal()
+    raw["data"] = {}
+    assert "paths" in error_of(raw)
+
+
+def test_config_path_is_a_directory(tmp_path):
+    with pytest.raises(UserError, match="is a directory"):
+        load_config(tmp_path)
+
+
+def test_config_missing_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("data:\n  stdlib: true\n  paths: [unclosed\n")
+    with pytest.raises(UserError, match="bad.yaml line"):
+        load_config(p)
+
+
+def test_overrides_and_relative_paths(tmp_path):
+    p = tmp_path / "c.yaml"
+    raw = minimal()
+    raw["data"] = {"paths": ["corpus"]}
+    p.write_text(yaml.safe_dump(raw))
+    cfg = load_config(p, {"train.steps": 7})
+    assert cfg.train.steps == 7
+    assert cfg.data.paths == [tmp_path / "corpus"]

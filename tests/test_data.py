@@ -1,0 +1,102 @@
+"""Tokenizer training, packing and fingerprints on real stdlib files."""
+import shutil
+
+import pytest
+import torch
+
+from distill.config import DataConfig
+from distill.data import EOS, corpus_files, load_documents, pack, prepare_data
+from distill.errors import UserError
+
+
+def cfg_for(path, **kw) -> DataConfig:
+    return DataConfig(paths=[path], seq_len=kw.pop("seq_len", 64), val_fraction=kw.pop("val_fraction", 0.2),
+                      tokenizer={"vocab_size": 400}, **kw)
+
+
+@pytest.fixture(scope="module")
+def packed(stdlib_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return prepare_data(cfg_for(stdlib_corpus), out), out
+
+
+def test_tokenizer_round_trips_real_files(packed, stdlib_corpus):
+    data, _ = packed
+    tok = data.tokenizer
+    for f in sorted(stdlib_corpus.glob("*.py"))[:8]:
+        text = f.read_text()
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids, clean_up_tokenization_spaces=False) == text
+
+
+def test_blocks_have_seq_len_plus_one_and_eos_between_documents(packed, stdlib_corpus):
+    data, _ = packed
+    assert data.train.shape[1] == 65 and data.val.shape[1] == 65
+    eos = data.tokenizer.convert_tokens_to_ids(EOS)
+    n_docs = len(list(stdlib_corpus.glob("*.py")))
+    n_eos = int((data.train == eos).sum() + (data.val == eos).sum())
+    assert 0 < n_eos <= n_docs  # one EOS per document (some fall in the dropped remainder)
+
+
+def test_pack_places_eos_after_each_document():
+    blocks = pack([[1, 2, 3], [4, 5], [6]], eos_id=0, block=3)
+    assert blocks.tolist() == [[1, 2, 3], [0, 4, 5], [0, 6, 0]]
+    assert pack([[1, 2]], eos_id=0, block=4).shape == (0, 4)  # remainder dropped
+
+
+def test_prepare_is_reused_and_deterministic(packed, stdlib_corpus):
+    data, out = packed
+    again = prepare_data(cfg_for(stdlib_corpus), out)
+    assert again.fingerprint == data.fingerprint
+    assert torch.equal(again.train, data.train) and torch.equal(again.val, data.val)
+
+
+def test_fingerprint_changes_with_each_input(packed, stdlib_corpus, tmp_path):
+    data, out = packed
+    base = data.fingerprint
+    # seq_len and split change it
+    assert prepare_data(cfg_for(stdlib_corpus, seq_len=32), out).fingerprint != base
+    assert prepare_data(cfg_for(stdlib_corpus, val_fraction=0.3), out).fingerprint != base
+    # a changed file changes it
+    copy = tmp_path / "corpus"
+    shutil.copytree(stdlib_corpus, copy)
+    run2 = tmp_path / "run2"
+    shutil.copytree(out / "tokenizer", run2 / "tokenizer")  # same tokenizer
+    assert prepare_data(cfg_for(copy), run2).fingerprint == base  # same bytes, other place: same
+    (copy / "textwrap.py").write_text((copy / "textwrap.py").read_text() + "\n# edit\n")
+    assert prepare_data(cfg_for(copy), run2).fingerprint != base
+
+
+def test_jsonl_and_text_field(tmp_path):
+    import json
+
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"body": f"document number {i} " * 20}) + "\n" for i in range(30)))
+    docs = load_documents(DataConfig(paths=[f], text_field="body"))
+    assert len(docs) == 30
+    with pytest.raises(UserError, match="no column 'text'"):
+        load_documents(DataConfig(paths=[f]))
+
+
+def test_non_utf8_file_is_named(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"hello \xff\xfe world")
+    with pytest.raises(UserError, match=r"bad.txt: not UTF-8 \(bad byte at offset 6\)"):
+        load_documents(DataConfig(paths=[tmp_path]))
+
+
+def test_empty_corpus_is_refused(tmp_path):
+    (tmp_path / "empty.txt").write_text("   \n")
+    with pytest.raises(UserError, match="no non-empty documents"):
+        load_documents(DataConfig(paths=[tmp_path]))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "image.png").write_bytes(b"\x89PNG")
+    with pytest.raises(UserError, match="no readable files"):
+        corpus_files(DataConfig(paths=[tmp_path / "sub"]))
+    with pytest.raises(UserError, match="does not exist"):
+        corpus_files(DataConfig(paths=[tmp_path / "nothing"]))
+
+
+def test_stdlib_corpus_is_found():
+    files = corpus_files(DataConfig(stdlib=True))
+    assert len(files) > 100 and all(f.suffix == ".py" for f in files)
+    assert not any("site-packages" in f.parts for f in files)

@@ -1,0 +1,419 @@
+"""Property tests for losses/: divergences, hard CE, adaptive weighting, chunked evaluation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from losses import (
+    DIVERGENCES,
+    TAILS,
+    TeacherSignal,
+    combine,
+    hard_ce,
+    hard_labels,
+    jsd,
+    per_token_losses,
+    per_token_losses_from_logits,
+    soft_weights,
+    teacher_argmax_labels,
+    teacher_entropy,
+)
+
+N, V, K = 12, 40, 6
+DT = torch.float64  # reference comparisons run in fp64 so tolerances can be tight
+
+
+def _kl_ref(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row via torch.nn.functional (note kl_div's swapped argument order)."""
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+
+
+def _reference(name: str, s_logp: torch.Tensor, t_logp: torch.Tensor, **params) -> torch.Tensor:
+    """Each divergence written directly from its definition, on log-prob rows."""
+    p_s, p_t = s_logp.exp(), t_logp.exp()
+    if name == "forward_kl":
+        return _kl_ref(t_logp, s_logp)
+    if name == "reverse_kl":
+        return _kl_ref(s_logp, t_logp)
+    if name == "jsd":
+        b = params["beta"]
+        m = torch.log(b * p_t + (1 - b) * p_s)
+        return b * _kl_ref(t_logp, m) + (1 - b) * _kl_ref(s_logp, m)
+    if name == "skew_kl":
+        a = params["alpha"]
+        return _kl_ref(t_logp, torch.log(a * p_t + (1 - a) * p_s))
+    if name == "skew_reverse_kl":
+        a = params["alpha"]
+        return _kl_ref(s_logp, torch.log(a * p_s + (1 - a) * p_t))
+    if name == "tv":
+        return 0.5 * (p_t - p_s).abs().sum(-1)
+    raise AssertionError(name)
+
+
+PARAMS = {"jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}, "skew_reverse_kl": {"alpha": 0.2}}
+
+
+def _pair(seed: int = 0, n: int = N, v: int = V, scale: float = 3.0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, v, generator=g, dtype=DT) * scale
+    t = torch.randn(n, v, generator=g, dtype=DT) * scale
+    return s, t
+
+
+def _sparse(t: torch.Tensor, k: int) -> TeacherSignal:
+    """Top-k signal kept in t's dtype (`TeacherSignal.from_logits` rounds to fp32)."""
+    values, ids = torch.topk(F.log_softmax(t, -1), k, dim=-1)
+    return TeacherSignal(ids, values)
+
+
+def test_registry_is_complete():
+    assert set(DIVERGENCES) == {"forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv"}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_dense_matches_functional_reference(name, temperature):
+    s, t = _pair()
+    got = DIVERGENCES[name](s, TeacherSignal.from_logits(t, K, keep_dense=True),
+                            temperature=temperature, **PARAMS.get(name, {}))
+    ref = _reference(name, F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
+                     **PARAMS.get(name, {})) * temperature**2
+    assert got.shape == (N,)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    assert (got > 0).all()
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_bucket_matches_reference_on_aggregated_distributions(name):
+    """At T=1 the bucket estimator is the divergence between the (k+1)-outcome distributions."""
+    s, t = _pair(1)
+    sig = _sparse(t, K)
+    ids = sig.topk_ids
+
+    def aggregate(logits):
+        p = F.softmax(logits, -1)
+        top = p.gather(-1, ids)
+        return torch.log(torch.cat([top, 1 - top.sum(-1, keepdim=True)], -1))
+
+    got = DIVERGENCES[name](s, sig, tail="bucket", **PARAMS.get(name, {}))
+    ref = _reference(name, aggregate(s), aggregate(t), **PARAMS.get(name, {}))
+    # TeacherSignal.tail_logprob() works in fp32, hence the fp32-level tolerance.
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_renorm_matches_reference_on_restricted_softmax(name):
+    s, t = _pair(2)
+    sig = _sparse(t, K)
+    got = DIVERGENCES[name](s, sig, tail="renorm", temperature=2.0, **PARAMS.get(name, {}))
+    ids = sig.topk_ids
+    ref = _reference(name, F.log_softmax(s.gather(-1, ids) / 2.0, -1),
+                     F.log_softmax(t.gather(-1, ids) / 2.0, -1), **PARAMS.get(name, {})) * 4.0
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 3.0])
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_sparse_with_k_equal_vocab_equals_dense(name, tail, temperature):
+    s, t = _pair(3)
+    kw = dict(temperature=temperature, **PARAMS.get(name, {}))
+    dense = DIVERGENCES[name](s, TeacherSignal.from_logits(t, V, keep_dense=True), **kw)
+    sparse = DIVERGENCES[name](s, _sparse(t, V), tail=tail, **kw)
+    torch.testing.assert_close(sparse, dense, rtol=1e-9, atol=1e-10)
+
+
+def test_sparse_estimators_differ_when_tail_matters():
+    """Guards the test above: with k < V the two estimators are genuinely different."""
+    s, t = _pair(4, scale=1.0)
+    sig = TeacherSignal.from_logits(t, K)
+    bucket = DIVERGENCES["forward_kl"](s, sig, tail="bucket")
+    renorm = DIVERGENCES["forward_kl"](s, sig, tail="renorm")
+    assert (bucket - renorm).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_zero_when_student_equals_teacher(name):
+    _, t = _pair(5)
+    kw = PARAMS.get(name, {})
+    for temperature in (1.0, 2.5):
+        dense = TeacherSignal.from_logits(t, K, keep_dense=True)
+        sparse = _sparse(t, K)
+        zero = torch.zeros(N, dtype=DT)
+        torch.testing.assert_close(DIVERGENCES[name](t, dense, temperature=temperature, **kw),
+                                   zero, atol=1e-12, rtol=0)
+        torch.testing.assert_close(DIVERGENCES[name](t, sparse, temperature=temperature,
+                                                     tail="renorm", **kw), zero, atol=1e-12, rtol=0)
+    # The bucket estimator re-tempers the tail approximately, so it is exact only at T = 1
+    # (up to the fp32 rounding of TeacherSignal.tail_logprob()).
+    torch.testing.assert_close(DIVERGENCES[name](t, sparse, tail="bucket", **kw), zero,
+                               atol=1e-6, rtol=0)
+
+
+def test_jsd_beta_extremes_are_the_two_kls():
+    s, t = _pair(6)
+    sig = TeacherSignal.from_logits(t, K, keep_dense=True)
+    fkl = DIVERGENCES["forward_kl"](s, sig, temperature=1.5)
+    rkl = DIVERGENCES["reverse_kl"](s, sig, temperature=1.5)
+    torch.testing.assert_close(jsd(s, sig, temperature=1.5, beta=0.0), fkl)
+    torch.testing.assert_close(jsd(s, sig, temperature=1.5, beta=1.0), rkl)
+    # And the formula approaches them continuously, scaled by beta (resp. 1 - beta).
+    eps = 1e-8
+    torch.testing.assert_close(jsd(s, sig, temperature=1.5, beta=eps) / eps, fkl, rtol=1e-4, atol=0)
+    torch.testing.assert_close(jsd(s, sig, temperature=1.5, beta=1 - eps) / eps, rkl, rtol=1e-4,
+                               atol=0)
+
+
+def test_skew_divergences_at_alpha_zero_are_the_kls_and_are_bounded():
+    s, t = _pair(7, scale=8.0)
+    sig = TeacherSignal.from_logits(t, K, keep_dense=True)
+    torch.testing.assert_close(DIVERGENCES["skew_kl"](s, sig, alpha=0.0),
+                               DIVERGENCES["forward_kl"](s, sig))
+    torch.testing.assert_close(DIVERGENCES["skew_reverse_kl"](s, sig, alpha=0.0),
+                               DIVERGENCES["reverse_kl"](s, sig))
+    # KL(p || a p + (1-a) q) <= log(1/a): the point of skewing.
+    assert (DIVERGENCES["skew_kl"](s, sig, alpha=0.1) <= math.log(10) + 1e-9).all()
+
+
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_mask_zeroes_tokens_and_fully_masked_is_zero_not_nan(name, tail):
+    s, t = _pair(8)
+    s.requires_grad_(True)
+    sig = TeacherSignal.from_logits(t, K)
+    mask = torch.arange(N) % 3 != 0
+    full = DIVERGENCES[name](s, sig, tail=tail, **PARAMS.get(name, {}))
+    part = DIVERGENCES[name](s, sig, tail=tail, mask=mask, **PARAMS.get(name, {}))
+    torch.testing.assert_close(part[mask], full[mask])
+    assert (part[~mask] == 0).all()
+
+    none = DIVERGENCES[name](s, sig, tail=tail, mask=torch.zeros(N, dtype=torch.bool),
+                             **PARAMS.get(name, {}))
+    total, _ = combine(torch.zeros(N, dtype=DT), none, torch.zeros(N, dtype=torch.bool), 1.0, 1.0)
+    total.backward()
+    assert total.item() == 0.0 and (none == 0).all()
+    assert torch.isfinite(s.grad).all() and (s.grad == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tail", ["dense", *TAILS])
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_finite_values_and_grads_at_extreme_logits(name, tail, dtype):
+    g = torch.Generator().manual_seed(9)
+    s = (torch.randint(-1, 2, (N, V), generator=g) * 1e4).to(dtype).requires_grad_(True)
+    t = (torch.randint(-1, 2, (N, V), generator=g) * 1e4).to(dtype)
+    t[: N // 2] = -1e4
+    t[: N // 2, :2] = 1e4  # top-k holds all the mass: the teacher's tail is exactly empty
+    sig = TeacherSignal.from_logits(t, K, keep_dense=tail == "dense")
+    out = DIVERGENCES[name](s, sig, tail="bucket" if tail == "dense" else tail,
+                            temperature=2.0, **PARAMS.get(name, {}))
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(s.grad).all()
+
+
+@pytest.mark.parametrize("tail", ["dense", *TAILS])
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_padded_vocab_masked_to_minus_inf_is_finite(name, tail):
+    """Padded vocab columns at -inf in both models are impossible outcomes, not NaNs."""
+    s, t = _pair(14)
+    s[:, -5:] = float("-inf")
+    t[:, -5:] = float("-inf")
+    s.requires_grad_(True)
+    sig = TeacherSignal.from_logits(t, K, keep_dense=tail == "dense")
+    out = DIVERGENCES[name](s, sig, tail="bucket" if tail == "dense" else tail, temperature=2.0,
+                            **PARAMS.get(name, {}))
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(s.grad).all()
+    assert (s.grad[:, -5:] == 0).all()
+
+
+def test_invalid_arguments_raise():
+    s, t = _pair()
+    sig = TeacherSignal.from_logits(t, K)
+    with pytest.raises(ValueError, match="tail"):
+        DIVERGENCES["forward_kl"](s, sig, tail="nope")
+    with pytest.raises(ValueError, match="temperature"):
+        DIVERGENCES["forward_kl"](s, sig, temperature=0.0)
+    with pytest.raises(ValueError, match="beta"):
+        jsd(s, sig, beta=1.5)
+
+
+# ---- hard targets ------------------------------------------------------------------------------
+
+def test_hard_ce_matches_cross_entropy_and_ignores_padding():
+    s, _ = _pair(10)
+    labels = torch.randint(0, V, (N,))
+    labels[::4] = -100
+    got = hard_ce(s, labels)
+    ref = -F.log_softmax(s, -1).gather(-1, labels.clamp_min(0)[:, None]).squeeze(-1)
+    torch.testing.assert_close(got[labels != -100], ref[labels != -100])
+    assert (got[labels == -100] == 0).all()
+
+
+def test_teacher_argmax_labels_and_hard_label_selection():
+    _, t = _pair(11)
+    sig = TeacherSignal.from_logits(t, K)
+    assert torch.equal(teacher_argmax_labels(sig), t.argmax(-1))
+    # An unsorted cache still yields the top-1.
+    perm = torch.randperm(K)
+    shuffled = TeacherSignal(sig.topk_ids[:, perm], sig.topk_logprobs[:, perm])
+    assert torch.equal(teacher_argmax_labels(shuffled), t.argmax(-1))
+
+    labels = torch.randint(0, V, (N,))
+    labels[0] = -100
+    mask = torch.ones(N, dtype=torch.bool)
+    mask[1] = False
+    got = hard_labels("teacher_argmax", labels, sig, mask)
+    assert got[0] == -100 and got[1] == -100 and torch.equal(got[2:], t.argmax(-1)[2:])
+    assert torch.equal(hard_labels("labels", labels, None, mask)[2:], labels[2:])
+    with pytest.raises(ValueError, match="hard_target"):
+        hard_labels("soft", labels, sig)
+
+
+# ---- adaptive weighting --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["uniform", "confidence", "entropy", "disagreement"])
+def test_adaptive_weights_average_to_w_soft_over_valid_tokens(mode):
+    s, t = _pair(12)
+    sig = TeacherSignal.from_logits(t.float(), K)
+    soft = DIVERGENCES["forward_kl"](s.float(), sig)
+    mask = torch.arange(N) % 4 != 0
+    w = soft_weights(mode, 0.7, mask, signal=sig, soft=soft)
+    assert w.shape == (N,) and (w[~mask] == 0).all() and (w >= 0).all()
+    assert w[mask].mean().item() == pytest.approx(0.7, rel=1e-6)
+    if mode != "uniform":
+        assert w[mask].std() > 1e-3  # it really adapts
+
+
+def test_adaptive_weights_follow_the_teacher():
+    v = 10
+    peaked = torch.tensor([[8.0] + [0.0] * (v - 1)])
+    flat = torch.zeros(1, v)
+    sig = TeacherSignal.from_logits(torch.cat([peaked, flat]), 3)
+    for mode in ("confidence", "entropy"):
+        w = soft_weights(mode, 1.0, None, signal=sig)
+        assert w[0] > w[1], mode
+    # Top-k + tail entropy is exact when k = V, and a lower bound otherwise.
+    logits = torch.randn(5, v)
+    exact = teacher_entropy(TeacherSignal.from_logits(logits, v, keep_dense=True))
+    torch.testing.assert_close(teacher_entropy(TeacherSignal.from_logits(logits, v)), exact)
+    assert (teacher_entropy(TeacherSignal.from_logits(logits, 3)) <= exact + 1e-6).all()
+    # No disagreement anywhere: fall back to uniform weights.
+    torch.testing.assert_close(soft_weights("disagreement", 0.5, None, soft=torch.zeros(4)),
+                               torch.full((4,), 0.5))
+
+
+def test_combine_matches_formula_and_reports_stats():
+    hard = torch.tensor([1.0, 2.0, 3.0, 100.0], requires_grad=True)
+    soft = torch.tensor([0.5, 0.25, 1.0, 100.0], requires_grad=True)
+    mask = torch.tensor([True, True, True, False])
+    w = torch.tensor([0.2, 0.4, 0.6, 9.0])
+    total, stats = combine(hard, soft, mask, 0.5, w)
+    expected = (0.5 * (1 + 2 + 3) + (0.2 * 0.5 + 0.4 * 0.25 + 0.6 * 1.0)) / 3
+    assert total.item() == pytest.approx(expected)
+    assert stats == pytest.approx({"loss": expected, "hard": 2.0, "soft": 1.75 / 3,
+                                   "w_hard": 0.5, "w_soft": 0.4, "n_valid": 3})
+    total.backward()
+    assert hard.grad[3] == 0 and soft.grad[3] == 0 and soft.grad[2].item() == pytest.approx(0.2)
+
+
+# ---- chunked evaluation --------------------------------------------------------------------------
+
+def _head_problem(n=37, h=16, v=50, dtype=torch.float32, seed=13, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(n, h, generator=g) * scale).to(dtype).requires_grad_(True)
+    weight = torch.randn(v, h, generator=g).to(dtype).requires_grad_(True)
+    bias = torch.randn(v, generator=g).to(dtype).requires_grad_(True)
+    sig = TeacherSignal.from_logits(torch.randn(n, v, generator=g) * 3, 8)
+    labels = torch.randint(0, v, (n,), generator=g)
+    mask = torch.rand(n, generator=g) > 0.2
+    return hidden, weight, bias, sig, labels, mask
+
+
+def _grads(loss, *tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("hard_target", ["labels", "teacher_argmax"])
+@pytest.mark.parametrize("divergence,params", [("forward_kl", {}), ("jsd", {"beta": 0.4}),
+                                               ("skew_reverse_kl", {"alpha": 0.1})])
+def test_chunked_equals_unchunked(divergence, params, hard_target, dtype, tol):
+    """Same math, so fp64 agrees to 1e-10; fp32 differs only by the matmul's blocking."""
+    hidden, weight, bias, sig, labels, mask = _head_problem(dtype=dtype)
+    kw = dict(divergence=divergence, temperature=2.0, tail="bucket", hard_target=hard_target,
+              **params)
+    hard, soft = per_token_losses(hidden, weight, sig, labels, mask, chunk_size=8, bias=bias, **kw)
+
+    logits = hidden @ weight.T + bias  # the naive path, written out
+    targets = hard_labels(hard_target, labels, sig, mask)
+    ref_hard = hard_ce(logits, targets)
+    ref_soft = DIVERGENCES[divergence](logits, sig, temperature=2.0, tail="bucket", mask=mask,
+                                       **params)
+    torch.testing.assert_close(hard, ref_hard, rtol=tol, atol=tol)
+    torch.testing.assert_close(soft, ref_soft, rtol=tol, atol=tol)
+
+    wts = torch.rand(hidden.shape[0], generator=torch.Generator().manual_seed(0), dtype=dtype)
+    got = _grads((0.3 * hard + wts * soft).sum(), hidden, weight, bias)
+    ref = _grads((0.3 * ref_hard + wts * ref_soft).sum(), hidden, weight, bias, logits)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+    lg = logits.detach().requires_grad_(True)
+    hard2, soft2 = per_token_losses_from_logits(lg, sig, labels, mask, chunk_size=5, **kw)
+    torch.testing.assert_close(hard2, ref_hard, rtol=tol, atol=tol)
+    torch.testing.assert_close(soft2, ref_soft, rtol=tol, atol=tol)
+    (g_lg,) = _grads((0.3 * hard2 + wts * soft2).sum(), lg)
+    torch.testing.assert_close(g_lg, ref[-1], rtol=tol, atol=tol)
+
+
+def test_chunked_saves_no_full_vocab_tensors_for_backward():
+    hidden, weight, _, sig, labels, _ = _head_problem(n=64, v=200)
+    chunk = 8
+    inputs = {hidden.untyped_storage().data_ptr(), weight.untyped_storage().data_ptr()}
+
+    def largest_saved(fn):
+        sizes = []
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in inputs:
+                sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return max(sizes, default=0)
+
+    chunked = largest_saved(lambda: per_token_losses(hidden, weight, sig, labels, None,
+                                                     chunk_size=chunk))
+    naive = largest_saved(lambda: DIVERGENCES["forward_kl"](hidden @ weight.T, sig))
+    assert naive >= 64 * 200  # the check can see a full (N, V) tensor ...
+    assert chunked < chunk * 200  # ... and the chunked path keeps none, not even a chunk's
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("divergence", sorted(DIVERGENCES))
+def test_chunked_grads_finite_at_extreme_logits(divergence, dtype):
+    hidden, weight, _, sig, labels, mask = _head_problem(dtype=dtype, scale=2e3)
+    with torch.no_grad():
+        assert (hidden @ weight.T).float().abs().max() > 1e4  # really extreme
+    hard, soft = per_token_losses(hidden, weight, sig, labels, mask, divergence=divergence,
+                                  chunk_size=16, **PARAMS.get(divergence, {}))
+    total, _ = combine(hard, soft, mask, 0.5, 0.5)
+    total.backward()
+    assert torch.isfinite(total)
+    assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+    assert hidden.grad.dtype == dtype
+
+
+def test_chunked_handles_fully_masked_batch():
+    hidden, weight, _, sig, labels, _ = _head_problem()
+    mask = torch.zeros(hidden.shape[0], dtype=torch.bool)
+    hard, soft = per_token_losses(hidden, weight, sig, labels, mask, chunk_size=8)
+    total, stats = combine(hard, soft, mask, 0.5, 0.5)
+    total.backward()
+    assert total.item() == 0.0 and stats["n_valid"] == 0
+    assert (hidden.grad == 0).all() and (weight.grad == 0).all()
