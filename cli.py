@@ -17,6 +17,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,
+    pretty_exceptions_enable=False,
     help="Co-distil one large (MoE) teacher into several students from one teacher pass.",
 )
 
@@ -88,9 +89,10 @@ def pretrain(
     quiet: bool = QuietOpt,
 ):
     """Train the teacher from scratch with plain CE (teacher.source: preset); saves OUT/teacher."""
+    cfg = _load(config, sets)  # validate before importing torch-heavy modules
     from distill.pipeline import pretrain_teacher
 
-    pretrain_teacher(_load(config, sets), resume=resume, progress=not quiet)
+    pretrain_teacher(cfg, resume=resume, progress=not quiet)
 
 
 @app.command()
@@ -101,9 +103,10 @@ def cache(
     quiet: bool = QuietOpt,
 ):
     """Run the teacher once over the data and write the top-k logit cache (resumes if interrupted)."""
+    cfg = _load(config, sets)  # validate before importing torch-heavy modules
     from distill.pipeline import build_cache
 
-    build_cache(_load(config, sets), overwrite=overwrite, progress=not quiet)
+    build_cache(cfg, overwrite=overwrite, progress=not quiet)
 
 
 @app.command()
@@ -114,9 +117,10 @@ def train(
     quiet: bool = QuietOpt,
 ):
     """Co-distil all students: one teacher signal per batch, shared by every student."""
+    cfg = _load(config, sets)  # validate before importing torch-heavy modules
     from distill.pipeline import train_students
 
-    train_students(_load(config, sets), resume=resume, progress=not quiet)
+    train_students(cfg, resume=resume, progress=not quiet)
 
 
 @app.command()
@@ -127,9 +131,10 @@ def run(
     quiet: bool = QuietOpt,
 ):
     """cache (or pretrain + cache) + train + export + eval + report, from one config."""
+    cfg = _load(config, sets)  # validate before importing torch-heavy modules
     from distill.pipeline import run_all
 
-    run_all(_load(config, sets), resume=resume, progress=not quiet)
+    run_all(cfg, resume=resume, progress=not quiet)
 
 
 @app.command()
@@ -153,9 +158,10 @@ def eval_(
     quiet: bool = QuietOpt,
 ):
     """Evaluate the teacher and every student on the held-out split; write report.json, report.md and plots."""
+    cfg = _load(config, sets)  # validate before importing torch-heavy modules
     from distill.pipeline import evaluate_run
 
-    evaluate_run(_load(config, sets), progress=not quiet)
+    evaluate_run(cfg, progress=not quiet)
 
 
 @app.command()

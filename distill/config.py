@@ -43,19 +43,30 @@ class DataConfig(_Strict):
 
 class ScheduleConfig(_Strict):
     kind: Literal["constant", "linear", "cosine", "step"] = Field("constant", description="Shape of the curve from `start` to `end` over training.")
-    start: float = Field(0.5, ge=0.0, le=1.0, description="Value at the first step (after warmup).")
-    end: float = Field(0.5, ge=0.0, le=1.0, description="Value at the last step.")
-    warmup_steps: int = Field(0, ge=0, description="Steps holding `start` before the curve begins.")
-    boundaries: list[float] = Field(default_factory=list, description="`step` kind only: fractions of training (0..1, increasing) where the value jumps.")
-    values: list[float] = Field(default_factory=list, description="`step` kind only: value after each boundary (same length as boundaries).")
+    start: float = Field(0.5, ge=0.0, le=1.0, description="Value at the first step (after warmup); the value throughout for `constant`.")
+    end: float = Field(0.5, ge=0.0, le=1.0, description="Value at the last step (or at `end_step`).")
+    warmup_steps: int = Field(0, ge=0, description="Steps before the curve begins.")
+    warmup: Literal["hold", "ramp"] = Field("hold", description="During warmup: hold `start`, or ramp from 0 to `start`.")
+    end_step: int | None = Field(None, ge=1, description="Step where `end` is reached and then held (default: the last step).")
+    boundaries: list[float] = Field(default_factory=lambda: [0.5], description="`step` kind only: increasing fractions in (0, 1) where the value jumps one of len+1 even levels.")
+
+    def as_dict(self) -> dict:
+        """The `losses.build_schedule` form."""
+        if self.kind == "constant":
+            return {"kind": "constant", "value": self.start, "warmup_steps": self.warmup_steps, "warmup": self.warmup}
+        d = {"kind": self.kind, "start": self.start, "end": self.end, "warmup_steps": self.warmup_steps,
+             "warmup": self.warmup, "end_step": self.end_step}
+        if self.kind == "step":
+            d["boundaries"] = list(self.boundaries)
+        return d
 
     @model_validator(mode="after")
-    def _step_shape(self):
-        if self.kind == "step":
-            if len(self.boundaries) != len(self.values) or not self.boundaries:
-                raise ValueError("step schedule: `boundaries` and `values` must be non-empty and of equal length")
-            if any(b <= a for a, b in zip(self.boundaries, self.boundaries[1:])) or not 0 < self.boundaries[0] or self.boundaries[-1] >= 1:
-                raise ValueError("step schedule: `boundaries` must increase strictly inside (0, 1)")
+    def _buildable(self):
+        from losses import build_schedule
+
+        build_schedule(self.as_dict())  # its ValueError names the problem
+        if self.end_step is not None and self.end_step <= self.warmup_steps:
+            raise ValueError(f"end_step ({self.end_step}) must come after warmup_steps ({self.warmup_steps})")
         return self
 
 

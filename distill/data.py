@@ -57,9 +57,9 @@ def corpus_files(cfg: DataConfig) -> list[Path]:
     """Every input file, sorted; the stdlib's own sources when `cfg.stdlib`."""
     roots = list(cfg.paths)
     # The stdlib corpus is its Python sources only (no bundled .txt data, tests or site-packages).
+    stdlib = stdlib_dir()
     files: list[Path] = [
-        f for f in stdlib_dir().rglob("*.py")
-        if not SKIP_DIRS.intersection(f.relative_to(stdlib_dir()).parts[:-1])
+        f for f in stdlib.rglob("*.py") if not SKIP_DIRS.intersection(f.relative_to(stdlib).parts[:-1])
     ] if cfg.stdlib else []
     for root in roots:
         if not root.exists():

@@ -18,7 +18,10 @@ from distill.errors import UserError
 from distill.fsutil import atomic_write_json
 from distill.student import Student, make_optimizer
 from distill.trainer import LoopConfig, run_hash, train_loop
+from distill import quiet_libraries
 from teachers import CachedTeacher, LiveTeacher, load_teacher_model, teacher_identity
+
+quiet_libraries()
 
 
 # ----------------------------------------------------------------------------- setup

@@ -13,11 +13,14 @@ import torch
 
 from distill.config import LossConfig, OptimConfig, StudentConfig
 from distill.engine import Engine
-from losses import build_schedule, combine, per_token_losses, soft_token_weights
+from losses import build_schedule, combine, per_token_losses, soft_weights
 from losses.moe import load_balancing_loss, router_z_loss
 from losses.signal import TeacherSignal
 from students.build import collect_router_logits, expert_load
 from students.sparse_moe import update_expert_bias
+
+
+DIVERGENCE_PARAMS = {"jsd": ("beta",), "skew_kl": ("alpha",), "skew_reverse_kl": ("alpha",)}
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int):
@@ -66,25 +69,28 @@ def distill_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, signal: T
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     mask = valid.reshape(-1)
     use_teacher = signal is not None and not baseline
+    # Only the divergence's own parameters (jsd: beta; skew KLs: alpha) are passed on.
+    div_params = {p: getattr(loss_cfg, p) for p in DIVERGENCE_PARAMS.get(loss_cfg.divergence, ())}
     hard, soft = per_token_losses(
         flat_hidden, model.lm_head.weight, signal.flatten() if use_teacher else None,
         labels.reshape(-1), mask,
         divergence=loss_cfg.divergence, temperature=loss_cfg.temperature, tail=loss_cfg.tail,
         hard_target="labels" if baseline else loss_cfg.hard_target, chunk_size=loss_cfg.chunk_size,
-        beta=loss_cfg.beta, alpha=loss_cfg.alpha,
+        **div_params,
     )
     if use_teacher:
-        w_soft_tok = soft_token_weights(loss_cfg.adaptive, signal.flatten(), soft.detach(), mask, w_soft)
+        mode = "uniform" if loss_cfg.adaptive == "none" else loss_cfg.adaptive
+        w_soft_tok = soft_weights(mode, w_soft, mask, signal=signal.flatten(), soft=soft.detach())
         total, stats = combine(hard, soft, mask, 1.0 - w_soft, w_soft_tok)
     else:
-        total, stats = combine(hard, torch.zeros_like(hard), mask, 1.0, 0.0)
+        total, stats = combine(hard, soft, mask, 1.0, 0.0)
     router_logits = collect_router_logits(model)
     if router_logits:
         top_k = getattr(model.config, "num_experts_per_tok", 1)
         lb = load_balancing_loss(router_logits, top_k)
         z = router_z_loss(router_logits)
         total = total + loss_cfg.balance_weight * lb + loss_cfg.z_weight * z
-        stats.update(balance_loss=float(lb), z_loss=float(z))
+        stats.update(balance_loss=float(lb.detach()), z_loss=float(z.detach()))
     return LossOutput(total, stats)
 
 
@@ -96,7 +102,7 @@ class Student:
         self.name = cfg.name
         self.engine = engine
         self.total_steps = total_steps
-        self.soft_schedule = build_schedule(cfg.loss.soft_weight.model_dump())
+        self.soft_schedule = build_schedule(cfg.loss.soft_weight.as_dict())
         self.nonfinite_steps = 0
         self.tokens_seen = 0
 

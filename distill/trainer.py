@@ -143,7 +143,7 @@ def train_loop(students: list[Student], teacher, train_blocks: torch.Tensor, val
     start = resume_all(out_dir, students, loop) if resume else 0
     logger = MetricsLogger(out_dir, [s.name for s in students], start, enabled=loop.rank == 0)
     final_eval: dict = {}
-    teacher_calls_before = teacher.forward_calls if teacher is not None else 0
+    teacher_calls = 0  # teacher forwards made for training batches (evaluation excluded)
     micro = loop.batch_size // loop.grad_accum
     with _StopFlag() as stop, progress_bar(loop.steps, "co-distilling", progress and loop.rank == 0, start) as bar:
         for step in range(start, loop.steps):
@@ -156,7 +156,9 @@ def train_loop(students: list[Student], teacher, train_blocks: torch.Tensor, val
                 input_ids, labels = blocks[:, :-1], blocks[:, 1:]
                 # --- one teacher signal per micro-batch, shared by every student
                 if teacher is not None:
+                    before = teacher.forward_calls
                     sig, valid = teacher.signal(mine, input_ids)
+                    teacher_calls += teacher.forward_calls - before
                 else:
                     sig, valid = None, torch.ones_like(labels, dtype=torch.bool)
                 micro_batches.append((input_ids, labels, sig, valid))
@@ -187,7 +189,6 @@ def train_loop(students: list[Student], teacher, train_blocks: torch.Tensor, val
                 raise TrainingInterrupted(
                     f"stopped by signal {stop.signum} after step {done}; checkpoints saved under "
                     f"{out_dir / 'students'}; rerun with --resume to continue")
-    calls = (teacher.forward_calls - teacher_calls_before) if teacher is not None else 0
     logger.close()
-    return {"students": final_eval, "teacher_forward_calls": calls, "start_step": start}
+    return {"students": final_eval, "teacher_forward_calls": teacher_calls, "start_step": start}
 

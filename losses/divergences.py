@@ -26,6 +26,7 @@ Where the teacher's distribution comes from (`outcome_logprobs`):
              tokens we no longer have).  Student: its full-vocabulary tempered softmax, with
              the mass outside the ids summed by a masked logsumexp (stable even when the tail
              is tiny).  The student is pushed to put the teacher's tail mass outside the top-k.
+             A teacher tail that rounded to 0 in fp32 is floored at eps/2 (about 6e-8).
 
 With k = V (every token kept) both sparse estimators equal the dense loss.  Top-k ids must be
 distinct within a row.  Divergences use 0 * log 0 = 0, so zero-probability outcomes (e.g. an
@@ -42,6 +43,9 @@ from losses.signal import TeacherSignal
 
 TAILS = ("bucket", "renorm")
 NEG_INF = float("-inf")
+# The smallest tail mass 1 - sum(top-k) that fp32 resolves: a teacher tail that rounds to 0 is
+# read as this, so losses with log p_t in them (reverse KL) stay finite on confident tokens.
+TAIL_FLOOR_LOGPROB = math.log(torch.finfo(torch.float32).eps / 2)
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +70,8 @@ def outcome_logprobs(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if tail not in TAILS:
         raise ValueError(f"unknown tail estimator {tail!r}; expected one of {TAILS}")
-    z = _upcast(student_logits) / temperature  # (N, V)
+    z = _upcast(student_logits)  # (N, V)
+    z = z if temperature == 1.0 else z / temperature  # no (N, V) copy at T = 1
     if teacher.logits is not None:
         t_logits = _upcast(teacher.logits.detach()).to(z.dtype)  # (N, V)
         t = torch.log_softmax(t_logits / temperature, dim=-1)
@@ -80,7 +85,8 @@ def outcome_logprobs(
     lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (N, 1)
     s_top = z.gather(-1, ids) - lse  # (N, k)
     s_tail = torch.logsumexp(z.scatter(-1, ids, NEG_INF), dim=-1, keepdim=True) - lse  # (N, 1)
-    t_tail = teacher.tail_logprob().to(z.dtype).unsqueeze(-1)  # (N, 1), may be -inf
+    # (N, 1); an empty tail is fp32 rounding (top-k mass rounded to 1), not certainty.
+    t_tail = teacher.tail_logprob().to(z.dtype).clamp_min(TAIL_FLOOR_LOGPROB).unsqueeze(-1)
     t = torch.log_softmax(torch.cat([top, t_tail], dim=-1) / temperature, dim=-1)
     return torch.cat([s_top, s_tail], dim=-1), t
 

@@ -47,7 +47,15 @@ def teacher_entropy(signal: TeacherSignal) -> torch.Tensor:
     return -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
 
 
-def _scores(mode: str, signal: TeacherSignal | None, soft: torch.Tensor | None) -> torch.Tensor:
+def _scores(mode, signal, soft, mask) -> torch.Tensor:
+    """Non-negative (N,) fp32 scores r_i for one weighting mode (see the module docstring)."""
+    if mode == "uniform":
+        like = next((x for x in (mask, soft) if x is not None), None)
+        if like is None and signal is not None:
+            like = signal.topk_ids[..., 0]
+        if like is None:
+            raise ValueError("uniform weights need at least one of mask, signal or soft")
+        return torch.ones(like.shape, dtype=torch.float32, device=like.device)
     if mode == "disagreement":
         if soft is None:
             raise ValueError('weighting "disagreement" needs the per-token soft loss')
@@ -77,17 +85,9 @@ def soft_weights(
         raise ValueError(f"unknown weighting mode {mode!r}; expected one of {WEIGHTING_MODES}")
     if w_soft < 0:
         raise ValueError(f"w_soft must be >= 0, got {w_soft}")
-    ref = soft if soft is not None else signal.topk_logprobs if signal is not None else mask
-    if ref is None:
-        raise ValueError("soft_weights needs at least one of mask, signal or soft")
-    n_tokens = ref.shape[0]
-    if mask is None:
-        valid = torch.ones(n_tokens, dtype=torch.bool, device=ref.device)
-    else:
-        valid = mask.bool()
-    if mode == "uniform":
-        return valid.float() * w_soft
-    r = _scores(mode, signal, soft).masked_fill(~valid, 0.0)  # (N,)
+    r = _scores(mode, signal, soft, mask)  # (N,)
+    valid = torch.ones_like(r, dtype=torch.bool) if mask is None else mask.bool()
+    r = r.masked_fill(~valid, 0.0)
     mean = r.sum() / valid.sum().clamp_min(1)
     w = torch.where(mean > 0, r / mean.clamp_min(torch.finfo(r.dtype).tiny), torch.ones_like(r))
     return (w * w_soft).masked_fill(~valid, 0.0)

@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -102,7 +102,7 @@ def _check_model_dir(path: Path) -> None:
         try:
             with safe_open(str(file), framework="pt") as handle:
                 handle.keys()
-        except Exception as err:  # safetensors raises its own error types
+        except (SafetensorError, OSError) as err:
             raise ValueError(f"{file}: corrupt safetensors file ({err})") from None
 
 

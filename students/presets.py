@@ -2,7 +2,8 @@
 
 Every preset takes sizes as keyword arguments, so the same function describes the toy
 model a test builds and the real thing (pass the numbers in `PUBLISHED`).  Extra
-keywords go to the config class unchanged; unknown ones raise (transformers' configs
+keywords are raw config fields and override what the preset derived (e.g.
+`moe_layers=[0, 2]`, `rope_parameters=...`); unknown ones raise (transformers' configs
 would silently keep a typo as an attribute).
 
 Llama 4 text architecture (transformers' `Llama4TextConfig` / `Llama4ForCausalLM`):
@@ -70,7 +71,7 @@ def _llama4_text(
 ) -> Llama4TextConfig:
     _check_extra(Llama4TextConfig, extra)
     moe_layers = [] if moe_every == 0 else list(range(moe_every - 1, num_layers, moe_every))
-    return Llama4TextConfig(
+    fields = dict(
         vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
         intermediate_size=intermediate_size, intermediate_size_mlp=intermediate_size_mlp,
@@ -79,8 +80,10 @@ def _llama4_text(
         no_rope_layer_interval=nope_every, use_qk_norm=use_qk_norm,
         rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
         attn_temperature_tuning=attn_temperature_tuning, floor_scale=floor_scale,
-        attn_scale=attn_scale, attn_implementation=attn_implementation, **extra,
+        attn_scale=attn_scale, attn_implementation=attn_implementation,
     )
+    # Raw config fields win (e.g. an explicit moe_layers, no_rope_layers, rope_parameters).
+    return Llama4TextConfig(**fields | extra)
 
 
 def scout(
@@ -151,13 +154,14 @@ def dense(
     """Plain Llama (`LlamaForCausalLM`): RoPE everywhere, full attention, SwiGLU of
     width `intermediate_size`.  The most portable export target."""
     _check_extra(LlamaConfig, extra)
-    return LlamaConfig(
+    fields = dict(
         vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
         intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
-        tie_word_embeddings=tie_word_embeddings, attn_implementation=attn_implementation, **extra,
+        tie_word_embeddings=tie_word_embeddings, attn_implementation=attn_implementation,
     )
+    return LlamaConfig(**fields | extra)
 
 
 # The one registry of model presets (name -> config builder).

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+from transformers.models.llama4.modeling_llama4 import Llama4TextExperts, Llama4TextMoe
 
 # Padded bmm wastes E*C - M rows of compute (C = max tokens per expert, M = N*top_k).
 # Measured on 2 CPU cores (fwd+bwd of the expert matmuls, M = 2048, H = 256):
@@ -185,6 +185,18 @@ def experts_forward(
     return out.reshape(num_experts * capacity, hidden)[slot]  # (M, H)
 
 
+class SparseLlama4TextExperts(Llama4TextExperts):
+    """`Llama4TextExperts` whose forward takes expert-sorted rows (see `experts_forward`).
+
+    The MoE block calls this module rather than reading its weights, so module hooks
+    run as in stock: DeepSpeed ZeRO-3 gathers partitioned parameters in a pre-forward
+    hook, and a forward hook sees exactly the rows each expert computes.
+    """
+
+    def forward(self, xs: torch.Tensor, sorted_expert: torch.Tensor, counts: torch.Tensor, path: str = "auto"):
+        return experts_forward(xs, sorted_expert, counts, self.gate_up_proj, self.down_proj, self.act_fn, path)
+
+
 class SparseLlama4TextMoe(Llama4TextMoe):
     """`Llama4TextMoe` with a sparse forward; same parameters, same outputs.
 
@@ -204,6 +216,7 @@ class SparseLlama4TextMoe(Llama4TextMoe):
         self._init_sparse_state()
 
     def _init_sparse_state(self) -> None:
+        self.experts.__class__ = SparseLlama4TextExperts
         device = self.router.weight.device
         # Not persistent: the checkpoint stays stock and loads into stock transformers.
         self.register_buffer("expert_bias", torch.zeros(self.num_experts, device=device), persistent=False)
@@ -229,14 +242,13 @@ class SparseLlama4TextMoe(Llama4TextMoe):
         sorted_token = order // self.top_k  # (M,) token of each sorted row
         xs = x[sorted_token] * gates.reshape(-1)[order].unsqueeze(-1).to(x.dtype)  # (M, H)
 
-        ys = experts_forward(
-            xs, flat_expert[order], counts, self.experts.gate_up_proj, self.experts.down_proj,
-            self.experts.act_fn, self.path,
-        )  # (M, H)
+        ys = self.experts(xs, flat_expert[order], counts, self.path)  # (M, H)
         # Undo the sort with a gather (deterministic, unlike index_add on CUDA).
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        routed = ys[inverse].view(num_tokens, self.top_k, -1).sum(dim=1)  # (N, H)
+        routed = ys[inverse]  # (N*k, H), row t*k + j
+        if self.top_k > 1:
+            routed = routed.view(num_tokens, self.top_k, -1).sum(dim=1)  # (N, H)
 
         out = self.shared_expert(x) + routed  # (N, H)
 
@@ -255,9 +267,10 @@ def moe_modules(model: nn.Module) -> list[SparseLlama4TextMoe]:
 def enable_sparse_moe(model: nn.Module) -> int:
     """Swap every stock `Llama4TextMoe` in `model` to the sparse forward, in place.
 
-    Only `__class__` changes (plus two non-persistent buffers), so parameters,
-    optimizer state and hooks stay attached.  Returns how many blocks were swapped
-    (0 for models without MoE, e.g. Llama or dense Llama 4; idempotent).
+    Only `__class__` changes (of the block and of its `experts`; plus two
+    non-persistent buffers), so parameters, optimizer state and hooks stay attached.
+    Returns how many blocks were swapped (0 for models without MoE, e.g. Llama or
+    dense Llama 4, and on a second call).
     """
     swapped = 0
     for module in model.modules():
@@ -283,7 +296,9 @@ def update_expert_bias(model: nn.Module, rate: float) -> int:
         load = moe.counts_since_update.float()  # (E,)
         if load.sum() == 0:
             continue
-        moe.expert_bias += rate * torch.sign(load.mean() - load)
+        # Accumulate in fp32 even if `model.to(bf16)` cast the buffer: bf16 would round
+        # away steps of ~1e-3 once the bias reaches ~0.25.
+        moe.expert_bias = moe.expert_bias.float() + rate * torch.sign(load.mean() - load)
         moe.counts_since_update.zero_()
         updated += 1
     return updated

@@ -61,8 +61,13 @@ def test_bad_values_name_the_key(key, value, expect):
 
 
 def test_step_schedule_boundaries_must_increase():
-    sched = {"kind": "step", "boundaries": [0.6, 0.3], "values": [0.2, 0.1]}
+    sched = {"kind": "step", "boundaries": [0.6, 0.3]}
     assert "boundaries" in error_of(minimal(**{"students.0.loss.soft_weight": sched}))
+
+
+def test_schedule_end_before_start_refused():
+    sched = {"kind": "linear", "start": 0.9, "end": 0.1, "warmup_steps": 50, "end_step": 20}
+    assert "end_step" in error_of(minimal(**{"students.0.loss.soft_weight": sched}))
 
 
 def test_duplicate_student_names_refused():

@@ -70,7 +70,8 @@ def _sparse(t: torch.Tensor, k: int) -> TeacherSignal:
 
 
 def test_registry_is_complete():
-    assert set(DIVERGENCES) == {"forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv"}
+    expected = {"forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv"}
+    assert set(DIVERGENCES) == expected
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -198,36 +199,27 @@ def test_mask_zeroes_tokens_and_fully_masked_is_zero_not_nan(name, tail):
     assert torch.isfinite(s.grad).all() and (s.grad == 0).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["fp32_1e4", "bf16_1e4", "padded_vocab"])
 @pytest.mark.parametrize("tail", ["dense", *TAILS])
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
-def test_finite_values_and_grads_at_extreme_logits(name, tail, dtype):
+def test_finite_values_and_grads_in_hard_cases(name, tail, case):
     g = torch.Generator().manual_seed(9)
-    s = (torch.randint(-1, 2, (N, V), generator=g) * 1e4).to(dtype).requires_grad_(True)
-    t = (torch.randint(-1, 2, (N, V), generator=g) * 1e4).to(dtype)
-    t[: N // 2] = -1e4
-    t[: N // 2, :2] = 1e4  # top-k holds all the mass: the teacher's tail is exactly empty
+    if case == "padded_vocab":  # padded columns at -inf in both models: impossible, not NaN
+        s, t = _pair(14)
+        s[:, -5:] = t[:, -5:] = float("-inf")
+    else:  # logits at +-1e4, and half the rows with a top-k that holds all the teacher's mass
+        dtype = torch.bfloat16 if case == "bf16_1e4" else torch.float32
+        s, t = ((torch.randint(-1, 2, (N, V), generator=g) * 1e4).to(dtype) for _ in range(2))
+        t[: N // 2] = -1e4
+        t[: N // 2, :2] = 1e4
+    s.requires_grad_(True)
     sig = TeacherSignal.from_logits(t, K, keep_dense=tail == "dense")
     out = DIVERGENCES[name](s, sig, tail="bucket" if tail == "dense" else tail,
                             temperature=2.0, **PARAMS.get(name, {}))
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(s.grad).all()
-
-
-@pytest.mark.parametrize("tail", ["dense", *TAILS])
-@pytest.mark.parametrize("name", sorted(DIVERGENCES))
-def test_padded_vocab_masked_to_minus_inf_is_finite(name, tail):
-    """Padded vocab columns at -inf in both models are impossible outcomes, not NaNs."""
-    s, t = _pair(14)
-    s[:, -5:] = float("-inf")
-    t[:, -5:] = float("-inf")
-    s.requires_grad_(True)
-    sig = TeacherSignal.from_logits(t, K, keep_dense=tail == "dense")
-    out = DIVERGENCES[name](s, sig, tail="bucket" if tail == "dense" else tail, temperature=2.0,
-                            **PARAMS.get(name, {}))
-    out.sum().backward()
-    assert torch.isfinite(out).all() and torch.isfinite(s.grad).all()
-    assert (s.grad[:, -5:] == 0).all()
+    if case == "padded_vocab":
+        assert (s.grad[:, -5:] == 0).all()
 
 
 def test_invalid_arguments_raise():
@@ -286,6 +278,8 @@ def test_adaptive_weights_average_to_w_soft_over_valid_tokens(mode):
     assert w[mask].mean().item() == pytest.approx(0.7, rel=1e-6)
     if mode != "uniform":
         assert w[mask].std() > 1e-3  # it really adapts
+    none = torch.zeros(N, dtype=torch.bool)
+    assert (soft_weights(mode, 0.7, none, signal=sig, soft=soft) == 0).all()
 
 
 def test_adaptive_weights_follow_the_teacher():
@@ -322,12 +316,13 @@ def test_combine_matches_formula_and_reports_stats():
 
 # ---- chunked evaluation --------------------------------------------------------------------------
 
-def _head_problem(n=37, h=16, v=50, dtype=torch.float32, seed=13, scale=1.0):
+def _head_problem(n=37, h=16, v=50, dtype=torch.float32, seed=13, scale=1.0, dense=False):
     g = torch.Generator().manual_seed(seed)
     hidden = (torch.randn(n, h, generator=g) * scale).to(dtype).requires_grad_(True)
     weight = torch.randn(v, h, generator=g).to(dtype).requires_grad_(True)
     bias = torch.randn(v, generator=g).to(dtype).requires_grad_(True)
-    sig = TeacherSignal.from_logits(torch.randn(n, v, generator=g) * 3, 8)
+    t = torch.randn(n, v, generator=g, dtype=dtype if dense else torch.float32) * 3
+    sig = TeacherSignal.from_logits(t, 8, keep_dense=dense)
     labels = torch.randint(0, v, (n,), generator=g)
     mask = torch.rand(n, generator=g) > 0.2
     return hidden, weight, bias, sig, labels, mask
@@ -339,11 +334,12 @@ def _grads(loss, *tensors):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("hard_target", ["labels", "teacher_argmax"])
-@pytest.mark.parametrize("divergence,params", [("forward_kl", {}), ("jsd", {"beta": 0.4}),
-                                               ("skew_reverse_kl", {"alpha": 0.1})])
-def test_chunked_equals_unchunked(divergence, params, hard_target, dtype, tol):
+@pytest.mark.parametrize("divergence,params,dense", [
+    ("forward_kl", {}, False), ("jsd", {"beta": 0.4}, False),
+    ("skew_reverse_kl", {"alpha": 0.1}, False), ("reverse_kl", {}, True), ("tv", {}, True)])
+def test_chunked_equals_unchunked(divergence, params, dense, hard_target, dtype, tol):
     """Same math, so fp64 agrees to 1e-10; fp32 differs only by the matmul's blocking."""
-    hidden, weight, bias, sig, labels, mask = _head_problem(dtype=dtype)
+    hidden, weight, bias, sig, labels, mask = _head_problem(dtype=dtype, dense=dense)
     kw = dict(divergence=divergence, temperature=2.0, tail="bucket", hard_target=hard_target,
               **params)
     hard, soft = per_token_losses(hidden, weight, sig, labels, mask, chunk_size=8, bias=bias, **kw)
@@ -372,20 +368,18 @@ def test_chunked_equals_unchunked(divergence, params, hard_target, dtype, tol):
 
 def test_chunked_saves_no_full_vocab_tensors_for_backward():
     hidden, weight, _, sig, labels, _ = _head_problem(n=64, v=200)
-    chunk = 8
-    inputs = {hidden.untyped_storage().data_ptr(), weight.untyped_storage().data_ptr()}
+    chunk, inputs = 8, {hidden.untyped_storage().data_ptr(), weight.untyped_storage().data_ptr()}
 
-    def largest_saved(fn):
-        sizes = []
+    def largest_saved(fn):  # numel of the largest tensor autograd keeps that is not an input
+        sizes = [0]
 
         def pack(t):
-            if t.untyped_storage().data_ptr() not in inputs:
-                sizes.append(t.numel())
+            sizes.append(t.numel() * (t.untyped_storage().data_ptr() not in inputs))
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             fn()
-        return max(sizes, default=0)
+        return max(sizes)
 
     chunked = largest_saved(lambda: per_token_losses(hidden, weight, sig, labels, None,
                                                      chunk_size=chunk))
@@ -409,11 +403,25 @@ def test_chunked_grads_finite_at_extreme_logits(divergence, dtype):
     assert hidden.grad.dtype == dtype
 
 
-def test_chunked_handles_fully_masked_batch():
-    hidden, weight, _, sig, labels, _ = _head_problem()
-    mask = torch.zeros(hidden.shape[0], dtype=torch.bool)
-    hard, soft = per_token_losses(hidden, weight, sig, labels, mask, chunk_size=8)
-    total, stats = combine(hard, soft, mask, 0.5, 0.5)
-    total.backward()
+def test_chunked_edge_cases_fully_masked_no_teacher_and_no_grad():
+    hidden, weight, bias, sig, labels, mask = _head_problem()
+    none = torch.zeros(hidden.shape[0], dtype=torch.bool)
+    total, stats = combine(*per_token_losses(hidden, weight, sig, labels, none, chunk_size=8),
+                           none, 0.5, 0.5)
+    total.backward()  # fully masked: 0, not NaN, with zero gradients
     assert total.item() == 0.0 and stats["n_valid"] == 0
     assert (hidden.grad == 0).all() and (weight.grad == 0).all()
+
+    hidden.requires_grad_(False)
+    hidden.grad = weight.grad = None
+    hard, soft = per_token_losses(hidden, weight, None, labels, mask, chunk_size=8, bias=bias)
+    assert (soft == 0).all()  # no teacher: plain CE
+    ref = hard_ce(hidden @ weight.T + bias, hard_labels("labels", labels, None, mask))
+    torch.testing.assert_close(hard, ref, rtol=1e-5, atol=1e-5)
+    hard.sum().backward()
+    assert hidden.grad is None and weight.grad is not None and bias.grad is not None
+
+    with torch.no_grad():
+        hard_ng, _ = per_token_losses(hidden, weight, None, labels, mask, chunk_size=8, bias=bias)
+    assert not hard_ng.requires_grad
+    torch.testing.assert_close(hard_ng, hard.detach())

@@ -1,0 +1,189 @@
+"""Benchmark the teacher-signal cache; prints one JSON object.
+
+    python bench/cache.py [--tokens 2048] [--quick]
+
+Reports, for V = 202,048 (Llama 4's vocab):
+* bytes/token per encoding at k = 32, 64, 128, on a synthetic Zipf-like teacher and on
+  uniform-random logits (worst case for id coding), with reconstruction error for the
+  lossy encodings;
+* write overhead: wall time of write_cache vs the bare teacher forward it wraps;
+* read throughput of CacheReader.signal on random batches.
+
+Synthetic teacher (`zipf_logits`): logit(v) = -0.5 ln(1 + v) + 2.0 N(0,1) plus 24
+"context" tokens with log-uniform ids (frequent ids likelier) boosted by U(3, 10).  It
+gives entropy ~1.7 nats, top-1 prob ~0.74, top-64 mass ~0.9 and a median top-64 id of
+~5,000 (p90 ~100,000): ids skew to small values as in BPE vocabs, but are far from
+concentrated at the head.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+V_LLAMA4 = 202_048
+
+
+def zipf_logits(n: int, vocab: int = V_LLAMA4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n, vocab) fp32 synthetic teacher logits (see module docstring)."""
+    v = torch.arange(vocab, dtype=torch.float32)
+    x = -0.5 * torch.log1p(v) + 2.0 * torch.randn(n, vocab, generator=generator)
+    ids = torch.exp(torch.rand(n, 24, generator=generator) * math.log(vocab)).long().clamp(max=vocab - 1)
+    return x.scatter_add_(1, ids, torch.empty(n, 24).uniform_(3.0, 10.0, generator=generator))
+
+
+def _topk_stream(kind: str, n: int, k: int, seed: int = 0):
+    """Top-k (ids (n,k) int64, log-probs (n,k) fp32) of n synthetic tokens, 256 at a time."""
+    g = torch.Generator().manual_seed(seed)
+    ids, vals = [], []
+    for i in range(0, n, 256):
+        m = min(256, n - i)
+        x = zipf_logits(m, generator=g) if kind == "zipf" else torch.randn(m, V_LLAMA4, generator=g)
+        v, j = torch.topk(torch.log_softmax(x, -1), k, -1)
+        ids.append(j)
+        vals.append(v)
+    return torch.cat(ids).numpy(), torch.cat(vals).numpy()
+
+
+def _errors(ids, lp, di, dl) -> dict:
+    """Reconstruction error of decoded (di, dl) vs original (ids, lp), matched by id."""
+    import numpy as np
+
+    o1, o2 = np.argsort(ids, 1), np.argsort(di, 1)
+    a = np.take_along_axis(lp, o1, 1).astype(np.float64)
+    b = np.take_along_axis(dl, o2, 1).astype(np.float64)
+    err = np.abs(a - b)
+    p, q = np.exp(a), np.exp(b)
+    pn, qn = p / p.sum(1, keepdims=True), q / q.sum(1, keepdims=True)
+    kl_norm = (pn * (np.log(pn) - np.log(qn))).sum(1)
+    tp, tq = np.clip(1 - p.sum(1), 0, 1), np.clip(1 - q.sum(1), 1e-30, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl_tail = (p * (a - b)).sum(1) + np.where(tp > 0, tp * (np.log(tp) - np.log(tq)), 0.0)
+    return {"max_abs_logprob_err": float(err.max()), "p99_abs_logprob_err": float(np.quantile(err, 0.99)),
+            "mean_kl_topk_normalised": float(kl_norm.mean()), "mean_kl_with_tail": float(kl_tail.mean()),
+            "top1_same": float((di[:, 0] == ids[:, 0]).mean()),
+            "id_sets_same": float((np.take_along_axis(ids, o1, 1) == np.take_along_axis(di, o2, 1)).all(1).mean())}
+
+
+def bench_sizes(n_tokens: int, group: int) -> dict:
+    """bytes/token, coding speed and reconstruction error per (teacher, k, encoding)."""
+    import time
+
+    from distill.codec import CODECS
+
+    out = {}
+    for kind in ("zipf", "uniform"):
+        ids128, lp128 = _topk_stream(kind, n_tokens, 128)
+        for k in (32, 64, 128):
+            ids, lp = ids128[:, :k].copy(), lp128[:, :k].copy()
+            for name, codec in CODECS.items():
+                t0 = time.perf_counter()
+                arrays = codec.encode(ids, lp, V_LLAMA4, group=group)
+                t1 = time.perf_counter()
+                di, dl = codec.decode(arrays, k, V_LLAMA4, group)
+                t2 = time.perf_counter()
+                row = {"bytes_per_token": round(sum(a.nbytes for a in arrays.values()) / n_tokens, 2),
+                       "encode_us_per_token": round((t1 - t0) / n_tokens * 1e6, 2),
+                       "decode_us_per_token": round((t2 - t1) / n_tokens * 1e6, 2)}
+                if not codec.lossless:
+                    row.update({key: float(f"{v:.3g}") for key, v in _errors(ids, lp, di, dl).items()})
+                out[f"{kind}/k{k}/{name}"] = row
+    return out
+
+
+def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encodings, k: int, reps: int) -> dict:
+    """Write overhead of write_cache vs the bare teacher forward, then read throughput.
+
+    The machine may be shared, so bare and cached runs are interleaved `reps` times and
+    the minimum of each is kept.  `topk_us_per_token` isolates the V-wide fp32
+    log_softmax + topk (the same arithmetic as TeacherSignal.from_logits), which is most
+    of the overhead on a CPU; encoding and file writing run in a background thread.
+    """
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import numpy as np
+
+    from distill.cache import CacheReader, _topk, describe_cache, write_cache
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Embedding(V_LLAMA4, hidden), torch.nn.Linear(hidden, V_LLAMA4)).eval()
+    blocks = torch.randint(0, V_LLAMA4, (n_seq, seq_len))
+    tokens = n_seq * seq_len
+    ident = {"teacher_config_hash": "bench", "teacher_weights_hash": "bench", "tokenizer_hash": "bench",
+             "data_fingerprint": "bench", "vocab_size": str(V_LLAMA4)}
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def bare():
+        with torch.no_grad():
+            for i in range(0, n_seq, batch):
+                teacher(blocks[i:i + batch])
+
+    with torch.no_grad():
+        logits = teacher(blocks[:batch])
+    topk_s = min(timed(lambda: _topk(logits, k, V_LLAMA4)) for _ in range(reps))
+    del logits
+    out = {"teacher": f"Embedding({V_LLAMA4},{hidden})->Linear({hidden},{V_LLAMA4})", "tokens": tokens,
+           "batch": f"{batch}x{seq_len}", "k": k,
+           "topk_us_per_token": round(topk_s / (batch * seq_len) * 1e6, 1)}
+    bare()  # warm-up: allocator, thread pool
+    for enc in encodings:
+        with tempfile.TemporaryDirectory() as d:
+            t_bare, t_write = [], []
+            for _ in range(reps):
+                t_bare.append(timed(bare))
+                t_write.append(timed(lambda: write_cache(Path(d), teacher, {"train": blocks}, identity=ident, k=k,
+                                                         encoding=enc, batch_size=batch, overwrite=True,
+                                                         shard_sequences=max(1, n_seq // 4), progress=False)))
+            tb, tw = min(t_bare), min(t_write)
+            reader = CacheReader(d, "train")
+            rng = np.random.default_rng(0)
+            reader.signal(rng.integers(0, n_seq, 8))  # map shards
+            rates = []
+            for _ in range(reps):
+                n, t0 = 0, time.perf_counter()
+                while time.perf_counter() - t0 < 1.0:
+                    reader.signal(rng.integers(0, n_seq, 8))
+                    n += 1
+                rates.append(n * 8 * seq_len / (time.perf_counter() - t0))
+            out[enc] = {"teacher_forward_s": round(tb, 2), "write_cache_s": round(tw, 2),
+                        "overhead_pct": round(100 * (tw - tb) / tb, 1),
+                        "overhead_us_per_token": round((tw - tb) / tokens * 1e6),
+                        "file_bytes_per_token": round(describe_cache(d)["bytes_per_token"], 1),
+                        "read_tokens_per_s": round(max(rates)),
+                        "read_batch": f"8x{seq_len} random sequences"}
+    return out
+
+
+def main() -> None:
+    import argparse
+    import json
+    import platform
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, default=2048, help="synthetic tokens for the size table")
+    p.add_argument("--hidden", default="256,1024", help="teacher widths for the write-overhead runs")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--sequences", type=int, default=4)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3, help="interleaved repeats; the minimum is kept")
+    p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    a = p.parse_args()
+    if a.quick:
+        a.tokens, a.sequences, a.seq_len, a.hidden, a.reps = 256, 4, 64, "256", 1
+    result = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+              "vocab_size": V_LLAMA4,
+              "sizes": bench_sizes(a.tokens, group=min(a.tokens, 512)),
+              "write_read": [bench_write_read(int(h), a.sequences, a.seq_len, a.batch,
+                                              ("lossless", "fp16", "compact"), k=64, reps=a.reps)
+                             for h in a.hidden.split(",")]}
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Online co-distillation: one run with 3 students vs 3 single-student runs.
+
+Each single-student run pays its own teacher forward per batch; the co-distillation run
+pays one and hands the signal to all three.  Measures the teacher share T (one teacher
+forward per step) and the student step S, then compares
+
+    ratio  = wall(co-distil 3) / wall(3 x single)
+    target = 1.1 * (T + 3S) / (3T + 3S)
+
+and counts teacher forward calls per batch (must be 1).  Prints JSON.
+
+    python bench/codistill.py [--steps 20] [--teacher-hidden 256]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distill.config import parse_config  # noqa: E402
+from distill.pipeline import train_students  # noqa: E402
+from students.build import build_model  # noqa: E402
+from students.presets import PRESETS  # noqa: E402
+
+
+def make_config(out: Path, teacher_dir: Path, students: list[dict], args) -> dict:
+    return {
+        "out_dir": str(out), "seed": 0,
+        "data": {"stdlib": True, "seq_len": args.seq_len, "max_documents": 200,
+                 "tokenizer": {"path": str(teacher_dir)}},
+        "teacher": {"source": "checkpoint", "path": str(teacher_dir)},
+        "cache": {"k": 64},
+        "students": students,
+        "train": {"mode": "online", "steps": args.steps, "batch_size": args.batch, "eval_every": 0,
+                  "eval_blocks": 1, "checkpoint_every": 0, "keep_last": 1},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--teacher-hidden", type=int, default=256)
+    ap.add_argument("--teacher-layers", type=int, default=4)
+    args = ap.parse_args()
+
+    from distill.data import prepare_data
+    from distill.config import DataConfig
+    from distill.export import save_hf_dir
+
+    work = Path(tempfile.mkdtemp(prefix="bench-codistill-"))
+    data = prepare_data(DataConfig(stdlib=True, seq_len=args.seq_len, max_documents=200,
+                                   tokenizer={"vocab_size": 2048}), work / "prep")
+    vocab = len(data.tokenizer)
+    teacher = build_model(PRESETS["behemoth"](vocab_size=vocab, hidden_size=args.teacher_hidden,
+                                              num_layers=args.teacher_layers, num_experts=16), seed=0)
+    teacher_dir = save_hf_dir(teacher, data.tokenizer, work / "teacher")
+
+    small = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "head_dim": 32}
+    students = [
+        {"name": "scout", "model": {"preset": "scout", "args": {**small, "num_experts": 16}}},
+        {"name": "maverick", "model": {"preset": "maverick", "args": {**small, "num_experts": 32}}},
+        {"name": "dense", "model": {"preset": "dense", "args": small}},
+    ]
+
+    def timed(name: str, studs: list[dict]) -> tuple[float, dict]:
+        cfg = parse_config(make_config(work / name, teacher_dir, studs, args))
+        t0 = time.perf_counter()
+        result = train_students(cfg, progress=False)
+        return time.perf_counter() - t0, result
+
+    timed("warmup", students[2:])  # imports, tokenizer load, allocator warm-up
+    co_wall, co = timed("co", students)
+    singles = [timed(f"single-{s['name']}", [s]) for s in students]
+    single_wall = sum(w for w, _ in singles)
+
+    # Teacher share T: one teacher forward per step, measured directly.
+    from teachers import LiveTeacher, load_teacher_model
+
+    live = LiveTeacher(load_teacher_model(teacher_dir), 64, vocab, torch.device("cpu"))
+    ids = data.train[: args.batch, :-1]
+    live.signal(None, ids)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        live.signal(None, ids)
+    t_teacher = (time.perf_counter() - t0) / 5
+    s_student = max((co_wall / args.steps - t_teacher) / 3, 1e-9)  # mean student step in the co-run
+    target = 1.1 * (t_teacher + 3 * s_student) / (3 * t_teacher + 3 * s_student)
+    ratio = co_wall / single_wall
+    print(json.dumps({
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
+        "co_distill_wall_s": round(co_wall, 2), "three_single_runs_wall_s": round(single_wall, 2),
+        "teacher_forward_s": round(t_teacher, 4), "student_step_s": round(s_student, 4),
+        "ratio": round(ratio, 3), "target_ratio": round(target, 3), "meets_target": ratio <= target,
+        "teacher_forward_calls_per_batch_co": co["teacher_forward_calls"] / args.steps,
+        "teacher_forward_calls_per_batch_single": [r["teacher_forward_calls"] / args.steps for _, r in singles],
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Helpers the cache tests run in other processes (kill -9, 2-rank gloo) and in-process.
+
+`setup()` builds a deterministic toy teacher and data so every process that calls it
+caches exactly the same thing.  Run as a script it writes a cache:
+    python tests/_cache_worker.py CACHE_DIR [--delay SECONDS]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, when run as a script
+
+from distill.cache import write_cache  # noqa: E402
+
+VOCAB, SEQ_LEN, K = 300, 12, 16
+
+
+def setup(n_train: int = 37, n_val: int = 6, delay: float = 0.0):
+    """-> (teacher_fn, splits, identity).  teacher_fn maps each token id to a fixed
+    random logit row, so logits depend only on the input ids, not on batch layout."""
+    g = torch.Generator().manual_seed(1234)
+    table = torch.randn(VOCAB, VOCAB, generator=g) * 4.0
+    splits = {"train": torch.randint(0, VOCAB, (n_train, SEQ_LEN), generator=g),
+              "val": torch.randint(0, VOCAB, (n_val, SEQ_LEN), generator=g)}
+
+    def teacher_fn(x: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, V)
+        if delay:
+            time.sleep(delay)
+        return table[x]
+
+    identity = {"teacher_config_hash": "cfg", "teacher_weights_hash": "w", "tokenizer_hash": "tok",
+                "data_fingerprint": "data", "seq_len": str(SEQ_LEN), "vocab_size": str(VOCAB)}
+    return teacher_fn, splits, identity
+
+
+def write(cache_dir, delay: float = 0.0, **kw) -> Path:
+    teacher_fn, splits, identity = setup(delay=delay)
+    kw = {"k": K, "batch_size": 2, "shard_sequences": 4, "progress": False, **kw}
+    return write_cache(Path(cache_dir), teacher_fn, splits, identity=identity, **kw)
+
+
+def dist_worker(rank: int, world_size: int, init_file: str, cache_dir: str, encoding: str) -> None:
+    """torch.multiprocessing.spawn target: one rank of a gloo group writing one cache."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        write(cache_dir, encoding=encoding, rank=rank, world_size=world_size)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("cache_dir")
+    p.add_argument("--delay", type=float, default=0.0)
+    p.add_argument("--encoding", default="lossless")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    write(a.cache_dir, delay=a.delay, encoding=a.encoding)

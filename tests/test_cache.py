@@ -1,0 +1,288 @@
+"""Teacher-signal cache: fidelity, crash safety, corruption, identity, locking, ranks."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import distill.cache as cache_mod
+from distill.cache import (CacheCorrupt, CacheLocked, CacheMismatch, CacheReader, CacheWriteError,
+                           describe_cache, verify_cache, write_cache)
+from losses.signal import TeacherSignal
+from tests import _cache_worker as worker
+
+K = worker.K
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    """Shards and manifest by name (locks and per-rank manifests excluded)."""
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())
+            if p.name == "manifest.json" or p.name.endswith(".safetensors")}
+
+
+def _shards(d: Path) -> list[Path]:
+    return sorted(d.glob("*.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted single-process lossless cache of the worker's setup."""
+    return worker.write(tmp_path_factory.mktemp("ref"))
+
+
+def _all_signals(d: Path, split: str = "train") -> TeacherSignal:
+    r = CacheReader(d, split)
+    return r.signal(range(len(r)))
+
+
+def test_lossless_equals_teacher_topk_in_any_order(reference):
+    teacher_fn, splits, _ = worker.setup()
+    for split in ("train", "val"):
+        r = CacheReader(reference, split)
+        assert len(r) == len(splits[split])
+        idx = list(range(len(r)))[::-1][::2] + [0, 0]  # reversed, strided, repeated
+        sig = r.signal(idx)
+        ref = TeacherSignal.from_logits(teacher_fn(splits[split][idx]), K)
+        assert sig.topk_ids.shape == (len(idx), worker.SEQ_LEN, K)
+        assert torch.equal(sig.topk_ids, ref.topk_ids)
+        assert torch.equal(sig.topk_logprobs, ref.topk_logprobs)
+        assert r.valid(idx).all()
+
+
+@pytest.mark.parametrize("encoding", ["fp16", "bf16", "compact"])
+def test_lossy_encodings_match_at_stored_precision(tmp_path, encoding):
+    worker.write(tmp_path, encoding=encoding)
+    teacher_fn, splits, _ = worker.setup()
+    sig = _all_signals(tmp_path)
+    ref = TeacherSignal.from_logits(teacher_fn(splits["train"]), K)
+    if encoding != "compact":
+        dt = torch.float16 if encoding == "fp16" else torch.bfloat16
+        assert torch.equal(sig.topk_ids, ref.topk_ids)
+        assert torch.equal(sig.topk_logprobs, ref.topk_logprobs.to(dt).float())
+    else:
+        assert torch.equal(sig.topk_ids[..., 0], ref.topk_ids[..., 0])
+        a, b = sig.topk_ids.sort(-1), ref.topk_ids.sort(-1)
+        assert torch.equal(a.values, b.values)
+        err = sig.topk_logprobs.gather(-1, a.indices) - ref.topk_logprobs.gather(-1, b.indices)
+        assert err.abs().max() < 0.52
+        assert torch.allclose(sig.tail_logprob().exp(), ref.tail_logprob().exp(), atol=2e-3)
+
+
+def test_k_equal_vocab_reproduces_full_distribution(tmp_path):
+    teacher_fn, splits, identity = worker.setup(n_train=5, n_val=1)
+    write_cache(tmp_path, teacher_fn, splits, identity=identity, k=worker.VOCAB, progress=False)
+    sig = CacheReader(tmp_path, "train").signal(range(5))
+    full = torch.log_softmax(teacher_fn(splits["train"]).float(), -1)
+    order = sig.topk_ids.argsort(-1)
+    assert torch.equal(sig.topk_ids.gather(-1, order), torch.arange(worker.VOCAB).expand_as(order))
+    assert torch.equal(sig.topk_logprobs.gather(-1, order), full)
+
+
+def test_kill9_then_rerun_is_byte_identical(tmp_path, reference):
+    script = Path(worker.__file__)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), "--delay", "0.15"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    try:
+        while time.time() < deadline:
+            try:
+                m = json.loads((tmp_path / "manifest.json").read_text())
+                if len(m["splits"]["train"]["shards"]) >= 2:
+                    break
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.01)
+        else:
+            pytest.fail("worker never finished two shards")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert not m["complete"] and 2 <= len(m["splits"]["train"]["shards"]) < 10
+    worker.write(tmp_path)
+    assert _files(tmp_path) == _files(reference)
+    assert not [p for p in tmp_path.iterdir() if ".tmp." in p.name]
+
+
+def test_flipped_byte_is_reported(tmp_path):
+    worker.write(tmp_path)
+    shard = _shards(tmp_path)[3]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    shard.write_bytes(bytes(data))
+    problems = verify_cache(tmp_path)
+    assert len(problems) == 1 and shard.name in problems[0] and "sha256" in problems[0]
+    with pytest.raises(CacheCorrupt, match=shard.name):
+        CacheReader(tmp_path, "train", verify=True)
+    CacheReader(tmp_path, "train")  # size still right: only verify=True reads the bytes
+
+
+def test_truncated_shard_raises(tmp_path):
+    worker.write(tmp_path)
+    shard = _shards(tmp_path)[0]
+    shard.write_bytes(shard.read_bytes()[:-7])
+    split = shard.name.split("-r")[0]
+    with pytest.raises(CacheCorrupt, match=shard.name):
+        CacheReader(tmp_path, split)
+    assert any(shard.name in p for p in verify_cache(tmp_path))
+    shard.unlink()
+    with pytest.raises(CacheCorrupt, match="missing"):
+        CacheReader(tmp_path, split)
+
+
+def test_identity_mismatch_refused_then_overwrite(tmp_path):
+    teacher_fn, splits, identity = worker.setup()
+    write_cache(tmp_path, teacher_fn, splits, identity=identity, k=K, shard_sequences=8, progress=False)
+    before = _files(tmp_path)
+    with pytest.raises(CacheMismatch) as e:
+        write_cache(tmp_path, teacher_fn, splits, identity=dict(identity, tokenizer_hash="tok2"), k=K + 1,
+                    progress=False)
+    msg = str(e.value)
+    assert "tokenizer_hash: 'tok' (cache) vs 'tok2'" in msg and "k: '16' (cache) vs '17'" in msg
+    assert "overwrite" in msg and "teacher_weights_hash" not in msg
+    with pytest.raises(CacheMismatch, match="splits"):
+        write_cache(tmp_path, teacher_fn, {"train": splits["train"]}, identity=identity, k=K, progress=False)
+    assert _files(tmp_path) == before, "a refused write must not touch the cache"
+    with pytest.raises(CacheMismatch, match="data_fingerprint"):
+        CacheReader(tmp_path, "train").check_identity(dict(identity, data_fingerprint="other"))
+    CacheReader(tmp_path, "train").check_identity(dict(identity, k=K))
+
+    write_cache(tmp_path, teacher_fn, splits, identity=dict(identity, tokenizer_hash="tok2"), k=K + 1,
+                shard_sequences=8, overwrite=True, progress=False)
+    r = CacheReader(tmp_path, "train", verify=True)
+    assert r.manifest["identity"]["tokenizer_hash"] == "tok2" and r.signal([0]).k == K + 1
+    assert verify_cache(tmp_path) == []
+
+
+def test_complete_cache_rerun_is_a_noop(tmp_path):
+    worker.write(tmp_path)
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    worker.write(tmp_path, delay=10.0)  # would take minutes if the teacher ran
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.name != ".lock"} == \
+        {n: t for n, t in stamps.items() if n != ".lock"}
+
+
+def test_second_writer_is_refused_by_lock(tmp_path):
+    fd = os.open(tmp_path / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, b"4242")
+        with pytest.raises(CacheLocked, match="another process.*4242"):
+            worker.write(tmp_path)
+    finally:
+        os.close(fd)
+    assert not _shards(tmp_path)
+    worker.write(tmp_path)  # lock released -> fine
+
+
+def test_disk_full_keeps_previous_state_then_resumes(tmp_path, reference, monkeypatch):
+    calls = {"n": 0}
+    real = cache_mod._write_all
+
+    def flaky(f, data):
+        calls["n"] += 1
+        if calls["n"] == 5:  # shard, manifest, shard, manifest, then the 3rd shard
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, data)
+
+    monkeypatch.setattr(cache_mod, "_write_all", flaky)
+    with pytest.raises(CacheWriteError, match="train-r0-00002.safetensors") as e:
+        worker.write(tmp_path)
+    assert e.value.errno == errno.ENOSPC
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert [s["file"] for s in m["splits"]["train"]["shards"]] == ["train-r0-00000.safetensors",
+                                                                   "train-r0-00001.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "manifest.json", "train-r0-00000.safetensors", "train-r0-00001.safetensors"]
+    assert _files(tmp_path)["train-r0-00001.safetensors"] == _files(reference)["train-r0-00001.safetensors"]
+    monkeypatch.setattr(cache_mod, "_write_all", real)
+    worker.write(tmp_path)
+    assert _files(tmp_path) == _files(reference)
+
+
+def test_nonfinite_logits_are_counted_and_masked(tmp_path):
+    teacher_fn, splits, identity = worker.setup()
+
+    def broken(x):
+        out = teacher_fn(x).clone()
+        out[x == 7] = float("nan")  # whole row NaN
+        out[..., 5][x == 11] = float("inf")
+        return out
+
+    write_cache(tmp_path, broken, splits, identity=identity, k=K, shard_sequences=5, progress=False)
+    tokens = splits["train"]
+    bad = (tokens == 7) | (tokens == 11)
+    assert bad.any()
+    r = CacheReader(tmp_path, "train")
+    assert r.manifest["splits"]["train"]["nonfinite_tokens"] == int(bad.sum())
+    assert torch.equal(r.valid(range(len(r))), ~bad)
+    sig = r.signal(range(len(r)))
+    assert torch.equal(sig.topk_ids[bad], torch.arange(K).expand(int(bad.sum()), K))
+    assert torch.isfinite(sig.topk_logprobs).all()
+    ref = TeacherSignal.from_logits(teacher_fn(tokens), K)
+    assert torch.equal(sig.topk_logprobs[~bad], ref.topk_logprobs[~bad])
+
+
+def test_describe_cache(reference):
+    d = describe_cache(reference)
+    files = _shards(reference)
+    tokens = (37 + 6) * worker.SEQ_LEN
+    assert d["shards"] == len(files) == 10 + 2 and d["k"] == K and d["encoding"] == "lossless"
+    assert d["bytes_per_token"] == sum(p.stat().st_size for p in files) / tokens
+    assert d["complete"] and d["splits"]["train"]["sequences"] == 37
+
+
+def test_ranks_without_torch_distributed_merge(tmp_path, reference):
+    """Ranks run one after the other; the last to finish merges the manifests."""
+    worker.write(tmp_path, rank=1, world_size=2)
+    assert not (tmp_path / "manifest.json").exists()
+    worker.write(tmp_path, rank=0, world_size=2)
+    assert torch.equal(_all_signals(tmp_path).topk_logprobs, _all_signals(reference).topk_logprobs)
+    assert verify_cache(tmp_path) == []
+
+
+@pytest.mark.parametrize("encoding", ["lossless", "compact"])
+def test_two_gloo_processes_match_one(tmp_path, encoding):
+    one = worker.write(tmp_path / "one", encoding=encoding)
+    two = tmp_path / "two"
+    mp.spawn(worker.dist_worker, args=(2, str(tmp_path / "init"), str(two), encoding), nprocs=2)
+    assert verify_cache(two) == []
+    m = json.loads((two / "manifest.json").read_text())
+    assert {e["file"].split("-")[1] for e in m["splits"]["train"]["shards"]} == {"r0", "r1"}
+    for split in ("train", "val"):
+        a, b = _all_signals(one, split), _all_signals(two, split)
+        assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.topk_logprobs, b.topk_logprobs)
+
+
+def test_shards_are_plain_safetensors(reference, tmp_path):
+    from safetensors.numpy import load_file
+
+    for shard in _shards(reference)[:2]:
+        arrays = load_file(shard)
+        assert arrays["values"].shape == (4 * worker.SEQ_LEN, K) and arrays["invalid"].shape == (0,)
+    worker.write(tmp_path, encoding="compact")
+    assert "offsets" in load_file(_shards(tmp_path)[0])
+
+
+def test_empty_split_and_out_of_range(tmp_path):
+    teacher_fn, splits, identity = worker.setup()
+    splits["val"] = splits["val"][:0]
+    write_cache(tmp_path, teacher_fn, splits, identity=identity, k=K, progress=False)
+    r = CacheReader(tmp_path, "val")
+    assert len(r) == 0 and r.signal([]).topk_ids.shape == (0, worker.SEQ_LEN, K)
+    with pytest.raises(IndexError):
+        CacheReader(tmp_path, "train").signal([37])
+    with pytest.raises(KeyError, match="test"):
+        CacheReader(tmp_path, "test")

@@ -1,0 +1,98 @@
+"""The real CLI end to end on the tiny demo: files, report schema, stock-transformers export."""
+import json
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+REPORT_KEYS = {"kind", "params_total", "params_active", "val_ppl", "teacher_top1_agreement", "kl_to_teacher",
+               "train_tokens", "export_dir"}
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    from tests.conftest import run_cli
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    r = run_cli("demo", "--tiny", "--quiet", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_layout(demo_dir):
+    for rel in ("teacher/config.json", "cache/manifest.json", "report.md", "report.json", "curves.png",
+                "schedule.png", "expert_load.png"):
+        assert (demo_dir / rel).exists(), rel
+    for name in ("scout", "maverick", "dense", "dense-baseline"):
+        assert list((demo_dir / "students" / name / "checkpoints").glob("step_*"))
+        assert (demo_dir / "students" / name / "export" / "config.json").exists()
+
+
+def test_report_schema(demo_dir):
+    report = json.loads((demo_dir / "report.json").read_text())
+    assert {"val_ppl", "params_total"} <= set(report["teacher"])
+    kinds = {n: r["kind"] for n, r in report["students"].items()}
+    assert kinds == {"scout": "scout", "maverick": "maverick", "dense": "dense", "dense-baseline": "baseline"}
+    for name, r in report["students"].items():
+        assert REPORT_KEYS <= set(r), name
+        assert r["params_active"] <= r["params_total"]
+        assert r["val_ppl"] > 1 and 0 <= r["teacher_top1_agreement"] <= 1 and r["kl_to_teacher"] >= 0
+        assert r["train_tokens"] > 0
+        assert (demo_dir / r["export_dir"] / "config.json").exists()  # relative to the run dir
+    moe = report["students"]["scout"]
+    assert moe["params_active"] < moe["params_total"]
+
+
+@pytest.mark.parametrize("name,arch", [("scout", "Llama4ForCausalLM"), ("maverick", "Llama4ForCausalLM"),
+                                       ("dense", "LlamaForCausalLM")])
+def test_export_loads_in_stock_transformers(demo_dir, name, arch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.export import load_checkpoint_model, resolve_checkpoint
+
+    export = demo_dir / "students" / name / "export"
+    model, info = AutoModelForCausalLM.from_pretrained(str(export), output_loading_info=True)
+    assert type(model).__name__ == arch
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    tok = AutoTokenizer.from_pretrained(str(export))
+    ids = tok("def main():\n    return", return_tensors="pt")["input_ids"]
+    # logits parity with the project's own checkpoint (sparse MoE forward) within 1e-5
+    from students.build import enable_sparse_moe
+
+    ours = load_checkpoint_model(resolve_checkpoint(demo_dir / "students" / name))
+    enable_sparse_moe(ours)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ours(ids).logits, atol=1e-5)
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 5
+    assert (export / "README.md").read_text().count("val_ppl") == 1
+
+
+def test_inspect_cache_and_verify(demo_dir):
+    from tests.conftest import run_cli
+
+    r = run_cli("inspect", str(demo_dir / "cache"), "--verify")
+    assert r.returncode == 0, r.stderr
+    assert "bytes" in r.stdout.lower() and "verify: ok" in r.stdout
+
+
+def test_export_bf16_cli(demo_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import run_cli
+
+    r = run_cli("export", str(demo_dir / "students" / "dense"), "--out", str(tmp_path / "bf16"), "--dtype", "bf16")
+    assert r.returncode == 0, r.stderr
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"))
+    assert model.config.dtype in (torch.bfloat16, "bfloat16")
+
+
+def test_rerun_resumes_without_redoing_work(demo_dir):
+    from tests.conftest import run_cli
+
+    before = {p: p.stat().st_mtime_ns for p in (demo_dir / "cache").glob("*.safetensors")}
+    r = run_cli("demo", "--tiny", "--quiet", "--out", str(demo_dir))
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = {p: p.stat().st_mtime_ns for p in (demo_dir / "cache").glob("*.safetensors")}
+    assert before == after  # the cache was reused, not rewritten
