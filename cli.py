@@ -181,6 +181,8 @@ def main() -> None:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     debug = "--debug" in sys.argv
+    # The deepspeed launcher appends --local_rank=N; the rank also comes in LOCAL_RANK.
+    sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
     try:
         app(standalone_mode=False)
     except UserError as e:

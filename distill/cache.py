@@ -250,62 +250,65 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
         raise ValueError(f"k={k} must be in [1, vocab_size={vocab}]")
     counts = {name: int(t.shape[0]) for name, t in splits.items()}
     sync = _Sync(world_size)
-    head = {"format_version": FORMAT_VERSION, "identity": ident, "k": k, "encoding": encoding,
-            "vocab_size": vocab, "seq_len": seq_len}
 
-    lock, err, done = None, None, False
-    try:
+    lock = err = final = partial = None
+    try:  # lock, then refuse a different setup; every rank must reach the collective below
         lock = _Lock(cache_dir, rank)
-        final = _load_json(cache_dir / MANIFEST)
-        partial = _load_json(cache_dir / f"manifest.r{rank}.json") if world_size > 1 else None
-        if overwrite:
-            _clear(cache_dir, rank, world_size)
-            final = partial = None
-        for old in (final, partial):
-            if old is not None:
-                diffs = _diff(old.get("identity", {}), ident)
-                old_counts = {s: v["sequences"] for s, v in old.get("splits", {}).items()}
-                if old_counts != counts:
-                    diffs.append(f"splits: {old_counts} (cache) vs {counts} (requested)")
-                if diffs:
-                    raise _mismatch(cache_dir, diffs)
-        done = bool(final and final.get("complete"))
-    except BaseException as e:  # every rank must reach the collective below
+        final, partial = _existing(cache_dir, ident, counts, overwrite, rank, world_size)
+    except BaseException as e:
         err = e
     if sync.any_failed(err is not None):
         if lock is not None:
             lock.release()
-        raise err if err is not None else RuntimeError("another rank refused the cache dir; see its error")
+        raise err or RuntimeError("another rank refused the cache dir; see its error")
     try:
-        if done:
+        if final and final.get("complete"):
             return cache_dir
         prior = {e["file"]: e for old in (final, partial) if old for s in old["splits"].values() for e in s["shards"]}
-        manifest = dict(head, world_size=world_size, shard_sequences=shard_sequences, complete=False,
+        manifest = dict(format_version=FORMAT_VERSION, identity=ident, k=k, encoding=encoding, vocab_size=vocab,
+                        seq_len=seq_len, world_size=world_size, shard_sequences=shard_sequences, complete=False,
                         splits={s: {"sequences": n, "shards": [], "tokens": 0, "nonfinite_tokens": 0}
                                 for s, n in counts.items()})
         path = cache_dir / (MANIFEST if world_size == 1 else f"manifest.r{rank}.json")
         try:
             _run(cache_dir, teacher_fn, splits, codec, manifest, path, prior, rank, world_size,
                  batch_size, shard_sequences, progress)
-            failed = False
         except BaseException:
             sync.any_failed(True)
             raise
-        if sync.any_failed(failed):
+        if sync.any_failed(False):
             raise RuntimeError("another rank failed while caching; finished shards are kept, rerun to resume")
-        merge_err = None
+        err = None
         if world_size == 1:
             _cleanup(cache_dir, manifest)
-        elif rank == 0 or not sync.on:
+        elif rank == 0 or not sync.on:  # without a process group, whichever rank ends last merges
             try:
                 _merge(cache_dir, world_size, cleanup=sync.on)
             except BaseException as e:
-                merge_err = e
-        if sync.any_failed(merge_err is not None):
-            raise merge_err or RuntimeError("rank 0 could not merge the per-rank manifests")
+                err = e
+        if sync.any_failed(err is not None):
+            raise err or RuntimeError("rank 0 could not merge the per-rank manifests")
         return cache_dir
     finally:
         lock.release()
+
+
+def _existing(cache_dir: Path, ident: dict, counts: dict, overwrite: bool, rank: int, world_size: int):
+    """-> (manifest.json, this rank's partial manifest), None where absent or overwritten.
+    Raises CacheMismatch when either was written for another identity or other splits."""
+    if overwrite:  # before parsing: a corrupt manifest must not block --overwrite
+        _clear(cache_dir, rank, world_size)
+        return None, None
+    final = _load_json(cache_dir / MANIFEST)
+    partial = _load_json(cache_dir / f"manifest.r{rank}.json") if world_size > 1 else None
+    for old in filter(None, (final, partial)):
+        diffs = _diff(old.get("identity", {}), ident)
+        old_counts = {s: v["sequences"] for s, v in old.get("splits", {}).items()}
+        if old_counts != counts:
+            diffs.append(f"splits: {old_counts} (cache) vs {counts} (requested)")
+        if diffs:
+            raise _mismatch(cache_dir, diffs)
+    return final, partial
 
 
 def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, rank, world_size,

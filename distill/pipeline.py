@@ -51,7 +51,14 @@ def prepare(cfg: RunConfig, progress: bool = False) -> PackedData:
     if (cfg.teacher.source == "checkpoint" and cfg.data.tokenizer.path is None
             and cfg.teacher.path is not None and (cfg.teacher.path / "tokenizer.json").exists()):
         cfg.data.tokenizer.path = cfg.teacher.path
-    return prepare_data(cfg.data, cfg.out_dir, progress=progress)
+    # Under a launcher, rank 0 builds the tokenizer and blocks; the others then reuse them.
+    leader = not dist.is_initialized() or dist.get_rank() == 0
+    if not leader:
+        dist.barrier()
+    data = prepare_data(cfg.data, cfg.out_dir, progress=progress)
+    if leader and dist.is_initialized():
+        dist.barrier()
+    return data
 
 
 def model_config(model_cfg: ModelConfig, vocab_size: int, where: str):

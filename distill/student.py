@@ -144,7 +144,7 @@ class Student:
         tokens = sum(int(mb[3].numel()) for mb in micro_batches) * self.engine.world_size
         self.tokens_seen += tokens
         metrics = {
-            "loss": sum(totals) / len(totals), **stats_acc, "lr": self.engine.lr(), "grad_norm": grad_norm,
+            "loss": self.engine.mean_across_ranks(sum(totals) / len(totals)), **stats_acc, "lr": self.engine.lr(), "grad_norm": grad_norm,
             "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9), "tokens_seen": self.tokens_seen,
         }
         loads = expert_load(self.model)

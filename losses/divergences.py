@@ -59,13 +59,23 @@ def outcome_logprobs(
     *,
     temperature: float = 1.0,
     tail: str = "bucket",
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tempered student and teacher log-probs over one shared outcome set.
 
     student_logits: (N, V).  Returns `(student, teacher)`, each (N, M) where M = V (dense
     teacher), k ("renorm") or k + 1 ("bucket", last column = tail bucket).  The teacher half is
-    detached.  See the module docstring for what each estimator means.
+    detached.  See the module docstring for what each estimator means.  mask: (N,) bool; the
+    teacher rows of masked tokens (cache padding may hold anything) are replaced by the
+    student's, so they cannot leak NaN into gradients.
     """
+    s, t = _outcome_logprobs(student_logits, teacher, temperature, tail)
+    if mask is not None:
+        t = torch.where(mask.bool().unsqueeze(-1), t, s.detach())
+    return s, t
+
+
+def _outcome_logprobs(student_logits, teacher, temperature, tail):
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if tail not in TAILS:
@@ -138,7 +148,7 @@ def forward_kl(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KL(p_t || p_s) per token, (N, V) -> (N,).  Mode-covering; the classic KD loss."""
-    s, t = outcome_logprobs(student_logits, teacher, temperature=temperature, tail=tail)
+    s, t = outcome_logprobs(student_logits, teacher, temperature=temperature, tail=tail, mask=mask)
     return _finish(kl(t, s), temperature, mask)
 
 
@@ -152,7 +162,7 @@ def reverse_kl(
 ) -> torch.Tensor:
     """KL(p_s || p_t) per token, (N, V) -> (N,).  Mode-seeking (MiniLLM,
     https://arxiv.org/abs/2306.08543)."""
-    s, t = outcome_logprobs(student_logits, teacher, temperature=temperature, tail=tail)
+    s, t = outcome_logprobs(student_logits, teacher, temperature=temperature, tail=tail, mask=mask)
     return _finish(kl(s, t), temperature, mask)
 
 
@@ -175,7 +185,7 @@ def jsd(
     beta = 1 is `reverse_kl`.
     """
     _check_unit("beta", beta)
-    s, t = outcome_logprobs(student_logits, teacher, temperature=temperature, tail=tail)
+    s, t = outcome_logprobs(student_logits, teacher, temperature=temperature, tail=tail, mask=mask)
     if beta == 0.0:
         loss = kl(t, s)
     elif beta == 1.0:
@@ -201,7 +211,7 @@ def skew_kl(
     the student side bounds the loss and its gradient.  alpha = 0 is `forward_kl`.
     """
     _check_unit("alpha", alpha)
-    s, t = outcome_logprobs(student_logits, teacher, temperature=temperature, tail=tail)
+    s, t = outcome_logprobs(student_logits, teacher, temperature=temperature, tail=tail, mask=mask)
     return _finish(kl(t, log_mix(t, s, alpha)), temperature, mask)
 
 
@@ -219,7 +229,7 @@ def skew_reverse_kl(
     DistiLLM's SRKL (https://arxiv.org/abs/2402.03898).  alpha = 0 is `reverse_kl`.
     """
     _check_unit("alpha", alpha)
-    s, t = outcome_logprobs(student_logits, teacher, temperature=temperature, tail=tail)
+    s, t = outcome_logprobs(student_logits, teacher, temperature=temperature, tail=tail, mask=mask)
     return _finish(kl(s, log_mix(s, t, alpha)), temperature, mask)
 
 
@@ -233,7 +243,7 @@ def tv(
 ) -> torch.Tensor:
     """Total variation distance per token: 0.5 sum |p_t - p_s|, (N, V) -> (N,), in [0, T^2]
     (the T^2 factor is applied to every divergence for consistency)."""
-    s, t = outcome_logprobs(student_logits, teacher, temperature=temperature, tail=tail)
+    s, t = outcome_logprobs(student_logits, teacher, temperature=temperature, tail=tail, mask=mask)
     return _finish(0.5 * (t.exp() - s.exp()).abs().sum(-1), temperature, mask)
 
 

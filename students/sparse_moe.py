@@ -8,8 +8,9 @@ compute is E / top_k times what the routing needs.
 `SparseLlama4TextMoe` keeps the stock module tree and parameter names
 (`router.weight` (E, H), `experts.gate_up_proj` (E, H, 2I), `experts.down_proj`
 (E, I, H), `shared_expert.{gate,up,down}_proj`), so `state_dict`, `save_pretrained`
-and `from_pretrained` are unchanged; only `forward` differs.  It sorts the N*k
-(token, expert) assignments by expert and runs each expert on its own tokens only.
+and `from_pretrained` are unchanged; only the forwards of the block and of its
+`experts` differ.  It sorts the N*k (token, expert) assignments by expert and runs
+each expert on its own tokens only.
 
 Llama 4 semantics, matched exactly (see `Llama4Router` / `Llama4TextMoe.forward`):
   logits = router(x)                       (N, E)

@@ -89,6 +89,7 @@ def test_k_equal_vocab_reproduces_full_distribution(tmp_path):
     assert torch.equal(sig.topk_logprobs.gather(-1, order), full)
 
 
+@pytest.mark.slow
 def test_kill9_then_rerun_is_byte_identical(tmp_path, reference):
     script = Path(worker.__file__)
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), "--delay", "0.15"],
@@ -253,6 +254,7 @@ def test_ranks_without_torch_distributed_merge(tmp_path, reference):
     assert verify_cache(tmp_path) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoding", ["lossless", "compact"])
 def test_two_gloo_processes_match_one(tmp_path, encoding):
     one = worker.write(tmp_path / "one", encoding=encoding)
