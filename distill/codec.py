@@ -455,7 +455,8 @@ def safetensors_bytes(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, s
         offset += a.nbytes
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    return b"".join([len(text).to_bytes(8, "little"), text] + [np.ascontiguousarray(arrays[n]).tobytes() for n in names])
+    data = [np.ascontiguousarray(arrays[n]).tobytes() for n in names]
+    return b"".join([len(text).to_bytes(8, "little"), text, *data])
 
 
 def safetensors_header(path) -> tuple[int, dict, int]:

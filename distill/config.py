@@ -244,16 +244,27 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfi
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of keys at the top level")
     for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        _set_dotted(raw, dotted, value)
     cfg = parse_config(raw, str(path))
     # Relative paths in a config are relative to the config file, as users expect.
     base = path.parent
     _resolve_paths(cfg, base)
     return cfg
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.0.c` in nested dicts/lists (a number indexes a list, e.g. students.0.optim.lr)."""
+    node: Any = raw
+    *parents, leaf = dotted.split(".")
+    try:
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+        if isinstance(node, list):
+            node[int(leaf)] = value
+        else:
+            node[leaf] = value
+    except (ValueError, IndexError, TypeError, AttributeError):
+        raise UserError(f"--set {dotted}: no such place in the config (list items are numbered from 0)") from None
 
 
 def _resolve_paths(cfg: RunConfig, base: Path) -> None:

@@ -6,40 +6,10 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def online_setup(stdlib_corpus, tmp_path_factory):
-    """A random tiny Behemoth-style teacher saved as a Hugging Face dir, plus a config."""
-    from distill.config import DataConfig
-    from distill.data import prepare_data
-    from distill.export import save_hf_dir
-    from students.build import build_model
-    from students.presets import behemoth
-
-    work = tmp_path_factory.mktemp("ds")
-    data = prepare_data(DataConfig(paths=[stdlib_corpus], seq_len=32, tokenizer={"vocab_size": 300}), work / "prep")
-    teacher = build_model(behemoth(vocab_size=len(data.tokenizer), hidden_size=32, num_layers=1, num_heads=2,
-                                   num_kv_heads=1, head_dim=16, num_experts=4), seed=1)
-    teacher_dir = save_hf_dir(teacher, data.tokenizer, work / "teacher")
-    student = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16}
-    cfg = {
-        "seed": 3, "data": {"paths": [str(stdlib_corpus)], "seq_len": 32},
-        "teacher": {"source": "checkpoint", "path": str(teacher_dir)},
-        "cache": {"k": 16},
-        "students": [{"name": "dense", "model": {"preset": "dense", "args": student},
-                      "optim": {"lr": 3e-3, "warmup_steps": 1}}],
-        "train": {"mode": "online", "steps": 4, "batch_size": 4, "eval_every": 0, "eval_blocks": 2,
-                  "checkpoint_every": 0},
-    }
-    path = work / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return work, path
 
 
 def losses(out_dir):

@@ -1,0 +1,128 @@
+"""Faults and bad input over the real CLI: one clear line, exit 2, nothing lost; exact resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def one_line(r) -> str:
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    return lines[0]
+
+
+def final_weights(out_dir):
+    ckpts = sorted((out_dir / "students" / "dense" / "checkpoints").glob("step_*"))
+    return ckpts[-1].name, load_file(str(ckpts[-1] / "model.safetensors"))
+
+
+def start_train(cfg, out_dir, *extra):
+    cmd = [sys.executable, str(ROOT / "cli.py"), "train", "-c", str(cfg), "--quiet",
+           "--set", f"out_dir={out_dir}", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+
+
+def wait_for_step(out_dir, step, proc, timeout=300):
+    path = out_dir / "students" / "dense" / "metrics.jsonl"
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if path.exists() and sum(1 for l in path.read_text().splitlines() if '"train"' in l) >= step:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("training did not reach the step in time")
+
+
+def test_kill9_then_resume_equals_uninterrupted(online_setup):
+    work, cfg = online_setup
+    sets = ["--set", "train.steps=8", "--set", "train.checkpoint_every=2"]
+    full = run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={work / 'full'}", *sets)
+    assert full.returncode == 0, full.stderr[-2000:]
+    proc = start_train(cfg, work / "killed", *sets)
+    wait_for_step(work / "killed", 5, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", f"out_dir={work / 'killed'}", *sets)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    name_a, a = final_weights(work / "full")
+    name_b, b = final_weights(work / "killed")
+    assert name_a == name_b == "step_00000008"
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] == b[k]).all(), k
+    # metrics were truncated back to the resumed step: one line per step, no duplicates
+    rows = [json.loads(l) for l in (work / "killed" / "students" / "dense" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 9))
+
+
+def test_sigterm_checkpoints_then_exits(online_setup):
+    work, cfg = online_setup
+    proc = start_train(cfg, work / "term", "--set", "train.steps=500", "--set", "train.checkpoint_every=0")
+    wait_for_step(work / "term", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    assert list((work / "term" / "students" / "dense" / "checkpoints").glob("step_*"))
+
+
+def test_resume_with_other_config_refused(online_setup):
+    work, cfg = online_setup
+    out = work / "other"
+    assert run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}").returncode == 0
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", f"out_dir={out}",
+                            "--set", "students.0.optim.lr=0.1"))
+    assert "different config" in line
+
+
+def test_k_larger_than_vocab_refused(online_setup):
+    work, cfg = online_setup
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={work / 'k'}",
+                            "--set", "cache.k=100000"))
+    assert "cache.k=100000" in line
+
+
+def test_tokenizer_dir_missing_files(online_setup, tmp_path):
+    work, cfg = online_setup
+    (tmp_path / "tok").mkdir()
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={tmp_path / 'o'}",
+                            "--set", f"data.tokenizer.path={tmp_path / 'tok'}"))
+    assert "tokenizer" in line and str(tmp_path / "tok") in line
+
+
+def test_corrupt_teacher_weights_named(online_setup, tmp_path):
+    import shutil
+
+    work, cfg = online_setup
+    bad = tmp_path / "teacher"
+    shutil.copytree(work / "teacher", bad)
+    weights = next(bad.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={tmp_path / 'o'}",
+                            "--set", f"teacher.path={bad}"))
+    assert weights.name in line
+
+
+def test_teacher_with_no_weights(online_setup, tmp_path):
+    import shutil
+
+    work, cfg = online_setup
+    bad = tmp_path / "teacher"
+    shutil.copytree(work / "teacher", bad)
+    for f in bad.glob("*.safetensors"):
+        f.unlink()
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={tmp_path / 'o'}",
+                            "--set", f"teacher.path={bad}"))
+    assert "weights" in line.lower()
+
