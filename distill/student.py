@@ -132,7 +132,7 @@ class Student:
             if not finite:
                 break
             self.engine.backward(out.total, len(micro_batches))
-            totals.append(float(out.total))
+            totals.append(float(out.total.detach()))
             for k, v in out.stats.items():
                 stats_acc[k] = stats_acc.get(k, 0.0) + float(v) / len(micro_batches)
         grad_norm = self.engine.step(skip=not finite)
