@@ -5,6 +5,7 @@ is detected and reused (a finished teacher, complete cache shards, checkpoints).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -84,6 +85,17 @@ def check_k(cfg: RunConfig, vocab: int) -> None:
 # ----------------------------------------------------------------------------- teacher
 
 
+@contextlib.contextmanager
+def cache_errors_as_user_errors():
+    """The cache's own errors (mismatch, lock, corrupt shard, write failure) are the user's to fix."""
+    from distill.cache import CacheCorrupt, CacheLocked, CacheMismatch, CacheWriteError
+
+    try:
+        yield
+    except (CacheMismatch, CacheLocked, CacheCorrupt, CacheWriteError) as e:
+        raise UserError(str(e).replace("\n", " ")) from None
+
+
 def pretrain_teacher(cfg: RunConfig, resume: bool = True, progress: bool = True) -> Path:
     """Plain-CE training of a preset teacher; writes a Hugging Face dir at OUT/teacher."""
     from students.build import build_model
@@ -143,10 +155,11 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True) 
     check_k(cfg, vocab_size_of(data.tokenizer))
     teacher = live_teacher(cfg, data, resolve_device(cfg.train.device))
     splits = {"train": data.train[:, :-1], "val": data.val[:, :-1]}
-    return write_cache(cfg.cache_dir, teacher.logits, splits, identity=cache_identity(cfg, data), k=cfg.cache.k,
-                       encoding=cfg.cache.encoding, batch_size=cfg.cache.batch_size,
-                       shard_sequences=cfg.cache.shard_sequences, overwrite=overwrite, rank=rank,
-                       world_size=world, progress=progress and rank == 0)
+    with cache_errors_as_user_errors():
+            return write_cache(cfg.cache_dir, teacher.logits, splits, identity=cache_identity(cfg, data), k=cfg.cache.k,
+                           encoding=cfg.cache.encoding, batch_size=cfg.cache.batch_size,
+                           shard_sequences=cfg.cache.shard_sequences, overwrite=overwrite, rank=rank,
+                           world_size=world, progress=progress and rank == 0)
 
 
 # ----------------------------------------------------------------------------- students
@@ -200,8 +213,9 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True) 
         manifest_identity = None if cfg.teacher.source == "cache" else cache_identity(cfg, data)
         if not (cfg.cache_dir / "manifest.json").exists():
             raise UserError(f"no cache at {cfg.cache_dir}; run `distill cache` first or set train.mode: online")
-        teacher = CachedTeacher(cfg.cache_dir, "train", manifest_identity)
-        val_teacher = CachedTeacher(cfg.cache_dir, "val", manifest_identity)
+        with cache_errors_as_user_errors():
+            teacher = CachedTeacher(cfg.cache_dir, "train", manifest_identity)
+            val_teacher = CachedTeacher(cfg.cache_dir, "val", manifest_identity)
         _check_cache_matches_data(teacher, data)
     else:
         check_k(cfg, vocab)

@@ -126,3 +126,14 @@ def test_teacher_with_no_weights(online_setup, tmp_path):
                             "--set", f"teacher.path={bad}"))
     assert "weights" in line.lower()
 
+
+
+def test_cache_from_other_k_refused_by_cli(online_setup):
+    work, cfg = online_setup
+    out = work / "cache-k"
+    first = run_cli("cache", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    shards = {p: p.read_bytes() for p in (out / "cache").glob("*.safetensors")}
+    line = one_line(run_cli("cache", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}", "--set", "cache.k=8"))
+    assert "overwrite" in line
+    assert {p: p.read_bytes() for p in (out / "cache").glob("*.safetensors")} == shards  # nothing deleted
