@@ -44,13 +44,15 @@ import torch
 import torch.distributed as dist
 
 from distill.codec import get_codec, safetensors_bytes, safetensors_header
+from distill.fsutil import fsync_dir, write_file_atomically
 from losses.signal import TeacherSignal
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-_SHARD_RE = re.compile(r"^.+-r(?P<rank>\d+)-\d{5}\.safetensors(\.tmp\.\d+)?$")
+# Shards and their temp files (fsutil writes `.NAME.tmpPID` beside NAME).
+_SHARD_RE = re.compile(r"^\.?.+-r(?P<rank>\d+)-\d{5}\.safetensors(\.tmp\d+)?$")
 _PART_RE = re.compile(r"^manifest\.r(?P<rank>\d+)\.json$")
-_MANIFEST_TMP_RE = re.compile(r"^manifest(\.r\d+)?\.json\.tmp\.\d+$")
+_MANIFEST_TMP_RE = re.compile(r"^\.manifest(\.r\d+)?\.json\.tmp\d+$")
 
 
 class CacheMismatch(ValueError):
@@ -75,29 +77,10 @@ def _write_all(f, data: bytes) -> None:
     f.write(data)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same dir, fsync, rename, fsync dir; on OSError leave no temp."""
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            _write_all(f, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        write_file_atomically(path, data, write=lambda f, d: _write_all(f, d))
     except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
         raise CacheWriteError(e.errno or errno.EIO, f"could not write {path}: {e.strerror or e}", str(path)) from e
 
 

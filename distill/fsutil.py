@@ -6,6 +6,7 @@ temp file is removed, so the previous good state stays intact.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -33,20 +34,32 @@ def describe_os_error(e: OSError, path: Path) -> str:
     return f"cannot write {path}: {what}; free space or choose another output dir (previous files are intact)"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def write_file_atomically(path: Path, data: bytes, write=lambda f, data: f.write(data)) -> None:
+    """Temp file in the same dir, fsync, rename, fsync the dir. Raises OSError, leaving no temp.
+
+    `write(f, data)` is the one place the bytes hit the file (tests inject ENOSPC there).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f, data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    try:
+        write_file_atomically(path, data)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(describe_os_error(e, path)) from e
+        raise UserError(describe_os_error(e, Path(path))) from e
 
 
 def atomic_write_text(path: Path, text: str) -> None:
