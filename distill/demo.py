@@ -16,7 +16,7 @@ SIZES = {
     "tiny": dict(docs=40, vocab=512, seq=64, t_hidden=64, t_layers=2, t_experts=4, t_steps=30, t_batch=8,
                  s_hidden=32, s_layers=1, steps=12, batch=4, eval_blocks=4, max_train=400),
     "quick": dict(docs=400, vocab=2048, seq=128, t_hidden=192, t_layers=4, t_experts=16, t_steps=400, t_batch=16,
-                  s_hidden=96, s_layers=2, steps=120, batch=8, eval_blocks=32, max_train=None),
+                  s_hidden=96, s_layers=2, steps=120, batch=8, eval_blocks=32, max_train=4000),
     "full": dict(docs=None, vocab=4096, seq=256, t_hidden=256, t_layers=4, t_experts=16, t_steps=1500, t_batch=16,
                  s_hidden=128, s_layers=2, steps=400, batch=8, eval_blocks=64, max_train=None),
 }

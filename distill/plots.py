@@ -59,7 +59,8 @@ def plot_expert_load(out: Path, report: dict) -> None:
     for ax, (name, loads) in zip(axes[0], moe.items()):
         shares = [[c / max(sum(layer), 1) for c in layer] for layer in loads]
         im = ax.imshow(shares, aspect="auto", cmap="viridis")
-        ax.set(title=f"{name}: token share per expert", xlabel="expert", ylabel="MoE layer")
+        ax.set(title=f"{name}: token share per expert", xlabel="expert", ylabel="MoE layer (in order)")
+        ax.set_yticks(range(len(shares)))
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
