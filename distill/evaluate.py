@@ -48,7 +48,7 @@ def evaluate_model(model, blocks: torch.Tensor, teacher_signal=None, batch_size:
            "val_tokens": n_tok}
     if teacher_signal is not None:
         out["teacher_top1_agreement"] = agree / max(n_sig, 1)
-        out["kl_to_teacher"] = kl_sum / max(n_sig, 1)
+        out["kl_to_teacher"] = max(kl_sum / max(n_sig, 1), 0.0)  # KL >= 0; fp rounding can dip below
     return out
 
 

@@ -115,7 +115,7 @@ def pretrain_teacher(cfg: RunConfig, resume: bool = True, progress: bool = True)
     loop = loop_config(cfg, pre.steps, pre.batch_size, rank, world,
                        run_hash("pretrain", cfg.teacher.model_dump(mode="json"), data.fingerprint, cfg.seed))
     result = train_loop([student], None, data.train, data.val, None, loop, cfg.out_dir / "pretrain",
-                        resume=resume, progress=progress)
+                        resume=resume, progress=progress, label="pretraining teacher")
     if rank == 0:
         from distill.export import save_hf_dir
 
@@ -254,15 +254,26 @@ def run_all(cfg: RunConfig, resume: bool = True, progress: bool = True) -> dict:
     """(pretrain) + cache + train + export + eval/report from one config."""
     from distill.report import evaluate_run
 
+    def stage(text: str) -> None:
+        if progress and (not dist.is_initialized() or dist.get_rank() == 0):
+            print(f"==> {text}", flush=True)
+
     if cfg.teacher.source == "preset":
+        stage(f"teacher: pretraining a {cfg.teacher.model.preset} preset ({cfg.teacher.pretrain.steps} steps) -> {cfg.teacher_dir}")
         pretrain_teacher(cfg, resume=resume, progress=progress)
     if cfg.train.mode == "cached":
+        stage(f"cache: one teacher pass over the data -> {cfg.cache_dir}")
         build_cache(cfg, progress=progress)
+    stage(f"train: {len(cfg.students)} students from one teacher signal per batch ({cfg.train.mode})")
     train_students(cfg, resume=resume, progress=progress)
     if dist.is_initialized() and dist.get_rank() != 0:
         return {}
+    stage("export: Hugging Face model dirs -> OUT/students/NAME/export")
     export_students(cfg)
-    return evaluate_run(cfg, progress=progress)
+    stage("eval: held-out metrics, report and plots")
+    report = evaluate_run(cfg, progress=progress)
+    stage(f"done: {cfg.out_dir / 'report.md'}")
+    return report
 
 
 def export_students(cfg: RunConfig) -> dict[str, Path]:

@@ -138,14 +138,15 @@ def resume_all(out_dir: Path, students: list[Student], loop: LoopConfig) -> int:
 
 
 def train_loop(students: list[Student], teacher, train_blocks: torch.Tensor, val_blocks: torch.Tensor,
-               val_teacher, loop: LoopConfig, out_dir: Path, resume: bool, progress: bool) -> dict:
+               val_teacher, loop: LoopConfig, out_dir: Path, resume: bool, progress: bool,
+               label: str = "co-distilling") -> dict:
     """Train every student for `loop.steps`; returns the final validation metrics per student."""
     start = resume_all(out_dir, students, loop) if resume else 0
     logger = MetricsLogger(out_dir, [s.name for s in students], start, enabled=loop.rank == 0)
     final_eval: dict = {}
     teacher_calls = 0  # teacher forwards made for training batches (evaluation excluded)
     micro = loop.batch_size // loop.grad_accum
-    with _StopFlag() as stop, progress_bar(loop.steps, "co-distilling", progress and loop.rank == 0, start) as bar:
+    with _StopFlag() as stop, progress_bar(loop.steps, label, progress and loop.rank == 0, start) as bar:
         for step in range(start, loop.steps):
             # --- the step's blocks: global batch, this rank's share, split into micro-batches
             idx = batch_indices(step, loop.batch_size, len(train_blocks), loop.seed)
