@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -80,7 +81,9 @@ class TorchEngine:
             if math.isfinite(norm):
                 self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
         return norm
 
     def lr(self) -> float:
