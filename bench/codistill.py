@@ -26,7 +26,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill.config import parse_config  # noqa: E402
-from distill.pipeline import train_students  # noqa: E402
 from students.build import build_model  # noqa: E402
 from students.presets import PRESETS  # noqa: E402
 
@@ -72,28 +71,36 @@ def main() -> None:
         {"name": "dense", "model": {"preset": "dense", "args": small}},
     ]
 
-    def timed(name: str, studs: list[dict]) -> tuple[float, dict]:
+    from distill.engine import resolve_device
+    from distill.pipeline import build_students, live_teacher, loop_config, prepare
+    from distill.trainer import train_loop
+
+    def timed(name: str, studs: list[dict], teacher=None) -> tuple[float, dict, object]:
+        """Wall time of the training loop alone (data, teacher and students built beforehand)."""
         cfg = parse_config(make_config(work / name, teacher_dir, studs, args))
+        data = prepare(cfg)
+        teacher = teacher or live_teacher(cfg, data, resolve_device("cpu"))
+        students = build_students(cfg, data)
+        loop = loop_config(cfg, args.steps, args.batch, 0, 1, "bench")
         t0 = time.perf_counter()
-        result = train_students(cfg, progress=False)
-        return time.perf_counter() - t0, result
+        result = train_loop(students, teacher, data.train, data.val[:1], None, loop, cfg.out_dir,
+                            resume=False, progress=False)
+        return time.perf_counter() - t0, result, teacher
 
-    timed("warmup", students[2:])  # imports, tokenizer load, allocator warm-up
-    co_wall, co = timed("co", students)
-    singles = [timed(f"single-{s['name']}", [s]) for s in students]
-    single_wall = sum(w for w, _ in singles)
+    _, _, teacher_src = timed("warmup", students[2:])  # imports, allocator and thread-pool warm-up
+    co_wall, co, _ = timed("co", students, teacher_src)
+    singles = [timed(f"single-{s['name']}", [s], teacher_src) for s in students]
+    single_wall = sum(w for w, _, _ in singles)
 
-    # Teacher share T: one teacher forward per step, measured directly.
-    from teachers import LiveTeacher, load_teacher_model
-
-    live = LiveTeacher(load_teacher_model(teacher_dir), 64, vocab, torch.device("cpu"))
-    ids = data.train[: args.batch, :-1]
-    live.signal(None, ids)
+    # Teacher share T: one teacher forward per step, measured directly on the same batch shape.
+    ids = prepare(parse_config(make_config(work / "co", teacher_dir, students, args))).train[: args.batch, :-1]
+    teacher_src.signal(None, ids)
     t0 = time.perf_counter()
     for _ in range(5):
-        live.signal(None, ids)
+        teacher_src.signal(None, ids)
     t_teacher = (time.perf_counter() - t0) / 5
-    s_student = max((co_wall / args.steps - t_teacher) / 3, 1e-9)  # mean student step in the co-run
+    # Student step S: from the single runs, each of which paid T per step.
+    s_student = max(sum(w / args.steps - t_teacher for w, _, _ in singles) / 3, 1e-9)
     target = 1.1 * (t_teacher + 3 * s_student) / (3 * t_teacher + 3 * s_student)
     ratio = co_wall / single_wall
     print(json.dumps({
@@ -103,7 +110,7 @@ def main() -> None:
         "teacher_forward_s": round(t_teacher, 4), "student_step_s": round(s_student, 4),
         "ratio": round(ratio, 3), "target_ratio": round(target, 3), "meets_target": ratio <= target,
         "teacher_forward_calls_per_batch_co": co["teacher_forward_calls"] / args.steps,
-        "teacher_forward_calls_per_batch_single": [r["teacher_forward_calls"] / args.steps for _, r in singles],
+        "teacher_forward_calls_per_batch_single": [r["teacher_forward_calls"] / args.steps for _, r, _ in singles],
     }, indent=2))
 
 

@@ -31,20 +31,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.models.llama4.modeling_llama4 import Llama4TextExperts, Llama4TextMoe
 
-# Padded bmm wastes E*C - M rows of compute (C = max tokens per expert, M = N*top_k).
-# Measured on 2 CPU cores (fwd+bwd of the expert matmuls, M = 2048, H = 256):
-#   16 experts x 512:  balanced (waste 1.18) pad 51 ms, grouped_mm 57 ms, loop 52 ms;
-#                      skewed (waste 4.6)    pad 193 ms, grouped_mm 53 ms, loop 57 ms.
-#   128 experts x 128: balanced (waste 1.75) pad 42 ms, grouped_mm 49 ms, loop 82 ms;
-#                      skewed (waste 7.1)    pad 103 ms, grouped_mm 45 ms, loop 67 ms.
-# One big bmm beats many small GEMMs until padding roughly doubles the work; small
-# experts (few tokens each) make the jagged kernels relatively slower, so the break-even
-# waste grows with the number of experts.  See `_choose_path`.
+# Choosing the expert kernel.  Padded bmm wastes E*C - M rows of compute (C = max
+# tokens per expert, M = N*top_k); the jagged kernels waste none but issue several
+# small GEMMs per expert.  Expert fwd+bwd, M = 2048, H = 256, CPU-ms on 1 thread
+# (robust to other load; 2-thread wall times on a quiet machine were within ~15%):
+#                         max/mean load   pad    bucket  grouped_mm  loop   dense 2I
+#   16 experts x 512      1.16            154    190     139         142    122
+#                         4.35            404    188     150         150    126
+#   128 experts x 128     2.12             95    143      90          87     31
+#                         22.1            619    124      73          91     30
+# One big bmm is as good as the jagged kernel until padding roughly doubles the work,
+# and the break-even waste grows with the number of experts (small experts make small
+# GEMMs).  Past it, torch's grouped GEMM; without one, power-of-two buckets (`bucket`),
+# which never waste more than 2x and, being a few large ops, also degrade least when
+# other processes compete for the cores.  See `_choose_path`.
 _PAD_MAX_WASTE_FEW_EXPERTS = 1.4
 _PAD_MAX_WASTE_MANY_EXPERTS = 2.0
 _MANY_EXPERTS = 64
 
-PATHS = ("auto", "pad", "loop", "grouped_mm")
+PATHS = ("auto", "pad", "bucket", "grouped_mm", "loop")
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _grouped_mm_probe: dict[tuple[str, torch.dtype], bool] = {}
@@ -97,17 +102,6 @@ def route(
     return gates, expert_ids
 
 
-def _choose_path(counts: list[int], num_tokens: int, grouped_ok: bool) -> str:
-    """Pick the CPU (or no-grouped-GEMM) path from the per-expert token counts."""
-    num_experts = len(counts)
-    capacity = max(counts)
-    waste = num_experts * capacity / max(num_tokens, 1)  # padded rows / real rows
-    limit = _PAD_MAX_WASTE_MANY_EXPERTS if num_experts >= _MANY_EXPERTS else _PAD_MAX_WASTE_FEW_EXPERTS
-    if waste <= limit:
-        return "pad"
-    return "grouped_mm" if grouped_ok else "loop"
-
-
 def experts_forward(
     xs: torch.Tensor,
     sorted_expert: torch.Tensor,
@@ -126,64 +120,142 @@ def experts_forward(
     down_proj:     (E, I, H).
     Returns (M, H): row r is expert sorted_expert[r] applied to xs[r].
     """
-    num_experts, hidden, two_inter = gate_up_proj.shape
-    num_rows = xs.shape[0]
-    if num_rows == 0:
-        return xs.new_zeros(0, hidden)
     if path not in PATHS:
         raise ValueError(f"unknown MoE path {path!r}; expected one of {PATHS}")
-
-    # Under autocast stock's bmm runs in the autocast dtype; the jagged kernel is not on
-    # autocast's list, so cast for it explicitly.
-    compute_dtype = xs.dtype
-    if torch.is_autocast_enabled(xs.device.type):
-        compute_dtype = torch.get_autocast_dtype(xs.device.type)
-    grouped_ok = False
-    if path in ("auto", "grouped_mm"):
-        # The jagged kernel wants 16-byte aligned row strides.
-        item = torch.empty(0, dtype=compute_dtype).element_size()
-        aligned = (hidden * item) % 16 == 0 and (two_inter // 2 * item) % 16 == 0
-        grouped_ok = aligned and grouped_mm_available(xs.device, compute_dtype)
-
+    if xs.shape[0] == 0:
+        return xs.new_zeros(0, gate_up_proj.shape[1])
     if path == "auto":
-        if xs.is_cuda and grouped_ok:
-            path = "grouped_mm"  # no host sync: offsets stay on the device
-        else:
-            path = _choose_path(counts.tolist(), num_rows, grouped_ok)
-
+        path = _choose_path(xs, counts, gate_up_proj)
     if path == "grouped_mm":
-        if not grouped_ok:
-            raise RuntimeError(f"grouped_mm is not usable for {compute_dtype} on {xs.device.type}")
-        offs = torch.cumsum(counts, 0).to(torch.int32)  # (E,) end row of each expert
-        w1, w2 = gate_up_proj.to(compute_dtype), down_proj.to(compute_dtype)
-        h = _grouped_mm(xs.to(compute_dtype), w1, offs=offs)  # (M, 2I)
-        gate, up = h.chunk(2, dim=-1)
-        return _grouped_mm((act_fn(gate) * up).contiguous(), w2, offs=offs)  # (M, H)
-
+        return _grouped_experts(xs, counts, gate_up_proj, down_proj, act_fn)
     if path == "loop":
-        # unbind (not w[e]) so backward stacks E grads once instead of materialising a
-        # full (E, H, 2I) zero tensor per expert.
-        w1s, w2s = gate_up_proj.unbind(0), down_proj.unbind(0)
-        outs = []
-        for e, rows in zip(range(num_experts), xs.split(counts.tolist())):
-            if rows.shape[0] == 0:
-                continue
-            gate, up = (rows @ w1s[e]).chunk(2, dim=-1)  # (m_e, I) each
-            outs.append((act_fn(gate) * up) @ w2s[e])  # (m_e, H)
-        return torch.cat(outs)
+        return _loop_experts(xs, counts, gate_up_proj, down_proj, act_fn)
+    if path == "bucket":
+        return _bucket_experts(xs, sorted_expert, counts, gate_up_proj, down_proj, act_fn)
+    return _pad_experts(xs, sorted_expert, counts, gate_up_proj, down_proj, act_fn)
 
-    # "pad": scatter rows into an (E, C, H) buffer, zero-padded to the largest expert's
-    # count C, and run two bmm's.  Padding rows are zero in and out (no biases, and
-    # act(0) * 0 == 0), so they add nothing to outputs or gradients.
+
+def _compute_dtype(xs: torch.Tensor) -> torch.dtype:
+    # Under autocast stock's bmm runs in the autocast dtype; the jagged kernel is not on
+    # autocast's list, so it gets explicit casts.
+    if torch.is_autocast_enabled(xs.device.type):
+        return torch.get_autocast_dtype(xs.device.type)
+    return xs.dtype
+
+
+def _grouped_ok(xs: torch.Tensor, gate_up_proj: torch.Tensor) -> bool:
+    dtype = _compute_dtype(xs)
+    item = torch.empty(0, dtype=dtype).element_size()
+    _, hidden, two_inter = gate_up_proj.shape
+    aligned = (hidden * item) % 16 == 0 and (two_inter // 2 * item) % 16 == 0  # 16-byte row strides
+    return aligned and grouped_mm_available(xs.device, dtype)
+
+
+def _choose_path(xs: torch.Tensor, counts: torch.Tensor, gate_up_proj: torch.Tensor) -> str:
+    """CUDA: the jagged grouped GEMM (no host sync).  Elsewhere: one padded bmm while
+    padding wastes little, else the grouped GEMM, else buckets (see the table above)."""
+    grouped_ok = _grouped_ok(xs, gate_up_proj)
+    if xs.is_cuda and grouped_ok:
+        return "grouped_mm"
+    num_experts = counts.shape[0]
+    waste = num_experts * int(counts.max()) / xs.shape[0]  # padded rows / real rows
+    limit = _PAD_MAX_WASTE_MANY_EXPERTS if num_experts >= _MANY_EXPERTS else _PAD_MAX_WASTE_FEW_EXPERTS
+    if waste <= limit:
+        return "pad"
+    return "grouped_mm" if grouped_ok else "bucket"
+
+
+def _swiglu_bmm(buf: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act_fn) -> torch.Tensor:
+    """(G, C, H) rows, (G, H, 2I), (G, I, H) -> (G, C, H)."""
+    gate, up = torch.bmm(buf, w1).chunk(2, dim=-1)  # (G, C, I) each
+    return torch.bmm(act_fn(gate) * up, w2)
+
+
+def _pad_experts(xs, sorted_expert, counts, gate_up_proj, down_proj, act_fn) -> torch.Tensor:
+    """Scatter rows into an (E, C, H) buffer zero-padded to the largest count C; two bmm's.
+
+    Padding rows are zero in and out (no biases, act(0) * 0 == 0), so they add nothing
+    to outputs or gradients.
+    """
+    num_experts, hidden, _ = gate_up_proj.shape
+    num_rows = xs.shape[0]
     capacity = int(counts.max())
     starts = torch.cumsum(counts, 0) - counts  # (E,) first row of each expert
     pos = torch.arange(num_rows, device=xs.device) - starts[sorted_expert]  # (M,) row within its expert
     slot = sorted_expert * capacity + pos  # (M,) row in the flattened buffer
     buf = xs.new_zeros(num_experts * capacity, hidden).index_copy(0, slot, xs)
-    h = torch.bmm(buf.view(num_experts, capacity, hidden), gate_up_proj)  # (E, C, 2I)
-    gate, up = h.chunk(2, dim=-1)
-    out = torch.bmm(act_fn(gate) * up, down_proj)  # (E, C, H)
+    out = _swiglu_bmm(buf.view(num_experts, capacity, hidden), gate_up_proj, down_proj, act_fn)  # (E, C, H)
     return out.reshape(num_experts * capacity, hidden)[slot]  # (M, H)
+
+
+def _bucket_experts(xs, sorted_expert, counts, gate_up_proj, down_proj, act_fn) -> torch.Tensor:
+    """Padded bmm's over buckets of experts with similar load.
+
+    Each non-empty expert is padded to the next power of two >= its count (at most 2x
+    waste whatever the imbalance), and experts with equal padded size share one bmm.
+    That is a handful of large ops where a jagged kernel issues several small GEMMs per
+    expert; on CPU those small GEMMs each open a thread-parallel region, which costs
+    little on an idle machine but stalls badly when other processes share the cores.
+    """
+    num_experts, hidden, _ = gate_up_proj.shape
+    num_rows = xs.shape[0]
+    count_list = counts.tolist()
+    buckets: dict[int, list[int]] = {}
+    for e, c in enumerate(count_list):
+        if c:
+            buckets.setdefault(1 << (c - 1).bit_length(), []).append(e)
+    caps = sorted(buckets)
+    order = [e for cap in caps for e in buckets[cap]]  # non-empty experts, grouped by bucket
+    sizes = [len(buckets[cap]) for cap in caps]
+
+    # Slot layout: bucket after bucket, each (experts_in_bucket, cap) row-major.
+    slot_base = [0] * num_experts  # first slot of each expert
+    base = 0
+    for cap in caps:
+        for e in buckets[cap]:
+            slot_base[e] = base
+            base += cap
+    device = xs.device
+    starts = torch.cumsum(counts, 0) - counts  # (E,) first row of each expert in xs
+    pos = torch.arange(num_rows, device=device) - starts[sorted_expert]  # (M,) row within its expert
+    row_slot = torch.tensor(slot_base, device=device)[sorted_expert] + pos  # (M,) slot of each row
+
+    buf = xs.new_zeros(base, hidden).index_copy(0, row_slot, xs)  # (S, H), S = sum of padded sizes
+    index = torch.tensor(order, device=device)
+    # One gather per weight; split (not slicing) so backward is one cat, not a
+    # full-size zero tensor per bucket.
+    w1s = gate_up_proj.index_select(0, index).split(sizes)
+    w2s = down_proj.index_select(0, index).split(sizes)
+    bufs = buf.split([size * cap for cap, size in zip(caps, sizes)])
+    outs = [
+        _swiglu_bmm(rows.view(size, cap, hidden), w1, w2, act_fn).reshape(size * cap, hidden)
+        for cap, size, rows, w1, w2 in zip(caps, sizes, bufs, w1s, w2s)
+    ]
+    return torch.cat(outs)[row_slot]  # (M, H)
+
+
+def _loop_experts(xs, counts, gate_up_proj, down_proj, act_fn) -> torch.Tensor:
+    """One GEMM pair per non-empty expert (reference path; slow with many experts)."""
+    # unbind (not w[e]) so backward stacks E grads once instead of materialising a
+    # full (E, H, 2I) zero tensor per expert.
+    w1s, w2s = gate_up_proj.unbind(0), down_proj.unbind(0)
+    outs = []
+    for e, rows in enumerate(xs.split(counts.tolist())):
+        if rows.shape[0]:
+            gate, up = (rows @ w1s[e]).chunk(2, dim=-1)  # (m_e, I) each
+            outs.append((act_fn(gate) * up) @ w2s[e])  # (m_e, H)
+    return torch.cat(outs)
+
+
+def _grouped_experts(xs, counts, gate_up_proj, down_proj, act_fn) -> torch.Tensor:
+    """torch's jagged grouped GEMM over the expert-sorted rows."""
+    if not _grouped_ok(xs, gate_up_proj):
+        raise RuntimeError(f"grouped_mm is not usable for {_compute_dtype(xs)} on {xs.device.type}")
+    dtype = _compute_dtype(xs)
+    offs = torch.cumsum(counts, 0).to(torch.int32)  # (E,) end row of each expert
+    h = _grouped_mm(xs.to(dtype), gate_up_proj.to(dtype), offs=offs)  # (M, 2I)
+    gate, up = h.chunk(2, dim=-1)
+    return _grouped_mm((act_fn(gate) * up).contiguous(), down_proj.to(dtype), offs=offs)  # (M, H)
 
 
 class SparseLlama4TextExperts(Llama4TextExperts):
@@ -207,7 +279,8 @@ class SparseLlama4TextMoe(Llama4TextMoe):
       counts_since_update (E,) int64 sum of counts over grad-enabled training forwards
                           since the last `update_expert_bias` (so gradient accumulation
                           balances over the whole step, not the last micro-batch).
-    `path` picks the expert kernel: "auto" (default), "pad", "loop" or "grouped_mm".
+    `path` picks the expert kernel: "auto" (default), "pad", "bucket", "grouped_mm"
+    or "loop" (see `_choose_path`); all give the same result up to float rounding.
     """
 
     path: str = "auto"

@@ -96,7 +96,7 @@ def _moe_pair(top_k: int, num_experts: int = 8, hidden: int = 32, inter: int = 1
     return stock, sparse
 
 
-@pytest.mark.parametrize("path", ["pad", "loop", "grouped_mm", "auto"])
+@pytest.mark.parametrize("path", ["pad", "bucket", "loop", "grouped_mm", "auto"])
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_every_expert_path_matches_stock_block(path, top_k):
     if path == "grouped_mm" and not sparse_moe.grouped_mm_available(torch.device("cpu"), torch.float32):
@@ -116,7 +116,7 @@ def test_every_expert_path_matches_stock_block(path, top_k):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("path", ["pad", "loop", "grouped_mm"])
+@pytest.mark.parametrize("path", ["pad", "bucket", "loop", "grouped_mm"])
 def test_expert_paths_under_bf16_autocast(path):
     # CPU autocast stands in for CUDA's: the jagged kernel needs explicit casts.
     if path == "grouped_mm" and not sparse_moe.grouped_mm_available(torch.device("cpu"), torch.bfloat16):

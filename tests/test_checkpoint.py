@@ -1,0 +1,59 @@
+"""Checkpoints and exports are all-or-nothing: a failed write leaves the previous good state."""
+import errno
+
+import pytest
+import torch
+
+from distill import checkpoint, export
+from distill.errors import UserError
+from students.build import build_model
+from students.presets import dense
+
+
+@pytest.fixture
+def model():
+    return build_model(dense(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                             head_dim=16, intermediate_size=64), seed=0)
+
+
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_save_load_round_trip_and_keep_last(tmp_path, model):
+    for step in (1, 2, 3):
+        checkpoint.save(tmp_path, step, model, {"x": step}, {"run_hash": "h"}, keep_last=2)
+    assert [p.name for p in checkpoint.step_dirs(tmp_path)] == ["step_00000002", "step_00000003"]
+    fresh = build_model(model.config, seed=1)
+    state = checkpoint.load(checkpoint.latest(tmp_path), fresh, "h")
+    assert state["x"] == 3
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, fresh.state_dict()[k])
+    with pytest.raises(UserError, match="different config"):
+        checkpoint.load(checkpoint.latest(tmp_path), fresh, "other")
+
+
+def test_disk_full_during_checkpoint_keeps_previous(tmp_path, model, monkeypatch):
+    checkpoint.save(tmp_path, 1, model, {}, {"run_hash": "h"}, keep_last=2)
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    with pytest.raises(UserError, match="disk full"):
+        checkpoint.save(tmp_path, 2, model, {}, {"run_hash": "h"}, keep_last=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]  # no temp dir, old one intact
+    assert checkpoint.latest(tmp_path).name == "step_00000001"
+
+
+def test_torn_checkpoint_without_meta_is_ignored(tmp_path, model):
+    checkpoint.save(tmp_path, 1, model, {}, {"run_hash": "h"}, keep_last=2)
+    (tmp_path / "step_00000002").mkdir()  # a dir with no meta.json is never trusted
+    assert checkpoint.latest(tmp_path).name == "step_00000001"
+
+
+def test_failed_export_keeps_previous_export(tmp_path, model, monkeypatch):
+    out = tmp_path / "export"
+    export.save_hf_dir(model, None, out)
+    before = sorted(p.name for p in out.iterdir())
+    monkeypatch.setattr(type(model), "save_pretrained", disk_full)
+    with pytest.raises(UserError, match="disk full"):
+        export.save_hf_dir(model, None, out)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # the temp dir is gone
