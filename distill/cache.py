@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from distill.codec import get_codec, safetensors_bytes, safetensors_header
-from distill.fsutil import fsync_dir, write_file_atomically
+from distill.fsutil import write_file_atomically
 from losses.signal import TeacherSignal
 
 FORMAT_VERSION = 1

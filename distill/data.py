@@ -20,7 +20,6 @@ from safetensors.torch import load_file, save_file
 
 from distill.config import DataConfig
 from distill.errors import UserError
-from distill.fsutil import atomic_write_bytes
 
 EOS = "<|endoftext|>"
 TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".text"}

@@ -8,8 +8,6 @@ report.json:
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 from distill import plots
 from distill.config import RunConfig
 from distill.errors import UserError

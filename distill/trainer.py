@@ -165,9 +165,9 @@ def train_loop(students: list[Student], teacher, train_blocks: torch.Tensor, val
                 micro_batches.append((input_ids, labels, sig, valid))
 
             # --- every student learns from the same signal
+            teacher_invalid = sum(int((~mb[3]).sum()) for mb in micro_batches)
             for s in students:
                 metrics = s.train_step(step, micro_batches)
-                teacher_invalid = sum(int((~mb[3]).sum()) for mb in micro_batches)
                 logger.log(s.name, step + 1, {**metrics, "teacher_nonfinite_tokens": teacher_invalid})
                 if s.nonfinite_steps > loop.max_nonfinite:
                     raise TrainingAborted(
