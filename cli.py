@@ -159,7 +159,7 @@ def eval_(
 ):
     """Evaluate the teacher and every student on the held-out split; write report.json, report.md and plots."""
     cfg = _load(config, sets)  # validate before importing torch-heavy modules
-    from distill.pipeline import evaluate_run
+    from distill.report import evaluate_run
 
     evaluate_run(cfg, progress=not quiet)
 

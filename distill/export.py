@@ -120,7 +120,6 @@ def export_checkpoint(path: Path, out: Path, dtype: str = "fp32", tokenizer_dir:
 
     ckpt = resolve_checkpoint(path)
     meta = checkpoint.load_meta(ckpt)
-    meta["tokens_seen"] = torch.load(ckpt / "state.pt", weights_only=False).get("tokens_seen")
     tok_dir = tokenizer_dir or _find_tokenizer_dir(ckpt)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir and (Path(tok_dir) / "tokenizer.json").exists() else None
     model = load_checkpoint_model(ckpt)

@@ -287,12 +287,6 @@ def export_students(cfg: RunConfig) -> dict[str, Path]:
     return out
 
 
-def evaluate_run(cfg: RunConfig, progress: bool = True) -> dict:
-    from distill.report import evaluate_run as _evaluate
-
-    return _evaluate(cfg, progress=progress)
-
-
 def write_example_config(path: Path, force: bool = False) -> None:
     from distill.fsutil import atomic_write_text
 

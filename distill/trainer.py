@@ -104,7 +104,7 @@ def save_all(out_dir: Path, students: list[Student], step: int, loop: LoopConfig
     for s in students:
         ds_engine = getattr(s.engine, "engine", None)
         meta = {"student": s.name, "run_hash": loop.run_hash, "student_config": s.cfg.model_dump(mode="json"),
-                **loop.extra_meta}
+                "tokens_seen": s.tokens_seen, **loop.extra_meta}
         if ds_engine is not None:
             # Every rank writes its optimizer partition; rank 0 the weights and the step dir.
             ds_engine.save_checkpoint(str(_ckpt_root(out_dir, s) / "deepspeed"), tag=f"step_{step:08d}")
