@@ -6,7 +6,8 @@ Reports, for V = 202,048 (Llama 4's vocab):
 * bytes/token per encoding at k = 32, 64, 128, on a synthetic Zipf-like teacher and on
   uniform-random logits (worst case for id coding), with reconstruction error for the
   lossy encodings;
-* write overhead: wall time of write_cache vs the bare teacher forward it wraps;
+* write overhead: wall time of write_cache vs the bare teacher forward it wraps, and the
+  cache's own share of it (top-k, encoding, files);
 * read throughput of CacheReader.signal on random batches.
 
 Synthetic teacher (`zipf_logits`): logit(v) = -0.5 ln(1 + v) + 2.0 N(0,1) plus 24
@@ -94,25 +95,36 @@ def bench_sizes(n_tokens: int, group: int) -> dict:
 def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encodings, k: int, reps: int) -> dict:
     """Write overhead of write_cache vs the bare teacher forward, then read throughput.
 
-    The machine may be shared, so bare and cached runs are interleaved `reps` times and
-    the minimum of each is kept.  `topk_us_per_token` isolates the V-wide fp32
-    log_softmax + topk (the same arithmetic as TeacherSignal.from_logits), which is most
-    of the overhead on a CPU; encoding and file writing run in a background thread.
+    The machine may be shared and this CPU's timings drift by +-15% run to run, so bare
+    and cached runs are interleaved `reps` times and medians are reported.  Inside
+    write_cache the teacher's own calls are timed too: `cache_own_s` = write time minus
+    teacher time is the cache's own work (top-k, encoding, files), separated from any
+    slowdown of the teacher itself.  `topk_us_per_token` isolates `topk_logprobs`, the
+    V-wide fp32 work; encoding and file writing run in a background thread.
     """
+    import statistics
     import tempfile
     import time
     from pathlib import Path
 
     import numpy as np
 
-    from distill.cache import CacheReader, _topk, describe_cache, write_cache
+    from distill.cache import _topk, write_cache
+    from distill.cache_reader import CacheReader, describe_cache
 
     torch.manual_seed(0)
-    teacher = torch.nn.Sequential(torch.nn.Embedding(V_LLAMA4, hidden), torch.nn.Linear(hidden, V_LLAMA4)).eval()
+    model = torch.nn.Sequential(torch.nn.Embedding(V_LLAMA4, hidden), torch.nn.Linear(hidden, V_LLAMA4)).eval()
     blocks = torch.randint(0, V_LLAMA4, (n_seq, seq_len))
     tokens = n_seq * seq_len
     ident = {"teacher_config_hash": "bench", "teacher_weights_hash": "bench", "tokenizer_hash": "bench",
              "data_fingerprint": "bench", "vocab_size": str(V_LLAMA4)}
+    teacher_s = [0.0]
+
+    def teacher(x):
+        t0 = time.perf_counter()
+        y = model(x)
+        teacher_s[0] += time.perf_counter() - t0
+        return y
 
     def timed(fn) -> float:
         t0 = time.perf_counter()
@@ -122,25 +134,29 @@ def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encoding
     def bare():
         with torch.no_grad():
             for i in range(0, n_seq, batch):
-                teacher(blocks[i:i + batch])
+                model(blocks[i:i + batch])
 
-    with torch.no_grad():
-        logits = teacher(blocks[:batch])
-    topk_s = min(timed(lambda: _topk(logits, k, V_LLAMA4)) for _ in range(reps))
-    del logits
+    def topk_once() -> float:
+        with torch.no_grad():
+            logits = model(blocks[:batch])
+        return timed(lambda: _topk(logits, k, V_LLAMA4))
+
+    topk_s = min(topk_once() for _ in range(reps))
     out = {"teacher": f"Embedding({V_LLAMA4},{hidden})->Linear({hidden},{V_LLAMA4})", "tokens": tokens,
-           "batch": f"{batch}x{seq_len}", "k": k,
+           "batch": f"{batch}x{seq_len}", "k": k, "reps": reps,
            "topk_us_per_token": round(topk_s / (batch * seq_len) * 1e6, 1)}
     bare()  # warm-up: allocator, thread pool
     for enc in encodings:
         with tempfile.TemporaryDirectory() as d:
-            t_bare, t_write = [], []
+            t_bare, t_write, t_own = [], [], []
             for _ in range(reps):
                 t_bare.append(timed(bare))
+                teacher_s[0] = 0.0
                 t_write.append(timed(lambda: write_cache(Path(d), teacher, {"train": blocks}, identity=ident, k=k,
                                                          encoding=enc, batch_size=batch, overwrite=True,
                                                          shard_sequences=max(1, n_seq // 4), progress=False)))
-            tb, tw = min(t_bare), min(t_write)
+                t_own.append(t_write[-1] - teacher_s[0])
+            tb, tw, own = (statistics.median(t) for t in (t_bare, t_write, t_own))
             reader = CacheReader(d, "train")
             rng = np.random.default_rng(0)
             reader.signal(rng.integers(0, n_seq, 8))  # map shards
@@ -154,6 +170,8 @@ def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encoding
             out[enc] = {"teacher_forward_s": round(tb, 2), "write_cache_s": round(tw, 2),
                         "overhead_pct": round(100 * (tw - tb) / tb, 1),
                         "overhead_us_per_token": round((tw - tb) / tokens * 1e6),
+                        "cache_own_s": round(own, 2), "cache_own_pct": round(100 * own / tb, 1),
+                        "cache_own_us_per_token": round(own / tokens * 1e6),
                         "file_bytes_per_token": round(describe_cache(d)["bytes_per_token"], 1),
                         "read_tokens_per_s": round(max(rates)),
                         "read_batch": f"8x{seq_len} random sequences"}
@@ -167,11 +185,11 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=2048, help="synthetic tokens for the size table")
-    p.add_argument("--hidden", default="256,1024", help="teacher widths for the write-overhead runs")
+    p.add_argument("--hidden", default="256,1024,2048", help="teacher widths for the write-overhead runs")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--sequences", type=int, default=4)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--reps", type=int, default=3, help="interleaved repeats; the minimum is kept")
+    p.add_argument("--reps", type=int, default=5, help="interleaved repeats; medians are reported")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     a = p.parse_args()
     if a.quick:

@@ -132,6 +132,7 @@ class TeacherConfig(_Strict):
     source: Literal["preset", "checkpoint", "cache"] = Field("checkpoint", description="`checkpoint`: a local Hugging Face dir; `preset`: build from a preset (then `distill pretrain` trains it); `cache`: an existing logit cache only.")
     path: Path | None = Field(None, description="Teacher checkpoint dir (source=checkpoint). Default for source=preset: OUT/teacher.")
     model: ModelConfig | None = Field(None, description="Teacher architecture (source=preset).")
+    sharding: Literal["none", "zero3"] = Field("none", description="`zero3`: for a teacher too large for one device, `distill cache` splits its weights over the ranks of a `deepspeed`/torchrun launch with DeepSpeed ZeRO-3 (each rank keeps 1/N, gathers one layer at a time and runs the whole teacher on its own slice of the data). Online training needs `none`.")
     pretrain: "PretrainConfig" = Field(default_factory=lambda: PretrainConfig())
 
     @model_validator(mode="after")

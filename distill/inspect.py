@@ -26,7 +26,7 @@ def inspect_path(path: Path, verify: bool = False) -> bool:
     if not path.exists():
         raise UserError(f"{path} does not exist")
     if (path / "manifest.json").exists():
-        from distill.cache import describe_cache, verify_cache
+        from distill.cache_reader import describe_cache, verify_cache
 
         console.print(_table(f"cache {path}", describe_cache(path)))
         if verify:

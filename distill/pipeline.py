@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ def setup_runtime(cfg: RunConfig) -> tuple[int, int]:
         torch.use_deterministic_algorithms(True, warn_only=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        if cfg.train.engine == "deepspeed":
+        if cfg.train.engine == "deepspeed" or cfg.teacher.sharding == "zero3":
             import deepspeed
 
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -125,12 +126,16 @@ def pretrain_teacher(cfg: RunConfig, resume: bool = True, progress: bool = True)
     return out
 
 
-def teacher_model(cfg: RunConfig):
+def existing_teacher_dir(cfg: RunConfig) -> Path:
     path = cfg.teacher_dir
     if not path.is_dir():
         hint = "run `distill pretrain` first" if cfg.teacher.source == "preset" else "check teacher.path"
         raise UserError(f"teacher dir {path} does not exist; {hint}")
-    return load_teacher_model(path)
+    return path
+
+
+def teacher_model(cfg: RunConfig):
+    return load_teacher_model(existing_teacher_dir(cfg))
 
 
 def cache_identity(cfg: RunConfig, data: PackedData) -> dict:
@@ -144,6 +149,19 @@ def live_teacher(cfg: RunConfig, data: PackedData, device: torch.device) -> Live
                        autocast_dtype(cfg.train.precision, device), keep_dense=cfg.train.online_dense)
 
 
+def zero3_live_teacher(cfg: RunConfig, data: PackedData, rank: int, world: int, progress: bool) -> LiveTeacher:
+    """The teacher partitioned over all ranks (teacher.sharding=zero3); see teachers/sharded.py."""
+    from teachers.sharded import load_zero3_teacher, local_parameter_share
+
+    amp = autocast_dtype(cfg.train.precision, resolve_device(cfg.train.device))
+    model, device = load_zero3_teacher(existing_teacher_dir(cfg), dtype=amp or torch.float32)
+    if progress:
+        local, total = local_parameter_share(model)
+        print(f"[cache] teacher sharded with ZeRO-3 over {world} rank(s): rank {rank} holds {local:,} of "
+              f"{total:,} weights", file=sys.stderr, flush=True)
+    return LiveTeacher(model, cfg.cache.k, vocab_size_of(data.tokenizer), device, amp)
+
+
 def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> Path:
     """One teacher pass over train and validation blocks -> OUT/cache (resumes after a crash)."""
     from distill.cache import write_cache
@@ -153,13 +171,17 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True) 
     rank, world = setup_runtime(cfg)
     data = prepare(cfg, progress)
     check_k(cfg, vocab_size_of(data.tokenizer))
-    teacher = live_teacher(cfg, data, resolve_device(cfg.train.device))
+    sharded = cfg.teacher.sharding == "zero3"
+    if sharded:
+        teacher = zero3_live_teacher(cfg, data, rank, world, progress)
+    else:
+        teacher = live_teacher(cfg, data, resolve_device(cfg.train.device))
     splits = {"train": data.train[:, :-1], "val": data.val[:, :-1]}
     with cache_errors_as_user_errors():
-            return write_cache(cfg.cache_dir, teacher.logits, splits, identity=cache_identity(cfg, data), k=cfg.cache.k,
+        return write_cache(cfg.cache_dir, teacher.logits, splits, identity=cache_identity(cfg, data), k=cfg.cache.k,
                            encoding=cfg.cache.encoding, batch_size=cfg.cache.batch_size,
                            shard_sequences=cfg.cache.shard_sequences, overwrite=overwrite, rank=rank,
-                           world_size=world, progress=progress and rank == 0)
+                           world_size=world, progress=progress and rank == 0, lockstep=sharded)
 
 
 # ----------------------------------------------------------------------------- students
@@ -218,6 +240,9 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True) 
             val_teacher = CachedTeacher(cfg.cache_dir, "val", manifest_identity)
         _check_cache_matches_data(teacher, data)
     else:
+        if cfg.teacher.sharding != "none":
+            raise UserError(f"teacher.sharding={cfg.teacher.sharding} works with `distill cache` only; set "
+                            "train.mode: cached (cache first, then train), or teacher.sharding: none")
         check_k(cfg, vocab)
         teacher = val_teacher = live_teacher(cfg, data, resolve_device(cfg.train.device))
     students = build_students(cfg, data)

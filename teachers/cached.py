@@ -12,7 +12,7 @@ class CachedTeacher:
     """Reads `(TeacherSignal, valid)` for block indices from a cache split."""
 
     def __init__(self, cache_dir: Path, split: str, identity: dict | None = None, verify: bool = False):
-        from distill.cache import CacheReader
+        from distill.cache_reader import CacheReader
 
         self.reader = CacheReader(cache_dir, split, verify=verify)
         if identity is not None:
@@ -25,5 +25,4 @@ class CachedTeacher:
 
     def signal(self, indices: list[int], input_ids: torch.Tensor | None = None) -> tuple[TeacherSignal, torch.Tensor]:
         self.reads += 1
-        sig = self.reader.signal(indices)
-        return sig, self.reader.valid(indices)
+        return self.reader.read(indices)

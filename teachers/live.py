@@ -68,7 +68,10 @@ class LiveTeacher:
 
     def __init__(self, model, k: int, vocab_size: int, device: torch.device,
                  autocast_dtype: torch.dtype | None = None, keep_dense: bool = False):
-        self.model = model.to(device).eval()
+        # A model already on `device` (e.g. ZeRO-3 partitioned by DeepSpeed) is not moved.
+        if next(model.parameters()).device != device:
+            model = model.to(device)
+        self.model = model.eval()
         model_vocab = model.config.vocab_size
         if model_vocab < vocab_size:
             raise UserError(f"teacher vocab ({model_vocab}) is smaller than the tokenizer's ({vocab_size}): "

@@ -55,6 +55,33 @@ def dist_worker(rank: int, world_size: int, init_file: str, cache_dir: str, enco
         dist.destroy_process_group()
 
 
+def lockstep_worker(rank: int, world_size: int, init_file: str, cache_dir: str) -> None:
+    """Like dist_worker, but teacher_fn is a collective, as a ZeRO-3 teacher's forward is:
+    each call all-reduces, so unequal call counts across ranks fail (60 s timeout) instead
+    of passing.  Writes this rank's call count to cache_dir/calls.r{rank}."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    teacher_fn, splits, identity = setup()
+    calls = 0
+
+    def collective_teacher(x):
+        nonlocal calls
+        calls += 1
+        dist.all_reduce(torch.ones(1))
+        return teacher_fn(x)
+
+    try:
+        write_cache(Path(cache_dir), collective_teacher, splits, identity=identity, k=K, batch_size=2,
+                    shard_sequences=4, progress=False, rank=rank, world_size=world_size, lockstep=True)
+    finally:
+        dist.destroy_process_group()
+    (Path(cache_dir) / f"calls.r{rank}").write_text(str(calls))
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("cache_dir")

@@ -1,0 +1,185 @@
+"""Reading a teacher-signal cache written by distill/cache.py: random access in global
+sequence order, verification, and the summary `distill inspect` prints."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from distill.cache import (FORMAT_VERSION, MANIFEST, CacheCorrupt, identity_diffs, mismatch_error, read_json,
+                           sha256_file)
+from distill.codec import get_codec, safetensors_header
+from losses.signal import TeacherSignal
+
+
+def _read_header(path: Path, entry: dict, seq_len: int) -> tuple[int, dict]:
+    """safetensors_header(path), checked against the shard's manifest entry: raises
+    CacheCorrupt naming the shard when it is missing, unreadable, has another size or
+    holds another token count."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise CacheCorrupt(f"shard {path.name} listed in the manifest is missing from {path.parent}") from None
+    if size != entry["bytes"]:
+        raise CacheCorrupt(f"shard {path} has {size} bytes, the manifest says {entry['bytes']} "
+                           "(truncated or replaced); rerun write_cache to rewrite it")
+    try:
+        base, tensors, _ = safetensors_header(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise CacheCorrupt(f"shard {path} is unreadable ({e!r}); rerun write_cache to rewrite it") from None
+    # Tokens held: rows of `values` (fixed-width codecs) or groups * seq_len (compact).
+    tokens = tensors["values"][1][0] if "values" in tensors else (tensors["offsets"][1][0] - 1) * seq_len
+    if tokens != entry["tokens"]:
+        raise CacheCorrupt(f"shard {path} holds {tokens} tokens, the manifest says {entry['tokens']}")
+    return base, tensors
+
+
+class CacheReader:
+    """Random access to one split of a complete cache, in global sequence order.
+
+    reader.read(indices) -> (TeacherSignal, valid): topk_ids (B, T, k) int64 and
+    topk_logprobs (B, T, k) fp32 for sequences `indices` (in that order), and valid (B, T)
+    bool, False where the teacher's logits were not finite (`signal`/`valid` give one
+    each).  Shards are memory-mapped lazily (at most `max_open` at once); every shard's
+    size and header are checked at open, and verify=True also checks every sha256.
+    """
+
+    def __init__(self, cache_dir, split: str, verify: bool = False, max_open: int = 64):
+        self.dir = Path(cache_dir)
+        manifest = read_json(self.dir / MANIFEST)
+        if manifest is None:
+            raise FileNotFoundError(f"no {MANIFEST} in {self.dir}: not a teacher cache (run write_cache first)")
+        if manifest.get("format_version", 0) > FORMAT_VERSION:
+            raise CacheCorrupt(f"cache at {self.dir} has format {manifest['format_version']}, newer than this "
+                               f"reader's {FORMAT_VERSION}; upgrade the toolkit")
+        if not manifest.get("complete"):
+            raise CacheCorrupt(f"cache at {self.dir} is incomplete (writer interrupted?); rerun write_cache to resume")
+        if split not in manifest["splits"]:
+            raise KeyError(f"split {split!r} not in cache {self.dir}; it has {sorted(manifest['splits'])}")
+        self.manifest, self.split = manifest, split
+        self.k, self.seq_len, self.vocab_size = manifest["k"], manifest["seq_len"], manifest["vocab_size"]
+        self.codec = get_codec(manifest["encoding"])
+        info = manifest["splits"][split]
+        self.shards = sorted(info["shards"], key=lambda e: e["sequences"][0])
+        ranges = [tuple(e["sequences"]) for e in self.shards]
+        if [r[0] for r in ranges] != [0, *(r[1] for r in ranges)][:len(ranges)] or \
+                (ranges[-1][1] if ranges else 0) != info["sequences"]:
+            raise CacheCorrupt(f"cache at {self.dir}: shards of split {split!r} do not cover sequences "
+                               f"0..{info['sequences']} contiguously")
+        self._starts = np.array([r[0] for r in ranges], np.int64)
+        self._n = info["sequences"]
+        self._headers = [_read_header(self.dir / e["file"], e, self.seq_len) for e in self.shards]
+        if verify:
+            bad = [e["file"] for e in self.shards if sha256_file(self.dir / e["file"]) != e["sha256"]]
+            if bad:
+                raise CacheCorrupt(f"cache at {self.dir}: sha256 mismatch in shard(s) {', '.join(bad)}")
+        self._open: OrderedDict[int, dict] = OrderedDict()
+        self._max_open = max_open
+
+    def __len__(self) -> int:
+        return self._n
+
+    def check_identity(self, identity: Mapping) -> None:
+        """Raise CacheMismatch if any field given in identity differs from the cache's."""
+        diffs = identity_diffs(self.manifest["identity"], {key: str(v) for key, v in identity.items()}, sorted(identity))
+        if diffs:
+            raise mismatch_error(self.dir, diffs)
+
+    def _arrays(self, i: int) -> dict:
+        if i in self._open:
+            self._open.move_to_end(i)
+            return self._open[i]
+        base, tensors = self._headers[i]
+        # One map (one fd) per shard; plain ndarray views skip np.memmap's per-index cost.
+        mm = np.memmap(self.dir / self.shards[i]["file"], dtype=np.uint8, mode="r").view(np.ndarray)
+        arrays = {name: mm[base + a: base + b].view(dt).reshape(shape) if b > a else np.zeros(shape, dt)
+                  for name, (dt, shape, a, b) in tensors.items()}
+        self._open[i] = arrays
+        if len(self._open) > self._max_open:
+            self._open.popitem(last=False)
+        return arrays
+
+    def _locate(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.asarray(indices, np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self._n):
+            raise IndexError(f"sequence index out of range [0, {self._n}) for split {self.split!r}")
+        return idx, np.searchsorted(self._starts, idx, side="right") - 1
+
+    def read(self, indices: Sequence[int]) -> tuple[TeacherSignal, torch.Tensor]:
+        """(TeacherSignal (B, T, k), valid (B, T) bool) for sequences `indices`, one pass over their shards."""
+        idx, shard = self._locate(indices)
+        ids = np.empty((len(idx), self.seq_len, self.k), np.int64)
+        lps = np.empty((len(idx), self.seq_len, self.k), np.float32)
+        valid = np.ones((len(idx), self.seq_len), bool)
+        for s in np.unique(shard):
+            sel = np.flatnonzero(shard == s)
+            arrays = self._arrays(int(s))
+            local = idx[sel] - self._starts[s]  # sequence index within the shard
+            i, lp = self.codec.decode(arrays, self.k, self.vocab_size, self.seq_len, local)
+            ids[sel] = i.reshape(len(sel), self.seq_len, self.k)
+            lps[sel] = lp.reshape(len(sel), self.seq_len, self.k)
+            bad = np.asarray(arrays["invalid"])  # flat token indices within the shard
+            if bad.size:
+                seq, pos = np.divmod(bad, self.seq_len)
+                for row, want in zip(sel, local):
+                    valid[row, pos[seq == want]] = False
+        return TeacherSignal(torch.from_numpy(ids), torch.from_numpy(lps)), torch.from_numpy(valid)
+
+    def signal(self, indices: Sequence[int]) -> TeacherSignal:
+        return self.read(indices)[0]
+
+    def valid(self, indices: Sequence[int]) -> torch.Tensor:
+        return self.read(indices)[1]
+
+
+# ------------------------------------------------------------------ inspection
+def verify_cache(cache_dir) -> list[str]:
+    """Every problem found (empty list = ok): missing/short/corrupt shards by name,
+    gaps in sequence coverage, an incomplete or missing manifest."""
+    cache_dir = Path(cache_dir)
+    try:
+        manifest = read_json(cache_dir / MANIFEST)
+    except CacheCorrupt as e:
+        return [str(e)]
+    if manifest is None:
+        return [f"{cache_dir / MANIFEST} is missing"]
+    problems = [] if manifest.get("complete") else [f"{cache_dir}: manifest says the cache is incomplete"]
+    for split, info in manifest["splits"].items():
+        end = 0
+        for e in sorted(info["shards"], key=lambda e: e["sequences"][0]):
+            if e["sequences"][0] != end:
+                problems.append(f"split {split}: sequences {end}..{e['sequences'][0]} have no shard")
+            end = e["sequences"][1]
+            try:
+                _read_header(cache_dir / e["file"], e, manifest["seq_len"])
+            except CacheCorrupt as err:
+                problems.append(str(err))
+                continue
+            if sha256_file(cache_dir / e["file"]) != e["sha256"]:
+                problems.append(f"shard {e['file']}: sha256 mismatch (bytes changed on disk)")
+        if manifest.get("complete") and end != info["sequences"]:
+            problems.append(f"split {split}: shards end at sequence {end}, expected {info['sequences']}")
+    return problems
+
+
+def describe_cache(cache_dir) -> dict:
+    """Summary for `distill inspect`: identity, k, encoding, sizes, bytes per token."""
+    cache_dir = Path(cache_dir)
+    m = read_json(cache_dir / MANIFEST)
+    if m is None:
+        raise FileNotFoundError(f"no {MANIFEST} in {cache_dir}")
+    splits = {}
+    for name, info in m["splits"].items():
+        size = sum((cache_dir / e["file"]).stat().st_size for e in info["shards"] if (cache_dir / e["file"]).exists())
+        splits[name] = {"sequences": info["sequences"], "tokens": info.get("tokens", 0), "shards": len(info["shards"]),
+                        "bytes": size, "nonfinite_tokens": info.get("nonfinite_tokens", 0)}
+    tokens = sum(s["tokens"] for s in splits.values())
+    size = sum(s["bytes"] for s in splits.values())
+    return {"path": str(cache_dir), "format_version": m["format_version"], "complete": m.get("complete", False),
+            "identity": m["identity"], "k": m["k"], "encoding": m["encoding"], "vocab_size": m["vocab_size"],
+            "seq_len": m["seq_len"], "splits": splits, "shards": sum(s["shards"] for s in splits.values()),
+            "tokens": tokens, "bytes": size, "bytes_per_token": size / tokens if tokens else None,
+            "nonfinite_tokens": sum(s["nonfinite_tokens"] for s in splits.values())}
