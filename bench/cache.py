@@ -8,7 +8,8 @@ Reports, for V = 202,048 (Llama 4's vocab):
   lossy encodings;
 * write overhead: wall time of write_cache vs the bare teacher forward it wraps, and the
   cache's own share of it (top-k, encoding, files);
-* read throughput of CacheReader.signal on random batches.
+* read throughput of CacheReader.signal on random batches;
+* peak memory and time of one teacher step with whole logits vs a chunked lm_head.
 
 Synthetic teacher (`zipf_logits`): logit(v) = -0.5 ln(1 + v) + 2.0 N(0,1) plus 24
 "context" tokens with log-uniform ids (frequent ids likelier) boosted by U(3, 10).  It
@@ -178,6 +179,57 @@ def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encoding
     return out
 
 
+def _teacher_step_child(path: str, batch: int, seq_len: int, k: int, conn) -> None:
+    """Child process: one cache step of a saved teacher, full-logits vs chunked lm_head."""
+    import resource
+    import time
+
+    from students.build import load_causal_lm
+    from teachers import LiveTeacher
+
+    model = load_causal_lm(path)
+    teacher = LiveTeacher(model, k, V_LLAMA4, torch.device("cpu"))
+    teacher.chunked_head = path.endswith("chunked")  # the same weights, saved twice
+    ids = torch.randint(0, V_LLAMA4, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    teacher.topk(ids[:1, :8])  # warm-up: thread pool, allocator
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    teacher.topk(ids)
+    dt = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    conn.send({"step_s": round(dt, 2), "peak_rss_mb": round(peak / 1024), "rss_before_step_mb": round(before / 1024)})
+
+
+def bench_teacher_step(batch: int, seq_len: int, hidden: int, k: int = 64) -> dict:
+    """Peak memory and time of one cache step (teacher forward + top-k) at V = 202,048:
+    LiveTeacher.topk with the whole (B, T, V) logits vs with the lm_head in chunks.
+    Each variant runs in a fresh process, so ru_maxrss is its own peak."""
+    import multiprocessing as mp
+    import tempfile
+
+    from distill.export import save_hf_dir
+    from students.build import build_model
+    from students.presets import behemoth
+
+    cfg = behemoth(vocab_size=V_LLAMA4, hidden_size=hidden, num_layers=2, num_heads=4, num_kv_heads=2,
+                   head_dim=hidden // 4, intermediate_size=hidden, intermediate_size_mlp=2 * hidden, num_experts=4)
+    out = {"teacher": f"behemoth preset, 2 layers, hidden {hidden}, 4 experts, V={V_LLAMA4}",
+           "batch": f"{batch}x{seq_len}", "full_logits_fp32_mb": round(batch * seq_len * V_LLAMA4 * 4 / 2**20)}
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as d:
+        model = build_model(cfg, seed=0)
+        for name in ("full", "chunked"):
+            save_hf_dir(model, None, f"{d}/{name}")
+        del model
+        for name in ("full", "chunked"):
+            recv, send = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_teacher_step_child, args=(f"{d}/{name}", batch, seq_len, k, send))
+            p.start()
+            out[name] = recv.recv()
+            p.join()
+    return out
+
+
 def main() -> None:
     import argparse
     import json
@@ -190,16 +242,18 @@ def main() -> None:
     p.add_argument("--sequences", type=int, default=4)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--reps", type=int, default=5, help="interleaved repeats; medians are reported")
+    p.add_argument("--step", default="4x2048x512", help="BATCHxSEQxHIDDEN of the teacher-step memory run")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     a = p.parse_args()
     if a.quick:
-        a.tokens, a.sequences, a.seq_len, a.hidden, a.reps = 256, 4, 64, "256", 1
+        a.tokens, a.sequences, a.seq_len, a.hidden, a.reps, a.step = 256, 4, 64, "256", 1, "1x64x64"
     result = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
               "vocab_size": V_LLAMA4,
               "sizes": bench_sizes(a.tokens, group=min(a.tokens, 512)),
               "write_read": [bench_write_read(int(h), a.sequences, a.seq_len, a.batch,
                                               ("lossless", "fp16", "compact"), k=64, reps=a.reps)
-                             for h in a.hidden.split(",")]}
+                             for h in a.hidden.split(",")],
+              "teacher_step": bench_teacher_step(*map(int, a.step.split("x")))}
     print(json.dumps(result, indent=1))
 
 

@@ -180,18 +180,26 @@ def mismatch_error(cache_dir: Path, diffs: list[str]) -> CacheMismatch:
 
 
 # ------------------------------------------------------------------ writer
-def _topk(logits: torch.Tensor, k: int, vocab_size: int):
-    """(B, T, V) logits -> ids (B*T, k) int64, logprobs (B*T, k) fp32, bad (B*T,) bool.
+def _topk(out, k: int, vocab_size: int):
+    """teacher_fn's output -> ids (B*T, k) int64, logprobs (B*T, k) fp32, bad (B*T,) bool.
 
-    `topk_logprobs` is the same arithmetic as TeacherSignal.from_logits, so cached and
-    live signals are bitwise equal; only (B*T, k) results leave the logits' device.  A
-    row with NaN or +inf (or all -inf) comes out NaN: that flags it, and it gets the
-    uniform placeholder (see the module docstring).
+    out is logits (B, T, V), or their top-k already, (values, ids) of shape (B, T, k) each
+    (LiveTeacher.topk, which never holds the whole logits).  Either way the log-probs come
+    from `topk_logprobs`, the arithmetic of TeacherSignal.from_logits, so cached and live
+    signals agree; only (B*T, k) results leave the device.  A row with NaN or +inf (or all
+    -inf) comes out NaN: that flags it, and it gets the uniform placeholder (see the
+    module docstring).
     """
-    if logits.dim() != 3 or logits.shape[-1] != vocab_size:
-        raise ValueError(f"teacher_fn returned {tuple(logits.shape)}, expected (B, T, {vocab_size})")
-    vals, ids = topk_logprobs(logits.reshape(-1, vocab_size), k)
-    vals, ids = vals.cpu(), ids.cpu()
+    if isinstance(out, tuple):
+        vals, ids = out
+        if vals.dim() != 3 or vals.shape[-1] != k or ids.shape != vals.shape:
+            raise ValueError(f"teacher_fn returned top-k of shapes {tuple(vals.shape)}, {tuple(ids.shape)}; "
+                             f"expected (B, T, {k}) each")
+    elif out.dim() != 3 or out.shape[-1] != vocab_size:
+        raise ValueError(f"teacher_fn returned {tuple(out.shape)}, expected (B, T, {vocab_size})")
+    else:
+        vals, ids = topk_logprobs(out, k)
+    vals, ids = vals.reshape(-1, k).float().cpu(), ids.reshape(-1, k).cpu()
     bad = torch.isnan(vals).any(-1) | ~torch.isfinite(vals[:, 0])
     ids[bad] = torch.arange(k)
     vals[bad] = -math.log(vocab_size)
@@ -223,8 +231,8 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
                 progress: bool = True, lockstep: bool = False) -> Path:
     """Run the teacher over every split's blocks (N_split, T) once and cache its top-k.
 
-    teacher_fn: LongTensor (B, T) -> logits (B, T, V), V = identity["vocab_size"]; it is
-    called under torch.no_grad on batches of `batch_size` sequences taken in order within
+    teacher_fn: LongTensor (B, T) -> logits (B, T, V), V = identity["vocab_size"], or
+    their top-k (values, ids), (B, T, k) each (see `_topk`); it is called under torch.no_grad on batches of `batch_size` sequences taken in order within
     each shard.  identity: strings naming teacher config/weights, tokenizer and data
     (k, encoding and seq_len are added).  lockstep=True: teacher_fn is a collective (a
     ZeRO-3 sharded teacher gathers its weights from every rank), so every rank calls it

@@ -178,7 +178,7 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True) 
         teacher = live_teacher(cfg, data, resolve_device(cfg.train.device))
     splits = {"train": data.train[:, :-1], "val": data.val[:, :-1]}
     with cache_errors_as_user_errors():
-        return write_cache(cfg.cache_dir, teacher.logits, splits, identity=cache_identity(cfg, data), k=cfg.cache.k,
+        return write_cache(cfg.cache_dir, teacher.topk, splits, identity=cache_identity(cfg, data), k=cfg.cache.k,
                            encoding=cfg.cache.encoding, batch_size=cfg.cache.batch_size,
                            shard_sequences=cfg.cache.shard_sequences, overwrite=overwrite, rank=rank,
                            world_size=world, progress=progress and rank == 0, lockstep=sharded)

@@ -6,14 +6,17 @@ size, so ids beyond it (never produced by the tokenizer) cannot leak into the si
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from distill.errors import UserError
-from losses.signal import TeacherSignal
+from losses.signal import TeacherSignal, topk_logprobs
 
 
 def load_teacher_model(path: Path, dtype: torch.dtype = torch.float32):
@@ -63,6 +66,11 @@ def teacher_identity(path: Path | None, model=None) -> dict:
             "teacher_weights_hash": weights}
 
 
+# Model types whose logits are exactly lm_head(final hidden state): no soft-capping or
+# logit scaling, so the lm_head can run over a few tokens at a time (see LiveTeacher.topk).
+_PLAIN_LM_HEAD = {"llama", "llama4", "llama4_text", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"}
+
+
 class LiveTeacher:
     """Runs the teacher under no_grad; exactly one forward per `signal()` call."""
 
@@ -82,24 +90,73 @@ class LiveTeacher:
         self.autocast_dtype = autocast_dtype
         self.keep_dense = keep_dense
         self.forward_calls = 0
+        self.chunked_head = (model.config.model_type in _PLAIN_LM_HEAD and hasattr(model, "model")
+                             and isinstance(getattr(model, "lm_head", None), torch.nn.Linear))
+        self.chunk_tokens: int | None = None  # lm_head chunk in tokens; None = auto (see topk)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) -> (B, T, V) fp32 logits cut to the tokenizer's real vocab."""
         self.forward_calls += 1
-        input_ids = input_ids.to(self.device)
-        if self.autocast_dtype is not None:
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                out = self.model(input_ids=input_ids).logits
-        else:
-            out = self.model(input_ids=input_ids).logits
+        with self._autocast():
+            out = self.model(input_ids=input_ids.to(self.device)).logits
         return out[..., : self.vocab_size].float()
 
+    @torch.no_grad()
+    def topk(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) -> top-k (values (B, T, k) fp32 log-probs, ids (B, T, k)), one forward.
+
+        The (B, T, V) logits are never held whole: the decoder's hidden states (B, T, H)
+        go through the lm_head a chunk of tokens at a time, each chunk reduced to its top-k
+        at once.  At V = 202,048 a batch of 8 x 4096 tokens would otherwise need 13 GB of
+        bf16 logits (26 GB as fp32).  A chunk is ~1 GB of fp32 logits (1,328 tokens at that
+        V) and at least 512 tokens: every chunk re-reads the (V, H) weight, and 83-token
+        chunks made a CPU step 1.5x slower.  Models outside _PLAIN_LM_HEAD take the
+        full-logits path.  A token whose logits hold NaN/+inf comes out NaN.
+        """
+        if not self.chunked_head:
+            return topk_logprobs(self.logits(input_ids), self.k)
+        self.forward_calls += 1
+        with self._autocast():
+            hidden = self.model.model(input_ids=input_ids.to(self.device)).last_hidden_state  # (B, T, H)
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            chunk = self.chunk_tokens or max(512, (1 << 28) // self.vocab_size)  # ~1 GB of fp32 logits
+            head = self.model.lm_head
+            with _gathered(head.weight):  # ZeRO-3: one weight gather per forward, whatever B*T is
+                weight = head.weight[: self.vocab_size]  # (V, H): padded rows never enter the softmax
+                bias = None if head.bias is None else head.bias[: self.vocab_size]
+                parts = [topk_logprobs(F.linear(flat[i:i + chunk], weight, bias), self.k)
+                         for i in range(0, flat.shape[0], chunk)]
+        shape = hidden.shape[:-1] + (self.k,)
+        return (torch.cat([p[0] for p in parts]).reshape(shape), torch.cat([p[1] for p in parts]).reshape(shape))
+
     def signal(self, indices: list[int] | None, input_ids: torch.Tensor) -> tuple[TeacherSignal, torch.Tensor]:
-        """(TeacherSignal (B, T, k), valid (B, T)); tokens with non-finite logits are invalid."""
-        logits = self.logits(input_ids)
-        valid = torch.isfinite(logits).all(dim=-1)  # (B, T)
+        """(TeacherSignal (B, T, k), valid (B, T)); tokens with non-finite logits are invalid
+        (their signal is a uniform placeholder, as in the cache)."""
+        if self.keep_dense:
+            logits = self.logits(input_ids)
+            valid = torch.isfinite(logits).all(dim=-1)  # (B, T)
+            if not bool(valid.all()):
+                logits = torch.where(valid[..., None], logits, torch.zeros_like(logits))
+            return TeacherSignal.from_logits(logits, self.k, keep_dense=True), valid.cpu()
+        values, ids = self.topk(input_ids)
+        valid = ~torch.isnan(values).any(dim=-1) & torch.isfinite(values[..., 0])  # (B, T)
         if not bool(valid.all()):
-            logits = torch.where(valid[..., None], logits, torch.zeros_like(logits))
-        sig = TeacherSignal.from_logits(logits, self.k, keep_dense=self.keep_dense)
-        return sig, valid.cpu()
+            values = torch.where(valid[..., None], values, torch.full_like(values, -math.log(self.vocab_size)))
+            ids = torch.where(valid[..., None], ids, torch.arange(self.k, device=ids.device).expand_as(ids))
+        return TeacherSignal(ids, values), valid.cpu()
+
+
+def _gathered(weight: torch.Tensor):
+    """Context in which a ZeRO-3 partitioned weight is whole on every rank (a collective);
+    a plain tensor needs nothing."""
+    if not hasattr(weight, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([weight])

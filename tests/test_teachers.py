@@ -30,16 +30,50 @@ def test_smaller_teacher_vocab_means_another_tokenizer():
         LiveTeacher(tiny_teacher(290), k=8, vocab_size=300, device=torch.device("cpu"))
 
 
-def test_nonfinite_teacher_logits_are_masked():
-    teacher = LiveTeacher(tiny_teacher(64), k=8, vocab_size=64, device=torch.device("cpu"))
-    real = teacher.logits
+@pytest.mark.parametrize("keep_dense", [False, True])
+def test_nonfinite_teacher_logits_are_masked(keep_dense):
+    teacher = LiveTeacher(tiny_teacher(64), k=8, vocab_size=64, device=torch.device("cpu"), keep_dense=keep_dense)
 
-    def poisoned(input_ids):
-        out = real(input_ids)
+    def poison(module, args, out):  # token (0, 3) gets a NaN hidden state -> NaN logits
+        out = out.clone()
         out[0, 3, 5] = float("nan")
         return out
 
-    teacher.logits = poisoned
+    teacher.model.model.norm.register_forward_hook(poison)
     sig, valid = teacher.signal(None, torch.randint(0, 64, (2, 6)))
     assert not valid[0, 3] and int((~valid).sum()) == 1
     assert torch.isfinite(sig.topk_logprobs).all()
+    assert teacher.forward_calls == 1
+
+
+@pytest.mark.parametrize("kind", ["dense", "behemoth"])
+def test_chunked_lm_head_topk_equals_topk_of_full_logits(kind):
+    """LiveTeacher.topk runs the lm_head 5 tokens at a time on a teacher padded to 320 ids."""
+    from losses.signal import topk_logprobs
+    from students.presets import behemoth
+
+    args = dict(vocab_size=320, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16)
+    model = build_model(dense(**args) if kind == "dense" else behemoth(**args, num_experts=4), seed=0)
+    teacher = LiveTeacher(model, k=16, vocab_size=300, device=torch.device("cpu"))
+    teacher.chunk_tokens = 5
+    assert teacher.chunked_head
+    ids = torch.randint(0, 300, (3, 7))
+    values, top = teacher.topk(ids)
+    ref_values, ref_ids = topk_logprobs(teacher.logits(ids), 16)
+    assert values.shape == top.shape == (3, 7, 16) and int(top.max()) < 300
+    assert torch.equal(top, ref_ids)
+    torch.testing.assert_close(values, ref_values, rtol=0, atol=1e-5)
+    assert teacher.forward_calls == 2
+
+
+def test_models_with_other_heads_take_the_full_logits_path():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    teacher = LiveTeacher(model, k=4, vocab_size=50, device=torch.device("cpu"))
+    assert not teacher.chunked_head
+    ids = torch.randint(0, 50, (2, 5))
+    values, top = teacher.topk(ids)
+    ref = torch.topk(torch.log_softmax(model(ids).logits.double(), -1), 4, -1)
+    assert torch.equal(top, ref.indices)
+    torch.testing.assert_close(values.double(), ref.values, rtol=0, atol=1e-5)
