@@ -101,7 +101,8 @@ def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encoding
     write_cache the teacher's own calls are timed too: `cache_own_s` = write time minus
     teacher time is the cache's own work (top-k, encoding, files), separated from any
     slowdown of the teacher itself.  `topk_us_per_token` isolates `topk_logprobs`, the
-    V-wide fp32 work; encoding and file writing run in a background thread.
+    V-wide fp32 work (`log_softmax_topk_us_per_token`: the plain torch.log_softmax +
+    torch.topk it replaces); encoding and file writing run in a background thread.
     """
     import statistics
     import tempfile
@@ -137,15 +138,17 @@ def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encoding
             for i in range(0, n_seq, batch):
                 model(blocks[i:i + batch])
 
-    def topk_once() -> float:
+    def topk_once(fn) -> float:
         with torch.no_grad():
             logits = model(blocks[:batch])
-        return timed(lambda: _topk(logits, k, V_LLAMA4))
+        return timed(lambda: fn(logits))
 
-    topk_s = min(topk_once() for _ in range(reps))
+    ours = min(topk_once(lambda x: _topk(x, k, V_LLAMA4)) for _ in range(reps))
+    plain = min(topk_once(lambda x: torch.topk(torch.log_softmax(x.float(), -1), k, -1)) for _ in range(reps))
     out = {"teacher": f"Embedding({V_LLAMA4},{hidden})->Linear({hidden},{V_LLAMA4})", "tokens": tokens,
            "batch": f"{batch}x{seq_len}", "k": k, "reps": reps,
-           "topk_us_per_token": round(topk_s / (batch * seq_len) * 1e6, 1)}
+           "topk_us_per_token": round(ours / (batch * seq_len) * 1e6, 1),
+           "log_softmax_topk_us_per_token": round(plain / (batch * seq_len) * 1e6, 1)}
     bare()  # warm-up: allocator, thread pool
     for enc in encodings:
         with tempfile.TemporaryDirectory() as d:
@@ -181,7 +184,6 @@ def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encoding
 
 def _teacher_step_child(path: str, batch: int, seq_len: int, k: int, conn) -> None:
     """Child process: one cache step of a saved teacher, full-logits vs chunked lm_head."""
-    import resource
     import time
 
     from students.build import load_causal_lm
@@ -192,18 +194,35 @@ def _teacher_step_child(path: str, batch: int, seq_len: int, k: int, conn) -> No
     teacher.chunked_head = path.endswith("chunked")  # the same weights, saved twice
     ids = torch.randint(0, V_LLAMA4, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     teacher.topk(ids[:1, :8])  # warm-up: thread pool, allocator
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _reset_peak_rss_mb()
     t0 = time.perf_counter()
     teacher.topk(ids)
     dt = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    conn.send({"step_s": round(dt, 2), "peak_rss_mb": round(peak / 1024), "rss_before_step_mb": round(before / 1024)})
+    peak = _peak_rss_mb()
+    conn.send({"step_s": round(dt, 2), "peak_rss_mb": peak, "rss_before_step_mb": before})
+
+
+def _status_mb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith(field + ":"))
+
+
+def _reset_peak_rss_mb() -> int:
+    """Reset this process's peak RSS (Linux: clear_refs 5; ru_maxrss would keep the
+    parent's peak across fork + exec) and return the current RSS in MB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mb("VmRSS")
+
+
+def _peak_rss_mb() -> int:
+    return _status_mb("VmHWM")
 
 
 def bench_teacher_step(batch: int, seq_len: int, hidden: int, k: int = 64) -> dict:
     """Peak memory and time of one cache step (teacher forward + top-k) at V = 202,048:
     LiveTeacher.topk with the whole (B, T, V) logits vs with the lm_head in chunks.
-    Each variant runs in a fresh process, so ru_maxrss is its own peak."""
+    Each variant runs in a fresh process whose peak RSS is reset just before the step."""
     import multiprocessing as mp
     import tempfile
 
@@ -233,6 +252,7 @@ def bench_teacher_step(batch: int, seq_len: int, hidden: int, k: int = 64) -> di
 def main() -> None:
     import argparse
     import json
+    import os
     import platform
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -245,6 +265,8 @@ def main() -> None:
     p.add_argument("--step", default="4x2048x512", help="BATCHxSEQxHIDDEN of the teacher-step memory run")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     a = p.parse_args()
+    stdout = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # library log lines (DeepSpeed's accelerator notice) go to stderr; stdout is the JSON
     if a.quick:
         a.tokens, a.sequences, a.seq_len, a.hidden, a.reps, a.step = 256, 4, 64, "256", 1, "1x64x64"
     result = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -254,7 +276,8 @@ def main() -> None:
                                               ("lossless", "fp16", "compact"), k=64, reps=a.reps)
                              for h in a.hidden.split(",")],
               "teacher_step": bench_teacher_step(*map(int, a.step.split("x")))}
-    print(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1), file=stdout)
+    stdout.flush()
 
 
 if __name__ == "__main__":

@@ -187,6 +187,13 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True) 
 # ----------------------------------------------------------------------------- students
 
 
+def check_online_sharding(cfg: RunConfig) -> None:
+    """Refused before anything is written: a ZeRO-3 teacher serves `distill cache` only."""
+    if cfg.train.mode == "online" and cfg.teacher.sharding != "none":
+        raise UserError(f"teacher.sharding={cfg.teacher.sharding} works with `distill cache` only; set "
+                        "train.mode: cached (cache first, then train), or teacher.sharding: none")
+
+
 def loop_config(cfg: RunConfig, steps: int, batch_size: int, rank: int, world: int, rhash: str) -> LoopConfig:
     t = cfg.train
     if batch_size % (t.grad_accum * world):
@@ -228,6 +235,7 @@ def build_students(cfg: RunConfig, data: PackedData) -> list[Student]:
 
 def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     """Co-distil every student from one teacher signal per batch."""
+    check_online_sharding(cfg)
     rank, world = setup_runtime(cfg)
     data = prepare(cfg, progress)
     vocab = vocab_size_of(data.tokenizer)
@@ -240,9 +248,6 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True) 
             val_teacher = CachedTeacher(cfg.cache_dir, "val", manifest_identity)
         _check_cache_matches_data(teacher, data)
     else:
-        if cfg.teacher.sharding != "none":
-            raise UserError(f"teacher.sharding={cfg.teacher.sharding} works with `distill cache` only; set "
-                            "train.mode: cached (cache first, then train), or teacher.sharding: none")
         check_k(cfg, vocab)
         teacher = val_teacher = live_teacher(cfg, data, resolve_device(cfg.train.device))
     students = build_students(cfg, data)
@@ -278,6 +283,8 @@ def _check_cache_matches_data(teacher: CachedTeacher, data: PackedData) -> None:
 def run_all(cfg: RunConfig, resume: bool = True, progress: bool = True) -> dict:
     """(pretrain) + cache + train + export + eval/report from one config."""
     from distill.report import evaluate_run
+
+    check_online_sharding(cfg)
 
     def stage(text: str) -> None:
         if progress and (not dist.is_initialized() or dist.get_rank() == 0):

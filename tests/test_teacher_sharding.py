@@ -48,3 +48,4 @@ def test_zero3_teacher_refused_for_online_training(online_setup):
     assert r.returncode == 2
     assert "teacher.sharding=zero3 works with `distill cache` only" in r.stderr
     assert "Traceback" not in r.stderr
+    assert not any((work / "z3-online").glob("**/*")), "refused before writing anything"
