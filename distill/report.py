@@ -8,6 +8,8 @@ report.json:
 from __future__ import annotations
 
 import json
+import sys
+
 from distill import plots
 from distill.config import RunConfig
 from distill.errors import UserError
@@ -49,7 +51,10 @@ def evaluate_run(cfg: RunConfig, progress: bool = True) -> dict:
     report: dict = {"teacher": {}, "students": {}, "data_fingerprint": data.fingerprint,
                     "val_blocks": min(cfg.train.eval_blocks * 4, len(data.val))}
     n_eval = report["val_blocks"]
-    if cfg.teacher_dir.is_dir() and (cfg.teacher_dir / "config.json").exists():
+    if cfg.teacher.sharding != "none":  # too large for one device by the user's own account
+        if progress:
+            print(f"[eval] teacher not evaluated: teacher.sharding={cfg.teacher.sharding}", file=sys.stderr)
+    elif cfg.teacher_dir.is_dir() and (cfg.teacher_dir / "config.json").exists():
         teacher = load_causal_lm(cfg.teacher_dir).to(device)
         report["teacher"] = {"path": str(cfg.teacher_dir), **_model_stats(teacher, data.val, val_source.signal, device, n_eval)}
         report["teacher"].pop("expert_load", None)

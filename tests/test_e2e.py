@@ -96,3 +96,24 @@ def test_rerun_resumes_without_redoing_work(demo_dir):
     assert r.returncode == 0, r.stderr[-2000:]
     after = {p: p.stat().st_mtime_ns for p in (demo_dir / "cache").glob("*.safetensors")}
     assert before == after  # the cache was reused, not rewritten
+
+
+def test_eval_skips_a_sharded_teacher(demo_dir, tmp_path):
+    """teacher.sharding=zero3 means the teacher does not fit one device: eval leaves it out
+    and still reports every student."""
+    import shutil
+
+    import yaml
+
+    from distill.demo import demo_config
+    from tests.conftest import run_cli
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_dir, run)
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(yaml.safe_dump(json.loads(json.dumps(demo_config(run, "tiny"), default=str))))
+    r = run_cli("eval", "-c", str(cfg), "--set", "teacher.sharding=zero3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[eval] teacher not evaluated: teacher.sharding=zero3" in r.stderr
+    report = json.loads((run / "report.json").read_text())
+    assert report["teacher"] == {} and set(report["students"]) == {"scout", "maverick", "dense", "dense-baseline"}
