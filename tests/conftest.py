@@ -20,6 +20,15 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900, env: dict |
                           text=True, timeout=timeout, env=full_env)
 
 
+def run_deepspeed_cli(*args: str, port: int, timeout: int = 1200) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus 2 cli.py ARGS` on CPU: 2 processes, 1 thread each."""
+    deepspeed = shutil.which("deepspeed")
+    assert deepspeed, "deepspeed launcher not installed (make install provides it)"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(port), str(ROOT / "cli.py"), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.fixture
 def cli():
     return run_cli

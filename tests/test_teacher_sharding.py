@@ -1,14 +1,11 @@
 """teacher.sharding=zero3: the teacher split over 2 CPU processes caches what one unsharded process does."""
-import os
 import re
-import shutil
-import subprocess
 
 import pytest
 import torch
 
 from distill.cache_reader import CacheReader, verify_cache
-from tests.conftest import ROOT, run_cli
+from tests.conftest import run_cli, run_deepspeed_cli
 
 pytestmark = pytest.mark.slow
 
@@ -17,12 +14,8 @@ def test_zero3_sharded_teacher_caches_the_same_signal(online_setup):
     work, cfg = online_setup
     single = run_cli("cache", "-c", str(cfg), "--quiet", "--set", f"out_dir={work / 'z3-single'}")
     assert single.returncode == 0, single.stderr[-3000:]
-    deepspeed = shutil.which("deepspeed")
-    assert deepspeed, "deepspeed launcher not installed (make install provides it)"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    cmd = [deepspeed, "--num_gpus", "2", "--master_port", "29541", str(ROOT / "cli.py"), "cache", "-c", str(cfg),
-           "--set", f"out_dir={work / 'z3'}", "--set", "teacher.sharding=zero3", "--set", "cache.batch_size=3"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    r = run_deepspeed_cli("cache", "-c", str(cfg), "--set", f"out_dir={work / 'z3'}", "--set", "teacher.sharding=zero3",
+                          "--set", "cache.batch_size=3", port=29541)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
 
     # Each rank stores about half of the teacher's weights (ZeRO pads partitions slightly).
