@@ -259,7 +259,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=2048, help="synthetic tokens for the size table")
     p.add_argument("--hidden", default="256,1024,2048", help="teacher widths for the write-overhead runs")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--sequences", type=int, default=4)
+    p.add_argument("--sequences", type=int, default=8)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--reps", type=int, default=5, help="interleaved repeats; medians are reported")
     p.add_argument("--step", default="4x2048x512", help="BATCHxSEQxHIDDEN of the teacher-step memory run")
