@@ -334,11 +334,40 @@ def _plan(cache_dir: Path, splits: Mapping[str, torch.Tensor], prior: dict, rank
 def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, rank, world_size,
          batch_size, shard_sequences, progress, lockstep: _Sync | None) -> None:
     """Compute, encode and write this rank's shards; encoding+writing of shard i overlaps
-    the teacher's work on shard i+1 (one background thread, at most one shard in flight)."""
+    the teacher's work on shard i+1 (one background thread, at most one shard in flight).
+
+    lockstep: every rank calls teacher_fn `total` times.  If this rank fails outside the
+    teacher (a shard write on a full disk, say), it still makes its remaining calls with a
+    padding batch before raising, so the other ranks' collective forwards complete and the
+    failure reaches them at the next agreement.  A failure *inside* a collective teacher
+    (one rank out of memory) cannot be rescued this way: the launcher's timeout ends it.
+    """
     k, vocab, seq_len = manifest["k"], manifest["vocab_size"], manifest["seq_len"]
-    plan = _plan(cache_dir, splits, prior, rank, world_size, shard_sequences)
+    plan = err = None
+    try:
+        plan = _plan(cache_dir, splits, prior, rank, world_size, shard_sequences)
+    except Exception as e:
+        err = e
+    failed = lockstep.any_failed(err is not None) if lockstep is not None else err is not None
+    if failed:
+        raise err or RuntimeError("another rank could not plan its shards; see its error")
     forwards = sum(-(-(e["sequences"][1] - e["sequences"][0]) // batch_size) for _, e, reuse in plan if not reuse)
-    padding = lockstep.max(forwards) - forwards if lockstep is not None else 0
+    total = lockstep.max(forwards) if lockstep is not None else forwards
+    calls, in_teacher = 0, False
+
+    @torch.no_grad()
+    def call(x):
+        nonlocal calls, in_teacher
+        calls, in_teacher = calls + 1, True
+        out = teacher_fn(x)
+        in_teacher = False
+        return out
+
+    def pad_to_total():
+        if calls < total:
+            dummy = next(t for t in splits.values() if t.shape[0])[:batch_size].to(torch.int64)
+            while calls < total:
+                call(dummy)
 
     def finish(split, entry, ids, vals, bad):
         arrays = codec.encode(ids.numpy(), vals.numpy(), vocab, group=seq_len)
@@ -359,36 +388,34 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
         _atomic_write(manifest_path, _dump(manifest))
 
     pending = None
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        try:
-            for split, entry, reuse in plan:
-                if reuse:
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            try:
+                for split, entry, reuse in plan:
+                    if reuse:
+                        if pending is not None:
+                            pending.result()
+                            pending = None
+                        record(split, prior[entry["file"]])
+                        continue
+                    s0, s1 = entry["sequences"]
+                    x = splits[split][s0:s1].to(torch.int64)
+                    outs = [_topk(call(x[b0:b0 + batch_size]), k, vocab) for b0 in range(0, s1 - s0, batch_size)]
+                    ids, vals, bad = (torch.cat(t) for t in zip(*outs))
                     if pending is not None:
                         pending.result()
-                        pending = None
-                    record(split, prior[entry["file"]])
-                    continue
-                s0, s1 = entry["sequences"]
-                x = splits[split][s0:s1].to(torch.int64)
-                outs = []
-                with torch.no_grad():
-                    for b0 in range(0, s1 - s0, batch_size):
-                        outs.append(_topk(teacher_fn(x[b0:b0 + batch_size]), k, vocab))
-                ids, vals, bad = (torch.cat(t) for t in zip(*outs))
+                    pending = pool.submit(finish, split, entry, ids, vals, bad)
+                    if progress:
+                        n = splits[split].shape[0]
+                        print(f"[cache] rank {rank}: {split} sequences {s0}-{s1} of {n}", file=sys.stderr, flush=True)
+            finally:
                 if pending is not None:
-                    pending.result()
-                pending = pool.submit(finish, split, entry, ids, vals, bad)
-                if progress:
-                    n = splits[split].shape[0]
-                    print(f"[cache] rank {rank}: {split} sequences {s0}-{s1} of {n}", file=sys.stderr, flush=True)
-            if padding:
-                dummy = next(t for t in splits.values() if t.shape[0])[:batch_size].to(torch.int64)
-                with torch.no_grad():
-                    for _ in range(padding):
-                        teacher_fn(dummy)
-        finally:
-            if pending is not None:
-                pending.result()  # a finished shard is recorded even if the teacher failed later
+                    pending.result()  # a finished shard is recorded even if the teacher failed later
+        pad_to_total()
+    except BaseException:
+        if lockstep is not None and not in_teacher:
+            pad_to_total()
+        raise
     manifest["complete"] = True
     _atomic_write(manifest_path, _dump(manifest))
 

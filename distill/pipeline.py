@@ -36,6 +36,8 @@ def setup_runtime(cfg: RunConfig) -> tuple[int, int]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" then means this rank's GPU (NCCL needs it)
     if world > 1 and not dist.is_initialized():
         if cfg.train.engine == "deepspeed" or cfg.teacher.sharding == "zero3":
             import deepspeed
@@ -149,17 +151,19 @@ def live_teacher(cfg: RunConfig, data: PackedData, device: torch.device) -> Live
                        autocast_dtype(cfg.train.precision, device), keep_dense=cfg.train.online_dense)
 
 
-def zero3_live_teacher(cfg: RunConfig, data: PackedData, rank: int, world: int, progress: bool) -> LiveTeacher:
-    """The teacher partitioned over all ranks (teacher.sharding=zero3); see teachers/sharded.py."""
-    from teachers.sharded import load_zero3_teacher, local_parameter_share
+@contextlib.contextmanager
+def zero3_live_teacher(cfg: RunConfig, data: PackedData, rank: int, world: int, progress: bool):
+    """The teacher partitioned over all ranks (teacher.sharding=zero3), released on exit;
+    see teachers/sharded.py."""
+    from teachers.sharded import local_parameter_share, zero3_teacher
 
     amp = autocast_dtype(cfg.train.precision, resolve_device(cfg.train.device))
-    model, device = load_zero3_teacher(existing_teacher_dir(cfg), dtype=amp or torch.float32)
-    if progress:
-        local, total = local_parameter_share(model)
-        print(f"[cache] teacher sharded with ZeRO-3 over {world} rank(s): rank {rank} holds {local:,} of "
-              f"{total:,} weights", file=sys.stderr, flush=True)
-    return LiveTeacher(model, cfg.cache.k, vocab_size_of(data.tokenizer), device, amp)
+    with zero3_teacher(existing_teacher_dir(cfg), dtype=amp or torch.float32) as (model, device):
+        if progress:
+            local, total = local_parameter_share(model)
+            print(f"[cache] teacher sharded with ZeRO-3 over {world} rank(s): rank {rank} holds {local:,} of "
+                  f"{total:,} weights", file=sys.stderr, flush=True)
+        yield LiveTeacher(model, cfg.cache.k, vocab_size_of(data.tokenizer), device, amp)
 
 
 def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> Path:
@@ -172,12 +176,13 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True) 
     data = prepare(cfg, progress)
     check_k(cfg, vocab_size_of(data.tokenizer))
     sharded = cfg.teacher.sharding == "zero3"
-    if sharded:
-        teacher = zero3_live_teacher(cfg, data, rank, world, progress)
-    else:
-        teacher = live_teacher(cfg, data, resolve_device(cfg.train.device))
     splits = {"train": data.train[:, :-1], "val": data.val[:, :-1]}
-    with cache_errors_as_user_errors():
+    with contextlib.ExitStack() as stack:
+        if sharded:
+            teacher = stack.enter_context(zero3_live_teacher(cfg, data, rank, world, progress))
+        else:
+            teacher = live_teacher(cfg, data, resolve_device(cfg.train.device))
+        stack.enter_context(cache_errors_as_user_errors())
         return write_cache(cfg.cache_dir, teacher.topk, splits, identity=cache_identity(cfg, data), k=cfg.cache.k,
                            encoding=cfg.cache.encoding, batch_size=cfg.cache.batch_size,
                            shard_sequences=cfg.cache.shard_sequences, overwrite=overwrite, rank=rank,

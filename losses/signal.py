@@ -74,6 +74,9 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     """
     vocab = logits.shape[-1]
     flat = logits.reshape(-1, vocab)
+    shape = logits.shape[:-1] + (k,)
+    if flat.shape[0] == 0:
+        return flat.new_empty(shape, dtype=torch.float32), torch.empty(shape, dtype=torch.long, device=flat.device)
     rows = max(1, min(flat.shape[0], (1 << (22 if flat.device.type == "cpu" else 26)) // vocab))
     scratch = torch.empty(rows, vocab, dtype=torch.float32, device=flat.device)
     values, ids = [], []
@@ -85,7 +88,6 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
         log_norm = buf.exp_().sum(dim=-1, keepdim=True).log_()  # (r, 1)
         values.append(top.sub_(row_max).sub_(log_norm))
         ids.append(idx)
-    shape = logits.shape[:-1] + (k,)
     return torch.cat(values).reshape(shape), torch.cat(ids).reshape(shape)
 
 

@@ -104,7 +104,7 @@ class LiveTeacher:
         """(B, T) -> (B, T, V) fp32 logits cut to the tokenizer's real vocab."""
         self.forward_calls += 1
         with self._autocast():
-            out = self.model(input_ids=input_ids.to(self.device)).logits
+            out = self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
         return out[..., : self.vocab_size].float()
 
     @torch.no_grad()
@@ -123,24 +123,28 @@ class LiveTeacher:
             return topk_logprobs(self.logits(input_ids), self.k)
         self.forward_calls += 1
         with self._autocast():
-            hidden = self.model.model(input_ids=input_ids.to(self.device)).last_hidden_state  # (B, T, H)
+            out = self.model.model(input_ids=input_ids.to(self.device), use_cache=False)
+            hidden = out.last_hidden_state  # (B, T, H)
             flat = hidden.reshape(-1, hidden.shape[-1])
             chunk = self.chunk_tokens or max(512, (1 << 28) // self.vocab_size)  # ~1 GB of fp32 logits
             head = self.model.lm_head
-            with _gathered(head.weight):  # ZeRO-3: one weight gather per forward, whatever B*T is
+            with _gathered(head):  # ZeRO-3: one gather per forward, whatever B*T is
                 weight = head.weight[: self.vocab_size]  # (V, H): padded rows never enter the softmax
                 bias = None if head.bias is None else head.bias[: self.vocab_size]
+                if self.autocast_dtype is not None:  # cast once, not once per chunk
+                    weight = weight.to(self.autocast_dtype)
                 parts = [topk_logprobs(F.linear(flat[i:i + chunk], weight, bias), self.k)
                          for i in range(0, flat.shape[0], chunk)]
         shape = hidden.shape[:-1] + (self.k,)
         return (torch.cat([p[0] for p in parts]).reshape(shape), torch.cat([p[1] for p in parts]).reshape(shape))
 
     def signal(self, indices: list[int] | None, input_ids: torch.Tensor) -> tuple[TeacherSignal, torch.Tensor]:
-        """(TeacherSignal (B, T, k), valid (B, T)); tokens with non-finite logits are invalid
-        (their signal is a uniform placeholder, as in the cache)."""
+        """(TeacherSignal (B, T, k), valid (B, T)).  A token whose logits hold NaN or +inf, or
+        are all -inf, is invalid and gets a uniform placeholder signal, as in the cache; -inf
+        on some entries (masked vocab) is a valid distribution."""
         if self.keep_dense:
             logits = self.logits(input_ids)
-            valid = torch.isfinite(logits).all(dim=-1)  # (B, T)
+            valid = ~(logits.isnan().any(-1) | logits.isposinf().any(-1) | logits.isneginf().all(-1))  # (B, T)
             if not bool(valid.all()):
                 logits = torch.where(valid[..., None], logits, torch.zeros_like(logits))
             return TeacherSignal.from_logits(logits, self.k, keep_dense=True), valid.cpu()
@@ -152,11 +156,12 @@ class LiveTeacher:
         return TeacherSignal(ids, values), valid.cpu()
 
 
-def _gathered(weight: torch.Tensor):
-    """Context in which a ZeRO-3 partitioned weight is whole on every rank (a collective);
-    a plain tensor needs nothing."""
-    if not hasattr(weight, "ds_id"):
+def _gathered(module: torch.nn.Module):
+    """Context in which a ZeRO-3 partitioned module's parameters are whole on every rank
+    (a collective); plain parameters need nothing."""
+    params = [p for p in module.parameters(recurse=False) if hasattr(p, "ds_id")]
+    if not params:
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters([weight])
+    return deepspeed.zero.GatheredParameters(params)

@@ -17,6 +17,8 @@ cross the interconnect once per forward, which large batches amortise.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 from pathlib import Path
 
 import torch
@@ -35,28 +37,43 @@ def zero3_config(dtype: torch.dtype) -> dict:
     }
 
 
-def load_zero3_teacher(path: Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, torch.device]:
-    """Load a local Hugging Face dir partitioned over the current process group.
+@contextlib.contextmanager
+def zero3_teacher(path: Path, dtype: torch.dtype = torch.float32):
+    """Load a local Hugging Face dir partitioned over the current process group; yields
+    (model, device).  Call the model like any causal LM, on every rank.
 
     transformers partitions each weight as it loads while an `HfDeepSpeedConfig` with
-    stage 3 is alive, so no rank ever holds the whole model.  Returns (model, device); call
-    the model like any causal LM, on every rank.
+    stage 3 is alive, so no rank ever holds the whole model.  On exit the engine is
+    destroyed and DeepSpeed's global module stack let go, so the teacher's shards do not
+    stay on the device while students train in the same process (`distill run`).
     """
     import deepspeed
+    from deepspeed.runtime.zero import parameter_offload
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from teachers.live import load_teacher_model
 
     config = zero3_config(dtype)
-    hf_config = HfDeepSpeedConfig(config)  # noqa: F841  (transformers holds a weak reference)
+    hf_config = HfDeepSpeedConfig(config)  # transformers holds only a weak reference: keep it alive
     try:
         model = load_teacher_model(path, dtype=dtype)
     finally:
         unset_hf_deepspeed_config()  # models loaded later (students) are not partitioned
+        del hf_config
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.module.eval()
-    return engine.module, engine.device
+    try:
+        yield engine.module, engine.device
+    finally:
+        engine.destroy()
+        stack = getattr(parameter_offload, "FWD_MODULE_STACK", [])
+        while engine.module in stack:
+            stack.remove(engine.module)
+        del engine, model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def local_parameter_share(model: torch.nn.Module) -> tuple[int, int]:

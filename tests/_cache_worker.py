@@ -55,13 +55,17 @@ def dist_worker(rank: int, world_size: int, init_file: str, cache_dir: str, enco
         dist.destroy_process_group()
 
 
-def lockstep_worker(rank: int, world_size: int, init_file: str, cache_dir: str) -> None:
+def lockstep_worker(rank: int, world_size: int, init_file: str, cache_dir: str, fail_rank: int = -1) -> None:
     """Like dist_worker, but teacher_fn is a collective, as a ZeRO-3 teacher's forward is:
     each call all-reduces, so unequal call counts across ranks fail (60 s timeout) instead
-    of passing.  Writes this rank's call count to cache_dir/calls.r{rank}."""
+    of passing.  Rank `fail_rank` gets a full disk after its first shard.  Writes this
+    rank's call count and outcome to cache_dir/calls.r{rank} and outcome.r{rank}."""
+    import errno
     from datetime import timedelta
 
     import torch.distributed as dist
+
+    import distill.cache as cache_mod
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
@@ -74,12 +78,27 @@ def lockstep_worker(rank: int, world_size: int, init_file: str, cache_dir: str) 
         dist.all_reduce(torch.ones(1))
         return teacher_fn(x)
 
+    if rank == fail_rank:
+        real, shard_writes = cache_mod._write_all, []
+
+        def full_disk_after_one_shard(f, data):
+            if f.name.endswith(".safetensors") or ".safetensors." in f.name:
+                shard_writes.append(f.name)
+                if len(shard_writes) > 1:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+            real(f, data)
+
+        cache_mod._write_all = full_disk_after_one_shard
+    outcome = "ok"
     try:
         write_cache(Path(cache_dir), collective_teacher, splits, identity=identity, k=K, batch_size=2,
                     shard_sequences=4, progress=False, rank=rank, world_size=world_size, lockstep=True)
+    except Exception as e:  # noqa: BLE001 - the test reads the outcome
+        outcome = f"{type(e).__name__}: {e}"
     finally:
         dist.destroy_process_group()
     (Path(cache_dir) / f"calls.r{rank}").write_text(str(calls))
+    (Path(cache_dir) / f"outcome.r{rank}").write_text(outcome)
 
 
 if __name__ == "__main__":

@@ -274,6 +274,7 @@ def test_lockstep_ranks_call_a_collective_teacher_equally_often(tmp_path, refere
     cache = tmp_path / "c"
     run = lambda tag: mp.spawn(worker.lockstep_worker, args=(2, str(tmp_path / f"init{tag}"), str(cache)), nprocs=2)
     run("a")
+    assert [(cache / f"outcome.r{r}").read_text() for r in (0, 1)] == ["ok", "ok"]
     calls = [int((cache / f"calls.r{r}").read_text()) for r in (0, 1)]
     assert calls[0] == calls[1] == 10 + 2  # rank 1: 5+5 train shards' batches of 2 (4+4+4+4+3), 2 val batches
     for split in ("train", "val"):
@@ -286,6 +287,20 @@ def test_lockstep_ranks_call_a_collective_teacher_equally_often(tmp_path, refere
     assert [int((cache / f"calls.r{r}").read_text()) for r in (0, 1)] == [2, 2]
     assert verify_cache(cache) == []
     assert torch.equal(_all_signals(cache).topk_logprobs, _all_signals(reference).topk_logprobs)
+
+
+@pytest.mark.slow
+def test_lockstep_rank_with_full_disk_fails_both_ranks_cleanly(tmp_path):
+    """Rank 0's disk fills after its first shard: it keeps making its collective calls, then
+    both ranks stop with an error (no hang), and a rerun completes the cache."""
+    cache = tmp_path / "c"
+    mp.spawn(worker.lockstep_worker, args=(2, str(tmp_path / "init"), str(cache), 0), nprocs=2)
+    outcomes = [(cache / f"outcome.r{r}").read_text() for r in (0, 1)]
+    assert outcomes[0].startswith("CacheWriteError") and "No space left" in outcomes[0], outcomes
+    assert outcomes[1].startswith("RuntimeError: another rank failed"), outcomes
+    assert [int((cache / f"calls.r{r}").read_text()) for r in (0, 1)] == [12, 12]
+    mp.spawn(worker.lockstep_worker, args=(2, str(tmp_path / "init2"), str(cache)), nprocs=2)
+    assert verify_cache(cache) == []
 
 
 def test_shards_are_plain_safetensors(reference, tmp_path):

@@ -460,3 +460,5 @@ def test_topk_logprobs_marks_nonfinite_rows_nan():
     values, _ = topk_logprobs(logits, 8)
     assert values[:3].isnan().any(-1).all()
     assert torch.isfinite(values[3]).all()
+    values, ids = topk_logprobs(torch.randn(0, 3, 50), 4)  # no rows
+    assert values.shape == ids.shape == (0, 3, 4)

@@ -30,19 +30,29 @@ def test_smaller_teacher_vocab_means_another_tokenizer():
         LiveTeacher(tiny_teacher(290), k=8, vocab_size=300, device=torch.device("cpu"))
 
 
-@pytest.mark.parametrize("keep_dense", [False, True])
-def test_nonfinite_teacher_logits_are_masked(keep_dense):
-    teacher = LiveTeacher(tiny_teacher(64), k=8, vocab_size=64, device=torch.device("cpu"), keep_dense=keep_dense)
+@pytest.mark.parametrize("path", ["chunked", "full", "dense"])
+def test_nonfinite_teacher_logits_are_masked(path):
+    teacher = LiveTeacher(tiny_teacher(64), k=8, vocab_size=64, device=torch.device("cpu"), keep_dense=path == "dense")
+    teacher.chunked_head = path == "chunked"
 
-    def poison(module, args, out):  # token (0, 3) gets a NaN hidden state -> NaN logits
+    def poison(module, args, out):  # (0, 3): a NaN hidden state -> NaN logits
         out = out.clone()
         out[0, 3, 5] = float("nan")
         return out
 
+    def mask_vocab(module, args, out):  # (1, 2): some -inf logits, a valid (masked-vocab) distribution
+        out = out.clone()
+        out[1, 2, :10] = float("-inf")
+        return out
+
     teacher.model.model.norm.register_forward_hook(poison)
+    if path != "chunked":  # the chunked path calls F.linear, not the lm_head module
+        teacher.model.lm_head.register_forward_hook(mask_vocab)
     sig, valid = teacher.signal(None, torch.randint(0, 64, (2, 6)))
     assert not valid[0, 3] and int((~valid).sum()) == 1
     assert torch.isfinite(sig.topk_logprobs).all()
+    if path != "chunked":
+        assert int(sig.topk_ids[1, 2].min()) >= 10  # masked ids never enter the top-k
     assert teacher.forward_calls == 1
 
 
