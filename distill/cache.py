@@ -32,7 +32,6 @@ import errno
 import fcntl
 import hashlib
 import json
-import math
 import os
 import re
 import sys
@@ -46,7 +45,7 @@ import torch.distributed as dist
 
 from distill.codec import get_codec, safetensors_bytes
 from distill.fsutil import write_file_atomically
-from losses.signal import topk_logprobs
+from losses.signal import placeholder_invalid, topk_logprobs
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -199,11 +198,8 @@ def _topk(out, k: int, vocab_size: int):
         raise ValueError(f"teacher_fn returned {tuple(out.shape)}, expected (B, T, {vocab_size})")
     else:
         vals, ids = topk_logprobs(out, k)
-    vals, ids = vals.reshape(-1, k).float().cpu(), ids.reshape(-1, k).cpu()
-    bad = torch.isnan(vals).any(-1) | ~torch.isfinite(vals[:, 0])
-    ids[bad] = torch.arange(k)
-    vals[bad] = -math.log(vocab_size)
-    return ids, vals, bad
+    vals, ids, valid = placeholder_invalid(vals.reshape(-1, k).float(), ids.reshape(-1, k), vocab_size)
+    return ids.cpu(), vals.cpu(), ~valid.cpu()
 
 
 def _entry_ok(cache_dir: Path, entry: dict | None, want: dict) -> bool:

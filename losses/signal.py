@@ -5,6 +5,7 @@ token would be.  Losses never care whether it came from a live teacher or a cach
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +90,21 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
         values.append(top.sub_(row_max).sub_(log_norm))
         ids.append(idx)
     return torch.cat(values).reshape(shape), torch.cat(ids).reshape(shape)
+
+
+def placeholder_invalid(values: torch.Tensor, ids: torch.Tensor, vocab_size: int):
+    """Top-k (values, ids) (..., k) from `topk_logprobs` -> (values, ids, valid (...,) bool).
+
+    A token whose logits held NaN or +inf (or only -inf) came out NaN; it is marked
+    invalid and given a uniform placeholder (ids 0..k-1, log-prob -log V) so nothing
+    non-finite reaches a loss or a cache shard.  The one rule for live and cached signals.
+    """
+    valid = ~torch.isnan(values).any(dim=-1) & torch.isfinite(values[..., 0])
+    if not bool(valid.all()):
+        k = values.shape[-1]
+        values = torch.where(valid[..., None], values, torch.full_like(values, -math.log(vocab_size)))
+        ids = torch.where(valid[..., None], ids, torch.arange(k, device=ids.device).expand_as(ids))
+    return values, ids, valid
 
 
 _BLOCK = 64  # vocab entries per block in _topk_and_max

@@ -9,14 +9,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from distill.errors import UserError
-from losses.signal import TeacherSignal, topk_logprobs
+from losses.signal import TeacherSignal, placeholder_invalid, topk_logprobs
 
 
 def load_teacher_model(path: Path, dtype: torch.dtype = torch.float32):
@@ -148,11 +147,7 @@ class LiveTeacher:
             if not bool(valid.all()):
                 logits = torch.where(valid[..., None], logits, torch.zeros_like(logits))
             return TeacherSignal.from_logits(logits, self.k, keep_dense=True), valid.cpu()
-        values, ids = self.topk(input_ids)
-        valid = ~torch.isnan(values).any(dim=-1) & torch.isfinite(values[..., 0])  # (B, T)
-        if not bool(valid.all()):
-            values = torch.where(valid[..., None], values, torch.full_like(values, -math.log(self.vocab_size)))
-            ids = torch.where(valid[..., None], ids, torch.arange(self.k, device=ids.device).expand_as(ids))
+        values, ids, valid = placeholder_invalid(*self.topk(input_ids), self.vocab_size)  # valid: (B, T)
         return TeacherSignal(ids, values), valid.cpu()
 
 
