@@ -42,8 +42,8 @@ class CacheReader:
 
     reader.read(indices) -> (TeacherSignal, valid): topk_ids (B, T, k) int64 and
     topk_logprobs (B, T, k) fp32 for sequences `indices` (in that order), and valid (B, T)
-    bool, False where the teacher's logits were not finite (`signal`/`valid` give one
-    each).  Shards are memory-mapped lazily (at most `max_open` at once); every shard's
+    bool, False where the teacher's logits were not finite (`signal` gives the first
+    alone).  Shards are memory-mapped lazily (at most `max_open` at once); every shard's
     size and header are checked at open, and verify=True also checks every sha256.
     """
 
@@ -130,9 +130,6 @@ class CacheReader:
 
     def signal(self, indices: Sequence[int]) -> TeacherSignal:
         return self.read(indices)[0]
-
-    def valid(self, indices: Sequence[int]) -> torch.Tensor:
-        return self.read(indices)[1]
 
 
 # ------------------------------------------------------------------ inspection

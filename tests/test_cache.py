@@ -56,7 +56,7 @@ def test_lossless_equals_teacher_topk_in_any_order(reference):
         assert sig.topk_ids.shape == (len(idx), worker.SEQ_LEN, K)
         assert torch.equal(sig.topk_ids, ref.topk_ids)
         assert torch.equal(sig.topk_logprobs, ref.topk_logprobs)
-        assert r.valid(idx).all()
+        assert r.read(idx)[1].all()
 
 
 @pytest.mark.parametrize("encoding", ["fp16", "bf16", "compact"])
@@ -227,7 +227,7 @@ def test_nonfinite_logits_are_counted_and_masked(tmp_path):
     assert bad.any()
     r = CacheReader(tmp_path, "train")
     assert r.manifest["splits"]["train"]["nonfinite_tokens"] == int(bad.sum())
-    assert torch.equal(r.valid(range(len(r))), ~bad)
+    assert torch.equal(r.read(range(len(r)))[1], ~bad)
     sig = r.signal(range(len(r)))
     assert torch.equal(sig.topk_ids[bad], torch.arange(K).expand(int(bad.sum()), K))
     assert torch.isfinite(sig.topk_logprobs).all()
