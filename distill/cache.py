@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from distill.codec import get_codec, safetensors_bytes
+from distill.errors import UserError
 from distill.fsutil import write_file_atomically
 from losses.signal import placeholder_invalid, topk_logprobs
 
@@ -55,19 +56,21 @@ _PART_RE = re.compile(r"^manifest\.r(?P<rank>\d+)\.json$")
 _MANIFEST_TMP_RE = re.compile(r"^\.manifest(\.r\d+)?\.json\.tmp\d+$")
 
 
-class CacheMismatch(ValueError):
+# The cache's errors are the user's to fix (the CLI prints one line, exit 2), wherever
+# they surface: cache, train or eval.
+class CacheMismatch(UserError, ValueError):
     """The cache dir holds a cache for a different teacher/tokenizer/data/k/encoding."""
 
 
-class CacheLocked(RuntimeError):
+class CacheLocked(UserError, RuntimeError):
     """Another process is writing this cache dir."""
 
 
-class CacheCorrupt(ValueError):
+class CacheCorrupt(UserError, ValueError):
     """A shard or the manifest disagrees with what was written."""
 
 
-class CacheWriteError(OSError):
+class CacheWriteError(UserError, OSError):
     """Writing a cache file failed (disk full, permissions); earlier files are intact."""
 
 

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from distill.config import DataConfig
 from distill.errors import UserError
+from distill.fsutil import atomic_write_bytes
 
 EOS = "<|endoftext|>"
 TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".text"}
@@ -243,7 +243,5 @@ def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> Pack
             raise UserError(f"data: the {name} split has no complete block of {block} tokens; "
                             f"add data, lower data.seq_len or raise data.val_fraction")
     packed_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = packed_path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in splits.items()}, str(tmp), metadata={"fingerprint": fp})
-    os.replace(tmp, packed_path)
+    atomic_write_bytes(packed_path, save({k: v.contiguous() for k, v in splits.items()}, metadata={"fingerprint": fp}))
     return PackedData(splits["train"], splits["val"], tok, fp, tok_hash)

@@ -88,18 +88,8 @@ def check_k(cfg: RunConfig, vocab: int) -> None:
 # ----------------------------------------------------------------------------- teacher
 
 
-@contextlib.contextmanager
-def cache_errors_as_user_errors():
-    """The cache's own errors (mismatch, lock, corrupt shard, write failure) are the user's to fix."""
-    from distill.cache import CacheCorrupt, CacheLocked, CacheMismatch, CacheWriteError
-
-    try:
-        yield
-    except (CacheMismatch, CacheLocked, CacheCorrupt, CacheWriteError) as e:
-        raise UserError(str(e).replace("\n", " ")) from None
-
-
-def pretrain_teacher(cfg: RunConfig, resume: bool = True, progress: bool = True) -> Path:
+def pretrain_teacher(cfg: RunConfig, resume: bool = True, progress: bool = True,
+                     data: PackedData | None = None) -> Path:
     """Plain-CE training of a preset teacher; writes a Hugging Face dir at OUT/teacher."""
     from students.build import build_model
 
@@ -109,7 +99,7 @@ def pretrain_teacher(cfg: RunConfig, resume: bool = True, progress: bool = True)
     if resume and (out / "pretrain_done.json").exists():
         return out
     rank, world = setup_runtime(cfg)
-    data = prepare(cfg, progress)
+    data = prepare(cfg, progress) if data is None else data
     vocab = vocab_size_of(data.tokenizer)
     model = build_model(model_config(cfg.teacher.model, vocab, "teacher"), seed=cfg.seed)
     pre = cfg.teacher.pretrain
@@ -166,23 +156,23 @@ def zero3_live_teacher(cfg: RunConfig, data: PackedData, rank: int, world: int, 
         yield LiveTeacher(model, cfg.cache.k, vocab_size_of(data.tokenizer), device, amp)
 
 
-def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> Path:
+def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
+                data: PackedData | None = None) -> Path:
     """One teacher pass over train and validation blocks -> OUT/cache (resumes after a crash)."""
     from distill.cache import write_cache
 
     if cfg.teacher.source == "cache":
         return cfg.cache_dir
     rank, world = setup_runtime(cfg)
-    data = prepare(cfg, progress)
+    data = prepare(cfg, progress) if data is None else data
     check_k(cfg, vocab_size_of(data.tokenizer))
     sharded = cfg.teacher.sharding == "zero3"
     splits = {"train": data.train[:, :-1], "val": data.val[:, :-1]}
-    with contextlib.ExitStack() as stack:
-        if sharded:
-            teacher = stack.enter_context(zero3_live_teacher(cfg, data, rank, world, progress))
-        else:
-            teacher = live_teacher(cfg, data, resolve_device(cfg.train.device))
-        stack.enter_context(cache_errors_as_user_errors())
+    if sharded:
+        teacher_ctx = zero3_live_teacher(cfg, data, rank, world, progress)
+    else:
+        teacher_ctx = contextlib.nullcontext(live_teacher(cfg, data, resolve_device(cfg.train.device)))
+    with teacher_ctx as teacher:
         return write_cache(cfg.cache_dir, teacher.topk, splits, identity=cache_identity(cfg, data), k=cfg.cache.k,
                            encoding=cfg.cache.encoding, batch_size=cfg.cache.batch_size,
                            shard_sequences=cfg.cache.shard_sequences, overwrite=overwrite, rank=rank,
@@ -221,12 +211,12 @@ def make_student(cfg: RunConfig, sc: StudentConfig, model, steps: int, batch_siz
     return Student(sc, model, engine, steps)
 
 
-def build_students(cfg: RunConfig, data: PackedData) -> list[Student]:
+def build_students(cfg: RunConfig, data: PackedData, teacher=None) -> list[Student]:
+    """teacher: the teacher model if the caller already holds it (online mode), for init: teacher."""
     from students.build import build_model
     from students.init import init_from_teacher
 
     vocab = vocab_size_of(data.tokenizer)
-    teacher = None
     students = []
     for i, sc in enumerate(cfg.students):
         # The same seed for every student: a baseline and its distilled twin start identical.
@@ -238,24 +228,24 @@ def build_students(cfg: RunConfig, data: PackedData) -> list[Student]:
     return students
 
 
-def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True) -> dict:
+def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
+                   data: PackedData | None = None) -> dict:
     """Co-distil every student from one teacher signal per batch."""
     check_online_sharding(cfg)
     rank, world = setup_runtime(cfg)
-    data = prepare(cfg, progress)
+    data = prepare(cfg, progress) if data is None else data
     vocab = vocab_size_of(data.tokenizer)
     if cfg.train.mode == "cached":
         manifest_identity = None if cfg.teacher.source == "cache" else cache_identity(cfg, data)
         if not (cfg.cache_dir / "manifest.json").exists():
             raise UserError(f"no cache at {cfg.cache_dir}; run `distill cache` first or set train.mode: online")
-        with cache_errors_as_user_errors():
-            teacher = CachedTeacher(cfg.cache_dir, "train", manifest_identity)
-            val_teacher = CachedTeacher(cfg.cache_dir, "val", manifest_identity)
+        teacher = CachedTeacher(cfg.cache_dir, "train", manifest_identity)
+        val_teacher = CachedTeacher(cfg.cache_dir, "val", manifest_identity)
         _check_cache_matches_data(teacher, data)
     else:
         check_k(cfg, vocab)
         teacher = val_teacher = live_teacher(cfg, data, resolve_device(cfg.train.device))
-    students = build_students(cfg, data)
+    students = build_students(cfg, data, teacher.model if isinstance(teacher, LiveTeacher) else None)
     rhash = run_hash("train", [s.model_dump(mode="json") for s in cfg.students], data.fingerprint,
                      cfg.seed, cfg.train.steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.mode)
     loop = loop_config(cfg, cfg.train.steps, cfg.train.batch_size, rank, world, rhash)
@@ -295,20 +285,24 @@ def run_all(cfg: RunConfig, resume: bool = True, progress: bool = True) -> dict:
         if progress and (not dist.is_initialized() or dist.get_rank() == 0):
             print(f"==> {text}", flush=True)
 
+    # Data is prepared once (collectively, under a launcher) and shared by every stage;
+    # eval runs on rank 0 alone, so it must not prepare (a barrier) by itself.
+    setup_runtime(cfg)
+    data = prepare(cfg, progress)
     if cfg.teacher.source == "preset":
         stage(f"teacher: pretraining a {cfg.teacher.model.preset} preset ({cfg.teacher.pretrain.steps} steps) -> {cfg.teacher_dir}")
-        pretrain_teacher(cfg, resume=resume, progress=progress)
+        pretrain_teacher(cfg, resume=resume, progress=progress, data=data)
     if cfg.train.mode == "cached":
         stage(f"cache: one teacher pass over the data -> {cfg.cache_dir}")
-        build_cache(cfg, progress=progress)
+        build_cache(cfg, progress=progress, data=data)
     stage(f"train: {len(cfg.students)} students from one teacher signal per batch ({cfg.train.mode})")
-    train_students(cfg, resume=resume, progress=progress)
+    train_students(cfg, resume=resume, progress=progress, data=data)
     if dist.is_initialized() and dist.get_rank() != 0:
         return {}
     stage("export: Hugging Face model dirs -> OUT/students/NAME/export")
     export_students(cfg)
     stage("eval: held-out metrics, report and plots")
-    report = evaluate_run(cfg, progress=progress)
+    report = evaluate_run(cfg, progress=progress, data=data)
     stage(f"done: {cfg.out_dir / 'report.md'}")
     return report
 

@@ -37,12 +37,13 @@ def _model_stats(model, blocks, signal_fn, device, eval_blocks: int) -> dict:
     return stats
 
 
-def evaluate_run(cfg: RunConfig, progress: bool = True) -> dict:
+def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
+    """data: the run's PackedData when the caller already has it (`distill run`)."""
     from distill.pipeline import live_teacher, prepare
     from students.build import load_causal_lm
-    from teachers import CachedTeacher
+    from teachers import CachedTeacher, LiveTeacher
 
-    data = prepare(cfg, progress)
+    data = prepare(cfg, progress) if data is None else data
     device = resolve_device(cfg.train.device)
     if cfg.train.mode == "cached":
         val_source = CachedTeacher(cfg.cache_dir, "val")
@@ -55,7 +56,11 @@ def evaluate_run(cfg: RunConfig, progress: bool = True) -> dict:
         if progress:
             print(f"[eval] teacher not evaluated: teacher.sharding={cfg.teacher.sharding}", file=sys.stderr)
     elif cfg.teacher_dir.is_dir() and (cfg.teacher_dir / "config.json").exists():
-        teacher = load_causal_lm(cfg.teacher_dir).to(device)
+        # Online mode already holds the teacher: evaluate that one rather than load a twin.
+        if isinstance(val_source, LiveTeacher):
+            teacher = val_source.model
+        else:
+            teacher = load_causal_lm(cfg.teacher_dir).to(device)
         report["teacher"] = {"path": str(cfg.teacher_dir), **_model_stats(teacher, data.val, val_source.signal, device, n_eval)}
         report["teacher"].pop("expert_load", None)
         del teacher
