@@ -89,9 +89,6 @@ class TorchEngine:
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
-    def mean_across_ranks(self, value: float) -> float:
-        return value
-
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
@@ -144,14 +141,6 @@ class DeepSpeedEngine:
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
-
-    def mean_across_ranks(self, value: float) -> float:
-        """Each rank's loss covers its share of the batch; log the global mean."""
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(t)
-            t /= dist.get_world_size()
-        return float(t.item())
 
     def state_dict(self) -> dict:
         return {}  # DeepSpeed writes its own optimizer/scheduler state (see trainer)

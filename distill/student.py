@@ -69,10 +69,11 @@ def distill_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, signal: T
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     mask = valid.reshape(-1)
     use_teacher = signal is not None and not baseline
+    flat_signal = signal.flatten() if use_teacher else None  # (N, k)
     # Only the divergence's own parameters (jsd: beta; skew KLs: alpha) are passed on.
     div_params = {p: getattr(loss_cfg, p) for p in DIVERGENCE_PARAMS.get(loss_cfg.divergence, ())}
     hard, soft = per_token_losses(
-        flat_hidden, model.lm_head.weight, signal.flatten() if use_teacher else None,
+        flat_hidden, model.lm_head.weight, flat_signal,
         labels.reshape(-1), mask,
         divergence=loss_cfg.divergence, temperature=loss_cfg.temperature, tail=loss_cfg.tail,
         hard_target="labels" if baseline else loss_cfg.hard_target, chunk_size=loss_cfg.chunk_size,
@@ -80,7 +81,7 @@ def distill_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, signal: T
     )
     if use_teacher:
         mode = "uniform" if loss_cfg.adaptive == "none" else loss_cfg.adaptive
-        w_soft_tok = soft_weights(mode, w_soft, mask, signal=signal.flatten(), soft=soft.detach())
+        w_soft_tok = soft_weights(mode, w_soft, mask, signal=flat_signal, soft=soft.detach())
         total, stats = combine(hard, soft, mask, 1.0 - w_soft, w_soft_tok)
     else:
         total, stats = combine(hard, soft, mask, 1.0, 0.0)
@@ -122,7 +123,7 @@ class Student:
         t0 = time.perf_counter()
         self.model.train()
         w_soft = self.w_soft(step)
-        totals, stats_acc, finite = [], {}, True
+        stats_acc, finite = {}, True
         for input_ids, labels, signal, valid in micro_batches:
             input_ids, labels, valid = (x.to(self.device, non_blocking=True) for x in (input_ids, labels, valid))
             signal = signal.to(self.device) if signal is not None else None
@@ -132,7 +133,6 @@ class Student:
             if not finite:
                 break
             self.engine.backward(out.total, len(micro_batches))
-            totals.append(float(out.total.detach()))
             for k, v in out.stats.items():
                 stats_acc[k] = stats_acc.get(k, 0.0) + float(v) / len(micro_batches)
         grad_norm = self.engine.step(skip=not finite)
@@ -144,7 +144,7 @@ class Student:
         tokens = sum(int(mb[3].numel()) for mb in micro_batches) * self.engine.world_size
         self.tokens_seen += tokens
         metrics = {
-            "loss": self.engine.mean_across_ranks(sum(totals) / len(totals)), **stats_acc, "lr": self.engine.lr(), "grad_norm": grad_norm,
+            **stats_acc, "lr": self.engine.lr(), "grad_norm": grad_norm,  # stats_acc["loss"]: from `combine`
             "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9), "tokens_seen": self.tokens_seen,
         }
         loads = expert_load(self.model)
