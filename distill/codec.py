@@ -239,6 +239,7 @@ class CompactCodec(Codec):
     """
 
     name = "compact"
+    STREAMS = ("fixed", "id_unary", "id_rem", "val_unary", "val_rem")  # the 5 columns of `offsets`
 
     def __init__(self, kl_target: float = 4e-4, max_log_step: float = 1.0, buckets_log2: int = 10):
         self.kl_target, self.max_log_step, self.buckets_log2 = kl_target, max_log_step, buckets_log2
@@ -301,9 +302,10 @@ class CompactCodec(Codec):
         # Bounded memory: a shard is processed in chunks of whole groups (~64K tokens).
         step = max(1, 65536 // group) * group
         chunks = [slice(i, min(i + step, n)) for i in range(0, n, step)]
-        table = self._fit_table([self._sorted(ids[c])[1:] for c in chunks], shift, vocab_size)
+        # A generator: one chunk's (gaps, prev) alive at a time, as the comment above promises.
+        table = self._fit_table((self._sorted(ids[c])[1:] for c in chunks), shift, vocab_size)
 
-        names = ("fixed", "id_unary", "id_rem", "val_unary", "val_rem")
+        names = self.STREAMS
         pieces: dict[str, list] = {nm: [] for nm in names}
         offsets = np.zeros((n // group + 1, len(names)), np.int64)
         for c in chunks:
@@ -373,12 +375,14 @@ class CompactCodec(Codec):
         start, end = offsets[sel], offsets[sel + 1]  # (B, 5) byte offsets per stream
         B, top, shift = len(sel), self._grid(params)[5], int(params[3])
 
-        def stream(s):  # (uint32 windows, start bit of each selected group's segment)
-            buf, local = gather_segments(arrays[names[s]], start[:, s], end[:, s])
-            return buf, windows32(buf), 8 * local[:, None]
+        def stream(s):  # (gathered bytes, local start byte of each selected group's segment)
+            return gather_segments(arrays[self.STREAMS[s]], start[:, s], end[:, s])
 
-        names = ("fixed", "id_unary", "id_rem", "val_unary", "val_rem")
-        _, win, base = stream(0)
+        def fields(s):  # (uint32 windows, start bit of each segment (B, 1)) for varwidth reads
+            buf, local = stream(s)
+            return windows32(buf), 8 * local[:, None]
+
+        win, base = fields(0)
         fw = np.tile(self._field_widths(k, top), (B, group))
         f = read_varwidth(win, base + np.cumsum(fw, 1) - fw, fw).reshape(B * group, 4)
         top1_pos, lmin, b_val = f[:, 0], f[:, 1], f[:, 2]
@@ -387,9 +391,8 @@ class CompactCodec(Codec):
         # Ids: all unary quotients at once, then entry by entry (each Rice parameter
         # depends on the previous id), vectorised over the B*group tokens.
         table = np.asarray(arrays["id_table"]).astype(np.int64)
-        buf, _, base = stream(1)
-        quot = read_unary(buf, base[:, 0] // 8, group * k).reshape(B, k, group)
-        _, win, base = stream(2)
+        quot = read_unary(*stream(1), group * k).reshape(B, k, group)
+        win, base = fields(2)
         ids = np.empty((B, group, k), np.int64)
         prev = np.full((B, group), -1, np.int64)
         for j in range(k):
@@ -399,9 +402,8 @@ class CompactCodec(Codec):
             ids[:, :, j] = prev
             base = base + csum[:, -1:]
         bv = np.repeat(b_val, k).reshape(B, -1)
-        buf, _, base = stream(3)
-        vq = read_unary(buf, base[:, 0] // 8, group * k)
-        _, win, base = stream(4)
+        vq = read_unary(*stream(3), group * k)
+        win, base = fields(4)
         vr = read_varwidth(win, base + np.cumsum(bv, 1) - bv, bv)
         levels = ((vq << bv) | vr).reshape(B * group, k) + lmin[:, None]
 

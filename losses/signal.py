@@ -82,10 +82,11 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     scratch = torch.empty(rows, vocab, dtype=torch.float32, device=flat.device)
     values, ids = [], []
     for i in range(0, flat.shape[0], rows):
-        x = flat[i:i + rows].float()  # (r, V)
+        x = flat[i:i + rows]  # (r, V) in the logits' dtype: no fp32 copy of a bf16 chunk
         top, idx, row_max = _topk_and_max(x, k)
+        top, row_max = top.float(), row_max.float()  # exact casts
         buf = scratch[: x.shape[0]]
-        torch.sub(x, row_max, out=buf)
+        torch.sub(x, row_max, out=buf)  # promotes into the fp32 scratch
         log_norm = buf.exp_().sum(dim=-1, keepdim=True).log_()  # (r, 1)
         values.append(top.sub_(row_max).sub_(log_norm))
         ids.append(idx)
