@@ -117,3 +117,21 @@ def test_eval_skips_a_sharded_teacher(demo_dir, tmp_path):
     assert "[eval] teacher not evaluated: teacher.sharding=zero3" in r.stderr
     report = json.loads((run / "report.json").read_text())
     assert report["teacher"] == {} and set(report["students"]) == {"scout", "maverick", "dense", "dense-baseline"}
+
+
+def test_eval_with_a_corrupt_cache_is_one_line(demo_dir, tmp_path):
+    import shutil
+
+    import yaml
+
+    from distill.demo import demo_config
+    from tests.conftest import run_cli
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_dir, run)
+    (run / "cache" / "manifest.json").write_text("{not json")
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(yaml.safe_dump(json.loads(json.dumps(demo_config(run, "tiny"), default=str))))
+    r = run_cli("eval", "-c", str(cfg))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "is not valid JSON" in r.stderr and "Traceback" not in r.stderr
