@@ -1,6 +1,6 @@
 """`distill`: co-distil one teacher into several students from a single teacher pass.
 
-Each command parses, validates and calls one function in `distill.pipeline`.
+Each command parses, validates and calls one function in `distill.stages`.
 Bad input prints one line and exits 2; `--debug` shows the traceback instead.
 """
 from __future__ import annotations
@@ -21,15 +21,13 @@ app = typer.Typer(
     help="Co-distil one large (MoE) teacher into several students from one teacher pass.",
 )
 
-_STATE = {"debug": False}
-
 ConfigOpt = typer.Option(..., "--config", "-c", help="Run config (YAML). `distill init` writes an example.")
 SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set train.steps=50 (repeatable; value parsed as YAML).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars; log lines only.")
 
 
 def _overrides(pairs: Optional[list[str]]) -> dict:
-    from distill.errors import UserError
+    from common.errors import UserError
 
     out = {}
     for pair in pairs or []:
@@ -41,9 +39,12 @@ def _overrides(pairs: Optional[list[str]]) -> dict:
 
 
 def _load(config: Path, sets: Optional[list[str]]):
-    from distill.config import check_inputs_exist, load_config
+    """The whole config checked before any stage starts: schema first (no torch), then
+    what the registries below must judge, then the input paths."""
+    from distill.config import check_config, check_inputs_exist, load_config
 
     cfg = load_config(config, _overrides(sets))
+    check_config(cfg)
     check_inputs_exist(cfg)
     return cfg
 
@@ -52,7 +53,7 @@ def _load(config: Path, sets: Optional[list[str]]):
 def _main(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ):
-    _STATE["debug"] = debug
+    """(`--debug` is read by `main` before the command runs.)"""
 
 
 @app.command()
@@ -61,7 +62,7 @@ def init(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ):
     """Write a commented example config to PATH."""
-    from distill.pipeline import write_example_config
+    from distill.config import write_example_config
 
     write_example_config(path, force=force)
     typer.echo(f"wrote {path}")
@@ -90,7 +91,7 @@ def pretrain(
 ):
     """Train the teacher from scratch with plain CE (teacher.source: preset); saves OUT/teacher."""
     cfg = _load(config, sets)  # validate before importing torch-heavy modules
-    from distill.pipeline import pretrain_teacher
+    from distill.stages import pretrain_teacher
 
     pretrain_teacher(cfg, resume=resume, progress=not quiet)
 
@@ -104,7 +105,7 @@ def cache(
 ):
     """Run the teacher once over the data and write the top-k logit cache (resumes if interrupted)."""
     cfg = _load(config, sets)  # validate before importing torch-heavy modules
-    from distill.pipeline import build_cache
+    from distill.stages import build_cache
 
     build_cache(cfg, overwrite=overwrite, progress=not quiet)
 
@@ -118,7 +119,7 @@ def train(
 ):
     """Co-distil all students: one teacher signal per batch, shared by every student."""
     cfg = _load(config, sets)  # validate before importing torch-heavy modules
-    from distill.pipeline import train_students
+    from distill.stages import train_students
 
     train_students(cfg, resume=resume, progress=not quiet)
 
@@ -132,7 +133,7 @@ def run(
 ):
     """cache (or pretrain + cache) + train + export + eval + report, from one config."""
     cfg = _load(config, sets)  # validate before importing torch-heavy modules
-    from distill.pipeline import run_all
+    from distill.stages import run_all
 
     run_all(cfg, resume=resume, progress=not quiet)
 
@@ -145,7 +146,7 @@ def export(
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer dir to include (default: found from the run dir)."),
 ):
     """Write a standard Hugging Face model dir (config, safetensors, tokenizer, model card)."""
-    from distill.export import export_checkpoint
+    from distill.report.export import export_checkpoint
 
     path = export_checkpoint(checkpoint, out, dtype=dtype, tokenizer_dir=tokenizer)
     typer.echo(f"exported {path}")
@@ -159,7 +160,7 @@ def eval_(
 ):
     """Evaluate the teacher and every student on the held-out split; write report.json, report.md and plots."""
     cfg = _load(config, sets)  # validate before importing torch-heavy modules
-    from distill.report import evaluate_run
+    from distill.report.report import evaluate_run
 
     evaluate_run(cfg, progress=not quiet)
 
@@ -170,16 +171,24 @@ def inspect(
     verify: bool = typer.Option(False, "--verify", help="Check every shard's checksum; exit 1 naming a bad shard."),
 ):
     """Describe (and optionally verify) a cache, checkpoint or model dir."""
-    from distill.inspect import inspect_path
+    from distill.report.inspect import inspect_path
 
     ok = inspect_path(path, verify=verify)
     raise typer.Exit(0 if ok else 1)
 
 
-def main() -> None:
-    from distill.errors import UserError
+def offline_and_quiet() -> None:
+    """No downloads at run time, ever; our own progress bars and one-line errors replace the
+    libraries' chatter.  Set by the entry point, before any of them is imported."""
+    for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                       "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}.items():
+        os.environ.setdefault(key, value)
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+def main() -> None:
+    from common.errors import UserError
+
+    offline_and_quiet()
     debug = "--debug" in sys.argv
     # The deepspeed launcher appends --local_rank=N; the rank also comes in LOCAL_RANK.
     sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]

@@ -71,7 +71,7 @@ def bench_sizes(n_tokens: int, group: int) -> dict:
     """bytes/token, coding speed and reconstruction error per (teacher, k, encoding)."""
     import time
 
-    from distill.codec import CODECS
+    from teachers.cache.codec import CODECS
 
     out = {}
     for kind in ("zipf", "uniform"):
@@ -111,8 +111,8 @@ def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encoding
 
     import numpy as np
 
-    from distill.cache import _topk, write_cache
-    from distill.cache_reader import CacheReader, describe_cache
+    from teachers.cache.writer import _topk, write_cache
+    from teachers.cache.reader import CacheReader, describe_cache
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(V_LLAMA4, hidden), torch.nn.Linear(hidden, V_LLAMA4)).eval()
@@ -226,7 +226,7 @@ def bench_teacher_step(batch: int, seq_len: int, hidden: int, k: int = 64) -> di
     import multiprocessing as mp
     import tempfile
 
-    from distill.export import save_hf_dir
+    from distill.report.export import save_hf_dir
     from students.build import build_model
     from students.presets import behemoth
 

@@ -54,7 +54,7 @@ def main() -> None:
 
     from distill.data import prepare_data
     from distill.config import DataConfig
-    from distill.export import save_hf_dir
+    from distill.report.export import save_hf_dir
 
     work = Path(tempfile.mkdtemp(prefix="bench-codistill-"))
     data = prepare_data(DataConfig(stdlib=True, seq_len=args.seq_len, max_documents=200,
@@ -71,9 +71,10 @@ def main() -> None:
         {"name": "dense", "model": {"preset": "dense", "args": small}},
     ]
 
-    from distill.engine import resolve_device
-    from distill.pipeline import build_students, live_teacher, loop_config, prepare
-    from distill.trainer import train_loop
+    from distill.runtime import live_teacher, prepare, resolve_device
+    from distill.train.loop import train_loop
+    from distill.train.setup import build_students, loop_config
+    from teachers import Batch
 
     def timed(name: str, studs: list[dict], teacher=None) -> tuple[float, dict, object]:
         """Wall time of the training loop alone (data, teacher and students built beforehand)."""
@@ -83,7 +84,7 @@ def main() -> None:
         students = build_students(cfg, data)
         loop = loop_config(cfg, args.steps, args.batch, 0, 1, "bench")
         t0 = time.perf_counter()
-        result = train_loop(students, teacher, data.train, data.val[:1], None, loop, cfg.out_dir,
+        result = train_loop(students, teacher, data.train, data.val[:1], None, loop, cfg.layout,
                             resume=False, progress=False)
         return time.perf_counter() - t0, result, teacher
 
@@ -93,11 +94,12 @@ def main() -> None:
     single_wall = sum(w for w, _, _ in singles)
 
     # Teacher share T: one teacher forward per step, measured directly on the same batch shape.
-    ids = prepare(parse_config(make_config(work / "co", teacher_dir, students, args))).train[: args.batch, :-1]
-    teacher_src.signal(None, ids)
+    blocks = prepare(parse_config(make_config(work / "co", teacher_dir, students, args))).train[: args.batch]
+    batch = Batch.of(blocks, range(args.batch))
+    teacher_src.signal(batch)
     t0 = time.perf_counter()
     for _ in range(5):
-        teacher_src.signal(None, ids)
+        teacher_src.signal(batch)
     t_teacher = (time.perf_counter() - t0) / 5
     # Student step S: from the single runs, each of which paid T per step.
     s_student = max(sum(w / args.steps - t_teacher for w, _, _ in singles) / 3, 1e-9)

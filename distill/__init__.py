@@ -1,14 +1,13 @@
-"""Orchestration: config, data, cache, the co-distillation loop, export, eval, report."""
-import os
+"""Orchestration, the top layer below the CLI.
 
-# Our own progress bars (rich) and one-line errors replace the libraries' chatter.
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no downloads at run time, ever
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+config.py   the run config (pydantic; no torch import, so a bad config answers fast)
+layout.py   `RunLayout`: every path under a run's out_dir, named once
+data.py     corpus -> tokenizer -> packed token blocks (fingerprinted)
+runtime.py  what every stage sets up: ranks, data, models from config, the teacher
+stages.py   one function per CLI command (pretrain, cache, train, run, export)
+train/      the co-distillation loop, the student, the engines, checkpoints, metrics
+report/     evaluation, export, the report and its plots, `distill inspect`
+demo.py     the embedded default run
 
-
-def quiet_libraries() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+Importing this package has no side effects; the CLI entry point sets offline mode.
+"""

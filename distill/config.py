@@ -1,7 +1,13 @@
-"""The run config: one YAML file, validated by pydantic before any work starts.
+"""The run config: one YAML file, validated before any work starts.
 
 Every field is documented where it is declared; `distill init` writes an example.
-A bad config fails with `ConfigError`, a one-line message naming the key.
+Validation has two parts, both before any stage runs, and a bad config fails either
+with a `UserError`: a one-line message naming the key.
+  `load_config` / `parse_config`: the schema (types, ranges, cross-field rules) in plain
+      pydantic.  This module imports neither torch nor transformers, so `distill init`
+      and a typo answer in well under a second.
+  `check_config`: what only the layers below can judge (a divergence, preset or schedule
+      their registries know); it imports them, and with them torch.
 """
 from __future__ import annotations
 
@@ -9,9 +15,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from distill.errors import UserError
+from common.errors import UserError
+from distill.layout import RunLayout
 
 
 class _Strict(BaseModel):
@@ -61,10 +68,7 @@ class ScheduleConfig(_Strict):
         return d
 
     @model_validator(mode="after")
-    def _buildable(self):
-        from losses import build_schedule
-
-        build_schedule(self.as_dict())  # its ValueError names the problem
+    def _end_after_warmup(self):
         if self.end_step is not None and self.end_step <= self.warmup_steps:
             raise ValueError(f"end_step ({self.end_step}) must come after warmup_steps ({self.warmup_steps})")
         return self
@@ -84,15 +88,6 @@ class LossConfig(_Strict):
     z_weight: float = Field(0.001, ge=0.0, description="Router z-loss weight (MoE students).")
     bias_update_rate: float = Field(0.0, ge=0.0, description="DeepSeek-V3 aux-loss-free balancing: expert-bias step per update (0 = off).")
 
-    @field_validator("divergence")
-    @classmethod
-    def _known_divergence(cls, v: str) -> str:
-        from losses import DIVERGENCES
-
-        if v not in DIVERGENCES:
-            raise ValueError(f"unknown divergence {v!r}; choose one of {', '.join(sorted(DIVERGENCES))}")
-        return v
-
 
 class OptimConfig(_Strict):
     lr: float = Field(1e-3, gt=0.0, le=10.0, description="Peak learning rate (AdamW).")
@@ -106,15 +101,6 @@ class OptimConfig(_Strict):
 class ModelConfig(_Strict):
     preset: str = Field(..., description="Model preset: behemoth, scout, maverick, dense, dense_llama4.")
     args: dict[str, Any] = Field(default_factory=dict, description="Preset size arguments (hidden_size, num_layers, num_experts, ...).")
-
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, v: str) -> str:
-        from students.presets import PRESETS
-
-        if v not in PRESETS:
-            raise ValueError(f"unknown preset {v!r}; choose one of {', '.join(sorted(PRESETS))}")
-        return v
 
 
 class StudentConfig(_Strict):
@@ -201,12 +187,10 @@ class RunConfig(_Strict):
         return self
 
     @property
-    def cache_dir(self) -> Path:
-        return self.cache.dir or self.out_dir / "cache"
-
-    @property
-    def teacher_dir(self) -> Path:
-        return self.teacher.path or self.out_dir / "teacher"
+    def layout(self) -> RunLayout:
+        """Every path of this run (see distill/layout.py)."""
+        return RunLayout(self.out_dir, teacher_path=self.teacher.path, cache_path=self.cache.dir,
+                         tokenizer_path=self.data.tokenizer.path)
 
 
 TeacherConfig.model_rebuild()
@@ -227,6 +211,29 @@ def parse_config(raw: dict, source: str = "config") -> RunConfig:
         first = _format_error(e.errors()[0])
         more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
         raise UserError(f"{source}: {first}{more}") from None
+
+
+def check_config(cfg: RunConfig) -> RunConfig:
+    """The checks only the registries below can make: every divergence, preset and
+    soft-weight schedule named in `cfg` exists and builds.  Raises UserError naming the key."""
+    from losses import DIVERGENCES, build_schedule
+    from students.presets import PRESETS
+
+    def known(where: str, kind: str, name: str, registry) -> None:
+        if name not in registry:
+            raise UserError(f"{where}: unknown {kind} {name!r}; choose one of {', '.join(sorted(registry))}")
+
+    models = [("teacher.model", cfg.teacher.model)] + [(f"students.{i}.model", s.model) for i, s in enumerate(cfg.students)]
+    for where, model in models:
+        if model is not None:
+            known(f"{where}.preset", "preset", model.preset, PRESETS)
+    for i, s in enumerate(cfg.students):
+        known(f"students.{i}.loss.divergence", "divergence", s.loss.divergence, DIVERGENCES)
+        try:
+            build_schedule(s.loss.soft_weight.as_dict())
+        except ValueError as e:
+            raise UserError(f"students.{i}.loss.soft_weight: {e}") from None
+    return cfg
 
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -293,3 +300,13 @@ def check_inputs_exist(cfg: RunConfig) -> None:
             raise UserError(f"teacher.path: {cfg.teacher.path} is not a directory")
     if cfg.train.deepspeed_config is not None and not cfg.train.deepspeed_config.is_file():
         raise UserError(f"train.deepspeed_config: {cfg.train.deepspeed_config} does not exist")
+
+
+def write_example_config(path: Path, force: bool = False) -> None:
+    """`distill init`: the commented example beside this module, written atomically."""
+    from common.fsutil import atomic_write_text
+
+    path = Path(path)
+    if path.exists() and not force:
+        raise UserError(f"{path} already exists; pass --force to overwrite it")
+    atomic_write_text(path, (Path(__file__).parent / "example_config.yaml").read_text())

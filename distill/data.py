@@ -17,17 +17,16 @@ import datasets
 import torch
 from safetensors.torch import load_file, save
 
+from common.errors import UserError
+from common.fsutil import atomic_write_bytes
 from distill.config import DataConfig
-from distill.errors import UserError
-from distill.fsutil import atomic_write_bytes
+from distill.layout import RunLayout
 
 EOS = "<|endoftext|>"
 TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".text"}
 JSON_SUFFIXES = {".jsonl", ".json"}
 PARQUET_SUFFIXES = {".parquet"}
 SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
-
-datasets.disable_progress_bars()
 
 
 @dataclass
@@ -209,8 +208,10 @@ def fingerprint(files: list[Path], tok_hash: str, cfg: DataConfig) -> str:
 
 def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> PackedData:
     """Build (or reuse) the packed blocks under OUT/data; the tokenizer under OUT/tokenizer."""
+    datasets.disable_progress_bars()  # our own progress bars instead
+    layout = RunLayout(out_dir, tokenizer_path=cfg.tokenizer.path)
     files = corpus_files(cfg)
-    tok_dir = cfg.tokenizer.path or out_dir / "tokenizer"
+    tok_dir = layout.tokenizer
     docs = None
     if cfg.tokenizer.path is not None or (tok_dir / "tokenizer.json").exists():
         tok = load_tokenizer(tok_dir)
@@ -220,7 +221,7 @@ def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> Pack
     tok_hash = tokenizer_hash(tok)
     fp = fingerprint(files, tok_hash, cfg)
 
-    packed_path = out_dir / "data" / f"blocks-{fp}.safetensors"
+    packed_path = layout.packed_blocks(fp)
     if packed_path.exists():
         blocks = load_file(str(packed_path))
         return PackedData(blocks["train"], blocks["val"], tok, fp, tok_hash)

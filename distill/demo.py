@@ -1,7 +1,7 @@
 """The embedded default: stdlib sources -> Behemoth-style teacher -> four students.
 
 `distill demo` builds this config in code (no file needed), runs `distill run` on it,
-and prints the report.  The recipe follows what was measured (DESIGN.md): the teacher
+and prints the report.  The recipe follows what was measured (BENCHMARKS.md): the teacher
 sees far more tokens than each student, with warmup + cosine, so it clearly beats what a
 student reaches alone at the students' budget; soft targets keep the tail mass (bucket).
 """
@@ -59,7 +59,7 @@ def demo_config(out: Path, size: str = "quick") -> dict:
 
 
 def run_demo(out: Path, size: str = "quick", resume: bool = True, progress: bool = True) -> dict:
-    from distill.pipeline import run_all
+    from distill.stages import run_all
 
     cfg = parse_config(demo_config(Path(out), size), source=f"demo ({size})")
     return run_all(cfg, resume=resume, progress=progress)

@@ -1,9 +1,11 @@
-"""Where teacher signals come from: a live model (checkpoint or preset) or a cache replay.
+"""Where a teacher signal comes from, behind one `Teacher` protocol (protocol.py).
 
-Both expose `signal(indices, input_ids) -> (TeacherSignal (B, T, k), valid (B, T))` and
-count `forward_calls`, so the trainer can show it pays one teacher pass per batch.
+live.py     a Hugging Face causal LM run once per batch (top-k or dense signal)
+sharded.py  the same model partitioned over ranks with DeepSpeed ZeRO-3 (for caching)
+cache/      the on-disk signal: codec, writer, reader, and `CachedTeacher` (the replay)
 """
-from teachers.cached import CachedTeacher
+from teachers.cache import CachedTeacher
 from teachers.live import LiveTeacher, load_teacher_model, teacher_identity
+from teachers.protocol import Batch, Teacher
 
-__all__ = ["CachedTeacher", "LiveTeacher", "load_teacher_model", "teacher_identity"]
+__all__ = ["Batch", "CachedTeacher", "LiveTeacher", "Teacher", "load_teacher_model", "teacher_identity"]

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distill.errors import UserError
+from common.errors import UserError
 from losses.signal import TeacherSignal, placeholder_invalid, topk_logprobs
+from teachers.protocol import Batch
 
 
 def load_teacher_model(path: Path, dtype: torch.dtype = torch.float32):
@@ -47,22 +48,13 @@ def _weights_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def teacher_identity(path: Path | None, model=None) -> dict:
-    """{"teacher_config_hash", "teacher_weights_hash"} of a checkpoint dir (or an in-memory model)."""
-    if path is not None and (path / "config.json").exists():
-        config_text = json.dumps(json.loads((path / "config.json").read_text()), sort_keys=True)
-        weights = _weights_digest(path)
-    elif model is not None:
-        config_text = model.config.to_json_string(use_diff=False)
-        h = hashlib.sha256()
-        for name, p in sorted(model.state_dict().items()):
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes())
-        weights = h.hexdigest()[:16]
-    else:
+def teacher_identity(path: Path) -> dict:
+    """{"teacher_config_hash", "teacher_weights_hash"} of a checkpoint dir."""
+    if not (path / "config.json").exists():
         raise UserError(f"teacher: {path} has no config.json")
+    config_text = json.dumps(json.loads((path / "config.json").read_text()), sort_keys=True)
     return {"teacher_config_hash": hashlib.sha256(config_text.encode()).hexdigest()[:16],
-            "teacher_weights_hash": weights}
+            "teacher_weights_hash": _weights_digest(path)}
 
 
 # Model types whose logits are exactly lm_head(final hidden state): no soft-capping or
@@ -71,7 +63,7 @@ _PLAIN_LM_HEAD = {"llama", "llama4", "llama4_text", "mistral", "mixtral", "qwen2
 
 
 class LiveTeacher:
-    """Runs the teacher under no_grad; exactly one forward per `signal()` call."""
+    """A `Teacher` that runs the model under no_grad: exactly one forward per `signal()`."""
 
     def __init__(self, model, k: int, vocab_size: int, device: torch.device,
                  autocast_dtype: torch.dtype | None = None, keep_dense: bool = False):
@@ -89,6 +81,7 @@ class LiveTeacher:
         self.autocast_dtype = autocast_dtype
         self.keep_dense = keep_dense
         self.forward_calls = 0
+        self.reads = 0  # a live teacher reads no cache
         self.chunked_head = (model.config.model_type in _PLAIN_LM_HEAD and hasattr(model, "model")
                              and isinstance(getattr(model, "lm_head", None), torch.nn.Linear))
         self.chunk_tokens: int | None = None  # lm_head chunk in tokens; None = auto (see topk)
@@ -137,17 +130,17 @@ class LiveTeacher:
         shape = hidden.shape[:-1] + (self.k,)
         return (torch.cat([p[0] for p in parts]).reshape(shape), torch.cat([p[1] for p in parts]).reshape(shape))
 
-    def signal(self, indices: list[int] | None, input_ids: torch.Tensor) -> tuple[TeacherSignal, torch.Tensor]:
-        """(TeacherSignal (B, T, k), valid (B, T)).  A token whose logits hold NaN or +inf, or
+    def signal(self, batch: Batch) -> tuple[TeacherSignal, torch.Tensor]:
+        """(TeacherSignal (B, T, k), valid (B, T)) for `batch.input_ids`.  A token whose logits hold NaN or +inf, or
         are all -inf, is invalid and gets a uniform placeholder signal, as in the cache; -inf
         on some entries (masked vocab) is a valid distribution."""
         if self.keep_dense:
-            logits = self.logits(input_ids)
+            logits = self.logits(batch.input_ids)
             valid = ~(logits.isnan().any(-1) | logits.isposinf().any(-1) | logits.isneginf().all(-1))  # (B, T)
             if not bool(valid.all()):
                 logits = torch.where(valid[..., None], logits, torch.zeros_like(logits))
             return TeacherSignal.from_logits(logits, self.k, keep_dense=True), valid.cpu()
-        values, ids, valid = placeholder_invalid(*self.topk(input_ids), self.vocab_size)  # valid: (B, T)
+        values, ids, valid = placeholder_invalid(*self.topk(batch.input_ids), self.vocab_size)  # valid: (B, T)
         return TeacherSignal(ids, values), valid.cpu()
 
 

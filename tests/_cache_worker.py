@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, when run as a script
 
-from distill.cache import write_cache  # noqa: E402
+from teachers.cache.writer import write_cache  # noqa: E402
 
 VOCAB, SEQ_LEN, K = 300, 12, 16
 
@@ -65,7 +65,7 @@ def lockstep_worker(rank: int, world_size: int, init_file: str, cache_dir: str, 
 
     import torch.distributed as dist
 
-    import distill.cache as cache_mod
+    import teachers.cache.writer as cache_mod
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))

@@ -54,7 +54,7 @@ def online_setup(stdlib_corpus, tmp_path_factory):
     """A random tiny Behemoth-style teacher saved as a Hugging Face dir, plus a config."""
     from distill.config import DataConfig
     from distill.data import prepare_data
-    from distill.export import save_hf_dir
+    from distill.report.export import save_hf_dir
     from students.build import build_model
     from students.presets import behemoth
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import distill.cache as cache_mod
-from distill.cache import CacheCorrupt, CacheLocked, CacheMismatch, CacheWriteError, write_cache
-from distill.cache_reader import CacheReader, describe_cache, verify_cache
+import teachers.cache.writer as cache_mod
+from teachers.cache import (CacheCorrupt, CacheLocked, CacheMismatch, CacheReader, CacheWriteError, describe_cache,
+                            verify_cache, write_cache)
 from losses.signal import TeacherSignal
 from tests import _cache_worker as worker
 

@@ -4,8 +4,9 @@ import errno
 import pytest
 import torch
 
-from distill import checkpoint, export
-from distill.errors import UserError
+from distill.train import checkpoint
+from distill.report import export
+from common.errors import UserError
 from students.build import build_model
 from students.presets import dense
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench.cache import V_LLAMA4, zipf_logits
-from distill.codec import (CODECS, CompactCodec, gather_segments, get_codec, id_bits, pack_fixed, pack_groups,
+from teachers.cache.codec import (CODECS, CompactCodec, gather_segments, get_codec, id_bits, pack_fixed, pack_groups,
                            pack_unary_groups, read_unary, read_varwidth, unpack_fixed, windows32)
 
 

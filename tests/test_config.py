@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill.config import load_config, parse_config
+from distill.config import check_config, load_config, parse_config
 from distill.demo import SIZES, demo_config
-from distill.errors import UserError
+from common.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def minimal(**over) -> dict:
 
 def error_of(raw: dict) -> str:
     with pytest.raises(UserError) as e:
-        parse_config(raw)
+        check_config(parse_config(raw))
     return str(e.value)
 
 

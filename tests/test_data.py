@@ -6,7 +6,7 @@ import torch
 
 from distill.config import DataConfig
 from distill.data import EOS, corpus_files, load_documents, pack, prepare_data
-from distill.errors import UserError
+from common.errors import UserError
 
 
 def cfg_for(path, **kw) -> DataConfig:

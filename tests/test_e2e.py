@@ -49,7 +49,7 @@ def test_report_schema(demo_dir):
 def test_export_loads_in_stock_transformers(demo_dir, name, arch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.export import load_checkpoint_model, resolve_checkpoint
+    from distill.report.export import load_checkpoint_model, resolve_checkpoint
 
     export = demo_dir / "students" / name / "export"
     model, info = AutoModelForCausalLM.from_pretrained(str(export), output_loading_info=True)

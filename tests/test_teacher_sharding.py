@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from distill.cache_reader import CacheReader, verify_cache
+from teachers.cache.reader import CacheReader, verify_cache
 from tests.conftest import run_cli, run_deepspeed_cli
 
 pytestmark = pytest.mark.slow

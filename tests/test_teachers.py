@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from distill.errors import UserError
+from common.errors import UserError
 from students.build import build_model
 from students.presets import dense
-from teachers import LiveTeacher
+from teachers import Batch, LiveTeacher
 
 
 def tiny_teacher(vocab: int):
@@ -17,7 +17,7 @@ def test_padded_teacher_vocab_is_cut_to_the_tokenizer():
     teacher = LiveTeacher(tiny_teacher(320), k=400, vocab_size=300, device=torch.device("cpu"))
     assert teacher.k == 300  # k is capped at the real vocab
     ids = torch.randint(0, 300, (2, 8))
-    sig, valid = teacher.signal(None, ids)
+    sig, valid = teacher.signal(Batch([0, 1], ids, ids))
     assert sig.topk_ids.shape == (2, 8, 300) and int(sig.topk_ids.max()) < 300
     assert valid.all()
     # the cut distribution is renormalised over the real vocab: top-k = everything -> mass 1
@@ -48,7 +48,8 @@ def test_nonfinite_teacher_logits_are_masked(path):
     teacher.model.model.norm.register_forward_hook(poison)
     if path != "chunked":  # the chunked path calls F.linear, not the lm_head module
         teacher.model.lm_head.register_forward_hook(mask_vocab)
-    sig, valid = teacher.signal(None, torch.randint(0, 64, (2, 6)))
+    ids = torch.randint(0, 64, (2, 6))
+    sig, valid = teacher.signal(Batch([0, 1], ids, ids))
     assert not valid[0, 3] and int((~valid).sum()) == 1
     assert torch.isfinite(sig.topk_logprobs).all()
     if path != "chunked":

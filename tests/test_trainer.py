@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from distill.config import StudentConfig
-from distill.engine import TorchEngine
-from distill.student import Student, make_optimizer
-from distill.trainer import LoopConfig, TrainingAborted, batch_indices, train_loop
+from distill.layout import RunLayout
+from distill.train.engines import TorchEngine
+from distill.train.loop import LoopConfig, TrainingAborted, batch_indices, train_loop
+from distill.train.student import Student, make_optimizer
 from losses.signal import TeacherSignal
 from students.build import build_model
 from students.presets import dense
@@ -26,16 +27,17 @@ class CountingTeacher:
 
     def __init__(self, poison: bool = False):
         self.forward_calls = 0
+        self.reads = 0
         self.poison = poison
 
-    def signal(self, indices, input_ids):
+    def signal(self, batch):
         self.forward_calls += 1
-        g = torch.Generator().manual_seed(len(indices))
-        logits = torch.randn(*input_ids.shape, V, generator=g)
+        g = torch.Generator().manual_seed(len(batch.indices))
+        logits = torch.randn(*batch.input_ids.shape, V, generator=g)
         sig = TeacherSignal.from_logits(logits, 8)
         if self.poison:
             sig.topk_logprobs[:] = float("nan")
-        return sig, torch.ones(input_ids.shape, dtype=torch.bool)
+        return sig, torch.ones(batch.input_ids.shape, dtype=torch.bool)
 
 
 def loop_cfg(steps=3, **kw):
@@ -56,7 +58,7 @@ def test_one_teacher_forward_per_batch_for_three_students(tmp_path):
     blocks = torch.randint(0, V, (16, T + 1))
     teacher = CountingTeacher()
     students = [make_student(n) for n in ("a", "b", "c")]
-    result = train_loop(students, teacher, blocks, blocks[:2], None, loop_cfg(steps=3), tmp_path,
+    result = train_loop(students, teacher, blocks, blocks[:2], None, loop_cfg(steps=3), RunLayout(tmp_path),
                         resume=False, progress=False)
     assert result["teacher_forward_calls"] == 3 == teacher.forward_calls
     assert all(s.tokens_seen == 3 * 4 * T for s in students)
@@ -68,7 +70,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
     before = {k: v.clone() for k, v in student.model.state_dict().items()}
     with pytest.raises(TrainingAborted, match="non-finite steps"):
         train_loop([student], CountingTeacher(poison=True), blocks, blocks[:2], None,
-                   loop_cfg(steps=5, max_nonfinite=2), tmp_path, resume=False, progress=False)
+                   loop_cfg(steps=5, max_nonfinite=2), RunLayout(tmp_path), resume=False, progress=False)
     assert student.nonfinite_steps == 3
     for k, v in student.model.state_dict().items():
         assert torch.equal(v, before[k]), k  # skipped steps changed no weight

@@ -10,83 +10,77 @@ from __future__ import annotations
 import json
 import sys
 
-from distill import plots
+from common.errors import UserError
+from common.fsutil import atomic_write_json, atomic_write_text
 from distill.config import RunConfig
-from distill.errors import UserError
-from distill.evaluate import evaluate_model, inference_tokens_per_s
-from distill.engine import resolve_device
-from distill.export import model_card
-from distill.fsutil import atomic_write_json, atomic_write_text
-from distill.metrics import metrics_path, read_metrics
+from distill.report import plots
+from distill.report.export import model_card
+from distill.runtime import live_teacher, prepare, resolve_device
+from distill.train.metrics import read_metrics
+from distill.train.validate import evaluate_model, inference_tokens_per_s
+from students.build import load_causal_lm
+from students.presets import param_counts
+from teachers import CachedTeacher, Teacher
 
 KIND_OF_PRESET = {"scout": "scout", "maverick": "maverick", "dense": "dense", "dense_llama4": "dense",
                   "behemoth": "behemoth"}
 
 
-def _model_stats(model, blocks, signal_fn, device, eval_blocks: int) -> dict:
-    from students.build import expert_load
-    from students.presets import param_counts
-
+def _model_stats(model, blocks, teacher: Teacher, device) -> dict:
+    """Held-out metrics on `blocks` (expert load included), then sizes and prefill speed."""
     total, active = param_counts(model.config)
-    stats = evaluate_model(model, blocks[:eval_blocks], signal_fn, device=device)
+    stats = evaluate_model(model, blocks, teacher, device=device)
     stats.update(params_total=total, params_active=active,
                  inference_tokens_per_s=round(inference_tokens_per_s(model, model.config.vocab_size, device), 1))
-    loads = expert_load(model)  # counts from the last evaluation batch, per MoE layer
-    if loads:
-        stats["expert_load"] = [l.tolist() for l in loads]
     return stats
 
 
 def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
-    """data: the run's PackedData when the caller already has it (`distill run`)."""
-    from distill.pipeline import live_teacher, prepare
-    from students.build import load_causal_lm
-    from teachers import CachedTeacher, LiveTeacher
+    """data: the run's PackedData when the caller already has it (`distill run`).
 
+    The held-out blocks are the first `train.eval_blocks` validation blocks: the same ones
+    training validates on, so the last point of each curve is the table's figure."""
+    layout = cfg.layout
     data = prepare(cfg, progress) if data is None else data
     device = resolve_device(cfg.train.device)
+    held_out = data.val[: cfg.train.eval_blocks]
+    teacher_model = None
     if cfg.train.mode == "cached":
-        val_source = CachedTeacher(cfg.cache_dir, "val")
+        val_teacher: Teacher = CachedTeacher(layout.cache, "val")
     else:
-        val_source = live_teacher(cfg, data, device)
+        live = val_teacher = live_teacher(cfg, data, device)
+        teacher_model = live.model  # evaluate the loaded teacher rather than load a twin
     report: dict = {"teacher": {}, "students": {}, "data_fingerprint": data.fingerprint,
-                    "val_blocks": min(cfg.train.eval_blocks * 4, len(data.val))}
-    n_eval = report["val_blocks"]
+                    "val_blocks": len(held_out)}
     if cfg.teacher.sharding != "none":  # too large for one device by the user's own account
         if progress:
             print(f"[eval] teacher not evaluated: teacher.sharding={cfg.teacher.sharding}", file=sys.stderr)
-    elif cfg.teacher_dir.is_dir() and (cfg.teacher_dir / "config.json").exists():
-        # Online mode already holds the teacher: evaluate that one rather than load a twin.
-        if isinstance(val_source, LiveTeacher):
-            teacher = val_source.model
-        else:
-            teacher = load_causal_lm(cfg.teacher_dir).to(device)
-        report["teacher"] = {"path": str(cfg.teacher_dir), **_model_stats(teacher, data.val, val_source.signal, device, n_eval)}
+    elif (layout.teacher / "config.json").exists():
+        teacher_model = teacher_model or load_causal_lm(layout.teacher).to(device)
+        report["teacher"] = {"path": str(layout.teacher), **_model_stats(teacher_model, held_out, val_teacher, device)}
         report["teacher"].pop("expert_load", None)
-        del teacher
+    del teacher_model
 
-    summary_path = cfg.out_dir / "train_summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary = json.loads(layout.train_summary.read_text()) if layout.train_summary.exists() else {}
     for sc in cfg.students:
-        sdir = cfg.out_dir / "students" / sc.name
-        export_dir = sdir / "export"
+        export_dir = layout.export(sc.name)
         if not (export_dir / "config.json").exists():
             raise UserError(f"student {sc.name}: no export at {export_dir}; run `distill run` or `distill export`")
         model = load_causal_lm(export_dir).to(device)
-        stats = _model_stats(model, data.val, val_source.signal, device, n_eval)
+        stats = _model_stats(model, held_out, val_teacher, device)
         stats.update(kind="baseline" if sc.baseline else KIND_OF_PRESET.get(sc.model.preset, sc.model.preset),
                      train_tokens=summary.get("students_info", {}).get(sc.name, {}).get("tokens_seen"),
-                     export_dir=str(export_dir.relative_to(cfg.out_dir)))
+                     export_dir=str(export_dir.relative_to(layout.root)))
         report["students"][sc.name] = stats
         meta = json.loads((export_dir / "distill_meta.json").read_text()) if (export_dir / "distill_meta.json").exists() else {}
         card_metrics = {k: stats[k] for k in ("val_ppl", "teacher_top1_agreement", "kl_to_teacher", "params_total", "params_active")}
         atomic_write_text(export_dir / "README.md", model_card(sc.name, meta, card_metrics))
         del model
 
-    atomic_write_json(cfg.out_dir / "report.json", report)
-    atomic_write_text(cfg.out_dir / "report.md", render_markdown(report))
-    histories = {sc.name: read_metrics(metrics_path(cfg.out_dir, sc.name)) for sc in cfg.students}
-    plots.write_all(cfg.out_dir, histories, report, cfg)
+    atomic_write_json(layout.report_json, report)
+    atomic_write_text(layout.report_md, render_markdown(report))
+    histories = {sc.name: read_metrics(layout.metrics(sc.name)) for sc in cfg.students}
+    plots.write_all(layout, histories, report)
     if progress:
         print(render_markdown(report))
     return report

@@ -6,10 +6,10 @@ Layout of a cache dir:
     manifest.r{rank}.json              per-rank partial manifest (multi-rank runs only)
     .lock / .lock.r{rank}              fcntl locks held by a running writer
 
-A shard holds the codec's arrays (see distill/codec.py) plus `invalid` (n,) int64: flat
+A shard holds the codec's arrays (see codec.py) plus `invalid` (n,) int64: flat
 token indices (sequence * seq_len + position, within the shard) whose teacher logits held
 NaN/+inf (or were all -inf).  Those tokens store a placeholder signal, uniform over the
-vocab (ids 0..k-1, log-prob -log V), and `CacheReader.valid` reports them False so
+vocab (ids 0..k-1, log-prob -log V), and `CacheReader.read` returns them as not valid so
 training can mask them; the manifest counts them as `nonfinite_tokens`.
 
 Crash safety: every file is written to a temp file in the same dir, fsynced, renamed over
@@ -24,7 +24,8 @@ them in global order whatever W was.  After the last shard, ranks synchronise
 (torch.distributed if initialised, else whichever rank finishes last) and the per-rank
 manifests are merged into manifest.json.
 
-Reading, verifying and describing a cache live in distill/cache_reader.py.
+Reading, verifying and describing a cache live in reader.py; the format's shared names
+and errors in format.py.
 """
 from __future__ import annotations
 
@@ -43,35 +44,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from distill.codec import get_codec, safetensors_bytes
-from distill.errors import UserError
-from distill.fsutil import write_file_atomically
+from common.fsutil import write_file_atomically
+from teachers.cache.codec import get_codec, safetensors_bytes
+from teachers.cache.format import (FORMAT_VERSION, MANIFEST, CacheLocked, CacheWriteError, identity_diffs,
+                                   mismatch_error, read_json, sha256_file)
 from losses.signal import placeholder_invalid, topk_logprobs
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 # Shards and their temp files (fsutil writes `.NAME.tmpPID` beside NAME).
 _SHARD_RE = re.compile(r"^\.?.+-r(?P<rank>\d+)-\d{5}\.safetensors(\.tmp\d+)?$")
 _PART_RE = re.compile(r"^manifest\.r(?P<rank>\d+)\.json$")
 _MANIFEST_TMP_RE = re.compile(r"^\.manifest(\.r\d+)?\.json\.tmp\d+$")
-
-
-# The cache's errors are the user's to fix (the CLI prints one line, exit 2), wherever
-# they surface: cache, train or eval.
-class CacheMismatch(UserError, ValueError):
-    """The cache dir holds a cache for a different teacher/tokenizer/data/k/encoding."""
-
-
-class CacheLocked(UserError, RuntimeError):
-    """Another process is writing this cache dir."""
-
-
-class CacheCorrupt(UserError, ValueError):
-    """A shard or the manifest disagrees with what was written."""
-
-
-class CacheWriteError(UserError, OSError):
-    """Writing a cache file failed (disk full, permissions); earlier files are intact."""
 
 
 # ------------------------------------------------------------------ file helpers
@@ -87,25 +69,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise CacheWriteError(e.errno or errno.EIO, f"could not write {path}: {e.strerror or e}", str(path)) from e
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _dump(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CacheCorrupt(f"{path} is not valid JSON ({e}); remove it or pass overwrite=True") from e
 
 
 class _Lock:
@@ -168,17 +133,6 @@ def _full_identity(identity: Mapping, k: int, encoding: str, seq_len: int) -> di
         raise ValueError(f"identity seq_len={ident['seq_len']} but the blocks have length {seq_len}")
     ident.update(k=str(k), encoding=encoding)
     return ident
-
-
-def identity_diffs(old: Mapping, new: Mapping, keys=None) -> list[str]:
-    keys = sorted(set(old) | set(new)) if keys is None else keys
-    return [f"{key}: {old.get(key)!r} (cache) vs {new.get(key)!r} (requested)"
-            for key in keys if str(old.get(key)) != str(new.get(key))]
-
-
-def mismatch_error(cache_dir: Path, diffs: list[str]) -> CacheMismatch:
-    return CacheMismatch(f"cache at {cache_dir} was written for a different setup: " + "; ".join(diffs)
-                         + ". Pass --overwrite (overwrite=True) to replace it, or use another cache dir.")
 
 
 # ------------------------------------------------------------------ writer

@@ -1,8 +1,8 @@
 """Engines own a student's parameters, optimiser and LR schedule.
 
 `TorchEngine` is the embedded default (one process, any device).  `DeepSpeedEngine`
-wraps one `deepspeed.initialize` per student for ZeRO 1/2/3 across ranks.  The trainer
-calls the same five methods on either: autocast, all_finite, backward, step, lr.
+wraps one `deepspeed.initialize` per student for ZeRO 1/2/3 across ranks.  The student
+and the loop see only the `Engine` protocol below.
 """
 from __future__ import annotations
 
@@ -11,31 +11,43 @@ import json
 import math
 import warnings
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
 from distill.config import OptimConfig, TrainConfig
+from distill.runtime import autocast_dtype
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+class Engine(Protocol):
+    """What a student's training step and the loop's checkpoints need from an engine."""
 
+    module: torch.nn.Module  # the model being trained (unwrapped)
+    device: torch.device
+    world_size: int  # data-parallel ranks sharing each step
 
-def resolve_device(name: str) -> torch.device:
-    from distill.errors import UserError
+    def autocast(self) -> contextlib.AbstractContextManager: ...
 
-    if name == "auto":
-        if torch.cuda.is_available():
-            rank = dist.get_rank() if dist.is_initialized() else 0
-            return torch.device("cuda", rank % torch.cuda.device_count())
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested but CUDA is not available; use device: auto or cpu")
-    return dev
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        """True when `loss` is finite (on every rank, where ranks must agree)."""
+
+    def backward(self, loss: torch.Tensor, n_micro: int) -> None: ...
+
+    def step(self, skip: bool) -> float:
+        """End the optimiser step (skipped if `skip`); returns the pre-clip grad norm or nan."""
+
+    def lr(self) -> float: ...
+
+    def state_dict(self) -> dict:
+        """Optimiser and schedule state stored in our own checkpoint ({} if the engine keeps its own)."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def save_sharded(self, root: Path, tag: str) -> None:
+        """Write engine-owned state (DeepSpeed's partitions) under `root`; every rank calls it."""
+
+    def load_sharded(self, root: Path, tag: str) -> None: ...
 
 
 def _all_ranks_true(flag: bool, device: torch.device) -> bool:
@@ -96,6 +108,12 @@ class TorchEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
+    def save_sharded(self, root: Path, tag: str) -> None:
+        pass  # everything is in state_dict()
+
+    def load_sharded(self, root: Path, tag: str) -> None:
+        pass
+
 
 def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int) -> dict:
     """The user's ds_config JSON (if any) with batch sizes, accumulation and clipping filled in."""
@@ -143,10 +161,14 @@ class DeepSpeedEngine:
         return float(self.engine.get_lr()[0])
 
     def state_dict(self) -> dict:
-        return {}  # DeepSpeed writes its own optimizer/scheduler state (see trainer)
+        return {}  # DeepSpeed writes its own optimizer/scheduler state (save_sharded)
 
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def save_sharded(self, root: Path, tag: str) -> None:
+        # Every rank writes its optimizer partition; DeepSpeed's rank 0 the module states.
+        self.engine.save_checkpoint(str(root / "deepspeed"), tag=tag)
 
-Engine = TorchEngine | DeepSpeedEngine
+    def load_sharded(self, root: Path, tag: str) -> None:
+        self.engine.load_checkpoint(str(root / "deepspeed"), tag=tag, load_module_strict=False)

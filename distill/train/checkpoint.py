@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from distill.errors import UserError
-from distill.fsutil import atomic_write_json, describe_os_error, publish_dir, writable_temp_dir
+from common.errors import UserError
+from common.fsutil import atomic_write_json, describe_os_error, publish_dir, writable_temp_dir
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 

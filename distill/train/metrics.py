@@ -12,9 +12,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-
-def metrics_path(out_dir: Path, name: str) -> Path:
-    return out_dir / "students" / name / "metrics.jsonl"
+from distill.layout import RunLayout
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -30,7 +28,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: Path, names: list[str], start_step: int, enabled: bool = True):
+    def __init__(self, layout: RunLayout, names: list[str], start_step: int, enabled: bool = True):
         self.enabled = enabled
         self.last: dict[str, dict] = {}
         self.files = {}
@@ -38,7 +36,7 @@ class MetricsLogger:
         if not enabled:
             return
         for name in names:
-            path = metrics_path(out_dir, name)
+            path = layout.metrics(name)
             path.parent.mkdir(parents=True, exist_ok=True)
             kept = [r for r in read_metrics(path) if r.get("step", 0) <= start_step]
             path.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -46,7 +44,7 @@ class MetricsLogger:
             with contextlib.suppress(ImportError):
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb[name] = SummaryWriter(str(out_dir / "tensorboard" / name), purge_step=start_step + 1)
+                self.tb[name] = SummaryWriter(str(layout.tensorboard(name)), purge_step=start_step + 1)
 
     def log(self, name: str, step: int, values: dict, kind: str = "train") -> None:
         if not self.enabled:

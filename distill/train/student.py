@@ -1,6 +1,6 @@
 """One student in training: its model, optimiser, LR schedule, loss recipe and step.
 
-The co-distillation loop (`distill.trainer`) owns the data and the teacher signal; it
+The co-distillation loop (`distill.train.loop`) owns the data and the teacher signal; it
 hands the same `TeacherSignal` to every `Student.train_step`.
 """
 from __future__ import annotations
@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 import torch
 
 from distill.config import LossConfig, OptimConfig, StudentConfig
-from distill.engine import Engine
+from distill.train.engines import Engine
 from losses import build_schedule, combine, per_token_losses, soft_weights
 from losses.moe import load_balancing_loss, router_z_loss
 from losses.signal import TeacherSignal
 from students.build import collect_router_logits, expert_load
 from students.sparse_moe import update_expert_bias
+from teachers import Batch
 
 
 DIVERGENCE_PARAMS = {"jsd": ("beta",), "skew_kl": ("alpha",), "skew_reverse_kl": ("alpha",)}
@@ -50,6 +51,15 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int)
                             foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, total_steps))
     return opt, sched
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch as every student sees it: its blocks and the teacher's signal."""
+
+    batch: Batch
+    signal: TeacherSignal | None  # (B, T, k); None when training without a teacher
+    valid: torch.Tensor  # (B, T) bool: False where the teacher's signal is a placeholder
 
 
 @dataclass
@@ -118,15 +128,16 @@ class Student:
     def w_soft(self, step: int) -> float:
         return 0.0 if self.cfg.baseline else float(self.soft_schedule(step, self.total_steps))
 
-    def train_step(self, step: int, micro_batches: list[tuple[torch.Tensor, torch.Tensor, TeacherSignal | None, torch.Tensor]]) -> dict:
-        """One optimiser step over `micro_batches` of (input_ids, labels, signal, valid)."""
+    def train_step(self, step: int, micro_batches: list[MicroBatch]) -> dict:
+        """One optimiser step over `micro_batches`."""
         t0 = time.perf_counter()
         self.model.train()
         w_soft = self.w_soft(step)
         stats_acc, finite = {}, True
-        for input_ids, labels, signal, valid in micro_batches:
-            input_ids, labels, valid = (x.to(self.device, non_blocking=True) for x in (input_ids, labels, valid))
-            signal = signal.to(self.device) if signal is not None else None
+        for mb in micro_batches:
+            input_ids, labels, valid = (x.to(self.device, non_blocking=True)
+                                        for x in (mb.batch.input_ids, mb.batch.labels, mb.valid))
+            signal = mb.signal.to(self.device) if mb.signal is not None else None
             with self.engine.autocast():
                 out = distill_loss(self.model, input_ids, labels, signal, valid, self.cfg.loss, w_soft, self.cfg.baseline)
             finite = self.engine.all_finite(out.total)
@@ -141,7 +152,7 @@ class Student:
             return {"skipped": True, "nonfinite_steps": self.nonfinite_steps, "lr": self.engine.lr()}
         if self.cfg.loss.bias_update_rate > 0:
             update_expert_bias(self.model, self.cfg.loss.bias_update_rate)
-        tokens = sum(int(mb[3].numel()) for mb in micro_batches) * self.engine.world_size
+        tokens = sum(int(mb.valid.numel()) for mb in micro_batches) * self.engine.world_size
         self.tokens_seen += tokens
         metrics = {
             **stats_acc, "lr": self.engine.lr(), "grad_norm": grad_norm,  # stats_acc["loss"]: from `combine`

@@ -1,5 +1,5 @@
-"""Reading a teacher-signal cache written by distill/cache.py: random access in global
-sequence order, verification, and the summary `distill inspect` prints."""
+"""Reading a teacher-signal cache written by writer.py: random access in global sequence
+order, verification, and the summary `distill inspect` prints."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -9,9 +9,9 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from distill.cache import (FORMAT_VERSION, MANIFEST, CacheCorrupt, identity_diffs, mismatch_error, read_json,
-                           sha256_file)
-from distill.codec import get_codec, safetensors_header
+from teachers.cache.format import (FORMAT_VERSION, MANIFEST, CacheCorrupt, identity_diffs, mismatch_error, read_json,
+                                   sha256_file)
+from teachers.cache.codec import get_codec, safetensors_header
 from losses.signal import TeacherSignal
 
 

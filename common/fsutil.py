@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from distill.errors import UserError
+from common.errors import UserError
 
 
 def fsync_dir(path: Path) -> None:

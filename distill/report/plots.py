@@ -2,16 +2,17 @@
 
 curves.png       training loss and validation perplexity per student (teacher ppl as a line)
 schedule.png     w_hard(t) and mean w_soft(t) actually used, per student
-expert_load.png  share of tokens per expert, per MoE layer, per MoE student
+expert_load.png  share of tokens per expert, per MoE layer, per MoE student, on the
+                 report's held-out blocks
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+# Figure objects, not pyplot: no global backend or figure state to set or leak.
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from distill.layout import PLOTS, RunLayout
 
 
 def _series(rows: list[dict], kind: str, key: str):
@@ -20,7 +21,8 @@ def _series(rows: list[dict], kind: str, key: str):
 
 
 def plot_curves(out: Path, histories: dict[str, list[dict]], teacher_ppl: float | None) -> None:
-    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5))
+    ax_loss, ax_ppl = fig.subplots(1, 2)
     for name, rows in histories.items():
         ax_loss.plot(*_series(rows, "train", "hard"), label=f"{name} (CE part)", lw=1)
         ax_ppl.plot(*_series(rows, "val", "val_ppl"), marker="o", label=name)
@@ -33,11 +35,11 @@ def plot_curves(out: Path, histories: dict[str, list[dict]], teacher_ppl: float 
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
 
 
 def plot_schedule(out: Path, histories: dict[str, list[dict]]) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for name, rows in histories.items():
         steps, w_soft = _series(rows, "train", "w_soft")
         if steps:
@@ -48,14 +50,14 @@ def plot_schedule(out: Path, histories: dict[str, list[dict]]) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
 
 
 def plot_expert_load(out: Path, report: dict) -> None:
     moe = {n: r["expert_load"] for n, r in report["students"].items() if r.get("expert_load")}
     if not moe:
         return
-    fig, axes = plt.subplots(1, len(moe), figsize=(6 * len(moe), 3.5), squeeze=False)
+    fig = Figure(figsize=(6 * len(moe), 3.5))
+    axes = fig.subplots(1, len(moe), squeeze=False)
     for ax, (name, loads) in zip(axes[0], moe.items()):
         shares = [[c / max(sum(layer), 1) for c in layer] for layer in loads]
         im = ax.imshow(shares, aspect="auto", cmap="viridis")
@@ -64,11 +66,10 @@ def plot_expert_load(out: Path, report: dict) -> None:
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
 
 
-def write_all(out_dir: Path, histories: dict[str, list[dict]], report: dict, cfg=None) -> list[Path]:
-    paths = [out_dir / "curves.png", out_dir / "schedule.png", out_dir / "expert_load.png"]
+def write_all(layout: RunLayout, histories: dict[str, list[dict]], report: dict) -> list[Path]:
+    paths = [layout.plot(name) for name in PLOTS]
     plot_curves(paths[0], histories, report.get("teacher", {}).get("val_ppl"))
     plot_schedule(paths[1], histories)
     plot_expert_load(paths[2], report)

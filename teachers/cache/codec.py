@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Mapping
+from typing import Mapping, Protocol
 
 import numpy as np
 import torch
@@ -152,27 +152,22 @@ def _rows(groups: np.ndarray | None, group: int, n: int) -> np.ndarray | slice:
 
 
 # ---------------------------------------------------------------- codecs
-class Codec:
-    """Interface: encode a shard's (N, k) top-k; decode any subset of its groups.
+class Codec(Protocol):
+    """Encode a shard's (N, k) top-k; decode any subset of its groups."""
 
-    encode(ids (N,k) int64, logprobs (N,k) fp32, vocab_size, group=N) -> {name: array}
-    decode(arrays, k, vocab_size, group, groups=None) -> (ids (n*group,k) int64,
-                                                          logprobs (n*group,k) fp32)
-    `groups` selects group indices (in that order); None decodes everything.
-    """
-
-    name = ""
-    lossless = False
+    name: str
+    lossless: bool
 
     def encode(self, ids, logprobs, vocab_size: int, group: int | None = None) -> Arrays:
-        raise NotImplementedError
+        """ids (N, k) int64, logprobs (N, k) fp32 -> {name: array}; group defaults to N."""
 
     def decode(self, arrays: Mapping[str, np.ndarray], k: int, vocab_size: int,
                group: int, groups=None) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """-> (ids (n*group, k) int64, logprobs (n*group, k) fp32) for group indices `groups`
+        (in that order); None decodes every group."""
 
 
-class FixedCodec(Codec):
+class FixedCodec:
     """Bit-packed ids + one value per entry at a fixed width, in the given rank order.
 
     value_dtype: "fp32" (lossless), "fp16" or "bf16".  16-bit values are stored as their
@@ -208,7 +203,7 @@ class FixedCodec(Codec):
         return ids, (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
-class CompactCodec(Codec):
+class CompactCodec:
     """Lossy: ~122 B/token at k=64, V=202,048 on a Zipf-like teacher, mean KL ~2e-4
     (figures from bench/cache.py).
 
@@ -239,6 +234,7 @@ class CompactCodec(Codec):
     """
 
     name = "compact"
+    lossless = False
     STREAMS = ("fixed", "id_unary", "id_rem", "val_unary", "val_rem")  # the 5 columns of `offsets`
 
     def __init__(self, kl_target: float = 4e-4, max_log_step: float = 1.0, buckets_log2: int = 10):

@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from distill.errors import UserError
+from common.errors import UserError
 
 
 def _table(title: str, rows: dict) -> Table:
@@ -17,18 +17,41 @@ def _table(title: str, rows: dict) -> Table:
     return t
 
 
+def human_bytes(n: int) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as disks are sold)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def cache_rows(d: dict) -> dict:
+    """`describe_cache`'s summary as rounded, human rows."""
+    bpt = d["bytes_per_token"]
+    rows = {"format": f"v{d['format_version']}, {'complete' if d['complete'] else 'INCOMPLETE'}",
+            "encoding": d["encoding"], "k": d["k"], "vocab_size": f"{d['vocab_size']:,}", "seq_len": f"{d['seq_len']:,}",
+            "tokens": f"{d['tokens']:,}", "size": f"{human_bytes(d['bytes'])} in {d['shards']:,} shards",
+            "bytes/token": "-" if bpt is None else f"{bpt:.1f}", "non-finite tokens": f"{d['nonfinite_tokens']:,}"}
+    for name, sp in d["splits"].items():
+        rows[f"split {name}"] = (f"{sp['sequences']:,} sequences, {sp['tokens']:,} tokens, {sp['shards']:,} shards, "
+                                 f"{human_bytes(sp['bytes'])}")
+    rows.update({f"identity.{k}": v for k, v in d["identity"].items()})
+    return rows
+
+
 def inspect_path(path: Path, verify: bool = False) -> bool:
     """Print a summary; returns False when verification finds a problem."""
-    from distill import checkpoint
+    from distill.train import checkpoint
 
     console = Console()
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist")
     if (path / "manifest.json").exists():
-        from distill.cache_reader import describe_cache, verify_cache
+        from teachers.cache.reader import describe_cache, verify_cache
 
-        console.print(_table(f"cache {path}", describe_cache(path)))
+        console.print(_table(f"cache {path}", cache_rows(describe_cache(path))))
         if verify:
             problems = verify_cache(path)
             for p in problems:

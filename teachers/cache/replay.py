@@ -6,14 +6,15 @@ from pathlib import Path
 import torch
 
 from losses.signal import TeacherSignal
+from teachers.cache.reader import CacheReader
+from teachers.protocol import Batch
 
 
 class CachedTeacher:
-    """Reads `(TeacherSignal, valid)` for block indices from a cache split."""
+    """A `Teacher` that reads `(TeacherSignal, valid)` for a batch's block indices from a
+    cache split; the batch's token ids are not needed."""
 
     def __init__(self, cache_dir: Path, split: str, identity: dict | None = None, verify: bool = False):
-        from distill.cache_reader import CacheReader
-
         self.reader = CacheReader(cache_dir, split, verify=verify)
         if identity is not None:
             self.reader.check_identity(identity)
@@ -23,6 +24,6 @@ class CachedTeacher:
     def __len__(self) -> int:
         return len(self.reader)
 
-    def signal(self, indices: list[int], input_ids: torch.Tensor | None = None) -> tuple[TeacherSignal, torch.Tensor]:
+    def signal(self, batch: Batch) -> tuple[TeacherSignal, torch.Tensor]:
         self.reads += 1
-        return self.reader.read(indices)
+        return self.reader.read(batch.indices)

@@ -1,10 +1,10 @@
 """The co-distillation loop: one teacher signal per batch, handed to every student.
 
     for step in steps:
-        blocks  = the step's blocks (a seeded permutation per epoch: resumable exactly)
-        signal  = teacher.signal(blocks)        # 1 cache read or 1 teacher forward
+        batch   = the step's blocks (a seeded permutation per epoch: resumable exactly)
+        signal  = teacher.signal(batch)         # 1 cache read or 1 teacher forward
         for student in students:
-            student.train_step(step, blocks, signal)
+            student.train_step(step, [MicroBatch(batch, signal, valid)])
         log, validate, checkpoint
 
 SIGINT/SIGTERM finish the current step, checkpoint every student and exit.
@@ -15,16 +15,17 @@ import hashlib
 import json
 import signal as signals
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from distill import checkpoint
-from distill.errors import UserError
-from distill.evaluate import evaluate_model
-from distill.metrics import MetricsLogger, progress_bar
-from distill.student import Student
+from common.errors import UserError
+from distill.layout import RunLayout
+from distill.train import checkpoint
+from distill.train.metrics import MetricsLogger, progress_bar
+from distill.train.student import MicroBatch, Student
+from distill.train.validate import evaluate_model
+from teachers import Batch, Teacher
 
 
 class TrainingInterrupted(UserError):
@@ -94,30 +95,23 @@ class _StopFlag:
         return False
 
 
-def _ckpt_root(out_dir: Path, student: Student) -> Path:
-    return out_dir / "students" / student.name / "checkpoints"
-
-
-def save_all(out_dir: Path, students: list[Student], step: int, loop: LoopConfig) -> None:
+def save_all(layout: RunLayout, students: list[Student], step: int, loop: LoopConfig) -> None:
     if loop.world_size > 1:
         dist.barrier()
     for s in students:
-        ds_engine = getattr(s.engine, "engine", None)
         meta = {"student": s.name, "run_hash": loop.run_hash, "student_config": s.cfg.model_dump(mode="json"),
                 "tokens_seen": s.tokens_seen, **loop.extra_meta}
-        if ds_engine is not None:
-            # Every rank writes its optimizer partition; rank 0 the weights and the step dir.
-            ds_engine.save_checkpoint(str(_ckpt_root(out_dir, s) / "deepspeed"), tag=f"step_{step:08d}")
+        s.engine.save_sharded(layout.checkpoints(s.name), tag=f"step_{step:08d}")
         if loop.rank == 0:
-            checkpoint.save(_ckpt_root(out_dir, s), step, s.model, {**s.state(), "rng": checkpoint.rng_state()},
+            checkpoint.save(layout.checkpoints(s.name), step, s.model, {**s.state(), "rng": checkpoint.rng_state()},
                             meta, loop.keep_last)
     if loop.world_size > 1:
         dist.barrier()
 
 
-def resume_all(out_dir: Path, students: list[Student], loop: LoopConfig) -> int:
+def resume_all(layout: RunLayout, students: list[Student], loop: LoopConfig) -> int:
     """Load every student's latest checkpoint; all must be at the same step."""
-    latest = {s.name: checkpoint.latest(_ckpt_root(out_dir, s)) for s in students}
+    latest = {s.name: checkpoint.latest(layout.checkpoints(s.name)) for s in students}
     if all(p is None for p in latest.values()):
         return 0
     steps = {name: (checkpoint.load_meta(p)["step"] if p else 0) for name, p in latest.items()}
@@ -128,21 +122,21 @@ def resume_all(out_dir: Path, students: list[Student], loop: LoopConfig) -> int:
     for s in students:
         state = checkpoint.load(latest[s.name], s.model, loop.run_hash)
         s.load_state(state)
-        ds_engine = getattr(s.engine, "engine", None)
-        if ds_engine is not None:
-            ds_engine.load_checkpoint(str(_ckpt_root(out_dir, s) / "deepspeed"),
-                                      tag=latest[s.name].name, load_module_strict=False)
+        s.engine.load_sharded(layout.checkpoints(s.name), tag=latest[s.name].name)
         rng = state["rng"]
     checkpoint.set_rng_state(rng)
     return next(iter(steps.values()))
 
 
-def train_loop(students: list[Student], teacher, train_blocks: torch.Tensor, val_blocks: torch.Tensor,
-               val_teacher, loop: LoopConfig, out_dir: Path, resume: bool, progress: bool,
-               label: str = "co-distilling") -> dict:
-    """Train every student for `loop.steps`; returns the final validation metrics per student."""
-    start = resume_all(out_dir, students, loop) if resume else 0
-    logger = MetricsLogger(out_dir, [s.name for s in students], start, enabled=loop.rank == 0)
+def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: torch.Tensor,
+               val_blocks: torch.Tensor, val_teacher: Teacher | None, loop: LoopConfig, layout: RunLayout,
+               resume: bool, progress: bool, label: str = "co-distilling") -> dict:
+    """Train every student for `loop.steps`; returns the final validation metrics per student.
+
+    train_blocks, val_blocks: (N, T+1) token ids.  teacher None: CE-only training (the
+    teacher's own pretraining)."""
+    start = resume_all(layout, students, loop) if resume else 0
+    logger = MetricsLogger(layout, [s.name for s in students], start, enabled=loop.rank == 0)
     final_eval: dict = {}
     teacher_calls = 0  # teacher forwards made for training batches (evaluation excluded)
     micro = loop.batch_size // loop.grad_accum
@@ -153,19 +147,18 @@ def train_loop(students: list[Student], teacher, train_blocks: torch.Tensor, val
             micro_batches = []
             for m in range(loop.grad_accum):
                 mine = idx[m * micro:(m + 1) * micro][loop.rank::loop.world_size]
-                blocks = train_blocks[mine]
-                input_ids, labels = blocks[:, :-1], blocks[:, 1:]
+                batch = Batch.of(train_blocks[mine], mine)
                 # --- one teacher signal per micro-batch, shared by every student
                 if teacher is not None:
                     before = teacher.forward_calls
-                    sig, valid = teacher.signal(mine, input_ids)
+                    sig, valid = teacher.signal(batch)
                     teacher_calls += teacher.forward_calls - before
                 else:
-                    sig, valid = None, torch.ones_like(labels, dtype=torch.bool)
-                micro_batches.append((input_ids, labels, sig, valid))
+                    sig, valid = None, torch.ones_like(batch.labels, dtype=torch.bool)
+                micro_batches.append(MicroBatch(batch, sig, valid))
 
             # --- every student learns from the same signal
-            teacher_invalid = sum(int((~mb[3]).sum()) for mb in micro_batches)
+            teacher_invalid = sum(int((~mb.valid).sum()) for mb in micro_batches)
             for s in students:
                 metrics = s.train_step(step, micro_batches)
                 logger.log(s.name, step + 1, {**metrics, "teacher_nonfinite_tokens": teacher_invalid})
@@ -180,16 +173,15 @@ def train_loop(students: list[Student], teacher, train_blocks: torch.Tensor, val
             # --- validation and checkpoints
             if done == loop.steps or (loop.eval_every and done % loop.eval_every == 0):
                 for s in students:
-                    final_eval[s.name] = evaluate_model(
-                        s.model, val_blocks[: loop.eval_blocks],
-                        None if val_teacher is None else val_teacher.signal, device=s.device)
+                    final_eval[s.name] = evaluate_model(s.model, val_blocks[: loop.eval_blocks], val_teacher,
+                                                        device=s.device)
                     logger.log(s.name, done, final_eval[s.name], kind="val")
             if done == loop.steps or (loop.checkpoint_every and done % loop.checkpoint_every == 0) or stop.signum:
-                save_all(out_dir, students, done, loop)
+                save_all(layout, students, done, loop)
             if stop.signum and done < loop.steps:
                 raise TrainingInterrupted(
                     f"stopped by signal {stop.signum} after step {done}; checkpoints saved under "
-                    f"{out_dir / 'students'}; rerun with --resume to continue")
+                    f"{layout.students}; rerun with --resume to continue")
     logger.close()
     return {"students": final_eval, "teacher_forward_calls": teacher_calls, "start_step": start}
 

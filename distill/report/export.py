@@ -13,11 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from distill import checkpoint, quiet_libraries
-from distill.errors import UserError
-from distill.fsutil import atomic_write_text, describe_os_error, publish_dir, writable_temp_dir
-
-quiet_libraries()
+from common.errors import UserError
+from common.fsutil import atomic_write_text, describe_os_error, publish_dir, writable_temp_dir
+from distill.train import checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -1,0 +1,83 @@
+"""`RunLayout`: every path a run reads or writes, named in one place.
+
+    OUT/
+      tokenizer/                  trained BPE (unless data.tokenizer.path is given)
+      data/blocks-FP.safetensors  packed token blocks, FP = data fingerprint
+      teacher/                    pretrained preset teacher (unless teacher.path is given)
+      pretrain/                   the teacher's pretraining run: a RunLayout of its own
+      cache/                      the teacher-signal cache (unless cache.dir is given)
+      students/NAME/
+        checkpoints/step_N/       weights, training state, meta (+ deepspeed/ shards)
+        export/                   the Hugging Face model dir
+        metrics.jsonl             one JSON object per logged step
+      tensorboard/NAME/
+      train_summary.json  report.json  report.md  curves.png  schedule.png  expert_load.png
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+PLOTS = ("curves.png", "schedule.png", "expert_load.png")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+    teacher_path: Path | None = None  # teacher.path: a checkpoint outside the run
+    cache_path: Path | None = None  # cache.dir: a cache outside the run
+    tokenizer_path: Path | None = None  # data.tokenizer.path: a tokenizer outside the run
+
+    @property
+    def teacher(self) -> Path:
+        return self.teacher_path or self.root / "teacher"
+
+    @property
+    def cache(self) -> Path:
+        return self.cache_path or self.root / "cache"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.tokenizer_path or self.root / "tokenizer"
+
+    def packed_blocks(self, fingerprint: str) -> Path:
+        return self.root / "data" / f"blocks-{fingerprint}.safetensors"
+
+    @property
+    def pretrain(self) -> "RunLayout":
+        """The teacher's pretraining run keeps its checkpoints and metrics apart."""
+        return RunLayout(self.root / "pretrain")
+
+    def student(self, name: str) -> Path:
+        return self.root / "students" / name
+
+    @property
+    def students(self) -> Path:
+        return self.root / "students"
+
+    def checkpoints(self, name: str) -> Path:
+        return self.student(name) / "checkpoints"
+
+    def export(self, name: str) -> Path:
+        return self.student(name) / "export"
+
+    def metrics(self, name: str) -> Path:
+        return self.student(name) / "metrics.jsonl"
+
+    def tensorboard(self, name: str) -> Path:
+        return self.root / "tensorboard" / name
+
+    @property
+    def train_summary(self) -> Path:
+        return self.root / "train_summary.json"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    def plot(self, name: str) -> Path:
+        return self.root / name

@@ -1,0 +1,117 @@
+"""What every stage sets up before it works: ranks, devices, data, models from config,
+and the teacher.  Stages (stages.py), training (train/) and evaluation (report/) share it.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from common.errors import UserError
+from distill.config import ModelConfig, RunConfig
+from distill.data import PackedData, prepare_data, vocab_size_of
+from teachers import LiveTeacher, load_teacher_model, teacher_identity
+
+
+def setup_runtime(cfg: RunConfig) -> tuple[int, int]:
+    """Seed, determinism and (under a launcher) torch.distributed. Returns (rank, world_size)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" then means this rank's GPU (NCCL needs it)
+    if world > 1 and not dist.is_initialized():
+        if cfg.train.engine == "deepspeed" or cfg.teacher.sharding == "zero3":
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        else:
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_leader() -> bool:
+    """Rank 0, or the only process."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            return torch.device("cuda", rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available; use device: auto or cpu")
+    return dev
+
+
+def prepare(cfg: RunConfig, progress: bool = False) -> PackedData:
+    """Packed data; a checkpoint teacher's own tokenizer is used unless one is named."""
+    if (cfg.teacher.source == "checkpoint" and cfg.data.tokenizer.path is None
+            and cfg.teacher.path is not None and (cfg.teacher.path / "tokenizer.json").exists()):
+        cfg.data.tokenizer.path = cfg.teacher.path
+    # Under a launcher, rank 0 builds the tokenizer and blocks; the others then reuse them.
+    leader = is_leader()
+    if not leader:
+        dist.barrier()
+    data = prepare_data(cfg.data, cfg.out_dir, progress=progress)
+    if leader and dist.is_initialized():
+        dist.barrier()
+    return data
+
+
+def model_config(model_cfg: ModelConfig, vocab_size: int, where: str):
+    """A transformers config from a preset; vocab defaults to the tokenizer's real size."""
+    from students.presets import PRESETS
+
+    args = dict(model_cfg.args)
+    args.setdefault("vocab_size", vocab_size)
+    if args["vocab_size"] < vocab_size:
+        raise UserError(f"{where}.model.args.vocab_size={args['vocab_size']} is smaller than the tokenizer's "
+                        f"{vocab_size} tokens; remove it to use the tokenizer's size")
+    try:
+        return PRESETS[model_cfg.preset](**args)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}.model.args: {e}") from None
+
+
+def check_k(cfg: RunConfig, vocab: int) -> None:
+    if cfg.cache.k > vocab:
+        raise UserError(f"cache.k={cfg.cache.k} is larger than the vocabulary ({vocab} tokens); choose k <= {vocab}")
+
+
+def existing_teacher_dir(cfg: RunConfig):
+    path = cfg.layout.teacher
+    if not path.is_dir():
+        hint = "run `distill pretrain` first" if cfg.teacher.source == "preset" else "check teacher.path"
+        raise UserError(f"teacher dir {path} does not exist; {hint}")
+    return path
+
+
+def teacher_model(cfg: RunConfig):
+    return load_teacher_model(existing_teacher_dir(cfg))
+
+
+def cache_identity(cfg: RunConfig, data: PackedData) -> dict:
+    """What a cache must have been made from to serve this run."""
+    return {**teacher_identity(cfg.layout.teacher), "tokenizer_hash": data.tokenizer_hash,
+            "data_fingerprint": data.fingerprint, "seq_len": str(data.seq_len),
+            "vocab_size": str(vocab_size_of(data.tokenizer))}
+
+
+def live_teacher(cfg: RunConfig, data: PackedData, device: torch.device) -> LiveTeacher:
+    return LiveTeacher(teacher_model(cfg), cfg.cache.k, vocab_size_of(data.tokenizer), device,
+                       autocast_dtype(cfg.train.precision, device), keep_dense=cfg.train.online_dense)

@@ -1,0 +1,192 @@
+"""What each CLI command does, one function each: pretrain, cache, train, run, export.
+
+Every function validates before it writes, and each stage can be rerun: finished work
+is detected and reused (a finished teacher, complete cache shards, checkpoints).
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+
+from common.errors import UserError
+from common.fsutil import atomic_write_json
+from distill.config import RunConfig, StudentConfig
+from distill.data import PackedData, vocab_size_of
+from distill.report.export import export_checkpoint, save_hf_dir
+from distill.report.report import evaluate_run
+from distill.runtime import (autocast_dtype, cache_identity, check_k, existing_teacher_dir, is_leader, live_teacher,
+                             model_config, prepare, resolve_device, setup_runtime)
+from distill.train.loop import run_hash, train_loop
+from distill.train.setup import build_students, loop_config, make_student
+from teachers import CachedTeacher, LiveTeacher, Teacher
+
+
+# ----------------------------------------------------------------------------- teacher
+
+
+def pretrain_teacher(cfg: RunConfig, resume: bool = True, progress: bool = True,
+                     data: PackedData | None = None) -> Path:
+    """Plain-CE training of a preset teacher; writes a Hugging Face dir at OUT/teacher."""
+    from students.build import build_model
+
+    if cfg.teacher.source != "preset":
+        raise UserError("pretrain: teacher.source must be 'preset' (a checkpoint teacher is already trained)")
+    out = cfg.layout.teacher
+    if resume and (out / "pretrain_done.json").exists():
+        return out
+    rank, world = setup_runtime(cfg)
+    data = prepare(cfg, progress) if data is None else data
+    vocab = vocab_size_of(data.tokenizer)
+    model = build_model(model_config(cfg.teacher.model, vocab, "teacher"), seed=cfg.seed)
+    pre = cfg.teacher.pretrain
+    as_student = StudentConfig(name="teacher", model=cfg.teacher.model, baseline=True, optim=pre.optim)
+    student = make_student(cfg, as_student, model, pre.steps, pre.batch_size)
+    loop = loop_config(cfg, pre.steps, pre.batch_size, rank, world,
+                       run_hash("pretrain", cfg.teacher.model_dump(mode="json"), data.fingerprint, cfg.seed))
+    result = train_loop([student], None, data.train, data.val, None, loop, cfg.layout.pretrain,
+                        resume=resume, progress=progress, label="pretraining teacher")
+    if rank == 0:
+        save_hf_dir(student.model, data.tokenizer, out, dtype="fp32")
+        atomic_write_json(out / "pretrain_done.json", {"steps": pre.steps, "data_fingerprint": data.fingerprint,
+                                                       **result["students"].get("teacher", {})})
+    return out
+
+
+@contextlib.contextmanager
+def zero3_live_teacher(cfg: RunConfig, data: PackedData, rank: int, world: int, progress: bool):
+    """The teacher partitioned over all ranks (teacher.sharding=zero3), released on exit;
+    see teachers/sharded.py."""
+    from teachers.sharded import local_parameter_share, zero3_teacher
+
+    amp = autocast_dtype(cfg.train.precision, resolve_device(cfg.train.device))
+    with zero3_teacher(existing_teacher_dir(cfg), dtype=amp or torch.float32) as (model, device):
+        if progress:
+            local, total = local_parameter_share(model)
+            print(f"[cache] teacher sharded with ZeRO-3 over {world} rank(s): rank {rank} holds {local:,} of "
+                  f"{total:,} weights", file=sys.stderr, flush=True)
+        yield LiveTeacher(model, cfg.cache.k, vocab_size_of(data.tokenizer), device, amp)
+
+
+def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
+                data: PackedData | None = None) -> Path:
+    """One teacher pass over train and validation blocks -> OUT/cache (resumes after a crash)."""
+    from teachers.cache import write_cache
+
+    if cfg.teacher.source == "cache":
+        return cfg.layout.cache
+    rank, world = setup_runtime(cfg)
+    data = prepare(cfg, progress) if data is None else data
+    check_k(cfg, vocab_size_of(data.tokenizer))
+    sharded = cfg.teacher.sharding == "zero3"
+    splits = {"train": data.train[:, :-1], "val": data.val[:, :-1]}
+    if sharded:
+        teacher_ctx = zero3_live_teacher(cfg, data, rank, world, progress)
+    else:
+        teacher_ctx = contextlib.nullcontext(live_teacher(cfg, data, resolve_device(cfg.train.device)))
+    with teacher_ctx as teacher:
+        return write_cache(cfg.layout.cache, teacher.topk, splits, identity=cache_identity(cfg, data), k=cfg.cache.k,
+                           encoding=cfg.cache.encoding, batch_size=cfg.cache.batch_size,
+                           shard_sequences=cfg.cache.shard_sequences, overwrite=overwrite, rank=rank,
+                           world_size=world, progress=progress and rank == 0, lockstep=sharded)
+
+
+# ----------------------------------------------------------------------------- students
+
+
+def check_online_sharding(cfg: RunConfig) -> None:
+    """Refused before anything is written: a ZeRO-3 teacher serves `distill cache` only."""
+    if cfg.train.mode == "online" and cfg.teacher.sharding != "none":
+        raise UserError(f"teacher.sharding={cfg.teacher.sharding} works with `distill cache` only; set "
+                        "train.mode: cached (cache first, then train), or teacher.sharding: none")
+
+
+def open_cached_teachers(cfg: RunConfig, data: PackedData) -> tuple[CachedTeacher, CachedTeacher]:
+    """The train and val replays of a cache made for this run's teacher, tokenizer and data."""
+    cache_dir = cfg.layout.cache
+    if not (cache_dir / "manifest.json").exists():
+        raise UserError(f"no cache at {cache_dir}; run `distill cache` first or set train.mode: online")
+    identity = None if cfg.teacher.source == "cache" else cache_identity(cfg, data)
+    train, val = CachedTeacher(cache_dir, "train", identity), CachedTeacher(cache_dir, "val", identity)
+    ident = train.reader.manifest.get("identity", {})
+    if ident.get("data_fingerprint") not in (None, data.fingerprint):
+        raise UserError(f"cache at {cache_dir} was made from other data (fingerprint "
+                        f"{ident.get('data_fingerprint')} != {data.fingerprint}); rerun `distill cache --overwrite`")
+    if len(train) != len(data.train):
+        raise UserError(f"cache has {len(train)} train blocks but the data has {len(data.train)}; "
+                        f"rerun `distill cache` to complete it")
+    return train, val
+
+
+def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
+                   data: PackedData | None = None) -> dict:
+    """Co-distil every student from one teacher signal per batch."""
+    check_online_sharding(cfg)
+    rank, world = setup_runtime(cfg)
+    data = prepare(cfg, progress) if data is None else data
+    teacher: Teacher
+    if cfg.train.mode == "cached":
+        teacher, val_teacher = open_cached_teachers(cfg, data)
+        students = build_students(cfg, data)
+    else:
+        check_k(cfg, vocab_size_of(data.tokenizer))
+        live = live_teacher(cfg, data, resolve_device(cfg.train.device))
+        teacher = val_teacher = live
+        students = build_students(cfg, data, live.model)  # init: teacher reuses the loaded model
+    rhash = run_hash("train", [s.model_dump(mode="json") for s in cfg.students], data.fingerprint,
+                     cfg.seed, cfg.train.steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.mode)
+    loop = loop_config(cfg, cfg.train.steps, cfg.train.batch_size, rank, world, rhash)
+    loop.extra_meta = {"data_fingerprint": data.fingerprint, "teacher": str(cfg.layout.teacher),
+                       "tokenizer_hash": data.tokenizer_hash}
+    result = train_loop(students, teacher, data.train, data.val, val_teacher, loop, cfg.layout,
+                        resume=resume, progress=progress)
+    result["teacher_reads"] = teacher.reads
+    if rank == 0:
+        result["students_info"] = {s.name: {"tokens_seen": s.tokens_seen, "nonfinite_steps": s.nonfinite_steps}
+                                   for s in students}
+        atomic_write_json(cfg.layout.train_summary, result)
+    return result
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+
+def run_all(cfg: RunConfig, resume: bool = True, progress: bool = True) -> dict:
+    """(pretrain) + cache + train + export + eval/report from one config."""
+    check_online_sharding(cfg)
+
+    def stage(text: str) -> None:
+        if progress and is_leader():
+            print(f"==> {text}", flush=True)
+
+    # Data is prepared once (collectively, under a launcher) and shared by every stage;
+    # eval runs on rank 0 alone, so it must not prepare (a barrier) by itself.
+    setup_runtime(cfg)
+    data = prepare(cfg, progress)
+    layout = cfg.layout
+    if cfg.teacher.source == "preset":
+        stage(f"teacher: pretraining a {cfg.teacher.model.preset} preset ({cfg.teacher.pretrain.steps} steps) -> {layout.teacher}")
+        pretrain_teacher(cfg, resume=resume, progress=progress, data=data)
+    if cfg.train.mode == "cached":
+        stage(f"cache: one teacher pass over the data -> {layout.cache}")
+        build_cache(cfg, progress=progress, data=data)
+    stage(f"train: {len(cfg.students)} students from one teacher signal per batch ({cfg.train.mode})")
+    train_students(cfg, resume=resume, progress=progress, data=data)
+    if not is_leader():
+        return {}
+    stage("export: Hugging Face model dirs -> OUT/students/NAME/export")
+    export_students(cfg)
+    stage("eval: held-out metrics, report and plots")
+    report = evaluate_run(cfg, progress=progress, data=data)
+    stage(f"done: {layout.report_md}")
+    return report
+
+
+def export_students(cfg: RunConfig) -> dict[str, Path]:
+    layout = cfg.layout
+    return {sc.name: export_checkpoint(layout.student(sc.name), layout.export(sc.name), dtype=cfg.export.dtype,
+                                       tokenizer_dir=layout.tokenizer)
+            for sc in cfg.students}
+

@@ -1,0 +1,10 @@
+"""Training: the co-distillation loop and what it drives.
+
+loop.py        `train_loop`: one teacher signal per micro-batch, every student steps on it
+student.py     a `Student`: model, engine, loss recipe and its `train_step`
+engines.py     the `Engine` protocol: plain torch, or one DeepSpeed engine per student
+setup.py       config -> students, engines and the loop's settings
+checkpoint.py  crash-safe step dirs, exact resume
+metrics.py     metrics.jsonl (+ TensorBoard) and progress bars
+validate.py    held-out metrics during training and for the report
+"""

@@ -1,0 +1,59 @@
+"""What a cache dir's reader and writer agree on: the format version, the manifest's
+name, the cache's errors, checksums and identity comparison.  See writer.py for the layout."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Mapping
+
+from common.errors import UserError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+# The cache's errors are the user's to fix (the CLI prints one line, exit 2), wherever
+# they surface: cache, train or eval.
+class CacheMismatch(UserError, ValueError):
+    """The cache dir holds a cache for a different teacher/tokenizer/data/k/encoding."""
+
+
+class CacheLocked(UserError, RuntimeError):
+    """Another process is writing this cache dir."""
+
+
+class CacheCorrupt(UserError, ValueError):
+    """A shard or the manifest disagrees with what was written."""
+
+
+class CacheWriteError(UserError, OSError):
+    """Writing a cache file failed (disk full, permissions); earlier files are intact."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheCorrupt(f"{path} is not valid JSON ({e}); remove it or pass overwrite=True") from e
+
+
+def identity_diffs(old: Mapping, new: Mapping, keys=None) -> list[str]:
+    keys = sorted(set(old) | set(new)) if keys is None else keys
+    return [f"{key}: {old.get(key)!r} (cache) vs {new.get(key)!r} (requested)"
+            for key in keys if str(old.get(key)) != str(new.get(key))]
+
+
+def mismatch_error(cache_dir: Path, diffs: list[str]) -> CacheMismatch:
+    return CacheMismatch(f"cache at {cache_dir} was written for a different setup: " + "; ".join(diffs)
+                         + ". Pass --overwrite (overwrite=True) to replace it, or use another cache dir.")
