@@ -44,7 +44,7 @@ def _load(config: Path, sets: Optional[list[str]]):
     from distill.config import check_config, check_inputs_exist, load_config
 
     cfg = load_config(config, _overrides(sets))
-    check_config(cfg)
+    check_config(cfg, str(config))
     check_inputs_exist(cfg)
     return cfg
 

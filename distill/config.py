@@ -213,7 +213,7 @@ def parse_config(raw: dict, source: str = "config") -> RunConfig:
         raise UserError(f"{source}: {first}{more}") from None
 
 
-def check_config(cfg: RunConfig) -> RunConfig:
+def check_config(cfg: RunConfig, source: str = "config") -> RunConfig:
     """The checks only the registries below can make: every divergence, preset and
     soft-weight schedule named in `cfg` exists and builds.  Raises UserError naming the key."""
     from losses import DIVERGENCES, build_schedule
@@ -221,7 +221,7 @@ def check_config(cfg: RunConfig) -> RunConfig:
 
     def known(where: str, kind: str, name: str, registry) -> None:
         if name not in registry:
-            raise UserError(f"{where}: unknown {kind} {name!r}; choose one of {', '.join(sorted(registry))}")
+            raise UserError(f"{source}: {where}: unknown {kind} {name!r}; choose one of {', '.join(sorted(registry))}")
 
     models = [("teacher.model", cfg.teacher.model)] + [(f"students.{i}.model", s.model) for i, s in enumerate(cfg.students)]
     for where, model in models:
@@ -232,7 +232,7 @@ def check_config(cfg: RunConfig) -> RunConfig:
         try:
             build_schedule(s.loss.soft_weight.as_dict())
         except ValueError as e:
-            raise UserError(f"students.{i}.loss.soft_weight: {e}") from None
+            raise UserError(f"{source}: students.{i}.loss.soft_weight: {e}") from None
     return cfg
 
 

@@ -67,9 +67,8 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     The one place teacher log-probs are computed, so live and cached signals are bitwise
     equal.  No (N, V) log-softmax is materialised: per chunk of rows it finds the row max
     m, sums exp(x - m) in a reused scratch buffer, top-k's the raw logits (log-softmax is
-    monotonic in x) and returns (top - m) - log(sum).  At V = 202,048 on a 2-core CPU this
-    costs ~0.3 ms/token against ~0.7 for log_softmax + topk, and its log-probs are within
-    ~3e-6 of fp64 where torch's CPU log_softmax is off by up to ~2e-4.  Scratch memory is
+    monotonic in x) and returns (top - m) - log(sum): faster than log_softmax + topk and
+    closer to fp64 (figures in BENCHMARKS.md, teacher-logit cache).  Scratch memory is
     ~16 MB on CPU, ~256 MB on an accelerator.  A row holding NaN or +inf (or only -inf)
     comes out NaN.
     """
@@ -117,7 +116,7 @@ def _topk_and_max(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, 
     Two-stage top-k, exact: the k largest entries of a row lie in the k blocks with the
     largest block maxima (any entry outside them is beaten by k block maxima), so one
     block-max pass, a top-k over V/64 maxima and a top-k over k*64 gathered entries
-    replace a top-k over all V (~2x faster on CPU at V = 202,048).  The row max falls out
+    replace a top-k over all V (measured in BENCHMARKS.md).  The row max falls out
     of the block maxima.  Ties may be ordered differently from torch.topk's.
     """
     r, vocab = x.shape

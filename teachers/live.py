@@ -107,9 +107,10 @@ class LiveTeacher:
         go through the lm_head a chunk of tokens at a time, each chunk reduced to its top-k
         at once.  At V = 202,048 a batch of 8 x 4096 tokens would otherwise need 13 GB of
         bf16 logits (26 GB as fp32).  A chunk is ~1 GB of fp32 logits (1,328 tokens at that
-        V) and at least 512 tokens: every chunk re-reads the (V, H) weight, and 83-token
-        chunks made a CPU step 1.5x slower.  Models outside _PLAIN_LM_HEAD take the
-        full-logits path.  A token whose logits hold NaN/+inf comes out NaN.
+        V) and at least 512 tokens, because every chunk re-reads the (V, H) weight (smaller
+        chunks were measurably slower: BENCHMARKS.md, teacher-logit cache).  Models outside
+        _PLAIN_LM_HEAD take the full-logits path.  A token whose logits hold NaN/+inf comes
+        out NaN.
         """
         if not self.chunked_head:
             return topk_logprobs(self.logits(input_ids), self.k)

@@ -1,5 +1,6 @@
 """The real CLI end to end on the tiny demo: files, report schema, stock-transformers export."""
 import json
+import re
 
 import pytest
 import torch
@@ -69,12 +70,30 @@ def test_export_loads_in_stock_transformers(demo_dir, name, arch):
     assert (export / "README.md").read_text().count("val_ppl") == 1
 
 
+def test_report_tells_one_story(demo_dir):
+    """The curve's last validation point is the table's figure (same held-out blocks), and
+    the expert-load plot's counts come from routing those held-out tokens."""
+    report = json.loads((demo_dir / "report.json").read_text())
+    seq_len = json.loads((demo_dir / "cache" / "manifest.json").read_text())["seq_len"]
+    for name, r in report["students"].items():
+        rows = [json.loads(line) for line in (demo_dir / "students" / name / "metrics.jsonl").read_text().splitlines()]
+        last_val = [row for row in rows if row["kind"] == "val"][-1]
+        assert last_val["val_ppl"] == pytest.approx(r["val_ppl"], rel=1e-4), name
+        assert last_val["val_tokens"] == r["val_tokens"] == report["val_blocks"] * seq_len
+    for name in ("scout", "maverick"):
+        loads = report["students"][name]["expert_load"]
+        assert loads and all(sum(layer) == report["val_blocks"] * seq_len for layer in loads), name  # top-1 routing
+
+
 def test_inspect_cache_and_verify(demo_dir):
     from tests.conftest import run_cli
 
     r = run_cli("inspect", str(demo_dir / "cache"), "--verify")
     assert r.returncode == 0, r.stderr
-    assert "bytes" in r.stdout.lower() and "verify: ok" in r.stdout
+    assert "verify: ok" in r.stdout
+    bpt = next(line for line in r.stdout.splitlines() if "bytes/token" in line)
+    assert re.search(r"bytes/token\s*│\s*\d+\.\d\s", bpt), bpt  # one decimal, not 17 digits
+    assert re.search(r"tokens\s*│\s*\d{1,3}(,\d{3})+", r.stdout)  # thousands separated
 
 
 def test_export_bf16_cli(demo_dir, tmp_path):

@@ -204,8 +204,8 @@ class FixedCodec:
 
 
 class CompactCodec:
-    """Lossy: ~122 B/token at k=64, V=202,048 on a Zipf-like teacher, mean KL ~2e-4
-    (figures from bench/cache.py).
+    """Lossy and the smallest encoding (bytes/token and KL measured by bench/cache.py,
+    recorded in BENCHMARKS.md).
 
     Per token (N tokens, k entries each):
     * ids sorted ascending and gap-coded (gap = id - previous id - 1) with Rice codes
