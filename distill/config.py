@@ -77,13 +77,13 @@ class ScheduleConfig(_Strict):
 class LossConfig(_Strict):
     divergence: str = Field("forward_kl", description="Soft-target divergence: forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tv.")
     temperature: float = Field(1.0, gt=0.0, le=100.0, description="Softmax temperature for both sides; the loss is scaled by T^2.")
-    tail: Literal["bucket", "renorm"] = Field("bucket", description="Top-k tail estimator: `bucket` keeps the missing mass as one outcome; `renorm` renormalises the top-k.")
+    tail: Literal["bucket", "renorm", "sampled"] = Field("bucket", description="Estimator of the teacher's distribution: `bucket` (top-k cache) keeps the missing mass as one outcome; `renorm` (top-k cache) renormalises the top-k; `sampled` (a cache made with cache.estimator: sampled) uses sampled teacher tokens, unbiased for forward_kl.")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD interpolation weight.")
     alpha: float = Field(0.1, ge=0.0, le=1.0, description="Skew KL mixing weight (DistiLLM).")
     hard_target: Literal["labels", "teacher_argmax"] = Field("labels", description="Hard target: ground-truth next tokens or the teacher's top-1.")
     soft_weight: ScheduleConfig = Field(default_factory=ScheduleConfig, description="w_soft(t); w_hard(t) = 1 - w_soft(t). start > end goes soft -> hard, start < end hard -> soft.")
     adaptive: Literal["none", "confidence", "entropy", "disagreement"] = Field("none", description="Per-token soft weights following the teacher, normalised so their mean is w_soft(t).")
-    chunk_size: int = Field(1024, ge=1, description="Tokens per chunk of [tokens, vocab] logits held at once.")
+    chunk_size: int | None = Field(None, ge=1, description="Tokens per chunk of [tokens, vocab] logits held at once; null: chosen from the vocabulary and a 256 MiB budget (losses.chunked.auto_chunk_size).")
     balance_weight: float = Field(0.01, ge=0.0, description="Switch-style MoE load-balancing loss weight (MoE students).")
     z_weight: float = Field(0.001, ge=0.0, description="Router z-loss weight (MoE students).")
     bias_update_rate: float = Field(0.0, ge=0.0, description="DeepSeek-V3 aux-loss-free balancing: expert-bias step per update (0 = off).")
@@ -137,7 +137,10 @@ class PretrainConfig(_Strict):
 class CacheConfig(_Strict):
     dir: Path | None = Field(None, description="Cache dir. Default: OUT/cache.")
     k: int = Field(64, ge=1, description="Top-k log-probs kept per token (must not exceed the vocab).")
-    encoding: str = Field("lossless", description="Shard encoding: lossless (default), fp16, bf16, compact (lossy, smallest).")
+    encoding: str = Field("lossless", description="Shard encoding of a top-k cache: lossless (default), fp16, bf16, compact (lossy, smallest). A sampled cache is always stored as `sampled`.")
+    estimator: Literal["topk", "sampled"] = Field("topk", description="What the cache keeps per token: the teacher's top-k log-probs (students use tail: bucket or renorm), or `samples` tokens drawn from it (students use tail: sampled; unbiased forward KL, about 17 B/token on a Zipf-like teacher).")
+    samples: int = Field(32, ge=1, le=4096, description="estimator: sampled: draws per token.")
+    sample_temperature: float = Field(1.0, gt=0.0, le=100.0, description="estimator: sampled: the temperature the draws are made at; every student's loss.temperature must equal it.")
     batch_size: int = Field(8, ge=1, description="Blocks per teacher forward.")
     shard_sequences: int = Field(256, ge=1, description="Blocks per shard file.")
 
@@ -184,6 +187,9 @@ class RunConfig(_Strict):
             raise ValueError(f"students: duplicate name(s) {sorted(dup)}")
         if self.teacher.source == "cache" and self.train.mode == "online":
             raise ValueError("train.mode 'online' needs a teacher model, but teacher.source is 'cache'")
+        if not (self.train.mode == "online" and self.train.online_dense):
+            for i, s in enumerate(self.students):
+                _check_estimator(f"students.{i}.loss", s, self.cache)
         return self
 
     @property
@@ -194,6 +200,26 @@ class RunConfig(_Strict):
 
 
 TeacherConfig.model_rebuild()
+
+
+def _check_estimator(where: str, student: StudentConfig, cache: CacheConfig) -> None:
+    """A student's loss must fit the signal the cache (or the online teacher) gives."""
+    if student.baseline:
+        return
+    loss = student.loss
+    if cache.estimator == "topk" and loss.tail == "sampled":
+        raise ValueError(f"{where}.tail: 'sampled' needs cache.estimator: sampled (the cache keeps the top-k)")
+    if cache.estimator == "sampled":
+        if loss.tail != "sampled":
+            raise ValueError(f"{where}.tail: must be 'sampled' with cache.estimator: sampled (got {loss.tail!r})")
+        if loss.temperature != cache.sample_temperature:
+            raise ValueError(f"{where}.temperature: {loss.temperature:g} but the teacher's tokens are drawn at "
+                             f"cache.sample_temperature {cache.sample_temperature:g}; make them equal")
+        if loss.hard_target == "teacher_argmax":
+            raise ValueError(f"{where}.hard_target: teacher_argmax needs a top-k cache; use labels")
+        if loss.adaptive == "confidence":
+            raise ValueError(f"{where}.adaptive: confidence needs a top-k cache (sampled tokens do not give the "
+                             f"teacher's top-1 probability); use entropy, disagreement or none")
 
 
 def _format_error(err: dict) -> str:
@@ -229,6 +255,9 @@ def check_config(cfg: RunConfig, source: str = "config") -> RunConfig:
             known(f"{where}.preset", "preset", model.preset, PRESETS)
     for i, s in enumerate(cfg.students):
         known(f"students.{i}.loss.divergence", "divergence", s.loss.divergence, DIVERGENCES)
+        if s.loss.tail == "sampled" and not s.baseline and not DIVERGENCES[s.loss.divergence].sampled:
+            raise UserError(f"{source}: students.{i}.loss.divergence: {s.loss.divergence!r} cannot be estimated "
+                            f"without bias from sampled teacher tokens; use forward_kl or cache.estimator: topk")
         try:
             build_schedule(s.loss.soft_weight.as_dict())
         except ValueError as e:

@@ -12,6 +12,7 @@ from common.errors import UserError
 from distill.config import ModelConfig, RunConfig
 from distill.data import PackedData, prepare_data, vocab_size_of
 from teachers import LiveTeacher, load_teacher_model, teacher_identity
+from teachers.cache.format import Sampling
 
 
 def setup_runtime(cfg: RunConfig) -> tuple[int, int]:
@@ -105,13 +106,21 @@ def teacher_model(cfg: RunConfig):
     return load_teacher_model(existing_teacher_dir(cfg))
 
 
+def sampling_of(cfg: RunConfig) -> Sampling | None:
+    """The draws of a sampled signal (cache.estimator: sampled), seeded by the run's seed."""
+    c = cfg.cache
+    return Sampling(c.samples, c.sample_temperature, cfg.seed) if c.estimator == "sampled" else None
+
+
 def cache_identity(cfg: RunConfig, data: PackedData) -> dict:
-    """What a cache must have been made from to serve this run."""
+    """What a cache must have been made from to serve this run (its estimator included)."""
+    sampling = sampling_of(cfg)
     return {**teacher_identity(cfg.layout.teacher), "tokenizer_hash": data.tokenizer_hash,
             "data_fingerprint": data.fingerprint, "seq_len": str(data.seq_len),
-            "vocab_size": str(vocab_size_of(data.tokenizer))}
+            "vocab_size": str(vocab_size_of(data.tokenizer)), **(sampling.identity() if sampling else {})}
 
 
 def live_teacher(cfg: RunConfig, data: PackedData, device: torch.device) -> LiveTeacher:
     return LiveTeacher(teacher_model(cfg), cfg.cache.k, vocab_size_of(data.tokenizer), device,
-                       autocast_dtype(cfg.train.precision, device), keep_dense=cfg.train.online_dense)
+                       autocast_dtype(cfg.train.precision, device), keep_dense=cfg.train.online_dense,
+                       sampling=sampling_of(cfg))

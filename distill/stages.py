@@ -18,7 +18,7 @@ from distill.data import PackedData, vocab_size_of
 from distill.report.export import export_checkpoint, save_hf_dir
 from distill.report.report import evaluate_run
 from distill.runtime import (autocast_dtype, cache_identity, check_k, existing_teacher_dir, is_leader, live_teacher,
-                             model_config, prepare, resolve_device, setup_runtime)
+                             model_config, prepare, resolve_device, sampling_of, setup_runtime)
 from distill.train.loop import run_hash, train_loop
 from distill.train.setup import build_students, loop_config, make_student
 from teachers import CachedTeacher, LiveTeacher, Teacher
@@ -67,7 +67,7 @@ def zero3_live_teacher(cfg: RunConfig, data: PackedData, rank: int, world: int, 
             local, total = local_parameter_share(model)
             print(f"[cache] teacher sharded with ZeRO-3 over {world} rank(s): rank {rank} holds {local:,} of "
                   f"{total:,} weights", file=sys.stderr, flush=True)
-        yield LiveTeacher(model, cfg.cache.k, vocab_size_of(data.tokenizer), device, amp)
+        yield LiveTeacher(model, cfg.cache.k, vocab_size_of(data.tokenizer), device, amp, sampling=sampling_of(cfg))
 
 
 def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
@@ -86,11 +86,14 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
         teacher_ctx = zero3_live_teacher(cfg, data, rank, world, progress)
     else:
         teacher_ctx = contextlib.nullcontext(live_teacher(cfg, data, resolve_device(cfg.train.device)))
+    sampling = sampling_of(cfg)
     with teacher_ctx as teacher:
-        return write_cache(cfg.layout.cache, teacher.topk, splits, identity=cache_identity(cfg, data), k=cfg.cache.k,
-                           encoding=cfg.cache.encoding, batch_size=cfg.cache.batch_size,
-                           shard_sequences=cfg.cache.shard_sequences, overwrite=overwrite, rank=rank,
-                           world_size=world, progress=progress and rank == 0, lockstep=sharded)
+        return write_cache(cfg.layout.cache, teacher.sample if sampling else teacher.topk, splits,
+                           identity=cache_identity(cfg, data),
+                           k=cfg.cache.k, encoding="sampled" if sampling else cfg.cache.encoding,
+                           batch_size=cfg.cache.batch_size, shard_sequences=cfg.cache.shard_sequences,
+                           overwrite=overwrite, rank=rank, world_size=world, progress=progress and rank == 0,
+                           lockstep=sharded, sampling=sampling)
 
 
 # ----------------------------------------------------------------------------- students
@@ -110,6 +113,10 @@ def open_cached_teachers(cfg: RunConfig, data: PackedData) -> tuple[CachedTeache
         raise UserError(f"no cache at {cache_dir}; run `distill cache` first or set train.mode: online")
     identity = None if cfg.teacher.source == "cache" else cache_identity(cfg, data)
     train, val = CachedTeacher(cache_dir, "train", identity), CachedTeacher(cache_dir, "val", identity)
+    have = "topk" if train.reader.sampling is None else "sampled"
+    if have != cfg.cache.estimator:
+        raise UserError(f"cache at {cache_dir} holds a {have} signal but cache.estimator is {cfg.cache.estimator}; "
+                        f"set cache.estimator: {have}, or rerun `distill cache --overwrite`")
     ident = train.reader.manifest.get("identity", {})
     if ident.get("data_fingerprint") not in (None, data.fingerprint):
         raise UserError(f"cache at {cache_dir} was made from other data (fingerprint "

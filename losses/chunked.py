@@ -1,109 +1,328 @@
-"""Per-token hard and soft losses in bounded memory, chunked over tokens.
+"""Per-token hard and soft losses in bounded memory, chunked over tokens, with analytic gradients.
 
 Full-vocabulary logits are the memory hog of distillation: at 8192 tokens x 128,256 vocab
 one fp32 copy is 4.2 GB, and log-softmax, probabilities and their gradients make several.
-Here the lm_head matmul and both losses run `chunk_size` tokens at a time, so at most
-chunk_size x V logits (and their fp32 temporaries) are alive, in forward and in backward.
+Here the lm_head matmul and both losses run `chunk_size` tokens at a time, so at most a few
+chunk_size x V buffers are alive, in forward and in backward.
 
 How: a custom `torch.autograd.Function`.  Forward computes each chunk's losses without a graph
-and saves only its inputs (hidden, weight, bias).  Backward recomputes one chunk's logits at a
-time, gets d(loss)/d(logits) for that chunk from the upstream per-token gradients, and writes
-the chunk's share straight into one preallocated gradient per input (`addmm_` into grad W).
+and keeps, per token, only what backward needs beyond the inputs: the log-normaliser and the
+soft loss's gradient on its few outcomes (k + 1 numbers for a top-k signal).  Backward
+recomputes one chunk's logits at a time (under the autocast state forward ran in, so it
+differentiates the function forward computed) and forms d loss / d logits in closed form:
 
-Why not `torch.utils.checkpoint` per chunk: autograd would then create a fresh (V, H) grad of W
-per chunk and sum them (2x the weight's size at peak, plus an allocation per chunk), and the
-gradient of each `rows[s:e]` slice is a zero-padded copy of the whole input - quadratic when
-the input is (N, V) logits.  Why not compute the gradients during forward (Liger's fused
-linear losses): we return *per-token* losses whose upstream gradients (adaptive per-token
-weights, masks, w_hard(t)) only exist at backward time, so that would mean keeping two (N, V)
-Jacobian rows.  The price of recomputing is one extra (C, H) x (H, V) matmul per chunk.
-Grad W accumulates in W's dtype (like autograd would).  Double backward is not supported.
+    p = softmax(z)                                   one exp pass over (C, V)
+    g = p * (g_hard + g_soft * a)                    the dense part, one row scale
+    g[S] = ...;  g[y] -= g_hard                      the k (or u) sparse entries, scattered
+
+where g_hard, g_soft are the upstream per-token gradients (schedule weights, adaptive
+weights, masks: all known only at backward time, so they enter as row scales).  The soft
+part's closed form is the divergence's gradient on its outcome logits (losses/divergences.py,
+`Divergence.outcome_grad`) chained through the estimator:
+
+* bucket:  outcomes [log p_S, log p_rest] / T.  With c = T * dD/dl (k + 1 values, summing to 0
+           unless the tail was floored): d/dz_m = c_m on the ids, c_rest * p_m / p_rest off
+           them, minus p_m * sum(c) (nonzero only when the tail was floored).  So a = c_rest /
+           p_rest - sum(c) and the ids' entries are overwritten: never a large term cancelled.
+* renorm:  outcomes z_S / T: d/dz = T * dD/dl on the ids only (a = 0).
+* sampled: forward KL only: d/dz = T * (softmax(z / T) * sum(f) - f on the sampled ids).
+* dense:   (online teacher logits) d/dz = T * dD/dl over all V outcomes.
+
+The forward pass likewise makes one exp pass (plus, for the bucket, one sum over the ids'
+complement, done in place: no scatter copy).  So a KD step costs about what a CE-only step
+costs, and no autograd graph over (C, V) tensors is built.  A divergence without a closed form
+(`Divergence.outcome_grad is None`, e.g. tv) takes the generic path, chosen automatically:
+backward runs autograd over the recomputed chunk.
+
+Why not `torch.utils.checkpoint` per chunk: autograd would create a fresh (V, H) grad of W per
+chunk and sum them (2x the weight's size at peak).  Why not compute the gradients during
+forward (Liger's fused linear losses): the upstream per-token gradients only exist at backward
+time, so that would mean keeping (N, V) partial gradients.  The price of recomputing is one
+extra (C, H) x (H, V) matmul per chunk.  Grad W accumulates in W's dtype.  Double backward is
+not supported.
 """
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from losses.divergences import get_divergence
-from losses.hard import hard_ce, hard_labels
+from losses.divergences import NEG_INF, bucket_tails, check_estimator, get_divergence
+from losses.hard import hard_labels
 from losses.signal import TeacherSignal
 
+# Default memory budget for the (C, V) buffers a chunk holds at once (logits, their fp32
+# copy, probabilities/gradient): the chunk size follows from it and the vocabulary.
+CHUNK_BUDGET_BYTES = 256 << 20
+_LIVE_BUFFERS = 3  # (C, V) fp32-sized buffers alive at once in backward
 
-def _slice(signal: TeacherSignal | None, s: int, e: int) -> TeacherSignal | None:
-    if signal is None:  # CE-only (a baseline student, or teacher pretraining)
-        return None
-    dense = None if signal.logits is None else signal.logits[s:e]
-    return TeacherSignal(signal.topk_ids[s:e], signal.topk_logprobs[s:e], dense)
+
+def auto_chunk_size(vocab_size: int, budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:
+    """Tokens per chunk so that the chunk's (C, V) buffers fit `budget_bytes`: a multiple of
+    16, at least 16 (at V = 128,256 and 256 MiB: 160 tokens; at V = 4,096: 5,456)."""
+    c = budget_bytes // (_LIVE_BUFFERS * 4 * max(vocab_size, 1))
+    return max(16, c // 16 * 16)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What every chunk does: the divergence and its settings, and which backward it takes."""
+
+    divergence: Any  # losses.divergences.Divergence
+    name: str
+    temperature: float
+    tail: str
+    ignore_index: int
+    params: dict = field(default_factory=dict)
+
+    @property
+    def analytic(self) -> bool:
+        return self.divergence.outcome_grad is not None
+
+    def divergence_value(self, logits, signal, mask) -> torch.Tensor:
+        return self.divergence(logits, signal, temperature=self.temperature, tail=self.tail, mask=mask,
+                               **self.params)
 
 
 def _chunk_logits(rows, weight, bias) -> torch.Tensor:
-    """(C, H) hidden -> (C, V) logits in the model's dtype (as its lm_head would compute
-    them); with weight None the rows already are (C, V) logits."""
+    """(C, H) hidden -> (C, V) logits in the model's (or autocast's) dtype, as its lm_head would
+    compute them; with weight None the rows already are (C, V) logits."""
     return rows if weight is None else F.linear(rows, weight, bias)
 
 
-def _losses(logits, signal, targets, mask, opts) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C, V) logits of any dtype -> (hard (C,), soft (C,)), computed in fp32."""
-    logits = logits if logits.dtype == torch.float64 else logits.float()  # (C, V)
-    div, ignore_index, kwargs = opts
-    hard = hard_ce(logits, targets, ignore_index)
+def _working_copy(logits: torch.Tensor, owned: bool) -> torch.Tensor:
+    """fp32 (fp64 stays fp64) logits that may be modified in place: `owned` logits (computed
+    here from hidden states) are reused when already fp32; a caller's logits are copied."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if owned and logits.dtype == dtype:
+        return logits
+    return logits.to(dtype, copy=True)
+
+
+# ---------------------------------------------------------------------------- analytic path
+
+
+def _analytic_forward(z, signal, targets, mask, plan):
+    """z: (C, V) fp32 working logits (clobbered).  Returns (hard (C,), soft (C,), state), where
+    state holds what `_analytic_backward` needs per token (a few numbers each)."""
+    T = plan.temperature
+    valid_y = targets != plan.ignore_index
+    z_y = z.gather(1, targets.clamp_min(0)[:, None]).squeeze(1)  # (C,)
+    state: dict[str, torch.Tensor] = {}
+    soft = torch.zeros_like(z_y)
+    keep = None if mask is None else mask.bool()
+    if signal is not None and signal.logits is not None:  # dense teacher: exact over all V
+        s = torch.log_softmax(z / T, dim=-1)
+        t = torch.log_softmax(signal.logits.to(z.dtype) / T, dim=-1)
+        if keep is not None:
+            t = torch.where(keep[:, None], t, s)
+        soft = plan.divergence.value(s, t, **plan.params) * T * T
+        del s, t
+    elif signal is not None and signal.kind == "sampled":
+        lse_t = torch.logsumexp(z / T, dim=-1) if T != 1.0 else None
+        freq = signal.topk_logprobs.to(z.dtype).exp()  # (C, u); padding 0
+        entropy = signal.entropy.to(z.dtype)
+        if keep is not None:  # masked rows (cache padding) may hold anything
+            freq = freq.masked_fill(~keep[:, None], 0.0)
+            entropy = entropy.masked_fill(~keep, 0.0)
+        z_u = z.gather(1, signal.topk_ids)  # (C, u)
+    elif signal is not None:
+        z_s = z.gather(1, signal.topk_ids)  # (C, k)
+    # One exp pass over the chunk, in place: e = exp(z - max).
+    row_max = z.amax(dim=-1, keepdim=True)  # (C, 1)
+    e = z.sub_(row_max).exp_()
+    total = e.sum(-1)  # (C,)
+    lse = row_max.squeeze(1) + total.log()  # (C,)
+    hard = torch.where(valid_y, lse - z_y, torch.zeros_like(lse))
+    state["lse"] = lse
+    if signal is None or signal.logits is not None:
+        return hard, soft, state
+    if signal.kind == "sampled":
+        lse_t = lse if lse_t is None else lse_t
+        cross = -(freq * (z_u / T - lse_t[:, None])).sum(-1)  # unbiased CE at T
+        soft = (cross - entropy) * T * T
+        state.update(lse_t=lse_t, freq=freq)
+        return hard, soft, state
+    top = signal.topk_logprobs.to(z.dtype)  # (C, k) teacher log-probs at T = 1
+    if plan.tail == "renorm":
+        s = torch.log_softmax(z_s / T, dim=-1)
+        t = torch.log_softmax(top / T, dim=-1)
+        value, grad = _outcome(s, t, keep, plan)
+        state["c_ids"] = grad * T  # (C, k) d soft / d z on the ids
+        return hard, value * T * T, state
+    # bucket: the student's mass off the ids, summed exactly (zero the ids in place, re-sum).
+    log_ids = z_s - lse[:, None]  # (C, k) log p_S
+    e.scatter_(1, signal.topk_ids, 0.0)
+    log_rest = (e.sum(-1).log() - total.log())[:, None]  # (C, 1) log p_rest, stable when tiny
+    s_tail, t_tail = bucket_tails(log_rest, signal.tail_logprob().to(z.dtype)[:, None],
+                                  empty=signal.k >= z.shape[-1])
+    s = torch.log_softmax(torch.cat([log_ids, s_tail], dim=-1) / T, dim=-1)  # (C, k + 1)
+    t = torch.log_softmax(torch.cat([top, t_tail], dim=-1) / T, dim=-1)
+    value, grad = _outcome(s, t, keep, plan)
+    c = grad * T  # (C, k + 1): d soft / d log a for each outcome's T = 1 log-mass
+    floored = (s_tail == NEG_INF) | (s_tail > log_rest)  # where the floor (or emptiness) ruled
+    c_rest = c[:, -1:].masked_fill(floored, 0.0)  # the clamp passes no gradient
+    state["c_ids"] = c[:, :-1]
+    state["sigma"] = (c[:, :-1].sum(-1, keepdim=True) + c_rest).squeeze(1)  # (C,)
+    # c_rest / p_rest, with p_rest = exp(log_rest); 0 where floored (p_rest may be 0 there).
+    state["rest_scale"] = torch.where(floored, torch.zeros_like(c_rest), c_rest * (-log_rest).exp()).squeeze(1)
+    return hard, value * T * T, state
+
+
+def _outcome(s, t, keep, plan):
+    """(value (C,), dD/dl (C, M)) of the divergence on outcome log-probs; masked rows give 0."""
+    if keep is not None:
+        t = torch.where(keep[:, None], t, s)
+    value = plan.divergence.value(s, t, **plan.params)
+    grad = plan.divergence.outcome_grad(s, t, **plan.params)
+    if keep is not None:
+        value, grad = value * keep, grad * keep[:, None]
+    return value, grad
+
+
+def _analytic_backward(z, signal, targets, mask, state, g_hard, g_soft, plan):
+    """d(g_hard . hard + g_soft . soft) / d logits, (C, V) in z's dtype, from the recomputed
+    working logits z (clobbered) and the forward's per-token state."""
+    T = plan.temperature
+    g_hard = g_hard.to(z.dtype).masked_fill(targets == plan.ignore_index, 0.0)  # (C,)
+    g_soft = g_soft.to(z.dtype)
+    if mask is not None:
+        g_soft = g_soft * mask
+    dense_soft = None  # a (C, V) soft term not proportional to softmax(z)
+    if signal is not None and signal.logits is not None:
+        s = torch.log_softmax(z / T, dim=-1)
+        t = torch.log_softmax(signal.logits.to(z.dtype) / T, dim=-1)
+        if mask is not None:
+            t = torch.where(mask.bool()[:, None], t, s)
+        dense_soft = plan.divergence.outcome_grad(s, t, **plan.params).mul_((g_soft * T)[:, None])
+        del s, t
+    elif signal is not None and signal.kind == "sampled" and T != 1.0:
+        # softmax(z / T) * sum(f): the tempered probabilities are not the T = 1 ones.
+        scale = g_soft * T * state["freq"].sum(-1)
+        dense_soft = (z / T - state["lse_t"][:, None]).exp_().mul_(scale[:, None])
+    coef = g_hard.clone()  # (C,): p's row scale
+    if signal is not None and signal.logits is None:
+        if signal.kind == "sampled" and T == 1.0:
+            coef += g_soft * state["freq"].sum(-1)
+        elif plan.tail == "bucket":
+            coef += g_soft * (state["rest_scale"] - state["sigma"])
+    ids = None if signal is None else signal.topk_ids
+    p_ids = z.gather(1, ids) if plan.tail == "bucket" and ids is not None and signal.logits is None else None
+    g = z.sub_(state["lse"][:, None]).exp_()  # (C, V) softmax(z), in place
+    if p_ids is not None:
+        p_ids = (p_ids - state["lse"][:, None]).exp()  # (C, k)
+    g.mul_(coef[:, None])
+    if dense_soft is not None:
+        g.add_(dense_soft)
+    if signal is not None and signal.logits is None:
+        if signal.kind == "sampled":
+            g.scatter_add_(1, ids, -(g_soft * T)[:, None] * state["freq"])
+        elif plan.tail == "renorm":
+            g.scatter_add_(1, ids, g_soft[:, None] * state["c_ids"])
+        else:  # bucket: overwrite the ids' entries (their dense value is not theirs)
+            exact = g_hard[:, None] * p_ids + g_soft[:, None] * (state["c_ids"] - p_ids * state["sigma"][:, None])
+            g.scatter_(1, ids, exact)
+    g.scatter_add_(1, targets.clamp_min(0)[:, None], -g_hard[:, None])
+    return g
+
+
+# ---------------------------------------------------------------------------- generic path
+
+
+def _generic_losses(logits, signal, targets, mask, plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, V) logits of any dtype -> (hard (C,), soft (C,)) by the reference functions, in fp32;
+    differentiable by autograd (the fallback for divergences without a closed form)."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    hard = F.cross_entropy(logits, targets, ignore_index=plan.ignore_index, reduction="none")
     if signal is None:
         return hard, torch.zeros_like(hard)
-    return hard, div(logits, signal, mask=mask, **kwargs)
+    return hard, plan.divergence_value(logits, signal, mask)
+
+
+# ---------------------------------------------------------------------------- the function
+
+
+def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def _autocast(state) -> contextlib.AbstractContextManager:
+    device_type, enabled, dtype = state
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
 
 
 class _ChunkedLosses(torch.autograd.Function):
     """rows (N, H) with weight (V, H) [+ bias (V,)], or rows (N, V) logits with weight None
-    -> per-token (hard (N,), soft (N,)), never holding more than chunk x V logits."""
+    -> per-token (hard (N,), soft (N,)), never holding more than a chunk's (C, V) buffers."""
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, signal, targets, mask, opts, chunk):
+    def forward(ctx, rows, weight, bias, signal, targets, mask, plan, chunk):
         spans = [(s, min(s + chunk, rows.shape[0])) for s in range(0, rows.shape[0], chunk)]
         out_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
         hard = rows.new_zeros(rows.shape[0], dtype=out_dtype)
         soft = torch.zeros_like(hard)
+        states = []
         for s, e in spans:
-            logits = _chunk_logits(rows[s:e], weight, bias)
+            logits = _chunk_logits(rows[s:e], weight, bias)  # (C, V)
+            sig = None if signal is None else signal.rows(s, e)
             m = None if mask is None else mask[s:e]
-            h, k = _losses(logits, _slice(signal, s, e), targets[s:e], m, opts)
+            if plan.analytic:
+                h, k, state = _analytic_forward(_working_copy(logits, weight is not None), sig, targets[s:e], m, plan)
+                states.append(state)
+            else:
+                h, k = _generic_losses(logits, sig, targets[s:e], m, plan)
             hard[s:e], soft[s:e] = h, k
+            del logits
         ctx.save_for_backward(rows, weight, bias, targets, mask)
-        ctx.extras = (spans, signal, opts)
+        ctx.extras = (spans, signal, plan, states, _autocast_state(rows.device.type))
         return hard, soft
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_hard, g_soft):
         rows, weight, bias, targets, mask = ctx.saved_tensors
-        spans, signal, opts = ctx.extras
+        spans, signal, plan, states, amp = ctx.extras
         need_rows, need_w, need_b = ctx.needs_input_grad[:3]
         g_rows = torch.empty_like(rows) if need_rows else None
         g_w = torch.zeros_like(weight) if need_w else None
         g_b = torch.zeros_like(bias) if need_b else None
-        for s, e in spans:
+        for i, (s, e) in enumerate(spans):
             chunk = rows[s:e]
-            logits = _chunk_logits(chunk, weight, bias).detach().requires_grad_(True)  # (C, V)
-            with torch.enable_grad():
-                m = None if mask is None else mask[s:e]
-                h, k = _losses(logits, _slice(signal, s, e), targets[s:e], m, opts)
-                upstream = (h * g_hard[s:e].to(h.dtype) + k * g_soft[s:e].to(k.dtype)).sum()
-                (g_logits,) = torch.autograd.grad(upstream, logits)  # (C, V), model dtype
+            with _autocast(amp):  # recompute exactly what forward computed (same dtype)
+                logits = _chunk_logits(chunk, weight, bias)  # (C, V)
+            sig = None if signal is None else signal.rows(s, e)
+            m = None if mask is None else mask[s:e]
+            if plan.analytic:
+                g_logits = _analytic_backward(_working_copy(logits, weight is not None), sig, targets[s:e], m,
+                                              states[i], g_hard[s:e], g_soft[s:e], plan)
+            else:
+                logits = logits.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    h, k = _generic_losses(logits, sig, targets[s:e], m, plan)
+                    upstream = (h * g_hard[s:e].to(h.dtype) + k * g_soft[s:e].to(k.dtype)).sum()
+                    (g_logits,) = torch.autograd.grad(upstream, logits)
             if weight is None:
                 g_rows[s:e] = g_logits
                 continue
+            # The matmuls in the logits' dtype, as autograd would run the lm_head's backward.
+            g_logits = g_logits.to(logits.dtype)  # (C, V)
             if need_rows:
-                g_rows[s:e] = g_logits @ weight
+                g_rows[s:e] = g_logits @ weight.to(logits.dtype)
             if need_w:
-                g_w.addmm_(g_logits.T, chunk)
+                g_w.add_(g_logits.T @ chunk.to(logits.dtype))
             if need_b:
                 g_b += g_logits.sum(0)
+            del logits, g_logits
         return g_rows, g_w, g_b, None, None, None, None, None
 
 
-def _run_chunks(rows, weight, bias, signal, targets, mask, opts, chunk_size):
+def _run_chunks(rows, weight, bias, signal, targets, mask, plan, chunk_size):
+    vocab = rows.shape[-1] if weight is None else weight.shape[0]
+    chunk_size = auto_chunk_size(vocab) if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     n = rows.shape[0]
@@ -112,14 +331,16 @@ def _run_chunks(rows, weight, bias, signal, targets, mask, opts, chunk_size):
         raise ValueError(
             f"token counts differ: {n} rows, signal {sig_shape}, targets {tuple(targets.shape)}"
         )
-    return _ChunkedLosses.apply(rows, weight, bias, signal, targets, mask, opts, chunk_size)
+    return _ChunkedLosses.apply(rows, weight, bias, signal, targets, mask, plan, chunk_size)
 
 
 def _prepare(signal, labels, mask, divergence, temperature, tail, hard_target, ignore_index,
-             div_params) -> tuple[torch.Tensor, tuple]:
+             div_params) -> tuple[torch.Tensor, _Plan]:
     targets = hard_labels(hard_target, labels, signal, mask, ignore_index)  # (N,)
-    kwargs: dict[str, Any] = {"temperature": temperature, "tail": tail, **div_params}
-    return targets, (get_divergence(divergence), ignore_index, kwargs)
+    if signal is not None:
+        check_estimator(signal, temperature, tail, divergence)
+    plan = _Plan(get_divergence(divergence), divergence, temperature, tail, ignore_index, dict(div_params))
+    return targets, plan
 
 
 def per_token_losses(
@@ -133,7 +354,7 @@ def per_token_losses(
     temperature: float = 1.0,
     tail: str = "bucket",
     hard_target: str = "labels",
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     **div_params: float,
@@ -141,19 +362,21 @@ def per_token_losses(
     """Per-token hard CE and soft divergence from final hidden states, chunked over tokens.
 
     hidden: (N, H) final hidden states (any float dtype).  lm_head_weight: (V, H); bias: (V,)
-    or None.  signal: (N, k) teacher signal (optionally dense (N, V)), or None for CE only
-    (soft is then all zeros).  labels: (N,) int64 with
-    `ignore_index` for padding (may be None with hard_target="teacher_argmax").  mask: (N,)
-    bool or None.  divergence / temperature / tail / **div_params: see `losses.divergences`.
-    hard_target: "labels" | "teacher_argmax" (see `losses.hard`).
+    or None.  signal: (N, k) teacher signal (top-k or sampled; optionally dense (N, V)), or
+    None for CE only (soft is then all zeros).  labels: (N,) int64 with `ignore_index` for
+    padding (may be None with hard_target="teacher_argmax").  mask: (N,) bool or None.
+    divergence / temperature / tail / **div_params: see `losses.divergences`.
+    hard_target: "labels" | "teacher_argmax" (see `losses.hard`).  chunk_size: tokens per
+    chunk; None picks it from the vocabulary and CHUNK_BUDGET_BYTES (`auto_chunk_size`).
 
     Returns `(hard, soft)`, each (N,) fp32, 0 at masked tokens.  Equal to computing
-    `hidden @ lm_head_weight.T` at once and applying the same losses; never holds more than
-    chunk_size x V logits.
+    `hidden @ lm_head_weight.T` at once and applying the same losses; never holds more than a
+    chunk's (C, V) buffers.  Under autocast, the logits (forward and recomputed) are in the
+    autocast dtype, as an unchunked lm_head would compute them.
     """
-    targets, opts = _prepare(signal, labels, mask, divergence, temperature, tail, hard_target,
+    targets, plan = _prepare(signal, labels, mask, divergence, temperature, tail, hard_target,
                              ignore_index, div_params)
-    return _run_chunks(hidden, lm_head_weight, bias, signal, targets, mask, opts, chunk_size)
+    return _run_chunks(hidden, lm_head_weight, bias, signal, targets, mask, plan, chunk_size)
 
 
 def per_token_losses_from_logits(
@@ -166,15 +389,15 @@ def per_token_losses_from_logits(
     temperature: float = 1.0,
     tail: str = "bucket",
     hard_target: str = "labels",
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     ignore_index: int = -100,
     **div_params: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As `per_token_losses`, from precomputed student logits (N, V) (any float dtype).
 
     The logits themselves are already in memory; chunking bounds the fp32 upcast and the
-    softmax temporaries to chunk_size x V, and backward writes one (N, V) gradient.
+    softmax temporaries to a chunk, and backward writes one (N, V) gradient.
     """
-    targets, opts = _prepare(signal, labels, mask, divergence, temperature, tail, hard_target,
+    targets, plan = _prepare(signal, labels, mask, divergence, temperature, tail, hard_target,
                              ignore_index, div_params)
-    return _run_chunks(logits, None, None, signal, targets, mask, opts, chunk_size)
+    return _run_chunks(logits, None, None, signal, targets, mask, plan, chunk_size)

@@ -20,28 +20,45 @@ Where the teacher's distribution comes from (`outcome_logprobs`):
              renormalised to sum to 1).  Student: `log_softmax(student_logits[ids] / T)`, i.e.
              its tempered probabilities at those ids renormalised over them.  Tokens outside
              the top-k get no gradient, and the teacher's tail mass is thrown away.
-* bucket  -- k + 1 outcomes: the k ids plus one "everything else" bucket.  Teacher:
-             `[topk_logprobs, tail_logprob]`, re-tempered as `log_softmax([...] / T)`; this is
-             exact at T = 1 and an estimate otherwise (the true tempered tail is a sum over
-             tokens we no longer have).  Student: its full-vocabulary tempered softmax, with
-             the mass outside the ids summed by a masked logsumexp (stable even when the tail
-             is tiny).  The student is pushed to put the teacher's tail mass outside the top-k.
-             A teacher tail that rounded to 0 in fp32 is floored at eps/2 (about 6e-8).
+* bucket  -- k + 1 outcomes: the k ids plus one "everything else" bucket, built the same
+             way on both sides: each side's own probabilities at T = 1 of the k ids and of the
+             rest (teacher: `[topk_logprobs, tail_logprob]`; student: its full softmax, the
+             rest summed by a logsumexp over the ids' complement), then softened as a (k+1)-
+             outcome distribution, `log_softmax(log a / T)`.  What is estimated is therefore
+             the divergence between the two tempered coarse-grained distributions: exactly
+             the divergence of the (k+1)-outcome distributions at T = 1, and at any T zero
+             (with zero gradient) for a student identical to its teacher.  The tail's shape
+             is unknown on the teacher's side, so tempering the full softmax first and then
+             bucketing, on the student's side only, would compare two different functions.
+             A tail mass that rounds below eps/2 (about 6e-8, fp32's resolution of
+             1 - sum(top-k)) is read as eps/2 on both sides, so reverse KL stays finite on
+             confident tokens; with k >= V the bucket is empty (probability 0) on both sides.
+* sampled -- see `TeacherSignal` (kind "sampled"): the teacher's tempered distribution is
+             estimated by the frequencies of n draws from it; forward KL (and CE) are linear
+             in the teacher's probabilities, so their value and gradient are unbiased.  Every
+             other divergence needs the teacher's probabilities at the student's support and
+             is refused for this signal.  The draws' temperature must be the loss's.
 
-With k = V (every token kept) both sparse estimators equal the dense loss.  Top-k ids must be
+With k = V (every token kept) both top-k estimators equal the dense loss.  Top-k ids must be
 distinct within a row.  Divergences use 0 * log 0 = 0, so zero-probability outcomes (e.g. an
-empty teacher tail) contribute nothing and give finite gradients.
+empty tail bucket) contribute nothing and give finite gradients.
+
+Each entry of `DIVERGENCES` also says whether it has a closed-form gradient with respect to
+the outcome logits (`Divergence.outcome_grad`); the chunked loss (losses/chunked.py) then
+forms d loss / d student logits analytically, and falls back to autograd otherwise.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from losses.signal import TeacherSignal
 
-TAILS = ("bucket", "renorm")
+TAILS = ("bucket", "renorm")  # estimators over a top-k signal
+ESTIMATORS = (*TAILS, "sampled")  # every value of the loss's `tail`
 NEG_INF = float("-inf")
 # The smallest tail mass 1 - sum(top-k) that fp32 resolves: a teacher tail that rounds to 0 is
 # read as this, so losses with log p_t in them (reverse KL) stay finite on confident tokens.
@@ -76,29 +93,63 @@ def outcome_logprobs(
 
 
 def _outcome_logprobs(student_logits, teacher, temperature, tail):
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if tail not in TAILS:
-        raise ValueError(f"unknown tail estimator {tail!r}; expected one of {TAILS}")
+    check_estimator(teacher, temperature, tail)
     z = _upcast(student_logits)  # (N, V)
-    z = z if temperature == 1.0 else z / temperature  # no (N, V) copy at T = 1
     if teacher.logits is not None:
         t_logits = _upcast(teacher.logits.detach()).to(z.dtype)  # (N, V)
-        t = torch.log_softmax(t_logits / temperature, dim=-1)
-        return torch.log_softmax(z, dim=-1), t
+        return torch.log_softmax(z / temperature, dim=-1), torch.log_softmax(t_logits / temperature, dim=-1)
     ids = teacher.topk_ids
     top = teacher.topk_logprobs.detach().to(z.dtype)  # (N, k)
-    if tail == "renorm" or teacher.k >= z.shape[-1]:
-        # k = V: the tail bucket is empty, and bucket == renorm == dense.
-        s = torch.log_softmax(z.gather(-1, ids), dim=-1)  # (N, k)
+    if tail == "renorm":
+        s = torch.log_softmax(z.gather(-1, ids) / temperature, dim=-1)  # (N, k)
         return s, torch.log_softmax(top / temperature, dim=-1)
     lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (N, 1)
     s_top = z.gather(-1, ids) - lse  # (N, k)
     s_tail = torch.logsumexp(z.scatter(-1, ids, NEG_INF), dim=-1, keepdim=True) - lse  # (N, 1)
-    # (N, 1); an empty tail is fp32 rounding (top-k mass rounded to 1), not certainty.
-    t_tail = teacher.tail_logprob().to(z.dtype).clamp_min(TAIL_FLOOR_LOGPROB).unsqueeze(-1)
+    t_tail = teacher.tail_logprob().to(z.dtype).unsqueeze(-1)  # (N, 1)
+    s_tail, t_tail = bucket_tails(s_tail, t_tail, empty=teacher.k >= z.shape[-1])
+    s = torch.log_softmax(torch.cat([s_top, s_tail], dim=-1) / temperature, dim=-1)
     t = torch.log_softmax(torch.cat([top, t_tail], dim=-1) / temperature, dim=-1)
-    return torch.cat([s_top, s_tail], dim=-1), t
+    return s, t
+
+
+def bucket_tails(s_tail: torch.Tensor, t_tail: torch.Tensor, empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sides' tail log-masses at T = 1, (N, 1) each, by one rule: floored at
+    TAIL_FLOOR_LOGPROB, or -inf on both when the top-k holds the whole vocabulary."""
+    if empty:
+        return torch.full_like(s_tail, NEG_INF), torch.full_like(t_tail, NEG_INF)
+    return s_tail.clamp_min(TAIL_FLOOR_LOGPROB), t_tail.clamp_min(TAIL_FLOOR_LOGPROB)
+
+
+def check_estimator(teacher: TeacherSignal, temperature: float, tail: str, divergence: str = "forward_kl") -> None:
+    """ValueError, in one line, for a signal the estimator cannot use without bias."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if tail not in ESTIMATORS:
+        raise ValueError(f"unknown tail estimator {tail!r}; expected one of {ESTIMATORS}")
+    if teacher.logits is not None:
+        return
+    if (teacher.kind == "sampled") != (tail == "sampled"):
+        raise ValueError(f"the teacher signal is {teacher.kind!r} but the loss's estimator is {tail!r}; "
+                         f"use tail: {'sampled' if teacher.kind == 'sampled' else 'bucket or renorm'}")
+    if teacher.kind == "sampled":
+        if not DIVERGENCES[divergence].sampled:
+            raise ValueError(f"divergence {divergence!r} cannot be estimated without bias from sampled teacher "
+                             f"tokens; use forward_kl, or a top-k cache")
+        if abs(teacher.temperature - temperature) > 1e-9:
+            raise ValueError(f"the teacher's tokens were sampled at temperature {teacher.temperature:g} but the "
+                             f"loss uses {temperature:g}; set loss.temperature to {teacher.temperature:g} or "
+                             f"re-cache with that sampling temperature")
+
+
+def sampled_forward_kl(z: torch.Tensor, teacher: TeacherSignal, temperature: float) -> torch.Tensor:
+    """Unbiased KL(p_t^T || p_s^T) per token from sampled teacher tokens, (N, V) -> (N,), not
+    yet scaled by T^2:  -sum_i f_i log p_s^T(i) - H_T, with f_i the sampled frequencies
+    (E[f_i] = p_t^T(i), so this is an unbiased cross-entropy) and H_T the teacher's stored
+    entropy at T.  Its gradient w.r.t. z / T is p_s^T - f."""
+    logp = torch.log_softmax(z / temperature, dim=-1).gather(-1, teacher.topk_ids)  # (N, u)
+    freq = teacher.topk_logprobs.detach().to(z.dtype).exp()  # (N, u); padding: 0
+    return -(freq * logp).sum(-1) - teacher.entropy.detach().to(z.dtype)
 
 
 # ---- kernels on log-prob pairs (..., M) -> (...,) ------------------------------------------
@@ -137,6 +188,83 @@ def _check_unit(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
+def _per_token(name: str, student_logits, teacher, temperature, tail, mask, params) -> torch.Tensor:
+    """The generic (autograd-friendly) per-token value of DIVERGENCES[name], (N, V) -> (N,)."""
+    check_estimator(teacher, temperature, tail, name)
+    if teacher.kind == "sampled" and teacher.logits is None:
+        if mask is not None:  # masked rows (cache padding) may hold anything: keep NaN out of grads
+            keep = mask.bool()
+            teacher = TeacherSignal(teacher.topk_ids, teacher.topk_logprobs.masked_fill(~keep[:, None], NEG_INF),
+                                    kind="sampled", entropy=teacher.entropy.masked_fill(~keep, 0.0),
+                                    temperature=teacher.temperature)
+        return _finish(sampled_forward_kl(_upcast(student_logits), teacher, temperature), temperature, mask)
+    s, t = outcome_logprobs(student_logits, teacher, temperature=temperature, tail=tail, mask=mask)
+    return _finish(DIVERGENCES[name].value(s, t, **params), temperature, mask)
+
+
+# ---- values and closed-form gradients on outcome log-probs (N, M) ------------------------------
+# s = log A, t = log B: the student's and the teacher's tempered outcome distributions, with
+# A = softmax(l) of the student's outcome logits l.  `*_grad` returns dD/dl (N, M) in closed
+# form: for D(A), dD/dl = A * (dD/dA - <A, dD/dA>); every row of it sums to 0.
+
+def _weighted_centre(s: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """A * (g - <A, g>) per row, with A = exp(s); entries where A = 0 are 0 (g may be NaN there)."""
+    a = s.exp()
+    g = g.masked_fill(s == NEG_INF, 0.0)
+    return a * (g - (a * g).sum(-1, keepdim=True))
+
+
+def _forward_kl_grad(s, t):
+    return s.exp() - t.exp()
+
+
+def _reverse_kl_grad(s, t):
+    return _weighted_centre(s, s - t)  # dKL(A||B)/dA_j = log A_j - log B_j + 1; the 1 cancels
+
+
+def _jsd_value(s, t, beta=0.5):
+    _check_unit("beta", beta)
+    if beta == 0.0:
+        return kl(t, s)
+    if beta == 1.0:
+        return kl(s, t)
+    m = log_mix(t, s, beta)
+    return beta * kl(t, m) + (1.0 - beta) * kl(s, m)
+
+
+def _jsd_grad(s, t, beta=0.5):
+    if beta == 0.0:
+        return _forward_kl_grad(s, t)
+    if beta == 1.0:
+        return _reverse_kl_grad(s, t)
+    return _weighted_centre(s, (1.0 - beta) * (s - log_mix(t, s, beta)))  # dJSD/dA_j = (1-beta) log(A_j/M_j)
+
+
+def _skew_kl_value(s, t, alpha=0.1):
+    _check_unit("alpha", alpha)
+    return kl(t, log_mix(t, s, alpha))
+
+
+def _skew_kl_grad(s, t, alpha=0.1):
+    # dD/dA_j = -(1 - alpha) B_j / M_j, M = alpha B + (1 - alpha) A; B_j / M_j <= 1 / alpha.
+    return _weighted_centre(s, -(1.0 - alpha) * (t - log_mix(t, s, alpha)).exp())
+
+
+def _skew_reverse_kl_value(s, t, alpha=0.1):
+    _check_unit("alpha", alpha)
+    return kl(s, log_mix(s, t, alpha))
+
+
+def _skew_reverse_kl_grad(s, t, alpha=0.1):
+    # dD/dA_j = log(A_j / M_j) + 1 - alpha A_j / M_j, M = alpha A + (1 - alpha) B; the 1 cancels.
+    r = s - log_mix(s, t, alpha)
+    return _weighted_centre(s, r - alpha * r.exp())
+
+
+def _tv_value(s, t):
+    return 0.5 * (t.exp() - s.exp()).abs().sum(-1)
+
+
 # ---- public per-token divergences ------------------------------------------------------------
 
 def forward_kl(
@@ -147,9 +275,9 @@ def forward_kl(
     tail: str = "bucket",
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """KL(p_t || p_s) per token, (N, V) -> (N,).  Mode-covering; the classic KD loss."""
-    s, t = outcome_logprobs(student_logits, teacher, temperature=temperature, tail=tail, mask=mask)
-    return _finish(kl(t, s), temperature, mask)
+    """KL(p_t || p_s) per token, (N, V) -> (N,).  Mode-covering; the classic KD loss.  The one
+    divergence a sampled signal estimates without bias (tail="sampled")."""
+    return _per_token("forward_kl", student_logits, teacher, temperature, tail, mask, {})
 
 
 def reverse_kl(
@@ -162,8 +290,7 @@ def reverse_kl(
 ) -> torch.Tensor:
     """KL(p_s || p_t) per token, (N, V) -> (N,).  Mode-seeking (MiniLLM,
     https://arxiv.org/abs/2306.08543)."""
-    s, t = outcome_logprobs(student_logits, teacher, temperature=temperature, tail=tail, mask=mask)
-    return _finish(kl(s, t), temperature, mask)
+    return _per_token("reverse_kl", student_logits, teacher, temperature, tail, mask, {})
 
 
 def jsd(
@@ -185,15 +312,7 @@ def jsd(
     beta = 1 is `reverse_kl`.
     """
     _check_unit("beta", beta)
-    s, t = outcome_logprobs(student_logits, teacher, temperature=temperature, tail=tail, mask=mask)
-    if beta == 0.0:
-        loss = kl(t, s)
-    elif beta == 1.0:
-        loss = kl(s, t)
-    else:
-        m = log_mix(t, s, beta)
-        loss = beta * kl(t, m) + (1.0 - beta) * kl(s, m)
-    return _finish(loss, temperature, mask)
+    return _per_token("jsd", student_logits, teacher, temperature, tail, mask, {"beta": beta})
 
 
 def skew_kl(
@@ -211,8 +330,7 @@ def skew_kl(
     the student side bounds the loss and its gradient.  alpha = 0 is `forward_kl`.
     """
     _check_unit("alpha", alpha)
-    s, t = outcome_logprobs(student_logits, teacher, temperature=temperature, tail=tail, mask=mask)
-    return _finish(kl(t, log_mix(t, s, alpha)), temperature, mask)
+    return _per_token("skew_kl", student_logits, teacher, temperature, tail, mask, {"alpha": alpha})
 
 
 def skew_reverse_kl(
@@ -229,8 +347,7 @@ def skew_reverse_kl(
     DistiLLM's SRKL (https://arxiv.org/abs/2402.03898).  alpha = 0 is `reverse_kl`.
     """
     _check_unit("alpha", alpha)
-    s, t = outcome_logprobs(student_logits, teacher, temperature=temperature, tail=tail, mask=mask)
-    return _finish(kl(s, log_mix(s, t, alpha)), temperature, mask)
+    return _per_token("skew_reverse_kl", student_logits, teacher, temperature, tail, mask, {"alpha": alpha})
 
 
 def tv(
@@ -242,20 +359,41 @@ def tv(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Total variation distance per token: 0.5 sum |p_t - p_s|, (N, V) -> (N,), in [0, T^2]
-    (the T^2 factor is applied to every divergence for consistency)."""
-    s, t = outcome_logprobs(student_logits, teacher, temperature=temperature, tail=tail, mask=mask)
-    return _finish(0.5 * (t.exp() - s.exp()).abs().sum(-1), temperature, mask)
+    (the T^2 factor is applied to every divergence for consistency).  Not differentiable
+    where p_t = p_s, so it has no closed-form gradient here: the chunked loss uses autograd."""
+    return _per_token("tv", student_logits, teacher, temperature, tail, mask, {})
 
 
-Divergence = Callable[..., torch.Tensor]
+@dataclass(frozen=True)
+class Divergence:
+    """One registered divergence: its per-token function and what the fast path needs.
+
+    fn:           the per-token loss, (student_logits (N, V), teacher, *, temperature, tail,
+                  mask, **params) -> (N,), differentiable by autograd
+    value:        the divergence on outcome log-probs, (s (N, M), t (N, M), **params) -> (N,)
+    outcome_grad: its gradient w.r.t. the student's outcome logits in closed form, (s, t,
+                  **params) -> (N, M); None: the chunked loss falls back to autograd
+    params:       the config parameters it takes (LossConfig fields of the same names)
+    sampled:      estimable without bias from a sampled teacher signal
+    """
+
+    fn: Callable[..., torch.Tensor]
+    value: Callable[..., torch.Tensor]
+    outcome_grad: Callable[..., torch.Tensor] | None = None
+    params: tuple[str, ...] = ()
+    sampled: bool = False
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        return self.fn(*args, **kwargs)
+
 
 DIVERGENCES: dict[str, Divergence] = {
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "jsd": jsd,
-    "skew_kl": skew_kl,
-    "skew_reverse_kl": skew_reverse_kl,
-    "tv": tv,
+    "forward_kl": Divergence(forward_kl, lambda s, t: kl(t, s), _forward_kl_grad, sampled=True),
+    "reverse_kl": Divergence(reverse_kl, lambda s, t: kl(s, t), _reverse_kl_grad),
+    "jsd": Divergence(jsd, _jsd_value, _jsd_grad, params=("beta",)),
+    "skew_kl": Divergence(skew_kl, _skew_kl_value, _skew_kl_grad, params=("alpha",)),
+    "skew_reverse_kl": Divergence(skew_reverse_kl, _skew_reverse_kl_value, _skew_reverse_kl_grad, params=("alpha",)),
+    "tv": Divergence(tv, _tv_value),
 }
 
 

@@ -31,10 +31,10 @@ def teacher_argmax_labels(signal: TeacherSignal) -> torch.Tensor:
     Uses the dense logits when present; otherwise the top-k entry with the largest log-prob
     (not blindly column 0, so a cache that did not sort its top-k still works).
     """
-    if signal.logits is not None:
-        return signal.logits.argmax(dim=-1)
-    best = signal.topk_logprobs.argmax(dim=-1, keepdim=True)  # (..., 1)
-    return signal.topk_ids.gather(-1, best).squeeze(-1)
+    if signal.kind == "sampled" and signal.logits is None:
+        raise ValueError("hard_target teacher_argmax needs a top-k (or dense) teacher signal: sampled "
+                         "tokens do not say which one was the most likely")
+    return signal.most_likely()
 
 
 def hard_labels(

@@ -10,16 +10,25 @@ from dataclasses import dataclass
 
 import torch
 
+SIGNAL_KINDS = ("topk", "sampled")
+
 
 @dataclass
 class TeacherSignal:
-    """Teacher's next-token beliefs, sparse (top-k) and optionally dense.
+    """Teacher's next-token beliefs, sparse (top-k or sampled) and optionally dense.
 
-    topk_ids:      (..., k) int64   the k most likely token ids, most likely first.
-    topk_logprobs: (..., k) float32 their log-probabilities under the *full* softmax at
-                   temperature 1 (so they sum to <= 1; the rest is the tail's mass).
+    kind "topk" (the default):
+      topk_ids:      (..., k) int64   the k most likely token ids, most likely first.
+      topk_logprobs: (..., k) float32 their log-probabilities under the *full* softmax at
+                     temperature 1 (so they sum to <= 1; the rest is the tail's mass).
+    kind "sampled" (Anshumann et al. 2025, https://arxiv.org/abs/2503.16870): n draws from
+    the teacher's softmax at `temperature`, unique ids kept with their frequencies:
+      topk_ids:      (..., u) int64   the distinct sampled ids (padding: any id),
+      topk_logprobs: (..., u) float32 log(count / n) (padding: -inf, i.e. frequency 0),
+      entropy:       (...,)  float32 the teacher's entropy at `temperature` (nats), so the
+                     KL estimate's value is unbiased too, not only its gradient.
     logits:        (..., V) optional dense teacher logits (online mode may pass them;
-                   exact losses then use them instead of the top-k estimate).
+                   exact losses then use them instead of the sparse estimate).
 
     Leading dims are (B, T) from a batch, or (N,) once flattened to tokens.
     """
@@ -27,31 +36,53 @@ class TeacherSignal:
     topk_ids: torch.Tensor
     topk_logprobs: torch.Tensor
     logits: torch.Tensor | None = None
+    kind: str = "topk"
+    entropy: torch.Tensor | None = None
+    temperature: float = 1.0  # sampled: the temperature the draws were made at
+
+    def __post_init__(self):
+        if self.kind not in SIGNAL_KINDS:
+            raise ValueError(f"unknown signal kind {self.kind!r}; expected one of {SIGNAL_KINDS}")
+        if self.kind == "sampled" and self.entropy is None:
+            raise ValueError("a sampled signal needs the teacher's entropy at its temperature")
 
     @property
     def k(self) -> int:
         return self.topk_ids.shape[-1]
 
     def tail_logprob(self) -> torch.Tensor:
-        """log(1 - sum(top-k probs)), shape (...,); -inf when top-k holds all the mass."""
-        top_mass = torch.logsumexp(self.topk_logprobs.float(), dim=-1)
+        """log(1 - sum(top-k probs)), shape (...,); -inf when top-k holds all the mass.
+        Computed in fp32, or fp64 for an fp64 signal."""
+        top = self.topk_logprobs if self.topk_logprobs.dtype == torch.float64 else self.topk_logprobs.float()
+        top_mass = torch.logsumexp(top, dim=-1)
         # log1p(-exp(x)) is accurate for x near 0 (tail almost empty).
         return torch.log1p(-torch.exp(top_mass).clamp(max=1.0))
 
+    def most_likely(self) -> torch.Tensor:
+        """(...,) int64: the teacher's argmax (dense), its top-1 (top-k, in whatever order the
+        ids are stored), or the most frequent draw (sampled: an estimate of the argmax)."""
+        if self.logits is not None:
+            return self.logits.argmax(dim=-1)
+        best = self.topk_logprobs.argmax(dim=-1, keepdim=True)  # (..., 1)
+        return self.topk_ids.gather(-1, best).squeeze(-1)
+
+    def _map(self, fn) -> "TeacherSignal":
+        """The same signal with `fn` applied to every tensor (token dims leading)."""
+        return TeacherSignal(fn(self.topk_ids), fn(self.topk_logprobs),
+                             None if self.logits is None else fn(self.logits), self.kind,
+                             None if self.entropy is None else fn(self.entropy), self.temperature)
+
     def flatten(self) -> "TeacherSignal":
         """(B, T, ...) -> (B*T, ...)."""
-        return TeacherSignal(
-            self.topk_ids.reshape(-1, self.k),
-            self.topk_logprobs.reshape(-1, self.k),
-            None if self.logits is None else self.logits.reshape(-1, self.logits.shape[-1]),
-        )
+        lead = self.topk_ids.shape[:-1]
+        return self._map(lambda x: x.reshape(-1, *x.shape[len(lead):]))
+
+    def rows(self, start: int, end: int) -> "TeacherSignal":
+        """Tokens start..end of a flattened (N, ...) signal."""
+        return self._map(lambda x: x[start:end])
 
     def to(self, device) -> "TeacherSignal":
-        return TeacherSignal(
-            self.topk_ids.to(device, non_blocking=True),
-            self.topk_logprobs.to(device, non_blocking=True),
-            None if self.logits is None else self.logits.to(device, non_blocking=True),
-        )
+        return self._map(lambda x: x.to(device, non_blocking=True))
 
     @staticmethod
     def from_logits(logits: torch.Tensor, k: int, keep_dense: bool = False) -> "TeacherSignal":
@@ -138,3 +169,65 @@ def _topk_and_max(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, 
         row_max = torch.maximum(row_max, rest.amax(dim=-1, keepdim=True))
     top, pos = torch.topk(cand, k, dim=-1)
     return top, cand_ids.gather(1, pos), row_max
+
+
+# ---- sampled signals ---------------------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+
+
+def _as_int64(x: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits (torch has no uint64 math)."""
+    x &= _MASK64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN, _MIX1, _MIX2 = (_as_int64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def counter_uniform(seed: int, keys: torch.Tensor, n: int) -> torch.Tensor:
+    """(...,) int64 keys -> (..., n) float64 uniforms in [0, 1), a pure function of (seed, key,
+    draw): splitmix64 over a counter, so a token's draws do not depend on which rank, batch or
+    order computed them (a resumed or multi-rank cache is byte-identical)."""
+    draw = torch.arange(n, dtype=torch.int64, device=keys.device)
+    x = (keys.to(torch.int64)[..., None] * n + draw + 1) * _GOLDEN + _as_int64(seed * 0x2545F4914F6CDD1D)
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    x = x ^ _shr(x, 31)
+    return _shr(x, 11).to(torch.float64) * (1.0 / (1 << 53))  # the top 53 bits
+
+
+def sample_signal(logits: torch.Tensor, n: int, temperature: float, seed: int, keys: torch.Tensor) -> TeacherSignal:
+    """n draws per token from softmax(logits / T) -> a sampled `TeacherSignal` (kind "sampled").
+
+    logits: (..., V) teacher logits; keys: (...,) int64, one per token, e.g. global sequence
+    index * seq_len + position.  The draws are inverse-CDF lookups of `counter_uniform`
+    numbers in an fp64 cumulative distribution.  Returns the distinct ids per token, sorted
+    ascending (width = the most distinct ids any token has; padding: id 0 at frequency 0),
+    log(count / n), and the entropy of softmax(logits / T).  A token with NaN/+inf logits
+    comes out with NaN entropy (`placeholder_invalid` rules apply to it as to top-k).
+    """
+    lead, vocab = logits.shape[:-1], logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    logp = torch.log_softmax(flat.double() / temperature, dim=-1)  # (N, V) fp64
+    probs = logp.exp()
+    entropy = -(probs * logp.masked_fill(probs == 0, 0.0)).sum(-1)  # (N,)
+    cdf = probs.cumsum_(-1)  # (N, V), in place
+    u = counter_uniform(seed, keys.reshape(-1), n) * cdf[:, -1:]  # (N, n) scaled to the total mass
+    ids = torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1)  # (N, n)
+    ids, _ = ids.sort(dim=-1)
+    new = torch.ones_like(ids, dtype=torch.bool)
+    new[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    run = new.cumsum(-1) - 1  # (N, n): which distinct id each draw is
+    width = int(run.max()) + 1 if run.numel() else 0
+    counts = torch.zeros(ids.shape[0], width, dtype=torch.float64, device=ids.device).scatter_add_(
+        1, run, torch.ones_like(ids, dtype=torch.float64))
+    distinct = torch.zeros(ids.shape[0], width, dtype=torch.int64, device=ids.device).scatter_(1, run, ids)
+    logfreq = (counts / n).log().float()  # (N, width); padding: log 0 = -inf
+    return TeacherSignal(distinct.reshape(*lead, width), logfreq.reshape(*lead, width), kind="sampled",
+                         entropy=entropy.float().reshape(lead), temperature=float(temperature))

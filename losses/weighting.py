@@ -27,6 +27,9 @@ WEIGHTING_MODES = ("uniform", "confidence", "entropy", "disagreement")
 
 def teacher_confidence(signal: TeacherSignal) -> torch.Tensor:
     """Teacher's top-1 probability, (..., k) signal -> (...,) fp32."""
+    if signal.kind == "sampled" and signal.logits is None:
+        raise ValueError("adaptive weighting 'confidence' needs a top-k (or dense) teacher signal: sampled "
+                         "tokens do not give the teacher's top-1 probability")
     if signal.logits is not None:
         return torch.softmax(signal.logits.float(), dim=-1).amax(dim=-1)
     return signal.topk_logprobs.float().amax(dim=-1).exp()
@@ -36,8 +39,11 @@ def teacher_entropy(signal: TeacherSignal) -> torch.Tensor:
     """Teacher entropy in nats, (..., k) signal -> (...,) fp32.
 
     Dense logits: exact.  Top-k: entropy of the (k + 1)-outcome distribution [top-k, tail],
-    which treats the tail as one token and so never exceeds the true entropy.
+    which treats the tail as one token and so never exceeds the true entropy.  Sampled: the
+    exact entropy stored with the draws (at the temperature they were drawn at).
     """
+    if signal.logits is None and signal.kind == "sampled":
+        return signal.entropy.float()
     if signal.logits is not None:
         logp = torch.log_softmax(signal.logits.float(), dim=-1)
     else:

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import UserError
-from losses.signal import TeacherSignal, placeholder_invalid, topk_logprobs
+from losses.signal import TeacherSignal, placeholder_invalid, sample_signal, topk_logprobs
+from teachers.cache.format import Sampling
 from teachers.protocol import Batch
 
 
@@ -66,7 +67,8 @@ class LiveTeacher:
     """A `Teacher` that runs the model under no_grad: exactly one forward per `signal()`."""
 
     def __init__(self, model, k: int, vocab_size: int, device: torch.device,
-                 autocast_dtype: torch.dtype | None = None, keep_dense: bool = False):
+                 autocast_dtype: torch.dtype | None = None, keep_dense: bool = False,
+                 sampling: Sampling | None = None):
         # A model already on `device` (e.g. ZeRO-3 partitioned by DeepSpeed) is not moved.
         if next(model.parameters()).device != device:
             model = model.to(device)
@@ -80,6 +82,7 @@ class LiveTeacher:
         self.device = device
         self.autocast_dtype = autocast_dtype
         self.keep_dense = keep_dense
+        self.sampling = sampling  # set: `signal` draws sampled tokens (and `sample` works)
         self.forward_calls = 0
         self.reads = 0  # a live teacher reads no cache
         self.chunked_head = (model.config.model_type in _PLAIN_LM_HEAD and hasattr(model, "model")
@@ -100,20 +103,21 @@ class LiveTeacher:
         return out[..., : self.vocab_size].float()
 
     @torch.no_grad()
-    def topk(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) -> top-k (values (B, T, k) fp32 log-probs, ids (B, T, k)), one forward.
+    def _reduced(self, input_ids: torch.Tensor, reduce) -> list:
+        """One forward; `reduce(logits (c, V), start, end)` applied to the logits of tokens
+        start..end of the flattened (B*T) batch, chunk by chunk, never the whole (B, T, V).
 
-        The (B, T, V) logits are never held whole: the decoder's hidden states (B, T, H)
-        go through the lm_head a chunk of tokens at a time, each chunk reduced to its top-k
-        at once.  At V = 202,048 a batch of 8 x 4096 tokens would otherwise need 13 GB of
-        bf16 logits (26 GB as fp32).  A chunk is ~1 GB of fp32 logits (1,328 tokens at that
-        V) and at least 512 tokens, because every chunk re-reads the (V, H) weight (smaller
+        The decoder's hidden states (B, T, H) go through the lm_head a chunk of tokens at a
+        time.  At V = 202,048 a batch of 8 x 4096 tokens would otherwise need 13 GB of bf16
+        logits (26 GB as fp32).  A chunk is ~1 GB of fp32 logits (1,328 tokens at that V)
+        and at least 512 tokens, because every chunk re-reads the (V, H) weight (smaller
         chunks were measurably slower: BENCHMARKS.md, teacher-logit cache).  Models outside
-        _PLAIN_LM_HEAD take the full-logits path.  A token whose logits hold NaN/+inf comes
-        out NaN.
+        _PLAIN_LM_HEAD take the full-logits path (one chunk).
         """
         if not self.chunked_head:
-            return topk_logprobs(self.logits(input_ids), self.k)
+            logits = self.logits(input_ids)
+            flat = logits.reshape(-1, logits.shape[-1])
+            return [reduce(flat, 0, flat.shape[0])]
         self.forward_calls += 1
         with self._autocast():
             out = self.model.model(input_ids=input_ids.to(self.device), use_cache=False)
@@ -126,21 +130,50 @@ class LiveTeacher:
                 bias = None if head.bias is None else head.bias[: self.vocab_size]
                 if self.autocast_dtype is not None:  # cast once, not once per chunk
                     weight = weight.to(self.autocast_dtype)
-                parts = [topk_logprobs(F.linear(flat[i:i + chunk], weight, bias), self.k)
-                         for i in range(0, flat.shape[0], chunk)]
-        shape = hidden.shape[:-1] + (self.k,)
-        return (torch.cat([p[0] for p in parts]).reshape(shape), torch.cat([p[1] for p in parts]).reshape(shape))
+                return [reduce(F.linear(flat[i:i + chunk], weight, bias), i, min(i + chunk, flat.shape[0]))
+                        for i in range(0, flat.shape[0], chunk)]
+
+    def topk(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) -> top-k (values (B, T, k) fp32 log-probs, ids (B, T, k)), one forward.
+        A token whose logits hold NaN/+inf comes out NaN."""
+        parts = self._reduced(input_ids, lambda logits, start, end: topk_logprobs(logits, self.k))
+        shape = input_ids.shape + (self.k,)
+        return torch.cat([p[0] for p in parts]).reshape(shape), torch.cat([p[1] for p in parts]).reshape(shape)
+
+    def sample(self, input_ids: torch.Tensor, keys: torch.Tensor) -> TeacherSignal:
+        """(B, T) -> a sampled TeacherSignal (B, T, n): `self.sampling.n` draws per token at
+        its temperature, seeded by (sampling.seed, keys (B, T)), one forward; padded to n."""
+        n, flat_keys = self.sampling.n, keys.reshape(-1).to(self.device)
+
+        def draw(logits, start, end):
+            sig = sample_signal(logits, n, self.sampling.temperature, self.sampling.seed, flat_keys[start:end])
+            return sig.topk_ids, sig.topk_logprobs, sig.entropy
+
+        parts = self._reduced(input_ids, draw)
+        ids = torch.cat([F.pad(p[0], (0, n - p[0].shape[-1])) for p in parts])
+        logfreq = torch.cat([F.pad(p[1], (0, n - p[1].shape[-1]), value=float("-inf")) for p in parts])
+        entropy = torch.cat([p[2] for p in parts])
+        return TeacherSignal(ids.reshape(*input_ids.shape, n), logfreq.reshape(*input_ids.shape, n), kind="sampled",
+                             entropy=entropy.reshape(input_ids.shape), temperature=self.sampling.temperature)
 
     def signal(self, batch: Batch) -> tuple[TeacherSignal, torch.Tensor]:
-        """(TeacherSignal (B, T, k), valid (B, T)) for `batch.input_ids`.  A token whose logits hold NaN or +inf, or
-        are all -inf, is invalid and gets a uniform placeholder signal, as in the cache; -inf
-        on some entries (masked vocab) is a valid distribution."""
+        """(TeacherSignal (B, T, k), valid (B, T)) for `batch.input_ids`.  A token whose logits
+        hold NaN or +inf, or are all -inf, is invalid and gets a placeholder signal, as in the
+        cache; -inf on some entries (masked vocab) is a valid distribution."""
         if self.keep_dense:
             logits = self.logits(batch.input_ids)
             valid = ~(logits.isnan().any(-1) | logits.isposinf().any(-1) | logits.isneginf().all(-1))  # (B, T)
             if not bool(valid.all()):
                 logits = torch.where(valid[..., None], logits, torch.zeros_like(logits))
             return TeacherSignal.from_logits(logits, self.k, keep_dense=True), valid.cpu()
+        if self.sampling is not None:
+            sig = self.sample(batch.input_ids, self.sampling.keys("online", batch.indices, batch.input_ids.shape[1]))
+            valid = torch.isfinite(sig.entropy)
+            if not bool(valid.all()):
+                sig.topk_logprobs[~valid] = float("-inf")
+                sig.topk_logprobs[~valid, 0] = 0.0  # one id at frequency 1: finite, masked anyway
+                sig.entropy[~valid] = 0.0
+            return sig.to("cpu"), valid.cpu()
         values, ids, valid = placeholder_invalid(*self.topk(batch.input_ids), self.vocab_size)  # valid: (B, T)
         return TeacherSignal(ids, values), valid.cpu()
 

@@ -15,9 +15,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, when run as a script
 
+from teachers.cache.format import Sampling  # noqa: E402
 from teachers.cache.writer import write_cache  # noqa: E402
 
 VOCAB, SEQ_LEN, K = 300, 12, 16
+SAMPLING = Sampling(n=16, temperature=2.0, seed=7)  # encoding "sampled" caches these draws
 
 
 def setup(n_train: int = 37, n_val: int = 6, delay: float = 0.0):
@@ -41,6 +43,9 @@ def setup(n_train: int = 37, n_val: int = 6, delay: float = 0.0):
 def write(cache_dir, delay: float = 0.0, **kw) -> Path:
     teacher_fn, splits, identity = setup(delay=delay)
     kw = {"k": K, "batch_size": 2, "shard_sequences": 4, "progress": False, **kw}
+    if kw.get("encoding") == "sampled":  # the teacher is then called with the draws' keys too
+        kw["sampling"] = SAMPLING
+        return write_cache(Path(cache_dir), lambda x, keys: teacher_fn(x), splits, identity=identity, **kw)
     return write_cache(Path(cache_dir), teacher_fn, splits, identity=identity, **kw)
 
 

@@ -40,6 +40,12 @@ def reference(tmp_path_factory) -> Path:
     return worker.write(tmp_path_factory.mktemp("ref"))
 
 
+@pytest.fixture(scope="module")
+def sampled_reference(tmp_path_factory) -> Path:
+    """The same, as a sampled cache (worker.SAMPLING)."""
+    return worker.write(tmp_path_factory.mktemp("ref-sampled"), encoding="sampled")
+
+
 def _all_signals(d: Path, split: str = "train") -> TeacherSignal:
     r = CacheReader(d, split)
     return r.signal(range(len(r)))
@@ -89,9 +95,11 @@ def test_k_equal_vocab_reproduces_full_distribution(tmp_path):
 
 
 @pytest.mark.slow
-def test_kill9_then_rerun_is_byte_identical(tmp_path, reference):
+@pytest.mark.parametrize("encoding", ["lossless", "sampled"])
+def test_kill9_then_rerun_is_byte_identical(tmp_path, encoding, request):
+    reference = request.getfixturevalue("sampled_reference" if encoding == "sampled" else "reference")
     script = Path(worker.__file__)
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), "--delay", "0.15"],
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), "--delay", "0.15", "--encoding", encoding],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     try:
@@ -111,13 +119,14 @@ def test_kill9_then_rerun_is_byte_identical(tmp_path, reference):
         proc.wait()
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert not m["complete"] and 2 <= len(m["splits"]["train"]["shards"]) < 10
-    worker.write(tmp_path)
+    worker.write(tmp_path, encoding=encoding)
     assert _files(tmp_path) == _files(reference)
     assert not [p for p in tmp_path.iterdir() if ".tmp." in p.name]
 
 
-def test_flipped_byte_is_reported(tmp_path):
-    worker.write(tmp_path)
+@pytest.mark.parametrize("encoding", ["lossless", "sampled"])
+def test_flipped_byte_is_reported(tmp_path, encoding):
+    worker.write(tmp_path, encoding=encoding)
     shard = _shards(tmp_path)[3]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x40
@@ -254,7 +263,7 @@ def test_ranks_without_torch_distributed_merge(tmp_path, reference):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("encoding", ["lossless", "compact"])
+@pytest.mark.parametrize("encoding", ["lossless", "compact", "sampled"])
 def test_two_gloo_processes_match_one(tmp_path, encoding):
     one = worker.write(tmp_path / "one", encoding=encoding)
     two = tmp_path / "two"
@@ -323,3 +332,26 @@ def test_empty_split_and_out_of_range(tmp_path):
         CacheReader(tmp_path, "train").signal([37])
     with pytest.raises(KeyError, match="test"):
         CacheReader(tmp_path, "test")
+
+
+def test_sampled_cache_holds_the_teachers_draws(sampled_reference):
+    """What the reader returns equals drawing from the teacher's logits directly with the
+    same seed and keys, in any order of sequences; and a sampled cache is refused by a
+    reader asked for another estimator's identity."""
+    from losses.signal import sample_signal
+
+    teacher_fn, splits, _ = worker.setup()
+    s = worker.SAMPLING
+    for split in ("train", "val"):
+        r = CacheReader(sampled_reference, split)
+        idx = list(range(len(r)))[::-1][::2]
+        sig, valid = r.read(idx)
+        ref = sample_signal(teacher_fn(splits[split][idx]), s.n, s.temperature, s.seed,
+                            s.keys(split, idx, worker.SEQ_LEN))
+        assert sig.kind == "sampled" and sig.temperature == s.temperature and valid.all()
+        assert torch.equal(sig.topk_ids, ref.topk_ids[..., :sig.k]) and torch.equal(sig.topk_logprobs, ref.topk_logprobs[..., :sig.k])
+        assert (ref.topk_logprobs[..., sig.k:] == float("-inf")).all()  # only padding trimmed
+        torch.testing.assert_close(sig.entropy, ref.entropy, atol=5e-3, rtol=1e-3)  # stored as fp16
+    assert describe_cache(sampled_reference)["estimator"] == "sampled (n=16, T=2)"
+    with pytest.raises(CacheMismatch, match="estimator"):
+        CacheReader(sampled_reference, "train").check_identity({"estimator": "topk"})

@@ -46,7 +46,10 @@ def test_bit_helpers_round_trip():
     assert id_bits(V_LLAMA4) == 18 and id_bits(2) == 1 and id_bits(1) == 1
 
 
-@pytest.mark.parametrize("name", sorted(CODECS))
+TOPK_CODECS = sorted(n for n, c in CODECS.items() if c.signal == "topk")
+
+
+@pytest.mark.parametrize("name", TOPK_CODECS)
 def test_every_codec_round_trips(name, zipf64):
     ids, lp = zipf64
     codec = get_codec(name)
@@ -96,13 +99,15 @@ def test_codecs_handle_minus_inf_and_edge_shapes():
     logits = torch.randn(8, 5)
     logits[:, 3] = float("-inf")
     ids, lp = _topk(logits, 5)
-    for name, codec in CODECS.items():
+    for name in TOPK_CODECS:
+        codec = CODECS[name]
         di, dl = codec.decode(codec.encode(ids, lp, 5, group=4), 5, 5, 4)
         assert (np.sort(di, 1) == np.arange(5)).all(), name
         if name == "lossless":
             assert (dl == lp).all()
     ids1, lp1 = np.zeros((3, 1), np.int64), np.zeros((3, 1), np.float32)
-    for name, codec in CODECS.items():
+    for name in TOPK_CODECS:
+        codec = CODECS[name]
         di, dl = codec.decode(codec.encode(ids1, lp1, 1, group=3), 1, 1, 3)
         assert (di == 0).all() and np.allclose(dl, 0, atol=1e-3), name
 
@@ -128,3 +133,37 @@ def test_compact_worst_case_uniform_logits():
     assert (si == dsi).all() and (di[:, 0] == ids[:, 0]).all()
     assert np.abs(dsl - sl).max() < 0.1  # a flat top-k lives in the fine sqrt part of the grid
     assert sum(a.nbytes for a in arrays.values()) / len(ids) < 150
+
+
+# ---- the sampled encoding ---------------------------------------------------------------------
+
+def _sampled_arrays(n_tok: int, vocab: int, n: int, seed: int = 0, scale: float = 2.0):
+    from losses.signal import sample_signal
+
+    logits = torch.randn(n_tok, vocab, generator=torch.Generator().manual_seed(seed)) * scale
+    sig = sample_signal(logits, n, 1.0, seed, torch.arange(n_tok))
+    ids = np.zeros((n_tok, n), np.int64)
+    lp = np.full((n_tok, n), -np.inf, np.float32)
+    ids[:, :sig.k], lp[:, :sig.k] = sig.topk_ids.numpy(), sig.topk_logprobs.numpy()
+    return ids, lp
+
+
+@pytest.mark.parametrize("vocab,n,scale", [(V_LLAMA4, 32, 2.0), (300, 16, 0.1), (7, 32, 5.0), (1, 8, 1.0)])
+def test_sampled_codec_round_trips_exactly(vocab, n, scale):
+    ids, lp = _sampled_arrays(96, vocab, n, scale=scale)
+    codec = CODECS["sampled"]
+    arrays = codec.encode(ids, lp, vocab, group=32)
+    di, dl = codec.decode(arrays, n, vocab, 32)
+    assert np.array_equal(di, ids) and np.array_equal(dl, lp)  # lossless, same layout
+    pi, pl = codec.decode(arrays, n, vocab, 32, groups=[2, 0])
+    assert np.array_equal(pi, np.concatenate([ids[64:], ids[:32]])) and np.array_equal(pl, np.concatenate([lp[64:], lp[:32]]))
+    shuffled = np.random.default_rng(0).permuted(np.arange(n))  # entries in any order encode the same
+    again = codec.encode(ids[:, shuffled], lp[:, shuffled], vocab, group=32)
+    assert all(np.array_equal(arrays[a], again[a]) for a in arrays)
+
+
+def test_sampled_codec_rejects_counts_that_do_not_add_up():
+    ids, lp = _sampled_arrays(4, 50, 8)
+    lp[0, 0] = np.log(0.5) if lp[0, 0] != np.log(0.5) else np.log(0.25)
+    with pytest.raises(ValueError, match="sum to the 8 draws"):
+        CODECS["sampled"].encode(ids, lp, 50, group=4)

@@ -30,7 +30,7 @@ def cache_rows(d: dict) -> dict:
     """`describe_cache`'s summary as rounded, human rows."""
     bpt = d["bytes_per_token"]
     rows = {"format": f"v{d['format_version']}, {'complete' if d['complete'] else 'INCOMPLETE'}",
-            "encoding": d["encoding"], "k": d["k"], "vocab_size": f"{d['vocab_size']:,}", "seq_len": f"{d['seq_len']:,}",
+            "estimator": d["estimator"], "encoding": d["encoding"], "k": d["k"], "vocab_size": f"{d['vocab_size']:,}", "seq_len": f"{d['seq_len']:,}",
             "tokens": f"{d['tokens']:,}", "size": f"{human_bytes(d['bytes'])} in {d['shards']:,} shards",
             "bytes/token": "-" if bpt is None else f"{bpt:.1f}", "non-finite tokens": f"{d['nonfinite_tokens']:,}"}
     for name, sp in d["splits"].items():

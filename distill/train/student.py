@@ -13,15 +13,13 @@ import torch
 
 from distill.config import LossConfig, OptimConfig, StudentConfig
 from distill.train.engines import Engine
-from losses import build_schedule, combine, per_token_losses, soft_weights
+from losses import DIVERGENCES, build_schedule, combine, per_token_losses, soft_weights
 from losses.moe import load_balancing_loss, router_z_loss
 from losses.signal import TeacherSignal
 from students.build import collect_router_logits, expert_load
 from students.sparse_moe import update_expert_bias
 from teachers import Batch
 
-
-DIVERGENCE_PARAMS = {"jsd": ("beta",), "skew_kl": ("alpha",), "skew_reverse_kl": ("alpha",)}
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int):
@@ -81,7 +79,7 @@ def distill_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, signal: T
     use_teacher = signal is not None and not baseline
     flat_signal = signal.flatten() if use_teacher else None  # (N, k)
     # Only the divergence's own parameters (jsd: beta; skew KLs: alpha) are passed on.
-    div_params = {p: getattr(loss_cfg, p) for p in DIVERGENCE_PARAMS.get(loss_cfg.divergence, ())}
+    div_params = {p: getattr(loss_cfg, p) for p in DIVERGENCES[loss_cfg.divergence].params}
     hard, soft = per_token_losses(
         flat_hidden, model.lm_head.weight, flat_signal,
         labels.reshape(-1), mask,

@@ -1,9 +1,11 @@
 """Held-out metrics for a teacher or a student.
 
 val_ppl                exp(mean next-token CE) on validation blocks
-teacher_top1_agreement share of tokens where the model's argmax equals the teacher's
-kl_to_teacher          mean KL(teacher || model), top-k with the tail bucket (exact at T=1
-                       when the signal is dense)
+teacher_top1_agreement share of tokens where the model's argmax equals the teacher's (a
+                       sampled signal: its most frequent draw)
+kl_to_teacher          mean KL(teacher || model): top-k with the tail bucket at T=1 (exact
+                       when the signal is dense); a sampled signal: its unbiased estimate at
+                       the draws' temperature
 expert_load            MoE models: tokens routed to each expert, per MoE layer, summed
                        over these same held-out blocks
 """
@@ -45,9 +47,11 @@ def evaluate_model(model, blocks: torch.Tensor, teacher: Teacher | None = None, 
         if teacher is not None:
             sig, valid = teacher.signal(batch)
             sig, valid = sig.to(device), valid.to(device)
-            agree += int(((logits.argmax(-1) == sig.topk_ids[..., 0]) & valid).sum())
+            agree += int(((logits.argmax(-1) == sig.most_likely()) & valid).sum())
+            sampled = sig.kind == "sampled" and sig.logits is None  # KL at the draws' temperature
             kl = DIVERGENCES["forward_kl"](logits.reshape(-1, logits.shape[-1]), sig.flatten(),
-                                           temperature=1.0, tail="bucket")
+                                           temperature=sig.temperature if sampled else 1.0,
+                                           tail="sampled" if sampled else "bucket")
             kl_sum += float((kl * valid.reshape(-1)).sum())
             n_sig += int(valid.sum())
     model.train(was_training)

@@ -4,13 +4,45 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
+
+import torch
 
 from common.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """A sampled cache (estimator "sampled"): n draws per token from softmax(logits / T),
+    seeded by (seed, split, sequence, position) alone, so a resumed or multi-rank cache is
+    byte-identical.  Stored with the encoding "sampled"; the manifest's k is n."""
+
+    n: int = 32
+    temperature: float = 1.0
+    seed: int = 0
+
+    def keys(self, split: str, sequences, seq_len: int) -> torch.Tensor:
+        """(B, seq_len) int64 draw keys of the blocks `sequences` (B,) of `split`: 22 bits of the
+        split's crc32 in bits 40-61, the token's index in the split (sequence * T + position) below."""
+        seqs = torch.as_tensor(sequences, dtype=torch.int64).reshape(-1, 1)
+        return ((zlib.crc32(split.encode()) & 0x3FFFFF) << 40) + seqs * seq_len + torch.arange(seq_len)
+
+    def identity(self) -> dict[str, str]:
+        return {"estimator": "sampled", "samples": str(self.n), "sample_temperature": repr(float(self.temperature)),
+                "sample_seed": str(self.seed)}
+
+    @staticmethod
+    def of_manifest(manifest: Mapping) -> "Sampling | None":
+        ident = manifest.get("identity", {})
+        if ident.get("estimator") != "sampled":
+            return None
+        return Sampling(int(ident["samples"]), float(ident["sample_temperature"]), int(ident["sample_seed"]))
 
 
 # The cache's errors are the user's to fix (the CLI prints one line, exit 2), wherever

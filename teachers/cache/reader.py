@@ -9,8 +9,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from teachers.cache.format import (FORMAT_VERSION, MANIFEST, CacheCorrupt, identity_diffs, mismatch_error, read_json,
-                                   sha256_file)
+from teachers.cache.format import (FORMAT_VERSION, MANIFEST, CacheCorrupt, Sampling, identity_diffs, mismatch_error,
+                                   read_json, sha256_file)
 from teachers.cache.codec import get_codec, safetensors_header
 from losses.signal import TeacherSignal
 
@@ -62,6 +62,7 @@ class CacheReader:
         self.manifest, self.split = manifest, split
         self.k, self.seq_len, self.vocab_size = manifest["k"], manifest["seq_len"], manifest["vocab_size"]
         self.codec = get_codec(manifest["encoding"])
+        self.sampling = Sampling.of_manifest(manifest)  # None: a top-k cache
         info = manifest["splits"][split]
         self.shards = sorted(info["shards"], key=lambda e: e["sequences"][0])
         ranges = [tuple(e["sequences"]) for e in self.shards]
@@ -114,6 +115,7 @@ class CacheReader:
         ids = np.empty((len(idx), self.seq_len, self.k), np.int64)
         lps = np.empty((len(idx), self.seq_len, self.k), np.float32)
         valid = np.ones((len(idx), self.seq_len), bool)
+        entropy = np.zeros((len(idx), self.seq_len), np.float32) if self.sampling else None
         for s in np.unique(shard):
             sel = np.flatnonzero(shard == s)
             arrays = self._arrays(int(s))
@@ -121,12 +123,19 @@ class CacheReader:
             i, lp = self.codec.decode(arrays, self.k, self.vocab_size, self.seq_len, local)
             ids[sel] = i.reshape(len(sel), self.seq_len, self.k)
             lps[sel] = lp.reshape(len(sel), self.seq_len, self.k)
+            if entropy is not None:
+                entropy[sel] = np.asarray(arrays["entropy"]).reshape(-1, self.seq_len)[local].astype(np.float32)
             bad = np.asarray(arrays["invalid"])  # flat token indices within the shard
             if bad.size:
                 seq, pos = np.divmod(bad, self.seq_len)
                 for row, want in zip(sel, local):
                     valid[row, pos[seq == want]] = False
-        return TeacherSignal(torch.from_numpy(ids), torch.from_numpy(lps)), torch.from_numpy(valid)
+        if self.sampling is None:
+            return TeacherSignal(torch.from_numpy(ids), torch.from_numpy(lps)), torch.from_numpy(valid)
+        width = max(1, int((lps > -np.inf).sum(-1).max(initial=1)))  # distinct ids come first
+        sig = TeacherSignal(torch.from_numpy(ids[..., :width].copy()), torch.from_numpy(lps[..., :width].copy()),
+                            kind="sampled", entropy=torch.from_numpy(entropy), temperature=self.sampling.temperature)
+        return sig, torch.from_numpy(valid)
 
     def signal(self, indices: Sequence[int]) -> TeacherSignal:
         return self.read(indices)[0]
@@ -175,8 +184,10 @@ def describe_cache(cache_dir) -> dict:
                         "bytes": size, "nonfinite_tokens": info.get("nonfinite_tokens", 0)}
     tokens = sum(s["tokens"] for s in splits.values())
     size = sum(s["bytes"] for s in splits.values())
+    sampling = Sampling.of_manifest(m)
+    estimator = "top-k" if sampling is None else f"sampled (n={sampling.n}, T={sampling.temperature:g})"
     return {"path": str(cache_dir), "format_version": m["format_version"], "complete": m.get("complete", False),
-            "identity": m["identity"], "k": m["k"], "encoding": m["encoding"], "vocab_size": m["vocab_size"],
+            "identity": m["identity"], "estimator": estimator, "k": m["k"], "encoding": m["encoding"], "vocab_size": m["vocab_size"],
             "seq_len": m["seq_len"], "splits": splits, "shards": sum(s["shards"] for s in splits.values()),
             "tokens": tokens, "bytes": size, "bytes_per_token": size / tokens if tokens else None,
             "nonfinite_tokens": sum(s["nonfinite_tokens"] for s in splits.values())}

@@ -33,6 +33,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -46,9 +47,9 @@ import torch.distributed as dist
 
 from common.fsutil import write_file_atomically
 from teachers.cache.codec import get_codec, safetensors_bytes
-from teachers.cache.format import (FORMAT_VERSION, MANIFEST, CacheLocked, CacheWriteError, identity_diffs,
+from teachers.cache.format import (FORMAT_VERSION, MANIFEST, CacheLocked, CacheWriteError, Sampling, identity_diffs,
                                    mismatch_error, read_json, sha256_file)
-from losses.signal import placeholder_invalid, topk_logprobs
+from losses.signal import TeacherSignal, placeholder_invalid, sample_signal, topk_logprobs
 
 # Shards and their temp files (fsutil writes `.NAME.tmpPID` beside NAME).
 _SHARD_RE = re.compile(r"^\.?.+-r(?P<rank>\d+)-\d{5}\.safetensors(\.tmp\d+)?$")
@@ -156,7 +157,30 @@ def _topk(out, k: int, vocab_size: int):
     else:
         vals, ids = topk_logprobs(out, k)
     vals, ids, valid = placeholder_invalid(vals.reshape(-1, k).float(), ids.reshape(-1, k), vocab_size)
-    return ids.cpu(), vals.cpu(), ~valid.cpu()
+    return ids.cpu(), vals.cpu(), ~valid.cpu(), None
+
+
+def _sampled(out, sampling: Sampling, vocab_size: int, keys: torch.Tensor):
+    """teacher_fn's output for a sampled cache -> ids (B*T, n), log(count / n) (B*T, n), bad
+    (B*T,), entropy (B*T,).  out is logits (B, T, V) (drawn here) or the sampled
+    TeacherSignal a chunked live teacher drew with the same seed and keys.  A token whose
+    logits were not finite gets n distinct placeholder ids at count 1 and is flagged."""
+    n = sampling.n
+    if not isinstance(out, TeacherSignal):
+        if out.dim() != 3 or out.shape[-1] != vocab_size:
+            raise ValueError(f"teacher_fn returned {tuple(out.shape)}, expected (B, T, {vocab_size})")
+        out = sample_signal(out, n, sampling.temperature, sampling.seed, keys)
+    sig = out.flatten()
+    ids = torch.zeros(sig.topk_ids.shape[0], n, dtype=torch.int64)
+    vals = torch.full((sig.topk_ids.shape[0], n), float("-inf"))
+    ids[:, :sig.k], vals[:, :sig.k] = sig.topk_ids.cpu(), sig.topk_logprobs.float().cpu()
+    entropy = sig.entropy.float().cpu()
+    bad = ~torch.isfinite(entropy)
+    if bool(bad.any()):
+        ids[bad] = torch.arange(n)
+        vals[bad] = -math.log(n)
+        entropy[bad] = 0.0
+    return ids, vals, bad, entropy
 
 
 def _entry_ok(cache_dir: Path, entry: dict | None, want: dict) -> bool:
@@ -181,7 +205,7 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
                 splits: Mapping[str, torch.Tensor], *, identity: Mapping, k: int = 64,
                 encoding: str = "lossless", batch_size: int = 8, shard_sequences: int = 256,
                 overwrite: bool = False, rank: int = 0, world_size: int = 1,
-                progress: bool = True, lockstep: bool = False) -> Path:
+                progress: bool = True, lockstep: bool = False, sampling: Sampling | None = None) -> Path:
     """Run the teacher over every split's blocks (N_split, T) once and cache its top-k.
 
     teacher_fn: LongTensor (B, T) -> logits (B, T, V), V = identity["vocab_size"], or
@@ -190,17 +214,23 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
     (k, encoding and seq_len are added).  lockstep=True: teacher_fn is a collective (a
     ZeRO-3 sharded teacher gathers its weights from every rank), so every rank calls it
     equally often; a rank with less left to do runs padding batches, whose output is
-    dropped.  Returns cache_dir.  Raises CacheMismatch, CacheLocked, CacheWriteError (see
+    dropped.  sampling: cache n sampled tokens per position instead of the top-k (encoding
+    "sampled", k = n); teacher_fn is then called as teacher_fn(x, keys), keys (B, T) from
+    `Sampling.keys` (split and token index), and may return logits or the sampled signal it
+    drew itself with `sample_signal(..., sampling.seed, keys)` (see `_sampled`).  Returns cache_dir.  Raises CacheMismatch, CacheLocked, CacheWriteError (see
     module docstring).
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    if (sampling is not None) != (encoding == "sampled"):
+        raise ValueError("encoding 'sampled' is the one encoding of a sampled cache (and only of one)")
+    k = sampling.n if sampling is not None else k
     codec = get_codec(encoding)
     lens = {t.shape[1] for t in splits.values()}
     if len(lens) != 1 or any(t.dim() != 2 for t in splits.values()):
         raise ValueError(f"every split must be a (N, T) block tensor of one T; got lengths {sorted(lens)}")
     seq_len = lens.pop()
-    ident = _full_identity(identity, k, encoding, seq_len)
+    ident = _full_identity({**identity, **(sampling.identity() if sampling else {})}, k, encoding, seq_len)
     vocab = int(ident["vocab_size"])
     if not 0 < k <= vocab:
         raise ValueError(f"k={k} must be in [1, vocab_size={vocab}]")
@@ -228,7 +258,7 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
         path = cache_dir / (MANIFEST if world_size == 1 else f"manifest.r{rank}.json")
         try:
             _run(cache_dir, teacher_fn, splits, codec, manifest, path, prior, rank, world_size,
-                 batch_size, shard_sequences, progress, sync if lockstep else None)
+                 batch_size, shard_sequences, progress, sync if lockstep else None, sampling)
         except BaseException:
             sync.any_failed(True)
             raise
@@ -285,7 +315,7 @@ def _plan(cache_dir: Path, splits: Mapping[str, torch.Tensor], prior: dict, rank
 
 
 def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, rank, world_size,
-         batch_size, shard_sequences, progress, lockstep: _Sync | None) -> None:
+         batch_size, shard_sequences, progress, lockstep: _Sync | None, sampling: Sampling | None) -> None:
     """Compute, encode and write this rank's shards; encoding+writing of shard i overlaps
     the teacher's work on shard i+1 (one background thread, at most one shard in flight).
 
@@ -309,22 +339,33 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
     calls, in_teacher = 0, False
 
     @torch.no_grad()
-    def call(x):
+    def call(split, x, first_seq: int):
         nonlocal calls, in_teacher
         calls, in_teacher = calls + 1, True
-        out = teacher_fn(x)
+        if sampling is None:
+            out = teacher_fn(x)
+        else:
+            out = teacher_fn(x, sampling.keys(split, range(first_seq, first_seq + x.shape[0]), seq_len))
         in_teacher = False
         return out
+
+    def signal_of(split, x, first_seq):
+        out = call(split, x, first_seq)
+        if sampling is None:
+            return _topk(out, k, vocab)
+        return _sampled(out, sampling, vocab, sampling.keys(split, range(first_seq, first_seq + x.shape[0]), seq_len))
 
     def pad_to_total():
         if calls < total:
             dummy = next(t for t in splits.values() if t.shape[0])[:batch_size].to(torch.int64)
             while calls < total:
-                call(dummy)
+                call("padding", dummy, 0)
 
-    def finish(split, entry, ids, vals, bad):
+    def finish(split, entry, ids, vals, bad, entropy):
         arrays = codec.encode(ids.numpy(), vals.numpy(), vocab, group=seq_len)
         arrays["invalid"] = np.flatnonzero(bad.numpy()).astype(np.int64)
+        if entropy is not None:  # sampled: the teacher's entropy at T makes the KL's value unbiased
+            arrays["entropy"] = entropy.numpy().astype(np.float16)
         meta = {"format": "distill-topk-cache", "format_version": str(FORMAT_VERSION), "encoding": codec.name,
                 "k": str(k), "vocab_size": str(vocab), "seq_len": str(seq_len), "split": split,
                 "sequences": f"{entry['sequences'][0]}-{entry['sequences'][1]}"}
@@ -353,11 +394,12 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
                         continue
                     s0, s1 = entry["sequences"]
                     x = splits[split][s0:s1].to(torch.int64)
-                    outs = [_topk(call(x[b0:b0 + batch_size]), k, vocab) for b0 in range(0, s1 - s0, batch_size)]
-                    ids, vals, bad = (torch.cat(t) for t in zip(*outs))
+                    outs = [signal_of(split, x[b0:b0 + batch_size], s0 + b0) for b0 in range(0, s1 - s0, batch_size)]
+                    ids, vals, bad = (torch.cat(t) for t in list(zip(*outs))[:3])
+                    entropy = None if sampling is None else torch.cat([o[3] for o in outs])
                     if pending is not None:
                         pending.result()
-                    pending = pool.submit(finish, split, entry, ids, vals, bad)
+                    pending = pool.submit(finish, split, entry, ids, vals, bad, entropy)
                     if progress:
                         n = splits[split].shape[0]
                         print(f"[cache] rank {rank}: {split} sequences {s0}-{s1} of {n}", file=sys.stderr, flush=True)

@@ -1,0 +1,148 @@
+"""The `sampled` encoding: per token, the distinct ids of n teacher draws and their counts.
+
+Input, per token (N tokens, n = the width of the arrays = draws per token):
+  ids      (N, n) int64, the distinct sampled ids, padding anywhere (any id),
+  logprobs (N, n) fp32,  log(count / n), padding -inf (count 0).
+Stored, per token:
+* `runs` (N, ceil(n / 8)) uint8: the counts as n bits, the draws sorted by id with a 1 at
+  the last draw of each distinct id.  Exactly n bits whatever the counts, so a token's row
+  is fetched on its own, and the number of distinct ids u is its popcount.
+* `rice` (N,) uint8: the token's Rice parameter b.
+* per group (one cached sequence), two byte-aligned bit streams located by `offsets` (G+1, 2):
+  the distinct ids ascending, gap-coded (gap = id - previous id - 1, the first from -1),
+  as Rice codes: the quotients gap >> b in unary (`id_unary`), the b-bit remainders
+  (`id_rem`).  b minimises the token's own code length.
+On a Zipf-like teacher at V = 202,048 and n = 32 that is about 30 bytes per token (bench/cache.py,
+BENCHMARKS.md) against 121.5 for the compact top-64.  Lossless: counts and ids come back exactly.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from teachers.cache.bits import gather_segments, read_varwidth, windows32
+
+Arrays = dict[str, np.ndarray]
+_MAX_RICE = 24
+
+
+def _segment_offsets(bits_per_group: np.ndarray) -> np.ndarray:
+    """(G,) bit counts -> (G+1,) byte offsets of byte-aligned segments."""
+    return np.concatenate([[0], np.cumsum((bits_per_group + 7) // 8)]).astype(np.int64)
+
+
+def _pack_fields(values: np.ndarray, widths: np.ndarray, pos: np.ndarray, n_bytes: int) -> np.ndarray:
+    """Fields (values < 2**widths, widths <= 25) at absolute bit positions -> uint8 stream
+    of n_bytes, MSB first.  Fields never share bits, so OR == ADD: one weighted bincount
+    per byte of a 40-bit window places all of them at once."""
+    window = values.astype(np.uint64) << (40 - (pos & 7) - widths).astype(np.uint64)
+    byte = pos >> 3
+    out = np.zeros(n_bytes + 5)
+    for t in range(5):
+        part = ((window >> np.uint64(32 - 8 * t)) & np.uint64(0xFF)).astype(np.float64)
+        out += np.bincount(byte + t, weights=part, minlength=len(out))[: len(out)]
+    return out[:n_bytes].astype(np.uint8)
+
+
+def _within(group_of: np.ndarray, lengths: np.ndarray, n_groups: int) -> np.ndarray:
+    """Start bit of each field within its group's segment (fields in order, group-major)."""
+    ends = np.cumsum(lengths)
+    first = np.searchsorted(group_of, np.arange(n_groups), side="left")  # group_of is sorted
+    base = np.concatenate([[0], ends])[first]  # (G,) cumulative length before each group
+    return ends - lengths - base[group_of]
+
+
+class SampledCodec:
+    name = "sampled"
+    lossless = True
+    signal = "sampled"
+
+    def encode(self, ids, logprobs, vocab_size: int, group: int | None = None) -> Arrays:
+        ids = np.asarray(ids, np.int64)
+        lp = np.asarray(logprobs, np.float32)
+        n_tok, n = ids.shape
+        group = group or max(n_tok, 1)
+        if n_tok % group:
+            raise ValueError(f"{n_tok} tokens do not split into groups of {group}")
+        with np.errstate(over="ignore"):
+            counts = np.rint(np.exp(lp.astype(np.float64)) * n).astype(np.int64)  # (N, n); padding 0
+        if n_tok and not (counts.sum(1) == n).all():
+            raise ValueError(f"sampled counts must sum to the {n} draws of every token")
+        real = counts > 0
+        if real.any() and (ids[real].min() < 0 or ids[real].max() >= vocab_size):
+            raise ValueError(f"ids outside [0, {vocab_size})")
+        order = np.argsort(np.where(real, ids, vocab_size), axis=1, kind="stable")  # real ids first, ascending
+        sid, cnt = np.take_along_axis(ids, order, 1), np.take_along_axis(counts, order, 1)
+        real = cnt > 0
+        prev = np.concatenate([np.full((n_tok, 1), -1, np.int64), sid[:, :-1]], 1)
+        gaps = np.where(real, sid - prev - 1, 0)
+        if (gaps < 0).any():
+            raise ValueError("sampled ids must be distinct within a token")
+        # Counts as run ends: bit (cumsum(count) - 1) of each real entry.
+        ends = np.where(real, np.cumsum(cnt, 1) - 1, -1)
+        bits = np.zeros((n_tok, n + 1), bool)
+        np.put_along_axis(bits, np.where(ends < 0, n, ends), True, 1)
+        runs = np.packbits(bits[:, :n], axis=1)
+        # Per-token Rice parameter: the b in [0, 24] with the shortest code for its gaps.
+        cost = np.stack([((gaps >> b) + 1 + b).sum(1, where=real) for b in range(_MAX_RICE + 1)], 1)
+        rice = np.argmin(cost, 1).astype(np.uint8)  # (N,)
+        # Flatten the real entries in token order; each belongs to group token // group.
+        tok, col = np.nonzero(real)
+        g_of = tok // group
+        n_groups = n_tok // group if n_tok else 0
+        b = rice[tok].astype(np.int64)
+        gap = gaps[tok, col]
+        q, r = gap >> b, gap & ((1 << b) - 1)
+        # Unary quotients: q zeros then a one, per group segment.
+        q_bits = np.bincount(g_of, weights=q + 1, minlength=n_groups).astype(np.int64)
+        q_off = _segment_offsets(q_bits)
+        one_at = q_off[g_of] * 8 + _within(g_of, q + 1, n_groups) + q
+        unary = np.zeros(int(q_off[-1]) * 8, np.uint8)
+        unary[one_at] = 1
+        r_bits = np.bincount(g_of, weights=b, minlength=n_groups).astype(np.int64)
+        r_off = _segment_offsets(r_bits)
+        rem = _pack_fields(r, b, r_off[g_of] * 8 + _within(g_of, b, n_groups), int(r_off[-1]))
+        return {"runs": runs, "rice": rice, "id_unary": np.packbits(unary), "id_rem": rem,
+                "offsets": np.stack([q_off, r_off], 1)}
+
+    def decode(self, arrays: Mapping[str, np.ndarray], k: int, vocab_size: int, group: int,
+               groups=None) -> tuple[np.ndarray, np.ndarray]:
+        """-> (ids (n*group, k) int64 ascending, padding 0; log(count / k) (.., k) fp32,
+        padding -inf) for the selected groups; k is the number of draws."""
+        offsets = np.asarray(arrays["offsets"])
+        sel = np.arange(offsets.shape[0] - 1) if groups is None else np.asarray(groups, np.int64)
+        rows = (sel[:, None] * group + np.arange(group)).reshape(-1)
+        n_rows = len(rows)
+        bits = np.unpackbits(np.asarray(arrays["runs"])[rows], axis=1)[:, :k].astype(bool)  # (R, k)
+        u = bits.sum(1)  # distinct ids per token
+        tok, end = np.nonzero(bits)  # run ends, token-major and ascending within a token
+        first = np.r_[True, tok[1:] != tok[:-1]] if len(tok) else np.zeros(0, bool)
+        counts = np.where(first, end + 1, end - np.r_[-1, end[:-1]])
+        col = np.arange(len(tok)) - np.repeat(np.cumsum(u) - u, u)  # entry index within its token
+        g_of = tok // group  # index into `sel`
+        # Unary quotients: the ones of each group's segment, in order.
+        ubuf, ulocal = gather_segments(arrays["id_unary"], offsets[sel, 0], offsets[sel + 1, 0])
+        ones = np.flatnonzero(np.unpackbits(ubuf))
+        per_group = np.bincount(g_of, minlength=len(sel))
+        if len(ones) < per_group.sum():
+            raise ValueError("sampled id stream is shorter than its run bits say")
+        seg_first = np.cumsum(per_group) - per_group
+        is_first = np.zeros(len(tok), bool)
+        is_first[seg_first[per_group > 0]] = True
+        ones = ones[: len(tok)]  # trailing padding holds no ones; a corrupt stream is caught above
+        prev_one = np.where(is_first, 8 * ulocal[g_of] - 1, np.r_[-1, ones[:-1]])
+        q = ones - prev_one - 1
+        b = np.asarray(arrays["rice"])[rows][tok].astype(np.int64)
+        rbuf, rlocal = gather_segments(arrays["id_rem"], offsets[sel, 1], offsets[sel + 1, 1])
+        pos = 8 * rlocal[g_of] + _within(g_of, b, len(sel))
+        r = read_varwidth(windows32(rbuf), pos, b)
+        step = (q << b) + r + 1  # id - previous id
+        csum = np.cumsum(step)
+        token_base = np.repeat(np.r_[0, csum][np.cumsum(u) - u], u)  # csum before each token's first id
+        ids_flat = csum - token_base - 1
+        ids = np.zeros((n_rows, k), np.int64)
+        logp = np.full((n_rows, k), -np.inf, np.float32)
+        ids[tok, col] = np.minimum(ids_flat, vocab_size - 1)  # corrupt input must not index past V
+        logp[tok, col] = np.log(counts / k).astype(np.float32)
+        return ids, logp
