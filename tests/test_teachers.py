@@ -88,3 +88,26 @@ def test_models_with_other_heads_take_the_full_logits_path():
     ref = torch.topk(torch.log_softmax(model(ids).logits.double(), -1), 4, -1)
     assert torch.equal(top, ref.indices)
     torch.testing.assert_close(values.double(), ref.values, rtol=0, atol=1e-5)
+
+
+def test_chunked_sampling_equals_sampling_the_full_logits():
+    """LiveTeacher.sample draws chunk by chunk (5 tokens at a time) exactly what drawing from
+    the whole logits with the same seed and keys gives."""
+    from losses.signal import sample_signal
+    from teachers.cache.format import Sampling
+
+    model = tiny_teacher(64)
+    sampling = Sampling(n=12, temperature=1.5, seed=4)
+    teacher = LiveTeacher(model, k=8, vocab_size=64, device=torch.device("cpu"), sampling=sampling)
+    teacher.chunk_tokens = 5
+    ids = torch.randint(0, 64, (3, 7))
+    keys = sampling.keys("train", [10, 11, 12], 7)
+    got = teacher.sample(ids, keys)
+    ref = sample_signal(teacher.logits(ids), 12, 1.5, 4, keys)
+    assert got.kind == "sampled" and got.topk_ids.shape == (3, 7, 12)
+    assert torch.equal(got.topk_ids[..., :ref.k], ref.topk_ids)
+    torch.testing.assert_close(got.topk_logprobs[..., :ref.k], ref.topk_logprobs)
+    torch.testing.assert_close(got.entropy, ref.entropy, atol=1e-5, rtol=1e-5)
+    sig, valid = teacher.signal(Batch([10, 11, 12], ids, ids))  # online: the same draws for these blocks
+    assert valid.all()
+    torch.testing.assert_close(sig.topk_logprobs.exp().sum(-1), torch.ones(3, 7))

@@ -1,0 +1,73 @@
+"""A sampled cache over the real CLI: cache, train, eval, inspect; and the refusals."""
+import json
+
+import pytest
+import yaml
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _config(online_setup, tmp_path, **over):
+    work, path = online_setup
+    cfg = yaml.safe_load(path.read_text())
+    cfg["out_dir"] = str(tmp_path / "run")
+    cfg["cache"] = {"k": 16, "estimator": "sampled", "samples": 24, "sample_temperature": 2.0}
+    cfg["students"][0]["loss"] = {"tail": "sampled", "temperature": 2.0}
+    cfg["students"].append({"name": "dense-ce", "model": cfg["students"][0]["model"], "baseline": True})
+    cfg["train"].update(mode="cached", eval_blocks=4)
+    for key, value in over.items():
+        cfg[key] = value
+    out = tmp_path / "run.yaml"
+    out.write_text(yaml.safe_dump(cfg))
+    return out
+
+
+def test_sampled_cache_trains_evaluates_and_inspects(online_setup, tmp_path):
+    cfg = _config(online_setup, tmp_path)
+    r = run_cli("run", "-c", str(cfg), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    kd = report["students"]["dense"]
+    assert kd["kl_to_teacher"] >= 0 and 0 <= kd["teacher_top1_agreement"] <= 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "students" / "dense" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["soft"] > 0 for row in rows if row["kind"] == "train")  # the sampled KL is trained on
+    r = run_cli("inspect", str(tmp_path / "run" / "cache"), "--verify")
+    assert r.returncode == 0 and "sampled (n=24, T=2)" in r.stdout and "verify: ok" in r.stdout
+    # The same cache, asked for by a top-k config: one line, exit 2.
+    cfg2 = _config(online_setup, tmp_path, teacher={"source": "cache"})
+    raw = yaml.safe_load(cfg2.read_text())
+    raw["cache"].update(estimator="topk", dir=str(tmp_path / "run" / "cache"))
+    raw["students"][0]["loss"] = {"tail": "bucket"}
+    cfg2.write_text(yaml.safe_dump(raw))
+    r = run_cli("train", "-c", str(cfg2), "--quiet")
+    assert r.returncode == 2 and "holds a sampled signal but cache.estimator is topk" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_sampled_online_training_runs(online_setup, tmp_path):
+    cfg = _config(online_setup, tmp_path)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["train"]["mode"] = "online"
+    cfg.write_text(yaml.safe_dump(raw))
+    r = run_cli("train", "-c", str(cfg), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["students"]["dense"]["kl_to_teacher"] >= 0
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"tail": "bucket"}, "students.0.loss.tail: must be 'sampled' with cache.estimator: sampled"),
+    ({"temperature": 1.0}, "students.0.loss.temperature: 1 but the teacher's tokens are drawn at"),
+    ({"divergence": "reverse_kl"}, "'reverse_kl' cannot be estimated without bias from sampled teacher tokens"),
+    ({"hard_target": "teacher_argmax"}, "students.0.loss.hard_target: teacher_argmax needs a top-k cache"),
+])
+def test_sampled_cache_config_mismatches_are_one_line(online_setup, tmp_path, change, message):
+    cfg = _config(online_setup, tmp_path)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["students"][0]["loss"].update(change)
+    cfg.write_text(yaml.safe_dump(raw))
+    r = run_cli("cache", "-c", str(cfg), "--quiet")
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
