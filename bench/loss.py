@@ -1,22 +1,21 @@
-"""Peak memory and time of one fwd+bwd of the distillation loss: chunked vs naive.
+"""What the soft loss costs on top of the hard one: time and peak memory of one fwd+bwd.
 
-naive:   logits = hidden @ W.T  (BT, V), upcast to fp32, then hard CE + the divergence at once.
-chunked: losses.per_token_losses (chunk_size tokens at a time, recomputed in backward).
-Both variants compute the same hard + soft loss against the same teacher signal and are then
-reduced by losses.combine, so only the evaluation strategy differs.
+Variants, all from final hidden states (BT, H) and an lm_head (V, H), then `losses.combine`:
+  ce          losses.per_token_losses with no teacher signal (hard CE only)
+  kd          the same call with a top-k teacher signal: hard CE + soft divergence (analytic)
+  kd_generic  the same KD through the autograd fallback (the divergence registered without
+              its closed form): what every divergence cost before the analytic path
+  naive       logits = hidden @ W.T at once, upcast, hard CE + divergence (memory reference)
 
-Memory method: each variant runs in a fresh subprocess, so nothing one allocated lingers in
-the other.  On CUDA, peak = torch.cuda.max_memory_allocated() during the step minus the
-memory allocated before it (inputs, weights); the absolute peak is reported too.  On CPU,
-PyTorch allocates through glibc malloc; the subprocess runs with MALLOC_MMAP_THRESHOLD_=65536
-so every block over 64 KiB is mmap'd and handed back to the OS when freed, which makes RSS
-track live tensors.  The peak is then the process's peak RSS (getrusage ru_maxrss, a
-high-water mark) minus its RSS just before the step; inputs are built in small pieces so
-building them never sets a higher watermark.  Time is measured in a second fresh process
-with the default allocator: the median of --iters timed steps after one warm-up step.
+Time: one process per vocabulary; ce, kd and kd_generic steps are interleaved --iters times
+after one warm-up each, and medians are reported, so load on the machine hits all of them
+alike.  Memory: a fresh subprocess per variant.  On CUDA, peak = max_memory_allocated during
+the step minus what was allocated before it.  On CPU, the subprocess runs with
+MALLOC_MMAP_THRESHOLD_=65536 so freed blocks return to the OS and RSS tracks live tensors;
+peak = peak RSS (ru_maxrss) minus RSS before the step.
 
-Usage:  python bench/loss.py                                   # CPU, scaled-down shape
-        python bench/loss.py --device cuda --bt 8192 --hidden 4096 --dtype bf16 --chunk 1024
+Usage:  python bench/loss.py                          # CPU: BT=1024, H=256, V in {49152, 128256}
+        python bench/loss.py --device cuda --bt 8192 --hidden 4096 --vocab 128256 --dtype bf16
 Anchor (H100, BT=8192, H=4096, V=128256, bf16, Liger fused linear JSD): 11.1 GB / 60.7 ms,
 plain torch 68.9 GB / 213.2 ms.
 """
@@ -37,8 +36,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from losses import DIVERGENCES, TeacherSignal, combine, hard_ce, per_token_losses  # noqa: E402
+from losses.chunked import auto_chunk_size  # noqa: E402
+from losses.divergences import Divergence  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TIMED = ("ce", "kd", "kd_generic")
 
 
 def _rss_bytes() -> int:
@@ -50,21 +52,20 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _inputs(args, device):
+def _inputs(args, vocab: int, device):
     g = torch.Generator(device=device).manual_seed(0)
     dtype = DTYPES[args.dtype]
     hidden = torch.randn(args.bt, args.hidden, generator=g, device=device, dtype=dtype)
-    weight = torch.randn(args.vocab, args.hidden, generator=g, device=device, dtype=dtype)
-    weight /= args.hidden**0.5
+    weight = torch.randn(vocab, args.hidden, generator=g, device=device, dtype=dtype) / args.hidden**0.5
     ids, lps = [], []
     for s in range(0, args.bt, 64):  # teacher top-k built in pieces: no (BT, V) watermark
-        t = torch.randn(min(64, args.bt - s), args.vocab, generator=g, device=device) * 3
+        t = torch.randn(min(64, args.bt - s), vocab, generator=g, device=device) * 3
         sig = TeacherSignal.from_logits(t, args.k)
         ids.append(sig.topk_ids)
         lps.append(sig.topk_logprobs)
         del t
     signal = TeacherSignal(torch.cat(ids), torch.cat(lps))
-    labels = torch.randint(0, args.vocab, (args.bt,), generator=g, device=device)
+    labels = torch.randint(0, vocab, (args.bt,), generator=g, device=device)
     mask = torch.ones(args.bt, dtype=torch.bool, device=device)
     return hidden.requires_grad_(True), weight.requires_grad_(True), signal, labels, mask
 
@@ -76,17 +77,23 @@ def _step(variant, args, hidden, weight, signal, labels, mask):
         hard = hard_ce(logits, labels)
         soft = DIVERGENCES[args.divergence](logits, signal, mask=mask, **kw)
     else:
-        hard, soft = per_token_losses(hidden, weight, signal, labels, mask,
-                                      divergence=args.divergence, chunk_size=args.chunk, **kw)
+        name = f"{args.divergence}_generic" if variant == "kd_generic" else args.divergence
+        hard, soft = per_token_losses(hidden, weight, None if variant == "ce" else signal, labels, mask,
+                                      divergence=name, chunk_size=args.chunk, **kw)
     total, _ = combine(hard, soft, mask, 0.5, 0.5)
     total.backward()
     hidden.grad = weight.grad = None
 
 
+def _register_generic(name: str) -> None:
+    """The divergence again, without its closed form: the chunked loss's autograd fallback."""
+    d = DIVERGENCES[name]
+    DIVERGENCES[f"{name}_generic"] = Divergence(d.fn, d.value, None, d.params, d.sampled)
+
+
 def measure_memory(args) -> dict:
-    """Peak bytes of the first step above what was allocated before it."""
     device = torch.device(args.device)
-    inputs = _inputs(args, device)
+    inputs = _inputs(args, args.vocab[0], device)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -94,34 +101,33 @@ def measure_memory(args) -> dict:
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_bytes()
-        if _peak_rss_bytes() > base + 64 * 2**20:
-            print("warning: building inputs set the RSS watermark; peak is an upper bound",
-                  file=sys.stderr)
     _step(args.variant, args, *inputs)
     if cuda:
         torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()
-    return {"peak_mb": round((peak - base) / 2**20, 1), "peak_abs_mb": round(peak / 2**20, 1)}
+    return {"peak_mb": round((peak - base) / 2**20, 1)}
 
 
-def measure_time(args) -> dict:
-    """Median wall time of --iters fwd+bwd steps after one warm-up step."""
+def measure_times(args) -> dict:
     device = torch.device(args.device)
-    inputs = _inputs(args, device)
+    inputs = _inputs(args, args.vocab[0], device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    _step(args.variant, args, *inputs)
-    times = []
+    times: dict[str, list[float]] = {v: [] for v in TIMED}
+    for v in TIMED:  # warm-up
+        _step(v, args, *inputs)
     for _ in range(args.iters):
-        sync()
-        t0 = time.perf_counter()
-        _step(args.variant, args, *inputs)
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {"time_ms": round(statistics.median(times), 1)}
+        for v in TIMED:
+            sync()
+            t0 = time.perf_counter()
+            _step(v, args, *inputs)
+            sync()
+            times[v].append((time.perf_counter() - t0) * 1e3)
+    return {f"{v}_ms": round(statistics.median(t), 1) for v, t in times.items()}
 
 
-def _subprocess(variant: str, what: str, env: dict) -> dict:
-    cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", variant, "--measure", what]
+def _subprocess(vocab: int, variant: str | None, env: dict) -> dict:
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--vocab", str(vocab), "--measure",
+           "memory" if variant else "time"] + (["--variant", variant] if variant else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -130,41 +136,40 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--bt", type=int, default=1024, help="tokens (batch x sequence)")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--vocab", type=int, default=128256)
-    p.add_argument("--chunk", type=int, default=64, help="tokens per chunk")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--vocab", type=int, nargs="+", default=[49152, 128256])
+    p.add_argument("--chunk", type=int, default=None, help="tokens per chunk (default: auto_chunk_size)")
     p.add_argument("--k", type=int, default=64, help="teacher top-k")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--divergence", choices=sorted(DIVERGENCES), default="forward_kl")
     p.add_argument("--tail", default="bucket")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--iters", type=int, default=2, help="timed steps after one warm-up step")
-    p.add_argument("--variant", choices=["naive", "chunked"], help=argparse.SUPPRESS)
+    p.add_argument("--iters", type=int, default=5, help="interleaved timed rounds after one warm-up")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    p.add_argument("--variant", choices=["naive", *TIMED], help=argparse.SUPPRESS)
     p.add_argument("--measure", choices=["memory", "time"], help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.variant:  # subprocess mode: one variant, one measurement, one JSON line
+    _register_generic(args.divergence)
+    if args.measure:  # subprocess mode: one vocabulary, one JSON line
         torch.manual_seed(0)
-        print(json.dumps((measure_memory if args.measure == "memory" else measure_time)(args)))
+        print(json.dumps(measure_memory(args) if args.measure == "memory" else measure_times(args)))
         return
     result = {
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "shape": {"bt": args.bt, "hidden": args.hidden, "vocab": args.vocab, "k": args.k,
-                  "chunk": args.chunk, "dtype": args.dtype},
-        "loss": {"divergence": args.divergence, "tail": args.tail, "hard": "labels"},
-        "memory_method": "cuda max_memory_allocated" if args.device != "cpu"
-        else "peak RSS (ru_maxrss) minus RSS before the step; fresh process per variant, "
-        "MALLOC_MMAP_THRESHOLD_=65536",
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "shape": {"bt": args.bt, "hidden": args.hidden, "k": args.k, "dtype": args.dtype},
+        "loss": {"divergence": args.divergence, "tail": args.tail, "temperature": args.temperature,
+                 "hard": "labels"},
+        "iters": args.iters,
     }
     mmap_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    for variant in ("naive", "chunked"):
-        result[variant] = {**_subprocess(variant, "memory", mmap_env),
-                           **_subprocess(variant, "time", dict(os.environ))}
-    result["peak_ratio_chunked_over_naive"] = round(
-        result["chunked"]["peak_mb"] / result["naive"]["peak_mb"], 3)
-    result["time_ratio_chunked_over_naive"] = round(
-        result["chunked"]["time_ms"] / result["naive"]["time_ms"], 3)
+    for vocab in args.vocab:
+        row = {"chunk": args.chunk or auto_chunk_size(vocab), **_subprocess(vocab, None, dict(os.environ))}
+        row["kd_over_ce"] = round(row["kd_ms"] / row["ce_ms"], 3)
+        row["kd_generic_over_ce"] = round(row["kd_generic_ms"] / row["ce_ms"], 3)
+        if not args.no_memory:
+            row["peak_mb"] = {v: _subprocess(vocab, v, mmap_env)["peak_mb"] for v in ("ce", "kd", "kd_generic", "naive")}
+        result[f"V={vocab}"] = row
     print(json.dumps(result, indent=2))
 
 
