@@ -137,3 +137,28 @@ def test_cache_from_other_k_refused_by_cli(online_setup):
     line = one_line(run_cli("cache", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}", "--set", "cache.k=8"))
     assert "overwrite" in line
     assert {p: p.read_bytes() for p in (out / "cache").glob("*.safetensors")} == shards  # nothing deleted
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a hostile state.pt would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickle_payload_in_state_is_refused(online_setup, tmp_path):
+    import torch
+
+    work, cfg = online_setup
+    out = tmp_path / "o"
+    sets = ["--set", f"out_dir={out}", "--set", "train.checkpoint_every=2"]
+    assert run_cli("train", "-c", str(cfg), "--quiet", *sets).returncode == 0
+    ckpts = sorted((out / "students" / "dense" / "checkpoints").glob("step_*"))
+    marker = tmp_path / "pwned"
+    torch.save({"engine": _Payload(marker)}, ckpts[-1] / "state.pt")
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--resume", *sets))
+    assert "state.pt" in line and "refused" in line, line
+    assert not marker.exists()  # the payload never ran
