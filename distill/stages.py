@@ -144,7 +144,8 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
                         resume=resume, progress=progress)
     result["teacher_reads"] = teacher.reads
     if rank == 0:
-        result["students_info"] = {s.name: {"tokens_seen": s.tokens_seen, "nonfinite_steps": s.nonfinite_steps}
+        result["students_info"] = {s.name: {"tokens_seen": s.tokens_seen, "nonfinite_steps": s.nonfinite_steps,
+                                            **({"failed": result["failed"][s.name]} if s.name in result["failed"] else {})}
                                    for s in students}
         atomic_write_json(cfg.layout.train_summary, result)
     return result
