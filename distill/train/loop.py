@@ -230,7 +230,7 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
             if done == loop.steps or (loop.eval_every and done % loop.eval_every == 0):
                 for s in students:
                     final_eval[s.name] = evaluate_model(s.model, val_blocks[: loop.eval_blocks], val_teacher,
-                                                        device=s.device)
+                                                        device=s.device, chunk_size=s.cfg.loss.chunk_size)
                     logger.log(s.name, done, final_eval[s.name], kind="val")
             if done == loop.steps or (loop.checkpoint_every and done % loop.checkpoint_every == 0) or stop.signum:
                 save_all(layout, students, done, loop)
