@@ -10,7 +10,7 @@
         checkpoints/step_N/       weights, training state, meta (+ deepspeed/ shards)
         export/                   the Hugging Face model dir
         metrics.jsonl             one JSON object per logged step
-        failed.json               present once the student failed: step, reason (kept dropped)
+        failed.json               present once the student failed: step, reason, traceback (kept dropped)
       tensorboard/NAME/
       train_summary.json  report.json  report.md  curves.png  schedule.png  expert_load.png
 """

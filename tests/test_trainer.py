@@ -123,6 +123,7 @@ def test_a_failing_student_is_dropped_the_others_finish_and_it_stays_dropped(tmp
     assert set(result["failed"]) == {"b", "c"}
     assert result["failed"]["b"]["reason"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
     assert "non-finite" in result["failed"]["c"]["reason"]
+    assert "oom_at_second_step" in result["failed"]["b"]["traceback"]  # where it raised, for a bug report
     rows = [json.loads(l) for l in (tmp_path / "students" / "b" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["kind"] == "failed" and rows[-1]["step"] == 2 and "out of memory" in rows[-1]["reason"]
 

@@ -18,6 +18,7 @@ import hashlib
 import json
 import signal as signals
 import sys
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -146,7 +147,7 @@ def resume_all(layout: RunLayout, students: list[Student], loop: LoopConfig) -> 
 
 
 def drop_failed(students: list[Student], failed: dict[str, str], step: int, loop: LoopConfig,
-                layout: RunLayout, logger: MetricsLogger) -> list[Student]:
+                layout: RunLayout, logger: MetricsLogger, traces: dict[str, str]) -> list[Student]:
     """`failed` (name -> reason) failed in step `step` (0-based).  First every healthy student
     is checkpointed at step+1 and each failed one at `step`, its last good step (a failed step
     never updated its weights: a non-finite step is skipped, an exception stops before or in
@@ -160,7 +161,8 @@ def drop_failed(students: list[Student], failed: dict[str, str], step: int, loop
     save_all(layout, healthy, step + 1, loop)
     save_all(layout, broken, step, loop)
     for s in broken:
-        record = {"step": step, "failed_at_step": step + 1, "reason": failed[s.name]}
+        record = {"step": step, "failed_at_step": step + 1, "reason": failed[s.name],
+                  **({"traceback": traces[s.name]} if s.name in traces else {})}
         logger.log(s.name, step + 1, {"failed": True, "reason": failed[s.name]}, kind="failed")
         if loop.rank == 0:
             atomic_write_json(layout.failure(s.name), record)
@@ -210,19 +212,20 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
 
             # --- every student learns from the same signal; a failure costs that student only
             teacher_invalid = sum(int((~mb.valid).sum()) for mb in micro_batches)
-            failed: dict[str, str] = {}  # name -> reason
+            failed, traces = {}, {}  # name -> one-line reason, name -> traceback (exceptions only)
             for s in students:
                 try:
                     metrics = s.train_step(step, micro_batches)
                 except Exception as e:  # out of memory, say: this student fails, not the run
                     failed[s.name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+                    traces[s.name] = traceback.format_exc()  # kept in its failed.json, for a bug report
                     continue
                 logger.log(s.name, step + 1, {**metrics, "teacher_nonfinite_tokens": teacher_invalid})
                 if s.nonfinite_steps > loop.max_nonfinite:
                     failed[s.name] = (f"{s.nonfinite_steps} non-finite steps (limit train.max_nonfinite="
                                       f"{loop.max_nonfinite}); lower the lr or check the teacher signal")
             if failed:
-                students = drop_failed(students, failed, step, loop, layout, logger)
+                students = drop_failed(students, failed, step, loop, layout, logger, traces)
             done = step + 1
             bar.update(1, {s.name: logger.last.get(s.name, {}).get("loss") for s in students})
 
