@@ -193,7 +193,11 @@ def main() -> None:
     # The deepspeed launcher appends --local_rank=N; the rank also comes in LOCAL_RANK.
     sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
     try:
-        app(standalone_mode=False)
+        # standalone_mode=False makes click *return* a `typer.Exit`'s code (inspect --verify's 1)
+        # instead of exiting with it; a command's own return value is never an int.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code != 0:
+            sys.exit(code)
     except UserError as e:
         if debug:
             raise

@@ -7,7 +7,8 @@ with a `UserError`: a one-line message naming the key.
       pydantic.  This module imports neither torch nor transformers, so `distill init`
       and a typo answer in well under a second.
   `check_config`: what only the layers below can judge (a divergence, preset or schedule
-      their registries know); it imports them, and with them torch.
+      their registries know; every model's size arguments, built on the meta device); it
+      imports them, and with them torch.
 """
 from __future__ import annotations
 
@@ -154,7 +155,8 @@ class TrainConfig(_Strict):
     eval_blocks: int = Field(32, ge=1, description="Validation blocks per evaluation.")
     checkpoint_every: int = Field(50, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept per student.")
-    max_nonfinite: int = Field(10, ge=0, description="Skipped non-finite steps tolerated before the run stops.")
+    max_nonfinite: int = Field(10, ge=0, description="Skipped non-finite steps a student may take; one more is a student failure (see on_student_failure).")
+    on_student_failure: Literal["stop", "drop"] = Field("stop", description="When one student fails (past max_nonfinite, or an exception such as out of memory in its step): `stop` checkpoints every student (the failed one at its last good step) and ends the run with exit 3; `drop` does the same, marks the student failed in its metrics and the report, and trains the others to the end. Either way a failed student stays dropped on --resume.")
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Autocast precision: auto = bf16 on GPU, fp32 on CPU.")
     engine: Literal["torch", "deepspeed"] = Field("torch", description="Plain PyTorch, or one DeepSpeed engine per student (launch with `deepspeed` or torchrun).")
@@ -262,7 +264,33 @@ def check_config(cfg: RunConfig, source: str = "config") -> RunConfig:
             build_schedule(s.loss.soft_weight.as_dict())
         except ValueError as e:
             raise UserError(f"{source}: students.{i}.loss.soft_weight: {e}") from None
+    for where, model in models:
+        if model is not None:
+            check_model(model, cfg.data.tokenizer.vocab_size, f"{source}: {where}")
     return cfg
+
+
+def check_model(model: ModelConfig, placeholder_vocab: int, where: str) -> None:
+    """Build the preset's transformers config and instantiate the model on the meta device
+    (no memory, milliseconds), so a bad size argument fails before any stage starts.
+
+    The vocabulary is not known yet: the tokenizer may not exist before `prepare` trains
+    it.  `args.vocab_size` if given, else `placeholder_vocab` (the BPE target size) stands
+    in; it only sizes the embedding and lm_head, so no other argument's validity depends on
+    it (the real size is checked against args.vocab_size when the model is built)."""
+    from students.build import build_on_meta
+    from students.presets import PRESETS, check_preset_args
+
+    args = {"vocab_size": placeholder_vocab, **model.args}
+    try:
+        check_preset_args(model.preset, args)
+    except ValueError as e:
+        raise UserError(f"{where}.args.{e}; fix it in the config") from None
+    try:
+        build_on_meta(PRESETS[model.preset](**args))
+    except Exception as e:  # any failure to build is this config's fault: name it, one line
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{where}.args: the {model.preset} model cannot be built ({detail})") from None
 
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -315,8 +343,21 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
     cfg.train.deepspeed_config = fix(cfg.train.deepspeed_config)
 
 
+def _dir_or_absent(key: str, path: Path | None) -> None:
+    """`path` is (or will become) a directory: neither it nor an ancestor may be a file."""
+    for p in [path, *path.parents] if path is not None else []:
+        if p.exists() and not p.is_dir():
+            where = "is a file" if p == path else f"lies under the file {p}"
+            raise UserError(f"{key}: {path} {where}; it must be a directory, choose another path")
+
+
 def check_inputs_exist(cfg: RunConfig) -> None:
-    """Missing files fail before any work starts, naming the key."""
+    """Missing files fail before any work starts, naming the key; output dirs must not be
+    files (a `NotADirectoryError` deep in a stage would come too late and as a traceback)."""
+    _dir_or_absent("out_dir", cfg.out_dir)
+    _dir_or_absent("cache.dir", cfg.cache.dir)
+    if cfg.teacher.source == "preset":
+        _dir_or_absent("teacher.path", cfg.teacher.path)
     for i, p in enumerate(cfg.data.paths):
         if not p.exists():
             raise UserError(f"data.paths[{i}]: {p} does not exist")

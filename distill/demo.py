@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.config import parse_config
+from distill.config import check_config, check_inputs_exist, parse_config
 
 # size -> (data, teacher, students, steps) knobs.  quick: `make demo` (<= 10 min on 2 cores).
 SIZES = {
@@ -61,5 +61,7 @@ def demo_config(out: Path, size: str = "quick") -> dict:
 def run_demo(out: Path, size: str = "quick", resume: bool = True, progress: bool = True) -> dict:
     from distill.stages import run_all
 
-    cfg = parse_config(demo_config(Path(out), size), source=f"demo ({size})")
+    source = f"demo ({size})"
+    cfg = check_config(parse_config(demo_config(Path(out), size), source=source), source)
+    check_inputs_exist(cfg)  # e.g. --out naming an existing file
     return run_all(cfg, resume=resume, progress=progress)

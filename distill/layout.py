@@ -10,6 +10,7 @@
         checkpoints/step_N/       weights, training state, meta (+ deepspeed/ shards)
         export/                   the Hugging Face model dir
         metrics.jsonl             one JSON object per logged step
+        failed.json               present once the student failed: step, reason, traceback (kept dropped)
       tensorboard/NAME/
       train_summary.json  report.json  report.md  curves.png  schedule.png  expert_load.png
 """
@@ -63,6 +64,10 @@ class RunLayout:
 
     def metrics(self, name: str) -> Path:
         return self.student(name) / "metrics.jsonl"
+
+    def failure(self, name: str) -> Path:
+        """The record of a student's failure; while it exists the student is not trained."""
+        return self.student(name) / "failed.json"
 
     def tensorboard(self, name: str) -> Path:
         return self.root / "tensorboard" / name

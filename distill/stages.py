@@ -151,7 +151,8 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
                         resume=resume, progress=progress)
     result["teacher_reads"] = teacher.reads
     if rank == 0:
-        result["students_info"] = {s.name: {"tokens_seen": s.tokens_seen, "nonfinite_steps": s.nonfinite_steps}
+        result["students_info"] = {s.name: {"tokens_seen": s.tokens_seen, "nonfinite_steps": s.nonfinite_steps,
+                                            **({"failed": result["failed"][s.name]} if s.name in result["failed"] else {})}
                                    for s in students}
         atomic_write_json(cfg.layout.train_summary, result)
     return result
@@ -184,16 +185,17 @@ def run_all(cfg: RunConfig, resume: bool = True, progress: bool = True) -> dict:
     if not is_leader():
         return {}
     stage("export: Hugging Face model dirs -> OUT/students/NAME/export")
-    export_students(cfg)
+    export_students(cfg, held_out=data.val[: cfg.train.eval_blocks])
     stage("eval: held-out metrics, report and plots")
     report = evaluate_run(cfg, progress=progress, data=data)
     stage(f"done: {layout.report_md}")
     return report
 
 
-def export_students(cfg: RunConfig) -> dict[str, Path]:
+def export_students(cfg: RunConfig, held_out: torch.Tensor | None = None) -> dict[str, Path]:
+    """held_out: (N, T+1) validation blocks, to measure routing without a trained expert bias."""
     layout = cfg.layout
     return {sc.name: export_checkpoint(layout.student(sc.name), layout.export(sc.name), dtype=cfg.export.dtype,
-                                       tokenizer_dir=layout.tokenizer)
+                                       tokenizer_dir=layout.tokenizer, held_out=held_out)
             for sc in cfg.students}
 

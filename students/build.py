@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,6 +43,25 @@ def _text_config(config: PreTrainedConfig) -> PreTrainedConfig:
     return config.text_config if isinstance(config, Llama4Config) else config
 
 
+def causal_lm_class(config: PreTrainedConfig) -> type[PreTrainedModel]:
+    """LlamaConfig -> LlamaForCausalLM; Llama4TextConfig -> Llama4ForCausalLM."""
+    if isinstance(config, LlamaConfig):
+        return LlamaForCausalLM
+    if isinstance(config, Llama4TextConfig):
+        return Llama4ForCausalLM
+    raise ValueError(f"build_model: unsupported config type {type(config).__name__}")
+
+
+def build_on_meta(config: PreTrainedConfig) -> None:
+    """Instantiate `config`'s model on the meta device: every module and parameter shape is
+    built (and checked by transformers and torch), no memory is allocated and no init runs,
+    so a config check costs milliseconds even for a very large model."""
+    config = _text_config(config)
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore", UserWarning)  # "Initializing zero-element tensors is a no-op"
+        enable_sparse_moe(causal_lm_class(config)(config))
+
+
 def build_model(
     config: PreTrainedConfig,
     seed: int | None = None,
@@ -55,12 +75,7 @@ def build_model(
     RNG (it runs under `torch.random.fork_rng`).  See the module docstring for init.
     """
     config = _text_config(config)
-    if isinstance(config, LlamaConfig):
-        cls = LlamaForCausalLM
-    elif isinstance(config, Llama4TextConfig):
-        cls = Llama4ForCausalLM
-    else:
-        raise ValueError(f"build_model: unsupported config type {type(config).__name__}")
+    cls = causal_lm_class(config)
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)

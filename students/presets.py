@@ -164,6 +164,30 @@ def dense(
     return LlamaConfig(**fields | extra)
 
 
+def check_preset_args(preset: str, args: dict) -> None:
+    """What the config classes accept but no model can run, named by its argument.
+
+    Every integer size of a preset (the keyword arguments whose default is an int:
+    hidden_size, num_layers, num_experts, top_k, ...) must be >= 1: `num_experts: 0`
+    builds a config and even a model, and fails only at the first forward, after the
+    teacher was pretrained.  top_k must not exceed num_experts, and query heads must
+    share key/value heads evenly.  Raises ValueError("NAME=VALUE: ...")."""
+    import inspect
+
+    sizes = {name for name, p in inspect.signature(PRESETS[preset]).parameters.items()
+             if type(p.default) is int}
+    for name in sorted(sizes & set(args)):
+        value = args[name]
+        if type(value) is not int or value < 1:
+            raise ValueError(f"{name}={value!r}: must be a whole number >= 1")
+    defaults = {n: p.default for n, p in inspect.signature(PRESETS[preset]).parameters.items()}
+    get = lambda name: args.get(name, defaults.get(name))  # noqa: E731
+    if get("top_k") is not None and get("num_experts") is not None and get("top_k") > get("num_experts"):
+        raise ValueError(f"top_k={get('top_k')}: must not exceed num_experts={get('num_experts')}")
+    if get("num_heads") % get("num_kv_heads"):
+        raise ValueError(f"num_heads={get('num_heads')}: must be a multiple of num_kv_heads={get('num_kv_heads')}")
+
+
 # The one registry of model presets (name -> config builder).
 PRESETS: dict[str, Callable[..., PreTrainedConfig]] = {
     "behemoth": behemoth,

@@ -21,12 +21,16 @@ The gate scales the expert's *input*, not its output.
 
 Aux-loss-free balancing (DeepSeek-V3, arXiv:2412.19437 sec. 2.1.2): a non-persistent
 buffer `expert_bias` (E,) is added to the logits for expert *selection* only; gates use
-the unbiased logits.  `update_expert_bias` nudges it toward balanced load.  Because the
-buffer is not persistent, checkpoints stay stock.
+the unbiased logits.  `update_expert_bias` nudges it toward balanced load, from token
+counts summed over all data-parallel ranks.  The buffer is not persistent, so
+model.safetensors stays stock: the training state carries it (`expert_biases` /
+`set_expert_biases`), and export reports what dropping it does to routing
+(`routing_changes_without_bias`); stock Llama 4 has no place for it.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers.models.llama4.modeling_llama4 import Llama4TextExperts, Llama4TextMoe
@@ -366,7 +370,15 @@ def update_expert_bias(model: nn.Module, rate: float) -> int:
     tokens are left alone.  Returns the number of layers updated.
     """
     updated = 0
-    for moe in moe_modules(model):
+    moes = moe_modules(model)
+    if moes and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # Every rank routed its own tokens: sum the counts so every replica takes the same
+        # step from the global load (else the biases, and so the routing, drift apart).
+        counts = torch.stack([m.counts_since_update for m in moes])  # (L, E) int64
+        dist.all_reduce(counts)
+        for m, c in zip(moes, counts):
+            m.counts_since_update.copy_(c)
+    for moe in moes:
         load = moe.counts_since_update.float()  # (E,)
         if load.sum() == 0:
             continue
@@ -376,3 +388,37 @@ def update_expert_bias(model: nn.Module, rate: float) -> int:
         moe.counts_since_update.zero_()
         updated += 1
     return updated
+
+
+def expert_biases(model: nn.Module) -> list[torch.Tensor]:
+    """Each MoE layer's selection bias (E,) fp32 on the CPU, in layer order (training state)."""
+    return [m.expert_bias.detach().float().cpu().clone() for m in moe_modules(model)]
+
+
+def set_expert_biases(model: nn.Module, biases: list[torch.Tensor]) -> None:
+    moes = moe_modules(model)
+    if len(biases) != len(moes):
+        raise ValueError(f"{len(biases)} expert biases for {len(moes)} MoE layers")
+    for m, b in zip(moes, biases):
+        m.expert_bias = b.float().to(m.router.weight.device)
+
+
+@torch.no_grad()
+def routing_changes_without_bias(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """After a forward of `model` (biases set), which tokens' experts the bias decided.
+
+    Per MoE layer the same router logits (N, E) pick the top-k with and without the bias.
+    Returns (changed (N,) bool: at least one layer picks another expert set without it,
+    per_layer (L,) int64: tokens changed in each layer).  Router inputs are the biased
+    model's own hidden states, so this isolates the bias's effect at each layer."""
+    changed, per_layer = None, []
+    for m in moe_modules(model):
+        logits = m.last_router_logits.float()  # (N, E)
+        with_bias = torch.topk(logits + m.expert_bias.float(), m.top_k, dim=-1).indices.sort(-1).values
+        without = torch.topk(logits, m.top_k, dim=-1).indices.sort(-1).values  # (N, k)
+        diff = (with_bias != without).any(-1)  # (N,)
+        per_layer.append(int(diff.sum()))
+        changed = diff if changed is None else changed | diff
+    if changed is None:
+        return torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long)
+    return changed, torch.tensor(per_layer)

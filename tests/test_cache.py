@@ -136,6 +136,12 @@ def test_flipped_byte_is_reported(tmp_path, encoding):
     with pytest.raises(CacheCorrupt, match=shard.name):
         CacheReader(tmp_path, "train", verify=True)
     CacheReader(tmp_path, "train")  # size still right: only verify=True reads the bytes
+    # The real CLI's exit code: `distill inspect --verify && distill train` must not train on it.
+    from tests.conftest import run_cli
+
+    r = run_cli("inspect", str(tmp_path), "--verify")
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert shard.name in r.stdout + r.stderr and "Traceback" not in r.stderr
 
 
 def test_truncated_shard_raises(tmp_path):

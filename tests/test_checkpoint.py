@@ -58,3 +58,14 @@ def test_failed_export_keeps_previous_export(tmp_path, model, monkeypatch):
         export.save_hf_dir(model, None, out)
     assert sorted(p.name for p in out.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # the temp dir is gone
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.save({"rng": checkpoint.rng_state()}, tmp_path / "state.pt")
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    checkpoint.set_rng_state(torch.load(tmp_path / "state.pt", weights_only=True)["rng"])
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected

@@ -80,3 +80,40 @@ def test_bad_set_override(cli, tmp_path):
 
 def test_inspect_missing_path(cli, tmp_path):
     assert "does not exist" in _one_line_error(cli("inspect", str(tmp_path / "nope")))
+
+
+def _write(tmp_path, raw) -> str:
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return str(p)
+
+
+def test_bad_student_model_arg_fails_before_any_stage(cli, tmp_path):
+    """num_experts: 0 builds a transformers config; only a meta-device build and the preset's
+    own checks catch it at load time, before the teacher is pretrained."""
+    import time
+
+    raw = {"data": {"stdlib": True}, "out_dir": str(tmp_path / "o"),
+           "teacher": {"source": "preset", "model": {"preset": "behemoth", "args": {"hidden_size": 32}}},
+           "students": [{"name": "ok", "model": {"preset": "dense"}},
+                        {"name": "s", "model": {"preset": "scout", "args": {"num_experts": 0}}}]}
+    t0 = time.time()
+    line = _one_line_error(cli("run", "--config", _write(tmp_path, raw)))
+    assert "students.1.model.args.num_experts=0" in line, line
+    assert time.time() - t0 < 60 and not (tmp_path / "o").exists()  # nothing pretrained, nothing written
+    raw["students"][1]["model"]["args"] = {"num_heads": 3, "num_kv_heads": 2}
+    assert "students.1.model.args.num_heads=3" in _one_line_error(cli("train", "--config", _write(tmp_path, raw)))
+    raw["students"].pop()
+    raw["teacher"]["model"]["args"] = {"head_dim": 0}
+    assert "teacher.model.args.head_dim=0" in _one_line_error(cli("train", "--config", _write(tmp_path, raw)))
+
+
+def test_out_dir_that_is_a_file_is_one_line(cli, tmp_path):
+    (tmp_path / "taken").write_text("x")
+    raw = {"data": {"stdlib": True}, "out_dir": str(tmp_path / "taken"),
+           "teacher": {"source": "preset", "model": {"preset": "behemoth"}},
+           "students": [{"name": "s", "model": {"preset": "dense"}}]}
+    assert "out_dir" in _one_line_error(cli("run", "--config", _write(tmp_path, raw)))
+    raw["out_dir"] = str(tmp_path / "taken" / "run")
+    assert "lies under the file" in _one_line_error(cli("run", "--config", _write(tmp_path, raw)))
+    assert "out_dir" in _one_line_error(cli("demo", "--tiny", "--out", str(tmp_path / "taken")))

@@ -137,3 +137,67 @@ def test_cache_from_other_k_refused_by_cli(online_setup):
     line = one_line(run_cli("cache", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}", "--set", "cache.k=8"))
     assert "overwrite" in line
     assert {p: p.read_bytes() for p in (out / "cache").glob("*.safetensors")} == shards  # nothing deleted
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a hostile state.pt would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickle_payload_in_state_is_refused(online_setup, tmp_path):
+    import torch
+
+    work, cfg = online_setup
+    out = tmp_path / "o"
+    sets = ["--set", f"out_dir={out}", "--set", "train.checkpoint_every=2"]
+    assert run_cli("train", "-c", str(cfg), "--quiet", *sets).returncode == 0
+    ckpts = sorted((out / "students" / "dense" / "checkpoints").glob("step_*"))
+    marker = tmp_path / "pwned"
+    torch.save({"engine": _Payload(marker)}, ckpts[-1] / "state.pt")
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--resume", *sets))
+    assert "state.pt" in line and "refused" in line, line
+    assert not marker.exists()  # the payload never ran
+
+
+def test_diverging_student_stops_the_run_with_exit_3_then_resume_goes_on_without_it(online_setup, tmp_path):
+    """Exit 3 over the real CLI (on_student_failure: stop); the healthy student is checkpointed
+    first, and --resume finishes it while the failed one stays dropped."""
+    import shutil
+
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+
+    work, base = online_setup
+    raw = yaml.safe_load(base.read_text())
+    raw["students"].append({**raw["students"][0], "name": "bad"})
+    raw.update(out_dir=str(tmp_path / "o"))
+    raw["train"].update(checkpoint_every=2, keep_last=5)
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    assert run_cli("train", "-c", str(cfg), "--quiet").returncode == 0
+    students = tmp_path / "o" / "students"
+    for name in ("dense", "bad"):  # as if killed after step 2
+        shutil.rmtree(students / name / "checkpoints" / "step_00000004")
+    weights = students / "bad" / "checkpoints" / "step_00000002" / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["lm_head.weight"][0, 0] = float("nan")  # every later loss of `bad` is NaN
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+
+    r = run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", "train.max_nonfinite=0")
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "student bad failed at step 3" in r.stderr
+    assert (students / "dense" / "checkpoints" / "step_00000003").exists()  # the healthy one, first
+    assert json.loads((students / "bad" / "failed.json").read_text())["step"] == 2
+
+    r = run_cli("train", "-c", str(cfg), "--quiet", "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (students / "dense" / "checkpoints" / "step_00000004").exists()
+    assert not (students / "bad" / "checkpoints" / "step_00000004").exists()
+    summary = json.loads((tmp_path / "o" / "train_summary.json").read_text())
+    assert "non-finite" in summary["failed"]["bad"]["reason"]

@@ -1,4 +1,6 @@
-"""The loop's contracts: data order, one teacher pass per batch for N students, non-finite steps."""
+"""The loop's contracts: data order, one teacher pass per batch for N students, student failures."""
+import json
+
 import pytest
 import torch
 
@@ -64,14 +66,85 @@ def test_one_teacher_forward_per_batch_for_three_students(tmp_path):
     assert all(s.tokens_seen == 3 * 4 * T for s in students)
 
 
+def poison(student):
+    """NaN in one weight: every loss of this student is non-finite (the others are untouched)."""
+    with torch.no_grad():
+        student.model.lm_head.weight[0, 0] = float("nan")
+
+
+def ckpt_steps(root, name):
+    return [p.name for p in sorted((root / "students" / name / "checkpoints").glob("step_*"))]
+
+
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
+    """on_student_failure=stop: the healthy student is checkpointed after the failing step,
+    the failed one at its last good step (skipped steps changed none of its weights)."""
     blocks = torch.randint(0, V, (16, T + 1))
-    student = make_student()
+    healthy, student = make_student("ok"), make_student("bad")
+    poison(student)
     before = {k: v.clone() for k, v in student.model.state_dict().items()}
     with pytest.raises(TrainingAborted, match="non-finite steps"):
-        train_loop([student], CountingTeacher(poison=True), blocks, blocks[:2], None,
-                   loop_cfg(steps=5, max_nonfinite=2), RunLayout(tmp_path), resume=False, progress=False)
+        train_loop([healthy, student], CountingTeacher(), blocks, blocks[:2], None,
+                   loop_cfg(steps=5, max_nonfinite=2, keep_last=5), RunLayout(tmp_path), resume=False, progress=False)
     assert student.nonfinite_steps == 3
     for k, v in student.model.state_dict().items():
-        assert torch.equal(v, before[k]), k  # skipped steps changed no weight
-    assert not list((tmp_path / "students").glob("*/checkpoints/step_*"))  # no bad state saved
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True)  # skipped steps changed nothing
+    assert ckpt_steps(tmp_path, "ok") == ["step_00000003"] and ckpt_steps(tmp_path, "bad") == ["step_00000002"]
+    assert json.loads((tmp_path / "students" / "bad" / "failed.json").read_text())["step"] == 2
+
+
+def test_a_failing_student_is_dropped_the_others_finish_and_it_stays_dropped(tmp_path):
+    """on_student_failure=drop: an exception (out of memory) in one student's step and a
+    diverging student each cost that student only; a resume keeps both dropped."""
+    blocks = torch.randint(0, V, (16, T + 1))
+
+    def trio():
+        a, b, c = make_student("a"), make_student("b"), make_student("c")
+        poison(c)
+        calls = {"b": 0}
+        step_b = b.train_step
+
+        def oom_at_second_step(step, mbs):
+            calls["b"] += 1
+            if step == 1:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+            return step_b(step, mbs)
+
+        b.train_step = oom_at_second_step
+        return [a, b, c], calls
+
+    loop = loop_cfg(steps=4, max_nonfinite=0, checkpoint_every=2, keep_last=5, on_student_failure="drop")
+    students, _ = trio()
+    result = train_loop(students, CountingTeacher(), blocks, blocks[:2], None, loop, RunLayout(tmp_path),
+                        resume=False, progress=False)
+    assert ckpt_steps(tmp_path, "a") == ["step_00000001", "step_00000002", "step_00000004"]  # at each failure too
+    assert ckpt_steps(tmp_path, "b") == ["step_00000001"]  # its last good step
+    assert ckpt_steps(tmp_path, "c") == ["step_00000000"]
+    assert set(result["failed"]) == {"b", "c"}
+    assert result["failed"]["b"]["reason"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert "non-finite" in result["failed"]["c"]["reason"]
+    assert "oom_at_second_step" in result["failed"]["b"]["traceback"]  # where it raised, for a bug report
+    rows = [json.loads(l) for l in (tmp_path / "students" / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["kind"] == "failed" and rows[-1]["step"] == 2 and "out of memory" in rows[-1]["reason"]
+
+    # A crash after step 2, then --resume: b and c stay dropped, a alone goes on.
+    import shutil
+
+    shutil.rmtree(tmp_path / "students" / "a" / "checkpoints" / "step_00000004")
+    students, calls = trio()
+    result = train_loop(students, CountingTeacher(), blocks, blocks[:2], None, loop, RunLayout(tmp_path),
+                        resume=True, progress=False)
+    assert result["start_step"] == 2 and calls["b"] == 0
+    assert ckpt_steps(tmp_path, "a")[-1] == "step_00000004" and ckpt_steps(tmp_path, "b") == ["step_00000001"]
+    assert set(result["failed"]) == {"b", "c"}
+
+
+def test_report_marks_a_failed_student():
+    from distill.report.report import render_markdown
+
+    report = {"students": {"ok": {"kind": "dense", "val_ppl": 3.0},
+                           "bad": {"kind": "dense", "val_ppl": 9.0,
+                                   "failed": {"step": 1, "failed_at_step": 2, "reason": "RuntimeError: out of memory"}}}}
+    md = render_markdown(report)
+    assert "| bad (failed) |" in md and "failed at step 2: RuntimeError: out of memory (checkpoint: step 1)" in md
+    assert "| ok |" in md

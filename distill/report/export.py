@@ -3,11 +3,18 @@
 Dense students are `LlamaForCausalLM`, MoE students `Llama4ForCausalLM`; the sparse MoE
 forward is a runtime swap over stock parameter names, so the dir loads in stock
 transformers with no project code.  The dir is written under a temp name and renamed.
+
+A student trained with aux-loss-free balancing (`bias_update_rate > 0`) routes with an
+expert bias that stock Llama 4 has no place for.  It cannot be folded into the router
+exactly: it moves only which experts are picked, while a router bias would also move the
+gates sigmoid(logit).  So the export drops it and says what that costs: the share of
+held-out tokens whose experts change (`routing_note`), printed and in the model card.
 """
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -97,6 +104,13 @@ def model_card(name: str, meta: dict, metrics: dict | None = None) -> str:
         f"| steps | {meta.get('step', '?')} |",
         f"| train tokens | {meta.get('tokens_seen', '?')} |",
     ]
+    note = meta.get("routing_without_bias")
+    if note:  # see routing_note: the exported router differs from the trained one
+        share = note["tokens_changing_expert"]
+        lines.append(f"| expert bias | {note['expert_bias']} |")
+        lines.append(f"| tokens changing expert without it | " + (
+            f"{share:.2%} of {note['held_out_tokens']:,} held-out tokens (per MoE layer: {note['per_layer']}) |"
+            if isinstance(share, float) else f"{share} |"))
     for k, v in (metrics or {}).items():
         lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
     lines += ["", "Load with `transformers.AutoModelForCausalLM.from_pretrained(dir)`.", ""]
@@ -111,9 +125,49 @@ def _find_tokenizer_dir(ckpt: Path) -> Path | None:
     return None
 
 
+def _held_out_blocks(ckpt: Path, meta: dict, n: int = 32) -> torch.Tensor | None:
+    """The run's first `n` validation blocks (N, T+1), found from the checkpoint's run dir."""
+    from distill.layout import RunLayout
+
+    if len(ckpt.parents) < 4 or "data_fingerprint" not in meta:
+        return None
+    packed = RunLayout(ckpt.parents[3]).packed_blocks(meta["data_fingerprint"])  # OUT/students/NAME/checkpoints/step_N
+    return load_file(str(packed))["val"][:n] if packed.exists() else None
+
+
+@torch.no_grad()
+def routing_note(model, biases: list[torch.Tensor], held_out: torch.Tensor | None, batch_size: int = 8) -> dict:
+    """What dropping the expert bias does: share of held-out tokens (blocks (N, T+1)) for
+    which some MoE layer picks another expert without it, router inputs from the model
+    with the bias.  {} when the bias is zero everywhere (nothing is lost)."""
+    from students.sparse_moe import enable_sparse_moe, routing_changes_without_bias, set_expert_biases
+
+    if not any(bool(b.abs().sum()) for b in biases):
+        return {}
+    note = {"expert_bias": "dropped: stock Llama 4 has no expert bias and it cannot be folded exactly "
+                           "(it moves the expert choice, not the gates)"}
+    if held_out is None or not len(held_out):
+        note["tokens_changing_expert"] = "not measured: no held-out data found for this run"
+        return note
+    enable_sparse_moe(model)
+    set_expert_biases(model, biases)
+    changed, per_layer, n = 0, 0, 0
+    for start in range(0, len(held_out), batch_size):
+        model.model(input_ids=held_out[start:start + batch_size, :-1])
+        tokens, layers = routing_changes_without_bias(model)  # (N,) bool, (L,) counts
+        changed, per_layer, n = changed + int(tokens.sum()), per_layer + layers, n + tokens.numel()
+    set_expert_biases(model, [torch.zeros_like(b) for b in biases])  # export what stock code will run
+    note.update(tokens_changing_expert=changed / max(n, 1), held_out_tokens=n,
+                per_layer=[round(int(c) / max(n, 1), 4) for c in per_layer])
+    return note
+
+
 def export_checkpoint(path: Path, out: Path, dtype: str = "fp32", tokenizer_dir: Path | None = None,
-                      metrics: dict | None = None) -> Path:
-    """`distill export`: checkpoint (or student dir) -> Hugging Face model dir at `out`."""
+                      metrics: dict | None = None, held_out: torch.Tensor | None = None) -> Path:
+    """`distill export`: checkpoint (or student dir) -> Hugging Face model dir at `out`.
+
+    held_out: validation blocks (N, T+1) to measure routing without the expert bias on
+    (default: the run's own, found from the checkpoint's run dir)."""
     from transformers import AutoTokenizer
 
     ckpt = resolve_checkpoint(path)
@@ -122,6 +176,15 @@ def export_checkpoint(path: Path, out: Path, dtype: str = "fp32", tokenizer_dir:
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir and (Path(tok_dir) / "tokenizer.json").exists() else None
     model = load_checkpoint_model(ckpt)
     name = meta.get("student", ckpt.parent.parent.name)
+    biases = checkpoint.load_state(ckpt).get("expert_bias", [])
+    note = routing_note(model, biases, held_out if held_out is not None else _held_out_blocks(ckpt, meta))
+    if note:
+        meta["routing_without_bias"] = note
+        share = note["tokens_changing_expert"]
+        measured = (f"{share:.1%} of {note['held_out_tokens']:,} held-out tokens route to another expert in at "
+                    f"least one MoE layer" if isinstance(share, float) else share)
+        print(f"[export] {name}: the trained expert bias is {note['expert_bias']}; without it {measured}",
+              file=sys.stderr, flush=True)
     save_hf_dir(model, tokenizer, out, dtype=dtype, card=model_card(name, meta, metrics))
     atomic_write_text(Path(out) / "distill_meta.json", json.dumps(meta, indent=2, default=str))
     return Path(out)

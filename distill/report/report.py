@@ -71,6 +71,8 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
         stats.update(kind="baseline" if sc.baseline else KIND_OF_PRESET.get(sc.model.preset, sc.model.preset),
                      train_tokens=summary.get("students_info", {}).get(sc.name, {}).get("tokens_seen"),
                      export_dir=str(export_dir.relative_to(layout.root)))
+        if layout.failure(sc.name).exists():  # dropped in training: these are its last good step's figures
+            stats["failed"] = json.loads(layout.failure(sc.name).read_text())
         report["students"][sc.name] = stats
         meta = json.loads((export_dir / "distill_meta.json").read_text()) if (export_dir / "distill_meta.json").exists() else {}
         card_metrics = {k: stats[k] for k in ("val_ppl", "teacher_top1_agreement", "kl_to_teacher", "params_total", "params_active")}
@@ -99,7 +101,12 @@ def render_markdown(report: dict) -> str:
         for c in cols:
             v = r.get(c)
             cells.append("-" if v is None else f"{v:.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name}{' (failed)' if r.get('failed') else ''} | " + " | ".join(cells) + " |")
+    failed = {name: r["failed"] for name, r in report["students"].items() if r.get("failed")}
+    if failed:
+        lines += ["", "Failed students (dropped; their figures are from the checkpoint at the last good step):", ""]
+        lines += [f"- **{name}**: failed at step {f['failed_at_step']}: {f['reason']} (checkpoint: step {f['step']})"
+                  for name, f in failed.items()]
     lines += ["", "Plots: `curves.png` (training and validation), `schedule.png` (hard/soft weights), "
               "`expert_load.png` (MoE students).", ""]
     return "\n".join(lines)

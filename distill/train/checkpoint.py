@@ -3,7 +3,8 @@
 Layout: OUT/students/NAME/checkpoints/step_00000100/
     model.safetensors   the student's weights (stock transformers names)
     config.json         the transformers config (so `distill export` needs nothing else)
-    state.pt            optimizer, LR scheduler, RNG states, counters
+    state.pt            optimizer, LR scheduler, RNG states, counters, expert biases; only
+                        tensors and plain Python values, read back with weights_only=True
     meta.json           step, run identity hash, written last inside the temp dir
 
 The whole dir is written under a temp name and renamed, so a crash leaves either the
@@ -12,6 +13,7 @@ previous checkpoint or the complete new one.  `latest()` only trusts dirs with m
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import re
 import shutil
@@ -28,7 +30,11 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG stream, as tensors and plain values only, so `torch.load(weights_only=True)`
+    reads it back: numpy's (624,) uint32 key array is stored as an int64 tensor."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -36,7 +42,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -92,6 +99,21 @@ def load_meta(ckpt: Path) -> dict:
     return json.loads((ckpt / "meta.json").read_text())
 
 
+def load_state(ckpt: Path) -> dict:
+    """The training state, unpickled with weights_only=True: tensors, numbers, strings and
+    containers only.  A state.pt holding any other object (someone else's checkpoint could
+    carry code that runs on unpickling) is refused, never executed."""
+    try:
+        return torch.load(ckpt / "state.pt", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{ckpt / 'state.pt'}: refused, it holds Python objects other than tensors and plain "
+                        f"values (unpickling it could run code); use a checkpoint this toolkit wrote, or delete "
+                        f"this step dir to fall back to the previous one") from None
+    except Exception as e:
+        raise UserError(f"{ckpt / 'state.pt'}: checkpoint is unreadable ({type(e).__name__}); "
+                        f"delete this step dir to fall back to the previous one") from None
+
+
 def load(ckpt: Path, model: torch.nn.Module, expected_run_hash: str | None) -> dict:
     """Load weights into `model` and return the saved training state."""
     meta = load_meta(ckpt)
@@ -99,9 +121,9 @@ def load(ckpt: Path, model: torch.nn.Module, expected_run_hash: str | None) -> d
         raise UserError(
             f"{ckpt}: this checkpoint was made by a different config (run hash {meta.get('run_hash')} "
             f"!= {expected_run_hash}); resume with the config that made it, or start a new out_dir")
+    state = load_state(ckpt)
     try:
         weights = load_file(str(ckpt / "model.safetensors"))
-        state = torch.load(ckpt / "state.pt", weights_only=False)
     except Exception as e:
         raise UserError(f"{ckpt}: checkpoint is unreadable ({type(e).__name__}); "
                         f"delete this step dir to fall back to the previous one") from None

@@ -5,21 +5,27 @@
         signal  = teacher.signal(batch)         # 1 cache read or 1 teacher forward
         for student in students:
             student.train_step(step, [MicroBatch(batch, signal, valid)])
+        students that failed: checkpoint everyone, drop them (or stop the run)
         log, validate, checkpoint
 
 SIGINT/SIGTERM finish the current step, checkpoint every student and exit.
+A student fails when its step raises (out of memory, say) or it passes
+`max_nonfinite` skipped steps; see `drop_failed`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import signal as signals
+import sys
+import traceback
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from common.errors import UserError
+from common.fsutil import atomic_write_json
 from distill.layout import RunLayout
 from distill.train import checkpoint
 from distill.train.metrics import MetricsLogger, progress_bar
@@ -35,7 +41,7 @@ class TrainingInterrupted(UserError):
 
 
 class TrainingAborted(UserError):
-    """Too many non-finite steps: stopped, last good checkpoint kept."""
+    """A student failed (on_student_failure=stop), or none is left: every student checkpointed."""
 
     exit_code = 3
 
@@ -55,6 +61,7 @@ class LoopConfig:
     rank: int = 0
     world_size: int = 1
     extra_meta: dict = field(default_factory=dict)
+    on_student_failure: str = "stop"  # "stop" | "drop" (see drop_failed)
 
 
 def run_hash(*parts) -> str:
@@ -109,11 +116,22 @@ def save_all(layout: RunLayout, students: list[Student], step: int, loop: LoopCo
         dist.barrier()
 
 
-def resume_all(layout: RunLayout, students: list[Student], loop: LoopConfig) -> int:
-    """Load every student's latest checkpoint; all must be at the same step."""
+def failures(layout: RunLayout, names: list[str]) -> dict[str, dict]:
+    """The failure record of each named student that has one (see `drop_failed`)."""
+    return {n: json.loads(layout.failure(n).read_text()) for n in names if layout.failure(n).exists()}
+
+
+def resume_all(layout: RunLayout, students: list[Student], loop: LoopConfig) -> tuple[int, list[Student]]:
+    """Load every live student's latest checkpoint; all must be at the same step.  A student
+    with a failure record stays dropped.  Returns (step, the students still training)."""
+    dropped = failures(layout, [s.name for s in students])
+    students = [s for s in students if s.name not in dropped]
+    if not students:
+        raise TrainingAborted(f"every student failed in an earlier run ({', '.join(sorted(dropped))}; see "
+                              f"failed.json under {layout.students}); start a new out_dir")
     latest = {s.name: checkpoint.latest(layout.checkpoints(s.name)) for s in students}
     if all(p is None for p in latest.values()):
-        return 0
+        return 0, students
     steps = {name: (checkpoint.load_meta(p)["step"] if p else 0) for name, p in latest.items()}
     if len(set(steps.values())) != 1:
         raise UserError(f"students' checkpoints are at different steps {steps}; remove the newer ones "
@@ -125,7 +143,38 @@ def resume_all(layout: RunLayout, students: list[Student], loop: LoopConfig) -> 
         s.engine.load_sharded(layout.checkpoints(s.name), tag=latest[s.name].name)
         rng = state["rng"]
     checkpoint.set_rng_state(rng)
-    return next(iter(steps.values()))
+    return next(iter(steps.values())), students
+
+
+def drop_failed(students: list[Student], failed: dict[str, str], step: int, loop: LoopConfig,
+                layout: RunLayout, logger: MetricsLogger, traces: dict[str, str]) -> list[Student]:
+    """`failed` (name -> reason) failed in step `step` (0-based).  First every healthy student
+    is checkpointed at step+1 and each failed one at `step`, its last good step (a failed step
+    never updated its weights: a non-finite step is skipped, an exception stops before or in
+    the optimiser step); then each failure is recorded (metrics row, failed.json) so a resume
+    keeps it dropped.  Returns the healthy students, or raises TrainingAborted (exit 3) when
+    on_student_failure is "stop" or none is left."""
+    healthy = [s for s in students if s.name not in failed]
+    broken = [s for s in students if s.name in failed]
+    for s in broken:
+        s.model.zero_grad(set_to_none=True)  # a half-done backward's grads: free them first
+    save_all(layout, healthy, step + 1, loop)
+    save_all(layout, broken, step, loop)
+    for s in broken:
+        record = {"step": step, "failed_at_step": step + 1, "reason": failed[s.name],
+                  **({"traceback": traces[s.name]} if s.name in traces else {})}
+        logger.log(s.name, step + 1, {"failed": True, "reason": failed[s.name]}, kind="failed")
+        if loop.rank == 0:
+            atomic_write_json(layout.failure(s.name), record)
+            print(f"[train] student {s.name} failed at step {step + 1}: {failed[s.name]}; checkpointed at "
+                  f"step {step}", file=sys.stderr, flush=True)
+    names = ", ".join(sorted(failed))
+    if loop.on_student_failure == "stop" or not healthy:
+        raise TrainingAborted(
+            f"student {names} failed at step {step + 1} ({'; '.join(failed.values())}); stopped. Every other "
+            f"student is checkpointed at step {step + 1}, {names} at step {step}. --resume goes on without "
+            f"{names} (it stays dropped); train.on_student_failure: drop lets the others finish in one run")
+    return healthy
 
 
 def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: torch.Tensor,
@@ -135,7 +184,11 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
 
     train_blocks, val_blocks: (N, T+1) token ids.  teacher None: CE-only training (the
     teacher's own pretraining)."""
-    start = resume_all(layout, students, loop) if resume else 0
+    names = [s.name for s in students]
+    start, students = resume_all(layout, students, loop) if resume else (0, students)
+    if not resume and loop.rank == 0:
+        for s in students:  # a fresh run retries every student
+            layout.failure(s.name).unlink(missing_ok=True)
     logger = MetricsLogger(layout, [s.name for s in students], start, enabled=loop.rank == 0)
     final_eval: dict = {}
     teacher_calls = 0  # teacher forwards made for training batches (evaluation excluded)
@@ -157,16 +210,22 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
                     sig, valid = None, torch.ones_like(batch.labels, dtype=torch.bool)
                 micro_batches.append(MicroBatch(batch, sig, valid))
 
-            # --- every student learns from the same signal
+            # --- every student learns from the same signal; a failure costs that student only
             teacher_invalid = sum(int((~mb.valid).sum()) for mb in micro_batches)
+            failed, traces = {}, {}  # name -> one-line reason, name -> traceback (exceptions only)
             for s in students:
-                metrics = s.train_step(step, micro_batches)
+                try:
+                    metrics = s.train_step(step, micro_batches)
+                except Exception as e:  # out of memory, say: this student fails, not the run
+                    failed[s.name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+                    traces[s.name] = traceback.format_exc()  # kept in its failed.json, for a bug report
+                    continue
                 logger.log(s.name, step + 1, {**metrics, "teacher_nonfinite_tokens": teacher_invalid})
                 if s.nonfinite_steps > loop.max_nonfinite:
-                    raise TrainingAborted(
-                        f"student {s.name}: {s.nonfinite_steps} non-finite steps (limit train.max_nonfinite="
-                        f"{loop.max_nonfinite}); stopped at step {step + 1}. The last good checkpoint is kept; "
-                        f"lower the lr or check the teacher signal")
+                    failed[s.name] = (f"{s.nonfinite_steps} non-finite steps (limit train.max_nonfinite="
+                                      f"{loop.max_nonfinite}); lower the lr or check the teacher signal")
+            if failed:
+                students = drop_failed(students, failed, step, loop, layout, logger, traces)
             done = step + 1
             bar.update(1, {s.name: logger.last.get(s.name, {}).get("loss") for s in students})
 
@@ -174,7 +233,7 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
             if done == loop.steps or (loop.eval_every and done % loop.eval_every == 0):
                 for s in students:
                     final_eval[s.name] = evaluate_model(s.model, val_blocks[: loop.eval_blocks], val_teacher,
-                                                        device=s.device)
+                                                        device=s.device, chunk_size=s.cfg.loss.chunk_size)
                     logger.log(s.name, done, final_eval[s.name], kind="val")
             if done == loop.steps or (loop.checkpoint_every and done % loop.checkpoint_every == 0) or stop.signum:
                 save_all(layout, students, done, loop)
@@ -183,5 +242,6 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
                     f"stopped by signal {stop.signum} after step {done}; checkpoints saved under "
                     f"{layout.students}; rerun with --resume to continue")
     logger.close()
-    return {"students": final_eval, "teacher_forward_calls": teacher_calls, "start_step": start}
+    return {"students": final_eval, "teacher_forward_calls": teacher_calls, "start_step": start,
+            "failed": failures(layout, names)}
 

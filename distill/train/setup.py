@@ -20,7 +20,8 @@ def loop_config(cfg: RunConfig, steps: int, batch_size: int, rank: int, world: i
                         f"x data-parallel ranks ({world})")
     return LoopConfig(steps=steps, batch_size=batch_size, grad_accum=t.grad_accum, eval_every=t.eval_every,
                       eval_blocks=t.eval_blocks, checkpoint_every=t.checkpoint_every, keep_last=t.keep_last,
-                      max_nonfinite=t.max_nonfinite, seed=cfg.seed, run_hash=rhash, rank=rank, world_size=world)
+                      max_nonfinite=t.max_nonfinite, on_student_failure=t.on_student_failure, seed=cfg.seed,
+                      run_hash=rhash, rank=rank, world_size=world)
 
 
 def make_student(cfg: RunConfig, sc: StudentConfig, model, steps: int, batch_size: int) -> Student:

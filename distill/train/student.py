@@ -17,7 +17,7 @@ from losses import DIVERGENCES, build_schedule, combine, per_token_losses, soft_
 from losses.moe import load_balancing_loss, router_z_loss
 from losses.signal import TeacherSignal
 from students.build import collect_router_logits, expert_load
-from students.sparse_moe import update_expert_bias
+from students.sparse_moe import expert_biases, set_expert_biases, update_expert_bias
 from teachers import Batch
 
 
@@ -163,10 +163,14 @@ class Student:
         return metrics
 
     def state(self) -> dict:
+        """Everything a resume needs beyond the weights.  expert_bias: one (E,) tensor per MoE
+        layer, a non-persistent buffer (model.safetensors stays stock) that routing depends on."""
         return {"engine": self.engine.state_dict(), "nonfinite_steps": self.nonfinite_steps,
-                "tokens_seen": self.tokens_seen}
+                "tokens_seen": self.tokens_seen, "expert_bias": expert_biases(self.model)}
 
     def load_state(self, state: dict) -> None:
         self.engine.load_state_dict(state["engine"])
         self.nonfinite_steps = state["nonfinite_steps"]
         self.tokens_seen = state["tokens_seen"]
+        if "expert_bias" in state:  # checkpoints from before the bias was saved: zeros, as then
+            set_expert_biases(self.model, state["expert_bias"])

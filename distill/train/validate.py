@@ -24,36 +24,45 @@ from teachers import Batch, Teacher
 
 @torch.no_grad()
 def evaluate_model(model, blocks: torch.Tensor, teacher: Teacher | None = None, batch_size: int = 8,
-                   device: torch.device | None = None, autocast_dtype=None) -> dict:
-    """blocks: (N, T+1) token ids, rows 0..N-1 of the teacher's split (None: perplexity only)."""
+                   device: torch.device | None = None, autocast_dtype=None, chunk_size: int = 1024) -> dict:
+    """blocks: (N, T+1) token ids, rows 0..N-1 of the teacher's split (None: perplexity only).
+
+    Chunked like training: the decoder runs once per batch, then the lm_head goes over
+    `chunk_size` tokens at a time, so at most (chunk_size, V) fp32 logits exist at once,
+    never (B, T, V): a vocabulary and batch that trained fine also evaluate."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     ce_sum, n_tok, agree, kl_sum, n_sig = 0.0, 0, 0, 0.0, 0
     loads: list[torch.Tensor] = []  # per MoE layer: (E,) tokens per expert
+    ctx = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
     for start in range(0, len(blocks), batch_size):
         idx = list(range(start, min(start + batch_size, len(blocks))))
         batch = Batch.of(blocks[idx], idx)
         input_ids, labels = batch.input_ids.to(device), batch.labels.to(device)
-        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-        with ctx:
-            logits = model(input_ids=input_ids).logits
-        logits = logits.float()  # (B, T, V)
+        with ctx():
+            hidden = model.model(input_ids=input_ids).last_hidden_state  # (B, T, H)
         batch_loads = expert_load(model)  # from this forward
         loads = [a + b.cpu() for a, b in zip(loads, batch_loads)] if loads else [b.cpu() for b in batch_loads]
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
-        ce_sum += float(ce)
+        hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)  # (N, H), (N,)
         n_tok += labels.numel()
         if teacher is not None:
             sig, valid = teacher.signal(batch)
-            sig, valid = sig.to(device), valid.to(device)
-            agree += int(((logits.argmax(-1) == sig.most_likely()) & valid).sum())
+            sig, valid = sig.to(device).flatten(), valid.to(device).reshape(-1)  # (N, k), (N,)
             sampled = sig.kind == "sampled" and sig.logits is None  # KL at the draws' temperature
-            kl = DIVERGENCES["forward_kl"](logits.reshape(-1, logits.shape[-1]), sig.flatten(),
-                                           temperature=sig.temperature if sampled else 1.0,
-                                           tail="sampled" if sampled else "bucket")
-            kl_sum += float((kl * valid.reshape(-1)).sum())
             n_sig += int(valid.sum())
+        for a in range(0, len(labels), chunk_size):
+            b = a + chunk_size
+            with ctx():
+                logits = model.lm_head(hidden[a:b])
+            logits = logits.float()  # (C, V)
+            ce_sum += float(torch.nn.functional.cross_entropy(logits, labels[a:b], reduction="sum"))
+            if teacher is not None:
+                chunk = sig.rows(a, b)
+                agree += int(((logits.argmax(-1) == chunk.most_likely()) & valid[a:b]).sum())
+                kl = DIVERGENCES["forward_kl"](logits, chunk, temperature=chunk.temperature if sampled else 1.0,
+                                               tail="sampled" if sampled else "bucket")  # (C,)
+                kl_sum += float((kl * valid[a:b]).sum())
     model.train(was_training)
     out = {"val_ce": ce_sum / max(n_tok, 1), "val_ppl": math.exp(min(ce_sum / max(n_tok, 1), 50.0)),
            "val_tokens": n_tok}

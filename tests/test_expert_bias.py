@@ -1,0 +1,99 @@
+"""Aux-loss-free expert bias: part of the training state (exact resume), the same on every
+rank (counts all-reduced), and never silently dropped at export."""
+import shutil
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from distill.config import StudentConfig
+from distill.layout import RunLayout
+from distill.train import checkpoint
+from distill.train.engines import TorchEngine
+from distill.train.loop import train_loop
+from distill.train.student import Student, make_optimizer
+from students.build import build_model
+from students.presets import scout
+from students.sparse_moe import expert_biases, moe_modules, update_expert_bias
+from tests.test_trainer import CountingTeacher, T, V, loop_cfg
+
+RATE = 0.05
+
+
+def tiny_scout():
+    return build_model(scout(vocab_size=V, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                             intermediate_size=32, num_experts=4, attention_chunk_size=8), seed=0)
+
+
+def scout_student(rate=RATE):
+    sc = StudentConfig(name="moe", model={"preset": "scout"}, optim={"lr": 1e-2, "warmup_steps": 0},
+                       loss={"bias_update_rate": rate})
+    model = tiny_scout()
+    opt, sched = make_optimizer(model, sc.optim, 10)
+    return Student(sc, model, TorchEngine(model, opt, sched, sc.optim, torch.device("cpu"), "fp32"), 10)
+
+
+def test_resume_with_expert_bias_is_exact(tmp_path):
+    blocks = torch.randint(0, V, (16, T + 1), generator=torch.Generator().manual_seed(0))
+    loop = loop_cfg(steps=4, checkpoint_every=2, keep_last=5)
+    full = scout_student()
+    train_loop([full], CountingTeacher(), blocks, blocks[:2], None, loop, RunLayout(tmp_path / "a"),
+               resume=False, progress=False)
+    assert any(b.abs().sum() > 0 for b in expert_biases(full.model))  # the bias moved
+    # The same run, killed after step 2 and resumed by a fresh process-like student.
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "students" / "moe" / "checkpoints" / "step_00000004")
+    resumed = scout_student()
+    result = train_loop([resumed], CountingTeacher(), blocks, blocks[:2], None, loop, RunLayout(tmp_path / "b"),
+                        resume=True, progress=False)
+    assert result["start_step"] == 2
+    for a, b in zip(expert_biases(full.model), expert_biases(resumed.model)):
+        assert torch.equal(a, b)
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def _rank_update(rank, world, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = tiny_scout()
+    for m in moe_modules(model):  # each rank saw different tokens: rank 0 all on expert 0, rank 1 on 1, 2
+        m.counts_since_update.copy_(torch.tensor([8, 0, 0, 0]) if rank == 0 else torch.tensor([0, 5, 3, 0]))
+    update_expert_bias(model, RATE)
+    torch.save(expert_biases(model), f"{out_file}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_expert_bias_update_uses_counts_from_every_rank(tmp_path):
+    mp.spawn(_rank_update, args=(2, str(tmp_path / "init"), str(tmp_path / "bias")), nprocs=2)
+    per_rank = [torch.load(tmp_path / f"bias.{r}") for r in range(2)]
+    global_load = torch.tensor([8.0, 5.0, 3.0, 0.0])  # summed over ranks: mean 4
+    expected = RATE * torch.sign(global_load.mean() - global_load)
+    for biases in per_rank:
+        for b in biases:
+            assert torch.equal(b, expected)  # the same on both ranks, from the global load
+
+
+def test_export_reports_routing_without_the_bias(tmp_path, capfd):
+    """The exported (stock) model has no expert bias: the share of held-out tokens whose
+    experts change is measured, printed and written into the model card."""
+    from distill.report.export import export_checkpoint
+
+    student = scout_student()
+    biases = [torch.tensor([3.0, -3.0, 0.0, 0.0]), torch.zeros(4)]  # layer 0: expert 0 favoured
+    checkpoint.save(tmp_path / "ckpt", 5, student.model, {**student.state(), "expert_bias": biases},
+                    {"student": "moe", "run_hash": "h"}, keep_last=1)
+    held_out = torch.randint(0, V, (4, T + 1), generator=torch.Generator().manual_seed(1))
+    out = export_checkpoint(tmp_path / "ckpt", tmp_path / "export", held_out=held_out)
+    err = capfd.readouterr().err
+    card = (out / "README.md").read_text()
+    assert "held-out tokens route to another expert" in err and "of 32 held-out tokens" in err
+    assert "tokens changing expert without it" in card
+    import json
+
+    note = json.loads((out / "distill_meta.json").read_text())["routing_without_bias"]
+    assert 0 < note["tokens_changing_expert"] <= 1 and note["per_layer"][1] == 0  # layer 1 had no bias
+    # No bias at all: nothing to report, nothing printed.
+    checkpoint.save(tmp_path / "plain", 5, student.model, student.state(), {"student": "moe"}, keep_last=1)
+    export_checkpoint(tmp_path / "plain", tmp_path / "export2", held_out=held_out)
+    assert "expert bias" not in capfd.readouterr().err
