@@ -66,7 +66,7 @@ class TeacherSignal:
         best = self.topk_logprobs.argmax(dim=-1, keepdim=True)  # (..., 1)
         return self.topk_ids.gather(-1, best).squeeze(-1)
 
-    def _map(self, fn) -> "TeacherSignal":
+    def apply(self, fn) -> "TeacherSignal":
         """The same signal with `fn` applied to every tensor (token dims leading)."""
         return TeacherSignal(fn(self.topk_ids), fn(self.topk_logprobs),
                              None if self.logits is None else fn(self.logits), self.kind,
@@ -75,14 +75,14 @@ class TeacherSignal:
     def flatten(self) -> "TeacherSignal":
         """(B, T, ...) -> (B*T, ...)."""
         lead = self.topk_ids.shape[:-1]
-        return self._map(lambda x: x.reshape(-1, *x.shape[len(lead):]))
+        return self.apply(lambda x: x.reshape(-1, *x.shape[len(lead):]))
 
     def rows(self, start: int, end: int) -> "TeacherSignal":
         """Tokens start..end of a flattened (N, ...) signal."""
-        return self._map(lambda x: x[start:end])
+        return self.apply(lambda x: x[start:end])
 
     def to(self, device) -> "TeacherSignal":
-        return self._map(lambda x: x.to(device, non_blocking=True))
+        return self.apply(lambda x: x.to(device, non_blocking=True))
 
     @staticmethod
     def from_logits(logits: torch.Tensor, k: int, keep_dense: bool = False) -> "TeacherSignal":

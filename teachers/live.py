@@ -156,6 +156,9 @@ class LiveTeacher:
         return TeacherSignal(ids.reshape(*input_ids.shape, n), logfreq.reshape(*input_ids.shape, n), kind="sampled",
                              entropy=entropy.reshape(input_ids.shape), temperature=self.sampling.temperature)
 
+    def prefetch(self, batches) -> None:
+        pass  # the forward runs when asked: it shares the device with the students
+
     def signal(self, batch: Batch) -> tuple[TeacherSignal, torch.Tensor]:
         """(TeacherSignal (B, T, k), valid (B, T)) for `batch.input_ids`.  A token whose logits
         hold NaN or +inf, or are all -inf, is invalid and gets a placeholder signal, as in the

@@ -43,3 +43,8 @@ class Teacher(Protocol):
         """(TeacherSignal (B, T, k), valid (B, T) bool): valid is False where the teacher's
         logits were not finite; such tokens carry a placeholder and must be masked."""
         ...
+
+    def prefetch(self, batches: Sequence[Batch]) -> None:
+        """A hint: these batches are asked for next.  A cache starts decoding them in the
+        background; a live teacher (whose forward needs the device) ignores it."""
+        ...

@@ -361,3 +361,20 @@ def test_sampled_cache_holds_the_teachers_draws(sampled_reference):
     assert describe_cache(sampled_reference)["estimator"] == "sampled (n=16, T=2)"
     with pytest.raises(CacheMismatch, match="estimator"):
         CacheReader(sampled_reference, "train").check_identity({"estimator": "topk"})
+
+
+def test_prefetched_reads_equal_direct_reads(reference):
+    """CachedTeacher decodes announced batches in background threads; what signal() then
+    returns is what a direct read gives, and unannounced batches still read on demand."""
+    from teachers import Batch, CachedTeacher
+
+    teacher = CachedTeacher(reference, "train", workers=2)
+    batches = [Batch(list(range(i, i + 5)), torch.zeros(5, 1), torch.zeros(5, 1)) for i in range(0, 30, 5)]
+    teacher.prefetch(batches[:4])
+    assert len(teacher._pending) == 4
+    for b in batches:
+        sig, valid = teacher.signal(b)
+        ref_sig, ref_valid = CacheReader(reference, "train").read(b.indices)
+        assert torch.equal(sig.topk_ids, ref_sig.topk_ids) and torch.equal(sig.topk_logprobs, ref_sig.topk_logprobs)
+        assert torch.equal(valid, ref_valid)
+    assert not teacher._pending and teacher.reads == 6

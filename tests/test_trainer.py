@@ -31,6 +31,10 @@ class CountingTeacher:
         self.forward_calls = 0
         self.reads = 0
         self.poison = poison
+        self.prefetched: list[tuple] = []
+
+    def prefetch(self, batches):
+        self.prefetched.extend(tuple(b.indices) for b in batches)
 
     def signal(self, batch):
         self.forward_calls += 1
@@ -64,6 +68,8 @@ def test_one_teacher_forward_per_batch_for_three_students(tmp_path):
                         resume=False, progress=False)
     assert result["teacher_forward_calls"] == 3 == teacher.forward_calls
     assert all(s.tokens_seen == 3 * 4 * T for s in students)
+    # Each step announced the next step's blocks ahead of time (a cache decodes them meanwhile).
+    assert teacher.prefetched == [tuple(batch_indices(s, 4, 16, 0)) for s in (1, 2)]
 
 
 def poison(student):

@@ -108,7 +108,7 @@ def model_card(name: str, meta: dict, metrics: dict | None = None) -> str:
     if note:  # see routing_note: the exported router differs from the trained one
         share = note["tokens_changing_expert"]
         lines.append(f"| expert bias | {note['expert_bias']} |")
-        lines.append(f"| tokens changing expert without it | " + (
+        lines.append("| tokens changing expert without it | " + (
             f"{share:.2%} of {note['held_out_tokens']:,} held-out tokens (per MoE layer: {note['per_layer']}) |"
             if isinstance(share, float) else f"{share} |"))
     for k, v in (metrics or {}).items():

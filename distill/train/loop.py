@@ -177,6 +177,15 @@ def drop_failed(students: list[Student], failed: dict[str, str], step: int, loop
     return healthy
 
 
+def step_batches(step: int, loop: LoopConfig, train_blocks: torch.Tensor) -> list[Batch]:
+    """This rank's micro-batches of `step`: the global batch's blocks, split into
+    `grad_accum` micro-batches, each strided over the data-parallel ranks."""
+    idx = batch_indices(step, loop.batch_size, len(train_blocks), loop.seed)
+    micro = loop.batch_size // loop.grad_accum
+    mine = [idx[m * micro:(m + 1) * micro][loop.rank::loop.world_size] for m in range(loop.grad_accum)]
+    return [Batch.of(train_blocks[ids], ids) for ids in mine]
+
+
 def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: torch.Tensor,
                val_blocks: torch.Tensor, val_teacher: Teacher | None, loop: LoopConfig, layout: RunLayout,
                resume: bool, progress: bool, label: str = "co-distilling") -> dict:
@@ -192,15 +201,15 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
     logger = MetricsLogger(layout, [s.name for s in students], start, enabled=loop.rank == 0)
     final_eval: dict = {}
     teacher_calls = 0  # teacher forwards made for training batches (evaluation excluded)
-    micro = loop.batch_size // loop.grad_accum
     with _StopFlag() as stop, progress_bar(loop.steps, label, progress and loop.rank == 0, start) as bar:
         for step in range(start, loop.steps):
-            # --- the step's blocks: global batch, this rank's share, split into micro-batches
-            idx = batch_indices(step, loop.batch_size, len(train_blocks), loop.seed)
+            # --- the step's blocks: global batch, this rank's share, split into micro-batches;
+            # the next step's are read ahead (a cache decodes them while the students train)
+            batches = step_batches(step, loop, train_blocks)
+            if teacher is not None and step + 1 < loop.steps:
+                teacher.prefetch(step_batches(step + 1, loop, train_blocks))
             micro_batches = []
-            for m in range(loop.grad_accum):
-                mine = idx[m * micro:(m + 1) * micro][loop.rank::loop.world_size]
-                batch = Batch.of(train_blocks[mine], mine)
+            for batch in batches:
                 # --- one teacher signal per micro-batch, shared by every student
                 if teacher is not None:
                     before = teacher.forward_calls

@@ -2,6 +2,7 @@
 order, verification, and the summary `distill inspect` prints."""
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -79,6 +80,7 @@ class CacheReader:
                 raise CacheCorrupt(f"cache at {self.dir}: sha256 mismatch in shard(s) {', '.join(bad)}")
         self._open: OrderedDict[int, dict] = OrderedDict()
         self._max_open = max_open
+        self._lock = threading.Lock()  # prefetch threads share the open-shard table
 
     def __len__(self) -> int:
         return self._n
@@ -90,18 +92,19 @@ class CacheReader:
             raise mismatch_error(self.dir, diffs)
 
     def _arrays(self, i: int) -> dict:
-        if i in self._open:
-            self._open.move_to_end(i)
-            return self._open[i]
-        base, tensors = self._headers[i]
-        # One map (one fd) per shard; plain ndarray views skip np.memmap's per-index cost.
-        mm = np.memmap(self.dir / self.shards[i]["file"], dtype=np.uint8, mode="r").view(np.ndarray)
-        arrays = {name: mm[base + a: base + b].view(dt).reshape(shape) if b > a else np.zeros(shape, dt)
-                  for name, (dt, shape, a, b) in tensors.items()}
-        self._open[i] = arrays
-        if len(self._open) > self._max_open:
-            self._open.popitem(last=False)
-        return arrays
+        with self._lock:
+            if i in self._open:
+                self._open.move_to_end(i)
+                return self._open[i]
+            base, tensors = self._headers[i]
+            # One map (one fd) per shard; plain ndarray views skip np.memmap's per-index cost.
+            mm = np.memmap(self.dir / self.shards[i]["file"], dtype=np.uint8, mode="r").view(np.ndarray)
+            arrays = {name: mm[base + a: base + b].view(dt).reshape(shape) if b > a else np.zeros(shape, dt)
+                      for name, (dt, shape, a, b) in tensors.items()}
+            self._open[i] = arrays
+            if len(self._open) > self._max_open:
+                self._open.popitem(last=False)
+            return arrays
 
     def _locate(self, indices) -> tuple[np.ndarray, np.ndarray]:
         idx = np.asarray(indices, np.int64).reshape(-1)
