@@ -8,7 +8,9 @@ Reports, for V = 202,048 (Llama 4's vocab):
   lossy encodings;
 * write overhead: wall time of write_cache vs the bare teacher forward it wraps, and the
   cache's own share of it (top-k, encoding, files);
-* read throughput of CacheReader.signal on random batches;
+* bytes/token of the sampled encoding (n = 16, 32, 64 draws, + the fp16 entropy);
+* read throughput of CachedTeacher on random batches with 0, 1, 2 and 4 prefetch workers
+  (the loop announces the next step's batches; workers decode them meanwhile);
 * peak memory and time of one teacher step with whole logits vs a chunked lm_head.
 
 Synthetic teacher (`zipf_logits`): logit(v) = -0.5 ln(1 + v) + 2.0 N(0,1) plus 24
@@ -20,8 +22,12 @@ concentrated at the head.
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages first
 
 V_LLAMA4 = 202_048
 
@@ -71,6 +77,8 @@ def bench_sizes(n_tokens: int, group: int) -> dict:
     """bytes/token, coding speed and reconstruction error per (teacher, k, encoding)."""
     import time
 
+    import numpy as np
+
     from teachers.cache.codec import CODECS
 
     out = {}
@@ -79,6 +87,8 @@ def bench_sizes(n_tokens: int, group: int) -> dict:
         for k in (32, 64, 128):
             ids, lp = ids128[:, :k].copy(), lp128[:, :k].copy()
             for name, codec in CODECS.items():
+                if codec.signal != "topk":
+                    continue
                 t0 = time.perf_counter()
                 arrays = codec.encode(ids, lp, V_LLAMA4, group=group)
                 t1 = time.perf_counter()
@@ -90,7 +100,39 @@ def bench_sizes(n_tokens: int, group: int) -> dict:
                 if not codec.lossless:
                     row.update({key: float(f"{v:.3g}") for key, v in _errors(ids, lp, di, dl).items()})
                 out[f"{kind}/k{k}/{name}"] = row
+        for n in (16, 32, 64):
+            ids, lp, entropy = _sampled_stream(kind, n_tokens, n)
+            t0 = time.perf_counter()
+            arrays = CODECS["sampled"].encode(ids, lp, V_LLAMA4, group=group)
+            t1 = time.perf_counter()
+            CODECS["sampled"].decode(arrays, n, V_LLAMA4, group)
+            t2 = time.perf_counter()
+            out[f"{kind}/n{n}/sampled"] = {
+                "bytes_per_token": round(sum(a.nbytes for a in arrays.values()) / n_tokens + entropy.itemsize, 2),
+                "distinct_ids_per_token": round(float((lp > -np.inf).sum(1).mean()), 2),
+                "encode_us_per_token": round((t1 - t0) / n_tokens * 1e6, 2),
+                "decode_us_per_token": round((t2 - t1) / n_tokens * 1e6, 2)}
     return out
+
+
+def _sampled_stream(kind: str, n: int, draws: int, seed: int = 0):
+    """n synthetic tokens' sampled signal as the cache stores it: ids (n, draws) padded,
+    log(count / draws) (n, draws) with -inf padding, fp16 entropy (n,)."""
+    import numpy as np
+
+    from losses.signal import sample_signal
+
+    g = torch.Generator().manual_seed(seed)
+    ids = np.zeros((n, draws), np.int64)
+    lp = np.full((n, draws), -np.inf, np.float32)
+    entropy = np.zeros(n, np.float16)
+    for i in range(0, n, 256):
+        m = min(256, n - i)
+        x = zipf_logits(m, generator=g) if kind == "zipf" else torch.randn(m, V_LLAMA4, generator=g)
+        sig = sample_signal(x, draws, 1.0, seed, torch.arange(i, i + m))
+        ids[i:i + m, :sig.k], lp[i:i + m, :sig.k] = sig.topk_ids.numpy(), sig.topk_logprobs.numpy()
+        entropy[i:i + m] = sig.entropy.numpy()
+    return ids, lp, entropy
 
 
 def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encodings, k: int, reps: int) -> dict:
@@ -109,10 +151,9 @@ def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encoding
     import time
     from pathlib import Path
 
-    import numpy as np
-
+    from teachers.cache.format import Sampling
+    from teachers.cache.reader import describe_cache
     from teachers.cache.writer import _topk, write_cache
-    from teachers.cache.reader import CacheReader, describe_cache
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(V_LLAMA4, hidden), torch.nn.Linear(hidden, V_LLAMA4)).eval()
@@ -156,29 +197,52 @@ def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encoding
             for _ in range(reps):
                 t_bare.append(timed(bare))
                 teacher_s[0] = 0.0
-                t_write.append(timed(lambda: write_cache(Path(d), teacher, {"train": blocks}, identity=ident, k=k,
+                sampling = Sampling(32) if enc == "sampled" else None
+                fn = (lambda x, keys: teacher(x)) if sampling else teacher
+                t_write.append(timed(lambda: write_cache(Path(d), fn, {"train": blocks}, identity=ident, k=k,
                                                          encoding=enc, batch_size=batch, overwrite=True,
-                                                         shard_sequences=max(1, n_seq // 4), progress=False)))
+                                                         shard_sequences=max(1, n_seq // 4), progress=False,
+                                                         sampling=sampling)))
                 t_own.append(t_write[-1] - teacher_s[0])
             tb, tw, own = (statistics.median(t) for t in (t_bare, t_write, t_own))
-            reader = CacheReader(d, "train")
-            rng = np.random.default_rng(0)
-            reader.signal(rng.integers(0, n_seq, 8))  # map shards
-            rates = []
-            for _ in range(reps):
-                n, t0 = 0, time.perf_counter()
-                while time.perf_counter() - t0 < 1.0:
-                    reader.signal(rng.integers(0, n_seq, 8))
-                    n += 1
-                rates.append(n * 8 * seq_len / (time.perf_counter() - t0))
+            rates = read_rates(Path(d), n_seq, seq_len, reps, seconds=1.0 if reps > 1 else 0.2)
             out[enc] = {"teacher_forward_s": round(tb, 2), "write_cache_s": round(tw, 2),
                         "overhead_pct": round(100 * (tw - tb) / tb, 1),
                         "overhead_us_per_token": round((tw - tb) / tokens * 1e6),
                         "cache_own_s": round(own, 2), "cache_own_pct": round(100 * own / tb, 1),
                         "cache_own_us_per_token": round(own / tokens * 1e6),
                         "file_bytes_per_token": round(describe_cache(d)["bytes_per_token"], 1),
-                        "read_tokens_per_s": round(max(rates)),
+                        "read_tokens_per_s_by_workers": rates,
                         "read_batch": f"8x{seq_len} random sequences"}
+    return out
+
+
+def read_rates(cache_dir, n_seq: int, seq_len: int, reps: int, seconds: float = 1.0) -> dict[str, int]:
+    """Tokens/s that CachedTeacher serves random 8-sequence batches at, by prefetch workers:
+    each batch is announced one step ahead (`workers` ahead for more workers), as the loop
+    does; best of `reps` runs of `seconds`."""
+    import time
+
+    import numpy as np
+
+    from teachers import Batch, CachedTeacher
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for workers in (0, 1, 2, 4):
+        teacher = CachedTeacher(cache_dir, "train", workers=workers)
+        best = 0.0
+        for _ in range(reps):
+            batches = [Batch(rng.integers(0, n_seq, 8).tolist(), torch.zeros(1), torch.zeros(1)) for _ in range(400)]
+            teacher.signal(batches[0])  # map shards
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds and n + 1 + workers < len(batches):
+                teacher.prefetch(batches[n + 1:n + 1 + max(1, workers)])
+                teacher.signal(batches[n])
+                n += 1
+            best = max(best, n * 8 * seq_len / (time.perf_counter() - t0))
+            teacher.prefetch([])
+        out[str(workers)] = round(best)
     return out
 
 
@@ -273,7 +337,7 @@ def main() -> None:
               "vocab_size": V_LLAMA4,
               "sizes": bench_sizes(a.tokens, group=min(a.tokens, 512)),
               "write_read": [bench_write_read(int(h), a.sequences, a.seq_len, a.batch,
-                                              ("lossless", "fp16", "compact"), k=64, reps=a.reps)
+                                              ("lossless", "fp16", "compact", "sampled"), k=64, reps=a.reps)
                              for h in a.hidden.split(",")],
               "teacher_step": bench_teacher_step(*map(int, a.step.split("x")))}
     print(json.dumps(result, indent=1), file=stdout)

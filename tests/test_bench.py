@@ -19,5 +19,7 @@ def test_cache_bench_quick_prints_json():
     assert out["sizes"]["zipf/k64/lossless"]["bytes_per_token"] == 64 * (18 / 8 + 4)
     assert out["sizes"]["zipf/k64/fp16"]["bytes_per_token"] == 64 * (18 / 8 + 2)
     assert out["sizes"]["zipf/k64/compact"]["bytes_per_token"] < 130
+    assert out["sizes"]["zipf/n32/sampled"]["bytes_per_token"] < 48  # the sampled cache's target at V = 202,048
+    assert set(out["write_read"][0]["sampled"]["read_tokens_per_s_by_workers"]) == {"0", "1", "2", "4"}
     step = out["teacher_step"]
     assert {"full", "chunked"} <= set(step) and step["chunked"]["peak_rss_mb"] > 0
