@@ -135,7 +135,8 @@ def _sampled_stream(kind: str, n: int, draws: int, seed: int = 0):
     return ids, lp, entropy
 
 
-def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encodings, k: int, reps: int) -> dict:
+def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encodings, k: int, reps: int,
+                     device: str = "cpu") -> dict:
     """Write overhead of write_cache vs the bare teacher forward, then read throughput.
 
     The machine may be shared and this CPU's timings drift by +-15% run to run, so bare
@@ -157,6 +158,8 @@ def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encoding
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(V_LLAMA4, hidden), torch.nn.Linear(hidden, V_LLAMA4)).eval()
+    model = model.to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     blocks = torch.randint(0, V_LLAMA4, (n_seq, seq_len))
     tokens = n_seq * seq_len
     ident = {"teacher_config_hash": "bench", "teacher_weights_hash": "bench", "tokenizer_hash": "bench",
@@ -165,7 +168,8 @@ def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encoding
 
     def teacher(x):
         t0 = time.perf_counter()
-        y = model(x)
+        y = model(x.to(device))
+        sync()
         teacher_s[0] += time.perf_counter() - t0
         return y
 
@@ -177,11 +181,12 @@ def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encoding
     def bare():
         with torch.no_grad():
             for i in range(0, n_seq, batch):
-                model(blocks[i:i + batch])
+                model(blocks[i:i + batch].to(device))
+            sync()
 
     def topk_once(fn) -> float:
         with torch.no_grad():
-            logits = model(blocks[:batch])
+            logits = model(blocks[:batch].to(device))
         return timed(lambda: fn(logits))
 
     ours = min(topk_once(lambda x: _topk(x, k, V_LLAMA4)) for _ in range(reps))
@@ -327,6 +332,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--reps", type=int, default=5, help="interleaved repeats; medians are reported")
     p.add_argument("--step", default="4x2048x512", help="BATCHxSEQxHIDDEN of the teacher-step memory run")
+    p.add_argument("--device", default="cpu", help="where the write-overhead teacher runs")
+    p.add_argument("--skip", nargs="*", default=[], choices=["sizes", "write_read", "teacher_step"])
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     a = p.parse_args()
     stdout = os.fdopen(os.dup(1), "w")
@@ -334,12 +341,15 @@ def main() -> None:
     if a.quick:
         a.tokens, a.sequences, a.seq_len, a.hidden, a.reps, a.step = 256, 4, 64, "256", 1, "1x64x64"
     result = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
-              "vocab_size": V_LLAMA4,
-              "sizes": bench_sizes(a.tokens, group=min(a.tokens, 512)),
-              "write_read": [bench_write_read(int(h), a.sequences, a.seq_len, a.batch,
-                                              ("lossless", "fp16", "compact", "sampled"), k=64, reps=a.reps)
-                             for h in a.hidden.split(",")],
-              "teacher_step": bench_teacher_step(*map(int, a.step.split("x")))}
+              "device": a.device, "vocab_size": V_LLAMA4}
+    if "sizes" not in a.skip:
+        result["sizes"] = bench_sizes(a.tokens, group=min(a.tokens, 512))
+    if "write_read" not in a.skip:
+        result["write_read"] = [bench_write_read(int(h), a.sequences, a.seq_len, a.batch,
+                                                 ("lossless", "fp16", "compact", "sampled"), k=64, reps=a.reps,
+                                                 device=a.device) for h in a.hidden.split(",")]
+    if "teacher_step" not in a.skip:
+        result["teacher_step"] = bench_teacher_step(*map(int, a.step.split("x")))
     print(json.dumps(result, indent=1), file=stdout)
     stdout.flush()
 

@@ -23,3 +23,27 @@ def test_cache_bench_quick_prints_json():
     assert set(out["write_read"][0]["sampled"]["read_tokens_per_s_by_workers"]) == {"0", "1", "2", "4"}
     step = out["teacher_step"]
     assert {"full", "chunked"} <= set(step) and step["chunked"]["peak_rss_mb"] > 0
+
+
+def _json_of(*args, timeout=600) -> dict:
+    r = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)
+
+
+def test_loss_bench_compares_kd_with_ce_through_the_same_code():
+    out = _json_of(ROOT / "bench" / "loss.py", "--bt", 64, "--hidden", 16, "--vocab", 2000, "--k", 8, "--iters", 1)
+    row = out["V=2000"]
+    assert {"ce_ms", "kd_ms", "kd_generic_ms", "kd_over_ce", "chunk"} <= set(row)
+    assert set(row["peak_mb"]) == {"ce", "kd", "kd_generic", "naive"}
+
+
+def test_step_bench_runs_both_students():
+    out = _json_of(ROOT / "bench" / "step.py", "--quick", "--peak-tflops", 1)
+    assert out["dense"]["tokens_per_s"] > 0 and out["scout"]["params_active"] < out["scout"]["params_total"]
+
+
+def test_gpu_script_says_no_cuda_and_exits_0():
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"cuda": False, "note": "no CUDA device: nothing measured"}
