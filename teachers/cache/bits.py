@@ -116,3 +116,15 @@ def read_unary(buf: np.ndarray, local: np.ndarray, m: int) -> np.ndarray:
     ones = ones.reshape(len(local), m)
     # Padding zeros sit only after a segment's last code, so each segment restarts here.
     return np.diff(ones, axis=1, prepend=(8 * local - 1)[:, None]) - 1
+
+
+def grouped_input(ids, logprobs, group: int | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """A codec's input as (N, k) int64 ids and fp32 log-probs, and its group size (default:
+    all N tokens in one group); N must split into whole groups."""
+    ids = np.asarray(ids, np.int64)
+    lp = np.asarray(logprobs, np.float32)
+    n = ids.shape[0]
+    group = group or max(n, 1)
+    if n % group:
+        raise ValueError(f"{n} tokens do not split into groups of {group}")
+    return ids, lp, group

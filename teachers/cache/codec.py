@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from teachers.cache.sampled_codec import SampledCodec
-from teachers.cache.bits import (gather_segments, id_bits, pack_fixed, pack_groups, pack_unary_groups, read_unary,
+from teachers.cache.bits import (gather_segments, grouped_input, id_bits, pack_fixed, pack_groups, pack_unary_groups, read_unary,
                                  read_varwidth, unpack_fixed, windows32)
 
 Arrays = dict[str, np.ndarray]
@@ -178,12 +178,8 @@ class CompactCodec:
         return order, gaps, prev
 
     def encode(self, ids, logprobs, vocab_size, group=None) -> Arrays:
-        ids = np.asarray(ids, np.int64)
-        lp = np.asarray(logprobs, np.float32)
+        ids, lp, group = grouped_input(ids, logprobs, group)
         n, k = ids.shape
-        group = group or max(n, 1)
-        if n % group:
-            raise ValueError(f"{n} tokens do not split into groups of {group}")
         if n and (ids.min() < 0 or ids.max() >= vocab_size):
             raise ValueError(f"ids outside [0, {vocab_size})")
         params = self._params(k, vocab_size)

@@ -21,7 +21,7 @@ from typing import Mapping
 
 import numpy as np
 
-from teachers.cache.bits import gather_segments, read_varwidth, windows32
+from teachers.cache.bits import gather_segments, grouped_input, read_varwidth, windows32
 
 Arrays = dict[str, np.ndarray]
 _MAX_RICE = 24
@@ -59,12 +59,8 @@ class SampledCodec:
     signal = "sampled"
 
     def encode(self, ids, logprobs, vocab_size: int, group: int | None = None) -> Arrays:
-        ids = np.asarray(ids, np.int64)
-        lp = np.asarray(logprobs, np.float32)
+        ids, lp, group = grouped_input(ids, logprobs, group)
         n_tok, n = ids.shape
-        group = group or max(n_tok, 1)
-        if n_tok % group:
-            raise ValueError(f"{n_tok} tokens do not split into groups of {group}")
         with np.errstate(over="ignore"):
             counts = np.rint(np.exp(lp.astype(np.float64)) * n).astype(np.int64)  # (N, n); padding 0
         if n_tok and not (counts.sum(1) == n).all():
