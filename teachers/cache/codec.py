@@ -27,9 +27,9 @@ from typing import Mapping, Protocol
 import numpy as np
 import torch
 
+from teachers.cache.bits import (gather_segments, grouped_input, id_bits, pack_fixed, pack_groups,  # noqa: F401
+                                 pack_unary_groups, read_unary, read_varwidth, unpack_fixed, windows32)
 from teachers.cache.sampled_codec import SampledCodec
-from teachers.cache.bits import (gather_segments, grouped_input, id_bits, pack_fixed, pack_groups, pack_unary_groups, read_unary,
-                                 read_varwidth, unpack_fixed, windows32)
 
 Arrays = dict[str, np.ndarray]
 
