@@ -1,18 +1,20 @@
 """Distillation losses: pure functions over (student_logits, TeacherSignal, labels, mask).
 
 Extension points (one registry each):
-  DIVERGENCES  name -> per-token soft divergence  fn(student_logits, teacher, *, temperature,
-               tail, mask, **params) -> (N,)
+  DIVERGENCES  name -> `Divergence`: the per-token soft divergence fn(student_logits, teacher,
+               *, temperature, tail, mask, **params) -> (N,), its value on outcome
+               log-probs, and its closed-form outcome gradient (None: autograd fallback)
   SCHEDULES    kind -> weight-schedule dataclass  (config: {"kind": ..., **fields})
 
-Adding a loss: write `fn` in divergences.py with that signature, give it a docstring with
-shapes (and a paper link), add it to DIVERGENCES, and add it to the reference-parity test in
-tests/test_losses.py.
+Adding a loss: see divergences.py and the README's checklist (value, closed form if any,
+registry entry, reference-parity test in tests/test_losses.py).
 """
-from losses.chunked import per_token_losses, per_token_losses_from_logits
+from losses.chunked import auto_chunk_size, per_token_losses, per_token_losses_from_logits
 from losses.divergences import (
     DIVERGENCES,
+    ESTIMATORS,
     TAILS,
+    Divergence,
     forward_kl,
     get_divergence,
     jsd,
@@ -32,7 +34,7 @@ from losses.schedules import (
     WeightSchedule,
     build_schedule,
 )
-from losses.signal import TeacherSignal
+from losses.signal import TeacherSignal, sample_signal
 from losses.weighting import (
     WEIGHTING_MODES,
     combine,
@@ -43,6 +45,10 @@ from losses.weighting import (
 
 __all__ = [
     "DIVERGENCES",
+    "ESTIMATORS",
+    "Divergence",
+    "auto_chunk_size",
+    "sample_signal",
     "HARD_TARGETS",
     "SCHEDULES",
     "TAILS",
