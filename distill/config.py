@@ -31,7 +31,8 @@ class TokenizerConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    paths: list[Path] = Field(default_factory=list, description="Files or dirs: .txt/.py/.md (one document per file), .jsonl/.json, .parquet, or a `datasets.save_to_disk` dir.")
+    paths: list[Path] = Field(default_factory=list, description="Files, dirs or glob patterns (`repo/**/*.py`): .txt/.py/.md (one document per file), .jsonl/.json, .parquet, or a `datasets.save_to_disk` dir. Tables met while walking a dir or a glob that lack the text (or chat) columns are skipped with a count; a file named here must read.")
+    exclude: list[str] = Field(default_factory=list, description="Patterns of files to leave out of dirs and globs: without a `/` they match a file or folder name (`*.json`, `tests`), with one the path below the dir (`docs/*`).")
     stdlib: bool = Field(False, description="Use the Python standard library's .py sources on this machine as the corpus (the offline default).")
     text_field: str = Field("text", description="Column holding the text in jsonl/parquet/dataset inputs.")
     seq_len: int = Field(256, ge=8, le=1_048_576, description="Tokens per training block.")
@@ -289,7 +290,7 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
 def check_inputs_exist(cfg: RunConfig) -> None:
     """Missing files fail before any work starts, naming the key."""
     for i, p in enumerate(cfg.data.paths):
-        if not p.exists():
+        if not set("*?[").intersection(str(p)) and not p.exists():  # a glob is checked when expanded
             raise UserError(f"data.paths[{i}]: {p} does not exist")
     if cfg.data.tokenizer.path is not None and not cfg.data.tokenizer.path.is_dir():
         raise UserError(f"data.tokenizer.path: {cfg.data.tokenizer.path} is not a directory")
