@@ -100,15 +100,33 @@ class OptimConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    preset: str = Field(..., description="Model preset: behemoth, scout, maverick, dense, dense_llama4.")
+    """Exactly one of `preset` (+ `args`), `path` or `from_teacher`."""
+
+    preset: str | None = Field(None, description="Model preset: behemoth, scout, maverick, dense, dense_llama4.")
     args: dict[str, Any] = Field(default_factory=dict, description="Preset size arguments (hidden_size, num_layers, num_experts, ...).")
+    path: Path | None = Field(None, description="A local Hugging Face causal-LM dir (Llama, Mistral, Qwen2/3, Qwen3-MoE, Mixtral, Llama 4 text, ...): a pretrained student, trained from its own weights.")
+    from_teacher: dict[str, Any] | None = Field(None, description="The teacher's own config with only the named fields changed: `num_layers`, `num_experts`, `hidden_size`, ... or any raw config field; `layers: [..]` (teacher layers kept, in order) or `layers: auto` (the contiguous block whose removal changes the hidden states least, by angular distance; the default). `{}` is the teacher's full shape.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("preset", "path", "from_teacher") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of preset, path or from_teacher (got {', '.join(given) or 'none'})")
+        if self.args and self.preset is None:
+            raise ValueError("args go with a preset; with from_teacher put the fields inside it")
+        return self
+
+    @property
+    def source(self) -> str:
+        """What the model comes from, for reports: the preset's name, `pretrained` or `from_teacher`."""
+        return self.preset or ("pretrained" if self.path is not None else "from_teacher")
 
 
 class StudentConfig(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Directory-safe name; artefacts go to OUT/students/NAME/.")
     model: ModelConfig
     baseline: bool = Field(False, description="CE-only baseline: ground-truth labels only, no teacher signal.")
-    init: Literal["random", "teacher"] = Field("random", description="Random init, or copy embeddings/layers/experts from the teacher.")
+    init: Literal["random", "teacher"] = Field("random", description="Random init, or copy embeddings/layers/experts from the teacher (not with model.path: a pretrained student keeps its weights).")
     init_layers: list[int] | None = Field(None, description="Teacher layers copied into student layers 0..n-1 when init=teacher.")
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -124,8 +142,8 @@ class TeacherConfig(_Strict):
 
     @model_validator(mode="after")
     def _source_fields(self):
-        if self.source == "preset" and self.model is None:
-            raise ValueError("teacher.model is required when teacher.source is 'preset'")
+        if self.source == "preset" and (self.model is None or self.model.preset is None):
+            raise ValueError("teacher.model.preset is required when teacher.source is 'preset'")
         return self
 
 
@@ -226,9 +244,15 @@ def check_config(cfg: RunConfig, source: str = "config") -> RunConfig:
 
     models = [("teacher.model", cfg.teacher.model)] + [(f"students.{i}.model", s.model) for i, s in enumerate(cfg.students)]
     for where, model in models:
-        if model is not None:
+        if model is not None and model.preset is not None:
             known(f"{where}.preset", "preset", model.preset, PRESETS)
     for i, s in enumerate(cfg.students):
+        if s.model.path is not None and s.init == "teacher":
+            raise UserError(f"{source}: students.{i}.init: 'teacher' would overwrite the pretrained weights of "
+                            f"model.path; use init: random (the default) or model.from_teacher")
+        if s.model.from_teacher is not None and cfg.teacher.source == "cache":
+            raise UserError(f"{source}: students.{i}.model.from_teacher needs the teacher's dir, but teacher.source "
+                            f"is 'cache'; set teacher.source: checkpoint and teacher.path")
         known(f"students.{i}.loss.divergence", "divergence", s.loss.divergence, DIVERGENCES)
         try:
             build_schedule(s.loss.soft_weight.as_dict())
@@ -284,6 +308,8 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
     cfg.data.tokenizer.path = fix(cfg.data.tokenizer.path)
     cfg.teacher.path = fix(cfg.teacher.path)
     cfg.cache.dir = fix(cfg.cache.dir)
+    for s in cfg.students:
+        s.model.path = fix(s.model.path)
     cfg.train.deepspeed_config = fix(cfg.train.deepspeed_config)
 
 
@@ -299,6 +325,10 @@ def check_inputs_exist(cfg: RunConfig) -> None:
             raise UserError("teacher.path: required when teacher.source is 'checkpoint'")
         if not cfg.teacher.path.is_dir():
             raise UserError(f"teacher.path: {cfg.teacher.path} is not a directory")
+    for i, s in enumerate(cfg.students):
+        if s.model.path is not None and not (s.model.path / "config.json").is_file():
+            raise UserError(f"students.{i}.model.path: {s.model.path} is not a Hugging Face model dir (no "
+                            f"config.json); point it at a dir saved with save_pretrained")
     if cfg.train.deepspeed_config is not None and not cfg.train.deepspeed_config.is_file():
         raise UserError(f"train.deepspeed_config: {cfg.train.deepspeed_config} does not exist")
 

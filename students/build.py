@@ -51,20 +51,24 @@ def build_model(
     """A freshly initialised causal LM for `config`, sparse MoE enabled.
 
     LlamaConfig -> LlamaForCausalLM; Llama4TextConfig (or a Llama4Config's text_config)
-    -> Llama4ForCausalLM.  `seed` makes init reproducible without touching the global
-    RNG (it runs under `torch.random.fork_rng`).  See the module docstring for init.
+    -> Llama4ForCausalLM; any other causal-LM config (Mistral, Qwen2/3, Qwen3-MoE,
+    Mixtral: a student cut from such a teacher) -> its stock AutoModelForCausalLM class.
+    `seed` makes init reproducible without touching the global RNG (it runs under
+    `torch.random.fork_rng`).  See the module docstring for init.
     """
     config = _text_config(config)
-    if isinstance(config, LlamaConfig):
-        cls = LlamaForCausalLM
-    elif isinstance(config, Llama4TextConfig):
-        cls = Llama4ForCausalLM
-    else:
-        raise ValueError(f"build_model: unsupported config type {type(config).__name__}")
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        model = cls(config)
+        if isinstance(config, LlamaConfig):
+            model = LlamaForCausalLM(config)
+        elif isinstance(config, Llama4TextConfig):
+            model = Llama4ForCausalLM(config)
+        else:
+            try:
+                model = AutoModelForCausalLM.from_config(config)
+            except ValueError as err:
+                raise ValueError(f"build_model: {type(config).__name__} is not a causal-LM config ({err})") from None
     if scaled_init:
         factor = 1.0 / math.sqrt(2 * config.num_hidden_layers)
         with torch.no_grad():

@@ -68,7 +68,10 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
             raise UserError(f"student {sc.name}: no export at {export_dir}; run `distill run` or `distill export`")
         model = load_causal_lm(export_dir).to(device)
         stats = _model_stats(model, held_out, val_teacher, device)
-        stats.update(kind="baseline" if sc.baseline else KIND_OF_PRESET.get(sc.model.preset, sc.model.preset),
+        init = layout.init_report(sc.name)
+        if init.exists():  # what the student was built from (train/setup.py)
+            stats["init"] = summarise_init(json.loads(init.read_text()))
+        stats.update(kind="baseline" if sc.baseline else KIND_OF_PRESET.get(sc.model.preset, sc.model.source),
                      train_tokens=summary.get("students_info", {}).get(sc.name, {}).get("tokens_seen"),
                      export_dir=str(export_dir.relative_to(layout.root)))
         report["students"][sc.name] = stats
@@ -86,6 +89,38 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
     return report
 
 
+def summarise_init(info: dict) -> dict:
+    """init.json -> the report's short form: the source, the kept layers and why, and
+    what `init: teacher` copied (counts, with every tensor that was not and why)."""
+    out = {k: info[k] for k in ("source", "path", "architecture", "layers", "layer_choice", "init") if info.get(k) is not None}
+    if "copied" in info:
+        out["copied_tensors"] = len(info["copied"])
+        out["not_copied"] = info["not_copied"]
+    return out
+
+
+def _init_lines(report: dict) -> list[str]:
+    lines = []
+    for name, r in report["students"].items():
+        init = r.get("init")
+        if not init:
+            continue
+        text = f"- **{name}**: {init['source']}"
+        if init.get("path"):
+            text += f" `{init['path']}` ({init.get('architecture', '?')})"
+        if init.get("layers") is not None:
+            why = init.get("layer_choice", {})
+            text += f"; teacher layers {init['layers']} ({why.get('method', 'given')}"
+            text += f", dropped {why['dropped']})" if why.get("dropped") else ")"
+        if "copied_tensors" in init:
+            skipped = init["not_copied"]
+            text += f"; init: teacher copied {init['copied_tensors']} tensors, {len(skipped)} not"
+            text += (" (" + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:5])
+                     + (" ..." if len(skipped) > 5 else "") + ")") if skipped else ""
+        lines.append(text)
+    return ["## Where each student came from", ""] + lines + [""] if lines else []
+
+
 def render_markdown(report: dict) -> str:
     cols = ["kind", "params_total", "params_active", "val_ppl", "teacher_top1_agreement", "kl_to_teacher",
             "train_tokens", "inference_tokens_per_s"]
@@ -100,7 +135,8 @@ def render_markdown(report: dict) -> str:
             v = r.get(c)
             cells.append("-" if v is None else f"{v:.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Plots: `curves.png` (training and validation), `schedule.png` (hard/soft weights), "
+    lines += [""] + _init_lines(report)
+    lines += ["Plots: `curves.png` (training and validation), `schedule.png` (hard/soft weights), "
               "`expert_load.png` (MoE students).", ""]
     return "\n".join(lines)
 
