@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save
 
 from common.errors import UserError
 from common.fsutil import atomic_write_bytes
+from distill.chat import PLAIN, as_documents, pack_rows, render, table_kind
 from distill.config import DataConfig
 from distill.layout import RunLayout
 
@@ -148,7 +149,8 @@ def _read_table(f: Path) -> datasets.Dataset:
 
 
 def load_documents(cfg: DataConfig, log=None) -> datasets.Dataset:
-    """All documents as a `datasets.Dataset` with one column `text`.
+    """All documents as a `datasets.Dataset`: `text` (the words) and `chat` (a chat or
+    prompt/completion row as JSON, distill/chat.py; "" for plain text).
 
     log: called with one line when files found by a folder walk or a glob were skipped."""
     parts: list[datasets.Dataset] = []
@@ -160,20 +162,22 @@ def load_documents(cfg: DataConfig, log=None) -> datasets.Dataset:
             continue
         try:
             ds = _read_table(f)
-            if cfg.text_field not in ds.column_names:
-                raise UserError(f"{f}: no column {cfg.text_field!r} (columns: {', '.join(ds.column_names)}); "
-                                f"set data.text_field, or leave the file out with data.exclude")
+            kind = table_kind(ds.column_names, cfg.text_field)
+            if kind is None:
+                raise UserError(f"{f}: no column {cfg.text_field!r}, nor chat columns 'messages' or 'prompt' + "
+                                f"'completion' (columns: {', '.join(ds.column_names)}); set data.text_field, "
+                                f"or leave the file out with data.exclude")
         except UserError:
             if named:
                 raise
             skipped.append(str(f))  # e.g. a package's JSON config met while walking its source tree
             continue
-        parts.append(ds.select_columns([cfg.text_field]).rename_column(cfg.text_field, "text"))
+        parts.append(as_documents(ds, kind, cfg.text_field))
     if skipped and log is not None:
-        log(f"[data] skipped {len(skipped)} table file(s) with no {cfg.text_field!r} column or unreadable, "
-            f"e.g. {skipped[0]}; add them to data.exclude to silence this")
+        log(f"[data] skipped {len(skipped)} table file(s) with no {cfg.text_field!r} or chat column, or "
+            f"unreadable, e.g. {skipped[0]}; add them to data.exclude to silence this")
     if plain:
-        parts.insert(0, datasets.Dataset.from_dict({"text": plain}))
+        parts.insert(0, datasets.Dataset.from_dict({"text": plain, "chat": [PLAIN] * len(plain)}))
     if not parts:
         raise UserError(f"data: none of the {len(skipped)} files found has a {cfg.text_field!r} column, "
                         f"e.g. {skipped[0]}; set data.text_field or point data.paths elsewhere")
@@ -230,6 +234,8 @@ def tokenizer_hash(tok) -> str:
     """Hash of the tokenizer's full definition (vocab, merges, specials)."""
     backend = getattr(tok, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+    if getattr(tok, "chat_template", None):  # it shapes chat data's blocks and masks
+        text += json.dumps(tok.chat_template, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -293,12 +299,20 @@ def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> Pack
     docs = docs if docs is not None else load_documents(cfg, log=_stderr)
     docs = docs.map(lambda b: {"val": [_doc_in_val(t, cfg.val_fraction) for t in b["text"]]}, batched=True)
     block = cfg.seq_len + 1
-    splits = {}
+    splits, truncated, rows = {}, 0, 0
     for name, want_val in (("train", False), ("val", True)):
         part = docs.filter(lambda b: [v == want_val for v in b["val"]], batched=True)
-        ids = part.map(lambda b: {"ids": tok(b["text"], add_special_tokens=False)["input_ids"]},
-                       batched=True, remove_columns=part.column_names)
-        splits[name] = pack(ids["ids"] if len(ids) else [], tok.eos_token_id, block)
+        text = part.filter(lambda b: [c == PLAIN for c in b["chat"]], batched=True)
+        ids = text.map(lambda b: {"ids": tok(b["text"], add_special_tokens=False)["input_ids"]},
+                       batched=True, remove_columns=text.column_names)
+        chats = [render(tok, c) for c in part["chat"] if c != PLAIN]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        packed, cut, dropped = pack_rows(chats, pad, block)
+        splits[name] = torch.cat([pack(ids["ids"] if len(ids) else [], tok.eos_token_id, block), packed])
+        truncated, rows = truncated + cut, rows + len(chats)
+    if truncated:
+        _stderr(f"[data] {truncated} of {rows} chat rows were longer than seq_len + 1 = {block} tokens and were "
+                f"truncated to it; raise data.seq_len to keep them whole")
     if cfg.max_train_blocks is not None:
         splits["train"] = splits["train"][: cfg.max_train_blocks]
     if cfg.max_val_blocks is not None:

@@ -51,7 +51,9 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
         live = val_teacher = live_teacher(cfg, data, device)
         teacher_model = live.model  # evaluate the loaded teacher rather than load a twin
     report: dict = {"teacher": {}, "students": {}, "data_fingerprint": data.fingerprint,
-                    "val_blocks": len(held_out)}
+                    "val_blocks": len(held_out),
+                    # chat data marks non-targets negative (teachers/protocol.py): scored are the rest
+                    "scored_tokens": "assistant / completion only" if bool((held_out[:, 1:] < 0).any()) else "all"}
     if cfg.teacher.sharding != "none":  # too large for one device by the user's own account
         if progress:
             print(f"[eval] teacher not evaluated: teacher.sharding={cfg.teacher.sharding}", file=sys.stderr)
@@ -127,7 +129,8 @@ def render_markdown(report: dict) -> str:
     rows = [("teacher", {"kind": "teacher", **report["teacher"]})] if report.get("teacher") else []
     rows += list(report["students"].items())
     lines = ["# Co-distillation report", "",
-             f"Held-out blocks: {report.get('val_blocks')}; data fingerprint `{report.get('data_fingerprint')}`.", "",
+             f"Held-out blocks: {report.get('val_blocks')}; data fingerprint `{report.get('data_fingerprint')}`; "
+             f"tokens scored: {report.get('scored_tokens', 'all')}.", "",
              "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in rows:
         cells = []

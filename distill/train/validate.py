@@ -4,6 +4,8 @@ val_ppl                exp(mean next-token CE) on validation blocks
 teacher_top1_agreement share of tokens where the model's argmax equals the teacher's
 kl_to_teacher          mean KL(teacher || model), top-k with the tail bucket (exact at T=1
                        when the signal is dense)
+Chat data scores the assistant's (or the completion's) tokens only: every figure above
+counts the positions whose label is not -100.
 expert_load            MoE models: tokens routed to each expert, per MoE layer, summed
                        over these same held-out blocks
 """
@@ -17,7 +19,7 @@ import torch
 
 from losses import DIVERGENCES
 from students.build import expert_load
-from teachers import Batch, Teacher
+from teachers import IGNORE, Batch, Teacher
 
 
 @torch.no_grad()
@@ -40,11 +42,12 @@ def evaluate_model(model, blocks: torch.Tensor, teacher: Teacher | None = None, 
         batch_loads = expert_load(model)  # from this forward
         loads = [a + b.cpu() for a, b in zip(loads, batch_loads)] if loads else [b.cpu() for b in batch_loads]
         ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
-        ce_sum += float(ce)
-        n_tok += labels.numel()
+        ce_sum += float(ce)  # labels -100 (chat data outside the assistant's turns) add 0 here
+        targets = labels != IGNORE  # (B, T): what is scored, here and against the teacher
+        n_tok += int(targets.sum())
         if teacher is not None:
             sig, valid = teacher.signal(batch)
-            sig, valid = sig.to(device), valid.to(device)
+            sig, valid = sig.to(device), valid.to(device) & targets
             agree += int(((logits.argmax(-1) == sig.topk_ids[..., 0]) & valid).sum())
             kl = DIVERGENCES["forward_kl"](logits.reshape(-1, logits.shape[-1]), sig.flatten(),
                                            temperature=1.0, tail="bucket")
