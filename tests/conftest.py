@@ -82,7 +82,7 @@ def online_setup(stdlib_corpus, tmp_path_factory):
 @pytest.fixture(scope="session")
 def hf_family(stdlib_corpus, tmp_path_factory):
     """One tokenizer family as a user has it (built with `tokenizers`, ChatML template), a
-    Qwen3 teacher (vocab padded by 12 rows) and a tied-embedding Llama student (padded
+    3-layer Qwen3 teacher (vocab padded by 12 rows) and a tied-embedding Llama student (padded
     by 4), each a stock transformers dir with the tokenizer saved beside it."""
     from tests.hf_models import chat_rows, make_tokenizer, save_model
 
@@ -91,7 +91,7 @@ def hf_family(stdlib_corpus, tmp_path_factory):
     texts += [json.dumps(r) for r in chat_rows()]
     tok = make_tokenizer(texts, work / "tokenizer")
     n = len(tok)
-    teacher = save_model("qwen3", n + 12, work / "teacher", tok, seed=1)
+    teacher = save_model("qwen3", n + 12, work / "teacher", tok, seed=1, num_hidden_layers=3)
     student = save_model("llama", n + 4, work / "student", tok, seed=2, num_hidden_layers=1, tie_word_embeddings=True,
                          rope_theta=5000.0, rms_norm_eps=1e-5)
     return {"work": work, "tokenizer": tok, "teacher": teacher, "student": student, "vocab": n}
