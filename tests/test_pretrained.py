@@ -115,3 +115,17 @@ def test_pretrained_export_keeps_architecture_config_and_ties(pretrained_run, hf
     ids = tok("def main():", return_tensors="pt")["input_ids"]
     out = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert out.shape == (1, ids.shape[1] + 5) or int(out[0, -1]) == tok.eos_token_id
+
+
+def test_eval_inspect_and_card_work_for_a_pretrained_student(pretrained_run):
+    from tests.conftest import run_cli
+
+    run, _ = pretrained_run
+    r = run_cli("eval", "-c", str(run.parent / "run.yaml"), "--quiet", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((run / "report.json").read_text())
+    assert report["scored_tokens"] == "all" and report["students"]["llama"]["params_total"] > 0
+    export = run / "students" / "llama" / "export"
+    assert "| architecture | pretrained /" in (export / "README.md").read_text()
+    r = run_cli("inspect", str(export), timeout=120)
+    assert r.returncode == 0 and "params_total" in r.stdout and "llama" in r.stdout, r.stdout + r.stderr
