@@ -32,9 +32,10 @@ class TokenizerConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    paths: list[Path] = Field(default_factory=list, description="Files or dirs: .txt/.py/.md (one document per file), .jsonl/.json, .parquet, or a `datasets.save_to_disk` dir.")
+    paths: list[Path] = Field(default_factory=list, description="Files, dirs or glob patterns (`repo/**/*.py`): .txt/.py/.md (one document per file), .jsonl/.json, .parquet, or a `datasets.save_to_disk` dir. Tables met while walking a dir or a glob that lack the text (or chat) columns are skipped with a count; a file named here must read.")
+    exclude: list[str] = Field(default_factory=list, description="Patterns of files to leave out of dirs and globs: without a `/` they match a file or folder name (`*.json`, `tests`), with one the path below the dir (`docs/*`).")
     stdlib: bool = Field(False, description="Use the Python standard library's .py sources on this machine as the corpus (the offline default).")
-    text_field: str = Field("text", description="Column holding the text in jsonl/parquet/dataset inputs.")
+    text_field: str = Field("text", description="Column holding the text in jsonl/parquet/dataset inputs. A table without it but with `messages` (role/content turns, rendered with the tokenizer's chat template) or `prompt` + `completion` columns is chat data: only the assistant's / completion's tokens are trained and scored.")
     seq_len: int = Field(256, ge=8, le=1_048_576, description="Tokens per training block.")
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="Share of documents held out for validation (split by document hash, so deterministic).")
     max_documents: int | None = Field(None, ge=1, description="Use at most this many documents (first in sorted path order).")
@@ -100,15 +101,33 @@ class OptimConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    preset: str = Field(..., description="Model preset: behemoth, scout, maverick, dense, dense_llama4.")
+    """Exactly one of `preset` (+ `args`), `path` or `from_teacher`."""
+
+    preset: str | None = Field(None, description="Model preset: behemoth, scout, maverick, dense, dense_llama4.")
     args: dict[str, Any] = Field(default_factory=dict, description="Preset size arguments (hidden_size, num_layers, num_experts, ...).")
+    path: Path | None = Field(None, description="A local Hugging Face causal-LM dir (Llama, Mistral, Qwen2/3, Qwen3-MoE, Mixtral, Llama 4 text, ...): a pretrained student, trained from its own weights.")
+    from_teacher: dict[str, Any] | None = Field(None, description="The teacher's own config with only the named fields changed: `num_layers`, `num_experts`, `hidden_size`, ... or any raw config field; `layers: [..]` (teacher layers kept, in order) or `layers: auto` (the contiguous block whose removal changes the hidden states least, by angular distance; the default). `{}` is the teacher's full shape.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("preset", "path", "from_teacher") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of preset, path or from_teacher (got {', '.join(given) or 'none'})")
+        if self.args and self.preset is None:
+            raise ValueError("args go with a preset; with from_teacher put the fields inside it")
+        return self
+
+    @property
+    def source(self) -> str:
+        """What the model comes from, for reports: the preset's name, `pretrained` or `from_teacher`."""
+        return self.preset or ("pretrained" if self.path is not None else "from_teacher")
 
 
 class StudentConfig(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Directory-safe name; artefacts go to OUT/students/NAME/.")
     model: ModelConfig
     baseline: bool = Field(False, description="CE-only baseline: ground-truth labels only, no teacher signal.")
-    init: Literal["random", "teacher"] = Field("random", description="Random init, or copy embeddings/layers/experts from the teacher.")
+    init: Literal["random", "teacher"] = Field("random", description="Random init, or copy embeddings/layers/experts from the teacher (not with model.path: a pretrained student keeps its weights).")
     init_layers: list[int] | None = Field(None, description="Teacher layers copied into student layers 0..n-1 when init=teacher.")
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -124,8 +143,8 @@ class TeacherConfig(_Strict):
 
     @model_validator(mode="after")
     def _source_fields(self):
-        if self.source == "preset" and self.model is None:
-            raise ValueError("teacher.model is required when teacher.source is 'preset'")
+        if self.source == "preset" and (self.model is None or self.model.preset is None):
+            raise ValueError("teacher.model.preset is required when teacher.source is 'preset'")
         return self
 
 
@@ -253,9 +272,15 @@ def check_config(cfg: RunConfig, source: str = "config") -> RunConfig:
 
     models = [("teacher.model", cfg.teacher.model)] + [(f"students.{i}.model", s.model) for i, s in enumerate(cfg.students)]
     for where, model in models:
-        if model is not None:
+        if model is not None and model.preset is not None:
             known(f"{where}.preset", "preset", model.preset, PRESETS)
     for i, s in enumerate(cfg.students):
+        if s.model.path is not None and s.init == "teacher":
+            raise UserError(f"{source}: students.{i}.init: 'teacher' would overwrite the pretrained weights of "
+                            f"model.path; use init: random (the default) or model.from_teacher")
+        if s.model.from_teacher is not None and cfg.teacher.source == "cache":
+            raise UserError(f"{source}: students.{i}.model.from_teacher needs the teacher's dir, but teacher.source "
+                            f"is 'cache'; set teacher.source: checkpoint and teacher.path")
         known(f"students.{i}.loss.divergence", "divergence", s.loss.divergence, DIVERGENCES)
         if s.loss.tail == "sampled" and not s.baseline and not DIVERGENCES[s.loss.divergence].sampled:
             raise UserError(f"{source}: students.{i}.loss.divergence: {s.loss.divergence!r} cannot be estimated "
@@ -340,6 +365,8 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
     cfg.data.tokenizer.path = fix(cfg.data.tokenizer.path)
     cfg.teacher.path = fix(cfg.teacher.path)
     cfg.cache.dir = fix(cfg.cache.dir)
+    for s in cfg.students:
+        s.model.path = fix(s.model.path)
     cfg.train.deepspeed_config = fix(cfg.train.deepspeed_config)
 
 
@@ -359,7 +386,7 @@ def check_inputs_exist(cfg: RunConfig) -> None:
     if cfg.teacher.source == "preset":
         _dir_or_absent("teacher.path", cfg.teacher.path)
     for i, p in enumerate(cfg.data.paths):
-        if not p.exists():
+        if not set("*?[").intersection(str(p)) and not p.exists():  # a glob is checked when expanded
             raise UserError(f"data.paths[{i}]: {p} does not exist")
     if cfg.data.tokenizer.path is not None and not cfg.data.tokenizer.path.is_dir():
         raise UserError(f"data.tokenizer.path: {cfg.data.tokenizer.path} is not a directory")
@@ -368,6 +395,10 @@ def check_inputs_exist(cfg: RunConfig) -> None:
             raise UserError("teacher.path: required when teacher.source is 'checkpoint'")
         if not cfg.teacher.path.is_dir():
             raise UserError(f"teacher.path: {cfg.teacher.path} is not a directory")
+    for i, s in enumerate(cfg.students):
+        if s.model.path is not None and not (s.model.path / "config.json").is_file():
+            raise UserError(f"students.{i}.model.path: {s.model.path} is not a Hugging Face model dir (no "
+                            f"config.json); point it at a dir saved with save_pretrained")
     if cfg.train.deepspeed_config is not None and not cfg.train.deepspeed_config.is_file():
         raise UserError(f"train.deepspeed_config: {cfg.train.deepspeed_config} does not exist")
 

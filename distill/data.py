@@ -7,8 +7,10 @@ next-token label.  Every artefact made from the data records `fingerprint`.
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from safetensors.torch import load_file, save
 
 from common.errors import UserError
 from common.fsutil import atomic_write_bytes
+from distill.chat import PLAIN, as_documents, pack_rows, render, table_kind
 from distill.config import DataConfig
 from distill.layout import RunLayout
 
@@ -51,33 +54,73 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+GLOB_CHARS = set("*?[")
+SUFFIXES = TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES
+
+
+def is_glob(path: Path | str) -> bool:
+    return bool(GLOB_CHARS.intersection(str(path)))
+
+
+def excluded(path: Path, root: Path, patterns: list[str]) -> bool:
+    """A pattern with a `/` matches the path below `root` (`*` crosses folders, as in
+    `docs/*`); one without matches the file name or any folder name (`*.json`, `tests`)."""
+    rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
+    names = path.relative_to(root).parts if path.is_relative_to(root) else (path.name,)
+    return any(fnmatch.fnmatchcase(rel, pat.strip("/")) if "/" in pat.strip("/")
+               else any(fnmatch.fnmatchcase(n, pat) for n in names) for pat in patterns)
+
+
+def _glob_root(pattern: Path) -> Path:
+    """The folder part of a glob before its first wildcard: `repo/**/*.py` -> `repo`."""
+    parts = pattern.parts
+    cut = next(i for i, part in enumerate(parts) if is_glob(part))
+    return Path(*parts[:cut]) if cut else Path(".")
+
+
+def _walk(root: Path) -> list[Path]:
+    return [f for f in root.rglob("*")
+            if f.is_file() and f.suffix in SUFFIXES and not SKIP_DIRS.intersection(f.relative_to(root).parts[:-1])]
+
+
+def discover(cfg: DataConfig) -> dict[Path, bool]:
+    """Every input file (or saved-dataset dir) -> whether the user named it explicitly.
+
+    A file found by walking a folder or matching a glob is `False`: unreadable or
+    text-less tables among those are skipped with a count, not fatal (a source tree
+    has JSON configs next to its code); a file named in `data.paths` must read."""
+    found: dict[Path, bool] = {}
+    stdlib = stdlib_dir()
+    if cfg.stdlib:  # the stdlib's Python sources only (no bundled .txt data, tests or site-packages)
+        found.update({f: False for f in stdlib.rglob("*.py")
+                      if not SKIP_DIRS.intersection(f.relative_to(stdlib).parts[:-1])})
+    for i, root in enumerate(cfg.paths):
+        if is_glob(root):
+            base = _glob_root(root)
+            pattern = str(root.relative_to(base)) if root.is_absolute() or base != Path(".") else str(root)
+            matches = [f for f in base.glob(pattern) if f.is_file() and f.suffix in SUFFIXES
+                       and not excluded(f, base, cfg.exclude)]
+            if not matches:
+                raise UserError(f"data.paths[{i}]: the pattern {root} matches no .txt/.py/.md/.jsonl/.json/"
+                                f".parquet file; check it (`**` spans folders: repo/**/*.py)")
+            found.update({f: False for f in matches if f not in found})
+        elif not root.exists():
+            raise UserError(f"data.paths[{i}]: {root} does not exist")
+        elif root.is_file():
+            found[root] = True
+        elif (root / "dataset_info.json").exists() or (root / "dataset_dict.json").exists():
+            found[root] = True  # a datasets.save_to_disk dir, read whole
+        else:
+            found.update({f: False for f in _walk(root) if not excluded(f, root, cfg.exclude) and f not in found})
+    if not found:
+        raise UserError(f"data: no readable files under {', '.join(map(str, cfg.paths or [stdlib]))} "
+                        f"(looked for {', '.join(sorted(SUFFIXES))}; data.exclude: {cfg.exclude or 'none'})")
+    return dict(sorted(found.items()))
+
+
 def corpus_files(cfg: DataConfig) -> list[Path]:
     """Every input file, sorted; the stdlib's own sources when `cfg.stdlib`."""
-    roots = list(cfg.paths)
-    # The stdlib corpus is its Python sources only (no bundled .txt data, tests or site-packages).
-    stdlib = stdlib_dir()
-    files: list[Path] = [
-        f for f in stdlib.rglob("*.py") if not SKIP_DIRS.intersection(f.relative_to(stdlib).parts[:-1])
-    ] if cfg.stdlib else []
-    for root in roots:
-        if not root.exists():
-            raise UserError(f"data path {root} does not exist")
-        if root.is_file():
-            files.append(root)
-        elif (root / "dataset_info.json").exists() or (root / "dataset_dict.json").exists():
-            files.append(root)  # a datasets.save_to_disk dir, read whole
-        else:
-            suffixes = TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES
-            files += [
-                f for f in root.rglob("*")
-                if f.is_file() and f.suffix in suffixes
-                and not SKIP_DIRS.intersection(f.relative_to(root).parts[:-1])
-            ]
-    files = sorted(set(files))
-    if not files:
-        raise UserError(f"data: no readable files under {', '.join(map(str, roots or [stdlib_dir()]))} "
-                        f"(looked for {', '.join(sorted(TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES))})")
-    return files
+    return list(discover(cfg))
 
 
 def _read_text_file(path: Path) -> str:
@@ -89,30 +132,55 @@ def _read_text_file(path: Path) -> str:
                         f"(e.g. `iconv -t utf-8`) or remove it from data.paths") from None
 
 
-def load_documents(cfg: DataConfig) -> datasets.Dataset:
-    """All documents as a `datasets.Dataset` with one column `text`."""
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _read_table(f: Path) -> datasets.Dataset:
+    if f.is_dir():
+        ds = datasets.load_from_disk(str(f))
+        return ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+    builder = "json" if f.suffix in JSON_SUFFIXES else "parquet"
+    try:
+        return datasets.load_dataset(builder, data_files=str(f), split="train")
+    except Exception as e:  # datasets wraps parse errors in many types
+        raise UserError(f"{f}: could not be read as {builder} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})") from None
+
+
+def load_documents(cfg: DataConfig, log=None) -> datasets.Dataset:
+    """All documents as a `datasets.Dataset`: `text` (the words) and `chat` (a chat or
+    prompt/completion row as JSON, distill/chat.py; "" for plain text).
+
+    log: called with one line when files found by a folder walk or a glob were skipped."""
     parts: list[datasets.Dataset] = []
     plain: list[str] = []
-    for f in corpus_files(cfg):
-        if f.is_dir():
-            ds = datasets.load_from_disk(str(f))
-            ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
-        elif f.suffix in TEXT_SUFFIXES:
+    skipped: list[str] = []
+    for f, named in discover(cfg).items():
+        if f.is_file() and f.suffix in TEXT_SUFFIXES:
             plain.append(_read_text_file(f))
             continue
-        else:
-            builder = "json" if f.suffix in JSON_SUFFIXES else "parquet"
-            try:
-                ds = datasets.load_dataset(builder, data_files=str(f), split="train")
-            except Exception as e:  # datasets wraps parse errors in many types
-                raise UserError(f"{f}: could not be read as {builder} ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:200]})") from None
-        if cfg.text_field not in ds.column_names:
-            raise UserError(f"{f}: no column {cfg.text_field!r} (columns: {', '.join(ds.column_names)}); "
-                            f"set data.text_field")
-        parts.append(ds.select_columns([cfg.text_field]).rename_column(cfg.text_field, "text"))
+        try:
+            ds = _read_table(f)
+            kind = table_kind(ds.column_names, cfg.text_field)
+            if kind is None:
+                raise UserError(f"{f}: no column {cfg.text_field!r}, nor chat columns 'messages' or 'prompt' + "
+                                f"'completion' (columns: {', '.join(ds.column_names)}); set data.text_field, "
+                                f"or leave the file out with data.exclude")
+        except UserError:
+            if named:
+                raise
+            skipped.append(str(f))  # e.g. a package's JSON config met while walking its source tree
+            continue
+        parts.append(as_documents(ds, kind, cfg.text_field))
+    if skipped and log is not None:
+        log(f"[data] skipped {len(skipped)} table file(s) with no {cfg.text_field!r} or chat column, or "
+            f"unreadable, e.g. {skipped[0]}; add them to data.exclude to silence this")
     if plain:
-        parts.insert(0, datasets.Dataset.from_dict({"text": plain}))
+        parts.insert(0, datasets.Dataset.from_dict({"text": plain, "chat": [PLAIN] * len(plain)}))
+    if not parts:
+        raise UserError(f"data: none of the {len(skipped)} files found has a {cfg.text_field!r} column, "
+                        f"e.g. {skipped[0]}; set data.text_field or point data.paths elsewhere")
     docs = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     docs = docs.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True)
     if cfg.max_documents is not None:
@@ -166,6 +234,8 @@ def tokenizer_hash(tok) -> str:
     """Hash of the tokenizer's full definition (vocab, merges, specials)."""
     backend = getattr(tok, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+    if getattr(tok, "chat_template", None):  # it shapes chat data's blocks and masks
+        text += json.dumps(tok.chat_template, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -216,7 +286,7 @@ def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> Pack
     if cfg.tokenizer.path is not None or (tok_dir / "tokenizer.json").exists():
         tok = load_tokenizer(tok_dir)
     else:
-        docs = load_documents(cfg)
+        docs = load_documents(cfg, log=_stderr)
         tok = train_tokenizer(docs, cfg.tokenizer.vocab_size, tok_dir)
     tok_hash = tokenizer_hash(tok)
     fp = fingerprint(files, tok_hash, cfg)
@@ -226,15 +296,23 @@ def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> Pack
         blocks = load_file(str(packed_path))
         return PackedData(blocks["train"], blocks["val"], tok, fp, tok_hash)
 
-    docs = docs if docs is not None else load_documents(cfg)
+    docs = docs if docs is not None else load_documents(cfg, log=_stderr)
     docs = docs.map(lambda b: {"val": [_doc_in_val(t, cfg.val_fraction) for t in b["text"]]}, batched=True)
     block = cfg.seq_len + 1
-    splits = {}
+    splits, truncated, rows = {}, 0, 0
     for name, want_val in (("train", False), ("val", True)):
         part = docs.filter(lambda b: [v == want_val for v in b["val"]], batched=True)
-        ids = part.map(lambda b: {"ids": tok(b["text"], add_special_tokens=False)["input_ids"]},
-                       batched=True, remove_columns=part.column_names)
-        splits[name] = pack(ids["ids"] if len(ids) else [], tok.eos_token_id, block)
+        text = part.filter(lambda b: [c == PLAIN for c in b["chat"]], batched=True)
+        ids = text.map(lambda b: {"ids": tok(b["text"], add_special_tokens=False)["input_ids"]},
+                       batched=True, remove_columns=text.column_names)
+        chats = [render(tok, c) for c in part["chat"] if c != PLAIN]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        packed, cut, dropped = pack_rows(chats, pad, block)
+        splits[name] = torch.cat([pack(ids["ids"] if len(ids) else [], tok.eos_token_id, block), packed])
+        truncated, rows = truncated + cut, rows + len(chats)
+    if truncated:
+        _stderr(f"[data] {truncated} of {rows} chat rows were longer than seq_len + 1 = {block} tokens and were "
+                f"truncated to it; raise data.seq_len to keep them whole")
     if cfg.max_train_blocks is not None:
         splits["train"] = splits["train"][: cfg.max_train_blocks]
     if cfg.max_val_blocks is not None:

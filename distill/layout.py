@@ -62,6 +62,10 @@ class RunLayout:
     def export(self, name: str) -> Path:
         return self.student(name) / "export"
 
+    def init_report(self, name: str) -> Path:
+        """What the student was built from and what init: teacher copied (train/setup.py)."""
+        return self.student(name) / "init.json"
+
     def metrics(self, name: str) -> Path:
         return self.student(name) / "metrics.jsonl"
 

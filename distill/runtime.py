@@ -4,6 +4,7 @@ and the teacher.  Stages (stages.py), training (train/) and evaluation (report/)
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -87,6 +88,38 @@ def model_config(model_cfg: ModelConfig, vocab_size: int, where: str):
         return PRESETS[model_cfg.preset](**args)
     except (TypeError, ValueError) as e:
         raise UserError(f"{where}.model.args: {e}") from None
+
+
+def check_student_vocab(cfg: RunConfig, name: str, model_dir, model_vocab: int, tokenizer) -> None:
+    """A pretrained student must speak the run's tokenizer (the teacher's signal is over its ids).
+
+    Refused: a tokenizer saved beside the student that maps any of the run's tokens to
+    another id, or an embedding smaller than the tokenizer.  Said: extra embedding rows
+    (vocab padding, e.g. 151,936 vs 152,064) or extra tokens of the student's own; the
+    run's tokenizer never produces those ids, so they are never targets."""
+    from transformers import AutoTokenizer
+
+    run_tok_dir = cfg.layout.tokenizer
+    n = vocab_size_of(tokenizer)
+    has_own = (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists()
+    if has_own:
+        try:
+            own = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True).get_vocab()
+        except Exception as e:
+            raise UserError(f"student {name}: the tokenizer in {model_dir} could not be loaded ({type(e).__name__}); "
+                            f"remove it to use the run's tokenizer ({run_tok_dir})") from None
+        run = tokenizer.get_vocab()
+        differ = [t for t, i in run.items() if own.get(t) != i]
+        if differ:
+            raise UserError(f"student {name}: its tokenizer ({model_dir}) is not the run's ({run_tok_dir}): "
+                            f"{len(differ)} of {n} tokens have other ids (e.g. {differ[0]!r}); distil between "
+                            f"models of one tokenizer, or set data.tokenizer.path to the student's")
+    if model_vocab < n:
+        raise UserError(f"student {name}: its embedding has {model_vocab} rows but the run's tokenizer "
+                        f"({run_tok_dir}) has {n} tokens: a different tokenizer; use a student of the same family")
+    if model_vocab > n and is_leader():
+        print(f"[vocab] student {name}: embedding has {model_vocab} rows for the tokenizer's {n} tokens; the "
+              f"{model_vocab - n} padding rows are never targets", file=sys.stderr)
 
 
 def check_k(cfg: RunConfig, vocab: int) -> None:

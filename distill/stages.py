@@ -21,7 +21,7 @@ from distill.runtime import (autocast_dtype, cache_identity, check_k, existing_t
                              model_config, prepare, resolve_device, sampling_of, setup_runtime)
 from distill.train.loop import run_hash, train_loop
 from distill.train.setup import build_students, loop_config, make_student
-from teachers import CachedTeacher, LiveTeacher, Teacher
+from teachers import CachedTeacher, LiveTeacher, Teacher, token_ids
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -81,7 +81,8 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
     data = prepare(cfg, progress) if data is None else data
     check_k(cfg, vocab_size_of(data.tokenizer))
     sharded = cfg.teacher.sharding == "zero3"
-    splits = {"train": data.train[:, :-1], "val": data.val[:, :-1]}
+    # The teacher reads plain ids; which positions are targets (chat data) is the loss's business.
+    splits = {"train": token_ids(data.train[:, :-1]), "val": token_ids(data.val[:, :-1])}
     if sharded:
         teacher_ctx = zero3_live_teacher(cfg, data, rank, world, progress)
     else:

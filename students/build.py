@@ -32,6 +32,7 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .sparse_moe import enable_sparse_moe, moe_modules
 
@@ -44,12 +45,17 @@ def _text_config(config: PreTrainedConfig) -> PreTrainedConfig:
 
 
 def causal_lm_class(config: PreTrainedConfig) -> type[PreTrainedModel]:
-    """LlamaConfig -> LlamaForCausalLM; Llama4TextConfig -> Llama4ForCausalLM."""
+    """LlamaConfig -> LlamaForCausalLM; Llama4TextConfig -> Llama4ForCausalLM; any other
+    causal-LM config (Mistral, Qwen2/3, Qwen3-MoE, Mixtral) -> the class
+    AutoModelForCausalLM maps it to."""
     if isinstance(config, LlamaConfig):
         return LlamaForCausalLM
     if isinstance(config, Llama4TextConfig):
         return Llama4ForCausalLM
-    raise ValueError(f"build_model: unsupported config type {type(config).__name__}")
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise ValueError(f"build_model: {type(config).__name__} is not a causal-LM config") from None
 
 
 def build_on_meta(config: PreTrainedConfig) -> None:
@@ -71,8 +77,10 @@ def build_model(
     """A freshly initialised causal LM for `config`, sparse MoE enabled.
 
     LlamaConfig -> LlamaForCausalLM; Llama4TextConfig (or a Llama4Config's text_config)
-    -> Llama4ForCausalLM.  `seed` makes init reproducible without touching the global
-    RNG (it runs under `torch.random.fork_rng`).  See the module docstring for init.
+    -> Llama4ForCausalLM; any other causal-LM config (Mistral, Qwen2/3, Qwen3-MoE,
+    Mixtral: a student cut from such a teacher) -> its stock AutoModelForCausalLM class.
+    `seed` makes init reproducible without touching the global RNG (it runs under
+    `torch.random.fork_rng`).  See the module docstring for init.
     """
     config = _text_config(config)
     cls = causal_lm_class(config)

@@ -27,15 +27,13 @@ import re
 import torch
 from transformers import PreTrainedModel
 
+from .derive import even_layers
+
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_EXPERT_TENSORS = ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj", "feed_forward.router.weight")
-
-
-def _default_layers(num_student: int, num_teacher: int) -> list[int]:
-    """Evenly spaced teacher layers, first and last included (identity if equal)."""
-    if num_student == 1:
-        return [num_teacher - 1]
-    return [round(i * (num_teacher - 1) / (num_student - 1)) for i in range(num_student)]
+# Tensors with the expert index first: Llama 4 (E, H, 2I) / (E, I, H) / router (E, H);
+# Mixtral and Qwen3-MoE in transformers 5 fuse theirs the same way: (E, 2I, H), (E, H, I), gate (E, H).
+_EXPERT_TENSORS = ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj", "feed_forward.router.weight",
+                   "mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight")
 
 
 def _reduce_experts(teacher: torch.Tensor, num_student: int, mode: str) -> torch.Tensor | str:
@@ -70,7 +68,7 @@ def init_from_teacher(
         raise ValueError(f"experts must be 'take' or 'average', not {experts!r}")
     num_student = student.config.num_hidden_layers
     num_teacher = teacher.config.num_hidden_layers
-    layers = _default_layers(num_student, num_teacher) if layers is None else list(layers)
+    layers = even_layers(num_student, num_teacher) if layers is None else list(layers)
     if len(layers) != num_student or not all(0 <= t < num_teacher for t in layers):
         raise ValueError(f"layers must give {num_student} teacher layer indices in [0, {num_teacher}); got {layers}")
     same_family = type(student.config) is type(teacher.config)

@@ -225,7 +225,7 @@ def param_counts(config: PreTrainedConfig) -> tuple[int, int]:
         total = shared + c.num_hidden_layers * mlp
         return total, total
     if not isinstance(c, Llama4TextConfig):
-        raise TypeError(f"param_counts supports LlamaConfig and Llama4TextConfig, not {type(c).__name__}")
+        return _counted_params(c)
     num_moe = len(c.moe_layers)
     num_dense = c.num_hidden_layers - num_moe
     expert = 3 * h * c.intermediate_size  # gate + up (H, 2I) and down (I, H); shared expert same width
@@ -234,4 +234,22 @@ def param_counts(config: PreTrainedConfig) -> tuple[int, int]:
     common = shared + num_dense * dense_mlp + num_moe * (router + expert)
     total = common + num_moe * c.num_local_experts * expert
     active = common + num_moe * c.num_experts_per_tok * expert
+    return total, active
+
+
+def _counted_params(config: PreTrainedConfig) -> tuple[int, int]:
+    """Any other architecture (Qwen, Mistral, Mixtral, ...): count a weightless (meta
+    device) instance.  Fused expert tensors (E, ...) count top_k / E of their size as active."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
+    top_k = getattr(config, "num_experts_per_tok", experts) or experts
+    total = active = 0
+    for name, p in model.named_parameters():  # tied weights appear once
+        total += p.numel()
+        routed = experts and ".experts." in name and p.shape[0] == experts
+        active += p.numel() * top_k // experts if routed else p.numel()
     return total, active

@@ -6,6 +6,6 @@ cache/      the on-disk signal: codec, writer, reader, and `CachedTeacher` (the 
 """
 from teachers.cache import CachedTeacher
 from teachers.live import LiveTeacher, load_teacher_model, teacher_identity
-from teachers.protocol import Batch, Teacher
+from teachers.protocol import IGNORE, Batch, Teacher, token_ids, untrained
 
-__all__ = ["Batch", "CachedTeacher", "LiveTeacher", "Teacher", "load_teacher_model", "teacher_identity"]
+__all__ = ["IGNORE", "Batch", "token_ids", "untrained", "CachedTeacher", "LiveTeacher", "Teacher", "load_teacher_model", "teacher_identity"]

@@ -29,8 +29,27 @@ class Batch:
 
     @classmethod
     def of(cls, blocks: torch.Tensor, indices: Sequence[int]) -> "Batch":
-        """blocks: (B, T+1) token ids of the blocks at `indices`."""
-        return cls(list(indices), blocks[:, :-1], blocks[:, 1:])
+        """blocks: (B, T+1) token ids of the blocks at `indices`, a token that is no
+        training target stored as -(id + 1) (see `untrained`): its label becomes -100."""
+        targets = blocks[:, 1:]
+        labels = torch.where(targets < 0, torch.full_like(targets, IGNORE), targets)
+        return cls(list(indices), token_ids(blocks[:, :-1]), labels)
+
+
+# Chat data trains on the assistant's tokens only.  The packed blocks carry that mask in
+# the sign of each id, so one (N, T+1) int64 tensor still holds a split (the loop, the
+# cache writer and resume index it as before): id >= 0 is a target, -(id + 1) is not.
+IGNORE = -100  # the label of a token that is no training target (torch's ignore_index)
+
+
+def untrained(ids: torch.Tensor) -> torch.Tensor:
+    """Mark token ids as no training target: id -> -(id + 1)."""
+    return -ids - 1
+
+
+def token_ids(blocks: torch.Tensor) -> torch.Tensor:
+    """The plain token ids of (possibly marked) blocks, any shape."""
+    return torch.where(blocks < 0, -blocks - 1, blocks)
 
 
 class Teacher(Protocol):

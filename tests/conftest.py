@@ -1,6 +1,7 @@
 """Shared fixtures: small real corpora (from the stdlib) and a runner for the real CLI."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -76,3 +77,21 @@ def online_setup(stdlib_corpus, tmp_path_factory):
     path = work / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return work, path
+
+
+@pytest.fixture(scope="session")
+def hf_family(stdlib_corpus, tmp_path_factory):
+    """One tokenizer family as a user has it (built with `tokenizers`, ChatML template), a
+    3-layer Qwen3 teacher (vocab padded by 12 rows) and a tied-embedding Llama student (padded
+    by 4), each a stock transformers dir with the tokenizer saved beside it."""
+    from tests.hf_models import chat_rows, make_tokenizer, save_model
+
+    work = tmp_path_factory.mktemp("family")
+    texts = [p.read_text() for p in sorted(stdlib_corpus.glob("*.py"))]
+    texts += [json.dumps(r) for r in chat_rows()]
+    tok = make_tokenizer(texts, work / "tokenizer")
+    n = len(tok)
+    teacher = save_model("qwen3", n + 12, work / "teacher", tok, seed=1, num_hidden_layers=3)
+    student = save_model("llama", n + 4, work / "student", tok, seed=2, num_hidden_layers=1, tie_word_embeddings=True,
+                         rope_theta=5000.0, rms_norm_eps=1e-5)
+    return {"work": work, "tokenizer": tok, "teacher": teacher, "student": student, "vocab": n}

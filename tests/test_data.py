@@ -100,3 +100,49 @@ def test_stdlib_corpus_is_found():
     files = corpus_files(DataConfig(stdlib=True))
     assert len(files) > 100 and all(f.suffix == ".py" for f in files)
     assert not any("site-packages" in f.parts for f in files)
+
+
+@pytest.fixture
+def source_tree(tmp_path):
+    """A package folder as installed: code, JSON configs (no `text` column), tests."""
+    pkg = tmp_path / "pkg"
+    for rel in ("a.py", "sub/b.py", "tests/t.py", "docs/guide.md"):
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(f"# {rel}\nx = {len(rel)}\n" * 5)
+    (pkg / "config.json").write_text('{"name": "pkg", "version": 1}')
+    (pkg / "sub" / "schema.json").write_text('[{"field": "a"}, {"field": "b"}]')
+    return pkg
+
+
+def test_glob_pattern_picks_files_across_folders(source_tree):
+    files = corpus_files(DataConfig(paths=[source_tree / "**" / "*.py"]))
+    assert [f.relative_to(source_tree).as_posix() for f in files] == ["a.py", "sub/b.py", "tests/t.py"]
+    with pytest.raises(UserError, match=r"data.paths\[0\]: the pattern .*\*\.rs matches no"):
+        corpus_files(DataConfig(paths=[source_tree / "**" / "*.rs"]))
+
+
+def test_exclude_patterns_match_names_and_paths(source_tree):
+    files = corpus_files(DataConfig(paths=[source_tree], exclude=["*.json", "docs/*"]))
+    assert [f.relative_to(source_tree).as_posix() for f in files] == ["a.py", "sub/b.py"]  # tests/: SKIP_DIRS
+    files = corpus_files(DataConfig(paths=[source_tree / "**" / "*.py"], exclude=["tests"]))
+    assert [f.relative_to(source_tree).as_posix() for f in files] == ["a.py", "sub/b.py"]
+
+
+def test_json_configs_in_a_source_tree_are_skipped_not_fatal(source_tree):
+    lines = []
+    docs = load_documents(DataConfig(paths=[source_tree]), log=lines.append)
+    assert len(docs) == 3  # a.py, sub/b.py, docs/guide.md
+    assert len(lines) == 1 and "skipped 2 table file(s)" in lines[0] and "data.exclude" in lines[0]
+    with pytest.raises(UserError, match="config.json: no column 'text'"):  # named explicitly: must read
+        load_documents(DataConfig(paths=[source_tree / "config.json"]))
+
+
+def test_glob_in_a_config_file_is_relative_to_it(source_tree):
+    from distill.config import check_inputs_exist, load_config
+
+    cfg_path = source_tree.parent / "run.yaml"
+    cfg_path.write_text("data: {paths: ['pkg/**/*.py'], exclude: [tests]}\nteacher: {source: cache}\n"
+                        "students: [{name: s, model: {preset: dense}}]\n")
+    cfg = load_config(cfg_path)
+    check_inputs_exist(cfg)  # a pattern is not a missing file
+    assert [f.name for f in corpus_files(cfg.data)] == ["a.py", "b.py"]

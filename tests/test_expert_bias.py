@@ -2,7 +2,6 @@
 rank (counts all-reduced), and never silently dropped at export."""
 import shutil
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

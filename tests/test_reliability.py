@@ -169,7 +169,6 @@ def test_diverging_student_stops_the_run_with_exit_3_then_resume_goes_on_without
     first, and --resume finishes it while the failed one stays dropped."""
     import shutil
 
-    import torch
     import yaml
     from safetensors.torch import save_file
 

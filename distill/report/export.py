@@ -58,8 +58,10 @@ def load_checkpoint_model(ckpt: Path):
 
 
 def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size: str = "2GB",
-                card: str | None = None) -> Path:
-    """save_pretrained + tokenizer + generation config (+ README.md), atomically."""
+                card: str | None = None, generation_config=None) -> Path:
+    """save_pretrained + tokenizer + generation config (+ README.md), atomically.
+
+    generation_config: kept as given (a pretrained student's own); default: EOS and 64 new tokens."""
     from transformers import GenerationConfig
 
     if dtype not in DTYPES:
@@ -70,8 +72,11 @@ def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size
         model = model.to(DTYPES[dtype])
         model.config.architectures = [type(model).__name__]
         model.save_pretrained(str(tmp), max_shard_size=max_shard_size, safe_serialization=True)
+        if generation_config is not None:
+            generation_config.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        if tokenizer is not None and generation_config is None:
             eos = tokenizer.eos_token_id
             GenerationConfig(eos_token_id=eos, bos_token_id=tokenizer.bos_token_id, pad_token_id=eos,
                              max_new_tokens=64).save_pretrained(str(tmp))
@@ -93,7 +98,7 @@ def model_card(name: str, meta: dict, metrics: dict | None = None) -> str:
         f"# {name}", "",
         "Distilled with the co-distillation toolkit (one teacher pass shared by several students).", "",
         "| field | value |", "|---|---|",
-        f"| architecture | {sc.get('model', {}).get('preset', '?')} |",
+        f"| architecture | {_model_source(sc.get('model', {}))} |",
         f"| kind | {'CE-only baseline' if sc.get('baseline') else 'distilled'} |",
         f"| teacher | {meta.get('teacher', '?')} |",
         f"| data fingerprint | {meta.get('data_fingerprint', '?')} |",
@@ -115,6 +120,22 @@ def model_card(name: str, meta: dict, metrics: dict | None = None) -> str:
         lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
     lines += ["", "Load with `transformers.AutoModelForCausalLM.from_pretrained(dir)`.", ""]
     return "\n".join(lines)
+
+
+def _model_source(model: dict) -> str:
+    if model.get("path"):
+        return f"pretrained {model['path']}"
+    return model.get("preset") or ("cut from the teacher" if model.get("from_teacher") is not None else "?")
+
+
+def _source_generation_config(meta: dict):
+    """A pretrained student's own generation_config.json (sampling defaults, stop ids), if it had one."""
+    from transformers import GenerationConfig
+
+    src = (meta.get("student_config") or {}).get("model", {}).get("path")
+    if src and (Path(src) / "generation_config.json").exists():
+        return GenerationConfig.from_pretrained(src)
+    return None
 
 
 def _find_tokenizer_dir(ckpt: Path) -> Path | None:
@@ -185,6 +206,7 @@ def export_checkpoint(path: Path, out: Path, dtype: str = "fp32", tokenizer_dir:
                     f"least one MoE layer" if isinstance(share, float) else share)
         print(f"[export] {name}: the trained expert bias is {note['expert_bias']}; without it {measured}",
               file=sys.stderr, flush=True)
-    save_hf_dir(model, tokenizer, out, dtype=dtype, card=model_card(name, meta, metrics))
+    save_hf_dir(model, tokenizer, out, dtype=dtype, card=model_card(name, meta, metrics),
+                generation_config=_source_generation_config(meta))
     atomic_write_text(Path(out) / "distill_meta.json", json.dumps(meta, indent=2, default=str))
     return Path(out)

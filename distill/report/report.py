@@ -51,7 +51,9 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
         live = val_teacher = live_teacher(cfg, data, device)
         teacher_model = live.model  # evaluate the loaded teacher rather than load a twin
     report: dict = {"teacher": {}, "students": {}, "data_fingerprint": data.fingerprint,
-                    "val_blocks": len(held_out)}
+                    "val_blocks": len(held_out),
+                    # chat data marks non-targets negative (teachers/protocol.py): scored are the rest
+                    "scored_tokens": "assistant / completion only" if bool((held_out[:, 1:] < 0).any()) else "all"}
     if cfg.teacher.sharding != "none":  # too large for one device by the user's own account
         if progress:
             print(f"[eval] teacher not evaluated: teacher.sharding={cfg.teacher.sharding}", file=sys.stderr)
@@ -68,7 +70,10 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
             raise UserError(f"student {sc.name}: no export at {export_dir}; run `distill run` or `distill export`")
         model = load_causal_lm(export_dir).to(device)
         stats = _model_stats(model, held_out, val_teacher, device)
-        stats.update(kind="baseline" if sc.baseline else KIND_OF_PRESET.get(sc.model.preset, sc.model.preset),
+        init = layout.init_report(sc.name)
+        if init.exists():  # what the student was built from (train/setup.py)
+            stats["init"] = summarise_init(json.loads(init.read_text()))
+        stats.update(kind="baseline" if sc.baseline else KIND_OF_PRESET.get(sc.model.preset, sc.model.source),
                      train_tokens=summary.get("students_info", {}).get(sc.name, {}).get("tokens_seen"),
                      export_dir=str(export_dir.relative_to(layout.root)))
         if layout.failure(sc.name).exists():  # dropped in training: these are its last good step's figures
@@ -88,13 +93,46 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
     return report
 
 
+def summarise_init(info: dict) -> dict:
+    """init.json -> the report's short form: the source, the kept layers and why, and
+    what `init: teacher` copied (counts, with every tensor that was not and why)."""
+    out = {k: info[k] for k in ("source", "path", "architecture", "layers", "layer_choice", "init") if info.get(k) is not None}
+    if "copied" in info:
+        out["copied_tensors"] = len(info["copied"])
+        out["not_copied"] = info["not_copied"]
+    return out
+
+
+def _init_lines(report: dict) -> list[str]:
+    lines = []
+    for name, r in report["students"].items():
+        init = r.get("init")
+        if not init:
+            continue
+        text = f"- **{name}**: {init['source']}"
+        if init.get("path"):
+            text += f" `{init['path']}` ({init.get('architecture', '?')})"
+        if init.get("layers") is not None:
+            why = init.get("layer_choice", {})
+            text += f"; teacher layers {init['layers']} ({why.get('method', 'given')}"
+            text += f", dropped {why['dropped']})" if why.get("dropped") else ")"
+        if "copied_tensors" in init:
+            skipped = init["not_copied"]
+            text += f"; init: teacher copied {init['copied_tensors']} tensors, {len(skipped)} not"
+            text += (" (" + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:5])
+                     + (" ..." if len(skipped) > 5 else "") + ")") if skipped else ""
+        lines.append(text)
+    return ["## Where each student came from", ""] + lines + [""] if lines else []
+
+
 def render_markdown(report: dict) -> str:
     cols = ["kind", "params_total", "params_active", "val_ppl", "teacher_top1_agreement", "kl_to_teacher",
             "train_tokens", "inference_tokens_per_s"]
     rows = [("teacher", {"kind": "teacher", **report["teacher"]})] if report.get("teacher") else []
     rows += list(report["students"].items())
     lines = ["# Co-distillation report", "",
-             f"Held-out blocks: {report.get('val_blocks')}; data fingerprint `{report.get('data_fingerprint')}`.", "",
+             f"Held-out blocks: {report.get('val_blocks')}; data fingerprint `{report.get('data_fingerprint')}`; "
+             f"tokens scored: {report.get('scored_tokens', 'all')}.", "",
              "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in rows:
         cells = []
@@ -107,7 +145,8 @@ def render_markdown(report: dict) -> str:
         lines += ["", "Failed students (dropped; their figures are from the checkpoint at the last good step):", ""]
         lines += [f"- **{name}**: failed at step {f['failed_at_step']}: {f['reason']} (checkpoint: step {f['step']})"
                   for name, f in failed.items()]
-    lines += ["", "Plots: `curves.png` (training and validation), `schedule.png` (hard/soft weights), "
+    lines += [""] + _init_lines(report)
+    lines += ["Plots: `curves.png` (training and validation), `schedule.png` (hard/soft weights), "
               "`expert_load.png` (MoE students).", ""]
     return "\n".join(lines)
 

@@ -1,16 +1,31 @@
 """From config to the loop's collaborators: each `Student` with its engine, and the
-`LoopConfig`.  Used by the pretraining and the co-distillation stages alike."""
+`LoopConfig`.  Used by the pretraining and the co-distillation stages alike.
+
+A student's model comes from one of three places (`model:` in the config):
+  preset        a fresh preset model, optionally initialised from the teacher (init: teacher)
+  path          a pretrained Hugging Face dir, kept as it is (vocabulary checked against the run's)
+  from_teacher  the teacher's own config with named fields changed (students/derive.py),
+                its layers chosen by measurement (`layers: auto`) or by hand
+What each student was built from, and what `init: teacher` copied, goes to
+OUT/students/NAME/init.json for the report.
+"""
 from __future__ import annotations
+
+import sys
 
 import torch.distributed as dist
 
 from common.errors import UserError
+from common.fsutil import atomic_write_json
 from distill.config import RunConfig, StudentConfig
 from distill.data import PackedData, vocab_size_of
-from distill.runtime import model_config, resolve_device, teacher_model
+from distill.runtime import check_student_vocab, is_leader, model_config, resolve_device, teacher_model
 from distill.train.engines import DeepSpeedEngine, TorchEngine, deepspeed_config
 from distill.train.loop import LoopConfig
 from distill.train.student import Student, make_optimizer
+from teachers import token_ids
+
+CALIBRATION_BLOCKS, CALIBRATION_BATCH = 8, 4  # `layers: auto` measures on 8 train blocks, 4 at a time
 
 
 def loop_config(cfg: RunConfig, steps: int, batch_size: int, rank: int, world: int, rhash: str) -> LoopConfig:
@@ -36,18 +51,90 @@ def make_student(cfg: RunConfig, sc: StudentConfig, model, steps: int, batch_siz
     return Student(sc, model, engine, steps)
 
 
-def build_students(cfg: RunConfig, data: PackedData, teacher=None) -> list[Student]:
-    """teacher: the teacher model if the caller already holds it (online mode), for init: teacher."""
+class _TeacherOnce:
+    """The teacher model, loaded on first use only (a preset-only run never loads it)."""
+
+    def __init__(self, cfg: RunConfig, model=None):
+        self.cfg, self.model = cfg, model
+
+    def __call__(self):
+        if self.model is None:
+            self.model = teacher_model(self.cfg)
+        return self.model
+
+
+def _from_teacher(cfg: RunConfig, sc: StudentConfig, i: int, data: PackedData, teacher: _TeacherOnce):
+    """(model, info) for `model: {from_teacher: {...}}`."""
     from students.build import build_model
+    from students.derive import choose_layers, derive_config, even_layers, student_layer_count
+
+    from transformers import AutoConfig
+
+    where = f"students[{i}].model.from_teacher"
+    overrides = dict(sc.model.from_teacher)
+    t_config = teacher.model.config if teacher.model is not None else AutoConfig.from_pretrained(str(cfg.layout.teacher))
+    t_config = t_config.get_text_config()
+    keep = student_layer_count(t_config, overrides)
+    spec = overrides.get("layers", sc.init_layers or ("auto" if sc.init == "teacher" else "even"))
+    why: dict = {"method": "given in the config"}
+    if spec == "auto":
+        blocks = token_ids(data.train[:CALIBRATION_BLOCKS, :-1])  # (n, T) plain ids of the first train blocks
+        batches = list(blocks.split(CALIBRATION_BATCH))
+        try:
+            layers, why = choose_layers(teacher(), batches, keep)
+        except ValueError as e:
+            raise UserError(f"{where}: {e}") from None
+    elif spec == "even":
+        layers, why = even_layers(keep, t_config.num_hidden_layers), {"method": "evenly spaced (init: random)"}
+    elif isinstance(spec, list) and all(isinstance(t, int) for t in spec):
+        layers = list(spec)
+    else:
+        raise UserError(f"{where}.layers: give a list of teacher layer indices or `auto`, not {spec!r}")
+    try:
+        config = derive_config(t_config, overrides, layers)
+    except ValueError as e:
+        raise UserError(f"{where}: {e}") from None
+    model = build_model(config, seed=cfg.seed)
+    return model, {"source": "from_teacher", "overrides": overrides, "layers": layers, "layer_choice": why}
+
+
+def student_model(cfg: RunConfig, sc: StudentConfig, i: int, data: PackedData, teacher: _TeacherOnce):
+    """(model, info): the student's model as its config says, and what it was built from."""
+    from students.build import build_model, load_causal_lm
     from students.init import init_from_teacher
 
-    vocab = vocab_size_of(data.tokenizer)
+    if sc.model.path is not None:
+        try:
+            model = load_causal_lm(sc.model.path)
+        except ValueError as e:
+            raise UserError(f"students[{i}].model.path: {e}") from None
+        check_student_vocab(cfg, sc.name, sc.model.path, model.config.vocab_size, data.tokenizer)
+        return model, {"source": "pretrained", "path": str(sc.model.path), "architecture": type(model).__name__}
+    if sc.model.from_teacher is not None:
+        model, info = _from_teacher(cfg, sc, i, data, teacher)
+    else:
+        # The same seed for every student: a baseline and its distilled twin start identical.
+        model = build_model(model_config(sc.model, vocab_size_of(data.tokenizer), f"students[{i}]"), seed=cfg.seed)
+        info = {"source": f"preset {sc.model.preset}", "layers": sc.init_layers}
+    if sc.init == "teacher":
+        try:
+            copied = init_from_teacher(model, teacher(), layers=info.get("layers"))
+        except ValueError as e:
+            raise UserError(f"students[{i}].init_layers: {e}") from None
+        info.update(copied=copied["copied"], not_copied=copied["skipped"])
+    return model, info
+
+
+def build_students(cfg: RunConfig, data: PackedData, teacher=None) -> list[Student]:
+    """teacher: the teacher model if the caller already holds it (online mode), for init: teacher."""
+    holder = _TeacherOnce(cfg, teacher)
     students = []
     for i, sc in enumerate(cfg.students):
-        # The same seed for every student: a baseline and its distilled twin start identical.
-        model = build_model(model_config(sc.model, vocab, f"students[{i}]"), seed=cfg.seed)
-        if sc.init == "teacher":
-            teacher = teacher or teacher_model(cfg)
-            init_from_teacher(model, teacher, layers=sc.init_layers)
+        model, info = student_model(cfg, sc, i, data, holder)
+        if is_leader():
+            atomic_write_json(cfg.layout.init_report(sc.name), {"student": sc.name, "init": sc.init, **info})
+            if "layer_choice" in info and sc.init == "teacher":
+                print(f"[init] {sc.name}: teacher layers {info['layers']} ({info['layer_choice']['method']}); "
+                      f"{len(info['copied'])} tensors copied, {len(info['not_copied'])} not", file=sys.stderr)
         students.append(make_student(cfg, sc, model, cfg.train.steps, cfg.train.batch_size))
     return students

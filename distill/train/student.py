@@ -18,7 +18,7 @@ from losses.moe import load_balancing_loss, router_z_loss
 from losses.signal import TeacherSignal
 from students.build import collect_router_logits, expert_load
 from students.sparse_moe import expert_biases, set_expert_biases, update_expert_bias
-from teachers import Batch
+from teachers import IGNORE, Batch
 
 
 
@@ -71,11 +71,14 @@ def distill_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, signal: T
     """total = mean over valid tokens of w_hard*hard + w_soft_i*soft (+ MoE balance terms).
 
     input_ids, labels, valid: (B, T); signal: (B, T, k) or None for a CE-only baseline.
+    A label of -100 (chat data: a token outside the assistant's turns; padding) is no
+    target: it leaves the one mask that drives the hard and soft terms, the adaptive
+    weights and the mean, so neither its label nor its teacher signal reaches a gradient.
     The lm_head is applied chunk by chunk inside `per_token_losses` (bounded memory).
     """
     hidden = model.model(input_ids=input_ids).last_hidden_state  # (B, T, H)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
-    mask = valid.reshape(-1)
+    mask = (valid & (labels != IGNORE)).reshape(-1)  # (N,) bool
     use_teacher = signal is not None and not baseline
     flat_signal = signal.flatten() if use_teacher else None  # (N, k)
     # Only the divergence's own parameters (jsd: beta; skew KLs: alpha) are passed on.

@@ -6,6 +6,8 @@ teacher_top1_agreement share of tokens where the model's argmax equals the teach
 kl_to_teacher          mean KL(teacher || model): top-k with the tail bucket at T=1 (exact
                        when the signal is dense); a sampled signal: its unbiased estimate at
                        the draws' temperature
+Chat data scores the assistant's (or the completion's) tokens only: every figure above
+counts the positions whose label is not -100.
 expert_load            MoE models: tokens routed to each expert, per MoE layer, summed
                        over these same held-out blocks
 """
@@ -20,7 +22,7 @@ import torch
 from losses import DIVERGENCES
 from losses.chunked import auto_chunk_size
 from students.build import expert_load
-from teachers import Batch, Teacher
+from teachers import IGNORE, Batch, Teacher
 
 
 @torch.no_grad()
@@ -48,10 +50,11 @@ def evaluate_model(model, blocks: torch.Tensor, teacher: Teacher | None = None, 
         batch_loads = expert_load(model)  # from this forward
         loads = [a + b.cpu() for a, b in zip(loads, batch_loads)] if loads else [b.cpu() for b in batch_loads]
         hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)  # (N, H), (N,)
-        n_tok += labels.numel()
+        targets = labels != IGNORE  # (N,): what is scored (chat data: the assistant's tokens)
+        n_tok += int(targets.sum())
         if teacher is not None:
             sig, valid = teacher.signal(batch)
-            sig, valid = sig.to(device).flatten(), valid.to(device).reshape(-1)  # (N, k), (N,)
+            sig, valid = sig.to(device).flatten(), valid.to(device).reshape(-1) & targets  # (N, k), (N,)
             sampled = sig.kind == "sampled" and sig.logits is None  # KL at the draws' temperature
             n_sig += int(valid.sum())
         for a in range(0, len(labels), chunk_size):

@@ -1,0 +1,82 @@
+"""Tiny models and a tokenizer as a user brings them: stock transformers classes with
+random weights saved to local dirs, and a tokenizer built with `tokenizers` (not the
+project's BPE: other specials, a ChatML chat template), so nothing comes from the hub."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TINY = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+            max_position_embeddings=512)
+
+
+def make_tokenizer(texts: list[str], out: Path, vocab_size: int = 300, alphabet: str | None = None):
+    """Byte-level BPE with ChatML specials and chat template, saved to `out`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    initial = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=sorted(initial, reverse=alphabet == "reversed"))
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>",
+                                   pad_token="<pad>", clean_up_tokenization_spaces=False)
+    fast.chat_template = CHATML
+    fast.save_pretrained(str(out))
+    return fast
+
+
+def save_model(kind: str, vocab: int, out: Path, tokenizer=None, seed: int = 0, **over) -> Path:
+    """A random stock-transformers causal LM of `kind` saved as a Hugging Face dir."""
+    from transformers import (GenerationConfig, Llama4TextConfig, Llama4ForCausalLM, LlamaConfig, LlamaForCausalLM,
+                              MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+
+    kinds = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+             "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+             "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM), "mixtral": (MixtralConfig, MixtralForCausalLM),
+             "llama4": (Llama4TextConfig, Llama4ForCausalLM)}
+    config_cls, model_cls = kinds[kind]
+    fields = dict(TINY, vocab_size=vocab, num_hidden_layers=2)
+    if kind == "qwen3_moe":
+        fields.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+    if kind == "mixtral":
+        fields.update(num_local_experts=4, num_experts_per_tok=2)
+    if kind == "llama4":
+        fields.update(num_local_experts=4, intermediate_size_mlp=64, attention_chunk_size=8)
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**(fields | over)))
+    model.save_pretrained(str(out))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    GenerationConfig(eos_token_id=2, bos_token_id=0, max_new_tokens=7, do_sample=False).save_pretrained(str(out))
+    return out
+
+
+def chat_rows() -> list[dict]:
+    """Chat and instruction rows, with multi-turn conversations and a system prompt."""
+    rows = []
+    for i in range(60):
+        a, b = i % 7, i % 5
+        rows.append({"messages": [
+            {"role": "system", "content": f"You are terse helper number {i}."},
+            {"role": "user", "content": f"What is {a} plus {b}? Please explain the sum in words."},
+            {"role": "assistant", "content": f"{a} plus {b} is {a + b}, because adding counts on."},
+            {"role": "user", "content": "And times?"},
+            {"role": "assistant", "content": f"{a} times {b} is {a * b}."},
+        ]})
+        rows.append({"prompt": f"Write the word for {i}: ", "completion": f"number {i} is written {i}."})
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -1,0 +1,131 @@
+"""A pretrained student from a local Hugging Face dir (`model: {path: DIR}`): every
+stock family loads and trains, vocabularies are checked, tied embeddings stay tied, and
+the export keeps the student's own architecture and config fields."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from common.errors import UserError
+from distill.config import LossConfig, parse_config
+from distill.runtime import check_student_vocab
+from distill.train.student import distill_loss
+from students.build import load_causal_lm
+from students.sparse_moe import SparseLlama4TextMoe
+from teachers import LiveTeacher
+from teachers.protocol import Batch
+from tests.hf_models import make_tokenizer, save_model
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "llama4"])
+def test_every_family_loads_and_learns_from_the_teacher(kind, hf_family, tmp_path):
+    n = hf_family["vocab"]
+    model = load_causal_lm(save_model(kind, n, tmp_path / kind, num_hidden_layers=1))
+    assert any(isinstance(m, SparseLlama4TextMoe) for m in model.modules()) == (kind == "llama4")
+    teacher = LiveTeacher(load_causal_lm(hf_family["teacher"]), 8, n, torch.device("cpu"))
+    ids = torch.randint(0, n, (2, 13), generator=torch.Generator().manual_seed(0))
+    batch = Batch.of(ids, [0, 1])
+    signal, valid = teacher.signal(batch)
+    out = distill_loss(model, batch.input_ids, batch.labels, signal, valid, LossConfig(), 0.5, baseline=False)
+    out.total.backward()
+    assert torch.isfinite(out.total) and out.stats["soft"] > 0
+    assert model.model.embed_tokens.weight.grad.abs().sum() > 0 and model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_other_tokenizer_is_refused_naming_both(hf_family, tmp_path, capsys):
+    cfg = parse_config({"out_dir": str(tmp_path), "data": {"stdlib": True, "tokenizer": {"path": str(hf_family["teacher"])}},
+                        "teacher": {"source": "checkpoint", "path": str(hf_family["teacher"])},
+                        "students": [{"name": "s", "model": {"path": str(tmp_path / "other")}}]})
+    tok, n = hf_family["tokenizer"], hf_family["vocab"]
+    # Same specials and size, other ids for the byte alphabet: a truly different tokenizer.
+    make_tokenizer(["abc def " * 50], tmp_path / "other", alphabet="reversed")
+    with pytest.raises(UserError, match=rf"student s: its tokenizer \({tmp_path / 'other'}\) is not the run's "
+                                        rf"\({hf_family['teacher']}\)"):
+        check_student_vocab(cfg, "s", tmp_path / "other", n, tok)
+    with pytest.raises(UserError, match=rf"embedding has {n - 1} rows but the run's tokenizer .* has {n} tokens"):
+        check_student_vocab(cfg, "s", hf_family["student"], n - 1, tok)
+    check_student_vocab(cfg, "s", hf_family["student"], n + 4, tok)  # padding: said, not refused
+    assert f"embedding has {n + 4} rows for the tokenizer's {n} tokens; the 4 padding rows" in capsys.readouterr().err
+
+
+def test_init_teacher_on_a_pretrained_student_is_refused(hf_family, tmp_path):
+    from distill.config import check_config
+
+    cfg = parse_config({"data": {"stdlib": True}, "teacher": {"source": "checkpoint", "path": str(tmp_path)},
+                        "students": [{"name": "s", "model": {"path": str(tmp_path)}, "init": "teacher"}]})
+    with pytest.raises(UserError, match="students.0.init: 'teacher' would overwrite the pretrained weights"):
+        check_config(cfg)
+    with pytest.raises(UserError, match="give exactly one of preset, path or from_teacher"):
+        parse_config({"data": {"stdlib": True}, "teacher": {"source": "cache"},
+                      "students": [{"name": "s", "model": {"preset": "dense", "path": str(tmp_path)}}]})
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(hf_family, stdlib_corpus, tmp_path_factory):
+    from tests.conftest import run_cli
+
+    work = tmp_path_factory.mktemp("pretrained")
+    cfg = {"out_dir": str(work / "run"), "seed": 1, "data": {"paths": [str(stdlib_corpus)], "seq_len": 32},
+           "teacher": {"source": "checkpoint", "path": str(hf_family["teacher"])}, "cache": {"k": 8},
+           "students": [{"name": "llama", "model": {"path": str(hf_family["student"])},
+                         "optim": {"lr": 1e-2, "warmup_steps": 1}}],
+           "train": {"mode": "online", "steps": 3, "batch_size": 2, "eval_every": 0, "eval_blocks": 2,
+                     "checkpoint_every": 0}}
+    (work / "run.yaml").write_text(yaml.safe_dump(cfg))
+    r = run_cli("run", "-c", str(work / "run.yaml"), "--quiet", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return work / "run", r
+
+
+def test_pretrained_student_run_trains_and_says_the_padding(pretrained_run, hf_family):
+    run, r = pretrained_run
+    assert "student llama: embedding has" in r.stderr and "4 padding rows are never targets" in r.stderr
+    report = json.loads((run / "report.json").read_text())["students"]["llama"]
+    assert report["kind"] == "pretrained" and report["init"]["architecture"] == "LlamaForCausalLM"
+    assert "pretrained" in (run / "report.md").read_text()
+    # It trained from the pretrained weights: moved, but not far (lr 1e-2, 3 steps).
+    start = load_file(str(hf_family["student"] / "model.safetensors"))
+    ckpt = next((run / "students" / "llama" / "checkpoints").glob("step_*"))
+    end = load_file(str(ckpt / "model.safetensors"))
+    moved = (end["model.embed_tokens.weight"] - start["model.embed_tokens.weight"]).abs().max()
+    assert 0 < moved < 0.1
+    # Tied through training and the checkpoint: the two names hold one trained matrix.
+    assert torch.equal(end["lm_head.weight"], end["model.embed_tokens.weight"])
+
+
+def test_pretrained_export_keeps_architecture_config_and_ties(pretrained_run, hf_family):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, _ = pretrained_run
+    export = run / "students" / "llama" / "export"
+    original = json.loads((hf_family["student"] / "config.json").read_text())
+    exported = json.loads((export / "config.json").read_text())
+    for key, value in original.items():
+        if key not in ("transformers_version", "dtype"):
+            assert exported.get(key) == value, key
+    assert exported["architectures"] == ["LlamaForCausalLM"] and exported["tie_word_embeddings"] is True
+    assert json.loads((export / "generation_config.json").read_text())["max_new_tokens"] == 7  # its own
+    model = AutoModelForCausalLM.from_pretrained(str(export))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    tok = AutoTokenizer.from_pretrained(str(export))
+    ids = tok("def main():", return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 5) or int(out[0, -1]) == tok.eos_token_id
+
+
+def test_eval_inspect_and_card_work_for_a_pretrained_student(pretrained_run):
+    from tests.conftest import run_cli
+
+    run, _ = pretrained_run
+    r = run_cli("eval", "-c", str(run.parent / "run.yaml"), "--quiet", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((run / "report.json").read_text())
+    assert report["scored_tokens"] == "all" and report["students"]["llama"]["params_total"] > 0
+    export = run / "students" / "llama" / "export"
+    assert "| architecture | pretrained /" in (export / "README.md").read_text()
+    r = run_cli("inspect", str(export), timeout=120)
+    assert r.returncode == 0 and "params_total" in r.stdout and "llama" in r.stdout, r.stdout + r.stderr
