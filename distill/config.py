@@ -290,7 +290,7 @@ def check_config(cfg: RunConfig, source: str = "config") -> RunConfig:
         except ValueError as e:
             raise UserError(f"{source}: students.{i}.loss.soft_weight: {e}") from None
     for where, model in models:
-        if model is not None:
+        if model is not None and model.preset is not None:  # a dir or the teacher's shape is checked as it loads
             check_model(model, cfg.data.tokenizer.vocab_size, f"{source}: {where}")
     return cfg
 
