@@ -45,12 +45,7 @@ def load_checkpoint_model(ckpt: Path):
 
     config = AutoConfig.from_pretrained(str(ckpt))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    try:
-        weights = load_file(str(ckpt / "model.safetensors"))
-    except Exception as e:
-        raise UserError(f"{ckpt / 'model.safetensors'}: unreadable ({type(e).__name__}); "
-                        f"export an earlier checkpoint") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing, unexpected = checkpoint.load_weights(ckpt, model, "export an earlier checkpoint")
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise UserError(f"{ckpt}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -114,6 +114,16 @@ def load_state(ckpt: Path) -> dict:
                         f"delete this step dir to fall back to the previous one") from None
 
 
+def load_weights(ckpt: Path, model: torch.nn.Module, what_to_do: str) -> tuple[list[str], list[str]]:
+    """A checkpoint's model.safetensors into `model` (strict=False) -> (missing, unexpected)
+    names; an unreadable file is one line naming it, ending with `what_to_do`."""
+    try:
+        weights = load_file(str(ckpt / "model.safetensors"))
+    except Exception as e:
+        raise UserError(f"{ckpt / 'model.safetensors'}: unreadable ({type(e).__name__}); {what_to_do}") from None
+    return model.load_state_dict(weights, strict=False)
+
+
 def load(ckpt: Path, model: torch.nn.Module, expected_run_hash: str | None) -> dict:
     """Load weights into `model` and return the saved training state."""
     meta = load_meta(ckpt)
@@ -122,12 +132,7 @@ def load(ckpt: Path, model: torch.nn.Module, expected_run_hash: str | None) -> d
             f"{ckpt}: this checkpoint was made by a different config (run hash {meta.get('run_hash')} "
             f"!= {expected_run_hash}); resume with the config that made it, or start a new out_dir")
     state = load_state(ckpt)
-    try:
-        weights = load_file(str(ckpt / "model.safetensors"))
-    except Exception as e:
-        raise UserError(f"{ckpt}: checkpoint is unreadable ({type(e).__name__}); "
-                        f"delete this step dir to fall back to the previous one") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing, unexpected = load_weights(ckpt, model, "delete this step dir to fall back to the previous one")
     # Tied lm_head may be absent or present depending on the model; anything else is an error.
     missing = [m for m in missing if not m.endswith("lm_head.weight")]
     if missing or unexpected:
