@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -56,6 +57,8 @@ def main() -> None:
     ap.add_argument("--teacher-hidden", type=int, default=512)
     ap.add_argument("--teacher-layers", type=int, default=4)
     args = ap.parse_args()
+    stdout = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # library log lines (DeepSpeed's accelerator notice) go to stderr; stdout is the JSON
 
     from distill.data import prepare_data
     from distill.config import DataConfig
@@ -120,7 +123,8 @@ def main() -> None:
         "target_ratio": round(target, 3), "meets_target": ratio <= target,
         "teacher_forward_calls_per_batch_co": co["teacher_forward_calls"] / args.steps,
         "teacher_forward_calls_per_batch_single": [r["teacher_forward_calls"] / args.steps for _, r, _ in singles],
-    }, indent=2))
+    }, indent=2), file=stdout)
+    stdout.flush()
 
 
 if __name__ == "__main__":
