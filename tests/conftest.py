@@ -76,3 +76,11 @@ def online_setup(stdlib_corpus, tmp_path_factory):
     path = work / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return work, path
+
+
+def run_torchrun_cli(*args: str, port: int, timeout: int = 900, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 cli.py ARGS` on CPU (gloo): 2 processes, 1 thread each."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+           str(ROOT / "cli.py"), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

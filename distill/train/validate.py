@@ -24,13 +24,17 @@ from teachers import Batch, Teacher
 
 @torch.no_grad()
 def evaluate_model(model, blocks: torch.Tensor, teacher: Teacher | None = None, batch_size: int = 8,
-                   device: torch.device | None = None, autocast_dtype=None, chunk_size: int = 1024) -> dict:
+                   device: torch.device | None = None, autocast_dtype=None, chunk_size: int | None = 1024) -> dict:
     """blocks: (N, T+1) token ids, rows 0..N-1 of the teacher's split (None: perplexity only).
 
     Chunked like training: the decoder runs once per batch, then the lm_head goes over
     `chunk_size` tokens at a time, so at most (chunk_size, V) fp32 logits exist at once,
     never (B, T, V): a vocabulary and batch that trained fine also evaluate."""
     device = device or next(model.parameters()).device
+    if chunk_size is None:  # a student's loss.chunk_size: None picks it from the vocabulary, as training does
+        from losses.chunked import auto_chunk_size
+
+        chunk_size = auto_chunk_size(model.config.vocab_size)
     was_training = model.training
     model.eval()
     ce_sum, n_tok, agree, kl_sum, n_sig = 0.0, 0, 0, 0.0, 0
