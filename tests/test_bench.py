@@ -21,3 +21,13 @@ def test_cache_bench_quick_prints_json():
     assert out["sizes"]["zipf/k64/compact"]["bytes_per_token"] < 130
     step = out["teacher_step"]
     assert {"full", "chunked"} <= set(step) and step["chunked"]["peak_rss_mb"] > 0
+
+
+def test_readme_memory_table_is_what_the_formula_gives():
+    """README's per-GPU ZeRO table is bench/zero_memory.py's output (param_counts of PUBLISHED)."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "zero_memory.py")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    readme = (ROOT / "README.md").read_text()
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| scout") or line.startswith("| maverick")]
+    assert len(rows) == 6 and all(row in readme for row in rows), rows
