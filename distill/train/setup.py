@@ -15,9 +15,6 @@ from distill.train.student import Student, make_optimizer
 
 def loop_config(cfg: RunConfig, steps: int, batch_size: int, rank: int, world: int, rhash: str) -> LoopConfig:
     t = cfg.train
-    if t.precision == "fp16":
-        raise UserError("train.precision=fp16 is refused: it needs loss scaling, which this toolkit does not apply "
-                        "(it would silently underflow); use bf16 (or fp32)")
     if batch_size % (t.grad_accum * world):
         raise UserError(f"train.batch_size={batch_size} must be divisible by grad_accum ({t.grad_accum}) "
                         f"x data-parallel ranks ({world})")
