@@ -148,12 +148,16 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(dp_config):
     procs = [subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     metrics = out / "students" / "dense" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-        time.sleep(0.2)
-    procs[1].send_signal(signal.SIGTERM)  # rank 1 only
-    errs = [p.communicate(timeout=300)[1] for p in procs]
+    try:
+        deadline = time.time() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)  # rank 1 only
+        errs = [p.communicate(timeout=120)[1] for p in procs]  # unagreed, the ranks deadlock: a timeout
+    finally:
+        for p in procs:
+            p.kill()
     assert [p.returncode for p in procs] == [130, 130], errs
     steps = {re.search(r"stopped by signal 15 after step (\d+)", e).group(1) for e in errs}
     assert len(steps) == 1, errs
