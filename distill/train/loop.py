@@ -8,7 +8,8 @@
         students that failed: checkpoint everyone, drop them (or stop the run)
         log, validate, checkpoint
 
-SIGINT/SIGTERM finish the current step, checkpoint every student and exit.
+SIGINT/SIGTERM finish the current step, checkpoint every student and exit; under several
+ranks the flag is all-reduced each step, so every rank stops after the same step.
 A student fails when its step raises (out of memory, say) or it passes
 `max_nonfinite` skipped steps; see `drop_failed`.
 """
