@@ -270,6 +270,9 @@ def check_config(cfg: RunConfig, source: str = "config") -> RunConfig:
         if name not in registry:
             raise UserError(f"{source}: {where}: unknown {kind} {name!r}; choose one of {', '.join(sorted(registry))}")
 
+    if cfg.train.precision == "fp16":  # never silently something else (fp32 under DeepSpeed, say)
+        raise UserError(f"{source}: train.precision=fp16 is refused: it needs loss scaling, which this toolkit does "
+                        f"not apply (gradients would underflow); use bf16 (or fp32)")
     models = [("teacher.model", cfg.teacher.model)] + [(f"students.{i}.model", s.model) for i, s in enumerate(cfg.students)]
     for where, model in models:
         if model is not None and model.preset is not None:

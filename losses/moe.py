@@ -13,7 +13,20 @@ def _zero(router_logits: list[torch.Tensor]) -> torch.Tensor:
     return torch.zeros(()) if not router_logits else router_logits[0].new_zeros((), dtype=torch.float32)
 
 
-def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+def routed_slots(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """(L, E) fp32: routing slots each expert got, per layer (top-k of the raw logits).
+
+    Summed over data-parallel ranks (and divided by the sum) it gives the fractions f_e of
+    the micro-batch all ranks share, which `load_balancing_loss(..., fractions=)` takes."""
+    rows = []
+    for logits in router_logits:  # (N, E)
+        chosen = torch.topk(logits.detach(), top_k, dim=-1).indices  # (N, k)
+        rows.append(torch.bincount(chosen.reshape(-1), minlength=logits.shape[-1]).float())
+    return torch.stack(rows)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int,
+                        fractions: torch.Tensor | None = None) -> torch.Tensor:
     """Switch-Transformer balance loss, E * sum_e f_e * P_e, averaged over layers.
 
     f_e: fraction of the N*top_k routing slots that go to expert e (the tokens whose
@@ -26,16 +39,25 @@ def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.
     P uses softmax over the logits instead, so the loss keeps the Switch meaning ("mass
     the router puts on each expert") and its 1-at-balance scale.  The selection for f
     is the top-k of the raw logits (any selection-only `expert_bias` is not seen).
+
+    fractions: (L, E) f_e per layer taken over more tokens than these (the micro-batch as
+    every rank together holds it: `routed_slots` all-reduced, normalised).  P_e stays this
+    call's own mean, so averaging the ranks' gradients gives the gradient of the loss over
+    the whole micro-batch: a MoE update then does not depend on how many ranks split it
+    (Qiu et al. 2025, "Demons in the Detail", global-batch balance).
     """
     if not router_logits:
         return _zero(router_logits)
     losses = []
-    for logits in router_logits:  # (N, E)
+    for i, logits in enumerate(router_logits):  # (N, E)
         logits = logits.float()
         num_experts = logits.shape[-1]
-        chosen = torch.topk(logits.detach(), top_k, dim=-1).indices  # (N, k)
-        slots = torch.zeros_like(logits).scatter_(1, chosen, 1.0)  # (N, E) 1 where routed
-        fraction = slots.mean(dim=0) / top_k  # (E,) f_e
+        if fractions is None:
+            chosen = torch.topk(logits.detach(), top_k, dim=-1).indices  # (N, k)
+            slots = torch.zeros_like(logits).scatter_(1, chosen, 1.0)  # (N, E) 1 where routed
+            fraction = slots.mean(dim=0) / top_k  # (E,) f_e
+        else:
+            fraction = fractions[i].to(logits.device)  # (E,)
         prob = torch.softmax(logits, dim=-1).mean(dim=0)  # (E,) P_e
         losses.append(num_experts * torch.sum(fraction * prob))
     return torch.stack(losses).mean()

@@ -105,18 +105,24 @@ def combine(
     mask: torch.Tensor | None,
     w_hard: float,
     w_soft: float | torch.Tensor,
+    denominator: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-mean of w_hard * hard + w_soft_i * soft over valid tokens.
 
     hard, soft: (N,) per-token losses.  mask: (N,) bool or None.  w_soft: a float or (N,)
-    per-token weights (`soft_weights`).  Returns `(total, stats)`: total is a scalar tensor
-    (0 with zero gradients when every token is masked, never NaN); stats holds floats for
-    logging: loss, hard and soft (mean over valid tokens), w_hard, w_soft (mean over valid
-    tokens), n_valid.
+    per-token weights (`soft_weights`).  denominator: the token count to divide by; None
+    means these N tokens' own valid count.  A training step passes its GLOBAL valid count
+    (every micro-batch on every rank): each micro-batch's total is then its share of the
+    step's token mean, the shares add up to it, and how a batch is split over micro-batches
+    or ranks no longer changes the gradient.
+    Returns `(total, stats)`: total is a scalar tensor (0 with zero gradients when every
+    token is masked, never NaN); stats holds floats for logging: loss, hard and soft (sums
+    over valid tokens / the denominator: means when it is None), w_hard, w_soft (the same),
+    n_valid (this call's own count).
     """
     valid = torch.ones_like(hard, dtype=torch.bool) if mask is None else mask.bool()
     count = valid.sum()
-    n = count.clamp_min(1)
+    n = count.clamp_min(1) if denominator is None else max(float(denominator), 1.0)
     w_s = torch.as_tensor(w_soft, dtype=soft.dtype, device=soft.device).expand_as(soft)
     w_s = w_s.detach().masked_fill(~valid, 0.0)  # (N,)
     hard0, soft0 = hard.masked_fill(~valid, 0.0), soft.masked_fill(~valid, 0.0)

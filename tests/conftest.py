@@ -95,3 +95,11 @@ def hf_family(stdlib_corpus, tmp_path_factory):
     student = save_model("llama", n + 4, work / "student", tok, seed=2, num_hidden_layers=1, tie_word_embeddings=True,
                          rope_theta=5000.0, rms_norm_eps=1e-5)
     return {"work": work, "tokenizer": tok, "teacher": teacher, "student": student, "vocab": n}
+
+
+def run_torchrun_cli(*args: str, port: int, timeout: int = 900, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 cli.py ARGS` on CPU (gloo): 2 processes, 1 thread each."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+           str(ROOT / "cli.py"), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

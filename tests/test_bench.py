@@ -47,3 +47,13 @@ def test_gpu_script_says_no_cuda_and_exits_0():
     r = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"cuda": False, "note": "no CUDA device: nothing measured"}
+
+
+def test_readme_memory_table_is_what_the_formula_gives():
+    """README's per-GPU ZeRO table is bench/zero_memory.py's output (param_counts of PUBLISHED)."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "zero_memory.py")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    readme = (ROOT / "README.md").read_text()
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| scout") or line.startswith("| maverick")]
+    assert len(rows) == 6 and all(row in readme for row in rows), rows

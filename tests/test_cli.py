@@ -117,3 +117,15 @@ def test_out_dir_that_is_a_file_is_one_line(cli, tmp_path):
     raw["out_dir"] = str(tmp_path / "taken" / "run")
     assert "lies under the file" in _one_line_error(cli("run", "--config", _write(tmp_path, raw)))
     assert "out_dir" in _one_line_error(cli("demo", "--tiny", "--out", str(tmp_path / "taken")))
+
+
+def test_fp16_is_refused(cli, tmp_path):
+    """No loss scaling is applied, so fp16 is refused up front, never silently fp32 or underflowing."""
+    raw = {"data": {"stdlib": True}, "teacher": {"source": "preset", "model": {"preset": "behemoth"}},
+           "students": [{"name": "s", "model": {"preset": "dense"}}], "train": {"precision": "fp16"},
+           "out_dir": str(tmp_path / "o")}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    line = _one_line_error(cli("train", "--config", str(p)))
+    assert "train.precision=fp16 is refused" in line and "bf16" in line
+    assert not (tmp_path / "o").exists()  # nothing written

@@ -62,12 +62,15 @@ def latest(ckpt_root: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save(ckpt_root: Path, step: int, model: torch.nn.Module, state: dict, meta: dict, keep_last: int) -> Path:
-    """Write step_{step}/ atomically; drop all but the newest `keep_last`."""
+def save(ckpt_root: Path, step: int, model: torch.nn.Module, state: dict, meta: dict, keep_last: int,
+         weights: dict | None = None) -> Path:
+    """Write step_{step}/ atomically; drop all but the newest `keep_last` (DeepSpeed's own
+    checkpoint dirs under deepspeed/ too).  weights: the model's full state dict when the
+    model itself holds only partitions (ZeRO-3); default model.state_dict()."""
     final = ckpt_root / f"step_{step:08d}"
     tmp = writable_temp_dir(final)
     try:
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        weights = {k: v.detach().contiguous().cpu() for k, v in (weights or model.state_dict()).items()}
         save_file(_untie(weights), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         model.config.to_json_file(str(tmp / "config.json"))
         torch.save(state, tmp / "state.pt")
@@ -81,6 +84,7 @@ def save(ckpt_root: Path, step: int, model: torch.nn.Module, state: dict, meta: 
         raise
     for old in step_dirs(ckpt_root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(ckpt_root / "deepspeed" / old.name, ignore_errors=True)  # the same tag
     return final
 
 
@@ -124,14 +128,17 @@ def load_weights(ckpt: Path, model: torch.nn.Module, what_to_do: str) -> tuple[l
     return model.load_state_dict(weights, strict=False)
 
 
-def load(ckpt: Path, model: torch.nn.Module, expected_run_hash: str | None) -> dict:
-    """Load weights into `model` and return the saved training state."""
+def load(ckpt: Path, model: torch.nn.Module | None, expected_run_hash: str | None) -> dict:
+    """Load weights into `model` (None: only check and read the state) and return the saved
+    training state."""
     meta = load_meta(ckpt)
     if expected_run_hash is not None and meta.get("run_hash") != expected_run_hash:
         raise UserError(
             f"{ckpt}: this checkpoint was made by a different config (run hash {meta.get('run_hash')} "
             f"!= {expected_run_hash}); resume with the config that made it, or start a new out_dir")
     state = load_state(ckpt)
+    if model is None:
+        return state
     missing, unexpected = load_weights(ckpt, model, "delete this step dir to fall back to the previous one")
     # Tied lm_head may be absent or present depending on the model; anything else is an error.
     missing = [m for m in missing if not m.endswith("lm_head.weight")]

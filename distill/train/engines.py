@@ -9,33 +9,42 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import warnings
 from pathlib import Path
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
+from common.errors import UserError
 from distill.config import OptimConfig, TrainConfig
 from distill.runtime import autocast_dtype
 
 
 class Engine(Protocol):
-    """What a student's training step and the loop's checkpoints need from an engine."""
+    """What a student's training step and the loop's checkpoints need from an engine.
+
+    A step is, on every rank: for each micro-batch `with accumulating(last): backward(run(fn,
+    ...))`, then `step(skip)`.  Every rank runs every micro-batch's backward (a skipped step
+    included), so collectives and DeepSpeed's accumulation boundary stay aligned.  The loss
+    handed to `backward` is this rank's share, scaled so that the engine's average over ranks,
+    summed over micro-batches, is the step's loss (see `Student.train_step`)."""
 
     module: torch.nn.Module  # the model being trained (unwrapped)
     device: torch.device
     world_size: int  # data-parallel ranks sharing each step
 
-    def autocast(self) -> contextlib.AbstractContextManager: ...
+    def run(self, fn, *args):
+        """fn(module, *args) under the engine's forward (DDP arms its reducer, autocast)."""
 
-    def all_finite(self, loss: torch.Tensor) -> bool:
-        """True when `loss` is finite (on every rank, where ranks must agree)."""
+    def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
+        """Around a micro-batch's run+backward: no gradient sync unless `last`."""
 
-    def backward(self, loss: torch.Tensor, n_micro: int) -> None: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
 
     def step(self, skip: bool) -> float:
-        """End the optimiser step (skipped if `skip`); returns the pre-clip grad norm or nan."""
+        """End the optimiser step; `skip` (agreed by every rank) leaves weights, optimiser
+        state and LR schedule untouched.  Returns the pre-clip grad norm, nan when skipped
+        (also when the grads themselves were non-finite)."""
 
     def lr(self) -> float: ...
 
@@ -49,19 +58,42 @@ class Engine(Protocol):
 
     def load_sharded(self, root: Path, tag: str) -> None: ...
 
+    def full_state_dict(self) -> dict | None:
+        """The whole model's weights on rank 0 (None elsewhere); every rank calls it."""
 
-def _all_ranks_true(flag: bool, device: torch.device) -> bool:
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item() > 0)
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    """Sum (or `op`) `t` over the data-parallel ranks in place; a no-op in one process."""
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
+    return t
+
+
+class LossRunner(torch.nn.Module):
+    """What DDP / DeepSpeed wrap: forward(fn, *args) = fn(model, *args).  The student's loss
+    reads parts of the model (the decoder, the lm_head through its chunked loss) rather than
+    calling model(...); running it as this module's forward lets DDP arm its reducer and
+    ZeRO-3 run its top-level hooks, while every parameter stays the model's own."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args):
+        return fn(self.model, *args)
 
 
 class TorchEngine:
-    """Plain PyTorch: AdamW + warmup/cosine, grad clipping, accumulation, autocast."""
-
-    world_size = 1
+    """Plain PyTorch: AdamW + warmup/cosine, grad clipping, accumulation, autocast.  Under a
+    launcher (WORLD_SIZE > 1) the model runs inside DistributedDataParallel: gradients are
+    averaged over ranks in buckets overlapping backward, and only on the last micro-batch
+    (`no_sync` before).  DDP rather than FSDP2: every rank keeps the whole model, as the
+    torch engine always did, so checkpoints, export and eval stay unchanged; sharding is what
+    `engine: deepspeed` (ZeRO-2/3) is for."""
 
     def __init__(self, model: torch.nn.Module, optimizer, scheduler, optim: OptimConfig,
                  device: torch.device, precision: str):
@@ -71,31 +103,44 @@ class TorchEngine:
         self.grad_clip = optim.grad_clip
         self.device = device
         self._dtype = autocast_dtype(precision, device)
+        self.world_size = world_size()
+        self._runner = LossRunner(self.module)
+        self._ddp = None
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # broadcast_buffers=False: the MoE routing counters are per-rank buffers (summed
+            # over ranks by `update_expert_bias` itself), rank 0's must not overwrite them.
+            self._ddp = DistributedDataParallel(self._runner, broadcast_buffers=False,
+                                                device_ids=[device.index] if device.type == "cuda" else None)
 
     def autocast(self):
         if self._dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self._dtype)
 
-    def all_finite(self, loss: torch.Tensor) -> bool:
-        return bool(torch.isfinite(loss.detach()).item())
+    def run(self, fn, *args):
+        with self.autocast():
+            return (self._ddp or self._runner)(fn, *args)
 
-    def backward(self, loss: torch.Tensor, n_micro: int) -> None:
-        (loss / n_micro).backward()
+    def accumulating(self, last: bool):
+        return self._ddp.no_sync() if self._ddp is not None and not last else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
 
     def step(self, skip: bool) -> float:
-        """Clip, step, advance the LR schedule; returns the pre-clip grad norm (nan if skipped)."""
+        """Clip, step, advance the LR schedule; a skip (or non-finite grads: the same on every
+        rank, DDP averaged them) changes nothing but the grads, which are dropped."""
         norm = float("nan")
         if not skip:
             params = [p for p in self.module.parameters() if p.grad is not None]
             max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
             norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            if math.isfinite(norm):
-                self.optimizer.step()
+        if math.isfinite(norm):
+            self.optimizer.step()
+            self.scheduler.step()  # like DeepSpeed: the schedule moves with applied steps only
         self.optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
-            warnings.simplefilter("ignore", UserWarning)
-            self.scheduler.step()
         return norm
 
     def lr(self) -> float:
@@ -107,6 +152,9 @@ class TorchEngine:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def full_state_dict(self) -> dict:
+        return self.module.state_dict()
 
     def save_sharded(self, root: Path, tag: str) -> None:
         pass  # everything is in state_dict()
@@ -121,6 +169,9 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int) -
     cfg["train_micro_batch_size_per_gpu"] = micro_batch
     cfg["gradient_accumulation_steps"] = train.grad_accum
     cfg.pop("train_batch_size", None)
+    if cfg.get("fp16", {}).get("enabled"):
+        raise UserError(f"{train.deepspeed_config}: fp16 is refused (our non-finite-step rule and loss scaling "
+                        f"would fight); use bf16 (or fp32)")
     cfg.setdefault("gradient_clipping", optim.grad_clip)
     cfg.setdefault("zero_optimization", {}).setdefault("stage", train.zero_stage)
     if train.precision == "bf16" or (train.precision == "auto" and torch.cuda.is_available()):
@@ -130,32 +181,38 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int) -
 
 
 class DeepSpeedEngine:
-    """One `deepspeed.initialize` per student; DeepSpeed does accumulation and clipping."""
+    """One `deepspeed.initialize` per student; DeepSpeed does accumulation, clipping, the
+    rank average and (ZeRO-2/3) the partitioning.  A skipped step goes through DeepSpeed's own
+    overflow path (non-finite grads: no optimiser step, no LR step, grads dropped), so its
+    counters and accumulation boundary never drift from ours."""
 
     def __init__(self, model: torch.nn.Module, optimizer, scheduler, ds_config: dict):
         import deepspeed
 
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-        self.module = self.engine.module
+            model=LossRunner(model), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        self.module = self.engine.module.model
         self.device = self.engine.device
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.world_size = world_size()
+        self.zero_stage = int(self.engine.zero_optimization_stage())
 
-    def autocast(self):
-        return contextlib.nullcontext()  # DeepSpeed casts the module itself (bf16/fp16 config)
+    def run(self, fn, *args):
+        return self.engine(fn, *args)  # DeepSpeed casts the module itself (bf16/fp16 config)
 
-    def all_finite(self, loss: torch.Tensor) -> bool:
-        return _all_ranks_true(bool(torch.isfinite(loss.detach()).item()), self.device)
+    def accumulating(self, last: bool):
+        return contextlib.nullcontext()  # DeepSpeed counts micro-steps itself
 
-    def backward(self, loss: torch.Tensor, n_micro: int) -> None:
-        # DeepSpeed divides by gradient_accumulation_steps itself and only really steps
-        # at the accumulation boundary, so step() follows every backward().
-        self.engine.backward(loss)
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loss is already this rank's share of the step (not / grad_accum); step() follows
+        # every backward and only really steps at the accumulation boundary.
+        self._skipped_before = self.engine.skipped_steps
+        self.engine.backward(loss, scale_wrt_gas=False)
         self.engine.step()
 
     def step(self, skip: bool) -> float:
         norm = self.engine.get_global_grad_norm()
-        return float("nan") if skip or norm is None else float(norm)
+        applied = self.engine.skipped_steps == self._skipped_before
+        return float(norm) if applied and norm is not None and not skip else float("nan")
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
@@ -165,6 +222,14 @@ class DeepSpeedEngine:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def full_state_dict(self) -> dict | None:
+        """The whole model's weights on rank 0 (None elsewhere); every rank must call it.
+        Under ZeRO-3 each rank holds 1/N of every weight: DeepSpeed gathers them."""
+        if self.zero_stage < 3:
+            return self.module.state_dict()
+        full = self.engine._zero3_consolidated_16bit_state_dict()  # keys "model.*" (LossRunner)
+        return None if full is None else {k.removeprefix("model."): v for k, v in full.items()}
 
     def save_sharded(self, root: Path, tag: str) -> None:
         # Every rank writes its optimizer partition; DeepSpeed's rank 0 the module states.

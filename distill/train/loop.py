@@ -8,7 +8,8 @@
         students that failed: checkpoint everyone, drop them (or stop the run)
         log, validate, checkpoint
 
-SIGINT/SIGTERM finish the current step, checkpoint every student and exit.
+SIGINT/SIGTERM finish the current step, checkpoint every student and exit; under several
+ranks the flag is all-reduced each step, so every rank stops after the same step.
 A student fails when its step raises (out of memory, say) or it passes
 `max_nonfinite` skipped steps; see `drop_failed`.
 """
@@ -102,16 +103,32 @@ class _StopFlag:
         return False
 
 
+def agreed_stop(signum: int | None, loop: LoopConfig, students: list[Student]) -> int | None:
+    """A signal on any rank stops every rank after the same step: the largest signal number
+    seen (0: none) is all-reduced once per step, so no rank waits in a checkpoint barrier while
+    another is already in the next step's collectives."""
+    if loop.world_size == 1:
+        return signum
+    device = students[0].device if students else torch.device("cpu")
+    flag = torch.tensor([float(signum or 0)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
+
+
 def save_all(layout: RunLayout, students: list[Student], step: int, loop: LoopConfig) -> None:
+    """Every rank calls it (DeepSpeed writes partitions from each rank and, under ZeRO-3,
+    gathers the whole model for rank 0's model.safetensors)."""
     if loop.world_size > 1:
         dist.barrier()
     for s in students:
         meta = {"student": s.name, "run_hash": loop.run_hash, "student_config": s.cfg.model_dump(mode="json"),
                 "tokens_seen": s.tokens_seen, **loop.extra_meta}
-        s.engine.save_sharded(layout.checkpoints(s.name), tag=f"step_{step:08d}")
+        root = layout.checkpoints(s.name)
+        s.engine.save_sharded(root, tag=f"step_{step:08d}")
+        weights = s.engine.full_state_dict()  # collective under ZeRO-3
         if loop.rank == 0:
-            checkpoint.save(layout.checkpoints(s.name), step, s.model, {**s.state(), "rng": checkpoint.rng_state()},
-                            meta, loop.keep_last)
+            checkpoint.save(root, step, s.model, {**s.state(), "rng": checkpoint.rng_state()},
+                            meta, loop.keep_last, weights=weights)
     if loop.world_size > 1:
         dist.barrier()
 
@@ -138,7 +155,9 @@ def resume_all(layout: RunLayout, students: list[Student], loop: LoopConfig) -> 
                         f"or start a new out_dir")
     rng = None
     for s in students:
-        state = checkpoint.load(latest[s.name], s.model, loop.run_hash)
+        # Under ZeRO-3 the model's weights are partitions: DeepSpeed's own checkpoint restores them.
+        weights_too = getattr(s.engine, "zero_stage", 0) < 3
+        state = checkpoint.load(latest[s.name], s.model if weights_too else None, loop.run_hash)
         s.load_state(state)
         s.engine.load_sharded(layout.checkpoints(s.name), tag=latest[s.name].name)
         rng = state["rng"]
@@ -244,11 +263,12 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
                     final_eval[s.name] = evaluate_model(s.model, val_blocks[: loop.eval_blocks], val_teacher,
                                                         device=s.device, chunk_size=s.cfg.loss.chunk_size)
                     logger.log(s.name, done, final_eval[s.name], kind="val")
-            if done == loop.steps or (loop.checkpoint_every and done % loop.checkpoint_every == 0) or stop.signum:
+            signum = agreed_stop(stop.signum, loop, students)
+            if done == loop.steps or (loop.checkpoint_every and done % loop.checkpoint_every == 0) or signum:
                 save_all(layout, students, done, loop)
-            if stop.signum and done < loop.steps:
+            if signum and done < loop.steps:
                 raise TrainingInterrupted(
-                    f"stopped by signal {stop.signum} after step {done}; checkpoints saved under "
+                    f"stopped by signal {signum} after step {done}; checkpoints saved under "
                     f"{layout.students}; rerun with --resume to continue")
     logger.close()
     return {"students": final_eval, "teacher_forward_calls": teacher_calls, "start_step": start,

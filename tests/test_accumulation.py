@@ -1,0 +1,134 @@
+"""A step's update does not depend on how its batch is split: micro-batches with uneven valid
+tokens equal one big batch; a non-finite micro-batch skips exactly its step on every rank, under
+both engines, and the next step equals a run where that step never happened."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from distill.config import StudentConfig
+from distill.train.engines import DeepSpeedEngine, TorchEngine
+from distill.train.student import MicroBatch, Student, make_optimizer
+from losses.signal import TeacherSignal
+from students.build import build_model
+from students.presets import dense, scout
+from teachers import Batch
+
+V, T = 64, 8
+TINY = dict(vocab_size=V, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16)
+BLOCKS = torch.randint(0, V, (12, T + 1), generator=torch.Generator().manual_seed(0))
+LOGITS = torch.randn(12, T, V, generator=torch.Generator().manual_seed(1))  # the teacher's, per block
+
+
+def student_config(preset):
+    # A constant soft weight, so a step's index does not change its loss; warmup moves the LR
+    # every step, so an LR schedule that advanced on a skipped step would show.
+    return StudentConfig(name=preset, model={"preset": preset}, optim={"lr": 1e-2, "warmup_steps": 3},
+                         loss={"balance_weight": 0.0})  # soft_weight: constant 0.5 by default
+
+
+def model_of(preset):
+    cfg = dense(**TINY, intermediate_size=64) if preset == "dense" else \
+        scout(**TINY, intermediate_size=32, num_experts=4, attention_chunk_size=8)
+    return build_model(cfg, seed=0)
+
+
+def torch_student(preset):
+    sc, model = student_config(preset), model_of(preset)
+    opt, sched = make_optimizer(model, sc.optim, 10)
+    return Student(sc, model, TorchEngine(model, opt, sched, sc.optim, torch.device("cpu"), "fp32"), 10)
+
+
+def micro_batch(rows, valid, poison=False):
+    sig = TeacherSignal.from_logits(LOGITS[rows], 8)
+    if poison:
+        sig.topk_logprobs[:] = float("nan")
+    return MicroBatch(Batch.of(BLOCKS[rows], rows), sig, valid)
+
+
+def rel_diff(a, b):
+    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in a)
+
+
+@pytest.mark.parametrize("preset", ["dense", "scout"])
+def test_grad_accum_4_with_uneven_valid_tokens_equals_one_big_batch(preset):
+    """(The MoE balance loss is taken per micro-batch by design, so it is off here; the z-loss,
+    a mean over every routed token, splits exactly.)"""
+    rows = list(range(8))
+    valid = torch.ones(8, T, dtype=torch.bool)
+    valid[2:4, 1:] = False  # micro-batch 1: 2 valid tokens of 16
+    valid[4:6] = False  # micro-batch 2: none
+    valid[6, ::2] = False  # micro-batch 3: 12 of 16
+    big, split = torch_student(preset), torch_student(preset)
+    for step in range(2):
+        big.train_step(step, [micro_batch(rows, valid)])
+        split.train_step(step, [micro_batch(rows[i:i + 2], valid[i:i + 2]) for i in range(0, 8, 2)])
+    assert rel_diff(split.model.state_dict(), big.model.state_dict()) < 1e-5
+
+
+# ------------------------------------------------------------------ a NaN micro-batch, 2 ranks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _student(engine: str):
+    sc, model = student_config("dense"), model_of("dense")
+    opt, sched = make_optimizer(model, sc.optim, 10)
+    if engine == "torch":
+        eng = TorchEngine(model, opt, sched, sc.optim, torch.device("cpu"), "fp32")
+    else:
+        eng = DeepSpeedEngine(model, opt, sched, {
+            "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
+            "zero_optimization": {"stage": 2}, "steps_per_print": 1 << 30})
+    return Student(sc, model, eng, 10)
+
+
+def _rank(rank, world, port, engine, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    if engine == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    else:
+        dist.init_process_group("gloo")
+    valid = torch.ones(1, T, dtype=torch.bool)
+    # Global step k: 4 blocks 4k..4k+3 in 2 micro-batches of 2, one block per rank each.
+    def step_batches(k, poison):
+        return [micro_batch([4 * k + 2 * m + rank], valid, poison and m == 1) for m in range(2)]
+
+    result = {}
+    for run, steps in (("poisoned", [0, 1, 2]), ("without", [0, 2])):
+        s = _student(engine)
+        rows = []
+        for n, k in enumerate(steps):
+            m = s.train_step(n, step_batches(k, poison=run == "poisoned" and k == 1 and rank == 1))
+            rows.append({"skipped": bool(m.get("skipped")), "lr": m["lr"],
+                         "weights": {k: v.clone() for k, v in s.model.state_dict().items()}})
+        result[run] = {"rows": rows, "nonfinite": s.nonfinite_steps}
+    torch.save(result, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["torch", "deepspeed"])
+def test_nan_in_one_micro_batch_skips_exactly_that_step_on_every_rank(engine, tmp_path):
+    mp.spawn(_rank, args=(2, _free_port(), engine, tmp_path), nprocs=2, join=True)
+    for rank in range(2):
+        r = torch.load(tmp_path / f"rank{rank}.pt")
+        poisoned, without = r["poisoned"]["rows"], r["without"]["rows"]
+        assert [row["skipped"] for row in poisoned] == [False, True, False], rank  # on rank 0 too
+        assert r["poisoned"]["nonfinite"] == 1 and r["without"]["nonfinite"] == 0
+        for k, v in poisoned[1]["weights"].items():  # the skipped step changed nothing
+            assert torch.equal(v, poisoned[0]["weights"][k]), (rank, k)
+        # the next step equals a run where the poisoned step never happened (LR schedule included)
+        assert poisoned[2]["lr"] == without[1]["lr"]
+        assert rel_diff(poisoned[2]["weights"], without[1]["weights"]) < 1e-6, rank

@@ -1,0 +1,167 @@
+"""Data parallelism is exact: 2 CPU processes (gloo) train the weights 1 process trains from the
+same global batch, under the torch engine (DDP) and DeepSpeed ZeRO-2/3, with 1 or 2 micro-batches,
+for a dense and a MoE student trained together in one launch (slow: each launch is a real CLI run)."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from distill.train import checkpoint
+from tests.conftest import ROOT, run_cli, run_deepspeed_cli, run_torchrun_cli
+
+pytestmark = pytest.mark.slow
+
+TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16}
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def dp_config(online_setup):
+    """The online setup's teacher, a dense and a MoE (Scout-style, top-1 of 4) student, a global
+    batch of 8 blocks for 3 steps."""
+    work, base = online_setup
+    cfg = yaml.safe_load(base.read_text())
+    optim = {"lr": 3e-3, "warmup_steps": 1}
+    cfg["students"] = [
+        {"name": "dense", "model": {"preset": "dense", "args": TINY}, "optim": optim},
+        {"name": "moe", "model": {"preset": "scout", "args": {**TINY, "intermediate_size": 32, "num_experts": 4,
+                                                              "attention_chunk_size": 8}},
+         "optim": optim, "loss": {"balance_weight": 0.1}},
+    ]
+    cfg["train"].update(steps=STEPS, batch_size=8, eval_every=0, checkpoint_every=0)
+    path = work / "dp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return work, path
+
+
+def weights(out, name, step=STEPS):
+    return load_file(str(out / "students" / name / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
+
+
+def train_rows(out, name):
+    rows = [json.loads(l) for l in (out / "students" / name / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == "train"]
+
+
+def rel_diff(a: dict, b: dict) -> float:
+    """Largest per-tensor ||a - b|| / ||b||."""
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in a)
+
+
+def train(cfg, out, launcher, grad_accum, port, *extra):
+    args = ("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}", "--set", f"train.grad_accum={grad_accum}",
+            *extra)
+    if launcher == "single":
+        r = run_cli(*args)
+    elif launcher == "torchrun":
+        r = run_torchrun_cli(*args, port=port)
+    else:  # "zero2", "zero3"
+        r = run_deepspeed_cli(*args, "--set", "train.engine=deepspeed", "--set", f"train.zero_stage={launcher[-1]}",
+                              port=port)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    return out
+
+
+@pytest.fixture(scope="module")
+def launched(dp_config):
+    """launched(launcher, grad_accum) -> out dir of that run, each launched once per module.
+    ZeRO-3 runs checkpoint every step (not part of the run's identity), for the resume test."""
+    work, cfg = dp_config
+    runs = {}
+    launchers = ["single", "torchrun", "zero2", "zero3"]
+
+    def get(launcher, grad_accum):
+        if (launcher, grad_accum) not in runs:
+            extra = ("--set", "train.checkpoint_every=1") if launcher == "zero3" else ()
+            port = 29600 + 10 * launchers.index(launcher) + grad_accum
+            runs[launcher, grad_accum] = train(cfg, work / f"{launcher}-ga{grad_accum}", launcher, grad_accum, port,
+                                               *extra)
+        return runs[launcher, grad_accum]
+
+    return get
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+@pytest.mark.parametrize("launcher", ["torchrun", "zero2", "zero3"])
+def test_two_ranks_train_the_weights_one_process_trains(launched, launcher, grad_accum):
+    out, ref = launched(launcher, grad_accum), launched("single", grad_accum)
+    for name in ("dense", "moe"):
+        diff = rel_diff(weights(out, name), weights(ref, name))
+        assert diff < 1e-5, (launcher, grad_accum, name, diff)
+    # Metrics are the step's, over both ranks: the same loss and token count as one process.
+    for name in ("dense", "moe"):
+        rows, ref_rows = train_rows(out, name), train_rows(ref, name)
+        assert len(rows) == len(ref_rows) == STEPS
+        for a, b in zip(rows, ref_rows):
+            assert a["n_valid"] == b["n_valid"] and abs(a["loss"] - b["loss"]) < 1e-4 * abs(b["loss"]), (a, b)
+            if name == "moe":
+                assert abs(a["balance_loss"] - b["balance_loss"]) < 1e-4, (a, b)
+
+
+def test_zero3_resume_after_a_kill_and_export_to_stock_transformers(launched, dp_config, tmp_path):
+    """As if killed -9 after step 2 (the step-3 checkpoint, ours and DeepSpeed's, never written):
+    --resume under ZeRO-3 gives the uninterrupted weights; the export loads in stock transformers
+    with the trained model's logits; DeepSpeed's checkpoint dirs were pruned to keep_last."""
+    work, cfg = dp_config
+    full = launched("zero3", 2)
+    ckpts = full / "students" / "dense" / "checkpoints"
+    assert sorted(p.name for p in (ckpts / "deepspeed").glob("step_*")) == ["step_00000002", "step_00000003"]
+    killed = work / "zero3-killed"
+    shutil.copytree(full, killed)
+    for name in ("dense", "moe"):
+        shutil.rmtree(killed / "students" / name / "checkpoints" / "step_00000003")
+        shutil.rmtree(killed / "students" / name / "checkpoints" / "deepspeed" / "step_00000003")
+    train(cfg, killed, "zero3", 2, 29699, "--resume")
+    for name in ("dense", "moe"):
+        assert rel_diff(weights(killed, name), weights(full, name)) < 1e-6, name
+        r = run_cli("export", str(killed / "students" / name), "--out", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr[-2000:]
+        from transformers import AutoModelForCausalLM  # stock: no sparse MoE, nothing of ours
+
+        stock = AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()
+        ours = AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()
+        ours.load_state_dict(weights(launched("single", 2), name), strict=False)  # the 1-process run's
+        ids = torch.randint(0, stock.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            a, b = stock(ids).logits, ours(ids).logits
+        assert float((a - b).abs().max()) < 1e-4 * float(b.abs().max()), name
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(dp_config):
+    """torch engine (DDP), two ranks started by hand so each one's exit code is seen."""
+    work, cfg = dp_config
+    out = work / "sigterm"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29691", "WORLD_SIZE": "2"}
+    args = [sys.executable, str(ROOT / "cli.py"), "train", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}",
+            "--set", "train.steps=400"]
+    procs = [subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    metrics = out / "students" / "dense" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)  # rank 1 only
+        errs = [p.communicate(timeout=120)[1] for p in procs]  # unagreed, the ranks deadlock: a timeout
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [130, 130], errs
+    steps = {re.search(r"stopped by signal 15 after step (\d+)", e).group(1) for e in errs}
+    assert len(steps) == 1, errs
+    step = int(steps.pop())
+    assert 2 <= step < 400
+    for name in ("dense", "moe"):
+        assert checkpoint.latest(out / "students" / name / "checkpoints").name == f"step_{step:08d}"
