@@ -202,24 +202,46 @@ def counter_uniform(seed: int, keys: torch.Tensor, n: int) -> torch.Tensor:
     return _shr(x, 11).to(torch.float64) * (1.0 / (1 << 53))  # the top 53 bits
 
 
+_CDF_BLOCK = 256  # vocab entries per block of the two-level inverse CDF
+
+
+def _inverse_cdf(e: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids drawn by inverse CDF: e (N, V) fp32 unnormalised probabilities, u (N, n) fp64
+    uniforms in [0, 1) -> (ids (N, n) int64, each row's total mass (N,) fp64).
+
+    Two levels, so no (N, V) fp64 copy or cumulative sum is made: the block (of 256 ids)
+    comes from a cumulative sum of the block sums (N, V/256), the id within it from a
+    cumulative sum of that block's 256 entries only (N, n, 256)."""
+    rows, vocab = e.shape
+    pad = (-vocab) % _CDF_BLOCK
+    blocks = torch.nn.functional.pad(e, (0, pad)).reshape(rows, -1, _CDF_BLOCK)  # (N, nb, B)
+    block_cdf = blocks.sum(-1).double().cumsum(-1)  # (N, nb): fp32 sums of 256, fp64 across
+    total = block_cdf[:, -1]
+    u = u * total[:, None]
+    which = torch.searchsorted(block_cdf, u, right=True).clamp_(max=block_cdf.shape[1] - 1)  # (N, n)
+    before = torch.where(which > 0, block_cdf.gather(1, (which - 1).clamp_min(0)), torch.zeros_like(u))
+    inner = blocks.gather(1, which[..., None].expand(-1, -1, _CDF_BLOCK)).double().cumsum(-1)  # (N, n, B)
+    pos = torch.searchsorted(inner, (u - before)[..., None], right=True).squeeze(-1).clamp_(max=_CDF_BLOCK - 1)
+    return (which * _CDF_BLOCK + pos).clamp_(max=vocab - 1), total
+
+
 def sample_signal(logits: torch.Tensor, n: int, temperature: float, seed: int, keys: torch.Tensor) -> TeacherSignal:
     """n draws per token from softmax(logits / T) -> a sampled `TeacherSignal` (kind "sampled").
 
     logits: (..., V) teacher logits; keys: (...,) int64, one per token, e.g. global sequence
     index * seq_len + position.  The draws are inverse-CDF lookups of `counter_uniform`
-    numbers in an fp64 cumulative distribution.  Returns the distinct ids per token, sorted
+    numbers (see `_inverse_cdf`).  Returns the distinct ids per token, sorted
     ascending (width = the most distinct ids any token has; padding: id 0 at frequency 0),
     log(count / n), and the entropy of softmax(logits / T).  A token with NaN/+inf logits
     comes out with NaN entropy (`placeholder_invalid` rules apply to it as to top-k).
     """
     lead, vocab = logits.shape[:-1], logits.shape[-1]
-    flat = logits.reshape(-1, vocab)
-    logp = torch.log_softmax(flat.double() / temperature, dim=-1)  # (N, V) fp64
-    probs = logp.exp()
-    entropy = -(probs * logp.masked_fill(probs == 0, 0.0)).sum(-1)  # (N,)
-    cdf = probs.cumsum_(-1)  # (N, V), in place
-    u = counter_uniform(seed, keys.reshape(-1), n) * cdf[:, -1:]  # (N, n) scaled to the total mass
-    ids = torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1)  # (N, n)
+    x = logits.reshape(-1, vocab).float() / temperature  # (N, V)
+    e = (x - x.amax(dim=-1, keepdim=True)).exp_()  # (N, V) fp32 unnormalised probabilities; NaN rows
+    # (and all -inf ones) stay NaN, so their entropy flags them
+    ids, total = _inverse_cdf(e, counter_uniform(seed, keys.reshape(-1), n))  # (N, n), (N,)
+    # H = -sum p log p with p = e / Z:  log Z - sum(e log e) / Z  (xlogy: 0 log 0 = 0)
+    entropy = total.log() - torch.xlogy(e, e).sum(-1).double() / total
     ids, _ = ids.sort(dim=-1)
     new = torch.ones_like(ids, dtype=torch.bool)
     new[:, 1:] = ids[:, 1:] != ids[:, :-1]
