@@ -220,13 +220,16 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
     logger = MetricsLogger(layout, [s.name for s in students], start, enabled=loop.rank == 0)
     final_eval: dict = {}
     teacher_calls = 0  # teacher forwards made for training batches (evaluation excluded)
+    upcoming = step_batches(start, loop, train_blocks) if start < loop.steps else []
     with _StopFlag() as stop, progress_bar(loop.steps, label, progress and loop.rank == 0, start) as bar:
         for step in range(start, loop.steps):
             # --- the step's blocks: global batch, this rank's share, split into micro-batches;
-            # the next step's are read ahead (a cache decodes them while the students train)
-            batches = step_batches(step, loop, train_blocks)
-            if teacher is not None and step + 1 < loop.steps:
-                teacher.prefetch(step_batches(step + 1, loop, train_blocks))
+            # the next step's are built once, now, and read ahead (a cache decodes them while
+            # the students train)
+            batches = upcoming
+            upcoming = step_batches(step + 1, loop, train_blocks) if step + 1 < loop.steps else []
+            if teacher is not None and upcoming:
+                teacher.prefetch(upcoming)
             micro_batches = []
             for batch in batches:
                 # --- one teacher signal per micro-batch, shared by every student
