@@ -210,15 +210,28 @@ def main() -> None:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as e:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        usage, abort = _click_exceptions()
+        if isinstance(e, usage):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, abort):
             sys.exit(130)
         raise
 
+
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, aborts) of click and of the click copy newer typers vendor
+    (typer._click, with Abort in typer.exceptions)."""
+    import importlib
+
+    usage, abort = [], []
+    for errors, aborts in (("click.exceptions", "click.exceptions"), ("typer._click.exceptions", "typer.exceptions")):
+        try:
+            usage.append(importlib.import_module(errors).ClickException)
+            abort.append(importlib.import_module(aborts).Abort)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(usage), tuple(abort)
 
 if __name__ == "__main__":
     main()

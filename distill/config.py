@@ -31,6 +31,46 @@ class TokenizerConfig(_Strict):
     vocab_size: int = Field(4096, ge=260, le=1_000_000, description="BPE vocabulary size when training one.")
 
 
+class SelectConfig(_Strict):
+    """Which training blocks a student learns from, judged by the teacher's difficulty
+    statistics stored in the cache (losses/difficulty.py): give exactly one rule."""
+
+    by: Literal["nll", "entropy", "top1"] = Field("nll", description="Per-block statistic, the mean over its training targets: `nll` (the teacher's loss on the true next token; high = hard), `entropy` (high = hard) or `top1` (the teacher's top-1 probability; low = hard).")
+    keep_hardest: float | None = Field(None, gt=0.0, le=1.0, description="Keep this fraction of blocks, the hardest by `by` (Llama 4 kept 5% for Behemoth: 0.05).")
+    drop_easiest: float | None = Field(None, ge=0.0, lt=1.0, description="Drop this fraction of blocks, the easiest by `by` (Llama 4 dropped over half for Maverick: 0.5). 0 keeps every block (a student opting out of `data.select`).")
+    min: float | None = Field(None, description="Threshold rule: keep blocks whose statistic is at least this (in its own units: nats for nll and entropy, a probability for top1).")
+    max: float | None = Field(None, description="Threshold rule: keep blocks whose statistic is at most this.")
+    rescore_every: int = Field(0, ge=0, description="Dynamic selection: every N steps, re-weight the kept blocks by the students' current gap to the teacher (their loss on the block's labels minus the teacher's, from the training steps themselves) and draw harder blocks more often; 0 = static (a seeded permutation per epoch). Resumable: the gap table and the window's weights are checkpointed with the students.")
+    rescore_temperature: float = Field(0.5, gt=0.0, description="Dynamic selection: a block's draw weight is softmax(gap / this) (gap in nats), mixed 3:1 with uniform so every block stays reachable.")
+
+    @model_validator(mode="after")
+    def _one_rule(self):
+        rules = [name for name, on in (("keep_hardest", self.keep_hardest is not None),
+                                       ("drop_easiest", self.drop_easiest is not None),
+                                       ("min/max", self.min is not None or self.max is not None)) if on]
+        if len(rules) != 1:
+            raise ValueError(f"give exactly one of keep_hardest, drop_easiest or min/max (got {', '.join(rules) or 'none'})")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min:g}) is above max ({self.max:g}): no block could be kept")
+        return self
+
+    def _describe_rule(self) -> str:
+        if self.keep_hardest is not None:
+            return f"keep the hardest {100 * self.keep_hardest:g}% by {self.by}"
+        if self.drop_easiest is not None:
+            return f"drop the easiest {100 * self.drop_easiest:g}% by {self.by}" if self.drop_easiest else "every block"
+        bounds = ([f"{self.by} >= {self.min:g}"] if self.min is not None else []) + \
+                 ([f"{self.by} <= {self.max:g}"] if self.max is not None else [])
+        return "keep blocks with " + " and ".join(bounds)
+
+    def describe(self) -> str:
+        """'keep the hardest 5% by nll', for logs and the report."""
+        text = self._describe_rule()
+        if self.rescore_every:
+            text += f", re-weighted by the students' gap every {self.rescore_every} steps"
+        return text
+
+
 class DataConfig(_Strict):
     paths: list[Path] = Field(default_factory=list, description="Files, dirs or glob patterns (`repo/**/*.py`): .txt/.py/.md (one document per file), .jsonl/.json, .parquet, or a `datasets.save_to_disk` dir. Tables met while walking a dir or a glob that lack the text (or chat) columns are skipped with a count; a file named here must read.")
     exclude: list[str] = Field(default_factory=list, description="Patterns of files to leave out of dirs and globs: without a `/` they match a file or folder name (`*.json`, `tests`), with one the path below the dir (`docs/*`).")
@@ -41,6 +81,7 @@ class DataConfig(_Strict):
     max_documents: int | None = Field(None, ge=1, description="Use at most this many documents (first in sorted path order).")
     max_train_blocks: int | None = Field(None, ge=1, description="Keep at most this many training blocks.")
     max_val_blocks: int | None = Field(None, ge=1, description="Keep at most this many validation blocks.")
+    select: SelectConfig | None = Field(None, description="Train on a subset of the training blocks chosen by the teacher's difficulty (cached mode; the cache records the statistics). A student's own `select` replaces it. Validation blocks are never selected from.")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
 
     @model_validator(mode="after")
@@ -132,6 +173,7 @@ class StudentConfig(_Strict):
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     device: str | None = Field(None, description="Device for this student (e.g. cuda:1); default: train.device.")
+    select: SelectConfig | None = Field(None, description="This student's own data selection, replacing data.select (a Maverick-like student can learn from a harder subset than a Scout-like one, from the same cache); `{drop_easiest: 0}` keeps every block.")
 
 
 class TeacherConfig(_Strict):
@@ -161,6 +203,7 @@ class CacheConfig(_Strict):
     estimator: Literal["topk", "sampled"] = Field("topk", description="What the cache keeps per token: the teacher's top-k log-probs (students use tail: bucket or renorm), or `samples` tokens drawn from it (students use tail: sampled; unbiased forward KL, about 17 B/token on a Zipf-like teacher).")
     samples: int = Field(32, ge=1, le=4096, description="estimator: sampled: draws per token.")
     sample_temperature: float = Field(1.0, gt=0.0, le=100.0, description="estimator: sampled: the temperature the draws are made at; every student's loss.temperature must equal it.")
+    sample_seed: int | None = Field(None, description="estimator: sampled: seed of the draws (part of the cache's identity). null: the run's `seed`; set it to rerun students with other seeds from one cache.")
     batch_size: int = Field(8, ge=1, description="Blocks per teacher forward.")
     shard_sequences: int = Field(256, ge=1, description="Blocks per shard file.")
 
@@ -208,10 +251,23 @@ class RunConfig(_Strict):
             raise ValueError(f"students: duplicate name(s) {sorted(dup)}")
         if self.teacher.source == "cache" and self.train.mode == "online":
             raise ValueError("train.mode 'online' needs a teacher model, but teacher.source is 'cache'")
+        if self.train.mode == "online":
+            chosen = [("data.select", self.data.select)] + [(f"students.{i}.select", s.select)
+                                                            for i, s in enumerate(self.students)]
+            where = next((w for w, sel in chosen if sel is not None), None)
+            if where is not None:
+                raise ValueError(f"{where}: selecting data needs the teacher's difficulty of every training block "
+                                 f"before training, which the cache records; set train.mode: cached")
         if not (self.train.mode == "online" and self.train.online_dense):
             for i, s in enumerate(self.students):
                 _check_estimator(f"students.{i}.loss", s, self.cache)
         return self
+
+    def selection_of(self, i: int) -> tuple[str, SelectConfig | None]:
+        """Student i's data selection and the config key it comes from."""
+        if self.students[i].select is not None:
+            return f"students.{i}.select", self.students[i].select
+        return "data.select", self.data.select
 
     @property
     def layout(self) -> RunLayout:

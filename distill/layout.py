@@ -66,6 +66,10 @@ class RunLayout:
         """What the student was built from and what init: teacher copied (train/setup.py)."""
         return self.student(name) / "init.json"
 
+    def data_report(self, name: str) -> Path:
+        """What data the student learns from: its selection and the kept blocks' difficulty."""
+        return self.student(name) / "data.json"
+
     def metrics(self, name: str) -> Path:
         return self.student(name) / "metrics.jsonl"
 

@@ -142,7 +142,8 @@ def teacher_model(cfg: RunConfig):
 def sampling_of(cfg: RunConfig) -> Sampling | None:
     """The draws of a sampled signal (cache.estimator: sampled), seeded by the run's seed."""
     c = cfg.cache
-    return Sampling(c.samples, c.sample_temperature, cfg.seed) if c.estimator == "sampled" else None
+    seed = cfg.seed if c.sample_seed is None else c.sample_seed
+    return Sampling(c.samples, c.sample_temperature, seed) if c.estimator == "sampled" else None
 
 
 def cache_identity(cfg: RunConfig, data: PackedData) -> dict:

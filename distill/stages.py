@@ -20,6 +20,7 @@ from distill.report.report import evaluate_run
 from distill.runtime import (autocast_dtype, cache_identity, check_k, existing_teacher_dir, is_leader, live_teacher,
                              model_config, prepare, resolve_device, sampling_of, setup_runtime)
 from distill.train.loop import run_hash, train_loop
+from distill.train.selection import DataView, plan_views
 from distill.train.setup import build_students, loop_config, make_student
 from teachers import CachedTeacher, LiveTeacher, Teacher, token_ids
 
@@ -88,8 +89,10 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
     else:
         teacher_ctx = contextlib.nullcontext(live_teacher(cfg, data, resolve_device(cfg.train.device)))
     sampling = sampling_of(cfg)
+    # Each position's next token (negative: no training target), for the teacher's difficulty statistics.
+    targets = {"train": data.train[:, 1:], "val": data.val[:, 1:]}
     with teacher_ctx as teacher:
-        return write_cache(cfg.layout.cache, teacher.sample if sampling else teacher.topk, splits,
+        return write_cache(cfg.layout.cache, teacher.sample if sampling else teacher.topk, splits, targets=targets,
                            identity=cache_identity(cfg, data),
                            k=cfg.cache.k, encoding="sampled" if sampling else cfg.cache.encoding,
                            batch_size=cfg.cache.batch_size, shard_sequences=cfg.cache.shard_sequences,
@@ -128,6 +131,26 @@ def open_cached_teachers(cfg: RunConfig, data: PackedData) -> tuple[CachedTeache
     return train, val
 
 
+def data_views(cfg: RunConfig, teacher: CachedTeacher | None, data: PackedData) -> list[DataView]:
+    """Which training blocks each student learns from (distill/train/selection.py), logged
+    and written to OUT/students/NAME/data.json for the report."""
+    rules = [(s.name, *cfg.selection_of(i)) for i, s in enumerate(cfg.students)]
+    reader = None if teacher is None else teacher.reader
+    stats = reader.sequence_stats() if reader is not None and reader.has_difficulty else None
+    views = plan_views(rules, stats, len(data.train), block_tokens=(data.train[:, 1:] >= 0).sum(1))
+    if is_leader():
+        for view in views:
+            sm = view.summary
+            if view.rule is not None or len(views) > 1:
+                print(f"[data] {', '.join(view.students)}: {sm['rule']}: {sm['blocks_kept']:,} of "
+                      f"{sm['blocks_total']:,} training blocks ({sm['fraction_kept']:.1%}), {sm['tokens_kept']:,} of "
+                      f"{sm['tokens_total']:,} target tokens", file=sys.stderr, flush=True)
+            for name in view.students:
+                atomic_write_json(cfg.layout.data_report(name), {"student": name, "key": view.where,
+                                                                 "digest": view.digest(), **sm})
+    return views
+
+
 def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
                    data: PackedData | None = None) -> dict:
     """Co-distil every student from one teacher signal per batch."""
@@ -137,19 +160,25 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
     teacher: Teacher
     if cfg.train.mode == "cached":
         teacher, val_teacher = open_cached_teachers(cfg, data)
+        views = data_views(cfg, teacher, data)  # before the students are built: a bad selection fails fast
         students = build_students(cfg, data)
     else:
         check_k(cfg, vocab_size_of(data.tokenizer))
+        views = data_views(cfg, None, data)
         live = live_teacher(cfg, data, resolve_device(cfg.train.device))
         teacher = val_teacher = live
         students = build_students(cfg, data, live.model)  # init: teacher reuses the loaded model
+    selections = {name: {"rule": v.summary["rule"], "digest": v.digest(), "blocks": v.summary["blocks_kept"]}
+                  for v in views for name in v.students}
     rhash = run_hash("train", [s.model_dump(mode="json") for s in cfg.students], data.fingerprint,
-                     cfg.seed, cfg.train.steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.mode)
+                     cfg.seed, cfg.train.steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.mode,
+                     *([selections] if any(v.rule is not None for v in views) else []))
     loop = loop_config(cfg, cfg.train.steps, cfg.train.batch_size, rank, world, rhash)
     loop.extra_meta = {"data_fingerprint": data.fingerprint, "teacher": str(cfg.layout.teacher),
                        "tokenizer_hash": data.tokenizer_hash}
+    loop.selections = selections
     result = train_loop(students, teacher, data.train, data.val, val_teacher, loop, cfg.layout,
-                        resume=resume, progress=progress)
+                        resume=resume, progress=progress, views=views)
     result["teacher_reads"] = teacher.reads
     if rank == 0:
         result["students_info"] = {s.name: {"tokens_seen": s.tokens_seen, "nonfinite_steps": s.nonfinite_steps,

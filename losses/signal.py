@@ -29,6 +29,8 @@ class TeacherSignal:
                      KL estimate's value is unbiased too, not only its gradient.
     logits:        (..., V) optional dense teacher logits (online mode may pass them;
                    exact losses then use them instead of the sparse estimate).
+    difficulty:    (..., 3) optional fp32 [nll, entropy, top1] of the true next token
+                   (losses/difficulty.py); losses ignore it, the loop logs and selects by it.
 
     Leading dims are (B, T) from a batch, or (N,) once flattened to tokens.
     """
@@ -39,6 +41,7 @@ class TeacherSignal:
     kind: str = "topk"
     entropy: torch.Tensor | None = None
     temperature: float = 1.0  # sampled: the temperature the draws were made at
+    difficulty: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.kind not in SIGNAL_KINDS:
@@ -70,7 +73,8 @@ class TeacherSignal:
         """The same signal with `fn` applied to every tensor (token dims leading)."""
         return TeacherSignal(fn(self.topk_ids), fn(self.topk_logprobs),
                              None if self.logits is None else fn(self.logits), self.kind,
-                             None if self.entropy is None else fn(self.entropy), self.temperature)
+                             None if self.entropy is None else fn(self.entropy), self.temperature,
+                             None if self.difficulty is None else fn(self.difficulty))
 
     def flatten(self) -> "TeacherSignal":
         """(B, T, ...) -> (B*T, ...)."""

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import UserError
+from losses.difficulty import STATS, token_difficulty
 from losses.signal import TeacherSignal, placeholder_invalid, sample_signal, topk_logprobs
 from teachers.cache.format import Sampling
 from teachers.protocol import Batch
@@ -133,28 +134,43 @@ class LiveTeacher:
                 return [reduce(F.linear(flat[i:i + chunk], weight, bias), i, min(i + chunk, flat.shape[0]))
                         for i in range(0, flat.shape[0], chunk)]
 
-    def topk(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def topk(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None):
         """(B, T) -> top-k (values (B, T, k) fp32 log-probs, ids (B, T, k)), one forward.
-        A token whose logits hold NaN/+inf comes out NaN."""
-        parts = self._reduced(input_ids, lambda logits, start, end: topk_logprobs(logits, self.k))
-        shape = input_ids.shape + (self.k,)
-        return torch.cat([p[0] for p in parts]).reshape(shape), torch.cat([p[1] for p in parts]).reshape(shape)
+        A token whose logits hold NaN/+inf comes out NaN.  targets (B, T) plain next-token
+        ids: also their difficulty (B, T, 3) (losses/difficulty.py), a third element."""
+        flat_targets = None if targets is None else targets.reshape(-1)
 
-    def sample(self, input_ids: torch.Tensor, keys: torch.Tensor) -> TeacherSignal:
+        def reduce(logits, start, end):
+            values, ids = topk_logprobs(logits, self.k)
+            return values, ids, None if flat_targets is None else token_difficulty(logits, flat_targets[start:end])
+
+        parts = self._reduced(input_ids, reduce)
+        shape = input_ids.shape + (self.k,)
+        values, ids = torch.cat([p[0] for p in parts]).reshape(shape), torch.cat([p[1] for p in parts]).reshape(shape)
+        if targets is None:
+            return values, ids
+        return values, ids, torch.cat([p[2] for p in parts]).reshape(*input_ids.shape, len(STATS))
+
+    def sample(self, input_ids: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor | None = None) -> TeacherSignal:
         """(B, T) -> a sampled TeacherSignal (B, T, n): `self.sampling.n` draws per token at
-        its temperature, seeded by (sampling.seed, keys (B, T)), one forward; padded to n."""
+        its temperature, seeded by (sampling.seed, keys (B, T)), one forward; padded to n.
+        targets (B, T) plain next-token ids: the signal carries their difficulty too."""
         n, flat_keys = self.sampling.n, keys.reshape(-1).to(self.device)
+        flat_targets = None if targets is None else targets.reshape(-1)
 
         def draw(logits, start, end):
             sig = sample_signal(logits, n, self.sampling.temperature, self.sampling.seed, flat_keys[start:end])
-            return sig.topk_ids, sig.topk_logprobs, sig.entropy
+            stats = None if flat_targets is None else token_difficulty(logits, flat_targets[start:end])
+            return sig.topk_ids, sig.topk_logprobs, sig.entropy, stats
 
         parts = self._reduced(input_ids, draw)
         ids = torch.cat([F.pad(p[0], (0, n - p[0].shape[-1])) for p in parts])
         logfreq = torch.cat([F.pad(p[1], (0, n - p[1].shape[-1]), value=float("-inf")) for p in parts])
         entropy = torch.cat([p[2] for p in parts])
+        difficulty = None if targets is None else torch.cat([p[3] for p in parts]).reshape(*input_ids.shape, len(STATS))
         return TeacherSignal(ids.reshape(*input_ids.shape, n), logfreq.reshape(*input_ids.shape, n), kind="sampled",
-                             entropy=entropy.reshape(input_ids.shape), temperature=self.sampling.temperature)
+                             entropy=entropy.reshape(input_ids.shape), temperature=self.sampling.temperature,
+                             difficulty=difficulty)
 
     def prefetch(self, batches) -> None:
         pass  # the forward runs when asked: it shares the device with the students
@@ -162,23 +178,31 @@ class LiveTeacher:
     def signal(self, batch: Batch) -> tuple[TeacherSignal, torch.Tensor]:
         """(TeacherSignal (B, T, k), valid (B, T)) for `batch.input_ids`.  A token whose logits
         hold NaN or +inf, or are all -inf, is invalid and gets a placeholder signal, as in the
-        cache; -inf on some entries (masked vocab) is a valid distribution."""
+        cache; -inf on some entries (masked vocab) is a valid distribution.  The signal
+        carries the teacher's difficulty of each label (a position without one scores id 0:
+        the loop averages over labelled positions only)."""
+        targets = batch.labels.clamp(min=0)  # (B, T)
         if self.keep_dense:
             logits = self.logits(batch.input_ids)
             valid = ~(logits.isnan().any(-1) | logits.isposinf().any(-1) | logits.isneginf().all(-1))  # (B, T)
+            difficulty = token_difficulty(logits.reshape(-1, logits.shape[-1]), targets).reshape(*targets.shape, -1)
             if not bool(valid.all()):
                 logits = torch.where(valid[..., None], logits, torch.zeros_like(logits))
-            return TeacherSignal.from_logits(logits, self.k, keep_dense=True), valid.cpu()
+            sig = TeacherSignal.from_logits(logits, self.k, keep_dense=True)
+            sig.difficulty = difficulty.cpu()
+            return sig, valid.cpu()
         if self.sampling is not None:
-            sig = self.sample(batch.input_ids, self.sampling.keys("online", batch.indices, batch.input_ids.shape[1]))
+            sig = self.sample(batch.input_ids, self.sampling.keys("online", batch.indices, batch.input_ids.shape[1]),
+                              targets)
             valid = torch.isfinite(sig.entropy)
             if not bool(valid.all()):
                 sig.topk_logprobs[~valid] = float("-inf")
                 sig.topk_logprobs[~valid, 0] = 0.0  # one id at frequency 1: finite, masked anyway
                 sig.entropy[~valid] = 0.0
             return sig.to("cpu"), valid.cpu()
-        values, ids, valid = placeholder_invalid(*self.topk(batch.input_ids), self.vocab_size)  # valid: (B, T)
-        return TeacherSignal(ids, values), valid.cpu()
+        values, ids, difficulty = self.topk(batch.input_ids, targets)
+        values, ids, valid = placeholder_invalid(values, ids, self.vocab_size)  # valid: (B, T)
+        return TeacherSignal(ids, values, difficulty=difficulty.cpu()), valid.cpu()
 
 
 def _gathered(module: torch.nn.Module):

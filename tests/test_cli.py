@@ -129,3 +129,9 @@ def test_fp16_is_refused(cli, tmp_path):
     line = _one_line_error(cli("train", "--config", str(p)))
     assert "train.precision=fp16 is refused" in line and "bf16" in line
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_unknown_option_is_a_usage_error_not_a_traceback(cli):
+    for args in (["train", "--bogus"], ["export", "-c", "x.yaml"]):
+        r = cli(*args)
+        assert r.returncode == 2 and "No such option" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -110,18 +110,18 @@ def test_overrides_and_relative_paths(tmp_path):
 
 
 def test_readme_job_examples_validate():
-    """The worked examples in README's "Three common jobs" stay valid configs."""
+    """The worked examples in README's "Four common jobs" stay valid configs."""
     import re
 
     from distill.config import check_config, parse_config
     from tests.conftest import ROOT
 
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Three common jobs"):text.index("## Where artefacts go")]
+    section = text[text.index("## Four common jobs"):text.index("## Where artefacts go")]
     blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", section, re.S)]
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     sources = []
     for block in blocks:
         cfg = check_config(parse_config({"data": {"stdlib": True}, **block}))
         sources += [s.model.source for s in cfg.students]
-    assert sources == ["pretrained", "from_teacher", "from_teacher", "pretrained"]
+    assert sources == ["pretrained", "from_teacher", "from_teacher", "pretrained", "scout", "maverick", "dense"]

@@ -40,6 +40,34 @@ def cache_rows(d: dict) -> dict:
     return rows
 
 
+BARS = " ▁▂▃▄▅▆▇█"
+
+
+def bars(counts: list[int]) -> str:
+    """[0, 3, 9, 1] -> ' ▃█▁': one character per bin, scaled to the largest."""
+    top = max(counts) or 1
+    return "".join(BARS[0 if c == 0 else max(1, round(8 * c / top))] for c in counts)
+
+
+def difficulty_rows(stats) -> dict:
+    """Per statistic of (N, 4) per-sequence stats: quantiles and a histogram line."""
+    from distill.train.selection import histogram
+    from losses.difficulty import STATS
+
+    rows = {}
+    for j, name in enumerate(STATS):
+        col = stats[:, j]
+        col = col[col.isfinite()].double()
+        if col.numel() == 0:
+            rows[name] = "no scored sequence"
+            continue
+        q = col.quantile(col.new_tensor([0.1, 0.5, 0.9])).tolist()
+        lo, hi = float(col.min()), float(col.max())
+        rows[name] = f"mean {float(col.mean()):.3f}  p10 {q[0]:.3f}  p50 {q[1]:.3f}  p90 {q[2]:.3f}"
+        rows[f"{name} histogram"] = f"{lo:.3g} |{bars(histogram(col, lo, hi, 20))}| {hi:.3g}"
+    return rows
+
+
 def inspect_path(path: Path, verify: bool = False) -> bool:
     """Print a summary; returns False when verification finds a problem."""
     from distill.train import checkpoint
@@ -52,6 +80,7 @@ def inspect_path(path: Path, verify: bool = False) -> bool:
         from teachers.cache.reader import describe_cache, verify_cache
 
         console.print(_table(f"cache {path}", cache_rows(describe_cache(path))))
+        _print_difficulty(console, path)
         if verify:
             problems = verify_cache(path)
             for p in problems:
@@ -78,3 +107,24 @@ def inspect_path(path: Path, verify: bool = False) -> bool:
                                                "params_total": f"{total:,}", "params_active": f"{active:,}"}))
         return True
     raise UserError(f"{path}: not a cache (manifest.json), checkpoint (meta.json) or model dir (config.json)")
+
+
+def _print_difficulty(console: Console, path: Path) -> None:
+    """The teacher's per-sequence difficulty (mean over training targets), per split."""
+    from teachers.cache.format import CacheCorrupt
+    from teachers.cache.reader import CacheReader
+
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        readers = [CacheReader(path, split) for split in manifest["splits"]]
+    except (CacheCorrupt, OSError, ValueError, KeyError):
+        return  # incomplete or damaged: the table above (and --verify) say so
+    for reader in readers:
+        if not reader.has_difficulty:
+            console.print(f"teacher difficulty: not recorded in this cache (made before it was); "
+                          f"`distill cache --overwrite` records it")
+            return
+        stats = reader.sequence_stats()
+        title = (f"teacher difficulty per sequence, split {reader.split} ({len(reader):,} sequences; mean over "
+                 f"training targets; histogram min |...| max)")
+        console.print(_table(title, difficulty_rows(stats)))

@@ -18,6 +18,7 @@ from distill.report.export import model_card
 from distill.runtime import live_teacher, prepare, resolve_device
 from distill.train.metrics import read_metrics
 from distill.train.validate import evaluate_model, inference_tokens_per_s
+from losses.difficulty import STATS
 from students.build import load_causal_lm
 from students.presets import param_counts
 from teachers import CachedTeacher, Teacher
@@ -76,6 +77,9 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
         stats.update(kind="baseline" if sc.baseline else KIND_OF_PRESET.get(sc.model.preset, sc.model.source),
                      train_tokens=summary.get("students_info", {}).get(sc.name, {}).get("tokens_seen"),
                      export_dir=str(export_dir.relative_to(layout.root)))
+        if layout.data_report(sc.name).exists():  # which training blocks it learnt from (train/selection.py)
+            stats["data"] = json.loads(layout.data_report(sc.name).read_text())
+            stats["data_kept"] = stats["data"]["fraction_kept"]
         if layout.failure(sc.name).exists():  # dropped in training: these are its last good step's figures
             stats["failed"] = json.loads(layout.failure(sc.name).read_text())
         report["students"][sc.name] = stats
@@ -125,9 +129,34 @@ def _init_lines(report: dict) -> list[str]:
     return ["## Where each student came from", ""] + lines + [""] if lines else []
 
 
+def _data_lines(report: dict) -> list[str]:
+    """Per student: its data selection, what it kept, and the teacher's difficulty of the
+    kept blocks (a histogram on the edges of all training blocks, so students compare)."""
+    from distill.report.inspect import bars
+
+    lines = []
+    for name, r in report["students"].items():
+        d = r.get("data")
+        if not d:
+            continue
+        text = (f"- **{name}**: {d['rule']}: {d['blocks_kept']:,} of {d['blocks_total']:,} training blocks "
+                f"({d['fraction_kept']:.1%})")
+        if "tokens_kept" in d:
+            text += f", {d['tokens_kept']:,} target tokens"
+        for stat, h in sorted(d.get("difficulty", {}).items(), key=lambda kv: STATS.index(kv[0])):
+            lo, hi = h["edges"]
+            text += f"; teacher {stat} {h['mean']:.3g} `{lo:.3g} |{bars(h['counts'])}| {hi:.3g}`"
+        lines.append(text)
+    if not lines:
+        return []
+    return ["## What data each student saw", "",
+            "Teacher difficulty of each student's training blocks (mean over the blocks' targets; the histogram "
+            "spans all training blocks):", ""] + lines + [""]
+
+
 def render_markdown(report: dict) -> str:
     cols = ["kind", "params_total", "params_active", "val_ppl", "teacher_top1_agreement", "kl_to_teacher",
-            "train_tokens", "inference_tokens_per_s"]
+            "train_tokens", "data_kept", "inference_tokens_per_s"]
     rows = [("teacher", {"kind": "teacher", **report["teacher"]})] if report.get("teacher") else []
     rows += list(report["students"].items())
     lines = ["# Co-distillation report", "",
@@ -145,7 +174,7 @@ def render_markdown(report: dict) -> str:
         lines += ["", "Failed students (dropped; their figures are from the checkpoint at the last good step):", ""]
         lines += [f"- **{name}**: failed at step {f['failed_at_step']}: {f['reason']} (checkpoint: step {f['step']})"
                   for name, f in failed.items()]
-    lines += [""] + _init_lines(report)
+    lines += [""] + _data_lines(report) + _init_lines(report)
     lines += ["Plots: `curves.png` (training and validation), `schedule.png` (hard/soft weights), "
               "`expert_load.png` (MoE students).", ""]
     return "\n".join(lines)

@@ -1,10 +1,11 @@
 """The co-distillation loop: one teacher signal per batch, handed to every student.
 
     for step in steps:
-        batch   = the step's blocks (a seeded permutation per epoch: resumable exactly)
-        signal  = teacher.signal(batch)         # 1 cache read or 1 teacher forward
-        for student in students:
-            student.train_step(step, [MicroBatch(batch, signal, valid)])
+        for view in data views:                 # students sharing a data selection (one by default)
+            batch   = the step's blocks of the view (a seeded permutation per epoch: resumable exactly)
+            signal  = teacher.signal(batch)     # 1 cache read or 1 teacher forward
+            for student in view:
+                student.train_step(step, [MicroBatch(batch, signal, valid)])
         students that failed: checkpoint everyone, drop them (or stop the run)
         log, validate, checkpoint
 
@@ -31,8 +32,12 @@ from distill.layout import RunLayout
 from distill.train import checkpoint
 from distill.train.metrics import MetricsLogger, progress_bar
 from distill.train.student import MicroBatch, Student
+from distill.train.selection import DataView, batch_indices  # noqa: F401  (batch_indices: re-exported)
 from distill.train.validate import evaluate_model
-from teachers import Batch, Teacher
+from losses.difficulty import STATS, sequence_difficulty
+from teachers import IGNORE, Batch, Teacher
+
+EVERY_BLOCK = {"rule": "every block", "digest": "all"}  # the selection of a student that has none
 
 
 class TrainingInterrupted(UserError):
@@ -63,25 +68,12 @@ class LoopConfig:
     world_size: int = 1
     extra_meta: dict = field(default_factory=dict)
     on_student_failure: str = "stop"  # "stop" | "drop" (see drop_failed)
+    selections: dict = field(default_factory=dict)  # student -> {"rule", "digest"} of its data view
 
 
 def run_hash(*parts) -> str:
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def batch_indices(step: int, batch_size: int, n_blocks: int, seed: int) -> list[int]:
-    """Blocks for `step`: consecutive slices of a per-epoch seeded permutation."""
-    out: list[int] = []
-    pos = step * batch_size
-    while len(out) < batch_size:
-        epoch, offset = divmod(pos, n_blocks)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        perm = torch.randperm(n_blocks, generator=g)
-        take = min(batch_size - len(out), n_blocks - offset)
-        out += perm[offset: offset + take].tolist()
-        pos += take
-    return out
 
 
 class _StopFlag:
@@ -122,7 +114,8 @@ def save_all(layout: RunLayout, students: list[Student], step: int, loop: LoopCo
         dist.barrier()
     for s in students:
         meta = {"student": s.name, "run_hash": loop.run_hash, "student_config": s.cfg.model_dump(mode="json"),
-                "tokens_seen": s.tokens_seen, **loop.extra_meta}
+                "tokens_seen": s.tokens_seen, "selection": loop.selections.get(s.name, EVERY_BLOCK),
+                **loop.extra_meta}
         root = layout.checkpoints(s.name)
         s.engine.save_sharded(root, tag=f"step_{step:08d}")
         weights = s.engine.full_state_dict()  # collective under ZeRO-3
@@ -149,7 +142,15 @@ def resume_all(layout: RunLayout, students: list[Student], loop: LoopConfig) -> 
     latest = {s.name: checkpoint.latest(layout.checkpoints(s.name)) for s in students}
     if all(p is None for p in latest.values()):
         return 0, students
-    steps = {name: (checkpoint.load_meta(p)["step"] if p else 0) for name, p in latest.items()}
+    metas = {name: checkpoint.load_meta(p) for name, p in latest.items() if p}
+    steps = {name: (metas[name]["step"] if p else 0) for name, p in latest.items()}
+    for name, meta in metas.items():  # before the run-hash check: say *what* changed
+        had, want = meta.get("selection", EVERY_BLOCK), loop.selections.get(name, EVERY_BLOCK)
+        if had["digest"] != want["digest"]:
+            raise UserError(f"student {name}: its data selection changed since the checkpoint at step "
+                            f"{meta['step']} (then: {had['rule']}, {had.get('blocks', 'all')} blocks; now: "
+                            f"{want['rule']}, {want.get('blocks', 'all')} blocks); resume with the selection "
+                            f"it was trained on (data.select / students.N.select) or start a new out_dir")
     if len(set(steps.values())) != 1:
         raise UserError(f"students' checkpoints are at different steps {steps}; remove the newer ones "
                         f"or start a new out_dir")
@@ -196,23 +197,58 @@ def drop_failed(students: list[Student], failed: dict[str, str], step: int, loop
     return healthy
 
 
-def step_batches(step: int, loop: LoopConfig, train_blocks: torch.Tensor) -> list[Batch]:
-    """This rank's micro-batches of `step`: the global batch's blocks, split into
-    `grad_accum` micro-batches, each strided over the data-parallel ranks."""
-    idx = batch_indices(step, loop.batch_size, len(train_blocks), loop.seed)
+def rank_positions(loop: LoopConfig) -> list[list[int]]:
+    """Per micro-batch, the positions in the step's global batch this rank trains on: the
+    batch split into `grad_accum` micro-batches, each strided over the data-parallel ranks."""
     micro = loop.batch_size // loop.grad_accum
-    mine = [idx[m * micro:(m + 1) * micro][loop.rank::loop.world_size] for m in range(loop.grad_accum)]
-    return [Batch.of(train_blocks[ids], ids) for ids in mine]
+    return [list(range(m * micro, (m + 1) * micro))[loop.rank::loop.world_size] for m in range(loop.grad_accum)]
+
+
+def step_batches(indices: list[int], loop: LoopConfig, train_blocks: torch.Tensor) -> list[Batch]:
+    """This rank's micro-batches of a step whose global batch is the blocks `indices`."""
+    return [Batch.of(train_blocks[ids], ids) for ids in ([indices[p] for p in pos] for pos in rank_positions(loop))]
+
+
+def block_gaps(members: list[Student], micro_batches: list[MicroBatch], loop: LoopConfig) -> torch.Tensor:
+    """(batch_size,) the students' mean loss on each block of the step's global batch minus
+    the teacher's nll on it (over the block's targets; NaN: none), gathered from every rank
+    (one all-reduce of batch_size numbers)."""
+    teacher = torch.cat([sequence_difficulty(mb.signal.difficulty, (mb.batch.labels != IGNORE) & mb.valid)[:, 0]
+                         for mb in micro_batches])  # (B_local,)
+    student = torch.stack([s.block_hard.cpu() for s in members]).mean(0)  # (B_local,)
+    flat = torch.zeros(loop.batch_size, dtype=torch.float64)
+    flat[[p for pos in rank_positions(loop) for p in pos]] = (student - teacher).double()
+    if loop.world_size > 1:
+        flat = flat.to(members[0].device)
+        dist.all_reduce(flat)  # each position is filled by exactly one rank
+    return flat.cpu()
+
+
+def teacher_difficulty(micro_batches: list[MicroBatch]) -> dict:
+    """The teacher's mean nll, entropy and top-1 probability over the step's training targets
+    (the difficulty the signal carries; {} when it carries none)."""
+    sums, count = torch.zeros(len(STATS), dtype=torch.float64), 0
+    for mb in micro_batches:
+        d = None if mb.signal is None else mb.signal.difficulty
+        if d is None:
+            return {}
+        ok = (mb.batch.labels != IGNORE) & mb.valid.to(d.device) & torch.isfinite(d).all(-1)  # (B, T)
+        sums += d[ok].double().sum(0).cpu()
+        count += int(ok.sum())
+    return {f"teacher_{name}": float(v) / count for name, v in zip(STATS, sums)} if count else {}
 
 
 def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: torch.Tensor,
                val_blocks: torch.Tensor, val_teacher: Teacher | None, loop: LoopConfig, layout: RunLayout,
-               resume: bool, progress: bool, label: str = "co-distilling") -> dict:
+               resume: bool, progress: bool, label: str = "co-distilling",
+               views: list[DataView] | None = None) -> dict:
     """Train every student for `loop.steps`; returns the final validation metrics per student.
 
     train_blocks, val_blocks: (N, T+1) token ids.  teacher None: CE-only training (the
-    teacher's own pretraining)."""
+    teacher's own pretraining).  views: which blocks each student learns from (selection.py);
+    None: every student, every block."""
     names = [s.name for s in students]
+    views = views or [DataView(None, "", None, names, n_total=len(train_blocks))]
     start, students = resume_all(layout, students, loop) if resume else (0, students)
     if not resume and loop.rank == 0:
         for s in students:  # a fresh run retries every student
@@ -220,41 +256,66 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
     logger = MetricsLogger(layout, [s.name for s in students], start, enabled=loop.rank == 0)
     final_eval: dict = {}
     teacher_calls = 0  # teacher forwards made for training batches (evaluation excluded)
-    upcoming = step_batches(start, loop, train_blocks) if start < loop.steps else []
+
+    for view in views:  # a dynamic view's gap table comes back with its students
+        state = next((s.data_view_state for s in students if s.name in view.students and s.data_view_state), None)
+        if view.dynamic and state is not None:
+            view.load_state_dict(state)
+
+    def indices_of(step: int) -> list[list[int] | None]:
+        """Per view, the global block indices of `step`; None for a dynamic view, whose
+        batch can only be drawn once the step before it has trained (its gaps set the weights)."""
+        return [None if v.dynamic or step >= loop.steps else v.global_indices(step, loop.batch_size, loop.seed)
+                for v in views]
+
+    upcoming = indices_of(start)
     with _StopFlag() as stop, progress_bar(loop.steps, label, progress and loop.rank == 0, start) as bar:
         for step in range(start, loop.steps):
-            # --- the step's blocks: global batch, this rank's share, split into micro-batches;
-            # the next step's are built once, now, and read ahead (a cache decodes them while
-            # the students train)
-            batches = upcoming
-            upcoming = step_batches(step + 1, loop, train_blocks) if step + 1 < loop.steps else []
-            if teacher is not None and upcoming:
-                teacher.prefetch(upcoming)
-            micro_batches = []
-            for batch in batches:
-                # --- one teacher signal per micro-batch, shared by every student
-                if teacher is not None:
-                    before = teacher.forward_calls
-                    sig, valid = teacher.signal(batch)
-                    teacher_calls += teacher.forward_calls - before
-                else:
-                    sig, valid = None, torch.ones_like(batch.labels, dtype=torch.bool)
-                micro_batches.append(MicroBatch(batch, sig, valid))
-
-            # --- every student learns from the same signal; a failure costs that student only
-            teacher_invalid = sum(int((~mb.valid).sum()) for mb in micro_batches)
+            # --- the step's blocks, per data view: global batch, this rank's share, split into
+            # micro-batches; the next step's are built once, now, and read ahead (a cache
+            # decodes them while the students train)
+            current, upcoming = upcoming, indices_of(step + 1)
             failed, traces = {}, {}  # name -> one-line reason, name -> traceback (exceptions only)
-            for s in students:
-                try:
-                    metrics = s.train_step(step, micro_batches)
-                except Exception as e:  # out of memory, say: this student fails, not the run
-                    failed[s.name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
-                    traces[s.name] = traceback.format_exc()  # kept in its failed.json, for a bug report
+            for view, indices, next_indices in zip(views, current, upcoming):
+                members = [s for s in students if s.name in view.students]
+                if not members:
                     continue
-                logger.log(s.name, step + 1, {**metrics, "teacher_nonfinite_tokens": teacher_invalid})
-                if s.nonfinite_steps > loop.max_nonfinite:
-                    failed[s.name] = (f"{s.nonfinite_steps} non-finite steps (limit train.max_nonfinite="
-                                      f"{loop.max_nonfinite}); lower the lr or check the teacher signal")
+                if indices is None:  # dynamic: this window's weights, then the step's draw
+                    view.reweigh(step)
+                    indices = view.global_indices(step, loop.batch_size, loop.seed)
+                if teacher is not None and next_indices is not None:
+                    teacher.prefetch(step_batches(next_indices, loop, train_blocks))
+                micro_batches = []
+                for batch in step_batches(indices, loop, train_blocks):
+                    # --- one teacher signal per micro-batch, shared by every student of the view
+                    if teacher is not None:
+                        before = teacher.forward_calls
+                        sig, valid = teacher.signal(batch)
+                        teacher_calls += teacher.forward_calls - before
+                    else:
+                        sig, valid = None, torch.ones_like(batch.labels, dtype=torch.bool)
+                    micro_batches.append(MicroBatch(batch, sig, valid))
+
+                # --- every student learns from the same signal; a failure costs that student only
+                shared = {"teacher_nonfinite_tokens": sum(int((~mb.valid).sum()) for mb in micro_batches),
+                          **teacher_difficulty(micro_batches)}
+                for s in members:
+                    try:
+                        metrics = s.train_step(step, micro_batches)
+                    except Exception as e:  # out of memory, say: this student fails, not the run
+                        failed[s.name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+                        traces[s.name] = traceback.format_exc()  # kept in its failed.json, for a bug report
+                        continue
+                    logger.log(s.name, step + 1, {**metrics, **shared})
+                    if s.nonfinite_steps > loop.max_nonfinite:
+                        failed[s.name] = (f"{s.nonfinite_steps} non-finite steps (limit train.max_nonfinite="
+                                          f"{loop.max_nonfinite}); lower the lr or check the teacher signal")
+                if view.dynamic:  # the students' gap on these blocks re-weights the next window
+                    trained = [s for s in members if s.name not in failed and s.block_hard is not None]
+                    if trained:
+                        view.record(indices, block_gaps(trained, micro_batches, loop))
+                    for s in members:
+                        s.data_view_state = view.state_dict()
             if failed:
                 students = drop_failed(students, failed, step, loop, layout, logger, traces)
             done = step + 1
@@ -276,4 +337,3 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
     logger.close()
     return {"students": final_eval, "teacher_forward_calls": teacher_calls, "start_step": start,
             "failed": failures(layout, names)}
-

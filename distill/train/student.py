@@ -64,6 +64,7 @@ class MicroBatch:
 class LossOutput:
     total: torch.Tensor
     stats: dict = field(default_factory=dict)
+    block_hard: torch.Tensor | None = None  # (B,) mean hard loss per block over its targets (NaN: none)
 
 
 class LossHead(torch.nn.Linear):
@@ -122,6 +123,8 @@ def distill_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, signal: T
     else:
         total, stats = combine(hard, soft, mask, 1.0, 0.0, denominator)
     total = total * world
+    per_block = mask.view(labels.shape)  # (B, T)
+    block_hard = (hard.detach().view(labels.shape) * per_block).sum(-1) / per_block.sum(-1)  # (B,); 0/0 = NaN
     router_logits = collect_router_logits(model)
     if router_logits:
         top_k = getattr(model.config, "num_experts_per_tok", 1)
@@ -131,7 +134,7 @@ def distill_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, signal: T
         z = router_z_loss(router_logits)
         total = total + (loss_cfg.balance_weight * lb + loss_cfg.z_weight * z) / n_micro
         stats.update(balance_loss=float(lb.detach()) / n_micro, z_loss=float(z.detach()) / n_micro)
-    return LossOutput(total, stats)
+    return LossOutput(total, stats, block_hard)
 
 
 class Student:
@@ -145,6 +148,8 @@ class Student:
         self.soft_schedule = build_schedule(cfg.loss.soft_weight.as_dict())
         self.nonfinite_steps = 0
         self.tokens_seen = 0
+        self.block_hard: torch.Tensor | None = None  # (B_local,) the last step's loss per block, for dynamic selection
+        self.data_view_state: dict | None = None  # a dynamic data view's table, checkpointed with the student
 
     @property
     def model(self) -> torch.nn.Module:
@@ -175,7 +180,7 @@ class Student:
         n_global = all_reduce(torch.tensor([float(sum(int(mb.valid.sum()) for mb in micro_batches))],
                                            device=self.device))
         denominator = float(n_global.item())
-        sums, finite = {}, True
+        sums, finite, block_hard = {}, True, []
         for i, mb in enumerate(micro_batches):
             input_ids, labels, valid = (x.to(self.device, non_blocking=True)
                                         for x in (mb.batch.input_ids, mb.batch.labels, mb.valid))
@@ -192,6 +197,8 @@ class Student:
             for k, v in out.stats.items():
                 if k != "w_hard":
                     sums[k] = sums.get(k, 0.0) + float(v)
+            block_hard.append(out.block_hard)
+        self.block_hard = torch.cat(block_hard)
         grad_norm = self.engine.step(skip=not finite)
         if not math.isfinite(grad_norm):  # the same on every rank: the norm is of the reduced grads
             self.nonfinite_steps += 1
@@ -231,8 +238,11 @@ class Student:
     def state(self) -> dict:
         """Everything a resume needs beyond the weights.  expert_bias: one (E,) tensor per MoE
         layer, a non-persistent buffer (model.safetensors stays stock) that routing depends on."""
-        return {"engine": self.engine.state_dict(), "nonfinite_steps": self.nonfinite_steps,
-                "tokens_seen": self.tokens_seen, "expert_bias": expert_biases(self.model)}
+        state = {"engine": self.engine.state_dict(), "nonfinite_steps": self.nonfinite_steps,
+                 "tokens_seen": self.tokens_seen, "expert_bias": expert_biases(self.model)}
+        if self.data_view_state is not None:
+            state["data_view"] = self.data_view_state
+        return state
 
     def load_state(self, state: dict) -> None:
         self.engine.load_state_dict(state["engine"])
@@ -240,3 +250,4 @@ class Student:
         self.tokens_seen = state["tokens_seen"]
         if "expert_bias" in state:  # checkpoints from before the bias was saved: zeros, as then
             set_expert_biases(self.model, state["expert_bias"])
+        self.data_view_state = state.get("data_view")

@@ -13,6 +13,7 @@ import torch
 from teachers.cache.format import (FORMAT_VERSION, MANIFEST, CacheCorrupt, Sampling, identity_diffs, mismatch_error,
                                    read_json, sha256_file)
 from teachers.cache.codec import get_codec, safetensors_header
+from losses.difficulty import STATS
 from losses.signal import TeacherSignal
 
 
@@ -64,6 +65,7 @@ class CacheReader:
         self.k, self.seq_len, self.vocab_size = manifest["k"], manifest["seq_len"], manifest["vocab_size"]
         self.codec = get_codec(manifest["encoding"])
         self.sampling = Sampling.of_manifest(manifest)  # None: a top-k cache
+        self.has_difficulty = manifest.get("difficulty") == list(STATS)  # caches made before it have none
         info = manifest["splits"][split]
         self.shards = sorted(info["shards"], key=lambda e: e["sequences"][0])
         ranges = [tuple(e["sequences"]) for e in self.shards]
@@ -119,6 +121,7 @@ class CacheReader:
         lps = np.empty((len(idx), self.seq_len, self.k), np.float32)
         valid = np.ones((len(idx), self.seq_len), bool)
         entropy = np.zeros((len(idx), self.seq_len), np.float32) if self.sampling else None
+        difficulty = np.zeros((len(idx), self.seq_len, len(STATS)), np.float32) if self.has_difficulty else None
         for s in np.unique(shard):
             sel = np.flatnonzero(shard == s)
             arrays = self._arrays(int(s))
@@ -128,17 +131,33 @@ class CacheReader:
             lps[sel] = lp.reshape(len(sel), self.seq_len, self.k)
             if entropy is not None:
                 entropy[sel] = np.asarray(arrays["entropy"]).reshape(-1, self.seq_len)[local].astype(np.float32)
+            if difficulty is not None:
+                stats = np.asarray(arrays["token_stats"]).reshape(-1, self.seq_len, len(STATS))
+                difficulty[sel] = stats[local].astype(np.float32)
             bad = np.asarray(arrays["invalid"])  # flat token indices within the shard
             if bad.size:
                 seq, pos = np.divmod(bad, self.seq_len)
                 for row, want in zip(sel, local):
                     valid[row, pos[seq == want]] = False
+        difficulty = None if difficulty is None else torch.from_numpy(difficulty)
         if self.sampling is None:
-            return TeacherSignal(torch.from_numpy(ids), torch.from_numpy(lps)), torch.from_numpy(valid)
+            return (TeacherSignal(torch.from_numpy(ids), torch.from_numpy(lps), difficulty=difficulty),
+                    torch.from_numpy(valid))
         width = max(1, int((lps > -np.inf).sum(-1).max(initial=1)))  # distinct ids come first
         sig = TeacherSignal(torch.from_numpy(ids[..., :width].copy()), torch.from_numpy(lps[..., :width].copy()),
-                            kind="sampled", entropy=torch.from_numpy(entropy), temperature=self.sampling.temperature)
+                            kind="sampled", entropy=torch.from_numpy(entropy), temperature=self.sampling.temperature,
+                            difficulty=difficulty)
         return sig, torch.from_numpy(valid)
+
+    def sequence_stats(self) -> torch.Tensor:
+        """(N, 4) fp32: every sequence's mean teacher nll, entropy and top1 over its training
+        targets and their count (losses/difficulty.py), in global order.  Raises CacheCorrupt
+        for a cache written without them."""
+        if not self.has_difficulty:
+            raise CacheCorrupt(f"cache at {self.dir} holds no teacher difficulty statistics (it was made by an "
+                               f"older version); rerun `distill cache --overwrite` to record them")
+        return torch.from_numpy(np.concatenate([np.asarray(self._arrays(i)["sequence_stats"], np.float32)
+                                                for i in range(len(self.shards))]))
 
     def signal(self, indices: Sequence[int]) -> TeacherSignal:
         return self.read(indices)[0]

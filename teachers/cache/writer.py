@@ -12,6 +12,14 @@ NaN/+inf (or were all -inf).  Those tokens store a placeholder signal, uniform o
 vocab (ids 0..k-1, log-prob -log V), and `CacheReader.read` returns them as not valid so
 training can mask them; the manifest counts them as `nonfinite_tokens`.
 
+Difficulty statistics (when the writer is given each position's next token, as
+`distill cache` does): `token_stats` (n_tokens, 3) fp16, the teacher's nll of the true next
+token, entropy and top-1 probability at T = 1, and `sequence_stats` (n_sequences, 4) fp32,
+their means over the sequence's training targets and the targets' count
+(losses/difficulty.py).  They live in the shards, so the manifest's sha256 covers them;
+the manifest lists their names under `difficulty`.  A shard written without them is not
+reused by a run that wants them.
+
 Crash safety: every file is written to a temp file in the same dir, fsynced, renamed over
 the target, and the dir fsynced; the manifest is rewritten that way after each shard.  A
 rerun keeps every listed shard whose sha256 still matches and recomputes the rest; shard
@@ -49,7 +57,9 @@ from common.fsutil import write_file_atomically
 from teachers.cache.codec import get_codec, safetensors_bytes
 from teachers.cache.format import (FORMAT_VERSION, MANIFEST, CacheLocked, CacheWriteError, Sampling, identity_diffs,
                                    mismatch_error, read_json, sha256_file)
+from losses.difficulty import STATS, sequence_difficulty, token_difficulty
 from losses.signal import TeacherSignal, placeholder_invalid, sample_signal, topk_logprobs
+from teachers.protocol import token_ids
 
 # Shards and their temp files (fsutil writes `.NAME.tmpPID` beside NAME).
 _SHARD_RE = re.compile(r"^\.?.+-r(?P<rank>\d+)-\d{5}\.safetensors(\.tmp\d+)?$")
@@ -137,18 +147,23 @@ def _full_identity(identity: Mapping, k: int, encoding: str, seq_len: int) -> di
 
 
 # ------------------------------------------------------------------ writer
-def _topk(out, k: int, vocab_size: int):
-    """teacher_fn's output -> ids (B*T, k) int64, logprobs (B*T, k) fp32, bad (B*T,) bool.
+def _topk(out, k: int, vocab_size: int, targets: torch.Tensor | None):
+    """teacher_fn's output -> ids (B*T, k) int64, logprobs (B*T, k) fp32, bad (B*T,) bool,
+    None (no entropy), difficulty (B*T, 3) fp32 or None.
 
     out is logits (B, T, V), or their top-k already, (values, ids) of shape (B, T, k) each
-    (LiveTeacher.topk, which never holds the whole logits).  Either way the log-probs come
+    (LiveTeacher.topk, which never holds the whole logits), then with the difficulty
+    (B, T, 3) of `targets` as a third element when targets (B, T) were asked for.  Either way the log-probs come
     from `topk_logprobs`, the arithmetic of TeacherSignal.from_logits, so cached and live
     signals agree; only (B*T, k) results leave the device.  A row with NaN or +inf (or all
     -inf) comes out NaN: that flags it, and it gets the uniform placeholder (see the
     module docstring).
     """
+    difficulty = None
     if isinstance(out, tuple):
-        vals, ids = out
+        vals, ids, *rest = out
+        if targets is not None:
+            difficulty = _difficulty_of(rest[0] if rest else None, vals.shape[:2])
         if vals.dim() != 3 or vals.shape[-1] != k or ids.shape != vals.shape:
             raise ValueError(f"teacher_fn returned top-k of shapes {tuple(vals.shape)}, {tuple(ids.shape)}; "
                              f"expected (B, T, {k}) each")
@@ -156,20 +171,35 @@ def _topk(out, k: int, vocab_size: int):
         raise ValueError(f"teacher_fn returned {tuple(out.shape)}, expected (B, T, {vocab_size})")
     else:
         vals, ids = topk_logprobs(out, k)
+        if targets is not None:
+            difficulty = token_difficulty(out.reshape(-1, vocab_size), targets.reshape(-1))
     vals, ids, valid = placeholder_invalid(vals.reshape(-1, k).float(), ids.reshape(-1, k), vocab_size)
-    return ids.cpu(), vals.cpu(), ~valid.cpu(), None
+    return ids.cpu(), vals.cpu(), ~valid.cpu(), None, difficulty
 
 
-def _sampled(out, sampling: Sampling, vocab_size: int, keys: torch.Tensor):
+def _difficulty_of(stats, lead) -> torch.Tensor:
+    """A sparse teacher output's difficulty (B, T, 3) -> (B*T, 3) fp32 on the CPU."""
+    if stats is None or tuple(stats.shape) != (*lead, len(STATS)):
+        got = None if stats is None else tuple(stats.shape)
+        raise ValueError(f"teacher_fn was given targets but returned difficulty of shape {got}; expected "
+                         f"({lead[0]}, {lead[1]}, {len(STATS)}) (see losses/difficulty.py)")
+    return stats.reshape(-1, len(STATS)).float().cpu()
+
+
+def _sampled(out, sampling: Sampling, vocab_size: int, keys: torch.Tensor, targets: torch.Tensor | None):
     """teacher_fn's output for a sampled cache -> ids (B*T, n), log(count / n) (B*T, n), bad
-    (B*T,), entropy (B*T,).  out is logits (B, T, V) (drawn here) or the sampled
-    TeacherSignal a chunked live teacher drew with the same seed and keys.  A token whose
+    (B*T,), entropy (B*T,), difficulty (B*T, 3) or None.  out is logits (B, T, V) (drawn
+    here) or the sampled TeacherSignal a chunked live teacher drew with the same seed and
+    keys (carrying the difficulty of `targets` when they were asked for).  A token whose
     logits were not finite gets n distinct placeholder ids at count 1 and is flagged."""
     n = sampling.n
     if not isinstance(out, TeacherSignal):
         if out.dim() != 3 or out.shape[-1] != vocab_size:
             raise ValueError(f"teacher_fn returned {tuple(out.shape)}, expected (B, T, {vocab_size})")
+        difficulty = None if targets is None else token_difficulty(out.reshape(-1, vocab_size), targets.reshape(-1))
         out = sample_signal(out, n, sampling.temperature, sampling.seed, keys)
+    else:
+        difficulty = None if targets is None else _difficulty_of(out.difficulty, out.topk_ids.shape[:2])
     sig = out.flatten()
     ids = torch.zeros(sig.topk_ids.shape[0], n, dtype=torch.int64)
     vals = torch.full((sig.topk_ids.shape[0], n), float("-inf"))
@@ -180,7 +210,7 @@ def _sampled(out, sampling: Sampling, vocab_size: int, keys: torch.Tensor):
         ids[bad] = torch.arange(n)
         vals[bad] = -math.log(n)
         entropy[bad] = 0.0
-    return ids, vals, bad, entropy
+    return ids, vals, bad, entropy, difficulty
 
 
 def _entry_ok(cache_dir: Path, entry: dict | None, want: dict) -> bool:
@@ -205,7 +235,8 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
                 splits: Mapping[str, torch.Tensor], *, identity: Mapping, k: int = 64,
                 encoding: str = "lossless", batch_size: int = 8, shard_sequences: int = 256,
                 overwrite: bool = False, rank: int = 0, world_size: int = 1,
-                progress: bool = True, lockstep: bool = False, sampling: Sampling | None = None) -> Path:
+                progress: bool = True, lockstep: bool = False, sampling: Sampling | None = None,
+                targets: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Run the teacher over every split's blocks (N_split, T) once and cache its top-k.
 
     teacher_fn: LongTensor (B, T) -> logits (B, T, V), V = identity["vocab_size"], or
@@ -217,8 +248,14 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
     dropped.  sampling: cache n sampled tokens per position instead of the top-k (encoding
     "sampled", k = n); teacher_fn is then called as teacher_fn(x, keys), keys (B, T) from
     `Sampling.keys` (split and token index), and may return logits or the sampled signal it
-    drew itself with `sample_signal(..., sampling.seed, keys)` (see `_sampled`).  Returns cache_dir.  Raises CacheMismatch, CacheLocked, CacheWriteError (see
-    module docstring).
+    drew itself with `sample_signal(..., sampling.seed, keys)` (see `_sampled`).  targets:
+    per split the (N, T) next-token ids of the blocks, a token that is no training target
+    marked -(id + 1) (teachers.protocol.untrained): the teacher's difficulty statistics are
+    then stored too (losses/difficulty.py), per token as `token_stats` (N*T, 3) fp16 and
+    per sequence over its training targets as `sequence_stats` (N, 4) fp32; teacher_fn is
+    called with `targets=` (B, T) plain ids and returns them with its output (a teacher
+    returning logits need not: the writer computes them).  Returns cache_dir.  Raises
+    CacheMismatch, CacheLocked, CacheWriteError (see module docstring).
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -235,6 +272,9 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
     if not 0 < k <= vocab:
         raise ValueError(f"k={k} must be in [1, vocab_size={vocab}]")
     counts = {name: int(t.shape[0]) for name, t in splits.items()}
+    if targets is not None and (set(targets) != set(splits)
+                                or any(targets[n].shape != splits[n].shape for n in splits)):
+        raise ValueError("targets must give every split a tensor of its blocks' shape (N, T)")
     sync = _Sync(world_size)
 
     lock = err = final = partial = None
@@ -250,15 +290,20 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
     try:
         if final and final.get("complete"):
             return cache_dir
-        prior = {e["file"]: e for old in (final, partial) if old for s in old["splits"].values() for e in s["shards"]}
+        stats = list(STATS) if targets is not None else None
+        # A shard written without (or with other) difficulty statistics is recomputed.
+        prior = {e["file"]: e for old in (final, partial) if old and old.get("difficulty") == stats
+                 for s in old["splits"].values() for e in s["shards"]}
         manifest = dict(format_version=FORMAT_VERSION, identity=ident, k=k, encoding=encoding, vocab_size=vocab,
                         seq_len=seq_len, world_size=world_size, shard_sequences=shard_sequences, complete=False,
                         splits={s: {"sequences": n, "shards": [], "tokens": 0, "nonfinite_tokens": 0}
                                 for s, n in counts.items()})
+        if stats is not None:
+            manifest["difficulty"] = stats
         path = cache_dir / (MANIFEST if world_size == 1 else f"manifest.r{rank}.json")
         try:
             _run(cache_dir, teacher_fn, splits, codec, manifest, path, prior, rank, world_size,
-                 batch_size, shard_sequences, progress, sync if lockstep else None, sampling)
+                 batch_size, shard_sequences, progress, sync if lockstep else None, sampling, targets)
         except BaseException:
             sync.any_failed(True)
             raise
@@ -315,7 +360,8 @@ def _plan(cache_dir: Path, splits: Mapping[str, torch.Tensor], prior: dict, rank
 
 
 def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, rank, world_size,
-         batch_size, shard_sequences, progress, lockstep: _Sync | None, sampling: Sampling | None) -> None:
+         batch_size, shard_sequences, progress, lockstep: _Sync | None, sampling: Sampling | None,
+         targets: Mapping[str, torch.Tensor] | None) -> None:
     """Compute, encode and write this rank's shards; encoding+writing of shard i overlaps
     the teacher's work on shard i+1 (one background thread, at most one shard in flight).
 
@@ -339,33 +385,37 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
     calls, in_teacher = 0, False
 
     @torch.no_grad()
-    def call(split, x, first_seq: int):
+    def call(split, x, first_seq: int, t):
+        """t: (B, T) plain next-token ids when difficulty statistics are kept, else None."""
         nonlocal calls, in_teacher
         calls, in_teacher = calls + 1, True
-        if sampling is None:
-            out = teacher_fn(x)
-        else:
-            out = teacher_fn(x, sampling.keys(split, range(first_seq, first_seq + x.shape[0]), seq_len))
+        args = (x,) if sampling is None else (x, sampling.keys(split, range(first_seq, first_seq + x.shape[0]), seq_len))
+        out = teacher_fn(*args) if t is None else teacher_fn(*args, targets=t)
         in_teacher = False
         return out
 
-    def signal_of(split, x, first_seq):
-        out = call(split, x, first_seq)
+    def signal_of(split, x, first_seq, t):
+        out = call(split, x, first_seq, t)
         if sampling is None:
-            return _topk(out, k, vocab)
-        return _sampled(out, sampling, vocab, sampling.keys(split, range(first_seq, first_seq + x.shape[0]), seq_len))
+            return _topk(out, k, vocab, t)
+        keys = sampling.keys(split, range(first_seq, first_seq + x.shape[0]), seq_len)
+        return _sampled(out, sampling, vocab, keys, t)
 
     def pad_to_total():
         if calls < total:
             dummy = next(t for t in splits.values() if t.shape[0])[:batch_size].to(torch.int64)
             while calls < total:
-                call("padding", dummy, 0)
+                call("padding", dummy, 0, None if targets is None else torch.zeros_like(dummy))
 
-    def finish(split, entry, ids, vals, bad, entropy):
+    def finish(split, entry, ids, vals, bad, entropy, difficulty, trained):
         arrays = codec.encode(ids.numpy(), vals.numpy(), vocab, group=seq_len)
         arrays["invalid"] = np.flatnonzero(bad.numpy()).astype(np.int64)
         if entropy is not None:  # sampled: the teacher's entropy at T makes the KL's value unbiased
             arrays["entropy"] = entropy.numpy().astype(np.float16)
+        if difficulty is not None:  # (n*T, 3) per token; per sequence over its valid training targets
+            arrays["token_stats"] = difficulty.numpy().astype(np.float16)
+            per_seq = sequence_difficulty(difficulty.view(-1, seq_len, len(STATS)), trained & ~bad.view(-1, seq_len))
+            arrays["sequence_stats"] = per_seq.numpy()
         meta = {"format": "distill-topk-cache", "format_version": str(FORMAT_VERSION), "encoding": codec.name,
                 "k": str(k), "vocab_size": str(vocab), "seq_len": str(seq_len), "split": split,
                 "sequences": f"{entry['sequences'][0]}-{entry['sequences'][1]}"}
@@ -394,12 +444,18 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
                         continue
                     s0, s1 = entry["sequences"]
                     x = splits[split][s0:s1].to(torch.int64)
-                    outs = [signal_of(split, x[b0:b0 + batch_size], s0 + b0) for b0 in range(0, s1 - s0, batch_size)]
-                    ids, vals, bad = (torch.cat(t) for t in list(zip(*outs))[:3])
+                    t = None if targets is None else targets[split][s0:s1].to(torch.int64)  # (n, T), signed
+                    plain = None if t is None else token_ids(t)
+                    outs = [signal_of(split, x[b0:b0 + batch_size], s0 + b0,
+                                      None if plain is None else plain[b0:b0 + batch_size])
+                            for b0 in range(0, s1 - s0, batch_size)]
+                    ids, vals, bad = (torch.cat(o) for o in list(zip(*outs))[:3])
                     entropy = None if sampling is None else torch.cat([o[3] for o in outs])
+                    difficulty = None if t is None else torch.cat([o[4] for o in outs])
                     if pending is not None:
                         pending.result()
-                    pending = pool.submit(finish, split, entry, ids, vals, bad, entropy)
+                    pending = pool.submit(finish, split, entry, ids, vals, bad, entropy, difficulty,
+                                          None if t is None else t >= 0)
                     if progress:
                         n = splits[split].shape[0]
                         print(f"[cache] rank {rank}: {split} sequences {s0}-{s1} of {n}", file=sys.stderr, flush=True)
