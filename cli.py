@@ -233,5 +233,6 @@ def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
             continue
     return tuple(usage), tuple(abort)
 
+
 if __name__ == "__main__":
     main()

@@ -49,10 +49,10 @@ SCHEDULES = {
 }
 SELECTIONS = {
     "select_none": None,
-    "drop_easiest_50%_nll": {"by": "nll", "drop_easiest": 0.5},
-    "drop_easiest_50%_entropy": {"by": "entropy", "drop_easiest": 0.5},
-    "keep_hardest_5%_nll": {"by": "nll", "keep_hardest": 0.05},
-    "keep_hardest_5%_entropy": {"by": "entropy", "keep_hardest": 0.05},
+    "drop_easiest_50pc_nll": {"by": "nll", "drop_easiest": 0.5},
+    "drop_easiest_50pc_entropy": {"by": "entropy", "drop_easiest": 0.5},
+    "keep_hardest_5pc_nll": {"by": "nll", "keep_hardest": 0.05},
+    "keep_hardest_5pc_entropy": {"by": "entropy", "keep_hardest": 0.05},
 }
 TOPK = {
     "topk_constant_0.75": {"soft_weight": {"kind": "constant", "start": 0.75}},
@@ -108,6 +108,9 @@ def write(cfg: dict, path: Path, drop_select: bool = False) -> Path:
 def train_and_score(cfg: dict, out: Path) -> dict:
     """distill train + export, then online eval with the dense teacher: per student its
     held-out perplexity and exact KL to the teacher; plus the teacher's own perplexity."""
+    done = out.parent / f"{out.name}-result.json"
+    if done.exists():  # a rerun (after a crash, say) keeps finished runs
+        return json.loads(done.read_text())
     train_cfg = write(cfg, out.parent / f"{out.name}.yaml")
     eval_cfg = write(cfg, out.parent / f"{out.name}-eval.yaml", drop_select=True)
     t0 = time.perf_counter()
@@ -119,7 +122,9 @@ def train_and_score(cfg: dict, out: Path) -> dict:
     report = json.loads((out / "report.json").read_text())
     rows = {name: {"val_ppl": r["val_ppl"], "kl_to_teacher": r["kl_to_teacher"],
                    "data_kept": r.get("data_kept", 1.0)} for name, r in report["students"].items()}
-    return {"rows": rows, "teacher_val_ppl": report["teacher"]["val_ppl"], "train_wall_s": round(wall, 1)}
+    result = {"rows": rows, "teacher_val_ppl": report["teacher"]["val_ppl"], "train_wall_s": round(wall, 1)}
+    done.write_text(json.dumps(result))
+    return result
 
 
 def main() -> None:

@@ -54,6 +54,11 @@ class SelectConfig(_Strict):
             raise ValueError(f"min ({self.min:g}) is above max ({self.max:g}): no block could be kept")
         return self
 
+    @property
+    def keeps_all(self) -> bool:
+        """`{drop_easiest: 0}`: every block, drawn as without a rule (a student opting out)."""
+        return self.drop_easiest == 0 and not self.rescore_every
+
     def _describe_rule(self) -> str:
         if self.keep_hardest is not None:
             return f"keep the hardest {100 * self.keep_hardest:g}% by {self.by}"
@@ -251,13 +256,16 @@ class RunConfig(_Strict):
             raise ValueError(f"students: duplicate name(s) {sorted(dup)}")
         if self.teacher.source == "cache" and self.train.mode == "online":
             raise ValueError("train.mode 'online' needs a teacher model, but teacher.source is 'cache'")
-        if self.train.mode == "online":
-            chosen = [("data.select", self.data.select)] + [(f"students.{i}.select", s.select)
-                                                            for i, s in enumerate(self.students)]
-            where = next((w for w, sel in chosen if sel is not None), None)
-            if where is not None:
+        for i, s in enumerate(self.students):
+            where, rule = self.selection_of(i)
+            if rule is None or rule.keeps_all:
+                continue
+            if self.train.mode == "online":
                 raise ValueError(f"{where}: selecting data needs the teacher's difficulty of every training block "
                                  f"before training, which the cache records; set train.mode: cached")
+            if rule.rescore_every and s.loss.hard_target == "teacher_argmax" and not s.baseline:
+                raise ValueError(f"{where}.rescore_every: the gap it re-weights by is the student's loss on the "
+                                 f"labels, but students.{i}.loss.hard_target is teacher_argmax; use labels")
         if not (self.train.mode == "online" and self.train.online_dense):
             for i, s in enumerate(self.students):
                 _check_estimator(f"students.{i}.loss", s, self.cache)

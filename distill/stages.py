@@ -6,6 +6,7 @@ is detected and reused (a finished teacher, complete cache shards, checkpoints).
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -92,12 +93,17 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
     # Each position's next token (negative: no training target), for the teacher's difficulty statistics.
     targets = {"train": data.train[:, 1:], "val": data.val[:, 1:]}
     with teacher_ctx as teacher:
-        return write_cache(cfg.layout.cache, teacher.sample if sampling else teacher.topk, splits, targets=targets,
+        out = write_cache(cfg.layout.cache, teacher.sample if sampling else teacher.topk, splits, targets=targets,
                            identity=cache_identity(cfg, data),
                            k=cfg.cache.k, encoding="sampled" if sampling else cfg.cache.encoding,
                            batch_size=cfg.cache.batch_size, shard_sequences=cfg.cache.shard_sequences,
                            overwrite=overwrite, rank=rank, world_size=world, progress=progress and rank == 0,
                            lockstep=sharded, sampling=sampling)
+    manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
+    if progress and is_leader() and manifest.get("complete") and "difficulty" not in manifest:
+        print(f"[cache] {out} was made before teacher difficulty statistics were recorded: data selection "
+              f"(data.select) needs them; `distill cache --overwrite` records them", file=sys.stderr, flush=True)
+    return out
 
 
 # ----------------------------------------------------------------------------- students
@@ -131,10 +137,20 @@ def open_cached_teachers(cfg: RunConfig, data: PackedData) -> tuple[CachedTeache
     return train, val
 
 
+def student_identity(sc: StudentConfig) -> dict:
+    """A student's config as the run hash sees it.  `select` enters only when set, so a
+    checkpoint made before selection existed still resumes (its hash had no such key)."""
+    d = sc.model_dump(mode="json")
+    if d.get("select") is None:
+        d.pop("select", None)
+    return d
+
+
 def data_views(cfg: RunConfig, teacher: CachedTeacher | None, data: PackedData) -> list[DataView]:
     """Which training blocks each student learns from (distill/train/selection.py), logged
     and written to OUT/students/NAME/data.json for the report."""
     rules = [(s.name, *cfg.selection_of(i)) for i, s in enumerate(cfg.students)]
+    keys = {name: where for name, where, _ in rules}
     reader = None if teacher is None else teacher.reader
     stats = reader.sequence_stats() if reader is not None and reader.has_difficulty else None
     views = plan_views(rules, stats, len(data.train), block_tokens=(data.train[:, 1:] >= 0).sum(1))
@@ -146,7 +162,7 @@ def data_views(cfg: RunConfig, teacher: CachedTeacher | None, data: PackedData) 
                       f"{sm['blocks_total']:,} training blocks ({sm['fraction_kept']:.1%}), {sm['tokens_kept']:,} of "
                       f"{sm['tokens_total']:,} target tokens", file=sys.stderr, flush=True)
             for name in view.students:
-                atomic_write_json(cfg.layout.data_report(name), {"student": name, "key": view.where,
+                atomic_write_json(cfg.layout.data_report(name), {"student": name, "key": keys[name],
                                                                  "digest": view.digest(), **sm})
     return views
 
@@ -170,7 +186,7 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
         students = build_students(cfg, data, live.model)  # init: teacher reuses the loaded model
     selections = {name: {"rule": v.summary["rule"], "digest": v.digest(), "blocks": v.summary["blocks_kept"]}
                   for v in views for name in v.students}
-    rhash = run_hash("train", [s.model_dump(mode="json") for s in cfg.students], data.fingerprint,
+    rhash = run_hash("train", [student_identity(s) for s in cfg.students], data.fingerprint,
                      cfg.seed, cfg.train.steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.mode,
                      *([selections] if any(v.rule is not None for v in views) else []))
     loop = loop_config(cfg, cfg.train.steps, cfg.train.batch_size, rank, world, rhash)

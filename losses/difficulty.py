@@ -13,28 +13,42 @@ from __future__ import annotations
 import torch
 
 STATS = ("nll", "entropy", "top1")  # column order of every difficulty tensor
+COUNT = len(STATS)  # per-sequence stats: the column after the means, the number of targets averaged
 HARDER_WHEN_HIGHER = {"nll": True, "entropy": True, "top1": False}
 
 
 def token_difficulty(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logits (N, V), targets (N,) token ids -> (N, 3) fp32 [nll, entropy, top1].
+    """logits (N, V), targets (N,) token ids -> (N, 3) fp32 [nll, entropy, top1], on the
+    logits' device.
 
-    Computed in fp32 from a log-softmax of the chunk.  A row whose logits hold NaN or +inf,
-    or only -inf, comes out NaN (the cache marks such tokens invalid anyway); a target the
-    teacher gives probability 0 (a masked vocab entry) has nll +inf."""
+    Per chunk of rows, in fp32 scratch buffers (no (N, V) log-softmax): with m the row
+    max, s = x - m, e = exp(s) and Z = sum(e),
+        nll = log Z - s[target],   entropy = log Z - (e . s) / Z,   top1 = 1 / Z,
+    the dot product a batched matmul (no (r, V) product is written).  A row whose logits
+    hold NaN or +inf, or only -inf, comes out NaN (the arithmetic propagates it; the cache
+    marks such tokens invalid anyway); a target the teacher gives probability 0 (a masked
+    vocab entry, -inf) has nll +inf."""
+    vocab = logits.shape[-1]
     targets = targets.reshape(-1, 1).to(logits.device)
-    rows = max(1, (1 << 24) // max(1, logits.shape[-1]))  # ~64 MB of fp32 per piece, whatever V is
-    parts = []
+    out = torch.empty(logits.shape[0], len(STATS), dtype=torch.float32, device=logits.device)
+    rows = max(1, min(logits.shape[0], (1 << (22 if logits.device.type == "cpu" else 26)) // max(1, vocab)))
+    shifted = torch.empty(rows, vocab, dtype=torch.float32, device=logits.device)
+    exps = torch.empty_like(shifted)
     for i in range(0, logits.shape[0], rows):
-        x = logits[i:i + rows].float()
-        logp = torch.log_softmax(x, dim=-1)  # (r, V)
-        p = logp.exp()
-        nll = -logp.gather(-1, targets[i:i + rows]).squeeze(-1)
-        entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
-        top1 = p.max(dim=-1).values
-        bad = x.isnan().any(-1) | x.isposinf().any(-1) | x.isneginf().all(-1)
-        parts.append(torch.stack([nll, entropy, top1], dim=-1).masked_fill(bad[:, None], float("nan")))
-    return torch.cat(parts) if parts else logits.new_empty((0, len(STATS)), dtype=torch.float32)
+        x = logits[i:i + rows]  # (r, V) in the logits' dtype
+        s, e = shifted[: x.shape[0]], exps[: x.shape[0]]
+        torch.sub(x, x.max(dim=-1, keepdim=True).values.float(), out=s)  # promotes into fp32
+        at_target = s.gather(-1, targets[i:i + rows])  # (r, 1)
+        torch.exp(s, out=e)
+        z = e.sum(-1, keepdim=True)  # (r, 1)
+        dot = torch.bmm(e.unsqueeze(1), s.unsqueeze(2)).squeeze(-1)  # (r, 1) sum(e * s)
+        masked = torch.isnan(dot) & torch.isfinite(z)  # rows with -inf entries: 0 * -inf; they weigh 0
+        if bool(masked.any()):
+            rows_m = masked.squeeze(-1)
+            dot[rows_m] = (e[rows_m] * s[rows_m].clamp(min=torch.finfo(torch.float32).min)).sum(-1, keepdim=True)
+        log_z = z.log()
+        out[i:i + rows] = torch.cat([log_z - at_target, log_z - dot / z, z.reciprocal()], dim=-1)
+    return out
 
 
 def sequence_difficulty(token_stats: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
@@ -45,7 +59,7 @@ def sequence_difficulty(token_stats: torch.Tensor, trained: torch.Tensor) -> tor
     n = ok.sum(-1).float()  # (B,)
     total = torch.where(ok[..., None], token_stats.double(), torch.zeros((), dtype=torch.float64)).sum(1)  # (B, 3)
     means = (total / n[:, None]).float()  # 0/0 = NaN for a block with no target
-    return torch.cat([means, n[:, None]], dim=-1)
+    return torch.cat([means, n[:, None]], dim=-1)  # (B, COUNT + 1)
 
 
 def hardness(sequence_stats: torch.Tensor, stat: str) -> torch.Tensor:

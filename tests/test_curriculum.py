@@ -90,7 +90,7 @@ def test_cached_statistics_equal_dense_recomputation(tmp_path, estimator):
     teacher = LiveTeacher(model, k=8, vocab_size=vocab, device=torch.device("cpu"), sampling=sampling)
     teacher.chunk_tokens = 7  # the chunked lm_head: chunks that straddle sequences
     fn = {"topk": teacher.topk, "sampled": teacher.sample,
-          "logits": lambda x, targets=None: teacher.logits(x)}[estimator]
+          "logits": lambda x: teacher.logits(x)}[estimator]  # a plain fn: the writer computes the stats
     write_cache(tmp_path, fn, splits, identity={"vocab_size": vocab}, k=8, batch_size=4, shard_sequences=4,
                 encoding="sampled" if sampling else "lossless", sampling=sampling, targets=targets, progress=False)
     with torch.no_grad():
@@ -207,7 +207,7 @@ def selection_run(online_setup, tmp_path_factory):
     cfg["students"] = [dict(student, name="dense"),
                        dict(student, name="hard", select={"by": "nll", "keep_hardest": 0.25}),
                        dict(student, name="all", select={"drop_easiest": 0}),
-                       dict(student, name="dyn", select={"by": "nll", "drop_easiest": 0.5, "rescore_every": 2,
+                       dict(student, name="dyn", select={"by": "nll", "drop_easiest": 0.5, "rescore_every": 3,
                                                               "rescore_temperature": 0.001})]
     cfg["train"].update(mode="cached", steps=6, checkpoint_every=2, keep_last=5)
     path = tmp / "select.yaml"
@@ -251,18 +251,22 @@ def test_selection_resumes_exactly_and_a_changed_one_is_refused(selection_run):
     tmp, path, _ = selection_run
     out, crashed = tmp / "run", tmp / "crashed"
     shutil.copytree(out, crashed, ignore=shutil.ignore_patterns("cache"))
-    for name in ("dense", "hard", "all", "dyn"):  # a crash after step 2: the later checkpoints never happened
-        for step in (4, 6):
-            shutil.rmtree(crashed / "students" / name / "checkpoints" / f"step_{step:08d}")
+    for name in ("dense", "hard", "all", "dyn"):  # a crash after step 4: the step-6 checkpoint never happened
+        shutil.rmtree(crashed / "students" / name / "checkpoints" / "step_00000006")
     sets = ["--set", f"out_dir={crashed}", "--set", f"cache.dir={out / 'cache'}"]
     # a changed selection is refused, naming the student and both selections; nothing is touched
     r = run_cli("train", "-c", str(path), "--quiet", "--resume", *sets, "--set", "data.select.drop_easiest=0.25")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "student dense: its data selection changed" in r.stderr and "drop the easiest 25%" in r.stderr
-    assert not (crashed / "students" / "dense" / "checkpoints" / "step_00000004").exists()
+    assert not (crashed / "students" / "dense" / "checkpoints" / "step_00000006").exists()
     r = run_cli("train", "-c", str(path), "--quiet", "--resume", *sets)
     assert r.returncode == 0, r.stderr[-2000:]
-    for name in ("dense", "hard", "all", "dyn"):  # dyn: its gap table came back with its checkpoint
+    # dyn resumes inside its second window (steps 3-5): its gap table and that window's weights
+    # came back with its checkpoint; they are not uniform any more
+    state = torch.load(crashed / "students" / "dyn" / "checkpoints" / "step_00000004" / "state.pt", weights_only=True)
+    weights, seen = state["data_view"]["weights"], state["data_view"]["seen"]
+    assert int(seen.sum()) >= 4 and float(weights.max() / weights.min()) > 1.5
+    for name in ("dense", "hard", "all", "dyn"):
         a = load_file(str(out / "students" / name / "checkpoints" / "step_00000006" / "model.safetensors"))
         b = load_file(str(crashed / "students" / name / "checkpoints" / "step_00000006" / "model.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a), name
@@ -322,6 +326,17 @@ def test_dynamic_selection_draws_the_blocks_students_find_hard_more_often():
     assert int(counts.argmax()) == 2 and counts[2] > 3 * counts[0]
 
 
+def test_dynamic_gaps_land_on_the_blocks_of_a_selection():
+    from distill.train.selection import DataView
+
+    view = DataView(SelectConfig(keep_hardest=0.5, rescore_every=1), "data.select", torch.tensor([2, 5, 7, 9]), ["s"],
+                    n_total=10)
+    view.record([7, 2, 9], torch.tensor([1.0, float("inf"), 0.5]))
+    assert view.gaps.tolist() == [0.0, 0.0, 1.0, 0.5] and view.seen.tolist() == [False, False, True, True]
+    view.reweigh(1)
+    assert all(i in (2, 5, 7, 9) for step in range(1, 20) for i in view.global_indices(step, 3, 0))
+
+
 def test_dynamic_selection_state_round_trips_to_the_same_draws():
     a, b = _dynamic_view(), _dynamic_view()
     a.record([1, 5], torch.tensor([1.0, 3.0]))
@@ -330,3 +345,38 @@ def test_dynamic_selection_state_round_trips_to_the_same_draws():
     assert [a.global_indices(s, 3, 7) for s in range(2, 6)] == [b.global_indices(s, 3, 7) for s in range(2, 6)]
     with pytest.raises(UserError, match="gap table has 8 blocks"):
         _dynamic_view(n=9).load_state_dict(a.state_dict())
+
+
+def test_sample_seed_is_the_cache_draws_seed_not_the_run_seed():
+    """cache.sample_seed lets students be rerun with other seeds from one sampled cache."""
+    from distill.runtime import sampling_of
+
+    base = {"seed": 5, "data": {"stdlib": True}, "teacher": {"source": "cache"},
+            "cache": {"estimator": "sampled"},
+            "students": [{"name": "s", "model": {"preset": "dense"}, "loss": {"tail": "sampled"}}]}
+    assert sampling_of(parse_config(base)).seed == 5
+    assert sampling_of(parse_config({**base, "cache": {"estimator": "sampled", "sample_seed": 0}})).seed == 0
+    assert sampling_of(parse_config({**base, "cache": {"estimator": "sampled", "sample_seed": 0}})).identity() == \
+        sampling_of(parse_config({**base, "seed": 9, "cache": {"estimator": "sampled", "sample_seed": 0}})).identity()
+
+
+def test_rescoring_needs_label_hard_targets_and_opting_out_is_fine_online():
+    base = {"data": {"stdlib": True}, "teacher": {"source": "checkpoint", "path": "/t"},
+            "students": [{"name": "s", "model": {"preset": "dense"}, "loss": {"hard_target": "teacher_argmax"},
+                          "select": {"drop_easiest": 0.5, "rescore_every": 10}}]}
+    with pytest.raises(UserError, match=r"students\.0\.select\.rescore_every: .*teacher_argmax"):
+        parse_config(base)
+    online = {**base, "train": {"mode": "online"},
+              "students": [{"name": "s", "model": {"preset": "dense"}, "select": {"drop_easiest": 0}}]}
+    assert parse_config(online).students[0].select.keeps_all
+
+
+def test_old_checkpoints_keep_their_run_identity():
+    """A student without `select` hashes as before the key existed (no resume is broken)."""
+    from distill.config import StudentConfig
+    from distill.stages import student_identity
+
+    sc = StudentConfig(name="s", model={"preset": "dense"})
+    assert "select" not in student_identity(sc)
+    assert student_identity(sc) == {k: v for k, v in sc.model_dump(mode="json").items() if k != "select"}
+    assert student_identity(StudentConfig(name="s", model={"preset": "dense"}, select={"keep_hardest": 0.5}))["select"]

@@ -134,6 +134,9 @@ def _data_lines(report: dict) -> list[str]:
     kept blocks (a histogram on the edges of all training blocks, so students compare)."""
     from distill.report.inspect import bars
 
+    if all(r.get("data", {}).get("blocks_kept") == r.get("data", {}).get("blocks_total")
+           for r in report["students"].values()):
+        return []  # no selection: every student saw every block
     lines = []
     for name, r in report["students"].items():
         d = r.get("data")

@@ -213,9 +213,9 @@ def block_gaps(members: list[Student], micro_batches: list[MicroBatch], loop: Lo
     """(batch_size,) the students' mean loss on each block of the step's global batch minus
     the teacher's nll on it (over the block's targets; NaN: none), gathered from every rank
     (one all-reduce of batch_size numbers)."""
-    teacher = torch.cat([sequence_difficulty(mb.signal.difficulty, (mb.batch.labels != IGNORE) & mb.valid)[:, 0]
-                         for mb in micro_batches])  # (B_local,)
-    student = torch.stack([s.block_hard.cpu() for s in members]).mean(0)  # (B_local,)
+    teacher = torch.cat([sequence_difficulty(mb.signal.difficulty.cpu(), (mb.batch.labels != IGNORE) & mb.valid.cpu())[:, 0]
+                         for mb in micro_batches])  # (B_local,) the teacher's nll per block
+    student = torch.stack([s.hard_per_block.cpu() for s in members]).mean(0)  # (B_local,)
     flat = torch.zeros(loop.batch_size, dtype=torch.float64)
     flat[[p for pos in rank_positions(loop) for p in pos]] = (student - teacher).double()
     if loop.world_size > 1:
@@ -225,15 +225,15 @@ def block_gaps(members: list[Student], micro_batches: list[MicroBatch], loop: Lo
 
 
 def teacher_difficulty(micro_batches: list[MicroBatch]) -> dict:
-    """The teacher's mean nll, entropy and top-1 probability over the step's training targets
-    (the difficulty the signal carries; {} when it carries none)."""
+    """The teacher's mean nll, entropy and top-1 probability over this rank's training
+    targets of the step (the difficulty the signal carries; {} when it carries none)."""
     sums, count = torch.zeros(len(STATS), dtype=torch.float64), 0
     for mb in micro_batches:
-        d = None if mb.signal is None else mb.signal.difficulty
+        d = None if mb.signal is None or mb.signal.difficulty is None else mb.signal.difficulty.cpu()  # (B, T, 3)
         if d is None:
             return {}
-        ok = (mb.batch.labels != IGNORE) & mb.valid.to(d.device) & torch.isfinite(d).all(-1)  # (B, T)
-        sums += d[ok].double().sum(0).cpu()
+        ok = (mb.batch.labels != IGNORE) & mb.valid.cpu() & torch.isfinite(d).all(-1)  # (B, T)
+        sums += d[ok].double().sum(0)
         count += int(ok.sum())
     return {f"teacher_{name}": float(v) / count for name, v in zip(STATS, sums)} if count else {}
 
@@ -311,7 +311,7 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
                         failed[s.name] = (f"{s.nonfinite_steps} non-finite steps (limit train.max_nonfinite="
                                           f"{loop.max_nonfinite}); lower the lr or check the teacher signal")
                 if view.dynamic:  # the students' gap on these blocks re-weights the next window
-                    trained = [s for s in members if s.name not in failed and s.block_hard is not None]
+                    trained = [s for s in members if s.name not in failed and s.hard_per_block is not None]
                     if trained:
                         view.record(indices, block_gaps(trained, micro_batches, loop))
                     for s in members:

@@ -21,7 +21,7 @@ import torch
 
 from common.errors import UserError
 from distill.config import SelectConfig
-from losses.difficulty import STATS, hardness
+from losses.difficulty import COUNT, STATS, hardness
 
 HISTOGRAM_BINS = 10
 
@@ -36,7 +36,7 @@ def select_blocks(rule: SelectConfig, sequence_stats: torch.Tensor, where: str) 
     n = sequence_stats.shape[0]
     if rule.min is not None or rule.max is not None:
         value = sequence_stats[:, STATS.index(rule.by)]  # fp32: a bound compares in the stats' own precision
-        keep = ~torch.isnan(value) & (sequence_stats[:, 3] > 0)
+        keep = ~torch.isnan(value) & (sequence_stats[:, COUNT] > 0)
         if rule.min is not None:
             keep &= value >= rule.min
         if rule.max is not None:
@@ -102,10 +102,6 @@ class DataView:
             self.weights = torch.full((m,), 1.0 / m, dtype=torch.float64)
 
     @property
-    def key(self) -> str:
-        return "all" if self.rule is None else self.rule.model_dump_json()
-
-    @property
     def dynamic(self) -> bool:
         return self.rule is not None and self.rule.rescore_every > 0
 
@@ -142,11 +138,11 @@ class DataView:
         self.weights = (1 - UNIFORM_SHARE) * soft + UNIFORM_SHARE / self.size
 
     def record(self, indices: list[int], gaps: torch.Tensor) -> None:
-        """The students' gap (nats) on the blocks `indices` (global) just trained on; NaN
-        (a block with no scored target) is left out."""
+        """The students' gap (nats) on the blocks `indices` (global) just trained on; a
+        non-finite gap (NaN: a block with no scored target; inf: a diverged loss) is left out."""
         idx = torch.as_tensor(indices, dtype=torch.int64)
         pos = idx if self.blocks is None else torch.searchsorted(self.blocks, idx)
-        ok = ~torch.isnan(gaps)
+        ok = torch.isfinite(gaps)
         self.gaps[pos[ok]] = gaps[ok].double()
         self.seen[pos[ok]] = True
 
@@ -182,7 +178,7 @@ def plan_views(rules: list[tuple[str, str, SelectConfig | None]], sequence_stats
     stats' count column).  `drop_easiest: 0` and no rule are the same view."""
     views: dict[str, DataView] = {}
     for name, where, rule in rules:
-        if rule is not None and rule.drop_easiest == 0 and not rule.rescore_every:
+        if rule is not None and rule.keeps_all:
             rule = None
         if rule is not None and sequence_stats is None:
             raise UserError(f"{where}: the cache holds no teacher difficulty statistics; rerun `distill cache "
@@ -202,7 +198,7 @@ def summarize(view: DataView, sequence_stats: torch.Tensor | None, n_blocks: int
     """What the view's students see: blocks and target tokens kept, and per statistic the
     histogram of the kept blocks on the edges of all blocks (for the log and the report)."""
     tokens = block_tokens if block_tokens is not None else (
-        sequence_stats[:, 3] if sequence_stats is not None else None)
+        sequence_stats[:, COUNT] if sequence_stats is not None else None)
     kept = view.blocks if view.blocks is not None else torch.arange(n_blocks)
     out = {"rule": "every block" if view.rule is None else view.rule.describe(), "blocks_kept": int(kept.numel()),
            "blocks_total": n_blocks, "fraction_kept": kept.numel() / n_blocks if n_blocks else 0.0}

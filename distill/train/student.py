@@ -64,7 +64,7 @@ class MicroBatch:
 class LossOutput:
     total: torch.Tensor
     stats: dict = field(default_factory=dict)
-    block_hard: torch.Tensor | None = None  # (B,) mean hard loss per block over its targets (NaN: none)
+    hard_per_block: torch.Tensor | None = None  # (B,) mean hard loss per block over its targets (NaN: none)
 
 
 class LossHead(torch.nn.Linear):
@@ -124,7 +124,7 @@ def distill_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, signal: T
         total, stats = combine(hard, soft, mask, 1.0, 0.0, denominator)
     total = total * world
     per_block = mask.view(labels.shape)  # (B, T)
-    block_hard = (hard.detach().view(labels.shape) * per_block).sum(-1) / per_block.sum(-1)  # (B,); 0/0 = NaN
+    hard_per_block = (hard.detach().view(labels.shape) * per_block).sum(-1) / per_block.sum(-1)  # (B,); 0/0 = NaN
     router_logits = collect_router_logits(model)
     if router_logits:
         top_k = getattr(model.config, "num_experts_per_tok", 1)
@@ -134,7 +134,7 @@ def distill_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, signal: T
         z = router_z_loss(router_logits)
         total = total + (loss_cfg.balance_weight * lb + loss_cfg.z_weight * z) / n_micro
         stats.update(balance_loss=float(lb.detach()) / n_micro, z_loss=float(z.detach()) / n_micro)
-    return LossOutput(total, stats, block_hard)
+    return LossOutput(total, stats, hard_per_block)
 
 
 class Student:
@@ -148,7 +148,7 @@ class Student:
         self.soft_schedule = build_schedule(cfg.loss.soft_weight.as_dict())
         self.nonfinite_steps = 0
         self.tokens_seen = 0
-        self.block_hard: torch.Tensor | None = None  # (B_local,) the last step's loss per block, for dynamic selection
+        self.hard_per_block: torch.Tensor | None = None  # (B_local,) the last step's loss per block, for dynamic selection
         self.data_view_state: dict | None = None  # a dynamic data view's table, checkpointed with the student
 
     @property
@@ -180,7 +180,7 @@ class Student:
         n_global = all_reduce(torch.tensor([float(sum(int(mb.valid.sum()) for mb in micro_batches))],
                                            device=self.device))
         denominator = float(n_global.item())
-        sums, finite, block_hard = {}, True, []
+        sums, finite, hard_per_block = {}, True, []
         for i, mb in enumerate(micro_batches):
             input_ids, labels, valid = (x.to(self.device, non_blocking=True)
                                         for x in (mb.batch.input_ids, mb.batch.labels, mb.valid))
@@ -197,10 +197,11 @@ class Student:
             for k, v in out.stats.items():
                 if k != "w_hard":
                     sums[k] = sums.get(k, 0.0) + float(v)
-            block_hard.append(out.block_hard)
-        self.block_hard = torch.cat(block_hard)
+            hard_per_block.append(out.hard_per_block)
+        self.hard_per_block = torch.cat(hard_per_block)
         grad_norm = self.engine.step(skip=not finite)
         if not math.isfinite(grad_norm):  # the same on every rank: the norm is of the reduced grads
+            self.hard_per_block = None  # a skipped step measured nothing worth re-weighting by
             self.nonfinite_steps += 1
             return {"skipped": True, "nonfinite_steps": self.nonfinite_steps, "lr": self.engine.lr()}
         if self.cfg.loss.bias_update_rate > 0:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -155,7 +156,7 @@ def _topk(out, k: int, vocab_size: int, targets: torch.Tensor | None):
     (LiveTeacher.topk, which never holds the whole logits), then with the difficulty
     (B, T, 3) of `targets` as a third element when targets (B, T) were asked for.  Either way the log-probs come
     from `topk_logprobs`, the arithmetic of TeacherSignal.from_logits, so cached and live
-    signals agree; only (B*T, k) results leave the device.  A row with NaN or +inf (or all
+    signals agree; only (B*T, k) results (and the (B*T, 3) difficulty) leave the device.  A row with NaN or +inf (or all
     -inf) comes out NaN: that flags it, and it gets the uniform placeholder (see the
     module docstring).
     """
@@ -172,9 +173,17 @@ def _topk(out, k: int, vocab_size: int, targets: torch.Tensor | None):
     else:
         vals, ids = topk_logprobs(out, k)
         if targets is not None:
-            difficulty = token_difficulty(out.reshape(-1, vocab_size), targets.reshape(-1))
+            difficulty = token_difficulty(out.reshape(-1, vocab_size), targets.reshape(-1)).cpu()
     vals, ids, valid = placeholder_invalid(vals.reshape(-1, k).float(), ids.reshape(-1, k), vocab_size)
     return ids.cpu(), vals.cpu(), ~valid.cpu(), None, difficulty
+
+
+def _accepts_targets(fn) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: it cannot be asked
+        return False
+    return "targets" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _difficulty_of(stats, lead) -> torch.Tensor:
@@ -196,7 +205,7 @@ def _sampled(out, sampling: Sampling, vocab_size: int, keys: torch.Tensor, targe
     if not isinstance(out, TeacherSignal):
         if out.dim() != 3 or out.shape[-1] != vocab_size:
             raise ValueError(f"teacher_fn returned {tuple(out.shape)}, expected (B, T, {vocab_size})")
-        difficulty = None if targets is None else token_difficulty(out.reshape(-1, vocab_size), targets.reshape(-1))
+        difficulty = None if targets is None else token_difficulty(out.reshape(-1, vocab_size), targets.reshape(-1)).cpu()
         out = sample_signal(out, n, sampling.temperature, sampling.seed, keys)
     else:
         difficulty = None if targets is None else _difficulty_of(out.difficulty, out.topk_ids.shape[:2])
@@ -253,8 +262,9 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
     marked -(id + 1) (teachers.protocol.untrained): the teacher's difficulty statistics are
     then stored too (losses/difficulty.py), per token as `token_stats` (N*T, 3) fp16 and
     per sequence over its training targets as `sequence_stats` (N, 4) fp32; teacher_fn is
-    called with `targets=` (B, T) plain ids and returns them with its output (a teacher
-    returning logits need not: the writer computes them).  Returns cache_dir.  Raises
+    called with `targets=` (B, T) plain ids if it takes that argument and returns them with
+    its output; a teacher_fn that does not take it must return logits, and the writer
+    computes them.  Returns cache_dir.  Raises
     CacheMismatch, CacheLocked, CacheWriteError (see module docstring).
     """
     cache_dir = Path(cache_dir)
@@ -383,6 +393,7 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
     forwards = sum(-(-(e["sequences"][1] - e["sequences"][0]) // batch_size) for _, e, reuse in plan if not reuse)
     total = lockstep.max(forwards) if lockstep is not None else forwards
     calls, in_teacher = 0, False
+    takes_targets = _accepts_targets(teacher_fn)  # else it returns logits and the stats are computed here
 
     @torch.no_grad()
     def call(split, x, first_seq: int, t):
@@ -390,7 +401,7 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
         nonlocal calls, in_teacher
         calls, in_teacher = calls + 1, True
         args = (x,) if sampling is None else (x, sampling.keys(split, range(first_seq, first_seq + x.shape[0]), seq_len))
-        out = teacher_fn(*args) if t is None else teacher_fn(*args, targets=t)
+        out = teacher_fn(*args, targets=t) if t is not None and takes_targets else teacher_fn(*args)
         in_teacher = False
         return out
 
