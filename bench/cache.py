@@ -6,7 +6,8 @@ Reports, for V = 202,048 (Llama 4's vocab):
 * bytes/token per encoding at k = 32, 64, 128, on a synthetic Zipf-like teacher and on
   uniform-random logits (worst case for id coding), with reconstruction error for the
   lossy encodings;
-* write overhead: wall time of write_cache vs the bare teacher forward it wraps, and the
+* write overhead: wall time of write_cache vs the bare teacher forward it wraps (`+difficulty`:
+  with the teacher's difficulty statistics recorded, as `distill cache` does), and the
   cache's own share of it (top-k, encoding, files);
 * bytes/token of the sampled encoding (n = 16, 32, 64 draws, + the fp16 entropy);
 * read throughput of CachedTeacher on random batches with 0, 1, 2 and 4 prefetch workers
@@ -154,6 +155,7 @@ def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encoding
 
     from teachers.cache.format import Sampling
     from teachers.cache.reader import describe_cache
+    from losses.difficulty import token_difficulty
     from teachers.cache.writer import _topk, write_cache
 
     torch.manual_seed(0)
@@ -189,11 +191,14 @@ def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encoding
             logits = model(blocks[:batch].to(device))
         return timed(lambda: fn(logits))
 
-    ours = min(topk_once(lambda x: _topk(x, k, V_LLAMA4)) for _ in range(reps))
+    ours = min(topk_once(lambda x: _topk(x, k, V_LLAMA4, None)) for _ in range(reps))
+    targets = torch.randint(0, V_LLAMA4, (batch * seq_len,))
+    stats = min(topk_once(lambda x: token_difficulty(x.reshape(-1, V_LLAMA4), targets)) for _ in range(reps))
     plain = min(topk_once(lambda x: torch.topk(torch.log_softmax(x.float(), -1), k, -1)) for _ in range(reps))
     out = {"teacher": f"Embedding({V_LLAMA4},{hidden})->Linear({hidden},{V_LLAMA4})", "tokens": tokens,
            "batch": f"{batch}x{seq_len}", "k": k, "reps": reps,
            "topk_us_per_token": round(ours / (batch * seq_len) * 1e6, 1),
+           "difficulty_us_per_token": round(stats / (batch * seq_len) * 1e6, 1),
            "log_softmax_topk_us_per_token": round(plain / (batch * seq_len) * 1e6, 1)}
     bare()  # warm-up: allocator, thread pool
     for enc in encodings:
@@ -202,12 +207,14 @@ def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encoding
             for _ in range(reps):
                 t_bare.append(timed(bare))
                 teacher_s[0] = 0.0
-                sampling = Sampling(32) if enc == "sampled" else None
+                codec, _, with_stats = enc.partition("+")  # "+difficulty": the teacher's statistics too
+                sampling = Sampling(32) if codec == "sampled" else None
                 fn = (lambda x, keys: teacher(x)) if sampling else teacher
                 t_write.append(timed(lambda: write_cache(Path(d), fn, {"train": blocks}, identity=ident, k=k,
-                                                         encoding=enc, batch_size=batch, overwrite=True,
+                                                         encoding=codec, batch_size=batch, overwrite=True,
                                                          shard_sequences=max(1, n_seq // 4), progress=False,
-                                                         sampling=sampling)))
+                                                         sampling=sampling,
+                                                         targets={"train": blocks} if with_stats else None)))
                 t_own.append(t_write[-1] - teacher_s[0])
             tb, tw, own = (statistics.median(t) for t in (t_bare, t_write, t_own))
             rates = read_rates(Path(d), n_seq, seq_len, reps, seconds=1.0 if reps > 1 else 0.2)
@@ -346,7 +353,8 @@ def main() -> None:
         result["sizes"] = bench_sizes(a.tokens, group=min(a.tokens, 512))
     if "write_read" not in a.skip:
         result["write_read"] = [bench_write_read(int(h), a.sequences, a.seq_len, a.batch,
-                                                 ("lossless", "fp16", "compact", "sampled"), k=64, reps=a.reps,
+                                                 ("lossless", "lossless+difficulty", "fp16", "compact", "sampled",
+                                                  "sampled+difficulty"), k=64, reps=a.reps,
                                                  device=a.device) for h in a.hidden.split(",")]
     if "teacher_step" not in a.skip:
         result["teacher_step"] = bench_teacher_step(*map(int, a.step.split("x")))

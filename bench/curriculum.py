@@ -14,6 +14,8 @@ them is the same as training each alone, from one cache read per step):
              demo); hard -> soft (0.6 -> 0.9); adaptive entropy and disagreement (mean 0.75)
   selection  soft -> hard (the old demo recipe) on: every block; drop the easiest 50% and keep the hardest
              5%, by teacher nll and by teacher entropy (same steps: fewer blocks, more epochs)
+  recipe     constant 0.75 with the easiest 50% by nll dropped, and the CE-only twin on
+             those blocks (does the selection help without a teacher too?)
   topk       constant 0.75 and adaptive confidence on the top-64 cache
 Each run is then scored by `distill eval` in online mode with the teacher's dense logits:
 held-out perplexity and the exact KL(teacher || student) on the first `--eval-blocks`
@@ -53,6 +55,11 @@ SELECTIONS = {
     "drop_easiest_50pc_entropy": {"by": "entropy", "drop_easiest": 0.5},
     "keep_hardest_5pc_nll": {"by": "nll", "keep_hardest": 0.05},
     "keep_hardest_5pc_entropy": {"by": "entropy", "keep_hardest": 0.05},
+}
+DROP_EASY_HALF = {"by": "nll", "drop_easiest": 0.5}
+RECIPE = {  # the winners together, and whether the selection helps without a teacher signal too
+    "constant_0.75_drop_easiest_50pc_nll": ({"soft_weight": {"kind": "constant", "start": 0.75}}, DROP_EASY_HALF),
+    "ce_twin_drop_easiest_50pc_nll": (None, DROP_EASY_HALF),
 }
 TOPK = {
     "topk_constant_0.75": {"soft_weight": {"kind": "constant", "start": 0.75}},
@@ -135,13 +142,14 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--eval-blocks", type=int, default=128)
-    p.add_argument("--only", choices=["schedules", "selection", "topk"], nargs="+",
-                   default=["schedules", "selection", "topk"])
+    p.add_argument("--only", choices=["schedules", "selection", "recipe", "topk"], nargs="+",
+                   default=["schedules", "selection", "recipe", "topk"])
     args = p.parse_args()
     run, out = args.run.resolve(), args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     groups = {"schedules": ("sampled", {n: (patch, None) for n, patch in SCHEDULES.items()}),
               "selection": ("sampled", {n: (SCHEDULES["soft_to_hard"], sel) for n, sel in SELECTIONS.items()}),
+              "recipe": ("sampled", RECIPE),
               "topk": ("topk", {n: (patch, None) for n, patch in TOPK.items()})}
     per_seed: dict[str, list[dict]] = {}
     teacher_ppl = None

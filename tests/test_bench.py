@@ -21,6 +21,11 @@ def test_cache_bench_quick_prints_json():
     assert out["sizes"]["zipf/k64/compact"]["bytes_per_token"] < 130
     assert out["sizes"]["zipf/n32/sampled"]["bytes_per_token"] < 48  # the sampled cache's target at V = 202,048
     assert set(out["write_read"][0]["sampled"]["read_tokens_per_s_by_workers"]) == {"0", "1", "2", "4"}
+    # the teacher's difficulty statistics cost 3 fp16 numbers per token, 16 bytes per sequence and
+    # two tensors' safetensors header entries per shard (~150 bytes: shards of one 64-token sequence here)
+    row = out["write_read"][0]
+    extra = row["sampled+difficulty"]["file_bytes_per_token"] - row["sampled"]["file_bytes_per_token"]
+    assert 6.0 + 16 / 64 <= extra <= 6.0 + (16 + 160) / 64 and row["difficulty_us_per_token"] > 0
     step = out["teacher_step"]
     assert {"full", "chunked"} <= set(step) and step["chunked"]["peak_rss_mb"] > 0
 
