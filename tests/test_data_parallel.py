@@ -165,3 +165,30 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(dp_config):
     assert 2 <= step < 400
     for name in ("dense", "moe"):
         assert checkpoint.latest(out / "students" / name / "checkpoints").name == f"step_{step:08d}"
+
+
+def test_two_ranks_select_and_reweigh_data_as_one_process_does(dp_config):
+    """Data selection under DDP: a static selection and a dynamic one (re-weighted every step by
+    the students' gap, gathered from both ranks) give the weights of one process on the same
+    global batches; a rank that kept only its own gaps would draw other blocks."""
+    work, base = dp_config
+    cfg = yaml.safe_load(base.read_text())
+    cfg["train"].update(mode="cached", grad_accum=2)
+    cfg["students"][0]["select"] = {"by": "nll", "drop_easiest": 0.5}
+    cfg["students"][1]["select"] = {"by": "entropy", "keep_hardest": 0.5, "rescore_every": 1,
+                                    "rescore_temperature": 0.001}
+    path = work / "dp-select.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = run_cli("cache", "-c", str(path), "--quiet", "--set", f"cache.dir={work / 'dp-cache'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    sets = ("--set", f"cache.dir={work / 'dp-cache'}")
+    one = train(path, work / "select-single", "single", 2, 0, *sets)
+    two = train(path, work / "select-torchrun", "torchrun", 2, 29671, *sets)
+    for name in ("dense", "moe"):
+        assert rel_diff(weights(two, name), weights(one, name)) < 1e-5, name
+        a = torch.load(two / "students" / name / "checkpoints" / f"step_{STEPS:08d}" / "state.pt", weights_only=True)
+        b = torch.load(one / "students" / name / "checkpoints" / f"step_{STEPS:08d}" / "state.pt", weights_only=True)
+        if name == "moe":  # the dynamic view's table: every block of every step, from both ranks
+            assert int(b["data_view"]["seen"].sum()) >= 8
+            assert torch.equal(a["data_view"]["seen"], b["data_view"]["seen"])
+            torch.testing.assert_close(a["data_view"]["gaps"], b["data_view"]["gaps"], rtol=1e-4, atol=1e-5)
