@@ -14,9 +14,9 @@ them is the same as training each alone, from one cache read per step):
              demo); hard -> soft (0.6 -> 0.9); adaptive entropy and disagreement (mean 0.75)
   selection  soft -> hard (the old demo recipe) on: every block; drop the easiest 50% and keep the hardest
              5%, by teacher nll and by teacher entropy (same steps: fewer blocks, more epochs)
-  recipe     constant 0.75 with the easiest 50% by nll dropped, statically and re-weighted
-             every 30 steps by the students' gap (dynamic), and the CE-only twin on those
-             blocks (does the selection help without a teacher too?)
+  recipe     soft -> hard with the easiest 50% by nll dropped and re-weighted every 30 steps
+             by the students' gap (dynamic); constant 0.75 on the same static selection; and
+             the CE-only twin on those blocks (does the selection help without a teacher too?)
   topk       constant 0.75 and adaptive confidence on the top-64 cache
 Each run is then scored by `distill eval` in online mode with the teacher's dense logits:
 held-out perplexity and the exact KL(teacher || student) on the first `--eval-blocks`
@@ -58,10 +58,10 @@ SELECTIONS = {
     "keep_hardest_5pc_entropy": {"by": "entropy", "keep_hardest": 0.05},
 }
 DROP_EASY_HALF = {"by": "nll", "drop_easiest": 0.5}
-RECIPE = {  # the winners together, and whether the selection helps without a teacher signal too
-    "constant_0.75_drop_easiest_50pc_nll": ({"soft_weight": {"kind": "constant", "start": 0.75}}, DROP_EASY_HALF),
-    "constant_0.75_drop_easiest_50pc_nll_rescored": ({"soft_weight": {"kind": "constant", "start": 0.75}},
-                                                     {**DROP_EASY_HALF, "rescore_every": 30}),
+RECIPE = {  # the demo's recipe (soft -> hard, easiest half by nll dropped) re-weighted dynamically, and
+    # whether the selection helps without a teacher signal too (the twin the demo compares against)
+    "soft_to_hard_drop_easiest_50pc_nll_rescored": (SCHEDULES["soft_to_hard"], {**DROP_EASY_HALF, "rescore_every": 30}),
+    "constant_0.75_drop_easiest_50pc_nll": (SCHEDULES["constant_0.75"], DROP_EASY_HALF),
     "ce_twin_drop_easiest_50pc_nll": (None, DROP_EASY_HALF),
 }
 TOPK = {
