@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from losses.difficulty import STATS, from_shifted
+
 SIGNAL_KINDS = ("topk", "sampled")
 
 
@@ -96,7 +98,7 @@ class TeacherSignal:
         return TeacherSignal(ids, values, logits if keep_dense else None)
 
 
-def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_logprobs(logits: torch.Tensor, k: int, targets: torch.Tensor | None = None):
     """(..., V) logits -> (values (..., k) fp32 log-probs, ids (..., k) int64), most likely first.
 
     The one place teacher log-probs are computed, so live and cached signals are bitwise
@@ -104,27 +106,41 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     m, sums exp(x - m) in a reused scratch buffer, top-k's the raw logits (log-softmax is
     monotonic in x) and returns (top - m) - log(sum): faster than log_softmax + topk and
     closer to fp64 (figures in BENCHMARKS.md, teacher-logit cache).  Scratch memory is
-    ~16 MB on CPU, ~256 MB on an accelerator.  A row holding NaN or +inf (or only -inf)
-    comes out NaN.
+    ~16 MB on CPU, ~256 MB on an accelerator (as two half-size buffers with targets).  A row holding NaN
+    or +inf (or only -inf) comes out NaN.
+
+    targets (...,) the true next tokens: a third result, their difficulty (..., 3) fp32
+    (losses/difficulty.py), from the same pass (one more scratch buffer and one dot product
+    per row instead of a second pass over the logits).
     """
     vocab = logits.shape[-1]
     flat = logits.reshape(-1, vocab)
     shape = logits.shape[:-1] + (k,)
+    flat_targets = None if targets is None else targets.reshape(-1, 1).to(flat.device)
     if flat.shape[0] == 0:
-        return flat.new_empty(shape, dtype=torch.float32), torch.empty(shape, dtype=torch.long, device=flat.device)
-    rows = max(1, min(flat.shape[0], (1 << (22 if flat.device.type == "cpu" else 26)) // vocab))
+        empty = (flat.new_empty(shape, dtype=torch.float32), torch.empty(shape, dtype=torch.long, device=flat.device))
+        return empty if targets is None else (*empty, flat.new_empty((*logits.shape[:-1], len(STATS)), dtype=torch.float32))
+    budget = (22 if flat.device.type == "cpu" else 26) - (targets is not None)  # two buffers with targets
+    rows = max(1, min(flat.shape[0], (1 << budget) // vocab))
     scratch = torch.empty(rows, vocab, dtype=torch.float32, device=flat.device)
-    values, ids = [], []
+    exps = None if targets is None else torch.empty_like(scratch)
+    values, ids, stats = [], [], []
     for i in range(0, flat.shape[0], rows):
         x = flat[i:i + rows]  # (r, V) in the logits' dtype: no fp32 copy of a bf16 chunk
         top, idx, row_max = _topk_and_max(x, k)
         top, row_max = top.float(), row_max.float()  # exact casts
         buf = scratch[: x.shape[0]]
         torch.sub(x, row_max, out=buf)  # promotes into the fp32 scratch
-        log_norm = buf.exp_().sum(dim=-1, keepdim=True).log_()  # (r, 1)
+        if exps is None:
+            log_norm = buf.exp_().sum(dim=-1, keepdim=True).log_()  # (r, 1)
+        else:  # keep x - m for the entropy's dot product
+            e = torch.exp(buf, out=exps[: x.shape[0]])
+            log_norm = e.sum(dim=-1, keepdim=True).log_()
+            stats.append(from_shifted(buf, e, buf.gather(-1, flat_targets[i:i + rows])))
         values.append(top.sub_(row_max).sub_(log_norm))
         ids.append(idx)
-    return torch.cat(values).reshape(shape), torch.cat(ids).reshape(shape)
+    out = torch.cat(values).reshape(shape), torch.cat(ids).reshape(shape)
+    return out if targets is None else (*out, torch.cat(stats).reshape(*logits.shape[:-1], len(STATS)))
 
 
 def placeholder_invalid(values: torch.Tensor, ids: torch.Tensor, vocab_size: int):

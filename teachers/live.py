@@ -141,8 +141,9 @@ class LiveTeacher:
         flat_targets = None if targets is None else targets.reshape(-1)
 
         def reduce(logits, start, end):
-            values, ids = topk_logprobs(logits, self.k)
-            return values, ids, None if flat_targets is None else token_difficulty(logits, flat_targets[start:end])
+            if flat_targets is None:
+                return (*topk_logprobs(logits, self.k), None)
+            return topk_logprobs(logits, self.k, flat_targets[start:end])  # one pass: top-k and difficulty
 
         parts = self._reduced(input_ids, reduce)
         shape = input_ids.shape + (self.k,)

@@ -51,6 +51,11 @@ def test_token_difficulty_matches_torch_references():
     assert got[0, 0] == float("inf") and torch.isfinite(got[0, 1:]).all()
     assert torch.isnan(got[1]).all()
     assert torch.isfinite(got[2:]).all()
+    # the top-k pass computes the same numbers alongside the signal (NaN rows included)
+    from losses.signal import topk_logprobs
+
+    _, _, fused = topk_logprobs(logits, 5, torch.full((37,), 3))
+    torch.testing.assert_close(fused, got, equal_nan=True)
 
 
 def test_sequence_difficulty_averages_trained_finite_positions_only():

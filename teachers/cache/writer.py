@@ -170,10 +170,11 @@ def _topk(out, k: int, vocab_size: int, targets: torch.Tensor | None):
                              f"expected (B, T, {k}) each")
     elif out.dim() != 3 or out.shape[-1] != vocab_size:
         raise ValueError(f"teacher_fn returned {tuple(out.shape)}, expected (B, T, {vocab_size})")
-    else:
+    elif targets is None:
         vals, ids = topk_logprobs(out, k)
-        if targets is not None:
-            difficulty = token_difficulty(out.reshape(-1, vocab_size), targets.reshape(-1)).cpu()
+    else:
+        vals, ids, difficulty = topk_logprobs(out, k, targets.to(out.device))
+        difficulty = difficulty.reshape(-1, len(STATS)).cpu()
     vals, ids, valid = placeholder_invalid(vals.reshape(-1, k).float(), ids.reshape(-1, k), vocab_size)
     return ids.cpu(), vals.cpu(), ~valid.cpu(), None, difficulty
 
