@@ -128,16 +128,23 @@ def test_online_signal_carries_the_same_statistics():
         torch.testing.assert_close(sig.difficulty.double(), want, rtol=1e-4, atol=1e-5)
 
 
-def test_a_cache_without_statistics_says_how_to_get_them(tmp_path):
+def test_a_cache_without_statistics_says_how_to_get_them_and_is_upgraded_on_demand(tmp_path):
     splits = {"train": torch.randint(0, 16, (4, 5))}
-    write_cache(tmp_path, lambda x: torch.randn(*x.shape, 16), splits, identity={"vocab_size": 16}, k=4,
-                progress=False)
+    teacher = lambda x: torch.randn(*x.shape, 16, generator=torch.Generator().manual_seed(int(x.sum())))
+    write_cache(tmp_path, teacher, splits, identity={"vocab_size": 16}, k=4, progress=False)
     reader = CacheReader(tmp_path, "train")
     assert not reader.has_difficulty and reader.read([0])[0].difficulty is None
     with pytest.raises(UserError, match="overwrite"):
         reader.sequence_stats()
     with pytest.raises(UserError, match="data.select.*overwrite"):
         plan_views([("a", "data.select", SelectConfig(keep_hardest=0.5))], None, 4)
+    # a complete cache is kept as it is unless the run needs the statistics
+    write_cache(tmp_path, teacher, splits, identity={"vocab_size": 16}, k=4, progress=False, targets=splits)
+    assert not CacheReader(tmp_path, "train").has_difficulty
+    write_cache(tmp_path, teacher, splits, identity={"vocab_size": 16}, k=4, progress=False, targets=splits,
+                upgrade=True)
+    reader = CacheReader(tmp_path, "train", verify=True)
+    assert reader.has_difficulty and reader.sequence_stats().shape == (4, 4)
 
 
 # ----------------------------------------------------------------------------- selection rules

@@ -246,7 +246,7 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
                 encoding: str = "lossless", batch_size: int = 8, shard_sequences: int = 256,
                 overwrite: bool = False, rank: int = 0, world_size: int = 1,
                 progress: bool = True, lockstep: bool = False, sampling: Sampling | None = None,
-                targets: Mapping[str, torch.Tensor] | None = None) -> Path:
+                targets: Mapping[str, torch.Tensor] | None = None, upgrade: bool = False) -> Path:
     """Run the teacher over every split's blocks (N_split, T) once and cache its top-k.
 
     teacher_fn: LongTensor (B, T) -> logits (B, T, V), V = identity["vocab_size"], or
@@ -265,7 +265,9 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
     per sequence over its training targets as `sequence_stats` (N, 4) fp32; teacher_fn is
     called with `targets=` (B, T) plain ids if it takes that argument and returns them with
     its output; a teacher_fn that does not take it must return logits, and the writer
-    computes them.  Returns cache_dir.  Raises
+    computes them.  A complete cache made without them is returned as it is, unless
+    upgrade=True: then its shards are recomputed with them (one more teacher pass; the
+    run's data selection needs them).  Returns cache_dir.  Raises
     CacheMismatch, CacheLocked, CacheWriteError (see module docstring).
     """
     cache_dir = Path(cache_dir)
@@ -299,9 +301,9 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
             lock.release()
         raise err or RuntimeError("another rank refused the cache dir; see its error")
     try:
-        if final and final.get("complete"):
-            return cache_dir
         stats = list(STATS) if targets is not None else None
+        if final and final.get("complete") and not (upgrade and stats and final.get("difficulty") != stats):
+            return cache_dir
         # A shard written without (or with other) difficulty statistics is recomputed.
         prior = {e["file"]: e for old in (final, partial) if old and old.get("difficulty") == stats
                  for s in old["splits"].values() for e in s["shards"]}
