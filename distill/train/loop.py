@@ -262,31 +262,32 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
         if view.dynamic and state is not None:
             view.load_state_dict(state)
 
-    def indices_of(step: int) -> list[list[int] | None]:
-        """Per view, the global block indices of `step`; None for a dynamic view, whose
-        batch can only be drawn once the step before it has trained (its gaps set the weights)."""
-        return [None if v.dynamic or step >= loop.steps else v.global_indices(step, loop.batch_size, loop.seed)
-                for v in views]
+    def batches_of(step: int) -> list[list[Batch] | None]:
+        """Per view, this rank's micro-batches of `step`; None for a dynamic view, whose batch
+        can only be drawn once the step before it has trained (its gaps set the weights)."""
+        return [None if v.dynamic or step >= loop.steps else
+                step_batches(v.global_indices(step, loop.batch_size, loop.seed), loop, train_blocks) for v in views]
 
-    upcoming = indices_of(start)
+    upcoming = batches_of(start)
     with _StopFlag() as stop, progress_bar(loop.steps, label, progress and loop.rank == 0, start) as bar:
         for step in range(start, loop.steps):
             # --- the step's blocks, per data view: global batch, this rank's share, split into
             # micro-batches; the next step's are built once, now, and read ahead (a cache
             # decodes them while the students train)
-            current, upcoming = upcoming, indices_of(step + 1)
+            current, upcoming = upcoming, batches_of(step + 1)
             failed, traces = {}, {}  # name -> one-line reason, name -> traceback (exceptions only)
-            for view, indices, next_indices in zip(views, current, upcoming):
+            for view, batches, next_batches in zip(views, current, upcoming):
                 members = [s for s in students if s.name in view.students]
                 if not members:
                     continue
-                if indices is None:  # dynamic: this window's weights, then the step's draw
+                if batches is None:  # dynamic: this window's weights, then the step's draw
                     view.reweigh(step)
                     indices = view.global_indices(step, loop.batch_size, loop.seed)
-                if teacher is not None and next_indices is not None:
-                    teacher.prefetch(step_batches(next_indices, loop, train_blocks))
+                    batches = step_batches(indices, loop, train_blocks)
+                if teacher is not None and next_batches:
+                    teacher.prefetch(next_batches)
                 micro_batches = []
-                for batch in step_batches(indices, loop, train_blocks):
+                for batch in batches:
                     # --- one teacher signal per micro-batch, shared by every student of the view
                     if teacher is not None:
                         before = teacher.forward_calls
