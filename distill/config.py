@@ -271,6 +271,12 @@ class RunConfig(_Strict):
                 _check_estimator(f"students.{i}.loss", s, self.cache)
         return self
 
+    @property
+    def selects_data(self) -> bool:
+        """Some student learns from a subset of the training blocks (a rule other than `{drop_easiest: 0}`)."""
+        return any(rule is not None and not rule.keeps_all
+                   for rule in (self.selection_of(i)[1] for i in range(len(self.students))))
+
     def selection_of(self, i: int) -> tuple[str, SelectConfig | None]:
         """Student i's data selection and the config key it comes from."""
         if self.students[i].select is not None:

@@ -150,8 +150,6 @@ def _data_lines(report: dict) -> list[str]:
             lo, hi = h["edges"]
             text += f"; teacher {stat} {h['mean']:.3g} `{lo:.3g} |{bars(h['counts'])}| {hi:.3g}`"
         lines.append(text)
-    if not lines:
-        return []
     return ["## What data each student saw", "",
             "Teacher difficulty of each student's training blocks (mean over the blocks' targets; the histogram "
             "spans all training blocks):", ""] + lines + [""]

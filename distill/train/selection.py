@@ -185,7 +185,7 @@ def plan_views(rules: list[tuple[str, str, SelectConfig | None]], sequence_stats
                             f"--overwrite` to record them")
         key = "all" if rule is None else rule.model_dump_json()
         if key not in views:
-            blocks = None if rule is None or rule.drop_easiest == 0 else select_blocks(rule, sequence_stats, where)
+            blocks = None if rule is None else select_blocks(rule, sequence_stats, where)
             views[key] = DataView(rule, where, blocks, n_total=n_blocks)
         views[key].students.append(name)
     for view in views.values():
