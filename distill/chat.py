@@ -1,16 +1,34 @@
 """Chat and instruction rows -> token ids with a training-target mask, packed whole.
 
 Two row shapes are read from jsonl / parquet / saved datasets:
-  {"messages": [{"role": ..., "content": ...}, ...]}  rendered with the tokenizer's own
-      chat template; only the assistant turns are targets
-  {"prompt": str, "completion": str}                  prompt + completion as plain text;
-      only the completion is a target
-Which tokens belong to an assistant turn is found by rendering the conversation up to
-each turn: the characters between render(turns[:i], add_generation_prompt=True) and
-render(turns[:i+1]) are turn i's (its text and the template's end-of-turn marker,
-so the model learns to stop).  Tokens are matched to those characters by their offsets.
-This works for any template that renders a conversation's prefix as a prefix of the
-whole (ChatML, Llama 3, Mistral, Qwen); one that does not is refused, naming the row.
+  {"messages": [{"role": ..., "content": ..., ...}, ...], "tools": [...]?}  rendered with the
+      tokenizer's own chat template; only what the assistant writes is a target
+  {"prompt": str, "completion": str}  prompt + completion as plain text; the completion and
+      an EOS token after it are targets, so the student learns to stop
+Messages go to the template as given (`tool_calls`, `reasoning_content`, `name`, ...), and a
+row's `tools` as `tools=`.  A token is a target when any of its characters is one.
+
+Which characters the assistant wrote:
+* A template with `{% generation %}` markers says so itself: transformers'
+  `return_assistant_tokens_mask` is used as is.
+* Otherwise each assistant turn i is found by diffing whole renderings, never by assuming
+  that a conversation's start renders as the start of the whole (templates show reasoning on
+  the final turn only, or fold the system prompt into the first or the last user turn):
+  1. its payload (content, reasoning, tool calls, as rendered): render the conversation again
+     with turn i's payload swapped for a sentinel string S; the two renderings agree before
+     and after the payload, so F[a:z] is it (F the real rendering, a and z bounded by where S
+     sits, so text shared by chance with S never counts);
+  2. its start: the template's own text before the payload that the model writes (`<think>\n`,
+     a space) belongs to the turn too: the turn starts where its prompt
+     render(turns[:i], add_generation_prompt=True) ends, found as the longest tail of that
+     prompt before `a` (the prompt itself may differ from F's start: a moved system prompt);
+     at `a` when the tail found does not hold the whole generation prompt;
+  3. its end marker: render turns[:i] + [S-turn]; what follows S there is how the template ends
+     a final assistant turn (`<|im_end|>\n`, `</s>`); as much of it as F has after `z` is a
+     target, so the model learns to stop.
+  Turns are found in order, each after the last.  It assumes only that a template renders
+  each message's fields in one place.  A row it cannot split (the template fails on it,
+  drops or rewrites an assistant turn, or reorders turns) is refused, naming the row.
 
 Rows are packed whole: a block holds as many complete rows as fit, the rest of it is
 padding that is no target.  A row longer than a block is cut to the block (and
@@ -20,6 +38,8 @@ Targets are marked in the ids' sign (teachers.protocol: `untrained`).
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 
 import torch
 
@@ -27,6 +47,11 @@ from common.errors import UserError
 from teachers.protocol import untrained
 
 PLAIN = ""  # the `chat` column of a plain-text document
+CHAT_FORMAT = 2  # bump when the same rows render to other ids or targets (it is in the data fingerprint)
+ROW = "_row"  # key of a row's origin ("FILE row N") in the `chat` JSON
+GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")  # as transformers detects it
+PAYLOAD = ("content", "tool_calls", "reasoning_content", "reasoning", "thinking")  # what the assistant writes
+SENTINEL = "Qz7codistillTurnSentinel9x"
 
 
 def table_kind(columns: list[str], text_field: str) -> str | None:
@@ -43,74 +68,211 @@ def table_kind(columns: list[str], text_field: str) -> str | None:
 def _flat_text(row: dict) -> str:
     """A chat row's words, for tokenizer training and the validation split's hash."""
     if "messages" in row:
-        return "\n".join(str(m.get("content", "")) for m in row["messages"])
+        parts = []
+        for m in row["messages"]:
+            parts += [str(m[k]) if isinstance(m[k], str) else json.dumps(m[k]) for k in PAYLOAD if m.get(k)]
+        return "\n".join(parts)
     return f"{row['prompt']}{row['completion']}"
 
 
-def as_documents(table, kind: str, text_field: str):
-    """A table -> columns `text` (the words) and `chat` (the row as JSON; PLAIN for text)."""
+def as_documents(table, kind: str, text_field: str, origin: str = "the table"):
+    """A table -> columns `text` (the words) and `chat` (the row as JSON; PLAIN for text).
+
+    origin: the file it came from, kept in each row's JSON to name the row in errors."""
     if kind == "text":
         return table.select_columns([text_field]).rename_column(text_field, "text").map(
             lambda b: {"chat": [PLAIN] * len(b["text"])}, batched=True)
     # One file may mix both shapes: a row's absent fields read as None and are dropped.
-    cols = [c for c in ("messages", "prompt", "completion") if c in table.column_names]
+    cols = [c for c in ("messages", "tools", "prompt", "completion") if c in table.column_names]
 
-    def one(row: dict) -> dict:
+    def one(row: dict, i: int) -> dict:
         row = {c: row[c] for c in cols if row[c] is not None}
         ok = "messages" in row or ("prompt" in row and "completion" in row)
+        row[ROW] = f"{origin} row {i + 1}"
         return {"text": _flat_text(row) if ok else "", "chat": json.dumps(row)}  # "" text: dropped as empty
 
-    return table.select_columns(cols).map(one, remove_columns=cols)
+    return table.select_columns(cols).map(one, remove_columns=cols, with_indices=True)
 
 
-def _spans(tok, row: dict) -> tuple[str, list[tuple[int, int]]]:
-    """(full text, character spans that are targets) of one chat row."""
-    if "prompt" in row:
-        return row["prompt"] + row["completion"], [(len(row["prompt"]), len(row["prompt"]) + len(row["completion"]))]
-    if not getattr(tok, "chat_template", None):
-        raise UserError("data: the corpus has chat rows (`messages`) but the tokenizer has no chat template; use "
-                        "a tokenizer dir whose tokenizer_config.json sets chat_template, or give prompt/completion rows")
-    turns = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-    full = tok.apply_chat_template(turns, tokenize=False)
-    spans = []
-    for i, turn in enumerate(turns):
-        if turn["role"] != "assistant":
+# ----------------------------------------------------------------------------- finding the targets
+
+
+class _Unsplittable(Exception):
+    """Why a row's assistant turns cannot be found; `render` names the row."""
+
+
+def _apply(tok, messages: list[dict], tools, **kw):
+    """tok.apply_chat_template (rendering only, unless `kw` says otherwise); a template that
+    fails on the row (its raise_exception, a field it cannot read) makes it unsplittable."""
+    try:
+        return tok.apply_chat_template(messages, tools=tools, **({"tokenize": False} | kw))
+    except Exception as e:
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        raise _Unsplittable(f"the chat template fails on it ({type(e).__name__}: {first})") from None
+
+
+def _common_prefix(a: str, b: str) -> int:
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:  # binary search over slice compares: C speed on long conversations
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid - 1)
+    return lo
+
+
+def _common_suffix(a: str, b: str) -> int:
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if a[len(a) - mid:] == b[len(b) - mid:] else (lo, mid - 1)
+    return lo
+
+
+def _turn_start(tok, full: str, before: list[dict], tools, cursor: int, a: int) -> int:
+    """Where the model starts writing a turn whose payload starts at full[a]: at the end of its
+    prompt P = render(before, add_generation_prompt=True), found as the longest tail of P in
+    full[cursor:a] (its last occurrence): P itself need not be a prefix of `full`, the system
+    prompt may sit elsewhere.  The tail must hold the whole generation prompt, so a prompt the
+    turn is not rendered after (one that opens <think>) is not half-matched; `a` when none is."""
+    prompt = _apply(tok, before, tools, add_generation_prompt=True) if before else ""
+    if not prompt:
+        return a
+    bare = _apply(tok, before, tools)
+    shortest = max(1, len(prompt) - len(bare)) if prompt.startswith(bare) else len(prompt)
+    at = full.rfind(prompt[-shortest:], cursor, a) if shortest <= a - cursor else -1
+    if at < 0:
+        return a
+    lo, hi, end = shortest, min(len(prompt), a - cursor), at + shortest
+    while lo < hi:  # binary search: when a tail occurs, every shorter tail does
+        mid = (lo + hi + 1) // 2
+        found = full.rfind(prompt[-mid:], cursor, a)
+        lo, hi, end = (mid, hi, found + mid) if found >= 0 else (lo, mid - 1, end)
+    return end
+
+
+def _assistant_spans(tok, messages: list[dict], tools) -> tuple[str, list[tuple[int, int]]]:
+    """(the full rendering F, character spans [start, end) of F that the assistant wrote).
+
+    The diff of whole renderings described in the module docstring; one span per assistant turn."""
+    full = _apply(tok, messages, tools)
+    sentinel = SENTINEL
+    while sentinel in full:  # a conversation about this module
+        sentinel += "x"
+    spans, cursor = [], 0
+    for i, m in enumerate(messages):
+        if m.get("role") != "assistant":
             continue
-        before = tok.apply_chat_template(turns[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        upto = tok.apply_chat_template(turns[: i + 1], tokenize=False)
-        if not (upto.startswith(before) and full.startswith(upto)):
-            raise UserError(f"data: the tokenizer's chat template does not render a conversation's start as the "
-                            f"start of the whole (row beginning {json.dumps(turns[0])[:80]}); the assistant turns "
-                            f"cannot be found, so give prompt/completion rows instead")
-        spans.append((len(before), len(upto)))
+        swapped = {k: v for k, v in m.items() if k not in PAYLOAD} | {"content": sentinel}
+        other = _apply(tok, messages[:i] + [swapped] + messages[i + 1:], tools)
+        if other.count(sentinel) != 1:
+            raise _Unsplittable(f"the chat template does not render assistant turn {i}'s content as given")
+        before, after = other.split(sentinel)
+        ending = other if i == len(messages) - 1 else _apply(tok, messages[:i] + [swapped], tools)
+        if ending.count(sentinel) != 1:
+            raise _Unsplittable(f"the chat template does not render assistant turn {i} as a final turn")
+        end_marker = ending.split(sentinel)[1]  # how the template ends a final assistant turn
+        a = min(_common_prefix(full, other), len(before))  # payload: full[a:z]
+        same_after = _common_suffix(full, other)
+        z = len(full) - min(same_after, len(after))
+        if z < a or a < cursor or same_after < len(after) - len(end_marker):
+            raise _Unsplittable(f"assistant turn {i} is not rendered in one place after the turns before it")
+        if z == a and any(m.get(k) for k in PAYLOAD):
+            raise _Unsplittable(f"the chat template renders nothing of assistant turn {i} (fields: "
+                                f"{', '.join(k for k in PAYLOAD if m.get(k))}); it cannot show them")
+        start = _turn_start(tok, full, messages[:i], tools, cursor, a)
+        end = z + _common_prefix(end_marker, full[z:])
+        spans.append((start, end))
+        cursor = end
     return full, spans
 
 
+def _token_targets(offsets, spans: list[tuple[int, int]]) -> list[bool]:
+    """Per token (offsets (T, 2) in characters): does it overlap a span?  A token straddling a
+    span's edge (' answer' after a template's '[/INST]') is one the model must write."""
+    return [any(s < b and max(e, s + 1) > a for a, b in spans) for s, e in offsets]
+
+
+def _row_name(row: dict) -> str:
+    if ROW in row:
+        return row[ROW]
+    return "row beginning " + json.dumps(row)[:80]
+
+
 def render(tok, chat: str) -> tuple[list[int], list[bool]]:
-    """One row (the `chat` column's JSON) -> (token ids, is-target per token)."""
-    full, spans = _spans(tok, json.loads(chat))
+    """One row (the `chat` column's JSON) -> (token ids (T,), is-target per token (T,))."""
+    row = json.loads(chat)
+    name = _row_name(row)
+    if "prompt" in row:  # the completion, then EOS: the student learns where a completion ends
+        full, cut = row["prompt"] + row["completion"], len(row["prompt"])
+        enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids, targets = enc["input_ids"], _token_targets(enc["offset_mapping"], [(cut, len(full))])
+        if not ids or ids[-1] != tok.eos_token_id:
+            ids, targets = ids + [tok.eos_token_id], targets + [True]
+        return ids, targets
+    messages, tools = row["messages"], row.get("tools")
+    template = getattr(tok, "chat_template", None)
+    if not template:
+        raise UserError("data: the corpus has chat rows (`messages`) but the tokenizer has no chat template; use "
+                        "a tokenizer dir whose tokenizer_config.json sets chat_template, or give prompt/completion rows")
+    try:
+        if GENERATION.search(tok.get_chat_template(None, tools)):  # it marks the assistant's text itself
+            out = _apply(tok, messages, tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+            return list(out["input_ids"]), [bool(t) for t in out["assistant_masks"]]
+        full, spans = _assistant_spans(tok, messages, tools)
+    except _Unsplittable as e:
+        raise UserError(f"data: chat {name}: {e}; the assistant turns cannot be found, so fix or drop the row "
+                        f"(or give prompt/completion rows)") from None
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
-    targets = [any(a <= start < b for a, b in spans) for start, _ in enc["offset_mapping"]]
-    return enc["input_ids"], targets
+    return enc["input_ids"], _token_targets(enc["offset_mapping"], spans)
 
 
-def pack_rows(rows, pad_id: int, block: int) -> tuple[torch.Tensor, int, int]:
-    """Whole rows into (N, block) blocks, non-targets marked; (blocks, truncated, dropped).
+# ----------------------------------------------------------------------------- packing
 
-    rows: (ids, targets) pairs.  A row longer than `block` keeps its first `block` tokens
-    (truncated += 1); a row with no target left is dropped (dropped += 1): it would teach
-    nothing.  Padding after the last row of a block is `pad_id`, no target."""
+
+@dataclass
+class PackCounts:
+    """What packing did to the rows: `truncated` were cut to the block and kept; `cut_away` would
+    have lost every target to that cut (their first target sits at or after position `need`, the smallest
+    seq_len that keeps one); `no_target` had none to begin with.  Both kinds are dropped."""
+
+    truncated: int = 0
+    cut_away: int = 0
+    no_target: int = 0
+    need: int = 0
+
+    @property
+    def dropped(self) -> int:
+        return self.cut_away + self.no_target
+
+    def __iadd__(self, other: "PackCounts") -> "PackCounts":
+        self.truncated += other.truncated
+        self.cut_away += other.cut_away
+        self.no_target += other.no_target
+        self.need = min(self.need or other.need, other.need or self.need)
+        return self
+
+
+def pack_rows(rows, pad_id: int, block: int) -> tuple[torch.Tensor, PackCounts]:
+    """Whole rows into (N, block) blocks, non-targets marked; and what was cut or dropped.
+
+    rows: (ids, targets) pairs.  A row longer than `block` keeps its first `block` tokens;
+    a row with no target left is dropped: it would teach nothing.  Padding after the last
+    row of a block is `pad_id`, no target."""
     ids_out: list[int] = []  # every block's ids, flat; padded to whole blocks
     tgt_out: list[bool] = []
     used = 0  # tokens in the block being filled
-    truncated = dropped = 0
+    counts = PackCounts()
     for ids, targets in rows:
+        first = next((p for p, t in enumerate(targets) if t and p), 0)  # position 0 of a block is never predicted
+        if not first:
+            counts.no_target += 1
+            continue
+        if first >= block:
+            counts.cut_away += 1
+            counts.need = min(counts.need or first, first)
+            continue
         if len(ids) > block:
             ids, targets = ids[:block], targets[:block]
-            truncated += 1
-        if not any(targets[1:]):  # position 0 of a block is never predicted
-            dropped += 1
-            continue
+            counts.truncated += 1
         if used + len(ids) > block:
             ids_out += [pad_id] * (block - used)
             tgt_out += [False] * (block - used)
@@ -123,4 +285,4 @@ def pack_rows(rows, pad_id: int, block: int) -> tuple[torch.Tensor, int, int]:
         tgt_out += [False] * (block - used)
     ids_t = torch.tensor(ids_out, dtype=torch.int64).view(-1, block)  # (N, block)
     keep = torch.tensor(tgt_out, dtype=torch.bool).view(-1, block)
-    return torch.where(keep, ids_t, untrained(ids_t)), truncated, dropped
+    return torch.where(keep, ids_t, untrained(ids_t)), counts

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save
 
 from common.errors import UserError
 from common.fsutil import atomic_write_bytes
-from distill.chat import PLAIN, as_documents, pack_rows, render, table_kind
+from distill.chat import CHAT_FORMAT, PLAIN, PackCounts, as_documents, pack_rows, render, table_kind
 from distill.config import DataConfig
 from distill.layout import RunLayout
 
@@ -172,7 +172,7 @@ def load_documents(cfg: DataConfig, log=None) -> datasets.Dataset:
                 raise
             skipped.append(str(f))  # e.g. a package's JSON config met while walking its source tree
             continue
-        parts.append(as_documents(ds, kind, cfg.text_field))
+        parts.append(as_documents(ds, kind, cfg.text_field, origin=str(f)))
     if skipped and log is not None:
         log(f"[data] skipped {len(skipped)} table file(s) with no {cfg.text_field!r} or chat column, or "
             f"unreadable, e.g. {skipped[0]}; add them to data.exclude to silence this")
@@ -273,7 +273,24 @@ def fingerprint(files: list[Path], tok_hash: str, cfg: DataConfig) -> str:
     for part in (tok_hash, cfg.seq_len, cfg.val_fraction, cfg.text_field, cfg.max_documents,
                  cfg.max_train_blocks, cfg.max_val_blocks):
         h.update(repr(part).encode())
+    if any(f.is_dir() or f.suffix not in TEXT_SUFFIXES for f in files):  # tables may hold chat rows
+        h.update(f"chat format {CHAT_FORMAT}".encode())
     return h.hexdigest()[:16]
+
+
+def _log_chat_counts(counts: dict[str, PackCounts], rows: int, block: int) -> None:
+    """Say how many chat rows packing cut or dropped, and what to change."""
+    total = PackCounts()
+    for c in counts.values():
+        total += c
+    if total.truncated:
+        _stderr(f"[data] {total.truncated} of {rows} chat rows were longer than seq_len + 1 = {block} tokens and "
+                f"were truncated to it; raise data.seq_len to keep them whole")
+    if total.cut_away:
+        _stderr(f"[data] {total.cut_away} of {rows} chat rows were dropped: truncation to {block} tokens cut every "
+                f"assistant / completion token; raise data.seq_len to at least {total.need} to keep them")
+    if total.no_target:
+        _stderr(f"[data] {total.no_target} of {rows} chat rows were dropped: no assistant turn or completion to learn")
 
 
 def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> PackedData:
@@ -299,7 +316,7 @@ def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> Pack
     docs = docs if docs is not None else load_documents(cfg, log=_stderr)
     docs = docs.map(lambda b: {"val": [_doc_in_val(t, cfg.val_fraction) for t in b["text"]]}, batched=True)
     block = cfg.seq_len + 1
-    splits, truncated, rows = {}, 0, 0
+    splits, rows, plain, counts = {}, {}, {}, {}
     for name, want_val in (("train", False), ("val", True)):
         part = docs.filter(lambda b: [v == want_val for v in b["val"]], batched=True)
         text = part.filter(lambda b: [c == PLAIN for c in b["chat"]], batched=True)
@@ -307,20 +324,28 @@ def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> Pack
                        batched=True, remove_columns=text.column_names)
         chats = [render(tok, c) for c in part["chat"] if c != PLAIN]
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        packed, cut, dropped = pack_rows(chats, pad, block)
+        packed, counts[name] = pack_rows(chats, pad, block)
         splits[name] = torch.cat([pack(ids["ids"] if len(ids) else [], tok.eos_token_id, block), packed])
-        truncated, rows = truncated + cut, rows + len(chats)
-    if truncated:
-        _stderr(f"[data] {truncated} of {rows} chat rows were longer than seq_len + 1 = {block} tokens and were "
-                f"truncated to it; raise data.seq_len to keep them whole")
+        rows[name], plain[name] = len(chats), len(text)
+    _log_chat_counts(counts, sum(rows.values()), block)
     if cfg.max_train_blocks is not None:
         splits["train"] = splits["train"][: cfg.max_train_blocks]
     if cfg.max_val_blocks is not None:
         splits["val"] = splits["val"][: cfg.max_val_blocks]
     for name, t in splits.items():
-        if len(t) == 0:
-            raise UserError(f"data: the {name} split has no complete block of {block} tokens; "
-                            f"add data, lower data.seq_len or raise data.val_fraction")
+        if len(t):
+            continue
+        if counts[name].cut_away:  # chat rows pack whole: dropped rows are why it is empty
+            raise UserError(f"data: the {name} split is empty: its {counts[name].cut_away} chat rows lost every "
+                            f"assistant / completion token to truncation at seq_len + 1 = {block} tokens (their "
+                            f"prompt, with what the chat template adds, is longer); raise data.seq_len to at "
+                            f"least {counts[name].need}")
+        if not plain[name]:
+            raise UserError(f"data: the {name} split has no rows to learn from ({rows[name]} chat rows, "
+                            f"{counts[name].no_target} of them with no assistant turn); add data or raise "
+                            f"data.val_fraction")
+        raise UserError(f"data: the {name} split has no complete block of {block} tokens; "
+                        f"add data, lower data.seq_len or raise data.val_fraction")
     packed_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(packed_path, save({k: v.contiguous() for k, v in splits.items()}, metadata={"fingerprint": fp}))
     return PackedData(splits["train"], splits["val"], tok, fp, tok_hash)

@@ -11,12 +11,51 @@ import torch
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Templates written to behave like the families users bring (whitespace as the real ones have it).
+# Qwen3-like: reasoning in <think> on the final assistant turn only; earlier turns show content alone.
+REASONING_LAST = (
+    "{% for m in messages %}{% if m.role == 'assistant' %}<|im_start|>assistant\n"
+    "{% if loop.last %}<think>\n{{ m.reasoning_content or '' }}\n</think>\n\n{% endif %}{{ m.content }}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+_SPLIT_SYSTEM = ("{% if messages[0].role == 'system' %}{% set system = messages[0].content %}"
+                 "{% set turns = messages[1:] %}{% else %}{% set turns = messages %}{% endif %}")
+# Llama-2-like: the system prompt inside the first [INST], roles must alternate, no generation prompt.
+SYSTEM_FIRST_USER = (
+    _SPLIT_SYSTEM + "{{ bos_token }}{% for m in turns %}"
+    "{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if m.role == 'user' %}[INST] {% if loop.first and system is defined %}<<SYS>>\n{{ system }}\n<</SYS>>\n\n"
+    "{% endif %}{{ m.content | trim }} [/INST]{% else %} {{ m.content | trim }} {{ eos_token }}{% endif %}{% endfor %}")
+# Mistral-like: the system prompt inside the last user turn, so a conversation's start is not
+# rendered as the start of the whole.
+SYSTEM_LAST_USER = (
+    _SPLIT_SYSTEM + "{% set users = turns | selectattr('role', 'equalto', 'user') | list %}"
+    "{{ bos_token }}{% for m in turns %}{% if m.role == 'user' %}[INST] "
+    "{% if system is defined and m == users[-1] %}{{ system }}\n\n{% endif %}{{ m.content }}[/INST]"
+    "{% else %} {{ m.content | trim }}{{ eos_token }}{% endif %}{% endfor %}")
+# Hermes/Qwen-like tool calling: tools in the system turn, calls as <tool_call> JSON, results as user turns.
+TOOLS = (
+    "{% if tools %}<|im_start|>system\n# Tools\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|im_end|>\n"
+    "{% endif %}{% for m in messages %}{% if m.role == 'assistant' %}<|im_start|>assistant\n{{ m.content or '' }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>\n{\"name\": \"{{ c.function.name }}\", \"arguments\": "
+    "{{ c.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{% elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# ChatML whose assistant text is marked with {% generation %}: the end marker in, its newline out.
+GENERATION = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}"
+    "{% generation %}{{ m.content }}<|im_end|>{% endgeneration %}{{ '\\n' }}"
+    "{% else %}{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 TINY = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
             max_position_embeddings=512)
 
 
-def make_tokenizer(texts: list[str], out: Path, vocab_size: int = 300, alphabet: str | None = None):
-    """Byte-level BPE with ChatML specials and chat template, saved to `out`."""
+def make_tokenizer(texts: list[str], out: Path, vocab_size: int = 300, alphabet: str | None = None,
+                   chat_template: str = CHATML):
+    """Byte-level BPE with ChatML specials and `chat_template` (ChatML), saved to `out`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -29,9 +68,19 @@ def make_tokenizer(texts: list[str], out: Path, vocab_size: int = 300, alphabet:
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>",
                                    pad_token="<pad>", clean_up_tokenization_spaces=False)
-    fast.chat_template = CHATML
+    fast.chat_template = chat_template
     fast.save_pretrained(str(out))
     return fast
+
+
+def with_template(tokenizer_dir: Path, template: str, out: Path):
+    """The tokenizer in `tokenizer_dir` saved again to `out` with another chat template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.chat_template = template
+    tok.save_pretrained(str(out))
+    return tok
 
 
 def save_model(kind: str, vocab: int, out: Path, tokenizer=None, seed: int = 0, **over) -> Path:
@@ -75,6 +124,17 @@ def chat_rows() -> list[dict]:
         ]})
         rows.append({"prompt": f"Write the word for {i}: ", "completion": f"number {i} is written {i}."})
     return rows
+
+
+def tool_row() -> dict:
+    """An assistant tool call (no content), the tool's answer, the assistant's reply; `tools` beside."""
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    return {"messages": [{"role": "user", "content": "What is the weather in Paris?"},
+                         {"role": "assistant", "tool_calls": [call]},
+                         {"role": "tool", "name": "get_weather", "content": "sunny, 21 C"},
+                         {"role": "assistant", "content": "It is sunny in Paris."}],
+            "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+                                                        "parameters": {"type": "object"}}}]}
 
 
 def write_jsonl(rows: list[dict], path: Path) -> Path:

@@ -1,5 +1,6 @@
-"""Chat and instruction data: assistant-only targets from the tokenizer's own chat template,
-whole-row packing, and one mask for the hard and soft loss, adaptive weights and eval."""
+"""Chat and instruction data: assistant-only targets from the tokenizer's own chat template
+(as the template families users bring render them), whole-row packing, and one mask for the
+hard and soft loss, adaptive weights and eval."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from common.errors import UserError
 from distill.chat import pack_rows, render
 from distill.config import DataConfig, LossConfig
 from distill.data import load_documents, prepare_data
@@ -16,14 +18,23 @@ from distill.train.validate import evaluate_model
 from losses.signal import TeacherSignal
 from students.build import load_causal_lm
 from teachers import IGNORE, Batch, token_ids
-from tests.hf_models import chat_rows, write_jsonl
+from tests.hf_models import (CHATML, GENERATION, REASONING_LAST, SYSTEM_FIRST_USER, SYSTEM_LAST_USER, TOOLS,
+                             chat_rows, tool_row, with_template, write_jsonl)
 
 CONVERSATION = chat_rows()[0]
+FIRST, LAST = (m["content"] for m in CONVERSATION["messages"] if m["role"] == "assistant")
+THINKING = {**CONVERSATION, "messages": [m | {"reasoning_content": f"Think of {m['content'][:6]}"}
+                                         if m["role"] == "assistant" else m for m in CONVERSATION["messages"]]}
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 
 def _targets_text(tok, row) -> str:
     ids, targets = render(tok, json.dumps(row))
     return tok.decode([i for i, t in zip(ids, targets) if t])
+
+
+def _templated(hf_family, template, out):
+    return with_template(hf_family["work"] / "tokenizer", template, out)
 
 
 def test_only_assistant_turns_are_targets(hf_family):
@@ -33,19 +44,90 @@ def test_only_assistant_turns_are_targets(hf_family):
     assert _targets_text(tok, CONVERSATION) == want  # both turns, with their end-of-turn marker
     ids, targets = render(tok, json.dumps(CONVERSATION))
     assert tok.decode(ids) == tok.apply_chat_template(turns, tokenize=False)  # the template's own rendering
-    row = {"prompt": "Say hi: ", "completion": "hi there."}
-    assert _targets_text(tok, row) == "hi there."
+
+
+def test_a_completion_ends_with_eos_as_a_target(hf_family):
+    tok = hf_family["tokenizer"]
+    ids, targets = render(tok, json.dumps({"prompt": "Say hi: ", "completion": "hi there."}))
+    assert ids[-1] == tok.eos_token_id and targets[-1]  # the student learns where a completion stops
+    assert _targets_text(tok, {"prompt": "Say hi: ", "completion": "hi there."}) == f"hi there.{tok.eos_token}"
+
+
+@pytest.mark.parametrize("template,row,want", [
+    (CHATML, CONVERSATION, f"{FIRST}<|im_end|>\n{LAST}<|im_end|>\n"),
+    # earlier turns without reasoning (the template drops it), the last with its <think> block
+    (REASONING_LAST, THINKING, f"{FIRST}<|im_end|>\n<think>\nThink of {LAST[:6]}\n</think>\n\n{LAST}<|im_end|>\n"),
+    # no generation prompt: the model writes from the template's space after [/INST]
+    (SYSTEM_FIRST_USER, CONVERSATION, f" {FIRST} <|im_end|> {LAST} <|im_end|>"),
+    (SYSTEM_LAST_USER, CONVERSATION, f" {FIRST}<|im_end|> {LAST}<|im_end|>"),
+    (TOOLS, tool_row(), f"{CALL}<|im_end|>\nIt is sunny in Paris.<|im_end|>\n"),
+    (GENERATION, CONVERSATION, f"{FIRST}<|im_end|>{LAST}<|im_end|>"),  # what its markers mark, newline out
+], ids=["chatml", "reasoning-last-turn", "system-first-user", "system-last-user", "tool-calls", "generation-markers"])
+def test_targets_are_what_the_assistant_writes(template, row, want, hf_family, tmp_path):
+    tok = _templated(hf_family, template, tmp_path)
+    ids, _ = render(tok, json.dumps(row))
+    assert tok.decode(ids) == tok.apply_chat_template(row["messages"], tools=row.get("tools"), tokenize=False)
+    assert _targets_text(tok, row) == want
+
+
+@pytest.mark.parametrize("template,row,why", [
+    (CHATML, tool_row(), r"the chat template renders nothing of assistant turn 1 \(fields: tool_calls\)"),
+    (SYSTEM_FIRST_USER, {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                                      {"role": "assistant", "content": "c"}]},
+     r"the chat template fails on it \(TemplateError: Conversation roles must alternate"),
+], ids=["tool-call-chatml-cannot-show", "template-raises"])
+def test_a_row_the_template_cannot_split_is_refused(template, row, why, hf_family, tmp_path):
+    tok = _templated(hf_family, template, tmp_path)
+    with pytest.raises(UserError, match=rf"data: chat row beginning {{\"messages\".*: {why}"):
+        render(tok, json.dumps(row))
+
+
+def test_an_unsplittable_row_stops_the_cli_naming_it(hf_family, tmp_path):
+    from tests.conftest import run_cli
+
+    path = write_jsonl(chat_rows()[:6] + [tool_row()] + chat_rows()[6:], tmp_path / "chat.jsonl")
+    cfg = {"out_dir": str(tmp_path / "run"), "data": {"paths": [str(path)], "seq_len": 48},
+           "teacher": {"source": "checkpoint", "path": str(hf_family["teacher"])}, "cache": {"k": 8},
+           "students": [{"name": "s", "model": {"path": str(hf_family["student"])}}]}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    r = run_cli("cache", "-c", str(tmp_path / "run.yaml"), "--quiet", timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr  # one line
+    assert r.stderr.startswith(f"error: data: chat {path} row 7: the chat template renders nothing of assistant")
 
 
 def test_rows_are_packed_whole_and_long_rows_truncated():
     rows = [([1, 2, 3, 4], [False, False, True, True]), ([5, 6, 7], [False, True, True]),
-            ([8] * 9, [False] * 3 + [True] * 6), ([9, 9], [True, False])]
-    blocks, truncated, dropped = pack_rows(rows, pad_id=0, block=6)
-    # row 2 does not fit after row 1: it starts a new block, cut to 6; row 4 has no target after position 0.
-    assert (truncated, dropped) == (1, 1)
+            ([8] * 9, [False] * 3 + [True] * 6), ([9, 9], [True, False]), ([7] * 9, [False] * 7 + [True] * 2)]
+    blocks, counts = pack_rows(rows, pad_id=0, block=6)
+    # row 2 does not fit after row 1: it starts a new block, cut to 6; row 4 has no target after position 0;
+    # row 5's first target (position 7) is past the block: it needs seq_len >= 7
+    assert (counts.truncated, counts.no_target, counts.cut_away, counts.need) == (1, 1, 1, 7)
     assert blocks.tolist() == [[-2, -3, 3, 4, -1, -1], [-6, 6, 7, -1, -1, -1], [-9, -9, -9, 8, 8, 8]]
     batch = Batch.of(blocks, range(3))
     assert batch.input_ids.min() >= 0 and batch.labels[0].tolist() == [IGNORE, 3, 4, IGNORE, IGNORE]
+
+
+def test_rows_truncation_empties_are_dropped_and_seq_len_must_rise(hf_family, tmp_path, capfd):
+    short = [{"messages": [{"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": "Hello."}]}
+             for i in range(200)]
+    long = [{"prompt": f"Read this first: {'and then some more words ' * 12}{i}. Now: ", "completion": "ok"}
+            for i in range(5)]
+    path = write_jsonl(short + long, tmp_path / "rows.jsonl")
+    chatml = {"path": hf_family["teacher"]}
+    prepare_data(DataConfig(paths=[path], seq_len=48, tokenizer=chatml), tmp_path / "a")
+    err = capfd.readouterr().err
+    assert "5 of 205 chat rows were dropped: truncation to 49 tokens cut every assistant / completion token" in err
+    need = int(err.split("raise data.seq_len to at least ")[1].split()[0])
+    prepare_data(DataConfig(paths=[path], seq_len=need, tokenizer=chatml), tmp_path / "b")
+    assert "dropped" not in capfd.readouterr().err  # at that seq_len each keeps a target
+    # 200 short rows under a template that adds a long system prompt: nothing left to learn
+    long_system = "{{ '<|im_start|>system\\n' + 'You are a careful, helpful assistant. ' * 12 + '<|im_end|>\\n' }}"
+    _templated(hf_family, long_system + CHATML, tmp_path / "tok")
+    with pytest.raises(UserError, match=r"the train split is empty: its \d+ chat rows lost every assistant / "
+                                        r"completion token .* raise data.seq_len to at least \d+$"):
+        prepare_data(DataConfig(paths=[write_jsonl(short, tmp_path / "short.jsonl")], seq_len=48,
+                                tokenizer={"path": tmp_path / "tok"}), tmp_path / "c")
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +144,29 @@ def test_chat_corpus_packs_masks_and_logs_truncation(chat_data, hf_family, tmp_p
     labels = Batch.of(data.train, range(len(data.train))).labels
     share = float((labels != IGNORE).float().mean())
     assert 0.2 < share < 0.8  # system and user turns are not targets
+    # each row's targets are one run: a completion's ends with EOS, a ChatML turn's with <|im_end|>\n
+    eos, newline = data.tokenizer.eos_token_id, data.tokenizer.convert_tokens_to_ids("Ċ")
+    ends = [tuple(run[-2:]) for run in _target_runs(data.train)]
+    assert {end for end in ends if end[-1] != newline} == {(data.tokenizer.convert_tokens_to_ids("."), eos)}
+    assert all(end[0] == eos for end in ends if end[-1] == newline)
     capfd.readouterr()
     short = DataConfig(paths=[path], seq_len=24, val_fraction=0.2, tokenizer={"path": hf_family["teacher"]})
     prepare_data(short, tmp_path)
     assert "chat rows were longer than seq_len + 1 = 25 tokens and were truncated" in capfd.readouterr().err
+
+
+def _target_runs(blocks: torch.Tensor) -> list[list[int]]:
+    """The ids of each maximal run of target tokens in packed blocks (N, T+1)."""
+    runs, run = [], []
+    for ids, target in zip(token_ids(blocks).tolist(), (blocks >= 0).tolist()):
+        for i, t in zip(ids, target):
+            if t:
+                run.append(i)
+            elif run:
+                runs, run = runs + [run], []
+        if run:
+            runs, run = runs + [run], []
+    return runs
 
 
 def _signal(ids: torch.Tensor, k: int, vocab: int, seed: int) -> TeacherSignal:
