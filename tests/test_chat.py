@@ -4,6 +4,7 @@ hard and soft loss, adaptive weights and eval."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -243,10 +244,14 @@ def test_chat_run_over_the_cli(hf_family, tmp_path):
 
     from tests.conftest import run_cli
 
+    from transformers import GenerationConfig
+
     path = write_jsonl(chat_rows(), tmp_path / "chat.jsonl")
+    student = shutil.copytree(hf_family["student"], tmp_path / "student")
+    GenerationConfig(eos_token_id=0, max_new_tokens=7).save_pretrained(str(student))  # a base model's stop id
     cfg = {"out_dir": str(tmp_path / "run"), "data": {"paths": [str(path)], "seq_len": 48},
            "teacher": {"source": "checkpoint", "path": str(hf_family["teacher"])}, "cache": {"k": 8},
-           "students": [{"name": "chat", "model": {"path": str(hf_family["student"])}, "loss": {"adaptive": "entropy"}}],
+           "students": [{"name": "chat", "model": {"path": str(student)}, "loss": {"adaptive": "entropy"}}],
            "train": {"mode": "cached", "steps": 2, "batch_size": 2, "eval_every": 0, "eval_blocks": 2}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     r = run_cli("run", "-c", str(tmp_path / "run.yaml"), "--quiet", timeout=300)
@@ -260,3 +265,5 @@ def test_chat_run_over_the_cli(hf_family, tmp_path):
                                      return_tensors="pt", return_dict=True)["input_ids"]
     out = model.generate(prompt, max_new_tokens=4, do_sample=False)
     assert out.shape[1] > prompt.shape[1]
+    # completions were trained to end with the tokenizer's EOS: generate stops there (and at the student's own)
+    assert model.generation_config.eos_token_id == [0, tok.eos_token_id]

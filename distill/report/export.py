@@ -56,7 +56,8 @@ def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size
                 card: str | None = None, generation_config=None) -> Path:
     """save_pretrained + tokenizer + generation config (+ README.md), atomically.
 
-    generation_config: kept as given (a pretrained student's own); default: EOS and 64 new tokens."""
+    generation_config: kept as given (a pretrained student's own), plus the tokenizer's EOS as a
+    stop id (completions were trained to end with it); default: EOS and 64 new tokens."""
     from transformers import GenerationConfig
 
     if dtype not in DTYPES:
@@ -68,6 +69,7 @@ def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size
         model.config.architectures = [type(model).__name__]
         model.save_pretrained(str(tmp), max_shard_size=max_shard_size, safe_serialization=True)
         if generation_config is not None:
+            _stop_at(generation_config, tokenizer.eos_token_id if tokenizer is not None else None)
             generation_config.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -82,6 +84,14 @@ def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(describe_os_error(e, out)) from e
     return out
+
+
+def _stop_at(generation_config, eos: int | None) -> None:
+    """Add `eos` to the config's stop ids, keeping its own (a base model's may be another token)."""
+    have = generation_config.eos_token_id
+    have = [] if have is None else [have] if isinstance(have, int) else list(have)
+    if eos is not None and eos not in have:
+        generation_config.eos_token_id = have + [eos] if have else eos
 
 
 def model_card(name: str, meta: dict, metrics: dict | None = None) -> str:
