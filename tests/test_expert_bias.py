@@ -81,7 +81,7 @@ def test_export_reports_routing_without_the_bias(tmp_path, capfd):
     student = scout_student()
     biases = [torch.tensor([3.0, -3.0, 0.0, 0.0]), torch.zeros(4)]  # layer 0: expert 0 favoured
     checkpoint.save(tmp_path / "ckpt", 5, student.model, {**student.state(), "expert_bias": biases},
-                    {"student": "moe", "run_hash": "h"}, keep_last=1)
+                    {"student": "moe", "run_hash": "h"})
     held_out = torch.randint(0, V, (4, T + 1), generator=torch.Generator().manual_seed(1))
     out = export_checkpoint(tmp_path / "ckpt", tmp_path / "export", held_out=held_out)
     err = capfd.readouterr().err
@@ -93,6 +93,6 @@ def test_export_reports_routing_without_the_bias(tmp_path, capfd):
     note = json.loads((out / "distill_meta.json").read_text())["routing_without_bias"]
     assert 0 < note["tokens_changing_expert"] <= 1 and note["per_layer"][1] == 0  # layer 1 had no bias
     # No bias at all: nothing to report, nothing printed.
-    checkpoint.save(tmp_path / "plain", 5, student.model, student.state(), {"student": "moe"}, keep_last=1)
+    checkpoint.save(tmp_path / "plain", 5, student.model, student.state(), {"student": "moe"})
     export_checkpoint(tmp_path / "plain", tmp_path / "export2", held_out=held_out)
     assert "expert bias" not in capfd.readouterr().err
