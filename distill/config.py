@@ -77,10 +77,10 @@ class SelectConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    paths: list[Path] = Field(default_factory=list, description="Files, dirs or glob patterns (`repo/**/*.py`): .txt/.py/.md (one document per file), .jsonl/.json, .parquet, or a `datasets.save_to_disk` dir. Tables met while walking a dir or a glob that lack the text (or chat) columns are skipped with a count; a file named here must read.")
+    paths: list[Path] = Field(default_factory=list, description="Files, dirs or glob patterns (`repo/**/*.py`): .txt/.py/.md/.rst/.text (one document per file), .jsonl/.json (also compressed: .gz/.bz2/.zst/.xz), .parquet, .arrow, or a `datasets.save_to_disk` dir (a DatasetDict's `train` split, or its only split). Any other file named here is refused. Tables met while walking a dir or a glob that lack the text (or chat) columns are skipped with a count; a file named here must read.")
     exclude: list[str] = Field(default_factory=list, description="Patterns of files to leave out of dirs and globs: without a `/` they match a file or folder name (`*.json`, `tests`), with one the path below the dir (`docs/*`).")
     stdlib: bool = Field(False, description="Use the Python standard library's .py sources on this machine as the corpus (the offline default).")
-    text_field: str = Field("text", description="Column holding the text in jsonl/parquet/dataset inputs. A table without it but with `messages` (role/content turns, rendered with the tokenizer's chat template) or `prompt` + `completion` columns is chat data: only the assistant's / completion's tokens are trained and scored.")
+    text_field: str = Field("text", description="Column holding the text in jsonl/json/parquet/arrow/saved-dataset inputs (`text`: the Hugging Face convention); other columns are ignored. A table without it but with `messages` (role/content turns, rendered with the tokenizer's chat template) or `prompt` + `completion` columns is chat data: only the assistant's / completion's tokens are trained and scored.")
     seq_len: int = Field(256, ge=8, le=1_048_576, description="Tokens per training block.")
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="Share of documents held out for validation (split by document hash, so deterministic).")
     max_documents: int | None = Field(None, ge=1, description="Use at most this many documents (first in sorted path order).")
