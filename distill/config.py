@@ -12,6 +12,8 @@ with a `UserError`: a one-line message naming the key.
 """
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Any, Literal
 
@@ -227,7 +229,7 @@ class TrainConfig(_Strict):
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Autocast precision: auto = bf16 on GPU, fp32 on CPU.")
     engine: Literal["torch", "deepspeed"] = Field("torch", description="Plain PyTorch, or one DeepSpeed engine per student (launch with `deepspeed` or torchrun).")
-    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (engine=deepspeed).")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage 1-3 (engine=deepspeed); 0 is refused (no grad norm to tell a non-finite step by): for unsharded data parallelism use engine: torch (DDP).")
     deepspeed_config: Path | None = Field(None, description="A ds_config JSON passed through to DeepSpeed (engine=deepspeed); batch sizes are filled in.")
     online_dense: bool = Field(False, description="Online mode: hand students the teacher's dense logits (exact loss) instead of top-k.")
     deterministic: bool = Field(True, description="torch.use_deterministic_algorithms for exact resume.")
@@ -330,6 +332,12 @@ def parse_config(raw: dict, source: str = "config") -> RunConfig:
         raise UserError(f"{source}: {first}{more}") from None
 
 
+# DeepSpeed at stage 0 reports no global grad norm with a plain optimiser, so a non-finite step
+# cannot be told from a good one (and is applied).
+STAGE_0 = ("DeepSpeed reports no grad norm at stage 0, so non-finite steps would go unnoticed; use "
+           "train.engine: torch for plain data parallelism (DDP), or a ZeRO stage 1-3")
+
+
 def check_config(cfg: RunConfig, source: str = "config") -> RunConfig:
     """The checks only the registries below can make: every divergence, preset and
     soft-weight schedule named in `cfg` exists and builds.  Raises UserError naming the key."""
@@ -343,6 +351,8 @@ def check_config(cfg: RunConfig, source: str = "config") -> RunConfig:
     if cfg.train.precision == "fp16":  # never silently something else (fp32 under DeepSpeed, say)
         raise UserError(f"{source}: train.precision=fp16 is refused: it needs loss scaling, which this toolkit does "
                         f"not apply (gradients would underflow); use bf16 (or fp32)")
+    if cfg.train.engine == "deepspeed" and cfg.train.zero_stage == 0 and cfg.train.deepspeed_config is None:
+        raise UserError(f"{source}: train.zero_stage: 0 is refused with engine: deepspeed: {STAGE_0}")
     models = [("teacher.model", cfg.teacher.model)] + [(f"students.{i}.model", s.model) for i, s in enumerate(cfg.students)]
     for where, model in models:
         if model is not None and model.preset is not None:
@@ -474,6 +484,15 @@ def check_inputs_exist(cfg: RunConfig) -> None:
                             f"config.json); point it at a dir saved with save_pretrained")
     if cfg.train.deepspeed_config is not None and not cfg.train.deepspeed_config.is_file():
         raise UserError(f"train.deepspeed_config: {cfg.train.deepspeed_config} does not exist")
+    if cfg.train.engine == "deepspeed" and cfg.train.deepspeed_config is not None:
+        try:
+            zero = json.loads(cfg.train.deepspeed_config.read_text()).get("zero_optimization", {})
+        except (OSError, ValueError, AttributeError) as e:
+            raise UserError(f"train.deepspeed_config: {cfg.train.deepspeed_config} is not a JSON object "
+                            f"({type(e).__name__}: {e})") from None
+        if zero.get("stage", cfg.train.zero_stage) == 0:
+            raise UserError(f"train.deepspeed_config: {cfg.train.deepspeed_config}: zero_optimization.stage 0 is "
+                            f"refused: {STAGE_0}")
 
 
 def write_example_config(path: Path, force: bool = False) -> None:

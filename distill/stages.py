@@ -53,8 +53,9 @@ def pretrain_teacher(cfg: RunConfig, resume: bool = True, progress: bool = True,
                        run_hash("pretrain", cfg.teacher.model_dump(mode="json"), data.fingerprint, cfg.seed))
     result = train_loop([student], None, data.train, data.val, None, loop, cfg.layout.pretrain,
                         resume=resume, progress=progress, label="pretraining teacher")
+    weights = student.engine.full_state_dict()  # collective under ZeRO-3, where each rank holds 1/N of each weight
     if rank == 0:
-        save_hf_dir(student.model, data.tokenizer, out, dtype="fp32")
+        save_hf_dir(student.model, data.tokenizer, out, dtype="fp32", state_dict=weights)
         atomic_write_json(out / "pretrain_done.json", {"steps": pre.steps, "data_fingerprint": data.fingerprint,
                                                        **result["students"].get("teacher", {})})
     return out
@@ -131,7 +132,17 @@ def open_cached_teachers(cfg: RunConfig, data: PackedData) -> tuple[CachedTeache
     if have != cfg.cache.estimator:
         raise UserError(f"cache at {cache_dir} holds a {have} signal but cache.estimator is {cfg.cache.estimator}; "
                         f"set cache.estimator: {have}, or rerun `distill cache --overwrite`")
-    ident = train.reader.manifest.get("identity", {})
+    manifest = train.reader.manifest
+    if have == "topk":  # what the students read must be what the config says: never an old cache's k silently
+        for key, want in (("k", cfg.cache.k), ("encoding", cfg.cache.encoding)):
+            if manifest.get(key) != want:
+                raise UserError(f"cache at {cache_dir} has {key} {manifest.get(key)} but cache.{key} is {want}; set "
+                                f"cache.{key}: {manifest.get(key)}, or rerun `distill cache --overwrite`")
+    elif train.reader.sampling.n != cfg.cache.samples:
+        raise UserError(f"cache at {cache_dir} has {train.reader.sampling.n} samples per token but cache.samples is "
+                        f"{cfg.cache.samples}; set cache.samples: {train.reader.sampling.n}, or rerun "
+                        f"`distill cache --overwrite`")
+    ident = manifest.get("identity", {})
     if ident.get("data_fingerprint") not in (None, data.fingerprint):
         raise UserError(f"cache at {cache_dir} was made from other data (fingerprint "
                         f"{ident.get('data_fingerprint')} != {data.fingerprint}); rerun `distill cache --overwrite`")
@@ -194,8 +205,13 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
         students = build_students(cfg, data, live.model)  # init: teacher reuses the loaded model
     selections = {name: {"rule": v.summary["rule"], "digest": v.digest(), "blocks": v.summary["blocks_kept"]}
                   for v in views for name in v.students}
+    # The teacher signal's shape is part of the trajectory: a cache's k/encoding, the live top-k.
+    signal = {"estimator": cfg.cache.estimator, **({"samples": cfg.cache.samples} if cfg.cache.estimator == "sampled"
+                                                   else {"k": cfg.cache.k})}
+    if cfg.train.mode == "cached" and cfg.cache.estimator == "topk":
+        signal["encoding"] = cfg.cache.encoding
     rhash = run_hash("train", [student_identity(s) for s in cfg.students], data.fingerprint,
-                     cfg.seed, cfg.train.steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.mode,
+                     cfg.seed, cfg.train.steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.mode, signal,
                      *([selections] if any(v.rule is not None for v in views) else []))
     loop = loop_config(cfg, cfg.train.steps, cfg.train.batch_size, rank, world, rhash)
     loop.extra_meta = {"data_fingerprint": data.fingerprint, "teacher": str(cfg.layout.teacher),

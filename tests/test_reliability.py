@@ -264,3 +264,35 @@ def test_kill9_between_two_students_checkpoints_resumes_from_the_committed_step(
         a = load_file(str(ckpts[-1] / "model.safetensors"))
         b = load_file(str(tmp_path / "full" / "students" / name / "checkpoints" / "step_00000006" / "model.safetensors"))
         assert all((a[k] == b[k]).all() for k in a), name
+
+
+def test_deepspeed_stage_0_is_refused_at_config_check(online_setup, tmp_path):
+    """DeepSpeed at stage 0 gives no grad norm with a plain optimiser: every step would read as
+    non-finite (and a real NaN would be applied).  Refused before any work, from the config
+    key or from a ds_config JSON."""
+    work, cfg = online_setup
+    sets = ["--set", f"out_dir={tmp_path / 'o'}", "--set", "train.engine=deepspeed"]
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", *sets, "--set", "train.zero_stage=0"))
+    assert "train.zero_stage: 0 is refused" in line and "engine: torch" in line, line
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", *sets, "--set", f"train.deepspeed_config={ds}"))
+    assert f"{ds}: zero_optimization.stage 0 is refused" in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_cache_of_another_k_is_refused_and_k_is_part_of_the_run(online_setup, tmp_path):
+    """`distill train` checks the cache's k and encoding against the config (naming both), and
+    they are part of the run's identity: a resume after re-caching with another k is refused."""
+    work, cfg = online_setup
+    sets = ["--set", f"out_dir={tmp_path / 'o'}", "--set", "train.mode=cached", "--set", "train.steps=2"]
+    assert run_cli("cache", "-c", str(cfg), "--quiet", *sets).returncode == 0  # k 16
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", *sets, "--set", "cache.k=8"))
+    assert "has k 16 but cache.k is 8" in line, line
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", *sets, "--set", "cache.encoding=compact"))
+    assert "has encoding lossless but cache.encoding is compact" in line, line
+    assert run_cli("train", "-c", str(cfg), "--quiet", *sets).returncode == 0
+    assert run_cli("cache", "-c", str(cfg), "--quiet", "--overwrite", *sets, "--set", "cache.k=8").returncode == 0
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--resume", *sets, "--set", "cache.k=8",
+                            "--set", "train.steps=3"))
+    assert "different config" in line, line

@@ -265,18 +265,27 @@ def block_gaps(members: list[Student], micro_batches: list[MicroBatch], loop: Lo
     return flat.cpu()
 
 
-def teacher_difficulty(micro_batches: list[MicroBatch]) -> dict:
-    """The teacher's mean nll, entropy and top-1 probability over this rank's training
-    targets of the step (the difficulty the signal carries; {} when it carries none)."""
-    sums, count = torch.zeros(len(STATS), dtype=torch.float64), 0
+def teacher_metrics(micro_batches: list[MicroBatch], loop: LoopConfig, device: torch.device) -> dict:
+    """The step's teacher figures over every rank (one all-reduce): the count of tokens whose
+    signal was not finite, and the teacher's mean nll, entropy and top-1 probability over the
+    training targets (the difficulty the signal carries; absent when it carries none)."""
+    sums = torch.zeros(len(STATS) + 2, dtype=torch.float64)  # [nll, entropy, top1 sums, targets, non-finite]
+    has_difficulty = all(mb.signal is not None and mb.signal.difficulty is not None for mb in micro_batches)
     for mb in micro_batches:
-        d = None if mb.signal is None or mb.signal.difficulty is None else mb.signal.difficulty.cpu()  # (B, T, 3)
-        if d is None:
-            return {}
-        ok = (mb.batch.labels != IGNORE) & mb.valid.cpu() & torch.isfinite(d).all(-1)  # (B, T)
-        sums += d[ok].double().sum(0)
-        count += int(ok.sum())
-    return {f"teacher_{name}": float(v) / count for name, v in zip(STATS, sums)} if count else {}
+        sums[-1] += int((~mb.valid).sum())
+        if has_difficulty:
+            d = mb.signal.difficulty.cpu()  # (B, T, 3)
+            ok = (mb.batch.labels != IGNORE) & mb.valid.cpu() & torch.isfinite(d).all(-1)  # (B, T)
+            sums[:len(STATS)] += d[ok].double().sum(0)
+            sums[-2] += int(ok.sum())
+    if loop.world_size > 1:
+        sums = sums.to(device)
+        dist.all_reduce(sums)
+        sums = sums.cpu()
+    out = {"teacher_nonfinite_tokens": int(sums[-1])}
+    if has_difficulty and sums[-2] > 0:
+        out.update({f"teacher_{name}": float(v / sums[-2]) for name, v in zip(STATS, sums)})
+    return out
 
 
 def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: torch.Tensor,
@@ -339,8 +348,7 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
                     micro_batches.append(MicroBatch(batch, sig, valid))
 
                 # --- every student learns from the same signal; a failure costs that student only
-                shared = {"teacher_nonfinite_tokens": sum(int((~mb.valid).sum()) for mb in micro_batches),
-                          **teacher_difficulty(micro_batches)}
+                shared = teacher_metrics(micro_batches, loop, members[0].device)
                 for s in members:
                     try:
                         metrics = s.train_step(step, micro_batches)
