@@ -24,6 +24,15 @@ app = typer.Typer(
 ConfigOpt = typer.Option(..., "--config", "-c", help="Run config (YAML). `distill init` writes an example.")
 SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set train.steps=50 (repeatable; value parsed as YAML).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars; log lines only.")
+OverwriteOpt = typer.Option(False, "--overwrite", help="A fresh run into an out_dir with an earlier run's checkpoints "
+                            "moves that run aside to OUT/replaced-TIME/ (without it, such a run is refused).")
+
+
+def _fresh_or_resume(resume: bool, overwrite: bool) -> None:
+    from common.errors import UserError
+
+    if resume and overwrite:
+        raise UserError("--resume continues the run in out_dir and --overwrite replaces it: give one of them")
 
 
 def _overrides(pairs: Optional[list[str]]) -> dict:
@@ -87,13 +96,15 @@ def pretrain(
     config: Path = ConfigOpt,
     sets: Optional[list[str]] = SetOpt,
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the last pretraining checkpoint."),
+    overwrite: bool = OverwriteOpt,
     quiet: bool = QuietOpt,
 ):
     """Train the teacher from scratch with plain CE (teacher.source: preset); saves OUT/teacher."""
+    resume = resume and not overwrite  # --overwrite: a fresh pretraining run
     cfg = _load(config, sets)  # validate before importing torch-heavy modules
     from distill.stages import pretrain_teacher
 
-    pretrain_teacher(cfg, resume=resume, progress=not quiet)
+    pretrain_teacher(cfg, resume=resume, progress=not quiet, overwrite=overwrite)
 
 
 @app.command()
@@ -114,14 +125,16 @@ def cache(
 def train(
     config: Path = ConfigOpt,
     sets: Optional[list[str]] = SetOpt,
-    resume: bool = typer.Option(False, "--resume", help="Continue every student from its latest checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue every student from its last committed checkpoint."),
+    overwrite: bool = OverwriteOpt,
     quiet: bool = QuietOpt,
 ):
     """Co-distil all students: one teacher signal per batch, shared by every student."""
+    _fresh_or_resume(resume, overwrite)
     cfg = _load(config, sets)  # validate before importing torch-heavy modules
     from distill.stages import train_students
 
-    train_students(cfg, resume=resume, progress=not quiet)
+    train_students(cfg, resume=resume, progress=not quiet, overwrite=overwrite)
 
 
 @app.command()
@@ -129,13 +142,17 @@ def run(
     config: Path = ConfigOpt,
     sets: Optional[list[str]] = SetOpt,
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue finished stages and checkpoints."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start the teacher's pretraining and the students' "
+                                   "training afresh, moving an earlier run's checkpoints aside to OUT/replaced-TIME/ (a "
+                                   "cache made for the same inputs is reused)."),
     quiet: bool = QuietOpt,
 ):
     """cache (or pretrain + cache) + train + export + eval + report, from one config."""
+    resume = resume and not overwrite  # --overwrite: every stage afresh
     cfg = _load(config, sets)  # validate before importing torch-heavy modules
     from distill.stages import run_all
 
-    run_all(cfg, resume=resume, progress=not quiet)
+    run_all(cfg, resume=resume, progress=not quiet, overwrite=overwrite)
 
 
 @app.command()

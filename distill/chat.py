@@ -80,8 +80,10 @@ def as_documents(table, kind: str, text_field: str, origin: str = "the table"):
 
     origin: the file it came from, kept in each row's JSON to name the row in errors."""
     if kind == "text":
-        return table.select_columns([text_field]).rename_column(text_field, "text").map(
-            lambda b: {"chat": [PLAIN] * len(b["text"])}, batched=True)
+        table = table.select_columns([text_field])
+        if text_field != "text":  # the Hugging Face convention is already `text`
+            table = table.rename_column(text_field, "text")
+        return table.map(lambda b: {"chat": [PLAIN] * len(b["text"])}, batched=True)
     # One file may mix both shapes: a row's absent fields read as None and are dropped.
     cols = [c for c in ("messages", "tools", "prompt", "completion") if c in table.column_names]
 

@@ -12,6 +12,8 @@ with a `UserError`: a one-line message naming the key.
 """
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,10 +79,10 @@ class SelectConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    paths: list[Path] = Field(default_factory=list, description="Files, dirs or glob patterns (`repo/**/*.py`): .txt/.py/.md (one document per file), .jsonl/.json, .parquet, or a `datasets.save_to_disk` dir. Tables met while walking a dir or a glob that lack the text (or chat) columns are skipped with a count; a file named here must read.")
+    paths: list[Path] = Field(default_factory=list, description="Files, dirs or glob patterns (`repo/**/*.py`): .txt/.py/.md/.rst/.text (one document per file), .jsonl/.json (also compressed: .gz/.bz2/.zst/.xz), .parquet, .arrow, or a `datasets.save_to_disk` dir (a DatasetDict's `train` split, or its only split). Any other file named here is refused. Tables met while walking a dir or a glob that lack the text (or chat) columns are skipped with a count; a file named here must read.")
     exclude: list[str] = Field(default_factory=list, description="Patterns of files to leave out of dirs and globs: without a `/` they match a file or folder name (`*.json`, `tests`), with one the path below the dir (`docs/*`).")
     stdlib: bool = Field(False, description="Use the Python standard library's .py sources on this machine as the corpus (the offline default).")
-    text_field: str = Field("text", description="Column holding the text in jsonl/parquet/dataset inputs. A table without it but with `messages` (role/content turns, rendered with the tokenizer's chat template) or `prompt` + `completion` columns is chat data: only the assistant's / completion's tokens are trained and scored.")
+    text_field: str = Field("text", description="Column holding the text in jsonl/json/parquet/arrow/saved-dataset inputs (`text`: the Hugging Face convention); other columns are ignored. A table without it but with `messages` (role/content turns, rendered with the tokenizer's chat template) or `prompt` + `completion` columns is chat data: only the assistant's / completion's tokens are trained and scored.")
     seq_len: int = Field(256, ge=8, le=1_048_576, description="Tokens per training block.")
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="Share of documents held out for validation (split by document hash, so deterministic).")
     max_documents: int | None = Field(None, ge=1, description="Use at most this many documents (first in sorted path order).")
@@ -227,7 +229,7 @@ class TrainConfig(_Strict):
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Autocast precision: auto = bf16 on GPU, fp32 on CPU.")
     engine: Literal["torch", "deepspeed"] = Field("torch", description="Plain PyTorch, or one DeepSpeed engine per student (launch with `deepspeed` or torchrun).")
-    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (engine=deepspeed).")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage 1-3 (engine=deepspeed); 0 is refused (no grad norm to tell a non-finite step by): for unsharded data parallelism use engine: torch (DDP).")
     deepspeed_config: Path | None = Field(None, description="A ds_config JSON passed through to DeepSpeed (engine=deepspeed); batch sizes are filled in.")
     online_dense: bool = Field(False, description="Online mode: hand students the teacher's dense logits (exact loss) instead of top-k.")
     deterministic: bool = Field(True, description="torch.use_deterministic_algorithms for exact resume.")
@@ -330,6 +332,12 @@ def parse_config(raw: dict, source: str = "config") -> RunConfig:
         raise UserError(f"{source}: {first}{more}") from None
 
 
+# DeepSpeed at stage 0 reports no global grad norm with a plain optimiser, so a non-finite step
+# cannot be told from a good one (and is applied).
+STAGE_0 = ("DeepSpeed reports no grad norm at stage 0, so non-finite steps would go unnoticed; use "
+           "train.engine: torch for plain data parallelism (DDP), or a ZeRO stage 1-3")
+
+
 def check_config(cfg: RunConfig, source: str = "config") -> RunConfig:
     """The checks only the registries below can make: every divergence, preset and
     soft-weight schedule named in `cfg` exists and builds.  Raises UserError naming the key."""
@@ -343,6 +351,8 @@ def check_config(cfg: RunConfig, source: str = "config") -> RunConfig:
     if cfg.train.precision == "fp16":  # never silently something else (fp32 under DeepSpeed, say)
         raise UserError(f"{source}: train.precision=fp16 is refused: it needs loss scaling, which this toolkit does "
                         f"not apply (gradients would underflow); use bf16 (or fp32)")
+    if cfg.train.engine == "deepspeed" and cfg.train.zero_stage == 0 and cfg.train.deepspeed_config is None:
+        raise UserError(f"{source}: train.zero_stage: 0 is refused with engine: deepspeed: {STAGE_0}")
     models = [("teacher.model", cfg.teacher.model)] + [(f"students.{i}.model", s.model) for i, s in enumerate(cfg.students)]
     for where, model in models:
         if model is not None and model.preset is not None:
@@ -474,6 +484,15 @@ def check_inputs_exist(cfg: RunConfig) -> None:
                             f"config.json); point it at a dir saved with save_pretrained")
     if cfg.train.deepspeed_config is not None and not cfg.train.deepspeed_config.is_file():
         raise UserError(f"train.deepspeed_config: {cfg.train.deepspeed_config} does not exist")
+    if cfg.train.engine == "deepspeed" and cfg.train.deepspeed_config is not None:
+        try:
+            zero = json.loads(cfg.train.deepspeed_config.read_text()).get("zero_optimization", {})
+        except (OSError, ValueError, AttributeError) as e:
+            raise UserError(f"train.deepspeed_config: {cfg.train.deepspeed_config} is not a JSON object "
+                            f"({type(e).__name__}: {e})") from None
+        if zero.get("stage", cfg.train.zero_stage) == 0:
+            raise UserError(f"train.deepspeed_config: {cfg.train.deepspeed_config}: zero_optimization.stage 0 is "
+                            f"refused: {STAGE_0}")
 
 
 def write_example_config(path: Path, force: bool = False) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import logging
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -29,6 +30,13 @@ EOS = "<|endoftext|>"
 TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".text"}
 JSON_SUFFIXES = {".jsonl", ".json"}
 PARQUET_SUFFIXES = {".parquet"}
+ARROW_SUFFIXES = {".arrow"}
+# jsonl/json compressed as `datasets` reads them (fsspec infers the codec from the name; .zst needs `zstandard`)
+COMPRESSED_SUFFIXES = {".gz", ".bz2", ".zst", ".xz"}
+ACCEPTED = (".txt/.py/.md/.rst/.text files (one document each), .jsonl/.json (also .gz/.bz2/.zst/.xz), .parquet "
+            "or .arrow tables, or a datasets.save_to_disk dir")
+TABLE_SHAPES = "a 'text' column (data.text_field), or chat columns 'messages' or 'prompt' + 'completion'"
+DOC_FEATURES = datasets.Features({"text": datasets.Value("string"), "chat": datasets.Value("string")})
 SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
 
 
@@ -55,7 +63,28 @@ def stdlib_dir() -> Path:
 
 
 GLOB_CHARS = set("*?[")
-SUFFIXES = TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES
+
+
+def file_format(path: Path) -> str | None:
+    """"text", "json", "parquet" or "arrow" by the file's name; None for any other file."""
+    suffix = path.suffix
+    if suffix in COMPRESSED_SUFFIXES:
+        return "json" if Path(path.stem).suffix in JSON_SUFFIXES else None
+    if suffix in TEXT_SUFFIXES:
+        return "text"
+    if suffix in JSON_SUFFIXES:
+        return "json"
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    if suffix in ARROW_SUFFIXES:
+        return "arrow"
+    return None
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A `datasets.save_to_disk` dir: a Dataset's (dataset_info.json + state.json) or a DatasetDict's."""
+    return path.is_dir() and (((path / "dataset_info.json").is_file() and (path / "state.json").is_file())
+                              or (path / "dataset_dict.json").is_file())
 
 
 def is_glob(path: Path | str) -> bool:
@@ -79,8 +108,15 @@ def _glob_root(pattern: Path) -> Path:
 
 
 def _walk(root: Path) -> list[Path]:
-    return [f for f in root.rglob("*")
-            if f.is_file() and f.suffix in SUFFIXES and not SKIP_DIRS.intersection(f.relative_to(root).parts[:-1])]
+    """The readable files below `root`; a saved dataset met on the way counts as one input
+    (its .arrow and .json files are not read one by one)."""
+    def skipped(p: Path) -> bool:
+        return bool(SKIP_DIRS.intersection(p.relative_to(root).parts[:-1]))
+
+    files = [f for f in root.rglob("*") if f.is_file() and not skipped(f)]
+    saved = {f.parent for f in files if f.name in ("state.json", "dataset_dict.json") and is_saved_dataset(f.parent)}
+    saved = {d for d in saved if not any(o != d and d.is_relative_to(o) for o in saved)}  # a DatasetDict's splits
+    return sorted(saved) + [f for f in files if file_format(f) and not any(f.is_relative_to(d) for d in saved)]
 
 
 def discover(cfg: DataConfig) -> dict[Path, bool]:
@@ -98,23 +134,25 @@ def discover(cfg: DataConfig) -> dict[Path, bool]:
         if is_glob(root):
             base = _glob_root(root)
             pattern = str(root.relative_to(base)) if root.is_absolute() or base != Path(".") else str(root)
-            matches = [f for f in base.glob(pattern) if f.is_file() and f.suffix in SUFFIXES
+            matches = [f for f in base.glob(pattern) if (is_saved_dataset(f) or f.is_file() and file_format(f))
                        and not excluded(f, base, cfg.exclude)]
             if not matches:
-                raise UserError(f"data.paths[{i}]: the pattern {root} matches no .txt/.py/.md/.jsonl/.json/"
-                                f".parquet file; check it (`**` spans folders: repo/**/*.py)")
+                raise UserError(f"data.paths[{i}]: the pattern {root} matches none of {ACCEPTED}; check it "
+                                f"(`**` spans folders: repo/**/*.py)")
             found.update({f: False for f in matches if f not in found})
         elif not root.exists():
             raise UserError(f"data.paths[{i}]: {root} does not exist")
         elif root.is_file():
+            if file_format(root) is None:
+                raise UserError(f"data.paths[{i}]: {root} is not a format data.paths reads; it takes {ACCEPTED}")
             found[root] = True
-        elif (root / "dataset_info.json").exists() or (root / "dataset_dict.json").exists():
+        elif is_saved_dataset(root):
             found[root] = True  # a datasets.save_to_disk dir, read whole
         else:
             found.update({f: False for f in _walk(root) if not excluded(f, root, cfg.exclude) and f not in found})
     if not found:
         raise UserError(f"data: no readable files under {', '.join(map(str, cfg.paths or [stdlib]))} "
-                        f"(looked for {', '.join(sorted(SUFFIXES))}; data.exclude: {cfg.exclude or 'none'})")
+                        f"(looked for {ACCEPTED}; data.exclude: {cfg.exclude or 'none'})")
     return dict(sorted(found.items()))
 
 
@@ -136,16 +174,70 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _read_table(f: Path) -> datasets.Dataset:
-    if f.is_dir():
-        ds = datasets.load_from_disk(str(f))
-        return ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
-    builder = "json" if f.suffix in JSON_SUFFIXES else "parquet"
+def _reason(e: BaseException) -> str:
+    """The innermost cause of a library error, in one line (datasets wraps parse errors)."""
+    for _ in range(8):
+        inner = e.__cause__  # `raise ... from`; an implicit __context__ is often a fallback's own failure
+        if inner is None or not str(inner).strip():
+            break
+        e = inner
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def _quietly(load, *args, **kwargs):
+    """datasets logs a parse error (as ERROR) before raising it; the raised one is said once, by us."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
-        return datasets.load_dataset(builder, data_files=str(f), split="train")
+        return load(*args, **kwargs)
+    finally:
+        logger.setLevel(level)
+
+
+def _read_table(f: Path) -> datasets.Dataset:
+    """One table: a saved dataset dir (a DatasetDict's "train" split, or its only split) or a
+    json/jsonl (maybe compressed), parquet or arrow file."""
+    if f.is_dir():
+        try:
+            ds = _quietly(datasets.load_from_disk, str(f))
+        except Exception as e:
+            raise UserError(f"{f}: could not be read as a datasets.save_to_disk dir ({_reason(e)})") from None
+        if not isinstance(ds, datasets.DatasetDict):
+            return ds
+        if "train" in ds or len(ds) == 1:
+            return ds["train"] if "train" in ds else next(iter(ds.values()))
+        raise UserError(f"{f}: a saved DatasetDict with splits {', '.join(ds)} and none named 'train'; save the "
+                        f"split to train on by itself (ds[NAME].save_to_disk(...)) and point data.paths at it")
+    builder = file_format(f)
+    try:
+        return _quietly(datasets.load_dataset, builder, data_files=str(f), split="train")
     except Exception as e:  # datasets wraps parse errors in many types
-        raise UserError(f"{f}: could not be read as {builder} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"{f}: could not be read as {builder} ({_reason(e)})") from None
+
+
+def _is_str(feature) -> bool:
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def _column_problem(ds: datasets.Dataset, kind: str, text_field: str) -> str | None:
+    """Why a table's columns of the detected `kind` cannot be read as documents; None when they can."""
+    feats = ds.features
+    if kind == "text":
+        names = [text_field]
+    elif kind == "prompt":
+        names = ["prompt", "completion"]
+    else:
+        ft = feats["messages"]  # List/Sequence of a struct, or (datasets 3) a one-element list
+        turn = ft[0] if isinstance(ft, list) and ft else getattr(ft, "feature", None)
+        if isinstance(turn, dict) and "role" in turn and "content" in turn:
+            return None
+        return f"column 'messages' holds {feats['messages']}, not lists of {{role, content}} turns"
+    for name in names:
+        if not _is_str(feats[name]):
+            return f"column {name!r} holds {feats[name]}, not strings"
+    return None
 
 
 def load_documents(cfg: DataConfig, log=None) -> datasets.Dataset:
@@ -157,7 +249,7 @@ def load_documents(cfg: DataConfig, log=None) -> datasets.Dataset:
     plain: list[str] = []
     skipped: list[str] = []
     for f, named in discover(cfg).items():
-        if f.is_file() and f.suffix in TEXT_SUFFIXES:
+        if f.is_file() and file_format(f) == "text":
             plain.append(_read_text_file(f))
             continue
         try:
@@ -167,12 +259,17 @@ def load_documents(cfg: DataConfig, log=None) -> datasets.Dataset:
                 raise UserError(f"{f}: no column {cfg.text_field!r}, nor chat columns 'messages' or 'prompt' + "
                                 f"'completion' (columns: {', '.join(ds.column_names)}); set data.text_field, "
                                 f"or leave the file out with data.exclude")
+            problem = _column_problem(ds, kind, cfg.text_field)
+            if problem is not None:
+                raise UserError(f"{f}: {problem}; a table needs {TABLE_SHAPES}")
         except UserError:
             if named:
                 raise
             skipped.append(str(f))  # e.g. a package's JSON config met while walking its source tree
             continue
-        parts.append(as_documents(ds, kind, cfg.text_field, origin=str(f)))
+        part = as_documents(ds, kind, cfg.text_field, origin=str(f))
+        # one schema for every part: a `large_string` column (polars' parquet, some arrow files) would not concatenate
+        parts.append(part if part.features == DOC_FEATURES else part.cast(DOC_FEATURES))
     if skipped and log is not None:
         log(f"[data] skipped {len(skipped)} table file(s) with no {cfg.text_field!r} or chat column, or "
             f"unreadable, e.g. {skipped[0]}; add them to data.exclude to silence this")

@@ -11,6 +11,8 @@
         export/                   the Hugging Face model dir
         metrics.jsonl             one JSON object per logged step
         failed.json               present once the student failed: step, reason, traceback (kept dropped)
+      students/committed.json     each student's last committed checkpoint step (written after all saves)
+      replaced-TIME/              an earlier run moved aside by `--overwrite`
       tensorboard/NAME/
       train_summary.json  report.json  report.md  curves.png  schedule.png  expert_load.png
 """
@@ -94,3 +96,9 @@ class RunLayout:
 
     def plot(self, name: str) -> Path:
         return self.root / name
+
+    def earlier_run_artifacts(self) -> list[Path]:
+        """What one training run writes under OUT (beside the shared data, tokenizer, teacher
+        and cache): moved aside whole when a fresh run replaces it (`--overwrite`)."""
+        return [self.students, self.root / "tensorboard", self.train_summary, self.report_json, self.report_md,
+                *(self.plot(name) for name in PLOTS)]

@@ -20,7 +20,7 @@ from distill.report.export import export_checkpoint, save_hf_dir
 from distill.report.report import evaluate_run
 from distill.runtime import (autocast_dtype, cache_identity, check_k, existing_teacher_dir, is_leader, live_teacher,
                              model_config, prepare, resolve_device, sampling_of, setup_runtime)
-from distill.train.loop import run_hash, train_loop
+from distill.train.loop import claim_out_dir, run_hash, train_loop
 from distill.train.selection import DataView, plan_views
 from distill.train.setup import build_students, loop_config, make_student
 from teachers import CachedTeacher, LiveTeacher, Teacher, token_ids
@@ -30,8 +30,9 @@ from teachers import CachedTeacher, LiveTeacher, Teacher, token_ids
 
 
 def pretrain_teacher(cfg: RunConfig, resume: bool = True, progress: bool = True,
-                     data: PackedData | None = None) -> Path:
-    """Plain-CE training of a preset teacher; writes a Hugging Face dir at OUT/teacher."""
+                     data: PackedData | None = None, overwrite: bool = False) -> Path:
+    """Plain-CE training of a preset teacher; writes a Hugging Face dir at OUT/teacher.
+    overwrite: a fresh run moves an earlier pretraining run's checkpoints aside (else refused)."""
     from students.build import build_model
 
     if cfg.teacher.source != "preset":
@@ -40,6 +41,8 @@ def pretrain_teacher(cfg: RunConfig, resume: bool = True, progress: bool = True,
     if resume and (out / "pretrain_done.json").exists():
         return out
     rank, world = setup_runtime(cfg)
+    if not resume:
+        claim_out_dir(cfg.layout.pretrain, ["teacher"], overwrite, rank)
     data = prepare(cfg, progress) if data is None else data
     vocab = vocab_size_of(data.tokenizer)
     model = build_model(model_config(cfg.teacher.model, vocab, "teacher"), seed=cfg.seed)
@@ -50,8 +53,9 @@ def pretrain_teacher(cfg: RunConfig, resume: bool = True, progress: bool = True,
                        run_hash("pretrain", cfg.teacher.model_dump(mode="json"), data.fingerprint, cfg.seed))
     result = train_loop([student], None, data.train, data.val, None, loop, cfg.layout.pretrain,
                         resume=resume, progress=progress, label="pretraining teacher")
+    weights = student.engine.full_state_dict()  # collective under ZeRO-3, where each rank holds 1/N of each weight
     if rank == 0:
-        save_hf_dir(student.model, data.tokenizer, out, dtype="fp32")
+        save_hf_dir(student.model, data.tokenizer, out, dtype="fp32", state_dict=weights)
         atomic_write_json(out / "pretrain_done.json", {"steps": pre.steps, "data_fingerprint": data.fingerprint,
                                                        **result["students"].get("teacher", {})})
     return out
@@ -128,7 +132,17 @@ def open_cached_teachers(cfg: RunConfig, data: PackedData) -> tuple[CachedTeache
     if have != cfg.cache.estimator:
         raise UserError(f"cache at {cache_dir} holds a {have} signal but cache.estimator is {cfg.cache.estimator}; "
                         f"set cache.estimator: {have}, or rerun `distill cache --overwrite`")
-    ident = train.reader.manifest.get("identity", {})
+    manifest = train.reader.manifest
+    if have == "topk":  # what the students read must be what the config says: never an old cache's k silently
+        for key, want in (("k", cfg.cache.k), ("encoding", cfg.cache.encoding)):
+            if manifest.get(key) != want:
+                raise UserError(f"cache at {cache_dir} has {key} {manifest.get(key)} but cache.{key} is {want}; set "
+                                f"cache.{key}: {manifest.get(key)}, or rerun `distill cache --overwrite`")
+    elif train.reader.sampling.n != cfg.cache.samples:
+        raise UserError(f"cache at {cache_dir} has {train.reader.sampling.n} samples per token but cache.samples is "
+                        f"{cfg.cache.samples}; set cache.samples: {train.reader.sampling.n}, or rerun "
+                        f"`distill cache --overwrite`")
+    ident = manifest.get("identity", {})
     if ident.get("data_fingerprint") not in (None, data.fingerprint):
         raise UserError(f"cache at {cache_dir} was made from other data (fingerprint "
                         f"{ident.get('data_fingerprint')} != {data.fingerprint}); rerun `distill cache --overwrite`")
@@ -169,10 +183,14 @@ def data_views(cfg: RunConfig, teacher: CachedTeacher | None, data: PackedData) 
 
 
 def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
-                   data: PackedData | None = None) -> dict:
-    """Co-distil every student from one teacher signal per batch."""
+                   data: PackedData | None = None, overwrite: bool = False) -> dict:
+    """Co-distil every student from one teacher signal per batch.  A fresh run (not `resume`)
+    into an out_dir with an earlier run's checkpoints is refused, or with `overwrite` moves
+    that run aside first (`claim_out_dir`)."""
     check_online_sharding(cfg)
     rank, world = setup_runtime(cfg)
+    if not resume:
+        claim_out_dir(cfg.layout, [s.name for s in cfg.students], overwrite, rank)
     data = prepare(cfg, progress) if data is None else data
     teacher: Teacher
     if cfg.train.mode == "cached":
@@ -187,8 +205,13 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
         students = build_students(cfg, data, live.model)  # init: teacher reuses the loaded model
     selections = {name: {"rule": v.summary["rule"], "digest": v.digest(), "blocks": v.summary["blocks_kept"]}
                   for v in views for name in v.students}
+    # The teacher signal's shape is part of the trajectory: a cache's k/encoding, the live top-k.
+    signal = {"estimator": cfg.cache.estimator, **({"samples": cfg.cache.samples} if cfg.cache.estimator == "sampled"
+                                                   else {"k": cfg.cache.k})}
+    if cfg.train.mode == "cached" and cfg.cache.estimator == "topk":
+        signal["encoding"] = cfg.cache.encoding
     rhash = run_hash("train", [student_identity(s) for s in cfg.students], data.fingerprint,
-                     cfg.seed, cfg.train.steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.mode,
+                     cfg.seed, cfg.train.steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.mode, signal,
                      *([selections] if any(v.rule is not None for v in views) else []))
     loop = loop_config(cfg, cfg.train.steps, cfg.train.batch_size, rank, world, rhash)
     loop.extra_meta = {"data_fingerprint": data.fingerprint, "teacher": str(cfg.layout.teacher),
@@ -208,8 +231,11 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
 # ----------------------------------------------------------------------------- whole runs
 
 
-def run_all(cfg: RunConfig, resume: bool = True, progress: bool = True) -> dict:
-    """(pretrain) + cache + train + export + eval/report from one config."""
+def run_all(cfg: RunConfig, resume: bool = True, progress: bool = True, overwrite: bool = False) -> dict:
+    """(pretrain) + cache + train + export + eval/report from one config.  Each stage follows
+    its own rule: resumed, or (resume False) started afresh, where an earlier run's
+    checkpoints are refused unless `overwrite` moves them aside.  A cache is reused when it
+    was made for these inputs (teacher, tokenizer, data, k), whichever run made it."""
     check_online_sharding(cfg)
 
     def stage(text: str) -> None:
@@ -218,17 +244,21 @@ def run_all(cfg: RunConfig, resume: bool = True, progress: bool = True) -> dict:
 
     # Data is prepared once (collectively, under a launcher) and shared by every stage;
     # eval runs on rank 0 alone, so it must not prepare (a barrier) by itself.
-    setup_runtime(cfg)
-    data = prepare(cfg, progress)
+    rank, _ = setup_runtime(cfg)
     layout = cfg.layout
+    if not resume:  # every stage's rule, before any of them starts
+        if cfg.teacher.source == "preset":
+            claim_out_dir(layout.pretrain, ["teacher"], overwrite, rank)
+        claim_out_dir(layout, [s.name for s in cfg.students], overwrite, rank)
+    data = prepare(cfg, progress)
     if cfg.teacher.source == "preset":
         stage(f"teacher: pretraining a {cfg.teacher.model.preset} preset ({cfg.teacher.pretrain.steps} steps) -> {layout.teacher}")
-        pretrain_teacher(cfg, resume=resume, progress=progress, data=data)
+        pretrain_teacher(cfg, resume=resume, progress=progress, data=data, overwrite=overwrite)
     if cfg.train.mode == "cached":
         stage(f"cache: one teacher pass over the data -> {layout.cache}")
-        build_cache(cfg, progress=progress, data=data)
+        build_cache(cfg, progress=progress, data=data)  # a cache of these inputs is any run's: reused
     stage(f"train: {len(cfg.students)} students from one teacher signal per batch ({cfg.train.mode})")
-    train_students(cfg, resume=resume, progress=progress, data=data)
+    train_students(cfg, resume=resume, progress=progress, data=data, overwrite=overwrite)
     if not is_leader():
         return {}
     stage("export: Hugging Face model dirs -> OUT/students/NAME/export")

@@ -41,6 +41,7 @@ from losses.weighting import (
     soft_weights,
     teacher_confidence,
     teacher_entropy,
+    weight_scores,
 )
 
 __all__ = [
@@ -77,4 +78,5 @@ __all__ = [
     "teacher_confidence",
     "teacher_entropy",
     "tv",
+    "weight_scores",
 ]

@@ -26,7 +26,7 @@ def routed_slots(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int,
-                        fractions: torch.Tensor | None = None) -> torch.Tensor:
+                        fractions: torch.Tensor | None = None, n_tokens: float | None = None) -> torch.Tensor:
     """Switch-Transformer balance loss, E * sum_e f_e * P_e, averaged over layers.
 
     f_e: fraction of the N*top_k routing slots that go to expert e (the tokens whose
@@ -45,6 +45,11 @@ def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int,
     call's own mean, so averaging the ranks' gradients gives the gradient of the loss over
     the whole micro-batch: a MoE update then does not depend on how many ranks split it
     (Qiu et al. 2025, "Demons in the Detail", global-batch balance).
+
+    n_tokens: with `fractions` of a whole training step, the step's token count (every
+    micro-batch, every rank): P_e is then this call's SHARE of the step's mean (its sum
+    over these N tokens / n_tokens), and the shares of all micro-batches add up to the loss
+    of the step as one big batch.  None: P_e is the mean over these N tokens.
     """
     if not router_logits:
         return _zero(router_logits)
@@ -58,18 +63,21 @@ def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int,
             fraction = slots.mean(dim=0) / top_k  # (E,) f_e
         else:
             fraction = fractions[i].to(logits.device)  # (E,)
-        prob = torch.softmax(logits, dim=-1).mean(dim=0)  # (E,) P_e
+        prob = torch.softmax(logits, dim=-1).sum(dim=0) / (logits.shape[0] if n_tokens is None else n_tokens)  # (E,) P_e
         losses.append(num_experts * torch.sum(fraction * prob))
     return torch.stack(losses).mean()
 
 
-def router_z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
+def router_z_loss(router_logits: list[torch.Tensor], n_tokens: float | None = None) -> torch.Tensor:
     """mean over tokens of logsumexp(logits)^2, averaged over layers.
 
     Keeps router logits small so the router stays numerically stable (ST-MoE,
-    Zoph et al. 2022, arXiv:2202.08906, eq. 5).  Computed in fp32.
+    Zoph et al. 2022, arXiv:2202.08906, eq. 5).  Computed in fp32.  n_tokens: divide the
+    sum over these tokens by a whole step's token count instead (this call's share of the
+    step's mean; see `load_balancing_loss`).
     """
     if not router_logits:
         return _zero(router_logits)
-    losses = [torch.logsumexp(logits.float(), dim=-1).square().mean() for logits in router_logits]
+    losses = [torch.logsumexp(logits.float(), dim=-1).square().sum() / (logits.shape[0] if n_tokens is None else n_tokens)
+              for logits in router_logits]
     return torch.stack(losses).mean()

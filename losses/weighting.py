@@ -53,8 +53,11 @@ def teacher_entropy(signal: TeacherSignal) -> torch.Tensor:
     return -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
 
 
-def _scores(mode, signal, soft, mask) -> torch.Tensor:
-    """Non-negative (N,) fp32 scores r_i for one weighting mode (see the module docstring)."""
+def weight_scores(mode: str, signal: TeacherSignal | None, soft: torch.Tensor | None,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+    """Non-negative (N,) fp32 scores r_i for one weighting mode (see the module docstring),
+    before normalisation; a training step sums them over its targets on every rank to get
+    the `score_mean` that `soft_weights` divides by."""
     if mode == "uniform":
         like = next((x for x in (mask, soft) if x is not None), None)
         if like is None and signal is not None:
@@ -80,21 +83,25 @@ def soft_weights(
     *,
     signal: TeacherSignal | None = None,
     soft: torch.Tensor | None = None,
+    score_mean: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token soft weights (N,), detached, averaging to `w_soft` over valid tokens.
 
     mode: one of WEIGHTING_MODES.  mask: (N,) bool or None (all valid).  signal: the (N, k)
     teacher signal (confidence/entropy).  soft: the (N,) per-token soft loss (disagreement).
-    Masked tokens get weight 0; a fully masked batch gives all zeros.
+    score_mean: the mean score over more tokens than these N (a training step's targets on
+    every micro-batch and rank), so that splitting the step does not change the weights;
+    None: these N tokens' own mean.  Masked tokens get weight 0; a fully masked batch gives
+    all zeros.
     """
     if mode not in WEIGHTING_MODES:
         raise ValueError(f"unknown weighting mode {mode!r}; expected one of {WEIGHTING_MODES}")
     if w_soft < 0:
         raise ValueError(f"w_soft must be >= 0, got {w_soft}")
-    r = _scores(mode, signal, soft, mask)  # (N,)
+    r = weight_scores(mode, signal, soft, mask)  # (N,)
     valid = torch.ones_like(r, dtype=torch.bool) if mask is None else mask.bool()
     r = r.masked_fill(~valid, 0.0)
-    mean = r.sum() / valid.sum().clamp_min(1)
+    mean = r.sum() / valid.sum().clamp_min(1) if score_mean is None else torch.as_tensor(score_mean, device=r.device)
     w = torch.where(mean > 0, r / mean.clamp_min(torch.finfo(r.dtype).tiny), torch.ones_like(r))
     return (w * w_soft).masked_fill(~valid, 0.0)
 

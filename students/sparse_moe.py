@@ -395,6 +395,20 @@ def expert_biases(model: nn.Module) -> list[torch.Tensor]:
     return [m.expert_bias.detach().float().cpu().clone() for m in moe_modules(model)]
 
 
+def routing_counts(model: nn.Module) -> list[torch.Tensor]:
+    """Each MoE layer's tokens per expert since the last bias update, (E,) int64 on the CPU
+    (training state: a resume continues the count exactly)."""
+    return [m.counts_since_update.detach().cpu().clone() for m in moe_modules(model)]
+
+
+def set_routing_counts(model: nn.Module, counts: list[torch.Tensor]) -> None:
+    moes = moe_modules(model)
+    if len(counts) != len(moes):
+        raise ValueError(f"{len(counts)} routing counts for {len(moes)} MoE layers")
+    for m, c in zip(moes, counts):
+        m.counts_since_update.copy_(c)
+
+
 def set_expert_biases(model: nn.Module, biases: list[torch.Tensor]) -> None:
     moes = moe_modules(model)
     if len(biases) != len(moes):

@@ -1,5 +1,6 @@
 """A step's update does not depend on how its batch is split: micro-batches with uneven valid
-tokens equal one big batch; a non-finite micro-batch skips exactly its step on every rank, under
+tokens and uneven targets (-100 labels, as chat data has) equal one big batch, for every
+adaptive soft weighting and a MoE student's balance terms, in one process and on 2 ranks; a non-finite micro-batch skips exactly its step on every rank, under
 both engines, and the next step equals a run where that step never happened."""
 import os
 import socket
@@ -16,6 +17,7 @@ from losses.signal import TeacherSignal
 from students.build import build_model
 from students.presets import dense, scout
 from teachers import Batch
+from teachers.protocol import untrained
 
 V, T = 64, 8
 TINY = dict(vocab_size=V, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16)
@@ -23,11 +25,17 @@ BLOCKS = torch.randint(0, V, (12, T + 1), generator=torch.Generator().manual_see
 LOGITS = torch.randn(12, T, V, generator=torch.Generator().manual_seed(1))  # the teacher's, per block
 
 
-def student_config(preset):
+# Chat-like blocks: some positions are no target (their label becomes -100), unevenly per block.
+NOT_TARGET = torch.zeros(12, T + 1, dtype=torch.bool)
+NOT_TARGET[0, 1:6] = NOT_TARGET[3, 2:] = NOT_TARGET[5, 1::3] = NOT_TARGET[9, 4:] = NOT_TARGET[10, :] = True
+CHAT_BLOCKS = torch.where(NOT_TARGET, untrained(BLOCKS), BLOCKS)
+
+
+def student_config(preset, adaptive="none", balance_weight=0.0):
     # A constant soft weight, so a step's index does not change its loss; warmup moves the LR
     # every step, so an LR schedule that advanced on a skipped step would show.
     return StudentConfig(name=preset, model={"preset": preset}, optim={"lr": 1e-2, "warmup_steps": 3},
-                         loss={"balance_weight": 0.0})  # soft_weight: constant 0.5 by default
+                         loss={"balance_weight": balance_weight, "adaptive": adaptive})  # soft_weight: constant 0.5
 
 
 def model_of(preset):
@@ -36,37 +44,61 @@ def model_of(preset):
     return build_model(cfg, seed=0)
 
 
-def torch_student(preset):
-    sc, model = student_config(preset), model_of(preset)
+def torch_student(preset, adaptive="none", balance_weight=0.0):
+    sc, model = student_config(preset, adaptive, balance_weight), model_of(preset)
     opt, sched = make_optimizer(model, sc.optim, 10)
     return Student(sc, model, TorchEngine(model, opt, sched, sc.optim, torch.device("cpu"), "fp32"), 10)
 
 
-def micro_batch(rows, valid, poison=False):
+def micro_batch(rows, valid, poison=False, blocks=BLOCKS):
     sig = TeacherSignal.from_logits(LOGITS[rows], 8)
     if poison:
         sig.topk_logprobs[:] = float("nan")
-    return MicroBatch(Batch.of(BLOCKS[rows], rows), sig, valid)
+    return MicroBatch(Batch.of(blocks[rows], rows), sig, valid)
 
 
 def rel_diff(a, b):
     return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in a)
 
 
-@pytest.mark.parametrize("preset", ["dense", "scout"])
-def test_grad_accum_4_with_uneven_valid_tokens_equals_one_big_batch(preset):
-    """(The MoE balance loss is taken per micro-batch by design, so it is off here; the z-loss,
-    a mean over every routed token, splits exactly.)"""
-    rows = list(range(8))
-    valid = torch.ones(8, T, dtype=torch.bool)
+def uneven_valid(n=8):
+    valid = torch.ones(n, T, dtype=torch.bool)
     valid[2:4, 1:] = False  # micro-batch 1: 2 valid tokens of 16
     valid[4:6] = False  # micro-batch 2: none
     valid[6, ::2] = False  # micro-batch 3: 12 of 16
-    big, split = torch_student(preset), torch_student(preset)
+    return valid
+
+
+@pytest.mark.parametrize("adaptive", ["none", "confidence", "entropy", "disagreement"])
+@pytest.mark.parametrize("preset", ["dense", "scout"])
+def test_grad_accum_4_with_uneven_targets_equals_one_big_batch(preset, adaptive):
+    """Uneven teacher-valid tokens and -100 labels per micro-batch; the adaptive weights are
+    normalised over the step's targets and a MoE student's balance loss (on here) takes the
+    step's routing fractions, so the split changes nothing."""
+    rows, valid = list(range(8)), uneven_valid()
+    big, split = (torch_student(preset, adaptive, balance_weight=0.1) for _ in range(2))
     for step in range(2):
-        big.train_step(step, [micro_batch(rows, valid)])
-        split.train_step(step, [micro_batch(rows[i:i + 2], valid[i:i + 2]) for i in range(0, 8, 2)])
+        a = big.train_step(step, [micro_batch(rows, valid, blocks=CHAT_BLOCKS)])
+        b = split.train_step(step, [micro_batch(rows[i:i + 2], valid[i:i + 2], blocks=CHAT_BLOCKS)
+                                    for i in range(0, 8, 2)])
+        for key in ("loss", "hard", "soft", "w_soft", "n_valid", *(("balance_loss", "z_loss") if preset == "scout" else ())):
+            assert abs(a[key] - b[key]) < 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
     assert rel_diff(split.model.state_dict(), big.model.state_dict()) < 1e-5
+
+
+def test_the_logged_loss_is_the_mean_over_targets():
+    """A CE-only step logs the plain token mean of cross-entropy over the positions that are
+    targets (not divided by every teacher-valid position, as before)."""
+    s = torch_student("dense")
+    s.cfg = s.cfg.model_copy(update={"baseline": True})
+    rows = list(range(8))
+    batch = Batch.of(CHAT_BLOCKS[rows], rows)
+    with torch.no_grad():
+        logits = s.model(input_ids=batch.input_ids).logits  # (B, T, V)
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, V), batch.labels.reshape(-1), ignore_index=-100)
+    got = s.train_step(0, [MicroBatch(batch, None, torch.ones(8, T, dtype=torch.bool))])
+    assert got["n_valid"] == int((batch.labels != -100).sum()) < 8 * T
+    assert abs(got["loss"] - float(want)) < 1e-5, (got["loss"], float(want))
 
 
 # ------------------------------------------------------------------ a NaN micro-batch, 2 ranks
@@ -132,3 +164,41 @@ def test_nan_in_one_micro_batch_skips_exactly_that_step_on_every_rank(engine, tm
         # the next step equals a run where the poisoned step never happened (LR schedule included)
         assert poisoned[2]["lr"] == without[1]["lr"]
         assert rel_diff(poisoned[2]["weights"], without[1]["weights"]) < 1e-6, rank
+
+
+# ------------------------------------------------------------------ 2 ranks x 2 micro-batches = 1 big batch
+
+CONFIGS = [(preset, adaptive) for preset in ("dense", "scout") for adaptive in ("none", "confidence", "entropy",
+                                                                              "disagreement")]
+
+
+def _rank_split(rank, world, port, out):
+    """Each rank trains every config on its share: 2 micro-batches of the global batch of 8,
+    strided over the ranks as the loop splits it (`rank_positions`)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    valid = uneven_valid()
+    result = {}
+    for preset, adaptive in CONFIGS:
+        s = torch_student(preset, adaptive, balance_weight=0.1)
+        for step in range(2):
+            mbs = [[4 * m + p for p in range(4)][rank::world] for m in range(2)]
+            s.train_step(step, [micro_batch(rows, valid[rows], blocks=CHAT_BLOCKS) for rows in mbs])
+        result[preset, adaptive] = {k: v.clone() for k, v in s.model.state_dict().items()}
+    torch.save(result, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_with_two_micro_batches_equal_one_process_with_one_big_batch(tmp_path):
+    mp.spawn(_rank_split, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
+    rows, valid = list(range(8)), uneven_valid()
+    for preset, adaptive in CONFIGS:
+        big = torch_student(preset, adaptive, balance_weight=0.1)
+        for step in range(2):
+            big.train_step(step, [micro_batch(rows, valid, blocks=CHAT_BLOCKS)])
+        for rank in range(2):
+            got = torch.load(tmp_path / f"rank{rank}.pt")[preset, adaptive]
+            assert rel_diff(got, big.model.state_dict()) < 1e-5, (preset, adaptive, rank)

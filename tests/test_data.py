@@ -76,6 +76,9 @@ def test_jsonl_and_text_field(tmp_path):
     assert len(docs) == 30
     with pytest.raises(UserError, match="no column 'text'"):
         load_documents(DataConfig(paths=[f]))
+    g = tmp_path / "hf.jsonl"  # the Hugging Face convention, read with the default text_field
+    g.write_text("".join(json.dumps({"text": f"row {i}", "id": i}) + "\n" for i in range(5)))
+    assert load_documents(DataConfig(paths=[g]))["text"] == [f"row {i}" for i in range(5)]
 
 
 def test_non_utf8_file_is_named(tmp_path):

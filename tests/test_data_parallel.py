@@ -95,15 +95,20 @@ def launched(dp_config):
 @pytest.mark.parametrize("launcher", ["torchrun", "zero2", "zero3"])
 def test_two_ranks_train_the_weights_one_process_trains(launched, launcher, grad_accum):
     out, ref = launched(launcher, grad_accum), launched("single", grad_accum)
-    for name in ("dense", "moe"):
+    for name in ("dense", "moe"):  # the MoE student's balance loss is on: its f_e is the step's
         diff = rel_diff(weights(out, name), weights(ref, name))
         assert diff < 1e-5, (launcher, grad_accum, name, diff)
+        diff = rel_diff(weights(out, name), weights(launched("single", 1), name))  # = one big batch
+        assert diff < 1e-5, (launcher, grad_accum, name, "vs one micro-batch", diff)
     # Metrics are the step's, over both ranks: the same loss and token count as one process.
     for name in ("dense", "moe"):
         rows, ref_rows = train_rows(out, name), train_rows(ref, name)
         assert len(rows) == len(ref_rows) == STEPS
         for a, b in zip(rows, ref_rows):
             assert a["n_valid"] == b["n_valid"] and abs(a["loss"] - b["loss"]) < 1e-4 * abs(b["loss"]), (a, b)
+            # the teacher's figures are the step's too, not rank 0's share
+            assert a["teacher_nonfinite_tokens"] == b["teacher_nonfinite_tokens"], (a, b)
+            assert abs(a["teacher_nll"] - b["teacher_nll"]) < 1e-4 * abs(b["teacher_nll"]), (a, b)
             if name == "moe":
                 assert abs(a["balance_loss"] - b["balance_loss"]) < 1e-4, (a, b)
 
@@ -192,3 +197,23 @@ def test_two_ranks_select_and_reweigh_data_as_one_process_does(dp_config):
             assert int(b["data_view"]["seen"].sum()) >= 8
             assert torch.equal(a["data_view"]["seen"], b["data_view"]["seen"])
             torch.testing.assert_close(a["data_view"]["gaps"], b["data_view"]["gaps"], rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_pretrained_under_zero3_equals_the_one_process_teacher(online_setup, tmp_path):
+    """`distill pretrain` under DeepSpeed ZeRO-3 on 2 ranks saves the whole teacher (gathered
+    from every rank's partitions), equal to the teacher one process pretrains."""
+    work, base = online_setup
+    cfg = yaml.safe_load(base.read_text())
+    cfg["teacher"] = {"source": "preset", "model": {"preset": "dense", "args": TINY},
+                      "pretrain": {"steps": 2, "batch_size": 4, "optim": {"lr": 3e-3, "warmup_steps": 1}}}
+    path = tmp_path / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    one = run_cli("pretrain", "-c", str(path), "--quiet", "--set", f"out_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_deepspeed_cli("pretrain", "-c", str(path), "--quiet", "--set", f"out_dir={tmp_path / 'two'}",
+                            "--set", "train.engine=deepspeed", "--set", "train.zero_stage=3", port=29687)
+    assert two.returncode == 0, (two.stdout[-3000:], two.stderr[-3000:])
+    a = load_file(str(tmp_path / "two" / "teacher" / "model.safetensors"))
+    b = load_file(str(tmp_path / "one" / "teacher" / "model.safetensors"))
+    assert all(a[k].numel() > 0 for k in a)  # not rank 0's empty partitions
+    assert rel_diff(a, b) < 1e-5

@@ -81,7 +81,7 @@ def test_export_reports_routing_without_the_bias(tmp_path, capfd):
     student = scout_student()
     biases = [torch.tensor([3.0, -3.0, 0.0, 0.0]), torch.zeros(4)]  # layer 0: expert 0 favoured
     checkpoint.save(tmp_path / "ckpt", 5, student.model, {**student.state(), "expert_bias": biases},
-                    {"student": "moe", "run_hash": "h"}, keep_last=1)
+                    {"student": "moe", "run_hash": "h"})
     held_out = torch.randint(0, V, (4, T + 1), generator=torch.Generator().manual_seed(1))
     out = export_checkpoint(tmp_path / "ckpt", tmp_path / "export", held_out=held_out)
     err = capfd.readouterr().err
@@ -93,6 +93,41 @@ def test_export_reports_routing_without_the_bias(tmp_path, capfd):
     note = json.loads((out / "distill_meta.json").read_text())["routing_without_bias"]
     assert 0 < note["tokens_changing_expert"] <= 1 and note["per_layer"][1] == 0  # layer 1 had no bias
     # No bias at all: nothing to report, nothing printed.
-    checkpoint.save(tmp_path / "plain", 5, student.model, student.state(), {"student": "moe"}, keep_last=1)
+    checkpoint.save(tmp_path / "plain", 5, student.model, student.state(), {"student": "moe"})
     export_checkpoint(tmp_path / "plain", tmp_path / "export2", held_out=held_out)
     assert "expert bias" not in capfd.readouterr().err
+
+
+def test_a_skipped_step_leaves_no_routing_counts_and_counts_resume_exactly():
+    """A non-finite (skipped) step routed tokens but must leave no trace: the next update's
+    expert bias equals that of a run where the skipped step never happened.  The counts since
+    the last update are training state: a fresh student loaded from `state()` has them."""
+    from losses.signal import TeacherSignal
+    from distill.train.student import MicroBatch
+    from teachers import Batch
+
+    blocks = torch.randint(0, V, (6, T + 1), generator=torch.Generator().manual_seed(0))
+    logits = torch.randn(6, T, V, generator=torch.Generator().manual_seed(1))
+
+    def batch(rows, poison=False):
+        sig = TeacherSignal.from_logits(logits[rows], 8)
+        if poison:
+            sig.topk_logprobs[:] = float("nan")
+        return [MicroBatch(Batch.of(blocks[rows], rows), sig, torch.ones(len(rows), T, dtype=torch.bool))]
+
+    with_skip, without = scout_student(), scout_student()
+    with_skip.train_step(0, batch([0, 1]))
+    assert with_skip.train_step(1, batch([2, 3], poison=True)).get("skipped")
+    assert all(int(m.counts_since_update.sum()) == 0 for m in moe_modules(with_skip.model))
+    with_skip.train_step(2, batch([4, 5]))
+    without.train_step(0, batch([0, 1]))
+    without.train_step(1, batch([4, 5]))
+    for a, b in zip(expert_biases(with_skip.model), expert_biases(without.model)):
+        assert torch.equal(a, b)
+
+    counting = scout_student(rate=0.0)  # no updates: the counts keep growing
+    counting.train_step(0, batch([0, 1]))
+    fresh = scout_student(rate=0.0)
+    fresh.load_state(counting.state())
+    for a, b in zip(moe_modules(counting.model), moe_modules(fresh.model)):
+        assert int(a.counts_since_update.sum()) > 0 and torch.equal(a.counts_since_update, b.counts_since_update)

@@ -200,3 +200,99 @@ def test_diverging_student_stops_the_run_with_exit_3_then_resume_goes_on_without
     assert not (students / "bad" / "checkpoints" / "step_00000004").exists()
     summary = json.loads((tmp_path / "o" / "train_summary.json").read_text())
     assert "non-finite" in summary["failed"]["bad"]["reason"]
+
+
+def test_a_fresh_run_into_a_used_out_dir_is_refused_and_overwrite_moves_the_old_run_aside(online_setup, tmp_path):
+    """One run per out_dir: a run of 6 steps, then a fresh one of 3 into the same dir.  Without
+    --resume or --overwrite it is refused before any work (the old run intact); with
+    --overwrite the old run moves aside whole, and export and metrics are the new run's."""
+    work, cfg = online_setup
+    out = tmp_path / "o"
+    sets = ["--set", f"out_dir={out}", "--set", "train.checkpoint_every=2"]
+    assert run_cli("train", "-c", str(cfg), "--quiet", *sets, "--set", "train.steps=6").returncode == 0
+    ckpts = out / "students" / "dense" / "checkpoints"
+    before = sorted(p.name for p in ckpts.iterdir())
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", *sets, "--set", "train.steps=3"))
+    assert "earlier run (dense at step 6)" in line and "--resume" in line and "--overwrite" in line, line
+    assert sorted(p.name for p in ckpts.iterdir()) == before
+    line = one_line(run_cli("run", "-c", str(cfg), "--quiet", "--no-resume", *sets, "--set", "train.steps=3"))
+    assert "--overwrite" in line, line
+
+    r = run_cli("train", "-c", str(cfg), "--quiet", "--overwrite", *sets, "--set", "train.steps=3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    aside = [p for p in out.iterdir() if p.name.startswith("replaced-")]
+    assert len(aside) == 1 and f"moved the earlier run (dense at step 6) to {aside[0]}" in r.stderr
+    assert (aside[0] / "students" / "dense" / "checkpoints" / "step_00000006").exists()
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000002", "step_00000003"]
+    rows = [json.loads(l) for l in (out / "students" / "dense" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
+    r = run_cli("export", str(out / "students" / "dense"), "--out", str(tmp_path / "export"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    exported = load_file(str(tmp_path / "export" / "model.safetensors"))
+    trained = load_file(str(ckpts / "step_00000003" / "model.safetensors"))
+    assert all((exported[k] == trained[k]).all() for k in exported)
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--overwrite", *sets))
+    assert "give one of them" in line, line
+
+
+def test_kill9_between_two_students_checkpoints_resumes_from_the_committed_step(online_setup, tmp_path):
+    """Three students, keep_last 1: killed (SIGKILL) after the second student's step-4
+    checkpoint was published, before the third's.  Step 4 is not committed, step 2 was not
+    pruned, and --resume gives every student the weights of an uninterrupted run."""
+    import yaml
+
+    work, base = online_setup
+    raw = yaml.safe_load(base.read_text())
+    raw["students"] = [{**raw["students"][0], "name": name} for name in ("a", "b", "c")]
+    raw["train"].update(steps=6, checkpoint_every=2, keep_last=1)
+    cfg = tmp_path / "three.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    full = run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={tmp_path / 'full'}")
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = tmp_path / "killed"
+    r = run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={killed}",
+                env={"DISTILL_TEST_KILL_AFTER_CHECKPOINTS": "5"})  # step 2: a, b, c; step 4: a, b, then dead
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
+    students = killed / "students"
+    assert sorted(p.name for p in (students / "b" / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
+    assert [p.name for p in (students / "c" / "checkpoints").glob("step_*")] == ["step_00000002"]
+    r = run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", f"out_dir={killed}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("a", "b", "c"):
+        ckpts = sorted((students / name / "checkpoints").glob("step_*"))
+        assert [p.name for p in ckpts] == ["step_00000006"], name
+        a = load_file(str(ckpts[-1] / "model.safetensors"))
+        b = load_file(str(tmp_path / "full" / "students" / name / "checkpoints" / "step_00000006" / "model.safetensors"))
+        assert all((a[k] == b[k]).all() for k in a), name
+
+
+def test_deepspeed_stage_0_is_refused_at_config_check(online_setup, tmp_path):
+    """DeepSpeed at stage 0 gives no grad norm with a plain optimiser: every step would read as
+    non-finite (and a real NaN would be applied).  Refused before any work, from the config
+    key or from a ds_config JSON."""
+    work, cfg = online_setup
+    sets = ["--set", f"out_dir={tmp_path / 'o'}", "--set", "train.engine=deepspeed"]
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", *sets, "--set", "train.zero_stage=0"))
+    assert "train.zero_stage: 0 is refused" in line and "engine: torch" in line, line
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", *sets, "--set", f"train.deepspeed_config={ds}"))
+    assert f"{ds}: zero_optimization.stage 0 is refused" in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_cache_of_another_k_is_refused_and_k_is_part_of_the_run(online_setup, tmp_path):
+    """`distill train` checks the cache's k and encoding against the config (naming both), and
+    they are part of the run's identity: a resume after re-caching with another k is refused."""
+    work, cfg = online_setup
+    sets = ["--set", f"out_dir={tmp_path / 'o'}", "--set", "train.mode=cached", "--set", "train.steps=2"]
+    assert run_cli("cache", "-c", str(cfg), "--quiet", *sets).returncode == 0  # k 16
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", *sets, "--set", "cache.k=8"))
+    assert "has k 16 but cache.k is 8" in line, line
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", *sets, "--set", "cache.encoding=compact"))
+    assert "has encoding lossless but cache.encoding is compact" in line, line
+    assert run_cli("train", "-c", str(cfg), "--quiet", *sets).returncode == 0
+    assert run_cli("cache", "-c", str(cfg), "--quiet", "--overwrite", *sets, "--set", "cache.k=8").returncode == 0
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--resume", *sets, "--set", "cache.k=8",
+                            "--set", "train.steps=3"))
+    assert "different config" in line, line

@@ -53,11 +53,12 @@ def load_checkpoint_model(ckpt: Path):
 
 
 def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size: str = "2GB",
-                card: str | None = None, generation_config=None) -> Path:
+                card: str | None = None, generation_config=None, state_dict: dict | None = None) -> Path:
     """save_pretrained + tokenizer + generation config (+ README.md), atomically.
 
     generation_config: kept as given (a pretrained student's own), plus the tokenizer's EOS as a
-    stop id (completions were trained to end with it); default: EOS and 64 new tokens."""
+    stop id (completions were trained to end with it); default: EOS and 64 new tokens.
+    state_dict: the weights to save when the model holds only partitions of them (ZeRO-3)."""
     from transformers import GenerationConfig
 
     if dtype not in DTYPES:
@@ -67,7 +68,9 @@ def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size
     try:
         model = model.to(DTYPES[dtype])
         model.config.architectures = [type(model).__name__]
-        model.save_pretrained(str(tmp), max_shard_size=max_shard_size, safe_serialization=True)
+        if state_dict is not None:
+            state_dict = {k: v.to(DTYPES[dtype]) for k, v in state_dict.items()}
+        model.save_pretrained(str(tmp), max_shard_size=max_shard_size, safe_serialization=True, state_dict=state_dict)
         if generation_config is not None:
             _stop_at(generation_config, tokenizer.eos_token_id if tokenizer is not None else None)
             generation_config.save_pretrained(str(tmp))

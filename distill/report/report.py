@@ -39,8 +39,11 @@ def _model_stats(model, blocks, teacher: Teacher, device) -> dict:
 def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
     """data: the run's PackedData when the caller already has it (`distill run`).
 
-    The held-out blocks are the first `train.eval_blocks` validation blocks: the same ones
-    training validates on, so the last point of each curve is the table's figure."""
+    The held-out blocks are the first `train.eval_blocks` validation blocks, the same ones
+    training validates on.  The table scores the exported model: for an fp32 export of a
+    student without an expert bias it equals the last point of its validation curve; a bf16
+    export rounds the weights, and a stock Llama 4 export drops the trained expert bias (its
+    routing changes: see the export's routing note), so theirs can differ."""
     layout = cfg.layout
     data = prepare(cfg, progress) if data is None else data
     device = resolve_device(cfg.train.device)

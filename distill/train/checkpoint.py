@@ -9,11 +9,20 @@ Layout: OUT/students/NAME/checkpoints/step_00000100/
 
 The whole dir is written under a temp name and renamed, so a crash leaves either the
 previous checkpoint or the complete new one.  `latest()` only trusts dirs with meta.json.
+
+Students commit together: a step's checkpoints are published one student after another,
+then OUT/students/committed.json ({student: step}) is rewritten atomically, last.  Until
+then the step does not exist for `latest()` (so for --resume, export and inspect): a kill
+between two students' saves resumes every student from the step committed before, and
+pruning (after the commit) never removes a student's committed step.
 """
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import signal
+import time
 import random
 import re
 import shutil
@@ -27,6 +36,11 @@ from common.errors import UserError
 from common.fsutil import atomic_write_json, describe_os_error, publish_dir, writable_temp_dir
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+COMMITTED = "committed.json"  # in OUT/students: {"students": {name: step}}
+# Fault injection for tests: the process kills itself (SIGKILL, as a crash would) after this
+# many student checkpoints were published.
+KILL_AFTER_SAVES = "DISTILL_TEST_KILL_AFTER_CHECKPOINTS"
+_saves_published = 0
 
 
 def rng_state() -> dict:
@@ -57,16 +71,75 @@ def step_dirs(ckpt_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
+def step_of(ckpt: Path) -> int:
+    return int(STEP_DIR.match(ckpt.name).group(1))
+
+
+def _marker(ckpt_root: Path) -> Path:
+    """OUT/students/NAME/checkpoints -> OUT/students/committed.json."""
+    return ckpt_root.parent.parent / COMMITTED
+
+
+def committed_steps(students_dir: Path) -> dict[str, int]:
+    """{student: its last committed step} of a run's students dir ({}: none committed yet,
+    or a run from before commit markers)."""
+    path = students_dir / COMMITTED
+    return json.loads(path.read_text())["students"] if path.exists() else {}
+
+
+def committed_step(ckpt_root: Path) -> int | None:
+    """The committed step of the student whose checkpoints are under `ckpt_root`; None when
+    the run has no commit marker (then every complete checkpoint counts, as before)."""
+    path = _marker(ckpt_root)
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())["students"].get(ckpt_root.parent.name, 0)
+
+
 def latest(ckpt_root: Path) -> Path | None:
+    """The newest committed checkpoint (a step published by some students but not yet
+    committed by all is not one)."""
     dirs = step_dirs(ckpt_root)
+    step = committed_step(ckpt_root)
+    if step is not None:
+        dirs = [d for d in dirs if step_of(d) <= step]
     return dirs[-1] if dirs else None
 
 
-def save(ckpt_root: Path, step: int, model: torch.nn.Module, state: dict, meta: dict, keep_last: int,
+def commit(students_dir: Path, steps: dict[str, int], keep_last: int) -> None:
+    """Mark each student's checkpoint at `steps[name]` as committed, in one atomic write
+    (the other students' entries kept), then prune each of them: the newest `keep_last`
+    committed checkpoints stay, any newer uncommitted one (from a killed run) goes."""
+    atomic_write_json(students_dir / COMMITTED, {"students": {**committed_steps(students_dir), **steps}})
+    for name, step in steps.items():
+        root = students_dir / name / "checkpoints"
+        kept = [d for d in step_dirs(root) if step_of(d) <= step][-keep_last:]
+        for old in step_dirs(root):
+            if old not in kept:
+                shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(root / "deepspeed" / old.name, ignore_errors=True)  # the same tag
+
+
+def earlier_checkpoints(students_dir: Path, names: list[str]) -> dict[str, int]:
+    """{student: newest step} of every named student that has any checkpoint dir, committed
+    or not: what a fresh run into this dir would mix with."""
+    found = {n: step_dirs(students_dir / n / "checkpoints") for n in names}
+    return {n: step_of(dirs[-1]) for n, dirs in found.items() if dirs}
+
+
+def _fault_injection() -> None:
+    global _saves_published
+    _saves_published += 1
+    if os.environ.get(KILL_AFTER_SAVES) == str(_saves_published):
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(60)  # never returns
+
+
+def save(ckpt_root: Path, step: int, model: torch.nn.Module, state: dict, meta: dict,
          weights: dict | None = None) -> Path:
-    """Write step_{step}/ atomically; drop all but the newest `keep_last` (DeepSpeed's own
-    checkpoint dirs under deepspeed/ too).  weights: the model's full state dict when the
-    model itself holds only partitions (ZeRO-3); default model.state_dict()."""
+    """Write step_{step}/ atomically (not committed yet: see `commit`, which also prunes).
+    weights: the model's full state dict when the model itself holds only partitions
+    (ZeRO-3); default model.state_dict()."""
     final = ckpt_root / f"step_{step:08d}"
     tmp = writable_temp_dir(final)
     try:
@@ -82,9 +155,7 @@ def save(ckpt_root: Path, step: int, model: torch.nn.Module, state: dict, meta: 
     except UserError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in step_dirs(ckpt_root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-        shutil.rmtree(ckpt_root / "deepspeed" / old.name, ignore_errors=True)  # the same tag
+    _fault_injection()
     return final
 
 

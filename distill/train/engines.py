@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from common.errors import UserError
-from distill.config import OptimConfig, TrainConfig
+from distill.config import STAGE_0, OptimConfig, TrainConfig
 from distill.runtime import autocast_dtype
 
 
@@ -173,7 +173,8 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int) -
         raise UserError(f"{train.deepspeed_config}: fp16 is refused (our non-finite-step rule and loss scaling "
                         f"would fight); use bf16 (or fp32)")
     cfg.setdefault("gradient_clipping", optim.grad_clip)
-    cfg.setdefault("zero_optimization", {}).setdefault("stage", train.zero_stage)
+    if cfg.setdefault("zero_optimization", {}).setdefault("stage", train.zero_stage) == 0:
+        raise UserError(f"{train.deepspeed_config}: zero_optimization.stage 0 is refused: {STAGE_0}")
     if train.precision == "bf16" or (train.precision == "auto" and torch.cuda.is_available()):
         cfg.setdefault("bf16", {"enabled": True})
     cfg.setdefault("steps_per_print", 1 << 30)

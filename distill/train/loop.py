@@ -20,6 +20,7 @@ import hashlib
 import json
 import signal as signals
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 
@@ -108,11 +109,20 @@ def agreed_stop(signum: int | None, loop: LoopConfig, students: list[Student]) -
 
 
 def save_all(layout: RunLayout, students: list[Student], step: int, loop: LoopConfig) -> None:
-    """Every rank calls it (DeepSpeed writes partitions from each rank and, under ZeRO-3,
-    gathers the whole model for rank 0's model.safetensors)."""
+    """Checkpoint every student at `step` and commit them together (see `save_checkpoints`)."""
+    save_checkpoints(layout, [(s, step) for s in students], loop)
+
+
+def save_checkpoints(layout: RunLayout, saves: list[tuple[Student, int]], loop: LoopConfig,
+                     before_commit=None) -> None:
+    """Publish each (student, step)'s checkpoint, then commit them all in one write (a kill
+    in between resumes every student from the previous commit; checkpoint.py).  Every rank
+    calls it (DeepSpeed writes partitions from each rank and, under ZeRO-3, gathers the
+    whole model for rank 0's model.safetensors).  before_commit: run on rank 0 after the
+    saves, before the commit (drop_failed writes its failure records there)."""
     if loop.world_size > 1:
         dist.barrier()
-    for s in students:
+    for s, step in saves:
         meta = {"student": s.name, "run_hash": loop.run_hash, "student_config": s.cfg.model_dump(mode="json"),
                 "tokens_seen": s.tokens_seen, "selection": loop.selections.get(s.name, EVERY_BLOCK),
                 **loop.extra_meta}
@@ -120,8 +130,11 @@ def save_all(layout: RunLayout, students: list[Student], step: int, loop: LoopCo
         s.engine.save_sharded(root, tag=f"step_{step:08d}")
         weights = s.engine.full_state_dict()  # collective under ZeRO-3
         if loop.rank == 0:
-            checkpoint.save(root, step, s.model, {**s.state(), "rng": checkpoint.rng_state()},
-                            meta, loop.keep_last, weights=weights)
+            checkpoint.save(root, step, s.model, {**s.state(), "rng": checkpoint.rng_state()}, meta, weights=weights)
+    if loop.rank == 0:
+        if before_commit is not None:
+            before_commit()
+        checkpoint.commit(layout.students, {s.name: step for s, step in saves}, loop.keep_last)
     if loop.world_size > 1:
         dist.barrier()
 
@@ -129,6 +142,30 @@ def save_all(layout: RunLayout, students: list[Student], step: int, loop: LoopCo
 def failures(layout: RunLayout, names: list[str]) -> dict[str, dict]:
     """The failure record of each named student that has one (see `drop_failed`)."""
     return {n: json.loads(layout.failure(n).read_text()) for n in names if layout.failure(n).exists()}
+
+
+def claim_out_dir(layout: RunLayout, names: list[str], overwrite: bool, rank: int) -> None:
+    """Before a fresh (not --resume) run writes anything: one run per out_dir.  Checkpoints
+    of an earlier run of these students would mix with this one's (its newer steps outlive
+    this run's pruning, and export, report and metrics would come from two runs), so they
+    are refused, or with `overwrite` that run's students, summary, report and plots are moved
+    aside, whole, to OUT/replaced-TIME/ (rank 0; said on stderr)."""
+    earlier = checkpoint.earlier_checkpoints(layout.students, names)
+    if not earlier:
+        return
+    found = ", ".join(f"{n} at step {step}" for n, step in sorted(earlier.items()))
+    if not overwrite:
+        raise UserError(f"{layout.students} holds checkpoints of an earlier run ({found}); rerun with --resume to "
+                        f"continue it, or with --overwrite to move it aside (to {layout.root}/replaced-TIME/) "
+                        f"and start afresh")
+    if rank != 0:
+        return
+    aside = layout.root / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(parents=True, exist_ok=False)
+    for path in layout.earlier_run_artifacts():
+        if path.exists():
+            path.rename(aside / path.name)
+    print(f"[train] --overwrite: moved the earlier run ({found}) to {aside}", file=sys.stderr, flush=True)
 
 
 def resume_all(layout: RunLayout, students: list[Student], loop: LoopConfig) -> tuple[int, list[Student]]:
@@ -178,14 +215,18 @@ def drop_failed(students: list[Student], failed: dict[str, str], step: int, loop
     broken = [s for s in students if s.name in failed]
     for s in broken:
         s.model.zero_grad(set_to_none=True)  # a half-done backward's grads: free them first
-    save_all(layout, healthy, step + 1, loop)
-    save_all(layout, broken, step, loop)
+
+    def record_failures() -> None:  # before the commit: a kill in between keeps them dropped
+        for s in broken:
+            record = {"step": step, "failed_at_step": step + 1, "reason": failed[s.name],
+                      **({"traceback": traces[s.name]} if s.name in traces else {})}
+            atomic_write_json(layout.failure(s.name), record)
+
+    save_checkpoints(layout, [(s, step + 1) for s in healthy] + [(s, step) for s in broken], loop,
+                     before_commit=record_failures)
     for s in broken:
-        record = {"step": step, "failed_at_step": step + 1, "reason": failed[s.name],
-                  **({"traceback": traces[s.name]} if s.name in traces else {})}
         logger.log(s.name, step + 1, {"failed": True, "reason": failed[s.name]}, kind="failed")
         if loop.rank == 0:
-            atomic_write_json(layout.failure(s.name), record)
             print(f"[train] student {s.name} failed at step {step + 1}: {failed[s.name]}; checkpointed at "
                   f"step {step}", file=sys.stderr, flush=True)
     names = ", ".join(sorted(failed))
@@ -224,18 +265,27 @@ def block_gaps(members: list[Student], micro_batches: list[MicroBatch], loop: Lo
     return flat.cpu()
 
 
-def teacher_difficulty(micro_batches: list[MicroBatch]) -> dict:
-    """The teacher's mean nll, entropy and top-1 probability over this rank's training
-    targets of the step (the difficulty the signal carries; {} when it carries none)."""
-    sums, count = torch.zeros(len(STATS), dtype=torch.float64), 0
+def teacher_metrics(micro_batches: list[MicroBatch], loop: LoopConfig, device: torch.device) -> dict:
+    """The step's teacher figures over every rank (one all-reduce): the count of tokens whose
+    signal was not finite, and the teacher's mean nll, entropy and top-1 probability over the
+    training targets (the difficulty the signal carries; absent when it carries none)."""
+    sums = torch.zeros(len(STATS) + 2, dtype=torch.float64)  # [nll, entropy, top1 sums, targets, non-finite]
+    has_difficulty = all(mb.signal is not None and mb.signal.difficulty is not None for mb in micro_batches)
     for mb in micro_batches:
-        d = None if mb.signal is None or mb.signal.difficulty is None else mb.signal.difficulty.cpu()  # (B, T, 3)
-        if d is None:
-            return {}
-        ok = (mb.batch.labels != IGNORE) & mb.valid.cpu() & torch.isfinite(d).all(-1)  # (B, T)
-        sums += d[ok].double().sum(0)
-        count += int(ok.sum())
-    return {f"teacher_{name}": float(v) / count for name, v in zip(STATS, sums)} if count else {}
+        sums[-1] += int((~mb.valid).sum())
+        if has_difficulty:
+            d = mb.signal.difficulty.cpu()  # (B, T, 3)
+            ok = (mb.batch.labels != IGNORE) & mb.valid.cpu() & torch.isfinite(d).all(-1)  # (B, T)
+            sums[:len(STATS)] += d[ok].double().sum(0)
+            sums[-2] += int(ok.sum())
+    if loop.world_size > 1:
+        sums = sums.to(device)
+        dist.all_reduce(sums)
+        sums = sums.cpu()
+    out = {"teacher_nonfinite_tokens": int(sums[-1])}
+    if has_difficulty and sums[-2] > 0:
+        out.update({f"teacher_{name}": float(v / sums[-2]) for name, v in zip(STATS, sums)})
+    return out
 
 
 def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: torch.Tensor,
@@ -298,8 +348,7 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
                     micro_batches.append(MicroBatch(batch, sig, valid))
 
                 # --- every student learns from the same signal; a failure costs that student only
-                shared = {"teacher_nonfinite_tokens": sum(int((~mb.valid).sum()) for mb in micro_batches),
-                          **teacher_difficulty(micro_batches)}
+                shared = teacher_metrics(micro_batches, loop, members[0].device)
                 for s in members:
                     try:
                         metrics = s.train_step(step, micro_batches)

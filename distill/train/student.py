@@ -13,11 +13,12 @@ import torch
 
 from distill.config import LossConfig, OptimConfig, StudentConfig
 from distill.train.engines import Engine, all_reduce
-from losses import DIVERGENCES, build_schedule, combine, per_token_losses, soft_weights
+from losses import DIVERGENCES, build_schedule, combine, per_token_losses, soft_weights, weight_scores
 from losses.moe import load_balancing_loss, routed_slots, router_z_loss
 from losses.signal import TeacherSignal
 from students.build import collect_router_logits, expert_load
-from students.sparse_moe import expert_biases, set_expert_biases, update_expert_bias
+from students.sparse_moe import (expert_biases, moe_modules, routing_counts, set_expert_biases, set_routing_counts,
+                                 update_expert_bias)
 from teachers import IGNORE, Batch
 
 
@@ -87,54 +88,94 @@ def loss_head(model) -> LossHead:
     return head
 
 
+@dataclass
+class StepTotals:
+    """A step's normalisers over every micro-batch on every rank, known before its first
+    backward, so that how the step is split (grad_accum, ranks) never changes its update.
+
+    targets:    positions that are training targets (label != -100) with a valid teacher
+                signal: the one mask the hard and soft terms sum over, and their mean's
+                denominator.
+    tokens:     every position: the MoE balance and z terms average over all routed tokens.
+    score_mean: adaptive soft weighting's mean score over the targets; None: uniform, or
+                (one micro-batch) reduced over the ranks inside the forward.
+    slots:      (L, E) routing slots of the whole step, the balance loss's f_e; None: a
+                dense student, or (one micro-batch) reduced inside the forward.
+    """
+
+    targets: float
+    tokens: float
+    score_mean: float | None = None
+    slots: torch.Tensor | None = None
+
+
+def student_forward(model, input_ids: torch.Tensor, labels: torch.Tensor, signal: TeacherSignal | None,
+                    mask: torch.Tensor, loss_cfg: LossConfig, baseline: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (hard (N,), soft (N,)) losses of one micro-batch, N = B*T; the lm_head is
+    applied chunk by chunk inside `per_token_losses` (bounded memory).  A MoE model's router
+    logits of this forward are left on its layers (`collect_router_logits`).
+
+    input_ids, labels: (B, T); mask: (N,) bool targets; signal: (B, T, k) or None."""
+    hidden = model.model(input_ids=input_ids).last_hidden_state  # (B, T, H)
+    use_teacher = signal is not None and not baseline
+    # Only the divergence's own parameters (jsd: beta; skew KLs: alpha) are passed on.
+    div_params = {p: getattr(loss_cfg, p) for p in DIVERGENCES[loss_cfg.divergence].params}
+    return loss_head(model)(hidden.reshape(-1, hidden.shape[-1]), losses=dict(
+        signal=signal.flatten() if use_teacher else None, labels=labels.reshape(-1), mask=mask,
+        divergence=loss_cfg.divergence, temperature=loss_cfg.temperature, tail=loss_cfg.tail,
+        hard_target="labels" if baseline else loss_cfg.hard_target, chunk_size=loss_cfg.chunk_size,
+        **div_params,
+    ))
+
+
+def target_mask(labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the positions a step learns from, targets with a valid teacher signal."""
+    return valid & (labels != IGNORE)
+
+
 def distill_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, signal: TeacherSignal | None,
                  valid: torch.Tensor, loss_cfg: LossConfig, w_soft: float, baseline: bool,
-                 denominator: float | None = None, world: int = 1, n_micro: int = 1) -> LossOutput:
-    """This rank's share of the step's loss from one micro-batch: the sum over its valid tokens
-    of w_hard*hard + w_soft_i*soft, divided by `denominator` (the step's valid tokens over
-    every micro-batch and rank; None: this micro-batch's own count), times `world` (the
-    engines average gradients over ranks), plus the MoE balance terms / `n_micro`.
+                 totals: StepTotals | None = None, world: int = 1) -> LossOutput:
+    """This rank's share of the step's loss from one micro-batch: the sum over its targets of
+    w_hard*hard + w_soft_i*soft, plus the MoE balance terms' sums over its tokens, each
+    divided by the step's count (`totals`; None: this micro-batch is the whole step), times
+    `world` (the engines average gradients over ranks).
 
     input_ids, labels, valid: (B, T); signal: (B, T, k) or None for a CE-only baseline.
     A label of -100 (chat data: a token outside the assistant's turns; padding) is no
     target: it leaves the one mask that drives the hard and soft terms, the adaptive
     weights and the mean, so neither its label nor its teacher signal reaches a gradient.
-    The lm_head is applied chunk by chunk inside `per_token_losses` (bounded memory).
-    stats: loss, hard, soft, w_soft as shares (they add up over micro-batches and ranks to
-    the step's token means); balance_loss, z_loss / n_micro (add up over micro-batches).
+    stats: loss, hard, soft, w_soft, balance_loss, z_loss as shares (they add up over
+    micro-batches and ranks to the step's means).
     """
-    hidden = model.model(input_ids=input_ids).last_hidden_state  # (B, T, H)
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
-    mask = (valid & (labels != IGNORE)).reshape(-1)  # (N,) bool
-    use_teacher = signal is not None and not baseline
-    flat_signal = signal.flatten() if use_teacher else None  # (N, k)
-    # Only the divergence's own parameters (jsd: beta; skew KLs: alpha) are passed on.
-    div_params = {p: getattr(loss_cfg, p) for p in DIVERGENCES[loss_cfg.divergence].params}
-    hard, soft = loss_head(model)(flat_hidden, losses=dict(
-        signal=flat_signal, labels=labels.reshape(-1), mask=mask,
-        divergence=loss_cfg.divergence, temperature=loss_cfg.temperature, tail=loss_cfg.tail,
-        hard_target="labels" if baseline else loss_cfg.hard_target, chunk_size=loss_cfg.chunk_size,
-        **div_params,
-    ))
-    if use_teacher:
+    mask = target_mask(labels, valid)  # (B, T)
+    if totals is None:
+        totals = StepTotals(targets=float(mask.sum()), tokens=float(labels.numel()))
+    flat_mask = mask.reshape(-1)  # (N,)
+    hard, soft = student_forward(model, input_ids, labels, signal, flat_mask, loss_cfg, baseline)
+    if signal is not None and not baseline:
         mode = "uniform" if loss_cfg.adaptive == "none" else loss_cfg.adaptive
-        w_soft_tok = soft_weights(mode, w_soft, mask, signal=flat_signal, soft=soft.detach())
-        total, stats = combine(hard, soft, mask, 1.0 - w_soft, w_soft_tok, denominator)
+        score_mean = totals.score_mean
+        if mode == "disagreement" and score_mean is None:  # one micro-batch: its scores, over every rank
+            score_sum = weight_scores(mode, None, soft.detach(), flat_mask)[flat_mask].double().sum().reshape(1)
+            score_mean = float(all_reduce(score_sum).item()) / max(totals.targets, 1.0)
+        w_soft_tok = soft_weights(mode, w_soft, flat_mask, signal=signal.flatten(), soft=soft.detach(),
+                                  score_mean=score_mean)
+        total, stats = combine(hard, soft, flat_mask, 1.0 - w_soft, w_soft_tok, totals.targets)
     else:
-        total, stats = combine(hard, soft, mask, 1.0, 0.0, denominator)
-    total = total * world
-    per_block = mask.view(labels.shape)  # (B, T)
-    hard_per_block = (hard.detach().view(labels.shape) * per_block).sum(-1) / per_block.sum(-1)  # (B,); 0/0 = NaN
+        total, stats = combine(hard, soft, flat_mask, 1.0, 0.0, totals.targets)
+    hard_per_block = (hard.detach().view(labels.shape) * mask).sum(-1) / mask.sum(-1)  # (B,); 0/0 = NaN
     router_logits = collect_router_logits(model)
     if router_logits:
         top_k = getattr(model.config, "num_experts_per_tok", 1)
-        # f_e over the micro-batch as all ranks hold it: (L, E) slot counts summed over ranks.
-        slots = all_reduce(routed_slots(router_logits, top_k))
-        lb = load_balancing_loss(router_logits, top_k, slots / slots.sum(-1, keepdim=True).clamp_min(1))
-        z = router_z_loss(router_logits)
-        total = total + (loss_cfg.balance_weight * lb + loss_cfg.z_weight * z) / n_micro
-        stats.update(balance_loss=float(lb.detach()) / n_micro, z_loss=float(z.detach()) / n_micro)
-    return LossOutput(total, stats, hard_per_block)
+        # f_e over the step as all ranks hold it: (L, E) slot counts summed over ranks.
+        slots = totals.slots if totals.slots is not None else all_reduce(routed_slots(router_logits, top_k))
+        fractions = slots / slots.sum(-1, keepdim=True).clamp_min(1)
+        lb = load_balancing_loss(router_logits, top_k, fractions, n_tokens=totals.tokens)
+        z = router_z_loss(router_logits, n_tokens=totals.tokens)
+        total = total + loss_cfg.balance_weight * lb + loss_cfg.z_weight * z
+        stats.update(balance_loss=float(lb.detach()), z_loss=float(z.detach()))
+    return LossOutput(total * world, stats, hard_per_block)
 
 
 class Student:
@@ -165,30 +206,27 @@ class Student:
     def train_step(self, step: int, micro_batches: list[MicroBatch]) -> dict:
         """One optimiser step over `micro_batches` (this rank's share of the step's batch).
 
-        The loss is one token mean over the whole step: the valid-token count of every
-        micro-batch on every rank is summed (one all-reduce) before the first forward, and
-        each micro-batch contributes its token sum / that count.  A non-finite micro-batch
-        loss is multiplied by NaN before its backward, so the step's (rank-averaged) grads,
-        and hence the global grad norm every rank computes, are non-finite: every rank then
-        skips the whole optimiser step (weights, optimiser, LR schedule untouched), while every
-        micro-batch's backward still runs on every rank (collectives and DeepSpeed's
-        accumulation boundary stay aligned)."""
+        The loss is one token mean over the whole step: its totals (`step_totals`: targets,
+        tokens, adaptive scores, MoE routing) are summed over every micro-batch on every
+        rank before the first backward, and each micro-batch contributes its sums / those
+        totals.  A non-finite micro-batch loss is multiplied by NaN before its backward, so
+        the step's (rank-averaged) grads, and hence the global grad norm every rank
+        computes, are non-finite: every rank then skips the whole optimiser step (weights,
+        optimiser, LR schedule, MoE routing counts untouched), while every micro-batch's
+        backward still runs on every rank (collectives and DeepSpeed's accumulation
+        boundary stay aligned)."""
         t0 = time.perf_counter()
         self.model.train()
         w_soft = self.w_soft(step)
         world, n_micro = self.engine.world_size, len(micro_batches)
-        n_global = all_reduce(torch.tensor([float(sum(int(mb.valid.sum()) for mb in micro_batches))],
-                                           device=self.device))
-        denominator = float(n_global.item())
+        on_device = [tuple(x.to(self.device, non_blocking=True) for x in (mb.batch.input_ids, mb.batch.labels, mb.valid))
+                     + (mb.signal.to(self.device) if mb.signal is not None else None,) for mb in micro_batches]
+        totals = self.step_totals(on_device, w_soft)
         sums, finite, hard_per_block = {}, True, []
-        for i, mb in enumerate(micro_batches):
-            input_ids, labels, valid = (x.to(self.device, non_blocking=True)
-                                        for x in (mb.batch.input_ids, mb.batch.labels, mb.valid))
-            signal = mb.signal.to(self.device) if mb.signal is not None else None
+        for i, (input_ids, labels, valid, signal) in enumerate(on_device):
             with self.engine.accumulating(last=i == n_micro - 1):
                 out = self.engine.run(lambda model: distill_loss(
-                    model, input_ids, labels, signal, valid, self.cfg.loss, w_soft, self.cfg.baseline,
-                    denominator, world, n_micro))
+                    model, input_ids, labels, signal, valid, self.cfg.loss, w_soft, self.cfg.baseline, totals, world))
                 loss = out.total
                 if not bool(torch.isfinite(loss.detach())):
                     finite = False
@@ -202,6 +240,8 @@ class Student:
         grad_norm = self.engine.step(skip=not finite)
         if not math.isfinite(grad_norm):  # the same on every rank: the norm is of the reduced grads
             self.hard_per_block = None  # a skipped step measured nothing worth re-weighting by
+            for moe in moe_modules(self.model):  # nor routed anything the expert bias should follow
+                moe.counts_since_update.zero_()
             self.nonfinite_steps += 1
             return {"skipped": True, "nonfinite_steps": self.nonfinite_steps, "lr": self.engine.lr()}
         if self.cfg.loss.bias_update_rate > 0:
@@ -216,18 +256,59 @@ class Student:
         })
         return metrics
 
+    def step_totals(self, micro_batches: list[tuple], w_soft: float) -> StepTotals:
+        """The step's `StepTotals` from this rank's (input_ids, labels, valid, signal) micro-
+        batches, summed over ranks in one all-reduce.  Teacher-scored adaptive weights
+        (confidence, entropy) sum their scores from the signal alone.  Scores from the
+        student itself (disagreement) and a MoE student's routing are known only after a
+        forward: with several micro-batches a no-grad forward of each comes first (about a
+        third of a step's compute, only in those configurations); with one, the forward
+        itself reduces them (see `distill_loss`)."""
+        loss_cfg = self.cfg.loss
+        mode = "uniform" if loss_cfg.adaptive == "none" or self.cfg.baseline or w_soft == 0 else loss_cfg.adaptive
+        if mode != "uniform" and any(sig is None for *_, sig in micro_batches):
+            mode = "uniform"  # no teacher signal (CE only): no soft term to weight
+        masks = [target_mask(labels, valid).reshape(-1) for _, labels, valid, _ in micro_batches]  # (N,) each
+        moe = bool(moe_modules(self.model)) and loss_cfg.balance_weight > 0
+        prepass = len(micro_batches) > 1 and (moe or mode == "disagreement")
+        scores, slots = torch.zeros((), dtype=torch.float64), None
+        for (input_ids, labels, valid, signal), mask in zip(micro_batches, masks):
+            soft = None
+            if prepass:
+                with torch.no_grad():
+                    _, soft = self.engine.run(lambda model: student_forward(
+                        model, input_ids, labels, signal, mask, loss_cfg, self.cfg.baseline))
+                if moe:
+                    top_k = getattr(self.model.config, "num_experts_per_tok", 1)
+                    mb_slots = routed_slots(collect_router_logits(self.model), top_k).double().cpu()
+                    slots = mb_slots if slots is None else slots + mb_slots
+            if mode in ("confidence", "entropy") or soft is not None and mode == "disagreement":
+                r = weight_scores(mode, signal.flatten() if signal is not None else None, soft, mask)
+                scores = scores + r[mask].double().sum().cpu()
+        counts = [float(sum(int(m.sum()) for m in masks)), float(sum(labels.numel() for _, labels, _, _ in micro_batches)),
+                  float(scores)]
+        flat = torch.tensor(counts, dtype=torch.float64)
+        if slots is not None:
+            flat = torch.cat([flat, slots.reshape(-1)])
+        flat = all_reduce(flat.to(self.device)).cpu()
+        targets, tokens = float(flat[0]), float(flat[1])
+        known = mode in ("confidence", "entropy") or (mode == "disagreement" and prepass)
+        score_mean = float(flat[2]) / max(targets, 1.0) if known else None
+        return StepTotals(targets, tokens, score_mean,
+                          flat[3:].view_as(slots).float().to(self.device) if slots is not None else None)
+
     def _reduced(self, sums: dict, world: int) -> dict:
         """The step's metrics over every rank, from this rank's sums (one all-reduce): loss,
-        hard, soft, w_soft are shares of the global token mean (summed), n_valid a count
-        (summed), balance/z losses per-rank means (averaged); expert imbalance from the
-        last micro-batch's per-expert token counts summed over ranks."""
+        hard, soft, w_soft, balance/z losses are shares of the step's means (summed), n_valid
+        a count (summed); expert imbalance from the last micro-batch's per-expert token
+        counts summed over ranks."""
         names = sorted(sums)
         loads = expert_load(self.model)  # one (E,) per MoE layer
         flat = torch.tensor([sums[k] for k in names], dtype=torch.float64)
         if loads:
             flat = torch.cat([flat, torch.cat([l.double().cpu() for l in loads])])
         flat = all_reduce(flat.to(self.device)).cpu()
-        metrics = {k: float(flat[i]) / (world if k in ("balance_loss", "z_loss") else 1) for i, k in enumerate(names)}
+        metrics = {k: float(flat[i]) for i, k in enumerate(names)}
         if "n_valid" in metrics:
             metrics["n_valid"] = int(metrics["n_valid"])
         if loads:
@@ -240,7 +321,8 @@ class Student:
         """Everything a resume needs beyond the weights.  expert_bias: one (E,) tensor per MoE
         layer, a non-persistent buffer (model.safetensors stays stock) that routing depends on."""
         state = {"engine": self.engine.state_dict(), "nonfinite_steps": self.nonfinite_steps,
-                 "tokens_seen": self.tokens_seen, "expert_bias": expert_biases(self.model)}
+                 "tokens_seen": self.tokens_seen, "expert_bias": expert_biases(self.model),
+                 "routing_counts": routing_counts(self.model)}
         if self.data_view_state is not None:
             state["data_view"] = self.data_view_state
         return state
@@ -251,4 +333,6 @@ class Student:
         self.tokens_seen = state["tokens_seen"]
         if "expert_bias" in state:  # checkpoints from before the bias was saved: zeros, as then
             set_expert_biases(self.model, state["expert_bias"])
+        if "routing_counts" in state:  # tokens routed since the last bias update (older checkpoints: none)
+            set_routing_counts(self.model, state["routing_counts"])
         self.data_view_state = state.get("data_view")

@@ -12,8 +12,9 @@ Stored, per token:
   the distinct ids ascending, gap-coded (gap = id - previous id - 1, the first from -1),
   as Rice codes: the quotients gap >> b in unary (`id_unary`), the b-bit remainders
   (`id_rem`).  b minimises the token's own code length.
-On a Zipf-like teacher at V = 202,048 and n = 32 that is about 30 bytes per token (bench/cache.py,
-BENCHMARKS.md) against 121.5 for the compact top-64.  Lossless: counts and ids come back exactly.
+On a Zipf-like teacher at V = 202,048 and n = 32 that measured 17.7 bytes per token (bench/cache.py,
+BENCHMARKS.md) against 121.5 for the compact top-64; the teacher's difficulty statistics add 6
+bytes per token beside it in each shard.  Lossless: counts and ids come back exactly.
 """
 from __future__ import annotations
 

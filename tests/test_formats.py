@@ -1,0 +1,256 @@
+"""Every common data format read with default data settings (the `text` column, extra columns
+beside it, chat rows), through `load_documents` per format and through the real CLI."""
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import lzma
+import shutil
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from common.errors import UserError
+from distill.chat import PLAIN
+from distill.config import DataConfig, load_config
+from distill.data import corpus_files, fingerprint, load_documents, prepare_data
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+def text_rows(tag: str = "", n: int = 80) -> list[dict]:
+    """Distinct documents with the default `text` column and two extra columns."""
+    return [{"text": f"{tag}Document {i}: " + " ".join(WORDS[(i * j + j) % len(WORDS)] for j in range(30)) + ".",
+             "id": i, "meta": {"source": f"s{i % 3}", "score": i / 10}} for i in range(n)]
+
+
+def prompt_rows(n: int = 40) -> list[dict]:
+    return [{"prompt": f"Name word {i}: ", "completion": f"{WORDS[i % len(WORDS)]} is word {i}.", "id": i}
+            for i in range(n)]
+
+
+def message_rows(n: int = 40) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"What is word {i}?"},
+                          {"role": "assistant", "content": f"Word {i} is {WORDS[i % len(WORDS)]}."}], "id": i}
+            for i in range(n)]
+
+
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def _bytes(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _zstd(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def _ipc(rows: list[dict], path: Path, stream: bool) -> Path:
+    table = pa.Table.from_pylist(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with (pa.ipc.new_stream if stream else pa.ipc.new_file)(str(path), table.schema) as w:
+        w.write_table(table)
+    return path
+
+
+def _parquet(rows: list[dict], path: Path, large: bool = False) -> Path:
+    table = pa.Table.from_pylist(rows)
+    if large:  # polars writes strings as large_string
+        table = table.cast(pa.schema([pa.field(f.name, pa.large_string()) if f.type == pa.string() else f
+                                      for f in table.schema]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, str(path))
+    return path
+
+
+def _saved(rows: list[dict], path: Path) -> Path:
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+def _saved_dict(rows: list[dict], path: Path) -> Path:
+    held_out = [{k: (f"held out: {v}" if isinstance(v, str) else v) for k, v in r.items()} for r in rows[:5]]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "test": datasets.Dataset.from_list(held_out)}).save_to_disk(str(path))
+    return path  # only "train" is read
+
+
+def _text_dir(rows: list[dict], path: Path) -> Path:
+    for i, r in enumerate(rows):
+        _bytes(path / f"sub{i % 2}" / f"doc{i}.txt", r["text"].encode())
+    return path
+
+
+def _glob(rows: list[dict], path: Path) -> Path:
+    _text_dir(rows, path / "parts")
+    (path / "parts" / "notes.csv").write_text("not,read\n")  # outside the pattern
+    return path / "parts" / "**" / "*.txt"
+
+
+def _glob_of_saved(rows: list[dict], path: Path) -> Path:
+    half = len(rows) // 2
+    _saved(rows[:half], path / "shards" / "ds_0")
+    _saved(rows[half:], path / "shards" / "ds_1")
+    return path / "shards" / "ds_*"
+
+
+def _mixed_dir(rows: list[dict], path: Path) -> Path:
+    """A folder of tables: compressed jsonl, parquet and a saved dataset, which is read as one input."""
+    third = len(rows) // 3
+    _bytes(path / "a.jsonl.zst", _zstd(_jsonl(rows[:third])))
+    _parquet(rows[third:2 * third], path / "b.parquet")
+    _saved(rows[2 * third:], path / "nested" / "saved")
+    return path
+
+
+TABLES = {  # format -> writer(rows, dir) -> the path for data.paths
+    "jsonl": lambda rows, d: _bytes(d / "c.jsonl", _jsonl(rows)),
+    "jsonl.gz": lambda rows, d: _bytes(d / "c.jsonl.gz", gzip.compress(_jsonl(rows))),
+    "jsonl.bz2": lambda rows, d: _bytes(d / "c.jsonl.bz2", bz2.compress(_jsonl(rows))),
+    "jsonl.zst": lambda rows, d: _bytes(d / "c.jsonl.zst", _zstd(_jsonl(rows))),
+    "jsonl.xz": lambda rows, d: _bytes(d / "c.jsonl.xz", lzma.compress(_jsonl(rows))),
+    "json": lambda rows, d: _bytes(d / "c.json", json.dumps(rows).encode()),
+    "json.gz": lambda rows, d: _bytes(d / "c.json.gz", gzip.compress(json.dumps(rows).encode())),
+    "parquet": lambda rows, d: _parquet(rows, d / "c.parquet"),
+    "parquet-large-string": lambda rows, d: _parquet(rows, d / "c.parquet", large=True),
+    "arrow": lambda rows, d: _ipc(rows, d / "c.arrow", stream=False),
+    "arrow-stream": lambda rows, d: _ipc(rows, d / "c.arrow", stream=True),
+    "save_to_disk": lambda rows, d: _saved(rows, d / "ds"),
+    "save_to_disk-dict": lambda rows, d: _saved_dict(rows, d / "dsd"),
+    "glob-of-saved": _glob_of_saved,
+    "dir-of-tables": _mixed_dir,
+}
+FORMATS = {**TABLES, "txt-dir": _text_dir, "txt-glob": _glob}
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_text_rows_with_default_settings(fmt, tmp_path):
+    rows = text_rows()
+    docs = load_documents(DataConfig(paths=[FORMATS[fmt](rows, tmp_path)]))
+    assert sorted(docs["text"]) == sorted(r["text"] for r in rows)
+    assert set(docs["chat"]) == {PLAIN}
+
+
+@pytest.mark.parametrize("kind", ["messages", "prompt"])
+@pytest.mark.parametrize("fmt", list(TABLES))
+def test_chat_rows_with_default_settings(fmt, kind, tmp_path):
+    rows = message_rows() if kind == "messages" else prompt_rows()
+    docs = load_documents(DataConfig(paths=[TABLES[fmt](rows, tmp_path)]))
+    want = [{k: v for k, v in r.items() if k != "id"} for r in rows]
+    key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
+    assert sorted(map(key, map(json.loads, docs["chat"]))) == sorted(map(key, want))
+
+
+def test_chat_rows_pack_from_a_saved_dataset_and_parquet(tmp_path):
+    from tests.hf_models import make_tokenizer
+
+    rows = message_rows()
+    tok_dir = tmp_path / "tok"
+    make_tokenizer([json.dumps(r) for r in rows], tok_dir)
+    paths = [_saved(rows, tmp_path / "ds"), _parquet(prompt_rows(), tmp_path / "p.parquet")]
+    data = prepare_data(DataConfig(paths=paths, seq_len=32, val_fraction=0.2, tokenizer={"path": tok_dir}),
+                        tmp_path / "run")
+    assert len(data.train) and len(data.val)
+    assert (data.train < 0).any()  # prompts and user turns are no targets
+
+
+def test_saved_datasetdict_split_rules(tmp_path):
+    only = tmp_path / "only"
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(text_rows(n=3))}).save_to_disk(str(only))
+    assert len(load_documents(DataConfig(paths=[only]))) == 3  # its only split
+    two = tmp_path / "two"
+    datasets.DatasetDict({"a": datasets.Dataset.from_list(text_rows(n=3)),
+                          "b": datasets.Dataset.from_list(text_rows(n=2))}).save_to_disk(str(two))
+    with pytest.raises(UserError, match="splits a, b and none named 'train'"):
+        load_documents(DataConfig(paths=[two]))
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("notes.csv", b"text\nhello\n", r"notes.csv is not a format data.paths reads; it takes .*\.jsonl"),
+    ("corpus", b"hello\n", r"corpus is not a format"),
+    ("rows.jsonl", b'{"title": "a"}\n', r"rows.jsonl: no column 'text', nor chat columns"),
+    ("broken.jsonl", b'{"text": "a"}\n{oops\n', r"broken.jsonl: could not be read as json \(ArrowInvalid: JSON parse"),
+    ("fake.parquet", b"not parquet", r"fake.parquet: could not be read as parquet"),
+    ("ints.jsonl", b'{"text": 1}\n', r"ints.jsonl: column 'text' holds Value\('int64'\), not strings"),
+    ("chat.jsonl", b'{"messages": "hi"}\n', r"chat.jsonl: column 'messages' holds .*not lists of \{role, content\}"),
+])
+def test_a_file_in_no_known_shape_is_named(tmp_path, name, content, message):
+    f = _bytes(tmp_path / name, content)
+    with pytest.raises(UserError, match=message):
+        load_documents(DataConfig(paths=[f]))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl.zst", "save_to_disk", "dir-of-tables"])
+def test_new_formats_are_fingerprinted_by_content(fmt, tmp_path):
+    def fp(path: Path) -> str:
+        cfg = DataConfig(paths=[path])
+        return fingerprint(corpus_files(cfg), "tok", cfg)
+
+    first = TABLES[fmt](text_rows(), tmp_path / "a")
+    base = fp(first)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # the same bytes elsewhere: the same
+    assert fp(tmp_path / "b" / first.relative_to(tmp_path / "a")) == base
+    assert fp(TABLES[fmt](text_rows(n=81), tmp_path / "c")) != base
+
+
+# ----------------------------------------------------------------------------- the real CLI
+
+TINY_TEACHER = {"preset": "behemoth", "args": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
+                                                "head_dim": 16, "num_experts": 2}}
+
+
+def _pretrain_config(tmp_path: Path, paths: list[Path]) -> Path:
+    """The cheapest command that prepares data: pretrain a tiny teacher for one step. Data
+    settings are the defaults but for `paths` and a short seq_len (the corpora are small)."""
+    cfg = {"data": {"paths": [str(p) for p in paths], "seq_len": 32},
+           "teacher": {"source": "preset", "model": TINY_TEACHER, "pretrain": {"steps": 1, "batch_size": 1}},
+           "students": [{"name": "s", "model": {"preset": "dense"}}], "out_dir": str(tmp_path / "out")}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_jsonl_of_text_rows_through_the_cli(cli, tmp_path):
+    """The Hugging Face convention, `{"text": ...}` with extra columns, with default data settings."""
+    path = _bytes(tmp_path / "corpus.jsonl", _jsonl(text_rows()))
+    r = cli("pretrain", "-c", str(_pretrain_config(tmp_path, [path])), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "out" / "teacher" / "pretrain_done.json").exists()
+
+
+def test_every_format_through_one_cli_run(cli, tmp_path):
+    paths = [FORMATS[fmt](text_rows(f"{fmt}: "), tmp_path / fmt) for fmt in FORMATS]
+    paths += [TABLES[fmt](prompt_rows(), tmp_path / f"{fmt}-prompt") for fmt in ("json", "arrow", "save_to_disk")]
+    config = _pretrain_config(tmp_path, paths)
+    r = cli("pretrain", "-c", str(config), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "skipped" not in r.stderr  # every input was read
+    blocks = list((tmp_path / "out" / "data").glob("blocks-*.safetensors"))
+    assert len(blocks) == 1
+    data = prepare_data(load_config(config).data, tmp_path / "out")  # the same inputs: the same blocks, reused
+    assert blocks[0].name == f"blocks-{data.fingerprint}.safetensors"
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("notes.csv", b"text\nhello\n", "notes.csv is not a format data.paths reads"),
+    ("rows.jsonl", b'{"title": "a"}\n', "rows.jsonl: no column 'text'"),
+])
+def test_a_file_in_no_known_shape_is_one_line_through_the_cli(cli, tmp_path, name, content, message):
+    path = _bytes(tmp_path / name, content)
+    r = cli("pretrain", "-c", str(_pretrain_config(tmp_path, [path])), "--quiet")
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert message in lines[0]
+    assert not (tmp_path / "out" / "teacher").exists()
