@@ -231,7 +231,9 @@ def _column_problem(ds: datasets.Dataset, kind: str, text_field: str) -> str | N
     else:
         ft = feats["messages"]  # List/Sequence of a struct, or (datasets 3) a one-element list
         turn = ft[0] if isinstance(ft, list) and ft else getattr(ft, "feature", None)
-        if isinstance(turn, dict) and "role" in turn and "content" in turn:
+        # A turn is a struct with a role (tool-call turns have no content), or free-form JSON
+        # (datasets reads rows whose turns differ in fields as Json); the template judges the rest.
+        if isinstance(turn, dict) and "role" in turn or type(turn).__name__ == "Json":
             return None
         return f"column 'messages' holds {feats['messages']}, not lists of {{role, content}} turns"
     for name in names:
