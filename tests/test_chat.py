@@ -4,6 +4,7 @@ hard and soft loss, adaptive weights and eval."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -251,11 +252,18 @@ def test_chat_run_over_the_cli(hf_family, tmp_path):
     GenerationConfig(eos_token_id=0, max_new_tokens=7).save_pretrained(str(student))  # a base model's stop id
     cfg = {"out_dir": str(tmp_path / "run"), "data": {"paths": [str(path)], "seq_len": 48},
            "teacher": {"source": "checkpoint", "path": str(hf_family["teacher"])}, "cache": {"k": 8},
-           "students": [{"name": "chat", "model": {"path": str(student)}, "loss": {"adaptive": "entropy"}}],
+           "students": [{"name": "chat", "model": {"path": str(student)}, "loss": {"adaptive": "entropy"}},
+                        {"name": "ce", "baseline": True, "model": {"preset": "dense", "args": {
+                            "hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16}}}],
            "train": {"mode": "cached", "steps": 2, "batch_size": 2, "eval_every": 0, "eval_blocks": 2}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     r = run_cli("run", "-c", str(tmp_path / "run.yaml"), "--quiet", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    # A random-init CE-only student's first loss is about ln V: the mean is over the assistant
+    # tokens it sums, not over every position of the block (which once logged a fraction of it).
+    first = json.loads((tmp_path / "run" / "students" / "ce" / "metrics.jsonl").read_text().splitlines()[0])
+    ln_v = math.log(hf_family["vocab"])
+    assert abs(first["loss"] - ln_v) < 0.05 * ln_v, (first["loss"], ln_v)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["scored_tokens"] == "assistant / completion only"
     assert report["students"]["chat"]["val_tokens"] < report["val_blocks"] * 48
