@@ -96,33 +96,61 @@ def render(tok, chat: str) -> tuple[list[int], list[bool]]:
     return enc["input_ids"], targets
 
 
+class RowPacker:
+    """Whole rows into blocks of `block` tokens, streaming: `add` returns the blocks that
+    filled up, the block being filled is carried (and can be saved and restored as
+    `carry`), `flush` pads and returns it.  A row longer than `block` keeps its first
+    `block` tokens (truncated += 1); a row with no target left is dropped (dropped += 1):
+    it would teach nothing.  Padding is `pad_id`, no target."""
+
+    def __init__(self, pad_id: int, block: int, carry: dict | None = None):
+        self.pad_id, self.block = pad_id, block
+        carry = carry or {}
+        self.ids: list[int] = list(carry.get("ids", []))  # the block being filled
+        self.tgt: list[bool] = [bool(t) for t in carry.get("targets", [])]
+        self.truncated = self.dropped = 0
+
+    @property
+    def carry(self) -> dict:
+        return {"ids": list(self.ids), "targets": [int(t) for t in self.tgt]}
+
+    def add(self, rows) -> tuple[list[list[int]], list[list[bool]]]:
+        """rows: (ids, targets) pairs -> the completed blocks' (ids, targets) rows."""
+        out_ids, out_tgt = [], []
+        for ids, targets in rows:
+            ids, targets = list(ids), [bool(t) for t in targets]
+            if len(ids) > self.block:
+                ids, targets = ids[: self.block], targets[: self.block]
+                self.truncated += 1
+            if not any(targets[1:]):  # position 0 of a block is never predicted
+                self.dropped += 1
+                continue
+            if len(self.ids) + len(ids) > self.block:
+                out_ids.append(self._padded(self.ids, self.pad_id))
+                out_tgt.append(self._padded(self.tgt, False))
+                self.ids, self.tgt = [], []
+            self.ids += ids
+            self.tgt += targets
+        return out_ids, out_tgt
+
+    def flush(self) -> tuple[list[list[int]], list[list[bool]]]:
+        if not self.ids:
+            return [], []
+        out = [self._padded(self.ids, self.pad_id)], [self._padded(self.tgt, False)]
+        self.ids, self.tgt = [], []
+        return out
+
+    def _padded(self, row: list, value) -> list:
+        return row + [value] * (self.block - len(row))
+
+
 def pack_rows(rows, pad_id: int, block: int) -> tuple[torch.Tensor, int, int]:
     """Whole rows into (N, block) blocks, non-targets marked; (blocks, truncated, dropped).
 
-    rows: (ids, targets) pairs.  A row longer than `block` keeps its first `block` tokens
-    (truncated += 1); a row with no target left is dropped (dropped += 1): it would teach
-    nothing.  Padding after the last row of a block is `pad_id`, no target."""
-    ids_out: list[int] = []  # every block's ids, flat; padded to whole blocks
-    tgt_out: list[bool] = []
-    used = 0  # tokens in the block being filled
-    truncated = dropped = 0
-    for ids, targets in rows:
-        if len(ids) > block:
-            ids, targets = ids[:block], targets[:block]
-            truncated += 1
-        if not any(targets[1:]):  # position 0 of a block is never predicted
-            dropped += 1
-            continue
-        if used + len(ids) > block:
-            ids_out += [pad_id] * (block - used)
-            tgt_out += [False] * (block - used)
-            used = 0
-        ids_out += ids
-        tgt_out += targets
-        used += len(ids)
-    if used:
-        ids_out += [pad_id] * (block - used)
-        tgt_out += [False] * (block - used)
-    ids_t = torch.tensor(ids_out, dtype=torch.int64).view(-1, block)  # (N, block)
-    keep = torch.tensor(tgt_out, dtype=torch.bool).view(-1, block)
-    return torch.where(keep, ids_t, untrained(ids_t)), truncated, dropped
+    In memory, for small inputs and tests; preparation streams through `RowPacker`."""
+    packer = RowPacker(pad_id, block)
+    ids_out, tgt_out = packer.add(rows)
+    tail_ids, tail_tgt = packer.flush()
+    ids_t = torch.tensor(ids_out + tail_ids, dtype=torch.int64).view(-1, block)  # (N, block)
+    keep = torch.tensor(tgt_out + tail_tgt, dtype=torch.bool).view(-1, block)
+    return torch.where(keep, ids_t, untrained(ids_t)), packer.truncated, packer.dropped
