@@ -184,10 +184,10 @@ def eval_(
 
 @app.command()
 def inspect(
-    path: Path = typer.Argument(..., help="A cache dir, a checkpoint dir or an exported model dir."),
+    path: Path = typer.Argument(..., help="Prepared data (OUT/data), a cache dir, a checkpoint dir or an exported model dir."),
     verify: bool = typer.Option(False, "--verify", help="Check every shard's checksum; exit 1 naming a bad shard."),
 ):
-    """Describe (and optionally verify) a cache, checkpoint or model dir."""
+    """Describe (and optionally verify) prepared data, a cache, checkpoint or model dir."""
     from distill.report.inspect import inspect_path
 
     ok = inspect_path(path, verify=verify)

@@ -407,7 +407,7 @@ def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> Pack
     from distill.packing import build_blocks
 
     datasets.disable_progress_bars()  # our own progress bars instead
-    layout = RunLayout(out_dir, tokenizer_path=cfg.tokenizer.path)
+    layout = RunLayout(Path(out_dir), tokenizer_path=cfg.tokenizer.path)
     files = corpus_files(cfg)
     tok_dir = layout.tokenizer
     docs = None

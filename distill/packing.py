@@ -121,7 +121,7 @@ def _chunks(n: int, size: int):
 def _tokenized(docs: datasets.Dataset, fn, kwargs: dict, features: datasets.Features, num_proc: int,
                work: Path, tag: str) -> datasets.Dataset:
     """One chunk through `fn` in `num_proc` processes, into a temp Arrow file (row order kept)."""
-    procs = num_proc if len(docs) >= 2 * num_proc and num_proc > 1 else None
+    procs = num_proc if len(docs) >= num_proc > 1 else None
     return docs.map(fn, batched=True, batch_size=64, num_proc=procs, fn_kwargs=kwargs, features=features,
                     remove_columns=docs.column_names, cache_file_name=str(work / f"{tag}.arrow"),
                     load_from_cache_file=False, new_fingerprint=tag)
