@@ -164,7 +164,8 @@ def build_split(docs: datasets.Dataset, split: str, text_rows: np.ndarray, chat_
                                work, f"{split}-{index:05d}")
             table = chunk.data.table
             if kind == "text":  # join with the carried tokens and cut: (n, block), the rest carried on
-                flat = np.concatenate([np.asarray(carry.get("ids", []), dtype=np.int64), _flat(table["ids"])])
+                new = _flat(table["ids"])  # (tokens,) in the shard's dtype: 2 or 4 bytes a token held
+                flat = np.concatenate([np.asarray(carry.get("ids", []), dtype=new.dtype), new])
                 n = len(flat) // block
                 ids, keep = flat[: n * block].reshape(n, block), None
                 state = {"carry": {"ids": flat[n * block:].tolist()}, "tokens": int(len(flat) - len(carry.get("ids", []))),
