@@ -108,6 +108,20 @@ def pretrain(
 
 
 @app.command()
+def prepare(
+    config: Path = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
+    quiet: bool = QuietOpt,
+):
+    """Tokenise and pack the data into OUT/data (resumes if interrupted); every other command reuses it."""
+    cfg = _load(config, sets)
+    from distill.runtime import prepare as prepare_run_data
+
+    data = prepare_run_data(cfg, progress=not quiet)
+    print(f"[data] {data.train.root}: {len(data.train):,} train and {len(data.val):,} validation blocks", file=sys.stderr)
+
+
+@app.command()
 def cache(
     config: Path = ConfigOpt,
     sets: Optional[list[str]] = SetOpt,

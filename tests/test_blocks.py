@@ -121,7 +121,9 @@ def test_killed_preparation_resumes_byte_identical(stdlib_corpus, tmp_path):
     m = json.loads((root / "manifest.json").read_text())
     n_shards = len(list(root.glob("*.json"))) - 1  # every chunk's record, the manifest aside
     assert n_shards >= 8 and m["documents"] == len(list(stdlib_corpus.glob("*.py")))
-    kill_at = int(n_shards * 0.8)
+    n_train = len(list(root.glob("train-*.json")))
+    kill_at = n_train - 1  # ~80% of the way, inside the train split: the next shard starts from a carry
+    assert json.loads((root / f"train-{kill_at - 1:05d}.json").read_text())["carry"]["ids"]
     killed = _prepare(stdlib_corpus, tmp_path / "resumed", 2, tok_dir, kill_after=kill_at)
     assert killed.returncode == -9, killed.stderr[-2000:]
     (partial,) = (tmp_path / "resumed" / "data").glob("blocks-*")
@@ -134,9 +136,16 @@ def test_killed_preparation_resumes_byte_identical(stdlib_corpus, tmp_path):
     assert _files(partial) == _files(root)
 
 
-def test_inspect_describes_prepared_data(cli, stdlib_corpus, tmp_path):
+def test_prepare_command_then_inspect_describes_prepared_data(cli, stdlib_corpus, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"out_dir: {tmp_path / 'run'}\ndata: {{paths: ['{stdlib_corpus}'], seq_len: 32, shard_documents: 5, "
+                   f"tokenizer: {{vocab_size: 300}}}}\nteacher: {{source: cache}}\n"
+                   f"students: [{{name: s, model: {{preset: dense}}}}]\n")
+    r = cli("prepare", "-c", str(cfg), "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
     data = prepare_data(DataConfig(paths=[stdlib_corpus], seq_len=32, tokenizer={"vocab_size": 300},
-                                   shard_documents=5), tmp_path / "run")
+                                   shard_documents=5), tmp_path / "run")  # reused: the same fingerprint
+    assert f"{len(data.train):,} train" in r.stderr
     r = cli("inspect", str(tmp_path / "run" / "data"))
     assert r.returncode == 0, r.stderr[-2000:]
     out = " ".join(r.stdout.split())
