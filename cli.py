@@ -108,6 +108,20 @@ def pretrain(
 
 
 @app.command()
+def prepare(
+    config: Path = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
+    quiet: bool = QuietOpt,
+):
+    """Tokenise and pack the data into OUT/data (resumes if interrupted); every other command reuses it."""
+    cfg = _load(config, sets)
+    from distill.runtime import prepare as prepare_run_data
+
+    data = prepare_run_data(cfg, progress=not quiet)
+    print(f"[data] {data.train.root}: {len(data.train):,} train and {len(data.val):,} validation blocks", file=sys.stderr)
+
+
+@app.command()
 def cache(
     config: Path = ConfigOpt,
     sets: Optional[list[str]] = SetOpt,
@@ -184,10 +198,10 @@ def eval_(
 
 @app.command()
 def inspect(
-    path: Path = typer.Argument(..., help="A cache dir, a checkpoint dir or an exported model dir."),
+    path: Path = typer.Argument(..., help="Prepared data (OUT/data), a cache dir, a checkpoint dir or an exported model dir."),
     verify: bool = typer.Option(False, "--verify", help="Check every shard's checksum; exit 1 naming a bad shard."),
 ):
-    """Describe (and optionally verify) a cache, checkpoint or model dir."""
+    """Describe (and optionally verify) prepared data, a cache, checkpoint or model dir."""
     from distill.report.inspect import inspect_path
 
     ok = inspect_path(path, verify=verify)

@@ -253,38 +253,66 @@ class PackCounts:
         return self
 
 
+class RowPacker:
+    """Whole rows into blocks of `block` tokens, streaming: `add` returns the blocks that
+    filled up, the block being filled is carried (and can be saved and restored as
+    `carry`), `flush` pads and returns it.  A row longer than `block` keeps its first
+    `block` tokens; a row with no target left is dropped: it would teach nothing (`counts`
+    says how many of each).  Padding is `pad_id`, no target."""
+
+    def __init__(self, pad_id: int, block: int, carry: dict | None = None):
+        self.pad_id, self.block = pad_id, block
+        carry = carry or {}
+        self.ids: list[int] = list(carry.get("ids", []))  # the block being filled
+        self.tgt: list[bool] = [bool(t) for t in carry.get("targets", [])]
+        self.counts = PackCounts()
+
+    @property
+    def carry(self) -> dict:
+        return {"ids": list(self.ids), "targets": [int(t) for t in self.tgt]}
+
+    def add(self, rows) -> tuple[list[list[int]], list[list[bool]]]:
+        """rows: (ids, targets) pairs -> the completed blocks' (ids, targets) rows."""
+        out_ids, out_tgt = [], []
+        for ids, targets in rows:
+            ids, targets = list(ids), [bool(t) for t in targets]
+            first = next((p for p, t in enumerate(targets) if t and p), 0)  # position 0 of a block is never predicted
+            if not first:
+                self.counts.no_target += 1
+                continue
+            if first >= self.block:
+                self.counts.cut_away += 1
+                self.counts.need = min(self.counts.need or first, first)
+                continue
+            if len(ids) > self.block:
+                ids, targets = ids[: self.block], targets[: self.block]
+                self.counts.truncated += 1
+            if len(self.ids) + len(ids) > self.block:
+                out_ids.append(self._padded(self.ids, self.pad_id))
+                out_tgt.append(self._padded(self.tgt, False))
+                self.ids, self.tgt = [], []
+            self.ids += ids
+            self.tgt += targets
+        return out_ids, out_tgt
+
+    def flush(self) -> tuple[list[list[int]], list[list[bool]]]:
+        if not self.ids:
+            return [], []
+        out = [self._padded(self.ids, self.pad_id)], [self._padded(self.tgt, False)]
+        self.ids, self.tgt = [], []
+        return out
+
+    def _padded(self, row: list, value) -> list:
+        return row + [value] * (self.block - len(row))
+
+
 def pack_rows(rows, pad_id: int, block: int) -> tuple[torch.Tensor, PackCounts]:
     """Whole rows into (N, block) blocks, non-targets marked; and what was cut or dropped.
 
-    rows: (ids, targets) pairs.  A row longer than `block` keeps its first `block` tokens;
-    a row with no target left is dropped: it would teach nothing.  Padding after the last
-    row of a block is `pad_id`, no target."""
-    ids_out: list[int] = []  # every block's ids, flat; padded to whole blocks
-    tgt_out: list[bool] = []
-    used = 0  # tokens in the block being filled
-    counts = PackCounts()
-    for ids, targets in rows:
-        first = next((p for p, t in enumerate(targets) if t and p), 0)  # position 0 of a block is never predicted
-        if not first:
-            counts.no_target += 1
-            continue
-        if first >= block:
-            counts.cut_away += 1
-            counts.need = min(counts.need or first, first)
-            continue
-        if len(ids) > block:
-            ids, targets = ids[:block], targets[:block]
-            counts.truncated += 1
-        if used + len(ids) > block:
-            ids_out += [pad_id] * (block - used)
-            tgt_out += [False] * (block - used)
-            used = 0
-        ids_out += ids
-        tgt_out += targets
-        used += len(ids)
-    if used:
-        ids_out += [pad_id] * (block - used)
-        tgt_out += [False] * (block - used)
-    ids_t = torch.tensor(ids_out, dtype=torch.int64).view(-1, block)  # (N, block)
-    keep = torch.tensor(tgt_out, dtype=torch.bool).view(-1, block)
-    return torch.where(keep, ids_t, untrained(ids_t)), counts
+    In memory, for small inputs and tests; preparation streams through `RowPacker`."""
+    packer = RowPacker(pad_id, block)
+    ids_out, tgt_out = packer.add(rows)
+    tail_ids, tail_tgt = packer.flush()
+    ids_t = torch.tensor(ids_out + tail_ids, dtype=torch.int64).view(-1, block)  # (N, block)
+    keep = torch.tensor(tgt_out + tail_tgt, dtype=torch.bool).view(-1, block)
+    return torch.where(keep, ids_t, untrained(ids_t)), packer.counts

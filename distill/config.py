@@ -88,6 +88,8 @@ class DataConfig(_Strict):
     max_documents: int | None = Field(None, ge=1, description="Use at most this many documents (first in sorted path order).")
     max_train_blocks: int | None = Field(None, ge=1, description="Keep at most this many training blocks.")
     max_val_blocks: int | None = Field(None, ge=1, description="Keep at most this many validation blocks.")
+    num_proc: int | None = Field(None, ge=1, description="Processes that tokenise during preparation; null: the cores this process may use, at most 8.")
+    shard_documents: int = Field(2048, ge=1, description="Documents per prepared shard: bounds preparation's memory (one shard's tokens) and is the unit a killed preparation resumes from.")
     select: SelectConfig | None = Field(None, description="Train on a subset of the training blocks chosen by the teacher's difficulty (cached mode; the cache records the statistics). A student's own `select` replaces it. Validation blocks are never selected from.")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
 

@@ -11,6 +11,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import shutil
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -18,11 +19,10 @@ from pathlib import Path
 
 import datasets
 import torch
-from safetensors.torch import load_file, save
 
 from common.errors import UserError
-from common.fsutil import atomic_write_bytes
-from distill.chat import CHAT_FORMAT, PLAIN, PackCounts, as_documents, pack_rows, render, table_kind
+from distill.blocks import Blocks, open_blocks
+from distill.chat import CHAT_FORMAT, PLAIN, PackCounts, as_documents, table_kind
 from distill.config import DataConfig
 from distill.layout import RunLayout
 
@@ -42,13 +42,16 @@ SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
 
 @dataclass
 class PackedData:
-    """Token blocks, (N, seq_len + 1) int64 each, plus what made them."""
+    """Token blocks, (N, seq_len + 1) each, read from disk by index (distill/blocks.py), plus
+    what made them.  `train[ids]` / `val[a:b]` are int64 tensors, non-targets -(id + 1)."""
 
-    train: torch.Tensor
-    val: torch.Tensor
+    train: Blocks
+    val: Blocks
     tokenizer: object  # transformers.PreTrainedTokenizerFast
     fingerprint: str
     tokenizer_hash: str
+
+    manifest: dict | None = None
 
     @property
     def seq_len(self) -> int:
@@ -242,17 +245,42 @@ def _column_problem(ds: datasets.Dataset, kind: str, text_field: str) -> str | N
     return None
 
 
-def load_documents(cfg: DataConfig, log=None) -> datasets.Dataset:
+def _plain_documents(files: list[Path]):
+    """Generator of the plain-text files' rows (read one at a time, never all held)."""
+    for f in files:
+        yield {"text": _read_text_file(f), "chat": PLAIN}
+
+
+def _plain_dataset(files: list[Path], cache_dir: Path | None) -> datasets.Dataset:
+    """The plain-text files as an on-disk Arrow table, written as they are read (memory stays
+    flat in the corpus).  Keyed by each file's path, size and mtime: an edited file is reread."""
+    key = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        key.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    try:
+        return _quietly(datasets.Dataset.from_generator, _plain_documents, features=DOC_FEATURES,
+                        gen_kwargs={"files": files}, cache_dir=None if cache_dir is None else str(cache_dir),
+                        fingerprint=key.hexdigest()[:32])
+    except Exception as e:  # datasets wraps the generator's error (a file that is not UTF-8)
+        inner: BaseException | None = e
+        while inner is not None and not isinstance(inner, UserError):
+            inner = inner.__cause__ or inner.__context__
+        raise (inner or e) from None
+
+
+def load_documents(cfg: DataConfig, log=None, cache_dir: Path | None = None) -> datasets.Dataset:
     """All documents as a `datasets.Dataset`: `text` (the words) and `chat` (a chat or
     prompt/completion row as JSON, distill/chat.py; "" for plain text).
 
-    log: called with one line when files found by a folder walk or a glob were skipped."""
+    log: called with one line when files found by a folder walk or a glob were skipped.
+    cache_dir: where the plain-text files' Arrow table goes (the datasets cache when None)."""
     parts: list[datasets.Dataset] = []
-    plain: list[str] = []
+    plain: list[Path] = []
     skipped: list[str] = []
     for f, named in discover(cfg).items():
         if f.is_file() and file_format(f) == "text":
-            plain.append(_read_text_file(f))
+            plain.append(f)
             continue
         try:
             ds = _read_table(f)
@@ -276,7 +304,7 @@ def load_documents(cfg: DataConfig, log=None) -> datasets.Dataset:
         log(f"[data] skipped {len(skipped)} table file(s) with no {cfg.text_field!r} or chat column, or "
             f"unreadable, e.g. {skipped[0]}; add them to data.exclude to silence this")
     if plain:
-        parts.insert(0, datasets.Dataset.from_dict({"text": plain, "chat": [PLAIN] * len(plain)}))
+        parts.insert(0, _plain_dataset(plain, cache_dir))
     if not parts:
         raise UserError(f"data: none of the {len(skipped)} files found has a {cfg.text_field!r} column, "
                         f"e.g. {skipped[0]}; set data.text_field or point data.paths elsewhere")
@@ -392,59 +420,54 @@ def _log_chat_counts(counts: dict[str, PackCounts], rows: int, block: int) -> No
         _stderr(f"[data] {total.no_target} of {rows} chat rows were dropped: no assistant turn or completion to learn")
 
 
+def _refuse_empty(name: str, split: dict, counts: PackCounts, block: int) -> None:
+    """A split with no block: say why, and what to change."""
+    if counts.cut_away:  # chat rows pack whole: dropped rows are why it is empty
+        raise UserError(f"data: the {name} split is empty: its {counts.cut_away} chat rows lost every "
+                        f"assistant / completion token to truncation at seq_len + 1 = {block} tokens (their "
+                        f"prompt, with what the chat template adds, is longer); raise data.seq_len to at "
+                        f"least {counts.need}")
+    if split["documents"] == split["chat_rows"]:  # no plain text either
+        raise UserError(f"data: the {name} split has no rows to learn from ({split['chat_rows']} chat rows, "
+                        f"{counts.no_target} of them with no assistant turn); add data or raise data.val_fraction")
+    raise UserError(f"data: the {name} split has no complete block of {block} tokens; "
+                    f"add data, lower data.seq_len or raise data.val_fraction")
+
+
 def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> PackedData:
-    """Build (or reuse) the packed blocks under OUT/data; the tokenizer under OUT/tokenizer."""
+    """Build (or reuse, or finish) the packed blocks under OUT/data/blocks-FP/; the tokenizer
+    under OUT/tokenizer.  Preparation streams (distill/packing.py); reading is by index."""
+    from distill.packing import build_blocks
+
     datasets.disable_progress_bars()  # our own progress bars instead
-    layout = RunLayout(out_dir, tokenizer_path=cfg.tokenizer.path)
+    layout = RunLayout(Path(out_dir), tokenizer_path=cfg.tokenizer.path)
     files = corpus_files(cfg)
     tok_dir = layout.tokenizer
     docs = None
+    cache_dir = layout.root / "data" / ".documents"
     if cfg.tokenizer.path is not None or (tok_dir / "tokenizer.json").exists():
         tok = load_tokenizer(tok_dir)
     else:
-        docs = load_documents(cfg, log=_stderr)
+        docs = load_documents(cfg, log=_stderr, cache_dir=cache_dir)
         tok = train_tokenizer(docs, cfg.tokenizer.vocab_size, tok_dir)
     tok_hash = tokenizer_hash(tok)
     fp = fingerprint(files, tok_hash, cfg)
-
-    packed_path = layout.packed_blocks(fp)
-    if packed_path.exists():
-        blocks = load_file(str(packed_path))
-        return PackedData(blocks["train"], blocks["val"], tok, fp, tok_hash)
-
-    docs = docs if docs is not None else load_documents(cfg, log=_stderr)
-    docs = docs.map(lambda b: {"val": [_doc_in_val(t, cfg.val_fraction) for t in b["text"]]}, batched=True)
-    block = cfg.seq_len + 1
-    splits, rows, plain, counts = {}, {}, {}, {}
-    for name, want_val in (("train", False), ("val", True)):
-        part = docs.filter(lambda b: [v == want_val for v in b["val"]], batched=True)
-        text = part.filter(lambda b: [c == PLAIN for c in b["chat"]], batched=True)
-        ids = text.map(lambda b: {"ids": tok(b["text"], add_special_tokens=False)["input_ids"]},
-                       batched=True, remove_columns=text.column_names)
-        chats = [render(tok, c) for c in part["chat"] if c != PLAIN]
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        packed, counts[name] = pack_rows(chats, pad, block)
-        splits[name] = torch.cat([pack(ids["ids"] if len(ids) else [], tok.eos_token_id, block), packed])
-        rows[name], plain[name] = len(chats), len(text)
-    _log_chat_counts(counts, sum(rows.values()), block)
-    if cfg.max_train_blocks is not None:
-        splits["train"] = splits["train"][: cfg.max_train_blocks]
-    if cfg.max_val_blocks is not None:
-        splits["val"] = splits["val"][: cfg.max_val_blocks]
-    for name, t in splits.items():
-        if len(t):
-            continue
-        if counts[name].cut_away:  # chat rows pack whole: dropped rows are why it is empty
-            raise UserError(f"data: the {name} split is empty: its {counts[name].cut_away} chat rows lost every "
-                            f"assistant / completion token to truncation at seq_len + 1 = {block} tokens (their "
-                            f"prompt, with what the chat template adds, is longer); raise data.seq_len to at "
-                            f"least {counts[name].need}")
-        if not plain[name]:
-            raise UserError(f"data: the {name} split has no rows to learn from ({rows[name]} chat rows, "
-                            f"{counts[name].no_target} of them with no assistant turn); add data or raise "
-                            f"data.val_fraction")
-        raise UserError(f"data: the {name} split has no complete block of {block} tokens; "
-                        f"add data, lower data.seq_len or raise data.val_fraction")
-    packed_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(packed_path, save({k: v.contiguous() for k, v in splits.items()}, metadata={"fingerprint": fp}))
-    return PackedData(splits["train"], splits["val"], tok, fp, tok_hash)
+    root = layout.packed_blocks(fp)
+    if not (root / "manifest.json").exists():
+        docs = docs if docs is not None else load_documents(cfg, log=_stderr, cache_dir=cache_dir)
+        frac = cfg.val_fraction
+        manifest = build_blocks(docs, tok, root=root, seq_len=cfg.seq_len, val_fraction=frac,
+                                in_val=lambda text: _doc_in_val(text, frac), shard_documents=cfg.shard_documents,
+                                num_proc=cfg.num_proc, progress=progress,
+                                max_blocks={"train": cfg.max_train_blocks, "val": cfg.max_val_blocks},
+                                meta={"fingerprint": fp, "tokenizer_hash": tok_hash, "vocab_size": len(tok)})
+        del docs
+        shutil.rmtree(cache_dir, ignore_errors=True)  # the plain files' Arrow copy: the shards hold what counts
+        counts = {name: PackCounts(**split.get("chat_rows_packing", {})) for name, split in manifest["splits"].items()}
+        _log_chat_counts(counts, sum(split["chat_rows"] for split in manifest["splits"].values()), cfg.seq_len + 1)
+        for name, split in manifest["splits"].items():
+            if split["blocks"] == 0:
+                _refuse_empty(name, split, counts[name], cfg.seq_len + 1)
+    blocks = open_blocks(root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    return PackedData(blocks["train"], blocks["val"], tok, fp, tok_hash, manifest)

@@ -2,7 +2,7 @@
 
     OUT/
       tokenizer/                  trained BPE (unless data.tokenizer.path is given)
-      data/blocks-FP.safetensors  packed token blocks, FP = data fingerprint
+      data/blocks-FP/             packed token blocks in shards + manifest.json, FP = data fingerprint
       teacher/                    pretrained preset teacher (unless teacher.path is given)
       pretrain/                   the teacher's pretraining run: a RunLayout of its own
       cache/                      the teacher-signal cache (unless cache.dir is given)
@@ -44,7 +44,7 @@ class RunLayout:
         return self.tokenizer_path or self.root / "tokenizer"
 
     def packed_blocks(self, fingerprint: str) -> Path:
-        return self.root / "data" / f"blocks-{fingerprint}.safetensors"
+        return self.root / "data" / f"blocks-{fingerprint}"
 
     @property
     def pretrain(self) -> "RunLayout":

@@ -23,7 +23,7 @@ from distill.runtime import (autocast_dtype, cache_identity, check_k, existing_t
 from distill.train.loop import claim_out_dir, run_hash, train_loop
 from distill.train.selection import DataView, plan_views
 from distill.train.setup import build_students, loop_config, make_student
-from teachers import CachedTeacher, LiveTeacher, Teacher, token_ids
+from teachers import CachedTeacher, LiveTeacher, Teacher
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -88,7 +88,9 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
     check_k(cfg, vocab_size_of(data.tokenizer))
     sharded = cfg.teacher.sharding == "zero3"
     # The teacher reads plain ids; which positions are targets (chat data) is the loss's business.
-    splits = {"train": token_ids(data.train[:, :-1]), "val": token_ids(data.val[:, :-1])}
+    # Lazy (N, T) views of the on-disk blocks: the writer reads them shard by shard.
+    splits = {"train": data.train.columns(slice(None, -1), plain=True),
+              "val": data.val.columns(slice(None, -1), plain=True)}
     if sharded:
         teacher_ctx = zero3_live_teacher(cfg, data, rank, world, progress)
     else:
@@ -96,7 +98,7 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
     sampling = sampling_of(cfg)
     # Each position's next token (negative: no training target), for the teacher's difficulty statistics;
     # a cache made before they existed is redone only if this run selects data by them.
-    targets = {"train": data.train[:, 1:], "val": data.val[:, 1:]}
+    targets = {"train": data.train.columns(slice(1, None)), "val": data.val.columns(slice(1, None))}
     with teacher_ctx as teacher:
         out = write_cache(cfg.layout.cache, teacher.sample if sampling else teacher.topk, splits, targets=targets,
                            identity=cache_identity(cfg, data),
@@ -168,7 +170,7 @@ def data_views(cfg: RunConfig, teacher: CachedTeacher | None, data: PackedData) 
     keys = {name: where for name, where, _ in rules}
     reader = None if teacher is None else teacher.reader
     stats = reader.sequence_stats() if reader is not None and reader.has_difficulty else None
-    views = plan_views(rules, stats, len(data.train), block_tokens=(data.train[:, 1:] >= 0).sum(1))
+    views = plan_views(rules, stats, len(data.train), block_tokens=data.train.target_counts())
     if is_leader():
         for view in views:
             sm = view.summary

@@ -62,3 +62,12 @@ def test_readme_memory_table_is_what_the_formula_gives():
     readme = (ROOT / "README.md").read_text()
     rows = [line for line in r.stdout.splitlines() if line.startswith("| scout") or line.startswith("| maverick")]
     assert len(rows) == 6 and all(row in readme for row in rows), rows
+
+
+def test_data_bench_quick_prints_json():
+    """bench/data.py --quick: ~1M tokens prepared, indexed and compared with the tokenizer (no figure asserted)."""
+    out = _json_of(ROOT / "bench" / "data.py", "--quick")
+    row = out["sizes"]["1M"]
+    assert row["prepare"]["tokens"] > 500_000 and row["prepare"]["peak_rss_mb"] > 0
+    assert row["prepare"]["disk_bytes_per_token"] < 2.1  # uint16 ids: vocab 4096
+    assert row["index"]["batch_shape"] == [8, out["seq_len"] + 1] and row["baseline"]["tokens_per_s"] > 0

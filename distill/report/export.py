@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from common.errors import UserError
 from common.fsutil import atomic_write_text, describe_os_error, publish_dir, writable_temp_dir
@@ -161,7 +160,11 @@ def _held_out_blocks(ckpt: Path, meta: dict, n: int = 32) -> torch.Tensor | None
     if len(ckpt.parents) < 4 or "data_fingerprint" not in meta:
         return None
     packed = RunLayout(ckpt.parents[3]).packed_blocks(meta["data_fingerprint"])  # OUT/students/NAME/checkpoints/step_N
-    return load_file(str(packed))["val"][:n] if packed.exists() else None
+    if not (packed / "manifest.json").exists():
+        return None
+    from distill.blocks import open_blocks
+
+    return open_blocks(packed)["val"][:n]
 
 
 @torch.no_grad()

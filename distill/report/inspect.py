@@ -1,4 +1,4 @@
-"""`distill inspect PATH`: describe (and verify) a cache, a checkpoint or a model dir."""
+"""`distill inspect PATH`: describe (and verify) prepared data, a cache, a checkpoint or a model dir."""
 from __future__ import annotations
 
 import json
@@ -40,6 +40,32 @@ def cache_rows(d: dict) -> dict:
     return rows
 
 
+def data_rows(root: Path, m: dict) -> dict:
+    """A prepared data dir's manifest (distill/blocks.py) as human rows."""
+    files = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+    size = sum(p.stat().st_size for p in files)
+    shards = sum(len(s["shards"]) for s in m["splits"].values())
+    blocks = sum(s["blocks"] for s in m["splits"].values())
+    rows = {"fingerprint": m["fingerprint"], "tokenizer_hash": m["tokenizer_hash"],
+            "documents": f"{m['documents']:,}", "tokens": f"{m['tokens']:,} (tokenised, EOS included)",
+            "blocks": f"{blocks:,} of {m['seq_len'] + 1:,} tokens (seq_len {m['seq_len']:,})",
+            "storage": f"{m['dtype']} ids" + (" + target bit mask" if m["masked"] else ""),
+            "size": f"{human_bytes(size)} in {shards:,} shards ({size / max(1, blocks * (m['seq_len'] + 1)):.2f} bytes/token)"}
+    for name, sp in m["splits"].items():
+        cut = f" (of {sp['blocks_packed']:,} packed)" if sp["blocks_packed"] != sp["blocks"] else ""
+        rows[f"split {name}"] = (f"{sp['documents']:,} documents, {sp['tokens']:,} tokens, {sp['blocks']:,} blocks{cut}, "
+                                 f"{len(sp['shards']):,} shards")
+    return rows
+
+
+def _prepared_dirs(path: Path) -> list[tuple[Path, dict]]:
+    """OUT/data/blocks-FP (or every one under OUT/data) with a complete manifest."""
+    from distill.blocks import read_manifest
+
+    roots = [path] if (path / "manifest.json").exists() else sorted(path.glob("blocks-*"))
+    return [(r, m) for r in roots if (m := read_manifest(r)) is not None]
+
+
 BARS = " ▁▂▃▄▅▆▇█"
 
 
@@ -76,6 +102,11 @@ def inspect_path(path: Path, verify: bool = False) -> bool:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist")
+    prepared = _prepared_dirs(path) if path.is_dir() else []
+    if prepared:
+        for root, m in prepared:
+            console.print(_table(f"prepared data {root}", data_rows(root, m)))
+        return True
     if (path / "manifest.json").exists():
         from teachers.cache.reader import describe_cache, verify_cache
 

@@ -68,10 +68,11 @@ class _Bar:
     def __init__(self, progress: Progress | None, task):
         self.progress, self.task = progress, task
 
-    def update(self, n: int, losses: dict | None = None) -> None:
+    def update(self, n: int, losses: dict | None = None, info: str | None = None) -> None:
         if self.progress is None:
             return
-        desc = "  ".join(f"{k}={v:.3f}" for k, v in (losses or {}).items() if isinstance(v, float))
+        desc = info if info is not None else "  ".join(f"{k}={v:.3f}" for k, v in (losses or {}).items()
+                                                       if isinstance(v, float))
         self.progress.update(self.task, advance=n, info=desc)
 
 

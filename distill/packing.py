@@ -1,0 +1,249 @@
+"""Documents -> packed token blocks on disk, in shards, resumable; distill/blocks.py reads them.
+
+Per split the blocks are what the in-memory packer made: the plain-text documents (in
+corpus order) joined with EOS after each and cut into blocks of seq_len + 1, the remainder
+dropped; then the chat rows packed whole (distill/chat.py), the last block padded.
+
+The documents of each kind are processed in chunks of `data.shard_documents`: a chunk is
+tokenised by `datasets.map(batched=True, num_proc=...)` into a temp Arrow file (the map
+keeps row order, so the blocks do not depend on num_proc), its completed blocks become one
+shard (written atomically: temp file, fsync, rename), and the tokens of the block still
+being filled are carried into the next chunk.  The shard's record (`{split}-{i}.json`,
+also atomic, after the arrays) stores that carry, so a preparation killed at any point
+resumes at the first chunk without a record and ends byte-identical to an uninterrupted
+one (nothing written depends on time, pid or num_proc).  The manifest is written last; a
+dir without one is unfinished.  Memory: one chunk's tokens, never the corpus's.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import io
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from common.fsutil import atomic_write_bytes, atomic_write_json
+from distill.blocks import FORMAT, MANIFEST, VERSION, ids_dtype, read_manifest, shard_name
+from distill.chat import PLAIN, PackCounts, RowPacker, render
+
+# Fault injection for tests: the process kills itself (SIGKILL, as a crash would) after this
+# many shards were written by it.
+KILL_AFTER_SHARDS = "DISTILL_TEST_KILL_AFTER_SHARDS"
+MAX_AUTO_PROCS = 8  # tokenisation scales to about this many processes before the packer is the bottleneck
+
+
+def auto_num_proc(num_proc: int | None) -> int:
+    """data.num_proc, or the cores this process may use (capped)."""
+    if num_proc:
+        return num_proc
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, MAX_AUTO_PROCS))
+
+
+def _encode_text(batch: dict, tok, eos: int) -> dict:
+    """Worker side: each document's ids with EOS after it."""
+    return {"ids": [ids + [eos] for ids in tok(batch["text"], add_special_tokens=False)["input_ids"]]}
+
+
+def _encode_chat(batch: dict, tok) -> dict:
+    """Worker side: each chat row's ids and is-target flags (distill/chat.py render)."""
+    rows = [render(tok, c) for c in batch["chat"]]
+    return {"ids": [r[0] for r in rows], "tgt": [r[1] for r in rows]}
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+class _Killer:
+    """Counts shards written by this process; SIGKILLs it at the count the test asked for."""
+
+    def __init__(self):
+        self.at, self.n = os.environ.get(KILL_AFTER_SHARDS), 0
+
+    def written(self) -> None:
+        self.n += 1
+        if self.at == str(self.n):
+            os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(60)  # never returns
+
+
+class ShardWriter:
+    """Writes one split's shards and records into `root`; reuses those a killed run left."""
+
+    def __init__(self, root: Path, split: str, block: int, dtype: str, masked: bool, killer: _Killer):
+        self.root, self.split, self.block, self.dtype, self.masked = root, split, block, dtype, masked
+        self.killer = killer
+
+    def existing(self, index: int, plan: dict) -> dict | None:
+        """The record of shard `index` when a previous run wrote it for this same plan."""
+        path = self.root / shard_name(self.split, index, "json")
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if any(rec.get(k) != v for k, v in plan.items()):
+            return None
+        files = [rec[k] for k in ("ids", "mask", "targets") if rec.get(k)]
+        if not all((self.root / f).is_file() and (self.root / f).stat().st_size == rec["bytes"][f] for f in files):
+            return None
+        return rec
+
+    def write(self, index: int, plan: dict, ids: np.ndarray, keep: np.ndarray | None, state: dict) -> dict:
+        """ids: (n, block) token ids; keep: (n, block) bool targets (chat corpora) or None."""
+        rec = dict(plan, blocks=int(len(ids)), bytes={}, **state)
+        arrays = {"ids": ids.astype(self.dtype)}
+        if self.masked:
+            keep = np.ones(ids.shape, dtype=bool) if keep is None else keep
+            arrays["mask"] = np.packbits(keep, axis=1)  # (n, ceil(block / 8)) uint8
+            arrays["targets"] = keep[:, 1:].sum(1).astype(np.int32)  # (n,) targets among positions 1..
+        for part, arr in arrays.items():
+            name = shard_name(self.split, index, f"{part}.npy")
+            data = _npy_bytes(arr)
+            atomic_write_bytes(self.root / name, data)
+            rec[part], rec["bytes"][name] = name, len(data)
+        atomic_write_json(self.root / shard_name(self.split, index, "json"), rec)
+        self.killer.written()
+        return rec
+
+
+def _chunks(n: int, size: int):
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _tokenized(docs: datasets.Dataset, fn, kwargs: dict, features: datasets.Features, num_proc: int,
+               work: Path, tag: str) -> datasets.Dataset:
+    """One chunk through `fn` in `num_proc` processes, into a temp Arrow file (row order kept)."""
+    procs = num_proc if len(docs) >= num_proc > 1 else None
+    return docs.map(fn, batched=True, batch_size=64, num_proc=procs, fn_kwargs=kwargs, features=features,
+                    remove_columns=docs.column_names, cache_file_name=str(work / f"{tag}.arrow"),
+                    load_from_cache_file=False, new_fingerprint=tag)
+
+
+def _flat(column) -> np.ndarray:
+    """A (chunked) Arrow list column -> its values, flat, as one numpy array."""
+    parts = [c.flatten().to_numpy(zero_copy_only=False) for c in column.chunks]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def build_split(docs: datasets.Dataset, split: str, text_rows: np.ndarray, chat_rows: np.ndarray, tok, *,
+                root: Path, block: int, dtype: str, masked: bool, shard_documents: int, num_proc: int,
+                max_blocks: int | None, killer: _Killer, bar) -> dict:
+    """Write one split's shards (text chunks, then chat chunks); returns its manifest entry.
+
+    text_rows / chat_rows: row numbers in `docs` of this split's plain and chat documents."""
+    writer = ShardWriter(root, split, block, dtype, masked, killer)
+    work = root / ".work"
+    work.mkdir(exist_ok=True)
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    feats = {"text": datasets.Features({"ids": datasets.Sequence(datasets.Value(dtype))}),
+             "chat": datasets.Features({"ids": datasets.Sequence(datasets.Value(dtype)),
+                                        "tgt": datasets.Sequence(datasets.Value("bool"))})}
+    plans = [("text", a, b, text_rows) for a, b in _chunks(len(text_rows), shard_documents)]
+    plans += [("chat", a, b, chat_rows) for a, b in _chunks(len(chat_rows), shard_documents)]
+    shards, totals = [], dict(documents=0, tokens=0, blocks=0, rows=0)
+    counts = PackCounts()  # what packing cut or dropped of the chat rows
+    carry: dict = {}
+    for index, (kind, a, b, rows) in enumerate(plans):
+        if max_blocks is not None and totals["blocks"] >= max_blocks:
+            break  # the split is cut there anyway: later documents are never tokenised
+        plan = {"split": split, "kind": kind, "documents": [int(a), int(b)]}
+        if kind == "chat" and a == 0:
+            carry = {}  # text and chat are packed apart: the text remainder was dropped
+        rec = writer.existing(index, plan)
+        if rec is None:
+            chunk = _tokenized(docs.select(rows[a:b]), _encode_text if kind == "text" else _encode_chat,
+                               {"tok": tok, "eos": eos} if kind == "text" else {"tok": tok}, feats[kind], num_proc,
+                               work, f"{split}-{index:05d}")
+            table = chunk.data.table
+            if kind == "text":  # join with the carried tokens and cut: (n, block), the rest carried on
+                new = _flat(table["ids"])  # (tokens,) in the shard's dtype: 2 or 4 bytes a token held
+                flat = np.concatenate([np.asarray(carry.get("ids", []), dtype=new.dtype), new])
+                n = len(flat) // block
+                ids, keep = flat[: n * block].reshape(n, block), None
+                state = {"carry": {"ids": flat[n * block:].tolist()}, "tokens": int(len(flat) - len(carry.get("ids", [])))}
+            else:
+                packer = RowPacker(pad, block, carry)
+                pairs = list(zip(table["ids"].to_pylist(), table["tgt"].to_pylist()))
+                out_ids, out_tgt = packer.add(pairs)
+                if b == len(rows):  # the last chat chunk: the block being filled is padded and kept
+                    tail_ids, tail_tgt = packer.flush()
+                    out_ids, out_tgt = out_ids + tail_ids, out_tgt + tail_tgt
+                ids = np.asarray(out_ids, dtype=np.int64).reshape(-1, block)
+                keep = np.asarray(out_tgt, dtype=bool).reshape(-1, block)
+                state = {"carry": packer.carry, "tokens": sum(len(i) for i, _ in pairs),
+                         "counts": dataclasses.asdict(packer.counts)}
+            del table
+            chunk.cleanup_cache_files()
+            rec = writer.write(index, plan, ids, keep, state)
+        carry = rec["carry"]
+        shards.append({k: rec.get(k) for k in ("ids", "mask", "targets", "blocks") if rec.get(k) is not None})
+        totals["documents"] += b - a
+        totals["tokens"] += rec["tokens"]
+        totals["blocks"] += rec["blocks"]
+        counts += PackCounts(**rec.get("counts", {}))
+        totals["rows"] += (b - a) if kind == "chat" else 0
+        bar.update(b - a, tokens=rec["tokens"])
+    kept = totals["blocks"] if max_blocks is None else min(totals["blocks"], max_blocks)
+    return {"shards": [s for s in shards if s["blocks"]], "blocks": kept, "blocks_packed": totals["blocks"],
+            "documents": totals["documents"], "tokens": totals["tokens"], "chat_rows": totals["rows"],
+            "chat_rows_packing": dataclasses.asdict(counts)}
+
+
+class _Rate:
+    """The progress bar's info field: tokens so far and tokens/s."""
+
+    def __init__(self, bar):
+        self.bar, self.tokens, self.t0 = bar, 0, time.monotonic()
+
+    def update(self, docs: int, tokens: int) -> None:
+        self.tokens += tokens
+        rate = self.tokens / max(time.monotonic() - self.t0, 1e-9)
+        self.bar.update(docs, info=f"{self.tokens:,} tokens  {rate / 1e6:.2f}M tok/s")
+
+
+def build_blocks(docs: datasets.Dataset, tok, *, root: Path, seq_len: int, val_fraction: float, in_val,
+                 shard_documents: int, num_proc: int | None, max_blocks: dict, meta: dict,
+                 progress: bool = False) -> dict:
+    """All splits' shards under `root`, then its manifest (returned).  A complete `root`
+    is returned as it is; an unfinished one is resumed."""
+    from distill.train.metrics import progress_bar
+
+    done = read_manifest(root)
+    if done is not None:
+        return done
+    root.mkdir(parents=True, exist_ok=True)
+    block, procs = seq_len + 1, auto_num_proc(num_proc)
+    # One pass over the documents: which split (by content hash) and which kind each one is.
+    flags = docs.map(lambda b: {"val": [in_val(t) for t in b["text"]], "plain": [c == PLAIN for c in b["chat"]]},
+                     batched=True, remove_columns=docs.column_names, keep_in_memory=True)
+    val = np.asarray(flags["val"], dtype=bool)  # (n_docs,): O(documents) bytes, not O(tokens)
+    plain = np.asarray(flags["plain"], dtype=bool)
+    masked = bool((~plain).any())
+    dtype = ids_dtype(len(tok))
+    killer = _Killer()
+    splits = {}
+    with progress_bar(len(val), "data", progress) as bar:
+        rate = _Rate(bar)
+        for name, want_val in (("train", False), ("val", True)):
+            rows = val == want_val
+            splits[name] = build_split(docs, name, np.flatnonzero(rows & plain), np.flatnonzero(rows & ~plain), tok,
+                                       root=root, block=block, dtype=dtype, masked=masked,
+                                       shard_documents=shard_documents, num_proc=procs,
+                                       max_blocks=max_blocks.get(name), killer=killer, bar=rate)
+    manifest = {"format": FORMAT, "version": VERSION, "seq_len": seq_len, "dtype": dtype, "masked": masked,
+                "val_fraction": val_fraction, "shard_documents": shard_documents, **meta,
+                "documents": int(len(val)), "tokens": sum(s["tokens"] for s in splits.values()), "splits": splits}
+    shutil.rmtree(root / ".work", ignore_errors=True)
+    atomic_write_json(root / MANIFEST, manifest)
+    return manifest

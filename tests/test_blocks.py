@@ -1,0 +1,156 @@
+"""Prepared data on disk (distill/blocks.py, distill/packing.py): the same blocks as the old
+in-memory packer, read by index; uint16 / uint32 ids; a killed preparation resumes
+byte-identical; `distill inspect` describes it."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distill.blocks import Blocks, ids_dtype, open_blocks
+from distill.chat import PLAIN, pack_rows, render
+from distill.config import DataConfig
+from distill.data import _doc_in_val, load_documents, pack, prepare_data
+from distill.packing import KILL_AFTER_SHARDS, ShardWriter, _Killer
+from tests.hf_models import chat_rows, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def in_memory_blocks(cfg: DataConfig, tok) -> dict[str, torch.Tensor]:
+    """What preparation made before blocks went to disk: every id in one list, packed in RAM."""
+    docs = load_documents(cfg)
+    block = cfg.seq_len + 1
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = {}
+    for name, want_val in (("train", False), ("val", True)):
+        rows = [r for r in docs if _doc_in_val(r["text"], cfg.val_fraction) == want_val]
+        text = [tok(r["text"], add_special_tokens=False)["input_ids"] for r in rows if r["chat"] == PLAIN]
+        chats, _, _ = pack_rows([render(tok, r["chat"]) for r in rows if r["chat"] != PLAIN], pad, block)
+        out[name] = torch.cat([pack(text, tok.eos_token_id, block), chats])
+    return out
+
+
+def _check_reads(data, want):
+    for name in ("train", "val"):
+        blocks, full = getattr(data, name), want[name]
+        assert blocks.shape == tuple(full.shape) and len(blocks) == len(full)
+        assert torch.equal(blocks[:], full)
+        picks = [len(full) - 1, 0, len(full) // 2, 1, 0]  # any order, repeats, across shards
+        assert torch.equal(blocks[picks], full[picks])
+        assert torch.equal(blocks[torch.tensor(picks)], full[picks])
+        assert torch.equal(blocks[1:5], full[1:5]) and torch.equal(blocks[-1], full[-1])
+        assert torch.equal(blocks[:3, :-1], full[:3, :-1])
+        plain = blocks.columns(slice(None, -1), plain=True)
+        assert plain.shape == (len(full), full.shape[1] - 1)
+        assert torch.equal(plain[2:4], torch.where(full[2:4, :-1] < 0, -full[2:4, :-1] - 1, full[2:4, :-1]))
+        assert torch.equal(blocks.target_counts(), (full[:, 1:] >= 0).sum(1))
+
+
+def test_text_blocks_read_from_disk_equal_the_in_memory_packer(stdlib_corpus, tmp_path):
+    cfg = DataConfig(paths=[stdlib_corpus], seq_len=32, val_fraction=0.2, tokenizer={"vocab_size": 300},
+                     shard_documents=3, num_proc=2)
+    data = prepare_data(cfg, tmp_path / "run")
+    assert len(data.manifest["splits"]["train"]["shards"]) > 3  # several shards, a carry across each
+    _check_reads(data, in_memory_blocks(cfg, data.tokenizer))
+
+
+def test_chat_and_text_blocks_read_from_disk_equal_the_in_memory_packer(stdlib_corpus, hf_family, tmp_path):
+    chat = write_jsonl(chat_rows() * 3, tmp_path / "chat.jsonl")
+    cfg = DataConfig(paths=[stdlib_corpus, chat], seq_len=48, val_fraction=0.2, shard_documents=4,
+                     tokenizer={"path": hf_family["teacher"]})
+    data = prepare_data(cfg, tmp_path / "run")
+    assert data.manifest["masked"] and (data.train[:] < 0).any()
+    _check_reads(data, in_memory_blocks(cfg, data.tokenizer))
+
+
+def test_ids_are_uint16_when_the_vocab_fits_else_uint32(tmp_path):
+    assert ids_dtype(300) == ids_dtype(1 << 16) == "uint16"
+    assert ids_dtype((1 << 16) + 1) == ids_dtype(151_936) == "uint32"
+    ids = np.array([[0, 70_000, 151_935, 5]], dtype=np.int64)  # ids a uint16 would wrap
+    keep = np.array([[True, False, True, True]])
+    for dtype in ("uint16", "uint32"):
+        root = tmp_path / dtype
+        root.mkdir()
+        rec = ShardWriter(root, "train", 4, dtype, True, _Killer()).write(0, {}, ids % (1 << 16) if dtype == "uint16"
+                                                                           else ids, keep, {})
+        assert np.load(root / rec["ids"]).dtype == np.dtype(dtype)
+        got = Blocks(root, [rec], 1, 4, masked=True)[:]
+        want = torch.tensor(ids % (1 << 16) if dtype == "uint16" else ids)
+        assert torch.equal(got, torch.where(torch.tensor(keep), want, -want - 1))
+        assert got.dtype == torch.int64
+
+
+PREPARE = """
+import sys
+from distill.config import DataConfig
+from distill.data import prepare_data
+cfg = DataConfig(paths=[sys.argv[1]], seq_len=32, val_fraction=0.2, shard_documents=2, num_proc=int(sys.argv[3]),
+                 tokenizer={"path": sys.argv[4]})
+prepare_data(cfg, sys.argv[2])
+"""
+
+
+def _prepare(corpus, out, num_proc, tok_dir, kill_after=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop(KILL_AFTER_SHARDS, None)
+    if kill_after is not None:
+        env[KILL_AFTER_SHARDS] = str(kill_after)
+    return subprocess.run([sys.executable, "-c", PREPARE, str(corpus), str(out), str(num_proc), str(tok_dir)],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.is_file()}
+
+
+def test_killed_preparation_resumes_byte_identical(stdlib_corpus, tmp_path):
+    tok_dir = tmp_path / "tok"
+    prepare_data(DataConfig(paths=[stdlib_corpus], seq_len=32, tokenizer={"vocab_size": 300}), tmp_path / "t")
+    shutil.copytree(tmp_path / "t" / "tokenizer", tok_dir)
+    whole = _prepare(stdlib_corpus, tmp_path / "whole", 1, tok_dir)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    (root,) = (tmp_path / "whole" / "data").glob("blocks-*")
+    m = json.loads((root / "manifest.json").read_text())
+    n_shards = len(list(root.glob("*.json"))) - 1  # every chunk's record, the manifest aside
+    assert n_shards >= 8 and m["documents"] == len(list(stdlib_corpus.glob("*.py")))
+    n_train = len(list(root.glob("train-*.json")))
+    kill_at = n_train - 1  # ~80% of the way, inside the train split: the next shard starts from a carry
+    assert json.loads((root / f"train-{kill_at - 1:05d}.json").read_text())["carry"]["ids"]
+    killed = _prepare(stdlib_corpus, tmp_path / "resumed", 2, tok_dir, kill_after=kill_at)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    (partial,) = (tmp_path / "resumed" / "data").glob("blocks-*")
+    assert not (partial / "manifest.json").exists()
+    assert len(list(partial.glob("*.json"))) == kill_at
+    written = {p.name: p.stat().st_mtime_ns for p in partial.glob("*.npy")}
+    again = _prepare(stdlib_corpus, tmp_path / "resumed", 2, tok_dir)  # other num_proc, same bytes
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in partial.glob("*.npy") if p.name in written} == written  # kept
+    assert _files(partial) == _files(root)
+
+
+def test_prepare_command_then_inspect_describes_prepared_data(cli, stdlib_corpus, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"out_dir: {tmp_path / 'run'}\ndata: {{paths: ['{stdlib_corpus}'], seq_len: 32, shard_documents: 5, "
+                   f"tokenizer: {{vocab_size: 300}}}}\nteacher: {{source: cache}}\n"
+                   f"students: [{{name: s, model: {{preset: dense}}}}]\n")
+    r = cli("prepare", "-c", str(cfg), "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = prepare_data(DataConfig(paths=[stdlib_corpus], seq_len=32, tokenizer={"vocab_size": 300},
+                                   shard_documents=5), tmp_path / "run")  # reused: the same fingerprint
+    assert f"{len(data.train):,} train" in r.stderr
+    r = cli("inspect", str(tmp_path / "run" / "data"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = " ".join(r.stdout.split())
+    m = data.manifest
+    for want in (data.fingerprint, f"{m['documents']:,}", f"{m['tokens']:,}", "uint16 ids",
+                 f"{len(data.train):,} blocks", f"{len(data.val):,} blocks",
+                 f"{len(m['splits']['train']['shards']):,} shards", "bytes/token"):
+        assert want in out, (want, out)
