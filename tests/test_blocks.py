@@ -33,7 +33,7 @@ def in_memory_blocks(cfg: DataConfig, tok) -> dict[str, torch.Tensor]:
     for name, want_val in (("train", False), ("val", True)):
         rows = [r for r in docs if _doc_in_val(r["text"], cfg.val_fraction) == want_val]
         text = [tok(r["text"], add_special_tokens=False)["input_ids"] for r in rows if r["chat"] == PLAIN]
-        chats, _, _ = pack_rows([render(tok, r["chat"]) for r in rows if r["chat"] != PLAIN], pad, block)
+        chats, _ = pack_rows([render(tok, r["chat"]) for r in rows if r["chat"] != PLAIN], pad, block)
         out[name] = torch.cat([pack(text, tok.eos_token_id, block), chats])
     return out
 

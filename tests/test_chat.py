@@ -148,7 +148,7 @@ def test_chat_corpus_packs_masks_and_logs_truncation(chat_data, hf_family, tmp_p
     assert 0.2 < share < 0.8  # system and user turns are not targets
     # each row's targets are one run: a completion's ends with EOS, a ChatML turn's with <|im_end|>\n
     eos, newline = data.tokenizer.eos_token_id, data.tokenizer.convert_tokens_to_ids("Ċ")
-    ends = [tuple(run[-2:]) for run in _target_runs(data.train)]
+    ends = [tuple(run[-2:]) for run in _target_runs(data.train[:])]
     assert {end for end in ends if end[-1] != newline} == {(data.tokenizer.convert_tokens_to_ids("."), eos)}
     assert all(end[0] == eos for end in ends if end[-1] == newline)
     capfd.readouterr()
