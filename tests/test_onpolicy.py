@@ -38,7 +38,7 @@ def _raw(op, out, students, share=None, steps=2, teacher=None, **train) -> dict:
            "train": {"mode": "online", "steps": steps, "batch_size": 2, "eval_every": 0, "eval_blocks": 1,
                      "checkpoint_every": 0, **train}}
     if share is not None:
-        raw["train"]["on_policy"] = {"share": share, "max_new_tokens": 6}
+        raw["train"]["on_policy"] = {**({"share": share} if share else {}), "max_new_tokens": 6}
     return raw
 
 
@@ -91,7 +91,7 @@ def test_a_student_co_trained_equals_it_trained_alone(op, spy, tmp_path):
     """Its samples are seeded by (seed, step, its name), its rows of the one teacher batch are
     its own: two other students beside it change nothing but float rounding."""
     others = [{"name": "b", "model": {"path": str(op["student"])}}, _dense("c", 48)]
-    _train(_raw(op, tmp_path / "three", [_dense("a")] + others, ALWAYS, steps=3))
+    _train(_raw(op, tmp_path / "three", others + [_dense("a")], ALWAYS, steps=3))  # a last: rows 4-5 of 6
     _train(_raw(op, tmp_path / "alone", [_dense("a")], ALWAYS, steps=3))
     together, alone = _weights(tmp_path / "three", "a", 3), _weights(tmp_path / "alone", "a", 3)
     for k in alone:
@@ -100,9 +100,11 @@ def test_a_student_co_trained_equals_it_trained_alone(op, spy, tmp_path):
 
 
 def test_share_0_is_todays_run_bit_for_bit(op, spy, tmp_path):
+    """a: the default share (off); b: its own share, constant 0."""
     students = [_dense("a"), {"name": "b", "model": {"path": str(op["student"])}}]
     _train(_raw(op, tmp_path / "off", students, steps=3))
-    zero = _raw(op, tmp_path / "zero", students, {"kind": "constant", "start": 0.0}, steps=3)
+    zero = _raw(op, tmp_path / "zero", students, {}, steps=3)
+    zero["students"][1]["on_policy_share"] = {"kind": "constant", "start": 0.0}
     zero["train"]["on_policy"].update(temperature=0.7, prompts_per_step=4)
     _train(zero)
     for name in ("a", "b"):
