@@ -182,6 +182,7 @@ class StudentConfig(_Strict):
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     device: str | None = Field(None, description="Device for this student (e.g. cuda:1); default: train.device.")
+    on_policy_share: ScheduleConfig | None = Field(None, description="This student's own train.on_policy.share (e.g. constant 0: this student stays off-policy). null: train.on_policy.share.")
     select: SelectConfig | None = Field(None, description="This student's own data selection, replacing data.select (a Maverick-like student can learn from a harder subset than a Scout-like one, from the same cache); `{drop_easiest: 0}` keeps every block.")
 
 
@@ -217,6 +218,18 @@ class CacheConfig(_Strict):
     shard_sequences: int = Field(256, ge=1, description="Blocks per shard file.")
 
 
+class OnPolicyConfig(_Strict):
+    """On-policy co-distillation (distill/train/on_policy.py): students learn from the teacher's
+    judgement of their own samples, one teacher forward per step for every student."""
+
+    share: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig(start=0.0, end=0.0), description="Share of steps taken on-policy, a schedule over training: at each step one seeded draw u in [0, 1) (the same for every student and rank) makes the step on-policy for a student when u < share(step); the other steps train on the corpus as without this section. Constant 0 (the default) is off; `{kind: linear, start: 0, end: 1}` goes from off-policy to on-policy.")
+    max_new_tokens: int = Field(64, ge=1, le=65_536, description="Most tokens a student samples per prompt (it stops earlier at EOS).")
+    temperature: float = Field(1.0, gt=0.0, le=100.0, description="Sampling temperature; the teacher scores the samples at it too (the on-policy loss's temperature).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set of tokens with this much probability (1.0: the whole vocabulary).")
+    prompts_per_step: int | None = Field(None, ge=1, description="Prompts per on-policy step (global, every rank's share together); each student samples one completion per prompt. null: train.batch_size.")
+    divergence: Literal["reverse_kl", "forward_kl", "jsd"] = Field("reverse_kl", description="Divergence of on-policy steps (GKD's on-policy default is reverse KL); jsd uses each student's loss.beta. No hard loss on samples.")
+
+
 class TrainConfig(_Strict):
     mode: Literal["cached", "online"] = Field("cached", description="`cached`: read the teacher signal from the cache; `online`: run the teacher once per batch.")
     steps: int = Field(200, ge=1, description="Optimizer steps per student.")
@@ -235,6 +248,7 @@ class TrainConfig(_Strict):
     deepspeed_config: Path | None = Field(None, description="A ds_config JSON passed through to DeepSpeed (engine=deepspeed); batch sizes are filled in.")
     online_dense: bool = Field(False, description="Online mode: hand students the teacher's dense logits (exact loss) instead of top-k.")
     deterministic: bool = Field(True, description="torch.use_deterministic_algorithms for exact resume.")
+    on_policy: OnPolicyConfig | None = Field(None, description="On-policy co-distillation (online mode): students sample completions of the data's prompts and learn from the teacher's scores of them. Absent: off-policy only.")
 
 
 class ExportConfig(_Strict):
@@ -270,6 +284,7 @@ class RunConfig(_Strict):
             if rule.rescore_every and s.loss.hard_target == "teacher_argmax" and not s.baseline:
                 raise ValueError(f"{where}.rescore_every: the gap it re-weights by is the student's loss on the "
                                  f"labels, but students.{i}.loss.hard_target is teacher_argmax; use labels")
+        _check_on_policy(self)
         if not (self.train.mode == "online" and self.train.online_dense):
             for i, s in enumerate(self.students):
                 _check_estimator(f"students.{i}.loss", s, self.cache)
@@ -280,6 +295,19 @@ class RunConfig(_Strict):
         """Some student learns from a subset of the training blocks (a rule other than `{drop_easiest: 0}`)."""
         return any(rule is not None and not rule.keeps_all
                    for rule in (self.selection_of(i)[1] for i in range(len(self.students))))
+
+    def on_policy_share(self, i: int) -> ScheduleConfig | None:
+        """Student i's on-policy share schedule; None: it never trains on-policy (no
+        train.on_policy, or a CE-only baseline, which has no teacher to be scored by)."""
+        s, op = self.students[i], self.train.on_policy
+        if op is None or s.baseline:
+            return None
+        return s.on_policy_share if s.on_policy_share is not None else op.share
+
+    @property
+    def on_policy_active(self) -> bool:
+        """Some student may take an on-policy step: its share schedule is not constant 0."""
+        return any(_can_be_on(self.on_policy_share(i)) for i in range(len(self.students)))
 
     def selection_of(self, i: int) -> tuple[str, SelectConfig | None]:
         """Student i's data selection and the config key it comes from."""
@@ -295,6 +323,24 @@ class RunConfig(_Strict):
 
 
 TeacherConfig.model_rebuild()
+
+
+def _can_be_on(share: ScheduleConfig | None) -> bool:
+    if share is None:
+        return False
+    return not (share.kind == "constant" and share.start == 0.0)
+
+
+def _check_on_policy(cfg: "RunConfig") -> None:
+    """On-policy steps need a teacher model in the loop to score fresh samples."""
+    if not cfg.on_policy_active:
+        return
+    if cfg.train.mode != "online":
+        raise ValueError("train.on_policy.share: on-policy steps need the teacher to score the students' own "
+                         "samples, which a cache cannot; set train.mode: online, or share: constant 0")
+    if cfg.cache.estimator != "topk" and not cfg.train.online_dense:
+        raise ValueError("train.on_policy: on-policy steps use a top-k (or dense) teacher signal; set "
+                         "cache.estimator: topk or train.online_dense: true")
 
 
 def _check_estimator(where: str, student: StudentConfig, cache: CacheConfig) -> None:
@@ -353,6 +399,9 @@ def check_config(cfg: RunConfig, source: str = "config") -> RunConfig:
     if cfg.train.precision == "fp16":  # never silently something else (fp32 under DeepSpeed, say)
         raise UserError(f"{source}: train.precision=fp16 is refused: it needs loss scaling, which this toolkit does "
                         f"not apply (gradients would underflow); use bf16 (or fp32)")
+    if cfg.on_policy_active and cfg.train.engine == "deepspeed" and cfg.train.zero_stage == 3:
+        raise UserError(f"{source}: train.on_policy: sampling from ZeRO-3 partitioned students is not supported "
+                        f"yet; use train.zero_stage 1 or 2, or engine: torch")
     if cfg.train.engine == "deepspeed" and cfg.train.zero_stage == 0 and cfg.train.deepspeed_config is None:
         raise UserError(f"{source}: train.zero_stage: 0 is refused with engine: deepspeed: {STAGE_0}")
     models = [("teacher.model", cfg.teacher.model)] + [(f"students.{i}.model", s.model) for i, s in enumerate(cfg.students)]
@@ -374,6 +423,13 @@ def check_config(cfg: RunConfig, source: str = "config") -> RunConfig:
             build_schedule(s.loss.soft_weight.as_dict())
         except ValueError as e:
             raise UserError(f"{source}: students.{i}.loss.soft_weight: {e}") from None
+        share = cfg.on_policy_share(i)
+        if share is not None:
+            try:
+                build_schedule(share.as_dict())
+            except ValueError as e:
+                where = "on_policy_share" if s.on_policy_share is not None else "train.on_policy.share"
+                raise UserError(f"{source}: students.{i}.{where}: {e}") from None
     for where, model in models:
         if model is not None and model.preset is not None:  # a dir or the teacher's shape is checked as it loads
             check_model(model, cfg.data.tokenizer.vocab_size, f"{source}: {where}")

@@ -21,6 +21,7 @@ from distill.report.report import evaluate_run
 from distill.runtime import (autocast_dtype, cache_identity, check_k, existing_teacher_dir, is_leader, live_teacher,
                              model_config, prepare, resolve_device, sampling_of, setup_runtime)
 from distill.train.loop import claim_out_dir, run_hash, train_loop
+from distill.train.on_policy import on_policy_source
 from distill.train.selection import DataView, plan_views
 from distill.train.setup import build_students, loop_config, make_student
 from teachers import CachedTeacher, LiveTeacher, Teacher
@@ -158,8 +159,9 @@ def student_identity(sc: StudentConfig) -> dict:
     """A student's config as the run hash sees it.  `select` enters only when set, so a
     checkpoint made before selection existed still resumes (its hash had no such key)."""
     d = sc.model_dump(mode="json")
-    if d.get("select") is None:
-        d.pop("select", None)
+    for key in ("select", "on_policy_share"):  # keys added later: absent from older checkpoints' hashes
+        if d.get(key) is None:
+            d.pop(key, None)
     return d
 
 
@@ -214,13 +216,15 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
         signal["encoding"] = cfg.cache.encoding
     rhash = run_hash("train", [student_identity(s) for s in cfg.students], data.fingerprint,
                      cfg.seed, cfg.train.steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.mode, signal,
-                     *([selections] if any(v.rule is not None for v in views) else []))
+                     *([selections] if any(v.rule is not None for v in views) else []),
+                     *([cfg.train.on_policy.model_dump(mode="json")] if cfg.train.on_policy is not None else []))
     loop = loop_config(cfg, cfg.train.steps, cfg.train.batch_size, rank, world, rhash)
     loop.extra_meta = {"data_fingerprint": data.fingerprint, "teacher": str(cfg.layout.teacher),
                        "tokenizer_hash": data.tokenizer_hash}
     loop.selections = selections
+    on_policy = on_policy_source(cfg, teacher, data.tokenizer, loop) if cfg.train.mode == "online" else None
     result = train_loop(students, teacher, data.train, data.val, val_teacher, loop, cfg.layout,
-                        resume=resume, progress=progress, views=views)
+                        resume=resume, progress=progress, views=views, on_policy=on_policy)
     result["teacher_reads"] = teacher.reads
     if rank == 0:
         result["students_info"] = {s.name: {"tokens_seen": s.tokens_seen, "nonfinite_steps": s.nonfinite_steps,

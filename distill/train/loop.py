@@ -1,10 +1,12 @@
 """The co-distillation loop: one teacher signal per batch, handed to every student.
 
     for step in steps:
+        on-policy students of the step (on_policy.py): each samples the step's prompts, ONE
+            teacher forward scores every student's samples, each learns from its own
         for view in data views:                 # students sharing a data selection (one by default)
             batch   = the step's blocks of the view (a seeded permutation per epoch: resumable exactly)
             signal  = teacher.signal(batch)     # 1 cache read or 1 teacher forward
-            for student in view:
+            for student in view (not on-policy this step):
                 student.train_step(step, [MicroBatch(batch, signal, valid)])
         students that failed: checkpoint everyone, drop them (or stop the run)
         log, validate, checkpoint
@@ -291,12 +293,14 @@ def teacher_metrics(micro_batches: list[MicroBatch], loop: LoopConfig, device: t
 def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: torch.Tensor,
                val_blocks: torch.Tensor, val_teacher: Teacher | None, loop: LoopConfig, layout: RunLayout,
                resume: bool, progress: bool, label: str = "co-distilling",
-               views: list[DataView] | None = None) -> dict:
+               views: list[DataView] | None = None, on_policy=None) -> dict:
     """Train every student for `loop.steps`; returns the final validation metrics per student.
 
     train_blocks, val_blocks: (N, T+1) token ids.  teacher None: CE-only training (the
     teacher's own pretraining).  views: which blocks each student learns from (selection.py);
-    None: every student, every block."""
+    None: every student, every block.  on_policy: the students' own samples scored by the
+    teacher (on_policy.OnPolicySource): the students it names for a step learn from it, not
+    from the corpus, that step; None: the corpus only."""
     names = [s.name for s in students]
     views = views or [DataView(None, "", None, names, n_total=len(train_blocks))]
     start, students = resume_all(layout, students, loop) if resume else (0, students)
@@ -326,8 +330,35 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
             # decodes them while the students train)
             current, upcoming = upcoming, batches_of(step + 1)
             failed, traces = {}, {}  # name -> one-line reason, name -> traceback (exceptions only)
+
+            def train(s: Student, micro_batches: list[MicroBatch], shared: dict, recipe=None) -> None:
+                """One student's step; a failure costs that student only."""
+                try:
+                    # the corpus: the call as it always was (the student's own loss recipe)
+                    metrics = s.train_step(step, micro_batches) if recipe is None else s.train_step(
+                        step, micro_batches, recipe)
+                except Exception as e:  # out of memory, say: this student fails, not the run
+                    failed[s.name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+                    traces[s.name] = traceback.format_exc()  # kept in its failed.json, for a bug report
+                    return
+                logger.log(s.name, step + 1, {**metrics, **shared})
+                if s.nonfinite_steps > loop.max_nonfinite:
+                    failed[s.name] = (f"{s.nonfinite_steps} non-finite steps (limit train.max_nonfinite="
+                                      f"{loop.max_nonfinite}); lower the lr or check the teacher signal")
+
+            # --- source 1: the students' own samples, for those taking this step on-policy
+            on_members = on_policy.members(step, students) if on_policy is not None else []
+            if on_members:
+                before = teacher.forward_calls
+                own = on_policy.micro_batches(step, on_members)  # one teacher forward for all of them
+                teacher_calls += teacher.forward_calls - before
+                for s in on_members:
+                    train(s, own[s.name], {**teacher_metrics(own[s.name], loop, s.device), "on_policy": True},
+                          on_policy.recipe(s))
+
+            # --- source 2: the corpus with its teacher signal, per data view, for everyone else
             for view, batches, next_batches in zip(views, current, upcoming):
-                members = [s for s in students if s.name in view.students]
+                members = [s for s in students if s.name in view.students and s not in on_members]
                 if not members:
                     continue
                 if batches is None:  # dynamic: this window's weights, then the step's draw
@@ -350,16 +381,7 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
                 # --- every student learns from the same signal; a failure costs that student only
                 shared = teacher_metrics(micro_batches, loop, members[0].device)
                 for s in members:
-                    try:
-                        metrics = s.train_step(step, micro_batches)
-                    except Exception as e:  # out of memory, say: this student fails, not the run
-                        failed[s.name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
-                        traces[s.name] = traceback.format_exc()  # kept in its failed.json, for a bug report
-                        continue
-                    logger.log(s.name, step + 1, {**metrics, **shared})
-                    if s.nonfinite_steps > loop.max_nonfinite:
-                        failed[s.name] = (f"{s.nonfinite_steps} non-finite steps (limit train.max_nonfinite="
-                                          f"{loop.max_nonfinite}); lower the lr or check the teacher signal")
+                    train(s, micro_batches, shared)
                 if view.dynamic:  # the students' gap on these blocks re-weights the next window
                     trained = [s for s in members if s.name not in failed and s.hard_per_block is not None]
                     if trained:

@@ -61,6 +61,9 @@ class MicroBatch:
     valid: torch.Tensor  # (B, T) bool: False where the teacher's signal is a placeholder
 
 
+Recipe = tuple  # (LossConfig, w_soft): a step's loss when not the student's own schedule
+
+
 @dataclass
 class LossOutput:
     total: torch.Tensor
@@ -203,8 +206,9 @@ class Student:
     def w_soft(self, step: int) -> float:
         return 0.0 if self.cfg.baseline else float(self.soft_schedule(step, self.total_steps))
 
-    def train_step(self, step: int, micro_batches: list[MicroBatch]) -> dict:
+    def train_step(self, step: int, micro_batches: list[MicroBatch], recipe: Recipe | None = None) -> dict:
         """One optimiser step over `micro_batches` (this rank's share of the step's batch).
+        recipe: the step's loss and soft weight when not the student's own (on-policy steps).
 
         The loss is one token mean over the whole step: its totals (`step_totals`: targets,
         tokens, adaptive scores, MoE routing) are summed over every micro-batch on every
@@ -217,16 +221,16 @@ class Student:
         boundary stay aligned)."""
         t0 = time.perf_counter()
         self.model.train()
-        w_soft = self.w_soft(step)
+        loss_cfg, w_soft = recipe if recipe is not None else (self.cfg.loss, self.w_soft(step))
         world, n_micro = self.engine.world_size, len(micro_batches)
         on_device = [tuple(x.to(self.device, non_blocking=True) for x in (mb.batch.input_ids, mb.batch.labels, mb.valid))
                      + (mb.signal.to(self.device) if mb.signal is not None else None,) for mb in micro_batches]
-        totals = self.step_totals(on_device, w_soft)
+        totals = self.step_totals(on_device, w_soft, loss_cfg)
         sums, finite, hard_per_block = {}, True, []
         for i, (input_ids, labels, valid, signal) in enumerate(on_device):
             with self.engine.accumulating(last=i == n_micro - 1):
                 out = self.engine.run(lambda model: distill_loss(
-                    model, input_ids, labels, signal, valid, self.cfg.loss, w_soft, self.cfg.baseline, totals, world))
+                    model, input_ids, labels, signal, valid, loss_cfg, w_soft, self.cfg.baseline, totals, world))
                 loss = out.total
                 if not bool(torch.isfinite(loss.detach())):
                     finite = False
@@ -256,7 +260,7 @@ class Student:
         })
         return metrics
 
-    def step_totals(self, micro_batches: list[tuple], w_soft: float) -> StepTotals:
+    def step_totals(self, micro_batches: list[tuple], w_soft: float, loss_cfg: LossConfig | None = None) -> StepTotals:
         """The step's `StepTotals` from this rank's (input_ids, labels, valid, signal) micro-
         batches, summed over ranks in one all-reduce.  Teacher-scored adaptive weights
         (confidence, entropy) sum their scores from the signal alone.  Scores from the
@@ -264,7 +268,7 @@ class Student:
         forward: with several micro-batches a no-grad forward of each comes first (about a
         third of a step's compute, only in those configurations); with one, the forward
         itself reduces them (see `distill_loss`)."""
-        loss_cfg = self.cfg.loss
+        loss_cfg = loss_cfg or self.cfg.loss
         mode = "uniform" if loss_cfg.adaptive == "none" or self.cfg.baseline or w_soft == 0 else loss_cfg.adaptive
         if mode != "uniform" and any(sig is None for *_, sig in micro_batches):
             mode = "uniform"  # no teacher signal (CE only): no soft term to weight
