@@ -334,9 +334,7 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
             def train(s: Student, micro_batches: list[MicroBatch], shared: dict, recipe=None) -> None:
                 """One student's step; a failure costs that student only."""
                 try:
-                    # the corpus: the call as it always was (the student's own loss recipe)
-                    metrics = s.train_step(step, micro_batches) if recipe is None else s.train_step(
-                        step, micro_batches, recipe)
+                    metrics = s.train_step(step, micro_batches, recipe)  # recipe None: the student's own loss
                 except Exception as e:  # out of memory, say: this student fails, not the run
                     failed[s.name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
                     traces[s.name] = traceback.format_exc()  # kept in its failed.json, for a bug report
