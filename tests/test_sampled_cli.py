@@ -39,6 +39,7 @@ def test_sampled_cache_trains_evaluates_and_inspects(online_setup, tmp_path):
     cfg2 = _config(online_setup, tmp_path, teacher={"source": "cache"})
     raw = yaml.safe_load(cfg2.read_text())
     raw["cache"].update(estimator="topk", dir=str(tmp_path / "run" / "cache"))
+    raw["out_dir"] = str(tmp_path / "run2")  # another run: one run per out_dir
     raw["students"][0]["loss"] = {"tail": "bucket"}
     cfg2.write_text(yaml.safe_dump(raw))
     r = run_cli("train", "-c", str(cfg2), "--quiet")
