@@ -280,8 +280,11 @@ class Student:
             soft = None
             if prepass:
                 with torch.no_grad():
-                    _, soft = self.engine.run(lambda model: student_forward(
-                        model, input_ids, labels, signal, mask, loss_cfg, self.cfg.baseline))
+                    if mode == "disagreement":
+                        _, soft = self.engine.run(lambda model: student_forward(
+                            model, input_ids, labels, signal, mask, loss_cfg, self.cfg.baseline))
+                    else:  # the routing alone: the decoder, not the lm_head
+                        self.engine.run(lambda model: model.model(input_ids=input_ids))
                 if moe:
                     top_k = getattr(self.model.config, "num_experts_per_tok", 1)
                     mb_slots = routed_slots(collect_router_logits(self.model), top_k).double().cpu()
