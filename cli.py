@@ -83,12 +83,14 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="Small sizes and few steps (about 10 minutes on 2 CPU cores)."),
     tiny: bool = typer.Option(False, "--tiny", hidden=True, help="Smallest sizes (for tests)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from finished stages and checkpoints in OUT."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh, moving an earlier demo run in OUT aside to OUT/replaced-TIME/."),
     quiet: bool = QuietOpt,
 ):
     """Run the embedded default end to end, offline: stdlib corpus, pretrain a teacher, cache, co-distil, eval, export, report."""
     from distill.demo import run_demo
 
-    run_demo(out, size="tiny" if tiny else "quick" if quick else "full", resume=resume, progress=not quiet)
+    run_demo(out, size="tiny" if tiny else "quick" if quick else "full", resume=resume and not overwrite,
+             progress=not quiet, overwrite=overwrite)
 
 
 @app.command()

@@ -69,10 +69,11 @@ def demo_config(out: Path, size: str = "quick") -> dict:
     }
 
 
-def run_demo(out: Path, size: str = "quick", resume: bool = True, progress: bool = True) -> dict:
+def run_demo(out: Path, size: str = "quick", resume: bool = True, progress: bool = True,
+             overwrite: bool = False) -> dict:
     from distill.stages import run_all
 
     source = f"demo ({size})"
     cfg = check_config(parse_config(demo_config(Path(out), size), source=source), source)
     check_inputs_exist(cfg)  # e.g. --out naming an existing file
-    return run_all(cfg, resume=resume, progress=progress)
+    return run_all(cfg, resume=resume, progress=progress, overwrite=overwrite)

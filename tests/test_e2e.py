@@ -115,6 +115,9 @@ def test_rerun_resumes_without_redoing_work(demo_dir):
     assert r.returncode == 0, r.stderr[-2000:]
     after = {p: p.stat().st_mtime_ns for p in (demo_dir / "cache").glob("*.safetensors")}
     assert before == after  # the cache was reused, not rewritten
+    # --no-resume into it is another run: refused before any work, naming --overwrite
+    r = run_cli("demo", "--tiny", "--quiet", "--no-resume", "--out", str(demo_dir))
+    assert r.returncode == 2 and "--overwrite" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
 def test_eval_skips_a_sharded_teacher(demo_dir, tmp_path):
