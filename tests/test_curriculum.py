@@ -384,11 +384,12 @@ def test_rescoring_needs_label_hard_targets_and_opting_out_is_fine_online():
 
 
 def test_old_checkpoints_keep_their_run_identity():
-    """A student without `select` hashes as before the key existed (no resume is broken)."""
+    """A student without `select` (or `on_policy_share`) hashes as before the key existed."""
     from distill.config import StudentConfig
     from distill.stages import student_identity
 
     sc = StudentConfig(name="s", model={"preset": "dense"})
-    assert "select" not in student_identity(sc)
-    assert student_identity(sc) == {k: v for k, v in sc.model_dump(mode="json").items() if k != "select"}
+    assert "select" not in student_identity(sc) and "on_policy_share" not in student_identity(sc)
+    later = ("select", "on_policy_share")
+    assert student_identity(sc) == {k: v for k, v in sc.model_dump(mode="json").items() if k not in later}
     assert student_identity(StudentConfig(name="s", model={"preset": "dense"}, select={"keep_hardest": 0.5}))["select"]
