@@ -2,12 +2,10 @@
 tokens equal one big batch; a non-finite micro-batch skips exactly its step on every rank, under
 both engines, and the next step equals a run where that step never happened."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from distill.config import StudentConfig
 from distill.train.engines import DeepSpeedEngine, TorchEngine
@@ -16,6 +14,7 @@ from losses.signal import TeacherSignal
 from students.build import build_model
 from students.presets import dense, scout
 from teachers import Batch
+from tests.conftest import ensure_deepspeed_cpu_op, rendezvous, spawn
 
 V, T = 64, 8
 TINY = dict(vocab_size=V, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16)
@@ -72,12 +71,6 @@ def test_grad_accum_4_with_uneven_valid_tokens_equals_one_big_batch(preset):
 # ------------------------------------------------------------------ a NaN micro-batch, 2 ranks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _student(engine: str):
     sc, model = student_config("dense"), model_of("dense")
     opt, sched = make_optimizer(model, sc.optim, 10)
@@ -90,9 +83,8 @@ def _student(engine: str):
     return Student(sc, model, eng, 10)
 
 
-def _rank(rank, world, port, engine, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+def _rank(rank, world, meet, engine, out):
+    os.environ.update(meet, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     if engine == "deepspeed":
         import deepspeed
@@ -121,7 +113,10 @@ def _rank(rank, world, port, engine, out):
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["torch", "deepspeed"])
 def test_nan_in_one_micro_batch_skips_exactly_that_step_on_every_rank(engine, tmp_path):
-    mp.spawn(_rank, args=(2, _free_port(), engine, tmp_path), nprocs=2, join=True)
+    if engine == "deepspeed":
+        ensure_deepspeed_cpu_op()
+    with rendezvous() as meet:
+        spawn(_rank, (2, meet, engine, tmp_path), timeout=300)
     for rank in range(2):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         poisoned, without = r["poisoned"]["rows"], r["without"]["rows"]
