@@ -62,9 +62,11 @@ def test_deepspeed_train_on_cpu_with_a_stale_lock_fails_in_one_line_instead_of_h
     (ext / DEEPSPEED_CPU_OP).mkdir(parents=True)
     (ext / DEEPSPEED_CPU_OP / "lock").touch()
     t0 = time.monotonic()
-    r = run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={tmp_path / 'out'}",
-                "--set", "train.engine=deepspeed", timeout=60,
-                env={"TORCH_EXTENSIONS_DIR": str(ext), "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""})
+    with rendezvous() as meet:  # as a launcher's rank 0 (without a launcher DeepSpeed looks for MPI)
+        r = run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={tmp_path / 'out'}",
+                    "--set", "train.engine=deepspeed", timeout=60,
+                    env={"TORCH_EXTENSIONS_DIR": str(ext), "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", **meet,
+                         "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert lines[-1].startswith("error: DeepSpeed's CPU communication op") and "Traceback" not in r.stderr, r.stderr
@@ -73,31 +75,39 @@ def test_deepspeed_train_on_cpu_with_a_stale_lock_fails_in_one_line_instead_of_h
 
 
 LAUNCHER = ("import subprocess, sys, time\n"  # a launcher whose rank outlives it unless its group is killed
-            "rank = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+            "rank = subprocess.Popen([sys.executable, '-c', 'import sys, time; time.sleep(30); "
+            "open(sys.argv[1], \"w\").write(\"survived\")', sys.argv[2]])\n"
             "print(rank.pid, flush=True)\n"
             "time.sleep(float(sys.argv[1]))\n")
 
 
-def test_a_launch_past_its_timeout_is_killed_with_its_ranks():
-    t0 = time.monotonic()
-    with pytest.raises(pytest.fail.Exception, match="no result after 2 s; its process group was killed") as e:
-        run_group([sys.executable, "-c", LAUNCHER, "600"], env=dict(os.environ), timeout=2)
-    assert time.monotonic() - t0 < 30
-    rank = int(str(e.value).split("stdout: ")[1].split()[0])
+def launch_and_rank(tmp_path, launcher_sleeps: float, timeout: float):
+    """run_group on LAUNCHER: (its result or the pytest failure, the rank's pid, the rank's
+    marker file, seconds taken); the rank is then given 5 s to be gone."""
+    marker, t0 = tmp_path / "survived", time.monotonic()
+    try:
+        result = run_group([sys.executable, "-c", LAUNCHER, str(launcher_sleeps), str(marker)], env=dict(os.environ),
+                           timeout=timeout)
+        out = result.stdout
+    except pytest.fail.Exception as e:
+        result, out = e, str(e).split("stdout: ")[1]
+    took, rank = time.monotonic() - t0, int(out.split()[0])
     deadline = time.monotonic() + 5
     while alive(rank) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not alive(rank), "the launcher's rank outlived the timeout"
+    return result, rank, marker, took
 
 
-def test_a_rank_a_finished_launch_left_behind_is_killed():
-    r = run_group([sys.executable, "-c", LAUNCHER, "0"], env=dict(os.environ), timeout=60)
+def test_a_launch_past_its_timeout_is_killed_with_its_ranks(tmp_path):
+    failed, rank, marker, took = launch_and_rank(tmp_path, 600, timeout=2)
+    assert "no result after 2 s; its process group was killed" in str(failed)
+    assert took < 20 and not alive(rank) and not marker.exists(), "the launcher's rank outlived the timeout"
+
+
+def test_a_rank_a_finished_launch_left_behind_is_killed(tmp_path):
+    r, rank, marker, took = launch_and_rank(tmp_path, 0, timeout=60)
     assert r.returncode == 0
-    rank = int(r.stdout.split()[0])
-    deadline = time.monotonic() + 5
-    while alive(rank) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not alive(rank)
+    assert took < 20 and not alive(rank) and not marker.exists(), "the rank outlived its launcher"
 
 
 def _sleep_forever(rank, pids):
