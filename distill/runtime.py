@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -25,8 +27,11 @@ def setup_runtime(cfg: RunConfig) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" then means this rank's GPU (NCCL needs it)
+    uses_deepspeed = cfg.train.engine == "deepspeed" or cfg.teacher.sharding == "zero3"
+    if uses_deepspeed and not torch.cuda.is_available():
+        check_deepspeed_cpu_op()  # before DeepSpeed loads it (in init_distributed or initialize)
     if world > 1 and not dist.is_initialized():
-        if cfg.train.engine == "deepspeed" or cfg.teacher.sharding == "zero3":
+        if uses_deepspeed:
             import deepspeed
 
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -35,6 +40,67 @@ def setup_runtime(cfg: RunConfig) -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+DEEPSPEED_CPU_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU communication op, JIT-built by torch on first use
+
+
+def lock_holders(path: Path) -> list[int]:
+    """Pids of the processes that have `path` open (Linux: /proc/PID/fd); [] elsewhere."""
+    target, pids = os.path.realpath(path), []
+    try:
+        procs = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return []
+    for pid in procs:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:  # gone, or another user's
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    pids.append(int(pid))
+                    break
+            except OSError:
+                continue
+    return pids
+
+
+def stale_build_lock(name: str = DEEPSPEED_CPU_OP, settle: float = 0.5) -> Path | None:
+    """The `lock` file of torch's JIT build of extension `name` if no process holds it: left by
+    a process killed while it built (or checked) the op.  torch waits on any `lock` there, forever
+    and silently, before it loads the op; the process that made it keeps it open until it deletes
+    it, so one that nobody has open, still there `settle` s later (past the instant between that
+    close and the delete), is stale.  None on platforms without /proc (where the op is not built)."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+    except ImportError:
+        return None
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    seen = None
+    for attempt in range(2):
+        try:
+            ino = lock.stat().st_ino
+        except FileNotFoundError:
+            return None
+        if lock_holders(lock) or (seen is not None and ino != seen):  # in use, or a new build's
+            return None
+        seen = ino
+        if attempt == 0:
+            time.sleep(settle)
+    return lock
+
+
+def check_deepspeed_cpu_op() -> None:
+    """Refuse to start a DeepSpeed run on CPU that would wait forever on a stale build lock."""
+    lock = stale_build_lock(DEEPSPEED_CPU_OP)
+    if lock is not None:
+        raise UserError(f"DeepSpeed's CPU communication op ({DEEPSPEED_CPU_OP}) is locked by {lock}, left by a "
+                        f"run killed while it built the op (no running process holds the file); every DeepSpeed "
+                        f"run on CPU would wait on it forever. Delete that file and run again")
 
 
 def is_leader() -> bool:

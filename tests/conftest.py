@@ -1,11 +1,15 @@
 """Shared fixtures: small real corpora (from the stdlib) and a runner for the real CLI."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,13 +25,140 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900, env: dict |
                           text=True, timeout=timeout, env=full_env)
 
 
-def run_deepspeed_cli(*args: str, port: int, timeout: int = 1200) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus 2 cli.py ARGS` on CPU: 2 processes, 1 thread each."""
+def run_deepspeed_cli(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus 2 cli.py ARGS` on CPU: 2 processes, 1 thread each, meeting at a
+    store this process holds (`rendezvous`); the op DeepSpeed builds on CPU is built first."""
     deepspeed = shutil.which("deepspeed")
     assert deepspeed, "deepspeed launcher not installed (make install provides it)"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(port), str(ROOT / "cli.py"), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    ensure_deepspeed_cpu_op()
+    with rendezvous() as meet:
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+               **meet}
+        cmd = [deepspeed, "--num_gpus", "2", "--master_addr", meet["MASTER_ADDR"], "--master_port",
+               meet["MASTER_PORT"], str(ROOT / "cli.py"), *args]
+        return run_group(cmd, env=env, timeout=timeout)
+
+
+# ------------------------------------------------------------------ multi-process runs that end
+
+
+@contextlib.contextmanager
+def rendezvous():
+    """The env of a launch whose ranks meet at a TCPStore this process binds once (port 0: the
+    kernel picks a free one) and holds until the block ends.  TORCHELASTIC_USE_AGENT_STORE=True
+    (what torchrun's workers get) makes every rank's init_process_group a client of that store,
+    so no rank binds MASTER_PORT itself: no window between picking a free port and binding it,
+    and a port another run holds is never joined."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, multi_tenant=True)
+    try:
+        yield {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    finally:
+        del store
+
+
+def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM the process group `proc` leads (a launcher and its ranks), SIGKILL what is left
+    after `grace` seconds, and reap `proc`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            break
+        deadline = time.monotonic() + grace
+        while sig == signal.SIGTERM and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+    proc.wait()
+
+
+def run_group(cmd: list[str], env: dict, timeout: float, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """subprocess.run in a session of its own, ended as a whole when the command returns, times
+    out or the test is interrupted (pytest-timeout, ^C): subprocess.run's timeout kills only its
+    child, so a launcher's ranks lived on, holding their ports, build locks and pipes.  A timeout
+    fails the test with the output so far."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:  # (communicate again after a timeout loses no output)
+                out, err = proc.communicate(timeout=1)
+                break
+            except subprocess.TimeoutExpired:
+                if proc.poll() is not None:  # the launcher is done but a rank it left holds the pipes
+                    kill_group(proc)
+                elif time.monotonic() > deadline:
+                    kill_group(proc)
+                    out, err = proc.communicate()
+                    pytest.fail(f"{Path(cmd[0]).name} ... {' '.join(cmd[-4:])}: no result after {timeout:.0f} s; "
+                                f"its process group was killed\nstdout: {(out or '')[-2000:]}\n"
+                                f"stderr: {(err or '')[-3000:]}", pytrace=False)
+    finally:
+        kill_group(proc)  # ranks a finished launcher left behind, too
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def spawn(fn, args: tuple, nprocs: int = 2, timeout: float = 600) -> None:
+    """torch.multiprocessing.spawn with a deadline: ranks still running then are killed and the
+    test fails (spawn's own join waits forever, and its non-daemon ranks keep pytest from exiting
+    even after pytest-timeout fails the test)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"{fn.__name__}: {nprocs} ranks did not finish in {timeout:.0f} s; killed", pytrace=False)
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+        for p in ctx.processes:
+            p.join(10)
+
+
+@functools.cache
+def _deepspeed_cpu_op() -> str | None:
+    """Build (or load) DeepSpeed's CPU communication op once, bounded; None, or why it failed."""
+    from distill.runtime import DEEPSPEED_CPU_OP, stale_build_lock
+
+    lock = stale_build_lock(DEEPSPEED_CPU_OP)
+    if lock is not None:
+        return (f"stale build lock {lock}: a DeepSpeed run was killed while it built {DEEPSPEED_CPU_OP}, and every "
+                f"DeepSpeed run on CPU would wait on it forever; delete that file and rerun")
+    code = ("from deepspeed.accelerator import get_accelerator\n"
+            "import deepspeed.ops\n"
+            "b = get_accelerator().create_op_builder('ShareMemCommBuilder')\n"
+            "if b is not None and deepspeed.ops.__compatible_ops__.get(b.NAME, False):\n"
+            "    b.load()\n")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=DEEPSPEED_OP_BUILD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out = proc.communicate()[0]
+        lock = stale_build_lock(DEEPSPEED_CPU_OP)
+        if lock is not None:  # ours: its only holder, the build, was just killed
+            lock.unlink(missing_ok=True)
+        return f"building {DEEPSPEED_CPU_OP} took over {DEEPSPEED_OP_BUILD_TIMEOUT} s; killed\n{out[-3000:]}"
+    finally:
+        kill_group(proc)
+    return None if proc.returncode == 0 else f"building {DEEPSPEED_CPU_OP} failed:\n{out[-3000:]}"
+
+
+DEEPSPEED_OP_BUILD_TIMEOUT = 600  # the first build takes 40-90 s on 2 cores; a load, a few
+
+
+def ensure_deepspeed_cpu_op() -> None:
+    """Before the first DeepSpeed run on CPU: its op built once (not by two ranks racing, inside
+    a run's timeout), and a stale lock a fast failure with the file to delete, not a silent hang."""
+    why = _deepspeed_cpu_op()
+    if why is not None:
+        pytest.fail(why, pytrace=False)
 
 
 @pytest.fixture
@@ -97,9 +228,10 @@ def hf_family(stdlib_corpus, tmp_path_factory):
     return {"work": work, "tokenizer": tok, "teacher": teacher, "student": student, "vocab": n}
 
 
-def run_torchrun_cli(*args: str, port: int, timeout: int = 900, nproc: int = 2) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node 2 cli.py ARGS` on CPU (gloo): 2 processes, 1 thread each."""
+def run_torchrun_cli(*args: str, timeout: int = 900, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 cli.py ARGS` on CPU (gloo): 2 processes, 1 thread
+    each; --standalone binds its rendezvous and the ranks' store on port 0, once."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(ROOT / "cli.py"), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_group(cmd, env=env, timeout=timeout)

@@ -1,14 +1,13 @@
 """A step's update does not depend on how its batch is split: micro-batches with uneven valid
 tokens and uneven targets (-100 labels, as chat data has) equal one big batch, for every
-adaptive soft weighting and a MoE student's balance terms, in one process and on 2 ranks; a non-finite micro-batch skips exactly its step on every rank, under
+adaptive soft weighting and a MoE student's balance terms, in one process and on 2 ranks; a
+non-finite micro-batch skips exactly its step on every rank, under
 both engines, and the next step equals a run where that step never happened."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from distill.config import StudentConfig
 from distill.train.engines import DeepSpeedEngine, TorchEngine
@@ -18,6 +17,7 @@ from students.build import build_model
 from students.presets import dense, scout
 from teachers import Batch
 from teachers.protocol import untrained
+from tests.conftest import ensure_deepspeed_cpu_op, rendezvous, spawn
 
 V, T = 64, 8
 TINY = dict(vocab_size=V, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16)
@@ -104,12 +104,6 @@ def test_the_logged_loss_is_the_mean_over_targets():
 # ------------------------------------------------------------------ a NaN micro-batch, 2 ranks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _student(engine: str):
     sc, model = student_config("dense"), model_of("dense")
     opt, sched = make_optimizer(model, sc.optim, 10)
@@ -122,9 +116,8 @@ def _student(engine: str):
     return Student(sc, model, eng, 10)
 
 
-def _rank(rank, world, port, engine, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+def _rank(rank, world, meet, engine, out):
+    os.environ.update(meet, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     if engine == "deepspeed":
         import deepspeed
@@ -153,7 +146,10 @@ def _rank(rank, world, port, engine, out):
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["torch", "deepspeed"])
 def test_nan_in_one_micro_batch_skips_exactly_that_step_on_every_rank(engine, tmp_path):
-    mp.spawn(_rank, args=(2, _free_port(), engine, tmp_path), nprocs=2, join=True)
+    if engine == "deepspeed":
+        ensure_deepspeed_cpu_op()
+    with rendezvous() as meet:
+        spawn(_rank, (2, meet, engine, tmp_path), timeout=300)
     for rank in range(2):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         poisoned, without = r["poisoned"]["rows"], r["without"]["rows"]
@@ -172,11 +168,10 @@ CONFIGS = [(preset, adaptive) for preset in ("dense", "scout") for adaptive in (
                                                                               "disagreement")]
 
 
-def _rank_split(rank, world, port, out):
+def _rank_split(rank, world, meet, out):
     """Each rank trains every config on its share: 2 micro-batches of the global batch of 8,
     strided over the ranks as the loop splits it (`rank_positions`)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
+    os.environ.update(meet, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     valid = uneven_valid()
@@ -193,7 +188,8 @@ def _rank_split(rank, world, port, out):
 
 @pytest.mark.slow
 def test_two_ranks_with_two_micro_batches_equal_one_process_with_one_big_batch(tmp_path):
-    mp.spawn(_rank_split, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
+    with rendezvous() as meet:
+        spawn(_rank_split, (2, meet, tmp_path), timeout=300)
     rows, valid = list(range(8)), uneven_valid()
     for preset, adaptive in CONFIGS:
         big = torch_student(preset, adaptive, balance_weight=0.1)

@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
-from distill.blocks import Blocks, ids_dtype, open_blocks
+from distill.blocks import Blocks, ids_dtype
 from distill.chat import PLAIN, pack_rows, render
 from distill.config import DataConfig
 from distill.data import _doc_in_val, load_documents, pack, prepare_data

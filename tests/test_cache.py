@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import teachers.cache.writer as cache_mod
 from teachers.cache import (CacheCorrupt, CacheLocked, CacheMismatch, CacheReader, CacheWriteError, describe_cache,
                             verify_cache, write_cache)
 from losses.signal import TeacherSignal
 from tests import _cache_worker as worker
+from tests.conftest import spawn
 
 K = worker.K
 
@@ -273,7 +273,7 @@ def test_ranks_without_torch_distributed_merge(tmp_path, reference):
 def test_two_gloo_processes_match_one(tmp_path, encoding):
     one = worker.write(tmp_path / "one", encoding=encoding)
     two = tmp_path / "two"
-    mp.spawn(worker.dist_worker, args=(2, str(tmp_path / "init"), str(two), encoding), nprocs=2)
+    spawn(worker.dist_worker, (2, str(tmp_path / "init"), str(two), encoding))
     assert verify_cache(two) == []
     m = json.loads((two / "manifest.json").read_text())
     assert {e["file"].split("-")[1] for e in m["splits"]["train"]["shards"]} == {"r0", "r1"}
@@ -287,7 +287,7 @@ def test_lockstep_ranks_call_a_collective_teacher_equally_often(tmp_path, refere
     """37 train + 6 val blocks over 2 ranks: rank 0 has 18+3, rank 1 has 19+3 blocks, so
     rank 0 runs one padding batch.  Then a resume where only rank 1 has work left."""
     cache = tmp_path / "c"
-    run = lambda tag: mp.spawn(worker.lockstep_worker, args=(2, str(tmp_path / f"init{tag}"), str(cache)), nprocs=2)
+    run = lambda tag: spawn(worker.lockstep_worker, (2, str(tmp_path / f"init{tag}"), str(cache)))
     run("a")
     assert [(cache / f"outcome.r{r}").read_text() for r in (0, 1)] == ["ok", "ok"]
     calls = [int((cache / f"calls.r{r}").read_text()) for r in (0, 1)]
@@ -309,12 +309,12 @@ def test_lockstep_rank_with_full_disk_fails_both_ranks_cleanly(tmp_path):
     """Rank 0's disk fills after its first shard: it keeps making its collective calls, then
     both ranks stop with an error (no hang), and a rerun completes the cache."""
     cache = tmp_path / "c"
-    mp.spawn(worker.lockstep_worker, args=(2, str(tmp_path / "init"), str(cache), 0), nprocs=2)
+    spawn(worker.lockstep_worker, (2, str(tmp_path / "init"), str(cache), 0))
     outcomes = [(cache / f"outcome.r{r}").read_text() for r in (0, 1)]
     assert outcomes[0].startswith("CacheWriteError") and "No space left" in outcomes[0], outcomes
     assert outcomes[1].startswith("RuntimeError: another rank failed"), outcomes
     assert [int((cache / f"calls.r{r}").read_text()) for r in (0, 1)] == [12, 12]
-    mp.spawn(worker.lockstep_worker, args=(2, str(tmp_path / "init2"), str(cache)), nprocs=2)
+    spawn(worker.lockstep_worker, (2, str(tmp_path / "init2"), str(cache)))
     assert verify_cache(cache) == []
 
 

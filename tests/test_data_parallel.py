@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from distill.train import checkpoint
-from tests.conftest import ROOT, run_cli, run_deepspeed_cli, run_torchrun_cli
+from tests.conftest import ROOT, kill_group, rendezvous, run_cli, run_deepspeed_cli, run_torchrun_cli
 
 pytestmark = pytest.mark.slow
 
@@ -58,16 +58,15 @@ def rel_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in a)
 
 
-def train(cfg, out, launcher, grad_accum, port, *extra):
+def train(cfg, out, launcher, grad_accum, *extra):
     args = ("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}", "--set", f"train.grad_accum={grad_accum}",
             *extra)
     if launcher == "single":
         r = run_cli(*args)
     elif launcher == "torchrun":
-        r = run_torchrun_cli(*args, port=port)
+        r = run_torchrun_cli(*args)
     else:  # "zero2", "zero3"
-        r = run_deepspeed_cli(*args, "--set", "train.engine=deepspeed", "--set", f"train.zero_stage={launcher[-1]}",
-                              port=port)
+        r = run_deepspeed_cli(*args, "--set", "train.engine=deepspeed", "--set", f"train.zero_stage={launcher[-1]}")
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     return out
 
@@ -78,14 +77,11 @@ def launched(dp_config):
     ZeRO-3 runs checkpoint every step (not part of the run's identity), for the resume test."""
     work, cfg = dp_config
     runs = {}
-    launchers = ["single", "torchrun", "zero2", "zero3"]
 
     def get(launcher, grad_accum):
         if (launcher, grad_accum) not in runs:
             extra = ("--set", "train.checkpoint_every=1") if launcher == "zero3" else ()
-            port = 29600 + 10 * launchers.index(launcher) + grad_accum
-            runs[launcher, grad_accum] = train(cfg, work / f"{launcher}-ga{grad_accum}", launcher, grad_accum, port,
-                                               *extra)
+            runs[launcher, grad_accum] = train(cfg, work / f"{launcher}-ga{grad_accum}", launcher, grad_accum, *extra)
         return runs[launcher, grad_accum]
 
     return get
@@ -126,7 +122,7 @@ def test_zero3_resume_after_a_kill_and_export_to_stock_transformers(launched, dp
     for name in ("dense", "moe"):
         shutil.rmtree(killed / "students" / name / "checkpoints" / "step_00000003")
         shutil.rmtree(killed / "students" / name / "checkpoints" / "deepspeed" / "step_00000003")
-    train(cfg, killed, "zero3", 2, 29699, "--resume")
+    train(cfg, killed, "zero3", 2, "--resume")
     for name in ("dense", "moe"):
         assert rel_diff(weights(killed, name), weights(full, name)) < 1e-6, name
         r = run_cli("export", str(killed / "students" / name), "--out", str(tmp_path / name))
@@ -143,26 +139,33 @@ def test_zero3_resume_after_a_kill_and_export_to_stock_transformers(launched, dp
 
 
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(dp_config):
-    """torch engine (DDP), two ranks started by hand so each one's exit code is seen."""
+    """torch engine (DDP), two ranks started by hand so each one's exit code is seen; each in a
+    session of its own, killed with all it started whatever happens (bounded: 300 s to step 2,
+    120 s to stop)."""
     work, cfg = dp_config
     out = work / "sigterm"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": "29691", "WORLD_SIZE": "2"}
     args = [sys.executable, str(ROOT / "cli.py"), "train", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}",
             "--set", "train.steps=400"]
-    procs = [subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     metrics = out / "students" / "dense" / "metrics.jsonl"
-    try:
-        deadline = time.time() + 300
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-            assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-            time.sleep(0.2)
-        procs[1].send_signal(signal.SIGTERM)  # rank 1 only
-        errs = [p.communicate(timeout=120)[1] for p in procs]  # unagreed, the ranks deadlock: a timeout
-    finally:
-        for p in procs:
-            p.kill()
+    with rendezvous() as meet:
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", **meet}
+        procs = [subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                 for r in range(2)]
+        try:
+            deadline = time.time() + 300
+            while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+                if time.time() > deadline or any(p.poll() is not None for p in procs):
+                    for p in procs:  # before reading their output: a live rank's pipe never ends
+                        kill_group(p)
+                    pytest.fail(f"no step 2 (exit codes {[p.returncode for p in procs]}): "
+                                f"{[p.communicate()[1][-2000:] for p in procs]}")
+                time.sleep(0.2)
+            procs[1].send_signal(signal.SIGTERM)  # rank 1 only
+            errs = [p.communicate(timeout=120)[1] for p in procs]  # unagreed, the ranks deadlock: a timeout
+        finally:
+            for p in procs:
+                kill_group(p)
     assert [p.returncode for p in procs] == [130, 130], errs
     steps = {re.search(r"stopped by signal 15 after step (\d+)", e).group(1) for e in errs}
     assert len(steps) == 1, errs
@@ -187,8 +190,8 @@ def test_two_ranks_select_and_reweigh_data_as_one_process_does(dp_config):
     r = run_cli("cache", "-c", str(path), "--quiet", "--set", f"cache.dir={work / 'dp-cache'}")
     assert r.returncode == 0, r.stderr[-2000:]
     sets = ("--set", f"cache.dir={work / 'dp-cache'}")
-    one = train(path, work / "select-single", "single", 2, 0, *sets)
-    two = train(path, work / "select-torchrun", "torchrun", 2, 29671, *sets)
+    one = train(path, work / "select-single", "single", 2, *sets)
+    two = train(path, work / "select-torchrun", "torchrun", 2, *sets)
     for name in ("dense", "moe"):
         assert rel_diff(weights(two, name), weights(one, name)) < 1e-5, name
         a = torch.load(two / "students" / name / "checkpoints" / f"step_{STEPS:08d}" / "state.pt", weights_only=True)

@@ -4,7 +4,6 @@ import shutil
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from distill.config import StudentConfig
 from distill.layout import RunLayout
@@ -16,6 +15,7 @@ from students.build import build_model
 from students.presets import scout
 from students.sparse_moe import expert_biases, moe_modules, update_expert_bias
 from tests.test_trainer import CountingTeacher, T, V, loop_cfg
+from tests.conftest import spawn
 
 RATE = 0.05
 
@@ -64,7 +64,7 @@ def _rank_update(rank, world, init_file, out_file):
 
 
 def test_expert_bias_update_uses_counts_from_every_rank(tmp_path):
-    mp.spawn(_rank_update, args=(2, str(tmp_path / "init"), str(tmp_path / "bias")), nprocs=2)
+    spawn(_rank_update, (2, str(tmp_path / "init"), str(tmp_path / "bias")))
     per_rank = [torch.load(tmp_path / f"bias.{r}") for r in range(2)]
     global_load = torch.tensor([8.0, 5.0, 3.0, 0.0])  # summed over ranks: mean 4
     expected = RATE * torch.sign(global_load.mean() - global_load)
