@@ -214,7 +214,7 @@ def test_teacher_pretrained_under_zero3_equals_the_one_process_teacher(online_se
     one = run_cli("pretrain", "-c", str(path), "--quiet", "--set", f"out_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr[-3000:]
     two = run_deepspeed_cli("pretrain", "-c", str(path), "--quiet", "--set", f"out_dir={tmp_path / 'two'}",
-                            "--set", "train.engine=deepspeed", "--set", "train.zero_stage=3", port=29687)
+                            "--set", "train.engine=deepspeed", "--set", "train.zero_stage=3")
     assert two.returncode == 0, (two.stdout[-3000:], two.stderr[-3000:])
     a = load_file(str(tmp_path / "two" / "teacher" / "model.safetensors"))
     b = load_file(str(tmp_path / "one" / "teacher" / "model.safetensors"))
