@@ -110,11 +110,11 @@ def test_a_failing_student_is_dropped_the_others_finish_and_it_stays_dropped(tmp
         calls = {"b": 0}
         step_b = b.train_step
 
-        def oom_at_second_step(step, mbs):
+        def oom_at_second_step(step, mbs, recipe=None):
             calls["b"] += 1
             if step == 1:
                 raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
-            return step_b(step, mbs)
+            return step_b(step, mbs, recipe)
 
         b.train_step = oom_at_second_step
         return [a, b, c], calls
