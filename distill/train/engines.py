@@ -174,7 +174,8 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int) -
                         f"would fight); use bf16 (or fp32)")
     cfg.setdefault("gradient_clipping", optim.grad_clip)
     if cfg.setdefault("zero_optimization", {}).setdefault("stage", train.zero_stage) == 0:
-        raise UserError(f"{train.deepspeed_config}: zero_optimization.stage 0 is refused: {STAGE_0}")
+        where = f"{train.deepspeed_config}: zero_optimization.stage" if train.deepspeed_config else "train.zero_stage:"
+        raise UserError(f"{where} 0 is refused: {STAGE_0}")
     if train.precision == "bf16" or (train.precision == "auto" and torch.cuda.is_available()):
         cfg.setdefault("bf16", {"enabled": True})
     cfg.setdefault("steps_per_print", 1 << 30)
