@@ -19,7 +19,7 @@ demo: install
 	distill demo --quick --out runs/demo
 
 test: install
-	$(PYTHON) -m pytest -q --timeout=1500 tests
+	$(PYTHON) -m pytest -q --timeout=1500 --durations=30 tests
 
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow" tests

@@ -389,6 +389,30 @@ def pack(token_lists, eos_id: int, block: int) -> torch.Tensor:
     return torch.tensor(flat[: n * block], dtype=torch.int64).view(n, block)
 
 
+WHOLE_FILE_BYTES = 1 << 20  # files up to this size are hashed whole
+SAMPLE_WINDOWS, SAMPLE_BYTES = 16, 1 << 16  # larger ones: their size and 16 evenly spaced 64 KiB windows
+
+
+def file_digest(path: Path) -> bytes:
+    """A content digest of `path` that reads at most 1 MiB of it, so finding prepared data again
+    (every launch computes the fingerprint) costs no second read of a terabyte corpus.  Larger
+    files are known by their size, first and last bytes and 14 windows between: an edit that keeps
+    a large file's size and misses every window is not seen (delete OUT/data to prepare
+    afresh then).  Content, not mtime: a copy of the corpus on another node finds the same blocks."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= WHOLE_FILE_BYTES:
+            h.update(f.read())
+        else:
+            last = size - SAMPLE_BYTES
+            for i in range(SAMPLE_WINDOWS):  # offsets 0 .. last, the last window ending at EOF
+                f.seek(i * last // (SAMPLE_WINDOWS - 1))
+                h.update(f.read(SAMPLE_BYTES))
+    return h.digest()
+
+
 def fingerprint(files: list[Path], tok_hash: str, cfg: DataConfig) -> str:
     """Changes when any input file, the tokenizer, seq_len or the split changes; not otherwise."""
     h = hashlib.sha256()
@@ -396,7 +420,8 @@ def fingerprint(files: list[Path], tok_hash: str, cfg: DataConfig) -> str:
         h.update(str(f.name).encode())
         for sub in sorted(f.rglob("*")) if f.is_dir() else [f]:
             if sub.is_file():
-                h.update(hashlib.sha256(sub.read_bytes()).digest())
+                h.update(sub.relative_to(f).as_posix().encode() if f.is_dir() else b"")
+                h.update(file_digest(sub))
     for part in (tok_hash, cfg.seq_len, cfg.val_fraction, cfg.text_field, cfg.max_documents,
                  cfg.max_train_blocks, cfg.max_val_blocks):
         h.update(repr(part).encode())

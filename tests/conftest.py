@@ -36,7 +36,10 @@ def run_deepspeed_cli(*args: str, timeout: int = 1200) -> subprocess.CompletedPr
                **meet}
         cmd = [deepspeed, "--num_gpus", "2", "--master_addr", meet["MASTER_ADDR"], "--master_port",
                meet["MASTER_PORT"], str(ROOT / "cli.py"), *args]
-        return run_group(cmd, env=env, timeout=timeout)
+        result = run_group(cmd, env=env, timeout=timeout)
+    # What the run left in /dev/shm (DeepSpeed's CPU all-reduce buffers, named after its port).
+    result.shm_left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{meet['MASTER_PORT']}_*"))
+    return result
 
 
 # ------------------------------------------------------------------ multi-process runs that end

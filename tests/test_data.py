@@ -149,3 +149,55 @@ def test_glob_in_a_config_file_is_relative_to_it(source_tree):
     cfg = load_config(cfg_path)
     check_inputs_exist(cfg)  # a pattern is not a missing file
     assert [f.name for f in corpus_files(cfg.data)] == ["a.py", "b.py"]
+
+
+def test_fingerprint_reads_at_most_a_mebibyte_of_a_large_file(tmp_path, monkeypatch):
+    """Every launch computes the fingerprint to find the prepared blocks: it must not read a
+    terabyte corpus again.  A large file is known by its size and 16 windows of 64 KiB; a small
+    one by all of its bytes."""
+    import builtins
+
+    import distill.data as data_mod
+
+    big = tmp_path / "big.txt"
+    big.write_bytes(bytes(range(256)) * (40 << 12))  # 40 MiB
+    small = tmp_path / "small.txt"
+    small.write_text("def f():\n    return 1\n" * 100)
+    read = []
+
+    class Counted:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def seek(self, *a):
+            return self.f.seek(*a)
+
+        def read(self, *a):
+            out = self.f.read(*a)
+            read.append(len(out))
+            return out
+
+    monkeypatch.setattr(data_mod, "open", lambda *a, **k: Counted(builtins.open(*a, **k)), raising=False)
+    base = data_mod.file_digest(big)
+    assert 0 < sum(read) <= data_mod.WHOLE_FILE_BYTES
+    monkeypatch.undo()
+
+    def edited(path, offset):
+        raw = bytearray(path.read_bytes())
+        raw[offset] ^= 1
+        copy = tmp_path / f"edit-{offset}-{path.name}"
+        copy.write_bytes(bytes(raw))
+        return data_mod.file_digest(copy)
+
+    assert edited(big, 0) != base and edited(big, big.stat().st_size - 1) != base  # first and last bytes
+    with big.open("ab") as f:
+        f.write(b"x")
+    assert data_mod.file_digest(big) != base  # the size
+    small_base = data_mod.file_digest(small)
+    assert all(edited(small, i) != small_base for i in (0, 777, small.stat().st_size - 1))  # every byte

@@ -17,6 +17,7 @@ def test_zero3_sharded_teacher_caches_the_same_signal(online_setup):
     r = run_deepspeed_cli("cache", "-c", str(cfg), "--set", f"out_dir={work / 'z3'}", "--set", "teacher.sharding=zero3",
                           "--set", "cache.batch_size=3")
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert r.shm_left == [], "each rank removes its DeepSpeed shared-memory buffer at exit"
 
     # Each rank stores about half of the teacher's weights (ZeRO pads partitions slightly).
     shares = re.findall(r"rank (\d) holds ([\d,]+) of ([\d,]+) weights", r.stdout + r.stderr)
