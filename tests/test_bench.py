@@ -48,6 +48,13 @@ def test_step_bench_runs_both_students():
     assert out["dense"]["tokens_per_s"] > 0 and out["scout"]["params_active"] < out["scout"]["params_total"]
 
 
+def test_step_bench_compares_the_cached_kd_step_with_the_ce_step():
+    out = _json_of(ROOT / "bench" / "step.py", "--vs-ce", "--quick")
+    assert set(out["step_s"]) == {"ce", "kd", "kd_prefetched"} and all(v > 0 for v in out["step_s"].values())
+    assert set(out["breakdown_s"]) == {"read", "copy", "forward_loss_backward", "optimizer"}
+    assert out["breakdown_s"]["read"] > 0  # the signal came from a cache on disk
+
+
 def test_gpu_script_says_no_cuda_and_exits_0():
     r = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
