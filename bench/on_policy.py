@@ -175,30 +175,38 @@ SCHEMES = {"off": None, "on": {"kind": "constant", "start": 1.0},
            "ramp": {"kind": "linear", "start": 0.0, "end": 1.0}}
 
 
-def cost(work: Path, data: Path, teacher_dir: Path, warm: dict[str, Path], packed, a, reps: int = 2) -> dict:
-    """Wall time of `train_students` (data prepared once), share 1, seed 0's warm students:
-    the 3 co-trained in one run vs each trained alone; best of `reps`, alternating, after
-    the scheme runs above (so no run pays first-use costs)."""
+def timed(cfg, packed) -> tuple[float, float, int]:
+    """(wall s, this process's CPU s, teacher forwards) of one `train_students`.  CPU time
+    is the figure that holds on a shared machine (torch runs one thread here)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    forwards = train_students(cfg, progress=False, data=packed)["teacher_forward_calls"]
+    return time.perf_counter() - t0, time.process_time() - c0, forwards
+
+
+def cost(work: Path, data: Path, teacher_dir: Path, warm: dict[str, Path], packed, a, reps: int = 1) -> dict:
+    """`train_students` (data prepared once), share 1, seed 0's warm students: the 3
+    co-trained in one run vs each trained alone; best of `reps`, alternating, after the
+    scheme runs above (so no run pays first-use costs)."""
     together, alone, forwards = [], {}, {}
     for rep in range(reps):
         cfg = run_config(work / "cost" / f"together{rep}", data, teacher_dir, 0, a.steps, a, from_exports(warm, a),
                          SCHEMES["on"])
-        t0 = time.perf_counter()
-        forwards["co_trained"] = train_students(cfg, progress=False, data=packed)["teacher_forward_calls"]
-        together.append(time.perf_counter() - t0)
+        wall, cpu, forwards["co_trained"] = timed(cfg, packed)
+        together.append((wall, cpu))
         for st in from_exports(warm, a):
             cfg = run_config(work / "cost" / f"{st['name']}{rep}", data, teacher_dir, 0, a.steps, a, [st],
                              SCHEMES["on"])
-            t0 = time.perf_counter()
-            forwards[st["name"]] = train_students(cfg, progress=False, data=packed)["teacher_forward_calls"]
-            alone.setdefault(st["name"], []).append(time.perf_counter() - t0)
-    best_alone = {k: min(v) for k, v in alone.items()}
-    return {"co_trained_s": round(min(together), 2), "single_runs_s": {k: round(v, 2) for k, v in best_alone.items()},
-            "single_runs_total_s": round(sum(best_alone.values()), 2),
-            "ratio": round(min(together) / sum(best_alone.values()), 3), "all_co_trained_s": [round(t, 2) for t in together],
-            "all_single_runs_s": {k: [round(t, 2) for t in v] for k, v in alone.items()},
-            "teacher_forwards_per_step_co_trained": forwards["co_trained"] / a.steps,
-            "teacher_forwards_per_step_single_runs": sum(v for k, v in forwards.items() if k != "co_trained") / a.steps}
+            wall, cpu, forwards[st["name"]] = timed(cfg, packed)
+            alone.setdefault(st["name"], []).append((wall, cpu))
+    out = {}
+    for i, unit in enumerate(("wall", "cpu")):
+        best = {k: min(t[i] for t in v) for k, v in alone.items()}
+        co = min(t[i] for t in together)
+        out[unit] = {"co_trained_s": round(co, 2), "single_runs_s": {k: round(v, 2) for k, v in best.items()},
+                     "single_runs_total_s": round(sum(best.values()), 2), "ratio": round(co / sum(best.values()), 3)}
+    out["teacher_forwards_per_step_co_trained"] = forwards["co_trained"] / a.steps
+    out["teacher_forwards_per_step_single_runs"] = sum(v for k, v in forwards.items() if k != "co_trained") / a.steps
+    return out
 
 
 def main() -> None:
@@ -220,7 +228,7 @@ def main() -> None:
     p.add_argument("--eval-prompts", type=int, default=100)
     p.add_argument("--work", type=Path, default=None, help="where runs go (a temporary dir when unset)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--cost-reps", type=int, default=1, help="timings of the cost comparison (best kept)")
+    p.add_argument("--cost-reps", type=int, default=1, help="timings of the cost comparison (best kept; 0: none)")
     a = p.parse_args()
     if a.quick:
         a.seeds, a.rows, a.teacher_hidden, a.teacher_layers = 1, 200, 16, 1
@@ -263,10 +271,8 @@ def bench(a: argparse.Namespace) -> dict:
         warm0 = warm if seed == 0 else warm0
         for scheme, share in SCHEMES.items():
             cfg = run_config(work / f"s{seed}" / scheme, data, teacher_dir, seed, a.steps, a, from_exports(warm, a), share)
-            t0 = time.perf_counter()
-            res = train_students(cfg, progress=False, data=packed)
-            wall = time.perf_counter() - t0
-            row = {"train_s": round(wall, 1), "teacher_forwards_per_step": res["teacher_forward_calls"] / a.steps}
+            wall, cpu, forwards = timed(cfg, packed)
+            row = {"train_s": round(wall, 1), "train_cpu_s": round(cpu, 1), "teacher_forwards_per_step": forwards / a.steps}
             for name, path in export_students(cfg, held_out=packed.val[:1]).items():
                 model = load_causal_lm(path)
                 row[name] = {**exact(model, tok, prompts, a),
@@ -274,7 +280,8 @@ def bench(a: argparse.Namespace) -> dict:
             results[scheme][str(seed)] = row
             log(f"[seed {seed}] {scheme}: " + json.dumps({k: v["exact_match"] for k, v in row.items()
                                                            if isinstance(v, dict)}))
-    out["cost"] = cost(work, data, teacher_dir, warm0, packed, a, a.cost_reps)
+    if a.cost_reps > 0:
+        out["cost"] = cost(work, data, teacher_dir, warm0, packed, a, a.cost_reps)
     out["schemes"] = results
     names = [f"w{w}" for w in STUDENT_WIDTHS]
     summary = {}

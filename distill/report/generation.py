@@ -48,7 +48,7 @@ class GenSettings:
 
 def held_out_prompts(cfg: RunConfig, tok, n: int) -> list[Prompt]:
     """The validation split's first n prompts that fit data.seq_len, in document order
-    (the same split test `distill.data` packs the held-out blocks from)."""
+    (the split `distill.data` packs the held-out blocks from)."""
     if n <= 0:
         return []
     docs = load_documents(cfg.data)
