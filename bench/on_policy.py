@@ -264,11 +264,13 @@ def bench(a: argparse.Namespace) -> dict:
     cfg0 = run_config(work / "data_run", data, teacher_dir, 0, 1, a, fresh_students(a), None)
     packed = prepare(cfg0)  # tokenised once, shared by every run below (same data config)
     results: dict = {s: {} for s in SCHEMES}
+    warm0: dict[str, Path] = {}
     for seed in range(a.seeds):
         warm_cfg = run_config(work / f"s{seed}" / "warm", data, teacher_dir, seed, a.warm, a, fresh_students(a), None)
         train_students(warm_cfg, progress=False, data=packed)
         warm = export_students(warm_cfg, held_out=packed.val[:1])
-        warm0 = warm if seed == 0 else warm0
+        if seed == 0:
+            warm0 = warm  # the cost comparison's students
         for scheme, share in SCHEMES.items():
             cfg = run_config(work / f"s{seed}" / scheme, data, teacher_dir, seed, a.steps, a, from_exports(warm, a), share)
             wall, cpu, forwards = timed(cfg, packed)
@@ -280,7 +282,7 @@ def bench(a: argparse.Namespace) -> dict:
             results[scheme][str(seed)] = row
             log(f"[seed {seed}] {scheme}: " + json.dumps({k: v["exact_match"] for k, v in row.items()
                                                            if isinstance(v, dict)}))
-    if a.cost_reps > 0:
+    if a.cost_reps > 0 and warm0:
         out["cost"] = cost(work, data, teacher_dir, warm0, packed, a, a.cost_reps)
     out["schemes"] = results
     names = [f"w{w}" for w in STUDENT_WIDTHS]

@@ -106,7 +106,8 @@ def generate(model, prompts: list[list[int]], tok, s: GenSettings, sample_seed: 
 def completion_blocks(prompts: list[list[int]], completions: list[list[int]], pad: int) -> torch.Tensor:
     """(B, W) blocks: prompt (no target) + completion (targets) + padding (no target), marked
     as packed blocks are (teachers.protocol.untrained), so `Batch.of` makes the labels."""
-    width = max(len(p) + len(c) for p, c in zip(prompts, completions)) + 1  # +1: a completion-less row still has a label slot
+    # +1: a row with an empty completion still has a label slot
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions)) + 1
     blocks = torch.full((len(prompts), width), int(untrained(torch.tensor(pad))), dtype=torch.long)
     for r, (p, c) in enumerate(zip(prompts, completions)):
         row = torch.cat([untrained(torch.tensor(p, dtype=torch.long)), torch.tensor(c, dtype=torch.long)])
@@ -198,7 +199,8 @@ def markdown(report: dict) -> list[str]:
              + ("; exact match against the data's answer, whitespace stripped." if em else "."), "",
              "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     t = gen.get("teacher", {})
-    lines.append("| teacher | - | - | " + f"{t['mean_length']:.3g} | - |" + (f" {t['exact_match']:.3g} | - |" if em else ""))
+    teacher_em = f" {t['exact_match']:.3g} | - |" if em else ""
+    lines.append(f"| teacher | - | - | {t['mean_length']:.3g} | - |" + teacher_em)
     for name, r in report["students"].items():
         g = r.get("generation")
         if not g:
