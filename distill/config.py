@@ -237,6 +237,7 @@ class TrainConfig(_Strict):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per step.")
     eval_every: int = Field(50, ge=0, description="Validate every N steps (0 = only at the end).")
     eval_blocks: int = Field(32, ge=1, description="Validation blocks per evaluation.")
+    eval_prompts: int = Field(32, ge=0, description="`distill eval` on chat or prompt/completion data: held-out prompts the students (and the teacher) answer, greedy and sampled, scored by the teacher's reverse KL and by exact match against the data's answer (report.md, 'Generation on held-out prompts'); generation settings are train.on_policy's. 0: none.")
     checkpoint_every: int = Field(50, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept per student.")
     max_nonfinite: int = Field(10, ge=0, description="Skipped non-finite steps a student may take; one more is a student failure (see on_student_failure).")

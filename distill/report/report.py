@@ -3,7 +3,9 @@
 report.json:
   {"teacher": {...}, "students": {"NAME": {"kind": "scout|maverick|dense|baseline",
    "params_total", "params_active", "val_ppl", "teacher_top1_agreement", "kl_to_teacher",
-   "train_tokens", "export_dir" (relative to OUT), "inference_tokens_per_s"}}}
+   "train_tokens", "export_dir" (relative to OUT), "inference_tokens_per_s",
+   "generation" (chat data: distill/report/generation.py)}},
+   "generation": {"prompts", "max_new_tokens", "temperature", "top_p", "teacher": {...}} (chat data)}
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import sys
 from common.errors import UserError
 from common.fsutil import atomic_write_json, atomic_write_text
 from distill.config import RunConfig
-from distill.report import plots
+from distill.data import vocab_size_of
+from distill.report import generation, plots
 from distill.report.export import model_card
 from distill.runtime import live_teacher, prepare, resolve_device
 from distill.train.metrics import read_metrics
@@ -21,7 +24,7 @@ from distill.train.validate import evaluate_model, inference_tokens_per_s
 from losses.difficulty import STATS
 from students.build import load_causal_lm
 from students.presets import param_counts
-from teachers import CachedTeacher, Teacher
+from teachers import CachedTeacher, LiveTeacher, Teacher
 
 KIND_OF_PRESET = {"scout": "scout", "maverick": "maverick", "dense": "dense", "dense_llama4": "dense",
                   "behemoth": "behemoth"}
@@ -54,10 +57,9 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
     else:
         live = val_teacher = live_teacher(cfg, data, device)
         teacher_model = live.model  # evaluate the loaded teacher rather than load a twin
+    chat = bool((held_out[:, 1:] < 0).any())  # chat data marks non-targets negative (teachers/protocol.py)
     report: dict = {"teacher": {}, "students": {}, "data_fingerprint": data.fingerprint,
-                    "val_blocks": len(held_out),
-                    # chat data marks non-targets negative (teachers/protocol.py): scored are the rest
-                    "scored_tokens": "assistant / completion only" if bool((held_out[:, 1:] < 0).any()) else "all"}
+                    "val_blocks": len(held_out), "scored_tokens": "assistant / completion only" if chat else "all"}
     if cfg.teacher.sharding != "none":  # too large for one device by the user's own account
         if progress:
             print(f"[eval] teacher not evaluated: teacher.sharding={cfg.teacher.sharding}", file=sys.stderr)
@@ -65,6 +67,7 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
         teacher_model = teacher_model or load_causal_lm(layout.teacher).to(device)
         report["teacher"] = {"path": str(layout.teacher), **_model_stats(teacher_model, held_out, val_teacher, device)}
         report["teacher"].pop("expert_load", None)
+    judge = _generation_judge(cfg, data, teacher_model, device, report, progress) if chat else None
     del teacher_model
 
     summary = json.loads(layout.train_summary.read_text()) if layout.train_summary.exists() else {}
@@ -74,6 +77,8 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
             raise UserError(f"student {sc.name}: no export at {export_dir}; run `distill run` or `distill export`")
         model = load_causal_lm(export_dir).to(device)
         stats = _model_stats(model, held_out, val_teacher, device)
+        if judge is not None:
+            stats["generation"] = generation.evaluate_generation(model, sc.name, *judge)
         init = layout.init_report(sc.name)
         if init.exists():  # what the student was built from (train/setup.py)
             stats["init"] = summarise_init(json.loads(init.read_text()))
@@ -98,6 +103,25 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
     if progress:
         print(render_markdown(report))
     return report
+
+
+def _generation_judge(cfg: RunConfig, data, teacher_model, device, report: dict, progress: bool):
+    """Chat data: the held-out prompts, the teacher's greedy answers (report["generation"])
+    and a dense-logit teacher to score the students' completions -> the arguments of
+    `generation.evaluate_generation` after (model, name); None when there is nothing to do."""
+    tok = data.tokenizer
+    prompts = generation.held_out_prompts(cfg, tok, cfg.train.eval_prompts)
+    if not prompts or teacher_model is None:
+        if prompts and progress:
+            print("[eval] no generation evaluation: no teacher model to score completions", file=sys.stderr)
+        return None
+    s = generation.GenSettings.of(cfg)
+    teacher_greedy = generation.generate(teacher_model, [p.ids for p in prompts], tok, s)
+    report["generation"] = {"prompts": len(prompts), "max_new_tokens": s.max_new_tokens,
+                            "temperature": s.temperature, "top_p": s.top_p,
+                            "teacher": generation.completion_stats(teacher_greedy, prompts, tok)}
+    judge = LiveTeacher(teacher_model, cfg.cache.k, vocab_size_of(tok), device, keep_dense=True)
+    return judge, tok, prompts, s, teacher_greedy
 
 
 def summarise_init(info: dict) -> dict:
@@ -178,7 +202,7 @@ def render_markdown(report: dict) -> str:
         lines += ["", "Failed students (dropped; their figures are from the checkpoint at the last good step):", ""]
         lines += [f"- **{name}**: failed at step {f['failed_at_step']}: {f['reason']} (checkpoint: step {f['step']})"
                   for name, f in failed.items()]
-    lines += [""] + _data_lines(report) + _init_lines(report)
+    lines += [""] + generation.markdown(report) + _data_lines(report) + _init_lines(report)
     lines += ["Plots: `curves.png` (training and validation), `schedule.png` (hard/soft weights), "
               "`expert_load.png` (MoE students).", ""]
     return "\n".join(lines)

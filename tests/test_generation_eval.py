@@ -1,0 +1,139 @@
+"""`distill eval` on prompts (distill/report/generation.py): students answer held-out prompts,
+greedy and sampled; the teacher scores their completions (reverse KL), exact match against
+the data's answers, three samples beside the teacher's in report.md."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests.conftest import run_cli
+from tests.hf_models import chat_rows, write_jsonl
+
+DENSE = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16}
+
+
+def _run(hf_family, out, rows, **train) -> dict:
+    """`distill run` over the CLI (online teacher, 2 steps), then report.json."""
+    data = write_jsonl(rows, out.parent / f"{out.name}.jsonl")
+    cfg = {"out_dir": str(out), "seed": 3, "data": {"paths": [str(data)], "seq_len": 160, "val_fraction": 0.2},
+           "teacher": {"source": "checkpoint", "path": str(hf_family["teacher"])}, "cache": {"k": 8},
+           "students": [{"name": "a", "model": {"preset": "dense", "args": DENSE}},
+                        {"name": "b", "model": {"path": str(hf_family["student"])}}],
+           "train": {"mode": "online", "steps": 2, "batch_size": 2, "eval_every": 0, "eval_blocks": 1,
+                     "checkpoint_every": 0, **train}}
+    (out.parent / f"{out.name}.yaml").write_text(yaml.safe_dump(cfg))
+    r = run_cli("run", "-c", str(out.parent / f"{out.name}.yaml"), "--quiet", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads((out / "report.json").read_text())
+
+
+def test_eval_on_chat_data_scores_the_students_completions(hf_family, tmp_path):
+    report = _run(hf_family, tmp_path / "chat", chat_rows(), eval_prompts=5, on_policy={"max_new_tokens": 6})
+    gen = report["generation"]
+    assert gen["prompts"] == 5 and gen["max_new_tokens"] == 6 and gen["temperature"] == 1.0
+    assert set(gen["teacher"]) == {"mean_length", "exact_match"}
+    for name in ("a", "b"):
+        g = report["students"][name]["generation"]
+        for mode in ("greedy", "sampled"):
+            assert set(g[mode]) == {"reverse_kl", "mean_length", "exact_match"}, g[mode]
+            assert 1 <= g[mode]["mean_length"] <= 6  # EOS counted, never more than max_new_tokens
+            assert g[mode]["reverse_kl"] > 1e-3  # an untrained student is not the teacher
+            assert g[mode]["exact_match"] == 0.0  # nor does it answer
+        assert len(g["samples"]) == 3 and all({"prompt", "student", "teacher", "reference"} <= set(s)
+                                              for s in g["samples"])
+    md = (tmp_path / "chat" / "report.md").read_text()
+    section = md.split("## Generation on held-out prompts")[1]
+    assert section.count("### ") == 2 and section.count("prompt:") == 6 and section.count("- teacher: `") == 6
+    sample = report["students"]["a"]["generation"]["samples"][0]
+    assert sample["prompt"] in section and f"- reference: `{sample['reference']}`" in section
+
+
+def test_plain_text_data_report_has_no_generation(hf_family, tmp_path):
+    rows = [{"text": f"{r['prompt']}{r['completion']}"} for r in chat_rows() if "prompt" in r]
+    report = _run(hf_family, tmp_path / "plain", rows)
+    assert "generation" not in report and all("generation" not in r for r in report["students"].values())
+    assert set(report) == {"teacher", "students", "data_fingerprint", "val_blocks", "scored_tokens"}
+    assert "Generation" not in (tmp_path / "plain" / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------- in process
+
+
+@pytest.fixture(scope="module")
+def models(hf_family):
+    from students.build import load_causal_lm
+
+    return {"teacher": load_causal_lm(hf_family["teacher"]), "twin": load_causal_lm(hf_family["teacher"]),
+            "student": load_causal_lm(hf_family["student"]), "tok": hf_family["tokenizer"]}
+
+
+def _prompts(tok, n=5):
+    from distill.train.on_policy import prompt_of
+
+    rows = [r for r in chat_rows() if "messages" in r][:n]
+    return [prompt_of(tok, json.dumps(r)) for r in rows]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_a_student_identical_to_the_teacher_has_reverse_kl_0(models, temperature):
+    """The teacher scores its twin's completions: KL 0 on greedy and sampled ones, one
+    teacher forward per batch; an unrelated student is far from 0 (the measure can fail)."""
+    import torch
+
+    from distill.report.generation import GenSettings, evaluate_generation, generate
+    from teachers import LiveTeacher
+
+    tok = models["tok"]
+    prompts = _prompts(tok)
+    s = GenSettings(max_new_tokens=8, temperature=temperature, top_p=1.0, seed=0, batch_size=2)
+    judge = LiveTeacher(models["teacher"], 8, len(tok), torch.device("cpu"), keep_dense=True)
+    teacher_greedy = generate(models["teacher"], [p.ids for p in prompts], tok, s)
+    twin = evaluate_generation(models["twin"], "twin", judge, tok, prompts, s, teacher_greedy)
+    assert judge.forward_calls == 2 * 3  # greedy and sampled: 3 batches of 2, 2, 1 prompts each
+    assert twin["greedy"]["reverse_kl"] < 1e-6 and twin["sampled"]["reverse_kl"] < 1e-6, twin
+    assert [s["student"] for s in twin["samples"]] == [s["teacher"] for s in twin["samples"]]  # greedy = greedy
+    other = evaluate_generation(models["student"], "other", judge, tok, prompts, s, teacher_greedy)
+    assert other["greedy"]["reverse_kl"] > 1e-3 and other["sampled"]["reverse_kl"] > 1e-3, other  # random models: near uniform
+
+
+def test_reverse_kl_is_the_mean_over_completion_tokens_of_the_exact_kl(models):
+    """Against torch: per sample, KL(softmax(s/T) || softmax(t/T)) summed over the
+    completion's positions only (prompt and padding left out), divided by their count."""
+    import torch
+    import torch.nn.functional as F
+
+    from distill.report.generation import reverse_kl_sum
+    from teachers import LiveTeacher
+
+    tok, T = models["tok"], 1.5
+    prompts = [p.ids for p in _prompts(tok, 3)]
+    completions = [[5, 9, tok.eos_token_id], [7], [11, 12]]
+    judge = LiveTeacher(models["teacher"], 8, len(tok), torch.device("cpu"), keep_dense=True)
+    total, count = reverse_kl_sum(models["student"], judge, prompts, completions, tok, T, batch_size=2)
+    want, n = 0.0, 0
+    for p, c in zip(prompts, completions):
+        ids = torch.tensor([p + c[:-1]])
+        with torch.no_grad():
+            s = models["student"](input_ids=ids).logits[0, len(p) - 1:, : len(tok)] / T
+            t = models["teacher"](input_ids=ids).logits[0, len(p) - 1:, : len(tok)] / T
+        want += float(F.kl_div(t.log_softmax(-1), s.log_softmax(-1), log_target=True, reduction="sum"))
+        n += len(c)
+    assert count == n == 6
+    assert abs(total - want) < 1e-4 * max(1.0, want), (total, want)
+
+
+def test_exact_match_strips_whitespace_and_drops_eos(models):
+    from distill.report.generation import completion_stats
+    from distill.train.on_policy import Prompt
+
+    tok = models["tok"]
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompts = [Prompt([1], "42"), Prompt([1], "42"), Prompt([1], " 4 2\n"), Prompt([1], "7")]
+    completions = [enc(" 42 ") + [tok.eos_token_id], enc("41") + [tok.eos_token_id], enc("4 2"), enc("7\n")]
+    stats = completion_stats(completions, prompts, tok)
+    assert stats["exact_match"] == 0.75
+    assert stats["mean_length"] == sum(map(len, completions)) / 4
+    no_answers = completion_stats(completions, [Prompt([1], "")] * 4, tok)  # data without answers
+    assert set(no_answers) == {"mean_length"}
