@@ -4,13 +4,16 @@
 resumed, ends with the weights of the run that never stopped (slow: each launch is a real run)."""
 from __future__ import annotations
 
+import copy
 import json
+import os
 import signal
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, run_cli, run_deepspeed_cli, run_torchrun_cli
+from tests.conftest import ROOT, ensure_deepspeed_cpu_op, rendezvous, run_cli, run_deepspeed_cli, run_torchrun_cli, spawn
 from tests.hf_models import chat_rows, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -29,6 +32,13 @@ def tiny(hf_family, tmp_path_factory):
     pretrained student, tiny presets, 4 steps of 4 prompts (checkpoints at steps 2 and 4)."""
     work = tmp_path_factory.mktemp("onpolicy-ranks")
     data = write_jsonl(chat_rows(), work / "chat.jsonl")
+    # ZeRO-3 really partitioning tiny students (the default keeps parameters under 1e5 elements
+    # whole on every rank), with buckets sized to them (the default 5e8-element reduce bucket is
+    # 2 GB per student per rank).
+    ds = work / "zero3.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                                    "reduce_bucket_size": 100_000,
+                                                    "stage3_prefetch_bucket_size": 100_000}}))
     sets = {"seed": 1, "data.paths": f"[{data}]", "data.seq_len": 160, "data.val_fraction": 0.2,
             "teacher.path": hf_family["teacher"], "cache.k": 8,
             "students.0.model.args": TINY + ", num_experts: 4, intermediate_size: 32, intermediate_size_mlp: 64, "
@@ -37,17 +47,17 @@ def tiny(hf_family, tmp_path_factory):
             "students.2.model.path": hf_family["student"],
             "train.steps": STEPS, "train.batch_size": 4, "train.eval_every": 0, "train.eval_blocks": 1,
             "train.checkpoint_every": 2, "train.on_policy.max_new_tokens": 8, "train.on_policy.prompts_per_step": 4}
-    return work, [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    return work, [a for k, v in sets.items() for a in ("--set", f"{k}={v}")], ds
 
 
 def train(tiny, out, launcher="single", *extra, env=None):
-    work, sets = tiny
+    work, sets, ds = tiny
     args = ("train", "-c", str(CONFIG), "--quiet", *sets, "--set", f"out_dir={out}", *extra)
     if launcher == "single":
         return run_cli(*args, env=env)
     if launcher == "torchrun":
         return run_torchrun_cli(*args)
-    return run_deepspeed_cli(*args, "--set", "train.engine=deepspeed", "--set", "train.zero_stage=3")
+    return run_deepspeed_cli(*args, "--set", "train.engine=deepspeed", "--set", f"train.deepspeed_config={ds}")
 
 
 def weights(out, name, step=STEPS):
@@ -113,3 +123,56 @@ def test_kill9_after_a_checkpoint_and_resume_equal_the_uninterrupted_run(tiny, s
         assert all((a[k] == b[k]).all() for k in b), name
         rows = train_rows(out, name)
         assert [row["step"] for row in rows][-2:] == [3, 4] and bool(rows[-1].get("on_policy")) == KINDS[name][-1]
+
+
+def _generate_rank(rank, world, meet, out):
+    """A ZeRO-3 student (every weight partitioned) generates a different number of tokens on
+    each rank inside `generating()`, then runs a forward through its restored hooks."""
+    os.environ.update(meet, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    import deepspeed
+    import torch.distributed as dist
+
+    from distill.config import OptimConfig
+    from distill.train.engines import DeepSpeedEngine
+    from distill.train.student import make_optimizer
+    from students.build import build_model
+    from students.presets import dense
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = build_model(dense(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16),
+                        seed=0)
+    whole = copy.deepcopy(model).eval()
+    opt, sched = make_optimizer(model, OptimConfig(), 10)
+    engine = DeepSpeedEngine(model, opt, sched, {
+        "train_micro_batch_size_per_gpu": 1, "steps_per_print": 1 << 30,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "reduce_bucket_size": 100_000,
+                              "stage3_prefetch_bucket_size": 100_000}})
+    before = [p.numel() for p in engine.module.parameters()]
+    ids = torch.tensor([[5, 9, 2, 7]])
+    n = 2 + 6 * rank  # rank 0 decodes 2 tokens, rank 1 8: a per-layer gather would wait forever
+    kwargs = {"max_new_tokens": n, "do_sample": False, "eos_token_id": None, "pad_token_id": 0, "synced_gpus": False}
+    engine.module.eval()
+    with torch.no_grad(), engine.generating():
+        got = engine.module.generate(ids, **kwargs)
+    after = [p.numel() for p in engine.module.parameters()]
+    with torch.no_grad():
+        logits = engine.run(lambda m, x: m(x).logits, ids)  # the hooks gather again
+    torch.save({"got": got, "want": whole.generate(ids, **kwargs), "before": before, "after": after,
+                "logits": logits, "want_logits": whole(ids).logits.detach()}, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_zero3_student_generates_whole_on_each_rank_alone(tmp_path):
+    """Under ZeRO-3, `generating()` gathers the student once: each rank decodes alone (other
+    lengths, no collective: without the gather, rank 1's per-layer gathers wait forever for
+    rank 0), its tokens are the unpartitioned model's, and after it the weights are partitions
+    again with working hooks."""
+    ensure_deepspeed_cpu_op()
+    with rendezvous() as meet:
+        spawn(_generate_rank, (2, meet, tmp_path), timeout=180)
+    for rank in range(2):
+        r = torch.load(tmp_path / f"rank{rank}.pt")
+        assert all(n == 0 for n in r["before"]) and r["after"] == r["before"], rank  # partitioned, before and after
+        assert r["got"].shape[1] == 4 + 2 + 6 * rank and torch.equal(r["got"], r["want"]), rank
+        torch.testing.assert_close(r["logits"], r["want_logits"], rtol=1e-5, atol=1e-6)
