@@ -400,9 +400,6 @@ def check_config(cfg: RunConfig, source: str = "config") -> RunConfig:
     if cfg.train.precision == "fp16":  # never silently something else (fp32 under DeepSpeed, say)
         raise UserError(f"{source}: train.precision=fp16 is refused: it needs loss scaling, which this toolkit does "
                         f"not apply (gradients would underflow); use bf16 (or fp32)")
-    if cfg.on_policy_active and cfg.train.engine == "deepspeed" and cfg.train.zero_stage == 3:
-        raise UserError(f"{source}: train.on_policy: sampling from ZeRO-3 partitioned students is not supported "
-                        f"yet; use train.zero_stage 1 or 2, or engine: torch")
     if cfg.train.engine == "deepspeed" and cfg.train.zero_stage == 0 and cfg.train.deepspeed_config is None:
         raise UserError(f"{source}: train.zero_stage: 0 is refused with engine: deepspeed: {STAGE_0}")
     models = [("teacher.model", cfg.teacher.model)] + [(f"students.{i}.model", s.model) for i, s in enumerate(cfg.students)]

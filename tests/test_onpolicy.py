@@ -22,7 +22,7 @@ def op(hf_family, tmp_path_factory):
     work = tmp_path_factory.mktemp("onpolicy")
     exact = save_model("qwen3", hf_family["vocab"], work / "exact_teacher", hf_family["tokenizer"], seed=4)
     return {"data": write_jsonl(chat_rows(), work / "chat.jsonl"), "teacher": hf_family["teacher"],
-            "exact": exact, "student": hf_family["student"]}
+            "exact": exact, "student": hf_family["student"], "vocab": hf_family["vocab"]}
 
 
 def _dense(name: str, width: int = 32, **extra) -> dict:
@@ -253,3 +253,50 @@ def test_prompts_are_the_training_rows_up_to_their_final_assistant_turn(op, tmp_
     plain = next(i for i, r in enumerate(train) if "prompt" in r)
     assert tok.decode(prompts[plain].ids) == train[plain]["prompt"]
     assert prompts[plain].reference == train[plain]["completion"]
+
+
+def test_row_sampler_draws_from_the_softmax_at_the_temperature_within_top_p():
+    """Greedy over RowSampler's scores is a draw from softmax(logits / T) restricted to the
+    top-p nucleus and renormalised: 6000 rows (seeds) of one logit vector, counted."""
+    from distill.train.on_policy import RowSampler
+
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.2, -0.5, -3.0])
+    t, top_p, n = 0.7, 0.9, 6000
+    probs = torch.softmax(logits / t, -1)
+    keep = torch.cumsum(probs, 0) - probs < top_p  # the nucleus (logits are sorted): the mass above < top_p
+    assert 2 <= int(keep.sum()) <= 4, keep
+    want = torch.where(keep, probs, 0.0) / probs[keep].sum()
+    sampler = RowSampler(list(range(n)), t, top_p, torch.device("cpu"))
+    picks = sampler(torch.zeros(n, 1, dtype=torch.long), logits.expand(n, -1).clone()).argmax(-1)
+    freq = torch.bincount(picks, minlength=6).double() / n
+    sigma = (want * (1 - want) / n).sqrt()
+    assert bool(((freq - want).abs() <= 4 * sigma + 1e-12).all()), (freq, want)
+    again = RowSampler(list(range(n)), t, top_p, torch.device("cpu"))(torch.zeros(n, 1, dtype=torch.long),
+                                                                        logits.expand(n, -1).clone()).argmax(-1)
+    assert torch.equal(picks, again)  # seeded: the same draws
+
+
+def test_a_prompts_sample_does_not_depend_on_the_prompts_beside_it(op, tmp_path):
+    """Two prompts sampled together give each the sample it gets alone (its place in the step
+    seeds it): so one process and two ranks, each with half the prompts, draw the same."""
+    source, student = _source(op, tmp_path, op["student"], op["teacher"])
+    p = [source.prompts[0].ids, source.prompts[1].ids[-5:]]  # other lengths: other left padding
+    width = max(map(len, p)) + source.op.max_new_tokens
+    both = source.sample(student, p, [0, 1], 3, width)
+    assert torch.equal(both[0], source.sample(student, p[:1], [0], 3, width)[0])
+    assert torch.equal(both[1], source.sample(student, p[1:], [1], 3, width)[0])
+    assert not torch.equal(both[1], source.sample(student, p[1:], [0], 3, width)[0])  # another place: another draw
+
+
+def test_a_student_with_another_tokenizer_is_refused_in_an_on_policy_run(op, tmp_path):
+    from tests.hf_models import make_tokenizer
+
+    tok = make_tokenizer(["abc def " * 50], tmp_path / "tok", alphabet="reversed")  # same size, other ids
+    other = save_model("llama", op["vocab"], tmp_path / "other", tok, seed=3)
+    raw = _raw(op, tmp_path / "out", [_dense("a"), {"name": "b", "model": {"path": str(other)}}], ALWAYS)
+    (tmp_path / "run.yaml").write_text(json.dumps(raw))
+    r = run_cli("train", "-c", str(tmp_path / "run.yaml"), "--quiet")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]  # (data preparation says its own line first)
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: student b: its tokenizer") and f"({other}) is not the run's" in last, last

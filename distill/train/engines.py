@@ -61,6 +61,10 @@ class Engine(Protocol):
     def full_state_dict(self) -> dict | None:
         """The whole model's weights on rank 0 (None elsewhere); every rank calls it."""
 
+    def generating(self) -> contextlib.AbstractContextManager:
+        """Around `module.generate` on this rank alone (no collective inside): the whole
+        model present, as it is outside ZeRO-3."""
+
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -156,6 +160,9 @@ class TorchEngine:
     def full_state_dict(self) -> dict:
         return self.module.state_dict()
 
+    def generating(self):
+        return contextlib.nullcontext()  # every rank holds the whole model (DDP's is the same module)
+
     def save_sharded(self, root: Path, tag: str) -> None:
         pass  # everything is in state_dict()
 
@@ -232,6 +239,19 @@ class DeepSpeedEngine:
             return self.module.state_dict()
         full = self.engine._zero3_consolidated_16bit_state_dict()  # keys "model.*" (LossRunner)
         return None if full is None else {k.removeprefix("model."): v for k, v in full.items()}
+
+    def generating(self):
+        """Under ZeRO-3 each rank holds 1/N of every weight and the module's hooks gather a
+        layer per forward, a collective every rank must join: ranks whose samples end at
+        other lengths would wait on each other.  DeepSpeed's `unwrap_model_for_generation`
+        gathers the whole student once (its full size in memory on every rank for the
+        duration) and lifts the hooks, so each rank generates alone; the hooks come back
+        and the weights are partitioned again when it ends."""
+        if self.zero_stage < 3:
+            return contextlib.nullcontext()
+        from deepspeed.runtime.zero import unwrap_model_for_generation
+
+        return unwrap_model_for_generation(self.engine)
 
     def save_sharded(self, root: Path, tag: str) -> None:
         # Every rank writes its optimizer partition; DeepSpeed's rank 0 the module states.

@@ -350,8 +350,9 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
                 before = teacher.forward_calls
                 own = on_policy.micro_batches(step, on_members)  # one teacher forward for all of them
                 teacher_calls += teacher.forward_calls - before
+                figures = on_policy.figures(on_members[0].device)  # tokens sampled, seconds generating
                 for s in on_members:
-                    train(s, own[s.name], {**teacher_metrics(own[s.name], loop, s.device), "on_policy": True},
+                    train(s, own[s.name], {**teacher_metrics(own[s.name], loop, s.device), **figures, "on_policy": True},
                           on_policy.recipe(s))
 
             # --- source 2: the corpus with its teacher signal, per data view, for everyone else

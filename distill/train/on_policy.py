@@ -4,7 +4,8 @@ student (GKD, https://arxiv.org/abs/2306.13649; TRL and NeMo-RL run one student 
 
     prompts  = the step's prompts (a seeded permutation per epoch: a resume draws the same)
     for student in the step's on-policy students:
-        samples = student.generate(prompts)    # eval mode, no grad, seeded by (seed, step, student, rank)
+        samples = student.generate(prompts)    # eval mode, no grad; each prompt's sample seeded by
+                                               # (seed, step, student, its place in the step): rank-free
     signal  = teacher.signal(every student's prompt + sample, one batch)   # the one forward
     student i learns from rows i*B..(i+1)*B: targets are its sampled tokens only
 
@@ -23,9 +24,11 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from common.errors import UserError
 from distill.chat import PLAIN
@@ -34,7 +37,7 @@ from distill.data import _doc_in_val, load_documents, vocab_size_of
 from distill.train.loop import LoopConfig
 from distill.train.student import MicroBatch, Recipe, Student
 from losses import build_schedule
-from teachers import Batch, Teacher, untrained
+from teachers import IGNORE, Batch, Teacher, untrained
 
 
 @dataclass(frozen=True)
@@ -133,12 +136,21 @@ class OnPolicySource:
         return out
 
     def micro_batches(self, step: int, members: list[Student]) -> dict[str, list[MicroBatch]]:
-        """Every member samples this rank's prompts; one teacher forward scores all samples."""
-        prompts = [self.prompts[i].ids for i in self.prompt_indices(step)[self.loop.rank::self.loop.world_size]]
-        width = max(len(p) for p in prompts) + self.op.max_new_tokens  # one width for every student: (B, W)
-        blocks = torch.cat([self.sample(s, prompts, step, width) for s in members])  # (S*B, W)
+        """Every member samples this rank's prompts; one teacher forward scores all samples.
+        Sets `self.last`: the step's generation figures on this rank (see `figures`)."""
+        t0 = time.perf_counter()
+        positions = list(range(self.per_step))[self.loop.rank::self.loop.world_size]  # in the step's global prompts
+        indices = self.prompt_indices(step)
+        prompts = [self.prompts[indices[j]].ids for j in positions]
+        # One width for every student and rank, from the step's longest prompt: the blocks'
+        # shape (and a MoE student's balance terms, which count every position) is that of one process.
+        width = max(len(self.prompts[i].ids) for i in indices) + self.op.max_new_tokens  # (B, W)
+        blocks = torch.cat([self.sample(s, prompts, positions, step, width) for s in members])  # (S*B, W)
         batch = Batch.of(blocks, range(len(blocks)))  # input_ids, labels: (S*B, W-1)
+        t1 = time.perf_counter()
         signal, valid = self.teacher.signal(batch)  # the step's one teacher forward
+        self.last = {"sampled_tokens": int((batch.labels != IGNORE).sum()), "samples": len(blocks),
+                     "generate_s": t1 - t0, "teacher_s": time.perf_counter() - t1}
         rows, micro = len(prompts), len(prompts) // self.loop.grad_accum
         out = {}
         for i, s in enumerate(members):
@@ -149,11 +161,27 @@ class OnPolicySource:
                 out[s.name].append(MicroBatch(part, signal.rows(lo, hi), valid[lo:hi]))
         return out
 
-    def sample(self, student: Student, prompts: list[list[int]], step: int, width: int) -> torch.Tensor:
+    def figures(self, device: torch.device) -> dict:
+        """The last step's generation figures over every rank: tokens sampled (every member's,
+        the teacher's targets) and samples (sums), seconds spent sampling and in the teacher's
+        forward (the slowest rank's)."""
+        sums = torch.tensor([self.last["sampled_tokens"], self.last["samples"]], dtype=torch.float64)
+        secs = torch.tensor([self.last["generate_s"], self.last["teacher_s"]], dtype=torch.float64)
+        if self.loop.world_size > 1:
+            sums, secs = sums.to(device), secs.to(device)
+            dist.all_reduce(sums)
+            dist.all_reduce(secs, op=dist.ReduceOp.MAX)
+        return {"sampled_tokens": int(sums[0]), "samples": int(sums[1]),
+                "generate_s": float(secs[0]), "teacher_s": float(secs[1])}
+
+    def sample(self, student: Student, prompts: list[list[int]], positions: list[int], step: int,
+               width: int) -> torch.Tensor:
         """(B, width) blocks: each prompt (no target) + the student's sampled completion up to
         and including its EOS (targets) + padding (no target), marked as packed blocks are
-        (teachers.protocol.untrained), so `Batch.of` makes the labels."""
-        from transformers import GenerationConfig
+        (teachers.protocol.untrained), so `Batch.of` makes the labels.  positions: each
+        prompt's place in the step's global prompts, which (with the seed, step and student)
+        seeds its sample alone: see `RowSampler`."""
+        from transformers import GenerationConfig, LogitsProcessorList
 
         model, device = student.model, student.device
         longest = max(len(p) for p in prompts)
@@ -162,17 +190,17 @@ class OnPolicySource:
         for r, p in enumerate(prompts):
             ids[r, longest - len(p):] = torch.tensor(p)
             mask[r, longest - len(p):] = 1
-        extra = model.get_input_embeddings().weight.shape[0]  # padded embedding rows: never sampled
-        config = GenerationConfig(do_sample=True, temperature=self.op.temperature, top_p=self.op.top_p, top_k=0,
-                                  max_new_tokens=self.op.max_new_tokens, eos_token_id=self.eos,
-                                  pad_token_id=self.pad, suppress_tokens=list(range(self.vocab, extra)) or None)
+        seeds = [_unit("on-policy samples", self.loop.seed, step, student.name, j) for j in positions]
         was_training = model.training
         model.eval()
-        # Own RNG stream per (seed, step, student, rank): the global one (training's) is left
-        # as it was, and a resumed or solo run of this student draws the same samples.
-        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(_unit("on-policy samples", self.loop.seed, step, student.name, self.loop.rank))
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        with torch.no_grad(), student.engine.generating():  # ZeRO-3: the whole student, gathered once
+            extra = model.get_input_embeddings().weight.shape[0]  # padded embedding rows: never sampled
+            # Greedy over RowSampler's perturbed scores = sampling at the temperature (top-p).
+            config = GenerationConfig(do_sample=False, max_new_tokens=self.op.max_new_tokens, eos_token_id=self.eos,
+                                      pad_token_id=self.pad, suppress_tokens=list(range(self.vocab, extra)) or None)
+            sampler = RowSampler(seeds, self.op.temperature, self.op.top_p, device)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                                 logits_processor=LogitsProcessorList([sampler]), synced_gpus=False)
         model.train(was_training)
         new = out[:, longest:].cpu()  # (B, <= max_new_tokens), pad after a row's EOS
         blocks = torch.full((len(prompts), width), int(untrained(torch.tensor(self.pad))), dtype=torch.long)
@@ -183,6 +211,29 @@ class OnPolicySource:
             row = torch.cat([untrained(torch.tensor(p)), torch.tensor(c, dtype=torch.long)])
             blocks[r, : len(row)] = row
         return blocks
+
+
+class RowSampler:
+    """A logits processor that turns greedy decoding into sampling, each row from its own
+    seeded stream: the scores at the temperature, top-p filtered, plus Gumbel noise, whose
+    argmax is a draw from softmax(scores) (the Gumbel-max trick).  Row r's noise for its j-th
+    token is the j-th draw of a generator seeded by seeds[r], so a prompt's sample does not
+    depend on the other prompts beside it: the same on 1 or N ranks, alone or batched, and
+    the global RNG (training's) is never touched."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device):
+        from transformers import TopPLogitsWarper
+
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature = temperature
+        self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature  # (B, V)
+        if self.top_p is not None:
+            scores = self.top_p(input_ids, scores)  # outside the nucleus: -inf
+        u = torch.stack([torch.rand(scores.shape[1], generator=g, device=scores.device) for g in self.generators])
+        return scores - torch.log(-torch.log(u))  # + Gumbel(0, 1) noise; u = 0 gives -inf, never picked
 
 
 def on_policy_source(cfg: RunConfig, teacher: Teacher, tokenizer, loop: LoopConfig, log=None) -> OnPolicySource | None:
