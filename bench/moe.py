@@ -13,7 +13,10 @@ and prints one JSON object.  Shapes (the issue's): vocab 4096, hidden 256, 4 lay
   e128: 128 experts of width 128 in every other layer (dense equivalent: (2*1024 + 2*256) / 4 = 640)
 
 Usage: python bench/moe.py [--device cpu|cuda] [--steps 3] [--warmup 1] [--quick]
-On CUDA the forward runs under bf16 autocast.  Uses torch's default thread count.
+                           [--batch 8 --seq 256] [--hidden 256] [--threads N]
+On CUDA the forward runs under bf16 autocast.  Uses torch's default thread count unless
+--threads; on a shared machine `--threads 1` ratios are the steadiest (the other load
+then costs every model alike).
 """
 from __future__ import annotations
 
@@ -95,8 +98,9 @@ class Trainer:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def step(self) -> tuple[float, float]:
-        """(whole step, optimizer only) in seconds."""
+    def step(self) -> tuple[float, float, float]:
+        """(whole step, optimizer only, whole step in this process's CPU time) in seconds."""
+        cpu_start = time.process_time()
         start = self._now()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
             loss = self.model(self.ids, labels=self.ids).loss
@@ -105,14 +109,15 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         end = self._now()
-        return end - start, end - before_optimizer
+        return end - start, end - before_optimizer, time.process_time() - cpu_start
 
 
-def summarise(times: list[tuple[float, float]], tokens: int) -> dict:
-    steps = [t for t, _ in times]
+def summarise(times: list[tuple[float, float, float]], tokens: int) -> dict:
+    steps = [t for t, _, _ in times]
     step = statistics.median(steps)
     return {"step_s": round(step, 4), "min_step_s": round(min(steps), 4), "tokens_per_s": round(tokens / step, 1),
-            "optimizer_s": round(statistics.median(o for _, o in times), 4), "all_step_s": [round(t, 4) for t in steps]}
+            "optimizer_s": round(statistics.median(o for _, o, _ in times), 4), "all_step_s": [round(t, 4) for t in steps],
+            "cpu_step_s": round(statistics.median(c for _, _, c in times), 4)}
 
 
 def run_case(name: str, shape: dict, batch: int, seq: int, args) -> dict:
@@ -134,7 +139,7 @@ def run_case(name: str, shape: dict, batch: int, seq: int, args) -> dict:
     # processes on a shared machine hits all three alike.
     trainers = {"stock": Trainer(stock, ids, args.device), "sparse": Trainer(sparse, ids, args.device),
                 "dense_equivalent": Trainer(dense, ids, args.device)}
-    times: dict[str, list[tuple[float, float]]] = {key: [] for key in trainers}
+    times: dict[str, list[tuple[float, float, float]]] = {key: [] for key in trainers}
     for round_ in range(args.warmup + args.steps):
         for key, trainer in trainers.items():
             timing = trainer.step()
@@ -152,6 +157,9 @@ def run_case(name: str, shape: dict, batch: int, seq: int, args) -> dict:
     result["dense_equivalent"] |= {"intermediate_size_mlp": dense_config.intermediate_size_mlp,
                                    "params_total_active": param_counts(dense_config)}
     result["speedup_sparse_vs_stock"] = round(result["stock"]["step_s"] / result["sparse"]["step_s"], 2)
+    # CPU time of the whole process: on one thread (--threads 1) other processes sharing
+    # the cores barely move it, so this ratio is the one to compare across loaded runs.
+    result["speedup_sparse_vs_stock_cpu_time"] = round(result["stock"]["cpu_step_s"] / result["sparse"]["cpu_step_s"], 2)
     result["sparse_time_over_dense"] = round(result["sparse"]["step_s"] / result["dense_equivalent"]["step_s"], 2)
     return result
 
@@ -163,8 +171,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--quick", action="store_true", help="small shapes, 1 step: a smoke run")
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=sorted(CASES, key=len))
+    parser.add_argument("--batch", type=int, help="sequences per step (default 8; --quick: 2)")
+    parser.add_argument("--seq", type=int, help="tokens per sequence (default 256; --quick: 64)")
+    parser.add_argument("--hidden", type=int, help="hidden size (default 256; heads keep head_dim 32)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
     shape, batch, seq = (QUICK_SHAPE, 2, 64) if args.quick else (SHAPE, 8, 256)
+    batch, seq = args.batch or batch, args.seq or seq
+    if args.hidden:
+        shape = dict(shape, hidden_size=args.hidden, num_heads=args.hidden // 32, intermediate_size_mlp=4 * args.hidden)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.steps, args.warmup = 1, 0
 

@@ -36,19 +36,21 @@ import torch.nn.functional as F
 from transformers.models.llama4.modeling_llama4 import Llama4TextExperts, Llama4TextMoe
 
 # Choosing the expert kernel.  Padded bmm wastes E*C - M rows of compute (C = max
-# tokens per expert, M = N*top_k); the jagged kernels waste none but issue several
-# small GEMMs per expert.  Expert fwd+bwd, M = 2048, H = 256, CPU-ms on 1 thread
-# (robust to other load; 2-thread wall times on a quiet machine were within ~15%):
-#                         max/mean load   pad    bucket  grouped_mm  loop   dense 2I
-#   16 experts x 512      1.16            154    190     139         142    122
-#                         4.35            404    188     150         150    126
-#   128 experts x 128     2.12             95    143      90          87     31
-#                         22.1            619    124      73          91     30
-# One big bmm is as good as the jagged kernel until padding roughly doubles the work,
-# and the break-even waste grows with the number of experts (small experts make small
-# GEMMs).  Past it, torch's grouped GEMM; without one, power-of-two buckets (`bucket`),
-# which never waste more than 2x and, being a few large ops, also degrade least when
-# other processes compete for the cores.  See `_choose_path`.
+# tokens per expert, M = N*top_k); the jagged grouped GEMM wastes none.  Expert
+# fwd+bwd, H = 256, CPU-ms on 1 thread (median of 5; torch 2.13, AVX-512 EPYC, 2026-12-02,
+# bench/moe.py's shapes and smaller; CPU time, which other load on the cores disturbs little):
+#                         M      max/mean load   pad   bucket  grouped_mm  loop   dense 2I
+#   16 experts x 512      256    1.88             22    32      16          20     10
+#                         512    1.34             36     -      27           -      -
+#                         2048   1.13             85     -      68           -      -
+#                         2048   1.31             97    120     69          78      -
+#   128 experts x 128     2048   1.75            109     -      52           -      -
+#                         2048   9.0             247     83     35          54     32
+# torch's grouped GEMM is the fastest wherever it runs, also when padding would waste
+# little (an earlier rule took one padded bmm up to 1.4x / 2x waste: 1.25-2.1x slower
+# here, and it is what a balanced router gets).  Without it: one padded bmm while padding
+# wastes little, else power-of-two buckets (`bucket`), which never waste more than 2x.
+# See `_choose_path`.
 _PAD_MAX_WASTE_FEW_EXPERTS = 1.4
 _PAD_MAX_WASTE_MANY_EXPERTS = 2.0
 _MANY_EXPERTS = 64
@@ -156,17 +158,14 @@ def _grouped_ok(xs: torch.Tensor, gate_up_proj: torch.Tensor) -> bool:
 
 
 def _choose_path(xs: torch.Tensor, counts: torch.Tensor, gate_up_proj: torch.Tensor) -> str:
-    """CUDA: the jagged grouped GEMM (no host sync).  Elsewhere: one padded bmm while
-    padding wastes little, else the grouped GEMM, else buckets (see the table above)."""
-    grouped_ok = _grouped_ok(xs, gate_up_proj)
-    if xs.is_cuda and grouped_ok:
+    """torch's jagged grouped GEMM wherever it runs (CUDA or CPU: no padding, no host sync);
+    else one padded bmm while padding wastes little, else buckets (see the table above)."""
+    if _grouped_ok(xs, gate_up_proj):
         return "grouped_mm"
     num_experts = counts.shape[0]
     waste = num_experts * int(counts.max()) / xs.shape[0]  # padded rows / real rows
     limit = _PAD_MAX_WASTE_MANY_EXPERTS if num_experts >= _MANY_EXPERTS else _PAD_MAX_WASTE_FEW_EXPERTS
-    if waste <= limit:
-        return "pad"
-    return "grouped_mm" if grouped_ok else "bucket"
+    return "pad" if waste <= limit else "bucket"
 
 
 def _swiglu_bmm(buf: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act_fn) -> torch.Tensor:
