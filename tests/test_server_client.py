@@ -129,7 +129,10 @@ def test_prompt_logprobs_become_the_in_process_top_k_and_difficulty():
     assert torch.allclose(vals, want_vals, atol=1e-6)
     assert torch.allclose(stats[:, 0], want_stats[:, 0], atol=1e-5)  # nll of the actual token, inside or outside the top-k
     assert torch.allclose(stats[:, 2], want_stats[:, 2], atol=1e-6)  # top1
-    assert bool((stats[:, 1] <= want_stats[:, 1] + 1e-5).all())  # entropy: a lower bound with a tail
+    p = want_vals.double().exp()  # entropy: the top-k and the tail as one outcome, a lower bound
+    tail = 1 - p.sum(-1)
+    assert torch.allclose(stats[:, 1].double(), -(p * want_vals.double()).sum(-1) - torch.xlogy(tail, tail), atol=1e-5)
+    assert bool((stats[:, 1] <= want_stats[:, 1] + 1e-5).all())
 
 
 def test_entropy_with_the_whole_vocab_is_exact():
