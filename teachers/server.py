@@ -73,9 +73,9 @@ class ServerTeacher:
     def signal(self, batch: Batch) -> tuple[TeacherSignal, torch.Tensor]:
         """(TeacherSignal (B, T, k), valid (B, T)), as LiveTeacher.signal's top-k path."""
         key = tuple(batch.indices)
-        ahead = self._ahead.pop(key, None)
-        if ahead is not None and torch.equal(ahead[0], batch.input_ids):
-            work = ahead[1]
+        ahead = self._ahead.get(key)
+        if ahead is not None and torch.equal(ahead[0], batch.input_ids):  # (on-policy batches reuse indices)
+            work = self._ahead.pop(key)[1]
         else:
             work = self._score(batch.input_ids, batch.labels.clamp(min=0))
         self.forward_calls += 1

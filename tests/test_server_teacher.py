@@ -206,3 +206,23 @@ def test_a_server_killed_mid_cache_resumes_to_the_same_bytes(served, tmp_path):
     assert sorted(p.name for p in got.iterdir()) == names
     for name in names:
         assert (got / name).read_bytes() == (ref / name).read_bytes(), f"{name} differs from the uninterrupted cache"
+
+
+def test_prefetched_batches_are_scored_before_they_are_asked_for(served):
+    from teachers import Batch
+    from teachers.server import ServerTeacher
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(served["model"]))
+    ids = tok.encode(served["texts"][0], add_special_tokens=False)[:66]
+    blocks = torch.tensor([ids[:33], ids[33:66]])
+    teacher = ServerTeacher(served["server"].url, NAME, 8, len(tok))
+    batch = Batch.of(blocks, [5, 9])
+    teacher.prefetch([batch])
+    teacher._ahead[(5, 9)][1].result(timeout=120)  # the requests went out (and came back) before signal()
+    sig, valid = teacher.signal(batch)
+    assert (5, 9) not in teacher._ahead and teacher.forward_calls == 1
+    fresh, _ = teacher.signal(batch)  # not prefetched: asked now
+    assert torch.equal(sig.topk_ids, fresh.topk_ids) and torch.equal(sig.topk_logprobs, fresh.topk_logprobs)
+    assert bool(valid.all()) and sig.topk_ids.shape == (2, 32, 8)
+    teacher.close()
