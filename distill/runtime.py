@@ -246,3 +246,17 @@ def live_teacher(cfg: RunConfig, data: PackedData, device: torch.device) -> Live
     return LiveTeacher(teacher_model(cfg), cfg.cache.k, vocab_size_of(data.tokenizer), device,
                        autocast_dtype(cfg.train.precision, device), keep_dense=cfg.train.online_dense,
                        sampling=sampling_of(cfg))
+
+
+# The one registry of teachers a run can score batches with, by teacher.source ("cache" has
+# none: it only replays).  A server teacher is checked against its server when made.
+TEACHER_SOURCES = {
+    "preset": live_teacher,
+    "checkpoint": live_teacher,
+    "server": lambda cfg, data, device: server_teacher(cfg),
+}
+
+
+def scoring_teacher(cfg: RunConfig, data: PackedData, device: torch.device):
+    """The teacher of `cfg.teacher.source` that scores batches (online training, evaluation)."""
+    return TEACHER_SOURCES[cfg.teacher.source](cfg, data, device)
