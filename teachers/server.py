@@ -27,6 +27,7 @@ of probe strings against ours).  Each failure is one line (a UserError: exit 2).
 from __future__ import annotations
 
 import math
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
 
@@ -104,18 +105,26 @@ class ServerTeacher:
         # there: it changes no top-k, only that position's nll, which then is not asked for.
         last = targets[:, -1:].to("cpu", torch.int64) if targets is not None else torch.zeros_like(x[:, :1])
         prompts = torch.cat([x, last], dim=1).tolist()  # (B, T + 1)
-        rows = [self.pool.submit(self._row, p) for p in prompts]
         done: Future = Future()
+        if not prompts:
+            k = self.k
+            done.set_result((torch.empty(0, x.shape[1], k), torch.empty(0, x.shape[1], k, dtype=torch.int64),
+                             torch.empty(0, x.shape[1], 3)))
+            return done
+        rows = [self.pool.submit(self._row, p) for p in prompts]
 
-        def gather(_):
-            if not all(r.done() for r in rows) or done.done():
-                return
-            try:
-                parts = [r.result() for r in rows]
-                done.set_result(tuple(torch.stack(t) for t in zip(*parts)))
-            except BaseException as e:  # the first failure is the batch's
-                if not done.done():
-                    done.set_exception(e)
+        lock = threading.Lock()  # rows finish on pool threads: one of them settles `done`
+
+        def gather(row: Future):
+            with lock:
+                if done.done() or row.cancelled():
+                    return
+                if row.exception() is not None:  # the first failure is the batch's; rows not yet sent never are
+                    for r in rows:
+                        r.cancel()
+                    done.set_exception(row.exception())
+                elif all(r.done() for r in rows):
+                    done.set_result(tuple(torch.stack(t) for t in zip(*(r.result() for r in rows))))
 
         for r in rows:
             r.add_done_callback(gather)
