@@ -34,15 +34,16 @@ def served(stdlib_corpus, tmp_path_factory):
     tok = make_tokenizer(texts, work / "teacher")
     model = save_model("llama", len(tok), work / "teacher", tok, seed=1, hidden_size=64, intermediate_size=128,
                        num_attention_heads=2, num_key_value_heads=1, head_dim=32)
-    # a few thousand tokens: every cache below is a few hundred requests to a CPU server
-    data = write_jsonl([{"text": t[:1500]} for t in texts[:6]], work / "corpus.jsonl")
+    # 30 documents, a few thousand tokens: every cache below is a few hundred requests to a CPU server
+    data = write_jsonl([{"text": t[i:i + 250]} for t in texts[:10] for i in range(0, 750, 250)], work / "corpus.jsonl")
     with vllm_server.running(model, NAME, work / "vllm.log") as server:
         yield {"work": work, "model": model, "data": data, "server": server, "texts": texts}
 
 
 def _config(served, out, url=None, **over) -> dict:
     raw = {"out_dir": str(out), "seed": 0,
-           "data": {"paths": [str(served["data"])], "seq_len": 32, "tokenizer": {"path": str(served["model"])}},
+           "data": {"paths": [str(served["data"])], "seq_len": 32, "val_fraction": 0.2,
+                    "tokenizer": {"path": str(served["model"])}},
            "teacher": {"source": "server", "server": {"url": url or served["server"].url, "model": NAME,
                                                       "timeout_s": 30, "max_retries": 2}},
            "cache": {"k": 16, "batch_size": 4, "shard_sequences": 64},
