@@ -143,9 +143,11 @@ class ServerTeacher:
         return parse_prompt_logprobs(reply, prompt, self.k, self.vocab_size)
 
     def _body(self, prompt: list[int]) -> dict:
-        # temperature 1 and no sampling processors: raw and processed log-probs coincide
+        # temperature 1 and no sampling processors: raw and processed log-probs coincide.  No `seed`:
+        # the one generated token is thrown away, and a seeded request crashed vLLM 0.32's CPU
+        # engine ("CPU Generator does not use offset") in bench/server.py.
         return {"model": self.served_model, "prompt": prompt, "max_tokens": 1, "prompt_logprobs": self.k,
-                "temperature": 1.0, "top_p": 1.0, "top_k": -1, "seed": 0}
+                "temperature": 1.0, "top_p": 1.0, "top_k": -1}
 
     # ------------------------------------------------------------------ handshake
 
