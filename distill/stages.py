@@ -19,7 +19,7 @@ from distill.data import PackedData, vocab_size_of
 from distill.report.export import export_checkpoint, save_hf_dir
 from distill.report.report import evaluate_run
 from distill.runtime import (autocast_dtype, cache_identity, check_k, existing_teacher_dir, is_leader, live_teacher,
-                             model_config, prepare, resolve_device, sampling_of, setup_runtime)
+                             model_config, prepare, resolve_device, sampling_of, server_teacher, setup_runtime)
 from distill.train.loop import claim_out_dir, run_hash, train_loop
 from distill.train.on_policy import on_policy_source
 from distill.train.selection import DataView, plan_views
@@ -85,6 +85,7 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
     if cfg.teacher.source == "cache":
         return cfg.layout.cache
     rank, world = setup_runtime(cfg)
+    remote = server_teacher(cfg) if cfg.teacher.source == "server" else None  # checked before anything is written
     data = prepare(cfg, progress) if data is None else data
     check_k(cfg, vocab_size_of(data.tokenizer))
     sharded = cfg.teacher.sharding == "zero3"
@@ -95,7 +96,7 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
     if sharded:
         teacher_ctx = zero3_live_teacher(cfg, data, rank, world, progress)
     else:
-        teacher_ctx = contextlib.nullcontext(live_teacher(cfg, data, resolve_device(cfg.train.device)))
+        teacher_ctx = contextlib.nullcontext(remote or live_teacher(cfg, data, resolve_device(cfg.train.device)))
     sampling = sampling_of(cfg)
     # Each position's next token (negative: no training target), for the teacher's difficulty statistics;
     # a cache made before they existed is redone only if this run selects data by them.
@@ -193,6 +194,8 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
     that run aside first (`claim_out_dir`)."""
     check_online_sharding(cfg)
     rank, world = setup_runtime(cfg)
+    online_server = cfg.train.mode == "online" and cfg.teacher.source == "server"
+    remote = server_teacher(cfg) if online_server else None  # checked before anything is written
     if not resume:
         claim_out_dir(cfg.layout, [s.name for s in cfg.students], overwrite, rank)
     data = prepare(cfg, progress) if data is None else data
@@ -204,7 +207,7 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
     else:
         check_k(cfg, vocab_size_of(data.tokenizer))
         views = data_views(cfg, None, data)
-        live = live_teacher(cfg, data, resolve_device(cfg.train.device))
+        live = remote or live_teacher(cfg, data, resolve_device(cfg.train.device))
         teacher = val_teacher = live
         students = build_students(cfg, data, live.model)  # init: teacher reuses the loaded model
     selections = {name: {"rule": v.summary["rule"], "digest": v.digest(), "blocks": v.summary["blocks_kept"]}

@@ -11,6 +11,7 @@ from typing import Protocol, Sequence
 
 import torch
 
+from common.errors import UserError
 from losses.signal import TeacherSignal
 
 
@@ -50,6 +51,11 @@ def untrained(ids: torch.Tensor) -> torch.Tensor:
 def token_ids(blocks: torch.Tensor) -> torch.Tensor:
     """The plain token ids of (possibly marked) blocks, any shape."""
     return torch.where(blocks < 0, -blocks - 1, blocks)
+
+
+class TeacherUnavailable(UserError):
+    """A remote teacher that keeps failing (server down, every retry spent): the run stops
+    with one line; whatever was finished (cache shards) is kept for the rerun."""
 
 
 class Teacher(Protocol):

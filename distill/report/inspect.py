@@ -156,6 +156,7 @@ def _print_difficulty(console: Console, path: Path) -> None:
                           f"`distill cache --overwrite` records it")
             return
         stats = reader.sequence_stats()
+        note = manifest.get("identity", {}).get("teacher_signal")  # a server teacher's: how entropy was estimated
         title = (f"teacher difficulty per sequence, split {reader.split} ({len(reader):,} sequences; mean over "
-                 f"training targets; histogram min |...| max)")
+                 f"training targets; histogram min |...| max){'; ' + note if note else ''}")
         console.print(_table(title, difficulty_rows(stats)))

@@ -18,7 +18,7 @@ from distill.config import RunConfig
 from distill.data import vocab_size_of
 from distill.report import generation, plots
 from distill.report.export import model_card
-from distill.runtime import live_teacher, prepare, resolve_device
+from distill.runtime import prepare, resolve_device, scoring_teacher
 from distill.train.metrics import read_metrics
 from distill.train.validate import evaluate_model, inference_tokens_per_s
 from losses.difficulty import STATS
@@ -55,8 +55,8 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
     if cfg.train.mode == "cached":
         val_teacher: Teacher = CachedTeacher(layout.cache, "val")
     else:
-        live = val_teacher = live_teacher(cfg, data, device)
-        teacher_model = live.model  # evaluate the loaded teacher rather than load a twin
+        live = val_teacher = scoring_teacher(cfg, data, device)
+        teacher_model = live.model  # evaluate the loaded teacher rather than load a twin (a server teacher: None)
     chat = bool((held_out[:, 1:] < 0).any())  # chat data marks non-targets negative (teachers/protocol.py)
     report: dict = {"teacher": {}, "students": {}, "data_fingerprint": data.fingerprint,
                     "val_blocks": len(held_out), "scored_tokens": "assistant / completion only" if chat else "all"}

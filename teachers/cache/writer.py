@@ -60,7 +60,7 @@ from teachers.cache.format import (FORMAT_VERSION, MANIFEST, CacheLocked, CacheW
                                    mismatch_error, read_json, sha256_file)
 from losses.difficulty import STATS, sequence_difficulty, token_difficulty
 from losses.signal import TeacherSignal, placeholder_invalid, sample_signal, topk_logprobs
-from teachers.protocol import token_ids
+from teachers.protocol import TeacherUnavailable, token_ids
 
 # Shards and their temp files (fsutil writes `.NAME.tmpPID` beside NAME).
 _SHARD_RE = re.compile(r"^\.?.+-r(?P<rank>\d+)-\d{5}\.safetensors(\.tmp\d+)?$")
@@ -460,9 +460,12 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
                     x = splits[split][s0:s1].to(torch.int64)
                     t = None if targets is None else targets[split][s0:s1].to(torch.int64)  # (n, T), signed
                     plain = None if t is None else token_ids(t)
-                    outs = [signal_of(split, x[b0:b0 + batch_size], s0 + b0,
-                                      None if plain is None else plain[b0:b0 + batch_size])
-                            for b0 in range(0, s1 - s0, batch_size)]
+                    try:
+                        outs = [signal_of(split, x[b0:b0 + batch_size], s0 + b0,
+                                          None if plain is None else plain[b0:b0 + batch_size])
+                                for b0 in range(0, s1 - s0, batch_size)]
+                    except TeacherUnavailable as e:  # name the shard it stopped in
+                        raise TeacherUnavailable(f"cache shard {entry['file']} ({split} sequences {s0}-{s1}): {e}") from None
                     ids, vals, bad = (torch.cat(o) for o in list(zip(*outs))[:3])
                     entropy = None if sampling is None else torch.cat([o[3] for o in outs])
                     difficulty = None if t is None else torch.cat([o[4] for o in outs])
