@@ -12,6 +12,7 @@ import sys
 
 from common.errors import UserError
 from common.fsutil import atomic_write_json, atomic_write_text
+from distill.blocks import first_blocks
 from distill.config import RunConfig
 from distill.report import plots
 from distill.report.export import model_card
@@ -36,6 +37,16 @@ def _model_stats(model, blocks, teacher: Teacher, device) -> dict:
     return stats
 
 
+def _has_chat(data, held_out) -> bool:
+    """Whether chat rows are scored (their assistant / completion tokens only).  The manifest
+    counts them; without one, non-targets (marked negative, teachers/protocol.py) tell, as
+    long as no row start is masked too (data.packing: documents masks those in text)."""
+    splits = (data.manifest or {}).get("splits")
+    if splits:
+        return any(split.get("chat_rows") for split in splits.values())
+    return bool((held_out[:, 1:] < 0).any())
+
+
 def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
     """data: the run's PackedData when the caller already has it (`distill run`).
 
@@ -47,7 +58,7 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
     layout = cfg.layout
     data = prepare(cfg, progress) if data is None else data
     device = resolve_device(cfg.train.device)
-    held_out = data.val[: cfg.train.eval_blocks]
+    held_out = first_blocks(data.val, cfg.train.eval_blocks)  # Blocks: their rows' position ids go along
     teacher_model = None
     if cfg.train.mode == "cached":
         val_teacher: Teacher = CachedTeacher(layout.cache, "val")
@@ -56,8 +67,7 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
         teacher_model = live.model  # evaluate the loaded teacher rather than load a twin
     report: dict = {"teacher": {}, "students": {}, "data_fingerprint": data.fingerprint,
                     "val_blocks": len(held_out),
-                    # chat data marks non-targets negative (teachers/protocol.py): scored are the rest
-                    "scored_tokens": "assistant / completion only" if bool((held_out[:, 1:] < 0).any()) else "all"}
+                    "scored_tokens": "assistant / completion only" if _has_chat(data, held_out) else "all"}
     if cfg.teacher.sharding != "none":  # too large for one device by the user's own account
         if progress:
             print(f"[eval] teacher not evaluated: teacher.sharding={cfg.teacher.sharding}", file=sys.stderr)
