@@ -8,6 +8,8 @@ shards of whole blocks and a manifest written last:
     {split}-{i:05d}.mask.npy    (n, ceil((seq_len + 1) / 8)) uint8: bit set = training target
                                 (only when the corpus has chat rows)
     {split}-{i:05d}.targets.npy (n,) int32: targets among positions 1.. (only with a mask)
+    {split}-{i:05d}.starts.npy  (n, ceil((seq_len + 1) / 8)) uint8: bit set = a row (document,
+                                chat row, padding) starts there (only with data.packing: documents)
     {split}-{i:05d}.json        the shard's record: what a resumed preparation continues from
 
 Ids are unsigned and the target mask is a separate bit array, rather than int32 with the
@@ -15,6 +17,9 @@ mask in the sign: a text corpus with a vocab under 65,536 (GPT-2, Llama 2, the d
 then costs 2 bytes a token on disk and in the page cache instead of 4, and a chat corpus
 2.125.  Readers still get today's convention: an int64 tensor, non-targets as -(id + 1)
 (teachers.protocol.untrained), so the loop, the cache writer and eval index it unchanged.
+Row starts are read apart, as position ids that restart at 0 per row (`Blocks.positions`):
+given those and no attention mask, transformers' masking (masking_utils.
+find_packed_sequence_indices) lets each position attend within its own row only.
 """
 from __future__ import annotations
 
@@ -55,6 +60,7 @@ class Blocks:
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # (S + 1,) first row of each shard
         self.n = min(int(n), int(self.starts[-1]))
         self._maps: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        self.documents = bool(shards) and all("starts" in s for s in shards)  # rows' starts recorded
 
     def __len__(self) -> int:
         return self.n
@@ -78,6 +84,35 @@ class Blocks:
             mask = np.load(self.root / entry["mask"], mmap_mode="r") if self.masked else None
             self._maps[s] = (ids, mask)
         return self._maps[s]
+
+    def _index(self, key) -> np.ndarray:
+        """(n,) int64 row numbers of a key as __getitem__ takes it (no column slice)."""
+        if isinstance(key, (int, np.integer)) or (torch.is_tensor(key) and key.dim() == 0):
+            return np.array([int(key) + (self.n if int(key) < 0 else 0)], dtype=np.int64)
+        if isinstance(key, slice):
+            return np.arange(*key.indices(self.n), dtype=np.int64)
+        idx = np.asarray(key.cpu().numpy() if torch.is_tensor(key) else key, dtype=np.int64).reshape(-1)
+        return np.where(idx < 0, idx + self.n, idx)
+
+    def positions(self, key) -> torch.Tensor | None:
+        """(n, block) int64 position ids of the rows `key` (indices or a slice): 0 where a row
+        of the block starts, counting up within it; None when the blocks record no rows
+        (data.packing: concat), where the models read each block as one sequence."""
+        if not self.documents:
+            return None
+        idx = self._index(key)
+        out = np.zeros((len(idx), self.block), dtype=np.int64)
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.n):
+            raise IndexError(f"block index out of range for {self.n} blocks")
+        shard = np.searchsorted(self.starts, idx, side="right") - 1
+        col = np.arange(self.block, dtype=np.int64)
+        for s in np.unique(shard):
+            at = np.flatnonzero(shard == s)
+            bits = np.load(self.root / self.shards[int(s)]["starts"], mmap_mode="r")[idx[at] - self.starts[s]]
+            starts = np.unpackbits(bits, axis=1, count=self.block).astype(bool)  # (n, block)
+            last = np.maximum.accumulate(np.where(starts, col, 0), axis=1)  # (n, block) where each token's row starts
+            out[at] = col - last
+        return torch.from_numpy(out)
 
     def _rows(self, idx: np.ndarray) -> torch.Tensor:
         """(len(idx), block) int64, signed convention, rows in the order asked."""
@@ -132,17 +167,30 @@ class Blocks:
         flat = np.concatenate(parts) if parts else np.zeros(0, np.int32)
         return torch.from_numpy(flat[: self.n].astype(np.int64))
 
-    def columns(self, cols: slice, plain: bool = False) -> "BlockColumns":
-        """A lazy (N, len(cols)) view: x.columns(slice(None, -1), plain=True) are a split's inputs."""
-        return BlockColumns(self, cols, plain)
+    def columns(self, cols: slice, plain: bool = False, positions: bool = False) -> "BlockColumns":
+        """A lazy (N, len(cols)) view: x.columns(slice(None, -1), plain=True) are a split's
+        inputs, x.columns(slice(None, -1), positions=True) their position ids."""
+        return BlockColumns(self, cols, plain, positions)
+
+
+def first_blocks(blocks, n: int):
+    """The first n blocks: of `Blocks` a `Blocks` (its row starts kept, nothing read yet), of a tensor a tensor."""
+    return Blocks(blocks.root, blocks.shards, min(n, blocks.n), blocks.block, blocks.masked) \
+        if isinstance(blocks, Blocks) else blocks[:n]
+
+
+def block_positions(blocks, key) -> torch.Tensor | None:
+    """Position ids (n, T+1) of blocks[key] when `blocks` records its rows, else None (a
+    plain tensor of blocks, as tests and on-policy samples make, is one sequence a row)."""
+    return blocks.positions(key) if isinstance(blocks, Blocks) else None
 
 
 class BlockColumns:
-    """Blocks seen through a column slice, plain ids or signed; indexed like a tensor of
-    its shape, so the cache writer streams inputs and targets by shard without a copy."""
+    """Blocks seen through a column slice, plain ids, signed or position ids; indexed like a
+    tensor of its shape, so the cache writer streams inputs and targets by shard without a copy."""
 
-    def __init__(self, blocks: Blocks, cols: slice, plain: bool):
-        self.blocks, self.cols, self.plain = blocks, cols, plain
+    def __init__(self, blocks: Blocks, cols: slice, plain: bool, positions: bool = False):
+        self.blocks, self.cols, self.plain, self.positions = blocks, cols, plain, positions
         self.shape = (blocks.n, len(range(*cols.indices(blocks.block))))
 
     def __len__(self) -> int:
@@ -152,6 +200,8 @@ class BlockColumns:
         return 2
 
     def __getitem__(self, key) -> torch.Tensor:
+        if self.positions:
+            return self.blocks.positions(key)[:, self.cols]
         x = self.blocks[key, self.cols]
         return torch.where(x < 0, -x - 1, x) if self.plain else x
 

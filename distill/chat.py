@@ -258,18 +258,27 @@ class RowPacker:
     filled up, the block being filled is carried (and can be saved and restored as
     `carry`), `flush` pads and returns it.  A row longer than `block` keeps its first
     `block` tokens; a row with no target left is dropped: it would teach nothing (`counts`
-    says how many of each).  Padding is `pad_id`, no target."""
+    says how many of each).  Padding is `pad_id`, no target.
 
-    def __init__(self, pad_id: int, block: int, carry: dict | None = None):
-        self.pad_id, self.block = pad_id, block
+    documents=True (data.packing: documents): each row is its own context, so its first
+    token is no target (it would be predicted from the row before, which it cannot see),
+    and `starts` gets, per completed block, is-row-start flags (the padding starts one too)."""
+
+    def __init__(self, pad_id: int, block: int, carry: dict | None = None, documents: bool = False):
+        self.pad_id, self.block, self.documents = pad_id, block, documents
         carry = carry or {}
         self.ids: list[int] = list(carry.get("ids", []))  # the block being filled
         self.tgt: list[bool] = [bool(t) for t in carry.get("targets", [])]
+        self.row_starts: list[bool] = [bool(t) for t in carry.get("starts", [])]
+        self.starts: list[list[bool]] = []  # per completed block (documents only), in `add`/`flush` order
         self.counts = PackCounts()
 
     @property
     def carry(self) -> dict:
-        return {"ids": list(self.ids), "targets": [int(t) for t in self.tgt]}
+        out = {"ids": list(self.ids), "targets": [int(t) for t in self.tgt]}
+        if self.documents:
+            out["starts"] = [int(t) for t in self.row_starts]
+        return out
 
     def add(self, rows) -> tuple[list[list[int]], list[list[bool]]]:
         """rows: (ids, targets) pairs -> the completed blocks' (ids, targets) rows."""
@@ -290,17 +299,25 @@ class RowPacker:
             if len(self.ids) + len(ids) > self.block:
                 out_ids.append(self._padded(self.ids, self.pad_id))
                 out_tgt.append(self._padded(self.tgt, False))
-                self.ids, self.tgt = [], []
+                self._close()
             self.ids += ids
-            self.tgt += targets
+            self.tgt += ([False] + targets[1:]) if self.documents else targets
+            self.row_starts += [True] + [False] * (len(ids) - 1)
         return out_ids, out_tgt
 
     def flush(self) -> tuple[list[list[int]], list[list[bool]]]:
         if not self.ids:
             return [], []
         out = [self._padded(self.ids, self.pad_id)], [self._padded(self.tgt, False)]
-        self.ids, self.tgt = [], []
+        self._close()
         return out
+
+    def _close(self) -> None:
+        """The block being filled is done: keep its row starts (the padding is a row of its own)."""
+        if self.documents:
+            pad = self.block - len(self.ids)
+            self.starts.append(self.row_starts + ([True] + [False] * (pad - 1) if pad else []))
+        self.ids, self.tgt, self.row_starts = [], [], []
 
     def _padded(self, row: list, value) -> list:
         return row + [value] * (self.block - len(row))

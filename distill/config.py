@@ -84,6 +84,7 @@ class DataConfig(_Strict):
     stdlib: bool = Field(False, description="Use the Python standard library's .py sources on this machine as the corpus (the offline default).")
     text_field: str = Field("text", description="Column holding the text in jsonl/json/parquet/arrow/saved-dataset inputs (`text`: the Hugging Face convention); other columns are ignored. A table without it but with `messages` (role/content turns, rendered with the tokenizer's chat template) or `prompt` + `completion` columns is chat data: only the assistant's / completion's tokens are trained and scored.")
     seq_len: int = Field(256, ge=8, le=1_048_576, description="Tokens per training block.")
+    packing: Literal["documents", "concat"] = Field("documents", description="How documents (and chat rows) share a block: `documents` (the default): each is its own context, as at inference; the models get position ids that restart per row, so attention never crosses into another row, and a row's first token is no target. `concat`: one stream, every position attends to everything before it in the block (the behaviour before this switch).")
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="Share of documents held out for validation (split by document hash, so deterministic).")
     max_documents: int | None = Field(None, ge=1, description="Use at most this many documents (first in sorted path order).")
     max_train_blocks: int | None = Field(None, ge=1, description="Keep at most this many training blocks.")

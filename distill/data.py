@@ -414,7 +414,7 @@ def file_digest(path: Path) -> bytes:
 
 
 def fingerprint(files: list[Path], tok_hash: str, cfg: DataConfig) -> str:
-    """Changes when any input file, the tokenizer, seq_len or the split changes; not otherwise."""
+    """Changes when any input file, the tokenizer, seq_len, the split or the packing changes; not otherwise."""
     h = hashlib.sha256()
     for f in files:
         h.update(str(f.name).encode())
@@ -425,6 +425,8 @@ def fingerprint(files: list[Path], tok_hash: str, cfg: DataConfig) -> str:
     for part in (tok_hash, cfg.seq_len, cfg.val_fraction, cfg.text_field, cfg.max_documents,
                  cfg.max_train_blocks, cfg.max_val_blocks):
         h.update(repr(part).encode())
+    if cfg.packing != "concat":  # concat adds nothing: data (and caches) prepared before the switch stay valid
+        h.update(f"packing {cfg.packing}".encode())
     if any(f.is_dir() or f.suffix not in TEXT_SUFFIXES for f in files):  # tables may hold chat rows
         h.update(f"chat format {CHAT_FORMAT}".encode())
     return h.hexdigest()[:16]
@@ -483,7 +485,7 @@ def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> Pack
         frac = cfg.val_fraction
         manifest = build_blocks(docs, tok, root=root, seq_len=cfg.seq_len, val_fraction=frac,
                                 in_val=lambda text: _doc_in_val(text, frac), shard_documents=cfg.shard_documents,
-                                num_proc=cfg.num_proc, progress=progress,
+                                num_proc=cfg.num_proc, progress=progress, packing=cfg.packing,
                                 max_blocks={"train": cfg.max_train_blocks, "val": cfg.max_val_blocks},
                                 meta={"fingerprint": fp, "tokenizer_hash": tok_hash, "vocab_size": len(tok)})
         del docs

@@ -3,6 +3,9 @@
 Per split the blocks are what the in-memory packer made: the plain-text documents (in
 corpus order) joined with EOS after each and cut into blocks of seq_len + 1, the remainder
 dropped; then the chat rows packed whole (distill/chat.py), the last block padded.
+With data.packing: documents (the default) each block also records where its rows start
+(a document, the part of one a block cut, a chat row, the padding): the models then see
+each row alone (position ids restart per row), and a row's first token is no target.
 
 The documents of each kind are processed in chunks of `data.shard_documents`: a chunk is
 tokenised by `datasets.map(batched=True, num_proc=...)` into a temp Arrow file (the map
@@ -80,9 +83,10 @@ class _Killer:
 class ShardWriter:
     """Writes one split's shards and records into `root`; reuses those a killed run left."""
 
-    def __init__(self, root: Path, split: str, block: int, dtype: str, masked: bool, killer: _Killer):
+    def __init__(self, root: Path, split: str, block: int, dtype: str, masked: bool, killer: _Killer,
+                 documents: bool = False):
         self.root, self.split, self.block, self.dtype, self.masked = root, split, block, dtype, masked
-        self.killer = killer
+        self.killer, self.documents = killer, documents
 
     def existing(self, index: int, plan: dict) -> dict | None:
         """The record of shard `index` when a previous run wrote it for this same plan."""
@@ -93,19 +97,23 @@ class ShardWriter:
             return None
         if any(rec.get(k) != v for k, v in plan.items()):
             return None
-        files = [rec[k] for k in ("ids", "mask", "targets") if rec.get(k)]
+        files = [rec[k] for k in ("ids", "mask", "targets", "starts") if rec.get(k)]
         if not all((self.root / f).is_file() and (self.root / f).stat().st_size == rec["bytes"][f] for f in files):
             return None
         return rec
 
-    def write(self, index: int, plan: dict, ids: np.ndarray, keep: np.ndarray | None, state: dict) -> dict:
-        """ids: (n, block) token ids; keep: (n, block) bool targets (chat corpora) or None."""
+    def write(self, index: int, plan: dict, ids: np.ndarray, keep: np.ndarray | None, state: dict,
+              starts: np.ndarray | None = None) -> dict:
+        """ids: (n, block) token ids; keep: (n, block) bool targets (chat corpora) or None;
+        starts: (n, block) bool, a row starts there (documents packing) or None."""
         rec = dict(plan, blocks=int(len(ids)), bytes={}, **state)
         arrays = {"ids": ids.astype(self.dtype)}
         if self.masked:
             keep = np.ones(ids.shape, dtype=bool) if keep is None else keep
             arrays["mask"] = np.packbits(keep, axis=1)  # (n, ceil(block / 8)) uint8
             arrays["targets"] = keep[:, 1:].sum(1).astype(np.int32)  # (n,) targets among positions 1..
+        if self.documents:
+            arrays["starts"] = np.packbits(starts, axis=1)  # (n, ceil(block / 8)) uint8: bit set = a row starts
         for part, arr in arrays.items():
             name = shard_name(self.split, index, f"{part}.npy")
             data = _npy_bytes(arr)
@@ -135,13 +143,46 @@ def _flat(column) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
+def _cut_text(column, carry: dict, block: int, documents: bool):
+    """A text chunk's documents (an Arrow list column of ids, EOS after each) joined after the
+    carried tokens and cut into blocks -> (ids (n, block), keep (n, block) bool or None,
+    starts (n, block) bool or None, the shard's state: what is carried on, tokens).
+
+    documents: a document's first token is no target (its context is cut off from it) and
+    starts a row; so does each block's first token (a document a block cut continues there,
+    as a row of its own).  `keep` is then the target mask; concat has no mask (all targets)."""
+    new = _flat(column)  # (tokens,) in the shard's dtype: 2 or 4 bytes a token held
+    held = carry.get("ids", [])
+    flat = np.concatenate([np.asarray(held, dtype=new.dtype), new])
+    n = len(flat) // block
+    ids, keep, starts = flat[: n * block].reshape(n, block), None, None
+    state = {"carry": {"ids": flat[n * block:].tolist()}, "tokens": int(len(flat) - len(held))}
+    if documents:
+        first = np.zeros(len(flat), dtype=bool)  # (tokens,) a document starts here
+        first[np.asarray(carry.get("starts", []), dtype=np.int64)] = True  # the carried documents' starts
+        first[len(held) + _offsets(column)[:-1]] = True  # each new document (EOS at least: never empty)
+        keep = ~first[: n * block].reshape(n, block)
+        starts = first[: n * block].reshape(n, block).copy()
+        starts[:, 0] = True
+        state["carry"]["starts"] = (np.flatnonzero(first[n * block:])).tolist()
+    return ids, keep, starts, state
+
+
+def _offsets(column) -> np.ndarray:
+    """(docs + 1,) where each document of a (chunked) Arrow list column starts in `_flat`'s order."""
+    lengths = [c.value_lengths().to_numpy(zero_copy_only=False) for c in column.chunks]
+    flat = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+    return np.concatenate([[0], np.cumsum(flat, dtype=np.int64)])
+
+
 def build_split(docs: datasets.Dataset, split: str, text_rows: np.ndarray, chat_rows: np.ndarray, tok, *,
                 root: Path, block: int, dtype: str, masked: bool, shard_documents: int, num_proc: int,
-                max_blocks: int | None, killer: _Killer, bar) -> dict:
+                max_blocks: int | None, killer: _Killer, bar, documents: bool = False) -> dict:
     """Write one split's shards (text chunks, then chat chunks); returns its manifest entry.
 
-    text_rows / chat_rows: row numbers in `docs` of this split's plain and chat documents."""
-    writer = ShardWriter(root, split, block, dtype, masked, killer)
+    text_rows / chat_rows: row numbers in `docs` of this split's plain and chat documents.
+    documents: record where rows start (data.packing: documents), see the module docstring."""
+    writer = ShardWriter(root, split, block, dtype, masked, killer, documents)
     work = root / ".work"
     work.mkdir(exist_ok=True)
     eos = tok.eos_token_id
@@ -167,13 +208,9 @@ def build_split(docs: datasets.Dataset, split: str, text_rows: np.ndarray, chat_
                                work, f"{split}-{index:05d}")
             table = chunk.data.table
             if kind == "text":  # join with the carried tokens and cut: (n, block), the rest carried on
-                new = _flat(table["ids"])  # (tokens,) in the shard's dtype: 2 or 4 bytes a token held
-                flat = np.concatenate([np.asarray(carry.get("ids", []), dtype=new.dtype), new])
-                n = len(flat) // block
-                ids, keep = flat[: n * block].reshape(n, block), None
-                state = {"carry": {"ids": flat[n * block:].tolist()}, "tokens": int(len(flat) - len(carry.get("ids", [])))}
+                ids, keep, starts, state = _cut_text(table["ids"], carry, block, documents)
             else:
-                packer = RowPacker(pad, block, carry)
+                packer = RowPacker(pad, block, carry, documents)
                 pairs = list(zip(table["ids"].to_pylist(), table["tgt"].to_pylist()))
                 out_ids, out_tgt = packer.add(pairs)
                 if b == len(rows):  # the last chat chunk: the block being filled is padded and kept
@@ -181,13 +218,14 @@ def build_split(docs: datasets.Dataset, split: str, text_rows: np.ndarray, chat_
                     out_ids, out_tgt = out_ids + tail_ids, out_tgt + tail_tgt
                 ids = np.asarray(out_ids, dtype=np.int64).reshape(-1, block)
                 keep = np.asarray(out_tgt, dtype=bool).reshape(-1, block)
+                starts = np.asarray(packer.starts, dtype=bool).reshape(-1, block) if documents else None
                 state = {"carry": packer.carry, "tokens": sum(len(i) for i, _ in pairs),
                          "counts": dataclasses.asdict(packer.counts)}
             del table
             chunk.cleanup_cache_files()
-            rec = writer.write(index, plan, ids, keep, state)
+            rec = writer.write(index, plan, ids, keep, state, starts)
         carry = rec["carry"]
-        shards.append({k: rec.get(k) for k in ("ids", "mask", "targets", "blocks") if rec.get(k) is not None})
+        shards.append({k: rec.get(k) for k in ("ids", "mask", "targets", "starts", "blocks") if rec.get(k) is not None})
         totals["documents"] += b - a
         totals["tokens"] += rec["tokens"]
         totals["blocks"] += rec["blocks"]
@@ -214,9 +252,10 @@ class _Rate:
 
 def build_blocks(docs: datasets.Dataset, tok, *, root: Path, seq_len: int, val_fraction: float, in_val,
                  shard_documents: int, num_proc: int | None, max_blocks: dict, meta: dict,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, packing: str = "concat") -> dict:
     """All splits' shards under `root`, then its manifest (returned).  A complete `root`
-    is returned as it is; an unfinished one is resumed."""
+    is returned as it is; an unfinished one is resumed.  packing: "documents" records the
+    rows' starts and masks each row's first token (module docstring); "concat" does not."""
     from distill.train.metrics import progress_bar
 
     done = read_manifest(root)
@@ -229,7 +268,8 @@ def build_blocks(docs: datasets.Dataset, tok, *, root: Path, seq_len: int, val_f
                      batched=True, remove_columns=docs.column_names, keep_in_memory=True)
     val = np.asarray(flags["val"], dtype=bool)  # (n_docs,): O(documents) bytes, not O(tokens)
     plain = np.asarray(flags["plain"], dtype=bool)
-    masked = bool((~plain).any())
+    documents = packing == "documents"
+    masked = bool((~plain).any()) or documents  # documents: each document's first token is no target
     dtype = ids_dtype(len(tok))
     killer = _Killer()
     splits = {}
@@ -240,8 +280,10 @@ def build_blocks(docs: datasets.Dataset, tok, *, root: Path, seq_len: int, val_f
             splits[name] = build_split(docs, name, np.flatnonzero(rows & plain), np.flatnonzero(rows & ~plain), tok,
                                        root=root, block=block, dtype=dtype, masked=masked,
                                        shard_documents=shard_documents, num_proc=procs,
-                                       max_blocks=max_blocks.get(name), killer=killer, bar=rate)
+                                       max_blocks=max_blocks.get(name), killer=killer, bar=rate,
+                                       documents=documents)
     manifest = {"format": FORMAT, "version": VERSION, "seq_len": seq_len, "dtype": dtype, "masked": masked,
+                "packing": packing,
                 "val_fraction": val_fraction, "shard_documents": shard_documents, **meta,
                 "documents": int(len(val)), "tokens": sum(s["tokens"] for s in splits.values()), "splits": splits}
     shutil.rmtree(root / ".work", ignore_errors=True)

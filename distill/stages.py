@@ -101,13 +101,17 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
     # Each position's next token (negative: no training target), for the teacher's difficulty statistics;
     # a cache made before they existed is redone only if this run selects data by them.
     targets = {"train": data.train.columns(slice(1, None)), "val": data.val.columns(slice(1, None))}
+    # data.packing: documents: each packed row is scored alone (position ids restart per row)
+    positions = ({"train": data.train.columns(slice(None, -1), positions=True),
+                  "val": data.val.columns(slice(None, -1), positions=True)}
+                 if data.train.documents else None)
     with teacher_ctx as teacher:
         out = write_cache(cfg.layout.cache, teacher.sample if sampling else teacher.topk, splits, targets=targets,
                            identity=cache_identity(cfg, data),
                            k=cfg.cache.k, encoding="sampled" if sampling else cfg.cache.encoding,
                            batch_size=cfg.cache.batch_size, shard_sequences=cfg.cache.shard_sequences,
                            overwrite=overwrite, rank=rank, world_size=world, progress=progress and rank == 0,
-                           lockstep=sharded, sampling=sampling, upgrade=cfg.selects_data)
+                           lockstep=sharded, sampling=sampling, upgrade=cfg.selects_data, positions=positions)
     manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
     if progress and is_leader() and manifest.get("complete") and "difficulty" not in manifest:
         print(f"[cache] {out} was made before teacher difficulty statistics were recorded; a run with data.select "

@@ -95,16 +95,22 @@ class LiveTeacher:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def _positions(self, position_ids: torch.Tensor | None) -> dict:
+        """The forward's position_ids argument: (B, T) restarting per packed row (each row then
+        attends within itself: transformers derives the mask from them), or none at all."""
+        return {} if position_ids is None else {"position_ids": position_ids.to(self.device)}
+
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) -> (B, T, V) fp32 logits cut to the tokenizer's real vocab."""
         self.forward_calls += 1
         with self._autocast():
-            out = self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
+            out = self.model(input_ids=input_ids.to(self.device), use_cache=False,
+                             **self._positions(position_ids)).logits
         return out[..., : self.vocab_size].float()
 
     @torch.no_grad()
-    def _reduced(self, input_ids: torch.Tensor, reduce) -> list:
+    def _reduced(self, input_ids: torch.Tensor, reduce, position_ids: torch.Tensor | None = None) -> list:
         """One forward; `reduce(logits (c, V), start, end)` applied to the logits of tokens
         start..end of the flattened (B*T) batch, chunk by chunk, never the whole (B, T, V).
 
@@ -116,12 +122,13 @@ class LiveTeacher:
         _PLAIN_LM_HEAD take the full-logits path (one chunk).
         """
         if not self.chunked_head:
-            logits = self.logits(input_ids)
+            logits = self.logits(input_ids, position_ids)
             flat = logits.reshape(-1, logits.shape[-1])
             return [reduce(flat, 0, flat.shape[0])]
         self.forward_calls += 1
         with self._autocast():
-            out = self.model.model(input_ids=input_ids.to(self.device), use_cache=False)
+            out = self.model.model(input_ids=input_ids.to(self.device), use_cache=False,
+                                   **self._positions(position_ids))
             hidden = out.last_hidden_state  # (B, T, H)
             flat = hidden.reshape(-1, hidden.shape[-1])
             chunk = self.chunk_tokens or max(512, (1 << 28) // self.vocab_size)  # ~1 GB of fp32 logits
@@ -134,10 +141,12 @@ class LiveTeacher:
                 return [reduce(F.linear(flat[i:i + chunk], weight, bias), i, min(i + chunk, flat.shape[0]))
                         for i in range(0, flat.shape[0], chunk)]
 
-    def topk(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None):
+    def topk(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+             position_ids: torch.Tensor | None = None):
         """(B, T) -> top-k (values (B, T, k) fp32 log-probs, ids (B, T, k)), one forward.
         A token whose logits hold NaN/+inf comes out NaN.  targets (B, T) plain next-token
-        ids: also their difficulty (B, T, 3) (losses/difficulty.py), a third element."""
+        ids: also their difficulty (B, T, 3) (losses/difficulty.py), a third element.
+        position_ids (B, T): packed rows' positions (see `Batch`), or None."""
         flat_targets = None if targets is None else targets.reshape(-1)
 
         def reduce(logits, start, end):
@@ -145,14 +154,15 @@ class LiveTeacher:
                 return (*topk_logprobs(logits, self.k), None)
             return topk_logprobs(logits, self.k, flat_targets[start:end])  # one pass: top-k and difficulty
 
-        parts = self._reduced(input_ids, reduce)
+        parts = self._reduced(input_ids, reduce, position_ids)
         shape = input_ids.shape + (self.k,)
         values, ids = torch.cat([p[0] for p in parts]).reshape(shape), torch.cat([p[1] for p in parts]).reshape(shape)
         if targets is None:
             return values, ids
         return values, ids, torch.cat([p[2] for p in parts]).reshape(*input_ids.shape, len(STATS))
 
-    def sample(self, input_ids: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor | None = None) -> TeacherSignal:
+    def sample(self, input_ids: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None) -> TeacherSignal:
         """(B, T) -> a sampled TeacherSignal (B, T, n): `self.sampling.n` draws per token at
         its temperature, seeded by (sampling.seed, keys (B, T)), one forward; padded to n.
         targets (B, T) plain next-token ids: the signal carries their difficulty too."""
@@ -164,7 +174,7 @@ class LiveTeacher:
             stats = None if flat_targets is None else token_difficulty(logits, flat_targets[start:end])
             return sig.topk_ids, sig.topk_logprobs, sig.entropy, stats
 
-        parts = self._reduced(input_ids, draw)
+        parts = self._reduced(input_ids, draw, position_ids)
         ids = torch.cat([F.pad(p[0], (0, n - p[0].shape[-1])) for p in parts])
         logfreq = torch.cat([F.pad(p[1], (0, n - p[1].shape[-1]), value=float("-inf")) for p in parts])
         entropy = torch.cat([p[2] for p in parts])
@@ -184,7 +194,7 @@ class LiveTeacher:
         the loop averages over labelled positions only)."""
         targets = batch.labels.clamp(min=0)  # (B, T)
         if self.keep_dense:
-            logits = self.logits(batch.input_ids)
+            logits = self.logits(batch.input_ids, batch.position_ids)
             valid = ~(logits.isnan().any(-1) | logits.isposinf().any(-1) | logits.isneginf().all(-1))  # (B, T)
             difficulty = token_difficulty(logits.reshape(-1, logits.shape[-1]), targets).reshape(*targets.shape, -1)
             if not bool(valid.all()):
@@ -194,14 +204,14 @@ class LiveTeacher:
             return sig, valid.cpu()
         if self.sampling is not None:
             sig = self.sample(batch.input_ids, self.sampling.keys("online", batch.indices, batch.input_ids.shape[1]),
-                              targets)
+                              targets, batch.position_ids)
             valid = torch.isfinite(sig.entropy)
             if not bool(valid.all()):
                 sig.topk_logprobs[~valid] = float("-inf")
                 sig.topk_logprobs[~valid, 0] = 0.0  # one id at frequency 1: finite, masked anyway
                 sig.entropy[~valid] = 0.0
             return sig.to("cpu"), valid.cpu()
-        values, ids, difficulty = self.topk(batch.input_ids, targets)
+        values, ids, difficulty = self.topk(batch.input_ids, targets, batch.position_ids)
         values, ids, valid = placeholder_invalid(values, ids, self.vocab_size)  # valid: (B, T)
         return TeacherSignal(ids, values, difficulty=difficulty.cpu()), valid.cpu()
 

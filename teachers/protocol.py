@@ -22,19 +22,25 @@ class Batch:
     indices:   global block indices in the split (the rows a cache stores)
     input_ids: (B, T) token ids the models read
     labels:    (B, T) next-token ids (the block shifted by one)
+    position_ids: (B, T) restarting at 0 where a row of the block starts (data.packing:
+               documents): every model given them attends within each row only; None: each
+               block is one sequence
     """
 
     indices: Sequence[int]
     input_ids: torch.Tensor
     labels: torch.Tensor
+    position_ids: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, blocks: torch.Tensor, indices: Sequence[int]) -> "Batch":
+    def of(cls, blocks: torch.Tensor, indices: Sequence[int], positions: torch.Tensor | None = None) -> "Batch":
         """blocks: (B, T+1) token ids of the blocks at `indices`, a token that is no
-        training target stored as -(id + 1) (see `untrained`): its label becomes -100."""
+        training target stored as -(id + 1) (see `untrained`): its label becomes -100.
+        positions: (B, T+1) the blocks' position ids (distill.blocks.block_positions) or None."""
         targets = blocks[:, 1:]
         labels = torch.where(targets < 0, torch.full_like(targets, IGNORE), targets)
-        return cls(list(indices), token_ids(blocks[:, :-1]), labels)
+        return cls(list(indices), token_ids(blocks[:, :-1]), labels,
+                   None if positions is None else positions[:, :-1])
 
 
 # Chat data trains on the assistant's tokens only.  The packed blocks carry that mask in

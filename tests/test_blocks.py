@@ -55,7 +55,7 @@ def _check_reads(data, want):
 
 def test_text_blocks_read_from_disk_equal_the_in_memory_packer(stdlib_corpus, tmp_path):
     cfg = DataConfig(paths=[stdlib_corpus], seq_len=32, val_fraction=0.2, tokenizer={"vocab_size": 300},
-                     shard_documents=3, num_proc=2)
+                     shard_documents=3, num_proc=2, packing="concat")  # the old packer: one stream
     data = prepare_data(cfg, tmp_path / "run")
     assert len(data.manifest["splits"]["train"]["shards"]) > 3  # several shards, a carry across each
     _check_reads(data, in_memory_blocks(cfg, data.tokenizer))
@@ -64,7 +64,7 @@ def test_text_blocks_read_from_disk_equal_the_in_memory_packer(stdlib_corpus, tm
 def test_chat_and_text_blocks_read_from_disk_equal_the_in_memory_packer(stdlib_corpus, hf_family, tmp_path):
     chat = write_jsonl(chat_rows() * 3, tmp_path / "chat.jsonl")
     cfg = DataConfig(paths=[stdlib_corpus, chat], seq_len=48, val_fraction=0.2, shard_documents=4,
-                     tokenizer={"path": hf_family["teacher"]})
+                     tokenizer={"path": hf_family["teacher"]}, packing="concat")
     data = prepare_data(cfg, tmp_path / "run")
     assert data.manifest["masked"] and (data.train[:] < 0).any()
     _check_reads(data, in_memory_blocks(cfg, data.tokenizer))

@@ -211,10 +211,10 @@ TINY_TEACHER = {"preset": "behemoth", "args": {"hidden_size": 32, "num_layers": 
                                                 "head_dim": 16, "num_experts": 2}}
 
 
-def _pretrain_config(tmp_path: Path, paths: list[Path]) -> Path:
+def _pretrain_config(tmp_path: Path, paths: list[Path], **data) -> Path:
     """The cheapest command that prepares data: pretrain a tiny teacher for one step. Data
-    settings are the defaults but for `paths` and a short seq_len (the corpora are small)."""
-    cfg = {"data": {"paths": [str(p) for p in paths], "seq_len": 32},
+    settings are the defaults but for `paths`, a short seq_len (the corpora are small) and `data`."""
+    cfg = {"data": {"paths": [str(p) for p in paths], "seq_len": 32, **data},
            "teacher": {"source": "preset", "model": TINY_TEACHER, "pretrain": {"steps": 1, "batch_size": 1}},
            "students": [{"name": "s", "model": {"preset": "dense"}}], "out_dir": str(tmp_path / "out")}
     path = tmp_path / "run.yaml"
@@ -222,12 +222,18 @@ def _pretrain_config(tmp_path: Path, paths: list[Path]) -> Path:
     return path
 
 
-def test_jsonl_of_text_rows_through_the_cli(cli, tmp_path):
-    """The Hugging Face convention, `{"text": ...}` with extra columns, with default data settings."""
+@pytest.mark.parametrize("packing", [None, "concat"])
+def test_jsonl_of_text_rows_through_the_cli(cli, tmp_path, packing):
+    """The Hugging Face convention, `{"text": ...}` with extra columns, with default data
+    settings (packing: documents) and with the old one-stream packing."""
     path = _bytes(tmp_path / "corpus.jsonl", _jsonl(text_rows()))
-    r = cli("pretrain", "-c", str(_pretrain_config(tmp_path, [path])), "--quiet")
+    config = _pretrain_config(tmp_path, [path], **({"packing": packing} if packing else {}))
+    r = cli("pretrain", "-c", str(config), "--quiet")
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "out" / "teacher" / "pretrain_done.json").exists()
+    manifest = json.loads(next((tmp_path / "out" / "data").glob("blocks-*/manifest.json")).read_text())
+    assert manifest["packing"] == (packing or "documents")
+    assert manifest["masked"] == (packing is None)  # documents: each document's first token is no target
 
 
 def test_every_format_through_one_cli_run(cli, tmp_path):

@@ -49,7 +49,10 @@ def data_rows(root: Path, m: dict) -> dict:
     rows = {"fingerprint": m["fingerprint"], "tokenizer_hash": m["tokenizer_hash"],
             "documents": f"{m['documents']:,}", "tokens": f"{m['tokens']:,} (tokenised, EOS included)",
             "blocks": f"{blocks:,} of {m['seq_len'] + 1:,} tokens (seq_len {m['seq_len']:,})",
-            "storage": f"{m['dtype']} ids" + (" + target bit mask" if m["masked"] else ""),
+            "packing": m.get("packing", "concat") + (" (each row its own context)" if m.get("packing") == "documents"
+                                                      else " (one stream a block)"),
+            "storage": f"{m['dtype']} ids" + (" + target bit mask" if m["masked"] else "")
+                       + (" + row start bits" if m.get("packing") == "documents" else ""),
             "size": f"{human_bytes(size)} in {shards:,} shards ({size / max(1, blocks * (m['seq_len'] + 1)):.2f} bytes/token)"}
     for name, sp in m["splits"].items():
         cut = f" (of {sp['blocks_packed']:,} packed)" if sp["blocks_packed"] != sp["blocks"] else ""

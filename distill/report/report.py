@@ -14,6 +14,7 @@ import sys
 
 from common.errors import UserError
 from common.fsutil import atomic_write_json, atomic_write_text
+from distill.blocks import first_blocks
 from distill.config import RunConfig
 from distill.data import vocab_size_of
 from distill.report import generation, plots
@@ -39,6 +40,16 @@ def _model_stats(model, blocks, teacher: Teacher, device) -> dict:
     return stats
 
 
+def _has_chat(data, held_out) -> bool:
+    """Whether chat rows are scored (their assistant / completion tokens only).  The manifest
+    counts them; without one, non-targets (marked negative, teachers/protocol.py) tell, as
+    long as no row start is masked too (data.packing: documents masks those in text)."""
+    splits = (data.manifest or {}).get("splits")
+    if splits:
+        return any(split.get("chat_rows") for split in splits.values())
+    return bool((held_out[:, 1:] < 0).any())
+
+
 def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
     """data: the run's PackedData when the caller already has it (`distill run`).
 
@@ -50,14 +61,14 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
     layout = cfg.layout
     data = prepare(cfg, progress) if data is None else data
     device = resolve_device(cfg.train.device)
-    held_out = data.val[: cfg.train.eval_blocks]
+    held_out = first_blocks(data.val, cfg.train.eval_blocks)  # Blocks: their rows' position ids go along
     teacher_model = None
     if cfg.train.mode == "cached":
         val_teacher: Teacher = CachedTeacher(layout.cache, "val")
     else:
         live = val_teacher = scoring_teacher(cfg, data, device)
         teacher_model = live.model  # evaluate the loaded teacher rather than load a twin (a server teacher: None)
-    chat = bool((held_out[:, 1:] < 0).any())  # chat data marks non-targets negative (teachers/protocol.py)
+    chat = _has_chat(data, held_out)
     report: dict = {"teacher": {}, "students": {}, "data_fingerprint": data.fingerprint,
                     "val_blocks": len(held_out), "scored_tokens": "assistant / completion only" if chat else "all"}
     if cfg.teacher.sharding != "none":  # too large for one device by the user's own account

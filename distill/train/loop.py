@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from common.errors import UserError
 from common.fsutil import atomic_write_json
+from distill.blocks import block_positions, first_blocks
 from distill.layout import RunLayout
 from distill.train import checkpoint
 from distill.train.metrics import MetricsLogger, progress_bar
@@ -249,7 +250,8 @@ def rank_positions(loop: LoopConfig) -> list[list[int]]:
 
 def step_batches(indices: list[int], loop: LoopConfig, train_blocks: torch.Tensor) -> list[Batch]:
     """This rank's micro-batches of a step whose global batch is the blocks `indices`."""
-    return [Batch.of(train_blocks[ids], ids) for ids in ([indices[p] for p in pos] for pos in rank_positions(loop))]
+    return [Batch.of(train_blocks[ids], ids, block_positions(train_blocks, ids))
+            for ids in ([indices[p] for p in pos] for pos in rank_positions(loop))]
 
 
 def block_gaps(members: list[Student], micro_batches: list[MicroBatch], loop: LoopConfig) -> torch.Tensor:
@@ -395,7 +397,7 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
             # --- validation and checkpoints
             if done == loop.steps or (loop.eval_every and done % loop.eval_every == 0):
                 for s in students:
-                    final_eval[s.name] = evaluate_model(s.model, val_blocks[: loop.eval_blocks], val_teacher,
+                    final_eval[s.name] = evaluate_model(s.model, first_blocks(val_blocks, loop.eval_blocks), val_teacher,
                                                         device=s.device, chunk_size=s.cfg.loss.chunk_size)
                     logger.log(s.name, done, final_eval[s.name], kind="val")
             signum = agreed_stop(stop.signum, loop, students)

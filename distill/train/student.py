@@ -113,13 +113,15 @@ class StepTotals:
 
 
 def student_forward(model, input_ids: torch.Tensor, labels: torch.Tensor, signal: TeacherSignal | None,
-                    mask: torch.Tensor, loss_cfg: LossConfig, baseline: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    mask: torch.Tensor, loss_cfg: LossConfig, baseline: bool,
+                    position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (hard (N,), soft (N,)) losses of one micro-batch, N = B*T; the lm_head is
     applied chunk by chunk inside `per_token_losses` (bounded memory).  A MoE model's router
     logits of this forward are left on its layers (`collect_router_logits`).
 
-    input_ids, labels: (B, T); mask: (N,) bool targets; signal: (B, T, k) or None."""
-    hidden = model.model(input_ids=input_ids).last_hidden_state  # (B, T, H)
+    input_ids, labels: (B, T); mask: (N,) bool targets; signal: (B, T, k) or None;
+    position_ids: (B, T) restarting per packed row (each row attends within itself) or None."""
+    hidden = model.model(input_ids=input_ids, **positions_arg(position_ids)).last_hidden_state  # (B, T, H)
     use_teacher = signal is not None and not baseline
     # Only the divergence's own parameters (jsd: beta; skew KLs: alpha) are passed on.
     div_params = {p: getattr(loss_cfg, p) for p in DIVERGENCES[loss_cfg.divergence].params}
@@ -131,6 +133,15 @@ def student_forward(model, input_ids: torch.Tensor, labels: torch.Tensor, signal
     ))
 
 
+def positions_arg(position_ids: torch.Tensor | None) -> dict:
+    """A decoder forward's keywords for packed rows: position_ids (B, T), given with no
+    attention mask and no KV cache, make transformers' masking (masking_utils.
+    find_packed_sequence_indices) keep attention within each row.  use_cache=False always:
+    with a cache (the config's default, even in training) that detection is skipped, and a
+    training or eval forward has no use for one."""
+    return {"use_cache": False} | ({} if position_ids is None else {"position_ids": position_ids})
+
+
 def target_mask(labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(B, T) bool: the positions a step learns from, targets with a valid teacher signal."""
     return valid & (labels != IGNORE)
@@ -138,13 +149,15 @@ def target_mask(labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 def distill_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, signal: TeacherSignal | None,
                  valid: torch.Tensor, loss_cfg: LossConfig, w_soft: float, baseline: bool,
-                 totals: StepTotals | None = None, world: int = 1) -> LossOutput:
+                 totals: StepTotals | None = None, world: int = 1,
+                 position_ids: torch.Tensor | None = None) -> LossOutput:
     """This rank's share of the step's loss from one micro-batch: the sum over its targets of
     w_hard*hard + w_soft_i*soft, plus the MoE balance terms' sums over its tokens, each
     divided by the step's count (`totals`; None: this micro-batch is the whole step), times
     `world` (the engines average gradients over ranks).
 
-    input_ids, labels, valid: (B, T); signal: (B, T, k) or None for a CE-only baseline.
+    input_ids, labels, valid: (B, T); signal: (B, T, k) or None for a CE-only baseline;
+    position_ids: (B, T) of packed rows (data.packing: documents) or None.
     A label of -100 (chat data: a token outside the assistant's turns; padding) is no
     target: it leaves the one mask that drives the hard and soft terms, the adaptive
     weights and the mean, so neither its label nor its teacher signal reaches a gradient.
@@ -155,7 +168,7 @@ def distill_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, signal: T
     if totals is None:
         totals = StepTotals(targets=float(mask.sum()), tokens=float(labels.numel()))
     flat_mask = mask.reshape(-1)  # (N,)
-    hard, soft = student_forward(model, input_ids, labels, signal, flat_mask, loss_cfg, baseline)
+    hard, soft = student_forward(model, input_ids, labels, signal, flat_mask, loss_cfg, baseline, position_ids)
     if signal is not None and not baseline:
         mode = "uniform" if loss_cfg.adaptive == "none" else loss_cfg.adaptive
         score_mean = totals.score_mean
@@ -224,13 +237,16 @@ class Student:
         loss_cfg, w_soft = recipe if recipe is not None else (self.cfg.loss, self.w_soft(step))
         world, n_micro = self.engine.world_size, len(micro_batches)
         on_device = [tuple(x.to(self.device, non_blocking=True) for x in (mb.batch.input_ids, mb.batch.labels, mb.valid))
-                     + (mb.signal.to(self.device) if mb.signal is not None else None,) for mb in micro_batches]
+                     + (mb.signal.to(self.device) if mb.signal is not None else None,
+                        None if mb.batch.position_ids is None else mb.batch.position_ids.to(self.device))
+                     for mb in micro_batches]
         totals = self.step_totals(on_device, w_soft, loss_cfg)
         sums, finite, hard_per_block = {}, True, []
-        for i, (input_ids, labels, valid, signal) in enumerate(on_device):
+        for i, (input_ids, labels, valid, signal, positions) in enumerate(on_device):
             with self.engine.accumulating(last=i == n_micro - 1):
                 out = self.engine.run(lambda model: distill_loss(
-                    model, input_ids, labels, signal, valid, loss_cfg, w_soft, self.cfg.baseline, totals, world))
+                    model, input_ids, labels, signal, valid, loss_cfg, w_soft, self.cfg.baseline, totals, world,
+                    positions))
                 loss = out.total
                 if not bool(torch.isfinite(loss.detach())):
                     finite = False
@@ -261,7 +277,7 @@ class Student:
         return metrics
 
     def step_totals(self, micro_batches: list[tuple], w_soft: float, loss_cfg: LossConfig | None = None) -> StepTotals:
-        """The step's `StepTotals` from this rank's (input_ids, labels, valid, signal) micro-
+        """The step's `StepTotals` from this rank's (input_ids, labels, valid, signal, positions) micro-
         batches, summed over ranks in one all-reduce.  Teacher-scored adaptive weights
         (confidence, entropy) sum their scores from the signal alone.  Scores from the
         student itself (disagreement) and a MoE student's routing are known only after a
@@ -270,21 +286,21 @@ class Student:
         itself reduces them (see `distill_loss`)."""
         loss_cfg = loss_cfg or self.cfg.loss
         mode = "uniform" if loss_cfg.adaptive == "none" or self.cfg.baseline or w_soft == 0 else loss_cfg.adaptive
-        if mode != "uniform" and any(sig is None for *_, sig in micro_batches):
+        if mode != "uniform" and any(sig is None for _, _, _, sig, _ in micro_batches):
             mode = "uniform"  # no teacher signal (CE only): no soft term to weight
-        masks = [target_mask(labels, valid).reshape(-1) for _, labels, valid, _ in micro_batches]  # (N,) each
+        masks = [target_mask(labels, valid).reshape(-1) for _, labels, valid, _, _ in micro_batches]  # (N,) each
         moe = bool(moe_modules(self.model)) and loss_cfg.balance_weight > 0
         prepass = len(micro_batches) > 1 and (moe or mode == "disagreement")
         scores, slots = torch.zeros((), dtype=torch.float64), None
-        for (input_ids, labels, valid, signal), mask in zip(micro_batches, masks):
+        for (input_ids, labels, valid, signal, positions), mask in zip(micro_batches, masks):
             soft = None
             if prepass:
                 with torch.no_grad():
                     if mode == "disagreement":
                         _, soft = self.engine.run(lambda model: student_forward(
-                            model, input_ids, labels, signal, mask, loss_cfg, self.cfg.baseline))
+                            model, input_ids, labels, signal, mask, loss_cfg, self.cfg.baseline, positions))
                     else:  # the routing alone: the decoder, not the lm_head
-                        self.engine.run(lambda model: model.model(input_ids=input_ids))
+                        self.engine.run(lambda model: model.model(input_ids=input_ids, **positions_arg(positions)))
                 if moe:
                     top_k = getattr(self.model.config, "num_experts_per_tok", 1)
                     mb_slots = routed_slots(collect_router_logits(self.model), top_k).double().cpu()
@@ -292,7 +308,7 @@ class Student:
             if mode in ("confidence", "entropy") or soft is not None and mode == "disagreement":
                 r = weight_scores(mode, signal.flatten() if signal is not None else None, soft, mask)
                 scores = scores + r[mask].double().sum().cpu()
-        counts = [float(sum(int(m.sum()) for m in masks)), float(sum(labels.numel() for _, labels, _, _ in micro_batches)),
+        counts = [float(sum(int(m.sum()) for m in masks)), float(sum(labels.numel() for _, labels, _, _, _ in micro_batches)),
                   float(scores)]
         flat = torch.tensor(counts, dtype=torch.float64)
         if slots is not None:

@@ -21,6 +21,8 @@ import torch
 
 from losses import DIVERGENCES
 from losses.chunked import auto_chunk_size
+from distill.blocks import block_positions
+from distill.train.student import positions_arg
 from students.build import expert_load
 from teachers import IGNORE, Batch, Teacher
 
@@ -43,10 +45,11 @@ def evaluate_model(model, blocks: torch.Tensor, teacher: Teacher | None = None, 
     ctx = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
     for start in range(0, len(blocks), batch_size):
         idx = list(range(start, min(start + batch_size, len(blocks))))
-        batch = Batch.of(blocks[idx], idx)
+        batch = Batch.of(blocks[idx], idx, block_positions(blocks, idx))  # positions: data.packing documents
         input_ids, labels = batch.input_ids.to(device), batch.labels.to(device)
+        positions = None if batch.position_ids is None else batch.position_ids.to(device)
         with ctx():
-            hidden = model.model(input_ids=input_ids).last_hidden_state  # (B, T, H)
+            hidden = model.model(input_ids=input_ids, **positions_arg(positions)).last_hidden_state  # (B, T, H)
         batch_loads = expert_load(model)  # from this forward
         loads = [a + b.cpu() for a, b in zip(loads, batch_loads)] if loads else [b.cpu() for b in batch_loads]
         hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)  # (N, H), (N,)

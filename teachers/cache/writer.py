@@ -246,7 +246,8 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
                 encoding: str = "lossless", batch_size: int = 8, shard_sequences: int = 256,
                 overwrite: bool = False, rank: int = 0, world_size: int = 1,
                 progress: bool = True, lockstep: bool = False, sampling: Sampling | None = None,
-                targets: Mapping[str, torch.Tensor] | None = None, upgrade: bool = False) -> Path:
+                targets: Mapping[str, torch.Tensor] | None = None, upgrade: bool = False,
+                positions: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Run the teacher over every split's blocks (N_split, T) once and cache its top-k.
 
     teacher_fn: LongTensor (B, T) -> logits (B, T, V), V = identity["vocab_size"], or
@@ -267,7 +268,9 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
     its output; a teacher_fn that does not take it must return logits, and the writer
     computes them.  A complete cache made without them is returned as it is, unless
     upgrade=True: then its shards are recomputed with them (one more teacher pass; the
-    run's data selection needs them).  Returns cache_dir.  Raises
+    run's data selection needs them).  positions: per split the (N, T) position ids of the
+    blocks' inputs, restarting per packed row (data.packing: documents); teacher_fn is then
+    called with `position_ids=` (B, T) too, so each row is scored alone.  Returns cache_dir.  Raises
     CacheMismatch, CacheLocked, CacheWriteError (see module docstring).
     """
     cache_dir = Path(cache_dir)
@@ -288,6 +291,9 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
     if targets is not None and (set(targets) != set(splits)
                                 or any(targets[n].shape != splits[n].shape for n in splits)):
         raise ValueError("targets must give every split a tensor of its blocks' shape (N, T)")
+    if positions is not None and (set(positions) != set(splits)
+                                  or any(positions[n].shape != splits[n].shape for n in splits)):
+        raise ValueError("positions must give every split a tensor of its blocks' shape (N, T)")
     sync = _Sync(world_size)
 
     lock = err = final = partial = None
@@ -316,7 +322,7 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
         path = cache_dir / (MANIFEST if world_size == 1 else f"manifest.r{rank}.json")
         try:
             _run(cache_dir, teacher_fn, splits, codec, manifest, path, prior, rank, world_size,
-                 batch_size, shard_sequences, progress, sync if lockstep else None, sampling, targets)
+                 batch_size, shard_sequences, progress, sync if lockstep else None, sampling, targets, positions)
         except BaseException:
             sync.any_failed(True)
             raise
@@ -374,7 +380,7 @@ def _plan(cache_dir: Path, splits: Mapping[str, torch.Tensor], prior: dict, rank
 
 def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, rank, world_size,
          batch_size, shard_sequences, progress, lockstep: _Sync | None, sampling: Sampling | None,
-         targets: Mapping[str, torch.Tensor] | None) -> None:
+         targets: Mapping[str, torch.Tensor] | None, positions: Mapping[str, torch.Tensor] | None = None) -> None:
     """Compute, encode and write this rank's shards; encoding+writing of shard i overlaps
     the teacher's work on shard i+1 (one background thread, at most one shard in flight).
 
@@ -399,17 +405,19 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
     takes_targets = _accepts_targets(teacher_fn)  # else it returns logits and the stats are computed here
 
     @torch.no_grad()
-    def call(split, x, first_seq: int, t):
-        """t: (B, T) plain next-token ids when difficulty statistics are kept, else None."""
+    def call(split, x, first_seq: int, t, p=None):
+        """t: (B, T) plain next-token ids when difficulty statistics are kept, else None;
+        p: (B, T) position ids of packed rows, else None."""
         nonlocal calls, in_teacher
         calls, in_teacher = calls + 1, True
         args = (x,) if sampling is None else (x, sampling.keys(split, range(first_seq, first_seq + x.shape[0]), seq_len))
-        out = teacher_fn(*args, targets=t) if t is not None and takes_targets else teacher_fn(*args)
+        kwargs = ({"targets": t} if t is not None and takes_targets else {}) | ({} if p is None else {"position_ids": p})
+        out = teacher_fn(*args, **kwargs)
         in_teacher = False
         return out
 
-    def signal_of(split, x, first_seq, t):
-        out = call(split, x, first_seq, t)
+    def signal_of(split, x, first_seq, t, p):
+        out = call(split, x, first_seq, t, p)
         if sampling is None:
             return _topk(out, k, vocab, t)
         keys = sampling.keys(split, range(first_seq, first_seq + x.shape[0]), seq_len)
@@ -460,9 +468,11 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
                     x = splits[split][s0:s1].to(torch.int64)
                     t = None if targets is None else targets[split][s0:s1].to(torch.int64)  # (n, T), signed
                     plain = None if t is None else token_ids(t)
+                    pos = None if positions is None else positions[split][s0:s1]  # (n, T)
                     try:
                         outs = [signal_of(split, x[b0:b0 + batch_size], s0 + b0,
-                                          None if plain is None else plain[b0:b0 + batch_size])
+                                          None if plain is None else plain[b0:b0 + batch_size],
+                                          None if pos is None else pos[b0:b0 + batch_size])
                                 for b0 in range(0, s1 - s0, batch_size)]
                     except TeacherUnavailable as e:  # name the shard it stopped in
                         raise TeacherUnavailable(f"cache shard {entry['file']} ({split} sequences {s0}-{s1}): {e}") from None
