@@ -14,6 +14,11 @@ input ids are positions 0..T-1, its last label is position T), so:
   entropy                over the top-k with the tail (1 - their mass) as ONE outcome: a
                          lower bound of the full entropy (the cache's identity says so)
 
+Packed rows (data.packing: documents, position ids restarting at 0 where a row starts): each
+row of a block is its own request, the row's ids and the token after it, so the server sees
+every row alone, as an in-process teacher given the position ids does; the rows' answers are
+put back side by side into the block's (T, k).
+
 Log-probs are at temperature 1: every request asks for temperature 1 with no top-k/top-p
 or penalties, so the server's raw and processed log-probs are the same numbers, and
 students apply their own temperature to them as to any teacher's.  A server that answers
@@ -63,12 +68,14 @@ class ServerTeacher:
 
     # ------------------------------------------------------------------ the protocol
 
-    def topk(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None):
+    def topk(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+             position_ids: torch.Tensor | None = None):
         """(B, T) -> top-k (values (B, T, k) fp32 log-probs, ids (B, T, k)), most likely first,
         as LiveTeacher.topk; targets (B, T) plain next-token ids: also their difficulty
-        (B, T, 3).  One request per block, all in flight at once within the token budget."""
+        (B, T, 3); position_ids (B, T): packed rows, each scored alone (module docstring).
+        One request per block (per row), all in flight at once within the token budget."""
         self.forward_calls += 1
-        vals, ids, stats = self._score(input_ids, targets).result()
+        vals, ids, stats = self._score(input_ids, targets, position_ids).result()
         return (vals, ids) if targets is None else (vals, ids, stats)
 
     def signal(self, batch: Batch) -> tuple[TeacherSignal, torch.Tensor]:
@@ -78,7 +85,7 @@ class ServerTeacher:
         if ahead is not None and torch.equal(ahead[0], batch.input_ids):  # (on-policy batches reuse indices)
             work = self._ahead.pop(key)[1]
         else:
-            work = self._score(batch.input_ids, batch.labels.clamp(min=0))
+            work = self._score(batch.input_ids, batch.labels.clamp(min=0), batch.position_ids)
         self.forward_calls += 1
         vals, ids, stats = work.result()
         vals, ids, valid = placeholder_invalid(vals, ids, self.vocab_size)
@@ -89,7 +96,7 @@ class ServerTeacher:
         for b in batches:
             key = tuple(b.indices)
             if key not in self._ahead:
-                self._ahead[key] = (b.input_ids.clone(), self._score(b.input_ids, b.labels.clamp(min=0)))
+                self._ahead[key] = (b.input_ids.clone(), self._score(b.input_ids, b.labels.clamp(min=0), b.position_ids))
         while len(self._ahead) > 4 * max(1, len(batches)):  # never-asked-for work is dropped, oldest first
             self._ahead.pop(next(iter(self._ahead)))
 
@@ -98,20 +105,36 @@ class ServerTeacher:
 
     # ------------------------------------------------------------------ requests
 
-    def _score(self, input_ids: torch.Tensor, targets: torch.Tensor | None) -> Future:
+    def _score(self, input_ids: torch.Tensor, targets: torch.Tensor | None,
+               position_ids: torch.Tensor | None = None) -> Future:
         """A future of (values (B, T, k), ids (B, T, k), difficulty (B, T, 3)) for the blocks."""
         x = input_ids.to("cpu", torch.int64)
-        # The prompt is the block's T inputs and its last label; without labels any id will do
-        # there: it changes no top-k, only that position's nll, which then is not asked for.
+        # A request is a row's ids and the token after it (the block's next input, or for the last
+        # row its last label); without labels any id will do there: it changes no top-k, only that
+        # position's nll, which then is not asked for.
         last = targets[:, -1:].to("cpu", torch.int64) if targets is not None else torch.zeros_like(x[:, :1])
-        prompts = torch.cat([x, last], dim=1).tolist()  # (B, T + 1)
+        full = torch.cat([x, last], dim=1).tolist()  # (B, T + 1)
+        T = x.shape[1]
+        prompts, rows_per_block = [], []
+        for b in range(x.shape[0]):
+            starts = [0] if position_ids is None else \
+                [0] + [int(t) for t in torch.nonzero(position_ids[b, 1:] == 0).flatten() + 1]
+            ends = starts[1:] + [T]
+            prompts += [full[b][a:e + 1] for a, e in zip(starts, ends)]  # row a..e-1 and the token after
+            rows_per_block.append(len(starts))
         done: Future = Future()
         if not prompts:
             k = self.k
-            done.set_result((torch.empty(0, x.shape[1], k), torch.empty(0, x.shape[1], k, dtype=torch.int64),
-                             torch.empty(0, x.shape[1], 3)))
+            done.set_result((torch.empty(0, T, k), torch.empty(0, T, k, dtype=torch.int64), torch.empty(0, T, 3)))
             return done
         rows = [self.pool.submit(self._row, p) for p in prompts]
+
+        def assemble() -> tuple[torch.Tensor, ...]:
+            results, out, i = [r.result() for r in rows], [], 0
+            for n in rows_per_block:  # a block's rows side by side: (T, k), (T, k), (T, 3)
+                out.append(tuple(torch.cat(part) for part in zip(*results[i:i + n])))
+                i += n
+            return tuple(torch.stack(t) for t in zip(*out))
 
         lock = threading.Lock()  # rows finish on pool threads: one of them settles `done`
 
@@ -124,14 +147,15 @@ class ServerTeacher:
                         r.cancel()
                     done.set_exception(row.exception())
                 elif all(r.done() for r in rows):
-                    done.set_result(tuple(torch.stack(t) for t in zip(*(r.result() for r in rows))))
+                    done.set_result(assemble())
 
         for r in rows:
             r.add_done_callback(gather)
         return done
 
     def _row(self, prompt: list[int]):
-        """One block's request -> (values (T, k), ids (T, k), difficulty (T, 3))."""
+        """One request (a block, or a packed row, and the token after it) -> (values (T, k), ids
+        (T, k), difficulty (T, 3)), T = len(prompt) - 1."""
         n = len(prompt)
         self.budget.acquire(n)
         try:

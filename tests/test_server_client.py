@@ -170,3 +170,42 @@ def test_config_rules_of_a_server_teacher():
     raw["students"][0]["init"] = "teacher"
     with pytest.raises(UserError, match="teacher.source is 'server'"):
         check_config(parse_config(raw))
+
+
+def test_packed_rows_go_to_the_server_one_by_one_and_come_back_as_the_in_process_signal():
+    """data.packing: documents.  The in-process teacher scores a block's rows apart through the
+    position ids (transformers' packed-sequence mask); a server cannot take them, so each row
+    is its own request.  A server answering from the same model (here: vLLM's reply format,
+    built from a stock Llama's logits of the request alone) gives the in-process signal."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from teachers.live import LiveTeacher
+    from teachers.server import ServerTeacher
+
+    torch.manual_seed(0)
+    vocab, k = 64, 8
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    blocks = torch.randint(0, vocab, (2, 13))
+    x, targets = blocks[:, :-1], blocks[:, 1:]  # inputs and next tokens
+    position_ids = torch.tensor([list(range(5)) + list(range(7)), list(range(12))])  # rows 0-4 | 5-11; one row
+    requests = []
+
+    def answer(path, body):
+        prompt = body["prompt"]
+        requests.append(prompt)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt])).logits[0]
+        return _reply(logits, prompt, body["prompt_logprobs"])
+
+    server = ServerTeacher("http://127.0.0.1:9", "m", k, vocab)
+    server.client.request = answer
+    vals, ids, stats = server.topk(x, targets, position_ids=position_ids)
+    want_vals, want_ids, want_stats = LiveTeacher(model, k, vocab, torch.device("cpu")).topk(x, targets, position_ids)
+    assert sorted(map(len, requests)) == [6, 8, 13]  # each row and the token after it
+    assert torch.equal(ids, want_ids)
+    assert torch.allclose(vals, want_vals, atol=1e-5)
+    assert torch.allclose(stats[..., 0], want_stats[..., 0], atol=1e-4)  # nll
+    whole, *_ = server.topk(x, targets)  # without position ids a block is one request, seeing across its rows
+    assert not torch.allclose(whole[0, 5:], want_vals[0, 5:], atol=1e-3)
+    server.close()
