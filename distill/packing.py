@@ -263,9 +263,12 @@ def build_blocks(docs: datasets.Dataset, tok, *, root: Path, seq_len: int, val_f
         return done
     root.mkdir(parents=True, exist_ok=True)
     block, procs = seq_len + 1, auto_num_proc(num_proc)
-    # One pass over the documents: which split (by content hash) and which kind each one is.
+    # One pass over the documents: which split (by content hash) and which kind each one is.  Past
+    # one chunk it runs in worker processes: reading every text maps the whole Arrow file's pages
+    # into whoever reads it, and this process would keep them (RSS grew by the corpus's size).
     flags = docs.map(lambda b: {"val": [in_val(t) for t in b["text"]], "plain": [c == PLAIN for c in b["chat"]]},
-                     batched=True, remove_columns=docs.column_names, keep_in_memory=True)
+                     batched=True, remove_columns=docs.column_names, keep_in_memory=True,
+                     num_proc=procs if len(docs) > shard_documents and procs > 1 else None)
     val = np.asarray(flags["val"], dtype=bool)  # (n_docs,): O(documents) bytes, not O(tokens)
     plain = np.asarray(flags["plain"], dtype=bool)
     documents = packing == "documents"
