@@ -150,12 +150,12 @@ def vs_ce(args) -> dict:
         # kd's phases, apart, on the same student (a fourth step per round)
         sig, ok = timed("read", lambda: on_demand.signal(batch), step)
         on_dev = timed("copy", lambda: (batch.input_ids.to(device), batch.labels.to(device), ok.to(device),
-                                        sig.to(device)), step)
+                                        sig.to(device), None), step)  # (no packed-row position ids here)
 
         def fwd_bwd():
             kd.model.train()
             totals = kd.step_totals([on_dev], kd.w_soft(step))
-            ids, labels, ok_dev, sig_dev = on_dev
+            ids, labels, ok_dev, sig_dev, _ = on_dev
             out = kd.engine.run(lambda model: distill_loss(model, ids, labels, sig_dev, ok_dev, kd.cfg.loss,
                                                            kd.w_soft(step), False, totals, 1))
             kd.engine.backward(out.total)
