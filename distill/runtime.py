@@ -37,7 +37,7 @@ def setup_runtime(cfg: RunConfig) -> tuple[int, int]:
 
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
             if not torch.cuda.is_available():
-                atexit.register(remove_path, deepspeed_cpu_shm_buffer(dist.get_rank()))
+                atexit.register(deepspeed_cpu_shm_buffer(dist.get_rank()).unlink, missing_ok=True)
         else:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if dist.is_initialized():
@@ -48,14 +48,10 @@ def setup_runtime(cfg: RunConfig) -> tuple[int, int]:
 def deepspeed_cpu_shm_buffer(rank: int) -> Path:
     """The shared-memory file DeepSpeed's CPU all-reduce creates for `rank` when every rank is on
     this machine (its shm.cpp names it after uid, MASTER_ADDR and MASTER_PORT).  DeepSpeed never
-    unlinks it: each 2-rank run left 2 x 66 MiB in /dev/shm, which is RAM, until reboot."""
+    unlinks it: each 2-rank run left 2 x 66 MiB in /dev/shm, which is RAM, until reboot.  Each
+    rank unlinks its own at exit; the other ranks' mappings of it stay valid."""
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
-
-
-def remove_path(path: Path) -> None:
-    """Unlink `path` if it is there (the other ranks' mappings of it stay valid)."""
-    path.unlink(missing_ok=True)
 
 
 DEEPSPEED_CPU_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU communication op, JIT-built by torch on first use

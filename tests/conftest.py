@@ -42,6 +42,28 @@ def run_deepspeed_cli(*args: str, timeout: int = 1200) -> subprocess.CompletedPr
     return result
 
 
+# ------------------------------------------------------------------ comparing runs' weights and metrics
+
+
+def checkpoint_weights(out: Path, name: str, step: int) -> dict:
+    """Student `name`'s weights at checkpoint `step` of the run in `out`."""
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "students" / name / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
+
+
+def train_rows(out: Path, name: str) -> list[dict]:
+    """Student `name`'s training rows of metrics.jsonl."""
+    rows = [json.loads(l) for l in (out / "students" / name / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == "train"]
+
+
+def rel_diff(a: dict, b: dict) -> float:
+    """Largest per-tensor ||a - b|| / ||b||."""
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in a)
+
+
 # ------------------------------------------------------------------ multi-process runs that end
 
 

@@ -1,7 +1,6 @@
 """Data parallelism is exact: 2 CPU processes (gloo) train the weights 1 process trains from the
 same global batch, under the torch engine (DDP) and DeepSpeed ZeRO-2/3, with 1 or 2 micro-batches,
 for a dense and a MoE student trained together in one launch (slow: each launch is a real CLI run)."""
-import json
 import os
 import re
 import shutil
@@ -16,7 +15,9 @@ import yaml
 from safetensors.torch import load_file
 
 from distill.train import checkpoint
-from tests.conftest import ROOT, kill_group, rendezvous, run_cli, run_deepspeed_cli, run_torchrun_cli
+from tests.conftest import (
+    ROOT, checkpoint_weights, kill_group, rel_diff, rendezvous, run_cli, run_deepspeed_cli, run_torchrun_cli,
+    train_rows)
 
 pytestmark = pytest.mark.slow
 
@@ -44,18 +45,7 @@ def dp_config(online_setup):
 
 
 def weights(out, name, step=STEPS):
-    return load_file(str(out / "students" / name / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
-
-
-def train_rows(out, name):
-    rows = [json.loads(l) for l in (out / "students" / name / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == "train"]
-
-
-def rel_diff(a: dict, b: dict) -> float:
-    """Largest per-tensor ||a - b|| / ||b||."""
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in a)
+    return checkpoint_weights(out, name, step)
 
 
 def train(cfg, out, launcher, grad_accum, *extra):

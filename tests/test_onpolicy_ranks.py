@@ -11,9 +11,10 @@ import signal
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.conftest import ROOT, ensure_deepspeed_cpu_op, rendezvous, run_cli, run_deepspeed_cli, run_torchrun_cli, spawn
+from tests.conftest import (
+    ROOT, checkpoint_weights, ensure_deepspeed_cpu_op, rel_diff, rendezvous, run_cli, run_deepspeed_cli,
+    run_torchrun_cli, spawn, train_rows)
 from tests.hf_models import chat_rows, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -61,18 +62,7 @@ def train(tiny, out, launcher="single", *extra, env=None):
 
 
 def weights(out, name, step=STEPS):
-    return load_file(str(out / "students" / name / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
-
-
-def train_rows(out, name):
-    rows = [json.loads(l) for l in (out / "students" / name / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == "train"]
-
-
-def rel_diff(a: dict, b: dict) -> float:
-    """Largest per-tensor ||a - b|| / ||b||."""
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in a)
+    return checkpoint_weights(out, name, step)
 
 
 @pytest.fixture(scope="module")
