@@ -25,6 +25,7 @@ from distill.blocks import Blocks, open_blocks
 from distill.chat import CHAT_FORMAT, PLAIN, PackCounts, as_documents, table_kind
 from distill.config import DataConfig
 from distill.layout import RunLayout
+from distill.packing import auto_num_proc
 
 EOS = "<|endoftext|>"
 TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".text"}
@@ -309,7 +310,12 @@ def load_documents(cfg: DataConfig, log=None, cache_dir: Path | None = None) -> 
         raise UserError(f"data: none of the {len(skipped)} files found has a {cfg.text_field!r} column, "
                         f"e.g. {skipped[0]}; set data.text_field or point data.paths elsewhere")
     docs = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    docs = docs.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True)
+    # Past one shard of documents the pass runs in worker processes: reading every text maps the
+    # whole Arrow file's pages into whoever reads it, and this process would keep them (its RSS
+    # grew by the corpus's size, bench/data.py).
+    procs = auto_num_proc(cfg.num_proc)
+    docs = docs.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True,
+                       num_proc=procs if len(docs) > cfg.shard_documents and procs > 1 else None)
     if cfg.max_documents is not None:
         docs = docs.select(range(min(cfg.max_documents, len(docs))))
     if len(docs) == 0:
