@@ -144,7 +144,6 @@ def reverse_kl(model, judge, tok, prompts, a, seed: int) -> float:
     return total / max(count, 1)
 
 
-STUDENT_WIDTHS = (16, 24, 32)
 
 
 def run_config(out: Path, data: Path, teacher: Path, seed: int, steps: int, a, students: list[dict],
@@ -162,8 +161,8 @@ def run_config(out: Path, data: Path, teacher: Path, seed: int, steps: int, a, s
 
 def fresh_students(a) -> list[dict]:
     return [{"name": f"w{w}", "model": {"preset": "dense", "args": {
-        "hidden_size": w, "num_layers": 1, "num_heads": 2, "num_kv_heads": 2, "head_dim": w // 2,
-        "intermediate_size": 4 * w}}, "optim": {"lr": a.lr, "warmup_steps": 5}} for w in STUDENT_WIDTHS]
+        "hidden_size": w, "num_layers": a.student_layers, "num_heads": 2, "num_kv_heads": 2, "head_dim": w // 2,
+        "intermediate_size": 4 * w}}, "optim": {"lr": a.lr, "warmup_steps": 5}} for w in a.widths]
 
 
 def from_exports(warm: dict[str, Path], a) -> list[dict]:
@@ -220,6 +219,9 @@ def main() -> None:
     p.add_argument("--teacher-batch", type=int, default=32)
     p.add_argument("--teacher-eval-every", type=int, default=200)
     p.add_argument("--teacher-em", type=float, default=0.9)
+    p.add_argument("--widths", type=lambda v: [int(x) for x in v.split(",")], default=[16, 24, 32],
+                   help="the 3 students' hidden sizes, comma-separated")
+    p.add_argument("--student-layers", type=int, default=1)
     p.add_argument("--warm", type=int, default=40, help="off-policy steps every student takes first")
     p.add_argument("--steps", type=int, default=60, help="steps per scheme after the warm start")
     p.add_argument("--batch-size", type=int, default=16)
@@ -254,7 +256,7 @@ def bench(a: argparse.Namespace) -> dict:
     prompts = held_out_prompts(probe, tok, a.eval_prompts)
     out: dict = {"task": "reverse a 3-6 digit number (chat format, char tokenizer)", "rows": a.rows,
                  "held_out_prompts": len(prompts), "warm_steps": a.warm, "steps": a.steps,
-                 "batch_size": a.batch_size, "students": {f"w{w}": {"hidden": w, "layers": 1} for w in STUDENT_WIDTHS}}
+                 "batch_size": a.batch_size, "students": {f"w{w}": {"hidden": w, "layers": a.student_layers} for w in a.widths}}
     teacher_dir = work / "teacher"
     out["teacher"] = train_teacher(make_rows(a.rows, 0), tok, teacher_dir, a, prompts, log)
     teacher_model = load_causal_lm(teacher_dir)
@@ -263,12 +265,16 @@ def bench(a: argparse.Namespace) -> dict:
 
     cfg0 = run_config(work / "data_run", data, teacher_dir, 0, 1, a, fresh_students(a), None)
     packed = prepare(cfg0)  # tokenised once, shared by every run below (same data config)
-    results: dict = {s: {} for s in SCHEMES}
+    results: dict = {s: {} for s in ("warm", *SCHEMES)}  # warm: the students every scheme starts from
     warm0: dict[str, Path] = {}
     for seed in range(a.seeds):
         warm_cfg = run_config(work / f"s{seed}" / "warm", data, teacher_dir, seed, a.warm, a, fresh_students(a), None)
         train_students(warm_cfg, progress=False, data=packed)
         warm = export_students(warm_cfg, held_out=packed.val[:1])
+        results["warm"][str(seed)] = {name: {**exact(load_causal_lm(path), tok, prompts, a),
+                                             "reverse_kl_sampled": round(reverse_kl(load_causal_lm(path), judge, tok,
+                                                                                    prompts, a, seed), 4)}
+                                      for name, path in warm.items()}
         if seed == 0:
             warm0 = warm  # the cost comparison's students
         for scheme, share in SCHEMES.items():
@@ -285,7 +291,7 @@ def bench(a: argparse.Namespace) -> dict:
     if a.cost_reps > 0 and warm0:
         out["cost"] = cost(work, data, teacher_dir, warm0, packed, a, a.cost_reps)
     out["schemes"] = results
-    names = [f"w{w}" for w in STUDENT_WIDTHS]
+    names = [f"w{w}" for w in a.widths]
     summary = {}
     for scheme, by_seed in results.items():
         summary[scheme] = {n: {"exact_match": [by_seed[s][n]["exact_match"] for s in sorted(by_seed)],

@@ -91,7 +91,10 @@ def test_the_served_cache_is_the_in_process_signal_and_trains(served, tmp_path):
         sig, valid = reader.read(rows)
         x = blocks.columns(slice(None, -1), plain=True)[rows[0]:rows[-1] + 1]
         t = blocks.columns(slice(1, None), plain=True)[rows[0]:rows[-1] + 1]
-        vals, ids, stats = live.topk(torch.as_tensor(x), torch.as_tensor(t))
+        # data.packing: documents (the default): the in-process teacher reads each packed row alone, as the server does
+        pos = blocks.columns(slice(None, -1), positions=True)[rows[0]:rows[-1] + 1]
+        assert pos is not None and bool((pos[:, 1:] == 0).any()), "no block holds two rows: the test shows nothing"
+        vals, ids, stats = live.topk(torch.as_tensor(x), torch.as_tensor(t), pos)
         assert bool(valid.all())
         assert torch.equal(sig.topk_ids, ids), f"{split}: top-k ids differ from the in-process teacher"
         assert (sig.topk_logprobs - vals).abs().max() < 1e-4
