@@ -69,11 +69,12 @@ def make_tokenizer(out: Path):
     return fast
 
 
-def make_rows(n: int, seed: int) -> list[dict]:
-    """n distinct numbers of 3-6 digits (as many of each length), the answer their reverse."""
+def make_rows(n: int, seed: int, digits: tuple[int, int] = (3, 6)) -> list[dict]:
+    """n distinct numbers of digits[0]-digits[1] digits (as many of each length), the answer their reverse."""
     rng, seen, rows = random.Random(seed), set(), []
+    lo, hi = digits
     while len(rows) < n:
-        digits = 3 + len(rows) % 4
+        digits = lo + len(rows) % (hi - lo + 1)
         x = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
         if x in seen:
             continue
@@ -149,7 +150,7 @@ def reverse_kl(model, judge, tok, prompts, a, seed: int) -> float:
 def run_config(out: Path, data: Path, teacher: Path, seed: int, steps: int, a, students: list[dict],
                share: dict | None) -> object:
     raw = {"out_dir": str(out), "seed": seed,
-           "data": {"paths": [str(data)], "seq_len": 24, "val_fraction": VAL_FRACTION},
+           "data": {"paths": [str(data)], "seq_len": 2 * a.digits[1] + 12, "val_fraction": VAL_FRACTION},
            "teacher": {"source": "checkpoint", "path": str(teacher)}, "cache": {"k": 8},
            "students": students,
            "train": {"mode": "online", "steps": steps, "batch_size": a.batch_size, "eval_every": 0, "eval_blocks": 1,
@@ -166,7 +167,7 @@ def fresh_students(a) -> list[dict]:
 
 
 def from_exports(warm: dict[str, Path], a) -> list[dict]:
-    return [{"name": name, "model": {"path": str(path)}, "optim": {"lr": a.lr, "warmup_steps": 0}}
+    return [{"name": name, "model": {"path": str(path)}, "optim": {"lr": a.scheme_lr or a.lr, "warmup_steps": a.resume_warmup}}
             for name, path in warm.items()]
 
 
@@ -221,12 +222,17 @@ def main() -> None:
     p.add_argument("--teacher-em", type=float, default=0.9)
     p.add_argument("--widths", type=lambda v: [int(x) for x in v.split(",")], default=[16, 24, 32],
                    help="the 3 students' hidden sizes, comma-separated")
+    p.add_argument("--digits", type=lambda v: tuple(int(x) for x in v.split("-")), default=(3, 6),
+                   help="the numbers' lengths, e.g. 3-6")
     p.add_argument("--student-layers", type=int, default=1)
+    p.add_argument("--scheme-lr", type=float, default=None, help="peak lr of the schemes' runs (default: --lr)")
+    p.add_argument("--resume-warmup", type=int, default=10,
+                   help="lr warmup steps of each scheme's run: it starts a fresh optimizer from the warm weights")
     p.add_argument("--warm", type=int, default=40, help="off-policy steps every student takes first")
     p.add_argument("--steps", type=int, default=60, help="steps per scheme after the warm start")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the longest answer + 2")
     p.add_argument("--eval-prompts", type=int, default=100)
     p.add_argument("--work", type=Path, default=None, help="where runs go (a temporary dir when unset)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -236,6 +242,7 @@ def main() -> None:
         a.seeds, a.rows, a.teacher_hidden, a.teacher_layers = 1, 200, 16, 1
         a.teacher_steps, a.teacher_eval_every, a.warm, a.steps, a.batch_size, a.eval_prompts = 4, 4, 2, 2, 2, 6
         a.cost_reps = 1
+    a.max_new_tokens = a.max_new_tokens or a.digits[1] + 2
     torch.set_num_threads(a.threads)  # a loaded machine: more threads than free cores spin (measured 40x slower)
     # stdout is the JSON alone: libraries' log lines (DeepSpeed's accelerator line) go to stderr
     with contextlib.redirect_stdout(sys.stderr):
@@ -249,16 +256,16 @@ def bench(a: argparse.Namespace) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(work / "tokenizer")
     data = work / "digits.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(a.rows, 0)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(a.rows, 0, a.digits)))
 
     # the held-out prompts: the validation split's, as `distill eval` takes them
     probe = run_config(work / "probe", data, work / "tokenizer", 0, 1, a, fresh_students(a)[:1], None)
     prompts = held_out_prompts(probe, tok, a.eval_prompts)
-    out: dict = {"task": "reverse a 3-6 digit number (chat format, char tokenizer)", "rows": a.rows,
+    out: dict = {"task": f"reverse a {a.digits[0]}-{a.digits[1]} digit number (chat format, char tokenizer)", "rows": a.rows,
                  "held_out_prompts": len(prompts), "warm_steps": a.warm, "steps": a.steps,
                  "batch_size": a.batch_size, "students": {f"w{w}": {"hidden": w, "layers": a.student_layers} for w in a.widths}}
     teacher_dir = work / "teacher"
-    out["teacher"] = train_teacher(make_rows(a.rows, 0), tok, teacher_dir, a, prompts, log)
+    out["teacher"] = train_teacher(make_rows(a.rows, 0, a.digits), tok, teacher_dir, a, prompts, log)
     teacher_model = load_causal_lm(teacher_dir)
     out["teacher"].update(exact(teacher_model, tok, prompts, a))
     judge = LiveTeacher(teacher_model, 8, len(tok), torch.device("cpu"), keep_dense=True)
