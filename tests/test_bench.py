@@ -78,3 +78,14 @@ def test_data_bench_quick_prints_json():
     assert row["prepare"]["tokens"] > 500_000 and row["prepare"]["peak_rss_mb"] > 0
     assert row["prepare"]["disk_bytes_per_token"] < 2.3  # uint16 ids (vocab 4096), 1 bit of row start, 1 of target
     assert row["index"]["batch_shape"] == [8, out["seq_len"] + 1] and row["baseline"]["tokens_per_s"] > 0
+
+
+def test_on_policy_bench_quick_scores_every_scheme_from_the_warm_students():
+    """bench/on_policy.py --quick: teacher, warm start, the 3 schemes and the cost comparison at the tiniest size."""
+    out = _json_of(ROOT / "bench" / "on_policy.py", "--quick")
+    assert set(out["summary"]) == {"warm", "off", "on", "ramp"}
+    names = set(out["students"])
+    for scheme in out["summary"].values():
+        assert set(scheme) == names and all(len(v["exact_match"]) == 1 for v in scheme.values())
+    assert out["schemes"]["on"]["0"]["teacher_forwards_per_step"] == 1.0  # every student's samples, one forward
+    assert out["cost"]["teacher_forwards_per_step_single_runs"] == 3.0
