@@ -7,7 +7,8 @@ Reports, for V = 202,048 (Llama 4's vocab):
   uniform-random logits (worst case for id coding), with reconstruction error for the
   lossy encodings;
 * write overhead: wall time of write_cache vs the bare teacher forward it wraps (`+difficulty`:
-  with the teacher's difficulty statistics recorded, as `distill cache` does), and the
+  with the teacher's difficulty statistics recorded, as `distill cache` does; `+chat`: and the
+  first half of each sequence a prompt, so the cache stores the second half only), and the
   cache's own share of it (top-k, encoding, files);
 * bytes/token of the sampled encoding (n = 16, 32, 64 draws, + the fp16 entropy);
 * read throughput of CachedTeacher on random batches with 0, 1, 2 and 4 prefetch workers
@@ -163,6 +164,8 @@ def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encoding
     model = model.to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     blocks = torch.randint(0, V_LLAMA4, (n_seq, seq_len))
+    chat_targets = blocks.clone()
+    chat_targets[:, : seq_len // 2] = -chat_targets[:, : seq_len // 2] - 1  # a prompt: teachers.protocol.untrained
     tokens = n_seq * seq_len
     ident = {"teacher_config_hash": "bench", "teacher_weights_hash": "bench", "tokenizer_hash": "bench",
              "data_fingerprint": "bench", "vocab_size": str(V_LLAMA4)}
@@ -207,23 +210,28 @@ def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encoding
             for _ in range(reps):
                 t_bare.append(timed(bare))
                 teacher_s[0] = 0.0
-                codec, _, with_stats = enc.partition("+")  # "+difficulty": the teacher's statistics too
+                # "+difficulty": the teacher's statistics too; "+chat": also the first half of every
+                # sequence a prompt (no training target), so only the second half is stored
+                codec, _, variant = enc.partition("+")
                 sampling = Sampling(32) if codec == "sampled" else None
                 fn = (lambda x, keys: teacher(x)) if sampling else teacher
+                targets = None if not variant else {"train": blocks if variant == "difficulty" else chat_targets}
                 t_write.append(timed(lambda: write_cache(Path(d), fn, {"train": blocks}, identity=ident, k=k,
                                                          encoding=codec, batch_size=batch, overwrite=True,
                                                          shard_sequences=max(1, n_seq // 4), progress=False,
-                                                         sampling=sampling,
-                                                         targets={"train": blocks} if with_stats else None)))
+                                                         sampling=sampling, targets=targets)))
                 t_own.append(t_write[-1] - teacher_s[0])
             tb, tw, own = (statistics.median(t) for t in (t_bare, t_write, t_own))
             rates = read_rates(Path(d), n_seq, seq_len, reps, seconds=1.0 if reps > 1 else 0.2)
+            described = describe_cache(d)
             out[enc] = {"teacher_forward_s": round(tb, 2), "write_cache_s": round(tw, 2),
                         "overhead_pct": round(100 * (tw - tb) / tb, 1),
                         "overhead_us_per_token": round((tw - tb) / tokens * 1e6),
                         "cache_own_s": round(own, 2), "cache_own_pct": round(100 * own / tb, 1),
                         "cache_own_us_per_token": round(own / tokens * 1e6),
-                        "file_bytes_per_token": round(describe_cache(d)["bytes_per_token"], 1),
+                        "file_bytes_per_token": round(described["bytes_per_token"], 1),
+                        "file_bytes_per_stored_token": round(described["bytes_per_stored_token"], 1),
+                        "file_bytes_per_block": round(described["bytes_per_block"]),
                         "read_tokens_per_s_by_workers": rates,
                         "read_batch": f"8x{seq_len} random sequences"}
     return out
@@ -354,7 +362,7 @@ def main() -> None:
     if "write_read" not in a.skip:
         result["write_read"] = [bench_write_read(int(h), a.sequences, a.seq_len, a.batch,
                                                  ("lossless", "lossless+difficulty", "fp16", "compact", "sampled",
-                                                  "sampled+difficulty"), k=64, reps=a.reps,
+                                                  "sampled+difficulty", "compact+chat", "sampled+chat"), k=64, reps=a.reps,
                                                  device=a.device) for h in a.hidden.split(",")]
     if "teacher_step" not in a.skip:
         result["teacher_step"] = bench_teacher_step(*map(int, a.step.split("x")))

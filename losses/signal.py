@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from losses.difficulty import STATS, from_shifted
+from losses.difficulty import STATS, from_shifted, token_difficulty
 
 SIGNAL_KINDS = ("topk", "sampled")
 
@@ -225,27 +225,25 @@ def counter_uniform(seed: int, keys: torch.Tensor, n: int) -> torch.Tensor:
 _CDF_BLOCK = 256  # vocab entries per block of the two-level inverse CDF
 
 
-def _inverse_cdf(e: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids drawn by inverse CDF: e (N, V) fp32 unnormalised probabilities, u (N, n) fp64
-    uniforms in [0, 1) -> (ids (N, n) int64, each row's total mass (N,) fp64).
+def _inverse_cdf(blocks: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Ids drawn by inverse CDF: blocks (N, nb, B) fp32 unnormalised probabilities (the vocab
+    in blocks of B = 256, zero-padded past V), u (N, n) fp64 uniforms in [0, 1) -> ids (N, n)
+    int64 (at most nb * B - 1; the caller clamps to V - 1).
 
-    Two levels, so no (N, V) fp64 copy or cumulative sum is made: the block (of 256 ids)
-    comes from a cumulative sum of the block sums (N, V/256), the id within it from a
-    cumulative sum of that block's 256 entries only (N, n, 256)."""
-    rows, vocab = e.shape
-    pad = (-vocab) % _CDF_BLOCK
-    blocks = torch.nn.functional.pad(e, (0, pad)).reshape(rows, -1, _CDF_BLOCK)  # (N, nb, B)
+    Two levels, so no (N, V) fp64 copy or cumulative sum is made: the block comes from a
+    cumulative sum of the block sums (N, nb), the id within it from a cumulative sum of that
+    block's 256 entries only (N, n, 256)."""
     block_cdf = blocks.sum(-1).double().cumsum(-1)  # (N, nb): fp32 sums of 256, fp64 across
-    total = block_cdf[:, -1]
-    u = u * total[:, None]
+    u = u * block_cdf[:, -1:]
     which = torch.searchsorted(block_cdf, u, right=True).clamp_(max=block_cdf.shape[1] - 1)  # (N, n)
     before = torch.where(which > 0, block_cdf.gather(1, (which - 1).clamp_min(0)), torch.zeros_like(u))
     inner = blocks.gather(1, which[..., None].expand(-1, -1, _CDF_BLOCK)).double().cumsum(-1)  # (N, n, B)
     pos = torch.searchsorted(inner, (u - before)[..., None], right=True).squeeze(-1).clamp_(max=_CDF_BLOCK - 1)
-    return (which * _CDF_BLOCK + pos).clamp_(max=vocab - 1), total
+    return which * _CDF_BLOCK + pos
 
 
-def sample_signal(logits: torch.Tensor, n: int, temperature: float, seed: int, keys: torch.Tensor) -> TeacherSignal:
+def sample_signal(logits: torch.Tensor, n: int, temperature: float, seed: int, keys: torch.Tensor,
+                  targets: torch.Tensor | None = None) -> TeacherSignal:
     """n draws per token from softmax(logits / T) -> a sampled `TeacherSignal` (kind "sampled").
 
     logits: (..., V) teacher logits; keys: (...,) int64, one per token, e.g. global sequence
@@ -254,15 +252,39 @@ def sample_signal(logits: torch.Tensor, n: int, temperature: float, seed: int, k
     ascending (width = the most distinct ids any token has; padding: id 0 at frequency 0),
     log(count / n), and the entropy of softmax(logits / T).  A token with NaN/+inf logits
     comes out with NaN entropy (`placeholder_invalid` rules apply to it as to top-k).
+
+    targets (...,) the true next tokens: the signal also carries their difficulty (..., 3)
+    (losses/difficulty.py, at temperature 1).  At T = 1 it comes out of the same pass as the
+    draws (the shifted logits and their exps are shared); at another T it takes one more.
+
+    Per chunk of rows, in two fp32 scratch buffers (~8 MB each on CPU, so they stay in
+    cache): s = (x - max x) / T, e = exp(s) in a buffer padded to whole CDF blocks with
+    zeros, then the entropy (one dot product), the difficulty and the draws, all from them.
     """
     lead, vocab = logits.shape[:-1], logits.shape[-1]
-    x = logits.reshape(-1, vocab).float() / temperature  # (N, V)
-    e = (x - x.amax(dim=-1, keepdim=True)).exp_()  # (N, V) fp32 unnormalised probabilities; NaN rows
-    # (and all -inf ones) stay NaN, so their entropy flags them
-    ids, total = _inverse_cdf(e, counter_uniform(seed, keys.reshape(-1), n))  # (N, n), (N,)
-    # H = -sum p log p with p = e / Z:  log Z - sum(e log e) / Z  (xlogy: 0 log 0 = 0)
-    entropy = total.log() - torch.xlogy(e, e).sum(-1).double() / total
-    ids, _ = ids.sort(dim=-1)
+    flat, flat_keys = logits.reshape(-1, vocab), keys.reshape(-1)
+    flat_targets = None if targets is None else targets.reshape(-1, 1).to(flat.device)
+    tokens, padded = flat.shape[0], vocab + (-vocab) % _CDF_BLOCK
+    rows = max(1, min(tokens, (1 << (21 if flat.device.type == "cpu" else 25)) // padded))
+    shifted = torch.empty(rows, vocab, dtype=torch.float32, device=flat.device)
+    exps = torch.zeros(rows, padded, dtype=torch.float32, device=flat.device)  # columns past V stay 0: no mass
+    drawn, entropy, stats = [], [], []
+    for i in range(0, tokens, rows):
+        x = flat[i:i + rows]  # (r, V) in the logits' dtype
+        s, e_blocks = shifted[: x.shape[0]], exps[: x.shape[0]]
+        e = e_blocks[:, :vocab]
+        torch.sub(x, x.amax(dim=-1, keepdim=True).float(), out=s)  # promotes into fp32; NaN rows stay NaN
+        if temperature != 1.0:
+            s.div_(temperature)  # (x - max x) / T = x / T - max(x / T) for T > 0
+        torch.exp(s, out=e)
+        at_target = s.gather(-1, flat_targets[i:i + rows]) if flat_targets is not None else s[:, :1]
+        h = from_shifted(s, e, at_target)  # (r, 3) at this T; its entropy is the signal's
+        entropy.append(h[:, 1])
+        if flat_targets is not None:
+            stats.append(h if temperature == 1.0 else token_difficulty(x, flat_targets[i:i + rows, 0]))
+        u = counter_uniform(seed, flat_keys[i:i + rows], n)  # (r, n) fp64
+        drawn.append(_inverse_cdf(e_blocks.view(x.shape[0], -1, _CDF_BLOCK), u).clamp_(max=vocab - 1))
+    ids, _ = (torch.cat(drawn) if drawn else torch.empty(0, n, dtype=torch.int64, device=flat.device)).sort(dim=-1)
     new = torch.ones_like(ids, dtype=torch.bool)
     new[:, 1:] = ids[:, 1:] != ids[:, :-1]
     run = new.cumsum(-1) - 1  # (N, n): which distinct id each draw is
@@ -271,5 +293,8 @@ def sample_signal(logits: torch.Tensor, n: int, temperature: float, seed: int, k
         1, run, torch.ones_like(ids, dtype=torch.float64))
     distinct = torch.zeros(ids.shape[0], width, dtype=torch.int64, device=ids.device).scatter_(1, run, ids)
     logfreq = (counts / n).log().float()  # (N, width); padding: log 0 = -inf
+    entropy = torch.cat(entropy) if entropy else flat.new_empty(0, dtype=torch.float32)
+    difficulty = None if flat_targets is None else (
+        torch.cat(stats) if stats else flat.new_empty(0, len(STATS), dtype=torch.float32)).reshape(*lead, len(STATS))
     return TeacherSignal(distinct.reshape(*lead, width), logfreq.reshape(*lead, width), kind="sampled",
-                         entropy=entropy.float().reshape(lead), temperature=float(temperature))
+                         entropy=entropy.reshape(lead), temperature=float(temperature), difficulty=difficulty)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from common.errors import UserError
 from losses.difficulty import STATS, token_difficulty
 from losses.signal import TeacherSignal, placeholder_invalid, sample_signal, topk_logprobs
 from teachers.cache.format import Sampling
-from teachers.protocol import Batch
+from teachers.protocol import IGNORE, Batch
 
 
 def load_teacher_model(path: Path, dtype: torch.dtype = torch.float32):
@@ -110,9 +111,12 @@ class LiveTeacher:
         return out[..., : self.vocab_size].float()
 
     @torch.no_grad()
-    def _reduced(self, input_ids: torch.Tensor, reduce, position_ids: torch.Tensor | None = None) -> list:
+    def _reduced(self, input_ids: torch.Tensor, reduce, position_ids: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None) -> list:
         """One forward; `reduce(logits (c, V), start, end)` applied to the logits of tokens
         start..end of the flattened (B*T) batch, chunk by chunk, never the whole (B, T, V).
+        rows (M,) int64: only these flat token indices go through the lm_head and `reduce`
+        (start..end then count among them).
 
         The decoder's hidden states (B, T, H) go through the lm_head a chunk of tokens at a
         time.  At V = 202,048 a batch of 8 x 4096 tokens would otherwise need 13 GB of bf16
@@ -124,6 +128,7 @@ class LiveTeacher:
         if not self.chunked_head:
             logits = self.logits(input_ids, position_ids)
             flat = logits.reshape(-1, logits.shape[-1])
+            flat = flat if rows is None else flat[rows.to(flat.device)]
             return [reduce(flat, 0, flat.shape[0])]
         self.forward_calls += 1
         with self._autocast():
@@ -131,6 +136,7 @@ class LiveTeacher:
                                    **self._positions(position_ids))
             hidden = out.last_hidden_state  # (B, T, H)
             flat = hidden.reshape(-1, hidden.shape[-1])
+            flat = flat if rows is None else flat[rows.to(flat.device)]  # (M, H): the lm_head skips the rest
             chunk = self.chunk_tokens or max(512, (1 << 28) // self.vocab_size)  # ~1 GB of fp32 logits
             head = self.model.lm_head
             with _gathered(head):  # ZeRO-3: one gather per forward, whatever B*T is
@@ -142,11 +148,15 @@ class LiveTeacher:
                         for i in range(0, flat.shape[0], chunk)]
 
     def topk(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-             position_ids: torch.Tensor | None = None):
+             position_ids: torch.Tensor | None = None, where: torch.Tensor | None = None):
         """(B, T) -> top-k (values (B, T, k) fp32 log-probs, ids (B, T, k)), one forward.
         A token whose logits hold NaN/+inf comes out NaN.  targets (B, T) plain next-token
         ids: also their difficulty (B, T, 3) (losses/difficulty.py), a third element.
-        position_ids (B, T): packed rows' positions (see `Batch`), or None."""
+        position_ids (B, T): packed rows' positions (see `Batch`), or None.  where (B, T)
+        bool: compute the signal at these positions only; the others get the placeholder
+        ids 0..k-1 at log-prob -log V and NaN difficulty (for positions no loss reads)."""
+        if where is not None and not bool(where.all()):
+            return self._topk_where(input_ids, targets, position_ids, where)
         flat_targets = None if targets is None else targets.reshape(-1)
 
         def reduce(logits, start, end):
@@ -161,24 +171,71 @@ class LiveTeacher:
             return values, ids
         return values, ids, torch.cat([p[2] for p in parts]).reshape(*input_ids.shape, len(STATS))
 
+    def _topk_where(self, input_ids, targets, position_ids, where):
+        """`topk` at the positions `where` (B, T) only: the lm_head and top-k skip the rest."""
+        rows = where.reshape(-1).nonzero().squeeze(1)  # (M,)
+        flat_targets = None if targets is None else targets.reshape(-1)[rows]
+
+        def reduce(logits, start, end):
+            if flat_targets is None:
+                return (*topk_logprobs(logits, self.k), None)
+            return topk_logprobs(logits, self.k, flat_targets[start:end])
+
+        parts = self._reduced(input_ids, reduce, position_ids, rows)
+        tokens = input_ids.numel()
+        values = torch.full((tokens, self.k), -math.log(self.vocab_size))
+        ids = torch.arange(self.k).repeat(tokens, 1)
+        if parts:
+            values[rows] = torch.cat([p[0] for p in parts]).cpu()
+            ids[rows] = torch.cat([p[1] for p in parts]).cpu()
+        shape = input_ids.shape + (self.k,)
+        if targets is None:
+            return values.reshape(shape), ids.reshape(shape)
+        stats = torch.full((tokens, len(STATS)), float("nan"))
+        if parts:
+            stats[rows] = torch.cat([p[2] for p in parts]).cpu()
+        return values.reshape(shape), ids.reshape(shape), stats.reshape(*input_ids.shape, len(STATS))
+
     def sample(self, input_ids: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor | None = None,
-               position_ids: torch.Tensor | None = None) -> TeacherSignal:
+               position_ids: torch.Tensor | None = None, where: torch.Tensor | None = None) -> TeacherSignal:
         """(B, T) -> a sampled TeacherSignal (B, T, n): `self.sampling.n` draws per token at
         its temperature, seeded by (sampling.seed, keys (B, T)), one forward; padded to n.
-        targets (B, T) plain next-token ids: the signal carries their difficulty too."""
+        targets (B, T) plain next-token ids: the signal carries their difficulty too.
+        where (B, T) bool: draw at these positions only; the others get one id (0) at
+        frequency 1, entropy 0 and NaN difficulty (for positions no loss reads)."""
         n, flat_keys = self.sampling.n, keys.reshape(-1).to(self.device)
         flat_targets = None if targets is None else targets.reshape(-1)
+        rows = None
+        if where is not None and not bool(where.all()):
+            rows = where.reshape(-1).nonzero().squeeze(1)  # (M,)
+            flat_keys = flat_keys[rows.to(flat_keys.device)]
+            flat_targets = None if flat_targets is None else flat_targets[rows]
 
         def draw(logits, start, end):
-            sig = sample_signal(logits, n, self.sampling.temperature, self.sampling.seed, flat_keys[start:end])
-            stats = None if flat_targets is None else token_difficulty(logits, flat_targets[start:end])
-            return sig.topk_ids, sig.topk_logprobs, sig.entropy, stats
+            sig = sample_signal(logits, n, self.sampling.temperature, self.sampling.seed, flat_keys[start:end],
+                                None if flat_targets is None else flat_targets[start:end])  # one pass, difficulty too
+            return sig.topk_ids, sig.topk_logprobs, sig.entropy, sig.difficulty
 
-        parts = self._reduced(input_ids, draw, position_ids)
-        ids = torch.cat([F.pad(p[0], (0, n - p[0].shape[-1])) for p in parts])
+        parts = self._reduced(input_ids, draw, position_ids, rows) or [  # no position to draw at
+            (torch.zeros(0, n, dtype=torch.int64), torch.zeros(0, n), torch.zeros(0), torch.zeros(0, len(STATS)))]
+        ids = torch.cat([F.pad(p[0], (0, n - p[0].shape[-1])) for p in parts])  # (M, n)
         logfreq = torch.cat([F.pad(p[1], (0, n - p[1].shape[-1]), value=float("-inf")) for p in parts])
         entropy = torch.cat([p[2] for p in parts])
-        difficulty = None if targets is None else torch.cat([p[3] for p in parts]).reshape(*input_ids.shape, len(STATS))
+        difficulty = None if targets is None else torch.cat([p[3] for p in parts])
+        if rows is not None:  # back to every position, the skipped ones as placeholders
+            rows = rows.to(ids.device)
+            tokens = input_ids.numel()
+            full_ids = torch.zeros(tokens, n, dtype=ids.dtype, device=ids.device)
+            full_logfreq = torch.full((tokens, n), float("-inf"), device=ids.device)
+            full_logfreq[:, 0] = 0.0
+            full_entropy = torch.zeros(tokens, device=ids.device)
+            full_ids[rows], full_logfreq[rows], full_entropy[rows] = ids, logfreq, entropy.float()
+            ids, logfreq, entropy = full_ids, full_logfreq, full_entropy
+            if difficulty is not None:
+                full = torch.full((tokens, len(STATS)), float("nan"), device=difficulty.device)
+                full[rows] = difficulty
+                difficulty = full
+        difficulty = None if difficulty is None else difficulty.reshape(*input_ids.shape, len(STATS))
         return TeacherSignal(ids.reshape(*input_ids.shape, n), logfreq.reshape(*input_ids.shape, n), kind="sampled",
                              entropy=entropy.reshape(input_ids.shape), temperature=self.sampling.temperature,
                              difficulty=difficulty)
@@ -190,8 +247,9 @@ class LiveTeacher:
         """(TeacherSignal (B, T, k), valid (B, T)) for `batch.input_ids`.  A token whose logits
         hold NaN or +inf, or are all -inf, is invalid and gets a placeholder signal, as in the
         cache; -inf on some entries (masked vocab) is a valid distribution.  The signal
-        carries the teacher's difficulty of each label (a position without one scores id 0:
-        the loop averages over labelled positions only)."""
+        carries the teacher's difficulty of each label.  Positions without a label (chat
+        prompts) get no lm_head, top-k or draws (the dense path aside): a placeholder that
+        no loss reads, valid, with NaN difficulty (the loop averages over labels only)."""
         targets = batch.labels.clamp(min=0)  # (B, T)
         if self.keep_dense:
             logits = self.logits(batch.input_ids, batch.position_ids)
@@ -202,16 +260,17 @@ class LiveTeacher:
             sig = TeacherSignal.from_logits(logits, self.k, keep_dense=True)
             sig.difficulty = difficulty.cpu()
             return sig, valid.cpu()
+        where = batch.labels != IGNORE  # (B, T): the signal is computed only where a loss reads it
         if self.sampling is not None:
             sig = self.sample(batch.input_ids, self.sampling.keys("online", batch.indices, batch.input_ids.shape[1]),
-                              targets, batch.position_ids)
+                              targets, batch.position_ids, where)
             valid = torch.isfinite(sig.entropy)
             if not bool(valid.all()):
                 sig.topk_logprobs[~valid] = float("-inf")
                 sig.topk_logprobs[~valid, 0] = 0.0  # one id at frequency 1: finite, masked anyway
                 sig.entropy[~valid] = 0.0
             return sig.to("cpu"), valid.cpu()
-        values, ids, difficulty = self.topk(batch.input_ids, targets, batch.position_ids)
+        values, ids, difficulty = self.topk(batch.input_ids, targets, batch.position_ids, where)
         values, ids, valid = placeholder_invalid(values, ids, self.vocab_size)  # valid: (B, T)
         return TeacherSignal(ids, values, difficulty=difficulty.cpu()), valid.cpu()
 

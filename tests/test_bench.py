@@ -21,11 +21,18 @@ def test_cache_bench_quick_prints_json():
     assert out["sizes"]["zipf/k64/compact"]["bytes_per_token"] < 130
     assert out["sizes"]["zipf/n32/sampled"]["bytes_per_token"] < 48  # the sampled cache's target at V = 202,048
     assert set(out["write_read"][0]["sampled"]["read_tokens_per_s_by_workers"]) == {"0", "1", "2", "4"}
-    # the teacher's difficulty statistics cost 3 fp16 numbers per token, 16 bytes per sequence and
-    # two tensors' safetensors header entries per shard (~150 bytes: shards of one 64-token sequence here)
+    # Given the targets, the cache stores the teacher's difficulty statistics, 3 fp16 numbers per
+    # token and 16 bytes per sequence, and the stored positions' bits (8 bytes per sequence) with
+    # offsets per 32-token group (16-48 bytes more per sequence), plus three tensors' safetensors
+    # header entries per shard (~230 bytes: shards of one 64-token sequence here).
     row = out["write_read"][0]
     extra = row["sampled+difficulty"]["file_bytes_per_token"] - row["sampled"]["file_bytes_per_token"]
-    assert 6.0 + 16 / 64 <= extra <= 6.0 + (16 + 160) / 64 and row["difficulty_us_per_token"] > 0
+    assert 6.0 + 16 / 64 <= extra <= 6.0 + (16 + 8 + 48 + 250) / 64 and row["difficulty_us_per_token"] > 0
+    # Half of each block a prompt: the cache stores the other half (statistics and headers on top).
+    for codec in ("compact", "sampled"):
+        chat, text = row[f"{codec}+chat"], row[codec]
+        assert chat["file_bytes_per_block"] < 0.7 * text["file_bytes_per_block"]
+        assert abs(chat["file_bytes_per_stored_token"] - 2 * chat["file_bytes_per_token"]) <= 0.2  # rounded to 0.1
     step = out["teacher_step"]
     assert {"full", "chunked"} <= set(step) and step["chunked"]["peak_rss_mb"] > 0
 

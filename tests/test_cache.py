@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.numpy import load_file
 
 import teachers.cache.writer as cache_mod
 from teachers.cache import (CacheCorrupt, CacheLocked, CacheMismatch, CacheReader, CacheWriteError, describe_cache,
@@ -378,3 +380,65 @@ def test_prefetched_reads_equal_direct_reads(reference):
         assert torch.equal(sig.topk_ids, ref_sig.topk_ids) and torch.equal(sig.topk_logprobs, ref_sig.topk_logprobs)
         assert torch.equal(valid, ref_valid)
     assert not teacher._pending and teacher.reads == 6
+
+
+def _prompt_targets(splits: dict) -> dict:
+    """Per split (N, T) next tokens, chat-like: a prompt of varied length (no training target)
+    opens each sequence, and sequence 1 has no target at all."""
+    from teachers import untrained
+
+    out = {}
+    for split, x in splits.items():
+        t = x.clone()
+        for i in range(len(t)):
+            t[i, : (5 * i + 3) % t.shape[1]] = untrained(t[i, : (5 * i + 3) % t.shape[1]])
+        if len(t) > 1:
+            t[1] = untrained(t[1])
+        out[split] = t
+    return out
+
+
+@pytest.mark.parametrize("encoding", ["lossless", "fp16", "compact", "sampled"])
+def test_only_training_targets_are_stored_and_read_back_as_a_full_cache_reads_them(tmp_path, encoding):
+    """Given the targets, shards hold the signal at training targets only; read in any order,
+    those positions equal a cache of every position, the others are placeholders (valid, no
+    mass a loss could read), and the files are smaller by about the prompts' share."""
+    teacher_fn, splits, _ = worker.setup()
+    targets = _prompt_targets(splits)
+    full = worker.write(tmp_path / "full", encoding=encoding)
+    part = worker.write(tmp_path / "part", encoding=encoding, targets=targets)
+    assert verify_cache(part) == []
+    for split in ("train", "val"):
+        rf, rp = CacheReader(full, split), CacheReader(part, split)
+        idx = list(range(len(rf)))[::-1] + [1, 0]  # reversed, with the no-target sequence again
+        (sf, vf), (sp, vp) = rf.read(idx), rp.read(idx)
+        trained = targets[split][idx] >= 0  # (B, T)
+        assert trained.any() and not trained.all()
+        lf, lp = sf.topk_logprobs[trained], sp.topk_logprobs[trained]
+        width = max(lf.shape[-1], lp.shape[-1])  # sampled: the widest token of the batch
+        lf = torch.nn.functional.pad(lf, (0, width - lf.shape[-1]), value=float("-inf"))
+        lp = torch.nn.functional.pad(lp, (0, width - lp.shape[-1]), value=float("-inf"))
+        assert torch.equal(lf, lp)
+        drawn = lf > float("-inf")
+        assert torch.equal(sf.topk_ids[trained][drawn[:, :sf.k]], sp.topk_ids[trained][drawn[:, :sp.k]])
+        assert torch.equal(vf[trained], vp[trained]) and vp[~trained].all()
+        if encoding == "sampled":  # one id at frequency 1
+            assert torch.equal(sp.topk_logprobs[~trained][:, 0], torch.zeros(int((~trained).sum())))
+        else:  # ids 0..k-1 at -log V, as for a non-finite teacher token
+            assert torch.equal(sp.topk_ids[~trained], torch.arange(K).expand(int((~trained).sum()), K))
+            assert torch.allclose(sp.topk_logprobs[~trained], torch.tensor(-math.log(worker.VOCAB)))
+        if encoding == "sampled":
+            assert torch.equal(sf.entropy[trained], sp.entropy[trained])
+            assert torch.isnan(sp.difficulty[~trained]).all() and torch.isfinite(sp.difficulty[trained]).all()
+    d_full, d_part = describe_cache(full), describe_cache(part)
+    stored = sum(int((t >= 0).sum()) for t in targets.values())
+    assert d_part["stored_tokens"] == stored < d_full["stored_tokens"] == d_full["tokens"] == d_part["tokens"]
+    assert d_part["stored_positions"] == "targets" and d_full["stored_positions"] == "all"
+    # The signal's arrays shrink with the encoded rows: the stored tokens, padded per sequence
+    # to whole groups (the difficulty statistics and the position bits come on top).
+    rows = sum(e["rows"] for s in json.loads((part / "manifest.json").read_text())["splits"].values() for e in s["shards"])
+    assert stored <= rows < stored + len(splits["train"]) * worker.SEQ_LEN
+    signal_bytes = {d: sum(a.nbytes for p in _shards(d) for name, a in load_file(p).items()
+                           if name not in ("stored", "token_stats", "sequence_stats", "invalid"))
+                    for d in (full, part)}
+    assert signal_bytes[part] < signal_bytes[full] * rows / d_full["tokens"] * 1.1 + 64 * len(_shards(part))

@@ -111,3 +111,45 @@ def test_chunked_sampling_equals_sampling_the_full_logits():
     sig, valid = teacher.signal(Batch([10, 11, 12], ids, ids))  # online: the same draws for these blocks
     assert valid.all()
     torch.testing.assert_close(sig.topk_logprobs.exp().sum(-1), torch.ones(3, 7))
+
+
+@pytest.mark.parametrize("estimator", ["topk", "sampled"])
+@pytest.mark.parametrize("chunked", [True, False])
+def test_online_signal_is_computed_at_labelled_positions_only(estimator, chunked):
+    """Chat data: positions without a label (the prompt) skip the lm_head and the top-k or
+    draws.  The labelled ones get the signal a full computation gives; the others a
+    placeholder, valid, with NaN difficulty."""
+    import teachers.live as live
+    from teachers import IGNORE
+    from teachers.cache.format import Sampling
+
+    model = tiny_teacher(64)
+    sampling = Sampling(n=12, temperature=1.0, seed=4) if estimator == "sampled" else None
+    teacher = LiveTeacher(model, k=8, vocab_size=64, device=torch.device("cpu"), sampling=sampling)
+    teacher.chunked_head, teacher.chunk_tokens = chunked and teacher.chunked_head, 5
+    ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(0))
+    labels = torch.roll(ids, -1, 1)
+    masked = labels.clone()
+    masked[0, :4], masked[2, :] = IGNORE, IGNORE  # a prompt; a block without a label
+    full, _ = teacher.signal(Batch([0, 1, 2], ids, labels))
+    seen = []
+    reduce = live.topk_logprobs if sampling is None else live.sample_signal
+    spy = lambda logits, *a, **kw: seen.append(logits.shape[0]) or reduce(logits, *a, **kw)  # noqa: E731
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(live, "topk_logprobs" if sampling is None else "sample_signal", spy)
+        part, valid = teacher.signal(Batch([0, 1, 2], ids, masked))
+    where = masked != IGNORE
+    assert sum(seen) == int(where.sum()) == 10  # rows that reached the top-k or the draws
+    assert valid.all()
+    width = part.topk_ids.shape[-1]
+    assert torch.equal(part.topk_ids[where], full.topk_ids[where][:, :width])
+    # The lm_head over other rows rounds differently (matmul blocking): close, not bitwise.
+    torch.testing.assert_close(part.topk_logprobs[where], full.topk_logprobs[where][:, :width], rtol=0, atol=1e-5)
+    torch.testing.assert_close(part.difficulty[where], full.difficulty[where])
+    assert torch.isnan(part.difficulty[~where]).all()
+    if sampling is not None:
+        torch.testing.assert_close(part.entropy[where], full.entropy[where])  # other chunks: rounding
+        assert (part.entropy[~where] == 0).all()
+        assert (part.topk_logprobs[~where][:, 0] == 0).all()
+    else:
+        assert torch.equal(part.topk_ids[~where], torch.arange(8).expand(int((~where).sum()), 8))

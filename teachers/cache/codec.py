@@ -297,10 +297,11 @@ class CompactCodec:
         q_of = self._dequantise(np.arange(top + 1), params)
         levels = np.minimum(levels, top)  # corrupt input must not index past the table
         logp = np.log(q_of)[levels] + (log_mass - np.log(q_of[levels].sum(1)))[:, None]
-        # Most likely first: the stored top-1, then by level; a stable sort keeps ties in
-        # ascending-id order because entries are stored sorted by id.
-        key = np.where(np.arange(k) == top1_pos[:, None], top + 1, levels)
-        order = np.argsort(-key, axis=1, kind="stable")
+        # Most likely first: the stored top-1, then by level, ties in ascending-id order
+        # (entries are stored sorted by id).  One sort of a unique composite key
+        # (rank of the level) * k + entry does it, ~5x faster than a stable argsort.
+        key = np.where(np.arange(k) == top1_pos[:, None], top + 1, levels)  # (n, k), higher first
+        order = np.sort((top + 1 - key) * k + np.arange(k), axis=1) % k
         ids = ids.reshape(B * group, k)
         return (np.take_along_axis(ids, order, 1),
                 np.take_along_axis(logp, order, 1).astype(np.float32))

@@ -13,7 +13,7 @@ import torch
 
 from common.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards may store the training targets only (rows.py)
 MANIFEST = "manifest.json"
 
 

@@ -13,14 +13,16 @@ import torch
 from teachers.cache.format import (FORMAT_VERSION, MANIFEST, CacheCorrupt, Sampling, identity_diffs, mismatch_error,
                                    read_json, sha256_file)
 from teachers.cache.codec import get_codec, safetensors_header
+from teachers.cache.rows import STORE_GROUP, first_groups, stored_bits
 from losses.difficulty import STATS
 from losses.signal import TeacherSignal
 
 
-def _read_header(path: Path, entry: dict, seq_len: int) -> tuple[int, dict]:
+def _read_header(path: Path, entry: dict, seq_len: int, group: int) -> tuple[int, dict]:
     """safetensors_header(path), checked against the shard's manifest entry: raises
     CacheCorrupt naming the shard when it is missing, unreadable, has another size or
-    holds another token count."""
+    holds another token count.  group: the codec's rows per group in a shard that stores
+    the training targets only (rows.py)."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -32,10 +34,12 @@ def _read_header(path: Path, entry: dict, seq_len: int) -> tuple[int, dict]:
         base, tensors, _ = safetensors_header(path)
     except (OSError, ValueError, KeyError) as e:
         raise CacheCorrupt(f"shard {path} is unreadable ({e!r}); rerun write_cache to rewrite it") from None
-    # Tokens held: rows of `values` (fixed-width codecs) or groups * seq_len (compact).
-    tokens = tensors["values"][1][0] if "values" in tensors else (tensors["offsets"][1][0] - 1) * seq_len
-    if tokens != entry["tokens"]:
-        raise CacheCorrupt(f"shard {path} holds {tokens} tokens, the manifest says {entry['tokens']}")
+    # Rows held: rows of `values` (fixed-width codecs) or groups * rows per group (the others).
+    stored = "stored" in tensors
+    rows = tensors["values"][1][0] if "values" in tensors else (tensors["offsets"][1][0] - 1) * (group if stored else seq_len)
+    want = entry.get("rows", -1) if stored else entry["tokens"]
+    if rows != want or (stored and tensors["stored"][1][0] * seq_len != entry["tokens"]):
+        raise CacheCorrupt(f"shard {path} holds {rows} rows, the manifest says {want}")
     return base, tensors
 
 
@@ -75,7 +79,8 @@ class CacheReader:
                                f"0..{info['sequences']} contiguously")
         self._starts = np.array([r[0] for r in ranges], np.int64)
         self._n = info["sequences"]
-        self._headers = [_read_header(self.dir / e["file"], e, self.seq_len) for e in self.shards]
+        self.store_group = manifest.get("stored", {}).get("group", STORE_GROUP)
+        self._headers = [_read_header(self.dir / e["file"], e, self.seq_len, self.store_group) for e in self.shards]
         if verify:
             bad = [e["file"] for e in self.shards if sha256_file(self.dir / e["file"]) != e["sha256"]]
             if bad:
@@ -103,6 +108,8 @@ class CacheReader:
             mm = np.memmap(self.dir / self.shards[i]["file"], dtype=np.uint8, mode="r").view(np.ndarray)
             arrays = {name: mm[base + a: base + b].view(dt).reshape(shape) if b > a else np.zeros(shape, dt)
                       for name, (dt, shape, a, b) in tensors.items()}
+            if "stored" in arrays:  # (n + 1,) each sequence's first codec group (rows.py)
+                arrays["first_group"] = first_groups(stored_bits(arrays["stored"], self.seq_len).sum(1), self.store_group)
             self._open[i] = arrays
             if len(self._open) > self._max_open:
                 self._open.popitem(last=False)
@@ -126,14 +133,17 @@ class CacheReader:
             sel = np.flatnonzero(shard == s)
             arrays = self._arrays(int(s))
             local = idx[sel] - self._starts[s]  # sequence index within the shard
-            i, lp = self.codec.decode(arrays, self.k, self.vocab_size, self.seq_len, local)
-            ids[sel] = i.reshape(len(sel), self.seq_len, self.k)
-            lps[sel] = lp.reshape(len(sel), self.seq_len, self.k)
-            if entropy is not None:
-                entropy[sel] = np.asarray(arrays["entropy"]).reshape(-1, self.seq_len)[local].astype(np.float32)
-            if difficulty is not None:
-                stats = np.asarray(arrays["token_stats"]).reshape(-1, self.seq_len, len(STATS))
-                difficulty[sel] = stats[local].astype(np.float32)
+            if "stored" in arrays:
+                self._read_stored(arrays, sel, local, ids, lps, entropy, difficulty)
+            else:  # every position stored, one codec group per sequence
+                i, lp = self.codec.decode(arrays, self.k, self.vocab_size, self.seq_len, local)
+                ids[sel] = i.reshape(len(sel), self.seq_len, self.k)
+                lps[sel] = lp.reshape(len(sel), self.seq_len, self.k)
+                if entropy is not None:
+                    entropy[sel] = np.asarray(arrays["entropy"]).reshape(-1, self.seq_len)[local].astype(np.float32)
+                if difficulty is not None:
+                    stats = np.asarray(arrays["token_stats"]).reshape(-1, self.seq_len, len(STATS))
+                    difficulty[sel] = stats[local].astype(np.float32)
             bad = np.asarray(arrays["invalid"])  # flat token indices within the shard
             if bad.size:
                 seq, pos = np.divmod(bad, self.seq_len)
@@ -148,6 +158,37 @@ class CacheReader:
                             kind="sampled", entropy=torch.from_numpy(entropy), temperature=self.sampling.temperature,
                             difficulty=difficulty)
         return sig, torch.from_numpy(valid)
+
+    def _read_stored(self, arrays: dict, sel: np.ndarray, local: np.ndarray, ids: np.ndarray, lps: np.ndarray,
+                     entropy: np.ndarray | None, difficulty: np.ndarray | None) -> None:
+        """Fill rows `sel` of the (B, T, ...) outputs with sequences `local` of a shard that
+        stores the training targets only (rows.py).  Other positions get a placeholder no
+        loss reads (labels mask them): ids 0..k-1 at log-prob -log V (top-k), or one id at
+        frequency 1 and entropy 0 (sampled); NaN difficulty."""
+        seq_len, k, group = self.seq_len, self.k, self.store_group
+        bits = stored_bits(arrays["stored"][local], seq_len)  # (b, T)
+        first = arrays["first_group"]
+        groups = np.concatenate([np.arange(first[q], first[q + 1]) for q in local])  # their codec groups, in order
+        # Encoded rows that hold a stored token: each sequence's first `count` rows of its groups.
+        keep = np.concatenate([np.arange((first[q + 1] - first[q]) * group) < c for q, c in zip(local, bits.sum(1))])
+        sub_ids = np.broadcast_to(np.arange(k), (len(sel), seq_len, k)).copy()
+        sub_lps = np.full((len(sel), seq_len, k), -np.log(self.vocab_size) if self.sampling is None else -np.inf,
+                          np.float32)
+        if self.sampling is not None:
+            sub_lps[..., 0] = 0.0
+        rows = (groups[:, None] * group + np.arange(group)).reshape(-1)[keep]  # (stored,) encoded row indices
+        if len(groups):
+            i, lp = self.codec.decode(arrays, k, self.vocab_size, group, groups)
+            sub_ids[bits], sub_lps[bits] = i[keep], lp[keep]
+        ids[sel], lps[sel] = sub_ids, sub_lps
+        if entropy is not None:
+            sub = np.zeros((len(sel), seq_len), np.float32)
+            sub[bits] = np.asarray(arrays["entropy"])[rows]
+            entropy[sel] = sub
+        if difficulty is not None:
+            sub = np.full((len(sel), seq_len, len(STATS)), np.nan, np.float32)
+            sub[bits] = np.asarray(arrays["token_stats"])[rows]
+            difficulty[sel] = sub
 
     def sequence_stats(self) -> torch.Tensor:
         """(N, 4) fp32: every sequence's mean teacher nll, entropy and top1 over its training
@@ -182,7 +223,7 @@ def verify_cache(cache_dir) -> list[str]:
                 problems.append(f"split {split}: sequences {end}..{e['sequences'][0]} have no shard")
             end = e["sequences"][1]
             try:
-                _read_header(cache_dir / e["file"], e, manifest["seq_len"])
+                _read_header(cache_dir / e["file"], e, manifest["seq_len"], manifest.get("stored", {}).get("group", 0))
             except CacheCorrupt as err:
                 problems.append(str(err))
                 continue
@@ -203,8 +244,11 @@ def describe_cache(cache_dir) -> dict:
     for name, info in m["splits"].items():
         size = sum((cache_dir / e["file"]).stat().st_size for e in info["shards"] if (cache_dir / e["file"]).exists())
         splits[name] = {"sequences": info["sequences"], "tokens": info.get("tokens", 0), "shards": len(info["shards"]),
-                        "bytes": size, "nonfinite_tokens": info.get("nonfinite_tokens", 0)}
+                        "bytes": size, "nonfinite_tokens": info.get("nonfinite_tokens", 0),
+                        "stored_tokens": sum(e.get("stored_tokens", e["tokens"]) for e in info["shards"])}
     tokens = sum(s["tokens"] for s in splits.values())
+    stored = sum(s["stored_tokens"] for s in splits.values())
+    blocks = sum(s["sequences"] for s in splits.values())
     size = sum(s["bytes"] for s in splits.values())
     sampling = Sampling.of_manifest(m)
     estimator = "top-k" if sampling is None else f"sampled (n={sampling.n}, T={sampling.temperature:g})"
@@ -212,4 +256,6 @@ def describe_cache(cache_dir) -> dict:
             "identity": m["identity"], "estimator": estimator, "k": m["k"], "encoding": m["encoding"], "vocab_size": m["vocab_size"],
             "seq_len": m["seq_len"], "splits": splits, "shards": sum(s["shards"] for s in splits.values()),
             "tokens": tokens, "bytes": size, "bytes_per_token": size / tokens if tokens else None,
+            "stored_positions": m.get("stored", {}).get("positions", "all"), "stored_tokens": stored,
+            "bytes_per_stored_token": size / stored if stored else None, "bytes_per_block": size / blocks if blocks else None,
             "nonfinite_tokens": sum(s["nonfinite_tokens"] for s in splits.values())}

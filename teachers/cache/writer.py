@@ -20,6 +20,11 @@ their means over the sequence's training targets and the targets' count
 the manifest lists their names under `difficulty`.  A shard written without them is not
 reused by a run that wants them.
 
+Stored positions: given the next tokens, a shard stores the signal (and `entropy`,
+`token_stats`) at the training targets only, with their positions as bits (`stored`; the
+layout is in rows.py); the manifest says `stored: {positions: targets, group: 32}`, each
+entry its `stored_tokens`.  On chat data the prompts, often half the tokens, cost nothing.
+
 Crash safety: every file is written to a temp file in the same dir, fsynced, renamed over
 the target, and the dir fsynced; the manifest is rewritten that way after each shard.  A
 rerun keeps every listed shard whose sha256 still matches and recomputes the rest; shard
@@ -58,7 +63,8 @@ from common.fsutil import write_file_atomically
 from teachers.cache.codec import get_codec, safetensors_bytes
 from teachers.cache.format import (FORMAT_VERSION, MANIFEST, CacheLocked, CacheWriteError, Sampling, identity_diffs,
                                    mismatch_error, read_json, sha256_file)
-from losses.difficulty import STATS, sequence_difficulty, token_difficulty
+from teachers.cache.rows import STORE_GROUP, encoded_rows
+from losses.difficulty import STATS, sequence_difficulty
 from losses.signal import TeacherSignal, placeholder_invalid, sample_signal, topk_logprobs
 from teachers.protocol import TeacherUnavailable, token_ids
 
@@ -179,12 +185,13 @@ def _topk(out, k: int, vocab_size: int, targets: torch.Tensor | None):
     return ids.cpu(), vals.cpu(), ~valid.cpu(), None, difficulty
 
 
-def _accepts_targets(fn) -> bool:
+def _accepts(fn, name: str) -> bool:
+    """Whether fn takes the keyword argument `name`."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):  # a builtin or C callable: it cannot be asked
         return False
-    return "targets" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _difficulty_of(stats, lead) -> torch.Tensor:
@@ -206,10 +213,8 @@ def _sampled(out, sampling: Sampling, vocab_size: int, keys: torch.Tensor, targe
     if not isinstance(out, TeacherSignal):
         if out.dim() != 3 or out.shape[-1] != vocab_size:
             raise ValueError(f"teacher_fn returned {tuple(out.shape)}, expected (B, T, {vocab_size})")
-        difficulty = None if targets is None else token_difficulty(out.reshape(-1, vocab_size), targets.reshape(-1)).cpu()
-        out = sample_signal(out, n, sampling.temperature, sampling.seed, keys)
-    else:
-        difficulty = None if targets is None else _difficulty_of(out.difficulty, out.topk_ids.shape[:2])
+        out = sample_signal(out, n, sampling.temperature, sampling.seed, keys, targets)  # one pass, difficulty too
+    difficulty = None if targets is None else _difficulty_of(out.difficulty, out.topk_ids.shape[:2])
     sig = out.flatten()
     ids = torch.zeros(sig.topk_ids.shape[0], n, dtype=torch.int64)
     vals = torch.full((sig.topk_ids.shape[0], n), float("-inf"))
@@ -308,13 +313,16 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
         raise err or RuntimeError("another rank refused the cache dir; see its error")
     try:
         stats = list(STATS) if targets is not None else None
+        stored = {"positions": "targets", "group": min(STORE_GROUP, seq_len)} if targets is not None else {"positions": "all"}
         if final and final.get("complete") and not (upgrade and stats and final.get("difficulty") != stats):
             return cache_dir
-        # A shard written without (or with other) difficulty statistics is recomputed.
-        prior = {e["file"]: e for old in (final, partial) if old and old.get("difficulty") == stats
+        # A shard written without (or with other) difficulty statistics, or storing other positions, is recomputed.
+        prior = {e["file"]: e for old in (final, partial)
+                 if old and old.get("difficulty") == stats and old.get("stored", {"positions": "all"}) == stored
                  for s in old["splits"].values() for e in s["shards"]}
         manifest = dict(format_version=FORMAT_VERSION, identity=ident, k=k, encoding=encoding, vocab_size=vocab,
                         seq_len=seq_len, world_size=world_size, shard_sequences=shard_sequences, complete=False,
+                        stored=stored,
                         splits={s: {"sequences": n, "shards": [], "tokens": 0, "nonfinite_tokens": 0}
                                 for s, n in counts.items()})
         if stats is not None:
@@ -402,22 +410,27 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
     forwards = sum(-(-(e["sequences"][1] - e["sequences"][0]) // batch_size) for _, e, reuse in plan if not reuse)
     total = lockstep.max(forwards) if lockstep is not None else forwards
     calls, in_teacher = 0, False
-    takes_targets = _accepts_targets(teacher_fn)  # else it returns logits and the stats are computed here
+    takes_targets = _accepts(teacher_fn, "targets")  # else it returns logits and the stats are computed here
+    # A teacher that can skip positions computes the signal at the stored ones only (rows.py).
+    takes_where = takes_targets and _accepts(teacher_fn, "where")
 
     @torch.no_grad()
-    def call(split, x, first_seq: int, t, p=None):
+    def call(split, x, first_seq: int, t, p=None, w=None):
         """t: (B, T) plain next-token ids when difficulty statistics are kept, else None;
-        p: (B, T) position ids of packed rows, else None."""
+        p: (B, T) position ids of packed rows, else None; w: (B, T) bool, the positions
+        that are stored (training targets), else None."""
         nonlocal calls, in_teacher
         calls, in_teacher = calls + 1, True
         args = (x,) if sampling is None else (x, sampling.keys(split, range(first_seq, first_seq + x.shape[0]), seq_len))
         kwargs = ({"targets": t} if t is not None and takes_targets else {}) | ({} if p is None else {"position_ids": p})
+        if w is not None and takes_where:
+            kwargs["where"] = w
         out = teacher_fn(*args, **kwargs)
         in_teacher = False
         return out
 
-    def signal_of(split, x, first_seq, t, p):
-        out = call(split, x, first_seq, t, p)
+    def signal_of(split, x, first_seq, t, p, w):
+        out = call(split, x, first_seq, t, p, w)
         if sampling is None:
             return _topk(out, k, vocab, t)
         keys = sampling.keys(split, range(first_seq, first_seq + x.shape[0]), seq_len)
@@ -430,14 +443,24 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
                 call("padding", dummy, 0, None if targets is None else torch.zeros_like(dummy))
 
     def finish(split, entry, ids, vals, bad, entropy, difficulty, trained):
-        arrays = codec.encode(ids.numpy(), vals.numpy(), vocab, group=seq_len)
-        arrays["invalid"] = np.flatnonzero(bad.numpy()).astype(np.int64)
-        if entropy is not None:  # sampled: the teacher's entropy at T makes the KL's value unbiased
-            arrays["entropy"] = entropy.numpy().astype(np.float16)
-        if difficulty is not None:  # (n*T, 3) per token; per sequence over its valid training targets
-            arrays["token_stats"] = difficulty.numpy().astype(np.float16)
+        """ids, vals (n*T, k); bad, entropy (n*T,); difficulty (n*T, 3); trained (n, T) bool or
+        None.  With `trained`, only the training targets are stored (teachers/cache/rows.py)."""
+        arrays, group, rows = {}, seq_len, None
+        if difficulty is not None:  # per sequence over its valid training targets
             per_seq = sequence_difficulty(difficulty.view(-1, seq_len, len(STATS)), trained & ~bad.view(-1, seq_len))
             arrays["sequence_stats"] = per_seq.numpy()
+        if trained is not None:
+            arrays["stored"] = np.packbits(trained.numpy(), axis=1)
+            group = manifest["stored"]["group"]
+            rows = torch.from_numpy(encoded_rows(trained.numpy(), group))
+            entry.update(stored_tokens=int(trained.sum()), rows=len(rows))
+        pick = (lambda x: x) if rows is None else (lambda x: x[rows])  # noqa: E731  token rows -> encoded rows
+        arrays.update(codec.encode(pick(ids).numpy(), pick(vals).numpy(), vocab, group=group))
+        arrays["invalid"] = np.flatnonzero(bad.numpy()).astype(np.int64)  # flat token indices, stored or not
+        if entropy is not None:  # sampled: the teacher's entropy at T makes the KL's value unbiased
+            arrays["entropy"] = pick(entropy).numpy().astype(np.float16)
+        if difficulty is not None:
+            arrays["token_stats"] = pick(difficulty).numpy().astype(np.float16)
         meta = {"format": "distill-topk-cache", "format_version": str(FORMAT_VERSION), "encoding": codec.name,
                 "k": str(k), "vocab_size": str(vocab), "seq_len": str(seq_len), "split": split,
                 "sequences": f"{entry['sequences'][0]}-{entry['sequences'][1]}"}
@@ -451,6 +474,7 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
         s["shards"].append(entry)
         s["tokens"] = sum(e["tokens"] for e in s["shards"])
         s["nonfinite_tokens"] = sum(e["nonfinite_tokens"] for e in s["shards"])
+        s["stored_tokens"] = sum(e.get("stored_tokens", e["tokens"]) for e in s["shards"])
         _atomic_write(manifest_path, _dump(manifest))
 
     pending = None
@@ -472,7 +496,8 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
                     try:
                         outs = [signal_of(split, x[b0:b0 + batch_size], s0 + b0,
                                           None if plain is None else plain[b0:b0 + batch_size],
-                                          None if pos is None else pos[b0:b0 + batch_size])
+                                          None if pos is None else pos[b0:b0 + batch_size],
+                                          None if t is None else t[b0:b0 + batch_size] >= 0)
                                 for b0 in range(0, s1 - s0, batch_size)]
                     except TeacherUnavailable as e:  # name the shard it stopped in
                         raise TeacherUnavailable(f"cache shard {entry['file']} ({split} sequences {s0}-{s1}): {e}") from None
@@ -509,7 +534,8 @@ def _merge(cache_dir: Path, world_size: int, cleanup: bool) -> bool:
         shards = sorted((e for p in parts for e in p["splits"][split]["shards"]), key=lambda e: e["sequences"][0])
         merged["splits"][split] = {"sequences": parts[0]["splits"][split]["sequences"], "shards": shards,
                                    "tokens": sum(e["tokens"] for e in shards),
-                                   "nonfinite_tokens": sum(e["nonfinite_tokens"] for e in shards)}
+                                   "nonfinite_tokens": sum(e["nonfinite_tokens"] for e in shards),
+                                   "stored_tokens": sum(e.get("stored_tokens", e["tokens"]) for e in shards)}
     _atomic_write(cache_dir / MANIFEST, _dump(merged))
     if cleanup:  # every rank is past its last write: safe to drop leftovers
         _cleanup(cache_dir, merged)
