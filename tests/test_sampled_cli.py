@@ -35,6 +35,8 @@ def test_sampled_cache_trains_evaluates_and_inspects(online_setup, tmp_path):
     assert all(row["soft"] > 0 for row in rows if row["kind"] == "train")  # the sampled KL is trained on
     r = run_cli("inspect", str(tmp_path / "run" / "cache"), "--verify")
     assert r.returncode == 0 and "sampled (n=24, T=2)" in r.stdout and "verify: ok" in r.stdout
+    shown = " ".join(r.stdout.split())  # rich wraps long cells
+    assert "(training targets only)" in shown and "bytes each" in shown and "bytes/block" in shown
     # The same cache, asked for by a top-k config: one line, exit 2.
     cfg2 = _config(online_setup, tmp_path, teacher={"source": "cache"})
     raw = yaml.safe_load(cfg2.read_text())

@@ -33,7 +33,8 @@ def cache_rows(d: dict) -> dict:
             "estimator": d["estimator"], "encoding": d["encoding"], "k": d["k"], "vocab_size": f"{d['vocab_size']:,}", "seq_len": f"{d['seq_len']:,}",
             "tokens": f"{d['tokens']:,}", "size": f"{human_bytes(d['bytes'])} in {d['shards']:,} shards",
             "bytes/token": "-" if bpt is None else f"{bpt:.1f}",
-            "stored": (f"{d['stored_tokens']:,} tokens ({d['stored_positions']} positions), "
+            "stored": (f"{d['stored_tokens']:,} tokens ("
+                       + ("training targets only" if d["stored_positions"] == "targets" else "every position") + "), "
                        + ("-" if d["bytes_per_stored_token"] is None else f"{d['bytes_per_stored_token']:.1f} bytes each")),
             "bytes/block": "-" if d["bytes_per_block"] is None else f"{d['bytes_per_block']:,.0f}",
             "non-finite tokens": f"{d['nonfinite_tokens']:,}"}
