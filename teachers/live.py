@@ -155,45 +155,23 @@ class LiveTeacher:
         position_ids (B, T): packed rows' positions (see `Batch`), or None.  where (B, T)
         bool: compute the signal at these positions only; the others get the placeholder
         ids 0..k-1 at log-prob -log V and NaN difficulty (for positions no loss reads)."""
-        if where is not None and not bool(where.all()):
-            return self._topk_where(input_ids, targets, position_ids, where)
+        rows = _rows_of(where)
         flat_targets = None if targets is None else targets.reshape(-1)
+        flat_targets = flat_targets if rows is None or flat_targets is None else flat_targets[rows]
 
         def reduce(logits, start, end):
             if flat_targets is None:
                 return (*topk_logprobs(logits, self.k), None)
             return topk_logprobs(logits, self.k, flat_targets[start:end])  # one pass: top-k and difficulty
 
-        parts = self._reduced(input_ids, reduce, position_ids)
-        shape = input_ids.shape + (self.k,)
-        values, ids = torch.cat([p[0] for p in parts]).reshape(shape), torch.cat([p[1] for p in parts]).reshape(shape)
-        if targets is None:
-            return values, ids
-        return values, ids, torch.cat([p[2] for p in parts]).reshape(*input_ids.shape, len(STATS))
-
-    def _topk_where(self, input_ids, targets, position_ids, where):
-        """`topk` at the positions `where` (B, T) only: the lm_head and top-k skip the rest."""
-        rows = where.reshape(-1).nonzero().squeeze(1)  # (M,)
-        flat_targets = None if targets is None else targets.reshape(-1)[rows]
-
-        def reduce(logits, start, end):
-            if flat_targets is None:
-                return (*topk_logprobs(logits, self.k), None)
-            return topk_logprobs(logits, self.k, flat_targets[start:end])
-
-        parts = self._reduced(input_ids, reduce, position_ids, rows)
-        tokens = input_ids.numel()
-        values = torch.full((tokens, self.k), -math.log(self.vocab_size))
-        ids = torch.arange(self.k).repeat(tokens, 1)
-        if parts:
-            values[rows] = torch.cat([p[0] for p in parts]).cpu()
-            ids[rows] = torch.cat([p[1] for p in parts]).cpu()
-        shape = input_ids.shape + (self.k,)
+        parts = self._reduced(input_ids, reduce, position_ids, rows) or [  # no position to compute at
+            (torch.zeros(0, self.k), torch.zeros(0, self.k, dtype=torch.int64), torch.zeros(0, len(STATS)))]
+        tokens, shape = input_ids.numel(), input_ids.shape + (self.k,)
+        values = _spread(torch.cat([p[0] for p in parts]), rows, tokens, torch.tensor(-math.log(self.vocab_size)))
+        ids = _spread(torch.cat([p[1] for p in parts]), rows, tokens, torch.arange(self.k))
         if targets is None:
             return values.reshape(shape), ids.reshape(shape)
-        stats = torch.full((tokens, len(STATS)), float("nan"))
-        if parts:
-            stats[rows] = torch.cat([p[2] for p in parts]).cpu()
+        stats = _spread(torch.cat([p[2] for p in parts]), rows, tokens, torch.tensor(float("nan")))
         return values.reshape(shape), ids.reshape(shape), stats.reshape(*input_ids.shape, len(STATS))
 
     def sample(self, input_ids: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor | None = None,
@@ -205,9 +183,8 @@ class LiveTeacher:
         frequency 1, entropy 0 and NaN difficulty (for positions no loss reads)."""
         n, flat_keys = self.sampling.n, keys.reshape(-1).to(self.device)
         flat_targets = None if targets is None else targets.reshape(-1)
-        rows = None
-        if where is not None and not bool(where.all()):
-            rows = where.reshape(-1).nonzero().squeeze(1)  # (M,)
+        rows = _rows_of(where)
+        if rows is not None:
             flat_keys = flat_keys[rows.to(flat_keys.device)]
             flat_targets = None if flat_targets is None else flat_targets[rows]
 
@@ -222,20 +199,14 @@ class LiveTeacher:
         logfreq = torch.cat([F.pad(p[1], (0, n - p[1].shape[-1]), value=float("-inf")) for p in parts])
         entropy = torch.cat([p[2] for p in parts])
         difficulty = None if targets is None else torch.cat([p[3] for p in parts])
-        if rows is not None:  # back to every position, the skipped ones as placeholders
-            rows = rows.to(ids.device)
-            tokens = input_ids.numel()
-            full_ids = torch.zeros(tokens, n, dtype=ids.dtype, device=ids.device)
-            full_logfreq = torch.full((tokens, n), float("-inf"), device=ids.device)
-            full_logfreq[:, 0] = 0.0
-            full_entropy = torch.zeros(tokens, device=ids.device)
-            full_ids[rows], full_logfreq[rows], full_entropy[rows] = ids, logfreq, entropy.float()
-            ids, logfreq, entropy = full_ids, full_logfreq, full_entropy
-            if difficulty is not None:
-                full = torch.full((tokens, len(STATS)), float("nan"), device=difficulty.device)
-                full[rows] = difficulty
-                difficulty = full
-        difficulty = None if difficulty is None else difficulty.reshape(*input_ids.shape, len(STATS))
+        tokens = input_ids.numel()  # back to every position, the skipped ones as placeholders:
+        one_id = torch.full((n,), float("-inf"))
+        one_id[0] = 0.0  # id 0 at frequency 1
+        ids = _spread(ids, rows, tokens, torch.tensor(0))
+        logfreq = _spread(logfreq, rows, tokens, one_id)
+        entropy = _spread(entropy.float(), rows, tokens, torch.tensor(0.0))
+        if difficulty is not None:
+            difficulty = _spread(difficulty, rows, tokens, torch.tensor(float("nan"))).reshape(*input_ids.shape, len(STATS))
         return TeacherSignal(ids.reshape(*input_ids.shape, n), logfreq.reshape(*input_ids.shape, n), kind="sampled",
                              entropy=entropy.reshape(input_ids.shape), temperature=self.sampling.temperature,
                              difficulty=difficulty)
@@ -273,6 +244,21 @@ class LiveTeacher:
         values, ids, difficulty = self.topk(batch.input_ids, targets, batch.position_ids, where)
         values, ids, valid = placeholder_invalid(values, ids, self.vocab_size)  # valid: (B, T)
         return TeacherSignal(ids, values, difficulty=difficulty.cpu()), valid.cpu()
+
+
+def _rows_of(where: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, T) bool positions to compute at -> their flat indices (M,); None: every position."""
+    return None if where is None or bool(where.all()) else where.reshape(-1).nonzero().squeeze(1)
+
+
+def _spread(x: torch.Tensor, rows: torch.Tensor | None, tokens: int, fill: torch.Tensor) -> torch.Tensor:
+    """x (M, ...) computed at flat positions `rows` -> (tokens, ...), `fill` (broadcast to x's
+    trailing shape) at the others; rows None: x is every position already."""
+    if rows is None:
+        return x
+    out = fill.to(x.dtype).expand(tokens, *x.shape[1:]).clone().to(x.device)
+    out[rows.to(x.device)] = x
+    return out
 
 
 def _gathered(module: torch.nn.Module):
