@@ -41,7 +41,7 @@ import torch
 from common.errors import UserError
 from losses.signal import TeacherSignal, placeholder_invalid
 from teachers.protocol import Batch, TeacherUnavailable
-from teachers.server_http import ServerClient, ServerRefused, TokenBudget
+from teachers.server_http import IncompleteReply, ServerClient, ServerRefused, TokenBudget
 
 # Strings whose tokenisation must agree between the server and the run: code, prose,
 # whitespace runs, digits, non-ASCII and the tokenizer's own special tokens (added below).
@@ -159,12 +159,14 @@ class ServerTeacher:
         n = len(prompt)
         self.budget.acquire(n)
         try:
-            reply = self.client.request("/v1/completions", self._body(prompt))
+            return self.client.request("/v1/completions", self._body(prompt), read=self._reader(prompt))
         except ServerRefused as e:  # a 4xx mid-run: the server changed under us; never retried
             raise TeacherUnavailable(f"teacher server refused a request: {e}") from None
         finally:
             self.budget.release(n)
-        return parse_prompt_logprobs(reply, prompt, self.k, self.vocab_size)
+
+    def _reader(self, prompt: list[int]):
+        return lambda reply: parse_prompt_logprobs(reply, prompt, self.k, self.vocab_size)
 
     def _body(self, prompt: list[int]) -> dict:
         # temperature 1 and no sampling processors: raw and processed log-probs coincide.  No `seed`:
@@ -196,11 +198,10 @@ class ServerTeacher:
         self._check_tokenizer(tokenizer, tokenizer_dir)
         probe = tokenizer.encode(PROBES[0], add_special_tokens=False)[:16] or [0, 0]
         try:
-            reply = self.client.request("/v1/completions", self._body(probe))
+            vals, _, _ = self.client.request("/v1/completions", self._body(probe), read=self._reader(probe))
         except ServerRefused as e:
             raise UserError(f"cache.k: the server refused {self.k} prompt log-probs per position ({e}); restart it "
                             f"with --max-logprobs {self.k} (or more), or lower cache.k") from None
-        vals, _, _ = parse_prompt_logprobs(reply, probe, self.k, self.vocab_size)
         mass = torch.logsumexp(vals.double(), dim=-1)  # (T,) log of the top-k's probability
         if bool((vals > 1e-4).any()) or bool((mass > 1e-3).any()):
             raise UserError(f"teacher.server: {url} answers values that are not log-probabilities (top-{self.k} "
@@ -230,10 +231,10 @@ def parse_prompt_logprobs(reply: dict, prompt: list[int], k: int, vocab_size: in
     try:
         per_pos = reply["choices"][0]["prompt_logprobs"]
     except (KeyError, IndexError, TypeError):
-        raise TeacherUnavailable(f"teacher server reply has no prompt_logprobs: {str(reply)[:200]}") from None
-    if len(per_pos) != len(prompt):
-        raise TeacherUnavailable(f"teacher server gave log-probs for {len(per_pos)} positions of a "
-                                 f"{len(prompt)}-token prompt")
+        raise IncompleteReply(f"no prompt_logprobs: {str(reply)[:200]}") from None
+    got = len(per_pos or ())
+    if got != len(prompt):  # a request vLLM aborted (it is stopping) comes back cut short
+        raise IncompleteReply(f"log-probs for {got} positions of a {len(prompt)}-token prompt")
     t = len(prompt) - 1
     vals = torch.full((t, k), float("nan"))
     ids = torch.zeros((t, k), dtype=torch.int64)

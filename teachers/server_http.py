@@ -1,7 +1,7 @@
 """Talking to a vLLM server (its OpenAI-compatible HTTP API) with the standard library.
 
-`ServerClient.post` retries what can pass (connection errors, timeouts, 5xx) with exponential
-backoff and full jitter, and never a 4xx (the request itself is wrong: repeating it cannot
+`ServerClient.request` retries what can pass (connection errors, timeouts, 5xx, a reply cut
+short) with exponential backoff and full jitter, and never a 4xx (the request itself is wrong: repeating it cannot
 help).  `TokenBudget` bounds the prompt tokens in requests sent and not yet answered, so
 many concurrent requests never ask the server to hold more than `max_inflight_tokens`.
 `handshake` checks, before any work, everything a run relies on (server.py says what).
@@ -29,6 +29,10 @@ class ServerRefused(UserError):
         self.status = status
 
 
+class IncompleteReply(ValueError):
+    """A 200 reply without all it should hold: a request the server aborted (it was stopping)."""
+
+
 _TRANSIENT = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, socket.timeout)
 
 
@@ -48,13 +52,16 @@ class ServerClient:
             text = resp.read()
         return json.loads(text) if text.strip() else {}
 
-    def request(self, path: str, body: dict | None = None, retries: int | None = None) -> dict:
-        """The JSON answer of GET (body None) or POST `path`.  Raises ServerRefused on a 4xx,
-        TeacherUnavailable once `retries` (default max_retries) retries have failed."""
+    def request(self, path: str, body: dict | None = None, retries: int | None = None, read=None):
+        """The JSON answer of GET (body None) or POST `path`, passed through `read` when given (it
+        raises IncompleteReply on a reply cut short, which is retried like a dropped connection).
+        Raises ServerRefused on a 4xx, TeacherUnavailable once `retries` (default max_retries)
+        retries have failed."""
         retries = self.max_retries if retries is None else retries
         for attempt in range(retries + 1):
             try:
-                return self._once(path, body)
+                reply = self._once(path, body)
+                return reply if read is None else read(reply)
             except urllib.error.HTTPError as e:
                 detail = _error_text(e)
                 if e.code < 500:
@@ -62,6 +69,8 @@ class ServerClient:
                 last = f"HTTP {e.code}: {detail}"
             except _TRANSIENT as e:
                 last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            except IncompleteReply as e:
+                last = f"incomplete reply ({e})"
             except ValueError as e:  # a reply that is not JSON (a proxy's error page, a cut connection)
                 last = f"unreadable reply ({e})"
             if attempt < retries:

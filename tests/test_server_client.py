@@ -21,15 +21,17 @@ from teachers.server_http import ServerClient, ServerRefused, TokenBudget
 
 @pytest.fixture
 def flaky():
-    """An HTTP server answering each request with the next status of `plan` (then 200)."""
-    state = {"plan": [], "calls": 0}
+    """An HTTP server answering each request with the next status of `plan` (then 200), a 200
+    with the next body of `bodies` (then {"ok": true})."""
+    state = {"plan": [], "bodies": [], "calls": 0}
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             state["calls"] += 1
             status = state["plan"].pop(0) if state["plan"] else 200
-            body = json.dumps({"ok": True} if status == 200 else {"error": {"message": f"status {status}"}}).encode()
+            ok = state["bodies"].pop(0) if state["bodies"] else {"ok": True}
+            body = json.dumps(ok if status == 200 else {"error": {"message": f"status {status}"}}).encode()
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -153,6 +155,32 @@ def test_a_position_short_of_k_entries_is_invalid_not_wrong():
     assert torch.isnan(vals[1]).all() and torch.isfinite(vals[0]).all()
 
 
+def test_a_reply_cut_short_is_asked_again_and_one_never_whole_fails_naming_the_server(flaky):
+    """A vLLM server that is stopping answers the requests it aborts with a 200 whose
+    prompt_logprobs stop early; that is the server going away, not the model's answer."""
+    from teachers.server import ServerTeacher
+
+    state, url = flaky
+    torch.manual_seed(2)
+    vocab, k = 30, 4
+    logits, prompt = torch.randn(6, vocab), [3, 1, 4, 1, 5, 9, 2]
+    whole = _reply(logits, prompt, k)
+    cut = {"choices": [{"prompt_logprobs": whole["choices"][0]["prompt_logprobs"][:1]}]}
+    server = ServerTeacher(url, "m", k, vocab, max_retries=2, backoff_s=0.01)
+    state["bodies"] = [cut, whole]
+    vals, ids, _ = server.topk(torch.tensor([prompt[:-1]]), torch.tensor([prompt[1:]]))
+    assert state["calls"] == 2
+    want_vals, want_ids, _ = topk_logprobs(logits, k, torch.tensor(prompt[1:]))
+    assert torch.equal(ids[0], want_ids) and torch.allclose(vals[0], want_vals, atol=1e-6)
+
+    state["calls"], state["bodies"] = 0, [cut] * 5
+    with pytest.raises(TeacherUnavailable, match=rf"{url}/v1/completions failed 3 time\(s\), last: incomplete "
+                                                 r"reply \(log-probs for 1 positions of a 7-token prompt\)"):
+        server.topk(torch.tensor([prompt[:-1]]), torch.tensor([prompt[1:]]))
+    assert state["calls"] == 3
+    server.close()
+
+
 def _raw(**teacher):
     return {"data": {"paths": ["x"], "tokenizer": {"path": "tok"}}, "teacher": teacher,
             "students": [{"name": "s", "model": {"preset": "dense"}}]}
@@ -191,12 +219,12 @@ def test_packed_rows_go_to_the_server_one_by_one_and_come_back_as_the_in_process
     position_ids = torch.tensor([list(range(5)) + list(range(7)), list(range(12))])  # rows 0-4 | 5-11; one row
     requests = []
 
-    def answer(path, body):
+    def answer(path, body, read):
         prompt = body["prompt"]
         requests.append(prompt)
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([prompt])).logits[0]
-        return _reply(logits, prompt, body["prompt_logprobs"])
+        return read(_reply(logits, prompt, body["prompt_logprobs"]))
 
     server = ServerTeacher("http://127.0.0.1:9", "m", k, vocab)
     server.client.request = answer
