@@ -9,8 +9,12 @@ STAMP := .make/installed
 # tests start a real vLLM server from it.  About 3.5 GB; built once, kept under .make/.
 VLLM_VENV := .make/vllm-venv
 VLLM_STAMP := .make/vllm-installed
+# TRL, for bench/peer.py only (never a dependency): a venv over this one's packages, so both
+# sides run the same torch and transformers.
+TRL_VENV := .make/trl-venv
+TRL_STAMP := .make/trl-installed
 
-.PHONY: install install-vllm demo test test-server test-fast bench clean
+.PHONY: install install-vllm demo test test-server test-fast bench bench-peer clean
 
 install: $(STAMP)
 
@@ -47,6 +51,15 @@ bench: install
 	$(PYTHON) bench/loss.py
 	$(PYTHON) bench/cache.py
 	$(PYTHON) bench/codistill.py
+
+$(TRL_STAMP): $(STAMP)
+	$(PYTHON) -m venv --system-site-packages $(TRL_VENV)
+	$(TRL_VENV)/bin/pip install --quiet "trl==1.16.0"
+	@touch $(TRL_STAMP)
+
+# Against TRL's GKDTrainer on the same job (BENCHMARKS.md); about 40 minutes on 2 cores.
+bench-peer: install $(TRL_STAMP)
+	$(PYTHON) bench/peer.py --trl-python $(abspath $(TRL_VENV))/bin/python
 
 clean:
 	rm -rf .make runs build *.egg-info

@@ -1,5 +1,6 @@
 """The cache benchmark runs end to end and prints one JSON object (figures are not asserted: no timed tests)."""
 import json
+import math
 import subprocess
 import sys
 
@@ -96,3 +97,39 @@ def test_on_policy_bench_quick_scores_every_scheme_from_the_warm_students():
         assert set(scheme) == names and all(len(v["exact_match"]) == 1 for v in scheme.values())
     assert out["schemes"]["on"]["0"]["teacher_forwards_per_step"] == 1.0  # every student's samples, one forward
     assert out["cost"]["teacher_forwards_per_step_single_runs"] == 3.0
+
+
+def test_peer_bench_scores_the_tokens_chat_training_learns_by_the_torch_formulas(tmp_path):
+    """bench/peer.py's one stock-transformers scorer (TRL's students and ours alike) reads the
+    assistant tokens the project's chat rendering trains on, and gives exp(F.cross_entropy)
+    and F.kl_div of them; a model scored against itself is at KL 0."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import peer
+
+    from distill.chat import render
+
+    rows = peer.stdlib_rows(200)[:30]
+    tok = peer.make_tokenizer([m["content"] for r in rows for m in r["messages"]], 400, tmp_path / "tok")
+    teacher = peer.llama(tok, 64, 2, seed=1, max_len=1024).eval()
+    student = peer.llama(tok, 32, 1, seed=2, max_len=1024).eval()
+    student.save_pretrained(str(tmp_path / "s"))
+    teacher.save_pretrained(str(tmp_path / "t"))
+    held = rows[:5]
+    got = peer.score(tmp_path / "s", teacher, tok, held)
+    nll = kl = n = 0.0
+    with torch.no_grad():
+        for row in held:
+            ids, targets = render(tok, json.dumps(row))
+            pos = torch.tensor([t for t in range(1, len(ids)) if targets[t]])  # assistant tokens, predicted from t - 1
+            x = torch.tensor([ids])
+            s, t = student(input_ids=x).logits[0, pos - 1], teacher(input_ids=x).logits[0, pos - 1]
+            nll += float(F.cross_entropy(s, x[0, pos], reduction="sum"))
+            kl += float(F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum"))
+            n += len(pos)
+    assert got["tokens"] == n
+    assert abs(got["ppl"] - math.exp(nll / n)) <= 1e-3 * got["ppl"]
+    assert abs(got["kl"] - kl / n) <= 1e-3 and got["kl"] > 0.01
+    assert peer.score(tmp_path / "t", teacher, tok, held)["kl"] == 0.0

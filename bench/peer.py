@@ -1,0 +1,346 @@
+"""Co-distillation against the tool users would otherwise run: TRL 1.16's GKDTrainer, on the
+same job.  Prints one JSON object; the figures go in BENCHMARKS.md.
+
+The job: 3 students (stock Llama configs of 3 widths, random init, saved with transformers)
+learn from one teacher on chat rows, loss on the assistant's tokens only, one epoch, the same
+optimiser settings (AdamW, cosine to 0 after a linear warmup, no weight decay, betas 0.9/0.95,
+clip 1.0).
+  data     rows built from this machine's Python standard library: the user asks what a
+           public function does (`What does shutil.copyfile(src, dst, follow_symlinks) do?`),
+           the assistant answers with its docstring's first paragraph.  Held-out rows are
+           never trained on by anyone (teacher included).
+  teacher  a stock LlamaForCausalLM with a byte-level BPE made by `tokenizers` and a ChatML
+           template, trained briefly (plain torch loop, all tokens) on the other rows.
+  TRL      bench/peer_trl.py in TRL's own venv (`make bench-peer` builds it): one GKDTrainer
+           run per student, lmbda 0 (off-policy, the data's completions), beta 0 (forward
+           KL), the teacher's full distribution every step.
+  ours     one `distill train` for all 3 students, online (the teacher runs once per
+           batch for every student), and `distill cache` + `distill train`; each variant
+           below is one such job, through the real CLI.
+  scoring  one stock-transformers pass over the held-out rows: assistant-token perplexity
+           and KL(teacher || student) (full vocabulary) of every student.
+
+Variants (--variants): `online` and `cached` (top-k 64 with the tail as one bucket, soft
+weight 1: pure forward KL, like GKD's beta 0), `cached_sampled` (a sampled cache, 32 draws
+per token: forward KL unbiased over the whole vocabulary), `online_dense` (train.online_dense: the
+teacher's full distribution, GKD's loss exactly), `online_default` (the project's default
+loss: soft weight 0.5, i.e. half hard CE on the labels).
+
+The step count: TRL steps once per --batch-size rows; ours packs rows into blocks of
+--max-length tokens, so its batch (blocks per step) is chosen for the same number of
+optimiser steps over the same epoch.  Wall times are whole jobs (tokenising included) run
+one after another; peak RSS is each job's own (os.wait4).
+
+    make bench-peer                                          # builds TRL's venv, then runs this
+    python bench/peer.py --trl-python .make/trl-venv/bin/python
+    python bench/peer.py --quick --trl-python ...            # a minute: every stage, tiny sizes
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+WIDTHS = ((64, 2), (128, 2), (192, 3))  # (hidden, layers) of the 3 students
+VARIANTS = {  # name: (train.mode, soft weight, online_dense, cache.estimator)
+    "online": ("online", 1.0, False, "topk"),
+    "cached": ("cached", 1.0, False, "topk"),
+    "cached_sampled": ("cached", 1.0, False, "sampled"),
+    "online_dense": ("online", 1.0, True, "topk"),
+    "online_default": ("online", 0.5, False, "topk"),
+}
+
+
+# ---------------------------------------------------------------------------- the job's inputs
+
+def stdlib_rows(max_answer_chars: int) -> list[dict]:
+    """A chat row per public, documented top-level function or method of the stdlib's modules."""
+    rows, seen = [], set()
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        defs = [(n.name, n) for n in tree.body if isinstance(n, ast.FunctionDef)]
+        defs += [(f"{c.name}.{n.name}", n) for c in tree.body if isinstance(c, ast.ClassDef)
+                 for n in c.body if isinstance(n, ast.FunctionDef)]
+        for qual, node in defs:
+            doc = ast.get_docstring(node)
+            if any(part.startswith("_") for part in qual.split(".")) or not doc:
+                continue
+            answer = " ".join(doc.split("\n\n")[0].split())[:max_answer_chars]
+            question = f"What does {path.stem}.{qual}({', '.join(a.arg for a in node.args.args)}) do?"
+            if len(answer) < 30 or question in seen:
+                continue
+            seen.add(question)
+            rows.append({"messages": [{"role": "user", "content": question},
+                                      {"role": "assistant", "content": answer}]})
+    return rows
+
+
+def make_tokenizer(texts: list[str], vocab_size: int, out: Path):
+    """A byte-level BPE trained by `tokenizers`, ChatML template, saved as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = TEMPLATE
+    fast.save_pretrained(str(out))
+    return fast
+
+
+def encode(tok, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def llama(tok, hidden: int, layers: int, seed: int, max_len: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    heads = max(2, hidden // 64)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 8 * 8,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=max_len + 8, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, bos_token_id=None))
+
+
+def train_teacher(rows: list[dict], tok, out: Path, a: argparse.Namespace) -> dict:
+    """A stock Llama trained on every token of `rows` by a plain torch loop."""
+    model = llama(tok, a.teacher_hidden, a.teacher_layers, seed=1, max_len=a.max_length)
+    seqs = [encode(tok, r["messages"])[:a.max_length] for r in rows]
+    opt = torch.optim.AdamW(model.parameters(), lr=a.teacher_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / a.teacher_steps)))
+    order, rng, start, losses = [], random.Random(1), time.perf_counter(), []
+    model.train()
+    for step in range(a.teacher_steps):
+        if len(order) < a.teacher_batch:
+            order += rng.sample(range(len(seqs)), len(seqs))
+        batch = [seqs[order.pop()] for _ in range(a.teacher_batch)]
+        width = max(map(len, batch))
+        ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in batch])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch])
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return {"steps": a.teacher_steps, "train_s": round(time.perf_counter() - start, 1),
+            "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 3),
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+# ---------------------------------------------------------------------------- running the jobs
+
+def run_job(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, float, str]:
+    """(wall s, peak RSS MB, stdout) of one subprocess; peak RSS is its own (os.wait4)."""
+    start = time.perf_counter()
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
+                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}); its log: {log}\n"
+                         + log.read_text()[-3000:])
+    return wall, usage.ru_maxrss / 1024, out
+
+
+def trl_students(work: Path, students: dict[str, Path], teacher: Path, data: Path, a) -> dict:
+    runs = {}
+    for name, path in students.items():
+        out = work / "trl" / name
+        cmd = [a.trl_python, str(ROOT / "bench/peer_trl.py"), "--student", str(path), "--teacher", str(teacher),
+               "--data", str(data), "--out", str(out), "--lr", str(a.lr), "--batch-size", str(a.batch_size),
+               "--warmup-steps", str(a.warmup_steps), "--max-length", str(a.max_length), "--seed", "0"]
+        wall, rss, stdout = run_job(cmd, work / f"trl-{name}.log")
+        runs[name] = {"wall_s": round(wall, 1), "peak_rss_mb": round(rss), **json.loads(stdout.strip().splitlines()[-1]),
+                      "dir": str(out)}
+    return runs
+
+
+def our_config(out: Path, data: Path, teacher: Path, students: dict[str, Path], variant: str, a) -> dict:
+    mode, soft, dense, estimator = VARIANTS[variant]
+    loss = {"soft_weight": {"start": soft, "end": soft}, **({"tail": "sampled"} if estimator == "sampled" else {})}
+    optim = {"lr": a.lr, "min_lr_ratio": 0.0, "warmup_steps": a.warmup_steps, "weight_decay": 0.0,
+             "betas": [0.9, 0.95], "grad_clip": 1.0}
+    return {"out_dir": str(out), "seed": 0,
+            "data": {"paths": [str(data)], "seq_len": a.max_length, "val_fraction": a.val_fraction,
+                     "tokenizer": {"path": str(teacher)}},
+            "teacher": {"source": "checkpoint", "path": str(teacher)},
+            "cache": {"k": a.k, "estimator": estimator},
+            "students": [{"name": name, "model": {"path": str(path)}, "optim": optim,
+                          "loss": loss} for name, path in students.items()],
+            "train": {"mode": mode, "steps": 1, "batch_size": 1, "eval_every": 0, "eval_blocks": 1,
+                      "eval_prompts": 0, "checkpoint_every": 0, "device": "cpu", "online_dense": dense}}
+
+
+def our_students(work: Path, students: dict[str, Path], teacher: Path, data: Path, variant: str,
+                 trl_steps: int, a) -> dict:
+    """One co-distillation job over the CLI: prepare (+ cache) + train; exported for scoring."""
+    out = work / variant
+    cfg = our_config(out, data, teacher, students, variant, a)
+    path = work / f"{variant}.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    cli = [sys.executable, str(ROOT / "cli.py")]
+    walls, rss = {}, []
+    walls["prepare"], r, _ = run_job(cli + ["prepare", "-c", str(path)], work / f"{variant}-prepare.log")
+    rss.append(r)
+    manifest = json.loads(next((out / "data").glob("blocks-*/manifest.json")).read_text())
+    blocks = manifest["splits"]["train"]["blocks"]
+    batch = math.ceil(blocks / trl_steps)  # blocks per step: the same number of steps as TRL's epoch
+    steps = math.ceil(blocks / batch)
+    cfg["train"].update(steps=steps, batch_size=batch)
+    path.write_text(json.dumps(cfg))
+    if VARIANTS[variant][0] == "cached":
+        walls["cache"], r, _ = run_job(cli + ["cache", "-c", str(path)], work / f"{variant}-cache.log")
+        rss.append(r)
+    walls["train"], r, _ = run_job(cli + ["train", "-c", str(path), "--quiet"], work / f"{variant}-train.log")
+    rss.append(r)
+    summary = json.loads((out / "train_summary.json").read_text())
+    dirs = {}
+    for name in students:
+        dirs[name] = work / f"{variant}-export" / name
+        run_job(cli + ["export", str(out / "students" / name), "--out", str(dirs[name])], work / f"{variant}-export.log")
+    return {"wall_s": round(sum(walls.values()), 1), "walls": {k: round(v, 1) for k, v in walls.items()},
+            "peak_rss_mb": round(max(rss)), "steps": steps, "blocks_per_step": batch, "train_blocks": blocks,
+            "rows_in_train_split": manifest["splits"]["train"]["chat_rows"],
+            "teacher_forwards_in_train": summary["teacher_forward_calls"], "dirs": {k: str(v) for k, v in dirs.items()}}
+
+
+# ---------------------------------------------------------------------------- scoring
+
+@torch.no_grad()
+def score(model_dir: Path, teacher, tok, rows: list[dict]) -> dict:
+    """Held-out assistant-token perplexity and KL(teacher || student), stock transformers only."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    nll = kl = n = 0.0
+    for row in rows:
+        ids = encode(tok, row["messages"])
+        first = len(encode(tok, row["messages"][:-1], add_generation_prompt=True))  # first assistant token
+        x = torch.tensor([ids])
+        s = torch.log_softmax(model(input_ids=x).logits[0, first - 1:-1].double(), -1)  # (A, V) predicting ids[first:]
+        t = torch.log_softmax(teacher(input_ids=x).logits[0, first - 1:-1].double(), -1)
+        target = torch.tensor(ids[first:])
+        nll += float(-s.gather(-1, target[:, None]).sum())
+        kl += float((t.exp() * (t - s)).sum())
+        n += len(target)
+    return {"ppl": round(math.exp(nll / n), 3), "kl": round(kl / n, 4), "tokens": int(n)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trl-python", required=True, help="Python of a venv with trl==1.16.0 (make bench-peer builds one).")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--rows", type=int, default=240, help="Training rows of the students (the issue's 240).")
+    p.add_argument("--held-out", type=int, default=80)
+    p.add_argument("--teacher-rows", type=int, default=3000, help="Rows the teacher trains on (besides the students').")
+    p.add_argument("--teacher-steps", type=int, default=600)
+    p.add_argument("--teacher-batch", type=int, default=16)
+    p.add_argument("--teacher-lr", type=float, default=3e-3)
+    p.add_argument("--teacher-hidden", type=int, default=256)
+    p.add_argument("--teacher-layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--max-length", type=int, default=192, help="Tokens per row (TRL) and per block (ours).")
+    p.add_argument("--max-answer-chars", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=4, help="TRL's rows per step (ours: blocks, for as many steps).")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup-steps", type=int, default=5)
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--val-fraction", type=float, default=0.02, help="Ours holds this share of the rows out for "
+                   "its own validation (it needs one); TRL trains on them all.")
+    p.add_argument("--work", type=Path, default=None, help="Keep everything here (default: a temporary dir).")
+    p.add_argument("--quick", action="store_true", help="Every stage at the tiniest size (checks the script).")
+    a = p.parse_args()
+    if a.quick:
+        a.rows, a.held_out, a.teacher_rows, a.teacher_steps, a.vocab, a.val_fraction = 24, 8, 200, 20, 512, 0.2
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    work = a.work or Path(tempfile.mkdtemp(prefix="peer-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        print(json.dumps(bench(work, a), indent=1))
+    finally:
+        if a.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def bench(work: Path, a: argparse.Namespace) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    rows = stdlib_rows(a.max_answer_chars)
+    random.Random(0).shuffle(rows)
+    need = a.held_out + a.rows + a.teacher_rows
+    if len(rows) < need:
+        raise SystemExit(f"the stdlib gave {len(rows)} rows, {need} needed; lower --teacher-rows")
+    held, train, extra = rows[:a.held_out], rows[a.held_out:a.held_out + a.rows], rows[a.held_out + a.rows:need]
+    data = work / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in train))
+    teacher_dir = work / "teacher"
+    texts = [f"{r['messages'][0]['content']}\n{r['messages'][1]['content']}" for r in train + extra]
+    tok = make_tokenizer(texts, a.vocab, teacher_dir)
+    teacher_info = train_teacher(train + extra, tok, teacher_dir, a)
+    students = {}
+    for i, (hidden, layers) in enumerate(WIDTHS):
+        students[f"s{hidden}"] = work / "init" / f"s{hidden}"
+        model = llama(tok, hidden, layers, seed=10 + i, max_len=a.max_length)
+        model.save_pretrained(str(students[f"s{hidden}"]))
+        tok.save_pretrained(str(students[f"s{hidden}"]))
+    params = {n: sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(d)).parameters()) for n, d in students.items()}
+
+    trl = trl_students(work, students, teacher_dir, data, a)
+    trl_steps = next(iter(trl.values()))["steps"]
+    ours = {v: our_students(work, students, teacher_dir, data, v, trl_steps, a) for v in a.variants.split(",")}
+
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
+    quality = {"trl": {n: score(Path(r["dir"]), teacher, tok, held) for n, r in trl.items()}}
+    quality["init"] = {n: score(d, teacher, tok, held) for n, d in students.items()}
+    for v, r in ours.items():
+        quality[v] = {n: score(Path(d), teacher, tok, held) for n, d in r["dirs"].items()}
+    teacher_self = score(teacher_dir, teacher, tok, held)
+    trl_wall = sum(r["wall_s"] for r in trl.values())
+    return {
+        "setup": {"rows": a.rows, "held_out": a.held_out, "vocab": len(tok), "max_length": a.max_length,
+                  "batch_size": a.batch_size, "lr": a.lr, "k": a.k, "student_params": params,
+                  "teacher": teacher_info, "teacher_held_out_ppl": teacher_self["ppl"],
+                  "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"},
+        "trl": {"wall_s": round(trl_wall, 1), "peak_rss_mb": max(r["peak_rss_mb"] for r in trl.values()),
+                "teacher_forwards": sum(r["teacher_forwards"] for r in trl.values()), "runs": trl},
+        "ours": {v: {**r, "wall_vs_trl": round(r["wall_s"] / trl_wall, 3)} for v, r in ours.items()},
+        "quality": quality,
+        "ppl_vs_trl": {v: {n: round(q[n]["ppl"] / quality["trl"][n]["ppl"], 4) for n in q}
+                       for v, q in quality.items() if v not in ("trl", "init")},
+    }
+
+
+if __name__ == "__main__":
+    main()
