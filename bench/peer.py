@@ -21,15 +21,16 @@ clip 1.0).
            and KL(teacher || student) (full vocabulary) of every student.
 
 Variants (--variants): `online` and `cached` (top-k 64 with the tail as one bucket, soft
-weight 1: pure forward KL, like GKD's beta 0), `cached_sampled` (a sampled cache, 32 draws
+weight 1: pure forward KL, like GKD's beta 0), `online_k512` (the same with k 512),
+`cached_sampled` (a sampled cache, 32 draws
 per token: forward KL unbiased over the whole vocabulary), `online_dense` (train.online_dense: the
 teacher's full distribution, GKD's loss exactly), `online_default` (the project's default
 loss: soft weight 0.5, i.e. half hard CE on the labels).
 
-The step count: TRL steps once per --batch-size rows; ours packs rows into blocks of
---max-length tokens, so its batch (blocks per step) is chosen for the same number of
-optimiser steps over the same epoch.  Wall times are whole jobs (tokenising included) run
-one after another; peak RSS is each job's own (os.wait4).
+The step count: TRL steps once per --batch-size rows; ours packs rows into blocks and steps
+once per block, with blocks of the tokens of TRL's batch (at least the longest row), so both
+take about the same number of optimiser steps over the same epoch.  Wall times are whole jobs
+(tokenising included) run one after another; peak RSS is each job's main process's own.
 
     make bench-peer                                          # builds TRL's venv, then runs this
     python bench/peer.py --trl-python .make/trl-venv/bin/python
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import math
 import os
@@ -58,12 +60,13 @@ TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content']
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 WIDTHS = ((64, 2), (128, 2), (192, 3))  # (hidden, layers) of the 3 students
-VARIANTS = {  # name: (train.mode, soft weight, online_dense, cache.estimator)
-    "online": ("online", 1.0, False, "topk"),
-    "cached": ("cached", 1.0, False, "topk"),
-    "cached_sampled": ("cached", 1.0, False, "sampled"),
-    "online_dense": ("online", 1.0, True, "topk"),
-    "online_default": ("online", 0.5, False, "topk"),
+VARIANTS = {  # name: (train.mode, soft weight, online_dense, cache.estimator, cache.k or None: --k)
+    "online": ("online", 1.0, False, "topk", None),
+    "cached": ("cached", 1.0, False, "topk", None),
+    "online_k512": ("online", 1.0, False, "topk", 512),
+    "cached_sampled": ("cached", 1.0, False, "sampled", None),
+    "online_dense": ("online", 1.0, True, "topk", None),
+    "online_default": ("online", 0.5, False, "topk", None),
 }
 
 
@@ -72,7 +75,10 @@ VARIANTS = {  # name: (train.mode, soft weight, online_dense, cache.estimator)
 def stdlib_rows(max_answer_chars: int) -> list[dict]:
     """A chat row per public, documented top-level function or method of the stdlib's modules."""
     rows, seen = [], set()
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        if {"site-packages", "test", "tests", "idle_test"} & set(path.relative_to(root).parts):
+            continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
@@ -85,7 +91,8 @@ def stdlib_rows(max_answer_chars: int) -> list[dict]:
             if any(part.startswith("_") for part in qual.split(".")) or not doc:
                 continue
             answer = " ".join(doc.split("\n\n")[0].split())[:max_answer_chars]
-            question = f"What does {path.stem}.{qual}({', '.join(a.arg for a in node.args.args)}) do?"
+            module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+            question = f"What does {module}.{qual}({', '.join(a.arg for a in node.args.args)}) do?"
             if len(answer) < 30 or question in seen:
                 continue
             seen.add(question)
@@ -130,7 +137,7 @@ def llama(tok, hidden: int, layers: int, seed: int, max_len: int):
 
 def train_teacher(rows: list[dict], tok, out: Path, a: argparse.Namespace) -> dict:
     """A stock Llama trained on every token of `rows` by a plain torch loop."""
-    model = llama(tok, a.teacher_hidden, a.teacher_layers, seed=1, max_len=a.max_length)
+    model = llama(tok, a.teacher_hidden, a.teacher_layers, seed=1, max_len=1024)
     seqs = [encode(tok, r["messages"])[:a.max_length] for r in rows]
     opt = torch.optim.AdamW(model.parameters(), lr=a.teacher_lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / a.teacher_steps)))
@@ -159,25 +166,34 @@ def train_teacher(rows: list[dict], tok, out: Path, a: argparse.Namespace) -> di
 # ---------------------------------------------------------------------------- running the jobs
 
 def run_job(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, float, str]:
-    """(wall s, peak RSS MB, stdout) of one subprocess; peak RSS is its own (os.wait4)."""
-    start = time.perf_counter()
-    with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
+    """(wall s, peak RSS MB, stdout) of one subprocess.  The peak is its own VmHWM, read from
+    /proc while it runs (getrusage's figure for a child would start from this process's own
+    peak: Linux carries the forked copy's high-water mark across exec)."""
+    start, peak = time.perf_counter(), 0
+    with open(log, "w") as err, tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True,
                                 env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        while proc.poll() is None:
+            try:
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+                peak = max(peak, int(status.split("VmHWM:")[1].split()[0]))  # kB
+            except (OSError, IndexError, ValueError):
+                pass
+            time.sleep(0.1)
+        out.seek(0)
+        stdout = out.read()
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}); its log: {log}\n"
                          + log.read_text()[-3000:])
-    return wall, usage.ru_maxrss / 1024, out
+    return wall, peak / 1024, stdout
 
 
 def trl_students(work: Path, students: dict[str, Path], teacher: Path, data: Path, a) -> dict:
     runs = {}
     for name, path in students.items():
         out = work / "trl" / name
+        shutil.rmtree(out, ignore_errors=True)
         cmd = [a.trl_python, str(ROOT / "bench/peer_trl.py"), "--student", str(path), "--teacher", str(teacher),
                "--data", str(data), "--out", str(out), "--lr", str(a.lr), "--batch-size", str(a.batch_size),
                "--warmup-steps", str(a.warmup_steps), "--max-length", str(a.max_length), "--seed", "0"]
@@ -187,16 +203,16 @@ def trl_students(work: Path, students: dict[str, Path], teacher: Path, data: Pat
     return runs
 
 
-def our_config(out: Path, data: Path, teacher: Path, students: dict[str, Path], variant: str, a) -> dict:
-    mode, soft, dense, estimator = VARIANTS[variant]
+def our_config(out: Path, data: Path, teacher: Path, students: dict[str, Path], variant: str, block: int, a) -> dict:
+    mode, soft, dense, estimator, k = VARIANTS[variant]
     loss = {"soft_weight": {"start": soft, "end": soft}, **({"tail": "sampled"} if estimator == "sampled" else {})}
     optim = {"lr": a.lr, "min_lr_ratio": 0.0, "warmup_steps": a.warmup_steps, "weight_decay": 0.0,
              "betas": [0.9, 0.95], "grad_clip": 1.0}
     return {"out_dir": str(out), "seed": 0,
-            "data": {"paths": [str(data)], "seq_len": a.max_length, "val_fraction": a.val_fraction,
+            "data": {"paths": [str(data)], "seq_len": block, "val_fraction": a.val_fraction,
                      "tokenizer": {"path": str(teacher)}},
             "teacher": {"source": "checkpoint", "path": str(teacher)},
-            "cache": {"k": a.k, "estimator": estimator},
+            "cache": {"k": k or a.k, "estimator": estimator},
             "students": [{"name": name, "model": {"path": str(path)}, "optim": optim,
                           "loss": loss} for name, path in students.items()],
             "train": {"mode": mode, "steps": 1, "batch_size": 1, "eval_every": 0, "eval_blocks": 1,
@@ -204,10 +220,13 @@ def our_config(out: Path, data: Path, teacher: Path, students: dict[str, Path], 
 
 
 def our_students(work: Path, students: dict[str, Path], teacher: Path, data: Path, variant: str,
-                 trl_steps: int, a) -> dict:
-    """One co-distillation job over the CLI: prepare (+ cache) + train; exported for scoring."""
+                 block: int, a) -> dict:
+    """One co-distillation job over the CLI: prepare (+ cache) + train, one block a step, one
+    epoch; exported for scoring."""
     out = work / variant
-    cfg = our_config(out, data, teacher, students, variant, a)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(work / f"{variant}-export", ignore_errors=True)
+    cfg = our_config(out, data, teacher, students, variant, block, a)
     path = work / f"{variant}.yaml"
     path.write_text(json.dumps(cfg))  # JSON is YAML
     cli = [sys.executable, str(ROOT / "cli.py")]
@@ -216,9 +235,8 @@ def our_students(work: Path, students: dict[str, Path], teacher: Path, data: Pat
     rss.append(r)
     manifest = json.loads(next((out / "data").glob("blocks-*/manifest.json")).read_text())
     blocks = manifest["splits"]["train"]["blocks"]
-    batch = math.ceil(blocks / trl_steps)  # blocks per step: the same number of steps as TRL's epoch
-    steps = math.ceil(blocks / batch)
-    cfg["train"].update(steps=steps, batch_size=batch)
+    steps = blocks  # one epoch
+    cfg["train"].update(steps=steps, batch_size=1)
     path.write_text(json.dumps(cfg))
     if VARIANTS[variant][0] == "cached":
         walls["cache"], r, _ = run_job(cli + ["cache", "-c", str(path)], work / f"{variant}-cache.log")
@@ -231,7 +249,7 @@ def our_students(work: Path, students: dict[str, Path], teacher: Path, data: Pat
         dirs[name] = work / f"{variant}-export" / name
         run_job(cli + ["export", str(out / "students" / name), "--out", str(dirs[name])], work / f"{variant}-export.log")
     return {"wall_s": round(sum(walls.values()), 1), "walls": {k: round(v, 1) for k, v in walls.items()},
-            "peak_rss_mb": round(max(rss)), "steps": steps, "blocks_per_step": batch, "train_blocks": blocks,
+            "peak_rss_mb": round(max(rss)), "steps": steps, "block_tokens": block,
             "rows_in_train_split": manifest["splits"]["train"]["chat_rows"],
             "teacher_forwards_in_train": summary["teacher_forward_calls"], "dirs": {k: str(v) for k, v in dirs.items()}}
 
@@ -288,7 +306,9 @@ def main() -> None:
     work = a.work or Path(tempfile.mkdtemp(prefix="peer-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        print(json.dumps(bench(work, a), indent=1))
+        with contextlib.redirect_stdout(sys.stderr):  # libraries' chatter: stdout is the JSON alone
+            result = bench(work, a)
+        print(json.dumps(result, indent=1))
     finally:
         if a.work is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -305,21 +325,35 @@ def bench(work: Path, a: argparse.Namespace) -> dict:
     held, train, extra = rows[:a.held_out], rows[a.held_out:a.held_out + a.rows], rows[a.held_out + a.rows:need]
     data = work / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in train))
-    teacher_dir = work / "teacher"
-    texts = [f"{r['messages'][0]['content']}\n{r['messages'][1]['content']}" for r in train + extra]
-    tok = make_tokenizer(texts, a.vocab, teacher_dir)
-    teacher_info = train_teacher(train + extra, tok, teacher_dir, a)
+    teacher_dir, info = work / "teacher", work / "teacher.json"
+    made_by = {k: getattr(a, k) for k in ("held_out", "vocab", "teacher_steps", "teacher_batch", "teacher_lr",
+                                          "teacher_hidden", "teacher_layers", "max_length", "max_answer_chars")}
+    if info.exists():  # a --work dir of an earlier run: the same settings made the same teacher
+        from transformers import AutoTokenizer
+
+        tok, teacher_info = AutoTokenizer.from_pretrained(str(teacher_dir)), json.loads(info.read_text())
+        if teacher_info.get("made_by") != made_by:
+            raise SystemExit(f"{work}: its teacher was made with {teacher_info.get('made_by')}; use another --work")
+    else:
+        texts = [f"{r['messages'][0]['content']}\n{r['messages'][1]['content']}" for r in train + extra]
+        tok = make_tokenizer(texts, a.vocab, teacher_dir)
+        teacher_info = {**train_teacher(train + extra, tok, teacher_dir, a), "made_by": made_by}
+        info.write_text(json.dumps(teacher_info))
     students = {}
     for i, (hidden, layers) in enumerate(WIDTHS):
         students[f"s{hidden}"] = work / "init" / f"s{hidden}"
-        model = llama(tok, hidden, layers, seed=10 + i, max_len=a.max_length)
+        model = llama(tok, hidden, layers, seed=10 + i, max_len=1024)
         model.save_pretrained(str(students[f"s{hidden}"]))
         tok.save_pretrained(str(students[f"s{hidden}"]))
     params = {n: sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(d)).parameters()) for n, d in students.items()}
 
     trl = trl_students(work, students, teacher_dir, data, a)
     trl_steps = next(iter(trl.values()))["steps"]
-    ours = {v: our_students(work, students, teacher_dir, data, v, trl_steps, a) for v in a.variants.split(",")}
+    # The same number of optimiser steps as TRL's epoch: ours packs rows into blocks, one block
+    # a step, so a block holds about as many tokens as TRL's batch of rows.
+    lengths = [len(encode(tok, r["messages"])) for r in train]
+    block = max(max(lengths), math.ceil(sum(lengths) / trl_steps))
+    ours = {v: our_students(work, students, teacher_dir, data, v, block, a) for v in a.variants.split(",")}
 
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
     quality = {"trl": {n: score(Path(r["dir"]), teacher, tok, held) for n, r in trl.items()}}

@@ -26,7 +26,8 @@ part's closed form is the divergence's gradient on its outcome logits (losses/di
            p_rest - sum(c) and the ids' entries are overwritten: never a large term cancelled.
 * renorm:  outcomes z_S / T: d/dz = T * dD/dl on the ids only (a = 0).
 * sampled: forward KL only: d/dz = T * (softmax(z / T) * sum(f) - f on the sampled ids).
-* dense:   (online teacher logits) d/dz = T * dD/dl over all V outcomes.
+* dense:   (online teacher logits) d/dz = T * dD/dl over all V outcomes; for forward KL at
+           T = 1 that is p - p_t, so the row scale takes g_soft and -g_soft * p_t is added.
 
 The forward pass likewise makes one exp pass (plus, for the bucket, one sum over the ids'
 complement, done in place: no scatter copy).  So a KD step costs about what a CE-only step
@@ -115,7 +116,17 @@ def _analytic_forward(z, signal, targets, mask, plan):
     state: dict[str, torch.Tensor] = {}
     soft = torch.zeros_like(z_y)
     keep = None if mask is None else mask.bool()
-    if signal is not None and signal.logits is not None:  # dense teacher: exact over all V
+    if signal is not None and signal.logits is not None and plan.name == "forward_kl":
+        # KL(t || s) = sum p_t log p_t - sum p_t z / T + logsumexp(z / T): no (C, V) log-softmax
+        # of the student, and the p_t . z row dots as one batched matmul.
+        t = torch.log_softmax(signal.logits.to(z.dtype) / T, dim=-1)  # (C, V)
+        p_t = t.exp()
+        dots = torch.bmm(p_t[:, None, :], z[:, :, None]).squeeze(-1).squeeze(-1)  # (C,) p_t . z
+        cross = torch.special.xlogy(p_t, p_t).sum(-1) - dots / T  # (C,) sum p_t (log p_t - z / T)
+        # + lse(z / T): at T = 1 the exp pass below gives it
+        state["dense_kl"] = cross if T == 1.0 else cross + torch.logsumexp(z / T, dim=-1)
+        del t, p_t
+    elif signal is not None and signal.logits is not None:  # dense teacher: exact over all V
         s = torch.log_softmax(z / T, dim=-1)
         t = torch.log_softmax(signal.logits.to(z.dtype) / T, dim=-1)
         if keep is not None:
@@ -139,6 +150,9 @@ def _analytic_forward(z, signal, targets, mask, plan):
     lse = row_max.squeeze(1) + total.log()  # (C,)
     hard = torch.where(valid_y, lse - z_y, torch.zeros_like(lse))
     state["lse"] = lse
+    if "dense_kl" in state:  # dense forward KL (above): at T = 1 the student's lse is this pass's
+        soft = state.pop("dense_kl") + (lse if T == 1.0 else 0.0)
+        soft = soft * T * T if keep is None else torch.where(keep, soft * T * T, torch.zeros_like(soft))
     if signal is None or signal.logits is not None:
         return hard, soft, state
     if signal.kind == "sampled":
@@ -193,7 +207,12 @@ def _analytic_backward(z, signal, targets, mask, state, g_hard, g_soft, plan):
     if mask is not None:
         g_soft = g_soft * mask
     dense_soft = None  # a (C, V) soft term not proportional to softmax(z)
-    if signal is not None and signal.logits is not None:
+    coef = g_hard.clone()  # (C,): p's row scale
+    dense_kl_t1 = signal is not None and signal.logits is not None and plan.name == "forward_kl" and T == 1.0
+    if dense_kl_t1:  # d KL(t || s) / dz = softmax(z) - p_t: the row scale, and -p_t added below
+        coef += g_soft
+        dense_soft = torch.log_softmax(signal.logits.to(z.dtype), dim=-1).exp_().mul_(-g_soft[:, None])
+    elif signal is not None and signal.logits is not None:
         s = torch.log_softmax(z / T, dim=-1)
         t = torch.log_softmax(signal.logits.to(z.dtype) / T, dim=-1)
         if mask is not None:
@@ -204,7 +223,6 @@ def _analytic_backward(z, signal, targets, mask, state, g_hard, g_soft, plan):
         # softmax(z / T) * sum(f): the tempered probabilities are not the T = 1 ones.
         scale = g_soft * T * state["freq"].sum(-1)
         dense_soft = (z / T - state["lse_t"][:, None]).exp_().mul_(scale[:, None])
-    coef = g_hard.clone()  # (C,): p's row scale
     if signal is not None and signal.logits is None:
         if signal.kind == "sampled" and T == 1.0:
             coef += g_soft * state["freq"].sum(-1)
