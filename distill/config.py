@@ -265,7 +265,7 @@ class TrainConfig(_Strict):
     engine: Literal["torch", "deepspeed"] = Field("torch", description="Plain PyTorch, or one DeepSpeed engine per student (launch with `deepspeed` or torchrun).")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage 1-3 (engine=deepspeed); 0 is refused (no grad norm to tell a non-finite step by): for unsharded data parallelism use engine: torch (DDP).")
     deepspeed_config: Path | None = Field(None, description="A ds_config JSON passed through to DeepSpeed (engine=deepspeed); batch sizes are filled in.")
-    online_dense: bool = Field(False, description="Online mode: hand students the teacher's dense logits (exact loss) instead of top-k.")
+    online_dense: bool = Field(False, description="Online mode: hand students the teacher's dense logits (the exact loss over the whole vocabulary) instead of top-k. Students from random init learn much better from it than from the top-64 bucket (bench/peer.py: held-out perplexity at or below TRL's GKD, against 1.7-2.3x with top-64); it holds the batch's (B, T, V) fp32 teacher logits (26 GB at 8 x 4,096 tokens and V = 202,048).")
     deterministic: bool = Field(True, description="torch.use_deterministic_algorithms for exact resume.")
     on_policy: OnPolicyConfig | None = Field(None, description="On-policy co-distillation (online mode): students sample completions of the data's prompts and learn from the teacher's scores of them. Absent: off-policy only.")
 
