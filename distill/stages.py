@@ -191,6 +191,23 @@ def data_views(cfg: RunConfig, teacher: CachedTeacher | None, data: PackedData) 
     return views
 
 
+def small_top_k_note(cfg: RunConfig) -> str | None:
+    """One line naming the students that start from random init and learn through a small
+    top-k: on such students bench/peer.py measured 1.7-2.3x the held-out perplexity of the
+    full distribution (BENCHMARKS.md, against TRL); None when there are none."""
+    dense = cfg.train.mode == "online" and cfg.train.online_dense
+    if cfg.cache.estimator != "topk" or cfg.cache.k >= 512 or dense:
+        return None
+    names = [s.name for s in cfg.students if not s.baseline and s.init == "random"
+             and s.model.path is None and s.model.from_teacher is None]
+    if not names:
+        return None
+    online = cfg.train.mode == "online" and cfg.teacher.source != "server"
+    return (f"[train] note: {', '.join(names)} start from random init and learn only the teacher's top-{cfg.cache.k}; "
+            f"such students reached 1.7-2.3x the held-out perplexity of the full distribution in bench/peer.py: "
+            f"consider {'train.online_dense: true, ' if online else ''}cache.k: 512 or cache.estimator: sampled")
+
+
 def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
                    data: PackedData | None = None, overwrite: bool = False) -> dict:
     """Co-distil every student from one teacher signal per batch.  A fresh run (not `resume`)
@@ -203,6 +220,9 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
     if not resume:
         claim_out_dir(cfg.layout, [s.name for s in cfg.students], overwrite, rank)
     data = prepare(cfg, progress) if data is None else data
+    note = small_top_k_note(cfg)
+    if note and rank == 0 and not resume:
+        print(note, flush=True)
     teacher: Teacher
     if cfg.train.mode == "cached":
         teacher, val_teacher = open_cached_teachers(cfg, data)
@@ -221,6 +241,8 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
                                                    else {"k": cfg.cache.k})}
     if cfg.train.mode == "cached" and cfg.cache.estimator == "topk":
         signal["encoding"] = cfg.cache.encoding
+    if cfg.train.mode == "online" and cfg.train.online_dense:
+        signal["dense"] = True  # the whole distribution: another loss, so another trajectory
     rhash = run_hash("train", [student_identity(s) for s in cfg.students], data.fingerprint,
                      cfg.seed, cfg.train.steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.mode, signal,
                      *([selections] if any(v.rule is not None for v in views) else []),

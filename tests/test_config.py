@@ -125,3 +125,28 @@ def test_readme_job_examples_validate():
         cfg = check_config(parse_config({"data": {"stdlib": True}, **block}))
         sources += [s.model.source for s in cfg.students]
     assert sources == ["pretrained", "from_teacher", "from_teacher", "pretrained", "scout", "maverick", "dense"]
+
+
+def test_small_top_k_note_names_the_random_init_students_it_concerns():
+    """bench/peer.py: random-init students on the top-64 reach 1.7-2.3x the held-out perplexity
+    of the full distribution; the run says so, for those students only, and only where it holds."""
+    from distill.stages import small_top_k_note
+
+    def note(**over):
+        raw = minimal(**over)
+        raw["students"] += [{"name": "ce", "model": {"preset": "dense"}, "baseline": True},
+                            {"name": "warm", "model": {"preset": "dense"}, "init": "teacher"},
+                            {"name": "cut", "model": {"from_teacher": {"num_layers": 1}}}]
+        return small_top_k_note(parse_config(raw))
+
+    cached = note()
+    assert cached.startswith("[train] note: s start from random init and learn only the teacher's top-64;")
+    assert cached.endswith("consider cache.k: 512 or cache.estimator: sampled")  # no online_dense in cached mode
+    assert "train.online_dense: true, " in note(**{"train.mode": "online"})
+    assert note(**{"train.mode": "online", "train.online_dense": True}) is None
+    assert note(**{"cache.k": 512}) is None
+    sampled = minimal(**{"cache.estimator": "sampled", "students.0.loss.tail": "sampled"})
+    assert small_top_k_note(parse_config(sampled)) is None
+    assert note(**{"students.0.init": "teacher"}) is None  # then no student is concerned
+    # the demo's students learn from a sampled cache: no note there
+    assert small_top_k_note(parse_config(demo_config(Path("unused"), "quick"))) is None

@@ -80,9 +80,16 @@ def test_sigterm_checkpoints_then_exits(online_setup):
 def test_resume_with_other_config_refused(online_setup):
     work, cfg = online_setup
     out = work / "other"
-    assert run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}").returncode == 0
+    first = run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}")
+    assert first.returncode == 0
+    # a random-init student on the top-16: the run says what it may cost, once, and how to avoid it
+    assert first.stdout.count("[train] note: dense start from random init") == 1, first.stdout
+    assert "train.online_dense: true, cache.k: 512 or cache.estimator: sampled" in first.stdout
     line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", f"out_dir={out}",
                             "--set", "students.0.optim.lr=0.1"))
+    assert "different config" in line
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", f"out_dir={out}",
+                            "--set", "train.online_dense=true"))  # the whole distribution: another loss
     assert "different config" in line
 
 
