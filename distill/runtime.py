@@ -32,6 +32,10 @@ def setup_runtime(cfg: RunConfig) -> tuple[int, int]:
     if uses_deepspeed and not torch.cuda.is_available():
         check_deepspeed_cpu_op()  # before DeepSpeed loads it (in init_distributed or initialize)
     if world > 1 and not dist.is_initialized():
+        # Destroyed at exit, before the interpreter tears down: a gloo group left to C++ static
+        # destructors aborted one ZeRO-3 rank after all its work was written ("terminate called
+        # without an active exception", exit 250 from the launcher; seen once in a clean-clone CI).
+        atexit.register(_destroy_process_group)
         if uses_deepspeed:
             import deepspeed
 
@@ -43,6 +47,11 @@ def setup_runtime(cfg: RunConfig) -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def deepspeed_cpu_shm_buffer(rank: int) -> Path:
