@@ -116,15 +116,16 @@ def _analytic_forward(z, signal, targets, mask, plan):
     state: dict[str, torch.Tensor] = {}
     soft = torch.zeros_like(z_y)
     keep = None if mask is None else mask.bool()
+    dense_cross = None  # dense forward KL: sum p_t (log p_t - z / T), (C,); + lse(z / T) below
     if signal is not None and signal.logits is not None and plan.name == "forward_kl":
         # KL(t || s) = sum p_t log p_t - sum p_t z / T + logsumexp(z / T): no (C, V) log-softmax
         # of the student, and the p_t . z row dots as one batched matmul.
         t = torch.log_softmax(signal.logits.to(z.dtype) / T, dim=-1)  # (C, V)
         p_t = t.exp()
         dots = torch.bmm(p_t[:, None, :], z[:, :, None]).squeeze(-1).squeeze(-1)  # (C,) p_t . z
-        cross = torch.special.xlogy(p_t, p_t).sum(-1) - dots / T  # (C,) sum p_t (log p_t - z / T)
-        # + lse(z / T): at T = 1 the exp pass below gives it
-        state["dense_kl"] = cross if T == 1.0 else cross + torch.logsumexp(z / T, dim=-1)
+        dense_cross = torch.special.xlogy(p_t, p_t).sum(-1) - dots / T
+        if T != 1.0:  # at T = 1 the exp pass below gives lse(z)
+            dense_cross += torch.logsumexp(z / T, dim=-1)
         del t, p_t
     elif signal is not None and signal.logits is not None:  # dense teacher: exact over all V
         s = torch.log_softmax(z / T, dim=-1)
@@ -150,9 +151,10 @@ def _analytic_forward(z, signal, targets, mask, plan):
     lse = row_max.squeeze(1) + total.log()  # (C,)
     hard = torch.where(valid_y, lse - z_y, torch.zeros_like(lse))
     state["lse"] = lse
-    if "dense_kl" in state:  # dense forward KL (above): at T = 1 the student's lse is this pass's
-        soft = state.pop("dense_kl") + (lse if T == 1.0 else 0.0)
-        soft = soft * T * T if keep is None else torch.where(keep, soft * T * T, torch.zeros_like(soft))
+    if dense_cross is not None:
+        soft = (dense_cross + lse if T == 1.0 else dense_cross) * T * T
+        if keep is not None:
+            soft = torch.where(keep, soft, torch.zeros_like(soft))
     if signal is None or signal.logits is not None:
         return hard, soft, state
     if signal.kind == "sampled":

@@ -1,8 +1,8 @@
 """Talking to a vLLM server (its OpenAI-compatible HTTP API) with the standard library.
 
 `ServerClient.request` retries what can pass (connection errors, timeouts, 5xx, a reply cut
-short) with exponential backoff and full jitter, and never a 4xx (the request itself is wrong: repeating it cannot
-help).  `TokenBudget` bounds the prompt tokens in requests sent and not yet answered, so
+short) with exponential backoff and full jitter, and never a 4xx (the request itself is
+wrong: repeating it cannot help).  `TokenBudget` bounds the prompt tokens in requests sent and not yet answered, so
 many concurrent requests never ask the server to hold more than `max_inflight_tokens`.
 `handshake` checks, before any work, everything a run relies on (server.py says what).
 """
