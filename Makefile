@@ -36,8 +36,10 @@ $(VLLM_STAMP):
 	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	@touch $(VLLM_STAMP)
 
+# Two workers (pytest-xdist), each test file whole on one of them (its fixtures built once), the
+# files handed out in tests/conftest.py's order (slowest first), not by their number of tests.
 test: install
-	$(PYTHON) -m pytest -q --timeout=1500 --durations=30 -m "not server" tests
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --timeout=1500 --durations=30 -m "not server" tests
 
 # A teacher served by a real vLLM server (tests/test_server_teacher.py); a missing venv fails them.
 test-server: install $(VLLM_STAMP)

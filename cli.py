@@ -5,6 +5,7 @@ Bad input prints one line and exits 2; `--debug` shows the traceback instead.
 """
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -250,6 +251,10 @@ def main() -> None:
         if isinstance(e, abort):
             sys.exit(130)
         raise
+    finally:
+        # Everything imported so far (torch, transformers: millions of objects) is left out of
+        # the collections the interpreter runs as it exits: about 1 s less per command.
+        gc.freeze()
 
 
 def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:

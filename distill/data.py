@@ -16,8 +16,8 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import torch
 
 from common.errors import UserError
@@ -26,6 +26,9 @@ from distill.chat import CHAT_FORMAT, PLAIN, PackCounts, as_documents, table_kin
 from distill.config import DataConfig
 from distill.layout import RunLayout
 from distill.packing import auto_num_proc
+
+if TYPE_CHECKING:
+    import datasets
 
 EOS = "<|endoftext|>"
 TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".text"}
@@ -37,7 +40,8 @@ COMPRESSED_SUFFIXES = {".gz", ".bz2", ".zst", ".xz"}
 ACCEPTED = (".txt/.py/.md/.rst/.text files (one document each), .jsonl/.json (also .gz/.bz2/.zst/.xz), .parquet "
             "or .arrow tables, or a datasets.save_to_disk dir")
 TABLE_SHAPES = "a 'text' column (data.text_field), or chat columns 'messages' or 'prompt' + 'completion'"
-DOC_FEATURES = datasets.Features({"text": datasets.Value("string"), "chat": datasets.Value("string")})
+# `datasets` (with pyarrow and pandas, about 1.5 s) is imported where documents are read, not
+# by every command that imports this module to open blocks already prepared.
 SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
 
 
@@ -203,6 +207,8 @@ def _quietly(load, *args, **kwargs):
 def _read_table(f: Path) -> datasets.Dataset:
     """One table: a saved dataset dir (a DatasetDict's "train" split, or its only split) or a
     json/jsonl (maybe compressed), parquet or arrow file."""
+    import datasets
+
     if f.is_dir():
         try:
             ds = _quietly(datasets.load_from_disk, str(f))
@@ -222,6 +228,8 @@ def _read_table(f: Path) -> datasets.Dataset:
 
 
 def _is_str(feature) -> bool:
+    import datasets
+
     return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
@@ -246,6 +254,13 @@ def _column_problem(ds: datasets.Dataset, kind: str, text_field: str) -> str | N
     return None
 
 
+def doc_features() -> datasets.Features:
+    """Every document table's schema: `text` (the words) and `chat` (a chat row as JSON, or "")."""
+    import datasets
+
+    return datasets.Features({"text": datasets.Value("string"), "chat": datasets.Value("string")})
+
+
 def _plain_documents(files: list[Path]):
     """Generator of the plain-text files' rows (read one at a time, never all held)."""
     for f in files:
@@ -255,12 +270,14 @@ def _plain_documents(files: list[Path]):
 def _plain_dataset(files: list[Path], cache_dir: Path | None) -> datasets.Dataset:
     """The plain-text files as an on-disk Arrow table, written as they are read (memory stays
     flat in the corpus).  Keyed by each file's path, size and mtime: an edited file is reread."""
+    import datasets
+
     key = hashlib.sha256()
     for f in files:
         st = f.stat()
         key.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     try:
-        return _quietly(datasets.Dataset.from_generator, _plain_documents, features=DOC_FEATURES,
+        return _quietly(datasets.Dataset.from_generator, _plain_documents, features=doc_features(),
                         gen_kwargs={"files": files}, cache_dir=None if cache_dir is None else str(cache_dir),
                         fingerprint=key.hexdigest()[:32])
     except Exception as e:  # datasets wraps the generator's error (a file that is not UTF-8)
@@ -276,6 +293,10 @@ def load_documents(cfg: DataConfig, log=None, cache_dir: Path | None = None) -> 
 
     log: called with one line when files found by a folder walk or a glob were skipped.
     cache_dir: where the plain-text files' Arrow table goes (the datasets cache when None)."""
+    import datasets
+
+    datasets.disable_progress_bars()  # our own progress bars instead
+    features = doc_features()
     parts: list[datasets.Dataset] = []
     plain: list[Path] = []
     skipped: list[str] = []
@@ -300,7 +321,7 @@ def load_documents(cfg: DataConfig, log=None, cache_dir: Path | None = None) -> 
             continue
         part = as_documents(ds, kind, cfg.text_field, origin=str(f))
         # one schema for every part: a `large_string` column (polars' parquet, some arrow files) would not concatenate
-        parts.append(part if part.features == DOC_FEATURES else part.cast(DOC_FEATURES))
+        parts.append(part if part.features == features else part.cast(features))
     if skipped and log is not None:
         log(f"[data] skipped {len(skipped)} table file(s) with no {cfg.text_field!r} or chat column, or "
             f"unreadable, e.g. {skipped[0]}; add them to data.exclude to silence this")
@@ -472,7 +493,6 @@ def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> Pack
     under OUT/tokenizer.  Preparation streams (distill/packing.py); reading is by index."""
     from distill.packing import build_blocks
 
-    datasets.disable_progress_bars()  # our own progress bars instead
     layout = RunLayout(Path(out_dir), tokenizer_path=cfg.tokenizer.path)
     files = corpus_files(cfg)
     tok_dir = layout.tokenizer

@@ -28,13 +28,16 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 
 from common.fsutil import atomic_write_bytes, atomic_write_json
 from distill.blocks import FORMAT, MANIFEST, VERSION, ids_dtype, read_manifest, shard_name
 from distill.chat import PLAIN, PackCounts, RowPacker, render
+
+if TYPE_CHECKING:  # imported where a split is built: opening prepared blocks needs no `datasets`
+    import datasets
 
 # Fault injection for tests: the process kills itself (SIGKILL, as a crash would) after this
 # many shards were written by it.
@@ -182,6 +185,8 @@ def build_split(docs: datasets.Dataset, split: str, text_rows: np.ndarray, chat_
 
     text_rows / chat_rows: row numbers in `docs` of this split's plain and chat documents.
     documents: record where rows start (data.packing: documents), see the module docstring."""
+    import datasets
+
     writer = ShardWriter(root, split, block, dtype, masked, killer, documents)
     work = root / ".work"
     work.mkdir(exist_ok=True)

@@ -19,10 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `distill ARGS` in a subprocess, as a user would."""
+    """Run `distill ARGS` in a process of its own, as a user would: forked from a server that has
+    the libraries imported (tests/cli_process.py says what that keeps and what it does not)."""
+    from tests import cli_process
+
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd or ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=full_env)
+    return cli_process.run(list(args), cwd=cwd or ROOT, env=full_env, timeout=timeout)
 
 
 def run_deepspeed_cli(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
@@ -184,6 +186,19 @@ def ensure_deepspeed_cpu_op() -> None:
     why = _deepspeed_cpu_op()
     if why is not None:
         pytest.fail(why, pytrace=False)
+
+
+# `make test` runs on 2 workers with --dist loadfile (a file's tests on one worker, its module
+# fixtures built once), handing files out in collection order: these, the slowest, go first so
+# that neither worker is left with one of them while the other idles at the end.
+SLOWEST_FIRST = ("test_data_parallel.py", "test_bench.py", "test_reliability.py", "test_onpolicy_ranks.py",
+                 "test_blocks.py", "test_accumulation.py", "test_e2e.py", "test_cache.py", "test_teacher_sharding.py",
+                 "test_no_hang.py", "test_curriculum.py", "test_sampled_cli.py", "test_onpolicy.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# Figure objects, not pyplot: no global backend or figure state to set or leak.
-from matplotlib.figure import Figure
-
 from distill.layout import PLOTS, RunLayout
 
 
@@ -21,6 +18,10 @@ def _series(rows: list[dict], kind: str, key: str):
 
 
 def plot_curves(out: Path, histories: dict[str, list[dict]], teacher_ppl: float | None) -> None:
+    # Figure objects, not pyplot: no global backend or figure state.  Imported here (about
+    # 1 s), not by every command that imports the report.
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(12, 4.5))
     ax_loss, ax_ppl = fig.subplots(1, 2)
     for name, rows in histories.items():
@@ -38,6 +39,8 @@ def plot_curves(out: Path, histories: dict[str, list[dict]], teacher_ppl: float 
 
 
 def plot_schedule(out: Path, histories: dict[str, list[dict]]) -> None:
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     for name, rows in histories.items():
@@ -53,6 +56,8 @@ def plot_schedule(out: Path, histories: dict[str, list[dict]]) -> None:
 
 
 def plot_expert_load(out: Path, report: dict) -> None:
+    from matplotlib.figure import Figure
+
     moe = {n: r["expert_load"] for n, r in report["students"].items() if r.get("expert_load")}
     if not moe:
         return
