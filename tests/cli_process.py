@@ -11,7 +11,12 @@ process start), non-daemon threads joined and atexit handlers run before it exit
 What it does not: the preloaded modules saw the server's environment when they were imported,
 so a call whose environment differs from it (a test's `env=` or monkeypatch.setenv) first
 replaces the server with one started in that environment; Python's string-hash seed is the
-server's; the interpreter's own teardown is skipped (os._exit after the atexit handlers).  Launched ranks (torchrun, deepspeed)
+server's; the interpreter's own teardown is skipped (os._exit after the atexit handlers); the
+call returns when the child exits, where subprocess.run would also wait for a process the
+command left behind holding its stdout (it is killed with the child's group only on a timeout);
+the server imported the commands' modules in one fixed order, and a warning a library prints
+once at import went to the server's stderr, not the child's (tests/test_cli_process.py compares
+the stderr of plain and forked runs of a few commands, which would show such a warning).  Launched ranks (torchrun, deepspeed)
 and the tests that kill a run are plain processes anyway.  CODISTILL_TEST_PLAIN_CLI=1 runs every
 call as a plain subprocess.
 
@@ -69,16 +74,19 @@ def _stop() -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    proc.stdout.close()
 
 
-def run(args: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+def run(args: list[str], cwd: Path, env: dict, timeout: float | None) -> subprocess.CompletedProcess:
     """As subprocess.run([python, cli.py, *args], capture_output=True, text=True, ...)."""
     return run_script([str(ROOT / "cli.py"), *args], cwd, env, timeout)
 
 
-def run_script(argv: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+def run_script(argv: list[str], cwd: Path, env: dict, timeout: float | None) -> subprocess.CompletedProcess:
     """`python SCRIPT ARGS` (argv: [SCRIPT, *ARGS]) in a child forked from the server."""
     cmd = [sys.executable, *argv]
+    if not Path(cwd).is_dir():  # as subprocess.run raises it, before anything runs
+        raise FileNotFoundError(f"no such directory: {cwd}")
     if os.environ.get(PLAIN) == "1":
         return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     server = _server_for(env)
@@ -86,24 +94,39 @@ def run_script(argv: list[str], cwd: Path, env: dict, timeout: float) -> subproc
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
         server.stdin.write(json.dumps({"argv": cmd[1:], "cwd": str(cwd), "env": env, "out": str(out),
                                        "err": str(err)}) + "\n")
-        pid = int(_line(server, 60))
-        status = _line(server, timeout)
-        if status is None:  # still running: killed with what it started (a datasets pool, say)
-            os.killpg(pid, signal.SIGKILL)
-            _line(server, 60)
+        pid = None
+        try:
+            pid = int(_line(server, 60))
+            status = _line(server, timeout)
+            if status is None:  # still running: killed with what it started (a datasets pool, say)
+                _kill_group(pid)
+                _line(server, 60)
+        except BaseException:  # pytest-timeout, ^C: the child dies, and the server, whose answers
+            if pid is not None:  # to this call are unread, is replaced at the next call
+                _kill_group(pid)
+            _stop()
+            raise
         stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
         if status is None:
             raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr)
         return subprocess.CompletedProcess(cmd, os.waitstatus_to_exitcode(int(status)), stdout, stderr)
 
 
-def _line(proc: subprocess.Popen, timeout: float) -> str | None:
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:  # it ended on its own meanwhile
+        pass
+
+
+def _line(proc: subprocess.Popen, timeout: float | None) -> str | None:
     """The server's next line, read from its pipe unbuffered (a buffered reader could hold the
     next line where select cannot see it); None after `timeout` seconds without one."""
     fd, got = proc.stdout.fileno(), b""
-    deadline = time.monotonic() + timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
     while not got.endswith(b"\n"):
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, _, _ = select.select([fd], [], [], wait)
         if not ready:
             if got:
                 raise RuntimeError(f"the CLI test server stopped mid-line: {got!r}")
@@ -149,42 +172,51 @@ def _child(argv: list[str], cwd: str, env: dict, out: str, err: str) -> None:
     """Run the script argv[0] (cli.py) as `python SCRIPT ARGS` would, then exit with its status."""
     import atexit
     import random
-    import runpy
     import threading
     import traceback
 
     import numpy as np
     import torch
 
-    os.setsid()  # a process group of its own, killed whole on a timeout
-    for fd, path in ((0, os.devnull), (1, out), (2, err)):
-        f = os.open(path, os.O_RDONLY if fd == 0 else os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(f, fd)
-        os.close(f)
-    os.chdir(cwd)
-    os.environ.clear()
-    os.environ.update(env)
-    sys.argv = list(argv)
-    sys.path[0] = str(Path(argv[0]).resolve().parent)  # what `python SCRIPT` puts first
-    random.seed()
-    np.random.seed()
-    torch.seed()  # a new process's default generator is seeded from the OS, not a copy of the server's
-    code = 0
-    try:
-        runpy.run_path(argv[0], run_name="__main__")  # cli.py as the script, as `python cli.py` runs it
-    except SystemExit as e:  # what the interpreter does with it
-        if e.code is None or isinstance(e.code, int):
-            code = e.code or 0
-        else:
-            print(e.code, file=sys.stderr)
-            code = 1
+    code = 1
+    try:  # whatever happens, this process ends here: never back in the server's loop
+        os.setsid()  # a process group of its own, killed whole on a timeout
+        for fd, path in ((0, os.devnull), (1, out), (2, err)):
+            f = os.open(path, os.O_RDONLY if fd == 0 else os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(f, fd)
+            os.close(f)
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        sys.argv = list(argv)
+        sys.path[0] = str(Path(argv[0]).resolve().parent)  # what `python SCRIPT` puts first
+        random.seed()
+        np.random.seed()
+        torch.seed()  # a new process's default generator is seeded from the OS, not a copy of the server's
+        code = _run_main(argv[0])
+        threading._shutdown()  # what the interpreter does as it exits: join non-daemon threads (and
+        atexit._run_exitfuncs()  # the executors' exit hooks), then the atexit handlers
     except BaseException:
         traceback.print_exc()
-        code = 1
-    for t in threading.enumerate():  # the interpreter waits for non-daemon threads, then runs atexit
-        if t is not threading.main_thread() and not t.daemon:
-            t.join()
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _run_main(script: str) -> int:
+    """Run `script` as __main__; its exit status as the interpreter would make it."""
+    import runpy
+    import traceback
+
+    try:
+        runpy.run_path(script, run_name="__main__")  # cli.py as the script, as `python cli.py` runs it
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    return 0

@@ -64,9 +64,38 @@ def test_a_forked_run_past_its_timeout_is_killed(tmp_path):
         cli_process.run_script([str(script), str(tmp_path / "pid")], cwd=tmp_path, env=env, timeout=5)
     grandchild = int((tmp_path / "pid").read_text())
     deadline = time.monotonic() + 10
-    while Path(f"/proc/{grandchild}").exists() and time.monotonic() < deadline:  # (reaped by init once dead)
+    while _running(grandchild) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not Path(f"/proc/{grandchild}").exists(), "the killed run's own child lived on"
+    assert not _running(grandchild), "the killed run's own child lived on"
+
+
+def _running(pid: int) -> bool:
+    """Alive (a zombie that nobody has reaped yet is dead)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_call_interrupted_mid_wait_leaves_the_next_call_its_own_answer(tmp_path, monkeypatch):
+    """pytest-timeout or ^C inside a call: the child is killed and the server (whose answers to
+    that call were never read) replaced, so the next call does not read them as its own."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    real = cli_process._line
+    calls = []
+
+    def interrupted(proc, timeout):
+        calls.append(timeout)
+        if len(calls) == 2:  # the wait for the exit status
+            raise KeyboardInterrupt
+        return real(proc, timeout)
+
+    monkeypatch.setattr(cli_process, "_line", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli_process.run(["train", "--config", str(tmp_path / "missing.yaml")], cwd=ROOT, env=env, timeout=300)
+    monkeypatch.setattr(cli_process, "_line", real)
+    r = forked("--help", env=env)
+    assert r.returncode == 0 and "Usage" in r.stdout, (r.returncode, r.stdout[:200])
 
 
 def test_a_changed_environment_starts_a_new_server_and_a_call_time_variable_does_not(tmp_path):
