@@ -14,6 +14,12 @@ from tests import cli_process
 from tests.conftest import ROOT
 
 
+@pytest.fixture(autouse=True)
+def forked_mode(monkeypatch):
+    """These tests are of the forked runner, also when the suite runs with CODISTILL_TEST_PLAIN_CLI=1."""
+    monkeypatch.delenv(cli_process.PLAIN, raising=False)
+
+
 def plain(*args, env=None):
     return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=env)
@@ -23,8 +29,7 @@ def forked(*args, env):
     return cli_process.run(list(args), cwd=ROOT, env=env, timeout=300)
 
 
-def test_forked_cli_answers_as_the_plain_process(tmp_path, monkeypatch):
-    monkeypatch.delenv(cli_process.PLAIN, raising=False)
+def test_forked_cli_answers_as_the_plain_process(tmp_path):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"students": [{"name": "s", "model": {"preset": "nope"}}]}))
