@@ -265,7 +265,7 @@ class TrainConfig(_Strict):
     engine: Literal["torch", "deepspeed"] = Field("torch", description="Plain PyTorch, or one DeepSpeed engine per student (launch with `deepspeed` or torchrun).")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage 1-3 (engine=deepspeed); 0 is refused (no grad norm to tell a non-finite step by): for unsharded data parallelism use engine: torch (DDP).")
     deepspeed_config: Path | None = Field(None, description="A ds_config JSON passed through to DeepSpeed (engine=deepspeed); batch sizes are filled in.")
-    online_dense: bool = Field(False, description="Online mode: hand students the teacher's dense logits (the exact loss over the whole vocabulary) instead of top-k. Students from random init learn much better from it than from the top-64 bucket (bench/peer.py: held-out perplexity at or below TRL's GKD, against 1.7-2.3x with top-64); it holds the batch's (B, T, V) fp32 teacher logits (26 GB at 8 x 4,096 tokens and V = 202,048).")
+    online_dense: bool | Literal["auto"] = Field("auto", description="Online mode: hand students the teacher's whole distribution (its dense logits: the exact loss over the vocabulary) instead of its top-k (cache.k). auto: yes when the teacher runs in-process, cache.estimator is topk and one micro-batch's fp32 teacher logits (batch_size / grad_accum x seq_len x V x 4 bytes) fit in 2 GiB, else top-k; the run says which. Students from random init learn much better from it than from the top-64 bucket (bench/peer.py: held-out perplexity at or below TRL's GKD, against 1.7-2.3x with top-64), and on CPU it was also the faster signal there. It holds the micro-batch's (B, T, V) fp32 teacher logits: 26 GB at 8 x 4,096 tokens and V = 202,048.")
     deterministic: bool = Field(True, description="torch.use_deterministic_algorithms for exact resume.")
     on_policy: OnPolicyConfig | None = Field(None, description="On-policy co-distillation (online mode): students sample completions of the data's prompts and learn from the teacher's scores of them. Absent: off-policy only.")
 
@@ -304,7 +304,7 @@ class RunConfig(_Strict):
                 raise ValueError(f"{where}.rescore_every: the gap it re-weights by is the student's loss on the "
                                  f"labels, but students.{i}.loss.hard_target is teacher_argmax; use labels")
         _check_on_policy(self)
-        if not (self.train.mode == "online" and self.train.online_dense):
+        if not (self.train.mode == "online" and self.train.online_dense is True):  # auto may fall back to top-k
             for i, s in enumerate(self.students):
                 _check_estimator(f"students.{i}.loss", s, self.cache)
         return self
@@ -357,7 +357,7 @@ def _check_on_policy(cfg: "RunConfig") -> None:
     if cfg.train.mode != "online":
         raise ValueError("train.on_policy.share: on-policy steps need the teacher to score the students' own "
                          "samples, which a cache cannot; set train.mode: online, or share: constant 0")
-    if cfg.cache.estimator != "topk" and not cfg.train.online_dense:
+    if cfg.cache.estimator != "topk" and cfg.train.online_dense is not True:
         raise ValueError("train.on_policy: on-policy steps use a top-k (or dense) teacher signal; set "
                          "cache.estimator: topk or train.online_dense: true")
 

@@ -18,8 +18,9 @@ from distill.config import RunConfig, StudentConfig
 from distill.data import PackedData, vocab_size_of
 from distill.report.export import export_checkpoint, save_hf_dir
 from distill.report.report import evaluate_run
-from distill.runtime import (autocast_dtype, cache_identity, check_k, existing_teacher_dir, is_leader, live_teacher,
-                             model_config, prepare, resolve_device, sampling_of, server_teacher, setup_runtime)
+from distill.runtime import (DENSE_AUTO_BYTES, autocast_dtype, cache_identity, check_k, dense_logits_bytes,
+                             dense_signal, existing_teacher_dir, is_leader, live_teacher, model_config, prepare,
+                             resolve_device, sampling_of, server_teacher, setup_runtime)
 from distill.train.loop import claim_out_dir, run_hash, train_loop
 from distill.train.on_policy import on_policy_source
 from distill.train.selection import DataView, plan_views
@@ -191,11 +192,26 @@ def data_views(cfg: RunConfig, teacher: CachedTeacher | None, data: PackedData) 
     return views
 
 
-def small_top_k_note(cfg: RunConfig) -> str | None:
+def signal_note(cfg: RunConfig, vocab: int, dense: bool) -> str | None:
+    """Online training with train.online_dense: auto: one line saying which signal it chose and
+    why (a micro-batch's teacher logits against DENSE_AUTO_BYTES); None otherwise."""
+    if cfg.train.mode != "online" or cfg.train.online_dense != "auto" or cfg.teacher.source == "server":
+        return None
+    size = f"{dense_logits_bytes(cfg, vocab) / 1e9:.2f} GB of fp32 teacher logits a micro-batch"
+    if dense:
+        return f"[train] teacher signal: the whole distribution (train.online_dense: auto; {size})"
+    if cfg.cache.estimator != "topk":
+        return None
+    return (f"[train] teacher signal: top-{cfg.cache.k} (train.online_dense: auto; the whole distribution would "
+            f"hold {size}, over {DENSE_AUTO_BYTES / 1e9:.2f} GB: set train.online_dense: true to use it anyway)")
+
+
+def small_top_k_note(cfg: RunConfig, dense: bool = False) -> str | None:
     """One line naming the students that start from random init and learn through a small
     top-k: on such students bench/peer.py measured 1.7-2.3x the held-out perplexity of the
-    full distribution (BENCHMARKS.md, against TRL); None when there are none."""
-    dense = cfg.train.mode == "online" and cfg.train.online_dense
+    full distribution (BENCHMARKS.md, against TRL); None when there are none.  dense: the
+    online teacher hands over its whole distribution (`dense_signal`)."""
+    dense = cfg.train.mode == "online" and dense
     if cfg.cache.estimator != "topk" or cfg.cache.k >= 512 or dense:
         return None
     names = [s.name for s in cfg.students if not s.baseline and s.init == "random"
@@ -220,9 +236,10 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
     if not resume:
         claim_out_dir(cfg.layout, [s.name for s in cfg.students], overwrite, rank)
     data = prepare(cfg, progress) if data is None else data
-    note = small_top_k_note(cfg)
-    if note and rank == 0 and not resume:
-        print(note, flush=True)
+    dense = cfg.train.mode == "online" and dense_signal(cfg, vocab_size_of(data.tokenizer))
+    for note in (signal_note(cfg, vocab_size_of(data.tokenizer), dense), small_top_k_note(cfg, dense)):
+        if note and rank == 0 and not resume:
+            print(note, flush=True)
     teacher: Teacher
     if cfg.train.mode == "cached":
         teacher, val_teacher = open_cached_teachers(cfg, data)
@@ -241,7 +258,7 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
                                                    else {"k": cfg.cache.k})}
     if cfg.train.mode == "cached" and cfg.cache.estimator == "topk":
         signal["encoding"] = cfg.cache.encoding
-    if cfg.train.mode == "online" and cfg.train.online_dense:
+    if dense:
         signal["dense"] = True  # the whole distribution: another loss, so another trajectory
     rhash = run_hash("train", [student_identity(s) for s in cfg.students], data.fingerprint,
                      cfg.seed, cfg.train.steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.mode, signal,

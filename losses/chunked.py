@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from losses.divergences import NEG_INF, bucket_tails, check_estimator, get_divergence
+from losses.divergences import NEG_INF, bucket_tails, check_estimator, dense_over, get_divergence
 from losses.hard import hard_labels
 from losses.signal import TeacherSignal
 
@@ -93,6 +93,13 @@ def _chunk_logits(rows, weight, bias) -> torch.Tensor:
     """(C, H) hidden -> (C, V) logits in the model's (or autocast's) dtype, as its lm_head would
     compute them; with weight None the rows already are (C, V) logits."""
     return rows if weight is None else F.linear(rows, weight, bias)
+
+
+def _chunk_signal(signal: TeacherSignal | None, start: int, end: int, vocab: int,
+                  temperature: float) -> TeacherSignal | None:
+    """Tokens start..end of a flattened signal, dense logits widened to the student's vocab
+    (`dense_over`: a student vocab padded past the tokenizer's)."""
+    return None if signal is None else dense_over(signal.rows(start, end), vocab, temperature)
 
 
 def _working_copy(logits: torch.Tensor, owned: bool) -> torch.Tensor:
@@ -282,13 +289,14 @@ class _ChunkedLosses(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, weight, bias, signal, targets, mask, plan, chunk):
         spans = [(s, min(s + chunk, rows.shape[0])) for s in range(0, rows.shape[0], chunk)]
+        vocab = rows.shape[-1] if weight is None else weight.shape[0]
         out_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
         hard = rows.new_zeros(rows.shape[0], dtype=out_dtype)
         soft = torch.zeros_like(hard)
         states = []
         for s, e in spans:
             logits = _chunk_logits(rows[s:e], weight, bias)  # (C, V)
-            sig = None if signal is None else signal.rows(s, e)
+            sig = _chunk_signal(signal, s, e, vocab, plan.temperature)
             m = None if mask is None else mask[s:e]
             if plan.analytic:
                 h, k, state = _analytic_forward(_working_copy(logits, weight is not None), sig, targets[s:e], m, plan)
@@ -306,6 +314,7 @@ class _ChunkedLosses(torch.autograd.Function):
     def backward(ctx, g_hard, g_soft):
         rows, weight, bias, targets, mask = ctx.saved_tensors
         spans, signal, plan, states, amp = ctx.extras
+        vocab = rows.shape[-1] if weight is None else weight.shape[0]
         need_rows, need_w, need_b = ctx.needs_input_grad[:3]
         g_rows = torch.empty_like(rows) if need_rows else None
         g_w = torch.zeros_like(weight) if need_w else None
@@ -314,7 +323,7 @@ class _ChunkedLosses(torch.autograd.Function):
             chunk = rows[s:e]
             with _autocast(amp):  # recompute exactly what forward computed (same dtype)
                 logits = _chunk_logits(chunk, weight, bias)  # (C, V)
-            sig = None if signal is None else signal.rows(s, e)
+            sig = _chunk_signal(signal, s, e, vocab, plan.temperature)
             m = None if mask is None else mask[s:e]
             if plan.analytic:
                 g_logits = _analytic_backward(_working_copy(logits, weight is not None), sig, targets[s:e], m,

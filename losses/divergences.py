@@ -49,6 +49,7 @@ forms d loss / d student logits analytically, and falls back to autograd otherwi
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -63,6 +64,21 @@ NEG_INF = float("-inf")
 # The smallest tail mass 1 - sum(top-k) that fp32 resolves: a teacher tail that rounds to 0 is
 # read as this, so losses with log p_t in them (reverse KL) stay finite on confident tokens.
 TAIL_FLOOR_LOGPROB = math.log(torch.finfo(torch.float32).eps / 2)
+
+
+def dense_over(teacher: TeacherSignal, vocab: int, temperature: float = 1.0) -> TeacherSignal:
+    """The signal with its dense logits (N, V_t) widened to the student's vocab (N, vocab).
+    A student whose vocab is padded past the tokenizer's (as many checkpoints' are) has ids
+    the teacher never predicts: they get logits max(T, 1) * TAIL_FLOOR_LOGPROB below the
+    row's max, so at temperature T each is at most the bucket's floor (6e-8) of the top id's
+    probability, and a divergence with log p_t in it (reverse KL) stays finite.  Anything
+    else is returned as it is."""
+    missing = 0 if teacher.logits is None else vocab - teacher.logits.shape[-1]
+    if missing <= 0:
+        return teacher
+    floor = teacher.logits.amax(dim=-1, keepdim=True) + max(temperature, 1.0) * TAIL_FLOOR_LOGPROB  # (N, 1)
+    wide = torch.cat([teacher.logits, floor.expand(*teacher.logits.shape[:-1], missing)], dim=-1)
+    return dataclasses.replace(teacher, logits=wide)
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +112,7 @@ def _outcome_logprobs(student_logits, teacher, temperature, tail):
     check_estimator(teacher, temperature, tail)
     z = _upcast(student_logits)  # (N, V)
     if teacher.logits is not None:
-        t_logits = _upcast(teacher.logits.detach()).to(z.dtype)  # (N, V)
+        t_logits = _upcast(dense_over(teacher, z.shape[-1], temperature).logits.detach()).to(z.dtype)  # (N, V)
         return torch.log_softmax(z / temperature, dim=-1), torch.log_softmax(t_logits / temperature, dim=-1)
     ids = teacher.topk_ids
     top = teacher.topk_logprobs.detach().to(z.dtype)  # (N, k)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import UserError
-from losses.difficulty import STATS, token_difficulty
+from losses.difficulty import STATS
 from losses.signal import TeacherSignal, placeholder_invalid, sample_signal, topk_logprobs
 from teachers.cache.format import Sampling
 from teachers.protocol import IGNORE, Batch
@@ -148,18 +148,27 @@ class LiveTeacher:
                         for i in range(0, flat.shape[0], chunk)]
 
     def topk(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-             position_ids: torch.Tensor | None = None, where: torch.Tensor | None = None):
+             position_ids: torch.Tensor | None = None, where: torch.Tensor | None = None,
+             dense_out: torch.Tensor | None = None):
         """(B, T) -> top-k (values (B, T, k) fp32 log-probs, ids (B, T, k)), one forward.
         A token whose logits hold NaN/+inf comes out NaN.  targets (B, T) plain next-token
         ids: also their difficulty (B, T, 3) (losses/difficulty.py), a third element.
         position_ids (B, T): packed rows' positions (see `Batch`), or None.  where (B, T)
         bool: compute the signal at these positions only; the others get the placeholder
-        ids 0..k-1 at log-prob -log V and NaN difficulty (for positions no loss reads)."""
+        ids 0..k-1 at log-prob -log V and NaN difficulty (for positions no loss reads).
+        dense_out (B*T, V) fp32: also receives the logits of every position computed (the
+        others keep what it held), chunk by chunk, so no second (B, T, V) copy is made."""
         rows = _rows_of(where)
         flat_targets = None if targets is None else targets.reshape(-1)
         flat_targets = flat_targets if rows is None or flat_targets is None else flat_targets[rows]
+        dense_rows = None if rows is None or dense_out is None else rows.to(dense_out.device)
 
         def reduce(logits, start, end):
+            if dense_out is not None:  # (c, V) in the autocast dtype -> fp32, into its rows
+                if dense_rows is None:
+                    dense_out[start:end] = logits
+                else:
+                    dense_out[dense_rows[start:end]] = logits.to(dense_out.dtype)
             if flat_targets is None:
                 return (*topk_logprobs(logits, self.k), None)
             return topk_logprobs(logits, self.k, flat_targets[start:end])  # one pass: top-k and difficulty
@@ -219,19 +228,18 @@ class LiveTeacher:
         hold NaN or +inf, or are all -inf, is invalid and gets a placeholder signal, as in the
         cache; -inf on some entries (masked vocab) is a valid distribution.  The signal
         carries the teacher's difficulty of each label.  Positions without a label (chat
-        prompts) get no lm_head, top-k or draws (the dense path aside): a placeholder that
+        prompts) get no lm_head, top-k, draws or dense logits: a placeholder that
         no loss reads, valid, with NaN difficulty (the loop averages over labels only)."""
         targets = batch.labels.clamp(min=0)  # (B, T)
-        if self.keep_dense:
-            logits = self.logits(batch.input_ids, batch.position_ids)
-            valid = ~(logits.isnan().any(-1) | logits.isposinf().any(-1) | logits.isneginf().all(-1))  # (B, T)
-            difficulty = token_difficulty(logits.reshape(-1, logits.shape[-1]), targets).reshape(*targets.shape, -1)
-            if not bool(valid.all()):
-                logits = torch.where(valid[..., None], logits, torch.zeros_like(logits))
-            sig = TeacherSignal.from_logits(logits, self.k, keep_dense=True)
-            sig.difficulty = difficulty.cpu()
-            return sig, valid.cpu()
         where = batch.labels != IGNORE  # (B, T): the signal is computed only where a loss reads it
+        if self.keep_dense:  # the top-k as below, and the targets' whole logits (zeros elsewhere)
+            dense = torch.zeros(batch.input_ids.numel(), self.vocab_size, device=self.device)  # (B*T, V)
+            values, ids, difficulty = self.topk(batch.input_ids, targets, batch.position_ids, where, dense_out=dense)
+            values, ids, valid = placeholder_invalid(values, ids, self.vocab_size)  # valid: (B, T)
+            dense = dense.reshape(*batch.input_ids.shape, -1)  # (B, T, V)
+            if not bool(valid.all()):  # NaN/+inf logits: placeholders, as the top-k's
+                dense = dense.masked_fill_(~valid[..., None].to(dense.device), 0.0)
+            return TeacherSignal(ids, values, dense, difficulty=difficulty.cpu()), valid.cpu()
         if self.sampling is not None:
             sig = self.sample(batch.input_ids, self.sampling.keys("online", batch.indices, batch.input_ids.shape[1]),
                               targets, batch.position_ids, where)

@@ -212,6 +212,50 @@ def test_no_gradient_flows_from_non_assistant_tokens(chat_data, hf_family, adapt
     assert not torch.equal(moved["model.embed_tokens.weight"], base["model.embed_tokens.weight"])  # tied; a target's signal does
 
 
+@pytest.mark.parametrize("dense", [False, True])
+def test_only_targets_reach_the_lm_head(chat_data, hf_family, dense, monkeypatch):
+    """A chat block's prompt and padding positions skip the student's lm_head and losses
+    (forward and backward): the same per-token losses and gradients as running every
+    position through them with the mask, 0 at the skipped positions."""
+    import losses.chunked as chunked
+    from distill.train.student import student_forward
+
+    data, _ = chat_data
+    vocab = len(data.tokenizer)
+    model = load_causal_lm(hf_family["student"])
+    batch = Batch.of(data.train[:4], range(4))
+    mask = (batch.labels != IGNORE).reshape(-1)  # (N,)
+    assert 0 < int(mask.sum()) < mask.numel()
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(*batch.input_ids.shape, vocab, generator=g) * 3
+    signal = TeacherSignal.from_logits(logits, 8, keep_dense=dense)
+    cfg = LossConfig(temperature=2.0)
+    rows_seen = []
+    run_chunks = chunked._run_chunks
+    monkeypatch.setattr(chunked, "_run_chunks", lambda rows, *a: rows_seen.append(rows.shape[0]) or run_chunks(rows, *a))
+
+    def losses_and_grads(fn):
+        model.zero_grad()
+        hard, soft = fn()
+        (hard.sum() + 0.5 * soft.sum()).backward()
+        return hard.detach(), soft.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    got = losses_and_grads(lambda: student_forward(model, batch.input_ids, batch.labels, signal, mask, cfg, False))
+    assert rows_seen == [int(mask.sum())]  # only the targets went through the lm_head
+
+    def every_position():  # the reference: all N rows through the lm_head, the mask inside the loss
+        hidden = model.model(input_ids=batch.input_ids, use_cache=False).last_hidden_state
+        return chunked.per_token_losses(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, signal.flatten(),
+                                        batch.labels.reshape(-1), mask, temperature=2.0)
+
+    want = losses_and_grads(every_position)
+    for a, b in zip(got[:2], want[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert (a[~mask] == 0).all() and (a[mask] != 0).any()
+    for name, g_want in want[2].items():
+        torch.testing.assert_close(got[2][name], g_want, rtol=1e-4, atol=1e-7, msg=name)
+
+
 class _FixedTeacher:
     """A `Teacher` serving one given signal (all valid)."""
 

@@ -132,21 +132,53 @@ def test_small_top_k_note_names_the_random_init_students_it_concerns():
     of the full distribution; the run says so, for those students only, and only where it holds."""
     from distill.stages import small_top_k_note
 
-    def note(**over):
+    def note(dense=False, **over):
         raw = minimal(**over)
         raw["students"] += [{"name": "ce", "model": {"preset": "dense"}, "baseline": True},
                             {"name": "warm", "model": {"preset": "dense"}, "init": "teacher"},
                             {"name": "cut", "model": {"from_teacher": {"num_layers": 1}}}]
-        return small_top_k_note(parse_config(raw))
+        return small_top_k_note(parse_config(raw), dense)
 
     cached = note()
     assert cached.startswith("[train] note: s start from random init and learn only the teacher's top-64;")
     assert cached.endswith("consider cache.k: 512 or cache.estimator: sampled")  # no online_dense in cached mode
-    assert "train.online_dense: true, " in note(**{"train.mode": "online"})
-    assert note(**{"train.mode": "online", "train.online_dense": True}) is None
+    assert note(dense=True) == cached  # a cached run reads the cache's top-k whatever online_dense says
+    assert "train.online_dense: true, " in note(**{"train.mode": "online"})  # online, top-k: auto fell back
+    assert note(dense=True, **{"train.mode": "online"}) is None
     assert note(**{"cache.k": 512}) is None
     sampled = minimal(**{"cache.estimator": "sampled", "students.0.loss.tail": "sampled"})
     assert small_top_k_note(parse_config(sampled)) is None
     assert note(**{"students.0.init": "teacher"}) is None  # then no student is concerned
     # the demo's students learn from a sampled cache: no note there
     assert small_top_k_note(parse_config(demo_config(Path("unused"), "quick"))) is None
+
+
+def test_online_dense_auto_picks_the_whole_distribution_where_it_fits():
+    """train.online_dense: auto (the default) hands students the teacher's dense logits in
+    online mode with an in-process top-k teacher when a micro-batch's fp32 logits fit in
+    2 GiB; a cache, a server teacher, a sampled signal or a larger micro-batch keep the
+    top-k; true/false are obeyed.  The run prints which (`signal_note`)."""
+    from distill.runtime import DENSE_AUTO_BYTES, dense_logits_bytes, dense_signal
+    from distill.stages import signal_note
+
+    def cfg(**over):
+        return parse_config(minimal(**{"train.mode": "online", **over}))
+
+    assert parse_config(minimal()).train.online_dense == "auto"
+    V = 202_048  # Llama 4's: 8 x 256 tokens (the defaults) are 1.66 GB
+    assert dense_logits_bytes(cfg(), V) == 8 * 256 * V * 4 <= DENSE_AUTO_BYTES
+    assert dense_signal(cfg(), V)
+    assert not dense_signal(cfg(**{"data.seq_len": 512}), V)  # 3.3 GB
+    assert dense_signal(cfg(**{"data.seq_len": 512, "train.grad_accum": 2}), V)  # a micro-batch is half the step
+    assert not dense_signal(cfg(**{"train.mode": "cached"}), V)
+    assert not dense_signal(cfg(**{"cache.estimator": "sampled", "students.0.loss.tail": "sampled"}), V)
+    assert not dense_signal(cfg(**{"teacher.source": "server", "teacher.server": {"url": "http://x:1", "model": "m"},
+                                   "teacher.model": None}), V)
+    assert dense_signal(cfg(**{"data.seq_len": 4096, "train.online_dense": True}), V)  # asked for: obeyed
+    assert not dense_signal(cfg(**{"train.online_dense": False}), V)
+    assert signal_note(cfg(), V, True) == ("[train] teacher signal: the whole distribution (train.online_dense: "
+                                           "auto; 1.66 GB of fp32 teacher logits a micro-batch)")
+    assert signal_note(cfg(**{"data.seq_len": 512}), V, False).startswith("[train] teacher signal: top-64 "
+                                                                          "(train.online_dense: auto; the whole")
+    assert signal_note(cfg(**{"train.online_dense": True}), V, True) is None  # chosen, not picked
+    assert signal_note(parse_config(minimal()), V, False) is None  # cached

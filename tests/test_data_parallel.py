@@ -81,11 +81,16 @@ def launched(dp_config):
 @pytest.mark.parametrize("launcher", ["torchrun", "zero2", "zero3"])
 def test_two_ranks_train_the_weights_one_process_trains(launched, launcher, grad_accum):
     out, ref = launched(launcher, grad_accum), launched("single", grad_accum)
+    # Rounding alone: the dense student 2e-6, the MoE one up to 1.3e-5 on the default (whole-
+    # distribution) signal, 3e-7 on the top-16 (the teacher's signal is bitwise the same for a
+    # rank's half; Adam turns the reductions' rounding in the experts' few-token gradients into
+    # relative steps).  Not reducing f_e over the ranks moves the MoE student by 0.12.
+    tolerance = {"dense": 1e-5, "moe": 5e-5}
     for name in ("dense", "moe"):  # the MoE student's balance loss is on: its f_e is the step's
         diff = rel_diff(weights(out, name), weights(ref, name))
-        assert diff < 1e-5, (launcher, grad_accum, name, diff)
+        assert diff < tolerance[name], (launcher, grad_accum, name, diff)
         diff = rel_diff(weights(out, name), weights(launched("single", 1), name))  # = one big batch
-        assert diff < 1e-5, (launcher, grad_accum, name, "vs one micro-batch", diff)
+        assert diff < tolerance[name], (launcher, grad_accum, name, "vs one micro-batch", diff)
     # Metrics are the step's, over both ranks: the same loss and token count as one process.
     for name in ("dense", "moe"):
         rows, ref_rows = train_rows(out, name), train_rows(ref, name)

@@ -101,8 +101,13 @@ def test_full_depth_cut_over_the_cli_matches_the_teacher(cut_run, hf_family):
         torch.testing.assert_close(student(ids).logits, teacher(ids).logits, rtol=0, atol=1e-6)
     report = json.loads((cut_run / "report.json").read_text())["students"]
     # Not exactly 1 and 0: the student's argmax and softmax also span the 12 (random) padding rows
-    # that the teacher's signal is cut away from.
-    assert report["full"]["teacher_top1_agreement"] > 0.9 and report["full"]["kl_to_teacher"] < 1e-3
+    # that the teacher's signal is cut away from and renormalised without.  With the whole
+    # distribution (online_dense: auto) the KL is then exactly -log(1 - m), m the mass the model
+    # puts on those rows (about 4% at random init).
+    with torch.no_grad():
+        pad_mass = teacher(ids).logits.softmax(-1)[..., hf_family["vocab"]:].sum(-1)  # (B, T)
+    assert report["full"]["teacher_top1_agreement"] > 0.9
+    assert abs(report["full"]["kl_to_teacher"] - float(-torch.log1p(-pad_mass).mean())) < 0.1 * float(pad_mass.mean())
     assert report["full"]["init"]["layers"] == [0, 1, 2] and report["full"]["init"]["not_copied"] == {}
     assert student.generate(ids[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
 

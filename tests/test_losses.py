@@ -87,6 +87,42 @@ def test_dense_matches_functional_reference(name, temperature):
     assert (got > 0).all()
 
 
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_dense_teacher_over_fewer_ids_than_the_student(name, temperature):
+    """A student vocab padded past the tokenizer's (dense teacher logits (N, V - 4)): the
+    missing ids are ones the teacher never predicts, at the bucket's floor below its max
+    (times max(T, 1)).
+    Every divergence stays finite, matches the reference with the teacher so padded, and the
+    chunked loss (forward and the student's gradient) agrees with it."""
+    from losses.divergences import TAIL_FLOOR_LOGPROB
+
+    s, t = _pair(4)
+    t = t[:, : V - 4]  # (N, V - 4)
+    sig = TeacherSignal.from_logits(t, K, keep_dense=True)
+    kw = dict(temperature=temperature, **PARAMS.get(name, {}))
+    got = DIVERGENCES[name](s, sig, **kw)
+    floor = t.amax(-1, keepdim=True) + max(temperature, 1.0) * TAIL_FLOOR_LOGPROB
+    wide = torch.cat([t, floor.expand(-1, 4)], -1)  # (N, V)
+    ref = _reference(name, F.log_softmax(s / temperature, -1), F.log_softmax(wide / temperature, -1),
+                     **PARAMS.get(name, {})) * temperature**2
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    if name == "forward_kl":  # the floor's mass is negligible: as if the teacher gave those ids 0
+        t_logp = F.log_softmax(F.pad(t, (0, 4), value=-math.inf) / temperature, -1)
+        terms = t_logp.exp() * (t_logp - F.log_softmax(s / temperature, -1))
+        exact = torch.where(torch.isinf(t_logp), 0.0, terms).sum(-1) * temperature**2
+        torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-6)
+    z = s.clone().requires_grad_(True)
+    labels = torch.zeros(N, dtype=torch.long)
+    _, soft = per_token_losses_from_logits(z, sig, labels, None, divergence=name, chunk_size=5, **kw)
+    (soft * torch.linspace(0.5, 1.5, N, dtype=DT)).sum().backward()
+    z_ref = s.clone().requires_grad_(True)
+    (DIVERGENCES[name](z_ref, sig, **kw) * torch.linspace(0.5, 1.5, N, dtype=DT)).sum().backward()
+    torch.testing.assert_close(soft.to(DT), ref, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(z.grad, z_ref.grad, rtol=1e-6, atol=1e-8)
+
+
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
 def test_bucket_matches_reference_on_aggregated_distributions(name):
     """At T=1 the bucket estimator is the divergence between the (k+1)-outcome distributions."""

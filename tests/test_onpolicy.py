@@ -213,7 +213,10 @@ def test_prompt_and_padding_tokens_get_no_gradient(op, tmp_path):
         other_ids = torch.randint(0, source.vocab, sig.topk_ids.shape, generator=g)
         other_lp = torch.log_softmax(torch.randn(sig.topk_logprobs.shape, generator=g) * 3, -1)
         pick = where[..., None]
-        signal = TeacherSignal(torch.where(pick, other_ids, sig.topk_ids), torch.where(pick, other_lp, sig.topk_logprobs))
+        dense = None if sig.logits is None else torch.where(  # the default online signal: the whole distribution
+            pick, torch.randn(sig.logits.shape, generator=g) * 3, sig.logits)
+        signal = TeacherSignal(torch.where(pick, other_ids, sig.topk_ids), torch.where(pick, other_lp, sig.topk_logprobs),
+                               dense)
         from distill.train.student import MicroBatch
         from teachers import Batch
 

@@ -82,15 +82,22 @@ def test_resume_with_other_config_refused(online_setup):
     out = work / "other"
     first = run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}")
     assert first.returncode == 0
-    # a random-init student on the top-16: the run says what it may cost, once, and how to avoid it
-    assert first.stdout.count("[train] note: dense start from random init") == 1, first.stdout
-    assert "train.online_dense: true, cache.k: 512 or cache.estimator: sampled" in first.stdout
+    # online_dense: auto (the default) hands over the whole distribution here, and says so once
+    assert first.stdout.count("[train] teacher signal: the whole distribution (train.online_dense: auto;") == 1
+    assert "[train] note:" not in first.stdout, first.stdout
     line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", f"out_dir={out}",
                             "--set", "students.0.optim.lr=0.1"))
     assert "different config" in line
     line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", f"out_dir={out}",
-                            "--set", "train.online_dense=true"))  # the whole distribution: another loss
+                            "--set", "train.online_dense=false"))  # the top-16: another loss
     assert "different config" in line
+    topk = run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={work / 'other-topk'}",
+                   "--set", "train.online_dense=false", "--set", "train.steps=1")
+    assert topk.returncode == 0
+    # a random-init student on the top-16: the run says what it may cost, once, and how to avoid it
+    assert topk.stdout.count("[train] note: dense start from random init") == 1, topk.stdout
+    assert "train.online_dense: true, cache.k: 512 or cache.estimator: sampled" in topk.stdout
+    assert "[train] teacher signal:" not in topk.stdout  # chosen, not picked
 
 
 def test_k_larger_than_vocab_refused(online_setup):

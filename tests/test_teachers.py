@@ -113,19 +113,20 @@ def test_chunked_sampling_equals_sampling_the_full_logits():
     torch.testing.assert_close(sig.topk_logprobs.exp().sum(-1), torch.ones(3, 7))
 
 
-@pytest.mark.parametrize("estimator", ["topk", "sampled"])
+@pytest.mark.parametrize("estimator", ["topk", "sampled", "dense"])
 @pytest.mark.parametrize("chunked", [True, False])
 def test_online_signal_is_computed_at_labelled_positions_only(estimator, chunked):
-    """Chat data: positions without a label (the prompt) skip the lm_head and the top-k or
-    draws.  The labelled ones get the signal a full computation gives; the others a
-    placeholder, valid, with NaN difficulty."""
+    """Chat data: positions without a label (the prompt) skip the lm_head and the top-k,
+    draws or dense logits.  The labelled ones get the signal a full computation gives; the
+    others a placeholder, valid, with NaN difficulty (dense: logits 0)."""
     import teachers.live as live
     from teachers import IGNORE
     from teachers.cache.format import Sampling
 
     model = tiny_teacher(64)
     sampling = Sampling(n=12, temperature=1.0, seed=4) if estimator == "sampled" else None
-    teacher = LiveTeacher(model, k=8, vocab_size=64, device=torch.device("cpu"), sampling=sampling)
+    teacher = LiveTeacher(model, k=8, vocab_size=64, device=torch.device("cpu"), sampling=sampling,
+                          keep_dense=estimator == "dense")
     teacher.chunked_head, teacher.chunk_tokens = chunked and teacher.chunked_head, 5
     ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(0))
     labels = torch.roll(ids, -1, 1)
@@ -153,3 +154,10 @@ def test_online_signal_is_computed_at_labelled_positions_only(estimator, chunked
         assert (part.topk_logprobs[~where][:, 0] == 0).all()
     else:
         assert torch.equal(part.topk_ids[~where], torch.arange(8).expand(int((~where).sum()), 8))
+    if estimator == "dense":  # the model's own logits where a loss reads them, zeros elsewhere
+        plain = teacher.logits(ids)  # (3, 7, 64): one forward, every position
+        torch.testing.assert_close(part.logits[where], plain[where], rtol=0, atol=1e-5)
+        torch.testing.assert_close(full.logits, plain, rtol=0, atol=1e-5)
+        assert (part.logits[~where] == 0).all()
+    else:
+        assert part.logits is None

@@ -120,17 +120,31 @@ def student_forward(model, input_ids: torch.Tensor, labels: torch.Tensor, signal
     logits of this forward are left on its layers (`collect_router_logits`).
 
     input_ids, labels: (B, T); mask: (N,) bool targets; signal: (B, T, k) or None;
-    position_ids: (B, T) restarting per packed row (each row attends within itself) or None."""
+    position_ids: (B, T) restarting per packed row (each row attends within itself) or None.
+
+    Only the targets' hidden states go through the lm_head and the losses: every loss term is
+    masked to them, so a chat prompt's or a padding position's (V, H) matmuls, forward and
+    backward, would be work thrown away.  Their hard and soft come out 0."""
     hidden = model.model(input_ids=input_ids, **positions_arg(position_ids)).last_hidden_state  # (B, T, H)
     use_teacher = signal is not None and not baseline
+    flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)  # (N, H), (N,)
+    flat_signal = signal.flatten() if use_teacher else None
+    rows = None if bool(mask.all()) else mask.nonzero().squeeze(1)  # (M,) flat indices of the targets
+    if rows is not None:
+        flat_hidden, flat_labels, mask = flat_hidden[rows], flat_labels[rows], mask[rows]
+        flat_signal = None if flat_signal is None else flat_signal.apply(lambda x: x[rows.to(x.device)])
     # Only the divergence's own parameters (jsd: beta; skew KLs: alpha) are passed on.
     div_params = {p: getattr(loss_cfg, p) for p in DIVERGENCES[loss_cfg.divergence].params}
-    return loss_head(model)(hidden.reshape(-1, hidden.shape[-1]), losses=dict(
-        signal=signal.flatten() if use_teacher else None, labels=labels.reshape(-1), mask=mask,
+    hard, soft = loss_head(model)(flat_hidden, losses=dict(
+        signal=flat_signal, labels=flat_labels, mask=mask,
         divergence=loss_cfg.divergence, temperature=loss_cfg.temperature, tail=loss_cfg.tail,
         hard_target="labels" if baseline else loss_cfg.hard_target, chunk_size=loss_cfg.chunk_size,
         **div_params,
     ))
+    if rows is None:
+        return hard, soft
+    n = labels.numel()  # back to (N,): 0 at the positions no loss reads
+    return hard.new_zeros(n).index_copy(0, rows, hard), soft.new_zeros(n).index_copy(0, rows, soft)
 
 
 def positions_arg(position_ids: torch.Tensor | None) -> dict:
