@@ -20,12 +20,13 @@ clip 1.0).
   scoring  one stock-transformers pass over the held-out rows: assistant-token perplexity
            and KL(teacher || student) (full vocabulary) of every student.
 
-Variants (--variants): `online` and `cached` (top-k 64 with the tail as one bucket, soft
-weight 1: pure forward KL, like GKD's beta 0), `online_k512` (the same with k 512),
-`cached_sampled` (a sampled cache, 32 draws
-per token: forward KL unbiased over the whole vocabulary), `online_dense` (train.online_dense: the
-teacher's full distribution, GKD's loss exactly), `online_default` (the project's default
-loss: soft weight 0.5, i.e. half hard CE on the labels).
+Variants (--variants), soft weight 1 (pure forward KL, like GKD's beta 0) unless said:
+`online` (the defaults: train.online_dense: auto, which here hands over the teacher's whole
+distribution, GKD's loss exactly), `online_top64` (train.online_dense: false: the top-64 with
+the tail as one bucket), `cached` (a top-64 cache, the cache's default), `online_k512` (top-512),
+`cached_sampled` (a sampled cache, 32 draws per token: forward KL unbiased over the whole
+vocabulary), `online_default` (the project's default loss too: soft weight 0.5, i.e. half hard
+CE on the labels).
 
 The step count: TRL steps once per --batch-size rows; ours packs rows into blocks and steps
 once per block, with blocks of the tokens of TRL's batch (at least the longest row), so both
@@ -60,13 +61,13 @@ TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content']
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 WIDTHS = ((64, 2), (128, 2), (192, 3))  # (hidden, layers) of the 3 students
-VARIANTS = {  # name: (train.mode, soft weight, online_dense, cache.estimator, cache.k or None: --k)
-    "online": ("online", 1.0, False, "topk", None),
-    "cached": ("cached", 1.0, False, "topk", None),
+VARIANTS = {  # name: (train.mode, soft weight, train.online_dense, cache.estimator, cache.k or None: --k)
+    "online": ("online", 1.0, "auto", "topk", None),
+    "online_top64": ("online", 1.0, False, "topk", None),
+    "cached": ("cached", 1.0, "auto", "topk", None),
     "online_k512": ("online", 1.0, False, "topk", 512),
-    "cached_sampled": ("cached", 1.0, False, "sampled", None),
-    "online_dense": ("online", 1.0, True, "topk", None),
-    "online_default": ("online", 0.5, False, "topk", None),
+    "cached_sampled": ("cached", 1.0, "auto", "sampled", None),
+    "online_default": ("online", 0.5, "auto", "topk", None),
 }
 
 
@@ -215,14 +216,15 @@ def our_config(out: Path, data: Path, teacher: Path, students: dict[str, Path], 
             "cache": {"k": k or a.k, "estimator": estimator},
             "students": [{"name": name, "model": {"path": str(path)}, "optim": optim,
                           "loss": loss} for name, path in students.items()],
-            "train": {"mode": mode, "steps": 1, "batch_size": 1, "eval_every": 0, "eval_blocks": 1,
+            "train": {"mode": mode, "epochs": 1, "batch_size": 1, "eval_every": 0, "eval_blocks": 1,
                       "eval_prompts": 0, "checkpoint_every": 0, "device": "cpu", "online_dense": dense}}
 
 
 def our_students(work: Path, students: dict[str, Path], teacher: Path, data: Path, variant: str,
                  block: int, a) -> dict:
-    """One co-distillation job over the CLI: prepare (+ cache) + train, one block a step, one
-    epoch; exported for scoring."""
+    """One co-distillation job over the CLI, as a user runs it: `distill train` (online) or
+    `distill cache` + `distill train` (cached), each preparing the data it needs; one block a
+    step, one epoch (train.epochs: 1); exported for scoring."""
     out = work / variant
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(work / f"{variant}-export", ignore_errors=True)
@@ -231,25 +233,21 @@ def our_students(work: Path, students: dict[str, Path], teacher: Path, data: Pat
     path.write_text(json.dumps(cfg))  # JSON is YAML
     cli = [sys.executable, str(ROOT / "cli.py")]
     walls, rss = {}, []
-    walls["prepare"], r, _ = run_job(cli + ["prepare", "-c", str(path)], work / f"{variant}-prepare.log")
-    rss.append(r)
-    manifest = json.loads(next((out / "data").glob("blocks-*/manifest.json")).read_text())
-    blocks = manifest["splits"]["train"]["blocks"]
-    steps = blocks  # one epoch
-    cfg["train"].update(steps=steps, batch_size=1)
-    path.write_text(json.dumps(cfg))
     if VARIANTS[variant][0] == "cached":
         walls["cache"], r, _ = run_job(cli + ["cache", "-c", str(path)], work / f"{variant}-cache.log")
         rss.append(r)
-    walls["train"], r, _ = run_job(cli + ["train", "-c", str(path), "--quiet"], work / f"{variant}-train.log")
+    walls["train"], r, said = run_job(cli + ["train", "-c", str(path), "--quiet"], work / f"{variant}-train.log")
     rss.append(r)
+    signal = next((line for line in said.splitlines() if line.startswith("[train] teacher signal:")), None)
+    manifest = json.loads(next((out / "data").glob("blocks-*/manifest.json")).read_text())
+    steps = manifest["splits"]["train"]["blocks"]  # one epoch of one block a step
     summary = json.loads((out / "train_summary.json").read_text())
     dirs = {}
     for name in students:
         dirs[name] = work / f"{variant}-export" / name
         run_job(cli + ["export", str(out / "students" / name), "--out", str(dirs[name])], work / f"{variant}-export.log")
     return {"wall_s": round(sum(walls.values()), 1), "walls": {k: round(v, 1) for k, v in walls.items()},
-            "peak_rss_mb": round(max(rss)), "steps": steps, "block_tokens": block,
+            "peak_rss_mb": round(max(rss)), "steps": steps, "block_tokens": block, "signal_chosen": signal,
             "rows_in_train_split": manifest["splits"]["train"]["chat_rows"],
             "teacher_forwards_in_train": summary["teacher_forward_calls"], "dirs": {k: str(v) for k, v in dirs.items()}}
 

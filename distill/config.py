@@ -250,7 +250,8 @@ class OnPolicyConfig(_Strict):
 
 class TrainConfig(_Strict):
     mode: Literal["cached", "online"] = Field("cached", description="`cached`: read the teacher signal from the cache; `online`: run the teacher once per batch.")
-    steps: int = Field(200, ge=1, description="Optimizer steps per student.")
+    steps: int = Field(200, ge=1, description="Optimizer steps per student (see epochs).")
+    epochs: float | None = Field(None, gt=0, description="Passes over the training blocks, instead of steps: steps = ceil(epochs x training blocks / batch_size), counted once the data is prepared (the run prints it); train.steps is then not used. null: train.steps.")
     batch_size: int = Field(8, ge=1, description="Blocks per step (global, across data-parallel ranks).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per step.")
     eval_every: int = Field(50, ge=0, description="Validate every N steps (0 = only at the end).")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -197,13 +198,17 @@ def signal_note(cfg: RunConfig, vocab: int, dense: bool) -> str | None:
     why (a micro-batch's teacher logits against DENSE_AUTO_BYTES); None otherwise."""
     if cfg.train.mode != "online" or cfg.train.online_dense != "auto" or cfg.teacher.source == "server":
         return None
-    size = f"{dense_logits_bytes(cfg, vocab) / 1e9:.2f} GB of fp32 teacher logits a micro-batch"
+    size = f"{_gb(dense_logits_bytes(cfg, vocab))} of fp32 teacher logits a micro-batch"
     if dense:
         return f"[train] teacher signal: the whole distribution (train.online_dense: auto; {size})"
     if cfg.cache.estimator != "topk":
         return None
     return (f"[train] teacher signal: top-{cfg.cache.k} (train.online_dense: auto; the whole distribution would "
-            f"hold {size}, over {DENSE_AUTO_BYTES / 1e9:.2f} GB: set train.online_dense: true to use it anyway)")
+            f"hold {size}, over {_gb(DENSE_AUTO_BYTES)}: set train.online_dense: true to use it anyway)")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def small_top_k_note(cfg: RunConfig, dense: bool = False) -> str | None:
@@ -224,6 +229,19 @@ def small_top_k_note(cfg: RunConfig, dense: bool = False) -> str | None:
             f"consider {'train.online_dense: true, ' if online else ''}cache.k: 512 or cache.estimator: sampled")
 
 
+def with_epoch_steps(cfg: RunConfig, train_blocks: int, leader: bool = True) -> RunConfig:
+    """cfg with train.steps counted from train.epochs over `train_blocks` (all the training
+    blocks, before any student's data selection), said in one line; cfg itself without epochs."""
+    epochs = cfg.train.epochs
+    if epochs is None:
+        return cfg
+    steps = max(1, math.ceil(epochs * train_blocks / cfg.train.batch_size))
+    if leader:
+        print(f"[train] train.epochs {epochs:g}: {steps:,} steps of {cfg.train.batch_size} blocks "
+              f"over {train_blocks:,} training blocks", flush=True)
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})})
+
+
 def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
                    data: PackedData | None = None, overwrite: bool = False) -> dict:
     """Co-distil every student from one teacher signal per batch.  A fresh run (not `resume`)
@@ -236,6 +254,7 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
     if not resume:
         claim_out_dir(cfg.layout, [s.name for s in cfg.students], overwrite, rank)
     data = prepare(cfg, progress) if data is None else data
+    cfg = with_epoch_steps(cfg, len(data.train), rank == 0 and not resume)
     dense = cfg.train.mode == "online" and dense_signal(cfg, vocab_size_of(data.tokenizer))
     for note in (signal_note(cfg, vocab_size_of(data.tokenizer), dense), small_top_k_note(cfg, dense)):
         if note and rank == 0 and not resume:

@@ -1,5 +1,6 @@
 """Faults and bad input over the real CLI: one clear line, exit 2, nothing lost; exact resume."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -98,6 +99,26 @@ def test_resume_with_other_config_refused(online_setup):
     assert topk.stdout.count("[train] note: dense start from random init") == 1, topk.stdout
     assert "train.online_dense: true, cache.k: 512 or cache.estimator: sampled" in topk.stdout
     assert "[train] teacher signal:" not in topk.stdout  # chosen, not picked
+
+
+def test_epochs_count_the_steps_from_the_prepared_blocks(online_setup):
+    """train.epochs 0.01: ceil(0.01 x training blocks / batch_size) steps, said once; a resume
+    counts the same steps (the same run), and train.steps is not used."""
+    work, cfg = online_setup
+    out = work / "epochs"
+    first = run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}", "--set", "train.epochs=0.01",
+                    "--set", "train.steps=1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    manifest = json.loads(next((out / "data").glob("blocks-*/manifest.json")).read_text())
+    blocks = manifest["splits"]["train"]["blocks"]
+    steps = math.ceil(0.01 * blocks / 4)  # online_setup: batch_size 4
+    assert 4 < steps < 20
+    assert first.stdout.count(f"[train] train.epochs 0.01: {steps} steps of 4 blocks over {blocks:,} training blocks") == 1
+    rows = [json.loads(l) for l in (out / "students" / "dense" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, steps + 1))
+    again = run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", f"out_dir={out}",
+                    "--set", "train.epochs=0.01", "--set", "train.steps=1")
+    assert again.returncode == 0 and "different config" not in again.stderr, again.stderr[-2000:]
 
 
 def test_k_larger_than_vocab_refused(online_setup):
