@@ -154,7 +154,8 @@ def run_config(out: Path, data: Path, teacher: Path, seed: int, steps: int, a, s
            "teacher": {"source": "checkpoint", "path": str(teacher)}, "cache": {"k": 8},
            "students": students,
            "train": {"mode": "online", "steps": steps, "batch_size": a.batch_size, "eval_every": 0, "eval_blocks": 1,
-                     "checkpoint_every": 0, "keep_last": 1}}
+                     "checkpoint_every": 0, "keep_last": 1,
+                     "online_dense": False}}  # the top-8 its BENCHMARKS figures were measured on
     if share is not None:
         raw["train"]["on_policy"] = {"share": share, "max_new_tokens": a.max_new_tokens, "temperature": 1.0}
     return check_config(parse_config(raw))

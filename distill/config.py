@@ -266,7 +266,7 @@ class TrainConfig(_Strict):
     engine: Literal["torch", "deepspeed"] = Field("torch", description="Plain PyTorch, or one DeepSpeed engine per student (launch with `deepspeed` or torchrun).")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage 1-3 (engine=deepspeed); 0 is refused (no grad norm to tell a non-finite step by): for unsharded data parallelism use engine: torch (DDP).")
     deepspeed_config: Path | None = Field(None, description="A ds_config JSON passed through to DeepSpeed (engine=deepspeed); batch sizes are filled in.")
-    online_dense: bool | Literal["auto"] = Field("auto", description="Online mode: hand students the teacher's whole distribution (its dense logits: the exact loss over the vocabulary) instead of its top-k (cache.k). auto: yes when the teacher runs in-process, cache.estimator is topk and one micro-batch's fp32 teacher logits (batch_size / grad_accum x seq_len x V x 4 bytes) fit in 2 GiB, else top-k; the run says which. Students from random init learn much better from it than from the top-64 bucket (bench/peer.py: held-out perplexity at or below TRL's GKD, against 1.7-2.3x with top-64), and on CPU it was also the faster signal there. It holds the micro-batch's (B, T, V) fp32 teacher logits: 26 GB at 8 x 4,096 tokens and V = 202,048.")
+    online_dense: bool | Literal["auto"] = Field("auto", description="Online mode: hand students the teacher's whole distribution (its dense logits: each divergence exact over the vocabulary) instead of its top-k (cache.k). auto: yes when the teacher runs in-process, cache.estimator is topk, no on-policy steps are configured and one step's fp32 teacher logits (batch_size x seq_len x V x 4 bytes) fit in 2 GiB, else the top-k; the run says which. Students from random init learn much better from it than from the top-64 bucket (bench/peer.py: held-out perplexity at or below TRL's GKD, against 1.7-2.3x with top-64). It holds the step's (B, T, V) fp32 teacher logits: 26 GB at 8 x 4,096 tokens and V = 202,048. true with a server teacher (top-k only) is refused.")
     deterministic: bool = Field(True, description="torch.use_deterministic_algorithms for exact resume.")
     on_policy: OnPolicyConfig | None = Field(None, description="On-policy co-distillation (online mode): students sample completions of the data's prompts and learn from the teacher's scores of them. Absent: off-policy only.")
 
@@ -305,6 +305,9 @@ class RunConfig(_Strict):
                 raise ValueError(f"{where}.rescore_every: the gap it re-weights by is the student's loss on the "
                                  f"labels, but students.{i}.loss.hard_target is teacher_argmax; use labels")
         _check_on_policy(self)
+        if self.train.online_dense is True and self.teacher.source == "server":
+            raise ValueError("train.online_dense: true needs the teacher's whole distribution, but a server teacher "
+                             "returns its top-k only; set train.online_dense: auto or false")
         if not (self.train.mode == "online" and self.train.online_dense is True):  # auto may fall back to top-k
             for i, s in enumerate(self.students):
                 _check_estimator(f"students.{i}.loss", s, self.cache)

@@ -214,25 +214,28 @@ def check_k(cfg: RunConfig, vocab: int) -> None:
         raise UserError(f"cache.k={cfg.cache.k} is larger than the vocabulary ({vocab} tokens); choose k <= {vocab}")
 
 
-# train.online_dense: auto hands students the teacher's dense logits when one micro-batch's
-# fp32 (tokens, V) logits fit in this: 1.6 GB at the default 8 x 256 tokens and V = 202,048.
+# train.online_dense: auto hands students the teacher's dense logits when one step's fp32
+# (tokens, V) logits fit in this: 1.66 GB at the default 8 x 256 tokens and V = 202,048.
 DENSE_AUTO_BYTES = 2 << 30
 
 
 def dense_logits_bytes(cfg: RunConfig, vocab: int) -> int:
-    """Bytes of one micro-batch's fp32 teacher logits (blocks x seq_len x V x 4), counted
-    over the global micro-batch so the choice never depends on the number of ranks."""
-    return -(-cfg.train.batch_size // cfg.train.grad_accum) * cfg.data.seq_len * vocab * 4
+    """Bytes of one step's fp32 teacher logits (batch_size x seq_len x V x 4): the loop scores
+    every micro-batch of a step before the students train on them, so all of them are held at
+    once.  Counted over the global batch (a rank holds its share), so the choice never
+    depends on the number of ranks."""
+    return cfg.train.batch_size * cfg.data.seq_len * vocab * 4
 
 
 def dense_signal(cfg: RunConfig, vocab: int) -> bool:
     """Whether the online teacher hands students its whole distribution (train.online_dense).
-    auto: yes in online mode with an in-process teacher and a top-k signal when a micro-batch's
-    logits fit DENSE_AUTO_BYTES; a server teacher only returns top-k."""
+    auto: yes in online mode with an in-process teacher, a top-k signal and no on-policy
+    steps (their signal spans students x prompts x completion tokens) when a step's logits
+    fit DENSE_AUTO_BYTES.  A server teacher returns top-k only (true is refused at config check)."""
     if cfg.train.online_dense != "auto":
         return bool(cfg.train.online_dense)
     return (cfg.train.mode == "online" and cfg.teacher.source != "server" and cfg.cache.estimator == "topk"
-            and dense_logits_bytes(cfg, vocab) <= DENSE_AUTO_BYTES)
+            and not cfg.on_policy_active and dense_logits_bytes(cfg, vocab) <= DENSE_AUTO_BYTES)
 
 
 def existing_teacher_dir(cfg: RunConfig):

@@ -194,15 +194,19 @@ def data_views(cfg: RunConfig, teacher: CachedTeacher | None, data: PackedData) 
 
 
 def signal_note(cfg: RunConfig, vocab: int, dense: bool) -> str | None:
-    """Online training with train.online_dense: auto: one line saying which signal it chose and
-    why (a micro-batch's teacher logits against DENSE_AUTO_BYTES); None otherwise."""
+    """Online training with train.online_dense: auto and a top-k estimator: one line saying
+    which signal it chose and why (a step's teacher logits against DENSE_AUTO_BYTES, or
+    on-policy steps); None otherwise (a sampled signal, a server teacher, a cached run)."""
     if cfg.train.mode != "online" or cfg.train.online_dense != "auto" or cfg.teacher.source == "server":
         return None
-    size = f"{_gb(dense_logits_bytes(cfg, vocab))} of fp32 teacher logits a micro-batch"
+    size = f"{_gb(dense_logits_bytes(cfg, vocab))} of fp32 teacher logits a step"
     if dense:
         return f"[train] teacher signal: the whole distribution (train.online_dense: auto; {size})"
     if cfg.cache.estimator != "topk":
         return None
+    if cfg.on_policy_active:
+        return (f"[train] teacher signal: top-{cfg.cache.k} (train.online_dense: auto keeps the top-k with on-policy "
+                f"steps; set train.online_dense: true for the whole distribution)")
     return (f"[train] teacher signal: top-{cfg.cache.k} (train.online_dense: auto; the whole distribution would "
             f"hold {size}, over {_gb(DENSE_AUTO_BYTES)}: set train.online_dense: true to use it anyway)")
 
@@ -254,7 +258,7 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
     if not resume:
         claim_out_dir(cfg.layout, [s.name for s in cfg.students], overwrite, rank)
     data = prepare(cfg, progress) if data is None else data
-    cfg = with_epoch_steps(cfg, len(data.train), rank == 0 and not resume)
+    cfg = with_epoch_steps(cfg, len(data.train), rank == 0)
     dense = cfg.train.mode == "online" and dense_signal(cfg, vocab_size_of(data.tokenizer))
     for note in (signal_note(cfg, vocab_size_of(data.tokenizer), dense), small_top_k_note(cfg, dense)):
         if note and rank == 0 and not resume:

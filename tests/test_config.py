@@ -155,9 +155,10 @@ def test_small_top_k_note_names_the_random_init_students_it_concerns():
 
 def test_online_dense_auto_picks_the_whole_distribution_where_it_fits():
     """train.online_dense: auto (the default) hands students the teacher's dense logits in
-    online mode with an in-process top-k teacher when a micro-batch's fp32 logits fit in
-    2 GiB; a cache, a server teacher, a sampled signal or a larger micro-batch keep the
-    top-k; true/false are obeyed.  The run prints which (`signal_note`)."""
+    online mode with an in-process top-k teacher when a step's fp32 logits fit in 2 GiB
+    (every micro-batch of a step is scored before training: grad_accum does not shrink it);
+    a cache, a server teacher, a sampled signal, on-policy steps or a larger step keep the
+    top-k; true/false are obeyed, true with a server refused.  The run prints which."""
     from distill.runtime import DENSE_AUTO_BYTES, dense_logits_bytes, dense_signal
     from distill.stages import signal_note
 
@@ -169,16 +170,24 @@ def test_online_dense_auto_picks_the_whole_distribution_where_it_fits():
     assert dense_logits_bytes(cfg(), V) == 8 * 256 * V * 4 <= DENSE_AUTO_BYTES
     assert dense_signal(cfg(), V)
     assert not dense_signal(cfg(**{"data.seq_len": 512}), V)  # 3.3 GB
-    assert dense_signal(cfg(**{"data.seq_len": 512, "train.grad_accum": 2}), V)  # a micro-batch is half the step
+    assert not dense_signal(cfg(**{"data.seq_len": 512, "train.grad_accum": 2}), V)  # all micro-batches are held
+    assert dense_signal(cfg(**{"data.seq_len": 512, "train.batch_size": 4}), V)
     assert not dense_signal(cfg(**{"train.mode": "cached"}), V)
     assert not dense_signal(cfg(**{"cache.estimator": "sampled", "students.0.loss.tail": "sampled"}), V)
     assert not dense_signal(cfg(**{"teacher.source": "server", "teacher.server": {"url": "http://x:1", "model": "m"},
                                    "teacher.model": None}), V)
+    on_policy = {"train.on_policy": {"share": {"kind": "constant", "start": 0.5}}}
+    assert not dense_signal(cfg(**on_policy), V)  # its signal spans students x prompts x completions
+    assert dense_signal(cfg(**on_policy, **{"train.online_dense": True}), V)
     assert dense_signal(cfg(**{"data.seq_len": 4096, "train.online_dense": True}), V)  # asked for: obeyed
     assert not dense_signal(cfg(**{"train.online_dense": False}), V)
     assert signal_note(cfg(), V, True) == ("[train] teacher signal: the whole distribution (train.online_dense: "
-                                           "auto; 1.66 GB of fp32 teacher logits a micro-batch)")
+                                           "auto; 1.66 GB of fp32 teacher logits a step)")
     assert signal_note(cfg(**{"data.seq_len": 512}), V, False).startswith("[train] teacher signal: top-64 "
                                                                           "(train.online_dense: auto; the whole")
     assert signal_note(cfg(**{"train.online_dense": True}), V, True) is None  # chosen, not picked
     assert signal_note(parse_config(minimal()), V, False) is None  # cached
+    assert "keeps the top-k with on-policy steps" in signal_note(cfg(**on_policy), V, False)
+    server = {"teacher.source": "server", "teacher.server": {"url": "http://x:1", "model": "m"}, "teacher.model": None}
+    assert "a server teacher returns its top-k only" in error_of(minimal(**{"train.mode": "online", **server,
+                                                                              "train.online_dense": True}))

@@ -119,6 +119,9 @@ def test_epochs_count_the_steps_from_the_prepared_blocks(online_setup):
     again = run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", f"out_dir={out}",
                     "--set", "train.epochs=0.01", "--set", "train.steps=1")
     assert again.returncode == 0 and "different config" not in again.stderr, again.stderr[-2000:]
+    assert f"[train] train.epochs 0.01: {steps} steps" in again.stdout  # counted the same, said again
+    rows = [json.loads(l) for l in (out / "students" / "dense" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, steps + 1))  # nothing more to train
 
 
 def test_k_larger_than_vocab_refused(online_setup):
