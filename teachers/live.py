@@ -232,15 +232,7 @@ class LiveTeacher:
         no loss reads, valid, with NaN difficulty (the loop averages over labels only)."""
         targets = batch.labels.clamp(min=0)  # (B, T)
         where = batch.labels != IGNORE  # (B, T): the signal is computed only where a loss reads it
-        if self.keep_dense:  # the top-k as below, and the targets' whole logits (zeros elsewhere)
-            dense = torch.zeros(batch.input_ids.numel(), self.vocab_size, device=self.device)  # (B*T, V)
-            values, ids, difficulty = self.topk(batch.input_ids, targets, batch.position_ids, where, dense_out=dense)
-            values, ids, valid = placeholder_invalid(values, ids, self.vocab_size)  # valid: (B, T)
-            dense = dense.reshape(*batch.input_ids.shape, -1)  # (B, T, V)
-            if not bool(valid.all()):  # NaN/+inf logits: placeholders, as the top-k's
-                dense = dense.masked_fill_(~valid[..., None].to(dense.device), 0.0)
-            return TeacherSignal(ids, values, dense, difficulty=difficulty.cpu()), valid.cpu()
-        if self.sampling is not None:
+        if self.sampling is not None and not self.keep_dense:
             sig = self.sample(batch.input_ids, self.sampling.keys("online", batch.indices, batch.input_ids.shape[1]),
                               targets, batch.position_ids, where)
             valid = torch.isfinite(sig.entropy)
@@ -249,9 +241,15 @@ class LiveTeacher:
                 sig.topk_logprobs[~valid, 0] = 0.0  # one id at frequency 1: finite, masked anyway
                 sig.entropy[~valid] = 0.0
             return sig.to("cpu"), valid.cpu()
-        values, ids, difficulty = self.topk(batch.input_ids, targets, batch.position_ids, where)
+        # keep_dense: the targets' whole logits too (zeros elsewhere), filled by the same pass
+        dense = torch.zeros(batch.input_ids.numel(), self.vocab_size, device=self.device) if self.keep_dense else None
+        values, ids, difficulty = self.topk(batch.input_ids, targets, batch.position_ids, where, dense_out=dense)
         values, ids, valid = placeholder_invalid(values, ids, self.vocab_size)  # valid: (B, T)
-        return TeacherSignal(ids, values, difficulty=difficulty.cpu()), valid.cpu()
+        if dense is not None:
+            dense = dense.reshape(*batch.input_ids.shape, -1)  # (B, T, V)
+            if not bool(valid.all()):  # NaN/+inf logits: placeholders, as the top-k's
+                dense.masked_fill_(~valid[..., None].to(dense.device), 0.0)
+        return TeacherSignal(ids, values, dense, difficulty=difficulty.cpu()), valid.cpu()
 
 
 def _rows_of(where: torch.Tensor | None) -> torch.Tensor | None:
