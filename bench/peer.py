@@ -36,6 +36,9 @@ take about the same number of optimiser steps over the same epoch.  Wall times a
     make bench-peer                                          # builds TRL's venv, then runs this
     python bench/peer.py --trl-python .make/trl-venv/bin/python
     python bench/peer.py --quick --trl-python ...            # a minute: every stage, tiny sizes
+    python bench/peer.py --trl-python ... --variants online --vocab 49152 --tokenizer-text stdlib \
+        --teacher-hidden 512 --teacher-layers 30 --teacher-steps 20 --teacher-batch 8
+                        # the issue's shape: V = 49,152, a 114M teacher (30 layers), students of 3.2-10.6M
 """
 from __future__ import annotations
 
@@ -287,6 +290,9 @@ def main() -> None:
     p.add_argument("--teacher-hidden", type=int, default=256)
     p.add_argument("--teacher-layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--tokenizer-text", choices=["rows", "stdlib"], default="rows",
+                   help="What the BPE learns from: the chat rows (they reach about 12k tokens), or also the stdlib's "
+                        "source files (for a vocabulary of a real model's size, e.g. --vocab 49152).")
     p.add_argument("--max-length", type=int, default=192, help="Tokens per row (TRL) and per block (ours).")
     p.add_argument("--max-answer-chars", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=4, help="TRL's rows per step (ours: blocks, for as many steps).")
@@ -325,7 +331,8 @@ def bench(work: Path, a: argparse.Namespace) -> dict:
     data.write_text("".join(json.dumps(r) + "\n" for r in train))
     teacher_dir, info = work / "teacher", work / "teacher.json"
     made_by = {k: getattr(a, k) for k in ("held_out", "vocab", "teacher_steps", "teacher_batch", "teacher_lr",
-                                          "teacher_hidden", "teacher_layers", "max_length", "max_answer_chars")}
+                                          "teacher_hidden", "teacher_layers", "max_length", "max_answer_chars",
+                                          "tokenizer_text")}
     if info.exists():  # a --work dir of an earlier run: the same settings made the same teacher
         from transformers import AutoTokenizer
 
@@ -334,6 +341,9 @@ def bench(work: Path, a: argparse.Namespace) -> dict:
             raise SystemExit(f"{work}: its teacher was made with {teacher_info.get('made_by')}; use another --work")
     else:
         texts = [f"{r['messages'][0]['content']}\n{r['messages'][1]['content']}" for r in train + extra]
+        if a.tokenizer_text == "stdlib":
+            texts += [p.read_text(encoding="utf-8", errors="replace")
+                      for p in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))]
         tok = make_tokenizer(texts, a.vocab, teacher_dir)
         teacher_info = {**train_teacher(train + extra, tok, teacher_dir, a), "made_by": made_by}
         info.write_text(json.dumps(teacher_info))

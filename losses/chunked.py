@@ -9,7 +9,9 @@ How: a custom `torch.autograd.Function`.  Forward computes each chunk's losses w
 and keeps, per token, only what backward needs beyond the inputs: the log-normaliser and the
 soft loss's gradient on its few outcomes (k + 1 numbers for a top-k signal).  Backward
 recomputes one chunk's logits at a time (under the autocast state forward ran in, so it
-differentiates the function forward computed) and forms d loss / d logits in closed form:
+differentiates the function forward computed), except the last chunk, whose exp pass forward
+keeps for it (backward starts there, so still one chunk's buffers at a time; all the tokens,
+when they fit one chunk), and forms d loss / d logits in closed form:
 
     p = softmax(z)                                   one exp pass over (C, V)
     g = p * (g_hard + g_soft * a)                    the dense part, one row scale
@@ -39,8 +41,8 @@ Why not `torch.utils.checkpoint` per chunk: autograd would create a fresh (V, H)
 chunk and sum them (2x the weight's size at peak).  Why not compute the gradients during
 forward (Liger's fused linear losses): the upstream per-token gradients only exist at backward
 time, so that would mean keeping (N, V) partial gradients.  The price of recomputing is one
-extra (C, H) x (H, V) matmul per chunk.  Grad W accumulates in W's dtype.  Double backward is
-not supported.
+extra (C, H) x (H, V) matmul and one exp pass per chunk but the last.  Grad W accumulates in
+W's dtype.  Double backward is not supported.
 """
 from __future__ import annotations
 
@@ -114,9 +116,22 @@ def _working_copy(logits: torch.Tensor, owned: bool) -> torch.Tensor:
 # ---------------------------------------------------------------------------- analytic path
 
 
-def _analytic_forward(z, signal, targets, mask, plan):
+def _softmax_suffices(signal, plan) -> bool:
+    """Whether `_analytic_backward` needs only softmax(z) and the per-token state, not z itself
+    (a dense teacher under another divergence or temperature, and a sampled signal at T != 1,
+    take log-softmax(z / T) again)."""
+    if signal is None:
+        return True
+    if signal.logits is not None:
+        return plan.name == "forward_kl" and plan.temperature == 1.0
+    return signal.kind != "sampled" or plan.temperature == 1.0
+
+
+def _analytic_forward(z, signal, targets, mask, plan, keep_exp: bool = False):
     """z: (C, V) fp32 working logits (clobbered).  Returns (hard (C,), soft (C,), state), where
-    state holds what `_analytic_backward` needs per token (a few numbers each)."""
+    state holds what `_analytic_backward` needs per token (a few numbers each).  keep_exp: also
+    hold z's exp pass, exp(z - max) (C, V), as state["exp"], so that backward takes softmax(z)
+    from it instead of recomputing the chunk's logits (only where `_softmax_suffices`)."""
     T = plan.temperature
     valid_y = targets != plan.ignore_index
     z_y = z.gather(1, targets.clamp_min(0)[:, None]).squeeze(1)  # (C,)
@@ -158,6 +173,8 @@ def _analytic_forward(z, signal, targets, mask, plan):
     lse = row_max.squeeze(1) + total.log()  # (C,)
     hard = torch.where(valid_y, lse - z_y, torch.zeros_like(lse))
     state["lse"] = lse
+    if keep_exp and _softmax_suffices(signal, plan):
+        state.update(exp=e, total=total)  # the bucket zeroes the ids' entries below: backward overwrites them
     if dense_cross is not None:
         soft = (dense_cross + lse if T == 1.0 else dense_cross) * T * T
         if keep is not None:
@@ -179,6 +196,8 @@ def _analytic_forward(z, signal, targets, mask, plan):
         return hard, value * T * T, state
     # bucket: the student's mass off the ids, summed exactly (zero the ids in place, re-sum).
     log_ids = z_s - lse[:, None]  # (C, k) log p_S
+    if "exp" in state:
+        state["p_ids"] = log_ids.exp()  # backward's exact entries; the kept exp pass loses them
     e.scatter_(1, signal.topk_ids, 0.0)
     log_rest = (e.sum(-1).log() - total.log())[:, None]  # (C, 1) log p_rest, stable when tiny
     s_tail, t_tail = bucket_tails(log_rest, signal.tail_logprob().to(z.dtype)[:, None],
@@ -209,10 +228,12 @@ def _outcome(s, t, keep, plan):
 
 def _analytic_backward(z, signal, targets, mask, state, g_hard, g_soft, plan):
     """d(g_hard . hard + g_soft . soft) / d logits, (C, V) in z's dtype, from the recomputed
-    working logits z (clobbered) and the forward's per-token state."""
+    working logits z (clobbered) and the forward's per-token state; z is None where forward
+    kept its exp pass (state["exp"], consumed here: the gradient is written over it)."""
     T = plan.temperature
-    g_hard = g_hard.to(z.dtype).masked_fill(targets == plan.ignore_index, 0.0)  # (C,)
-    g_soft = g_soft.to(z.dtype)
+    dtype = state["lse"].dtype  # z's: fp32, or fp64
+    g_hard = g_hard.to(dtype).masked_fill(targets == plan.ignore_index, 0.0)  # (C,)
+    g_soft = g_soft.to(dtype)
     if mask is not None:
         g_soft = g_soft * mask
     dense_soft = None  # a (C, V) soft term not proportional to softmax(z)
@@ -220,7 +241,7 @@ def _analytic_backward(z, signal, targets, mask, state, g_hard, g_soft, plan):
     dense_kl_t1 = signal is not None and signal.logits is not None and plan.name == "forward_kl" and T == 1.0
     if dense_kl_t1:  # d KL(t || s) / dz = softmax(z) - p_t: the row scale, and -p_t added below
         coef += g_soft
-        dense_soft = torch.log_softmax(signal.logits.to(z.dtype), dim=-1).exp_().mul_(-g_soft[:, None])
+        dense_soft = torch.log_softmax(signal.logits.to(dtype), dim=-1).exp_().mul_(-g_soft[:, None])
     elif signal is not None and signal.logits is not None:
         s = torch.log_softmax(z / T, dim=-1)
         t = torch.log_softmax(signal.logits.to(z.dtype) / T, dim=-1)
@@ -238,11 +259,14 @@ def _analytic_backward(z, signal, targets, mask, state, g_hard, g_soft, plan):
         elif plan.tail == "bucket":
             coef += g_soft * (state["rest_scale"] - state["sigma"])
     ids = None if signal is None else signal.topk_ids
-    p_ids = z.gather(1, ids) if plan.tail == "bucket" and ids is not None and signal.logits is None else None
-    g = z.sub_(state["lse"][:, None]).exp_()  # (C, V) softmax(z), in place
-    if p_ids is not None:
-        p_ids = (p_ids - state["lse"][:, None]).exp()  # (C, k)
-    g.mul_(coef[:, None])
+    bucket_ids = plan.tail == "bucket" and ids is not None and signal.logits is None
+    kept = state.pop("exp", None)
+    if kept is not None:  # softmax(z) = exp(z - max) / total: no matmul, no exp pass
+        g = kept.mul_((coef / state["total"])[:, None])  # (C, V) softmax(z) * coef, in place
+        p_ids = state["p_ids"] if bucket_ids else None  # (C, k)
+    else:
+        p_ids = (z.gather(1, ids) - state["lse"][:, None]).exp() if bucket_ids else None  # (C, k)
+        g = z.sub_(state["lse"][:, None]).exp_().mul_(coef[:, None])  # (C, V) softmax(z) * coef, in place
     if dense_soft is not None:
         g.add_(dense_soft)
     if signal is not None and signal.logits is None:
@@ -288,46 +312,57 @@ class _ChunkedLosses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, weight, bias, signal, targets, mask, plan, chunk):
-        spans = [(s, min(s + chunk, rows.shape[0])) for s in range(0, rows.shape[0], chunk)]
+        spans = _spans(rows.shape[0], chunk)
         vocab = rows.shape[-1] if weight is None else weight.shape[0]
         out_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
         hard = rows.new_zeros(rows.shape[0], dtype=out_dtype)
         soft = torch.zeros_like(hard)
         states = []
-        for s, e in spans:
+        # The last chunk's exp pass is kept for backward, which starts there: one (C, H) x (H, V)
+        # matmul and one exp pass fewer, and still one chunk's buffers at a time.  Not for
+        # logits a caller holds (nothing to recompute), nor with no backward to come.
+        keeps_last = weight is not None and plan.analytic and any(ctx.needs_input_grad[:3])
+        logits_dtype = rows.dtype
+        for i, (s, e) in enumerate(spans):
             logits = _chunk_logits(rows[s:e], weight, bias)  # (C, V)
+            logits_dtype = logits.dtype
             sig = _chunk_signal(signal, s, e, vocab, plan.temperature)
             m = None if mask is None else mask[s:e]
             if plan.analytic:
-                h, k, state = _analytic_forward(_working_copy(logits, weight is not None), sig, targets[s:e], m, plan)
+                h, k, state = _analytic_forward(_working_copy(logits, weight is not None), sig, targets[s:e], m,
+                                                plan, keep_exp=keeps_last and i == len(spans) - 1)
                 states.append(state)
             else:
                 h, k = _generic_losses(logits, sig, targets[s:e], m, plan)
             hard[s:e], soft[s:e] = h, k
             del logits
         ctx.save_for_backward(rows, weight, bias, targets, mask)
-        ctx.extras = (spans, signal, plan, states, _autocast_state(rows.device.type))
+        ctx.extras = (spans, signal, plan, states, _autocast_state(rows.device.type), logits_dtype)
         return hard, soft
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_hard, g_soft):
         rows, weight, bias, targets, mask = ctx.saved_tensors
-        spans, signal, plan, states, amp = ctx.extras
+        spans, signal, plan, states, amp, logits_dtype = ctx.extras
         vocab = rows.shape[-1] if weight is None else weight.shape[0]
         need_rows, need_w, need_b = ctx.needs_input_grad[:3]
         g_rows = torch.empty_like(rows) if need_rows else None
         g_w = torch.zeros_like(weight) if need_w else None
         g_b = torch.zeros_like(bias) if need_b else None
-        for i, (s, e) in enumerate(spans):
+        # Last chunk first: the one forward kept (freed as it becomes the gradient).
+        for i in reversed(range(len(spans))):
+            s, e = spans[i]
             chunk = rows[s:e]
-            with _autocast(amp):  # recompute exactly what forward computed (same dtype)
-                logits = _chunk_logits(chunk, weight, bias)  # (C, V)
+            kept = plan.analytic and "exp" in states[i]
+            if not kept:
+                with _autocast(amp):  # recompute exactly what forward computed (same dtype)
+                    logits = _chunk_logits(chunk, weight, bias)  # (C, V)
             sig = _chunk_signal(signal, s, e, vocab, plan.temperature)
             m = None if mask is None else mask[s:e]
             if plan.analytic:
-                g_logits = _analytic_backward(_working_copy(logits, weight is not None), sig, targets[s:e], m,
-                                              states[i], g_hard[s:e], g_soft[s:e], plan)
+                z = None if kept else _working_copy(logits, weight is not None)
+                g_logits = _analytic_backward(z, sig, targets[s:e], m, states[i], g_hard[s:e], g_soft[s:e], plan)
             else:
                 logits = logits.detach().requires_grad_(True)
                 with torch.enable_grad():
@@ -338,15 +373,26 @@ class _ChunkedLosses(torch.autograd.Function):
                 g_rows[s:e] = g_logits
                 continue
             # The matmuls in the logits' dtype, as autograd would run the lm_head's backward.
-            g_logits = g_logits.to(logits.dtype)  # (C, V)
+            g_logits = g_logits.to(logits_dtype)  # (C, V)
             if need_rows:
-                g_rows[s:e] = g_logits @ weight.to(logits.dtype)
+                g_rows[s:e] = g_logits @ weight.to(logits_dtype)
             if need_w:
-                g_w.add_(g_logits.T @ chunk.to(logits.dtype))
+                g_w.add_(g_logits.T @ chunk.to(logits_dtype))
             if need_b:
                 g_b += g_logits.sum(0)
-            del logits, g_logits
+            logits = g_logits = None
         return g_rows, g_w, g_b, None, None, None, None, None
+
+
+def _spans(n: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, end) of ceil(n / chunk) chunks whose sizes differ by at most 1, none over
+    `chunk`: the last chunk (the one forward keeps) as large as the others, not a remainder."""
+    count = -(-n // chunk)
+    base, extra = divmod(n, max(count, 1))
+    ends = [0]
+    for i in range(count):
+        ends.append(ends[-1] + base + (i < extra))
+    return list(zip(ends[:-1], ends[1:]))
 
 
 def _run_chunks(rows, weight, bias, signal, targets, mask, plan, chunk_size):

@@ -23,7 +23,7 @@ def _cases(names):
     """(divergence, estimator) pairs that exist: a sampled signal serves only the divergences
     it estimates without bias (the others are refused: tested below)."""
     return [(n, e) for n in names for e in ESTIMATORS if e != "sampled" or DIVERGENCES[n].sampled]
-N, H, V, K = 37, 12, 45, 7  # 37 tokens in chunks of 8: a ragged last chunk
+N, H, V, K = 37, 12, 45, 7  # 37 tokens in chunks of 8: 5 chunks of 8 or 7 tokens
 
 
 def _problem(seed=0, dtype=torch.float64):
@@ -63,11 +63,12 @@ class _Spy:
         monkeypatch.setattr(chunked, name, wrapper)
 
 
-def _loss_and_grads(hidden, weight, bias, sig, labels, mask, weights, name, estimator, temperature, chunked_path):
+def _loss_and_grads(hidden, weight, bias, sig, labels, mask, weights, name, estimator, temperature, chunked_path,
+                    chunk_size=8):
     tail = "bucket" if estimator == "dense" else estimator
     kw = dict(divergence=name, temperature=temperature, tail=tail, **PARAMS.get(name, {}))
     if chunked_path:
-        hard, soft = per_token_losses(hidden, weight, sig, labels, mask, chunk_size=8, bias=bias, **kw)
+        hard, soft = per_token_losses(hidden, weight, sig, labels, mask, chunk_size=chunk_size, bias=bias, **kw)
     else:
         logits = hidden @ weight.T + bias
         hard = hard_ce(logits, hard_labels("labels", labels, sig, mask))
@@ -76,22 +77,64 @@ def _loss_and_grads(hidden, weight, bias, sig, labels, mask, weights, name, esti
     return (hard, soft), torch.autograd.grad(total, (hidden, weight, bias))
 
 
+@pytest.mark.parametrize("chunk_size", [8, None], ids=["chunks_of_8", "auto"])
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 @pytest.mark.parametrize("name,estimator", _cases(CLOSED_FORM))
-def test_analytic_gradients_equal_autograd_in_fp64(name, estimator, temperature, monkeypatch):
+def test_analytic_gradients_equal_autograd_in_fp64(name, estimator, temperature, chunk_size, monkeypatch):
+    """Chunks of 8: 5 chunks, the last one's exp pass kept by forward, the others recomputed;
+    auto: one chunk (V = 45), kept where backward needs only softmax(z)."""
     hidden, weight, bias, teacher, labels, mask, weights = _problem()
     sig = _signal(teacher, estimator, temperature)
     analytic = _Spy(monkeypatch, "_analytic_backward")
     generic = _Spy(monkeypatch, "_generic_losses")
     got_losses, got = _loss_and_grads(hidden, weight, bias, sig, labels, mask, weights, name, estimator,
-                                      temperature, chunked_path=True)
+                                      temperature, chunked_path=True, chunk_size=chunk_size)
     ref_losses, ref = _loss_and_grads(hidden, weight, bias, sig, labels, mask, weights, name, estimator,
                                       temperature, chunked_path=False)
-    assert analytic.calls == 5 and generic.calls == 0  # 5 chunks, all closed-form
+    assert analytic.calls == (5 if chunk_size else 1) and generic.calls == 0  # every chunk closed-form
     for a, b in zip(got_losses, ref_losses):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("estimator,temperature,name,kept", [
+    ("bucket", 2.0, "forward_kl", True), ("renorm", 0.5, "reverse_kl", True), ("sampled", 1.0, "forward_kl", True),
+    ("dense", 1.0, "forward_kl", True), (None, 1.0, "forward_kl", True),
+    ("sampled", 2.0, "forward_kl", False), ("dense", 2.0, "forward_kl", False), ("dense", 1.0, "reverse_kl", False),
+])
+@pytest.mark.parametrize("chunk_size", [8, None], ids=["chunks_of_8", "auto"])
+def test_backward_recomputes_every_chunk_but_the_one_forward_kept(estimator, temperature, name, kept, chunk_size,
+                                                                  monkeypatch):
+    """Forward keeps the last chunk's exp pass where backward needs only softmax(z), so that
+    chunk costs backward no lm_head matmul (with one chunk, none is recomputed).  Elsewhere
+    (a dense teacher under reverse KL or at T != 1, a sampled signal at T != 1) every chunk
+    is.  The gradients are checked against autograd above, and here against chunks of 3."""
+    hidden, weight, bias, teacher, labels, mask, weights = _problem(4)
+    sig = None if estimator is None else _signal(teacher, estimator, temperature)
+    tail = "bucket" if estimator in ("dense", None) else estimator
+    kw = dict(divergence=name, temperature=temperature, tail=tail)
+    hard, soft = per_token_losses(hidden, weight, sig, labels, mask, chunk_size=chunk_size, bias=bias, **kw)
+    matmuls = _Spy(monkeypatch, "_chunk_logits")
+    got = torch.autograd.grad((0.7 * hard + weights * soft).sum(), (hidden, weight, bias))
+    chunks = 5 if chunk_size else 1  # 37 tokens; auto at V = 45: one chunk
+    assert matmuls.calls == chunks - (1 if kept else 0)
+    monkeypatch.undo()
+    hard, soft = per_token_losses(hidden, weight, sig, labels, mask, chunk_size=3, bias=bias, **kw)
+    want = torch.autograd.grad((0.7 * hard + weights * soft).sum(), (hidden, weight, bias))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
+
+
+def test_chunks_are_near_equal_and_never_over_the_size():
+    assert chunked._spans(1000, 448) == [(0, 334), (334, 667), (667, 1000)]  # the kept last chunk: not 104 tokens
+    assert chunked._spans(0, 8) == [] and chunked._spans(5, 100) == [(0, 5)]
+    for n in range(1, 60):
+        for c in range(1, 20):
+            spans = chunked._spans(n, c)
+            sizes = [e - s for s, e in spans]
+            assert spans[0][0] == 0 and spans[-1][1] == n and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+            assert len(sizes) == -(-n // c) and max(sizes) <= c and max(sizes) - min(sizes) <= 1
 
 
 def test_divergence_without_closed_form_takes_the_autograd_fallback(monkeypatch):
