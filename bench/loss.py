@@ -57,14 +57,16 @@ def _inputs(args, vocab: int, device):
     dtype = DTYPES[args.dtype]
     hidden = torch.randn(args.bt, args.hidden, generator=g, device=device, dtype=dtype)
     weight = torch.randn(vocab, args.hidden, generator=g, device=device, dtype=dtype) / args.hidden**0.5
-    ids, lps = [], []
+    ids, lps, dense = [], [], []
     for s in range(0, args.bt, 64):  # teacher top-k built in pieces: no (BT, V) watermark
         t = torch.randn(min(64, args.bt - s), vocab, generator=g, device=device) * 3
         sig = TeacherSignal.from_logits(t, args.k)
         ids.append(sig.topk_ids)
         lps.append(sig.topk_logprobs)
+        if args.signal == "dense":
+            dense.append(t)  # (BT, V) fp32 in the end: an input, like online's, outside the step's peak
         del t
-    signal = TeacherSignal(torch.cat(ids), torch.cat(lps))
+    signal = TeacherSignal(torch.cat(ids), torch.cat(lps), torch.cat(dense) if dense else None)
     labels = torch.randint(0, vocab, (args.bt,), generator=g, device=device)
     mask = torch.ones(args.bt, dtype=torch.bool, device=device)
     return hidden.requires_grad_(True), weight.requires_grad_(True), signal, labels, mask
@@ -143,6 +145,8 @@ def main() -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--divergence", choices=sorted(DIVERGENCES), default="forward_kl")
     p.add_argument("--tail", default="bucket")
+    p.add_argument("--signal", choices=["topk", "dense"], default="topk",
+                   help="the teacher's signal: its top-k (a cache's) or its whole distribution (online's default)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--iters", type=int, default=5, help="interleaved timed rounds after one warm-up")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
@@ -158,7 +162,7 @@ def main() -> None:
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "shape": {"bt": args.bt, "hidden": args.hidden, "k": args.k, "dtype": args.dtype},
-        "loss": {"divergence": args.divergence, "tail": args.tail, "temperature": args.temperature,
+        "loss": {"divergence": args.divergence, "signal": args.signal, "tail": args.tail, "temperature": args.temperature,
                  "hard": "labels"},
         "iters": args.iters,
     }

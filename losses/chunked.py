@@ -140,12 +140,15 @@ def _analytic_forward(z, signal, targets, mask, plan, keep_exp: bool = False):
     keep = None if mask is None else mask.bool()
     dense_cross = None  # dense forward KL: sum p_t (log p_t - z / T), (C,); + lse(z / T) below
     if signal is not None and signal.logits is not None and plan.name == "forward_kl":
-        # KL(t || s) = sum p_t log p_t - sum p_t z / T + logsumexp(z / T): no (C, V) log-softmax
-        # of the student, and the p_t . z row dots as one batched matmul.
-        t = torch.log_softmax(signal.logits.to(z.dtype) / T, dim=-1)  # (C, V)
+        # KL(t || s) = sum p_t (log p_t - z / T) + logsumexp(z / T): no (C, V) log-softmax of
+        # the student, and the sum as one batched matmul of row dots (xlogy + a p_t . z dot
+        # cost 2-4x as much at V = 49,152).
+        t = torch.log_softmax(signal.logits.to(z.dtype) / T, dim=-1)  # (C, V) log p_t
         p_t = t.exp()
-        dots = torch.bmm(p_t[:, None, :], z[:, :, None]).squeeze(-1).squeeze(-1)  # (C,) p_t . z
-        dense_cross = torch.special.xlogy(p_t, p_t).sum(-1) - dots / T
+        # log p_t - z / T in place; a -inf teacher logit (p_t = 0) is held at the dtype's lowest
+        # first, so that p_t times it is 0, as xlogy gives, not 0 * -inf = NaN.
+        t.clamp_(min=torch.finfo(t.dtype).min).sub_(z, alpha=1.0 / T)
+        dense_cross = torch.bmm(p_t[:, None, :], t[:, :, None]).squeeze(-1).squeeze(-1)  # (C,)
         if T != 1.0:  # at T = 1 the exp pass below gives lse(z)
             dense_cross += torch.logsumexp(z / T, dim=-1)
         del t, p_t

@@ -123,6 +123,32 @@ def test_dense_teacher_over_fewer_ids_than_the_student(name, temperature):
     torch.testing.assert_close(z.grad, z_ref.grad, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_dense_forward_kl_with_teacher_logits_at_minus_inf(temperature):
+    """A teacher that rules ids out (-inf logits: p_t = 0 there) adds nothing there to the
+    chunked forward KL, as KL's 0 log 0 = 0, not NaN: values and both gradients (hidden
+    states and lm_head) against F.kl_div over the unchunked logits, in fp64."""
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(N, 8, generator=g, dtype=DT).requires_grad_(True)
+    weight = torch.randn(V, 8, generator=g, dtype=DT).requires_grad_(True)
+    t = torch.randn(N, V, generator=g, dtype=DT) * 3
+    t[:, :5] = -math.inf  # ids no row may take
+    t[2, 5:20] = -math.inf
+    sig = TeacherSignal.from_logits(t, K, keep_dense=True)
+    labels = torch.randint(5, V, (N,), generator=g)
+    weights = torch.linspace(0.5, 1.5, N, dtype=DT)
+    _, soft = per_token_losses(hidden, weight, sig, labels, None, temperature=temperature, chunk_size=5)
+    got = torch.autograd.grad((soft * weights).sum(), (hidden, weight))
+    log_s = F.log_softmax(hidden @ weight.T / temperature, -1)
+    ref = F.kl_div(log_s, F.softmax(t / temperature, -1), reduction="none").sum(-1) * temperature**2
+    want = torch.autograd.grad((ref * weights).sum(), (hidden, weight))
+    assert torch.isfinite(soft).all()
+    torch.testing.assert_close(soft.to(DT), ref.detach(), rtol=1e-9, atol=1e-10)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
 def test_bucket_matches_reference_on_aggregated_distributions(name):
     """At T=1 the bucket estimator is the divergence between the (k+1)-outcome distributions."""
