@@ -314,7 +314,7 @@ class _ChunkedLosses(torch.autograd.Function):
     -> per-token (hard (N,), soft (N,)), never holding more than a chunk's (C, V) buffers."""
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, signal, targets, mask, plan, chunk):
+    def forward(ctx, rows, weight, bias, signal, targets, mask, plan, chunk, backward_to_come):
         spans = _spans(rows.shape[0], chunk)
         vocab = rows.shape[-1] if weight is None else weight.shape[0]
         out_dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
@@ -324,7 +324,7 @@ class _ChunkedLosses(torch.autograd.Function):
         # The last chunk's exp pass is kept for backward, which starts there: one (C, H) x (H, V)
         # matmul and one exp pass fewer, and still one chunk's buffers at a time.  Not for
         # logits a caller holds (nothing to recompute), nor with no backward to come.
-        keeps_last = weight is not None and plan.analytic and any(ctx.needs_input_grad[:3])
+        keeps_last = weight is not None and plan.analytic and backward_to_come
         logits_dtype = rows.dtype
         for i, (s, e) in enumerate(spans):
             logits = _chunk_logits(rows[s:e], weight, bias)  # (C, V)
@@ -384,7 +384,7 @@ class _ChunkedLosses(torch.autograd.Function):
             if need_b:
                 g_b += g_logits.sum(0)
             logits = g_logits = None
-        return g_rows, g_w, g_b, None, None, None, None, None
+        return g_rows, g_w, g_b, None, None, None, None, None, None
 
 
 def _spans(n: int, chunk: int) -> list[tuple[int, int]]:
@@ -409,7 +409,10 @@ def _run_chunks(rows, weight, bias, signal, targets, mask, plan, chunk_size):
         raise ValueError(
             f"token counts differ: {n} rows, signal {sig_shape}, targets {tuple(targets.shape)}"
         )
-    return _ChunkedLosses.apply(rows, weight, bias, signal, targets, mask, plan, chunk_size)
+    # Whether a backward can follow (forward itself runs with grad off: decided out here).
+    backward_to_come = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (rows, weight, bias))
+    return _ChunkedLosses.apply(rows, weight, bias, signal, targets, mask, plan, chunk_size, backward_to_come)
 
 
 def _prepare(signal, labels, mask, divergence, temperature, tail, hard_target, ignore_index,

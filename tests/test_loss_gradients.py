@@ -126,6 +126,24 @@ def test_backward_recomputes_every_chunk_but_the_one_forward_kept(estimator, tem
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
 
 
+def test_nothing_is_kept_without_a_backward_to_come(monkeypatch):
+    """Validation (no_grad) and inputs that need no gradient keep no exp pass; a training
+    forward keeps the last chunk's."""
+    hidden, weight, bias, teacher, labels, mask, weights = _problem(5)
+    sig = _signal(teacher, "bucket", 1.0)
+    kept = []
+    original = chunked._analytic_forward
+    monkeypatch.setattr(chunked, "_analytic_forward",
+                        lambda *a, keep_exp=False, **kw: kept.append(keep_exp) or original(*a, keep_exp=keep_exp, **kw))
+    with torch.no_grad():
+        per_token_losses(hidden, weight, sig, labels, mask, chunk_size=8, bias=bias)
+    per_token_losses(hidden.detach(), weight.detach(), sig, labels, mask, chunk_size=8, bias=bias.detach())
+    assert kept == [False] * 10
+    kept.clear()
+    per_token_losses(hidden, weight, sig, labels, mask, chunk_size=8, bias=bias)
+    assert kept == [False] * 4 + [True]
+
+
 def test_chunks_are_near_equal_and_never_over_the_size():
     assert chunked._spans(1000, 448) == [(0, 334), (334, 667), (667, 1000)]  # the kept last chunk: not 104 tokens
     assert chunked._spans(0, 8) == [] and chunked._spans(5, 100) == [(0, 5)]

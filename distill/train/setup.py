@@ -41,7 +41,7 @@ def loop_config(cfg: RunConfig, steps: int, batch_size: int, rank: int, world: i
 
 def make_student(cfg: RunConfig, sc: StudentConfig, model, steps: int, batch_size: int) -> Student:
     device = resolve_device(sc.device or cfg.train.device)
-    opt, sched = make_optimizer(model, sc.optim, steps)
+    opt, sched = make_optimizer(model, sc.optim, steps, device)
     if cfg.train.engine == "deepspeed":
         world = dist.get_world_size() if dist.is_initialized() else 1
         micro = batch_size // cfg.train.grad_accum // world

@@ -45,16 +45,31 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int):
-    """AdamW, fused (one kernel over all parameters) where torch has it for the parameters'
-    device and dtype, else multi-tensor (foreach).  On CPU the fused step is 4.5-5x faster
-    (BENCHMARKS.md): in bench/peer.py's 1,000-row job the optimiser took 1.2 s of the
-    students' 25.5 s instead of 3.5 s of 28.7 s.  A checkpoint's optimiser state carries the
-    flag it was saved with, so a run resumed from a foreach one stays foreach."""
-    groups, kw = param_groups(model, optim.weight_decay), dict(lr=optim.lr, betas=optim.betas)
+def fused_adamw_runs_on(device: torch.device, params: list[torch.Tensor]) -> bool:
+    """Whether torch has a fused AdamW kernel for these parameters on `device`.  Asked here
+    because torch itself checks only at the first step (an error then, no fallback)."""
     try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        supported = _get_fused_kernels_supported_devices()
+    except ImportError:  # a torch that moved it: the two devices every release has had it for
+        supported = ["cuda", "cpu"]
+    return device.type in supported and all(p.is_floating_point() for p in params)
+
+
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int,
+                   device: torch.device | None = None):
+    """AdamW, fused (one kernel over all parameters) where torch has it for the parameters on
+    `device` (the one the student trains on; default: where its parameters are now), else
+    multi-tensor (foreach).  On CPU the fused step is 4.5-5x faster (BENCHMARKS.md): in
+    bench/peer.py's 1,000-row job the optimiser took 1.2 s of the students' 25.5 s instead of
+    3.5 s of 28.7 s.  A checkpoint's optimiser state carries the flag it was saved with, so a
+    run resumed from a foreach one stays foreach."""
+    groups, kw = param_groups(model, optim.weight_decay), dict(lr=optim.lr, betas=optim.betas)
+    params = [p for g in groups for p in g["params"]]
+    device = device if device is not None else (params[0].device if params else torch.device("cpu"))
+    if fused_adamw_runs_on(device, params):
         opt = torch.optim.AdamW(groups, fused=True, **kw)
-    except (RuntimeError, TypeError, ValueError):  # a device or dtype without the fused kernel
+    else:
         opt = torch.optim.AdamW(groups, foreach=True, **kw)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, total_steps))
     return opt, sched
