@@ -247,7 +247,7 @@ def _analytic_backward(z, signal, targets, mask, state, g_hard, g_soft, plan):
         dense_soft = torch.log_softmax(signal.logits.to(dtype), dim=-1).exp_().mul_(-g_soft[:, None])
     elif signal is not None and signal.logits is not None:
         s = torch.log_softmax(z / T, dim=-1)
-        t = torch.log_softmax(signal.logits.to(z.dtype) / T, dim=-1)
+        t = torch.log_softmax(signal.logits.to(dtype) / T, dim=-1)
         if mask is not None:
             t = torch.where(mask.bool()[:, None], t, s)
         dense_soft = plan.divergence.outcome_grad(s, t, **plan.params).mul_((g_soft * T)[:, None])

@@ -124,6 +124,18 @@ def test_epochs_count_the_steps_from_the_prepared_blocks(online_setup):
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, steps + 1))  # nothing more to train
 
 
+def test_online_dense_true_with_a_server_teacher_refused(online_setup):
+    """A server returns the teacher's top-k only: asking for its whole distribution is one
+    line at config check, exit 2, before any work (no out_dir made)."""
+    work, cfg = online_setup
+    out = work / "dense-server"
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}",
+                            "--set", "teacher.source=server", "--set", "teacher.server={url: 'http://127.0.0.1:9', model: m}",
+                            "--set", "train.online_dense=true"))
+    assert "train.online_dense: true" in line and "a server teacher returns its top-k only" in line, line
+    assert not out.exists()
+
+
 def test_k_larger_than_vocab_refused(online_setup):
     work, cfg = online_setup
     line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={work / 'k'}",
