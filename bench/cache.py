@@ -81,7 +81,7 @@ def bench_sizes(n_tokens: int, group: int) -> dict:
 
     import numpy as np
 
-    from teachers.cache.codec import CODECS
+    from teachers.cache.codec import CODECS, get_codec
 
     out = {}
     for kind in ("zipf", "uniform"):
@@ -102,14 +102,15 @@ def bench_sizes(n_tokens: int, group: int) -> dict:
                 if not codec.lossless:
                     row.update({key: float(f"{v:.3g}") for key, v in _errors(ids, lp, di, dl).items()})
                 out[f"{kind}/k{k}/{name}"] = row
-        for n in (16, 32, 64):
-            ids, lp, entropy = _sampled_stream(kind, n_tokens, n)
+        for n, head in ((16, 0), (32, 0), (64, 0), (128, 0), (32, 8), (128, 8)):  # head: cache.exact_top
+            ids, lp, entropy = _sampled_stream(kind, n_tokens, n, exact_top=head)
+            codec = get_codec("sampled", head)
             t0 = time.perf_counter()
-            arrays = CODECS["sampled"].encode(ids, lp, V_LLAMA4, group=group)
+            arrays = codec.encode(ids, lp, V_LLAMA4, group=group)
             t1 = time.perf_counter()
-            CODECS["sampled"].decode(arrays, n, V_LLAMA4, group)
+            codec.decode(arrays, head + n, V_LLAMA4, group)
             t2 = time.perf_counter()
-            out[f"{kind}/n{n}/sampled"] = {
+            out[f"{kind}/n{n}{f'+top{head}' if head else ''}/sampled"] = {
                 "bytes_per_token": round(sum(a.nbytes for a in arrays.values()) / n_tokens + entropy.itemsize, 2),
                 "distinct_ids_per_token": round(float((lp > -np.inf).sum(1).mean()), 2),
                 "encode_us_per_token": round((t1 - t0) / n_tokens * 1e6, 2),
@@ -117,21 +118,22 @@ def bench_sizes(n_tokens: int, group: int) -> dict:
     return out
 
 
-def _sampled_stream(kind: str, n: int, draws: int, seed: int = 0):
-    """n synthetic tokens' sampled signal as the cache stores it: ids (n, draws) padded,
-    log(count / draws) (n, draws) with -inf padding, fp16 entropy (n,)."""
+def _sampled_stream(kind: str, n: int, draws: int, seed: int = 0, exact_top: int = 0):
+    """n synthetic tokens' sampled signal as the cache stores it: ids (n, h + draws) padded,
+    their log-probs (the exact head, then log(m * count / draws)) with -inf padding, fp16
+    entropy (n,); h = exact_top."""
     import numpy as np
 
     from losses.signal import sample_signal
 
     g = torch.Generator().manual_seed(seed)
-    ids = np.zeros((n, draws), np.int64)
-    lp = np.full((n, draws), -np.inf, np.float32)
+    ids = np.zeros((n, exact_top + draws), np.int64)
+    lp = np.full((n, exact_top + draws), -np.inf, np.float32)
     entropy = np.zeros(n, np.float16)
     for i in range(0, n, 256):
         m = min(256, n - i)
         x = zipf_logits(m, generator=g) if kind == "zipf" else torch.randn(m, V_LLAMA4, generator=g)
-        sig = sample_signal(x, draws, 1.0, seed, torch.arange(i, i + m))
+        sig = sample_signal(x, draws, 1.0, seed, torch.arange(i, i + m), exact_top=exact_top)
         ids[i:i + m, :sig.k], lp[i:i + m, :sig.k] = sig.topk_ids.numpy(), sig.topk_logprobs.numpy()
         entropy[i:i + m] = sig.entropy.numpy()
     return ids, lp, entropy

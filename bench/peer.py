@@ -25,8 +25,10 @@ Variants (--variants), soft weight 1 (pure forward KL, like GKD's beta 0) unless
 distribution, GKD's loss exactly), `online_top64` (train.online_dense: false: the top-64 with
 the tail as one bucket), `cached` (a top-64 cache, the cache's default), `online_k512` (top-512),
 `cached_sampled` (a sampled cache, 32 draws per token: forward KL unbiased over the whole
-vocabulary), `online_default` (the project's default loss too: soft weight 0.5, i.e. half hard
-CE on the labels).
+vocabulary), `cached_sampled256` (256 draws), `online_default` (the project's default loss
+too: soft weight 0.5, i.e. half hard CE on the labels).  Named only: `cached_sampled128`, and
+`cached_sampled_top8` / `cached_sampled128_top8` / `cached_sampled256_top8` (cache.exact_top:
+8: the teacher's top 8 ids kept exactly, the draws made from the rest).
 
 The step count: TRL steps once per --batch-size rows; ours packs rows into blocks and steps
 once per block, with blocks of the tokens of TRL's batch (at least the longest row), so both
@@ -64,14 +66,23 @@ TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content']
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 WIDTHS = ((64, 2), (128, 2), (192, 3))  # (hidden, layers) of the 3 students
-VARIANTS = {  # name: (train.mode, soft weight, train.online_dense, cache.estimator, cache.k or None: --k)
-    "online": ("online", 1.0, "auto", "topk", None),
-    "online_top64": ("online", 1.0, False, "topk", None),
-    "cached": ("cached", 1.0, "auto", "topk", None),
-    "online_k512": ("online", 1.0, False, "topk", 512),
-    "cached_sampled": ("cached", 1.0, "auto", "sampled", None),
-    "online_default": ("online", 0.5, "auto", "topk", None),
+VARIANTS = {  # name: (train.mode, soft weight, train.online_dense, cache.estimator, cache.k or None: --k,
+    #                 cache.samples, cache.exact_top)
+    "online": ("online", 1.0, "auto", "topk", None, 32, 0),
+    "online_top64": ("online", 1.0, False, "topk", None, 32, 0),
+    "cached": ("cached", 1.0, "auto", "topk", None, 32, 0),
+    "online_k512": ("online", 1.0, False, "topk", 512, 32, 0),
+    "cached_sampled": ("cached", 1.0, "auto", "sampled", None, 32, 0),
+    "cached_sampled256": ("cached", 1.0, "auto", "sampled", None, 256, 0),
+    "online_default": ("online", 0.5, "auto", "topk", None, 32, 0),
+    # not run unless named: more draws, and an exact head before them
+    "cached_sampled_top8": ("cached", 1.0, "auto", "sampled", None, 32, 8),
+    "cached_sampled128": ("cached", 1.0, "auto", "sampled", None, 128, 0),
+    "cached_sampled128_top8": ("cached", 1.0, "auto", "sampled", None, 128, 8),
+    "cached_sampled256_top8": ("cached", 1.0, "auto", "sampled", None, 256, 8),
 }
+DEFAULT_VARIANTS = ("online", "online_top64", "cached", "online_k512", "cached_sampled", "cached_sampled256",
+                    "online_default")
 
 
 # ---------------------------------------------------------------------------- the job's inputs
@@ -208,7 +219,7 @@ def trl_students(work: Path, students: dict[str, Path], teacher: Path, data: Pat
 
 
 def our_config(out: Path, data: Path, teacher: Path, students: dict[str, Path], variant: str, block: int, a) -> dict:
-    mode, soft, dense, estimator, k = VARIANTS[variant]
+    mode, soft, dense, estimator, k, samples, exact_top = VARIANTS[variant]
     loss = {"soft_weight": {"start": soft, "end": soft}, **({"tail": "sampled"} if estimator == "sampled" else {})}
     optim = {"lr": a.lr, "min_lr_ratio": 0.0, "warmup_steps": a.warmup_steps, "weight_decay": 0.0,
              "betas": [0.9, 0.95], "grad_clip": 1.0}
@@ -216,7 +227,8 @@ def our_config(out: Path, data: Path, teacher: Path, students: dict[str, Path], 
             "data": {"paths": [str(data)], "seq_len": block, "val_fraction": a.val_fraction,
                      "tokenizer": {"path": str(teacher)}},
             "teacher": {"source": "checkpoint", "path": str(teacher)},
-            "cache": {"k": k or a.k, "estimator": estimator},
+            "cache": {"k": k or a.k, "estimator": estimator, "samples": samples,
+                      **({"exact_top": exact_top} if exact_top else {})},
             "students": [{"name": name, "model": {"path": str(path)}, "optim": optim,
                           "loss": loss} for name, path in students.items()],
             "train": {"mode": mode, "epochs": 1, "batch_size": 1, "eval_every": 0, "eval_blocks": 1,
@@ -280,7 +292,7 @@ def score(model_dir: Path, teacher, tok, rows: list[dict]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trl-python", required=True, help="Python of a venv with trl==1.16.0 (make bench-peer builds one).")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"Comma-separated, of {', '.join(VARIANTS)}.")
     p.add_argument("--rows", type=int, default=240, help="Training rows of the students (the issue's 240).")
     p.add_argument("--held-out", type=int, default=80)
     p.add_argument("--teacher-rows", type=int, default=3000, help="Rows the teacher trains on (besides the students').")

@@ -230,10 +230,18 @@ class CacheConfig(_Strict):
     encoding: str = Field("lossless", description="Shard encoding of a top-k cache: lossless (default), fp16, bf16, compact (lossy, smallest). A sampled cache is always stored as `sampled`.")
     estimator: Literal["topk", "sampled"] = Field("topk", description="What the cache keeps per token: the teacher's top-k log-probs (students use tail: bucket or renorm), or `samples` tokens drawn from it (students use tail: sampled; unbiased forward KL, about 17 B/token on a Zipf-like teacher).")
     samples: int = Field(32, ge=1, le=4096, description="estimator: sampled: draws per token.")
+    exact_top: int = Field(0, ge=0, le=4096, description="estimator: sampled: the teacher's most likely ids kept with their exact probabilities; the draws then come from the rest of the distribution (still unbiased, with less variance: none on these ids). 0: every entry drawn.")
     sample_temperature: float = Field(1.0, gt=0.0, le=100.0, description="estimator: sampled: the temperature the draws are made at; every student's loss.temperature must equal it.")
     sample_seed: int | None = Field(None, description="estimator: sampled: seed of the draws (part of the cache's identity). null: the run's `seed`; set it to rerun students with other seeds from one cache.")
     batch_size: int = Field(8, ge=1, description="Blocks per teacher forward.")
     shard_sequences: int = Field(256, ge=1, description="Blocks per shard file.")
+
+    @model_validator(mode="after")
+    def _exact_top_needs_draws(self):
+        if self.exact_top and self.estimator != "sampled":
+            raise ValueError(f"exact_top: {self.exact_top} keeps a sampled cache's head exactly; it needs "
+                             f"estimator: sampled (a top-k cache keeps its k ids exactly already)")
+        return self
 
 
 class OnPolicyConfig(_Strict):

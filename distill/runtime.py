@@ -212,6 +212,10 @@ def check_student_vocab(cfg: RunConfig, name: str, model_dir, model_vocab: int, 
 def check_k(cfg: RunConfig, vocab: int) -> None:
     if cfg.cache.k > vocab:
         raise UserError(f"cache.k={cfg.cache.k} is larger than the vocabulary ({vocab} tokens); choose k <= {vocab}")
+    c = cfg.cache
+    if c.estimator == "sampled" and c.exact_top and c.exact_top + c.samples > vocab:
+        raise UserError(f"cache.exact_top + cache.samples = {c.exact_top + c.samples} entries per token is more than "
+                        f"the vocabulary ({vocab} tokens); make them add up to at most {vocab}")
 
 
 # train.online_dense: auto hands students the teacher's dense logits when one step's fp32
@@ -254,7 +258,7 @@ def sampling_of(cfg: RunConfig) -> Sampling | None:
     """The draws of a sampled signal (cache.estimator: sampled), seeded by the run's seed."""
     c = cfg.cache
     seed = cfg.seed if c.sample_seed is None else c.sample_seed
-    return Sampling(c.samples, c.sample_temperature, seed) if c.estimator == "sampled" else None
+    return Sampling(c.samples, c.sample_temperature, seed, c.exact_top) if c.estimator == "sampled" else None
 
 
 def cache_identity(cfg: RunConfig, data: PackedData) -> dict:

@@ -243,7 +243,7 @@ def _inverse_cdf(blocks: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def sample_signal(logits: torch.Tensor, n: int, temperature: float, seed: int, keys: torch.Tensor,
-                  targets: torch.Tensor | None = None) -> TeacherSignal:
+                  targets: torch.Tensor | None = None, exact_top: int = 0) -> TeacherSignal:
     """n draws per token from softmax(logits / T) -> a sampled `TeacherSignal` (kind "sampled").
 
     logits: (..., V) teacher logits; keys: (...,) int64, one per token, e.g. global sequence
@@ -257,6 +257,15 @@ def sample_signal(logits: torch.Tensor, n: int, temperature: float, seed: int, k
     (losses/difficulty.py, at temperature 1).  At T = 1 it comes out of the same pass as the
     draws (the shifted logits and their exps are shared); at another T it takes one more.
 
+    exact_top h > 0: the h most likely ids at T come first with their exact probabilities p_i,
+    and the n draws are made from the rest of the distribution (the head's entries zeroed),
+    each distinct drawn id weighted m * count / n, m = 1 - sum(p_head) the tail's mass.  The
+    weights still sum to 1 and E[weight of id j] = p_j for every j, so the forward KL stays
+    unbiased, with no variance on the head and the tail's variance scaled by about m
+    (p_j (m - p_j) / n against p_j (1 - p_j) / n).  Layout: the head (most likely first),
+    then the tail's distinct ids ascending, padding (id 0, -inf) last.  m is held at
+    >= 2**-100 so a tail weight stays invertible to its count (`SampledCodec`).
+
     Per chunk of rows, in two fp32 scratch buffers (~8 MB each on CPU, so they stay in
     cache): s = (x - max x) / T, e = exp(s) in a buffer padded to whole CDF blocks with
     zeros, then the entropy (one dot product), the difficulty and the draws, all from them.
@@ -265,10 +274,12 @@ def sample_signal(logits: torch.Tensor, n: int, temperature: float, seed: int, k
     flat, flat_keys = logits.reshape(-1, vocab), keys.reshape(-1)
     flat_targets = None if targets is None else targets.reshape(-1, 1).to(flat.device)
     tokens, padded = flat.shape[0], vocab + (-vocab) % _CDF_BLOCK
-    rows = max(1, min(tokens, (1 << (21 if flat.device.type == "cpu" else 25)) // padded))
+    # rows a chunk: the (r, V) fp32 buffers ~2M entries, the draws' (r, n, 256) fp64 block CDFs <= 8M
+    budget = 1 << (21 if flat.device.type == "cpu" else 25)
+    rows = max(1, min(tokens, budget // padded, 4 * budget // (n * _CDF_BLOCK)))
     shifted = torch.empty(rows, vocab, dtype=torch.float32, device=flat.device)
     exps = torch.zeros(rows, padded, dtype=torch.float32, device=flat.device)  # columns past V stay 0: no mass
-    drawn, entropy, stats = [], [], []
+    drawn, entropy, stats, head_ids, head_logp = [], [], [], [], []
     for i in range(0, tokens, rows):
         x = flat[i:i + rows]  # (r, V) in the logits' dtype
         s, e_blocks = shifted[: x.shape[0]], exps[: x.shape[0]]
@@ -282,6 +293,12 @@ def sample_signal(logits: torch.Tensor, n: int, temperature: float, seed: int, k
         entropy.append(h[:, 1])
         if flat_targets is not None:
             stats.append(h if temperature == 1.0 else token_difficulty(x, flat_targets[i:i + rows, 0]))
+        if exact_top:  # the head's exact probabilities, then draw from the rest only
+            top_s, top_ids = _topk_and_max(s, exact_top)[:2]  # (r, h), most likely first
+            z = e.sum(-1, keepdim=True)  # (r, 1), before the head is zeroed
+            head_ids.append(top_ids)
+            head_logp.append(top_s - z.log())
+            e.scatter_(1, top_ids, 0.0)
         u = counter_uniform(seed, flat_keys[i:i + rows], n)  # (r, n) fp64
         drawn.append(_inverse_cdf(e_blocks.view(x.shape[0], -1, _CDF_BLOCK), u).clamp_(max=vocab - 1))
     ids, _ = (torch.cat(drawn) if drawn else torch.empty(0, n, dtype=torch.int64, device=flat.device)).sort(dim=-1)
@@ -292,9 +309,26 @@ def sample_signal(logits: torch.Tensor, n: int, temperature: float, seed: int, k
     counts = torch.zeros(ids.shape[0], width, dtype=torch.float64, device=ids.device).scatter_add_(
         1, run, torch.ones_like(ids, dtype=torch.float64))
     distinct = torch.zeros(ids.shape[0], width, dtype=torch.int64, device=ids.device).scatter_(1, run, ids)
-    logfreq = (counts / n).log().float()  # (N, width); padding: log 0 = -inf
+    logfreq = (counts / n).log()  # (N, width) fp64; padding: log 0 = -inf
+    if exact_top:  # the head first; each draw weighs m * count / n
+        head_lp = torch.cat(head_logp) if head_logp else flat.new_empty(0, exact_top, dtype=torch.float32)
+        logfreq = torch.cat([head_lp.double(), logfreq + log_tail_mass(head_lp)[:, None]], dim=1)
+        distinct = torch.cat([torch.cat(head_ids) if head_ids else distinct[:, :0], distinct], dim=1)
+        width += exact_top
+    logfreq = logfreq.float()
     entropy = torch.cat(entropy) if entropy else flat.new_empty(0, dtype=torch.float32)
     difficulty = None if flat_targets is None else (
         torch.cat(stats) if stats else flat.new_empty(0, len(STATS), dtype=torch.float32)).reshape(*lead, len(STATS))
     return TeacherSignal(distinct.reshape(*lead, width), logfreq.reshape(*lead, width), kind="sampled",
                          entropy=entropy.reshape(lead), temperature=float(temperature), difficulty=difficulty)
+
+
+MIN_TAIL_MASS = 2.0 ** -100  # the tail's mass never reaches 0: its weights stay invertible to counts
+
+
+def log_tail_mass(head_logprobs: torch.Tensor) -> torch.Tensor:
+    """(N, h) exact log-probs of a sampled signal's head -> (N,) fp64 log m, m = 1 - sum p_head
+    held at >= MIN_TAIL_MASS.  The one formula the sampler and `SampledCodec` share, so a
+    tail weight m * count / n decodes back to its count exactly."""
+    mass = torch.exp(head_logprobs.double()).sum(-1)
+    return torch.log1p(-mass.clamp(max=1.0)).clamp(min=math.log(MIN_TAIL_MASS))

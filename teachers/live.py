@@ -185,12 +185,13 @@ class LiveTeacher:
 
     def sample(self, input_ids: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None, where: torch.Tensor | None = None) -> TeacherSignal:
-        """(B, T) -> a sampled TeacherSignal (B, T, n): `self.sampling.n` draws per token at
-        its temperature, seeded by (sampling.seed, keys (B, T)), one forward; padded to n.
+        """(B, T) -> a sampled TeacherSignal (B, T, w): `self.sampling.n` draws per token at
+        its temperature (after its exact head, if any), seeded by (sampling.seed, keys (B, T)),
+        one forward; padded to w = `sampling.width`.
         targets (B, T) plain next-token ids: the signal carries their difficulty too.
         where (B, T) bool: draw at these positions only; the others get one id (0) at
         frequency 1, entropy 0 and NaN difficulty (for positions no loss reads)."""
-        n, flat_keys = self.sampling.n, keys.reshape(-1).to(self.device)
+        n, flat_keys = self.sampling.width, keys.reshape(-1).to(self.device)
         flat_targets = None if targets is None else targets.reshape(-1)
         rows = _rows_of(where)
         if rows is not None:
@@ -198,8 +199,9 @@ class LiveTeacher:
             flat_targets = None if flat_targets is None else flat_targets[rows]
 
         def draw(logits, start, end):
-            sig = sample_signal(logits, n, self.sampling.temperature, self.sampling.seed, flat_keys[start:end],
-                                None if flat_targets is None else flat_targets[start:end])  # one pass, difficulty too
+            sig = sample_signal(logits, self.sampling.n, self.sampling.temperature, self.sampling.seed,
+                                flat_keys[start:end], None if flat_targets is None else flat_targets[start:end],
+                                exact_top=self.sampling.exact_top)  # one pass, difficulty too
             return sig.topk_ids, sig.topk_logprobs, sig.entropy, sig.difficulty
 
         parts = self._reduced(input_ids, draw, position_ids, rows) or [  # no position to draw at

@@ -44,7 +44,7 @@ def write(cache_dir, delay: float = 0.0, **kw) -> Path:
     teacher_fn, splits, identity = setup(delay=delay)
     kw = {"k": K, "batch_size": 2, "shard_sequences": 4, "progress": False, **kw}
     if kw.get("encoding") == "sampled":  # the teacher is then called with the draws' keys too
-        kw["sampling"] = SAMPLING
+        kw.setdefault("sampling", SAMPLING)
         return write_cache(Path(cache_dir), lambda x, keys: teacher_fn(x), splits, identity=identity, **kw)
     return write_cache(Path(cache_dir), teacher_fn, splits, identity=identity, **kw)
 

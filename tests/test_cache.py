@@ -365,6 +365,32 @@ def test_sampled_cache_holds_the_teachers_draws(sampled_reference):
         CacheReader(sampled_reference, "train").check_identity({"estimator": "topk"})
 
 
+def test_a_sampled_cache_with_an_exact_head_holds_the_teachers_signal(tmp_path):
+    """cache.exact_top: the reader returns what `sample_signal(..., exact_top=h)` gives on the
+    teacher's logits (head most likely first, then the draws), bitwise; the manifest's k is
+    the width h + n, and the identity names h (so a run asking for another h is refused)."""
+    from dataclasses import replace
+
+    from losses.signal import sample_signal
+
+    s = replace(worker.SAMPLING, exact_top=5)
+    worker.write(tmp_path, encoding="sampled", sampling=s)
+    teacher_fn, splits, _ = worker.setup()
+    for split in ("train", "val"):
+        r = CacheReader(tmp_path, split)
+        idx = list(range(len(r)))[::-1][::2]
+        sig, valid = r.read(idx)
+        ref = sample_signal(teacher_fn(splits[split][idx]), s.n, s.temperature, s.seed,
+                            s.keys(split, idx, worker.SEQ_LEN), exact_top=5)
+        assert r.k == 21 and sig.kind == "sampled" and valid.all()
+        assert torch.equal(sig.topk_ids, ref.topk_ids[..., :sig.k]) and torch.equal(sig.topk_logprobs, ref.topk_logprobs[..., :sig.k])
+        assert (ref.topk_logprobs[..., sig.k:] == float("-inf")).all()
+    assert describe_cache(tmp_path)["estimator"] == "sampled (n=16, T=2, the exact top 5)"
+    with pytest.raises(CacheMismatch, match="sample_exact_top"):
+        CacheReader(tmp_path, "train").check_identity({**CacheReader(tmp_path, "train").manifest["identity"],
+                                                       "sample_exact_top": "8"})
+
+
 def test_prefetched_reads_equal_direct_reads(reference):
     """CachedTeacher decodes announced batches in background threads; what signal() then
     returns is what a direct read gives, and unannounced batches still read on demand."""

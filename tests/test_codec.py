@@ -137,13 +137,13 @@ def test_compact_worst_case_uniform_logits():
 
 # ---- the sampled encoding ---------------------------------------------------------------------
 
-def _sampled_arrays(n_tok: int, vocab: int, n: int, seed: int = 0, scale: float = 2.0):
+def _sampled_arrays(n_tok: int, vocab: int, n: int, seed: int = 0, scale: float = 2.0, exact_top: int = 0):
     from losses.signal import sample_signal
 
     logits = torch.randn(n_tok, vocab, generator=torch.Generator().manual_seed(seed)) * scale
-    sig = sample_signal(logits, n, 1.0, seed, torch.arange(n_tok))
-    ids = np.zeros((n_tok, n), np.int64)
-    lp = np.full((n_tok, n), -np.inf, np.float32)
+    sig = sample_signal(logits, n, 1.0, seed, torch.arange(n_tok), exact_top=exact_top)
+    ids = np.zeros((n_tok, exact_top + n), np.int64)
+    lp = np.full((n_tok, exact_top + n), -np.inf, np.float32)
     ids[:, :sig.k], lp[:, :sig.k] = sig.topk_ids.numpy(), sig.topk_logprobs.numpy()
     return ids, lp
 
@@ -160,6 +160,27 @@ def test_sampled_codec_round_trips_exactly(vocab, n, scale):
     shuffled = np.random.default_rng(0).permuted(np.arange(n))  # entries in any order encode the same
     again = codec.encode(ids[:, shuffled], lp[:, shuffled], vocab, group=32)
     assert all(np.array_equal(arrays[a], again[a]) for a in arrays)
+
+
+@pytest.mark.parametrize("vocab,n,h,scale", [(V_LLAMA4, 32, 16, 2.0), (300, 16, 8, 0.1), (7, 32, 3, 5.0),
+                                              (4, 8, 4, 1.0), (50, 8, 2, 60.0)])
+def test_sampled_codec_with_an_exact_head_round_trips_exactly(vocab, n, h, scale):
+    """The head's ids and log-probs and the draws' ids and weights m * count / n come back
+    bitwise, for any selection of groups; (4, 8, 4) leaves no tail (its mass held at the
+    floor) and scale 60 a tail of mass ~1e-20.  A placeholder row (an invalid token: every
+    entry -log(h + n)) round-trips too."""
+    ids, lp = _sampled_arrays(96, vocab, n, scale=scale, exact_top=h)
+    if vocab >= h + n:  # the writer's placeholder (a cache needs h + n <= vocab)
+        ids[5], lp[5] = np.arange(h + n), -np.log(h + n)
+    codec = get_codec("sampled", exact_top=h)
+    arrays = codec.encode(ids, lp, vocab, group=32)
+    assert {"head_ids", "head_values"} <= set(arrays)
+    di, dl = codec.decode(arrays, h + n, vocab, 32)
+    assert np.array_equal(di, ids) and np.array_equal(dl, lp)
+    pi, pl = codec.decode(arrays, h + n, vocab, 32, groups=[2, 0])
+    assert np.array_equal(pi, np.concatenate([ids[64:], ids[:32]])) and np.array_equal(pl, np.concatenate([lp[64:], lp[:32]]))
+    weights = np.exp(dl.astype(np.float64)).sum(1)
+    np.testing.assert_allclose(weights, 1.0, rtol=1e-5)  # the head's mass and the tail's add up to 1
 
 
 def test_sampled_codec_rejects_counts_that_do_not_add_up():

@@ -52,6 +52,7 @@ def test_demo_configs_validate(size, tmp_path):
     ("train.steps", 0, "train.steps"),
     ("train.steps", "many", "train.steps"),
     ("cache.k", 0, "cache.k"),
+    ("cache.exact_top", 8, "exact_top: 8 keeps a sampled cache's head exactly; it needs estimator: sampled"),
     ("data.seq_len", 2, "data.seq_len"),
     ("students.0.bogus", 1, "students.0.bogus: unknown key"),
     ("train.mode", "telepathic", "train.mode"),
@@ -141,7 +142,8 @@ def test_small_top_k_note_names_the_random_init_students_it_concerns():
 
     cached = note()
     assert cached.startswith("[train] note: s start from random init and learn only the teacher's top-64;")
-    assert cached.endswith("consider cache.k: 512 or cache.estimator: sampled")  # no online_dense in cached mode
+    assert cached.endswith("consider cache.estimator: sampled with cache.samples: 256 (1.00-1.02x the full "
+                           "distribution's there), or cache.k: 512")  # no online_dense in cached mode
     assert note(dense=True) == cached  # a cached run reads the cache's top-k whatever online_dense says
     assert "train.online_dense: true, " in note(**{"train.mode": "online"})  # online, top-k: auto fell back
     assert note(dense=True, **{"train.mode": "online"}) is None
@@ -191,3 +193,17 @@ def test_online_dense_auto_picks_the_whole_distribution_where_it_fits():
     server = {"teacher.source": "server", "teacher.server": {"url": "http://x:1", "model": "m"}, "teacher.model": None}
     assert "a server teacher returns its top-k only" in error_of(minimal(**{"train.mode": "online", **server,
                                                                               "train.online_dense": True}))
+
+
+def test_entries_per_token_must_fit_the_vocabulary():
+    """cache.k, and a sampled cache's exact head plus its draws, against the tokenizer's size:
+    one line naming the keys, before any teacher work."""
+    from distill.runtime import check_k
+
+    check_k(parse_config(minimal(**{"cache.k": 300})), 300)
+    with pytest.raises(UserError, match="cache.k=301 is larger than the vocabulary"):
+        check_k(parse_config(minimal(**{"cache.k": 301})), 300)
+    sampled = {"cache.estimator": "sampled", "cache.k": 16, "students.0.loss.tail": "sampled"}
+    check_k(parse_config(minimal(**sampled, **{"cache.exact_top": 268})), 300)  # 268 + 32 draws
+    with pytest.raises(UserError, match=r"cache.exact_top \+ cache.samples = 301 entries per token"):
+        check_k(parse_config(minimal(**sampled, **{"cache.exact_top": 269})), 300)

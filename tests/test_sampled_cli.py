@@ -24,8 +24,13 @@ def _config(online_setup, tmp_path, **over):
     return out
 
 
-def test_sampled_cache_trains_evaluates_and_inspects(online_setup, tmp_path):
+@pytest.mark.parametrize("exact_top", [0, 4])
+def test_sampled_cache_trains_evaluates_and_inspects(online_setup, tmp_path, exact_top):
     cfg = _config(online_setup, tmp_path)
+    if exact_top:  # the teacher's top 4 kept exactly, the 24 draws from the rest
+        raw = yaml.safe_load(cfg.read_text())
+        raw["cache"]["exact_top"] = exact_top
+        cfg.write_text(yaml.safe_dump(raw))
     r = run_cli("run", "-c", str(cfg), "--quiet")
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
@@ -34,7 +39,8 @@ def test_sampled_cache_trains_evaluates_and_inspects(online_setup, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "students" / "dense" / "metrics.jsonl").read_text().splitlines()]
     assert all(row["soft"] > 0 for row in rows if row["kind"] == "train")  # the sampled KL is trained on
     r = run_cli("inspect", str(tmp_path / "run" / "cache"), "--verify")
-    assert r.returncode == 0 and "sampled (n=24, T=2)" in r.stdout and "verify: ok" in r.stdout
+    said = "sampled (n=24, T=2, the exact top 4)" if exact_top else "sampled (n=24, T=2)"
+    assert r.returncode == 0 and said in " ".join(r.stdout.split()) and "verify: ok" in r.stdout, r.stdout
     shown = " ".join(r.stdout.split())  # rich wraps long cells
     assert "(training targets only)" in shown and "bytes each" in shown and "bytes/block" in shown
     # The same cache, asked for by a top-k config: one line, exit 2.
@@ -47,6 +53,13 @@ def test_sampled_cache_trains_evaluates_and_inspects(online_setup, tmp_path):
     r = run_cli("train", "-c", str(cfg2), "--quiet")
     assert r.returncode == 2 and "holds a sampled signal but cache.estimator is topk" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+    if exact_top:  # and by a sampled config without the head: one line, naming the key
+        raw["cache"].update(estimator="sampled", exact_top=0)
+        raw["students"][0]["loss"] = {"tail": "sampled", "temperature": 2.0}
+        cfg2.write_text(yaml.safe_dump(raw))
+        r = run_cli("train", "-c", str(cfg2), "--quiet")
+        assert r.returncode == 2 and "has exact_top 4 but cache.exact_top is 0" in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
 
 
 def test_sampled_online_training_runs(online_setup, tmp_path):

@@ -90,21 +90,22 @@ def test_models_with_other_heads_take_the_full_logits_path():
     torch.testing.assert_close(values.double(), ref.values, rtol=0, atol=1e-5)
 
 
-def test_chunked_sampling_equals_sampling_the_full_logits():
+@pytest.mark.parametrize("exact_top", [0, 3])
+def test_chunked_sampling_equals_sampling_the_full_logits(exact_top):
     """LiveTeacher.sample draws chunk by chunk (5 tokens at a time) exactly what drawing from
-    the whole logits with the same seed and keys gives."""
+    the whole logits with the same seed and keys gives (after an exact head of 3 too)."""
     from losses.signal import sample_signal
     from teachers.cache.format import Sampling
 
     model = tiny_teacher(64)
-    sampling = Sampling(n=12, temperature=1.5, seed=4)
+    sampling = Sampling(n=12, temperature=1.5, seed=4, exact_top=exact_top)
     teacher = LiveTeacher(model, k=8, vocab_size=64, device=torch.device("cpu"), sampling=sampling)
     teacher.chunk_tokens = 5
     ids = torch.randint(0, 64, (3, 7))
     keys = sampling.keys("train", [10, 11, 12], 7)
     got = teacher.sample(ids, keys)
-    ref = sample_signal(teacher.logits(ids), 12, 1.5, 4, keys)
-    assert got.kind == "sampled" and got.topk_ids.shape == (3, 7, 12)
+    ref = sample_signal(teacher.logits(ids), 12, 1.5, 4, keys, exact_top=exact_top)
+    assert got.kind == "sampled" and got.topk_ids.shape == (3, 7, 12 + exact_top)
     assert torch.equal(got.topk_ids[..., :ref.k], ref.topk_ids)
     torch.testing.assert_close(got.topk_logprobs[..., :ref.k], ref.topk_logprobs)
     torch.testing.assert_close(got.entropy, ref.entropy, atol=1e-5, rtol=1e-5)

@@ -21,11 +21,19 @@ MANIFEST = "manifest.json"
 class Sampling:
     """A sampled cache (estimator "sampled"): n draws per token from softmax(logits / T),
     seeded by (seed, split, sequence, position) alone, so a resumed or multi-rank cache is
-    byte-identical.  Stored with the encoding "sampled"; the manifest's k is n."""
+    byte-identical.  exact_top h > 0: the h most likely ids are kept with their exact
+    probabilities and the draws come from the rest (`losses.signal.sample_signal`).  Stored
+    with the encoding "sampled"; the manifest's k is the width, h + n."""
 
     n: int = 32
     temperature: float = 1.0
     seed: int = 0
+    exact_top: int = 0
+
+    @property
+    def width(self) -> int:
+        """Entries per token: the exact head, then at most n distinct drawn ids."""
+        return self.exact_top + self.n
 
     def keys(self, split: str, sequences, seq_len: int) -> torch.Tensor:
         """(B, seq_len) int64 draw keys of the blocks `sequences` (B,) of `split`: 22 bits of the
@@ -34,15 +42,17 @@ class Sampling:
         return ((zlib.crc32(split.encode()) & 0x3FFFFF) << 40) + seqs * seq_len + torch.arange(seq_len)
 
     def identity(self) -> dict[str, str]:
+        head = {"sample_exact_top": str(self.exact_top)} if self.exact_top else {}  # absent: 0, as before it existed
         return {"estimator": "sampled", "samples": str(self.n), "sample_temperature": repr(float(self.temperature)),
-                "sample_seed": str(self.seed)}
+                "sample_seed": str(self.seed), **head}
 
     @staticmethod
     def of_manifest(manifest: Mapping) -> "Sampling | None":
         ident = manifest.get("identity", {})
         if ident.get("estimator") != "sampled":
             return None
-        return Sampling(int(ident["samples"]), float(ident["sample_temperature"]), int(ident["sample_seed"]))
+        return Sampling(int(ident["samples"]), float(ident["sample_temperature"]), int(ident["sample_seed"]),
+                        int(ident.get("sample_exact_top", 0)))
 
 
 # The cache's errors are the user's to fix (the CLI prints one line, exit 2), wherever

@@ -67,8 +67,8 @@ class CacheReader:
             raise KeyError(f"split {split!r} not in cache {self.dir}; it has {sorted(manifest['splits'])}")
         self.manifest, self.split = manifest, split
         self.k, self.seq_len, self.vocab_size = manifest["k"], manifest["seq_len"], manifest["vocab_size"]
-        self.codec = get_codec(manifest["encoding"])
         self.sampling = Sampling.of_manifest(manifest)  # None: a top-k cache
+        self.codec = get_codec(manifest["encoding"], self.sampling.exact_top if self.sampling else 0)
         self.has_difficulty = manifest.get("difficulty") == list(STATS)  # caches made before it have none
         info = manifest["splits"][split]
         self.shards = sorted(info["shards"], key=lambda e: e["sequences"][0])
@@ -251,7 +251,9 @@ def describe_cache(cache_dir) -> dict:
     blocks = sum(s["sequences"] for s in splits.values())
     size = sum(s["bytes"] for s in splits.values())
     sampling = Sampling.of_manifest(m)
-    estimator = "top-k" if sampling is None else f"sampled (n={sampling.n}, T={sampling.temperature:g})"
+    estimator = "top-k" if sampling is None else (
+        f"sampled (n={sampling.n}, T={sampling.temperature:g}"
+        + (f", the exact top {sampling.exact_top})" if sampling.exact_top else ")"))
     return {"path": str(cache_dir), "format_version": m["format_version"], "complete": m.get("complete", False),
             "identity": m["identity"], "estimator": estimator, "k": m["k"], "encoding": m["encoding"], "vocab_size": m["vocab_size"],
             "seq_len": m["seq_len"], "splits": splits, "shards": sum(s["shards"] for s in splits.values()),

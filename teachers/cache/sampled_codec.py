@@ -15,14 +15,24 @@ Stored, per token:
 On a Zipf-like teacher at V = 202,048 and n = 32 that measured 17.7 bytes per token (bench/cache.py,
 BENCHMARKS.md) against 121.5 for the compact top-64; the teacher's difficulty statistics add 6
 bytes per token beside it in each shard.  Lossless: counts and ids come back exactly.
+
+With an exact head (cache.exact_top h > 0, `losses.signal.sample_signal`), a token's first h
+entries are the teacher's most likely ids with their exact log-probs, stored as the
+`lossless` top-k codec stores them (`head_ids` bit-packed, `head_values` fp32), and the
+other n entries are the draws from the rest, log(m * count / n) with m the tail's mass.
+m is recomputed from the stored head (`log_tail_mass`, the sampler's own formula), so the
+counts are encoded as above and come back exactly.
 """
 from __future__ import annotations
 
 from typing import Mapping
 
 import numpy as np
+import torch
 
+from losses.signal import log_tail_mass
 from teachers.cache.bits import gather_segments, grouped_input, read_varwidth, windows32
+from teachers.cache.fixed_codec import FixedCodec
 
 Arrays = dict[str, np.ndarray]
 _MAX_RICE = 24
@@ -46,6 +56,11 @@ def _pack_fields(values: np.ndarray, widths: np.ndarray, pos: np.ndarray, n_byte
     return out[:n_bytes].astype(np.uint8)
 
 
+def _log_tail_mass(head_logprobs: np.ndarray) -> np.ndarray:
+    """(N, h) fp32 head log-probs -> (N,) fp64 log of the tail's mass, as the sampler made it."""
+    return log_tail_mass(torch.from_numpy(np.ascontiguousarray(head_logprobs, np.float32))).numpy()
+
+
 def _within(group_of: np.ndarray, lengths: np.ndarray, n_groups: int) -> np.ndarray:
     """Start bit of each field within its group's segment (fields in order, group-major)."""
     ends = np.cumsum(lengths)
@@ -59,7 +74,35 @@ class SampledCodec:
     lossless = True
     signal = "sampled"
 
+    def __init__(self, exact_top: int = 0):
+        self.exact_top = exact_top  # entries per token kept exactly before the draws
+        self._head = FixedCodec("lossless", "fp32")
+
     def encode(self, ids, logprobs, vocab_size: int, group: int | None = None) -> Arrays:
+        h = self.exact_top
+        if not h:
+            return self._encode_draws(ids, logprobs, vocab_size, group)
+        ids, lp = np.asarray(ids, np.int64), np.asarray(logprobs, np.float32)
+        head_lp = lp[:, :h]
+        draws = lp[:, h:].astype(np.float64) - _log_tail_mass(head_lp)[:, None]  # log(count / n)
+        head = self._head.encode(ids[:, :h], head_lp, vocab_size)
+        return {**self._encode_draws(ids[:, h:], draws, vocab_size, group),
+                "head_ids": head["ids"], "head_values": head["values"]}
+
+    def decode(self, arrays: Mapping[str, np.ndarray], k: int, vocab_size: int, group: int,
+               groups=None) -> tuple[np.ndarray, np.ndarray]:
+        """-> (ids (n*group, k), log-probs (n*group, k) fp32) for the selected groups, k the
+        width: the exact head (if any) most likely first, then the distinct drawn ids
+        ascending, padding (id 0, -inf) last."""
+        h = self.exact_top
+        if not h:
+            return self._decode_draws(arrays, k, vocab_size, group, groups)
+        head_ids, head_lp = self._head.decode({"ids": arrays["head_ids"], "values": arrays["head_values"]},
+                                              h, vocab_size, group, groups)
+        ids, tail = self._decode_draws(arrays, k - h, vocab_size, group, groups, _log_tail_mass(head_lp))
+        return np.concatenate([head_ids, ids], 1), np.concatenate([head_lp, tail], 1)
+
+    def _encode_draws(self, ids, logprobs, vocab_size: int, group: int | None) -> Arrays:
         ids, lp, group = grouped_input(ids, logprobs, group)
         n_tok, n = ids.shape
         with np.errstate(over="ignore"):
@@ -103,10 +146,12 @@ class SampledCodec:
         return {"runs": runs, "rice": rice, "id_unary": np.packbits(unary), "id_rem": rem,
                 "offsets": np.stack([q_off, r_off], 1)}
 
-    def decode(self, arrays: Mapping[str, np.ndarray], k: int, vocab_size: int, group: int,
-               groups=None) -> tuple[np.ndarray, np.ndarray]:
+    def _decode_draws(self, arrays: Mapping[str, np.ndarray], k: int, vocab_size: int, group: int,
+                      groups=None, log_mass: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """-> (ids (n*group, k) int64 ascending, padding 0; log(count / k) (.., k) fp32,
-        padding -inf) for the selected groups; k is the number of draws."""
+        padding -inf) for the selected groups; k is the number of draws.  log_mass (n*group,)
+        fp64: added to each token's log-frequencies before they are rounded to fp32, as the
+        sampler adds it (the tail's mass under an exact head)."""
         offsets = np.asarray(arrays["offsets"])
         sel = np.arange(offsets.shape[0] - 1) if groups is None else np.asarray(groups, np.int64)
         rows = (sel[:, None] * group + np.arange(group)).reshape(-1)
@@ -141,5 +186,5 @@ class SampledCodec:
         ids = np.zeros((n_rows, k), np.int64)
         logp = np.full((n_rows, k), -np.inf, np.float32)
         ids[tok, col] = np.minimum(ids_flat, vocab_size - 1)  # corrupt input must not index past V
-        logp[tok, col] = np.log(counts / k).astype(np.float32)
+        logp[tok, col] = (np.log(counts / k) + (0.0 if log_mass is None else log_mass[tok])).astype(np.float32)
         return ids, logp

@@ -204,16 +204,18 @@ def _difficulty_of(stats, lead) -> torch.Tensor:
 
 
 def _sampled(out, sampling: Sampling, vocab_size: int, keys: torch.Tensor, targets: torch.Tensor | None):
-    """teacher_fn's output for a sampled cache -> ids (B*T, n), log(count / n) (B*T, n), bad
-    (B*T,), entropy (B*T,), difficulty (B*T, 3) or None.  out is logits (B, T, V) (drawn
-    here) or the sampled TeacherSignal a chunked live teacher drew with the same seed and
-    keys (carrying the difficulty of `targets` when they were asked for).  A token whose
-    logits were not finite gets n distinct placeholder ids at count 1 and is flagged."""
-    n = sampling.n
+    """teacher_fn's output for a sampled cache -> ids (B*T, w), their log-probs (B*T, w) (the
+    exact head, then log(m * count / n); w = `sampling.width`), bad (B*T,), entropy (B*T,),
+    difficulty (B*T, 3) or None.  out is logits (B, T, V) (drawn here) or the sampled
+    TeacherSignal a chunked live teacher drew with the same seed and keys (carrying the
+    difficulty of `targets` when they were asked for).  A token whose logits were not finite
+    gets w distinct placeholder ids, uniform (so every draw has count 1), and is flagged."""
+    n = sampling.width
     if not isinstance(out, TeacherSignal):
         if out.dim() != 3 or out.shape[-1] != vocab_size:
             raise ValueError(f"teacher_fn returned {tuple(out.shape)}, expected (B, T, {vocab_size})")
-        out = sample_signal(out, n, sampling.temperature, sampling.seed, keys, targets)  # one pass, difficulty too
+        out = sample_signal(out, sampling.n, sampling.temperature, sampling.seed, keys, targets,  # one pass,
+                            exact_top=sampling.exact_top)  # difficulty too
     difficulty = None if targets is None else _difficulty_of(out.difficulty, out.topk_ids.shape[:2])
     sig = out.flatten()
     ids = torch.zeros(sig.topk_ids.shape[0], n, dtype=torch.int64)
@@ -282,8 +284,8 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
     cache_dir.mkdir(parents=True, exist_ok=True)
     if (sampling is not None) != (encoding == "sampled"):
         raise ValueError("encoding 'sampled' is the one encoding of a sampled cache (and only of one)")
-    k = sampling.n if sampling is not None else k
-    codec = get_codec(encoding)
+    k = sampling.width if sampling is not None else k
+    codec = get_codec(encoding, sampling.exact_top if sampling is not None else 0)
     lens = {t.shape[1] for t in splits.values()}
     if len(lens) != 1 or any(t.dim() != 2 for t in splits.values()):
         raise ValueError(f"every split must be a (N, T) block tensor of one T; got lengths {sorted(lens)}")
