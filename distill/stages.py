@@ -283,6 +283,8 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
     # The teacher signal's shape is part of the trajectory: a cache's k/encoding, the live top-k.
     signal = {"estimator": cfg.cache.estimator, **({"samples": cfg.cache.samples} if cfg.cache.estimator == "sampled"
                                                    else {"k": cfg.cache.k})}
+    if cfg.cache.exact_top:  # absent when 0: runs from before it existed keep their hash
+        signal["exact_top"] = cfg.cache.exact_top
     if cfg.train.mode == "cached" and cfg.cache.estimator == "topk":
         signal["encoding"] = cfg.cache.encoding
     if dense:

@@ -26,7 +26,10 @@ class TeacherSignal:
     kind "sampled" (Anshumann et al. 2025, https://arxiv.org/abs/2503.16870): n draws from
     the teacher's softmax at `temperature`, unique ids kept with their frequencies:
       topk_ids:      (..., u) int64   the distinct sampled ids (padding: any id),
-      topk_logprobs: (..., u) float32 log(count / n) (padding: -inf, i.e. frequency 0),
+      topk_logprobs: (..., u) float32 log(count / n) (padding: -inf, i.e. frequency 0); with an
+                     exact head (`sample_signal`'s exact_top h) the first h entries are the
+                     teacher's top ids and log-probs, the draws' log(m * count / n) after them
+                     (m: the mass outside the head),
       entropy:       (...,)  float32 the teacher's entropy at `temperature` (nats), so the
                      KL estimate's value is unbiased too, not only its gradient.
     logits:        (..., V) optional dense teacher logits (online mode may pass them;
@@ -263,8 +266,9 @@ def sample_signal(logits: torch.Tensor, n: int, temperature: float, seed: int, k
     weights still sum to 1 and E[weight of id j] = p_j for every j, so the forward KL stays
     unbiased, with no variance on the head and the tail's variance scaled by about m
     (p_j (m - p_j) / n against p_j (1 - p_j) / n).  Layout: the head (most likely first),
-    then the tail's distinct ids ascending, padding (id 0, -inf) last.  m is held at
-    >= 2**-100 so a tail weight stays invertible to its count (`SampledCodec`).
+    then the tail's distinct ids ascending, padding (id 0, -inf) last (a head entry is -inf
+    too where fewer than h logits are finite).  m is held at >= 2**-100 so a tail weight stays
+    invertible to its count (`SampledCodec`); a row with no tail mass draws its top-1 again.
 
     Per chunk of rows, in two fp32 scratch buffers (~8 MB each on CPU, so they stay in
     cache): s = (x - max x) / T, e = exp(s) in a buffer padded to whole CDF blocks with
@@ -274,7 +278,8 @@ def sample_signal(logits: torch.Tensor, n: int, temperature: float, seed: int, k
     flat, flat_keys = logits.reshape(-1, vocab), keys.reshape(-1)
     flat_targets = None if targets is None else targets.reshape(-1, 1).to(flat.device)
     tokens, padded = flat.shape[0], vocab + (-vocab) % _CDF_BLOCK
-    # rows a chunk: the (r, V) fp32 buffers ~2M entries, the draws' (r, n, 256) fp64 block CDFs <= 8M
+    # rows a chunk: (r, V) fp32 buffers of ~2M entries (32M on an accelerator), and the draws'
+    # (r, n, 256) fp64 block CDFs of at most 4x that
     budget = 1 << (21 if flat.device.type == "cpu" else 25)
     rows = max(1, min(tokens, budget // padded, 4 * budget // (n * _CDF_BLOCK)))
     shifted = torch.empty(rows, vocab, dtype=torch.float32, device=flat.device)
@@ -297,8 +302,11 @@ def sample_signal(logits: torch.Tensor, n: int, temperature: float, seed: int, k
             top_s, top_ids = _topk_and_max(s, exact_top)[:2]  # (r, h), most likely first
             z = e.sum(-1, keepdim=True)  # (r, 1), before the head is zeroed
             head_ids.append(top_ids)
-            head_logp.append(top_s - z.log())
+            head_logp.append(top_s - z.log())  # -inf where the row has fewer than h finite logits
             e.scatter_(1, top_ids, 0.0)
+            no_tail = e.sum(-1) == 0  # (r,) the head holds every finite entry, or the rest underflowed
+            if bool(no_tail.any()):  # draw the top-1 again (weight m = 2**-100): never an id of probability 0
+                e[no_tail, top_ids[no_tail, 0]] = 1.0
         u = counter_uniform(seed, flat_keys[i:i + rows], n)  # (r, n) fp64
         drawn.append(_inverse_cdf(e_blocks.view(x.shape[0], -1, _CDF_BLOCK), u).clamp_(max=vocab - 1))
     ids, _ = (torch.cat(drawn) if drawn else torch.empty(0, n, dtype=torch.int64, device=flat.device)).sort(dim=-1)

@@ -368,23 +368,41 @@ def test_sampled_cache_holds_the_teachers_draws(sampled_reference):
 def test_a_sampled_cache_with_an_exact_head_holds_the_teachers_signal(tmp_path):
     """cache.exact_top: the reader returns what `sample_signal(..., exact_top=h)` gives on the
     teacher's logits (head most likely first, then the draws), bitwise; the manifest's k is
-    the width h + n, and the identity names h (so a run asking for another h is refused)."""
+    the width h + n, and the identity names h (so a run asking for another h is refused).
+    Also where a row has fewer finite logits than the head, or no mass outside it: the weights
+    still sum to 1, only ids of finite logits weigh anything, and the reader keeps every entry."""
     from dataclasses import replace
 
     from losses.signal import sample_signal
 
     s = replace(worker.SAMPLING, exact_top=5)
-    worker.write(tmp_path, encoding="sampled", sampling=s)
-    teacher_fn, splits, _ = worker.setup()
+    teacher_fn, splits, identity = worker.setup()
+
+    def masked(x):  # (B, T) -> (B, T, V): token 0's rows keep 3 finite logits, token 1's put all mass on one
+        logits = teacher_fn(x).clone()
+        logits[..., 3:][x == 0] = float("-inf")
+        logits[..., 0][x == 1] = 500.0
+        return logits
+
+    splits = {name: t.clone() for name, t in splits.items()}
+    splits["train"][:3, ::2], splits["train"][:3, 1::2] = 0, 1
+    splits["train"][3] = 0  # read alone below: every row's head holds -inf entries before its draw
+    write_cache(tmp_path, lambda x, keys: masked(x), splits, identity=identity, k=worker.K, batch_size=2,
+                shard_sequences=4, progress=False, encoding="sampled", sampling=s)
     for split in ("train", "val"):
         r = CacheReader(tmp_path, split)
-        idx = list(range(len(r)))[::-1][::2]
-        sig, valid = r.read(idx)
-        ref = sample_signal(teacher_fn(splits[split][idx]), s.n, s.temperature, s.seed,
-                            s.keys(split, idx, worker.SEQ_LEN), exact_top=5)
-        assert r.k == 21 and sig.kind == "sampled" and valid.all()
-        assert torch.equal(sig.topk_ids, ref.topk_ids[..., :sig.k]) and torch.equal(sig.topk_logprobs, ref.topk_logprobs[..., :sig.k])
-        assert (ref.topk_logprobs[..., sig.k:] == float("-inf")).all()
+        for idx in (list(range(len(r)))[::-1][::2], [3]):
+            sig, valid = r.read(idx)
+            ref = sample_signal(masked(splits[split][idx]), s.n, s.temperature, s.seed,
+                                s.keys(split, idx, worker.SEQ_LEN), exact_top=5)
+            assert r.k == 21 and sig.kind == "sampled" and valid.all()
+            assert torch.equal(sig.topk_ids, ref.topk_ids[..., :sig.k]) and torch.equal(sig.topk_logprobs, ref.topk_logprobs[..., :sig.k])
+            assert (ref.topk_logprobs[..., sig.k:] == float("-inf")).all()
+            weights = sig.topk_logprobs.double().exp()
+            torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights[..., 0]), rtol=1e-5, atol=1e-5)
+            logit_at = masked(splits[split][idx]).gather(-1, sig.topk_ids)  # every weighted id has a finite logit
+            assert torch.isfinite(logit_at[weights > 0]).all()
+    assert json.loads((tmp_path / "manifest.json").read_text())["format_version"] == 3  # older readers refuse it
     assert describe_cache(tmp_path)["estimator"] == "sampled (n=16, T=2, the exact top 5)"
     with pytest.raises(CacheMismatch, match="sample_exact_top"):
         CacheReader(tmp_path, "train").check_identity({**CacheReader(tmp_path, "train").manifest["identity"],

@@ -168,7 +168,8 @@ def test_sampled_codec_with_an_exact_head_round_trips_exactly(vocab, n, h, scale
     """The head's ids and log-probs and the draws' ids and weights m * count / n come back
     bitwise, for any selection of groups; (4, 8, 4) leaves no tail (its mass held at the
     floor) and scale 60 a tail of mass ~1e-20.  A placeholder row (an invalid token: every
-    entry -log(h + n)) round-trips too."""
+    entry -log(h + n)) is encoded too (bitwise back at these sizes; at some other (h, n) its
+    fp32 log-probs come back an ulp or so off, its counts always exactly)."""
     ids, lp = _sampled_arrays(96, vocab, n, scale=scale, exact_top=h)
     if vocab >= h + n:  # the writer's placeholder (a cache needs h + n <= vocab)
         ids[5], lp[5] = np.arange(h + n), -np.log(h + n)

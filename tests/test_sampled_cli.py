@@ -62,15 +62,20 @@ def test_sampled_cache_trains_evaluates_and_inspects(online_setup, tmp_path, exa
         assert "Traceback" not in r.stderr
 
 
-def test_sampled_online_training_runs(online_setup, tmp_path):
+@pytest.mark.parametrize("exact_top", [0, 4])
+def test_sampled_online_training_runs(online_setup, tmp_path, exact_top):
     cfg = _config(online_setup, tmp_path)
     raw = yaml.safe_load(cfg.read_text())
     raw["train"]["mode"] = "online"
+    raw["cache"]["exact_top"] = exact_top
     cfg.write_text(yaml.safe_dump(raw))
     r = run_cli("train", "-c", str(cfg), "--quiet")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     assert summary["students"]["dense"]["kl_to_teacher"] >= 0
+    # another exact head is another estimator, so another trajectory: --resume refuses it
+    r = run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", f"cache.exact_top={4 - exact_top}")
+    assert r.returncode == 2 and "different config" in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("change,message", [

@@ -7,6 +7,8 @@ import torch
 
 from teachers.cache.bits import id_bits, pack_fixed, unpack_fixed
 
+Arrays = dict[str, np.ndarray]
+
 
 def _rows(groups: np.ndarray | None, group: int, n: int) -> np.ndarray | slice:
     """Token rows of the selected groups (in the order given)."""

@@ -13,7 +13,14 @@ import torch
 
 from common.errors import UserError
 
-FORMAT_VERSION = 2  # 2: shards may store the training targets only (rows.py)
+FORMAT_VERSION = 3  # the newest this reader reads; 2: shards may store the training targets only (rows.py)
+# 3: a sampled cache keeps an exact head (Sampling.exact_top): written only by such caches, so an
+# older reader refuses them instead of misreading the head as draws, and other caches stay at 2.
+
+
+def format_version(sampling: "Sampling | None") -> int:
+    """The format a cache of this signal is written in: the oldest that reads it."""
+    return 3 if sampling is not None and sampling.exact_top else 2
 MANIFEST = "manifest.json"
 
 

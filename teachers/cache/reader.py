@@ -153,7 +153,8 @@ class CacheReader:
         if self.sampling is None:
             return (TeacherSignal(torch.from_numpy(ids), torch.from_numpy(lps), difficulty=difficulty),
                     torch.from_numpy(valid))
-        width = max(1, int((lps > -np.inf).sum(-1).max(initial=1)))  # distinct ids come first
+        used = np.flatnonzero((lps > -np.inf).reshape(-1, self.k).any(0))  # columns any token uses
+        width = max(1, int(used.max(initial=0)) + 1)  # padding comes last (an exact head may hold -inf)
         sig = TeacherSignal(torch.from_numpy(ids[..., :width].copy()), torch.from_numpy(lps[..., :width].copy()),
                             kind="sampled", entropy=torch.from_numpy(entropy), temperature=self.sampling.temperature,
                             difficulty=difficulty)

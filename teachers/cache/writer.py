@@ -61,7 +61,7 @@ import torch.distributed as dist
 
 from common.fsutil import write_file_atomically
 from teachers.cache.codec import get_codec, safetensors_bytes
-from teachers.cache.format import (FORMAT_VERSION, MANIFEST, CacheLocked, CacheWriteError, Sampling, identity_diffs,
+from teachers.cache.format import (MANIFEST, CacheLocked, CacheWriteError, Sampling, format_version, identity_diffs,
                                    mismatch_error, read_json, sha256_file)
 from teachers.cache.rows import STORE_GROUP, encoded_rows
 from losses.difficulty import STATS, sequence_difficulty
@@ -264,7 +264,7 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
     ZeRO-3 sharded teacher gathers its weights from every rank), so every rank calls it
     equally often; a rank with less left to do runs padding batches, whose output is
     dropped.  sampling: cache n sampled tokens per position instead of the top-k (encoding
-    "sampled", k = n); teacher_fn is then called as teacher_fn(x, keys), keys (B, T) from
+    "sampled", k = `Sampling.width`); teacher_fn is then called as teacher_fn(x, keys), keys (B, T) from
     `Sampling.keys` (split and token index), and may return logits or the sampled signal it
     drew itself with `sample_signal(..., sampling.seed, keys)` (see `_sampled`).  targets:
     per split the (N, T) next-token ids of the blocks, a token that is no training target
@@ -285,6 +285,7 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
     if (sampling is not None) != (encoding == "sampled"):
         raise ValueError("encoding 'sampled' is the one encoding of a sampled cache (and only of one)")
     k = sampling.width if sampling is not None else k
+    version = format_version(sampling)
     codec = get_codec(encoding, sampling.exact_top if sampling is not None else 0)
     lens = {t.shape[1] for t in splits.values()}
     if len(lens) != 1 or any(t.dim() != 2 for t in splits.values()):
@@ -322,7 +323,7 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
         prior = {e["file"]: e for old in (final, partial)
                  if old and old.get("difficulty") == stats and old.get("stored", {"positions": "all"}) == stored
                  for s in old["splits"].values() for e in s["shards"]}
-        manifest = dict(format_version=FORMAT_VERSION, identity=ident, k=k, encoding=encoding, vocab_size=vocab,
+        manifest = dict(format_version=version, identity=ident, k=k, encoding=encoding, vocab_size=vocab,
                         seq_len=seq_len, world_size=world_size, shard_sequences=shard_sequences, complete=False,
                         stored=stored,
                         splits={s: {"sequences": n, "shards": [], "tokens": 0, "nonfinite_tokens": 0}
@@ -463,7 +464,7 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
             arrays["entropy"] = pick(entropy).numpy().astype(np.float16)
         if difficulty is not None:
             arrays["token_stats"] = pick(difficulty).numpy().astype(np.float16)
-        meta = {"format": "distill-topk-cache", "format_version": str(FORMAT_VERSION), "encoding": codec.name,
+        meta = {"format": "distill-topk-cache", "format_version": str(manifest["format_version"]), "encoding": codec.name,
                 "k": str(k), "vocab_size": str(vocab), "seq_len": str(seq_len), "split": split,
                 "sequences": f"{entry['sequences'][0]}-{entry['sequences'][1]}"}
         data = safetensors_bytes(arrays, meta)
