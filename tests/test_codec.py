@@ -184,6 +184,22 @@ def test_sampled_codec_with_an_exact_head_round_trips_exactly(vocab, n, h, scale
     np.testing.assert_allclose(weights, 1.0, rtol=1e-5)  # the head's mass and the tail's add up to 1
 
 
+@pytest.mark.parametrize("h", [0, 4])
+def test_a_sampled_shard_encoded_in_chunks_is_byte_identical(monkeypatch, h):
+    """A shard is encoded a few groups at a time (bounded memory); the arrays equal encoding
+    it whole, byte for byte, and decode the same, also when the last chunk is short."""
+    import teachers.cache.sampled_codec as sampled_codec
+
+    ids, lp = _sampled_arrays(7 * 16, 300, 16, exact_top=h)
+    codec = get_codec("sampled", exact_top=h)
+    whole = codec.encode(ids, lp, 300, group=16)
+    monkeypatch.setattr(sampled_codec, "ENCODE_ENTRIES", 3 * 16 * 16)  # 3 groups a chunk: 3 + 3 + 1
+    chunked = codec.encode(ids, lp, 300, group=16)
+    assert set(chunked) == set(whole) and all(np.array_equal(chunked[a], whole[a]) for a in whole)
+    di, dl = codec.decode(chunked, h + 16, 300, 16, groups=[6, 2])
+    assert np.array_equal(di, np.concatenate([ids[96:], ids[32:48]])) and np.array_equal(dl, np.concatenate([lp[96:], lp[32:48]]))
+
+
 def test_sampled_codec_rejects_counts_that_do_not_add_up():
     ids, lp = _sampled_arrays(4, 50, 8)
     lp[0, 0] = np.log(0.5) if lp[0, 0] != np.log(0.5) else np.log(0.25)

@@ -36,6 +36,7 @@ from teachers.cache.fixed_codec import FixedCodec
 
 Arrays = dict[str, np.ndarray]
 _MAX_RICE = 24
+ENCODE_ENTRIES = 1 << 22  # tokens x draws encoded at once (a shard is encoded in such chunks)
 
 
 def _segment_offsets(bits_per_group: np.ndarray) -> np.ndarray:
@@ -103,7 +104,23 @@ class SampledCodec:
         return np.concatenate([head_ids, ids], 1), np.concatenate([head_lp, tail], 1)
 
     def _encode_draws(self, ids, logprobs, vocab_size: int, group: int | None) -> Arrays:
+        """Whole groups at a time, at most ENCODE_ENTRIES (tokens x draws) each: the encoder's
+        (N, n) int64 temporaries then stay ~100 MB whatever the shard's size, and the chunks'
+        streams join byte for byte (every group's segment is byte-aligned)."""
         ids, lp, group = grouped_input(ids, logprobs, group)
+        per_chunk = max(1, ENCODE_ENTRIES // max(1, group * ids.shape[1])) * group
+        if ids.shape[0] <= per_chunk:
+            return self._encode_chunk(ids, lp, vocab_size, group)
+        parts = [self._encode_chunk(ids[i:i + per_chunk], lp[i:i + per_chunk], vocab_size, group)
+                 for i in range(0, ids.shape[0], per_chunk)]
+        offsets, base = [parts[0]["offsets"][:1]], np.zeros(2, np.int64)
+        for part in parts:
+            offsets.append(part["offsets"][1:] + base)
+            base = base + part["offsets"][-1]
+        return {**{key: np.concatenate([part[key] for part in parts]) for key in ("runs", "rice", "id_unary", "id_rem")},
+                "offsets": np.concatenate(offsets)}
+
+    def _encode_chunk(self, ids: np.ndarray, lp: np.ndarray, vocab_size: int, group: int) -> Arrays:
         n_tok, n = ids.shape
         with np.errstate(over="ignore"):
             counts = np.rint(np.exp(lp.astype(np.float64)) * n).astype(np.int64)  # (N, n); padding 0
