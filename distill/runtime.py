@@ -210,9 +210,9 @@ def check_student_vocab(cfg: RunConfig, name: str, model_dir, model_vocab: int, 
 
 
 def check_k(cfg: RunConfig, vocab: int) -> None:
-    if cfg.cache.k > vocab:
-        raise UserError(f"cache.k={cfg.cache.k} is larger than the vocabulary ({vocab} tokens); choose k <= {vocab}")
     c = cfg.cache
+    if c.k > vocab:
+        raise UserError(f"cache.k={c.k} is larger than the vocabulary ({vocab} tokens); choose k <= {vocab}")
     if c.estimator == "sampled" and c.exact_top and c.exact_top + c.samples > vocab:
         raise UserError(f"cache.exact_top + cache.samples = {c.exact_top + c.samples} entries per token is more than "
                         f"the vocabulary ({vocab} tokens); make them add up to at most {vocab}")

@@ -16,11 +16,6 @@ from common.errors import UserError
 FORMAT_VERSION = 3  # the newest this reader reads; 2: shards may store the training targets only (rows.py)
 # 3: a sampled cache keeps an exact head (Sampling.exact_top): written only by such caches, so an
 # older reader refuses them instead of misreading the head as draws, and other caches stay at 2.
-
-
-def format_version(sampling: "Sampling | None") -> int:
-    """The format a cache of this signal is written in: the oldest that reads it."""
-    return 3 if sampling is not None and sampling.exact_top else 2
 MANIFEST = "manifest.json"
 
 
@@ -61,6 +56,10 @@ class Sampling:
         return Sampling(int(ident["samples"]), float(ident["sample_temperature"]), int(ident["sample_seed"]),
                         int(ident.get("sample_exact_top", 0)))
 
+
+def format_version(sampling: Sampling | None) -> int:
+    """The format a cache of this signal is written in: the oldest that reads it."""
+    return 3 if sampling is not None and sampling.exact_top else 2
 
 # The cache's errors are the user's to fix (the CLI prints one line, exit 2), wherever
 # they surface: cache, train or eval.
