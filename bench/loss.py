@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from losses import DIVERGENCES, TeacherSignal, combine, hard_ce, per_token_losses  # noqa: E402
 from losses.chunked import auto_chunk_size  # noqa: E402
 from losses.divergences import Divergence  # noqa: E402
+from losses.signal import log_normalize_  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TIMED = ("ce", "kd", "kd_generic")
@@ -66,7 +67,10 @@ def _inputs(args, vocab: int, device):
         if args.signal == "dense":
             dense.append(t)  # (BT, V) fp32 in the end: an input, like online's, outside the step's peak
         del t
-    signal = TeacherSignal(torch.cat(ids), torch.cat(lps), torch.cat(dense) if dense else None)
+    signal = TeacherSignal(torch.cat(ids), torch.cat(lps))
+    if dense:  # log-normalised with its entropy, as the live teacher hands it to students
+        signal.logits = torch.cat(dense)
+        signal.dense_entropy = log_normalize_(signal.logits)
     labels = torch.randint(0, vocab, (args.bt,), generator=g, device=device)
     mask = torch.ones(args.bt, dtype=torch.bool, device=device)
     return hidden.requires_grad_(True), weight.requires_grad_(True), signal, labels, mask

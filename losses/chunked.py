@@ -30,6 +30,9 @@ part's closed form is the divergence's gradient on its outcome logits (losses/di
 * sampled: forward KL only: d/dz = T * (softmax(z / T) * sum(f) - f on the sampled ids).
 * dense:   (online teacher logits) d/dz = T * dD/dl over all V outcomes; for forward KL at
            T = 1 that is p - p_t, so the row scale takes g_soft and -g_soft * p_t is added.
+           A signal that carries log-probabilities and their entropy (`dense_entropy`, as the
+           live teacher hands it over) gives p_t = exp(logits) and H(t) without a teacher
+           log-softmax per student: the forward KL's value is -H(t) - p_t . z + lse(z).
 
 The forward pass likewise makes one exp pass (plus, for the bucket, one sum over the ids'
 complement, done in place: no scatter copy).  So a KD step costs about what a CE-only step
@@ -127,6 +130,13 @@ def _softmax_suffices(signal, plan) -> bool:
     return signal.kind != "sampled" or plan.temperature == 1.0
 
 
+def _normalised_dense_kl(signal, plan) -> bool:
+    """The dense forward KL at T = 1 from log-normalised teacher logits and their entropy
+    (`TeacherSignal.dense_entropy`): no teacher log-softmax in this student's loss."""
+    return (signal is not None and signal.dense_entropy is not None and signal.logits is not None
+            and plan.name == "forward_kl" and plan.temperature == 1.0)
+
+
 def _analytic_forward(z, signal, targets, mask, plan, keep_exp: bool = False):
     """z: (C, V) fp32 working logits (clobbered).  Returns (hard (C,), soft (C,), state), where
     state holds what `_analytic_backward` needs per token (a few numbers each).  keep_exp: also
@@ -139,7 +149,13 @@ def _analytic_forward(z, signal, targets, mask, plan, keep_exp: bool = False):
     soft = torch.zeros_like(z_y)
     keep = None if mask is None else mask.bool()
     dense_cross = None  # dense forward KL: sum p_t (log p_t - z / T), (C,); + lse(z / T) below
-    if signal is not None and signal.logits is not None and plan.name == "forward_kl":
+    if _normalised_dense_kl(signal, plan):
+        # KL(t || s) = -H(t) - p_t . z + logsumexp(z), from the teacher's log-probs and entropy
+        # (`log_normalize_`, once per step for every student): one exp pass and one row dot.
+        p_t = signal.logits.to(z.dtype).exp()  # (C, V)
+        dense_cross = torch.linalg.vecdot(p_t, z).neg_().sub_(signal.dense_entropy.to(z.dtype))  # (C,)
+        del p_t
+    elif signal is not None and signal.logits is not None and plan.name == "forward_kl":
         # KL(t || s) = sum p_t (log p_t - z / T) + logsumexp(z / T): no (C, V) log-softmax of
         # the student, and the sum as one batched matmul of row dots (xlogy + a p_t . z dot
         # cost 2-4x as much at V = 49,152).
@@ -239,12 +255,14 @@ def _analytic_backward(z, signal, targets, mask, state, g_hard, g_soft, plan):
     g_soft = g_soft.to(dtype)
     if mask is not None:
         g_soft = g_soft * mask
-    dense_soft = None  # a (C, V) soft term not proportional to softmax(z)
+    dense_soft, dense_scale = None, None  # a (C, V) soft term not proportional to softmax(z), times (C, 1) if set
     coef = g_hard.clone()  # (C,): p's row scale
     dense_kl_t1 = signal is not None and signal.logits is not None and plan.name == "forward_kl" and T == 1.0
     if dense_kl_t1:  # d KL(t || s) / dz = softmax(z) - p_t: the row scale, and -p_t added below
         coef += g_soft
-        dense_soft = torch.log_softmax(signal.logits.to(dtype), dim=-1).exp_().mul_(-g_soft[:, None])
+        p_t = signal.logits.to(dtype).exp() if _normalised_dense_kl(signal, plan) else \
+            torch.log_softmax(signal.logits.to(dtype), dim=-1).exp_()  # (C, V)
+        dense_soft, dense_scale = p_t, -g_soft[:, None]  # -p_t g_soft, added in one pass below
     elif signal is not None and signal.logits is not None:
         s = torch.log_softmax(z / T, dim=-1)
         t = torch.log_softmax(signal.logits.to(dtype) / T, dim=-1)
@@ -270,7 +288,9 @@ def _analytic_backward(z, signal, targets, mask, state, g_hard, g_soft, plan):
     else:
         p_ids = (z.gather(1, ids) - state["lse"][:, None]).exp() if bucket_ids else None  # (C, k)
         g = z.sub_(state["lse"][:, None]).exp_().mul_(coef[:, None])  # (C, V) softmax(z) * coef, in place
-    if dense_soft is not None:
+    if dense_scale is not None:
+        g.addcmul_(dense_soft, dense_scale)
+    elif dense_soft is not None:
         g.add_(dense_soft)
     if signal is not None and signal.logits is None:
         if signal.kind == "sampled":

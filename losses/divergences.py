@@ -78,7 +78,7 @@ def dense_over(teacher: TeacherSignal, vocab: int, temperature: float = 1.0) -> 
         return teacher
     floor = teacher.logits.amax(dim=-1, keepdim=True) + max(temperature, 1.0) * TAIL_FLOOR_LOGPROB  # (N, 1)
     wide = torch.cat([teacher.logits, floor.expand(*teacher.logits.shape[:-1], missing)], dim=-1)
-    return dataclasses.replace(teacher, logits=wide)
+    return dataclasses.replace(teacher, logits=wide, dense_entropy=None)  # no longer normalised
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:

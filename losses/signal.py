@@ -34,6 +34,10 @@ class TeacherSignal:
                      KL estimate's value is unbiased too, not only its gradient.
     logits:        (..., V) optional dense teacher logits (online mode may pass them;
                    exact losses then use them instead of the sparse estimate).
+    dense_entropy: (...,) optional, only beside `logits` that are log-probabilities (each
+                   row's logsumexp 0, as `log_normalize_` leaves them): the teacher's entropy
+                   at T = 1.  The dense forward KL at T = 1 then reads p_t = exp(logits) and
+                   this instead of taking the teacher's log-softmax again for every student.
     difficulty:    (..., 3) optional fp32 [nll, entropy, top1] of the true next token
                    (losses/difficulty.py); losses ignore it, the loop logs and selects by it.
 
@@ -47,6 +51,7 @@ class TeacherSignal:
     entropy: torch.Tensor | None = None
     temperature: float = 1.0  # sampled: the temperature the draws were made at
     difficulty: torch.Tensor | None = None
+    dense_entropy: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.kind not in SIGNAL_KINDS:
@@ -76,10 +81,11 @@ class TeacherSignal:
 
     def apply(self, fn) -> "TeacherSignal":
         """The same signal with `fn` applied to every tensor (token dims leading)."""
-        return TeacherSignal(fn(self.topk_ids), fn(self.topk_logprobs),
-                             None if self.logits is None else fn(self.logits), self.kind,
-                             None if self.entropy is None else fn(self.entropy), self.temperature,
-                             None if self.difficulty is None else fn(self.difficulty))
+        def maybe(x):
+            return None if x is None else fn(x)
+
+        return TeacherSignal(fn(self.topk_ids), fn(self.topk_logprobs), maybe(self.logits), self.kind,
+                             maybe(self.entropy), self.temperature, maybe(self.difficulty), maybe(self.dense_entropy))
 
     def flatten(self) -> "TeacherSignal":
         """(B, T, ...) -> (B*T, ...)."""
@@ -95,10 +101,38 @@ class TeacherSignal:
 
     @staticmethod
     def from_logits(logits: torch.Tensor, k: int, keep_dense: bool = False) -> "TeacherSignal":
-        """Top-k of a teacher's logits (..., V), computed in fp32 (see `topk_logprobs`)."""
+        """Top-k of a teacher's logits (..., V), computed in fp32 (see `topk_logprobs`).
+        keep_dense: also a log-normalised copy of the logits (fp32, fp64 stays fp64) and
+        their entropy, as the live teacher hands them to students."""
         k = min(k, logits.shape[-1])
         values, ids = topk_logprobs(logits, k)
-        return TeacherSignal(ids, values, logits if keep_dense else None)
+        if not keep_dense:
+            return TeacherSignal(ids, values)
+        dense = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32,
+                          memory_format=torch.contiguous_format, copy=True)  # (..., V), normalised in place
+        entropy = log_normalize_(dense.reshape(-1, dense.shape[-1]))
+        return TeacherSignal(ids, values, dense, dense_entropy=entropy.reshape(logits.shape[:-1]))
+
+
+def log_normalize_(logits: torch.Tensor) -> torch.Tensor:
+    """(N, V) fp32 or fp64 dense teacher logits -> their log-probabilities at T = 1, in place
+    (each row's logsumexp becomes 0), and returns (N,) the rows' entropies (nats), in the
+    logits' dtype.  Done once per step, it spares every student's dense forward KL the
+    teacher's log-softmax (see `dense_entropy`).  A -inf entry stays -inf and weighs 0 in
+    the entropy; a row holding NaN or +inf, or only -inf, comes out NaN.  Per chunk of rows
+    with one scratch buffer of ~8 MB on CPU (128 MB on an accelerator)."""
+    vocab = logits.shape[-1]
+    entropy = logits.new_empty(logits.shape[0])
+    rows = max(1, min(logits.shape[0], (1 << (21 if logits.device.type == "cpu" else 25)) // max(1, vocab)))
+    scratch = logits.new_empty(rows, vocab)
+    for i in range(0, logits.shape[0], rows):
+        x = logits[i:i + rows]  # (r, V), a view: shifted and normalised in place
+        x.sub_(x.amax(dim=-1, keepdim=True))
+        e = torch.exp(x, out=scratch[: x.shape[0]])
+        stats = from_shifted(x, e, x[:, :1])  # (r, 3): [-, entropy, 1 / Z]
+        entropy[i:i + rows] = stats[:, 1]
+        x.add_(stats[:, 2:].log())  # x - max - log Z
+    return entropy
 
 
 def topk_logprobs(logits: torch.Tensor, k: int, targets: torch.Tensor | None = None):

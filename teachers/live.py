@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from common.errors import UserError
 from losses.difficulty import STATS
-from losses.signal import TeacherSignal, placeholder_invalid, sample_signal, topk_logprobs
+from losses.signal import TeacherSignal, log_normalize_, placeholder_invalid, sample_signal, topk_logprobs
 from teachers.cache.format import Sampling
 from teachers.protocol import IGNORE, Batch
 
@@ -247,11 +247,17 @@ class LiveTeacher:
         dense = torch.zeros(batch.input_ids.numel(), self.vocab_size, device=self.device) if self.keep_dense else None
         values, ids, difficulty = self.topk(batch.input_ids, targets, batch.position_ids, where, dense_out=dense)
         values, ids, valid = placeholder_invalid(values, ids, self.vocab_size)  # valid: (B, T)
+        entropy = None
         if dense is not None:
+            # Log-probabilities and their entropy, once for every student (`log_normalize_`);
+            # rows never computed (zeros) come out uniform.
+            entropy = log_normalize_(dense).reshape(batch.input_ids.shape)  # (B, T)
             dense = dense.reshape(*batch.input_ids.shape, -1)  # (B, T, V)
-            if not bool(valid.all()):  # NaN/+inf logits: placeholders, as the top-k's
-                dense.masked_fill_(~valid[..., None].to(dense.device), 0.0)
-        return TeacherSignal(ids, values, dense, difficulty=difficulty.cpu()), valid.cpu()
+            if not bool(valid.all()):  # NaN/+inf logits: uniform placeholders, as the top-k's
+                invalid = ~valid.to(dense.device)
+                dense.masked_fill_(invalid[..., None], -math.log(self.vocab_size))
+                entropy.masked_fill_(invalid, math.log(self.vocab_size))
+        return TeacherSignal(ids, values, dense, difficulty=difficulty.cpu(), dense_entropy=entropy), valid.cpu()
 
 
 def _rows_of(where: torch.Tensor | None) -> torch.Tensor | None:

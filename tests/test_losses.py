@@ -97,9 +97,14 @@ def test_dense_teacher_over_fewer_ids_than_the_student(name, temperature):
     chunked loss (forward and the student's gradient) agrees with it."""
     from losses.divergences import TAIL_FLOOR_LOGPROB
 
+    from losses.divergences import dense_over
+
     s, t = _pair(4)
     t = t[:, : V - 4]  # (N, V - 4)
     sig = TeacherSignal.from_logits(t, K, keep_dense=True)
+    # widened, the logits are no longer log-probabilities: the loss must not read them as such
+    assert sig.dense_entropy is not None and dense_over(sig, V, temperature).dense_entropy is None
+    assert dense_over(sig, V - 4, temperature) is sig
     kw = dict(temperature=temperature, **PARAMS.get(name, {}))
     got = DIVERGENCES[name](s, sig, **kw)
     floor = t.amax(-1, keepdim=True) + max(temperature, 1.0) * TAIL_FLOOR_LOGPROB
@@ -123,11 +128,14 @@ def test_dense_teacher_over_fewer_ids_than_the_student(name, temperature):
     torch.testing.assert_close(z.grad, z_ref.grad, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("form", ["log_normalised", "raw_logits"])
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
-def test_dense_forward_kl_with_teacher_logits_at_minus_inf(temperature):
+def test_dense_forward_kl_with_teacher_logits_at_minus_inf(temperature, form):
     """A teacher that rules ids out (-inf logits: p_t = 0 there) adds nothing there to the
     chunked forward KL, as KL's 0 log 0 = 0, not NaN: values and both gradients (hidden
-    states and lm_head) against F.kl_div over the unchunked logits, in fp64."""
+    states and lm_head) against F.kl_div over the unchunked logits, in fp64.  Both forms of
+    a dense signal: log-probabilities with their entropy, as the live teacher hands them
+    over (at T = 1 the loss then reads them), and raw logits (a padded student vocab)."""
     g = torch.Generator().manual_seed(7)
     hidden = torch.randn(N, 8, generator=g, dtype=DT).requires_grad_(True)
     weight = torch.randn(V, 8, generator=g, dtype=DT).requires_grad_(True)
@@ -135,6 +143,10 @@ def test_dense_forward_kl_with_teacher_logits_at_minus_inf(temperature):
     t[:, :5] = -math.inf  # ids no row may take
     t[2, 5:20] = -math.inf
     sig = TeacherSignal.from_logits(t, K, keep_dense=True)
+    if form == "raw_logits":
+        sig = TeacherSignal(sig.topk_ids, sig.topk_logprobs, t + 4.0)  # shifted: not log-probabilities
+    else:
+        assert sig.dense_entropy is not None
     labels = torch.randint(5, V, (N,), generator=g)
     weights = torch.linspace(0.5, 1.5, N, dtype=DT)
     _, soft = per_token_losses(hidden, weight, sig, labels, None, temperature=temperature, chunk_size=5)
@@ -147,6 +159,48 @@ def test_dense_forward_kl_with_teacher_logits_at_minus_inf(temperature):
     for a, b in zip(got, want):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_dense_forward_kl_at_t1_reads_the_teachers_entropy_from_the_signal():
+    """At T = 1 the dense forward KL takes H(t) from `dense_entropy` rather than recomputing it
+    (KL = -H(t) - p_t . z + lse(z)): an entropy off by d moves each value by -d and no gradient,
+    so the per-step normalisation (once for every student) is what the loss reads.  At T = 2
+    the entropy at T = 1 is of no use, and the value does not move."""
+    s, t = _pair(3)
+    sig = TeacherSignal.from_logits(t, K, keep_dense=True)
+    shifted = TeacherSignal(sig.topk_ids, sig.topk_logprobs, sig.logits, dense_entropy=sig.dense_entropy + 0.25)
+    labels = torch.zeros(N, dtype=torch.long)
+    for temperature, moved in ((1.0, -0.25), (2.0, 0.0)):
+        out = []
+        for signal in (sig, shifted):
+            z = s.clone().requires_grad_(True)
+            _, soft = per_token_losses_from_logits(z, signal, labels, None, temperature=temperature, chunk_size=5)
+            soft.sum().backward()
+            out.append((soft.detach(), z.grad))
+        torch.testing.assert_close(out[1][0], out[0][0] + moved, rtol=0, atol=1e-12)
+        torch.testing.assert_close(out[1][1], out[0][1], rtol=0, atol=0)
+
+
+def test_log_normalize_gives_log_probabilities_and_their_entropy():
+    """`log_normalize_` leaves log_softmax of each row in place (chunk by chunk: 4 chunks at this
+    vocab) and returns its entropy; -inf stays -inf and weighs 0; a NaN row stays NaN."""
+    from losses.signal import log_normalize_
+
+    g = torch.Generator().manual_seed(0)
+    for dtype, vocab in ((torch.float64, 40), (torch.float32, 300_000)):
+        x = torch.randn(20, vocab, generator=g, dtype=dtype) * 4
+        x[3, :7] = -math.inf
+        x[5, 1] = math.nan
+        want = F.log_softmax(x.double(), -1)  # fp64 references (fp32's log_softmax is 10x further off)
+        want_entropy = torch.special.entr(want.exp()).sum(-1)
+        y = x.clone()
+        entropy = log_normalize_(y)
+        ok = torch.arange(20) != 5
+        tol = dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=0, atol=1e-5)
+        torch.testing.assert_close(y[ok].double(), want[ok], **tol)
+        torch.testing.assert_close(entropy[ok].double(), want_entropy[ok], **tol)
+        assert torch.isneginf(y[3, :7]).all() and torch.isnan(y[5]).all() and torch.isnan(entropy[5])
+        assert entropy.dtype == dtype
 
 
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))

@@ -1,4 +1,6 @@
 """Teacher sources: vocab padding handled, different tokenizers refused, one forward per signal."""
+import math
+
 import pytest
 import torch
 
@@ -55,6 +57,39 @@ def test_nonfinite_teacher_logits_are_masked(path):
     if path != "chunked":
         assert int(sig.topk_ids[1, 2].min()) >= 10  # masked ids never enter the top-k
     assert teacher.forward_calls == 1
+
+
+@pytest.mark.parametrize("path", ["chunked", "full"])
+def test_dense_signal_is_log_probabilities_with_their_entropy(path):
+    """keep_dense: students get the teacher's log-probabilities (each row's logsumexp 0) and
+    their entropy, computed once per step for all of them: log_softmax of its logits, a
+    masked id's -inf kept; a NaN token (invalid) gets the uniform placeholder."""
+    teacher = LiveTeacher(tiny_teacher(64), k=8, vocab_size=64, device=torch.device("cpu"), keep_dense=True)
+    teacher.chunked_head = path == "chunked"
+
+    def poison(module, args, out):  # (0, 3): a NaN hidden state -> NaN logits
+        out = out.clone()
+        out[0, 3, 5] = float("nan")
+        return out
+
+    def mask_vocab(module, args, out):  # (1, 2): some -inf logits (the full path's lm_head only)
+        out = out.clone()
+        out[1, 2, :10] = float("-inf")
+        return out
+
+    teacher.model.model.norm.register_forward_hook(poison)
+    if path == "full":  # the chunked path calls F.linear, not the lm_head module
+        teacher.model.lm_head.register_forward_hook(mask_vocab)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    sig, valid = teacher.signal(Batch([0, 1], ids, ids))
+    want = torch.log_softmax(teacher.logits(ids), -1)  # (2, 6, 64), the same hooks
+    assert int((~valid).sum()) == 1 and not valid[0, 3]
+    torch.testing.assert_close(sig.logits[valid], want[valid], rtol=0, atol=2e-6)
+    torch.testing.assert_close(sig.dense_entropy[valid], torch.special.entr(want.exp()).sum(-1)[valid],
+                               rtol=0, atol=2e-6)
+    assert torch.isneginf(sig.logits[1, 2, :10]).all() == (path == "full")
+    assert torch.equal(sig.logits[0, 3], torch.full((64,), -math.log(64)))
+    assert float(sig.dense_entropy[0, 3]) == pytest.approx(math.log(64))
 
 
 @pytest.mark.parametrize("kind", ["dense", "behemoth"])
@@ -119,7 +154,7 @@ def test_chunked_sampling_equals_sampling_the_full_logits(exact_top):
 def test_online_signal_is_computed_at_labelled_positions_only(estimator, chunked):
     """Chat data: positions without a label (the prompt) skip the lm_head and the top-k,
     draws or dense logits.  The labelled ones get the signal a full computation gives; the
-    others a placeholder, valid, with NaN difficulty (dense: logits 0)."""
+    others a placeholder, valid, with NaN difficulty (dense: the uniform distribution)."""
     import teachers.live as live
     from teachers import IGNORE
     from teachers.cache.format import Sampling
@@ -155,10 +190,10 @@ def test_online_signal_is_computed_at_labelled_positions_only(estimator, chunked
         assert (part.topk_logprobs[~where][:, 0] == 0).all()
     else:
         assert torch.equal(part.topk_ids[~where], torch.arange(8).expand(int((~where).sum()), 8))
-    if estimator == "dense":  # the model's own logits where a loss reads them, zeros elsewhere
-        plain = teacher.logits(ids)  # (3, 7, 64): one forward, every position
+    if estimator == "dense":  # the model's log-probs where a loss reads them, uniform elsewhere
+        plain = torch.log_softmax(teacher.logits(ids), -1)  # (3, 7, 64): one forward, every position
         torch.testing.assert_close(part.logits[where], plain[where], rtol=0, atol=1e-5)
         torch.testing.assert_close(full.logits, plain, rtol=0, atol=1e-5)
-        assert (part.logits[~where] == 0).all()
+        torch.testing.assert_close(part.logits[~where], torch.full_like(part.logits[~where], -math.log(64)))
     else:
         assert part.logits is None
