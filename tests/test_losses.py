@@ -181,6 +181,30 @@ def test_dense_forward_kl_at_t1_reads_the_teachers_entropy_from_the_signal():
         torch.testing.assert_close(out[1][1], out[0][1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("form", ["log_normalised", "raw_logits"])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_dense_forward_kl_value_is_not_rounded_to_bf16_under_autocast(temperature, form):
+    """A bf16 run's loss forward runs under autocast, which would round the forward KL's row
+    dot (p_t . z over the vocabulary) to bf16: at V = 32,000 and logits near 15 that is off by
+    about the KL itself.  The lm_head's logits are bf16 by design; what follows them is not."""
+    g = torch.Generator().manual_seed(5)
+    vocab = 32_000
+    hidden = torch.randn(6, 16, generator=g)
+    weight = torch.randn(vocab, 16, generator=g) / 4 + torch.randn(vocab, 1, generator=g)  # logits ~ 15 +- 4
+    bias = torch.full((vocab,), 15.0)
+    logits = F.linear(hidden.bfloat16(), weight.bfloat16(), bias.bfloat16()).double()  # what autocast computes
+    t = logits + torch.randn(6, vocab, generator=g, dtype=DT) * 0.3  # a teacher near the student
+    sig = TeacherSignal.from_logits(t.float(), K, keep_dense=True)
+    if form == "raw_logits":
+        sig = TeacherSignal(sig.topk_ids, sig.topk_logprobs, t.float())
+    labels = torch.zeros(6, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, soft = per_token_losses(hidden, weight, sig, labels, None, bias=bias, temperature=temperature)
+    want = _kl_ref(F.log_softmax(t / temperature, -1), F.log_softmax(logits / temperature, -1)) * temperature**2
+    assert float(want.mean()) > 0.01
+    torch.testing.assert_close(soft.double(), want, rtol=1e-3, atol=5e-4)  # fp32 sums over V; bf16 is ~0.04 off
+
+
 def test_log_normalize_gives_log_probabilities_and_their_entropy():
     """`log_normalize_` leaves log_softmax of each row in place (chunk by chunk: 4 chunks at this
     vocab) and returns its entropy; -inf stays -inf and weighs 0; a NaN row stays NaN."""
