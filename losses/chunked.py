@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from losses.difficulty import row_dot
 from losses.divergences import NEG_INF, bucket_tails, check_estimator, dense_over, get_divergence
 from losses.hard import hard_labels
 from losses.signal import TeacherSignal
@@ -130,14 +131,6 @@ def _softmax_suffices(signal, plan) -> bool:
     return signal.kind != "sampled" or plan.temperature == 1.0
 
 
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(C, V), (C, V) -> (C,) row sums of a * b, in the inputs' dtype.  Autocast is off: the
-    loss's forward runs inside a bf16 run's autocast, which lists vecdot (and bmm) and would
-    round both (C, V) operands to bf16 (a KL of 0.04 then came out 0.04 off at V = 32,000)."""
-    with torch.autocast(a.device.type, enabled=False):
-        return torch.linalg.vecdot(a, b)
-
-
 def _normalised_dense_kl(signal, plan) -> bool:
     """The dense forward KL at T = 1 from log-normalised teacher logits and their entropy
     (`TeacherSignal.dense_entropy`): no teacher log-softmax in this student's loss."""
@@ -161,7 +154,7 @@ def _analytic_forward(z, signal, targets, mask, plan, keep_exp: bool = False):
         # KL(t || s) = -H(t) - p_t . z + logsumexp(z), from the teacher's log-probs and entropy
         # (`log_normalize_`, once per step for every student): one exp pass and one row dot.
         p_t = signal.logits.to(z.dtype).exp()  # (C, V)
-        dense_cross = _row_dot(p_t, z).neg_().sub_(signal.dense_entropy.to(z.dtype))  # (C,)
+        dense_cross = row_dot(p_t, z).neg_().sub_(signal.dense_entropy.to(z.dtype))  # (C,)
         del p_t
     elif signal is not None and signal.logits is not None and plan.name == "forward_kl":
         # KL(t || s) = sum p_t (log p_t - z / T) + logsumexp(z / T): no (C, V) log-softmax of
@@ -172,7 +165,7 @@ def _analytic_forward(z, signal, targets, mask, plan, keep_exp: bool = False):
         # log p_t - z / T in place; a -inf teacher logit (p_t = 0) is held at the dtype's lowest
         # first, so that p_t times it is 0, as xlogy gives, not 0 * -inf = NaN.
         t.clamp_(min=torch.finfo(t.dtype).min).sub_(z, alpha=1.0 / T)
-        dense_cross = _row_dot(p_t, t)  # (C,)
+        dense_cross = row_dot(p_t, t)  # (C,)
         if T != 1.0:  # at T = 1 the exp pass below gives lse(z)
             dense_cross += torch.logsumexp(z / T, dim=-1)
         del t, p_t

@@ -205,6 +205,23 @@ def test_dense_forward_kl_value_is_not_rounded_to_bf16_under_autocast(temperatur
     torch.testing.assert_close(soft.double(), want, rtol=1e-3, atol=5e-4)  # fp32 sums over V; bf16 is ~0.04 off
 
 
+def test_teacher_entropy_is_not_rounded_to_bf16_under_autocast():
+    """A bf16 teacher's lm_head chunks are reduced inside its autocast: the top-k's difficulty
+    (the curriculum's entropy) and a sampled signal's entropy (its KL's value) must not take
+    bf16 operands (0.01 nats off at V = 32,000)."""
+    from losses.signal import sample_signal, topk_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 32_000, generator=g) * 3 + 10
+    targets = torch.randint(0, 32_000, (8,), generator=g)
+    keys = torch.arange(8)
+    plain = topk_logprobs(x, 8, targets)[2], sample_signal(x, 16, 1.0, 0, keys).entropy
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = topk_logprobs(x, 8, targets)[2], sample_signal(x, 16, 1.0, 0, keys).entropy
+    for a, b in zip(plain, under):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
 def test_log_normalize_gives_log_probabilities_and_their_entropy():
     """`log_normalize_` leaves log_softmax of each row in place (chunk by chunk: 4 chunks at this
     vocab) and returns its entropy; -inf stays -inf and weighs 0; a NaN row stays NaN."""
