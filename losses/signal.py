@@ -117,9 +117,9 @@ class TeacherSignal:
 def log_normalize_(logits: torch.Tensor) -> torch.Tensor:
     """(N, V) fp32 or fp64 dense teacher logits -> their log-probabilities at T = 1, in place
     (each row's logsumexp becomes 0), and returns (N,) the rows' entropies (nats), in the
-    logits' dtype.  Done once per step, it spares every student's dense forward KL the
-    teacher's log-softmax (see `dense_entropy`).  A -inf entry stays -inf and weighs 0 in
-    the entropy; a row holding NaN or +inf, or only -inf, comes out NaN.  Per chunk of rows
+    logits' dtype: the form `dense_entropy` asks for (`from_logits` and callers holding
+    whole logits; the live teacher reads the same off its top-k pass).  A -inf entry stays
+    -inf and weighs 0 in the entropy; a row holding NaN or +inf, or only -inf, comes out NaN.  Per chunk of rows
     with one scratch buffer of ~8 MB on CPU (128 MB on an accelerator)."""
     vocab = logits.shape[-1]
     entropy = logits.new_empty(logits.shape[0])

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from common.errors import UserError
 from losses.difficulty import STATS
-from losses.signal import TeacherSignal, log_normalize_, placeholder_invalid, sample_signal, topk_logprobs
+from losses.signal import TeacherSignal, placeholder_invalid, sample_signal, topk_logprobs
 from teachers.cache.format import Sampling
 from teachers.protocol import IGNORE, Batch
 
@@ -156,22 +156,27 @@ class LiveTeacher:
         position_ids (B, T): packed rows' positions (see `Batch`), or None.  where (B, T)
         bool: compute the signal at these positions only; the others get the placeholder
         ids 0..k-1 at log-prob -log V and NaN difficulty (for positions no loss reads).
-        dense_out (B*T, V) fp32: also receives the logits of every position computed (the
-        others keep what it held), chunk by chunk, so no second (B, T, V) copy is made."""
+        dense_out (B*T, V) fp32: also receives the log-probabilities of every position computed
+        (the others keep what it held), chunk by chunk, so no second (B, T, V) copy is made;
+        their logsumexp is read off the top-k pass (top-1 logit less its log-prob), not taken
+        again."""
         rows = _rows_of(where)
         flat_targets = None if targets is None else targets.reshape(-1)
         flat_targets = flat_targets if rows is None or flat_targets is None else flat_targets[rows]
         dense_rows = None if rows is None or dense_out is None else rows.to(dense_out.device)
 
         def reduce(logits, start, end):
-            if dense_out is not None:  # (c, V) in the autocast dtype -> fp32, into its rows
-                if dense_rows is None:
-                    dense_out[start:end] = logits
-                else:
-                    dense_out[dense_rows[start:end]] = logits.to(dense_out.dtype)
             if flat_targets is None:
-                return (*topk_logprobs(logits, self.k), None)
-            return topk_logprobs(logits, self.k, flat_targets[start:end])  # one pass: top-k and difficulty
+                top = (*topk_logprobs(logits, self.k), None)
+            else:
+                top = topk_logprobs(logits, self.k, flat_targets[start:end])  # one pass: top-k and difficulty
+            if dense_out is not None:  # (c, V) in the autocast dtype -> fp32 log-probs, into its rows
+                lse = logits.gather(1, top[1][:, :1]).float() - top[0][:, :1]  # (c, 1); NaN rows stay NaN
+                if dense_rows is None:
+                    torch.sub(logits, lse, out=dense_out[start:end])
+                else:
+                    dense_out[dense_rows[start:end]] = logits.float() - lse
+            return top
 
         parts = self._reduced(input_ids, reduce, position_ids, rows) or [  # no position to compute at
             (torch.zeros(0, self.k), torch.zeros(0, self.k, dtype=torch.int64), torch.zeros(0, len(STATS)))]
@@ -243,20 +248,23 @@ class LiveTeacher:
                 sig.topk_logprobs[~valid, 0] = 0.0  # one id at frequency 1: finite, masked anyway
                 sig.entropy[~valid] = 0.0
             return sig.to("cpu"), valid.cpu()
-        # keep_dense: the targets' whole logits too (zeros elsewhere), filled by the same pass
-        dense = torch.zeros(batch.input_ids.numel(), self.vocab_size, device=self.device) if self.keep_dense else None
+        # keep_dense: the targets' whole distribution too, as log-probs (uniform elsewhere), filled by the same pass
+        uniform = -math.log(self.vocab_size)
+        dense = torch.full((batch.input_ids.numel(), self.vocab_size), uniform, device=self.device) \
+            if self.keep_dense else None
         values, ids, difficulty = self.topk(batch.input_ids, targets, batch.position_ids, where, dense_out=dense)
         values, ids, valid = placeholder_invalid(values, ids, self.vocab_size)  # valid: (B, T)
         entropy = None
         if dense is not None:
-            # Log-probabilities and their entropy, once for every student (`log_normalize_`);
-            # rows never computed (zeros) come out uniform.
-            entropy = log_normalize_(dense).reshape(batch.input_ids.shape)  # (B, T)
+            # The entropy at T = 1 came out of the same pass (the difficulty's); rows never
+            # computed (NaN there) are uniform: log V.  Once for every student (`dense_entropy`).
+            entropy = difficulty[..., STATS.index("entropy")].to(self.device)  # (B, T)
+            entropy = torch.where(torch.isnan(entropy), -uniform, entropy)
             dense = dense.reshape(*batch.input_ids.shape, -1)  # (B, T, V)
             if not bool(valid.all()):  # NaN/+inf logits: uniform placeholders, as the top-k's
                 invalid = ~valid.to(dense.device)
-                dense.masked_fill_(invalid[..., None], -math.log(self.vocab_size))
-                entropy.masked_fill_(invalid, math.log(self.vocab_size))
+                dense.masked_fill_(invalid[..., None], uniform)
+                entropy.masked_fill_(invalid, -uniform)
         return TeacherSignal(ids, values, dense, difficulty=difficulty.cpu(), dense_entropy=entropy), valid.cpu()
 
 

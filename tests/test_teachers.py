@@ -195,5 +195,7 @@ def test_online_signal_is_computed_at_labelled_positions_only(estimator, chunked
         torch.testing.assert_close(part.logits[where], plain[where], rtol=0, atol=1e-5)
         torch.testing.assert_close(full.logits, plain, rtol=0, atol=1e-5)
         torch.testing.assert_close(part.logits[~where], torch.full_like(part.logits[~where], -math.log(64)))
+        torch.testing.assert_close(part.dense_entropy[where], full.dense_entropy[where], rtol=0, atol=1e-5)
+        torch.testing.assert_close(part.dense_entropy[~where], torch.full_like(part.dense_entropy[~where], math.log(64)))
     else:
         assert part.logits is None
