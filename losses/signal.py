@@ -119,8 +119,9 @@ def log_normalize_(logits: torch.Tensor) -> torch.Tensor:
     (each row's logsumexp becomes 0), and returns (N,) the rows' entropies (nats), in the
     logits' dtype: the form `dense_entropy` asks for (`from_logits` and callers holding
     whole logits; the live teacher reads the same off its top-k pass).  A -inf entry stays
-    -inf and weighs 0 in the entropy; a row holding NaN or +inf, or only -inf, comes out NaN.  Per chunk of rows
-    with one scratch buffer of ~8 MB on CPU (128 MB on an accelerator)."""
+    -inf and weighs 0 in the entropy; a row holding NaN or +inf, or only -inf, comes out
+    NaN.  Per chunk of rows with one scratch buffer of ~8 MB on CPU (128 MB on an
+    accelerator)."""
     vocab = logits.shape[-1]
     entropy = logits.new_empty(logits.shape[0])
     rows = max(1, min(logits.shape[0], (1 << (21 if logits.device.type == "cpu" else 25)) // max(1, vocab)))
