@@ -152,7 +152,7 @@ def _analytic_forward(z, signal, targets, mask, plan, keep_exp: bool = False):
     dense_cross = None  # dense forward KL: sum p_t (log p_t - z / T), (C,); + lse(z / T) below
     if _normalised_dense_kl(signal, plan):
         # KL(t || s) = -H(t) - p_t . z + logsumexp(z), from the teacher's log-probs and entropy
-        # (`log_normalize_`, once per step for every student): one exp pass and one row dot.
+        # (given once per step for every student): one exp pass and one row dot.
         p_t = signal.logits.to(z.dtype).exp()  # (C, V)
         dense_cross = row_dot(p_t, z).neg_().sub_(signal.dense_entropy.to(z.dtype))  # (C,)
         del p_t
