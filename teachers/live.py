@@ -171,11 +171,14 @@ class LiveTeacher:
             else:
                 top = topk_logprobs(logits, self.k, flat_targets[start:end])  # one pass: top-k and difficulty
             if dense_out is not None:  # (c, V) in the autocast dtype -> fp32 log-probs, into its rows
-                lse = logits.gather(1, top[1][:, :1]).float() - top[0][:, :1]  # (c, 1); NaN rows stay NaN
+                # log p = (x - m) + log p_top1, with m the row max (the top-1 logit, so log p_top1 =
+                # -log sum exp(x - m)): as `topk_logprobs` rounds, at the scale of x - m, not of x
+                # (x - lse in one step would round at the size of the logits).  NaN rows stay NaN.
+                row_max = logits.gather(1, top[1][:, :1]).float()  # (c, 1)
                 if dense_rows is None:
-                    torch.sub(logits, lse, out=dense_out[start:end])
-                else:
-                    dense_out[dense_rows[start:end]] = logits.float() - lse
+                    torch.sub(logits, row_max, out=dense_out[start:end]).add_(top[0][:, :1])
+                else:  # one fp32 (c, V) temporary, as the copy it replaces
+                    dense_out[dense_rows[start:end]] = (logits - row_max).add_(top[0][:, :1])
             return top
 
         parts = self._reduced(input_ids, reduce, position_ids, rows) or [  # no position to compute at

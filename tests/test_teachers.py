@@ -7,7 +7,7 @@ import torch
 from common.errors import UserError
 from students.build import build_model
 from students.presets import dense
-from teachers import Batch, LiveTeacher
+from teachers import IGNORE, Batch, LiveTeacher
 
 
 def tiny_teacher(vocab: int):
@@ -92,6 +92,34 @@ def test_dense_signal_is_log_probabilities_with_their_entropy(path):
     assert float(sig.dense_entropy[0, 3]) == pytest.approx(math.log(64))
 
 
+@pytest.mark.parametrize("path", ["chunked", "full"])
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_dense_log_probabilities_stay_normalised_at_large_logits(path, autocast):
+    """Logits of a few hundred (a sharp teacher): every computed row's log-probs still sum to
+    probability 1 to fp32 rounding at the scale of x - max, not of x (x - logsumexp in one
+    step was off by 7.5e-6 here), at the labelled positions of a chat-like batch."""
+    model = tiny_teacher(64)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(300.0 / model(ids).logits.abs().max())
+    teacher = LiveTeacher(model, k=8, vocab_size=64, device=torch.device("cpu"), keep_dense=True,
+                          autocast_dtype=autocast)
+    teacher.chunked_head, teacher.chunk_tokens = path == "chunked", 5
+    want = torch.log_softmax(teacher.logits(ids).double(), -1)
+    entropy = -(want.exp() * want).sum(-1)
+    tol = 1e-5 if autocast is None else 0.5  # bf16 logits of ~300 round by up to 1
+    prompt = ids.clone()
+    prompt[0, :3] = IGNORE  # chat-like: only labelled rows reach the lm_head
+    for labels in (ids, prompt):
+        sig, valid = teacher.signal(Batch([0, 1], ids, labels))
+        where = labels != IGNORE
+        assert valid.all()
+        lse = torch.logsumexp(sig.logits[where].double(), -1)  # (12,) then (9,)
+        assert float(lse.abs().max()) < 1e-6
+        torch.testing.assert_close(sig.logits[where].double(), want[where], rtol=0, atol=tol * 10)
+        torch.testing.assert_close(sig.dense_entropy[where].double(), entropy[where], rtol=0, atol=tol)
+
+
 @pytest.mark.parametrize("kind", ["dense", "behemoth"])
 def test_chunked_lm_head_topk_equals_topk_of_full_logits(kind):
     """LiveTeacher.topk runs the lm_head 5 tokens at a time on a teacher padded to 320 ids."""
@@ -156,7 +184,6 @@ def test_online_signal_is_computed_at_labelled_positions_only(estimator, chunked
     draws or dense logits.  The labelled ones get the signal a full computation gives; the
     others a placeholder, valid, with NaN difficulty (dense: the uniform distribution)."""
     import teachers.live as live
-    from teachers import IGNORE
     from teachers.cache.format import Sampling
 
     model = tiny_teacher(64)
