@@ -97,7 +97,8 @@ def test_dense_signal_is_log_probabilities_with_their_entropy(path):
 def test_dense_log_probabilities_stay_normalised_at_large_logits(path, autocast):
     """Logits of a few hundred (a sharp teacher): every computed row's log-probs still sum to
     probability 1 to fp32 rounding at the scale of x - max, not of x (x - logsumexp in one
-    step was off by 7.5e-6 here), at the labelled positions of a chat-like batch."""
+    step was off by 7.5e-6 here), at the labelled positions of a chat-like batch; masked
+    (-inf) ids stay -inf and weigh 0 in the entropy."""
     model = tiny_teacher(64)
     ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -105,8 +106,11 @@ def test_dense_log_probabilities_stay_normalised_at_large_logits(path, autocast)
     teacher = LiveTeacher(model, k=8, vocab_size=64, device=torch.device("cpu"), keep_dense=True,
                           autocast_dtype=autocast)
     teacher.chunked_head, teacher.chunk_tokens = path == "chunked", 5
+    if path == "full":  # a masked vocab too (-inf logits; the chunked path calls F.linear, no hook)
+        model.lm_head.register_forward_hook(lambda module, args, out: out.index_fill(-1, torch.arange(10), float("-inf")))
     want = torch.log_softmax(teacher.logits(ids).double(), -1)
-    entropy = -(want.exp() * want).sum(-1)
+    assert torch.isneginf(want[..., :10]).all() == (path == "full")
+    entropy = torch.special.entr(want.exp()).sum(-1)
     tol = 1e-5 if autocast is None else 0.5  # bf16 logits of ~300 round by up to 1
     prompt = ids.clone()
     prompt[0, :3] = IGNORE  # chat-like: only labelled rows reach the lm_head
