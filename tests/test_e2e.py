@@ -33,6 +33,7 @@ def test_layout(demo_dir):
 def test_report_schema(demo_dir):
     report = json.loads((demo_dir / "report.json").read_text())
     assert {"val_ppl", "params_total"} <= set(report["teacher"])
+    assert " draws a token from the teacher at T = 1 (cache.estimator: sampled)" in report["teacher_signal"]  # the demo's cache
     kinds = {n: r["kind"] for n, r in report["students"].items()}
     assert kinds == {"scout": "scout", "maverick": "maverick", "dense": "dense", "dense-baseline": "baseline"}
     for name, r in report["students"].items():

@@ -4,6 +4,7 @@ the data's answers, three samples beside the teacher's in report.md."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import yaml
@@ -54,8 +55,17 @@ def test_plain_text_data_report_has_no_generation(hf_family, tmp_path):
     rows = [{"text": f"{r['prompt']}{r['completion']}"} for r in chat_rows() if "prompt" in r]
     report = _run(hf_family, tmp_path / "plain", rows)
     assert "generation" not in report and all("generation" not in r for r in report["students"].values())
-    assert set(report) == {"teacher", "students", "data_fingerprint", "val_blocks", "scored_tokens"}
-    assert "Generation" not in (tmp_path / "plain" / "report.md").read_text()
+    assert set(report) == {"teacher", "students", "data_fingerprint", "val_blocks", "scored_tokens", "teacher_signal"}
+    md = (tmp_path / "plain" / "report.md").read_text()
+    assert "Generation" not in md
+    # online, the defaults: scored against the whole distribution, so the teacher agrees with itself
+    assert report["teacher_signal"] == "the teacher's whole distribution (exact)"
+    assert "measured against the teacher's whole distribution (exact)." in md
+    # ... up to the mass its random-init lm_head puts on the 12 ids padded past the tokenizer's
+    # 300 (the signal renormalises over the tokenizer's): KL = -log(1 - that) ~ log(312 / 300)
+    padded = json.loads((hf_family["teacher"] / "config.json").read_text())["vocab_size"]
+    assert padded == 312 and report["teacher"]["teacher_top1_agreement"] == 1.0
+    assert report["teacher"]["kl_to_teacher"] == pytest.approx(math.log(padded / 300), abs=2e-3)
 
 
 # ----------------------------------------------------------------------------- in process

@@ -36,6 +36,10 @@ def test_sampled_cache_trains_evaluates_and_inspects(online_setup, tmp_path, exa
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     kd = report["students"]["dense"]
     assert kd["kl_to_teacher"] >= 0 and 0 <= kd["teacher_top1_agreement"] <= 1
+    head = "its top 4 exactly and " if exact_top else ""
+    assert report["teacher_signal"].startswith(f"{head}24 draws a token from the teacher at T = 2 "), report["teacher_signal"]
+    md = " ".join((tmp_path / "run" / "report.md").read_text().split())
+    assert "the teacher's own row shows the estimate's noise" in md
     rows = [json.loads(line) for line in (tmp_path / "run" / "students" / "dense" / "metrics.jsonl").read_text().splitlines()]
     assert all(row["soft"] > 0 for row in rows if row["kind"] == "train")  # the sampled KL is trained on
     r = run_cli("inspect", str(tmp_path / "run" / "cache"), "--verify")

@@ -189,3 +189,21 @@ def test_report_marks_a_failed_student():
     md = render_markdown(report)
     assert "| bad (failed) |" in md and "failed at step 2: RuntimeError: out of memory (checkpoint: step 1)" in md
     assert "| ok |" in md
+
+
+def test_report_says_what_agreement_and_kl_are_measured_against():
+    """The teacher's own row reads 1 and 0 only against an exact or top-k signal; a sampled one
+    shows its noise there, and report.md says which."""
+    from types import SimpleNamespace
+
+    from distill.config import CacheConfig
+    from distill.report.report import render_markdown, signal_description
+
+    assert signal_description(CacheConfig(k=16), object()) == "the teacher's top 16 log-probs, the rest of its mass as one outcome"
+    assert signal_description(CacheConfig(k=16), SimpleNamespace(keep_dense=True)) == "the teacher's whole distribution (exact)"
+    sampled = signal_description(CacheConfig(estimator="sampled", samples=8, sample_temperature=0.5), SimpleNamespace(keep_dense=False))
+    assert sampled.startswith("8 draws a token from the teacher at T = 0.5 ") and "own row shows the estimate's noise" in sampled
+    md = render_markdown({"students": {"ok": {"kind": "dense"}}, "teacher_signal": sampled})
+    assert f"Agreement and KL to the teacher are measured against {sampled}." in md
+    assert "measured against" not in render_markdown({"students": {"ok": {"kind": "dense"}}})  # an older report.json
+

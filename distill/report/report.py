@@ -5,7 +5,8 @@ report.json:
    "params_total", "params_active", "val_ppl", "teacher_top1_agreement", "kl_to_teacher",
    "train_tokens", "export_dir" (relative to OUT), "inference_tokens_per_s",
    "generation" (chat data: distill/report/generation.py)}},
-   "generation": {"prompts", "max_new_tokens", "temperature", "top_p", "teacher": {...}} (chat data)}
+   "generation": {"prompts", "max_new_tokens", "temperature", "top_p", "teacher": {...}} (chat data),
+   "teacher_signal": what agreement and KL are measured against (`signal_description`)}
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import sys
 from common.errors import UserError
 from common.fsutil import atomic_write_json, atomic_write_text
 from distill.blocks import first_blocks
-from distill.config import RunConfig
+from distill.config import CacheConfig, RunConfig
 from distill.data import vocab_size_of
 from distill.report import generation, plots
 from distill.report.export import model_card
@@ -38,6 +39,20 @@ def _model_stats(model, blocks, teacher: Teacher, device) -> dict:
     stats.update(params_total=total, params_active=active,
                  inference_tokens_per_s=round(inference_tokens_per_s(model, model.config.vocab_size, device), 1))
     return stats
+
+
+def signal_description(cache: CacheConfig, teacher: Teacher) -> str:
+    """What `teacher_top1_agreement` and `kl_to_teacher` compare with, in words for the report:
+    a sampled signal's noise shows in the teacher's own row, which a reader should be told."""
+    if getattr(teacher, "keep_dense", False):
+        return "the teacher's whole distribution (exact)"
+    c = cache
+    if c.estimator == "sampled":
+        head = f"its top {c.exact_top} exactly and " if c.exact_top else ""
+        return (f"{head}{c.samples} draws a token from the teacher at T = {c.sample_temperature:g} (cache.estimator: "
+                f"sampled): agreement is with the most frequent draw and KL an unbiased estimate at that "
+                f"temperature, so the teacher's own row shows the estimate's noise, not 1 and 0")
+    return f"the teacher's top {c.k} log-probs, the rest of its mass as one outcome"
 
 
 def _has_chat(data, held_out) -> bool:
@@ -70,7 +85,8 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
         teacher_model = live.model  # evaluate the loaded teacher rather than load a twin (a server teacher: None)
     chat = _has_chat(data, held_out)
     report: dict = {"teacher": {}, "students": {}, "data_fingerprint": data.fingerprint,
-                    "val_blocks": len(held_out), "scored_tokens": "assistant / completion only" if chat else "all"}
+                    "val_blocks": len(held_out), "scored_tokens": "assistant / completion only" if chat else "all",
+                    "teacher_signal": signal_description(cfg.cache, val_teacher)}
     if cfg.teacher.sharding != "none":  # too large for one device by the user's own account
         if progress:
             print(f"[eval] teacher not evaluated: teacher.sharding={cfg.teacher.sharding}", file=sys.stderr)
@@ -200,8 +216,10 @@ def render_markdown(report: dict) -> str:
     rows += list(report["students"].items())
     lines = ["# Co-distillation report", "",
              f"Held-out blocks: {report.get('val_blocks')}; data fingerprint `{report.get('data_fingerprint')}`; "
-             f"tokens scored: {report.get('scored_tokens', 'all')}.", "",
-             "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+             f"tokens scored: {report.get('scored_tokens', 'all')}.", ""]
+    if report.get("teacher_signal"):
+        lines += [f"Agreement and KL to the teacher are measured against {report['teacher_signal']}.", ""]
+    lines += ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in rows:
         cells = []
         for c in cols:
