@@ -158,7 +158,7 @@ class LiveTeacher:
         ids 0..k-1 at log-prob -log V and NaN difficulty (for positions no loss reads).
         dense_out (B*T, V) fp32: also receives the log-probabilities of every position computed
         (the others keep what it held), chunk by chunk, so no second (B, T, V) copy is made;
-        their logsumexp is read off the top-k pass (top-1 logit less its log-prob), not taken
+        their normaliser is read off the top-k pass (the top-1's logit and log-prob), not taken
         again."""
         rows = _rows_of(where)
         flat_targets = None if targets is None else targets.reshape(-1)

@@ -206,4 +206,3 @@ def test_report_says_what_agreement_and_kl_are_measured_against():
     md = render_markdown({"students": {"ok": {"kind": "dense"}}, "teacher_signal": sampled})
     assert f"Agreement and KL to the teacher are measured against {sampled}." in md
     assert "measured against" not in render_markdown({"students": {"ok": {"kind": "dense"}}})  # an older report.json
-

@@ -46,13 +46,12 @@ def signal_description(cache: CacheConfig, teacher: Teacher) -> str:
     a sampled signal's noise shows in the teacher's own row, which a reader should be told."""
     if getattr(teacher, "keep_dense", False):
         return "the teacher's whole distribution (exact)"
-    c = cache
-    if c.estimator == "sampled":
-        head = f"its top {c.exact_top} exactly and " if c.exact_top else ""
-        return (f"{head}{c.samples} draws a token from the teacher at T = {c.sample_temperature:g} (cache.estimator: "
-                f"sampled): agreement is with the most frequent draw and KL an unbiased estimate at that "
-                f"temperature, so the teacher's own row shows the estimate's noise, not 1 and 0")
-    return f"the teacher's top {c.k} log-probs, the rest of its mass as one outcome"
+    if cache.estimator == "sampled":
+        head = f"its top {cache.exact_top} exactly and " if cache.exact_top else ""
+        return (f"{head}{cache.samples} draws a token from the teacher at T = {cache.sample_temperature:g} "
+                f"(cache.estimator: sampled): agreement is with the most frequent draw and KL an unbiased "
+                f"estimate at that temperature, so the teacher's own row shows the estimate's noise, not 1 and 0")
+    return f"the teacher's top {cache.k} log-probs, the rest of its mass as one outcome"
 
 
 def _has_chat(data, held_out) -> bool:
