@@ -6,11 +6,12 @@ Reports, for V = 202,048 (Llama 4's vocab):
 * bytes/token per encoding at k = 32, 64, 128, on a synthetic Zipf-like teacher and on
   uniform-random logits (worst case for id coding), with reconstruction error for the
   lossy encodings;
-* write overhead: wall time of write_cache vs the bare teacher forward it wraps (`+difficulty`:
-  with the teacher's difficulty statistics recorded, as `distill cache` does; `+chat`: and the
+* write overhead: wall time of write_cache vs the bare teacher forward it wraps (sampled runs
+  at `--samples` draws, 256 as the cache's default; `+difficulty`: with the teacher's
+  difficulty statistics recorded, as `distill cache` does; `+chat`: and the
   first half of each sequence a prompt, so the cache stores the second half only), and the
   cache's own share of it (top-k, encoding, files);
-* bytes/token of the sampled encoding (n = 16, 32, 64 draws, + the fp16 entropy);
+* bytes/token of the sampled encoding (n = 16 to 256 draws, + the fp16 entropy);
 * read throughput of CachedTeacher on random batches with 0, 1, 2 and 4 prefetch workers
   (the loop announces the next step's batches; workers decode them meanwhile);
 * peak memory and time of one teacher step with whole logits vs a chunked lm_head.
@@ -102,7 +103,7 @@ def bench_sizes(n_tokens: int, group: int) -> dict:
                 if not codec.lossless:
                     row.update({key: float(f"{v:.3g}") for key, v in _errors(ids, lp, di, dl).items()})
                 out[f"{kind}/k{k}/{name}"] = row
-        for n, head in ((16, 0), (32, 0), (64, 0), (128, 0), (32, 8), (128, 8)):  # head: cache.exact_top
+        for n, head in ((16, 0), (32, 0), (64, 0), (128, 0), (256, 0), (32, 8), (128, 8)):  # head: cache.exact_top
             ids, lp, entropy = _sampled_stream(kind, n_tokens, n, exact_top=head)
             codec = get_codec("sampled", head)
             t0 = time.perf_counter()
@@ -140,7 +141,7 @@ def _sampled_stream(kind: str, n: int, draws: int, seed: int = 0, exact_top: int
 
 
 def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encodings, k: int, reps: int,
-                     device: str = "cpu") -> dict:
+                     device: str = "cpu", samples: int = 256) -> dict:
     """Write overhead of write_cache vs the bare teacher forward, then read throughput.
 
     The machine may be shared and this CPU's timings drift by +-15% run to run, so bare
@@ -201,7 +202,7 @@ def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encoding
     stats = min(topk_once(lambda x: token_difficulty(x.reshape(-1, V_LLAMA4), targets)) for _ in range(reps))
     plain = min(topk_once(lambda x: torch.topk(torch.log_softmax(x.float(), -1), k, -1)) for _ in range(reps))
     out = {"teacher": f"Embedding({V_LLAMA4},{hidden})->Linear({hidden},{V_LLAMA4})", "tokens": tokens,
-           "batch": f"{batch}x{seq_len}", "k": k, "reps": reps,
+           "batch": f"{batch}x{seq_len}", "k": k, "samples": samples, "reps": reps,
            "topk_us_per_token": round(ours / (batch * seq_len) * 1e6, 1),
            "difficulty_us_per_token": round(stats / (batch * seq_len) * 1e6, 1),
            "log_softmax_topk_us_per_token": round(plain / (batch * seq_len) * 1e6, 1)}
@@ -215,7 +216,7 @@ def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encoding
                 # "+difficulty": the teacher's statistics too; "+chat": also the first half of every
                 # sequence a prompt (no training target), so only the second half is stored
                 codec, _, variant = enc.partition("+")
-                sampling = Sampling(32) if codec == "sampled" else None
+                sampling = Sampling(samples) if codec == "sampled" else None
                 fn = (lambda x, keys: teacher(x)) if sampling else teacher
                 targets = None if not variant else {"train": blocks if variant == "difficulty" else chat_targets}
                 t_write.append(timed(lambda: write_cache(Path(d), fn, {"train": blocks}, identity=ident, k=k,
@@ -335,6 +336,10 @@ def bench_teacher_step(batch: int, seq_len: int, hidden: int, k: int = 64) -> di
     return out
 
 
+ENCODINGS = ("lossless", "lossless+difficulty", "fp16", "compact", "sampled", "sampled+difficulty", "compact+chat",
+             "sampled+chat")  # the write runs; "+": with the teacher's statistics, or half of each block a prompt
+
+
 def main() -> None:
     import argparse
     import json
@@ -351,6 +356,8 @@ def main() -> None:
     p.add_argument("--step", default="4x2048x512", help="BATCHxSEQxHIDDEN of the teacher-step memory run")
     p.add_argument("--device", default="cpu", help="where the write-overhead teacher runs")
     p.add_argument("--skip", nargs="*", default=[], choices=["sizes", "write_read", "teacher_step"])
+    p.add_argument("--samples", type=int, default=256, help="draws per token of the sampled write runs (cache.samples)")
+    p.add_argument("--encodings", default=",".join(ENCODINGS), help=f"write runs, of {','.join(ENCODINGS)}")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     a = p.parse_args()
     stdout = os.fdopen(os.dup(1), "w")
@@ -362,10 +369,9 @@ def main() -> None:
     if "sizes" not in a.skip:
         result["sizes"] = bench_sizes(a.tokens, group=min(a.tokens, 512))
     if "write_read" not in a.skip:
-        result["write_read"] = [bench_write_read(int(h), a.sequences, a.seq_len, a.batch,
-                                                 ("lossless", "lossless+difficulty", "fp16", "compact", "sampled",
-                                                  "sampled+difficulty", "compact+chat", "sampled+chat"), k=64, reps=a.reps,
-                                                 device=a.device) for h in a.hidden.split(",")]
+        result["write_read"] = [bench_write_read(int(h), a.sequences, a.seq_len, a.batch, a.encodings.split(","),
+                                                 k=64, reps=a.reps, device=a.device, samples=a.samples)
+                                for h in a.hidden.split(",")]
     if "teacher_step" not in a.skip:
         result["teacher_step"] = bench_teacher_step(*map(int, a.step.split("x")))
     print(json.dumps(result, indent=1), file=stdout)

@@ -23,10 +23,12 @@ clip 1.0).
 Variants (--variants), soft weight 1 (pure forward KL, like GKD's beta 0) unless said:
 `online` (the defaults: train.online_dense: auto, which here hands over the teacher's whole
 distribution, GKD's loss exactly), `online_top64` (train.online_dense: false: the top-64 with
-the tail as one bucket), `cached` (a top-64 cache, the cache's default), `online_k512` (top-512),
+the tail as one bucket), `cached` (the cache's defaults: cache.estimator: auto, here 256 draws
+per token), `cached_top64` (a top-64 cache, the default before 2026-12-04), `online_k512` (top-512),
 `cached_sampled` (a sampled cache, 32 draws per token: forward KL unbiased over the whole
-vocabulary), `cached_sampled256` (256 draws), `online_default` (the project's default loss
-too: soft weight 0.5, i.e. half hard CE on the labels).  Named only: `cached_sampled128`, and
+vocabulary), `online_default` (the project's default loss too: soft weight 0.5, i.e. half
+hard CE on the labels).  Named only: `cached_sampled128`, `cached_sampled256` (named: the same
+as `cached`), and
 `cached_sampled_top8` / `cached_sampled128_top8` / `cached_sampled256_top8` (cache.exact_top:
 8: the teacher's top 8 ids kept exactly, the draws made from the rest).
 
@@ -67,10 +69,11 @@ TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content']
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 WIDTHS = ((64, 2), (128, 2), (192, 3))  # (hidden, layers) of the 3 students
 VARIANTS = {  # name: (train.mode, soft weight, train.online_dense, cache.estimator, cache.k or None: --k,
-    #                 cache.samples, cache.exact_top)
-    "online": ("online", 1.0, "auto", "topk", None, 32, 0),
+    #                 cache.samples, cache.exact_top); estimator or samples None: the config's default
+    "online": ("online", 1.0, "auto", None, None, None, 0),
     "online_top64": ("online", 1.0, False, "topk", None, 32, 0),
-    "cached": ("cached", 1.0, "auto", "topk", None, 32, 0),
+    "cached": ("cached", 1.0, "auto", None, None, None, 0),
+    "cached_top64": ("cached", 1.0, "auto", "topk", None, 32, 0),
     "online_k512": ("online", 1.0, False, "topk", 512, 32, 0),
     "cached_sampled": ("cached", 1.0, "auto", "sampled", None, 32, 0),
     "cached_sampled256": ("cached", 1.0, "auto", "sampled", None, 256, 0),
@@ -81,7 +84,7 @@ VARIANTS = {  # name: (train.mode, soft weight, train.online_dense, cache.estima
     "cached_sampled128_top8": ("cached", 1.0, "auto", "sampled", None, 128, 8),
     "cached_sampled256_top8": ("cached", 1.0, "auto", "sampled", None, 256, 8),
 }
-DEFAULT_VARIANTS = ("online", "online_top64", "cached", "online_k512", "cached_sampled", "cached_sampled256",
+DEFAULT_VARIANTS = ("online", "online_top64", "cached", "cached_top64", "online_k512", "cached_sampled",
                     "online_default")
 
 
@@ -220,15 +223,15 @@ def trl_students(work: Path, students: dict[str, Path], teacher: Path, data: Pat
 
 def our_config(out: Path, data: Path, teacher: Path, students: dict[str, Path], variant: str, block: int, a) -> dict:
     mode, soft, dense, estimator, k, samples, exact_top = VARIANTS[variant]
-    loss = {"soft_weight": {"start": soft, "end": soft}, **({"tail": "sampled"} if estimator == "sampled" else {})}
+    loss = {"soft_weight": {"start": soft, "end": soft}}  # loss.tail: auto follows the estimator
     optim = {"lr": a.lr, "min_lr_ratio": 0.0, "warmup_steps": a.warmup_steps, "weight_decay": 0.0,
              "betas": [0.9, 0.95], "grad_clip": 1.0}
     return {"out_dir": str(out), "seed": 0,
             "data": {"paths": [str(data)], "seq_len": block, "val_fraction": a.val_fraction,
                      "tokenizer": {"path": str(teacher)}},
             "teacher": {"source": "checkpoint", "path": str(teacher)},
-            "cache": {"k": k or a.k, "estimator": estimator, "samples": samples,
-                      **({"exact_top": exact_top} if exact_top else {})},
+            "cache": {"k": k or a.k, **({"estimator": estimator} if estimator else {}),
+                      **({"samples": samples} if samples else {}), **({"exact_top": exact_top} if exact_top else {})},
             "students": [{"name": name, "model": {"path": str(path)}, "optim": optim,
                           "loss": loss} for name, path in students.items()],
             "train": {"mode": mode, "epochs": 1, "batch_size": 1, "eval_every": 0, "eval_blocks": 1,

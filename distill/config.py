@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from common.errors import UserError
 from distill.layout import RunLayout
@@ -130,7 +130,7 @@ class ScheduleConfig(_Strict):
 class LossConfig(_Strict):
     divergence: str = Field("forward_kl", description="Soft-target divergence: forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tv.")
     temperature: float = Field(1.0, gt=0.0, le=100.0, description="Softmax temperature for both sides; the loss is scaled by T^2.")
-    tail: Literal["bucket", "renorm", "sampled"] = Field("bucket", description="Estimator of the teacher's distribution: `bucket` (top-k cache) keeps the missing mass as one outcome; `renorm` (top-k cache) renormalises the top-k; `sampled` (a cache made with cache.estimator: sampled) uses sampled teacher tokens, unbiased for forward_kl.")
+    tail: Literal["auto", "bucket", "renorm", "sampled"] = Field("auto", description="Estimator of the teacher's distribution: `bucket` (top-k signal) keeps the missing mass as one outcome; `renorm` (top-k signal) renormalises the top-k; `sampled` (a cache made with cache.estimator: sampled) uses sampled teacher tokens, unbiased for forward_kl. auto: `sampled` with a sampled cache, else `bucket`.")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD interpolation weight.")
     alpha: float = Field(0.1, ge=0.0, le=1.0, description="Skew KL mixing weight (DistiLLM).")
     hard_target: Literal["labels", "teacher_argmax"] = Field("labels", description="Hard target: ground-truth next tokens or the teacher's top-1.")
@@ -228,8 +228,8 @@ class CacheConfig(_Strict):
     dir: Path | None = Field(None, description="Cache dir. Default: OUT/cache.")
     k: int = Field(64, ge=1, description="Top-k log-probs kept per token (must not exceed the vocab).")
     encoding: str = Field("lossless", description="Shard encoding of a top-k cache: lossless (default), fp16, bf16, compact (lossy, smallest). A sampled cache is always stored as `sampled`.")
-    estimator: Literal["topk", "sampled"] = Field("topk", description="What the cache keeps per token: the teacher's top-k log-probs (students use tail: bucket or renorm), or `samples` tokens drawn from it (students use tail: sampled; unbiased forward KL, about 17 B/token on a Zipf-like teacher).")
-    samples: int = Field(32, ge=1, le=4096, description="estimator: sampled: draws per token.")
+    estimator: Literal["auto", "topk", "sampled"] = Field("auto", description="What the cache keeps per token: the teacher's top-k log-probs (students use tail: bucket or renorm), or `samples` tokens drawn from it (students use tail: sampled; unbiased forward KL). auto (the default): `sampled` in cached mode when every student can learn from draws (forward_kl at cache.sample_temperature, hard_target labels, adaptive not confidence, tail auto or sampled) and the teacher runs in-process, else `topk`; the run says which and why. bench/peer.py measured random-init students at 1.7-2.2x the held-out perplexity of the whole distribution from a top-64 cache and 1.00-1.02x from 256 draws, at a third of the bytes.")
+    samples: int = Field(256, ge=1, le=4096, description="estimator: sampled: draws per token (256: students within 2% of the whole distribution in bench/peer.py; 32: within 10-20%, at about a third of the bytes).")
     exact_top: int = Field(0, ge=0, le=4096, description="estimator: sampled: the teacher's most likely ids kept with their exact probabilities; the draws then come from the rest of the distribution (still unbiased, with less variance: none on these ids). 0: every entry drawn.")
     sample_temperature: float = Field(1.0, gt=0.0, le=100.0, description="estimator: sampled: the temperature the draws are made at; every student's loss.temperature must equal it.")
     sample_seed: int | None = Field(None, description="estimator: sampled: seed of the draws (part of the cache's identity). null: the run's `seed`; set it to rerun students with other seeds from one cache.")
@@ -238,7 +238,7 @@ class CacheConfig(_Strict):
 
     @model_validator(mode="after")
     def _exact_top_needs_draws(self):
-        if self.exact_top and self.estimator != "sampled":
+        if self.exact_top and self.estimator == "topk":
             raise ValueError(f"exact_top: {self.exact_top} keeps a sampled cache's head exactly; it needs "
                              f"estimator: sampled (a top-k cache keeps its k ids exactly already)")
         return self
@@ -293,6 +293,8 @@ class RunConfig(_Strict):
     students: list[StudentConfig] = Field(..., min_length=1)
     train: TrainConfig = Field(default_factory=TrainConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    # What cache.estimator: auto chose and why (None: the config named it); see _auto_estimator.
+    _estimator_choice: str | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -312,6 +314,7 @@ class RunConfig(_Strict):
             if rule.rescore_every and s.loss.hard_target == "teacher_argmax" and not s.baseline:
                 raise ValueError(f"{where}.rescore_every: the gap it re-weights by is the student's loss on the "
                                  f"labels, but students.{i}.loss.hard_target is teacher_argmax; use labels")
+        self._resolve_estimator()
         _check_on_policy(self)
         if self.train.online_dense is True and self.teacher.source == "server":
             raise ValueError("train.online_dense: true needs the teacher's whole distribution, but a server teacher "
@@ -320,6 +323,36 @@ class RunConfig(_Strict):
             for i, s in enumerate(self.students):
                 _check_estimator(f"students.{i}.loss", s, self.cache)
         return self
+
+    def _resolve_estimator(self) -> None:
+        """cache.estimator: auto and every loss.tail: auto -> what they stand for, once, so
+        the rest of the code (and the run hash) sees concrete values."""
+        if self.cache.estimator == "auto":
+            estimator, why = _auto_estimator(self)
+            if self.cache.exact_top and estimator == "topk":
+                raise ValueError(f"cache.exact_top: {self.cache.exact_top} keeps a sampled cache's head exactly, but "
+                                 f"cache.estimator: auto chose the top-k ({why}); set cache.exact_top: 0")
+            self.cache.estimator = estimator
+            self._estimator_choice = why
+        if self.cache.estimator == "sampled" and self.teacher.source == "server":
+            raise ValueError("cache.estimator: sampled draws from the teacher's whole distribution, but a server "
+                             "teacher returns its top-k log-probs only; set cache.estimator: topk (or auto)")
+        # online_dense: true hands over dense logits whatever the estimator: no tail applies
+        dense = self.train.mode == "online" and self.train.online_dense is True
+        draws = self.cache.estimator == "sampled" and not dense
+        for s in self.students:
+            if s.loss.tail == "auto":
+                s.loss.tail = "sampled" if draws else "bucket"
+
+    @property
+    def estimator_note(self) -> str | None:
+        """One line naming the signal cache.estimator: auto chose and why; None when the
+        config named the estimator."""
+        if self._estimator_choice is None or self.train.mode == "online":  # online: signal_note says it
+            return None
+        c = self.cache
+        signal = f"{c.samples} draws per token" if c.estimator == "sampled" else f"the top-{c.k}"
+        return f"teacher signal: {signal} (cache.estimator: auto; {self._estimator_choice})"
 
     @property
     def selects_data(self) -> bool:
@@ -372,6 +405,37 @@ def _check_on_policy(cfg: "RunConfig") -> None:
     if cfg.cache.estimator != "topk" and cfg.train.online_dense is not True:
         raise ValueError("train.on_policy: on-policy steps use a top-k (or dense) teacher signal; set "
                          "cache.estimator: topk or train.online_dense: true")
+
+
+def _auto_estimator(cfg: "RunConfig") -> tuple[str, str]:
+    """cache.estimator: auto -> (`sampled` or `topk`, why).  Draws wherever every student can
+    learn from them: bench/peer.py (BENCHMARKS.md) measured random-init students from a top-64
+    cache at 1.7-2.2x the held-out perplexity of the whole distribution, and from 256 draws at
+    1.00-1.02x, at a third of the bytes.  Else the top-k, and `why` names the key that needs it."""
+    from losses import DIVERGENCES  # the registry says which divergences draws estimate without bias
+
+    if cfg.train.mode == "online":
+        return "topk", ("train.mode is online: the teacher hands over its whole distribution or its top-k "
+                        "(train.online_dense)")
+    if cfg.teacher.source == "server":
+        return "topk", "a server teacher returns its top-k log-probs only"
+    for i, s in enumerate(cfg.students):
+        if s.baseline:
+            continue
+        loss, where = s.loss, f"students.{i}.loss"
+        divergence = DIVERGENCES.get(loss.divergence)
+        if loss.tail in ("bucket", "renorm"):
+            return "topk", f"{where}.tail is {loss.tail}"
+        if divergence is None or not divergence.sampled:
+            return "topk", f"{where}.divergence {loss.divergence} is not estimated without bias from draws"
+        if loss.temperature != cfg.cache.sample_temperature:
+            return "topk", (f"{where}.temperature {loss.temperature:g} differs from cache.sample_temperature "
+                            f"{cfg.cache.sample_temperature:g}")
+        if loss.hard_target == "teacher_argmax":
+            return "topk", f"{where}.hard_target is teacher_argmax"
+        if loss.adaptive == "confidence":
+            return "topk", f"{where}.adaptive is confidence"
+    return "sampled", "every student can learn from draws"
 
 
 def _check_estimator(where: str, student: StudentConfig, cache: CacheConfig) -> None:

@@ -90,6 +90,8 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
     remote = server_teacher(cfg) if cfg.teacher.source == "server" else None  # checked before anything is written
     data = prepare(cfg, progress) if data is None else data
     check_k(cfg, vocab_size_of(data.tokenizer))
+    if progress and is_leader() and cfg.estimator_note:
+        print(f"[cache] {cfg.estimator_note}", file=sys.stderr, flush=True)
     sharded = cfg.teacher.sharding == "zero3"
     # The teacher reads plain ids; which positions are targets (chat data) is the loss's business.
     # Lazy (N, T) views of the on-disk blocks: the writer reads them shard by shard.
@@ -140,8 +142,9 @@ def open_cached_teachers(cfg: RunConfig, data: PackedData) -> tuple[CachedTeache
     train, val = CachedTeacher(cache_dir, "train", identity), CachedTeacher(cache_dir, "val", identity)
     have = "topk" if train.reader.sampling is None else "sampled"
     if have != cfg.cache.estimator:
-        raise UserError(f"cache at {cache_dir} holds a {have} signal but cache.estimator is {cfg.cache.estimator}; "
-                        f"set cache.estimator: {have}, or rerun `distill cache --overwrite`")
+        chosen = " (chosen by cache.estimator: auto)" if cfg.estimator_note else ""
+        raise UserError(f"cache at {cache_dir} holds a {have} signal but cache.estimator is {cfg.cache.estimator}"
+                        f"{chosen}; set cache.estimator: {have}, or rerun `distill cache --overwrite`")
     manifest = train.reader.manifest
     if have == "topk":  # what the students read must be what the config says: never an old cache's k silently
         for key, want in (("k", cfg.cache.k), ("encoding", cfg.cache.encoding)):
@@ -234,7 +237,7 @@ def small_top_k_note(cfg: RunConfig, dense: bool = False) -> str | None:
     return (f"[train] note: {', '.join(names)} start from random init and learn only the teacher's top-{cfg.cache.k}; "
             f"such students reached 1.7-2.3x the held-out perplexity of the full distribution in bench/peer.py: "
             f"consider {'train.online_dense: true, ' if online else ''}cache.estimator: sampled with cache.samples: "
-            f"256 (1.00-1.02x the full distribution's there), or cache.k: 512")
+            f"256, the default (1.00-1.02x the full distribution's there), or cache.k: 512")
 
 
 def with_epoch_steps(cfg: RunConfig, train_blocks: int, leader: bool = True) -> RunConfig:

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from losses.difficulty import row_dot
-from losses.divergences import NEG_INF, bucket_tails, check_estimator, dense_over, get_divergence
+from losses.divergences import NEG_INF, bucket_tails, check_estimator, dense_over, get_divergence, resolve_tail
 from losses.hard import hard_labels
 from losses.signal import TeacherSignal
 
@@ -440,6 +440,7 @@ def _prepare(signal, labels, mask, divergence, temperature, tail, hard_target, i
              div_params) -> tuple[torch.Tensor, _Plan]:
     targets = hard_labels(hard_target, labels, signal, mask, ignore_index)  # (N,)
     if signal is not None:
+        tail = resolve_tail(tail, signal)
         check_estimator(signal, temperature, tail, divergence)
     plan = _Plan(get_divergence(divergence), divergence, temperature, tail, ignore_index, dict(div_params))
     return targets, plan

@@ -59,7 +59,7 @@ import torch
 from losses.signal import TeacherSignal
 
 TAILS = ("bucket", "renorm")  # estimators over a top-k signal
-ESTIMATORS = (*TAILS, "sampled")  # every value of the loss's `tail`
+ESTIMATORS = (*TAILS, "sampled")  # every estimator the loss's `tail` names ("auto" picks one: resolve_tail)
 NEG_INF = float("-inf")
 # The smallest tail mass 1 - sum(top-k) that fp32 resolves: a teacher tail that rounds to 0 is
 # read as this, so losses with log p_t in them (reverse KL) stay finite on confident tokens.
@@ -135,6 +135,14 @@ def bucket_tails(s_tail: torch.Tensor, t_tail: torch.Tensor, empty: bool) -> tup
     if empty:
         return torch.full_like(s_tail, NEG_INF), torch.full_like(t_tail, NEG_INF)
     return s_tail.clamp_min(TAIL_FLOOR_LOGPROB), t_tail.clamp_min(TAIL_FLOOR_LOGPROB)
+
+
+def resolve_tail(tail: str, teacher: TeacherSignal) -> str:
+    """The loss's `tail`, with "auto" (the config's default) as the estimator the signal
+    needs: `sampled` for a sampled signal, `bucket` for a top-k or dense one."""
+    if tail != "auto":
+        return tail
+    return "sampled" if teacher.kind == "sampled" and teacher.logits is None else "bucket"
 
 
 def check_estimator(teacher: TeacherSignal, temperature: float, tail: str, divergence: str = "forward_kl") -> None:

@@ -260,24 +260,47 @@ def counter_uniform(seed: int, keys: torch.Tensor, n: int) -> torch.Tensor:
     return _shr(x, 11).to(torch.float64) * (1.0 / (1 << 53))  # the top 53 bits
 
 
-_CDF_BLOCK = 256  # vocab entries per block of the two-level inverse CDF
+_CDF_BLOCK = 256  # vocab entries per block of the inverse CDF (the fp32 buffer is padded to whole blocks)
+_CDF_SUB = 16  # entries per sub-block: a block is 16 sub-blocks of 16
+
+
+def _search(cdf: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """cdf (..., m) non-decreasing cumulative masses, v (..., j) -> (..., j) the index i with
+    cdf[i - 1] <= v < cdf[i].  Where rounding puts v at or past cdf[-1], the last entry of
+    positive mass (the number of entries below cdf[-1]), never an entry of mass 0."""
+    i = torch.searchsorted(cdf, v, right=True)
+    past = i == cdf.shape[-1]
+    if bool(past.any()):  # rare: fixed only then (one check, where a second search cost 25% of the draws)
+        i = torch.where(past, (cdf < cdf[..., -1:]).sum(-1, keepdim=True), i)
+    return i
 
 
 def _inverse_cdf(blocks: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Ids drawn by inverse CDF: blocks (N, nb, B) fp32 unnormalised probabilities (the vocab
-    in blocks of B = 256, zero-padded past V), u (N, n) fp64 uniforms in [0, 1) -> ids (N, n)
-    int64 (at most nb * B - 1; the caller clamps to V - 1).
+    """Ids drawn by inverse CDF: blocks (N, nb, 256) fp32 unnormalised probabilities (the vocab
+    in blocks of 256, zero-padded past V), u (N, n) fp64 uniforms in [0, 1) -> ids (N, n) int64
+    (at most nb * 256 - 1; the caller clamps to V - 1).
 
-    Two levels, so no (N, V) fp64 copy or cumulative sum is made: the block comes from a
-    cumulative sum of the block sums (N, nb), the id within it from a cumulative sum of that
-    block's 256 entries only (N, n, 256)."""
-    block_cdf = blocks.sum(-1).double().cumsum(-1)  # (N, nb): fp32 sums of 256, fp64 across
+    Three levels, each a cumulative sum in fp64 over what it chooses among: the block (N, nb),
+    the sub-block of 16 within it (N, n, 16) and the entry within that (N, n, 16).  So a draw
+    reads 32 values, where one block's 256 were read before (at 256 draws a token that was 16x
+    the vocabulary of a 4,096-token model), and no (N, V) cumulative sum is made.  The ids are
+    those of one fp64 cumulative sum over the whole vocabulary but for rounding at a boundary
+    (all but 1 of 338k draws on Zipf-like rows at V = 300 to 202,048; tests/test_signal_draws.py)."""
+    rows, nb, _ = blocks.shape
+    fine = blocks.view(rows, nb * _CDF_SUB, _CDF_SUB)  # (N, nb * 16, 16)
+    # The sub-block masses as one fp32 matrix-vector product (a reduction over a last dim of 16
+    # ran 10x slower); the inner level's fp64 sums may end 1e-6 relative past them: `_search`.
+    sub = (fine @ fine.new_ones(_CDF_SUB, 1)).view(rows, nb, _CDF_SUB).double()  # (N, nb, 16)
+    block_cdf = sub.sum(-1).cumsum(-1)  # (N, nb)
     u = u * block_cdf[:, -1:]
-    which = torch.searchsorted(block_cdf, u, right=True).clamp_(max=block_cdf.shape[1] - 1)  # (N, n)
-    before = torch.where(which > 0, block_cdf.gather(1, (which - 1).clamp_min(0)), torch.zeros_like(u))
-    inner = blocks.gather(1, which[..., None].expand(-1, -1, _CDF_BLOCK)).double().cumsum(-1)  # (N, n, B)
-    pos = torch.searchsorted(inner, (u - before)[..., None], right=True).squeeze(-1).clamp_(max=_CDF_BLOCK - 1)
-    return which * _CDF_BLOCK + pos
+    which = _search(block_cdf, u)  # (N, n)
+    v = u - torch.where(which > 0, block_cdf.gather(1, (which - 1).clamp_min(0)), torch.zeros_like(u))
+    sub_cdf = sub.gather(1, which[..., None].expand(-1, -1, _CDF_SUB)).cumsum(-1)  # (N, n, 16)
+    j = _search(sub_cdf, v[..., None]).squeeze(-1)  # (N, n)
+    v = v - torch.where(j > 0, sub_cdf.gather(2, (j - 1).clamp_min(0)[..., None]).squeeze(-1), torch.zeros_like(v))
+    k = which * _CDF_SUB + j  # (N, n) the sub-block, over the padded vocab
+    inner = fine.gather(1, k[..., None].expand(-1, -1, _CDF_SUB)).double().cumsum(-1)  # (N, n, 16)
+    return k * _CDF_SUB + _search(inner, v[..., None]).squeeze(-1)
 
 
 def sample_signal(logits: torch.Tensor, n: int, temperature: float, seed: int, keys: torch.Tensor,
@@ -314,9 +337,9 @@ def sample_signal(logits: torch.Tensor, n: int, temperature: float, seed: int, k
     flat_targets = None if targets is None else targets.reshape(-1, 1).to(flat.device)
     tokens, padded = flat.shape[0], vocab + (-vocab) % _CDF_BLOCK
     # rows a chunk: (r, V) fp32 buffers of ~2M entries (32M on an accelerator), and the draws'
-    # (r, n, 256) fp64 block CDFs of at most 4x that
+    # (r, n, 16) fp64 cumulative sums of at most that
     budget = 1 << (21 if flat.device.type == "cpu" else 25)
-    rows = max(1, min(tokens, budget // padded, 4 * budget // (n * _CDF_BLOCK)))
+    rows = max(1, min(tokens, budget // padded, budget // (n * _CDF_SUB)))
     shifted = torch.empty(rows, vocab, dtype=torch.float32, device=flat.device)
     exps = torch.zeros(rows, padded, dtype=torch.float32, device=flat.device)  # columns past V stay 0: no mass
     drawn, entropy, stats, head_ids, head_logp = [], [], [], [], []

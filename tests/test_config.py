@@ -52,7 +52,6 @@ def test_demo_configs_validate(size, tmp_path):
     ("train.steps", 0, "train.steps"),
     ("train.steps", "many", "train.steps"),
     ("cache.k", 0, "cache.k"),
-    ("cache.exact_top", 8, "exact_top: 8 keeps a sampled cache's head exactly; it needs estimator: sampled"),
     ("data.seq_len", 2, "data.seq_len"),
     ("students.0.bogus", 1, "students.0.bogus: unknown key"),
     ("train.mode", "telepathic", "train.mode"),
@@ -134,7 +133,7 @@ def test_small_top_k_note_names_the_random_init_students_it_concerns():
     from distill.stages import small_top_k_note
 
     def note(dense=False, **over):
-        raw = minimal(**over)
+        raw = minimal(**{"cache.estimator": "topk", **over})
         raw["students"] += [{"name": "ce", "model": {"preset": "dense"}, "baseline": True},
                             {"name": "warm", "model": {"preset": "dense"}, "init": "teacher"},
                             {"name": "cut", "model": {"from_teacher": {"num_layers": 1}}}]
@@ -142,14 +141,15 @@ def test_small_top_k_note_names_the_random_init_students_it_concerns():
 
     cached = note()
     assert cached.startswith("[train] note: s start from random init and learn only the teacher's top-64;")
-    assert cached.endswith("consider cache.estimator: sampled with cache.samples: 256 (1.00-1.02x the full "
-                           "distribution's there), or cache.k: 512")  # no online_dense in cached mode
+    assert cached.endswith("consider cache.estimator: sampled with cache.samples: 256, the default (1.00-1.02x "
+                           "the full distribution's there), or cache.k: 512")  # no online_dense in cached mode
     assert note(dense=True) == cached  # a cached run reads the cache's top-k whatever online_dense says
     assert "train.online_dense: true, " in note(**{"train.mode": "online"})  # online, top-k: auto fell back
     assert note(dense=True, **{"train.mode": "online"}) is None
     assert note(**{"cache.k": 512}) is None
     sampled = minimal(**{"cache.estimator": "sampled", "students.0.loss.tail": "sampled"})
     assert small_top_k_note(parse_config(sampled)) is None
+    assert small_top_k_note(parse_config(minimal())) is None  # the default: auto chose draws
     assert note(**{"students.0.init": "teacher"}) is None  # then no student is concerned
     # the demo's students learn from a sampled cache: no note there
     assert small_top_k_note(parse_config(demo_config(Path("unused"), "quick"))) is None
@@ -203,7 +203,66 @@ def test_entries_per_token_must_fit_the_vocabulary():
     check_k(parse_config(minimal(**{"cache.k": 300})), 300)
     with pytest.raises(UserError, match="cache.k=301 is larger than the vocabulary"):
         check_k(parse_config(minimal(**{"cache.k": 301})), 300)
-    sampled = {"cache.estimator": "sampled", "cache.k": 16, "students.0.loss.tail": "sampled"}
+    sampled = {"cache.estimator": "sampled", "cache.k": 16, "cache.samples": 32, "students.0.loss.tail": "sampled"}
     check_k(parse_config(minimal(**sampled, **{"cache.exact_top": 268})), 300)  # 268 + 32 draws
     with pytest.raises(UserError, match=r"cache.exact_top \+ cache.samples = 301 entries per token"):
         check_k(parse_config(minimal(**sampled, **{"cache.exact_top": 269})), 300)
+
+
+def test_cache_estimator_auto_draws_where_every_student_can_learn_from_draws():
+    """cache.estimator: auto (the default) -> `sampled` in cached mode with an in-process
+    teacher when every distilled student takes forward KL at the draws' temperature, else
+    `topk`; each loss.tail: auto follows it, and the run names the reason in one line."""
+    cfg = parse_config(minimal(**{"students.0.loss.adaptive": "entropy"}))
+    assert (cfg.cache.estimator, cfg.cache.samples, cfg.students[0].loss.tail) == ("sampled", 256, "sampled")
+    assert cfg.estimator_note == ("teacher signal: 256 draws per token (cache.estimator: auto; every student can "
+                                  "learn from draws)")
+    baseline = {"name": "ce", "model": {"preset": "dense"}, "baseline": True, "loss": {"divergence": "reverse_kl"}}
+    raw = minimal()
+    raw["students"].append(baseline)  # a CE-only baseline reads no signal: it never stands in the way
+    assert [s.loss.tail for s in parse_config(raw).students] == ["sampled", "sampled"]
+    for over, why in [
+        ({"students.0.loss.divergence": "reverse_kl"}, "students.0.loss.divergence reverse_kl is not estimated"),
+        ({"students.0.loss.divergence": "jsd"}, "students.0.loss.divergence jsd is not estimated"),
+        ({"students.0.loss.tail": "renorm"}, "students.0.loss.tail is renorm"),
+        ({"students.0.loss.temperature": 2.0}, "students.0.loss.temperature 2 differs from cache.sample_temperature 1"),
+        ({"students.0.loss.hard_target": "teacher_argmax"}, "students.0.loss.hard_target is teacher_argmax"),
+        ({"students.0.loss.adaptive": "confidence"}, "students.0.loss.adaptive is confidence"),
+    ]:
+        cfg = check_config(parse_config(minimal(**over)))
+        assert cfg.cache.estimator == "topk", over
+        assert cfg.estimator_note.startswith(f"teacher signal: the top-64 (cache.estimator: auto; {why}"), over
+        assert cfg.students[0].loss.tail in ("bucket", "renorm")
+    # the draws' temperature may be set to the students': then draws again
+    cfg = parse_config(minimal(**{"students.0.loss.temperature": 2.0, "cache.sample_temperature": 2.0}))
+    assert cfg.cache.estimator == "sampled"
+    # online: the teacher hands over its whole distribution (or its top-k); nothing to note here
+    cfg = parse_config(minimal(**{"train.mode": "online"}))
+    assert (cfg.cache.estimator, cfg.students[0].loss.tail, cfg.estimator_note) == ("topk", "bucket", None)
+    # a named estimator is kept, and tail: auto follows it
+    cfg = parse_config(minimal(**{"cache.estimator": "topk"}))
+    assert (cfg.cache.estimator, cfg.students[0].loss.tail, cfg.estimator_note) == ("topk", "bucket", None)
+    # a resolved config reads back as itself (what a checkpoint's hash and --resume see)
+    again = parse_config(parse_config(minimal()).model_dump(mode="json"))
+    assert (again.cache.estimator, again.students[0].loss.tail) == ("sampled", "sampled")
+    # exact_top: a sampled cache's head; refused where the signal is a top-k, naming why
+    assert parse_config(minimal(**{"cache.exact_top": 8})).cache.estimator == "sampled"
+    assert "exact_top: 8 keeps a sampled cache's head exactly; it needs estimator: sampled" in error_of(
+        minimal(**{"cache.exact_top": 8, "cache.estimator": "topk"}))
+    assert ("cache.exact_top: 8 keeps a sampled cache's head exactly, but cache.estimator: auto chose the top-k "
+            "(students.0.loss.divergence tv is not estimated") in error_of(
+        minimal(**{"cache.exact_top": 8, "students.0.loss.divergence": "tv"}))
+
+
+def test_a_server_teacher_gets_the_top_k():
+    """A server returns top-k log-probs only: auto takes the top-k, and `sampled` is refused in
+    one line (it failed deep in `distill cache` before)."""
+    server = {"teacher": {"source": "server", "server": {"url": "http://localhost:1", "model": "m"}}}
+    raw = minimal()
+    raw["teacher"] = server["teacher"]
+    cfg = parse_config(raw)
+    assert cfg.cache.estimator == "topk"
+    assert cfg.estimator_note.endswith("(cache.estimator: auto; a server teacher returns its top-k log-probs only)")
+    raw["cache"] = {"estimator": "sampled"}
+    assert "cache.estimator: sampled draws from the teacher's whole distribution, but a server teacher returns " \
+           "its top-k log-probs only" in error_of(raw)

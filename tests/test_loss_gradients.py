@@ -346,3 +346,22 @@ def test_sampled_draws_depend_only_on_seed_and_key():
     assert not (torch.equal(other.topk_ids, whole.topk_ids) and torch.equal(other.topk_logprobs, whole.topk_logprobs))
     counts = whole.topk_logprobs.exp() * 32
     torch.testing.assert_close(counts.sum(-1), torch.full((6,), 32.0))
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_tail_auto_takes_the_estimator_its_signal_needs(temperature):
+    """loss.tail: auto (the config's default) is `sampled` on a sampled signal and `bucket` on
+    a top-k one: the same values and gradients as naming them."""
+    _, _, _, teacher, labels, _, _ = _problem(7)
+    signals = {"sampled": sample_signal(teacher, 16, temperature, seed=0, keys=torch.arange(N)),
+               "bucket": _signal(teacher, "bucket", temperature)}
+    for named, sig in signals.items():
+        out = []
+        for tail in ("auto", named):
+            student = torch.randn(N, V, dtype=torch.float64, generator=torch.Generator().manual_seed(3),
+                                  requires_grad=True)
+            _, soft = per_token_losses_from_logits(student, sig, labels, None, temperature=temperature, tail=tail)
+            soft.sum().backward()
+            out.append((soft.detach(), student.grad))
+        assert divergences.resolve_tail("auto", sig) == named
+        torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)

@@ -21,6 +21,7 @@ from distill.train.student import student_forward
 from students.build import build_model
 from students.presets import PRESETS
 from teachers import IGNORE, Batch, CachedTeacher, LiveTeacher
+from teachers.cache.format import Sampling
 from tests.hf_models import write_jsonl
 
 VOCAB = 64
@@ -151,22 +152,24 @@ def test_text_blocks_record_documents_and_drop_cross_document_targets(tmp_path):
 
 
 def test_default_run_on_a_jsonl_text_corpus_caches_each_row_alone(cli, tmp_path):
-    """`distill run` with default data settings (documents) on a jsonl `text` corpus: the cache
-    pass scored the second row of a validation block as if it were alone, and training,
-    validation and eval ran with the rows' positions."""
+    """`distill run` with default data and cache settings (documents; cache.estimator: auto,
+    which draws here) on a jsonl `text` corpus: the cache pass scored the second row of a
+    validation block as if it were alone (its draws and entropy are the row's own), and
+    training, validation and eval ran with the rows' positions."""
     corpus = _text_corpus(tmp_path / "corpus.jsonl", n=120)
     tiny = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16}
     cfg = {"data": {"paths": [str(corpus)], "seq_len": 32, "val_fraction": 0.2},
            "teacher": {"source": "preset", "model": {"preset": "behemoth", "args": tiny | {"num_experts": 2}},
                        "pretrain": {"steps": 2, "batch_size": 2}},
-           "cache": {"k": 8},
            "students": [{"name": "s", "model": {"preset": "dense", "args": tiny}}],
            "train": {"steps": 2, "batch_size": 2, "eval_blocks": 2, "checkpoint_every": 0},
            "out_dir": str(tmp_path / "out")}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    r = cli("run", "-c", str(path), "--quiet")
+    r = cli("run", "-c", str(path))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert ("[cache] teacher signal: 256 draws per token (cache.estimator: auto; every student can learn from "
+            "draws)\n") in r.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["scored_tokens"] == "all" and np.isfinite(report["students"]["s"]["val_ppl"])
 
@@ -180,13 +183,23 @@ def test_default_run_on_a_jsonl_text_corpus_caches_each_row_alone(cli, tmp_path)
     a, b = int(starts[1]), int(starts[2])
     block = data.val[[0]]
     cached, _ = CachedTeacher(tmp_path / "out" / "cache", "val").signal(Batch.of(block, [0]))
+    assert cached.kind == "sampled"
     model = Llama4ForCausalLM.from_pretrained(str(tmp_path / "out" / "teacher")).eval()
-    teacher = LiveTeacher(model, 8, len(data.tokenizer), torch.device("cpu"))
+    sampling = Sampling(256, 1.0, seed=0)  # the defaults: cache.samples, T, the run's seed
+    teacher = LiveTeacher(model, 8, len(data.tokenizer), torch.device("cpu"), sampling=sampling)
     ids = torch.where(block < 0, -block - 1, block)[:, :-1]
-    values, top = teacher.topk(ids[:, a:b])  # the row alone
-    k = 8
+    keys = sampling.keys("val", [0], ids.shape[1])  # (1, T): the draws' keys in the cached block
+    alone = teacher.sample(ids[:, a:b], keys[:, a:b])  # the row alone, with the same keys
     # The row's last position predicts the next row's first token, no target: the cache stores
     # only the targets (teachers/cache/rows.py), so compare the row up to it.
     assert Batch.of(block, [0]).labels[0, b - 1] == IGNORE
-    torch.testing.assert_close(cached.topk_logprobs[0, a:b - 1, :k], values[0, :-1], rtol=0, atol=2e-3)  # lossless fp16
-    assert torch.equal(cached.topk_ids[0, a:b - 1, :k], top[0, :-1])
+    vocab = len(data.tokenizer)
+
+    def counts(sig, lo, hi):  # (hi - lo, V): each position's draw frequencies over the vocabulary
+        freq = sig.topk_logprobs[0, lo:hi].exp()
+        return torch.zeros(hi - lo, vocab).scatter_add_(1, sig.topk_ids[0, lo:hi], freq)
+
+    torch.testing.assert_close(counts(cached, a, b - 1), counts(alone, 0, b - a - 1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(cached.entropy[0, a:b - 1], alone.entropy[0, :-1], rtol=0, atol=4e-3)  # fp16
+    in_block = teacher.sample(ids[:, :b], keys[:, :b])  # the row after the one before it, without positions
+    assert not torch.equal(counts(in_block, a, b - 1), counts(alone, 0, b - a - 1))  # so the check can tell

@@ -97,8 +97,8 @@ def test_resume_with_other_config_refused(online_setup):
     assert topk.returncode == 0
     # a random-init student on the top-16: the run says what it may cost, once, and how to avoid it
     assert topk.stdout.count("[train] note: dense start from random init") == 1, topk.stdout
-    assert ("train.online_dense: true, cache.estimator: sampled with cache.samples: 256 (1.00-1.02x the full "
-            "distribution's there), or cache.k: 512") in topk.stdout
+    assert ("train.online_dense: true, cache.estimator: sampled with cache.samples: 256, the default (1.00-1.02x "
+            "the full distribution's there), or cache.k: 512") in topk.stdout
     assert "[train] teacher signal:" not in topk.stdout  # chosen, not picked
 
 
@@ -336,7 +336,8 @@ def test_a_cache_of_another_k_is_refused_and_k_is_part_of_the_run(online_setup, 
     """`distill train` checks the cache's k and encoding against the config (naming both), and
     they are part of the run's identity: a resume after re-caching with another k is refused."""
     work, cfg = online_setup
-    sets = ["--set", f"out_dir={tmp_path / 'o'}", "--set", "train.mode=cached", "--set", "train.steps=2"]
+    sets = ["--set", f"out_dir={tmp_path / 'o'}", "--set", "train.mode=cached", "--set", "train.steps=2",
+            "--set", "cache.estimator=topk"]  # a top-k cache: its k and encoding
     assert run_cli("cache", "-c", str(cfg), "--quiet", *sets).returncode == 0  # k 16
     line = one_line(run_cli("train", "-c", str(cfg), "--quiet", *sets, "--set", "cache.k=8"))
     assert "has k 16 but cache.k is 8" in line, line
