@@ -364,6 +364,7 @@ def main() -> None:
     os.dup2(2, 1)  # library log lines (DeepSpeed's accelerator notice) go to stderr; stdout is the JSON
     if a.quick:
         a.tokens, a.sequences, a.seq_len, a.hidden, a.reps, a.step = 256, 4, 64, "256", 1, "1x64x64"
+        a.samples = min(a.samples, 32)
     result = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
               "device": a.device, "vocab_size": V_LLAMA4}
     if "sizes" not in a.skip:
