@@ -228,8 +228,8 @@ class CacheConfig(_Strict):
     dir: Path | None = Field(None, description="Cache dir. Default: OUT/cache.")
     k: int = Field(64, ge=1, description="Top-k log-probs kept per token (must not exceed the vocab).")
     encoding: str = Field("lossless", description="Shard encoding of a top-k cache: lossless (default), fp16, bf16, compact (lossy, smallest). A sampled cache is always stored as `sampled`.")
-    estimator: Literal["auto", "topk", "sampled"] = Field("auto", description="What the cache keeps per token: the teacher's top-k log-probs (students use tail: bucket or renorm), or `samples` tokens drawn from it (students use tail: sampled; unbiased forward KL). auto (the default): `sampled` in cached mode when every student can learn from draws (forward_kl at cache.sample_temperature, hard_target labels, adaptive not confidence, tail auto or sampled) and the teacher runs in-process, else `topk`; the run says which and why. bench/peer.py measured random-init students at 1.7-2.2x the held-out perplexity of the whole distribution from a top-64 cache and 1.00-1.02x from 256 draws, at a third of the bytes.")
-    samples: int = Field(256, ge=1, le=4096, description="estimator: sampled: draws per token (256: students within 2% of the whole distribution in bench/peer.py; 32: within 10-20%, at about a third of the bytes).")
+    estimator: Literal["auto", "topk", "sampled"] = Field("auto", description="What the cache keeps per token: the teacher's top-k log-probs (students use tail: bucket or renorm), or `samples` tokens drawn from it (students use tail: sampled; unbiased forward KL). auto (the default): `sampled` in cached mode when every student can learn from draws (forward_kl at cache.sample_temperature, hard_target labels, adaptive not confidence, tail auto or sampled) and the teacher is not a server (teacher.source: cache expects a sampled cache too), else `topk`; `distill cache` says which and why. bench/peer.py measured random-init students at 1.7-2.2x the held-out perplexity of the whole distribution from a top-64 cache and 1.00-1.03x from 256 draws.")
+    samples: int = Field(256, ge=1, le=4096, description="estimator: sampled: draws per token (256: students within 1-3% of the whole distribution's perplexity in bench/peer.py; 32: within 10-20%, at about a third of the bytes there).")
     exact_top: int = Field(0, ge=0, le=4096, description="estimator: sampled: the teacher's most likely ids kept with their exact probabilities; the draws then come from the rest of the distribution (still unbiased, with less variance: none on these ids). 0: every entry drawn.")
     sample_temperature: float = Field(1.0, gt=0.0, le=100.0, description="estimator: sampled: the temperature the draws are made at; every student's loss.temperature must equal it.")
     sample_seed: int | None = Field(None, description="estimator: sampled: seed of the draws (part of the cache's identity). null: the run's `seed`; set it to rerun students with other seeds from one cache.")
@@ -411,7 +411,7 @@ def _auto_estimator(cfg: "RunConfig") -> tuple[str, str]:
     """cache.estimator: auto -> (`sampled` or `topk`, why).  Draws wherever every student can
     learn from them: bench/peer.py (BENCHMARKS.md) measured random-init students from a top-64
     cache at 1.7-2.2x the held-out perplexity of the whole distribution, and from 256 draws at
-    1.00-1.02x, at a third of the bytes.  Else the top-k, and `why` names the key that needs it."""
+    1.00-1.03x.  Else the top-k, and `why` names the key that needs it."""
     from losses import DIVERGENCES  # the registry says which divergences draws estimate without bias
 
     if cfg.train.mode == "online":

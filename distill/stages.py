@@ -90,6 +90,12 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
     remote = server_teacher(cfg) if cfg.teacher.source == "server" else None  # checked before anything is written
     data = prepare(cfg, progress) if data is None else data
     check_k(cfg, vocab_size_of(data.tokenizer))
+    if cfg.estimator_note and not overwrite:  # a cache made before auto was the default: keep it, or redo it
+        have = _estimator_of(cfg.layout.cache)
+        if have not in (None, cfg.cache.estimator):
+            raise UserError(f"cache at {cfg.layout.cache} holds a {have} signal but cache.estimator: auto chose "
+                            f"{cfg.cache.estimator}; set cache.estimator: {have} to use it, or pass --overwrite to "
+                            f"redo the teacher pass")
     if progress and is_leader() and cfg.estimator_note:
         print(f"[cache] {cfg.estimator_note}", file=sys.stderr, flush=True)
     sharded = cfg.teacher.sharding == "zero3"
@@ -126,6 +132,20 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
 # ----------------------------------------------------------------------------- students
 
 
+def _estimator_of(cache_dir: Path) -> str | None:
+    """"topk" or "sampled": what the cache at cache_dir (complete or begun) holds; None: no cache."""
+    from teachers.cache.format import Sampling
+
+    manifests = sorted(cache_dir.glob("manifest*.json")) if cache_dir.is_dir() else []
+    for path in manifests:
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a torn manifest: the writer reports it
+        return "topk" if Sampling.of_manifest(manifest) is None else "sampled"
+    return None
+
+
 def check_online_sharding(cfg: RunConfig) -> None:
     """Refused before anything is written: a ZeRO-3 teacher serves `distill cache` only."""
     if cfg.train.mode == "online" and cfg.teacher.sharding != "none":
@@ -138,13 +158,13 @@ def open_cached_teachers(cfg: RunConfig, data: PackedData) -> tuple[CachedTeache
     cache_dir = cfg.layout.cache
     if not (cache_dir / "manifest.json").exists():
         raise UserError(f"no cache at {cache_dir}; run `distill cache` first or set train.mode: online")
-    identity = None if cfg.teacher.source == "cache" else cache_identity(cfg, data)
-    train, val = CachedTeacher(cache_dir, "train", identity), CachedTeacher(cache_dir, "val", identity)
-    have = "topk" if train.reader.sampling is None else "sampled"
+    have = _estimator_of(cache_dir)  # before the identity check, whose message would not name the key
     if have != cfg.cache.estimator:
         chosen = " (chosen by cache.estimator: auto)" if cfg.estimator_note else ""
         raise UserError(f"cache at {cache_dir} holds a {have} signal but cache.estimator is {cfg.cache.estimator}"
                         f"{chosen}; set cache.estimator: {have}, or rerun `distill cache --overwrite`")
+    identity = None if cfg.teacher.source == "cache" else cache_identity(cfg, data)
+    train, val = CachedTeacher(cache_dir, "train", identity), CachedTeacher(cache_dir, "val", identity)
     manifest = train.reader.manifest
     if have == "topk":  # what the students read must be what the config says: never an old cache's k silently
         for key, want in (("k", cfg.cache.k), ("encoding", cfg.cache.encoding)):

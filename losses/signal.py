@@ -288,9 +288,13 @@ def _inverse_cdf(blocks: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     (all but 1 of 338k draws on Zipf-like rows at V = 300 to 202,048; tests/test_signal_draws.py)."""
     rows, nb, _ = blocks.shape
     fine = blocks.view(rows, nb * _CDF_SUB, _CDF_SUB)  # (N, nb * 16, 16)
-    # The sub-block masses as one fp32 matrix-vector product (a reduction over a last dim of 16
-    # ran 10x slower); the inner level's fp64 sums may end 1e-6 relative past them: `_search`.
-    sub = (fine @ fine.new_ones(_CDF_SUB, 1)).view(rows, nb, _CDF_SUB).double()  # (N, nb, 16)
+    # The sub-block masses in fp32, on CPU as one matrix-vector product (a reduction over a last
+    # dim of 16 ran 10x slower there), with autocast off (a bf16 product would bias the draws);
+    # on an accelerator a plain sum (no TF32).  The inner level's fp64 sums may end 1e-6
+    # relative past them: `_search`.
+    with torch.autocast(fine.device.type, enabled=False):
+        sub = fine @ fine.new_ones(_CDF_SUB, 1) if fine.device.type == "cpu" else fine.sum(-1)
+    sub = sub.reshape(rows, nb, _CDF_SUB).double()  # (N, nb, 16)
     block_cdf = sub.sum(-1).cumsum(-1)  # (N, nb)
     u = u * block_cdf[:, -1:]
     which = _search(block_cdf, u)  # (N, n)

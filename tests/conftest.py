@@ -239,7 +239,7 @@ def online_setup(stdlib_corpus, tmp_path_factory):
     cfg = {
         "seed": 3, "data": {"paths": [str(stdlib_corpus)], "seq_len": 32},
         "teacher": {"source": "checkpoint", "path": str(teacher_dir)},
-        "cache": {"k": 16},
+        "cache": {"k": 16, "samples": 32},  # cache.estimator: auto draws here; 32 a token keeps the tests quick
         "students": [{"name": "dense", "model": {"preset": "dense", "args": student},
                       "optim": {"lr": 3e-3, "warmup_steps": 1}}],
         "train": {"mode": "online", "steps": 4, "batch_size": 4, "eval_every": 0, "eval_blocks": 2,

@@ -339,6 +339,14 @@ def test_a_cache_of_another_k_is_refused_and_k_is_part_of_the_run(online_setup, 
     sets = ["--set", f"out_dir={tmp_path / 'o'}", "--set", "train.mode=cached", "--set", "train.steps=2",
             "--set", "cache.estimator=topk"]  # a top-k cache: its k and encoding
     assert run_cli("cache", "-c", str(cfg), "--quiet", *sets).returncode == 0  # k 16
+    # the default (cache.estimator: auto) would draw here: a top-k cache already made is named, not redone
+    auto = sets[:-2]
+    line = one_line(run_cli("cache", "-c", str(cfg), "--quiet", *auto))
+    assert line.endswith("holds a topk signal but cache.estimator: auto chose sampled; set cache.estimator: topk "
+                         "to use it, or pass --overwrite to redo the teacher pass"), line
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", *auto))
+    assert line.endswith("holds a topk signal but cache.estimator is sampled (chosen by cache.estimator: auto); "
+                         "set cache.estimator: topk, or rerun `distill cache --overwrite`"), line
     line = one_line(run_cli("train", "-c", str(cfg), "--quiet", *sets, "--set", "cache.k=8"))
     assert "has k 16 but cache.k is 8" in line, line
     line = one_line(run_cli("train", "-c", str(cfg), "--quiet", *sets, "--set", "cache.encoding=compact"))

@@ -70,3 +70,15 @@ def test_a_value_past_the_end_lands_on_the_last_entry_of_positive_mass():
     cdf = torch.tensor([[0.0, 0.25, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
     v = torch.tensor([[0.0, 0.3, 0.5, 0.7], [0.0, 0.1, 0.2, 0.3]], dtype=torch.float64)
     assert _search(cdf, v).tolist() == [[1, 2, 2, 2], [0, 0, 0, 0]]  # no mass at all: the first entry
+
+
+def test_draws_under_bf16_autocast_are_the_fp32_draws():
+    """The live teacher draws inside its autocast context (bf16 on an accelerator, or
+    train.precision: bf16): the sampler's sums must not drop to bf16 there, which moved about
+    one draw in seven to another id."""
+    logits = _zipf_logits(32, 4096, seed=5)
+    keys = torch.arange(32)
+    plain = sample_signal(logits, 256, 1.0, seed=2, keys=keys)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = sample_signal(logits, 256, 1.0, seed=2, keys=keys)
+    assert torch.equal(plain.topk_ids, under.topk_ids) and torch.equal(plain.topk_logprobs, under.topk_logprobs)

@@ -203,6 +203,9 @@ def test_report_says_what_agreement_and_kl_are_measured_against():
     assert signal_description(CacheConfig(k=16), SimpleNamespace(keep_dense=True)) == "the teacher's whole distribution (exact)"
     sampled = signal_description(CacheConfig(estimator="sampled", samples=8, sample_temperature=0.5), SimpleNamespace(keep_dense=False))
     assert sampled.startswith("8 draws a token from the teacher at T = 0.5 ") and "own row shows the estimate's noise" in sampled
+    # a cache is described by what it holds, not by what the config now says (an older top-k cache)
+    old_cache = SimpleNamespace(reader=SimpleNamespace(sampling=None, manifest={"k": 8}))
+    assert signal_description(CacheConfig(estimator="sampled"), old_cache).startswith("the teacher's top 8 log-probs")
     md = render_markdown({"students": {"ok": {"kind": "dense"}}, "teacher_signal": sampled})
     assert f"Agreement and KL to the teacher are measured against {sampled}." in md
     assert "measured against" not in render_markdown({"students": {"ok": {"kind": "dense"}}})  # an older report.json

@@ -27,6 +27,7 @@ from losses.difficulty import STATS
 from students.build import load_causal_lm
 from students.presets import param_counts
 from teachers import CachedTeacher, LiveTeacher, Teacher
+from teachers.cache.format import Sampling
 
 KIND_OF_PRESET = {"scout": "scout", "maverick": "maverick", "dense": "dense", "dense_llama4": "dense",
                   "behemoth": "behemoth"}
@@ -46,12 +47,19 @@ def signal_description(cache: CacheConfig, teacher: Teacher) -> str:
     a sampled signal's noise shows in the teacher's own row, which a reader should be told."""
     if getattr(teacher, "keep_dense", False):
         return "the teacher's whole distribution (exact)"
-    if cache.estimator == "sampled":
-        head = f"its top {cache.exact_top} exactly and " if cache.exact_top else ""
-        return (f"{head}{cache.samples} draws a token from the teacher at T = {cache.sample_temperature:g} "
+    reader = getattr(teacher, "reader", None)  # a cache: what it holds, whatever the config now says
+    if reader is not None:
+        draws, k = reader.sampling, reader.manifest["k"]
+    else:  # the live teacher draws or takes the top-k as the config says
+        draws = Sampling(cache.samples, cache.sample_temperature, 0, cache.exact_top) \
+            if cache.estimator == "sampled" else None
+        k = cache.k
+    if draws is not None:
+        head = f"its top {draws.exact_top} exactly and " if draws.exact_top else ""
+        return (f"{head}{draws.n} draws a token from the teacher at T = {draws.temperature:g} "
                 f"(cache.estimator: sampled): agreement is with the most frequent draw and KL an unbiased "
                 f"estimate at that temperature, so the teacher's own row shows the estimate's noise, not 1 and 0")
-    return f"the teacher's top {cache.k} log-probs, the rest of its mass as one outcome"
+    return f"the teacher's top {k} log-probs, the rest of its mass as one outcome"
 
 
 def _has_chat(data, held_out) -> bool:
