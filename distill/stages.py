@@ -27,6 +27,7 @@ from distill.train.on_policy import on_policy_source
 from distill.train.selection import DataView, plan_views
 from distill.train.setup import build_students, loop_config, make_student
 from teachers import CachedTeacher, LiveTeacher, Teacher
+from teachers.cache.format import Sampling
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -134,8 +135,6 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
 
 def _estimator_of(cache_dir: Path) -> str | None:
     """"topk" or "sampled": what the cache at cache_dir (complete or begun) holds; None: no cache."""
-    from teachers.cache.format import Sampling
-
     manifests = sorted(cache_dir.glob("manifest*.json")) if cache_dir.is_dir() else []
     for path in manifests:
         try:
