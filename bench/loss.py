@@ -6,6 +6,12 @@ Variants, all from final hidden states (BT, H) and an lm_head (V, H), then `loss
   kd_generic  the same KD through the autograd fallback (the divergence registered without
               its closed form): what every divergence cost before the analytic path
   naive       logits = hidden @ W.T at once, upcast, hard CE + divergence (memory reference)
+  liger_ce    Liger-Kernel's LigerFusedLinearCrossEntropyLoss (hard CE only), when liger_kernel
+              is installed and the device is CUDA
+  liger_jsd   Liger-Kernel's LigerFusedLinearJSD (its default beta 0.5, no hard term) from the
+              student's hidden states and lm_head and a teacher's (BT, H) hidden states and
+              (V, H) lm_head: the teacher's logits are computed inside it, as in Liger's own
+              benchmark, whose figures are the anchor below
 
 Time: one process per vocabulary; ce, kd and kd_generic steps are interleaved --iters times
 after one warm-up each, and medians are reported, so load on the machine hits all of them
@@ -42,6 +48,32 @@ from losses.signal import log_normalize_  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TIMED = ("ce", "kd", "kd_generic")
+LIGER = ("liger_ce", "liger_jsd")
+
+
+_LIGER_PROBE: dict[str, str] = {}
+
+
+def liger_variants(device: str) -> tuple[str, ...]:
+    """Liger-Kernel's fused losses, where they run: liger_kernel importable and a CUDA device,
+    and both losses run forward and backward on a tiny case there (a Liger build that does
+    not match this torch/triton is reported, not allowed to sink the other variants)."""
+    if not device.startswith("cuda"):
+        return ()
+    if device not in _LIGER_PROBE:
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD
+
+            h = torch.randn(8, 16, device=device, requires_grad=True)
+            w = torch.randn(32, 16, device=device, requires_grad=True)
+            labels = torch.randint(0, 32, (8,), device=device)
+            LigerFusedLinearCrossEntropyLoss()(w, h, labels).backward()
+            LigerFusedLinearJSD()(h, w, torch.randn(8, 16, device=device), torch.randn(32, 16, device=device),
+                                  None).backward()
+            _LIGER_PROBE[device] = "ok"
+        except Exception as e:  # ImportError, or a kernel that fails on this device
+            _LIGER_PROBE[device] = f"{type(e).__name__}: {e}"[:300]
+    return LIGER if _LIGER_PROBE[device] == "ok" else ()
 
 
 def _rss_bytes() -> int:
@@ -73,11 +105,25 @@ def _inputs(args, vocab: int, device):
         signal.dense_entropy = log_normalize_(signal.logits)
     labels = torch.randint(0, vocab, (args.bt,), generator=g, device=device)
     mask = torch.ones(args.bt, dtype=torch.bool, device=device)
-    return hidden.requires_grad_(True), weight.requires_grad_(True), signal, labels, mask
+    teacher = None
+    if liger_variants(str(device)):  # Liger's JSD takes the teacher's hidden states and lm_head, not its logits
+        teacher = (torch.randn(args.bt, args.hidden, generator=g, device=device, dtype=dtype),  # (BT, H)
+                   torch.randn(vocab, args.hidden, generator=g, device=device, dtype=dtype) / args.hidden**0.5)  # (V, H)
+    return hidden.requires_grad_(True), weight.requires_grad_(True), signal, labels, mask, teacher
 
 
-def _step(variant, args, hidden, weight, signal, labels, mask):
+def _step(variant, args, hidden, weight, signal, labels, mask, teacher):
     kw = {"temperature": args.temperature, "tail": args.tail}
+    if variant in LIGER:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD
+
+        if variant == "liger_ce":
+            total = LigerFusedLinearCrossEntropyLoss()(weight, hidden, labels)
+        else:
+            total = LigerFusedLinearJSD(temperature=args.temperature)(hidden, weight, *teacher, None)  # no labels
+        total.backward()
+        hidden.grad = weight.grad = None
+        return
     if variant == "naive":
         logits = (hidden @ weight.T).float()  # (BT, V)
         hard = hard_ce(logits, labels)
@@ -118,11 +164,12 @@ def measure_times(args) -> dict:
     device = torch.device(args.device)
     inputs = _inputs(args, args.vocab[0], device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: dict[str, list[float]] = {v: [] for v in TIMED}
-    for v in TIMED:  # warm-up
+    variants = TIMED + liger_variants(args.device)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for v in variants:  # warm-up
         _step(v, args, *inputs)
     for _ in range(args.iters):
-        for v in TIMED:
+        for v in variants:
             sync()
             t0 = time.perf_counter()
             _step(v, args, *inputs)
@@ -136,6 +183,14 @@ def _subprocess(vocab: int, variant: str | None, env: dict) -> dict:
            "memory" if variant else "time"] + (["--variant", variant] if variant else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _liger_version(device: str) -> str:
+    if not liger_variants(device):
+        return f"not run (needs liger_kernel installed and a CUDA device): {_LIGER_PROBE.get(device, 'not CUDA')}"
+    from importlib.metadata import version
+
+    return version("liger_kernel")
 
 
 def main() -> None:
@@ -154,7 +209,9 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--iters", type=int, default=5, help="interleaved timed rounds after one warm-up")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
-    p.add_argument("--variant", choices=["naive", *TIMED], help=argparse.SUPPRESS)
+    p.add_argument("--memory-variants", nargs="+", default=None, choices=["ce", "kd", "kd_generic", "naive", *LIGER],
+                   help="the variants whose peak memory is measured (default: all that run here)")
+    p.add_argument("--variant", choices=["naive", *TIMED, *LIGER], help=argparse.SUPPRESS)
     p.add_argument("--measure", choices=["memory", "time"], help=argparse.SUPPRESS)
     args = p.parse_args()
     _register_generic(args.divergence)
@@ -168,15 +225,17 @@ def main() -> None:
         "shape": {"bt": args.bt, "hidden": args.hidden, "k": args.k, "dtype": args.dtype},
         "loss": {"divergence": args.divergence, "signal": args.signal, "tail": args.tail, "temperature": args.temperature,
                  "hard": "labels"},
-        "iters": args.iters,
+        "iters": args.iters, "liger": _liger_version(args.device),
     }
     mmap_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     for vocab in args.vocab:
-        row = {"chunk": args.chunk or auto_chunk_size(vocab), **_subprocess(vocab, None, dict(os.environ))}
+        row = {"chunk": args.chunk or auto_chunk_size(vocab, args.device), **_subprocess(vocab, None, dict(os.environ))}
         row["kd_over_ce"] = round(row["kd_ms"] / row["ce_ms"], 3)
         row["kd_generic_over_ce"] = round(row["kd_generic_ms"] / row["ce_ms"], 3)
         if not args.no_memory:
-            row["peak_mb"] = {v: _subprocess(vocab, v, mmap_env)["peak_mb"] for v in ("ce", "kd", "kd_generic", "naive")}
+            wanted = args.memory_variants or ("ce", "kd", "kd_generic", "naive", *LIGER)
+            row["peak_mb"] = {v: _subprocess(vocab, v, mmap_env)["peak_mb"] for v in wanted
+                              if v not in LIGER or v in liger_variants(args.device)}
         result[f"V={vocab}"] = row
     print(json.dumps(result, indent=2))
 

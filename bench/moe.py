@@ -36,6 +36,7 @@ from transformers import Llama4ForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from students.build import build_model, expert_load  # noqa: E402
+from students.sparse_moe import grouped_mm_available  # noqa: E402
 from students.presets import dense_llama4, maverick, param_counts, scout  # noqa: E402
 
 SHAPE = dict(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32,
@@ -190,6 +191,9 @@ def main() -> None:
         "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor(),
         "batch": batch, "seq": seq, "steps": args.steps, "warmup": args.warmup, "quick": args.quick,
         "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"),
+        # which expert kernel the sparse path can take (students/sparse_moe.py's `_choose_path`)
+        "grouped_mm": grouped_mm_available(torch.device(args.device),
+                                           torch.bfloat16 if args.device == "cuda" else torch.float32),
     }
     busy, own, start = _busy_seconds(), sum(os.times()[:4]), time.perf_counter()
     report["cases"] = {name: run_case(name, shape, batch, seq, args) for name in args.cases}

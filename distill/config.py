@@ -136,7 +136,7 @@ class LossConfig(_Strict):
     hard_target: Literal["labels", "teacher_argmax"] = Field("labels", description="Hard target: ground-truth next tokens or the teacher's top-1.")
     soft_weight: ScheduleConfig = Field(default_factory=ScheduleConfig, description="w_soft(t); w_hard(t) = 1 - w_soft(t). start > end goes soft -> hard, start < end hard -> soft.")
     adaptive: Literal["none", "confidence", "entropy", "disagreement"] = Field("none", description="Per-token soft weights following the teacher, normalised so their mean is w_soft(t).")
-    chunk_size: int | None = Field(None, ge=1, description="Tokens per chunk of [tokens, vocab] logits held at once; null: chosen from the vocabulary and a 256 MiB budget (losses.chunked.auto_chunk_size).")
+    chunk_size: int | None = Field(None, ge=1, description="Tokens per chunk of [tokens, vocab] logits held at once; null: chosen from the vocabulary and a budget of 256 MiB on a CPU, 2 GiB on a GPU (losses.chunked.auto_chunk_size).")
     balance_weight: float = Field(0.01, ge=0.0, description="Switch-style MoE load-balancing loss weight (MoE students).")
     z_weight: float = Field(0.001, ge=0.0, description="Router z-loss weight (MoE students).")
     bias_update_rate: float = Field(0.0, ge=0.0, description="DeepSeek-V3 aux-loss-free balancing: expert-bias step per update (0 = off).")

@@ -63,14 +63,24 @@ from losses.hard import hard_labels
 from losses.signal import TeacherSignal
 
 # Default memory budget for the (C, V) buffers a chunk holds at once (logits, their fp32
-# copy, probabilities/gradient): the chunk size follows from it and the vocabulary.
+# copy, probabilities/gradient): the chunk size follows from it and the vocabulary.  On a
+# CPU a small chunk keeps them near the caches; on an accelerator each chunk costs kernel
+# launches and a (C, H) x (H, V) matmul too small to fill the device, so it gets 8x the
+# budget: at Liger's shape (BT 8192, H 4096, V 128,256, bf16) on an H200, 160-token chunks
+# took 133 ms (CE) / 160 ms (KD) and 1,392-token ones 73 / 76 ms at 3.4 GB peak (BENCHMARKS.md).
 CHUNK_BUDGET_BYTES = 256 << 20
+ACCELERATOR_CHUNK_BUDGET_BYTES = 2 << 30
 _LIVE_BUFFERS = 3  # (C, V) fp32-sized buffers alive at once in backward
 
 
-def auto_chunk_size(vocab_size: int, budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:
-    """Tokens per chunk so that the chunk's (C, V) buffers fit `budget_bytes`: a multiple of
-    16, at least 16 (at V = 128,256 and 256 MiB: 160 tokens; at V = 4,096: 5,456)."""
+def auto_chunk_size(vocab_size: int, device: torch.device | str | None = None, budget_bytes: int | None = None) -> int:
+    """Tokens per chunk so that the chunk's (C, V) buffers fit the budget (`budget_bytes`, else
+    CHUNK_BUDGET_BYTES on a CPU or no device, ACCELERATOR_CHUNK_BUDGET_BYTES elsewhere): a
+    multiple of 16, at least 16 (V = 128,256: 160 tokens on a CPU, 1,392 on a GPU; V = 4,096:
+    5,456 and 43,680)."""
+    if budget_bytes is None:
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        budget_bytes = CHUNK_BUDGET_BYTES if on_cpu else ACCELERATOR_CHUNK_BUDGET_BYTES
     c = budget_bytes // (_LIVE_BUFFERS * 4 * max(vocab_size, 1))
     return max(16, c // 16 * 16)
 
@@ -421,7 +431,7 @@ def _spans(n: int, chunk: int) -> list[tuple[int, int]]:
 
 def _run_chunks(rows, weight, bias, signal, targets, mask, plan, chunk_size):
     vocab = rows.shape[-1] if weight is None else weight.shape[0]
-    chunk_size = auto_chunk_size(vocab) if chunk_size is None else chunk_size
+    chunk_size = auto_chunk_size(vocab, rows.device) if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     n = rows.shape[0]
@@ -470,7 +480,7 @@ def per_token_losses(
     padding (may be None with hard_target="teacher_argmax").  mask: (N,) bool or None.
     divergence / temperature / tail / **div_params: see `losses.divergences`.
     hard_target: "labels" | "teacher_argmax" (see `losses.hard`).  chunk_size: tokens per
-    chunk; None picks it from the vocabulary and CHUNK_BUDGET_BYTES (`auto_chunk_size`).
+    chunk; None picks it from the vocabulary and the device (`auto_chunk_size`).
 
     Returns `(hard, soft)`, each (N,) fp32, 0 at masked tokens.  Equal to computing
     `hidden @ lm_head_weight.T` at once and applying the same losses; never holds more than a

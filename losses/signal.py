@@ -337,7 +337,8 @@ def sample_signal(logits: torch.Tensor, n: int, temperature: float, seed: int, k
     zeros, then the entropy (one dot product), the difficulty and the draws, all from them.
     """
     lead, vocab = logits.shape[:-1], logits.shape[-1]
-    flat, flat_keys = logits.reshape(-1, vocab), keys.reshape(-1)
+    flat = logits.reshape(-1, vocab)
+    flat_keys = keys.reshape(-1).to(flat.device)  # the uniforms are made where the logits are
     flat_targets = None if targets is None else targets.reshape(-1, 1).to(flat.device)
     tokens, padded = flat.shape[0], vocab + (-vocab) % _CDF_BLOCK
     # rows a chunk: (r, V) fp32 buffers of ~2M entries (32M on an accelerator), and the draws'

@@ -49,6 +49,19 @@ def test_loss_bench_compares_kd_with_ce_through_the_same_code():
     row = out["V=2000"]
     assert {"ce_ms", "kd_ms", "kd_generic_ms", "kd_over_ce", "chunk"} <= set(row)
     assert set(row["peak_mb"]) == {"ce", "kd", "kd_generic", "naive"}
+    assert out["liger"].startswith("not run")  # Liger's fused losses run beside ours on CUDA only
+    some = _json_of(ROOT / "bench" / "loss.py", "--bt", 64, "--hidden", 16, "--vocab", 2000, "--k", 8, "--iters", 1,
+                    "--memory-variants", "kd", "liger_jsd")["V=2000"]
+    assert set(some["peak_mb"]) == {"kd"} and some["chunk"] == 11184  # auto_chunk_size(2000) on a CPU
+
+
+def test_sampling_bench_times_the_on_policy_path():
+    """bench/sampling.py --quick: the students' seeded sampling, stock sampling, and one on-policy
+    step (every student samples, one teacher forward) on the CPU."""
+    out = _json_of(ROOT / "bench" / "sampling.py", "--quick")
+    assert all(out[k]["tokens_per_s"] > 0 for k in ("sample", "sample_bf16", "stock_sample"))
+    step = out["step"]  # 2 students x 4 prompts x 8 new tokens, none stopped early by EOS
+    assert step["sampled_tokens"] <= 2 * 4 * 8 and step["sampled_tokens"] > 0 and step["teacher_s"] > 0
 
 
 def test_step_bench_runs_both_students():

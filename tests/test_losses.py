@@ -530,6 +530,27 @@ def test_chunked_saves_no_full_vocab_tensors_for_backward():
     assert chunked < chunk * 200  # ... and the chunked path keeps none, not even a chunk's
 
 
+def test_auto_chunk_size_follows_the_device(monkeypatch):
+    """A CPU keeps a chunk's (C, V) fp32 buffers within 256 MiB; an accelerator gets 2 GiB (small
+    chunks left an H200 at 1.8x the time at Liger's shape, BENCHMARKS.md); the chunked loss asks
+    with the device its rows are on."""
+    import losses.chunked as chunked
+
+    assert chunked.auto_chunk_size(128_256) == chunked.auto_chunk_size(128_256, "cpu") == 160
+    assert chunked.auto_chunk_size(128_256, torch.device("cuda")) == chunked.auto_chunk_size(128_256, "cuda:1") == 1392
+    assert chunked.auto_chunk_size(128_256, "cuda", budget_bytes=256 << 20) == 160
+    for vocab in (4_096, 49_152, 202_048):
+        for device, budget in (("cpu", 256 << 20), ("cuda", 2 << 30)):
+            c = chunked.auto_chunk_size(vocab, device)
+            assert c % 16 == 0 and 3 * 4 * vocab * c <= budget < 3 * 4 * vocab * (c + 16)
+    asked = []
+    real = chunked.auto_chunk_size
+    monkeypatch.setattr(chunked, "auto_chunk_size", lambda vocab, device=None: asked.append((vocab, device)) or real(vocab, device))
+    hidden, weight, _, sig, labels, _ = _head_problem(n=16, v=200)
+    per_token_losses(hidden, weight, sig, labels, None)
+    assert asked == [(200, hidden.device)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("divergence", sorted(DIVERGENCES))
 def test_chunked_grads_finite_at_extreme_logits(divergence, dtype):

@@ -37,7 +37,7 @@ def evaluate_model(model, blocks: torch.Tensor, teacher: Teacher | None = None, 
     (chunk_size, V) fp32 logits exist at once,
     never (B, T, V): a vocabulary and batch that trained fine also evaluate."""
     device = device or next(model.parameters()).device
-    chunk_size = chunk_size or auto_chunk_size(model.lm_head.weight.shape[0])
+    chunk_size = chunk_size or auto_chunk_size(model.lm_head.weight.shape[0], device)
     was_training = model.training
     model.eval()
     ce_sum, n_tok, agree, kl_sum, n_sig = 0.0, 0, 0, 0.0, 0
