@@ -168,40 +168,51 @@ class SampledCodec:
         """-> (ids (n*group, k) int64 ascending, padding 0; log(count / k) (.., k) fp32,
         padding -inf) for the selected groups; k is the number of draws.  log_mass (n*group,)
         fp64: added to each token's log-frequencies before they are rounded to fp32, as the
-        sampler adds it (the tail's mass under an exact head)."""
+        sampler adds it (the tail's mass under an exact head).
+
+        Entries (a token's distinct ids) come out token-major, so group-major: per-entry
+        values are built with np.repeat over counts, never by fancy-indexing with a token or
+        group index per entry, and land in a token's first u columns through one boolean mask
+        (a flat teacher has ~k entries a token: these passes are the read's cost)."""
         offsets = np.asarray(arrays["offsets"])
         sel = np.arange(offsets.shape[0] - 1) if groups is None else np.asarray(groups, np.int64)
         rows = (sel[:, None] * group + np.arange(group)).reshape(-1)
         n_rows = len(rows)
         bits = np.unpackbits(np.asarray(arrays["runs"])[rows], axis=1)[:, :k].astype(bool)  # (R, k)
-        u = bits.sum(1)  # distinct ids per token
-        tok, end = np.nonzero(bits)  # run ends, token-major and ascending within a token
-        first = np.r_[True, tok[1:] != tok[:-1]] if len(tok) else np.zeros(0, bool)
-        counts = np.where(first, end + 1, end - np.r_[-1, end[:-1]])
-        col = np.arange(len(tok)) - np.repeat(np.cumsum(u) - u, u)  # entry index within its token
-        g_of = tok // group  # index into `sel`
-        # Unary quotients: the ones of each group's segment, in order.
+        u = bits.sum(1)  # (R,) distinct ids per token
+        tok, end = np.nonzero(bits)  # (M,) run ends, token-major and ascending within a token
+        token_first = np.cumsum(u) - u  # (R,) index of each token's first entry
+        has = u > 0
+        counts = np.diff(end, prepend=-1)  # draws per distinct id: run end - previous run end ...
+        counts[token_first[has]] = end[token_first[has]] + 1  # ... from -1 at a token's first
+        per_group = u.reshape(len(sel), group).sum(1)  # (G,) entries per selected group
+        seg_first = np.cumsum(per_group) - per_group  # (G,) index of each group's first entry
+        # Unary quotients: the ones of each group's segment, in order; q = zeros before each one.
         ubuf, ulocal = gather_segments(arrays["id_unary"], offsets[sel, 0], offsets[sel + 1, 0])
         ones = np.flatnonzero(np.unpackbits(ubuf))
-        per_group = np.bincount(g_of, minlength=len(sel))
-        if len(ones) < per_group.sum():
+        if len(ones) < len(tok):
             raise ValueError("sampled id stream is shorter than its run bits say")
-        seg_first = np.cumsum(per_group) - per_group
-        is_first = np.zeros(len(tok), bool)
-        is_first[seg_first[per_group > 0]] = True
         ones = ones[: len(tok)]  # trailing padding holds no ones; a corrupt stream is caught above
-        prev_one = np.where(is_first, 8 * ulocal[g_of] - 1, np.r_[-1, ones[:-1]])
-        q = ones - prev_one - 1
-        b = np.asarray(arrays["rice"])[rows][tok].astype(np.int64)
+        q = np.diff(ones, prepend=-1) - 1
+        filled = per_group > 0
+        q[seg_first[filled]] = ones[seg_first[filled]] - 8 * ulocal[filled]  # from the segment's start
+        # Rice remainders: b bits each, b the token's parameter, packed group by group.
+        b = np.repeat(np.asarray(arrays["rice"])[rows].astype(np.int64), u)  # (M,)
         rbuf, rlocal = gather_segments(arrays["id_rem"], offsets[sel, 1], offsets[sel + 1, 1])
-        pos = 8 * rlocal[g_of] + _within(g_of, b, len(sel))
-        r = read_varwidth(windows32(rbuf), pos, b)
-        step = (q << b) + r + 1  # id - previous id
+        b_before = np.cumsum(b) - b  # (M,) remainder bits before each entry, over all groups
+        group_start = 8 * rlocal - np.r_[b_before, 0][seg_first]  # (G,) bit where each segment's fields start, shifted
+        r = read_varwidth(windows32(rbuf), b_before + np.repeat(group_start, per_group), b)
+        step = (q << b) + r + 1  # (M,) id - previous id in the token (the first: id + 1)
         csum = np.cumsum(step)
-        token_base = np.repeat(np.r_[0, csum][np.cumsum(u) - u], u)  # csum before each token's first id
-        ids_flat = csum - token_base - 1
+        ids_flat = csum - np.repeat(np.r_[0, csum][token_first], u) - 1
+        present = np.arange(k) < u[:, None]  # (R, k) a token's first u columns, in entry order
         ids = np.zeros((n_rows, k), np.int64)
         logp = np.full((n_rows, k), -np.inf, np.float32)
-        ids[tok, col] = np.minimum(ids_flat, vocab_size - 1)  # corrupt input must not index past V
-        logp[tok, col] = (np.log(counts / k) + (0.0 if log_mass is None else log_mass[tok])).astype(np.float32)
+        ids[present] = np.minimum(ids_flat, vocab_size - 1)  # corrupt input must not index past V
+        if log_mass is None:
+            with np.errstate(divide="ignore"):
+                table = np.log(np.arange(k + 1) / k).astype(np.float32)  # log(count / k), count 0..k
+            logp[present] = table[np.minimum(counts, k)]
+        else:
+            logp[present] = (np.log(counts / k) + log_mass[tok]).astype(np.float32)
         return ids, logp
