@@ -40,9 +40,9 @@ run() {  # NAME CAP_SECONDS CMD...: stdout to LOGS/NAME.json, stderr to LOGS/NAM
   local left=$((BUDGET - (SECONDS - start)))
   ((left < cap)) && cap=$left
   NAMES+=("$name")
-  if ((cap < 20)); then echo "skipped: the ${BUDGET} s budget is spent" >"$LOGS/$name.meta"; return; fi
+  if ((cap < 30)); then echo "skipped: the ${BUDGET} s budget is spent" >"$LOGS/$name.meta"; return; fi
   local t0=$SECONDS
-  timeout "$cap" "$@" >"$LOGS/$name.json" 2>"$LOGS/$name.err"
+  timeout -k 15 "$cap" "$@" >"$LOGS/$name.json" 2>"$LOGS/$name.err"
   echo "rc $? wall $((SECONDS - t0)) cap $cap" >"$LOGS/$name.meta"
   echo "[gpu.sh] $name: $(cat "$LOGS/$name.meta")" >&2
 }
@@ -78,8 +78,9 @@ for name in names:
         continue
     rc, wall = int(meta[1]), int(meta[3])
     text = (logs / f"{name}.json").read_text()
-    try:
-        result = json.loads(text[text.index("{"):])  # a library's stray stdout line before the JSON is dropped
+    try:  # the JSON object starts a line; a library's stray stdout lines around it are dropped
+        start = 0 if text.startswith("{") else text.index("\n{") + 1
+        result = json.JSONDecoder().raw_decode(text[start:])[0]
     except ValueError:
         result = None
     piece = {"wall_s": wall, "result": result} if rc == 0 and result is not None else {

@@ -13,8 +13,8 @@ Variants, all from final hidden states (BT, H) and an lm_head (V, H), then `loss
               (V, H) lm_head: the teacher's logits are computed inside it, as in Liger's own
               benchmark, whose figures are the anchor below
 
-Time: one process per vocabulary; ce, kd and kd_generic steps are interleaved --iters times
-after one warm-up each, and medians are reported, so load on the machine hits all of them
+Time: one process per vocabulary; ce, kd and kd_generic steps (and Liger's where they run) are
+interleaved --iters times after one warm-up each, and medians are reported, so load on the machine hits all of them
 alike.  Memory: a fresh subprocess per variant.  On CUDA, peak = max_memory_allocated during
 the step minus what was allocated before it.  On CPU, the subprocess runs with
 MALLOC_MMAP_THRESHOLD_=65536 so freed blocks return to the OS and RSS tracks live tensors;

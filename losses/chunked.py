@@ -73,11 +73,13 @@ ACCELERATOR_CHUNK_BUDGET_BYTES = 2 << 30
 _LIVE_BUFFERS = 3  # (C, V) fp32-sized buffers alive at once in backward
 
 
-def auto_chunk_size(vocab_size: int, device: torch.device | str | None = None, budget_bytes: int | None = None) -> int:
+def auto_chunk_size(vocab_size: int, device: torch.device | str | None = None, *, budget_bytes: int | None = None) -> int:
     """Tokens per chunk so that the chunk's (C, V) buffers fit the budget (`budget_bytes`, else
     CHUNK_BUDGET_BYTES on a CPU or no device, ACCELERATOR_CHUNK_BUDGET_BYTES elsewhere): a
     multiple of 16, at least 16 (V = 128,256: 160 tokens on a CPU, 1,392 on a GPU; V = 4,096:
     5,456 and 43,680)."""
+    if isinstance(device, int):  # the second parameter was the budget before 2026-12-04
+        raise TypeError("auto_chunk_size(vocab_size, device): pass a byte budget as budget_bytes=")
     if budget_bytes is None:
         on_cpu = device is None or torch.device(device).type == "cpu"
         budget_bytes = CHUNK_BUDGET_BYTES if on_cpu else ACCELERATOR_CHUNK_BUDGET_BYTES

@@ -539,6 +539,8 @@ def test_auto_chunk_size_follows_the_device(monkeypatch):
     assert chunked.auto_chunk_size(128_256) == chunked.auto_chunk_size(128_256, "cpu") == 160
     assert chunked.auto_chunk_size(128_256, torch.device("cuda")) == chunked.auto_chunk_size(128_256, "cuda:1") == 1392
     assert chunked.auto_chunk_size(128_256, "cuda", budget_bytes=256 << 20) == 160
+    with pytest.raises(TypeError, match="budget_bytes="):
+        chunked.auto_chunk_size(128_256, 256 << 20)  # the old positional budget is not taken for a device
     for vocab in (4_096, 49_152, 202_048):
         for device, budget in (("cpu", 256 << 20), ("cuda", 2 << 30)):
             c = chunked.auto_chunk_size(vocab, device)

@@ -210,7 +210,7 @@ class SampledCodec:
         logp = np.full((n_rows, k), -np.inf, np.float32)
         ids[present] = np.minimum(ids_flat, vocab_size - 1)  # corrupt input must not index past V
         if log_mass is None:
-            with np.errstate(divide="ignore"):
+            with np.errstate(divide="ignore", invalid="ignore"):
                 table = np.log(np.arange(k + 1) / k).astype(np.float32)  # log(count / k), count 0..k
             logp[present] = table[np.minimum(counts, k)]
         else:
