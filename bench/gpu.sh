@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU figure the project tracks, in one run of at most GPU_BENCH_SECONDS (default 480)
 # on one H100/H200, most important first; a piece the budget no longer covers is skipped:
+#   cache       write overhead of the cache with the teacher on the GPU, top-k and sampled
+#               encodings, and read rates (bench/cache.py)
 #   moe         the sparse MoE training step against stock transformers and a dense model of the
 #               same active size, at bench/moe.py's shape and at 8 x 1,024 tokens of width 1,024
 #               (bf16 autocast; whether torch's grouped GEMM runs is in the output)
@@ -13,8 +15,6 @@
 #   step        bf16 training-step tokens/s and MFU of a dense and a MoE student (bench/step.py)
 #   sampling    an on-policy step: 3 students sample, one teacher forward scores them, and the
 #               per-row seeded sampler against transformers' own sampling (bench/sampling.py)
-#   cache       write overhead of the cache with the teacher on the GPU, top-k and sampled
-#               encodings, and read rates (bench/cache.py)
 #   step_vs_ce  the cached distillation step against the CE-only step, with its breakdown
 # Not here: the server teacher (bench/server.py needs a CUDA vLLM build beside the project).
 # Prints one JSON object (each piece: its wall seconds and its own JSON, or its error); each
@@ -46,6 +46,9 @@ run() {  # NAME CAP_SECONDS CMD...: stdout to LOGS/NAME.json, stderr to LOGS/NAM
   echo "rc $? wall $((SECONDS - t0)) cap $cap" >"$LOGS/$name.meta"
   echo "[gpu.sh] $name: $(cat "$LOGS/$name.meta")" >&2
 }
+# first: the sampled write from a GPU teacher's logits was fixed (2026-12-04) without a device to rerun it
+run cache 100 "$PY" bench/cache.py --device cuda --skip sizes teacher_step --hidden 4096 --sequences 16 \
+  --seq-len 2048 --batch 4 --reps 2 --encodings lossless,sampled,sampled+difficulty
 run moe 100 "$PY" bench/moe.py --device cuda --steps 5 --warmup 2
 run moe_large 70 "$PY" bench/moe.py --device cuda --steps 3 --warmup 1 --hidden 1024 --seq 1024 --batch 8
 run loss_topk 150 "$PY" bench/loss.py --device cuda --bt 8192 --hidden 4096 --vocab 128256 --dtype bf16 --iters 5
@@ -54,8 +57,6 @@ run loss_dense 70 "$PY" bench/loss.py --device cuda --bt 8192 --hidden 4096 --vo
 run step 100 "$PY" bench/step.py --device cuda --precision bf16 --hidden 2048 --layers 8 --heads 16 --batch 4 \
   --seq 2048 --vocab 128256 --experts 8 --steps 5 --warmup 2 --peak-tflops "$PEAK"
 run sampling 90 "$PY" bench/sampling.py --device cuda
-run cache 100 "$PY" bench/cache.py --device cuda --skip sizes teacher_step --hidden 4096 --sequences 16 \
-  --seq-len 2048 --batch 4 --reps 2 --encodings lossless,sampled,sampled+difficulty
 run step_vs_ce 80 "$PY" bench/step.py --device cuda --precision bf16 --vs-ce --hidden 1024 --layers 8 --heads 16 \
   --batch 8 --seq 1024 --vocab 32768 --steps 5 --warmup 2
 "$PY" - "$LOGS" "${NAMES[@]}" <<'EOF'
