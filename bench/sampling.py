@@ -37,7 +37,7 @@ from distill.train.on_policy import OnPolicySource, Prompt  # noqa: E402
 from distill.train.student import Student, make_optimizer  # noqa: E402
 from students.build import build_model  # noqa: E402
 from students.presets import PRESETS, param_counts  # noqa: E402
-from teachers import IGNORE  # noqa: E402
+from teachers import IGNORE, Batch  # noqa: E402
 from teachers.live import LiveTeacher  # noqa: E402
 
 
@@ -119,8 +119,8 @@ def main() -> None:
     width = args.prompt_len + args.new
     one = students[0]
 
-    def sampled(blocks: torch.Tensor) -> int:
-        return int((blocks[:, 1:] >= 0).sum())  # the sampled tokens are the blocks' targets (see untrained)
+    def sampled(blocks: torch.Tensor) -> int:  # the sampled tokens are the blocks' targets
+        return int((Batch.of(blocks, range(len(blocks))).labels != IGNORE).sum())
 
     def sample(bf16: bool):
         ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()

@@ -275,6 +275,12 @@ def _search(cdf: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return i
 
 
+def _mass_below(cdf: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """cdf (..., m) cumulative masses, i (..., j) indices -> (..., j) the mass before entry i:
+    cdf[i - 1], 0 where i = 0."""
+    return torch.where(i > 0, cdf.gather(-1, (i - 1).clamp_min(0)), torch.zeros((), dtype=cdf.dtype, device=cdf.device))
+
+
 def _inverse_cdf(blocks: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Ids drawn by inverse CDF: blocks (N, nb, 256) fp32 unnormalised probabilities (the vocab
     in blocks of 256, zero-padded past V), u (N, n) fp64 uniforms in [0, 1) -> ids (N, n) int64
@@ -298,10 +304,11 @@ def _inverse_cdf(blocks: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     block_cdf = sub.sum(-1).cumsum(-1)  # (N, nb)
     u = u * block_cdf[:, -1:]
     which = _search(block_cdf, u)  # (N, n)
-    v = u - torch.where(which > 0, block_cdf.gather(1, (which - 1).clamp_min(0)), torch.zeros_like(u))
+    v = u - _mass_below(block_cdf, which)
     sub_cdf = sub.gather(1, which[..., None].expand(-1, -1, _CDF_SUB)).cumsum(-1)  # (N, n, 16)
-    j = _search(sub_cdf, v[..., None]).squeeze(-1)  # (N, n)
-    v = v - torch.where(j > 0, sub_cdf.gather(2, (j - 1).clamp_min(0)[..., None]).squeeze(-1), torch.zeros_like(v))
+    j = _search(sub_cdf, v[..., None])  # (N, n, 1)
+    v = v - _mass_below(sub_cdf, j).squeeze(-1)
+    j = j.squeeze(-1)
     k = which * _CDF_SUB + j  # (N, n) the sub-block, over the padded vocab
     inner = fine.gather(1, k[..., None].expand(-1, -1, _CDF_SUB)).double().cumsum(-1)  # (N, n, 16)
     return k * _CDF_SUB + _search(inner, v[..., None]).squeeze(-1)
