@@ -20,8 +20,10 @@ def routed_slots(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
     the micro-batch all ranks share, which `load_balancing_loss(..., fractions=)` takes."""
     rows = []
     for logits in router_logits:  # (N, E)
-        chosen = torch.topk(logits.detach(), top_k, dim=-1).indices  # (N, k)
-        rows.append(torch.bincount(chosen.reshape(-1), minlength=logits.shape[-1]).float())
+        chosen = torch.topk(logits.detach(), top_k, dim=-1).indices.reshape(-1)  # (N*k,)
+        # scatter_add, not bincount: CUDA's bincount reads the ids' range back to the host.
+        slots = torch.zeros(logits.shape[-1], dtype=torch.long, device=logits.device)  # (E,)
+        rows.append(slots.scatter_add_(0, chosen, torch.ones_like(chosen)).float())
     return torch.stack(rows)
 
 

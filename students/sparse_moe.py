@@ -261,6 +261,16 @@ def _grouped_experts(xs, counts, gate_up_proj, down_proj, act_fn) -> torch.Tenso
     return _grouped_mm((act_fn(gate) * up).contiguous(), down_proj.to(dtype), offs=offs)  # (M, H)
 
 
+def expert_counts(sorted_expert: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(M,) non-decreasing expert ids -> (E,) int64 rows per expert.
+
+    Read off the sorted ids with searchsorted rather than `torch.bincount`: CUDA's bincount
+    reads the ids' min and max back to the host to size its output, two syncs per MoE layer
+    per forward that stall the launch queue at small steps.  This is all on the device."""
+    edges = torch.arange(num_experts + 1, device=sorted_expert.device, dtype=sorted_expert.dtype)
+    return torch.searchsorted(sorted_expert, edges).diff()  # first row of expert e+1 - first of e
+
+
 class SparseLlama4TextExperts(Llama4TextExperts):
     """`Llama4TextExperts` whose forward takes expert-sorted rows (see `experts_forward`).
 
@@ -315,11 +325,12 @@ class SparseLlama4TextMoe(Llama4TextMoe):
         # order inside each expert, so results do not depend on sort internals.
         flat_expert = expert_ids.reshape(-1)  # (M,), index t*k + j
         order = torch.argsort(flat_expert, stable=True)  # (M,)
-        counts = torch.bincount(flat_expert, minlength=self.num_experts)  # (E,)
+        sorted_expert = flat_expert[order]  # (M,) non-decreasing
+        counts = expert_counts(sorted_expert, self.num_experts)  # (E,)
         sorted_token = order // self.top_k  # (M,) token of each sorted row
         xs = x[sorted_token] * gates.reshape(-1)[order].unsqueeze(-1).to(x.dtype)  # (M, H)
 
-        ys = self.experts(xs, flat_expert[order], counts, self.path)  # (M, H)
+        ys = self.experts(xs, sorted_expert, counts, self.path)  # (M, H)
         # Undo the sort with a gather (deterministic, unlike index_add on CUDA).
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)

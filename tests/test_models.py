@@ -193,6 +193,31 @@ def test_experts_see_exactly_their_tokens():
         torch.testing.assert_close(rows, want)
 
 
+def test_sparse_block_reads_nothing_back_to_the_host():
+    """On a GPU a value the forward reads to the host (`.item()`, `.tolist()`, or an op whose
+    output size depends on values, like CUDA's bincount sizing itself from the ids' max) stalls
+    the launch queue once per MoE layer.  Under FakeTensorMode tensors carry no values, so any
+    such read raises: the grouped-GEMM forward (bf16, as on a GPU) and the balance loss's
+    routing counts run through it whole."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from losses.moe import routed_slots
+
+    if not sparse_moe.grouped_mm_available(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("torch has no CPU bf16 grouped_mm")
+    _, sparse = _moe_pair(top_k=2)
+    sparse.to(torch.bfloat16)
+    x = torch.randn(5, 32, dtype=torch.bfloat16)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out, logits = sparse(x)
+        slots = routed_slots([logits], top_k=2)
+    assert out.shape == (5, 32) and slots.shape == (1, 8)
+    # And the counts are those of the real forward.
+    _, real_logits = sparse(x)
+    top_ids = torch.topk(real_logits, 2).indices.reshape(-1)
+    assert torch.equal(routed_slots([real_logits], 2)[0], torch.bincount(top_ids, minlength=8).float())
+
+
 def test_expert_flops_scale_with_assignments_not_experts():
     stock, sparse = _moe_pair(top_k=1)
     sparse.path = "loop"  # the jagged kernels are not in the FLOP counter's table
