@@ -43,17 +43,33 @@ def zipf_logits(n: int, vocab: int = V_LLAMA4, generator: torch.Generator | None
     return x.scatter_add_(1, ids, torch.empty(n, 24).uniform_(3.0, 10.0, generator=generator))
 
 
-def _topk_stream(kind: str, n: int, k: int, seed: int = 0):
-    """Top-k (ids (n,k) int64, log-probs (n,k) fp32) of n synthetic tokens, 256 at a time."""
+SAMPLED_VARIANTS = ((16, 0), (32, 0), (64, 0), (128, 0), (256, 0), (32, 8), (128, 8))  # (draws, cache.exact_top)
+
+
+def _synthetic_streams(kind: str, n: int, k: int, sampled=SAMPLED_VARIANTS, seed: int = 0):
+    """n synthetic tokens' signals, every one from the same logits, made once, 256 tokens at a
+    time (a (256, V) fp32 chunk is 200 MB; making it is most of this table's time):
+    -> (top-k ids (n, k) int64, log-probs (n, k) fp32),
+       {(draws, h): sampled ids (n, h + draws) padded, log-probs (the exact head, then
+                    log(m * count / draws)) with -inf padding, fp16 entropy (n,)}."""
+    import numpy as np
+
+    from losses.signal import sample_signal
+
     g = torch.Generator().manual_seed(seed)
-    ids, vals = [], []
+    top_ids, top_lp = np.zeros((n, k), np.int64), np.zeros((n, k), np.float32)
+    draws = {(d, h): (np.zeros((n, h + d), np.int64), np.full((n, h + d), -np.inf, np.float32), np.zeros(n, np.float16))
+             for d, h in sampled}
     for i in range(0, n, 256):
         m = min(256, n - i)
         x = zipf_logits(m, generator=g) if kind == "zipf" else torch.randn(m, V_LLAMA4, generator=g)
         v, j = torch.topk(torch.log_softmax(x, -1), k, -1)
-        ids.append(j)
-        vals.append(v)
-    return torch.cat(ids).numpy(), torch.cat(vals).numpy()
+        top_ids[i:i + m], top_lp[i:i + m] = j.numpy(), v.numpy()
+        for (d, h), (ids, lp, entropy) in draws.items():
+            sig = sample_signal(x, d, 1.0, seed, torch.arange(i, i + m), exact_top=h)
+            ids[i:i + m, :sig.k], lp[i:i + m, :sig.k] = sig.topk_ids.numpy(), sig.topk_logprobs.numpy()
+            entropy[i:i + m] = sig.entropy.numpy()
+    return (top_ids, top_lp), draws
 
 
 def _errors(ids, lp, di, dl) -> dict:
@@ -86,7 +102,7 @@ def bench_sizes(n_tokens: int, group: int) -> dict:
 
     out = {}
     for kind in ("zipf", "uniform"):
-        ids128, lp128 = _topk_stream(kind, n_tokens, 128)
+        (ids128, lp128), sampled = _synthetic_streams(kind, n_tokens, 128)
         for k in (32, 64, 128):
             ids, lp = ids128[:, :k].copy(), lp128[:, :k].copy()
             for name, codec in CODECS.items():
@@ -103,8 +119,7 @@ def bench_sizes(n_tokens: int, group: int) -> dict:
                 if not codec.lossless:
                     row.update({key: float(f"{v:.3g}") for key, v in _errors(ids, lp, di, dl).items()})
                 out[f"{kind}/k{k}/{name}"] = row
-        for n, head in ((16, 0), (32, 0), (64, 0), (128, 0), (256, 0), (32, 8), (128, 8)):  # head: cache.exact_top
-            ids, lp, entropy = _sampled_stream(kind, n_tokens, n, exact_top=head)
+        for (n, head), (ids, lp, entropy) in sampled.items():  # head: cache.exact_top
             codec = get_codec("sampled", head)
             t0 = time.perf_counter()
             arrays = codec.encode(ids, lp, V_LLAMA4, group=group)
@@ -117,27 +132,6 @@ def bench_sizes(n_tokens: int, group: int) -> dict:
                 "encode_us_per_token": round((t1 - t0) / n_tokens * 1e6, 2),
                 "decode_us_per_token": round((t2 - t1) / n_tokens * 1e6, 2)}
     return out
-
-
-def _sampled_stream(kind: str, n: int, draws: int, seed: int = 0, exact_top: int = 0):
-    """n synthetic tokens' sampled signal as the cache stores it: ids (n, h + draws) padded,
-    their log-probs (the exact head, then log(m * count / draws)) with -inf padding, fp16
-    entropy (n,); h = exact_top."""
-    import numpy as np
-
-    from losses.signal import sample_signal
-
-    g = torch.Generator().manual_seed(seed)
-    ids = np.zeros((n, exact_top + draws), np.int64)
-    lp = np.full((n, exact_top + draws), -np.inf, np.float32)
-    entropy = np.zeros(n, np.float16)
-    for i in range(0, n, 256):
-        m = min(256, n - i)
-        x = zipf_logits(m, generator=g) if kind == "zipf" else torch.randn(m, V_LLAMA4, generator=g)
-        sig = sample_signal(x, draws, 1.0, seed, torch.arange(i, i + m), exact_top=exact_top)
-        ids[i:i + m, :sig.k], lp[i:i + m, :sig.k] = sig.topk_ids.numpy(), sig.topk_logprobs.numpy()
-        entropy[i:i + m] = sig.entropy.numpy()
-    return ids, lp, entropy
 
 
 def bench_write_read(hidden: int, n_seq: int, seq_len: int, batch: int, encodings, k: int, reps: int,
@@ -363,7 +357,7 @@ def main() -> None:
     stdout = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # library log lines (DeepSpeed's accelerator notice) go to stderr; stdout is the JSON
     if a.quick:
-        a.tokens, a.sequences, a.seq_len, a.hidden, a.reps, a.step = 256, 4, 64, "256", 1, "1x64x64"
+        a.tokens, a.sequences, a.seq_len, a.hidden, a.reps, a.step = 256, 4, 64, "64", 1, "1x64x64"
         a.samples = min(a.samples, 32)
     result = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
               "device": a.device, "vocab_size": V_LLAMA4}

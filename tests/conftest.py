@@ -18,6 +18,22 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _share_the_cores() -> None:
+    """Give each pytest-xdist worker its share of the cores for torch's threads, before torch is
+    imported; every process it starts inherits the setting (a command or launcher that sets its
+    own keeps it).  `make test` runs 2 workers on 2 cores.  With 2 threads in each, a test of many
+    small ops (tests/test_generation_eval.py's twin test: 1 s alone) took 34 s, as each worker's
+    threads wait on cores the other holds."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        if "torch" in sys.modules:  # a plugin imported it first: its pool is sized already
+            sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+_share_the_cores()
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `distill ARGS` in a process of its own, as a user would: forked from a server that has
     the libraries imported (tests/cli_process.py says what that keeps and what it does not)."""
@@ -237,7 +253,9 @@ def online_setup(stdlib_corpus, tmp_path_factory):
     teacher_dir = save_hf_dir(teacher, data.tokenizer, work / "teacher")
     student = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16}
     cfg = {
-        "seed": 3, "data": {"paths": [str(stdlib_corpus)], "seq_len": 32},
+        # 512 of the corpus's 4,505 training blocks: every `distill cache` of a test pays the teacher
+        # once per block, while a run reads 16 (4 steps of 4).
+        "seed": 3, "data": {"paths": [str(stdlib_corpus)], "seq_len": 32, "max_train_blocks": 512},
         "teacher": {"source": "checkpoint", "path": str(teacher_dir)},
         "cache": {"k": 16, "samples": 32},  # cache.estimator: auto draws here; 32 a token keeps the tests quick
         "students": [{"name": "dense", "model": {"preset": "dense", "args": student},

@@ -103,24 +103,24 @@ def test_resume_with_other_config_refused(online_setup):
 
 
 def test_epochs_count_the_steps_from_the_prepared_blocks(online_setup):
-    """train.epochs 0.01: ceil(0.01 x training blocks / batch_size) steps, said once; a resume
+    """train.epochs 0.1: ceil(0.1 x training blocks / batch_size) steps, said once; a resume
     counts the same steps (the same run), and train.steps is not used."""
     work, cfg = online_setup
     out = work / "epochs"
-    first = run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}", "--set", "train.epochs=0.01",
+    first = run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}", "--set", "train.epochs=0.1",
                     "--set", "train.steps=1")
     assert first.returncode == 0, first.stderr[-2000:]
     manifest = json.loads(next((out / "data").glob("blocks-*/manifest.json")).read_text())
     blocks = manifest["splits"]["train"]["blocks"]
-    steps = math.ceil(0.01 * blocks / 4)  # online_setup: batch_size 4
+    steps = math.ceil(0.1 * blocks / 4)  # online_setup: batch_size 4
     assert 4 < steps < 20
-    assert first.stdout.count(f"[train] train.epochs 0.01: {steps} steps of 4 blocks over {blocks:,} training blocks") == 1
+    assert first.stdout.count(f"[train] train.epochs 0.1: {steps} steps of 4 blocks over {blocks:,} training blocks") == 1
     rows = [json.loads(l) for l in (out / "students" / "dense" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, steps + 1))
     again = run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", f"out_dir={out}",
-                    "--set", "train.epochs=0.01", "--set", "train.steps=1")
+                    "--set", "train.epochs=0.1", "--set", "train.steps=1")
     assert again.returncode == 0 and "different config" not in again.stderr, again.stderr[-2000:]
-    assert f"[train] train.epochs 0.01: {steps} steps" in again.stdout  # counted the same, said again
+    assert f"[train] train.epochs 0.1: {steps} steps" in again.stdout  # counted the same, said again
     rows = [json.loads(l) for l in (out / "students" / "dense" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, steps + 1))  # nothing more to train
 
