@@ -61,15 +61,21 @@ def test_no_draw_lands_on_an_id_of_probability_zero():
     assert sample_signal(logits[40:41], 64, 1.0, seed=0, keys=torch.zeros(1)).topk_ids[0, 0] == 255
 
 
-def test_a_value_past_the_end_lands_on_the_last_entry_of_positive_mass():
+@pytest.mark.parametrize("device", ["cpu", "accelerator"])
+def test_a_value_past_the_end_lands_on_the_last_entry_of_positive_mass(device, monkeypatch):
     """The guard for rounding: a uniform at or past a sub-block's (or block's) summed mass, which
     fp32 and fp64 sums of the same entries can make, takes the last entry that has mass, not the
-    zero-mass entries after it (clamping to the end would draw them)."""
-    from losses.signal import _search
+    zero-mass entries after it (clamping to the end would draw them).  On the CPU the fix-up
+    runs when a value is past the end; on an accelerator always (no host read): both here."""
+    from losses import signal
 
+    if device == "accelerator":
+        monkeypatch.setattr(signal, "_host_reads_are_cheap", lambda device: False)
     cdf = torch.tensor([[0.0, 0.25, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
     v = torch.tensor([[0.0, 0.3, 0.5, 0.7], [0.0, 0.1, 0.2, 0.3]], dtype=torch.float64)
-    assert _search(cdf, v).tolist() == [[1, 2, 2, 2], [0, 0, 0, 0]]  # no mass at all: the first entry
+    assert signal._search(cdf, v).tolist() == [[1, 2, 2, 2], [0, 0, 0, 0]]  # no mass at all: the first entry
+    inside = torch.tensor([[0.1, 0.3, 0.49, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    assert signal._search(cdf[:1], inside[:1]).tolist() == [[1, 2, 2, 1]]  # nothing past the end
 
 
 def test_draws_under_bf16_autocast_are_the_fp32_draws():
@@ -82,3 +88,21 @@ def test_draws_under_bf16_autocast_are_the_fp32_draws():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under = sample_signal(logits, 256, 1.0, seed=2, keys=keys)
     assert torch.equal(plain.topk_ids, under.topk_ids) and torch.equal(plain.topk_logprobs, under.topk_logprobs)
+
+
+def test_draws_read_nothing_back_to_the_host_on_an_accelerator(monkeypatch):
+    """On a GPU the inverse CDF runs once per chunk of rows; a host read inside it (asking
+    whether any draw ran past its level's mass, 3 levels) would sync the host 3 times a chunk.
+    Under FakeTensorMode tensors carry no values, so any such read raises: the accelerator's
+    path (the fix-up always applied) runs through it whole.  (Fake CUDA tensors cannot stand
+    in: a CPU build of torch refuses to index them.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from losses import signal
+
+    monkeypatch.setattr(signal, "_host_reads_are_cheap", lambda device: False)
+    with FakeTensorMode():
+        blocks = torch.rand(4, 3, 256)  # (N, blocks, 256) unnormalised probabilities
+        u = torch.rand(4, 8, dtype=torch.float64)
+        ids = signal._inverse_cdf(blocks, u)
+    assert ids.shape == (4, 8)
