@@ -26,7 +26,8 @@ def _share_the_cores() -> None:
     threads wait on cores the other holds."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // workers))
         if "torch" in sys.modules:  # a plugin imported it first: its pool is sized already
             sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 

@@ -78,9 +78,10 @@ def launched(dp_config):
 
 
 # Each launch is 2 fresh processes importing torch, transformers and DeepSpeed: the default engine
-# (DDP) with and without accumulation, each ZeRO stage once, ZeRO-3 with the accumulation that the
-# resume test below also needs.  Every pair is compared with both 1-process runs.
-@pytest.mark.parametrize("launcher, grad_accum", [("torchrun", 1), ("torchrun", 2), ("zero2", 1), ("zero3", 2)])
+# (DDP) and the default ZeRO stage (2) with and without accumulation, and ZeRO-3 with the
+# accumulation that the resume test below also needs.  Every run is compared with both 1-process runs.
+@pytest.mark.parametrize("launcher, grad_accum", [("torchrun", 1), ("torchrun", 2), ("zero2", 1), ("zero2", 2),
+                                                  ("zero3", 2)])
 def test_two_ranks_train_the_weights_one_process_trains(launched, launcher, grad_accum):
     out, ref = launched(launcher, grad_accum), launched("single", grad_accum)
     # Rounding alone: the dense student 2e-6, the MoE one up to 1.3e-5 on the default (whole-

@@ -218,6 +218,12 @@ def test_sparse_block_reads_nothing_back_to_the_host():
     assert torch.equal(routed_slots([real_logits], 2)[0], torch.bincount(top_ids, minlength=8).float())
 
 
+def test_expert_counts_are_the_bincount_of_the_sorted_ids():
+    ids = torch.tensor([0, 0, 3, 3, 3, 7])  # experts 1, 2, 4-6 empty, the last one used
+    assert torch.equal(sparse_moe.expert_counts(ids, 8), torch.bincount(ids, minlength=8))
+    assert torch.equal(sparse_moe.expert_counts(torch.zeros(0, dtype=torch.long), 8), torch.zeros(8, dtype=torch.long))
+
+
 def test_expert_flops_scale_with_assignments_not_experts():
     stock, sparse = _moe_pair(top_k=1)
     sparse.path = "loop"  # the jagged kernels are not in the FLOP counter's table

@@ -74,8 +74,17 @@ def test_a_value_past_the_end_lands_on_the_last_entry_of_positive_mass(device, m
     cdf = torch.tensor([[0.0, 0.25, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
     v = torch.tensor([[0.0, 0.3, 0.5, 0.7], [0.0, 0.1, 0.2, 0.3]], dtype=torch.float64)
     assert signal._search(cdf, v).tolist() == [[1, 2, 2, 2], [0, 0, 0, 0]]  # no mass at all: the first entry
-    inside = torch.tensor([[0.1, 0.3, 0.49, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
-    assert signal._search(cdf[:1], inside[:1]).tolist() == [[1, 2, 2, 1]]  # nothing past the end
+    inside = torch.tensor([[0.1, 0.3, 0.49, 0.0]], dtype=torch.float64)
+    assert signal._search(cdf[:1], inside).tolist() == [[1, 2, 2, 1]]  # nothing past the end
+
+
+def test_only_the_cpu_asks_the_host():
+    """The branch the two tests above and below force: the CPU reads `past.any()` back (cheap
+    there); an accelerator never does."""
+    from losses import signal
+
+    assert signal._host_reads_are_cheap(torch.device("cpu"))
+    assert not any(signal._host_reads_are_cheap(torch.device(d)) for d in ("cuda", "cuda:1", "xpu", "mps"))
 
 
 def test_draws_under_bf16_autocast_are_the_fp32_draws():
