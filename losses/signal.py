@@ -382,9 +382,11 @@ def sample_signal(logits: torch.Tensor, n: int, temperature: float, seed: int, k
             head_ids.append(top_ids)
             head_logp.append(top_s - z.log())  # -inf where the row has fewer than h finite logits
             e.scatter_(1, top_ids, 0.0)
-            no_tail = e.sum(-1) == 0  # (r,) the head holds every finite entry, or the rest underflowed
-            if bool(no_tail.any()):  # draw the top-1 again (weight m = 2**-100): never an id of probability 0
-                e[no_tail, top_ids[no_tail, 0]] = 1.0
+            no_tail = e.sum(-1, keepdim=True) == 0  # (r, 1) the head holds every finite entry, or the rest underflowed
+            # There, draw the top-1 again (weight m = 2**-100): never an id of probability 0.  Its
+            # column was just zeroed, so writing no_tail (1 or 0) into it touches those rows only,
+            # with no host read (an accelerator would sync once a chunk to ask which rows).
+            e.scatter_(1, top_ids[:, :1], no_tail.to(e.dtype))
         u = counter_uniform(seed, flat_keys[i:i + rows], n)  # (r, n) fp64
         drawn.append(_inverse_cdf(e_blocks.view(x.shape[0], -1, _CDF_BLOCK), u).clamp_(max=vocab - 1))
     ids, _ = (torch.cat(drawn) if drawn else torch.empty(0, n, dtype=torch.int64, device=flat.device)).sort(dim=-1)
