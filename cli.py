@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -81,7 +82,7 @@ def init(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output dir for every artefact."),
-    quick: bool = typer.Option(False, "--quick", help="Small sizes and few steps (about 10 minutes on 2 CPU cores)."),
+    quick: bool = typer.Option(False, "--quick", help="Small sizes and few steps (about 6 minutes on 2 quiet CPU cores; what `make demo` runs)."),
     tiny: bool = typer.Option(False, "--tiny", hidden=True, help="Smallest sizes (for tests)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from finished stages and checkpoints in OUT."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh, moving an earlier demo run in OUT aside to OUT/replaced-TIME/."),
@@ -131,7 +132,7 @@ def cache(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made by another teacher/tokenizer/data/k."),
     quiet: bool = QuietOpt,
 ):
-    """Run the teacher once over the data and write the top-k logit cache (resumes if interrupted)."""
+    """Run the teacher once over the data and cache its signal: 256 draws per token by default, or its top-k (cache.estimator); resumes if interrupted."""
     cfg = _load(config, sets)  # validate before importing torch-heavy modules
     from distill.stages import build_cache
 
@@ -224,6 +225,7 @@ def main() -> None:
 
     offline_and_quiet()
     debug = "--debug" in sys.argv
+    stdout_at_start = _stdout_identity()
     # The deepspeed launcher appends --local_rank=N; the rank also comes in LOCAL_RANK.
     sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
     try:
@@ -234,27 +236,46 @@ def main() -> None:
             sys.exit(code)
     except UserError as e:
         if debug:
-            raise
+            traceback.print_exc()
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", getattr(e, "code", 0))
+        if code == 1 and (_stdout_identity() != stdout_at_start or type(sys.stdout).__name__ == "PacifyFlushWrapper"):
+            # `distill inspect ... | head`: the reader left.  rich met the EPIPE and pointed fd 1 at
+            # /dev/null, or click wrapped sys.stdout, and either exits 1, which here means a failed
+            # --verify.  141 = 128 + SIGPIPE, what a shell reports for a process a closed pipe stopped.
+            sys.exit(141)
         sys.exit(code if isinstance(code, int) else 0)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+        interrupted()
     except Exception as e:  # click usage errors carry their own exit code
         usage, abort = _click_exceptions()
         if isinstance(e, usage):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, abort):
-            sys.exit(130)
+        if isinstance(e, abort):  # click's form of Ctrl-C
+            interrupted()
         raise
     finally:
         # Everything imported so far (torch, transformers: millions of objects) is left out of
         # the collections the interpreter runs as it exits: about 1 s less per command.
         gc.freeze()
+
+
+def _stdout_identity() -> tuple[int, int] | None:
+    """(device, inode) of what fd 1 is now: it changes when a broken-pipe handler swaps in /dev/null."""
+    try:
+        st = os.fstat(1)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def interrupted() -> None:
+    """Ctrl-C: one line, exit 130.  Every stage writes atomically and resumes, so nothing is lost."""
+    typer.echo("interrupted: what was written is kept; the same command resumes (train: --resume)", err=True)
+    sys.exit(130)
 
 
 def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:

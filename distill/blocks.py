@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from common.errors import UserError
+from common.fsutil import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "codistill-blocks"
@@ -53,8 +54,10 @@ class Blocks:
     slice (x[:, :-1]); each returns an int64 tensor in the signed convention.  Only the
     rows asked for are read, so memory follows the batch, not the corpus."""
 
-    def __init__(self, root: Path, shards: list[dict], n: int, block: int, masked: bool):
+    def __init__(self, root: Path, shards: list[dict], n: int, block: int, masked: bool,
+                 vocab_size: int | None = None):
         self.root, self.block, self.masked = Path(root), block, masked
+        self.vocab_size = vocab_size  # set: every id read is checked against it (a damaged shard fails here)
         counts = [s["blocks"] for s in shards]
         self.shards = shards
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # (S + 1,) first row of each shard
@@ -130,6 +133,9 @@ class Blocks:
             contiguous = bool(np.all(np.diff(local) == 1))
             pick = slice(int(local[0]), int(local[-1]) + 1) if contiguous else local
             rows = ids[pick].astype(np.int64)  # (n, block)
+            if self.vocab_size is not None and rows.size and int(rows.max()) >= self.vocab_size:
+                raise UserError(damaged(self.root / self.shards[int(s)]["ids"],
+                                        f"token id {int(rows.max())} >= the vocabulary's {self.vocab_size}"))
             if mask is not None:
                 keep = np.unpackbits(mask[pick], axis=1, count=self.block).astype(bool)  # (n, block)
                 rows = np.where(keep, rows, -rows - 1)
@@ -175,7 +181,7 @@ class Blocks:
 
 def first_blocks(blocks, n: int):
     """The first n blocks: of `Blocks` a `Blocks` (its row starts kept, nothing read yet), of a tensor a tensor."""
-    return Blocks(blocks.root, blocks.shards, min(n, blocks.n), blocks.block, blocks.masked) \
+    return Blocks(blocks.root, blocks.shards, min(n, blocks.n), blocks.block, blocks.masked, blocks.vocab_size) \
         if isinstance(blocks, Blocks) else blocks[:n]
 
 
@@ -219,4 +225,56 @@ def open_blocks(root: Path) -> dict[str, Blocks]:
     m = read_manifest(root)
     if m is None:
         raise UserError(f"{root}: no complete prepared data (manifest.json missing or unreadable); rerun to prepare")
-    return {name: Blocks(root, s["shards"], s["blocks"], m["seq_len"] + 1, m["masked"]) for name, s in m["splits"].items()}
+    return {name: Blocks(root, s["shards"], s["blocks"], m["seq_len"] + 1, m["masked"], m.get("vocab_size"))
+            for name, s in m["splits"].items()}
+
+
+def damaged(path: Path, what: str) -> str:
+    """The one line for a prepared shard that no longer holds what was written."""
+    return (f"prepared data {path}: {what}: the shard is damaged; `distill inspect {path.parent} --verify` "
+            f"checks every shard, and deleting {path.parent} makes the next command prepare the data again")
+
+
+def verify_blocks(root: Path) -> list[str]:
+    """Every problem of a prepared data dir (empty: ok): a missing or resized file, a sha256
+    that differs from the one recorded when the shard was written (shards from before the
+    digests were recorded: size only), ids past the vocabulary, a shard of the wrong shape."""
+    root = Path(root)
+    m = read_manifest(root)
+    if m is None:
+        return [f"{root}: no complete prepared data (manifest.json missing or unreadable)"]
+    problems, block, vocab = [], m["seq_len"] + 1, m.get("vocab_size")
+    for split, info in m["splits"].items():
+        for entry in info["shards"]:
+            record = _record_of(root, entry["ids"])
+            for part in ("ids", "mask", "targets", "starts"):
+                name = entry.get(part)
+                if name is None:
+                    continue
+                path = root / name
+                if not path.is_file():
+                    problems.append(f"{split}: shard file {name} is missing")
+                    continue
+                size, digest = record.get("bytes", {}).get(name), record.get("sha256", {}).get(name)
+                if size is not None and path.stat().st_size != size:
+                    problems.append(f"{split}: {name} has {path.stat().st_size} bytes, {size} were written")
+                elif digest is not None and sha256_file(path) != digest:
+                    problems.append(f"{split}: {name}: sha256 mismatch (bytes changed on disk)")
+            try:
+                ids = np.load(root / entry["ids"], mmap_mode="r")
+            except (OSError, ValueError) as e:
+                problems.append(f"{split}: {entry['ids']} is unreadable ({e})")
+                continue
+            if ids.shape != (entry["blocks"], block):
+                problems.append(f"{split}: {entry['ids']} holds {ids.shape}, the manifest says ({entry['blocks']}, {block})")
+            elif vocab is not None and ids.size and int(ids.max()) >= vocab:
+                problems.append(f"{split}: {entry['ids']}: token id {int(ids.max())} >= the vocabulary's {vocab}")
+    return problems
+
+
+def _record_of(root: Path, ids_name: str) -> dict:
+    """The shard's record ({split}-{i}.json, written with it), or {} when it is unreadable."""
+    try:
+        return json.loads((root / ids_name.replace(".ids.npy", ".json")).read_text())
+    except (OSError, ValueError):
+        return {}

@@ -86,7 +86,7 @@ class DataConfig(_Strict):
     seq_len: int = Field(256, ge=8, le=1_048_576, description="Tokens per training block.")
     packing: Literal["documents", "concat"] = Field("documents", description="How documents (and chat rows) share a block: `documents` (the default): each is its own context, as at inference; the models get position ids that restart per row, so attention never crosses into another row, and a row's first token is no target. `concat`: one stream, every position attends to everything before it in the block (the behaviour before this switch).")
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="Share of documents held out for validation (split by document hash, so deterministic).")
-    max_documents: int | None = Field(None, ge=1, description="Use at most this many documents (first in sorted path order).")
+    max_documents: int | None = Field(None, ge=1, description="Use at most this many documents: the plain-text files' first, then the tables' rows, each in sorted path order (said in one line when it cuts).")
     max_train_blocks: int | None = Field(None, ge=1, description="Keep at most this many training blocks.")
     max_val_blocks: int | None = Field(None, ge=1, description="Keep at most this many validation blocks.")
     num_proc: int | None = Field(None, ge=1, description="Processes that tokenise during preparation; null: the cores this process may use, at most 8.")
@@ -550,7 +550,10 @@ def check_model(model: ModelConfig, placeholder_vocab: int, where: str) -> None:
     try:
         build_on_meta(PRESETS[model.preset](**args))
     except Exception as e:  # any failure to build is this config's fault: name it, one line
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        # One line from all of it: validators wrap the reason in a header line ("Class validation
+        # error for validator ...:\n    ValueError: <the reason>"), so the last line says the most.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = lines[-1] if lines else type(e).__name__
         raise UserError(f"{where}.args: the {model.preset} model cannot be built ({detail})") from None
 
 
@@ -638,6 +641,14 @@ def check_inputs_exist(cfg: RunConfig) -> None:
         if s.model.path is not None and not (s.model.path / "config.json").is_file():
             raise UserError(f"students.{i}.model.path: {s.model.path} is not a Hugging Face model dir (no "
                             f"config.json); point it at a dir saved with save_pretrained")
+    models = [("students.%d.model.path" % i, s.model.path) for i, s in enumerate(cfg.students)]
+    if cfg.teacher.source == "checkpoint":
+        models.insert(0, ("teacher.path", cfg.teacher.path))
+    for key, path in models:
+        limit = max_positions(path) if path is not None else None
+        if limit is not None and cfg.data.seq_len > limit:
+            raise UserError(f"data.seq_len {cfg.data.seq_len} is longer than the {limit} positions {key} "
+                            f"{path} was made for (its config.json); lower data.seq_len to {limit} or less")
     if cfg.train.deepspeed_config is not None and not cfg.train.deepspeed_config.is_file():
         raise UserError(f"train.deepspeed_config: {cfg.train.deepspeed_config} does not exist")
     if cfg.train.engine == "deepspeed" and cfg.train.deepspeed_config is not None:
@@ -649,6 +660,23 @@ def check_inputs_exist(cfg: RunConfig) -> None:
         if zero.get("stage", cfg.train.zero_stage) == 0:
             raise UserError(f"train.deepspeed_config: {cfg.train.deepspeed_config}: zero_optimization.stage 0 is "
                             f"refused: {STAGE_0}")
+
+
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+
+
+def max_positions(model_dir: Path) -> int | None:
+    """The longest sequence a Hugging Face model dir's config.json declares (its text
+    config's, for a multimodal one); None when it declares none or cannot be read."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for node in (config.get("text_config"), config) if isinstance(config, dict) else ():
+        for key in _POSITION_KEYS if isinstance(node, dict) else ():
+            if isinstance(node.get(key), int) and node[key] > 0:
+                return node[key]
+    return None
 
 
 def write_example_config(path: Path, force: bool = False) -> None:

@@ -161,7 +161,13 @@ def discover(cfg: DataConfig) -> dict[Path, bool]:
     if not found:
         raise UserError(f"data: no readable files under {', '.join(map(str, cfg.paths or [stdlib]))} "
                         f"(looked for {ACCEPTED}; data.exclude: {cfg.exclude or 'none'})")
-    return dict(sorted(found.items()))
+    # One file under two spellings (data/a.jsonl and data/../data/a.jsonl, a link) is read once,
+    # under its shortest spelling; named explicitly if either spelling was.
+    unique: dict[Path, Path] = {}
+    for f in sorted(found, key=lambda f: (len(f.parts), str(f))):
+        first = unique.setdefault(f.resolve(), f)
+        found[first] = found[first] or found[f]
+    return {f: found[f] for f in sorted(unique.values())}
 
 
 def corpus_files(cfg: DataConfig) -> list[Path]:
@@ -221,10 +227,43 @@ def _read_table(f: Path) -> datasets.Dataset:
         raise UserError(f"{f}: a saved DatasetDict with splits {', '.join(ds)} and none named 'train'; save the "
                         f"split to train on by itself (ds[NAME].save_to_disk(...)) and point data.paths at it")
     builder = file_format(f)
+    if f.stat().st_size == 0:
+        raise UserError(f"{f}: the file is empty; remove it from data.paths (or leave it out with data.exclude)")
     try:
         return _quietly(datasets.load_dataset, builder, data_files=str(f), split="train")
     except Exception as e:  # datasets wraps parse errors in many types
-        raise UserError(f"{f}: could not be read as {builder} ({_reason(e)})") from None
+        bad_line = _first_bad_json_line(f) if builder == "json" else None
+        raise UserError(bad_line or f"{f}: could not be read as {builder} ({_reason(e)})") from None
+
+
+_OPENERS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}  # (.zst needs a package the stdlib lacks)
+
+
+def _first_bad_json_line(f: Path) -> str | None:
+    """For a JSON-lines file datasets could not read: where the first line that is not one JSON
+    object is, counted from 1 (datasets' own error counts rows from 0 within a read chunk, which
+    points nowhere in a big file).  None when every line parses, or the file is one JSON document."""
+    import importlib
+
+    opener = _OPENERS.get(f.suffix)
+    if f.suffix == ".zst":
+        return None
+    with (importlib.import_module(opener).open(f, "rb") if opener else open(f, "rb")) as fh:
+        first = fh.read(1 << 16).lstrip()[:1]
+        if first == b"[":
+            return None  # a JSON array: one document, not lines
+        fh.seek(0)
+        for number, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except ValueError as e:  # UnicodeDecodeError is one too
+                why = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)[:120]
+                return f"{f}: line {number} is not valid JSON ({why}); fix or remove that line"
+            if not isinstance(row, dict):
+                return f"{f}: line {number} is a JSON {type(row).__name__}, not an object with named columns"
+    return None
 
 
 def _is_str(feature) -> bool:
@@ -325,20 +364,35 @@ def load_documents(cfg: DataConfig, log=None, cache_dir: Path | None = None) -> 
     if skipped and log is not None:
         log(f"[data] skipped {len(skipped)} table file(s) with no {cfg.text_field!r} or chat column, or "
             f"unreadable, e.g. {skipped[0]}; add them to data.exclude to silence this")
-    if plain:
-        parts.insert(0, _plain_dataset(plain, cache_dir))
-    if not parts:
+    if not parts and not plain:
         raise UserError(f"data: none of the {len(skipped)} files found has a {cfg.text_field!r} column, "
                         f"e.g. {skipped[0]}; set data.text_field or point data.paths elsewhere")
-    docs = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     # Past one shard of documents the pass runs in worker processes: reading every text maps the
     # whole Arrow file's pages into whoever reads it, and this process would keep them (its RSS
     # grew by the corpus's size, bench/data.py).
     procs = auto_num_proc(cfg.num_proc)
-    docs = docs.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True,
-                       num_proc=procs if len(docs) > cfg.shard_documents and procs > 1 else None)
-    if cfg.max_documents is not None:
-        docs = docs.select(range(min(cfg.max_documents, len(docs))))
+
+    def non_empty(ds: datasets.Dataset) -> datasets.Dataset:
+        return ds.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True,
+                         num_proc=procs if len(ds) > cfg.shard_documents and procs > 1 else None)
+
+    tables = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0] if parts else None
+    if tables is not None:  # a table's empty row is worth a line (an empty file in a source tree is not)
+        read, tables = len(tables), non_empty(tables)
+        if log is not None and len(tables) < read:
+            log(f"[data] skipped {read - len(tables):,} of {read:,} table rows with nothing to learn from: empty "
+                f"or null text, or no (null) messages / prompt + completion")
+    parts = ([non_empty(_plain_dataset(plain, cache_dir))] if plain else []) + ([tables] if tables is not None else [])
+    docs = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if log is not None and cfg.stdlib and cfg.paths:
+        log("[data] data.stdlib: true adds this Python's standard library sources to data.paths' files; "
+            "set data.stdlib: false to train on yours alone")
+    if cfg.max_documents is not None and len(docs) > cfg.max_documents:
+        if log is not None:
+            log(f"[data] data.max_documents {cfg.max_documents:,}: using the first {cfg.max_documents:,} of "
+                f"{len(docs):,} documents (plain-text files first, then tables, each in path order); "
+                f"set it to null to use them all")
+        docs = docs.select(range(cfg.max_documents))
     if len(docs) == 0:
         raise UserError("data: the corpus has no non-empty documents; check data.paths")
     return docs
@@ -481,6 +535,9 @@ def _refuse_empty(name: str, split: dict, counts: PackCounts, block: int) -> Non
                         f"assistant / completion token to truncation at seq_len + 1 = {block} tokens (their "
                         f"prompt, with what the chat template adds, is longer); raise data.seq_len to at "
                         f"least {counts.need}")
+    if split["documents"] == 0:
+        raise UserError(f"data: the {name} split got no documents (they go to validation by a hash of their "
+                        f"text, data.val_fraction of them); raise data.val_fraction or add data")
     if split["documents"] == split["chat_rows"]:  # no plain text either
         raise UserError(f"data: the {name} split has no rows to learn from ({split['chat_rows']} chat rows, "
                         f"{counts.no_target} of them with no assistant turn); add data or raise data.val_fraction")

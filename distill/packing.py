@@ -20,7 +20,7 @@ dir without one is unfinished.  Memory: one chunk's tokens, never the corpus's.
 from __future__ import annotations
 
 import dataclasses
-
+import hashlib
 import io
 import json
 import os
@@ -109,7 +109,7 @@ class ShardWriter:
               starts: np.ndarray | None = None) -> dict:
         """ids: (n, block) token ids; keep: (n, block) bool targets (chat corpora) or None;
         starts: (n, block) bool, a row starts there (documents packing) or None."""
-        rec = dict(plan, blocks=int(len(ids)), bytes={}, **state)
+        rec = dict(plan, blocks=int(len(ids)), bytes={}, sha256={}, **state)
         arrays = {"ids": ids.astype(self.dtype)}
         if self.masked:
             keep = np.ones(ids.shape, dtype=bool) if keep is None else keep
@@ -121,7 +121,7 @@ class ShardWriter:
             name = shard_name(self.split, index, f"{part}.npy")
             data = _npy_bytes(arr)
             atomic_write_bytes(self.root / name, data)
-            rec[part], rec["bytes"][name] = name, len(data)
+            rec[part], rec["bytes"][name], rec["sha256"][name] = name, len(data), hashlib.sha256(data).hexdigest()
         atomic_write_json(self.root / shard_name(self.split, index, "json"), rec)
         self.killer.written()
         return rec

@@ -149,8 +149,11 @@ def resolve_device(name: str) -> torch.device:
 
 def prepare(cfg: RunConfig, progress: bool = False) -> PackedData:
     """Packed data; a checkpoint teacher's own tokenizer is used unless one is named."""
-    if (cfg.teacher.source == "checkpoint" and cfg.data.tokenizer.path is None
-            and cfg.teacher.path is not None and (cfg.teacher.path / "tokenizer.json").exists()):
+    if cfg.teacher.source == "checkpoint" and cfg.data.tokenizer.path is None and cfg.teacher.path is not None:
+        if not any((cfg.teacher.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+            # A BPE trained here would give the teacher's ids other meanings: every signal wrong.
+            raise UserError(f"teacher.path: {cfg.teacher.path} holds no tokenizer (tokenizer.json); the teacher's "
+                            f"signal is over its own token ids, so set data.tokenizer.path to its tokenizer's dir")
         cfg.data.tokenizer.path = cfg.teacher.path
     # Under a launcher, rank 0 builds the tokenizer and blocks; the others then reuse them.
     leader = is_leader()

@@ -281,8 +281,9 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
     rank, world = setup_runtime(cfg)
     online_server = cfg.train.mode == "online" and cfg.teacher.source == "server"
     remote = server_teacher(cfg) if online_server else None  # checked before anything is written
-    if not resume:
-        claim_out_dir(cfg.layout, [s.name for s in cfg.students], overwrite, rank)
+    names = [s.name for s in cfg.students]
+    if not resume:  # refused before any work; with --overwrite moved aside only once the inputs check out
+        claim_out_dir(cfg.layout, names, overwrite, rank, move=False)
     data = prepare(cfg, progress) if data is None else data
     cfg = with_epoch_steps(cfg, len(data.train), rank == 0)
     dense = cfg.train.mode == "online" and dense_signal(cfg, vocab_size_of(data.tokenizer))
@@ -290,16 +291,18 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
         if note and rank == 0 and not resume:
             print(note, flush=True)
     teacher: Teacher
+    live = None
     if cfg.train.mode == "cached":
-        teacher, val_teacher = open_cached_teachers(cfg, data)
+        teacher, val_teacher = open_cached_teachers(cfg, data)  # a stale cache is refused here
         views = data_views(cfg, teacher, data)  # before the students are built: a bad selection fails fast
-        students = build_students(cfg, data)
     else:
         check_k(cfg, vocab_size_of(data.tokenizer))
         views = data_views(cfg, None, data)
         live = remote or live_teacher(cfg, data, resolve_device(cfg.train.device))
         teacher = val_teacher = live
-        students = build_students(cfg, data, live.model)  # init: teacher reuses the loaded model
+    if not resume:
+        claim_out_dir(cfg.layout, names, overwrite, rank)
+    students = build_students(cfg, data, live.model if live is not None else None)  # init: teacher reuses the loaded model
     selections = {name: {"rule": v.summary["rule"], "digest": v.digest(), "blocks": v.summary["blocks_kept"]}
                   for v in views for name in v.students}
     # The teacher signal's shape is part of the trajectory: a cache's k/encoding, the live top-k.
@@ -316,7 +319,8 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
                      *([selections] if any(v.rule is not None for v in views) else []),
                      *([cfg.train.on_policy.model_dump(mode="json")] if cfg.train.on_policy is not None else []))
     loop = loop_config(cfg, cfg.train.steps, cfg.train.batch_size, rank, world, rhash)
-    loop.extra_meta = {"data_fingerprint": data.fingerprint, "teacher": str(cfg.layout.teacher),
+    loop.extra_meta = {"data_fingerprint": data.fingerprint, "teacher": str(cfg.layout.teacher.resolve()),
+                       "tokenizer": str(tokenizer_dir(cfg, data)),  # what `distill export` ships beside the weights
                        "tokenizer_hash": data.tokenizer_hash}
     loop.selections = selections
     on_policy = on_policy_source(cfg, teacher, data.tokenizer, loop) if cfg.train.mode == "online" else None
@@ -349,10 +353,10 @@ def run_all(cfg: RunConfig, resume: bool = True, progress: bool = True, overwrit
     # eval runs on rank 0 alone, so it must not prepare (a barrier) by itself.
     rank, _ = setup_runtime(cfg)
     layout = cfg.layout
-    if not resume:  # every stage's rule, before any of them starts
+    if not resume:  # every stage's rule, before any of them starts; each stage moves its earlier run aside itself
         if cfg.teacher.source == "preset":
-            claim_out_dir(layout.pretrain, ["teacher"], overwrite, rank)
-        claim_out_dir(layout, [s.name for s in cfg.students], overwrite, rank)
+            claim_out_dir(layout.pretrain, ["teacher"], overwrite, rank, move=False)
+        claim_out_dir(layout, [s.name for s in cfg.students], overwrite, rank, move=False)
     data = prepare(cfg, progress)
     if cfg.teacher.source == "preset":
         stage(f"teacher: pretraining a {cfg.teacher.model.preset} preset ({cfg.teacher.pretrain.steps} steps) -> {layout.teacher}")
@@ -372,10 +376,23 @@ def run_all(cfg: RunConfig, resume: bool = True, progress: bool = True, overwrit
     return report
 
 
+def tokenizer_dir(cfg: RunConfig, data: PackedData) -> Path:
+    """The dir of the tokenizer `data` was tokenised with: the run's (data.tokenizer.path, a
+    checkpoint teacher's dir, or OUT/tokenizer), else where the tokenizer was loaded from
+    (data prepared under another config, as the benches share it)."""
+    for candidate in (cfg.layout.tokenizer, Path(getattr(data.tokenizer, "name_or_path", "") or ".")):
+        if (candidate / "tokenizer.json").exists():
+            return candidate.resolve()
+    return cfg.layout.tokenizer.resolve()
+
+
 def export_students(cfg: RunConfig, held_out: torch.Tensor | None = None) -> dict[str, Path]:
-    """held_out: (N, T+1) validation blocks, to measure routing without a trained expert bias."""
+    """held_out: (N, T+1) validation blocks, to measure routing without a trained expert bias.
+    The run's tokenizer ships with them; where this config does not know it (data prepared under
+    another), the one each checkpoint names."""
     layout = cfg.layout
+    known = layout.tokenizer if (layout.tokenizer / "tokenizer.json").exists() else None
     return {sc.name: export_checkpoint(layout.student(sc.name), layout.export(sc.name), dtype=cfg.export.dtype,
-                                       tokenizer_dir=layout.tokenizer, held_out=held_out)
+                                       tokenizer_dir=known, held_out=held_out)
             for sc in cfg.students}
 

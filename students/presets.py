@@ -215,6 +215,8 @@ def param_counts(config: PreTrainedConfig) -> tuple[int, int]:
     an L2 norm without weights.)
     """
     c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not isinstance(c, (LlamaConfig, Llama4TextConfig)):  # other families: counted on an empty (meta) model
+        return _counted_params(c)
     h = c.hidden_size
     embed = c.vocab_size * h * (1 if c.tie_word_embeddings else 2)
     norms = (2 * c.num_hidden_layers + 1) * h
@@ -224,8 +226,6 @@ def param_counts(config: PreTrainedConfig) -> tuple[int, int]:
         mlp = 3 * h * c.intermediate_size + (2 * c.intermediate_size + h if c.mlp_bias else 0)
         total = shared + c.num_hidden_layers * mlp
         return total, total
-    if not isinstance(c, Llama4TextConfig):
-        return _counted_params(c)
     num_moe = len(c.moe_layers)
     num_dense = c.num_hidden_layers - num_moe
     expert = 3 * h * c.intermediate_size  # gate + up (H, 2I) and down (I, H); shared expert same width

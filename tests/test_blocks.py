@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
-from distill.blocks import Blocks, ids_dtype
+from distill.blocks import Blocks, ids_dtype, open_blocks, verify_blocks
 from distill.chat import PLAIN, pack_rows, render
+from common.errors import UserError
 from distill.config import DataConfig
 from distill.data import _doc_in_val, load_documents, pack, prepare_data
 from distill.packing import KILL_AFTER_SHARDS, ShardWriter, _Killer
@@ -153,3 +155,32 @@ def test_prepare_command_then_inspect_describes_prepared_data(cli, stdlib_corpus
                  f"{len(data.train):,} blocks", f"{len(data.val):,} blocks",
                  f"{len(m['splits']['train']['shards']):,} shards", "bytes/token"):
         assert want in out, (want, out)
+
+
+def test_a_damaged_prepared_shard_is_found_by_verify_and_named_when_read(cli, stdlib_corpus, tmp_path):
+    """Prepared shards carry the sha256 of what was written: `inspect --verify` checks them (it
+    checked nothing of prepared data before); a read of an id past the vocabulary names the
+    shard instead of failing as an index error in a student's loss."""
+    data = prepare_data(DataConfig(paths=[stdlib_corpus], seq_len=32, tokenizer={"vocab_size": 300}), tmp_path)
+    root = data.train.root
+    assert verify_blocks(root) == []
+    r = cli("inspect", str(tmp_path / "data"), "--verify")
+    assert r.returncode == 0 and "verify: ok" in r.stdout, r.stdout + r.stderr
+    shard = data.train.shards[0]["ids"]
+    ids = np.load(root / shard, mmap_mode="r+")
+    ids[1, 5] = 60_000  # a flipped high byte: the same size, an id no tokenizer of 300 makes
+    ids.flush()
+    del ids
+    problems = verify_blocks(root)
+    assert any(shard in p and "sha256 mismatch" in p for p in problems), problems
+    assert any(shard in p and "token id 60000 >= the vocabulary's 300" in p for p in problems), problems
+    with pytest.raises(UserError, match=rf"{shard}: token id 60000 >= the vocabulary's 300: the shard is damaged"):
+        open_blocks(root)["train"][[0, 1]]
+    open_blocks(root)["train"][0]  # the rows that are intact still read
+    r = cli("inspect", str(tmp_path / "data"), "--verify")
+    assert r.returncode == 1 and shard in r.stdout and "Traceback" not in r.stderr, r.stdout + r.stderr
+    # A shard from before digests were recorded: its size and ids are still checked.
+    record = root / shard.replace(".ids.npy", ".json")
+    rec = json.loads(record.read_text())
+    record.write_text(json.dumps({k: v for k, v in rec.items() if k != "sha256"}))
+    assert [p for p in verify_blocks(root) if "sha256" in p] == [] and len(verify_blocks(root)) == 1

@@ -146,6 +146,24 @@ def test_flipped_byte_is_reported(tmp_path, encoding):
     assert shard.name in r.stdout + r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_decoded_id_outside_the_vocabulary_names_the_shard(tmp_path, monkeypatch):
+    """Reads skip the sha256 (verify checks it); ids a damaged shard decodes to past the
+    vocabulary are said naming the shard, not left to fail as an index error in a loss."""
+    worker.write(tmp_path)
+    reader = CacheReader(tmp_path, "train")
+    decode = reader.codec.decode
+
+    def damaged(arrays, k, vocab, *args):
+        ids, lps = decode(arrays, k, vocab, *args)
+        ids[0, 0] = vocab + 6
+        return ids, lps
+
+    reader.read([0])  # intact
+    monkeypatch.setattr(reader.codec, "decode", damaged)
+    with pytest.raises(CacheCorrupt, match=rf"{reader.shards[0]['file']} decodes to teacher id {reader.vocab_size + 6}"):
+        reader.read([0])
+
+
 def test_truncated_shard_raises(tmp_path):
     worker.write(tmp_path)
     shard = _shards(tmp_path)[0]

@@ -69,7 +69,33 @@ def test_missing_data_path_named(cli, tmp_path):
 
 def test_debug_shows_traceback(cli, tmp_path):
     r = cli("--debug", "train", "--config", str(tmp_path))
-    assert r.returncode != 0 and "Traceback" in r.stderr
+    assert r.returncode == 2 and "Traceback" in r.stderr  # the traceback, and still bad input's exit code
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+@pytest.mark.parametrize("printer", ["click", "rich"])
+def test_a_reader_that_leaves_early_is_not_a_failure(tmp_path, printer):
+    """`distill inspect X | head`: stdout's reader is gone.  Exit 141 (128 + SIGPIPE, what a shell
+    reports for a process a closed pipe killed), not 1 (a failed `--verify`) and no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1).save_pretrained(str(tmp_path))
+    args = ["inspect", "--help"] if printer == "click" else ["inspect", str(tmp_path)]  # rich prints the table
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will ever read: the first write fails with EPIPE
+    try:
+        r = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], stdout=write_end,
+                           stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 141 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
 
 
 def test_bad_set_override(cli, tmp_path):
@@ -103,6 +129,9 @@ def test_bad_student_model_arg_fails_before_any_stage(cli, tmp_path):
     assert time.time() - t0 < 60 and not (tmp_path / "o").exists()  # nothing pretrained, nothing written
     raw["students"][1]["model"]["args"] = {"num_heads": 3, "num_kv_heads": 2}
     assert "students.1.model.args.num_heads=3" in _one_line_error(cli("train", "--config", _write(tmp_path, raw)))
+    raw["students"][1]["model"] = {"preset": "dense", "args": {"hidden_size": 63, "num_heads": 2}}  # transformers' check
+    line = _one_line_error(cli("train", "--config", _write(tmp_path, raw)))
+    assert line.endswith("(ValueError: The hidden size (63) is not a multiple of the number of attention heads (2).)"), line
     raw["students"].pop()
     raw["teacher"]["model"]["args"] = {"head_dim": 0}
     assert "teacher.model.args.head_dim=0" in _one_line_error(cli("train", "--config", _write(tmp_path, raw)))

@@ -37,7 +37,7 @@ def test_forked_cli_answers_as_the_plain_process(tmp_path):
         ["--help"],  # exit 0, stdout
         ["train", "--config", str(tmp_path / "missing.yaml")],  # a UserError: exit 2, one line
         ["train", "--config", str(bad)],  # a registry's refusal (imports the presets)
-        ["--debug", "train", "--config", str(tmp_path / "missing.yaml")],  # a traceback: exit 1
+        ["--debug", "train", "--config", str(tmp_path / "missing.yaml")],  # a traceback, still exit 2
         ["train", "--bogus"],  # click's usage error
         ["inspect", str(tmp_path)],  # nothing to describe there
     ]
@@ -48,7 +48,7 @@ def test_forked_cli_answers_as_the_plain_process(tmp_path):
             assert a.stderr.splitlines()[-1] == b.stderr.splitlines()[-1] and "Traceback" in a.stderr, args
         else:
             assert a.stderr == b.stderr, args
-    assert [forked(*c, env=env).returncode for c in cases] == [0, 2, 2, 1, 2, 2]
+    assert [forked(*c, env=env).returncode for c in cases] == [0, 2, 2, 2, 2, 2]
 
 
 def test_a_forked_run_past_its_timeout_is_killed(tmp_path):

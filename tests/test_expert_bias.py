@@ -83,7 +83,10 @@ def test_export_reports_routing_without_the_bias(tmp_path, capfd):
     checkpoint.save(tmp_path / "ckpt", 5, student.model, {**student.state(), "expert_bias": biases},
                     {"student": "moe", "run_hash": "h"})
     held_out = torch.randint(0, V, (4, T + 1), generator=torch.Generator().manual_seed(1))
-    out = export_checkpoint(tmp_path / "ckpt", tmp_path / "export", held_out=held_out)
+    from tests.hf_models import make_tokenizer
+
+    make_tokenizer(["def f(x): return x"], tmp_path / "tok", vocab_size=V)
+    out = export_checkpoint(tmp_path / "ckpt", tmp_path / "export", held_out=held_out, tokenizer_dir=tmp_path / "tok")
     err = capfd.readouterr().err
     card = (out / "README.md").read_text()
     assert "held-out tokens route to another expert" in err and "of 32 held-out tokens" in err
@@ -94,7 +97,7 @@ def test_export_reports_routing_without_the_bias(tmp_path, capfd):
     assert 0 < note["tokens_changing_expert"] <= 1 and note["per_layer"][1] == 0  # layer 1 had no bias
     # No bias at all: nothing to report, nothing printed.
     checkpoint.save(tmp_path / "plain", 5, student.model, student.state(), {"student": "moe"})
-    export_checkpoint(tmp_path / "plain", tmp_path / "export2", held_out=held_out)
+    export_checkpoint(tmp_path / "plain", tmp_path / "export2", held_out=held_out, tokenizer_dir=tmp_path / "tok")
     assert "expert bias" not in capfd.readouterr().err
 
 

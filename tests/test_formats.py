@@ -181,7 +181,8 @@ def test_saved_datasetdict_split_rules(tmp_path):
     ("notes.csv", b"text\nhello\n", r"notes.csv is not a format data.paths reads; it takes .*\.jsonl"),
     ("corpus", b"hello\n", r"corpus is not a format"),
     ("rows.jsonl", b'{"title": "a"}\n', r"rows.jsonl: no column 'text', nor chat columns"),
-    ("broken.jsonl", b'{"text": "a"}\n{oops\n', r"broken.jsonl: could not be read as json \(ArrowInvalid: JSON parse"),
+    ("broken.jsonl", b'{"text": "a"}\n{oops\n', r"broken.jsonl: line 2 is not valid JSON \(Expecting property name"),
+    ("empty.jsonl", b"", r"empty.jsonl: the file is empty"),
     ("fake.parquet", b"not parquet", r"fake.parquet: could not be read as parquet"),
     ("ints.jsonl", b'{"text": 1}\n', r"ints.jsonl: column 'text' holds Value\('int64'\), not strings"),
     ("chat.jsonl", b'{"messages": "hi"}\n', r"chat.jsonl: column 'messages' holds .*not lists of \{role, content\}"),
@@ -190,6 +191,47 @@ def test_a_file_in_no_known_shape_is_named(tmp_path, name, content, message):
     f = _bytes(tmp_path / name, content)
     with pytest.raises(UserError, match=message):
         load_documents(DataConfig(paths=[f]))
+
+
+@pytest.mark.parametrize("suffix,compress", [("jsonl", lambda b: b), ("jsonl.gz", gzip.compress)])
+def test_a_malformed_line_is_named_by_its_line_in_the_file(tmp_path, suffix, compress):
+    """datasets counts rows from 0 within a read chunk of ~10 MB; the user needs the file's line."""
+    lines = _jsonl(text_rows(n=3000)).splitlines(keepends=True)  # several MB: more than one read chunk
+    lines[2500] = lines[2500].replace(b'", "id"', b'" "id"')  # line 2,501: a missing comma
+    f = _bytes(tmp_path / f"rows.{suffix}", compress(b"".join(lines)))
+    with pytest.raises(UserError, match=rf"rows.{suffix}: line 2501 is not valid JSON \(Expecting ',' delimiter"):
+        load_documents(DataConfig(paths=[f]))
+
+
+def test_rows_with_nothing_to_learn_are_counted(tmp_path):
+    """A chat row whose `messages` is missing or null, and an empty `text`, are left out and said."""
+    rows = message_rows(10)
+    rows[3] = {"id": 3}  # no messages key at all
+    rows[7] = {"messages": None, "id": 7}
+    said: list[str] = []
+    docs = load_documents(DataConfig(paths=[_bytes(tmp_path / "chat.jsonl", _jsonl(rows))]), log=said.append)
+    assert len(docs) == 8
+    assert said == ["[data] skipped 2 of 10 table rows with nothing to learn from: empty or null text, or no "
+                    "(null) messages / prompt + completion"], said
+
+
+def test_one_file_under_two_spellings_is_read_once(tmp_path):
+    f = _bytes(tmp_path / "data" / "rows.jsonl", _jsonl(text_rows(n=12)))
+    spellings = [f, tmp_path / "data" / ".." / "data" / "rows.jsonl", tmp_path / "data"]
+    assert corpus_files(DataConfig(paths=spellings)) == [f]
+    assert len(load_documents(DataConfig(paths=spellings))) == 12
+
+
+def test_what_the_example_config_mixes_in_or_cuts_is_said(tmp_path):
+    f = _bytes(tmp_path / "rows.jsonl", _jsonl(text_rows(n=12)))
+    said: list[str] = []
+    docs = load_documents(DataConfig(paths=[f], stdlib=True, max_documents=5), log=said.append)
+    assert len(docs) == 5
+    assert any(line.startswith("[data] data.stdlib: true adds") for line in said), said
+    assert any("data.max_documents 5: using the first 5 of" in line for line in said), said
+    said.clear()
+    load_documents(DataConfig(paths=[f]), log=said.append)
+    assert said == []  # the user's own data, whole: nothing to say
 
 
 @pytest.mark.parametrize("fmt", ["jsonl.zst", "save_to_disk", "dir-of-tables"])

@@ -377,6 +377,20 @@ def test_param_counts_total_is_numel(name):
     assert active == total - idle
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "mixtral"])
+def test_param_counts_of_other_families_as_their_configs_come(kind):
+    """A stock config as transformers makes it, with no head_dim or attention_bias field (a
+    default Qwen2Config has neither): counted from a weightless model, biases included."""
+    from transformers import AutoModelForCausalLM, MistralConfig, MixtralConfig, Qwen2Config
+
+    make = {"qwen2": Qwen2Config, "mistral": MistralConfig, "mixtral": MixtralConfig}[kind]
+    config = make(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, **({"num_local_experts": 4, "num_experts_per_tok": 2} if kind == "mixtral" else {}))
+    total, active = param_counts(config)
+    assert total == sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    assert (active < total) == (kind == "mixtral")
+
+
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_param_counts_of_published_shapes(name):
     total, active = param_counts(PRESETS[name](**PUBLISHED[name]))

@@ -129,3 +129,64 @@ def test_eval_inspect_and_card_work_for_a_pretrained_student(pretrained_run):
     assert "| architecture | pretrained /" in (export / "README.md").read_text()
     r = run_cli("inspect", str(export), timeout=120)
     assert r.returncode == 0 and "params_total" in r.stdout and "llama" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_standalone_export_ships_the_tokenizer_the_run_used(pretrained_run, tmp_path):
+    """The run's tokenizer is the teacher's, outside the run dir: the checkpoint records where it
+    is, so `distill export` of a student dir ships it without --tokenizer (it wrote none before)."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import run_cli
+
+    run, _ = pretrained_run
+    r = run_cli("export", str(run / "students" / "llama"), "--out", str(tmp_path / "export"), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    config = json.loads((tmp_path / "export" / "tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only"} & set(config)  # how it was loaded here, not the user's business
+    teacher_dir = json.loads(next((run / "students" / "llama" / "checkpoints").glob("step_*/meta.json")).read_text())
+    assert teacher_dir["tokenizer"] == teacher_dir["teacher"]
+    ours, theirs = AutoTokenizer.from_pretrained(str(tmp_path / "export")), AutoTokenizer.from_pretrained(teacher_dir["tokenizer"])
+    assert ours.get_vocab() == theirs.get_vocab() and ours.chat_template == theirs.chat_template
+    # A checkpoint that names no tokenizer and lies outside a run: refused in one line, nothing written.
+    import shutil
+
+    ckpt = tmp_path / "loose" / "step_00000003"
+    shutil.copytree(next((run / "students" / "llama" / "checkpoints").glob("step_*")), ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k not in ("tokenizer", "teacher")}))
+    r = run_cli("export", str(ckpt), "--out", str(tmp_path / "loose-export"), timeout=300)
+    assert r.returncode == 2 and "pass --tokenizer DIR" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "loose-export").exists()
+
+
+def test_a_teacher_without_a_tokenizer_or_too_few_positions_is_refused(hf_family, stdlib_corpus, tmp_path):
+    """Two checks before any work: a checkpoint teacher dir with weights but no tokenizer (a BPE
+    trained here would give its ids other meanings: it was trained silently before), and a
+    seq_len past the positions the teacher was made for (learned position embeddings index out
+    of range; rotary ones run on, untrained)."""
+    import shutil
+
+    from tests.conftest import run_cli
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(hf_family["teacher"] / name, bare / name)
+    cfg = {"out_dir": str(tmp_path / "run"), "data": {"paths": [str(stdlib_corpus)], "seq_len": 32},
+           "teacher": {"source": "checkpoint", "path": str(bare)},
+           "students": [{"name": "s", "model": {"preset": "dense"}}], "train": {"mode": "online", "steps": 1}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    r = run_cli("prepare", "-c", str(tmp_path / "run.yaml"), "--quiet", timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == (f"error: teacher.path: {bare} holds no tokenizer (tokenizer.json); the teacher's "
+                                f"signal is over its own token ids, so set data.tokenizer.path to its tokenizer's dir")
+    assert not (tmp_path / "run" / "tokenizer").exists()
+    config = json.loads((hf_family["teacher"] / "config.json").read_text())
+    cfg["teacher"]["path"] = str(hf_family["teacher"])
+    cfg["data"]["seq_len"] = config["max_position_embeddings"] + 1
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    r = run_cli("prepare", "-c", str(tmp_path / "run.yaml"), "--quiet", timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().endswith(
+        f"is longer than the {config['max_position_embeddings']} positions teacher.path {hf_family['teacher']} was made "
+        f"for (its config.json); lower data.seq_len to {config['max_position_embeddings']} or less"), r.stderr
+    assert not (tmp_path / "run").exists()

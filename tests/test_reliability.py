@@ -352,6 +352,11 @@ def test_a_cache_of_another_k_is_refused_and_k_is_part_of_the_run(online_setup, 
     line = one_line(run_cli("train", "-c", str(cfg), "--quiet", *sets, "--set", "cache.encoding=compact"))
     assert "has encoding lossless but cache.encoding is compact" in line, line
     assert run_cli("train", "-c", str(cfg), "--quiet", *sets).returncode == 0
+    # --overwrite moves the earlier run aside only once the cache checks out: refused, it stays
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--overwrite", *sets, "--set", "cache.k=8"))
+    assert "has k 16 but cache.k is 8" in line, line
+    assert not [p for p in (tmp_path / "o").iterdir() if p.name.startswith("replaced-")]
+    assert (tmp_path / "o" / "students" / "dense" / "checkpoints" / "step_00000002").exists()
     assert run_cli("cache", "-c", str(cfg), "--quiet", "--overwrite", *sets, "--set", "cache.k=8").returncode == 0
     line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--resume", *sets, "--set", "cache.k=8",
                             "--set", "train.steps=3"))

@@ -75,6 +75,7 @@ def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size
             generation_config.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+            _drop_load_options(tmp / "tokenizer_config.json")
         if tokenizer is not None and generation_config is None:
             eos = tokenizer.eos_token_id
             GenerationConfig(eos_token_id=eos, bos_token_id=tokenizer.bos_token_id, pad_token_id=eos,
@@ -86,6 +87,19 @@ def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(describe_os_error(e, out)) from e
     return out
+
+
+# How the tokenizer was loaded here (offline, from a local dir), which transformers saves
+# with it; a user of the export loads it their own way.
+_LOAD_OPTIONS = ("is_local", "local_files_only")
+
+
+def _drop_load_options(path: Path) -> None:
+    if not path.exists():
+        return
+    config = json.loads(path.read_text())
+    if any(key in config for key in _LOAD_OPTIONS):
+        path.write_text(json.dumps({k: v for k, v in config.items() if k not in _LOAD_OPTIONS}, indent=2) + "\n")
 
 
 def _stop_at(generation_config, eos: int | None) -> None:
@@ -145,11 +159,15 @@ def _source_generation_config(meta: dict):
     return None
 
 
-def _find_tokenizer_dir(ckpt: Path) -> Path | None:
-    # .../OUT/students/NAME/checkpoints/step_N -> OUT/tokenizer
-    for parent in ckpt.parents:
-        if (parent / "tokenizer" / "tokenizer.json").exists():
-            return parent / "tokenizer"
+def _find_tokenizer_dir(ckpt: Path, meta: dict) -> Path | None:
+    """The tokenizer the run trained with: the dir its checkpoints record (runs from before
+    they did: the run's own OUT/tokenizer, then the teacher's dir)."""
+    recorded = [meta.get("tokenizer")]
+    recorded += [parent / "tokenizer" for parent in ckpt.parents]  # .../OUT/students/NAME/checkpoints/step_N
+    recorded += [meta.get("teacher")]
+    for candidate in recorded:
+        if candidate and (Path(candidate) / "tokenizer.json").exists():
+            return Path(candidate)
     return None
 
 
@@ -204,8 +222,11 @@ def export_checkpoint(path: Path, out: Path, dtype: str = "fp32", tokenizer_dir:
 
     ckpt = resolve_checkpoint(path)
     meta = checkpoint.load_meta(ckpt)
-    tok_dir = tokenizer_dir or _find_tokenizer_dir(ckpt)
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir and (Path(tok_dir) / "tokenizer.json").exists() else None
+    tok_dir = tokenizer_dir or _find_tokenizer_dir(ckpt, meta)
+    if tok_dir is None or not (Path(tok_dir) / "tokenizer.json").exists():
+        where = f"{tok_dir} has no tokenizer.json" if tok_dir else f"no tokenizer was found for the run of {ckpt}"
+        raise UserError(f"export: {where}; pass --tokenizer DIR (the run's data.tokenizer.path, or the teacher's dir)")
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     model = load_checkpoint_model(ckpt)
     name = meta.get("student", ckpt.parent.parent.name)
     biases = checkpoint.load_state(ckpt).get("expert_bias", [])

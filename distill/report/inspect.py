@@ -112,9 +112,18 @@ def inspect_path(path: Path, verify: bool = False) -> bool:
         raise UserError(f"{path} does not exist")
     prepared = _prepared_dirs(path) if path.is_dir() else []
     if prepared:
+        ok = True
         for root, m in prepared:
             console.print(_table(f"prepared data {root}", data_rows(root, m)))
-        return True
+            if verify:
+                from distill.blocks import verify_blocks
+
+                problems = verify_blocks(root)
+                for p in problems:
+                    console.print(f"[red]BAD[/red] {p}")
+                console.print("verify: " + ("ok" if not problems else f"{len(problems)} problem(s)"))
+                ok = ok and not problems
+        return ok
     if (path / "manifest.json").exists():
         from teachers.cache.reader import describe_cache, verify_cache
 

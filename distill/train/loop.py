@@ -147,12 +147,14 @@ def failures(layout: RunLayout, names: list[str]) -> dict[str, dict]:
     return {n: json.loads(layout.failure(n).read_text()) for n in names if layout.failure(n).exists()}
 
 
-def claim_out_dir(layout: RunLayout, names: list[str], overwrite: bool, rank: int) -> None:
+def claim_out_dir(layout: RunLayout, names: list[str], overwrite: bool, rank: int, move: bool = True) -> None:
     """Before a fresh (not --resume) run writes anything: one run per out_dir.  Checkpoints
     of an earlier run of these students would mix with this one's (its newer steps outlive
     this run's pruning, and export, report and metrics would come from two runs), so they
     are refused, or with `overwrite` that run's students, summary, report and plots are moved
-    aside, whole, to OUT/replaced-TIME/ (rank 0; said on stderr)."""
+    aside, whole, to OUT/replaced-TIME/ (rank 0; said on stderr).  move=False only refuses:
+    a stage calls it so first, and again once its inputs (cache, teacher) check out, so a
+    run refused for its inputs leaves the earlier one where it was."""
     earlier = checkpoint.earlier_checkpoints(layout.students, names)
     if not earlier:
         return
@@ -161,7 +163,7 @@ def claim_out_dir(layout: RunLayout, names: list[str], overwrite: bool, rank: in
         raise UserError(f"{layout.students} holds checkpoints of an earlier run ({found}); rerun with --resume to "
                         f"continue it, or with --overwrite to move it aside (to {layout.root}/replaced-TIME/) "
                         f"and start afresh")
-    if rank != 0:
+    if rank != 0 or not move:
         return
     aside = layout.root / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
     aside.mkdir(parents=True, exist_ok=False)

@@ -2,7 +2,6 @@
 name, the cache's errors, checksums and identity comparison.  See writer.py for the layout."""
 from __future__ import annotations
 
-import hashlib
 import json
 import zlib
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Mapping
 import torch
 
 from common.errors import UserError
+from common.fsutil import sha256_file  # noqa: F401  (the cache's readers and writer take it from here)
 
 FORMAT_VERSION = 3  # the newest this reader reads; 2: shards may store the training targets only (rows.py)
 # 3: a sampled cache keeps an exact head (Sampling.exact_top): written only by such caches, so an
@@ -79,21 +79,13 @@ class CacheWriteError(UserError, OSError):
     """Writing a cache file failed (disk full, permissions); earlier files are intact."""
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CacheCorrupt(f"{path} is not valid JSON ({e}); remove it or pass overwrite=True") from e
+        raise CacheCorrupt(f"{path} is not valid JSON ({e}); remove it, or rerun `distill cache --overwrite`") from e
 
 
 def identity_diffs(old: Mapping, new: Mapping, keys=None) -> list[str]:
@@ -104,4 +96,4 @@ def identity_diffs(old: Mapping, new: Mapping, keys=None) -> list[str]:
 
 def mismatch_error(cache_dir: Path, diffs: list[str]) -> CacheMismatch:
     return CacheMismatch(f"cache at {cache_dir} was written for a different setup: " + "; ".join(diffs)
-                         + ". Pass --overwrite (overwrite=True) to replace it, or use another cache dir.")
+                         + ". `distill cache --overwrite` (write_cache(overwrite=True)) replaces it; or set cache.dir to another dir.")

@@ -29,11 +29,11 @@ def _read_header(path: Path, entry: dict, seq_len: int, group: int) -> tuple[int
         raise CacheCorrupt(f"shard {path.name} listed in the manifest is missing from {path.parent}") from None
     if size != entry["bytes"]:
         raise CacheCorrupt(f"shard {path} has {size} bytes, the manifest says {entry['bytes']} "
-                           "(truncated or replaced); rerun write_cache to rewrite it")
+                           "(truncated or replaced); rerun `distill cache` (write_cache) to rewrite it")
     try:
         base, tensors, _ = safetensors_header(path)
     except (OSError, ValueError, KeyError) as e:
-        raise CacheCorrupt(f"shard {path} is unreadable ({e!r}); rerun write_cache to rewrite it") from None
+        raise CacheCorrupt(f"shard {path} is unreadable ({e!r}); rerun `distill cache` (write_cache) to rewrite it") from None
     # Rows held: rows of `values` (fixed-width codecs) or groups * rows per group (the others).
     stored = "stored" in tensors
     rows = tensors["values"][1][0] if "values" in tensors else (tensors["offsets"][1][0] - 1) * (group if stored else seq_len)
@@ -62,7 +62,7 @@ class CacheReader:
             raise CacheCorrupt(f"cache at {self.dir} has format {manifest['format_version']}, newer than this "
                                f"reader's {FORMAT_VERSION}; upgrade the toolkit")
         if not manifest.get("complete"):
-            raise CacheCorrupt(f"cache at {self.dir} is incomplete (writer interrupted?); rerun write_cache to resume")
+            raise CacheCorrupt(f"cache at {self.dir} is incomplete (writer interrupted?); rerun `distill cache` (write_cache) to resume")
         if split not in manifest["splits"]:
             raise KeyError(f"split {split!r} not in cache {self.dir}; it has {sorted(manifest['splits'])}")
         self.manifest, self.split = manifest, split
@@ -134,9 +134,10 @@ class CacheReader:
             arrays = self._arrays(int(s))
             local = idx[sel] - self._starts[s]  # sequence index within the shard
             if "stored" in arrays:
-                self._read_stored(arrays, sel, local, ids, lps, entropy, difficulty)
+                self._read_stored(arrays, sel, local, ids, lps, entropy, difficulty, int(s))
             else:  # every position stored, one codec group per sequence
                 i, lp = self.codec.decode(arrays, self.k, self.vocab_size, self.seq_len, local)
+                self._check_ids(i, int(s))
                 ids[sel] = i.reshape(len(sel), self.seq_len, self.k)
                 lps[sel] = lp.reshape(len(sel), self.seq_len, self.k)
                 if entropy is not None:
@@ -161,7 +162,7 @@ class CacheReader:
         return sig, torch.from_numpy(valid)
 
     def _read_stored(self, arrays: dict, sel: np.ndarray, local: np.ndarray, ids: np.ndarray, lps: np.ndarray,
-                     entropy: np.ndarray | None, difficulty: np.ndarray | None) -> None:
+                     entropy: np.ndarray | None, difficulty: np.ndarray | None, shard: int) -> None:
         """Fill rows `sel` of the (B, T, ...) outputs with sequences `local` of a shard that
         stores the training targets only (rows.py).  Other positions get a placeholder no
         loss reads (labels mask them): ids 0..k-1 at log-prob -log V (top-k), or one id at
@@ -180,6 +181,7 @@ class CacheReader:
         rows = (groups[:, None] * group + np.arange(group)).reshape(-1)[keep]  # (stored,) encoded row indices
         if len(groups):
             i, lp = self.codec.decode(arrays, k, self.vocab_size, group, groups)
+            self._check_ids(i, shard)
             sub_ids[bits], sub_lps[bits] = i[keep], lp[keep]
         ids[sel], lps[sel] = sub_ids, sub_lps
         if entropy is not None:
@@ -190,6 +192,16 @@ class CacheReader:
             sub = np.full((len(sel), seq_len, len(STATS)), np.nan, np.float32)
             sub[bits] = np.asarray(arrays["token_stats"])[rows]
             difficulty[sel] = sub
+
+    def _check_ids(self, ids: np.ndarray, shard: int) -> None:
+        """A decoded id outside the vocabulary means the shard's bytes changed on disk (reads
+        skip the sha256, which `verify` checks); said here, naming the shard, rather than as an
+        index error deep in a student's loss."""
+        if ids.size and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0):
+            bad = int(ids.max()) if int(ids.max()) >= self.vocab_size else int(ids.min())
+            raise CacheCorrupt(f"cache shard {self.dir / self.shards[shard]['file']} decodes to teacher id {bad}, outside "
+                               f"the vocabulary [0, {self.vocab_size}): the shard is damaged; `distill inspect "
+                               f"{self.dir} --verify` checks every shard, `distill cache --overwrite` rewrites them")
 
     def sequence_stats(self) -> torch.Tensor:
         """(N, 4) fp32: every sequence's mean teacher nll, entropy and top1 over its training
