@@ -178,7 +178,7 @@ def export(
     checkpoint: Path = typer.Argument(..., help="A student checkpoint dir (…/checkpoints/step_N) or a student dir (latest checkpoint)."),
     out: Path = typer.Option(..., "--out", help="Where to write the Hugging Face model dir."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer dir to include (default: found from the run dir)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer dir to include (default: the one the checkpoint's run trained with)."),
 ):
     """Write a standard Hugging Face model dir (config, safetensors, tokenizer, model card)."""
     from distill.report.export import export_checkpoint

@@ -13,6 +13,7 @@ with a `UserError`: a one-line message naming the key.
 from __future__ import annotations
 
 import json
+import sys
 
 from pathlib import Path
 from typing import Any, Literal
@@ -550,10 +551,11 @@ def check_model(model: ModelConfig, placeholder_vocab: int, where: str) -> None:
     try:
         build_on_meta(PRESETS[model.preset](**args))
     except Exception as e:  # any failure to build is this config's fault: name it, one line
-        # One line from all of it: validators wrap the reason in a header line ("Class validation
-        # error for validator ...:\n    ValueError: <the reason>"), so the last line says the most.
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = lines[-1] if lines else type(e).__name__
+        # A validator wraps the reason ("Class validation error for validator ...:\n    ValueError:
+        # <the reason>") and raises from it: the cause's first line says it.
+        cause = e.__cause__ if e.__cause__ is not None and str(e.__cause__).strip() else e
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        detail = (f"{type(cause).__name__}: {lines[0]}" if cause is not e else lines[0]) if lines else type(e).__name__
         raise UserError(f"{where}.args: the {model.preset} model cannot be built ({detail})") from None
 
 
@@ -645,10 +647,14 @@ def check_inputs_exist(cfg: RunConfig) -> None:
     if cfg.teacher.source == "checkpoint":
         models.insert(0, ("teacher.path", cfg.teacher.path))
     for key, path in models:
-        limit = max_positions(path) if path is not None else None
-        if limit is not None and cfg.data.seq_len > limit:
-            raise UserError(f"data.seq_len {cfg.data.seq_len} is longer than the {limit} positions {key} "
-                            f"{path} was made for (its config.json); lower data.seq_len to {limit} or less")
+        limit, rotary = max_positions(path) if path is not None else (None, False)
+        if limit is None or cfg.data.seq_len <= limit:
+            continue
+        said = f"data.seq_len {cfg.data.seq_len} is longer than the {limit} positions {key} {path} was made for"
+        if not rotary:  # a learned position embedding has no row for position `limit`: an index error later
+            raise UserError(f"{said} (its config.json); lower data.seq_len to {limit} or less")
+        print(f"[config] note: {said}; its rotary positions run on past them, untrained (add rope_scaling to "
+              f"its config.json to stretch them)", file=sys.stderr, flush=True)
     if cfg.train.deepspeed_config is not None and not cfg.train.deepspeed_config.is_file():
         raise UserError(f"train.deepspeed_config: {cfg.train.deepspeed_config} does not exist")
     if cfg.train.engine == "deepspeed" and cfg.train.deepspeed_config is not None:
@@ -663,20 +669,27 @@ def check_inputs_exist(cfg: RunConfig) -> None:
 
 
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+_ROTARY_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "rotary_dim", "rotary_pct", "rotary_emb_base")
 
 
-def max_positions(model_dir: Path) -> int | None:
-    """The longest sequence a Hugging Face model dir's config.json declares (its text
-    config's, for a multimodal one); None when it declares none or cannot be read."""
+def max_positions(model_dir: Path) -> tuple[int | None, bool]:
+    """(the longest sequence a Hugging Face model dir's config.json declares, whether its
+    positions are rotary) of its text config, for a multimodal one.  A rope_scaling factor
+    stretches the declared length; (None, False) when it declares none or cannot be read."""
     try:
         config = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError):
-        return None
+        return None, False
     for node in (config.get("text_config"), config) if isinstance(config, dict) else ():
         for key in _POSITION_KEYS if isinstance(node, dict) else ():
             if isinstance(node.get(key), int) and node[key] > 0:
-                return node[key]
-    return None
+                rotary = any(k in node for k in _ROTARY_KEYS)
+                scaling = node.get("rope_scaling") or node.get("rope_parameters") or {}
+                factor = scaling.get("factor") if isinstance(scaling, dict) else None
+                base = scaling.get("original_max_position_embeddings") if isinstance(scaling, dict) else None
+                length = int(factor * (base or node[key])) if isinstance(factor, (int, float)) and factor > 1 else node[key]
+                return length, rotary
+    return None, False
 
 
 def write_example_config(path: Path, force: bool = False) -> None:

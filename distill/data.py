@@ -24,7 +24,7 @@ from common.errors import UserError
 from distill.blocks import Blocks, open_blocks
 from distill.chat import CHAT_FORMAT, PLAIN, PackCounts, as_documents, table_kind
 from distill.config import DataConfig
-from distill.layout import RunLayout
+from distill.layout import RunLayout, has_tokenizer
 from distill.packing import auto_num_proc
 
 if TYPE_CHECKING:
@@ -239,6 +239,18 @@ def _read_table(f: Path) -> datasets.Dataset:
 _OPENERS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}  # (.zst needs a package the stdlib lacks)
 
 
+def _one_json_document(fh, opener, f: Path) -> bool:
+    """Whether the whole file parses as one JSON value (read again from its start)."""
+    import importlib
+
+    try:
+        with (importlib.import_module(opener).open(f, "rb") if opener else open(f, "rb")) as whole:
+            json.load(whole)
+    except ValueError:
+        return False
+    return True
+
+
 def _first_bad_json_line(f: Path) -> str | None:
     """For a JSON-lines file datasets could not read: where the first line that is not one JSON
     object is, counted from 1 (datasets' own error counts rows from 0 within a read chunk, which
@@ -259,7 +271,9 @@ def _first_bad_json_line(f: Path) -> str | None:
             try:
                 row = json.loads(raw)
             except ValueError as e:  # UnicodeDecodeError is one too
-                why = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)[:120]
+                if number == 1 and _one_json_document(fh, opener, f):
+                    return None  # a pretty-printed JSON document, not lines: datasets' own reason stands
+                why = f"{e.msg} at column {e.pos + 1}" if isinstance(e, json.JSONDecodeError) else str(e)[:120]
                 return f"{f}: line {number} is not valid JSON ({why}); fix or remove that line"
             if not isinstance(row, dict):
                 return f"{f}: line {number} is a JSON {type(row).__name__}, not an object with named columns"
@@ -425,7 +439,7 @@ def train_tokenizer(docs: datasets.Dataset, vocab_size: int, out_dir: Path):
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
-    if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
+    if not has_tokenizer(path):
         raise UserError(f"tokenizer dir {path} has no tokenizer.json or tokenizer_config.json; "
                         f"point data.tokenizer.path at a saved Hugging Face tokenizer")
     try:
@@ -536,8 +550,9 @@ def _refuse_empty(name: str, split: dict, counts: PackCounts, block: int) -> Non
                         f"prompt, with what the chat template adds, is longer); raise data.seq_len to at "
                         f"least {counts.need}")
     if split["documents"] == 0:
+        change = "raise" if name == "val" else "lower"
         raise UserError(f"data: the {name} split got no documents (they go to validation by a hash of their "
-                        f"text, data.val_fraction of them); raise data.val_fraction or add data")
+                        f"text, data.val_fraction of them); {change} data.val_fraction or add data")
     if split["documents"] == split["chat_rows"]:  # no plain text either
         raise UserError(f"data: the {name} split has no rows to learn from ({split['chat_rows']} chat rows, "
                         f"{counts.no_target} of them with no assistant turn); add data or raise data.val_fraction")
@@ -555,7 +570,7 @@ def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> Pack
     tok_dir = layout.tokenizer
     docs = None
     cache_dir = layout.root / "data" / ".documents"
-    if cfg.tokenizer.path is not None or (tok_dir / "tokenizer.json").exists():
+    if cfg.tokenizer.path is not None or has_tokenizer(tok_dir):
         tok = load_tokenizer(tok_dir)
     else:
         docs = load_documents(cfg, log=_stderr, cache_dir=cache_dir)

@@ -22,6 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PLOTS = ("curves.png", "schedule.png", "expert_load.png")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # fast, or slow (sentencepiece) with its config
+
+
+def has_tokenizer(path) -> bool:
+    """Whether a dir holds a saved Hugging Face tokenizer (what AutoTokenizer loads)."""
+    return path is not None and any((Path(path) / name).exists() for name in TOKENIZER_FILES)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from common.errors import UserError
 from distill.config import ModelConfig, RunConfig
 from distill.data import PackedData, prepare_data, vocab_size_of
+from distill.layout import has_tokenizer
 from teachers import LiveTeacher, load_teacher_model, teacher_identity
 from teachers.cache.format import Sampling
 
@@ -150,9 +151,10 @@ def resolve_device(name: str) -> torch.device:
 def prepare(cfg: RunConfig, progress: bool = False) -> PackedData:
     """Packed data; a checkpoint teacher's own tokenizer is used unless one is named."""
     if cfg.teacher.source == "checkpoint" and cfg.data.tokenizer.path is None and cfg.teacher.path is not None:
-        if not any((cfg.teacher.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        if not has_tokenizer(cfg.teacher.path):
             # A BPE trained here would give the teacher's ids other meanings: every signal wrong.
-            raise UserError(f"teacher.path: {cfg.teacher.path} holds no tokenizer (tokenizer.json); the teacher's "
+            raise UserError(f"teacher.path: {cfg.teacher.path} holds no tokenizer (tokenizer.json or "
+                            f"tokenizer_config.json); the teacher's "
                             f"signal is over its own token ids, so set data.tokenizer.path to its tokenizer's dir")
         cfg.data.tokenizer.path = cfg.teacher.path
     # Under a launcher, rank 0 builds the tokenizer and blocks; the others then reuse them.
@@ -191,7 +193,7 @@ def check_student_vocab(cfg: RunConfig, name: str, model_dir, model_vocab: int, 
 
     run_tok_dir = cfg.layout.tokenizer
     n = vocab_size_of(tokenizer)
-    has_own = (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists()
+    has_own = has_tokenizer(model_dir)
     if has_own:
         try:
             own = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True).get_vocab()

@@ -17,6 +17,7 @@ from common.errors import UserError
 from common.fsutil import atomic_write_json
 from distill.config import RunConfig, StudentConfig
 from distill.data import PackedData, vocab_size_of
+from distill.layout import has_tokenizer
 from distill.report.export import export_checkpoint, save_hf_dir
 from distill.report.report import evaluate_run
 from distill.runtime import (DENSE_AUTO_BYTES, autocast_dtype, cache_identity, check_k, dense_logits_bytes,
@@ -377,22 +378,21 @@ def run_all(cfg: RunConfig, resume: bool = True, progress: bool = True, overwrit
 
 
 def tokenizer_dir(cfg: RunConfig, data: PackedData) -> Path:
-    """The dir of the tokenizer `data` was tokenised with: the run's (data.tokenizer.path, a
-    checkpoint teacher's dir, or OUT/tokenizer), else where the tokenizer was loaded from
-    (data prepared under another config, as the benches share it)."""
-    for candidate in (cfg.layout.tokenizer, Path(getattr(data.tokenizer, "name_or_path", "") or ".")):
-        if (candidate / "tokenizer.json").exists():
+    """The dir of the tokenizer `data` was tokenised with: where it was loaded from (the run's
+    data.tokenizer.path, a checkpoint teacher's dir, OUT/tokenizer, or another config's when
+    data is shared, as the benches do), else the run's OUT/tokenizer."""
+    loaded_from = getattr(data.tokenizer, "name_or_path", "")  # "" for a tokenizer made in this process
+    for candidate in ([Path(loaded_from)] if loaded_from else []) + [cfg.layout.tokenizer]:
+        if has_tokenizer(candidate):
             return candidate.resolve()
     return cfg.layout.tokenizer.resolve()
 
 
 def export_students(cfg: RunConfig, held_out: torch.Tensor | None = None) -> dict[str, Path]:
     """held_out: (N, T+1) validation blocks, to measure routing without a trained expert bias.
-    The run's tokenizer ships with them; where this config does not know it (data prepared under
-    another), the one each checkpoint names."""
+    Each ships the tokenizer its checkpoint names (the one it trained with)."""
     layout = cfg.layout
-    known = layout.tokenizer if (layout.tokenizer / "tokenizer.json").exists() else None
     return {sc.name: export_checkpoint(layout.student(sc.name), layout.export(sc.name), dtype=cfg.export.dtype,
-                                       tokenizer_dir=known, held_out=held_out)
+                                       held_out=held_out)
             for sc in cfg.students}
 

@@ -164,6 +164,26 @@ def test_a_decoded_id_outside_the_vocabulary_names_the_shard(tmp_path, monkeypat
         reader.read([0])
 
 
+@pytest.mark.parametrize("damage", ["rice", "id_unary"])
+def test_a_damaged_sampled_shard_is_named_when_read(tmp_path, damage):
+    """Real bytes: a sampled shard's Rice parameters all set to 20 bits, or its unary quotients'
+    first bytes zeroed (quotients that never end).  Either decode runs off the shard's buffers,
+    an IndexError / ValueError from deep in the codec before; now one line naming the shard."""
+    from teachers.cache.codec import safetensors_header
+
+    worker.write(tmp_path, encoding="sampled")
+    shard = _shards(tmp_path)[0]
+    base, tensors, _ = safetensors_header(shard)
+    _, _, start, end = tensors[damage]
+    data = bytearray(shard.read_bytes())
+    data[base + start: base + min(end, start + 8)] = bytes([20 if damage == "rice" else 0]) * min(end - start, 8)
+    shard.write_bytes(bytes(data))
+    split = shard.name.split("-r")[0]
+    with pytest.raises(CacheCorrupt, match=rf"{shard.name} does not decode \((IndexError|ValueError): .*: the shard "
+                                           rf"is damaged; `distill inspect .* --verify` checks every shard"):
+        CacheReader(tmp_path, split).read([0])
+
+
 def test_truncated_shard_raises(tmp_path):
     worker.write(tmp_path)
     shard = _shards(tmp_path)[0]

@@ -203,6 +203,15 @@ def test_a_malformed_line_is_named_by_its_line_in_the_file(tmp_path, suffix, com
         load_documents(DataConfig(paths=[f]))
 
 
+def test_a_pretty_printed_json_document_is_not_blamed_on_its_first_line(tmp_path):
+    from distill.data import _first_bad_json_line
+
+    f = _bytes(tmp_path / "rows.json", json.dumps({"text": ["a", "b"]}, indent=2).encode())
+    assert _first_bad_json_line(f) is None
+    assert _first_bad_json_line(_bytes(tmp_path / "bad.json", b'{"text": "a",\n')) == \
+        f"{tmp_path / 'bad.json'}: line 1 is not valid JSON (Expecting property name enclosed in double quotes at column 15); fix or remove that line"
+
+
 def test_rows_with_nothing_to_learn_are_counted(tmp_path):
     """A chat row whose `messages` is missing or null, and an empty `text`, are left out and said."""
     rows = message_rows(10)

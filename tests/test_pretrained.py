@@ -160,12 +160,15 @@ def test_a_standalone_export_ships_the_tokenizer_the_run_used(pretrained_run, tm
 
 
 def test_a_teacher_without_a_tokenizer_or_too_few_positions_is_refused(hf_family, stdlib_corpus, tmp_path):
-    """Two checks before any work: a checkpoint teacher dir with weights but no tokenizer (a BPE
-    trained here would give its ids other meanings: it was trained silently before), and a
-    seq_len past the positions the teacher was made for (learned position embeddings index out
-    of range; rotary ones run on, untrained)."""
+    """Checks before any work: a checkpoint teacher dir with weights but no tokenizer (a BPE
+    trained here would give its ids other meanings: it was trained silently before); a seq_len
+    past a learned position embedding (an index error deep in `distill cache` before) is
+    refused, past rotary positions it is said in one line and the run goes on."""
     import shutil
 
+    from transformers import GPT2Config
+
+    from distill.config import max_positions
     from tests.conftest import run_cli
 
     bare = tmp_path / "bare"
@@ -178,15 +181,34 @@ def test_a_teacher_without_a_tokenizer_or_too_few_positions_is_refused(hf_family
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     r = run_cli("prepare", "-c", str(tmp_path / "run.yaml"), "--quiet", timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.strip() == (f"error: teacher.path: {bare} holds no tokenizer (tokenizer.json); the teacher's "
-                                f"signal is over its own token ids, so set data.tokenizer.path to its tokenizer's dir")
+    assert r.stderr.strip() == (f"error: teacher.path: {bare} holds no tokenizer (tokenizer.json or "
+                                f"tokenizer_config.json); the teacher's signal is over its own token ids, so set "
+                                f"data.tokenizer.path to its tokenizer's dir")
     assert not (tmp_path / "run" / "tokenizer").exists()
-    config = json.loads((hf_family["teacher"] / "config.json").read_text())
-    cfg["teacher"]["path"] = str(hf_family["teacher"])
-    cfg["data"]["seq_len"] = config["max_position_embeddings"] + 1
+
+    learned = tmp_path / "gpt2"
+    GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=1, n_head=2).save_pretrained(str(learned))
+    assert max_positions(learned) == (64, False)
+    cfg["teacher"]["path"] = str(learned)
+    cfg["data"]["seq_len"] = 65
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     r = run_cli("prepare", "-c", str(tmp_path / "run.yaml"), "--quiet", timeout=300)
     assert r.returncode == 2 and r.stderr.strip().endswith(
-        f"is longer than the {config['max_position_embeddings']} positions teacher.path {hf_family['teacher']} was made "
-        f"for (its config.json); lower data.seq_len to {config['max_position_embeddings']} or less"), r.stderr
+        f"data.seq_len 65 is longer than the 64 positions teacher.path {learned} was made for (its config.json); "
+        f"lower data.seq_len to 64 or less"), r.stderr
     assert not (tmp_path / "run").exists()
+
+    limit = json.loads((hf_family["teacher"] / "config.json").read_text())["max_position_embeddings"]
+    assert max_positions(hf_family["teacher"]) == (limit, True)  # Qwen3: rotary
+    cfg["teacher"]["path"] = str(hf_family["teacher"])
+    cfg["data"]["seq_len"] = limit + 1
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    r = run_cli("prepare", "-c", str(tmp_path / "run.yaml"), "--quiet", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"[config] note: data.seq_len {limit + 1} is longer than the {limit} positions teacher.path" in r.stderr
+    # A rope_scaling factor stretches what a rotary model was made for (Qwen2.5 + YaRN as its card says).
+    scaled = tmp_path / "scaled"
+    scaled.mkdir()
+    (scaled / "config.json").write_text(json.dumps({"max_position_embeddings": 32768, "rope_theta": 1e6, "rope_scaling": {
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}))
+    assert max_positions(scaled) == (131072, True)

@@ -21,6 +21,7 @@ import torch
 
 from common.errors import UserError
 from common.fsutil import atomic_write_text, describe_os_error, publish_dir, writable_temp_dir
+from distill.layout import has_tokenizer
 from distill.train import checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -166,7 +167,7 @@ def _find_tokenizer_dir(ckpt: Path, meta: dict) -> Path | None:
     recorded += [parent / "tokenizer" for parent in ckpt.parents]  # .../OUT/students/NAME/checkpoints/step_N
     recorded += [meta.get("teacher")]
     for candidate in recorded:
-        if candidate and (Path(candidate) / "tokenizer.json").exists():
+        if candidate and has_tokenizer(candidate):
             return Path(candidate)
     return None
 
@@ -223,8 +224,8 @@ def export_checkpoint(path: Path, out: Path, dtype: str = "fp32", tokenizer_dir:
     ckpt = resolve_checkpoint(path)
     meta = checkpoint.load_meta(ckpt)
     tok_dir = tokenizer_dir or _find_tokenizer_dir(ckpt, meta)
-    if tok_dir is None or not (Path(tok_dir) / "tokenizer.json").exists():
-        where = f"{tok_dir} has no tokenizer.json" if tok_dir else f"no tokenizer was found for the run of {ckpt}"
+    if tok_dir is None or not has_tokenizer(tok_dir):
+        where = f"{tok_dir} holds no tokenizer" if tok_dir else f"no tokenizer was found for the run of {ckpt}"
         raise UserError(f"export: {where}; pass --tokenizer DIR (the run's data.tokenizer.path, or the teacher's dir)")
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     model = load_checkpoint_model(ckpt)

@@ -136,8 +136,7 @@ class CacheReader:
             if "stored" in arrays:
                 self._read_stored(arrays, sel, local, ids, lps, entropy, difficulty, int(s))
             else:  # every position stored, one codec group per sequence
-                i, lp = self.codec.decode(arrays, self.k, self.vocab_size, self.seq_len, local)
-                self._check_ids(i, int(s))
+                i, lp = self._decode(arrays, self.seq_len, local, int(s))
                 ids[sel] = i.reshape(len(sel), self.seq_len, self.k)
                 lps[sel] = lp.reshape(len(sel), self.seq_len, self.k)
                 if entropy is not None:
@@ -180,8 +179,7 @@ class CacheReader:
             sub_lps[..., 0] = 0.0
         rows = (groups[:, None] * group + np.arange(group)).reshape(-1)[keep]  # (stored,) encoded row indices
         if len(groups):
-            i, lp = self.codec.decode(arrays, k, self.vocab_size, group, groups)
-            self._check_ids(i, shard)
+            i, lp = self._decode(arrays, group, groups, shard)
             sub_ids[bits], sub_lps[bits] = i[keep], lp[keep]
         ids[sel], lps[sel] = sub_ids, sub_lps
         if entropy is not None:
@@ -193,15 +191,23 @@ class CacheReader:
             sub[bits] = np.asarray(arrays["token_stats"])[rows]
             difficulty[sel] = sub
 
-    def _check_ids(self, ids: np.ndarray, shard: int) -> None:
-        """A decoded id outside the vocabulary means the shard's bytes changed on disk (reads
-        skip the sha256, which `verify` checks); said here, naming the shard, rather than as an
-        index error deep in a student's loss."""
+    def _decode(self, arrays: dict, rows_per_group: int, groups: np.ndarray, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """The codec's (ids, log-probs) of `groups`, checked: reads skip the sha256 (`verify`
+        checks it), so bytes changed on disk show here, as a decode that runs off its buffers or
+        an id outside the vocabulary.  Said naming the shard, rather than as an index error deep
+        in the codec or in a student's loss."""
+        where = f"cache shard {self.dir / self.shards[shard]['file']}"
+        advice = (f"the shard is damaged; `distill inspect {self.dir} --verify` checks every shard, `distill cache "
+                  f"--overwrite` rewrites them")
+        try:
+            ids, lps = self.codec.decode(arrays, self.k, self.vocab_size, rows_per_group, groups)
+        except (IndexError, ValueError) as e:
+            raise CacheCorrupt(f"{where} does not decode ({type(e).__name__}: {e}): {advice}") from None
         if ids.size and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0):
             bad = int(ids.max()) if int(ids.max()) >= self.vocab_size else int(ids.min())
-            raise CacheCorrupt(f"cache shard {self.dir / self.shards[shard]['file']} decodes to teacher id {bad}, outside "
-                               f"the vocabulary [0, {self.vocab_size}): the shard is damaged; `distill inspect "
-                               f"{self.dir} --verify` checks every shard, `distill cache --overwrite` rewrites them")
+            raise CacheCorrupt(f"{where} decodes to teacher id {bad}, outside the vocabulary [0, {self.vocab_size}): "
+                               f"{advice}")
+        return ids, lps
 
     def sequence_stats(self) -> torch.Tensor:
         """(N, 4) fp32: every sequence's mean teacher nll, entropy and top1 over its training
