@@ -239,12 +239,18 @@ def _read_table(f: Path) -> datasets.Dataset:
 _OPENERS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}  # (.zst needs a package the stdlib lacks)
 
 
-def _one_json_document(fh, opener, f: Path) -> bool:
-    """Whether the whole file parses as one JSON value (read again from its start)."""
+def _open_bytes(f: Path):
+    """`f` for reading, decompressed by its suffix (.gz, .bz2, .xz)."""
     import importlib
 
+    opener = _OPENERS.get(f.suffix)
+    return importlib.import_module(opener).open(f, "rb") if opener else open(f, "rb")
+
+
+def _one_json_document(f: Path) -> bool:
+    """Whether the whole file parses as one JSON value."""
     try:
-        with (importlib.import_module(opener).open(f, "rb") if opener else open(f, "rb")) as whole:
+        with _open_bytes(f) as whole:
             json.load(whole)
     except ValueError:
         return False
@@ -255,12 +261,9 @@ def _first_bad_json_line(f: Path) -> str | None:
     """For a JSON-lines file datasets could not read: where the first line that is not one JSON
     object is, counted from 1 (datasets' own error counts rows from 0 within a read chunk, which
     points nowhere in a big file).  None when every line parses, or the file is one JSON document."""
-    import importlib
-
-    opener = _OPENERS.get(f.suffix)
     if f.suffix == ".zst":
         return None
-    with (importlib.import_module(opener).open(f, "rb") if opener else open(f, "rb")) as fh:
+    with _open_bytes(f) as fh:
         first = fh.read(1 << 16).lstrip()[:1]
         if first == b"[":
             return None  # a JSON array: one document, not lines
@@ -271,7 +274,7 @@ def _first_bad_json_line(f: Path) -> str | None:
             try:
                 row = json.loads(raw)
             except ValueError as e:  # UnicodeDecodeError is one too
-                if number == 1 and _one_json_document(fh, opener, f):
+                if number == 1 and _one_json_document(f):
                     return None  # a pretty-printed JSON document, not lines: datasets' own reason stands
                 why = f"{e.msg} at column {e.pos + 1}" if isinstance(e, json.JSONDecodeError) else str(e)[:120]
                 return f"{f}: line {number} is not valid JSON ({why}); fix or remove that line"

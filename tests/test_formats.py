@@ -303,6 +303,7 @@ def test_every_format_through_one_cli_run(cli, tmp_path):
 @pytest.mark.parametrize("name,content,message", [
     ("notes.csv", b"text\nhello\n", "notes.csv is not a format data.paths reads"),
     ("rows.jsonl", b'{"title": "a"}\n', "rows.jsonl: no column 'text'"),
+    ("broken.jsonl", b'{"text": "a"}\n{oops\n', "broken.jsonl: line 2 is not valid JSON"),
 ])
 def test_a_file_in_no_known_shape_is_one_line_through_the_cli(cli, tmp_path, name, content, message):
     path = _bytes(tmp_path / name, content)
