@@ -82,7 +82,7 @@ def main() -> None:
 
     from distill.runtime import live_teacher, prepare, resolve_device
     from distill.train.loop import train_loop
-    from distill.train.setup import build_students, loop_config
+    from distill.train.setup import build_students, loop_config, student_models
     from teachers import Batch
 
     def timed(name: str, studs: list[dict], teacher=None) -> tuple[float, dict, object]:
@@ -90,7 +90,7 @@ def main() -> None:
         cfg = parse_config(make_config(work / name, teacher_dir, studs, args))
         data = prepare(cfg)
         teacher = teacher or live_teacher(cfg, data, resolve_device("cpu"))
-        students = build_students(cfg, data)
+        students = build_students(cfg, student_models(cfg, data))
         loop = loop_config(cfg, args.steps, args.batch, 0, 1, "bench")
         t0 = time.perf_counter()
         result = train_loop(students, teacher, data.train, data.val[:1], None, loop, cfg.layout,

@@ -26,7 +26,7 @@ from distill.runtime import (DENSE_AUTO_BYTES, autocast_dtype, cache_identity, c
 from distill.train.loop import claim_out_dir, run_hash, train_loop
 from distill.train.on_policy import on_policy_source
 from distill.train.selection import DataView, plan_views
-from distill.train.setup import build_students, loop_config, make_student
+from distill.train.setup import build_students, loop_config, make_student, student_models
 from teachers import CachedTeacher, LiveTeacher, Teacher
 from teachers.cache.format import Sampling
 
@@ -301,9 +301,10 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
         views = data_views(cfg, None, data)
         live = remote or live_teacher(cfg, data, resolve_device(cfg.train.device))
         teacher = val_teacher = live
-    if not resume:
+    models = student_models(cfg, data, live.model if live is not None else None)  # init: teacher reuses the loaded model
+    if not resume:  # the inputs, students too, check out: now an earlier run may move aside
         claim_out_dir(cfg.layout, names, overwrite, rank)
-    students = build_students(cfg, data, live.model if live is not None else None)  # init: teacher reuses the loaded model
+    students = build_students(cfg, models)
     selections = {name: {"rule": v.summary["rule"], "digest": v.digest(), "blocks": v.summary["blocks_kept"]}
                   for v in views for name in v.students}
     # The teacher signal's shape is part of the trajectory: a cache's k/encoding, the live top-k.

@@ -159,6 +159,30 @@ def test_a_standalone_export_ships_the_tokenizer_the_run_used(pretrained_run, tm
     assert not (tmp_path / "loose-export").exists()
 
 
+def test_a_student_refused_on_overwrite_leaves_the_earlier_run_in_place(pretrained_run, hf_family, tmp_path):
+    """`train --overwrite` moves the earlier run aside only once every input checks out, the
+    students too: a pretrained student whose embedding is smaller than the tokenizer is refused
+    in one line, and the earlier run's checkpoints stay where they were (moved aside before)."""
+    import shutil
+
+    from tests.conftest import run_cli
+
+    run, _ = pretrained_run
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    small = save_model("llama", hf_family["vocab"] - 1, tmp_path / "small")
+    cfg = yaml.safe_load((run.parent / "run.yaml").read_text())
+    cfg["out_dir"] = str(out)
+    cfg["students"][0]["model"]["path"] = str(small)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    before = sorted(p.name for p in (out / "students" / "llama" / "checkpoints").iterdir())
+    r = run_cli("train", "-c", str(tmp_path / "run.yaml"), "--quiet", "--overwrite", timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: student llama: its embedding has"), r.stderr
+    assert not [p for p in out.iterdir() if p.name.startswith("replaced-")]
+    assert sorted(p.name for p in (out / "students" / "llama" / "checkpoints").iterdir()) == before
+
+
 def test_a_teacher_without_a_tokenizer_or_too_few_positions_is_refused(hf_family, stdlib_corpus, tmp_path):
     """Checks before any work: a checkpoint teacher dir with weights but no tokenizer (a BPE
     trained here would give its ids other meanings: it was trained silently before); a seq_len

@@ -125,12 +125,19 @@ def student_model(cfg: RunConfig, sc: StudentConfig, i: int, data: PackedData, t
     return model, info
 
 
-def build_students(cfg: RunConfig, data: PackedData, teacher=None) -> list[Student]:
-    """teacher: the teacher model if the caller already holds it (online mode), for init: teacher."""
+def student_models(cfg: RunConfig, data: PackedData, teacher=None) -> list[tuple]:
+    """(model, info) of every student, built or loaded; nothing is written, so a student
+    refused here (a bad dir, another tokenizer) leaves the out_dir as it was.
+    teacher: the teacher model if the caller already holds it (online mode), for init: teacher."""
     holder = _TeacherOnce(cfg, teacher)
+    return [student_model(cfg, sc, i, data, holder) for i, sc in enumerate(cfg.students)]
+
+
+def build_students(cfg: RunConfig, models: list[tuple]) -> list[Student]:
+    """Each student with its engine and optimiser, from `student_models`; what it was built
+    from goes to OUT/students/NAME/init.json."""
     students = []
-    for i, sc in enumerate(cfg.students):
-        model, info = student_model(cfg, sc, i, data, holder)
+    for sc, (model, info) in zip(cfg.students, models):
         if is_leader():
             atomic_write_json(cfg.layout.init_report(sc.name), {"student": sc.name, "init": sc.init, **info})
             if "layer_choice" in info and sc.init == "teacher":
