@@ -164,6 +164,13 @@ def prepare(cfg: RunConfig, progress: bool = False) -> PackedData:
     data = prepare_data(cfg.data, cfg.out_dir, progress=progress)
     if leader and dist.is_initialized():
         dist.barrier()
+    if cfg.teacher.source == "checkpoint" and cfg.teacher.path is not None and has_tokenizer(cfg.teacher.path) \
+            and Path(cfg.data.tokenizer.path).resolve() != Path(cfg.teacher.path).resolve():
+        differ = _other_ids(cfg.teacher.path, data.tokenizer, "teacher.path")
+        if differ:  # the signal is over the teacher's ids: read through another tokenizer, every target is wrong
+            raise UserError(f"teacher.path: its tokenizer ({cfg.teacher.path}) is not the run's (data.tokenizer.path "
+                            f"{cfg.data.tokenizer.path}): {differ}; remove data.tokenizer.path to use the "
+                            f"teacher's, or name a tokenizer with the teacher's ids")
     return data
 
 
@@ -189,29 +196,36 @@ def check_student_vocab(cfg: RunConfig, name: str, model_dir, model_vocab: int, 
     another id, or an embedding smaller than the tokenizer.  Said: extra embedding rows
     (vocab padding, e.g. 151,936 vs 152,064) or extra tokens of the student's own; the
     run's tokenizer never produces those ids, so they are never targets."""
-    from transformers import AutoTokenizer
-
     run_tok_dir = cfg.layout.tokenizer
     n = vocab_size_of(tokenizer)
-    has_own = has_tokenizer(model_dir)
-    if has_own:
-        try:
-            own = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True).get_vocab()
-        except Exception as e:
-            raise UserError(f"student {name}: the tokenizer in {model_dir} could not be loaded ({type(e).__name__}); "
-                            f"remove it to use the run's tokenizer ({run_tok_dir})") from None
-        run = tokenizer.get_vocab()
-        differ = [t for t, i in run.items() if own.get(t) != i]
-        if differ:
+    if has_tokenizer(model_dir):
+        differ = _other_ids(model_dir, tokenizer, f"student {name}",
+                            f"remove it to use the run's tokenizer ({run_tok_dir})")
+        if differ:  # (the teacher's own tokenizer was checked against the run's when the data was prepared)
             raise UserError(f"student {name}: its tokenizer ({model_dir}) is not the run's ({run_tok_dir}): "
-                            f"{len(differ)} of {n} tokens have other ids (e.g. {differ[0]!r}); distil between "
-                            f"models of one tokenizer, or set data.tokenizer.path to the student's")
+                            f"{differ}; distil between models of one tokenizer")
     if model_vocab < n:
         raise UserError(f"student {name}: its embedding has {model_vocab} rows but the run's tokenizer "
                         f"({run_tok_dir}) has {n} tokens: a different tokenizer; use a student of the same family")
     if model_vocab > n and is_leader():
         print(f"[vocab] student {name}: embedding has {model_vocab} rows for the tokenizer's {n} tokens; the "
               f"{model_vocab - n} padding rows are never targets", file=sys.stderr)
+
+
+def _other_ids(model_dir, tokenizer, who: str, fix: str = "") -> str:
+    """'' if the tokenizer saved in model_dir gives every token of the run's tokenizer its id
+    (extra tokens of its own are fine: the run never produces them); else how many differ,
+    with an example."""
+    from transformers import AutoTokenizer
+
+    try:
+        own = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True).get_vocab()
+    except Exception as e:
+        raise UserError(f"{who}: the tokenizer in {model_dir} could not be loaded ({type(e).__name__})"
+                        + (f"; {fix}" if fix else "")) from None
+    run = tokenizer.get_vocab()
+    differ = [t for t, i in run.items() if own.get(t) != i]
+    return f"{len(differ)} of {len(run)} tokens have other ids (e.g. {differ[0]!r})" if differ else ""
 
 
 def check_k(cfg: RunConfig, vocab: int) -> None:

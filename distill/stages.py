@@ -394,6 +394,6 @@ def export_students(cfg: RunConfig, held_out: torch.Tensor | None = None) -> dic
     Each ships the tokenizer its checkpoint names (the one it trained with)."""
     layout = cfg.layout
     return {sc.name: export_checkpoint(layout.student(sc.name), layout.export(sc.name), dtype=cfg.export.dtype,
-                                       held_out=held_out)
+                                       held_out=held_out, overwrite=True)  # the run's own dir for it
             for sc in cfg.students}
 

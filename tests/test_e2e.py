@@ -108,6 +108,50 @@ def test_export_bf16_cli(demo_dir, tmp_path):
     assert model.config.dtype in (torch.bfloat16, "bfloat16")
 
 
+def test_export_replaces_only_an_earlier_export_of_the_same_student(demo_dir, tmp_path):
+    """An export replaces --out whole: a dir of someone's files or another student's export is
+    refused in one line and left as it was; a re-export of the same student, or --overwrite,
+    replaces it.  Eval refuses to score another student's export under this one's name."""
+    import shutil
+
+    import yaml
+
+    from distill.demo import demo_config
+    from tests.conftest import run_cli
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    r = run_cli("export", str(demo_dir / "students" / "dense"), "--out", str(mine))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip() == (f"error: export: {mine} holds files that are not an export of this student, which "
+                                f"this export of student dense would replace; choose another --out, or pass "
+                                f"--overwrite to replace it"), r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"] and (mine / "notes.txt").read_text() == "keep me"
+
+    out = tmp_path / "e"
+    assert run_cli("export", str(demo_dir / "students" / "dense"), "--out", str(out)).returncode == 0
+    r = run_cli("export", str(demo_dir / "students" / "scout"), "--out", str(out))
+    assert r.returncode == 2 and "holds an export of student dense" in r.stderr, r.stderr[-2000:]
+    assert json.loads((out / "distill_meta.json").read_text())["student"] == "dense"
+    assert run_cli("export", str(demo_dir / "students" / "dense"), "--out", str(out)).returncode == 0  # re-export
+    assert run_cli("export", str(demo_dir / "students" / "scout"), "--out", str(out), "--overwrite").returncode == 0
+    assert json.loads((out / "distill_meta.json").read_text())["student"] == "scout"
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_dir, run)
+    shutil.rmtree(run / "students" / "dense" / "export")
+    shutil.copytree(out, run / "students" / "dense" / "export")  # scout's export where dense's belongs
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(yaml.safe_dump(json.loads(json.dumps(demo_config(run, "tiny"), default=str))))
+    r = run_cli("eval", "-c", str(cfg), "--quiet")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: student dense: {run / 'students' / 'dense' / 'export'} holds an export of student scout; export "
+        f"this student there: distill export {run / 'students' / 'dense'} --out {run / 'students' / 'dense' / 'export'}"
+        f" --overwrite"), r.stderr
+
+
 def test_rerun_resumes_without_redoing_work(demo_dir):
     from tests.conftest import run_cli
 

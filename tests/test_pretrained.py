@@ -183,6 +183,40 @@ def test_a_student_refused_on_overwrite_leaves_the_earlier_run_in_place(pretrain
     assert sorted(p.name for p in (out / "students" / "llama" / "checkpoints").iterdir()) == before
 
 
+def test_a_run_tokenizer_other_than_the_checkpoint_teachers_is_refused(hf_family, stdlib_corpus, tmp_path):
+    """data.tokenizer.path naming a tokenizer that gives the teacher's tokens other ids: the
+    teacher would be fed, and its signal read, through the wrong ids (a silent run with a
+    teacher NLL of 8 against 2.6 before).  Refused when the data is prepared; a copy of the
+    teacher's own tokenizer elsewhere is the same tokenizer and is accepted."""
+    import shutil
+
+    from tests.conftest import run_cli
+
+    other = tmp_path / "other"
+    make_tokenizer(["abc def " * 50], other, alphabet="reversed")  # same size and specials, other ids
+    cfg = {"out_dir": str(tmp_path / "run"), "data": {"paths": [str(stdlib_corpus)], "seq_len": 32,
+                                                      "tokenizer": {"path": str(other)}},
+           "teacher": {"source": "checkpoint", "path": str(hf_family["teacher"])},
+           "students": [{"name": "s", "model": {"preset": "dense"}}], "train": {"mode": "online", "steps": 1}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    r = run_cli("prepare", "-c", str(tmp_path / "run.yaml"), "--quiet", timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: teacher.path: its tokenizer ({hf_family['teacher']}) is not the run's "
+                           f"(data.tokenizer.path {other}): ") and "remove data.tokenizer.path" in last, last
+
+    same = tmp_path / "same"
+    same.mkdir()
+    for f in hf_family["teacher"].iterdir():
+        if "token" in f.name or "chat_template" in f.name:
+            shutil.copy(f, same / f.name)
+    cfg["data"]["tokenizer"]["path"] = str(same)
+    cfg["out_dir"] = str(tmp_path / "run2")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    r = run_cli("prepare", "-c", str(tmp_path / "run.yaml"), "--quiet", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_a_teacher_without_a_tokenizer_or_too_few_positions_is_refused(hf_family, stdlib_corpus, tmp_path):
     """Checks before any work: a checkpoint teacher dir with weights but no tokenizer (a BPE
     trained here would give its ids other meanings: it was trained silently before); a seq_len

@@ -213,23 +213,50 @@ def routing_note(model, biases: list[torch.Tensor], held_out: torch.Tensor | Non
     return note
 
 
+def exported_student(out: Path) -> str | None:
+    """The student an export dir was made from (its distill_meta.json), or None."""
+    try:
+        return json.loads((Path(out) / "distill_meta.json").read_text()).get("student")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_export_target(out: Path, name: str) -> None:
+    """An export replaces `out` whole, so it may replace only nothing, an empty dir or an
+    earlier export of the same student (a re-export); anything else is someone's files."""
+    out = Path(out)
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    held = exported_student(out) if out.is_dir() else None
+    if held == name:
+        return
+    what = (f"an export of student {held}" if held else "a file" if not out.is_dir()
+            else "files that are not an export of this student")
+    raise UserError(f"export: {out} holds {what}, which this export of student {name} would replace; "
+                    f"choose another --out, or pass --overwrite to replace it")
+
+
 def export_checkpoint(path: Path, out: Path, dtype: str = "fp32", tokenizer_dir: Path | None = None,
-                      metrics: dict | None = None, held_out: torch.Tensor | None = None) -> Path:
+                      metrics: dict | None = None, held_out: torch.Tensor | None = None,
+                      overwrite: bool = False) -> Path:
     """`distill export`: checkpoint (or student dir) -> Hugging Face model dir at `out`.
 
     held_out: validation blocks (N, T+1) to measure routing without the expert bias on
-    (default: the run's own, found from the checkpoint's run dir)."""
+    (default: the run's own, found from the checkpoint's run dir).  overwrite: replace `out`
+    whatever it holds (else only an earlier export of this student; `check_export_target`)."""
     from transformers import AutoTokenizer
 
     ckpt = resolve_checkpoint(path)
     meta = checkpoint.load_meta(ckpt)
+    name = meta.get("student", ckpt.parent.parent.name)
+    if not overwrite:
+        check_export_target(out, name)
     tok_dir = tokenizer_dir or _find_tokenizer_dir(ckpt, meta)
     if tok_dir is None or not has_tokenizer(tok_dir):
         where = f"{tok_dir} holds no tokenizer" if tok_dir else f"no tokenizer was found for the run of {ckpt}"
         raise UserError(f"export: {where}; pass --tokenizer DIR (the run's data.tokenizer.path, or the teacher's dir)")
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     model = load_checkpoint_model(ckpt)
-    name = meta.get("student", ckpt.parent.parent.name)
     biases = checkpoint.load_state(ckpt).get("expert_bias", [])
     note = routing_note(model, biases, held_out if held_out is not None else _held_out_blocks(ckpt, meta))
     if note:

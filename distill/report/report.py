@@ -21,6 +21,7 @@ from distill.data import vocab_size_of
 from distill.report import generation, plots
 from distill.report.export import model_card
 from distill.runtime import prepare, resolve_device, scoring_teacher
+from distill.train import checkpoint
 from distill.train.metrics import read_metrics
 from distill.train.validate import evaluate_model, inference_tokens_per_s
 from losses.difficulty import STATS
@@ -72,6 +73,24 @@ def _has_chat(data, held_out) -> bool:
     return bool((held_out[:, 1:] < 0).any())
 
 
+def _check_export_is_the_students(layout, name: str) -> None:
+    """The table scores OUT/students/NAME/export under NAME: it must be that student's (an
+    export of another student copied there was scored under this name before), and an export
+    older than the latest checkpoint is said (`distill train` alone does not re-export)."""
+    meta_path = layout.export(name) / "distill_meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    held = meta.get("student")
+    if held is not None and held != name:
+        raise UserError(f"student {name}: {layout.export(name)} holds an export of student {held}; export this "
+                        f"student there: distill export {layout.student(name)} --out {layout.export(name)} --overwrite")
+    latest = checkpoint.latest(layout.checkpoints(name))
+    step = checkpoint.load_meta(latest).get("step") if latest is not None else None
+    if step is not None and meta.get("step") is not None and meta["step"] != step:
+        print(f"[eval] note: student {name}: its export is of step {meta['step']}, its latest checkpoint is step "
+              f"{step}; scoring the export (distill export {layout.student(name)} --out {layout.export(name)} "
+              f"to score the latest)", file=sys.stderr, flush=True)
+
+
 def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
     """data: the run's PackedData when the caller already has it (`distill run`).
 
@@ -109,6 +128,7 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
         export_dir = layout.export(sc.name)
         if not (export_dir / "config.json").exists():
             raise UserError(f"student {sc.name}: no export at {export_dir}; run `distill run` or `distill export`")
+        _check_export_is_the_students(layout, sc.name)
         model = load_causal_lm(export_dir).to(device)
         stats = _model_stats(model, held_out, val_teacher, device)
         if judge is not None:
