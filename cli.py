@@ -219,6 +219,10 @@ def offline_and_quiet() -> None:
     for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                        "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}.items():
         os.environ.setdefault(key, value)
+    import warnings
+
+    # DeepSpeed's ZeRO collectives call torch names torch deprecates: one warning per call, every step.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ with a `UserError`: a one-line message naming the key.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from pathlib import Path
@@ -467,13 +468,18 @@ def _format_error(err: dict) -> str:
     return f"{where}: {msg}"
 
 
-def parse_config(raw: dict, source: str = "config") -> RunConfig:
+def parse_config(raw: dict, source: str = "config", overridden: tuple[str, ...] = ()) -> RunConfig:
+    """overridden: the dotted keys given with --set, so an error in one is blamed on --set,
+    not on the file."""
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        first = _format_error(e.errors()[0])
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        if any(where == k or where.startswith(f"{k}.") for k in overridden):
+            source = "--set"
         more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise UserError(f"{source}: {first}{more}") from None
+        raise UserError(f"{source}: {_format_error(err)}{more}") from None
 
 
 # DeepSpeed at stage 0 reports no global grad norm with a plain optimiser, so a non-finite step
@@ -574,13 +580,13 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfi
         raise UserError(f"{path}{where}: not valid YAML ({type(e).__name__})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of keys at the top level")
+    # Relative paths written in the file are relative to the file (out_dir too), as its
+    # comments say; relative paths given with --set are relative to where the command runs.
+    _resolve_paths(raw, path.parent)
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
-    cfg = parse_config(raw, str(path))
-    # Relative paths in a config are relative to the config file, as users expect.
-    base = path.parent
-    _resolve_paths(cfg, base)
-    return cfg
+    _resolve_paths(raw, Path.cwd())
+    return parse_config(raw, str(path), tuple(overrides or ()))
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
@@ -598,17 +604,30 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
         raise UserError(f"--set {dotted}: no such place in the config (list items are numbered from 0)") from None
 
 
-def _resolve_paths(cfg: RunConfig, base: Path) -> None:
-    def fix(p: Path | None) -> Path | None:
-        return p if p is None or p.is_absolute() else (base / p)
+def _resolve_paths(raw: dict, base: Path) -> None:
+    """Make the path keys of a raw config absolute against `base`, in place; a value of the
+    wrong type is left for the schema to name."""
+    def under(p: str) -> str:  # lexically normalised: messages say runs/x, not configs/../runs/x
+        return os.path.normpath(base / p)
 
-    cfg.data.paths = [fix(p) for p in cfg.data.paths]
-    cfg.data.tokenizer.path = fix(cfg.data.tokenizer.path)
-    cfg.teacher.path = fix(cfg.teacher.path)
-    cfg.cache.dir = fix(cfg.cache.dir)
-    for s in cfg.students:
-        s.model.path = fix(s.model.path)
-    cfg.train.deepspeed_config = fix(cfg.train.deepspeed_config)
+    def fix(node, key: str) -> None:
+        if isinstance(node, dict) and isinstance(node.get(key), (str, Path)) and not Path(node[key]).is_absolute():
+            node[key] = under(node[key])
+
+    def part(node, key: str):
+        return node.get(key) if isinstance(node, dict) else None
+
+    fix(raw, "out_dir")
+    data = part(raw, "data")
+    paths = part(data, "paths")
+    if isinstance(paths, list):
+        data["paths"] = [under(p) if isinstance(p, str) and not Path(p).is_absolute() else p for p in paths]
+    fix(part(data, "tokenizer"), "path")
+    fix(part(raw, "teacher"), "path")
+    fix(part(raw, "cache"), "dir")
+    fix(part(raw, "train"), "deepspeed_config")
+    for student in part(raw, "students") if isinstance(part(raw, "students"), list) else []:
+        fix(part(student, "model"), "path")
 
 
 def _dir_or_absent(key: str, path: Path | None) -> None:
@@ -658,14 +677,35 @@ def check_inputs_exist(cfg: RunConfig) -> None:
     if cfg.train.deepspeed_config is not None and not cfg.train.deepspeed_config.is_file():
         raise UserError(f"train.deepspeed_config: {cfg.train.deepspeed_config} does not exist")
     if cfg.train.engine == "deepspeed" and cfg.train.deepspeed_config is not None:
-        try:
-            zero = json.loads(cfg.train.deepspeed_config.read_text()).get("zero_optimization", {})
-        except (OSError, ValueError, AttributeError) as e:
-            raise UserError(f"train.deepspeed_config: {cfg.train.deepspeed_config} is not a JSON object "
-                            f"({type(e).__name__}: {e})") from None
-        if zero.get("stage", cfg.train.zero_stage) == 0:
-            raise UserError(f"train.deepspeed_config: {cfg.train.deepspeed_config}: zero_optimization.stage 0 is "
-                            f"refused: {STAGE_0}")
+        _check_deepspeed_json(cfg.train)
+
+
+def _check_deepspeed_json(train) -> None:
+    """The ds_config JSON and the YAML must not disagree on what both can say: a JSON stage
+    silently beat `--set train.zero_stage=3`, and its bf16 silently made a CPU run's weights
+    bf16 (train.precision auto is fp32 there)."""
+    import torch
+
+    ds = train.deepspeed_config
+    try:
+        raw = json.loads(ds.read_text())
+        zero = raw.get("zero_optimization", {})
+        bf16 = raw.get("bf16", {}).get("enabled")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"train.deepspeed_config: {ds} is not a JSON object ({type(e).__name__}: {e})") from None
+    stage = zero.get("stage", train.zero_stage)
+    if stage == 0:
+        raise UserError(f"train.deepspeed_config: {ds}: zero_optimization.stage 0 is refused: {STAGE_0}")
+    if "zero_stage" in train.model_fields_set and stage != train.zero_stage:
+        raise UserError(f"train.zero_stage is {train.zero_stage} but train.deepspeed_config {ds} sets "
+                        f"zero_optimization.stage {stage}; set the stage in one place (remove it from the JSON to "
+                        f"let train.zero_stage choose)")
+    ours = train.precision == "bf16" or (train.precision == "auto" and torch.cuda.is_available())
+    if bf16 is not None and bool(bf16) != ours:
+        auto = " (auto: fp32 without a GPU)" if train.precision == "auto" else ""
+        raise UserError(f"train.deepspeed_config {ds} sets bf16.enabled {str(bool(bf16)).lower()} but train.precision "
+                        f"is {train.precision}{auto}; set train.precision: {'bf16' if bf16 else 'fp32'}, or remove "
+                        f"bf16 from the JSON to let train.precision choose")
 
 
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")

@@ -32,7 +32,12 @@ def setup_runtime(cfg: RunConfig) -> tuple[int, int]:
     uses_deepspeed = cfg.train.engine == "deepspeed" or cfg.teacher.sharding == "zero3"
     if uses_deepspeed and not torch.cuda.is_available():
         check_deepspeed_cpu_op()  # before DeepSpeed loads it (in init_distributed or initialize)
-    if world > 1 and not dist.is_initialized():
+    if uses_deepspeed and world == 1 and "RANK" not in os.environ:
+        # DeepSpeed on one process with no launcher: the env a 1-process launch gives (without
+        # it DeepSpeed looks for MPI and fails importing mpi4py).
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if (world > 1 or uses_deepspeed) and not dist.is_initialized():
         # Destroyed at exit, before the interpreter tears down: a gloo group left to C++ static
         # destructors aborted one ZeRO-3 rank after all its work was written ("terminate called
         # without an active exception", exit 250 from the launcher; seen once in a clean-clone CI).
@@ -48,6 +53,14 @@ def setup_runtime(cfg: RunConfig) -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _destroy_process_group() -> None:

@@ -99,14 +99,80 @@ def test_invalid_yaml_names_line(tmp_path):
         load_config(p)
 
 
-def test_overrides_and_relative_paths(tmp_path):
-    p = tmp_path / "c.yaml"
+def test_overrides_and_relative_paths(tmp_path, monkeypatch):
+    """Relative paths in the file are relative to the file, out_dir too (every shipped config
+    says so; out_dir followed the working dir before); relative paths given with --set are
+    relative to the working dir, where the user typed them."""
+    (tmp_path / "configs").mkdir()
+    p = tmp_path / "configs" / "c.yaml"
     raw = minimal()
-    raw["data"] = {"paths": ["corpus"]}
+    raw["out_dir"] = "../runs/x"
+    raw["data"] = {"paths": ["corpus", "/abs/corpus.jsonl"], "tokenizer": {"path": "tok"}}
+    raw["teacher"] = {"source": "checkpoint", "path": "models/teacher"}
+    raw["students"][0]["model"] = {"path": "models/student"}
+    raw["train"] = {"deepspeed_config": "ds.json"}
     p.write_text(yaml.safe_dump(raw))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     cfg = load_config(p, {"train.steps": 7})
     assert cfg.train.steps == 7
-    assert cfg.data.paths == [tmp_path / "corpus"]
+    here = tmp_path / "configs"
+    assert cfg.out_dir == tmp_path / "runs" / "x"  # (a path with "..": the same dir)
+    assert cfg.data.paths == [here / "corpus", Path("/abs/corpus.jsonl")] and cfg.data.tokenizer.path == here / "tok"
+    assert cfg.teacher.path == here / "models/teacher" and cfg.students[0].model.path == here / "models/student"
+    assert cfg.train.deepspeed_config == here / "ds.json"
+    cfg = load_config(p, {"out_dir": "o", "teacher.path": "t", "students.0.model": {"path": "s"}, "data.paths": ["c/*.txt"]})
+    cwd = tmp_path / "elsewhere"
+    assert cfg.out_dir == cwd / "o" and cfg.teacher.path == cwd / "t" and cfg.students[0].model.path == cwd / "s"
+    assert cfg.data.paths == [cwd / "c/*.txt"]
+
+
+def test_an_error_in_a_set_value_is_blamed_on_set_not_the_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(minimal()))
+    for over, said in (({"train.stpes": 5}, "--set: train.stpes: unknown key"),
+                       ({"train.steps": "abc"}, "--set: train.steps: Input should be a valid integer"),
+                       ({"students.0.optim": {"lr": -1}}, "--set: students.0.optim.lr:")):
+        with pytest.raises(UserError) as e:
+            load_config(p, over)
+        assert str(e.value).startswith(said), str(e.value)
+    raw = minimal()
+    raw["train"] = {"stpes": 5}  # the same mistake in the file is the file's
+    p.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match=rf"^{p}: train.stpes: unknown key"):
+        load_config(p, {"train.steps": 3})
+
+
+def test_a_deepspeed_json_that_disagrees_with_the_yaml_is_refused(tmp_path):
+    """A ds_config JSON's stage silently beat `--set train.zero_stage=3`, and its bf16 silently
+    made a CPU run's weights bf16 (train.precision auto is fp32 there); both are refused
+    naming both places.  What the YAML leaves unsaid, the JSON may say."""
+    import torch
+
+    from distill.config import check_inputs_exist
+
+    ds = tmp_path / "ds.json"
+
+    def check(json_text: str, **train):
+        ds.write_text(json_text)
+        raw = minimal()
+        raw["train"] = {"engine": "deepspeed", "deepspeed_config": str(ds), **train}
+        check_inputs_exist(parse_config(raw))
+
+    check('{"zero_optimization": {"stage": 3}}')  # train.zero_stage unsaid: the JSON's stage
+    check('{"zero_optimization": {"stage": 3}}', zero_stage=3)
+    with pytest.raises(UserError, match=rf"^train.zero_stage is 3 but train.deepspeed_config {ds} sets "
+                                        r"zero_optimization.stage 2; set the stage in one place"):
+        check('{"zero_optimization": {"stage": 2}}', zero_stage=3)
+    check('{"bf16": {"enabled": true}}', precision="bf16")
+    check('{"bf16": {"enabled": false}}', precision="fp32")
+    with pytest.raises(UserError, match=rf"^train.deepspeed_config {ds} sets bf16.enabled false but train.precision "
+                                        r"is bf16; set train.precision: fp32, or remove bf16 from the JSON"):
+        check('{"bf16": {"enabled": false}}', precision="bf16")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match=r"sets bf16.enabled true but train.precision is auto \(auto: fp32 "
+                                            r"without a GPU\); set train.precision: bf16"):
+            check('{"bf16": {"enabled": true}}')
 
 
 def test_readme_job_examples_validate():
