@@ -316,12 +316,20 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
         signal["encoding"] = cfg.cache.encoding
     if dense:
         signal["dense"] = True  # the whole distribution: another loss, so another trajectory
-    rhash = run_hash("train", [student_identity(s) for s in cfg.students], data.fingerprint,
-                     cfg.seed, cfg.train.steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.mode, signal,
-                     *([selections] if any(v.rule is not None for v in views) else []),
-                     *([cfg.train.on_policy.model_dump(mode="json")] if cfg.train.on_policy is not None else []))
+    # What shapes the trajectory, named (the checkpoints keep it, so a refused --resume says
+    # what changed); hashed in this order, as before the names existed.
+    identity = {"stage": "train", "students": [student_identity(s) for s in cfg.students],
+                "data (its fingerprint)": data.fingerprint, "seed": cfg.seed, "train.steps": cfg.train.steps,
+                "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
+                "train.mode": cfg.train.mode, "the teacher signal": signal}
+    if any(v.rule is not None for v in views):
+        identity["the data selections"] = selections
+    if cfg.train.on_policy is not None:
+        identity["train.on_policy"] = cfg.train.on_policy.model_dump(mode="json")
+    rhash = run_hash(*identity.values())
     loop = loop_config(cfg, cfg.train.steps, cfg.train.batch_size, rank, world, rhash)
-    loop.extra_meta = {"data_fingerprint": data.fingerprint, "teacher": str(cfg.layout.teacher.resolve()),
+    loop.extra_meta = {"run_identity": identity, "data_fingerprint": data.fingerprint,
+                       "teacher": str(cfg.layout.teacher.resolve()),
                        "tokenizer": str(tokenizer_dir(cfg, data)),  # what `distill export` ships beside the weights
                        "tokenizer_hash": data.tokenizer_hash}
     loop.selections = selections

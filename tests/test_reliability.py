@@ -88,10 +88,13 @@ def test_resume_with_other_config_refused(online_setup):
     assert "[train] note:" not in first.stdout, first.stdout
     line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", f"out_dir={out}",
                             "--set", "students.0.optim.lr=0.1"))
-    assert "different config" in line
+    assert "this checkpoint was made by another config (student dense: optim);" in line, line
     line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", f"out_dir={out}",
                             "--set", "train.online_dense=false"))  # the top-16: another loss
-    assert "different config" in line
+    assert "made by another config (the teacher signal);" in line, line
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", f"out_dir={out}",
+                            "--set", "train.steps=7"))  # the LR schedule's length: another trajectory
+    assert "made by another config (train.steps 4 -> 7);" in line and "--overwrite" in line, line
     topk = run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={work / 'other-topk'}",
                    "--set", "train.online_dense=false", "--set", "train.steps=1")
     assert topk.returncode == 0
@@ -360,4 +363,4 @@ def test_a_cache_of_another_k_is_refused_and_k_is_part_of_the_run(online_setup, 
     assert run_cli("cache", "-c", str(cfg), "--quiet", "--overwrite", *sets, "--set", "cache.k=8").returncode == 0
     line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--resume", *sets, "--set", "cache.k=8",
                             "--set", "train.steps=3"))
-    assert "different config" in line, line
+    assert "another config (train.steps 2 -> 3; the teacher signal)" in line, line

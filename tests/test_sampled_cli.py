@@ -79,7 +79,7 @@ def test_sampled_online_training_runs(online_setup, tmp_path, exact_top):
     assert summary["students"]["dense"]["kl_to_teacher"] >= 0
     # another exact head is another estimator, so another trajectory: --resume refuses it
     r = run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", f"cache.exact_top={4 - exact_top}")
-    assert r.returncode == 2 and "different config" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and "another config (the teacher signal)" in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("change,message", [

@@ -199,14 +199,42 @@ def load_weights(ckpt: Path, model: torch.nn.Module, what_to_do: str) -> tuple[l
     return model.load_state_dict(weights, strict=False)
 
 
-def load(ckpt: Path, model: torch.nn.Module | None, expected_run_hash: str | None) -> dict:
+def identity_changes(then: dict, now: dict) -> str:
+    """What differs between two named run identities (distill/stages.py), e.g. "train.steps
+    60 -> 70; student dense: optim"."""
+    said = []
+    for key in dict.fromkeys([*now, *then]):
+        a, b = then.get(key), now.get(key)
+        if a == b:
+            continue
+        if key == "students" and isinstance(a, list) and isinstance(b, list):
+            names = lambda ss: [s.get("name") for s in ss]  # noqa: E731
+            if names(a) != names(b):
+                said.append(f"students {names(a)} -> {names(b)}")
+            else:
+                for x, y in zip(a, b):
+                    fields = [k for k in dict.fromkeys([*y, *x]) if x.get(k) != y.get(k)]
+                    if fields:
+                        said.append(f"student {y.get('name')}: {', '.join(fields)}")
+        elif isinstance(a, (int, float, str, type(None))) and isinstance(b, (int, float, str, type(None))):
+            said.append(f"{key} {a} -> {b}")
+        else:
+            said.append(key)
+    return "; ".join(said)
+
+
+def load(ckpt: Path, model: torch.nn.Module | None, expected_run_hash: str | None,
+         expected_identity: dict | None = None) -> dict:
     """Load weights into `model` (None: only check and read the state) and return the saved
-    training state."""
+    training state.  expected_identity: the run's named identity, to say what changed."""
     meta = load_meta(ckpt)
     if expected_run_hash is not None and meta.get("run_hash") != expected_run_hash:
-        raise UserError(
-            f"{ckpt}: this checkpoint was made by a different config (run hash {meta.get('run_hash')} "
-            f"!= {expected_run_hash}); resume with the config that made it, or start a new out_dir")
+        changes = identity_changes(meta["run_identity"], expected_identity) \
+            if isinstance(meta.get("run_identity"), dict) and expected_identity else ""
+        what = (f"another config ({changes})" if changes else
+                f"a different config (run hash {meta.get('run_hash')} != {expected_run_hash})")
+        raise UserError(f"{ckpt}: this checkpoint was made by {what}; resume with the config that made it, or "
+                        f"start afresh in this out_dir with --overwrite")
     state = load_state(ckpt)
     if model is None:
         return state
