@@ -214,7 +214,8 @@ def render(tok, chat: str) -> tuple[list[int], list[bool]]:
     template = getattr(tok, "chat_template", None)
     if not template:
         raise UserError("data: the corpus has chat rows (`messages`) but the tokenizer has no chat template; use "
-                        "a tokenizer dir whose tokenizer_config.json sets chat_template, or give prompt/completion rows")
+                        "a tokenizer dir with a chat template (chat_template.jinja, or chat_template in "
+                        "tokenizer_config.json), or give prompt/completion rows")
     try:
         if GENERATION.search(tok.get_chat_template(None, tools)):  # it marks the assistant's text itself
             out = _apply(tok, messages, tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)

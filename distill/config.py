@@ -107,10 +107,10 @@ class ScheduleConfig(_Strict):
     kind: Literal["constant", "linear", "cosine", "step"] = Field("constant", description="Shape of the curve from `start` to `end` over training.")
     start: float = Field(0.5, ge=0.0, le=1.0, description="Value at the first step (after warmup); the value throughout for `constant`.")
     end: float = Field(0.5, ge=0.0, le=1.0, description="Value at the last step (or at `end_step`).")
-    warmup_steps: int = Field(0, ge=0, description="Steps before the curve begins.")
+    warmup_steps: int = Field(0, ge=0, description="Steps before the curve begins (schedule steps count from 0: the step metrics.jsonl logs as N runs at schedule step N-1).")
     warmup: Literal["hold", "ramp"] = Field("hold", description="During warmup: hold `start`, or ramp from 0 to `start`.")
-    end_step: int | None = Field(None, ge=1, description="Step where `end` is reached and then held (default: the last step).")
-    boundaries: list[float] = Field(default_factory=lambda: [0.5], description="`step` kind only: increasing fractions in (0, 1) where the value jumps one of len+1 even levels.")
+    end_step: int | None = Field(None, ge=1, description="Schedule step (from 0) where `end` is reached and then held, i.e. logged step end_step + 1 (default: the last step).")
+    boundaries: list[float] = Field(default_factory=lambda: [0.5], description="`step` kind only: increasing fractions in (0, 1) of the transition (schedule steps warmup_steps to end_step or the last, counted from 0) where the value jumps one of len+1 even levels.")
 
     def as_dict(self) -> dict:
         """The `losses.build_schedule` form."""

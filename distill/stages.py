@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel
 
 from common.errors import UserError
 from common.fsutil import atomic_write_json
-from distill.config import RunConfig, StudentConfig
+from distill.config import RunConfig, ScheduleConfig, StudentConfig
 from distill.data import PackedData, vocab_size_of
 from distill.layout import has_tokenizer
 from distill.report.export import export_checkpoint, save_hf_dir
@@ -260,6 +261,35 @@ def small_top_k_note(cfg: RunConfig, dense: bool = False) -> str | None:
             f"256, the default (1.00-1.02x the full distribution's there), or cache.k: 512")
 
 
+def schedule_note(cfg: RunConfig) -> str | None:
+    """One line naming each schedule that training ends before: an `end_step` past the last
+    step (the value never reaches `end`), a `warmup_steps` at or past the steps (the curve, or
+    the LR, never starts); with train.epochs the step count is only known here."""
+    steps, late = cfg.train.steps, []
+
+    def walk(node, key: str) -> None:
+        if isinstance(node, ScheduleConfig):
+            if node.end_step is not None and node.end_step >= steps:
+                late.append(f"{key}.end_step {node.end_step}")
+            if node.warmup_steps >= steps:
+                late.append(f"{key}.warmup_steps {node.warmup_steps}")
+        elif isinstance(node, BaseModel):
+            for name in type(node).model_fields:
+                walk(getattr(node, name), f"{key}.{name}" if key else name)
+        elif isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, f"{key}.{i}")
+
+    walk(cfg.train, "train")
+    walk(cfg.students, "students")
+    late += [f"students.{i}.optim.warmup_steps {s.optim.warmup_steps}" for i, s in enumerate(cfg.students)
+             if s.optim.warmup_steps >= steps]
+    if not late:
+        return None
+    return (f"[train] note: training ends after {steps} step{'s' * (steps != 1)} (schedule steps 0-{steps - 1}), before "
+            f"{'; '.join(late)}: those curves (or the LR) never reach their end")
+
+
 def with_epoch_steps(cfg: RunConfig, train_blocks: int, leader: bool = True) -> RunConfig:
     """cfg with train.steps counted from train.epochs over `train_blocks` (all the training
     blocks, before any student's data selection), said in one line; cfg itself without epochs."""
@@ -288,7 +318,8 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
     data = prepare(cfg, progress) if data is None else data
     cfg = with_epoch_steps(cfg, len(data.train), rank == 0)
     dense = cfg.train.mode == "online" and dense_signal(cfg, vocab_size_of(data.tokenizer))
-    for note in (signal_note(cfg, vocab_size_of(data.tokenizer), dense), small_top_k_note(cfg, dense)):
+    for note in (signal_note(cfg, vocab_size_of(data.tokenizer), dense), small_top_k_note(cfg, dense),
+                 schedule_note(cfg)):
         if note and rank == 0 and not resume:
             print(note, flush=True)
     teacher: Teacher

@@ -129,3 +129,26 @@ def test_bad_weight_schedules_and_calls_raise():
         LinearSchedule(1.0, 0.0)(-1, 10)
     with pytest.raises(ValueError, match="total_steps"):
         LinearSchedule(1.0, 0.0)(0, 0)
+
+
+def test_a_schedule_that_training_ends_before_is_said():
+    """end_step past the last step (the weight never reaches `end`) or a warmup at or past the
+    steps (the curve or the LR never starts): one note naming each key; none when all fit."""
+    from distill.config import parse_config
+    from distill.stages import schedule_note
+
+    def note(steps, **student):
+        return schedule_note(parse_config({"data": {"stdlib": True}, "teacher": {"source": "cache"},
+                                           "train": {"steps": steps},
+                                           "students": [{"name": "a", "model": {"preset": "dense"},
+                                                         "optim": {"warmup_steps": 2}, **student}]}))
+
+    late = {"loss": {"soft_weight": {"kind": "linear", "start": 1.0, "end": 0.0, "end_step": 10,
+                                     "warmup_steps": 3}}}
+    assert note(11, **late) is None  # schedule steps 0-10: end_step 10 is the last
+    assert note(10, **late) == ("[train] note: training ends after 10 steps (schedule steps 0-9), before "
+                                "students.0.loss.soft_weight.end_step 10: those curves (or the LR) never reach their end")
+    assert note(3, **late) == ("[train] note: training ends after 3 steps (schedule steps 0-2), before "
+                               "students.0.loss.soft_weight.end_step 10; students.0.loss.soft_weight.warmup_steps 3: "
+                               "those curves (or the LR) never reach their end")
+    assert "students.0.optim.warmup_steps 2" in note(2) and note(3) is None
