@@ -154,7 +154,7 @@ def _source(op, tmp_path, student_model: str, teacher_dir, divergence="reverse_k
     from distill.config import check_config, parse_config
     from distill.runtime import live_teacher, prepare
     from distill.train.on_policy import on_policy_source
-    from distill.train.setup import build_students, loop_config
+    from distill.train.setup import build_students, loop_config, student_models
 
     raw = _raw(op, tmp_path / "out", [{"name": "s", "model": {"path": str(student_model)}}], ALWAYS,
                teacher=teacher_dir)
@@ -163,7 +163,7 @@ def _source(op, tmp_path, student_model: str, teacher_dir, divergence="reverse_k
     data = prepare(cfg)
     teacher = live_teacher(cfg, data, torch.device("cpu"))
     loop = loop_config(cfg, 2, 2, 0, 1, "test")
-    students = build_students(cfg, data)
+    students = build_students(cfg, student_models(cfg, data))
     return on_policy_source(cfg, teacher, data.tokenizer, loop, log=lambda line: None), students[0]
 
 
