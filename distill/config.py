@@ -13,7 +13,6 @@ with a `UserError`: a one-line message naming the key.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from pathlib import Path
@@ -273,7 +272,7 @@ class TrainConfig(_Strict):
     on_student_failure: Literal["stop", "drop"] = Field("stop", description="When one student fails (past max_nonfinite, or an exception such as out of memory in its step): `stop` checkpoints every student (the failed one at its last good step) and ends the run with exit 3; `drop` does the same, marks the student failed in its metrics and the report, and trains the others to the end. Either way a failed student stays dropped on --resume.")
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Autocast precision: auto = bf16 on GPU, fp32 on CPU.")
-    engine: Literal["torch", "deepspeed"] = Field("torch", description="Plain PyTorch, or one DeepSpeed engine per student (launch with `deepspeed` or torchrun).")
+    engine: Literal["torch", "deepspeed"] = Field("torch", description="Plain PyTorch, or one DeepSpeed engine per student (launch with `deepspeed` or torchrun for several ranks; one process runs without a launcher).")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage 1-3 (engine=deepspeed); 0 is refused (no grad norm to tell a non-finite step by): for unsharded data parallelism use engine: torch (DDP).")
     deepspeed_config: Path | None = Field(None, description="A ds_config JSON passed through to DeepSpeed (engine=deepspeed); batch sizes are filled in.")
     online_dense: bool | Literal["auto"] = Field("auto", description="Online mode: hand students the teacher's whole distribution (its dense logits: each divergence exact over the vocabulary) instead of its top-k (cache.k). auto: yes when the teacher runs in-process, cache.estimator is topk, no on-policy steps are configured and one step's fp32 teacher logits (batch_size x seq_len x V x 4 bytes) fit in 2 GiB, else the top-k; the run says which. Students from random init learn much better from it than from the top-64 bucket (bench/peer.py: held-out perplexity at or below TRL's GKD, against 1.7-2.3x with top-64). It holds the step's (B, T, V) fp32 teacher logits: 26 GB at 8 x 4,096 tokens and V = 202,048. true with a server teacher (top-k only) is refused.")
@@ -478,6 +477,8 @@ def parse_config(raw: dict, source: str = "config", overridden: tuple[str, ...] 
         where = ".".join(str(p) for p in err["loc"])
         if any(where == k or where.startswith(f"{k}.") for k in overridden):
             source = "--set"
+        elif inside := [k for k in overridden if k.startswith(f"{where}.")]:  # a check over several keys
+            source = f"{source} with --set {', '.join(inside)}"
         more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
         raise UserError(f"{source}: {_format_error(err)}{more}") from None
 
@@ -607,8 +608,8 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
 def _resolve_paths(raw: dict, base: Path) -> None:
     """Make the path keys of a raw config absolute against `base`, in place; a value of the
     wrong type is left for the schema to name."""
-    def under(p: str) -> str:  # lexically normalised: messages say runs/x, not configs/../runs/x
-        return os.path.normpath(base / p)
+    def under(p: str) -> str:  # not normalised: "dir/.." must be the OS's (a symlinked dir's parent)
+        return str(base / p)
 
     def fix(node, key: str) -> None:
         if isinstance(node, dict) and isinstance(node.get(key), (str, Path)) and not Path(node[key]).is_absolute():

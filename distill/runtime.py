@@ -170,6 +170,7 @@ def prepare(cfg: RunConfig, progress: bool = False) -> PackedData:
                             f"tokenizer_config.json); the teacher's "
                             f"signal is over its own token ids, so set data.tokenizer.path to its tokenizer's dir")
         cfg.data.tokenizer.path = cfg.teacher.path
+    check_teacher_tokenizer(cfg)  # before the corpus is tokenised with it
     # Under a launcher, rank 0 builds the tokenizer and blocks; the others then reuse them.
     leader = is_leader()
     if not leader:
@@ -177,14 +178,29 @@ def prepare(cfg: RunConfig, progress: bool = False) -> PackedData:
     data = prepare_data(cfg.data, cfg.out_dir, progress=progress)
     if leader and dist.is_initialized():
         dist.barrier()
-    if cfg.teacher.source == "checkpoint" and cfg.teacher.path is not None and has_tokenizer(cfg.teacher.path) \
-            and Path(cfg.data.tokenizer.path).resolve() != Path(cfg.teacher.path).resolve():
-        differ = _other_ids(cfg.teacher.path, data.tokenizer, "teacher.path")
-        if differ:  # the signal is over the teacher's ids: read through another tokenizer, every target is wrong
-            raise UserError(f"teacher.path: its tokenizer ({cfg.teacher.path}) is not the run's (data.tokenizer.path "
-                            f"{cfg.data.tokenizer.path}): {differ}; remove data.tokenizer.path to use the "
-                            f"teacher's, or name a tokenizer with the teacher's ids")
     return data
+
+
+def check_teacher_tokenizer(cfg: RunConfig) -> None:
+    """A named data.tokenizer.path must give a checkpoint teacher's tokens the teacher's ids:
+    the signal is over them, so read through another tokenizer every target is wrong (a run
+    did that silently, teacher NLL 8 against 2.6).  One the loader cannot read is left for
+    data preparation to name."""
+    from transformers import AutoTokenizer
+
+    t, named = cfg.teacher, cfg.data.tokenizer.path
+    if t.source != "checkpoint" or t.path is None or named is None or not has_tokenizer(t.path) \
+            or Path(named).resolve() == Path(t.path).resolve():
+        return
+    try:
+        run = AutoTokenizer.from_pretrained(str(named), local_files_only=True)
+    except Exception:
+        return
+    differ = _other_ids(t.path, run, "teacher.path")
+    if differ:
+        raise UserError(f"teacher.path: its tokenizer ({t.path}) is not the run's (data.tokenizer.path {named}): "
+                        f"{differ}; remove data.tokenizer.path to use the teacher's, or name a tokenizer with the "
+                        f"teacher's ids")
 
 
 def model_config(model_cfg: ModelConfig, vocab_size: int, where: str):

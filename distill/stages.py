@@ -263,15 +263,17 @@ def small_top_k_note(cfg: RunConfig, dense: bool = False) -> str | None:
 
 def schedule_note(cfg: RunConfig) -> str | None:
     """One line naming each schedule that training ends before: an `end_step` past the last
-    step (the value never reaches `end`), a `warmup_steps` at or past the steps (the curve, or
-    the LR, never starts); with train.epochs the step count is only known here."""
+    step (the value never reaches `end`), a soft-weight `warmup_steps` at or past the steps
+    (the curve never starts), an LR `warmup_steps` past them (the LR never peaks); with
+    train.epochs the step count is only known here."""
     steps, late = cfg.train.steps, []
 
     def walk(node, key: str) -> None:
         if isinstance(node, ScheduleConfig):
-            if node.end_step is not None and node.end_step >= steps:
+            curve = node.kind != "constant"  # a constant has no end; held through warmup, it never changes
+            if curve and node.end_step is not None and node.end_step >= steps:
                 late.append(f"{key}.end_step {node.end_step}")
-            if node.warmup_steps >= steps:
+            if node.warmup_steps >= steps and (curve or node.warmup == "ramp"):
                 late.append(f"{key}.warmup_steps {node.warmup_steps}")
         elif isinstance(node, BaseModel):
             for name in type(node).model_fields:
@@ -283,7 +285,7 @@ def schedule_note(cfg: RunConfig) -> str | None:
     walk(cfg.train, "train")
     walk(cfg.students, "students")
     late += [f"students.{i}.optim.warmup_steps {s.optim.warmup_steps}" for i, s in enumerate(cfg.students)
-             if s.optim.warmup_steps >= steps]
+             if s.optim.warmup_steps > steps]  # the LR's warmup reaches its peak at step warmup_steps - 1
     if not late:
         return None
     return (f"[train] note: training ends after {steps} step{'s' * (steps != 1)} (schedule steps 0-{steps - 1}), before "

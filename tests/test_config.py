@@ -117,7 +117,7 @@ def test_overrides_and_relative_paths(tmp_path, monkeypatch):
     cfg = load_config(p, {"train.steps": 7})
     assert cfg.train.steps == 7
     here = tmp_path / "configs"
-    assert cfg.out_dir == tmp_path / "runs" / "x"  # (a path with "..": the same dir)
+    assert cfg.out_dir.resolve() == (tmp_path / "runs" / "x").resolve()
     assert cfg.data.paths == [here / "corpus", Path("/abs/corpus.jsonl")] and cfg.data.tokenizer.path == here / "tok"
     assert cfg.teacher.path == here / "models/teacher" and cfg.students[0].model.path == here / "models/student"
     assert cfg.train.deepspeed_config == here / "ds.json"
@@ -125,6 +125,12 @@ def test_overrides_and_relative_paths(tmp_path, monkeypatch):
     cwd = tmp_path / "elsewhere"
     assert cfg.out_dir == cwd / "o" and cfg.teacher.path == cwd / "t" and cfg.students[0].model.path == cwd / "s"
     assert cfg.data.paths == [cwd / "c/*.txt"]
+    # the config reached through a symlinked dir: its "../" is the real dir's parent, as the OS says
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "cfgs").symlink_to(tmp_path / "configs")
+    monkeypatch.chdir(tmp_path / "home")
+    cfg = load_config(Path("cfgs") / "c.yaml")  # a relative -c path too
+    assert cfg.out_dir.resolve() == (tmp_path / "runs" / "x").resolve() and cfg.out_dir.is_absolute()
 
 
 def test_an_error_in_a_set_value_is_blamed_on_set_not_the_file(tmp_path):
@@ -136,6 +142,11 @@ def test_an_error_in_a_set_value_is_blamed_on_set_not_the_file(tmp_path):
         with pytest.raises(UserError) as e:
             load_config(p, over)
         assert str(e.value).startswith(said), str(e.value)
+    with pytest.raises(UserError, match=rf"^{p} with --set students.0.loss.soft_weight.end_step, "
+                                        r"students.0.loss.soft_weight.warmup_steps, students.0.loss.soft_weight.kind: "
+                                        r"students.0.loss.soft_weight: end_step \(1\) must come after"):
+        load_config(p, {"students.0.loss.soft_weight.end_step": 1, "students.0.loss.soft_weight.warmup_steps": 3,
+                        "students.0.loss.soft_weight.kind": "linear"})
     raw = minimal()
     raw["train"] = {"stpes": 5}  # the same mistake in the file is the file's
     p.write_text(yaml.safe_dump(raw))

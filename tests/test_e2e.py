@@ -124,7 +124,7 @@ def test_export_replaces_only_an_earlier_export_of_the_same_student(demo_dir, tm
     (mine / "notes.txt").write_text("keep me")
     r = run_cli("export", str(demo_dir / "students" / "dense"), "--out", str(mine))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert r.stderr.strip() == (f"error: export: {mine} holds files that are not an export of this student, which "
+    assert r.stderr.strip() == (f"error: export: {mine} holds files that are not an export, which "
                                 f"this export of student dense would replace; choose another --out, or pass "
                                 f"--overwrite to replace it"), r.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["mine"] and (mine / "notes.txt").read_text() == "keep me"
@@ -135,8 +135,16 @@ def test_export_replaces_only_an_earlier_export_of_the_same_student(demo_dir, tm
     assert r.returncode == 2 and "holds an export of student dense" in r.stderr, r.stderr[-2000:]
     assert json.loads((out / "distill_meta.json").read_text())["student"] == "dense"
     assert run_cli("export", str(demo_dir / "students" / "dense"), "--out", str(out)).returncode == 0  # re-export
+    meta = json.loads((out / "distill_meta.json").read_text())
+    (out / "distill_meta.json").write_text(json.dumps({**meta, "run_hash": "another"}))  # a "dense" of another run
+    r = run_cli("export", str(demo_dir / "students" / "dense"), "--out", str(out))
+    assert r.returncode == 2 and "holds an export of student dense from another run" in r.stderr, r.stderr[-2000:]
     assert run_cli("export", str(demo_dir / "students" / "scout"), "--out", str(out), "--overwrite").returncode == 0
     assert json.loads((out / "distill_meta.json").read_text())["student"] == "scout"
+    (tmp_path / "a-file").write_text("x")  # never replaced, --overwrite or not
+    r = run_cli("export", str(demo_dir / "students" / "dense"), "--out", str(tmp_path / "a-file"), "--overwrite")
+    assert r.returncode == 2 and "is a file; give a directory path" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "a-file").read_text() == "x" and not list(tmp_path.glob(".a-file*"))
 
     run = tmp_path / "run"
     shutil.copytree(demo_dir, run)

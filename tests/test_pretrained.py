@@ -204,6 +204,7 @@ def test_a_run_tokenizer_other_than_the_checkpoint_teachers_is_refused(hf_family
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: teacher.path: its tokenizer ({hf_family['teacher']}) is not the run's "
                            f"(data.tokenizer.path {other}): ") and "remove data.tokenizer.path" in last, last
+    assert not (tmp_path / "run" / "data").exists()  # refused before the corpus was tokenised
 
     same = tmp_path / "same"
     same.mkdir()

@@ -96,16 +96,16 @@ def test_resume_with_other_config_refused(online_setup):
                             "--set", "train.steps=7"))  # the LR schedule's length: another trajectory
     assert "made by another config (train.steps 4 -> 7);" in line and "--overwrite" in line, line
     topk = run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={work / 'other-topk'}",
-                   "--set", "train.online_dense=false", "--set", "train.steps=1")
+                   "--set", "train.online_dense=false", "--set", "train.steps=1", "--set", "students.0.optim.warmup_steps=2")
     assert topk.returncode == 0
     # a random-init student on the top-16: the run says what it may cost, once, and how to avoid it
     assert topk.stdout.count("[train] note: dense start from random init") == 1, topk.stdout
     assert ("train.online_dense: true, cache.estimator: sampled with cache.samples: 256, the default (1.00-1.02x "
             "the full distribution's there), or cache.k: 512") in topk.stdout
     assert "[train] teacher signal:" not in topk.stdout  # chosen, not picked
-    # one step, with an LR warmup of one: the LR never reaches its peak, said once
+    # one step, with an LR warmup of two: the LR never reaches its peak, said once
     assert topk.stdout.count("[train] note: training ends after 1 step (schedule steps 0-0), before "
-                             "students.0.optim.warmup_steps 1: those curves (or the LR) never reach their end") == 1
+                             "students.0.optim.warmup_steps 2: those curves (or the LR) never reach their end") == 1
     assert "training ends after" not in first.stdout  # 4 steps: every schedule ends in them
 
 

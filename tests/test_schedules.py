@@ -151,4 +151,9 @@ def test_a_schedule_that_training_ends_before_is_said():
     assert note(3, **late) == ("[train] note: training ends after 3 steps (schedule steps 0-2), before "
                                "students.0.loss.soft_weight.end_step 10; students.0.loss.soft_weight.warmup_steps 3: "
                                "those curves (or the LR) never reach their end")
-    assert "students.0.optim.warmup_steps 2" in note(2) and note(3) is None
+    # the LR's warmup peaks at step warmup_steps - 1: 2 of 2 steps reach it, 3 of 2 do not
+    assert note(2) is None and "students.0.optim.warmup_steps 2" in note(1)
+    # a constant has no end; held through its warmup it is its value from the first step
+    const = {"kind": "constant", "start": 0.5, "end_step": 50, "warmup_steps": 9}
+    assert note(5, loss={"soft_weight": const}) is None
+    assert "soft_weight.warmup_steps 9" in note(5, loss={"soft_weight": {**const, "warmup": "ramp"}})

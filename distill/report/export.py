@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
-from common.fsutil import atomic_write_text, describe_os_error, publish_dir, writable_temp_dir
+from common.fsutil import describe_os_error, publish_dir, writable_temp_dir
 from distill.layout import has_tokenizer
 from distill.train import checkpoint
 
@@ -53,12 +53,14 @@ def load_checkpoint_model(ckpt: Path):
 
 
 def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size: str = "2GB",
-                card: str | None = None, generation_config=None, state_dict: dict | None = None) -> Path:
+                card: str | None = None, generation_config=None, state_dict: dict | None = None,
+                files: dict[str, str] | None = None) -> Path:
     """save_pretrained + tokenizer + generation config (+ README.md), atomically.
 
     generation_config: kept as given (a pretrained student's own), plus the tokenizer's EOS as a
     stop id (completions were trained to end with it); default: EOS and 64 new tokens.
-    state_dict: the weights to save when the model holds only partitions of them (ZeRO-3)."""
+    state_dict: the weights to save when the model holds only partitions of them (ZeRO-3).
+    files: more text files (name: text) to publish in the same rename."""
     from transformers import GenerationConfig
 
     if dtype not in DTYPES:
@@ -83,6 +85,8 @@ def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size
                              max_new_tokens=64).save_pretrained(str(tmp))
         if card is not None:
             (tmp / "README.md").write_text(card)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         publish_dir(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -213,25 +217,30 @@ def routing_note(model, biases: list[torch.Tensor], held_out: torch.Tensor | Non
     return note
 
 
-def exported_student(out: Path) -> str | None:
-    """The student an export dir was made from (its distill_meta.json), or None."""
+def export_meta(out: Path) -> dict:
+    """An export dir's distill_meta.json (which student, which run), or {}."""
     try:
-        return json.loads((Path(out) / "distill_meta.json").read_text()).get("student")
-    except (OSError, ValueError, AttributeError):
-        return None
+        meta = json.loads((Path(out) / "distill_meta.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
-def check_export_target(out: Path, name: str) -> None:
+def check_export_target(out: Path, meta: dict, overwrite: bool) -> None:
     """An export replaces `out` whole, so it may replace only nothing, an empty dir or an
-    earlier export of the same student (a re-export); anything else is someone's files."""
-    out = Path(out)
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    earlier export of the same student of the same run (a re-export); anything else is
+    someone's files, replaced only with `overwrite`.  A file is never replaced."""
+    out, name = Path(out), meta.get("student")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"export: --out {out} is a file; give a directory path")
+    if overwrite or not out.exists() or not any(out.iterdir()):
         return
-    held = exported_student(out) if out.is_dir() else None
-    if held == name:
+    held = export_meta(out)
+    if held.get("student") == name and held.get("run_hash") == meta.get("run_hash"):
         return
-    what = (f"an export of student {held}" if held else "a file" if not out.is_dir()
-            else "files that are not an export of this student")
+    what = ("files that are not an export" if not held.get("student") else
+            f"an export of student {held['student']}" if held["student"] != name else
+            f"an export of student {name} from another run (run hash {held.get('run_hash')})")
     raise UserError(f"export: {out} holds {what}, which this export of student {name} would replace; "
                     f"choose another --out, or pass --overwrite to replace it")
 
@@ -248,9 +257,9 @@ def export_checkpoint(path: Path, out: Path, dtype: str = "fp32", tokenizer_dir:
 
     ckpt = resolve_checkpoint(path)
     meta = checkpoint.load_meta(ckpt)
-    name = meta.get("student", ckpt.parent.parent.name)
-    if not overwrite:
-        check_export_target(out, name)
+    meta.setdefault("student", ckpt.parent.parent.name)
+    name = meta["student"]
+    check_export_target(out, meta, overwrite)
     tok_dir = tokenizer_dir or _find_tokenizer_dir(ckpt, meta)
     if tok_dir is None or not has_tokenizer(tok_dir):
         where = f"{tok_dir} holds no tokenizer" if tok_dir else f"no tokenizer was found for the run of {ckpt}"
@@ -267,6 +276,6 @@ def export_checkpoint(path: Path, out: Path, dtype: str = "fp32", tokenizer_dir:
         print(f"[export] {name}: the trained expert bias is {note['expert_bias']}; without it {measured}",
               file=sys.stderr, flush=True)
     save_hf_dir(model, tokenizer, out, dtype=dtype, card=model_card(name, meta, metrics),
-                generation_config=_source_generation_config(meta))
-    atomic_write_text(Path(out) / "distill_meta.json", json.dumps(meta, indent=2, default=str))
+                generation_config=_source_generation_config(meta),
+                files={"distill_meta.json": json.dumps(meta, indent=2, default=str)})  # published with the weights
     return Path(out)
