@@ -681,12 +681,17 @@ def check_inputs_exist(cfg: RunConfig) -> None:
         _check_deepspeed_json(cfg.train)
 
 
+def deepspeed_bf16(train: TrainConfig) -> bool:
+    """Whether train.precision asks DeepSpeed for bf16 (auto: on a GPU)."""
+    import torch
+
+    return train.precision == "bf16" or (train.precision == "auto" and torch.cuda.is_available())
+
+
 def _check_deepspeed_json(train) -> None:
     """The ds_config JSON and the YAML must not disagree on what both can say: a JSON stage
     silently beat `--set train.zero_stage=3`, and its bf16 silently made a CPU run's weights
     bf16 (train.precision auto is fp32 there)."""
-    import torch
-
     ds = train.deepspeed_config
     try:
         raw = json.loads(ds.read_text())
@@ -701,8 +706,7 @@ def _check_deepspeed_json(train) -> None:
         raise UserError(f"train.zero_stage is {train.zero_stage} but train.deepspeed_config {ds} sets "
                         f"zero_optimization.stage {stage}; set the stage in one place (remove it from the JSON to "
                         f"let train.zero_stage choose)")
-    ours = train.precision == "bf16" or (train.precision == "auto" and torch.cuda.is_available())
-    if bf16 is not None and bool(bf16) != ours:
+    if bf16 is not None and bool(bf16) != deepspeed_bf16(train):
         auto = " (auto: fp32 without a GPU)" if train.precision == "auto" else ""
         raise UserError(f"train.deepspeed_config {ds} sets bf16.enabled {str(bool(bf16)).lower()} but train.precision "
                         f"is {train.precision}{auto}; set train.precision: {'bf16' if bf16 else 'fp32'}, or remove "

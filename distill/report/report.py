@@ -19,7 +19,7 @@ from distill.blocks import first_blocks
 from distill.config import CacheConfig, RunConfig
 from distill.data import vocab_size_of
 from distill.report import generation, plots
-from distill.report.export import model_card
+from distill.report.export import export_meta, model_card
 from distill.runtime import prepare, resolve_device, scoring_teacher
 from distill.train import checkpoint
 from distill.train.metrics import read_metrics
@@ -77,8 +77,7 @@ def _check_export_is_the_students(layout, name: str) -> None:
     """The table scores OUT/students/NAME/export under NAME: it must be that student's (an
     export of another student copied there was scored under this name before), and an export
     older than the latest checkpoint is said (`distill train` alone does not re-export)."""
-    meta_path = layout.export(name) / "distill_meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = export_meta(layout.export(name))
     held = meta.get("student")
     if held is not None and held != name:
         raise UserError(f"student {name}: {layout.export(name)} holds an export of student {held}; export this "
@@ -145,7 +144,7 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
         if layout.failure(sc.name).exists():  # dropped in training: these are its last good step's figures
             stats["failed"] = json.loads(layout.failure(sc.name).read_text())
         report["students"][sc.name] = stats
-        meta = json.loads((export_dir / "distill_meta.json").read_text()) if (export_dir / "distill_meta.json").exists() else {}
+        meta = export_meta(export_dir)
         card_metrics = {k: stats[k] for k in ("val_ppl", "teacher_top1_agreement", "kl_to_teacher", "params_total", "params_active")}
         atomic_write_text(export_dir / "README.md", model_card(sc.name, meta, card_metrics))
         del model

@@ -208,9 +208,9 @@ def identity_changes(then: dict, now: dict) -> str:
         if a == b:
             continue
         if key == "students" and isinstance(a, list) and isinstance(b, list):
-            names = lambda ss: [s.get("name") for s in ss]  # noqa: E731
-            if names(a) != names(b):
-                said.append(f"students {names(a)} -> {names(b)}")
+            names_then, names_now = [s.get("name") for s in a], [s.get("name") for s in b]
+            if names_then != names_now:
+                said.append(f"students {names_then} -> {names_now}")
             else:
                 for x, y in zip(a, b):
                     fields = [k for k in dict.fromkeys([*y, *x]) if x.get(k) != y.get(k)]

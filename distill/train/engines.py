@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from common.errors import UserError
-from distill.config import STAGE_0, OptimConfig, TrainConfig
+from distill.config import STAGE_0, OptimConfig, TrainConfig, deepspeed_bf16
 from distill.runtime import autocast_dtype
 
 
@@ -183,7 +183,7 @@ def deepspeed_config(train: TrainConfig, optim: OptimConfig, micro_batch: int) -
     if cfg.setdefault("zero_optimization", {}).setdefault("stage", train.zero_stage) == 0:
         where = f"{train.deepspeed_config}: zero_optimization.stage" if train.deepspeed_config else "train.zero_stage:"
         raise UserError(f"{where} 0 is refused: {STAGE_0}")
-    if train.precision == "bf16" or (train.precision == "auto" and torch.cuda.is_available()):
+    if deepspeed_bf16(train):
         cfg.setdefault("bf16", {"enabled": True})
     cfg.setdefault("steps_per_print", 1 << 30)
     return cfg
