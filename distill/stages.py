@@ -190,12 +190,42 @@ def open_cached_teachers(cfg: RunConfig, data: PackedData) -> tuple[CachedTeache
 
 def student_identity(sc: StudentConfig) -> dict:
     """A student's config as the run hash sees it.  `select` enters only when set, so a
-    checkpoint made before selection existed still resumes (its hash had no such key)."""
+    checkpoint made before selection existed still resumes (its hash had no such key).
+    tests/test_checkpoint.py pins its hash: a new field changes every checkpoint's identity."""
     d = sc.model_dump(mode="json")
     for key in ("select", "on_policy_share"):  # keys added later: absent from older checkpoints' hashes
         if d.get(key) is None:
             d.pop(key, None)
+    # Where a student runs does not shape its trajectory (the README: the device may change on
+    # --resume). Kept as null, the value every checkpoint made without one hashed.
+    d["device"] = None
     return d
+
+
+def run_identity(cfg: RunConfig, data_fingerprint: str, selections: dict | None, dense: bool) -> dict:
+    """What shapes a training run's trajectory, named (checkpoints keep it, so a refused
+    --resume says what changed) and hashed in this order, as before the names existed; keys
+    added later enter only when set, so older checkpoints still resume.  selections: each
+    student's data selection, or None when no student selects; dense: online training on the
+    teacher's whole distribution."""
+    # The teacher signal's shape is part of the trajectory: a cache's k/encoding, the live top-k.
+    signal = {"estimator": cfg.cache.estimator, **({"samples": cfg.cache.samples} if cfg.cache.estimator == "sampled"
+                                                   else {"k": cfg.cache.k})}
+    if cfg.cache.exact_top:
+        signal["exact_top"] = cfg.cache.exact_top
+    if cfg.train.mode == "cached" and cfg.cache.estimator == "topk":
+        signal["encoding"] = cfg.cache.encoding
+    if dense:
+        signal["dense"] = True  # the whole distribution: another loss, so another trajectory
+    identity = {"stage": "train", "students": [student_identity(s) for s in cfg.students],
+                "data (its fingerprint)": data_fingerprint, "seed": cfg.seed, "train.steps": cfg.train.steps,
+                "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
+                "train.mode": cfg.train.mode, "the teacher signal": signal}
+    if selections is not None:
+        identity["the data selections"] = selections
+    if cfg.train.on_policy is not None:
+        identity["train.on_policy"] = cfg.train.on_policy.model_dump(mode="json")
+    return identity
 
 
 def data_views(cfg: RunConfig, teacher: CachedTeacher | None, data: PackedData) -> list[DataView]:
@@ -340,25 +370,8 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
     students = build_students(cfg, models)
     selections = {name: {"rule": v.summary["rule"], "digest": v.digest(), "blocks": v.summary["blocks_kept"]}
                   for v in views for name in v.students}
-    # The teacher signal's shape is part of the trajectory: a cache's k/encoding, the live top-k.
-    signal = {"estimator": cfg.cache.estimator, **({"samples": cfg.cache.samples} if cfg.cache.estimator == "sampled"
-                                                   else {"k": cfg.cache.k})}
-    if cfg.cache.exact_top:  # absent when 0: runs from before it existed keep their hash
-        signal["exact_top"] = cfg.cache.exact_top
-    if cfg.train.mode == "cached" and cfg.cache.estimator == "topk":
-        signal["encoding"] = cfg.cache.encoding
-    if dense:
-        signal["dense"] = True  # the whole distribution: another loss, so another trajectory
-    # What shapes the trajectory, named (the checkpoints keep it, so a refused --resume says
-    # what changed); hashed in this order, as before the names existed.
-    identity = {"stage": "train", "students": [student_identity(s) for s in cfg.students],
-                "data (its fingerprint)": data.fingerprint, "seed": cfg.seed, "train.steps": cfg.train.steps,
-                "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
-                "train.mode": cfg.train.mode, "the teacher signal": signal}
-    if any(v.rule is not None for v in views):
-        identity["the data selections"] = selections
-    if cfg.train.on_policy is not None:
-        identity["train.on_policy"] = cfg.train.on_policy.model_dump(mode="json")
+    identity = run_identity(cfg, data.fingerprint, selections if any(v.rule is not None for v in views) else None,
+                            dense)
     rhash = run_hash(*identity.values())
     loop = loop_config(cfg, cfg.train.steps, cfg.train.batch_size, rank, world, rhash)
     loop.extra_meta = {"run_identity": identity, "data_fingerprint": data.fingerprint,

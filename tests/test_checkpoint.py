@@ -95,3 +95,30 @@ def test_an_uncommitted_step_is_not_the_latest_and_pruning_keeps_the_committed_o
     checkpoint.commit(students, {"a": 6}, keep_last=1)
     assert checkpoint.latest(students / "b" / "checkpoints").name == "step_00000004"
     assert checkpoint.committed_steps(students) == {"a": 6, "b": 4}
+
+
+def _run_hash_of(raw: dict, selections: dict | None = None) -> str:
+    from distill.config import check_config, parse_config
+    from distill.stages import run_identity
+    from distill.train.loop import run_hash
+    identity = run_identity(check_config(parse_config(raw)), "fingerprint", selections, dense=False)
+    return run_hash(*identity.values())
+
+
+def test_the_run_hash_of_a_fixed_config_does_not_move():
+    """--resume accepts a checkpoint only while its run hash is the same.  A config field added
+    with a default (a student's, a loss's, an optimiser's) changes every earlier checkpoint's
+    hash, so an upgrade would refuse to resume a user's run.  When this fails, keep the new
+    field out of the hash at its default (see distill/stages.py::student_identity), don't
+    update the pins."""
+    base = {"data": {"stdlib": True}, "teacher": {"path": "/teacher"}, "train": {"mode": "cached", "steps": 60},
+            "students": [{"name": "dense", "model": {"preset": "dense"}},
+                         {"name": "scout", "model": {"preset": "scout"}, "loss": {"soft_weight": {
+                             "kind": "linear", "start": 0.9, "end": 0.3, "warmup_steps": 5}}}]}
+    assert _run_hash_of(base) == "89637bc7b0667bb2"  # the cache's default: 256 draws a token
+    topk = {**base, "cache": {"estimator": "topk", "k": 32}, "train": {"mode": "online", "steps": 60,
+                                                                        "on_policy": {"share": {"start": 0.5}}}}
+    assert _run_hash_of(topk, {"dense": {"rule": "all", "digest": "d", "blocks": 3}}) == "7701ebcd07c51e56"
+    # where a student runs is not part of its trajectory (the README: the device may change)
+    on_cpu = {**base, "students": [{**base["students"][0], "device": "cpu"}, base["students"][1]]}
+    assert _run_hash_of(on_cpu) == _run_hash_of(base)

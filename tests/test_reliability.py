@@ -86,6 +86,10 @@ def test_resume_with_other_config_refused(online_setup):
     # online_dense: auto (the default) hands over the whole distribution here, and says so once
     assert first.stdout.count("[train] teacher signal: the whole distribution (train.online_dense: auto;") == 1
     assert "[train] note:" not in first.stdout, first.stdout
+    # where a student runs and how often it is checkpointed are not its trajectory
+    again = run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", f"out_dir={out}",
+                    "--set", "students.0.device=cpu", "--set", "train.checkpoint_every=3")
+    assert again.returncode == 0, again.stderr[-2000:]
     line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", f"out_dir={out}",
                             "--set", "students.0.optim.lr=0.1"))
     assert "this checkpoint was made by another config (student dense: optim);" in line, line
