@@ -54,8 +54,9 @@ def _load(config: Path, sets: Optional[list[str]]):
     what the registries below must judge, then the input paths."""
     from distill.config import check_config, check_inputs_exist, load_config
 
-    cfg = load_config(config, _overrides(sets))
-    check_config(cfg, str(config))
+    overrides = _overrides(sets)
+    cfg = load_config(config, overrides)
+    check_config(cfg, str(config), tuple(overrides))
     check_inputs_exist(cfg)
     return cfg
 

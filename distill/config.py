@@ -475,12 +475,18 @@ def parse_config(raw: dict, source: str = "config", overridden: tuple[str, ...] 
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        if any(where == k or where.startswith(f"{k}.") for k in overridden):
-            source = "--set"
-        elif inside := [k for k in overridden if k.startswith(f"{where}.")]:  # a check over several keys
-            source = f"{source} with --set {', '.join(inside)}"
         more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise UserError(f"{source}: {_format_error(err)}{more}") from None
+        raise UserError(f"{_blame(source, where, overridden)}: {_format_error(err)}{more}") from None
+
+
+def _blame(source: str, where: str, overridden: tuple[str, ...]) -> str:
+    """Who wrote the key `where` that a check refused: "--set" when a --set gave it (or a
+    key above it), "FILE with --set K" for a check over several keys of which --set gave
+    some, else the file."""
+    if any(where == k or where.startswith(f"{k}.") for k in overridden):
+        return "--set"
+    inside = [k for k in overridden if k.startswith(f"{where}.")]
+    return f"{source} with --set {', '.join(inside)}" if inside else source
 
 
 # DeepSpeed at stage 0 reports no global grad norm with a plain optimiser, so a non-finite step
@@ -489,53 +495,58 @@ STAGE_0 = ("DeepSpeed reports no grad norm at stage 0, so non-finite steps would
            "train.engine: torch for plain data parallelism (DDP), or a ZeRO stage 1-3")
 
 
-def check_config(cfg: RunConfig, source: str = "config") -> RunConfig:
+def check_config(cfg: RunConfig, source: str = "config", overridden: tuple[str, ...] = ()) -> RunConfig:
     """The checks only the registries below can make: every divergence, preset and
-    soft-weight schedule named in `cfg` exists and builds.  Raises UserError naming the key."""
+    soft-weight schedule named in `cfg` exists and builds.  Raises UserError naming the key,
+    and blaming --set for the keys in `overridden` (as parse_config does)."""
     from losses import DIVERGENCES, build_schedule
     from students.presets import PRESETS
 
+    def src(where: str) -> str:
+        return _blame(source, where, overridden)
+
     def known(where: str, kind: str, name: str, registry) -> None:
         if name not in registry:
-            raise UserError(f"{source}: {where}: unknown {kind} {name!r}; choose one of {', '.join(sorted(registry))}")
+            raise UserError(f"{src(where)}: {where}: unknown {kind} {name!r}; choose one of {', '.join(sorted(registry))}")
 
     if cfg.train.precision == "fp16":  # never silently something else (fp32 under DeepSpeed, say)
-        raise UserError(f"{source}: train.precision=fp16 is refused: it needs loss scaling, which this toolkit does "
+        raise UserError(f"{src('train.precision')}: train.precision=fp16 is refused: it needs loss scaling, which this toolkit does "
                         f"not apply (gradients would underflow); use bf16 (or fp32)")
     if cfg.train.engine == "deepspeed" and cfg.train.zero_stage == 0 and cfg.train.deepspeed_config is None:
-        raise UserError(f"{source}: train.zero_stage: 0 is refused with engine: deepspeed: {STAGE_0}")
+        raise UserError(f"{src('train.zero_stage')}: train.zero_stage: 0 is refused with engine: deepspeed: {STAGE_0}")
     models = [("teacher.model", cfg.teacher.model)] + [(f"students.{i}.model", s.model) for i, s in enumerate(cfg.students)]
     for where, model in models:
         if model is not None and model.preset is not None:
             known(f"{where}.preset", "preset", model.preset, PRESETS)
     for i, s in enumerate(cfg.students):
         if s.model.path is not None and s.init == "teacher":
-            raise UserError(f"{source}: students.{i}.init: 'teacher' would overwrite the pretrained weights of "
-                            f"model.path; use init: random (the default) or model.from_teacher")
+            raise UserError(f"{src(f'students.{i}.init')}: students.{i}.init: 'teacher' would overwrite the "
+                            f"pretrained weights of model.path; use init: random (the default) or model.from_teacher")
         if cfg.teacher.source == "server" and (s.model.from_teacher is not None or s.init == "teacher"):
-            raise UserError(f"{source}: students.{i}: from_teacher and init: teacher need the teacher's weights, "
-                            f"but teacher.source is 'server'; use model.preset or model.path")
+            raise UserError(f"{src(f'students.{i}')}: students.{i}: from_teacher and init: teacher need the teacher's "
+                            f"weights, but teacher.source is 'server'; use model.preset or model.path")
         if s.model.from_teacher is not None and cfg.teacher.source == "cache":
-            raise UserError(f"{source}: students.{i}.model.from_teacher needs the teacher's dir, but teacher.source "
-                            f"is 'cache'; set teacher.source: checkpoint and teacher.path")
+            raise UserError(f"{src(f'students.{i}.model.from_teacher')}: students.{i}.model.from_teacher needs the "
+                            f"teacher's dir, but teacher.source is 'cache'; set teacher.source: checkpoint and teacher.path")
         known(f"students.{i}.loss.divergence", "divergence", s.loss.divergence, DIVERGENCES)
         if s.loss.tail == "sampled" and not s.baseline and not DIVERGENCES[s.loss.divergence].sampled:
-            raise UserError(f"{source}: students.{i}.loss.divergence: {s.loss.divergence!r} cannot be estimated "
-                            f"without bias from sampled teacher tokens; use forward_kl or cache.estimator: topk")
+            raise UserError(f"{src(f'students.{i}.loss.divergence')}: students.{i}.loss.divergence: "
+                            f"{s.loss.divergence!r} cannot be estimated without bias from sampled teacher tokens; use "
+                            f"forward_kl or cache.estimator: topk")
         try:
             build_schedule(s.loss.soft_weight.as_dict())
         except ValueError as e:
-            raise UserError(f"{source}: students.{i}.loss.soft_weight: {e}") from None
+            raise UserError(f"{src(f'students.{i}.loss.soft_weight')}: students.{i}.loss.soft_weight: {e}") from None
         share = cfg.on_policy_share(i)
         if share is not None:
             try:
                 build_schedule(share.as_dict())
             except ValueError as e:
-                where = "on_policy_share" if s.on_policy_share is not None else "train.on_policy.share"
-                raise UserError(f"{source}: students.{i}.{where}: {e}") from None
+                where = f"students.{i}.on_policy_share" if s.on_policy_share is not None else "train.on_policy.share"
+                raise UserError(f"{src(where)}: {where}: {e}") from None
     for where, model in models:
         if model is not None and model.preset is not None:  # a dir or the teacher's shape is checked as it loads
-            check_model(model, cfg.data.tokenizer.vocab_size, f"{source}: {where}")
+            check_model(model, cfg.data.tokenizer.vocab_size, f"{src(f'{where}.args')}: {where}")
     return cfg
 
 

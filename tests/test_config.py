@@ -147,6 +147,20 @@ def test_an_error_in_a_set_value_is_blamed_on_set_not_the_file(tmp_path):
                                         r"students.0.loss.soft_weight: end_step \(1\) must come after"):
         load_config(p, {"students.0.loss.soft_weight.end_step": 1, "students.0.loss.soft_weight.warmup_steps": 3,
                         "students.0.loss.soft_weight.kind": "linear"})
+    # the checks made after the schema (registries, model sizes) blame --set the same way, as
+    # the CLI loads a config
+    from cli import _load
+    for sets, said in ((["students.0.loss.divergence=kl_fwd"], "--set: students.0.loss.divergence: unknown divergence"),
+                       (["students.0.model.args={num_heads: 3}"], "--set: students.0.model.args.num_heads=3: must be a multiple"),
+                       (["train.precision=fp16"], "--set: train.precision=fp16 is refused")):
+        with pytest.raises(UserError) as e:
+            _load(p, sets)
+        assert str(e.value).startswith(said), str(e.value)
+    raw = minimal()
+    raw["students"][0]["loss"] = {"divergence": "kl_fwd"}
+    p.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match=rf"^{p}: students.0.loss.divergence: unknown divergence"):
+        _load(p, ["train.steps=3"])
     raw = minimal()
     raw["train"] = {"stpes": 5}  # the same mistake in the file is the file's
     p.write_text(yaml.safe_dump(raw))
