@@ -227,24 +227,32 @@ def check_student_vocab(cfg: RunConfig, name: str, model_dir, model_vocab: int, 
     run's tokenizer never produces those ids, so they are never targets."""
     run_tok_dir = cfg.layout.tokenizer
     n = vocab_size_of(tokenizer)
+    extra: list[str] = []  # tokens of the student's own tokenizer that the run's lacks
     if has_tokenizer(model_dir):
-        differ = _other_ids(model_dir, tokenizer, f"student {name}",
-                            f"remove it to use the run's tokenizer ({run_tok_dir})")
+        differ, extra = _other_ids(model_dir, tokenizer, f"student {name}",
+                                   f"remove it to use the run's tokenizer ({run_tok_dir})", with_extra=True)
         if differ:  # (the teacher's own tokenizer was checked against the run's when the data was prepared)
             raise UserError(f"student {name}: its tokenizer ({model_dir}) is not the run's ({run_tok_dir}): "
                             f"{differ}; distil between models of one tokenizer")
     if model_vocab < n:
         raise UserError(f"student {name}: its embedding has {model_vocab} rows but the run's tokenizer "
                         f"({run_tok_dir}) has {n} tokens: a different tokenizer; use a student of the same family")
-    if model_vocab > n and is_leader():
+    if not is_leader():
+        return
+    if extra:  # e.g. a chat model's <think>, <tool_call>: its export would quietly lose them
+        shown = ", ".join(repr(t) for t in extra[:4]) + (", ..." if len(extra) > 4 else "")
+        print(f"[vocab] student {name}: its tokenizer ({model_dir}) has {len(extra)} tokens the run's lacks "
+              f"({shown}); the run never produces them, and its export ships the run's tokenizer, without them "
+              f"(`distill export CKPT --tokenizer {model_dir}` ships the student's own)", file=sys.stderr)
+    if model_vocab > n + len(extra):
         print(f"[vocab] student {name}: embedding has {model_vocab} rows for the tokenizer's {n} tokens; the "
-              f"{model_vocab - n} padding rows are never targets", file=sys.stderr)
+              f"{model_vocab - n - len(extra)} padding rows are never targets", file=sys.stderr)
 
 
-def _other_ids(model_dir, tokenizer, who: str, fix: str = "") -> str:
+def _other_ids(model_dir, tokenizer, who: str, fix: str = "", with_extra: bool = False):
     """'' if the tokenizer saved in model_dir gives every token of the run's tokenizer its id
     (extra tokens of its own are fine: the run never produces them); else how many differ,
-    with an example."""
+    with an example.  with_extra: also those extra tokens, by id: (message, tokens)."""
     from transformers import AutoTokenizer
 
     try:
@@ -254,7 +262,10 @@ def _other_ids(model_dir, tokenizer, who: str, fix: str = "") -> str:
                         + (f"; {fix}" if fix else "")) from None
     run = tokenizer.get_vocab()
     differ = [t for t, i in run.items() if own.get(t) != i]
-    return f"{len(differ)} of {len(run)} tokens have other ids (e.g. {differ[0]!r})" if differ else ""
+    said = f"{len(differ)} of {len(run)} tokens have other ids (e.g. {differ[0]!r})" if differ else ""
+    if not with_extra:
+        return said
+    return said, sorted((t for t in own if t not in run), key=own.get)
 
 
 def check_k(cfg: RunConfig, vocab: int) -> None:

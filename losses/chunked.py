@@ -97,6 +97,10 @@ class _Plan:
     tail: str
     ignore_index: int
     params: dict = field(default_factory=dict)
+    # The model's logits from its lm_head's output (`head_logits`): Cohere's scale (Granite's
+    # 1 / logits_scaling), then Gemma 2/3's soft cap, cap * tanh(z / cap).
+    logit_scale: float = 1.0
+    softcap: float | None = None
 
     @property
     def analytic(self) -> bool:
@@ -107,10 +111,30 @@ class _Plan:
                                **self.params)
 
 
-def _chunk_logits(rows, weight, bias) -> torch.Tensor:
-    """(C, H) hidden -> (C, V) logits in the model's (or autocast's) dtype, as its lm_head would
-    compute them; with weight None the rows already are (C, V) logits."""
-    return rows if weight is None else F.linear(rows, weight, bias)
+def _chunk_logits(rows, weight, bias, plan) -> torch.Tensor:
+    """(C, H) hidden -> (C, V) logits in the model's (or autocast's) dtype, as its lm_head and
+    the model's head transform would compute them; with weight None the rows already are
+    (C, V) logits."""
+    return rows if weight is None else head_logits(F.linear(rows, weight, bias), plan.logit_scale, plan.softcap)
+
+
+def head_logits(raw: torch.Tensor, logit_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+    """A model's logits from its lm_head's output `raw`, as transformers' Cohere/Granite
+    (a scale) and Gemma 2/3 (`final_logit_softcapping`) heads compute them."""
+    if logit_scale != 1.0:
+        raw = raw * logit_scale
+    if softcap is not None:
+        raw = torch.tanh(raw / softcap) * softcap
+    return raw
+
+
+def _head_slope(logits: torch.Tensor, plan) -> torch.Tensor | float:
+    """d logits / d (lm_head output): the scale, times 1 - (z / cap)^2 under a soft cap
+    ((C, V) fp32 from the capped logits z, made before the working copy clobbers them)."""
+    if plan.softcap is None:
+        return plan.logit_scale
+    z = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32, copy=True)
+    return z.div_(plan.softcap).square_().neg_().add_(1.0).mul_(plan.logit_scale)
 
 
 def _chunk_signal(signal: TeacherSignal | None, start: int, end: int, vocab: int,
@@ -357,10 +381,10 @@ class _ChunkedLosses(torch.autograd.Function):
         # The last chunk's exp pass is kept for backward, which starts there: one (C, H) x (H, V)
         # matmul and one exp pass fewer, and still one chunk's buffers at a time.  Not for
         # logits a caller holds (nothing to recompute), nor with no backward to come.
-        keeps_last = weight is not None and plan.analytic and backward_to_come
+        keeps_last = weight is not None and plan.analytic and backward_to_come and plan.softcap is None
         logits_dtype = rows.dtype
         for i, (s, e) in enumerate(spans):
-            logits = _chunk_logits(rows[s:e], weight, bias)  # (C, V)
+            logits = _chunk_logits(rows[s:e], weight, bias, plan)  # (C, V)
             logits_dtype = logits.dtype
             sig = _chunk_signal(signal, s, e, vocab, plan.temperature)
             m = None if mask is None else mask[s:e]
@@ -391,9 +415,12 @@ class _ChunkedLosses(torch.autograd.Function):
             s, e = spans[i]
             chunk = rows[s:e]
             kept = plan.analytic and "exp" in states[i]
+            slope = 1.0 if weight is None else plan.logit_scale  # d logits / d lm_head output
             if not kept:
                 with _autocast(amp):  # recompute exactly what forward computed (same dtype)
-                    logits = _chunk_logits(chunk, weight, bias)  # (C, V)
+                    logits = _chunk_logits(chunk, weight, bias, plan)  # (C, V)
+                if weight is not None:
+                    slope = _head_slope(logits, plan)
             sig = _chunk_signal(signal, s, e, vocab, plan.temperature)
             m = None if mask is None else mask[s:e]
             if plan.analytic:
@@ -408,6 +435,10 @@ class _ChunkedLosses(torch.autograd.Function):
             if weight is None:
                 g_rows[s:e] = g_logits
                 continue
+            if isinstance(slope, torch.Tensor) or slope != 1.0:  # through the head transform
+                in_place = g_logits.dtype in (torch.float32, torch.float64)  # the analytic path's own buffer
+                g_logits = g_logits.mul_(slope) if in_place else g_logits * slope
+            slope = None
             # The matmuls in the logits' dtype, as autograd would run the lm_head's backward.
             g_logits = g_logits.to(logits_dtype)  # (C, V)
             if need_rows:
@@ -449,12 +480,13 @@ def _run_chunks(rows, weight, bias, signal, targets, mask, plan, chunk_size):
 
 
 def _prepare(signal, labels, mask, divergence, temperature, tail, hard_target, ignore_index,
-             div_params) -> tuple[torch.Tensor, _Plan]:
+             div_params, logit_scale: float = 1.0, softcap: float | None = None) -> tuple[torch.Tensor, _Plan]:
     targets = hard_labels(hard_target, labels, signal, mask, ignore_index)  # (N,)
     if signal is not None:
         tail = resolve_tail(tail, signal)
         check_estimator(signal, temperature, tail, divergence)
-    plan = _Plan(get_divergence(divergence), divergence, temperature, tail, ignore_index, dict(div_params))
+    plan = _Plan(get_divergence(divergence), divergence, temperature, tail, ignore_index, dict(div_params),
+                 logit_scale, softcap)
     return targets, plan
 
 
@@ -472,6 +504,8 @@ def per_token_losses(
     chunk_size: int | None = None,
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
     **div_params: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token hard CE and soft divergence from final hidden states, chunked over tokens.
@@ -483,6 +517,8 @@ def per_token_losses(
     divergence / temperature / tail / **div_params: see `losses.divergences`.
     hard_target: "labels" | "teacher_argmax" (see `losses.hard`).  chunk_size: tokens per
     chunk; None picks it from the vocabulary and the device (`auto_chunk_size`).
+    logit_scale, softcap: the model's logits are `head_logits(hidden @ lm_head_weight.T)`
+    (Cohere and Granite scale them, Gemma 2/3 soft-cap them).
 
     Returns `(hard, soft)`, each (N,) fp32, 0 at masked tokens.  Equal to computing
     `hidden @ lm_head_weight.T` at once and applying the same losses; never holds more than a
@@ -490,7 +526,7 @@ def per_token_losses(
     autocast dtype, as an unchunked lm_head would compute them.
     """
     targets, plan = _prepare(signal, labels, mask, divergence, temperature, tail, hard_target,
-                             ignore_index, div_params)
+                             ignore_index, div_params, logit_scale, softcap)
     return _run_chunks(hidden, lm_head_weight, bias, signal, targets, mask, plan, chunk_size)
 
 

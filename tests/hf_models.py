@@ -85,14 +85,19 @@ def with_template(tokenizer_dir: Path, template: str, out: Path):
 
 def save_model(kind: str, vocab: int, out: Path, tokenizer=None, seed: int = 0, **over) -> Path:
     """A random stock-transformers causal LM of `kind` saved as a Hugging Face dir."""
-    from transformers import (GenerationConfig, Llama4TextConfig, Llama4ForCausalLM, LlamaConfig, LlamaForCausalLM,
-                              MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+    from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GenerationConfig,
+                              GraniteConfig, GraniteForCausalLM, Llama4TextConfig, Llama4ForCausalLM, LlamaConfig,
+                              LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
+                              Qwen3MoeForCausalLM)
 
     kinds = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
              "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
              "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM), "mixtral": (MixtralConfig, MixtralForCausalLM),
-             "llama4": (Llama4TextConfig, Llama4ForCausalLM)}
+             "llama4": (Llama4TextConfig, Llama4ForCausalLM),
+             # heads that do more than lm_head: Gemma 2's soft cap (30 by default), Cohere's and Granite's scales
+             "gemma2": (Gemma2Config, Gemma2ForCausalLM), "cohere": (CohereConfig, CohereForCausalLM),
+             "granite": (GraniteConfig, GraniteForCausalLM)}
     config_cls, model_cls = kinds[kind]
     fields = dict(TINY, vocab_size=vocab, num_hidden_layers=2)
     if kind == "qwen3_moe":
@@ -101,6 +106,8 @@ def save_model(kind: str, vocab: int, out: Path, tokenizer=None, seed: int = 0, 
         fields.update(num_local_experts=4, num_experts_per_tok=2)
     if kind == "llama4":
         fields.update(num_local_experts=4, intermediate_size_mlp=64, attention_chunk_size=8)
+    if kind == "gemma2":
+        fields.update(query_pre_attn_scalar=16, sliding_window=8)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**(fields | over)))
     model.save_pretrained(str(out))

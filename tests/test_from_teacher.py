@@ -90,7 +90,7 @@ def cut_run(hf_family, stdlib_corpus, tmp_path_factory):
 
 
 def test_full_depth_cut_over_the_cli_matches_the_teacher(cut_run, hf_family):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     export = cut_run / "students" / "full" / "export"
     student = AutoModelForCausalLM.from_pretrained(str(export))
@@ -107,9 +107,14 @@ def test_full_depth_cut_over_the_cli_matches_the_teacher(cut_run, hf_family):
     with torch.no_grad():
         pad_mass = teacher(ids).logits.softmax(-1)[..., hf_family["vocab"]:].sum(-1)  # (B, T)
     assert report["full"]["teacher_top1_agreement"] > 0.9
+    # the report says so (the teacher's own row shows that mass too)
+    assert "the teacher's 12 padding rows cut away" in (cut_run / "report.md").read_text()
     assert abs(report["full"]["kl_to_teacher"] - float(-torch.log1p(-pad_mass).mean())) < 0.1 * float(pad_mass.mean())
     assert report["full"]["init"]["layers"] == [0, 1, 2] and report["full"]["init"]["not_copied"] == {}
     assert student.generate(ids[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+    # a cut of the teacher generates as the teacher does: its generation config (stop ids, defaults)
+    assert GenerationConfig.from_pretrained(str(export)).to_dict() == \
+        GenerationConfig.from_pretrained(str(hf_family["teacher"])).to_dict()
 
 
 def test_cut_student_trains_and_the_report_says_what_was_chosen(cut_run, hf_family):
@@ -123,7 +128,9 @@ def test_cut_student_trains_and_the_report_says_what_was_chosen(cut_run, hf_fami
     drop = min(scores, key=scores.get)
     assert why["dropped"] == [int(drop)] and init["layers"] == [t for t in range(3) if t != int(drop)]
     assert init["copied_tensors"] > 0 and init["not_copied"] == {}
-    assert f"teacher layers {init['layers']} (angular distance" in (cut_run / "report.md").read_text()
+    md = (cut_run / "report.md").read_text()
+    assert f"teacher layers {init['layers']} (angular distance" in md
+    assert "; distance by first dropped layer: " + ", ".join(f"{k}: {v:.4g}" for k, v in scores.items()) in md
     teacher = load_file(str(hf_family["teacher"] / "model.safetensors"))
     ckpt = next((cut_run / "students" / "cut" / "checkpoints").glob("step_*"))
     trained = load_file(str(ckpt / "model.safetensors"))

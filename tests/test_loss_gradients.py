@@ -64,13 +64,19 @@ class _Spy:
 
 
 def _loss_and_grads(hidden, weight, bias, sig, labels, mask, weights, name, estimator, temperature, chunked_path,
-                    chunk_size=8):
+                    chunk_size=8, head=None):
     tail = "bucket" if estimator == "dense" else estimator
     kw = dict(divergence=name, temperature=temperature, tail=tail, **PARAMS.get(name, {}))
+    head = head or {}  # the model's head transform: logit_scale, softcap
     if chunked_path:
-        hard, soft = per_token_losses(hidden, weight, sig, labels, mask, chunk_size=chunk_size, bias=bias, **kw)
+        hard, soft = per_token_losses(hidden, weight, sig, labels, mask, chunk_size=chunk_size, bias=bias, **kw,
+                                      **head)
     else:
         logits = hidden @ weight.T + bias
+        if "logit_scale" in head:  # as transformers' Cohere / Granite heads
+            logits = logits * head["logit_scale"]
+        if "softcap" in head:  # as transformers' Gemma 2 head
+            logits = torch.tanh(logits / head["softcap"]) * head["softcap"]
         hard = hard_ce(logits, hard_labels("labels", labels, sig, mask))
         soft = DIVERGENCES[name](logits, sig, mask=mask, temperature=temperature, tail=tail, **PARAMS.get(name, {}))
     total = (0.7 * hard + weights * soft).sum()
@@ -92,6 +98,33 @@ def test_analytic_gradients_equal_autograd_in_fp64(name, estimator, temperature,
     ref_losses, ref = _loss_and_grads(hidden, weight, bias, sig, labels, mask, weights, name, estimator,
                                       temperature, chunked_path=False)
     assert analytic.calls == (5 if chunk_size else 1) and generic.calls == 0  # every chunk closed-form
+    for a, b in zip(got_losses, ref_losses):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+HEADS = {"softcap": {"softcap": 3.0}, "scale": {"logit_scale": 0.25}, "both": {"logit_scale": 1.5, "softcap": 2.0}}
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("name,estimator", [("forward_kl", e) for e in ESTIMATORS] + [("reverse_kl", "bucket"),
+                                                                                      ("tv", "bucket"), ("jsd", "dense")])
+def test_a_scaled_or_soft_capped_head_trains_the_function_the_model_computes(name, estimator, temperature, head):
+    """Gemma 2/3 soft-cap their logits (cap * tanh(z / cap)); Cohere and Granite scale them.
+    The chunked losses and their gradients (closed form and autograd fallback: tv) equal
+    autograd through the same head, at several temperatures; the cap is large enough here to
+    bend the logits (|z| up to ~3x the cap before it)."""
+    hidden, weight, bias, teacher, labels, mask, weights = _problem(5)
+    sig = _signal(teacher, estimator, temperature)
+    got_losses, got = _loss_and_grads(hidden, weight, bias, sig, labels, mask, weights, name, estimator,
+                                      temperature, chunked_path=True, head=HEADS[head])
+    ref_losses, ref = _loss_and_grads(hidden, weight, bias, sig, labels, mask, weights, name, estimator,
+                                      temperature, chunked_path=False, head=HEADS[head])
+    plain_losses, _ = _loss_and_grads(hidden, weight, bias, sig, labels, mask, weights, name, estimator,
+                                      temperature, chunked_path=False)
+    assert not torch.allclose(ref_losses[0], plain_losses[0], rtol=1e-3)  # the head changes the function
     for a, b in zip(got_losses, ref_losses):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
     for a, b in zip(got, ref):

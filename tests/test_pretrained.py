@@ -36,6 +36,76 @@ def test_every_family_loads_and_learns_from_the_teacher(kind, hf_family, tmp_pat
     assert model.model.embed_tokens.weight.grad.abs().sum() > 0 and model.lm_head.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("kind,head", [("gemma2", {"final_logit_softcapping": 2.0}), ("cohere", {"logit_scale": 0.5}),
+                                       ("granite", {"logits_scaling": 4.0})])
+def test_a_capped_or_scaled_head_is_trained_and_scored_as_the_model_computes(kind, head, hf_family, tmp_path):
+    """Gemma 2/3 soft-cap their logits, Cohere and Granite scale them, after the lm_head.
+    Training (the chunked losses over the lm_head) and validation gave the bare lm_head's
+    logits before: another function than the one the export computes (a Gemma 2 student
+    scored 1,269 where stock transformers measured 1,320).  The per-token losses, their
+    gradients and the validation CE now equal those of the model's own logits."""
+    from distill.train.student import student_forward
+    from distill.train.validate import evaluate_model
+    from losses import DIVERGENCES
+    from students.build import check_head
+
+    n = hf_family["vocab"]
+    model = load_causal_lm(save_model(kind, n, tmp_path / kind, num_hidden_layers=1, **head))
+    with torch.no_grad():  # logits of a trained model's size (random init gives |z| ~ 0.1, where a cap is linear)
+        model.lm_head.weight.mul_(60.0)
+    check_head(model)
+    teacher = LiveTeacher(load_causal_lm(hf_family["teacher"]), 8, n, torch.device("cpu"))
+    ids = torch.randint(0, n, (2, 13), generator=torch.Generator().manual_seed(0))
+    batch = Batch.of(ids, [0, 1])
+    signal, valid = teacher.signal(batch)
+    mask = valid.reshape(-1)
+    for temperature in (1.0, 2.0):
+        cfg = LossConfig(temperature=temperature)
+        model.zero_grad()
+        hard, soft = student_forward(model, batch.input_ids, batch.labels, signal, mask, cfg, baseline=False)
+        (hard.sum() + soft.sum()).backward()
+        got = [p.grad.clone() for p in (model.lm_head.weight, model.model.norm.weight)]
+        model.zero_grad()
+        logits = model(input_ids=batch.input_ids, use_cache=False).logits.reshape(-1, n)  # the model's own
+        want_hard = torch.nn.functional.cross_entropy(logits, batch.labels.reshape(-1), reduction="none")
+        want_soft = DIVERGENCES["forward_kl"](logits, signal.flatten(), temperature=temperature, tail="bucket",
+                                              mask=mask)
+        (want_hard.sum() + want_soft.sum()).backward()
+        torch.testing.assert_close(hard, want_hard, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(soft, want_soft, rtol=1e-5, atol=1e-5)
+        for a, b in zip(got, (model.lm_head.weight.grad, model.model.norm.weight.grad)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    blocks = torch.randint(0, n, (3, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(input_ids=blocks[:, :-1], use_cache=False).logits
+        raw = model.lm_head(model.model(input_ids=blocks[:, :-1], use_cache=False).last_hidden_state)
+    assert (logits - raw).abs().max() > 0.5  # the head bends these logits
+    want_ce = torch.nn.functional.cross_entropy(logits.reshape(-1, n), blocks[:, 1:].reshape(-1))
+    assert evaluate_model(model, blocks)["val_ce"] == pytest.approx(float(want_ce), rel=1e-5)
+
+
+def test_a_head_the_toolkit_does_not_know_is_refused(hf_family, tmp_path):
+    """An architecture whose logits are more than its lm_head's output, in a way
+    `head_transform` does not know, would train and be scored as another function: refused
+    by name when the student is built."""
+    from transformers import LlamaForCausalLM
+
+    from students.build import check_head
+
+    class DoubledLogits(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    model = load_causal_lm(hf_family["student"])
+    check_head(model)  # a plain head
+    model.__class__ = DoubledLogits
+    with pytest.raises(ValueError, match="its logits are not its lm_head's output .* a llama head this toolkit "
+                                         "does not know"):
+        check_head(model)
+
+
 def test_other_tokenizer_is_refused_naming_both(hf_family, tmp_path, capsys):
     cfg = parse_config({"out_dir": str(tmp_path), "data": {"stdlib": True, "tokenizer": {"path": str(hf_family["teacher"])}},
                         "teacher": {"source": "checkpoint", "path": str(hf_family["teacher"])},
@@ -50,6 +120,19 @@ def test_other_tokenizer_is_refused_naming_both(hf_family, tmp_path, capsys):
         check_student_vocab(cfg, "s", hf_family["student"], n - 1, tok)
     check_student_vocab(cfg, "s", hf_family["student"], n + 4, tok)  # padding: said, not refused
     assert f"embedding has {n + 4} rows for the tokenizer's {n} tokens; the 4 padding rows" in capsys.readouterr().err
+    # A chat student's own special tokens (ids past the run's): not padding, and its export would
+    # ship the run's tokenizer without them, so the run says so and how to keep them.
+    from transformers import AutoTokenizer
+
+    own = AutoTokenizer.from_pretrained(str(hf_family["student"]))
+    own.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    own.save_pretrained(str(tmp_path / "own"))
+    check_student_vocab(cfg, "s", tmp_path / "own", n + 4, tok)
+    err = capsys.readouterr().err
+    assert (f"student s: its tokenizer ({tmp_path / 'own'}) has 2 tokens the run's lacks ('<think>', '</think>'); "
+            f"the run never produces them, and its export ships the run's tokenizer, without them "
+            f"(`distill export CKPT --tokenizer {tmp_path / 'own'}` ships the student's own)") in err, err
+    assert f"the 2 padding rows are never targets" in err
 
 
 def test_init_teacher_on_a_pretrained_student_is_refused(hf_family, tmp_path):
@@ -147,6 +230,17 @@ def test_a_standalone_export_ships_the_tokenizer_the_run_used(pretrained_run, tm
     assert teacher_dir["tokenizer"] == teacher_dir["teacher"]
     ours, theirs = AutoTokenizer.from_pretrained(str(tmp_path / "export")), AutoTokenizer.from_pretrained(teacher_dir["tokenizer"])
     assert ours.get_vocab() == theirs.get_vocab() and ours.chat_template == theirs.chat_template
+    # --tokenizer ships another (the student's own, with special tokens the run's lacks)
+    own = AutoTokenizer.from_pretrained(teacher_dir["tokenizer"])
+    own.add_special_tokens({"additional_special_tokens": ["<think>"]})
+    own.save_pretrained(str(tmp_path / "own"))
+    r = run_cli("export", str(run / "students" / "llama"), "--out", str(tmp_path / "own-export"), "--tokenizer",
+                str(tmp_path / "own"), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "own-export")).convert_tokens_to_ids("<think>") == len(theirs)
+    # a step dir that is not there: the ones that are, named
+    r = run_cli("export", str(run / "students" / "llama" / "checkpoints" / "step_3"), "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "the checkpoints beside it are step_00000003" in r.stderr, r.stderr
     # A checkpoint that names no tokenizer and lies outside a run: refused in one line, nothing written.
     import shutil
 

@@ -36,7 +36,11 @@ def resolve_checkpoint(path: Path) -> Path:
         found = checkpoint.latest(root)
         if found is not None:
             return found
-    raise UserError(f"{path}: no checkpoint found (expected a step_N dir with model.safetensors and meta.json)")
+    steps = sorted(p.name for p in path.parent.glob("step_*") if (p / "meta.json").exists()) \
+        if path.parent.is_dir() else []
+    there = f"; the checkpoints beside it are {', '.join(steps[-3:])}" if steps else ""
+    raise UserError(f"{path}: no checkpoint found (give a step dir such as step_00000030, holding model.safetensors "
+                    f"and meta.json, its checkpoints dir or the student's dir for the latest){there}")
 
 
 def load_checkpoint_model(ckpt: Path):
@@ -155,10 +159,13 @@ def _model_source(model: dict) -> str:
 
 
 def _source_generation_config(meta: dict):
-    """A pretrained student's own generation_config.json (sampling defaults, stop ids), if it had one."""
+    """The generation_config.json (sampling defaults, stop ids) of the model a student came
+    from, if it had one: a pretrained student's own, a student cut from the teacher the
+    teacher's."""
     from transformers import GenerationConfig
 
-    src = (meta.get("student_config") or {}).get("model", {}).get("path")
+    model = (meta.get("student_config") or {}).get("model", {})
+    src = model.get("path") or (meta.get("teacher") if model.get("from_teacher") is not None else None)
     if src and (Path(src) / "generation_config.json").exists():
         return GenerationConfig.from_pretrained(src)
     return None

@@ -63,6 +63,16 @@ def signal_description(cache: CacheConfig, teacher: Teacher) -> str:
     return f"the teacher's top {k} log-probs, the rest of its mass as one outcome"
 
 
+def _padding_note(teacher_model, vocab: int) -> str:
+    """Why the teacher's own row is not 1 and 0 when its vocab is padded past the tokenizer's:
+    its signal is cut to the tokenizer's ids and renormalised, its model is scored whole."""
+    padded = teacher_model.config.get_text_config().vocab_size - vocab
+    if padded <= 0:
+        return ""
+    return (f"; the signal spans the tokenizer's {vocab:,} tokens, the teacher's {padded:,} padding rows cut away and "
+            f"the rest renormalised, so the teacher's own row shows the mass its model puts on those rows")
+
+
 def _has_chat(data, held_out) -> bool:
     """Whether chat rows are scored (their assistant / completion tokens only).  The manifest
     counts them; without one, non-targets (marked negative, teachers/protocol.py) tell, as
@@ -119,6 +129,7 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
         teacher_model = teacher_model or load_causal_lm(layout.teacher).to(device)
         report["teacher"] = {"path": str(layout.teacher), **_model_stats(teacher_model, held_out, val_teacher, device)}
         report["teacher"].pop("expert_load", None)
+        report["teacher_signal"] += _padding_note(teacher_model, vocab_size_of(data.tokenizer))
     judge = _generation_judge(cfg, data, teacher_model, device, report, progress) if chat else None
     del teacher_model
 
@@ -200,6 +211,9 @@ def _init_lines(report: dict) -> list[str]:
             why = init.get("layer_choice", {})
             text += f"; teacher layers {init['layers']} ({why.get('method', 'given')}"
             text += f", dropped {why['dropped']})" if why.get("dropped") else ")"
+            scores = why.get("distance_by_first_dropped_layer")
+            if scores:  # every candidate block, by the first teacher layer it would drop
+                text += "; distance by first dropped layer: " + ", ".join(f"{k}: {v:.4g}" for k, v in scores.items())
         if "copied_tensors" in init:
             skipped = init["not_copied"]
             text += f"; init: teacher copied {init['copied_tensors']} tensors, {len(skipped)} not"

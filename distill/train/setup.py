@@ -99,7 +99,19 @@ def _from_teacher(cfg: RunConfig, sc: StudentConfig, i: int, data: PackedData, t
 
 
 def student_model(cfg: RunConfig, sc: StudentConfig, i: int, data: PackedData, teacher: _TeacherOnce):
-    """(model, info): the student's model as its config says, and what it was built from."""
+    """(model, info): the student's model as its config says, and what it was built from;
+    its head checked to be one training computes as the model does (`check_head`)."""
+    from students.build import check_head
+
+    model, info = _student_model(cfg, sc, i, data, teacher)
+    try:
+        check_head(model)
+    except ValueError as e:
+        raise UserError(f"students[{i}].model: {e}") from None
+    return model, info
+
+
+def _student_model(cfg: RunConfig, sc: StudentConfig, i: int, data: PackedData, teacher: _TeacherOnce):
     from students.build import build_model, load_causal_lm
     from students.init import init_from_teacher
 

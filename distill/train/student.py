@@ -16,7 +16,7 @@ from distill.train.engines import Engine, all_reduce
 from losses import DIVERGENCES, build_schedule, combine, per_token_losses, soft_weights, weight_scores
 from losses.moe import load_balancing_loss, routed_slots, router_z_loss
 from losses.signal import TeacherSignal
-from students.build import collect_router_logits, expert_load
+from students.build import collect_router_logits, expert_load, head_transform
 from students.sparse_moe import (expert_biases, moe_modules, routing_counts, set_expert_biases, set_routing_counts,
                                  update_expert_bias)
 from teachers import IGNORE, Batch
@@ -101,16 +101,19 @@ class LossHead(torch.nn.Linear):
     (V, H) weight is a 1/N partition between uses: DeepSpeed gathers it before this forward
     and again before its backward (whose grad then reduce-scatters into the partition)."""
 
+    transform: dict  # the model's logits from this head's output (students.build.head_transform)
+
     def forward(self, x: torch.Tensor, losses: dict | None = None):
         if losses is None:
             return super().forward(x)
-        return per_token_losses(x, self.weight, bias=self.bias, **losses)
+        return per_token_losses(x, self.weight, bias=self.bias, **self.transform, **losses)
 
 
 def loss_head(model) -> LossHead:
     head = model.lm_head
     if type(head) is torch.nn.Linear:
         head.__class__ = LossHead  # only the class: weights, hooks and state dict stay as they are
+        head.transform = head_transform(model)
     return head
 
 

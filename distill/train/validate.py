@@ -23,7 +23,8 @@ from losses import DIVERGENCES
 from losses.chunked import auto_chunk_size
 from distill.blocks import block_positions
 from distill.train.student import positions_arg
-from students.build import expert_load
+from losses.chunked import head_logits
+from students.build import expert_load, head_transform
 from teachers import IGNORE, Batch, Teacher
 
 
@@ -40,6 +41,7 @@ def evaluate_model(model, blocks: torch.Tensor, teacher: Teacher | None = None, 
     chunk_size = chunk_size or auto_chunk_size(model.lm_head.weight.shape[0], device)
     was_training = model.training
     model.eval()
+    transform = head_transform(model)  # a Gemma 2/3 soft cap, a Cohere scale: the model's own logits
     ce_sum, n_tok, agree, kl_sum, n_sig = 0.0, 0, 0, 0.0, 0
     loads: list[torch.Tensor] = []  # per MoE layer: (E,) tokens per expert
     ctx = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
@@ -63,7 +65,7 @@ def evaluate_model(model, blocks: torch.Tensor, teacher: Teacher | None = None, 
         for a in range(0, len(labels), chunk_size):
             b = a + chunk_size
             with ctx():
-                logits = model.lm_head(hidden[a:b])
+                logits = head_logits(model.lm_head(hidden[a:b]), **transform)
             logits = logits.float()  # (C, V)
             ce_sum += float(torch.nn.functional.cross_entropy(logits, labels[a:b], reduction="sum"))
             if teacher is not None:
