@@ -75,25 +75,31 @@ def _flat_text(row: dict) -> str:
     return f"{row['prompt']}{row['completion']}"
 
 
-def as_documents(table, kind: str, text_field: str, origin: str = "the table"):
+def as_documents(table, kind: str, text_field: str, origin: str = "the table", work: dict | None = None):
     """A table -> columns `text` (the words) and `chat` (the row as JSON; PLAIN for text).
 
-    origin: the file it came from, kept in each row's JSON to name the row in errors."""
+    origin: the file it came from, kept in each row's JSON to name the row in errors.
+    work: `Dataset.map` keywords saying where its output goes (cache_file_name, ...)."""
+    work = work or {}
     if kind == "text":
         table = table.select_columns([text_field])
         if text_field != "text":  # the Hugging Face convention is already `text`
             table = table.rename_column(text_field, "text")
-        return table.map(lambda b: {"chat": [PLAIN] * len(b["text"])}, batched=True)
+        return table.map(lambda b: {"chat": [PLAIN] * len(b["text"])}, batched=True, **work)
     # One file may mix both shapes: a row's absent fields read as None and are dropped.
     cols = [c for c in ("messages", "tools", "prompt", "completion") if c in table.column_names]
 
     def one(row: dict, i: int) -> dict:
         row = {c: row[c] for c in cols if row[c] is not None}
-        ok = "messages" in row or ("prompt" in row and "completion" in row)
+        if "messages" in row or not ("prompt" in row and "completion" in row):
+            # messages rule (UltraChat's rows carry a `prompt` beside them, and no completion)
+            row.pop("prompt", None)
+            row.pop("completion", None)
+        ok = "messages" in row or "prompt" in row
         row[ROW] = f"{origin} row {i + 1}"
         return {"text": _flat_text(row) if ok else "", "chat": json.dumps(row)}  # "" text: dropped as empty
 
-    return table.select_columns(cols).map(one, remove_columns=cols, with_indices=True)
+    return table.select_columns(cols).map(one, remove_columns=cols, with_indices=True, **work)
 
 
 # ----------------------------------------------------------------------------- finding the targets

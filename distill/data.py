@@ -7,13 +7,16 @@ next-token label.  Every artefact made from the data records `fingerprint`.
 """
 from __future__ import annotations
 
+import atexit
 import fnmatch
 import hashlib
+import itertools
 import json
 import logging
 import shutil
 import sys
 import sysconfig
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -210,9 +213,11 @@ def _quietly(load, *args, **kwargs):
         logger.setLevel(level)
 
 
-def _read_table(f: Path) -> datasets.Dataset:
+def _read_table(f: Path, work: Path) -> datasets.Dataset:
     """One table: a saved dataset dir (a DatasetDict's "train" split, or its only split) or a
-    json/jsonl (maybe compressed), parquet or arrow file."""
+    json/jsonl (maybe compressed), parquet or arrow file.  work: where datasets converts a file
+    to Arrow; a fresh dir, so an edited file whose mtime did not move is read again (datasets'
+    own cache knows files by path and mtime, and gave such a file's old rows)."""
     import datasets
 
     if f.is_dir():
@@ -230,7 +235,7 @@ def _read_table(f: Path) -> datasets.Dataset:
     if f.stat().st_size == 0:
         raise UserError(f"{f}: the file is empty; remove it from data.paths (or leave it out with data.exclude)")
     try:
-        return _quietly(datasets.load_dataset, builder, data_files=str(f), split="train")
+        return _quietly(datasets.load_dataset, builder, data_files=str(f), split="train", cache_dir=str(work))
     except Exception as e:  # datasets wraps parse errors in many types
         bad_line = _first_bad_json_line(f) if builder == "json" else None
         raise UserError(bad_line or f"{f}: could not be read as {builder} ({_reason(e)})") from None
@@ -276,7 +281,8 @@ def _first_bad_json_line(f: Path) -> str | None:
             except ValueError as e:  # UnicodeDecodeError is one too
                 if number == 1 and _one_json_document(f):
                     return None  # a pretty-printed JSON document, not lines: datasets' own reason stands
-                why = f"{e.msg} at column {e.pos + 1}" if isinstance(e, json.JSONDecodeError) else str(e)[:120]
+                why = (f"{e.msg.removesuffix(' at')} at column {e.pos + 1}" if isinstance(e, json.JSONDecodeError)
+                       else str(e)[:120])  # ("Invalid control character at" ends in "at" already)
                 return f"{f}: line {number} is not valid JSON ({why}); fix or remove that line"
             if not isinstance(row, dict):
                 return f"{f}: line {number} is a JSON {type(row).__name__}, not an object with named columns"
@@ -348,10 +354,21 @@ def load_documents(cfg: DataConfig, log=None, cache_dir: Path | None = None) -> 
     prompt/completion row as JSON, distill/chat.py; "" for plain text).
 
     log: called with one line when files found by a folder walk or a glob were skipped.
-    cache_dir: where the plain-text files' Arrow table goes (the datasets cache when None)."""
+    cache_dir: where the documents' Arrow tables go (plain-text files', tables converted to
+    Arrow, and every transform of them: never beside a saved dataset's own files, which would
+    change the data's fingerprint); a temp dir removed at exit when None."""
     import datasets
 
     datasets.disable_progress_bars()  # our own progress bars instead
+    if cache_dir is None:
+        cache_dir = Path(tempfile.mkdtemp(prefix="codistill-documents-"))
+        atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    steps = itertools.count()
+
+    def into_work(name: str) -> dict:  # a transform's output file under cache_dir, always recomputed
+        return {"cache_file_name": str(cache_dir / f"{name}-{next(steps)}.arrow"), "load_from_cache_file": False}
+
     features = doc_features()
     parts: list[datasets.Dataset] = []
     plain: list[Path] = []
@@ -361,7 +378,7 @@ def load_documents(cfg: DataConfig, log=None, cache_dir: Path | None = None) -> 
             plain.append(f)
             continue
         try:
-            ds = _read_table(f)
+            ds = _read_table(f, cache_dir / "tables")
             kind = table_kind(ds.column_names, cfg.text_field)
             if kind is None:
                 raise UserError(f"{f}: no column {cfg.text_field!r}, nor chat columns 'messages' or 'prompt' + "
@@ -375,7 +392,16 @@ def load_documents(cfg: DataConfig, log=None, cache_dir: Path | None = None) -> 
                 raise
             skipped.append(str(f))  # e.g. a package's JSON config met while walking its source tree
             continue
-        part = as_documents(ds, kind, cfg.text_field, origin=str(f))
+        if kind == "text" and log is not None and table_kind([c for c in ds.column_names if c != cfg.text_field],
+                                                             cfg.text_field) is not None:
+            log(f"[data] {f}: has a {cfg.text_field!r} column and chat columns; reading {cfg.text_field!r} as plain "
+                f"text (every token a target, rows without it skipped); to train on the chat rows with the loss on "
+                f"the assistant's tokens, save the table without {cfg.text_field!r}")
+        try:
+            part = as_documents(ds, kind, cfg.text_field, origin=str(f), work=into_work("documents"))
+        except UnicodeDecodeError as e:  # a json file in another encoding; datasets reads it lazily
+            raise UserError(f"{f}: not UTF-8 (bad byte at offset {e.start} of a value); convert it (e.g. "
+                            f"`iconv -t utf-8`) or remove it from data.paths") from None
         # one schema for every part: a `large_string` column (polars' parquet, some arrow files) would not concatenate
         parts.append(part if part.features == features else part.cast(features))
     if skipped and log is not None:
@@ -391,7 +417,8 @@ def load_documents(cfg: DataConfig, log=None, cache_dir: Path | None = None) -> 
 
     def non_empty(ds: datasets.Dataset) -> datasets.Dataset:
         return ds.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True,
-                         num_proc=procs if len(ds) > cfg.shard_documents and procs > 1 else None)
+                         num_proc=procs if len(ds) > cfg.shard_documents and procs > 1 else None,
+                         **into_work("non-empty"))
 
     tables = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0] if parts else None
     if tables is not None:  # a table's empty row is worth a line (an empty file in a source tree is not)
@@ -511,13 +538,19 @@ def file_digest(path: Path) -> bytes:
     return h.digest()
 
 
+def _datasets_cache_file(path: Path, saved: Path) -> bool:
+    """A transform's cache file that `datasets` wrote into a saved dataset dir (`cache-*.arrow`,
+    by earlier versions of this toolkit too): not the data, so not in its fingerprint."""
+    return path != saved and path.name.startswith("cache-") and path.suffix == ".arrow"
+
+
 def fingerprint(files: list[Path], tok_hash: str, cfg: DataConfig) -> str:
     """Changes when any input file, the tokenizer, seq_len, the split or the packing changes; not otherwise."""
     h = hashlib.sha256()
     for f in files:
         h.update(str(f.name).encode())
         for sub in sorted(f.rglob("*")) if f.is_dir() else [f]:
-            if sub.is_file():
+            if sub.is_file() and not _datasets_cache_file(sub, f):
                 h.update(sub.relative_to(f).as_posix().encode() if f.is_dir() else b"")
                 h.update(file_digest(sub))
     for part in (tok_hash, cfg.seq_len, cfg.val_fraction, cfg.text_field, cfg.max_documents,
@@ -545,13 +578,20 @@ def _log_chat_counts(counts: dict[str, PackCounts], rows: int, block: int) -> No
         _stderr(f"[data] {total.no_target} of {rows} chat rows were dropped: no assistant turn or completion to learn")
 
 
-def _refuse_empty(name: str, split: dict, counts: PackCounts, block: int) -> None:
-    """A split with no block: say why, and what to change."""
+FEW_DOCUMENTS = 10  # below this, an empty split is the corpus's size, not data.val_fraction
+
+
+def _refuse_empty(name: str, split: dict, counts: PackCounts, block: int, documents: int) -> None:
+    """A split with no block: say why, and what to change.  documents: the whole corpus's."""
     if counts.cut_away:  # chat rows pack whole: dropped rows are why it is empty
         raise UserError(f"data: the {name} split is empty: its {counts.cut_away} chat rows lost every "
                         f"assistant / completion token to truncation at seq_len + 1 = {block} tokens (their "
                         f"prompt, with what the chat template adds, is longer); raise data.seq_len to at "
                         f"least {counts.need}")
+    if split["documents"] == 0 and documents < FEW_DOCUMENTS:  # no val_fraction helps: each goes whole
+        raise UserError(f"data: the {name} split got no documents: the corpus has {documents}, and each goes whole to "
+                        f"one split (by a hash of its text); give more documents, e.g. split a long text into "
+                        f"several files or rows")
     if split["documents"] == 0:
         change = "raise" if name == "val" else "lower"
         raise UserError(f"data: the {name} split got no documents (they go to validation by a hash of their "
@@ -595,7 +635,12 @@ def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> Pack
         _log_chat_counts(counts, sum(split["chat_rows"] for split in manifest["splits"].values()), cfg.seq_len + 1)
         for name, split in manifest["splits"].items():
             if split["blocks"] == 0:
-                _refuse_empty(name, split, counts[name], cfg.seq_len + 1)
+                _refuse_empty(name, split, counts[name], cfg.seq_len + 1, manifest["documents"])
+        held = manifest["splits"]["val"]["blocks"] / max(1, sum(s["blocks"] for s in manifest["splits"].values()))
+        if held > 2 * cfg.val_fraction + 0.05:  # few documents: the split by document cannot meet the fraction
+            _stderr(f"[data] note: {held:.0%} of the blocks are held out for validation (data.val_fraction "
+                    f"{cfg.val_fraction:g}): the corpus has {manifest['documents']:,} documents, each whole in one "
+                    f"split; more, smaller documents split closer to the fraction")
     blocks = open_blocks(root)
     manifest = json.loads((root / "manifest.json").read_text())
     return PackedData(blocks["train"], blocks["val"], tok, fp, tok_hash, manifest)

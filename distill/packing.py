@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -135,9 +136,29 @@ def _tokenized(docs: datasets.Dataset, fn, kwargs: dict, features: datasets.Feat
                work: Path, tag: str) -> datasets.Dataset:
     """One chunk through `fn` in `num_proc` processes, into a temp Arrow file (row order kept)."""
     procs = num_proc if len(docs) >= num_proc > 1 else None
-    return docs.map(fn, batched=True, batch_size=64, num_proc=procs, fn_kwargs=kwargs, features=features,
+    kwargs = {"fn": fn, "parent": os.getpid(), **kwargs}
+    return docs.map(_in_worker, batched=True, batch_size=64, num_proc=procs, fn_kwargs=kwargs, features=features,
                     remove_columns=docs.column_names, cache_file_name=str(work / f"{tag}.arrow"),
                     load_from_cache_file=False, new_fingerprint=tag)
+
+
+_BOUND_TO_PARENT = False  # this worker process dies with the one that started it
+
+
+def _in_worker(batch: dict, fn, parent: int, **kwargs) -> dict:
+    """`fn(batch, **kwargs)` in one of datasets' worker processes, which first binds its life
+    to `parent`'s: a `distill prepare` killed with SIGKILL (the OOM killer's signal) left its
+    idle workers behind, about 400 MB each, for minutes."""
+    global _BOUND_TO_PARENT
+    if not _BOUND_TO_PARENT and os.getpid() != parent:
+        _BOUND_TO_PARENT = True
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # it died before that took effect
+            os._exit(1)
+    return fn(batch, **kwargs)
 
 
 def _flat(column) -> np.ndarray:

@@ -24,6 +24,7 @@ from distill.report.report import evaluate_run
 from distill.runtime import (DENSE_AUTO_BYTES, autocast_dtype, cache_identity, check_k, dense_logits_bytes,
                              dense_signal, existing_teacher_dir, is_leader, live_teacher, model_config, prepare,
                              resolve_device, sampling_of, server_teacher, setup_runtime)
+from distill.train.checkpoint import DATA_KEY
 from distill.train.loop import claim_out_dir, run_hash, train_loop
 from distill.train.on_policy import on_policy_source
 from distill.train.selection import DataView, plan_views
@@ -218,7 +219,7 @@ def run_identity(cfg: RunConfig, data_fingerprint: str, selections: dict | None,
     if dense:
         signal["dense"] = True  # the whole distribution: another loss, so another trajectory
     identity = {"stage": "train", "students": [student_identity(s) for s in cfg.students],
-                "data (its fingerprint)": data_fingerprint, "seed": cfg.seed, "train.steps": cfg.train.steps,
+                DATA_KEY: data_fingerprint, "seed": cfg.seed, "train.steps": cfg.train.steps,
                 "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
                 "train.mode": cfg.train.mode, "the teacher signal": signal}
     if selections is not None:

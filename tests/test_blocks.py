@@ -3,11 +3,13 @@ in-memory packer, read by index; uint16 / uint32 ids; a killed preparation resum
 byte-identical; `distill inspect` describes it."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +186,47 @@ def test_a_damaged_prepared_shard_is_found_by_verify_and_named_when_read(cli, st
     rec = json.loads(record.read_text())
     record.write_text(json.dumps({k: v for k, v in rec.items() if k != "sha256"}))
     assert [p for p in verify_blocks(root) if "sha256" in p] == [] and len(verify_blocks(root)) == 1
+
+
+ORPHAN = """
+import os, signal, sys, time
+from multiprocess import Pool  # the pool datasets' map(num_proc=...) runs its workers in
+from distill.packing import _in_worker
+
+def slow(batch):
+    time.sleep(60)
+    return batch
+
+pool = Pool(1)
+pool.apply_async(_in_worker, ({"text": []}, slow, os.getpid()))
+time.sleep(3)  # the worker has taken the batch (and bound itself to this process)
+print(*[p.pid for p in pool._pool], flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer ends a `distill prepare`
+"""
+
+
+def test_tokenizer_workers_die_with_a_killed_prepare(tmp_path):
+    """A `distill prepare` killed with SIGKILL while datasets' workers tokenised left them idle,
+    about 400 MB each, for minutes; they now die with it."""
+    import psutil
+
+    out = tmp_path / "out"
+    with open(out, "w") as f:  # a file, not a pipe: a live orphan would hold a pipe open
+        proc = subprocess.Popen([sys.executable, "-c", ORPHAN], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                stdout=f, stderr=subprocess.STDOUT)
+        assert proc.wait(timeout=120) == -9, out.read_text()[-2000:]
+    (worker,) = map(int, out.read_text().split())
+    deadline = time.time() + 10
+    try:
+        while time.time() < deadline:
+            try:
+                if psutil.Process(worker).status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"worker {worker} outlived its killed parent")
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(worker).kill()

@@ -36,6 +36,30 @@ def test_save_load_round_trip_and_keep_last(tmp_path, model):
         checkpoint.load(checkpoint.latest(root), fresh, "other")
 
 
+def test_a_refused_resume_says_what_changed(tmp_path, model):
+    """A checkpoint keeps its run's identity by name: a refused --resume names what changed,
+    and when only the data did, says so rather than blaming the config."""
+    from distill.train.loop import run_hash
+
+    then = {"stage": "train", "students": [{"name": "s", "optim": {"lr": 1e-3}}], checkpoint.DATA_KEY: "aaaa",
+            "train.steps": 60}
+    checkpoint.save(tmp_path, 1, model, {}, {"run_hash": run_hash(*then.values()), "run_identity": then})
+    ckpt = tmp_path / "step_00000001"
+
+    def refused(**now) -> str:
+        now = {**then, **now}
+        with pytest.raises(UserError) as e:
+            checkpoint.load(ckpt, None, run_hash(*now.values()), now)
+        return str(e.value)
+
+    assert "made by another config (train.steps 60 -> 70);" in refused(**{"train.steps": 70})
+    assert "made by another config (student s: optim);" in refused(students=[{"name": "s", "optim": {"lr": 1}}])
+    said = refused(**{checkpoint.DATA_KEY: "bbbb"})
+    assert ("this checkpoint was made from other data (its fingerprint aaaa -> bbbb: a data file, the tokenizer or "
+            "a data setting changed); resume with the data it was trained on") in said, said
+    assert "another config (" in refused(**{checkpoint.DATA_KEY: "bbbb", "train.steps": 70})
+
+
 def test_disk_full_during_checkpoint_keeps_previous(tmp_path, model, monkeypatch):
     checkpoint.save(tmp_path, 1, model, {}, {"run_hash": "h"})
     monkeypatch.setattr(checkpoint, "save_file", disk_full)

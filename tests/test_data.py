@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distill.config import DataConfig
-from distill.data import EOS, corpus_files, load_documents, pack, prepare_data
+from distill.data import EOS, _doc_in_val, corpus_files, load_documents, pack, prepare_data
 from common.errors import UserError
 
 
@@ -97,6 +97,31 @@ def test_empty_corpus_is_refused(tmp_path):
         corpus_files(DataConfig(paths=[tmp_path / "sub"]))
     with pytest.raises(UserError, match="does not exist"):
         corpus_files(DataConfig(paths=[tmp_path / "nothing"]))
+
+
+def test_a_corpus_of_a_few_documents_is_told_what_helps(stdlib_corpus, tmp_path, capsys):
+    """A document goes whole to one split: one long book can never fill both, whatever
+    data.val_fraction (the message advised raising it); a few documents hold out far more than
+    the fraction, said once."""
+    text = "".join(f.read_text() for f in sorted(stdlib_corpus.glob("*.py"))[:3])
+    (tmp_path / "book").mkdir()
+    (tmp_path / "book" / "book.txt").write_text(text)
+    with pytest.raises(UserError, match=r"split got no documents: the corpus has 1, and each goes whole to one "
+                                        r"split .*; give more documents, e.g. split a long text"):
+        prepare_data(cfg_for(tmp_path / "book", val_fraction=0.49), tmp_path / "run1")
+    (tmp_path / "few").mkdir()
+    texts = [f.read_text() for f in sorted(stdlib_corpus.glob("*.py"))]
+    val = [t for t in texts if _doc_in_val(t, 0.05) and len(t) > 3000][:1]
+    train = [t for t in texts if not _doc_in_val(t, 0.05) and len(t) > 3000][:3]  # one held-out document of 4
+    for i, t in enumerate(val + train):
+        (tmp_path / "few" / f"{i}.txt").write_text(t)
+    data = prepare_data(cfg_for(tmp_path / "few", val_fraction=0.05), tmp_path / "run2")
+    held = len(data.val) / (len(data.val) + len(data.train))
+    assert held > 0.15
+    assert (f"[data] note: {held:.0%} of the blocks are held out for validation (data.val_fraction 0.05): the "
+            f"corpus has 4 documents") in capsys.readouterr().err
+    prepare_data(cfg_for(stdlib_corpus, val_fraction=0.2), tmp_path / "run3")  # many documents: near the fraction
+    assert "held out for validation" not in capsys.readouterr().err
 
 
 def test_stdlib_corpus_is_found():

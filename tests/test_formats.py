@@ -203,6 +203,15 @@ def test_a_malformed_line_is_named_by_its_line_in_the_file(tmp_path, suffix, com
         load_documents(DataConfig(paths=[f]))
 
 
+def test_a_control_character_in_a_line_is_named_once(tmp_path):
+    lines = _jsonl(text_rows(n=4)).splitlines(keepends=True)
+    lines[2] = lines[2].replace(b"Document 2", b"Docu\x01ment 2")  # a raw control byte inside a string
+    f = _bytes(tmp_path / "rows.jsonl", b"".join(lines))
+    with pytest.raises(UserError, match=r"rows.jsonl: line 3 is not valid JSON \(Invalid control character at "
+                                        r"column \d+\)"):
+        load_documents(DataConfig(paths=[f]))
+
+
 def test_a_pretty_printed_json_document_is_not_blamed_on_its_first_line(tmp_path):
     from distill.data import _first_bad_json_line
 
@@ -222,6 +231,63 @@ def test_rows_with_nothing_to_learn_are_counted(tmp_path):
     assert len(docs) == 8
     assert said == ["[data] skipped 2 of 10 table rows with nothing to learn from: empty or null text, or no "
                     "(null) messages / prompt + completion"], said
+
+
+def test_a_saved_dataset_is_left_as_it_was_and_keeps_its_fingerprint(tmp_path):
+    """Reading a save_to_disk dir made datasets write its transforms' cache-*.arrow files into
+    it: the user's data changed, and so did its fingerprint, so `distill train` after `distill
+    cache` refused the cache.  Now nothing is written there, and such files (left by earlier
+    versions) are not part of the fingerprint."""
+    from tests.hf_models import make_tokenizer
+
+    ds = _saved(message_rows(), tmp_path / "ds")
+    before = sorted(p.name for p in ds.iterdir())
+    make_tokenizer([json.dumps(r) for r in message_rows()], tmp_path / "tok")
+    cfg = DataConfig(paths=[ds], seq_len=32, val_fraction=0.2, tokenizer={"path": tmp_path / "tok"})
+    first = prepare_data(cfg, tmp_path / "run").fingerprint
+    load_documents(cfg)  # as eval and on-policy read prompts: no cache_dir of theirs
+    assert sorted(p.name for p in ds.iterdir()) == before
+    (ds / "cache-0123456789abcdef.arrow").write_bytes(b"a transform's cache")
+    assert prepare_data(cfg, tmp_path / "run").fingerprint == first
+    assert len(list((tmp_path / "run" / "data").glob("blocks-*"))) == 1
+
+
+def test_an_edited_table_is_read_again_even_with_its_old_mtime(tmp_path):
+    """datasets' own cache knows a json file by its path and mtime: an edited file given its old
+    mtime back (touch -r, an archive's fixed times) gave a new fingerprint holding the OLD rows."""
+    import os
+
+    f = _bytes(tmp_path / "rows.jsonl", _jsonl(text_rows(n=12)))
+    stat = f.stat()
+    assert "ZZZZ" not in "".join(load_documents(DataConfig(paths=[f]))["text"])
+    rows = text_rows(n=12)
+    rows[1]["text"] = "ZZZZ " * 40
+    f.write_bytes(_jsonl(rows))
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert "ZZZZ" in "".join(load_documents(DataConfig(paths=[f]))["text"])
+
+
+def test_chat_rows_with_a_prompt_beside_their_messages_read_as_messages(tmp_path):
+    """UltraChat's rows carry `prompt` and `prompt_id` beside `messages`, and no completion:
+    they read as messages (before: KeyError 'completion', a traceback)."""
+    rows = [{"prompt": r["messages"][0]["content"], "prompt_id": str(i), **r} for i, r in enumerate(message_rows(6))]
+    docs = load_documents(DataConfig(paths=[_bytes(tmp_path / "uc.jsonl", _jsonl(rows))]))
+    chats = [json.loads(c) for c in docs["chat"]]
+    assert len(chats) == 6 and all(set(c) == {"messages", ROW} for c in chats)
+
+
+def test_a_json_file_in_another_encoding_is_one_line(tmp_path):
+    f = _bytes(tmp_path / "latin1.jsonl", _jsonl(text_rows(n=3)).replace(b"Document 1", "Dokumént 1".encode("latin-1")))
+    with pytest.raises(UserError, match=rf"^{f}: not UTF-8 .*; convert it"):
+        load_documents(DataConfig(paths=[f]))
+
+
+def test_a_table_with_text_and_chat_columns_says_which_it_reads(tmp_path):
+    rows = [{"text": "rendered chat " + str(i), **r} for i, r in enumerate(message_rows(4))]
+    said: list[str] = []
+    docs = load_documents(DataConfig(paths=[_bytes(tmp_path / "both.jsonl", _jsonl(rows))]), log=said.append)
+    assert docs["chat"] == [PLAIN] * 4
+    assert any("has a 'text' column and chat columns; reading 'text' as plain text" in line for line in said), said
 
 
 def test_one_file_under_two_spellings_is_read_once(tmp_path):

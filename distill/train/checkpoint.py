@@ -199,6 +199,9 @@ def load_weights(ckpt: Path, model: torch.nn.Module, what_to_do: str) -> tuple[l
     return model.load_state_dict(weights, strict=False)
 
 
+DATA_KEY = "data (its fingerprint)"  # the run identity's data entry (distill/stages.py::run_identity)
+
+
 def identity_changes(then: dict, now: dict) -> str:
     """What differs between two named run identities (distill/stages.py), e.g. "train.steps
     60 -> 70; student dense: optim"."""
@@ -229,8 +232,13 @@ def load(ckpt: Path, model: torch.nn.Module | None, expected_run_hash: str | Non
     training state.  expected_identity: the run's named identity, to say what changed."""
     meta = load_meta(ckpt)
     if expected_run_hash is not None and meta.get("run_hash") != expected_run_hash:
-        changes = identity_changes(meta["run_identity"], expected_identity) \
-            if isinstance(meta.get("run_identity"), dict) and expected_identity else ""
+        then = meta.get("run_identity") if isinstance(meta.get("run_identity"), dict) else None
+        changes = identity_changes(then, expected_identity) if then and expected_identity else ""
+        if changes and all(then.get(k) == v for k, v in expected_identity.items() if k != DATA_KEY):
+            raise UserError(f"{ckpt}: this checkpoint was made from other data (its fingerprint "
+                            f"{then.get(DATA_KEY)} -> {expected_identity[DATA_KEY]}: a data file, the tokenizer or a "
+                            f"data setting changed); resume with the data it was trained on, or start afresh in this "
+                            f"out_dir with --overwrite")
         what = (f"another config ({changes})" if changes else
                 f"a different config (run hash {meta.get('run_hash')} != {expected_run_hash})")
         raise UserError(f"{ckpt}: this checkpoint was made by {what}; resume with the config that made it, or "

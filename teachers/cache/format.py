@@ -96,4 +96,4 @@ def identity_diffs(old: Mapping, new: Mapping, keys=None) -> list[str]:
 
 def mismatch_error(cache_dir: Path, diffs: list[str]) -> CacheMismatch:
     return CacheMismatch(f"cache at {cache_dir} was written for a different setup: " + "; ".join(diffs)
-                         + ". `distill cache --overwrite` (write_cache(overwrite=True)) replaces it; or set cache.dir to another dir.")
+                         + ". `distill cache --overwrite` replaces it; or set cache.dir to another dir.")
