@@ -55,14 +55,35 @@ SENTINEL = "Qz7codistillTurnSentinel9x"
 
 
 def table_kind(columns: list[str], text_field: str) -> str | None:
-    """"text", "messages", "prompt" (prompt/completion) or None when the table has none of them."""
+    """"text", "messages", "prompt" (prompt/completion), "conversations" (ShareGPT's turns of
+    {from, value}, read as messages) or None when the table has none of them."""
     if text_field in columns:
         return "text"
     if "messages" in columns:
         return "messages"
     if "prompt" in columns and "completion" in columns:
         return "prompt"
+    if "conversations" in columns:
+        return "conversations"
     return None
+
+
+# ShareGPT's speakers as chat-template roles (the names its variants use).
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "model": "assistant", "bing": "assistant", "bard": "assistant",
+                  "tool": "tool", "observation": "tool", "function_response": "tool"}
+
+
+def _sharegpt_messages(turns: list, name: str) -> list[dict]:
+    """ShareGPT turns [{from, value}] -> messages [{role, content}]."""
+    out = []
+    for t in turns:
+        speaker = t.get("from") if isinstance(t, dict) else None
+        if speaker not in SHAREGPT_ROLES:
+            raise UserError(f"{name}: a ShareGPT turn from {speaker!r}; known speakers are "
+                            f"{', '.join(sorted(SHAREGPT_ROLES))} (convert the others to `messages` rows)")
+        out.append({"role": SHAREGPT_ROLES[speaker], "content": t.get("value")})
+    return out
 
 
 def _flat_text(row: dict) -> str:
@@ -87,10 +108,13 @@ def as_documents(table, kind: str, text_field: str, origin: str = "the table", w
             table = table.rename_column(text_field, "text")
         return table.map(lambda b: {"chat": [PLAIN] * len(b["text"])}, batched=True, **work)
     # One file may mix both shapes: a row's absent fields read as None and are dropped.
-    cols = [c for c in ("messages", "tools", "prompt", "completion") if c in table.column_names]
+    cols = [c for c in ("messages", "conversations", "tools", "prompt", "completion") if c in table.column_names]
 
     def one(row: dict, i: int) -> dict:
         row = {c: row[c] for c in cols if row[c] is not None}
+        turns = row.pop("conversations", None)
+        if turns is not None and "messages" not in row:
+            row["messages"] = _sharegpt_messages(turns, f"{origin} row {i + 1}")
         if "messages" in row or not ("prompt" in row and "completion" in row):
             # messages rule (UltraChat's rows carry a `prompt` beside them, and no completion)
             row.pop("prompt", None)

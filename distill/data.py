@@ -42,7 +42,8 @@ ARROW_SUFFIXES = {".arrow"}
 COMPRESSED_SUFFIXES = {".gz", ".bz2", ".zst", ".xz"}
 ACCEPTED = (".txt/.py/.md/.rst/.text files (one document each), .jsonl/.json (also .gz/.bz2/.zst/.xz), .parquet "
             "or .arrow tables, or a datasets.save_to_disk dir")
-TABLE_SHAPES = "a 'text' column (data.text_field), or chat columns 'messages' or 'prompt' + 'completion'"
+TABLE_SHAPES = ("a 'text' column (data.text_field), or chat columns 'messages', 'prompt' + 'completion' or "
+                "'conversations' (ShareGPT)")
 # `datasets` (with pyarrow and pandas, about 1.5 s) is imported where documents are read, not
 # by every command that imports this module to open blocks already prepared.
 SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -303,13 +304,15 @@ def _column_problem(ds: datasets.Dataset, kind: str, text_field: str) -> str | N
     elif kind == "prompt":
         names = ["prompt", "completion"]
     else:
-        ft = feats["messages"]  # List/Sequence of a struct, or (datasets 3) a one-element list
+        column, key, shape = ("messages", "role", "{role, content}") if kind == "messages" else \
+            ("conversations", "from", "ShareGPT {from, value}")
+        ft = feats[column]  # List/Sequence of a struct, or (datasets 3) a one-element list
         turn = ft[0] if isinstance(ft, list) and ft else getattr(ft, "feature", None)
         # A turn is a struct with a role (tool-call turns have no content), or free-form JSON
         # (datasets reads rows whose turns differ in fields as Json); the template judges the rest.
-        if isinstance(turn, dict) and "role" in turn or type(turn).__name__ == "Json":
+        if isinstance(turn, dict) and key in turn or type(turn).__name__ == "Json":
             return None
-        return f"column 'messages' holds {feats['messages']}, not lists of {{role, content}} turns"
+        return f"column {column!r} holds {feats[column]}, not lists of {shape} turns"
     for name in names:
         if not _is_str(feats[name]):
             return f"column {name!r} holds {feats[name]}, not strings"
@@ -381,9 +384,9 @@ def load_documents(cfg: DataConfig, log=None, cache_dir: Path | None = None) -> 
             ds = _read_table(f, cache_dir / "tables")
             kind = table_kind(ds.column_names, cfg.text_field)
             if kind is None:
-                raise UserError(f"{f}: no column {cfg.text_field!r}, nor chat columns 'messages' or 'prompt' + "
-                                f"'completion' (columns: {', '.join(ds.column_names)}); set data.text_field, "
-                                f"or leave the file out with data.exclude")
+                raise UserError(f"{f}: no column {cfg.text_field!r}, nor chat columns 'messages', 'prompt' + "
+                                f"'completion' or 'conversations' (columns: {', '.join(ds.column_names)}); set "
+                                f"data.text_field, or leave the file out with data.exclude")
             problem = _column_problem(ds, kind, cfg.text_field)
             if problem is not None:
                 raise UserError(f"{f}: {problem}; a table needs {TABLE_SHAPES}")

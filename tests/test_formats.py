@@ -13,6 +13,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from common.errors import UserError
@@ -164,6 +165,32 @@ def test_chat_rows_pack_from_a_saved_dataset_and_parquet(tmp_path):
                         tmp_path / "run")
     assert len(data.train) and len(data.val)
     assert (data.train[:] < 0).any()  # prompts and user turns are no targets
+
+
+def test_sharegpt_conversations_read_as_the_same_messages(tmp_path):
+    """ShareGPT rows (`conversations` of {from, value}; system / human / gpt) give the very
+    blocks and targets their `messages` twins give; an unknown speaker is one line."""
+    from tests.hf_models import make_tokenizer
+
+    rows = message_rows()
+    for r in rows[::3]:
+        r["messages"].insert(0, {"role": "system", "content": "Be brief."})
+    speaker = {"system": "system", "user": "human", "assistant": "gpt"}
+    shared = [{"conversations": [{"from": speaker[m["role"]], "value": m["content"]} for m in r["messages"]], "id": r["id"]}
+              for r in rows]
+    make_tokenizer([json.dumps(r) for r in rows], tmp_path / "tok")
+
+    def blocks(name, table):
+        cfg = DataConfig(paths=[_bytes(tmp_path / f"{name}.jsonl", _jsonl(table))], seq_len=32, val_fraction=0.2,
+                         tokenizer={"path": tmp_path / "tok"})
+        data = prepare_data(cfg, tmp_path / name)
+        return data.train[:], data.val[:]
+
+    for a, b in zip(blocks("messages", rows), blocks("sharegpt", shared)):
+        assert torch.equal(a, b) and (a < 0).any()  # the same ids, the same targets (user turns masked)
+    shared[5]["conversations"][1]["from"] = "narrator"
+    with pytest.raises(UserError, match=r"odd.jsonl row 6: a ShareGPT turn from 'narrator'; known speakers are"):
+        load_documents(DataConfig(paths=[_bytes(tmp_path / "odd.jsonl", _jsonl(shared))]))
 
 
 def test_saved_datasetdict_split_rules(tmp_path):
