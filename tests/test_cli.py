@@ -164,3 +164,26 @@ def test_unknown_option_is_a_usage_error_not_a_traceback(cli):
     for args in (["train", "--bogus"], ["export", "-c", "x.yaml"]):
         r = cli(*args)
         assert r.returncode == 2 and "No such option" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_progress_in_a_log_is_a_plain_line_now_and_then(capsys, monkeypatch):
+    """Where output is no terminal (nohup, a SLURM log) a rich bar shows once, at the end: a
+    3-minute preparation printed nothing while it ran.  There a plain line comes every
+    PLAIN_PROGRESS_SECONDS, and at the end, with the rate of this run's own work."""
+    from distill.train import metrics
+
+    with metrics.progress_bar(10, "train", True, completed=4) as bar:
+        for _ in range(6):
+            bar.update(1, {"dense": 2.5})
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train 10/10 (100%), 0:00:0") and "dense=2.500" in lines[0]
+    monkeypatch.setattr(metrics, "PLAIN_PROGRESS_SECONDS", 0.0)
+    with metrics.progress_bar(3, "data", True) as bar:
+        for _ in range(3):
+            bar.update(1, info="1,000 tokens")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["data 1/3", "data 2/3", "data 3/3"], lines
+    assert "left" in lines[0] and "left" not in lines[-1] and lines[-1].endswith("1,000 tokens")
+    with metrics.progress_bar(3, "data", False) as bar:  # --quiet
+        bar.update(3)
+    assert capsys.readouterr().out == ""
