@@ -640,7 +640,7 @@ def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> Pack
             if split["blocks"] == 0:
                 _refuse_empty(name, split, counts[name], cfg.seq_len + 1, manifest["documents"])
         held = manifest["splits"]["val"]["blocks"] / max(1, sum(s["blocks"] for s in manifest["splits"].values()))
-        if held > 2 * cfg.val_fraction + 0.05:  # few documents: the split by document cannot meet the fraction
+        if manifest["documents"] < FEW_DOCUMENTS and held > 2 * cfg.val_fraction + 0.05:  # whole documents: coarse
             _stderr(f"[data] note: {held:.0%} of the blocks are held out for validation (data.val_fraction "
                     f"{cfg.val_fraction:g}): the corpus has {manifest['documents']:,} documents, each whole in one "
                     f"split; more, smaller documents split closer to the fraction")

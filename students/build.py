@@ -162,7 +162,7 @@ def head_transform(model: PreTrainedModel) -> dict:
     lm_head output into its logits, as its own forward does: Cohere multiplies by
     `logit_scale`, Granite divides by `logits_scaling`, Gemma 2/3 soft-cap at
     `final_logit_softcapping`; {} for a plain head (Llama, Qwen, Mistral, ...).
-    `check_head` proves it on the model."""
+    distill/train/setup.py::check_head proves it on each student."""
     config = model.config.get_text_config()
     out = {}
     if getattr(config, "logit_scale", None) is not None:
@@ -172,33 +172,6 @@ def head_transform(model: PreTrainedModel) -> dict:
     if getattr(config, "final_logit_softcapping", None) is not None:
         out["softcap"] = float(config.final_logit_softcapping)
     return out
-
-
-@torch.no_grad()
-def check_head(model: PreTrainedModel, tokens: int = 8) -> None:
-    """Training and validation run the decoder (`model.model`), then the lm_head chunk by
-    chunk, then `head_transform`: raise ValueError unless that equals the model's own logits
-    on a few tokens (an architecture whose head does more would train, and be scored as, a
-    function other than the one its users load)."""
-    from losses.chunked import head_logits
-
-    was_training = model.training
-    model.eval()
-    try:
-        vocab = model.get_output_embeddings().weight.shape[0]
-        device = model.get_output_embeddings().weight.device
-        ids = (torch.arange(1, tokens + 1, device=device) * 7919 % vocab)[None]  # (1, tokens) arbitrary ids
-        want = model(input_ids=ids, use_cache=False).logits.float()  # (1, tokens, V)
-        hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
-        got = head_logits(model.lm_head(hidden), **head_transform(model)).float()
-    finally:
-        model.train(was_training)
-    tol = 1e-2 if model.dtype in (torch.bfloat16, torch.float16) else 1e-4
-    err = float((got - want).abs().max())
-    if not err <= tol * (1.0 + float(want.abs().max())):
-        raise ValueError(f"its logits are not its lm_head's output (max difference {err:.3g} on {tokens} tokens): "
-                         f"a {model.config.model_type} head this toolkit does not know, so it would train and score "
-                         f"another function than the one the model computes; use another architecture")
 
 
 def collect_router_logits(model: torch.nn.Module) -> list[torch.Tensor]:

@@ -59,8 +59,12 @@ def test_plain_text_data_report_has_no_generation(hf_family, tmp_path):
     md = (tmp_path / "plain" / "report.md").read_text()
     assert "Generation" not in md
     # online, the defaults: scored against the whole distribution, so the teacher agrees with itself
-    assert report["teacher_signal"] == "the teacher's whole distribution (exact)"
-    assert "measured against the teacher's whole distribution (exact)." in md
+    # (this teacher's vocab is padded by 12 rows past the tokenizer's: the report says what that does)
+    assert report["teacher_signal"] == ("the teacher's whole distribution (exact); the signal spans the tokenizer's "
+                                        f"{hf_family['vocab']} tokens, the teacher's 12 padding rows cut away and "
+                                        "the rest renormalised, so the teacher's own row shows the mass its model "
+                                        "puts on those rows")
+    assert "measured against the teacher's whole distribution (exact); the signal spans" in md
     # ... up to the mass its random-init lm_head puts on the 12 ids padded past the tokenizer's
     # 300 (the signal renormalises over the tokenizer's): KL = -log(1 - that) ~ log(312 / 300)
     padded = json.loads((hf_family["teacher"] / "config.json").read_text())["vocab_size"]

@@ -47,7 +47,7 @@ def test_a_capped_or_scaled_head_is_trained_and_scored_as_the_model_computes(kin
     from distill.train.student import student_forward
     from distill.train.validate import evaluate_model
     from losses import DIVERGENCES
-    from students.build import check_head
+    from distill.train.setup import check_head
 
     n = hf_family["vocab"]
     model = load_causal_lm(save_model(kind, n, tmp_path / kind, num_hidden_layers=1, **head))
@@ -90,7 +90,7 @@ def test_a_head_the_toolkit_does_not_know_is_refused(hf_family, tmp_path):
     by name when the student is built."""
     from transformers import LlamaForCausalLM
 
-    from students.build import check_head
+    from distill.train.setup import check_head
 
     class DoubledLogits(LlamaForCausalLM):
         def forward(self, *args, **kwargs):

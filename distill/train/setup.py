@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 
+import torch
 import torch.distributed as dist
 
 from common.errors import UserError
@@ -23,6 +24,8 @@ from distill.runtime import check_student_vocab, is_leader, model_config, resolv
 from distill.train.engines import DeepSpeedEngine, TorchEngine, deepspeed_config
 from distill.train.loop import LoopConfig
 from distill.train.student import Student, make_optimizer
+from losses.chunked import head_logits
+from students.build import head_transform
 from teachers import token_ids
 
 CALIBRATION_BLOCKS, CALIBRATION_BATCH = 8, 4  # `layers: auto` measures on 8 train blocks, 4 at a time
@@ -98,11 +101,34 @@ def _from_teacher(cfg: RunConfig, sc: StudentConfig, i: int, data: PackedData, t
     return model, {"source": "from_teacher", "overrides": overrides, "layers": layers, "layer_choice": why}
 
 
+@torch.no_grad()
+def check_head(model, tokens: int = 8) -> None:
+    """Training and validation run the decoder (`model.model`), then the lm_head chunk by
+    chunk, then `head_transform`: raise ValueError unless that equals the model's own logits
+    on a few tokens (an architecture whose head does more would train, and be scored as, a
+    function other than the one its users load)."""
+    was_training = model.training
+    model.eval()
+    try:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        device = model.get_output_embeddings().weight.device
+        ids = (torch.arange(1, tokens + 1, device=device) * 7919 % vocab)[None]  # (1, tokens) arbitrary ids
+        want = model(input_ids=ids, use_cache=False).logits.float()  # (1, tokens, V)
+        hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        got = head_logits(model.lm_head(hidden), **head_transform(model)).float()
+    finally:
+        model.train(was_training)
+    tol = 1e-2 if model.dtype in (torch.bfloat16, torch.float16) else 1e-4
+    err = float((got - want).abs().max())
+    if not err <= tol * (1.0 + float(want.abs().max())):
+        raise ValueError(f"its logits are not its lm_head's output (max difference {err:.3g} on {tokens} tokens): "
+                         f"a {model.config.model_type} head this toolkit does not know, so it would train and score "
+                         f"another function than the one the model computes; use another architecture")
+
+
 def student_model(cfg: RunConfig, sc: StudentConfig, i: int, data: PackedData, teacher: _TeacherOnce):
     """(model, info): the student's model as its config says, and what it was built from;
     its head checked to be one training computes as the model does (`check_head`)."""
-    from students.build import check_head
-
     model, info = _student_model(cfg, sc, i, data, teacher)
     try:
         check_head(model)
