@@ -8,6 +8,7 @@ next-token label.  Every artefact made from the data records `fingerprint`.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fnmatch
 import hashlib
 import itertools
@@ -352,6 +353,15 @@ def _plain_dataset(files: list[Path], cache_dir: Path | None) -> datasets.Datase
         raise (inner or e) from None
 
 
+@contextlib.contextmanager
+def documents_under(cfg: DataConfig, where: Path):
+    """`load_documents` with its Arrow tables in a temp dir under `where` (the run's data dir),
+    removed on leaving: read what you need inside (training's and eval's prompt lists)."""
+    where.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=where, prefix=".documents-") as work:
+        yield load_documents(cfg, cache_dir=Path(work))
+
+
 def load_documents(cfg: DataConfig, log=None, cache_dir: Path | None = None) -> datasets.Dataset:
     """All documents as a `datasets.Dataset`: `text` (the words) and `chat` (a chat or
     prompt/completion row as JSON, distill/chat.py; "" for plain text).
@@ -609,6 +619,13 @@ def _refuse_empty(name: str, split: dict, counts: PackCounts, block: int, docume
 def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> PackedData:
     """Build (or reuse, or finish) the packed blocks under OUT/data/blocks-FP/; the tokenizer
     under OUT/tokenizer.  Preparation streams (distill/packing.py); reading is by index."""
+    from distill.packing import children_die_with_this_process
+
+    with children_die_with_this_process():  # datasets' worker processes, here and in packing
+        return _prepare_data(cfg, out_dir, progress)
+
+
+def _prepare_data(cfg: DataConfig, out_dir: Path, progress: bool) -> PackedData:
     from distill.packing import build_blocks
 
     layout = RunLayout(Path(out_dir), tokenizer_path=cfg.tokenizer.path)
@@ -616,6 +633,7 @@ def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> Pack
     tok_dir = layout.tokenizer
     docs = None
     cache_dir = layout.root / "data" / ".documents"
+    shutil.rmtree(cache_dir, ignore_errors=True)  # a killed preparation's: its tables would be read again stale
     if cfg.tokenizer.path is not None or has_tokenizer(tok_dir):
         tok = load_tokenizer(tok_dir)
     else:
@@ -644,6 +662,8 @@ def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> Pack
             _stderr(f"[data] note: {held:.0%} of the blocks are held out for validation (data.val_fraction "
                     f"{cfg.val_fraction:g}): the corpus has {manifest['documents']:,} documents, each whole in one "
                     f"split; more, smaller documents split closer to the fraction")
+    docs = None
+    shutil.rmtree(cache_dir, ignore_errors=True)  # (also after training a tokenizer for blocks already prepared)
     blocks = open_blocks(root)
     manifest = json.loads((root / "manifest.json").read_text())
     return PackedData(blocks["train"], blocks["val"], tok, fp, tok_hash, manifest)

@@ -19,6 +19,7 @@ dir without one is unfinished.  Memory: one chunk's tokens, never the corpus's.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -27,6 +28,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -136,29 +138,46 @@ def _tokenized(docs: datasets.Dataset, fn, kwargs: dict, features: datasets.Feat
                work: Path, tag: str) -> datasets.Dataset:
     """One chunk through `fn` in `num_proc` processes, into a temp Arrow file (row order kept)."""
     procs = num_proc if len(docs) >= num_proc > 1 else None
-    kwargs = {"fn": fn, "parent": os.getpid(), **kwargs}
-    return docs.map(_in_worker, batched=True, batch_size=64, num_proc=procs, fn_kwargs=kwargs, features=features,
+    return docs.map(fn, batched=True, batch_size=64, num_proc=procs, fn_kwargs=kwargs, features=features,
                     remove_columns=docs.column_names, cache_file_name=str(work / f"{tag}.arrow"),
                     load_from_cache_file=False, new_fingerprint=tag)
 
 
-_BOUND_TO_PARENT = False  # this worker process dies with the one that started it
+# Whether a child forked now dies with this process: inside `children_die_with_this_process`
+# (data preparation: datasets' pool workers and the Manager its map(num_proc=...) starts), for
+# forks of the main thread only (PR_SET_PDEATHSIG fires when the forking *thread* exits).
+_BIND = {"depth": 0, "parent": 0, "main_thread": False}
 
 
-def _in_worker(batch: dict, fn, parent: int, **kwargs) -> dict:
-    """`fn(batch, **kwargs)` in one of datasets' worker processes, which first binds its life
-    to `parent`'s: a `distill prepare` killed with SIGKILL (the OOM killer's signal) left its
-    idle workers behind, about 400 MB each, for minutes."""
-    global _BOUND_TO_PARENT
-    if not _BOUND_TO_PARENT and os.getpid() != parent:
-        _BOUND_TO_PARENT = True
-        if sys.platform.startswith("linux"):
-            import ctypes
+def _before_fork() -> None:
+    _BIND["main_thread"] = threading.current_thread() is threading.main_thread()
 
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # it died before that took effect
-            os._exit(1)
-    return fn(batch, **kwargs)
+
+def _after_fork_in_child() -> None:
+    if not (_BIND["depth"] and _BIND["main_thread"]):
+        return
+    _BIND["depth"] = 0  # the child's own children are its business
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != _BIND["parent"]:  # the parent died before that took effect
+        os._exit(1)
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
+@contextlib.contextmanager
+def children_die_with_this_process():
+    """Children forked inside die when this process does: a `distill prepare` killed with
+    SIGKILL (the OOM killer's signal) left datasets' idle workers and Manager behind, about
+    400 MB each, for minutes."""
+    _BIND.update(depth=_BIND["depth"] + 1, parent=os.getpid())
+    try:
+        yield
+    finally:
+        _BIND["depth"] -= 1
 
 
 def _flat(column) -> np.ndarray:
@@ -282,6 +301,15 @@ def build_blocks(docs: datasets.Dataset, tok, *, root: Path, seq_len: int, val_f
     """All splits' shards under `root`, then its manifest (returned).  A complete `root`
     is returned as it is; an unfinished one is resumed.  packing: "documents" records the
     rows' starts and masks each row's first token (module docstring); "concat" does not."""
+    with children_die_with_this_process():
+        return _build_blocks(docs, tok, root=root, seq_len=seq_len, val_fraction=val_fraction, in_val=in_val,
+                             shard_documents=shard_documents, num_proc=num_proc, max_blocks=max_blocks, meta=meta,
+                             progress=progress, packing=packing)
+
+
+def _build_blocks(docs: datasets.Dataset, tok, *, root: Path, seq_len: int, val_fraction: float, in_val,
+                  shard_documents: int, num_proc: int | None, max_blocks: dict, meta: dict,
+                  progress: bool = False, packing: str = "concat") -> dict:
     from distill.train.metrics import progress_bar
 
     done = read_manifest(root)

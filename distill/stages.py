@@ -229,6 +229,16 @@ def run_identity(cfg: RunConfig, data_fingerprint: str, selections: dict | None,
     return identity
 
 
+def earlier_run_hashes(cfg: RunConfig, identity: dict) -> tuple[str, ...]:
+    """The hash this run had before a student's `device` left it (2026-12-05): a checkpoint
+    made then, by a config that set one, still resumes."""
+    devices = [s.device for s in cfg.students]
+    if not any(devices):
+        return ()
+    then = {**identity, "students": [{**d, "device": dev} for d, dev in zip(identity["students"], devices)]}
+    return (run_hash(*then.values()),)
+
+
 def data_views(cfg: RunConfig, teacher: CachedTeacher | None, data: PackedData) -> list[DataView]:
     """Which training blocks each student learns from (distill/train/selection.py), logged
     and written to OUT/students/NAME/data.json for the report."""
@@ -375,6 +385,7 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
                             dense)
     rhash = run_hash(*identity.values())
     loop = loop_config(cfg, cfg.train.steps, cfg.train.batch_size, rank, world, rhash)
+    loop.earlier_run_hashes = earlier_run_hashes(cfg, identity)
     loop.extra_meta = {"run_identity": identity, "data_fingerprint": data.fingerprint,
                        "teacher": str(cfg.layout.teacher.resolve()),
                        "tokenizer": str(tokenizer_dir(cfg, data)),  # what `distill export` ships beside the weights

@@ -73,7 +73,8 @@ ACCELERATOR_CHUNK_BUDGET_BYTES = 2 << 30
 _LIVE_BUFFERS = 3  # (C, V) fp32-sized buffers alive at once in backward
 
 
-def auto_chunk_size(vocab_size: int, device: torch.device | str | None = None, *, budget_bytes: int | None = None) -> int:
+def auto_chunk_size(vocab_size: int, device: torch.device | str | None = None, *, budget_bytes: int | None = None,
+                    buffers: int = _LIVE_BUFFERS) -> int:
     """Tokens per chunk so that the chunk's (C, V) buffers fit the budget (`budget_bytes`, else
     CHUNK_BUDGET_BYTES on a CPU or no device, ACCELERATOR_CHUNK_BUDGET_BYTES elsewhere): a
     multiple of 16, at least 16 (V = 128,256: 160 tokens on a CPU, 1,392 on a GPU; V = 4,096:
@@ -83,7 +84,7 @@ def auto_chunk_size(vocab_size: int, device: torch.device | str | None = None, *
     if budget_bytes is None:
         on_cpu = device is None or torch.device(device).type == "cpu"
         budget_bytes = CHUNK_BUDGET_BYTES if on_cpu else ACCELERATOR_CHUNK_BUDGET_BYTES
-    c = budget_bytes // (_LIVE_BUFFERS * 4 * max(vocab_size, 1))
+    c = budget_bytes // (buffers * 4 * max(vocab_size, 1))
     return max(16, c // 16 * 16)
 
 
@@ -464,7 +465,8 @@ def _spans(n: int, chunk: int) -> list[tuple[int, int]]:
 
 def _run_chunks(rows, weight, bias, signal, targets, mask, plan, chunk_size):
     vocab = rows.shape[-1] if weight is None else weight.shape[0]
-    chunk_size = auto_chunk_size(vocab, rows.device) if chunk_size is None else chunk_size
+    if chunk_size is None:  # a soft cap's backward holds one (C, V) buffer more: its slope
+        chunk_size = auto_chunk_size(vocab, rows.device, buffers=_LIVE_BUFFERS + (plan.softcap is not None))
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     n = rows.shape[0]

@@ -189,25 +189,29 @@ def test_a_damaged_prepared_shard_is_found_by_verify_and_named_when_read(cli, st
 
 
 ORPHAN = """
-import os, signal, sys, time
-from multiprocess import Pool  # the pool datasets' map(num_proc=...) runs its workers in
-from distill.packing import _in_worker
+import os, signal, threading, time
+import datasets, psutil
+from distill.packing import children_die_with_this_process
 
 def slow(batch):
     time.sleep(60)
     return batch
 
-pool = Pool(1)
-pool.apply_async(_in_worker, ({"text": []}, slow, os.getpid()))
-time.sleep(3)  # the worker has taken the batch (and bound itself to this process)
-print(*[p.pid for p in pool._pool], flush=True)
-os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer ends a `distill prepare`
+def kill_soon():  # as the OOM killer ends a `distill prepare` mid-map
+    time.sleep(4)  # the pool's workers and the Manager datasets starts beside them are up
+    print("\\nchildren", *[p.pid for p in psutil.Process().children(recursive=True)], flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+threading.Thread(target=kill_soon, daemon=True).start()
+with children_die_with_this_process():
+    datasets.Dataset.from_dict({"text": ["a"] * 8}).map(slow, batched=True, batch_size=1, num_proc=2)
 """
 
 
 def test_tokenizer_workers_die_with_a_killed_prepare(tmp_path):
-    """A `distill prepare` killed with SIGKILL while datasets' workers tokenised left them idle,
-    about 400 MB each, for minutes; they now die with it."""
+    """A `distill prepare` killed with SIGKILL while datasets' workers tokenised left them (and
+    the Manager datasets' map starts beside them) idle, about 400 MB each, for minutes; every
+    child forked while preparing now dies with it."""
     import psutil
 
     out = tmp_path / "out"
@@ -215,18 +219,22 @@ def test_tokenizer_workers_die_with_a_killed_prepare(tmp_path):
         proc = subprocess.Popen([sys.executable, "-c", ORPHAN], env={**os.environ, "PYTHONPATH": str(ROOT)},
                                 stdout=f, stderr=subprocess.STDOUT)
         assert proc.wait(timeout=120) == -9, out.read_text()[-2000:]
-    (worker,) = map(int, out.read_text().split())
+    (line,) = [l for l in out.read_text().splitlines() if l.startswith("children")]
+    children = [int(t) for t in line.split()[1:]]
+    assert len(children) >= 3, out.read_text()[-2000:]  # 2 workers and datasets' Manager at least
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
     deadline = time.time() + 10
     try:
-        while time.time() < deadline:
-            try:
-                if psutil.Process(worker).status() == psutil.STATUS_ZOMBIE:
-                    break
-            except psutil.NoSuchProcess:
-                break
+        while any(map(alive, children)) and time.time() < deadline:
             time.sleep(0.1)
-        else:
-            raise AssertionError(f"worker {worker} outlived its killed parent")
+        assert not [pid for pid in children if alive(pid)], "children outlived their killed parent"
     finally:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            psutil.Process(worker).kill()
+        for pid in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()

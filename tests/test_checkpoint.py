@@ -58,6 +58,33 @@ def test_a_refused_resume_says_what_changed(tmp_path, model):
     assert ("this checkpoint was made from other data (its fingerprint aaaa -> bbbb: a data file, the tokenizer or "
             "a data setting changed); resume with the data it was trained on") in said, said
     assert "another config (" in refused(**{checkpoint.DATA_KEY: "bbbb", "train.steps": 70})
+    # a key gone (on-policy steps dropped), the data the same: the config changed, not the data
+    with_key = {**then, "train.on_policy": {"share": 0.5}}
+    checkpoint.save(tmp_path / "b", 1, model, {}, {"run_hash": run_hash(*with_key.values()), "run_identity": with_key})
+    with pytest.raises(UserError, match=r"made by another config \(train.on_policy\);"):
+        checkpoint.load(tmp_path / "b" / "step_00000001", None, run_hash(*then.values()), then)
+    # a hash the same run had under earlier rules is accepted
+    checkpoint.load(ckpt, None, "a-new-rule", then, also=(run_hash(*then.values()),))
+
+
+def test_a_checkpoint_hashed_with_a_students_device_still_resumes():
+    """Checkpoints made before a student's `device` left the run hash hashed it: a config that
+    sets one gets that hash too, as an earlier one."""
+    from distill.config import check_config, parse_config
+    from distill.stages import earlier_run_hashes, run_identity
+    from distill.train.loop import run_hash
+
+    raw = {"data": {"stdlib": True}, "teacher": {"path": "/teacher"},
+           "students": [{"name": "a", "model": {"preset": "dense"}, "device": "cuda:1"},
+                        {"name": "b", "model": {"preset": "dense"}}]}
+    cfg = check_config(parse_config(raw))
+    identity = run_identity(cfg, "fingerprint", None, dense=False)
+    old = {**identity, "students": [s.model_dump(mode="json") for s in cfg.students]}  # the old rule
+    for d, s in zip(old["students"], cfg.students):  # keys that enter only when set, as before
+        d.pop("select"), d.pop("on_policy_share")
+    assert old["students"][0]["device"] == "cuda:1" and old != identity
+    assert earlier_run_hashes(cfg, identity) == (run_hash(*old.values()),)
+    assert earlier_run_hashes(check_config(parse_config({**raw, "students": raw["students"][1:]})), identity) == ()
 
 
 def test_disk_full_during_checkpoint_keeps_previous(tmp_path, model, monkeypatch):

@@ -207,16 +207,22 @@ def test_divergence_without_closed_form_takes_the_autograd_fallback(monkeypatch)
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("head", [{}, {"softcap": 3.0}, {"logit_scale": 0.5}], ids=["plain", "softcap", "scale"])
 @pytest.mark.parametrize("name", ["forward_kl", "jsd", "tv"])
-def test_bf16_autocast_gradient_equals_unchunked_in_the_same_precision(name):
+def test_bf16_autocast_gradient_equals_unchunked_in_the_same_precision(name, head):
     """Backward recomputes the chunk's logits under forward's autocast (bf16 here), so the
-    gradient is that of the function forward computed, within bf16 rounding."""
+    gradient is that of the function forward computed, within bf16 rounding; through a
+    soft-capped or scaled head too (Gemma 2/3, Cohere), as the model computes it in bf16."""
     hidden, weight, bias, teacher, labels, mask, weights = _problem(2, dtype=torch.float32)
     sig = TeacherSignal.from_logits(teacher.float(), K)
     kw = dict(divergence=name, temperature=2.0, tail="bucket", **PARAMS.get(name, {}))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # forward only, as a training step does
-        hard, soft = per_token_losses(hidden, weight, sig, labels, mask, chunk_size=8, bias=bias, **kw)
+        hard, soft = per_token_losses(hidden, weight, sig, labels, mask, chunk_size=8, bias=bias, **kw, **head)
         logits = F.linear(hidden, weight, bias)  # bf16, as an unchunked lm_head under autocast
+        if "logit_scale" in head:
+            logits = logits * head["logit_scale"]
+        if "softcap" in head:  # as transformers' Gemma 2 head, in the logits' dtype
+            logits = torch.tanh(logits / head["softcap"]) * head["softcap"]
         assert logits.dtype == torch.bfloat16
         ref_hard = hard_ce(logits, hard_labels("labels", labels, sig, mask))
         ref_soft = DIVERGENCES[name](logits, sig, mask=mask, temperature=2.0, tail="bucket", **PARAMS.get(name, {}))

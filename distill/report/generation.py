@@ -23,7 +23,7 @@ import torch
 
 from distill.chat import PLAIN
 from distill.config import OnPolicyConfig, RunConfig
-from distill.data import _doc_in_val, load_documents, vocab_size_of
+from distill.data import _doc_in_val, documents_under, vocab_size_of
 from distill.train.on_policy import Prompt, _unit, prompt_of
 from losses.divergences import kl
 from teachers import Batch, Teacher, untrained
@@ -51,16 +51,17 @@ def held_out_prompts(cfg: RunConfig, tok, n: int) -> list[Prompt]:
     (the split `distill.data` packs the held-out blocks from)."""
     if n <= 0:
         return []
-    docs = load_documents(cfg.data)
-    docs = docs.filter(lambda b: [c != PLAIN and _doc_in_val(t, cfg.data.val_fraction)
-                                  for t, c in zip(b["text"], b["chat"])], batched=True)
     out = []
-    for chat in docs["chat"]:
-        p = prompt_of(tok, chat)
-        if p is not None and p.ids and len(p.ids) <= cfg.data.seq_len:
-            out.append(p)
-            if len(out) == n:
-                break
+    with documents_under(cfg.data, cfg.layout.root / "data") as docs:
+        docs = docs.filter(lambda b: [c != PLAIN and _doc_in_val(t, cfg.data.val_fraction)
+                                      for t, c in zip(b["text"], b["chat"])], batched=True)
+        for chat in docs["chat"]:
+            p = prompt_of(tok, chat)
+            if p is not None and p.ids and len(p.ids) <= cfg.data.seq_len:
+                out.append(p)
+                if len(out) == n:
+                    break
+        del docs
     return out
 
 

@@ -227,14 +227,18 @@ def identity_changes(then: dict, now: dict) -> str:
 
 
 def load(ckpt: Path, model: torch.nn.Module | None, expected_run_hash: str | None,
-         expected_identity: dict | None = None) -> dict:
+         expected_identity: dict | None = None, also: tuple[str, ...] = ()) -> dict:
     """Load weights into `model` (None: only check and read the state) and return the saved
-    training state.  expected_identity: the run's named identity, to say what changed."""
+    training state.  expected_identity: the run's named identity, to say what changed; also:
+    the hashes the same run had under earlier rules (accepted too)."""
     meta = load_meta(ckpt)
-    if expected_run_hash is not None and meta.get("run_hash") != expected_run_hash:
+    if expected_run_hash is not None and meta.get("run_hash") not in (expected_run_hash, *also):
         then = meta.get("run_identity") if isinstance(meta.get("run_identity"), dict) else None
         changes = identity_changes(then, expected_identity) if then and expected_identity else ""
-        if changes and all(then.get(k) == v for k, v in expected_identity.items() if k != DATA_KEY):
+        only_data = changes and set(then) == set(expected_identity) and \
+            then.get(DATA_KEY) != expected_identity.get(DATA_KEY) and \
+            all(then.get(k) == v for k, v in expected_identity.items() if k != DATA_KEY)
+        if only_data:
             raise UserError(f"{ckpt}: this checkpoint was made from other data (its fingerprint "
                             f"{then.get(DATA_KEY)} -> {expected_identity[DATA_KEY]}: a data file, the tokenizer or a "
                             f"data setting changed); resume with the data it was trained on, or start afresh in this "

@@ -68,6 +68,7 @@ class LoopConfig:
     max_nonfinite: int
     seed: int
     run_hash: str  # identity of everything that shapes the trajectory
+    earlier_run_hashes: tuple[str, ...] = ()  # the same run's hash under earlier rules: resumable too
     rank: int = 0
     world_size: int = 1
     extra_meta: dict = field(default_factory=dict)
@@ -201,7 +202,7 @@ def resume_all(layout: RunLayout, students: list[Student], loop: LoopConfig) -> 
         # Under ZeRO-3 the model's weights are partitions: DeepSpeed's own checkpoint restores them.
         weights_too = getattr(s.engine, "zero_stage", 0) < 3
         state = checkpoint.load(latest[s.name], s.model if weights_too else None, loop.run_hash,
-                                loop.extra_meta.get("run_identity"))
+                                loop.extra_meta.get("run_identity"), also=loop.earlier_run_hashes)
         s.load_state(state)
         s.engine.load_sharded(layout.checkpoints(s.name), tag=latest[s.name].name)
         rng = state["rng"]

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from common.errors import UserError
 from distill.chat import PLAIN
 from distill.config import LossConfig, OnPolicyConfig, RunConfig
-from distill.data import _doc_in_val, load_documents, vocab_size_of
+from distill.data import _doc_in_val, documents_under, vocab_size_of
 from distill.train.loop import LoopConfig
 from distill.train.student import MicroBatch, Recipe, Student
 from losses import build_schedule
@@ -63,10 +63,11 @@ def prompt_of(tok, chat: str) -> Prompt | None:
 def build_prompts(cfg: RunConfig, tok, log=None) -> list[Prompt]:
     """The training split's prompts, in document order.  A prompt longer than data.seq_len
     tokens is dropped (and counted): it would not fit a training block either."""
-    docs = load_documents(cfg.data)
-    docs = docs.filter(lambda b: [c != PLAIN and not _doc_in_val(t, cfg.data.val_fraction)
-                                  for t, c in zip(b["text"], b["chat"])], batched=True)
-    prompts = [p for p in (prompt_of(tok, c) for c in docs["chat"]) if p is not None and p.ids]
+    with documents_under(cfg.data, cfg.layout.root / "data") as docs:
+        docs = docs.filter(lambda b: [c != PLAIN and not _doc_in_val(t, cfg.data.val_fraction)
+                                      for t, c in zip(b["text"], b["chat"])], batched=True)
+        prompts = [p for p in (prompt_of(tok, c) for c in docs["chat"]) if p is not None and p.ids]
+        del docs
     kept = [p for p in prompts if len(p.ids) <= cfg.data.seq_len]
     if log is not None and len(kept) < len(prompts):
         log(f"[on-policy] dropped {len(prompts) - len(kept)} of {len(prompts)} prompts longer than data.seq_len "

@@ -116,6 +116,10 @@ def check_head(model, tokens: int = 8) -> None:
         want = model(input_ids=ids, use_cache=False).logits.float()  # (1, tokens, V)
         hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
         got = head_logits(model.lm_head(hidden), **head_transform(model)).float()
+    except Exception as e:  # e.g. no `.model` decoder: not a causal LM this toolkit can train
+        raise ValueError(f"a forward of {tokens} tokens through it and through its decoder and lm_head failed "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); this toolkit "
+                         f"trains causal LMs whose decoder is `.model` and head `.lm_head`") from None
     finally:
         model.train(was_training)
     tol = 1e-2 if model.dtype in (torch.bfloat16, torch.float16) else 1e-4
