@@ -547,10 +547,13 @@ def test_auto_chunk_size_follows_the_device(monkeypatch):
             assert c % 16 == 0 and 3 * 4 * vocab * c <= budget < 3 * 4 * vocab * (c + 16)
     asked = []
     real = chunked.auto_chunk_size
-    monkeypatch.setattr(chunked, "auto_chunk_size", lambda vocab, device=None: asked.append((vocab, device)) or real(vocab, device))
+    monkeypatch.setattr(chunked, "auto_chunk_size", lambda vocab, device=None, buffers=chunked._LIVE_BUFFERS:
+                        asked.append((vocab, device, buffers)) or real(vocab, device, buffers=buffers))
     hidden, weight, _, sig, labels, _ = _head_problem(n=16, v=200)
     per_token_losses(hidden, weight, sig, labels, None)
-    assert asked == [(200, hidden.device)]
+    per_token_losses(hidden, weight, sig, labels, None, softcap=30.0)  # a soft cap's slope: one buffer more
+    assert asked == [(200, hidden.device, 3), (200, hidden.device, 4)]
+    assert chunked.auto_chunk_size(128_256, "cpu", buffers=4) == 128  # 3/4 of the budget's 160, in 16s
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
