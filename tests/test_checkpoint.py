@@ -63,6 +63,10 @@ def test_a_refused_resume_says_what_changed(tmp_path, model):
     checkpoint.save(tmp_path / "b", 1, model, {}, {"run_hash": run_hash(*with_key.values()), "run_identity": with_key})
     with pytest.raises(UserError, match=r"made by another config \(train.on_policy\);"):
         checkpoint.load(tmp_path / "b" / "step_00000001", None, run_hash(*then.values()), then)
+    other_data = {**then, checkpoint.DATA_KEY: "bbbb"}  # and the data changed too: both named
+    with pytest.raises(UserError, match=r"made by another config \(data \(its fingerprint\) aaaa -> bbbb; "
+                                        r"train.on_policy\);"):
+        checkpoint.load(tmp_path / "b" / "step_00000001", None, run_hash(*other_data.values()), other_data)
     # a hash the same run had under earlier rules is accepted
     checkpoint.load(ckpt, None, "a-new-rule", then, also=(run_hash(*then.values()),))
 
