@@ -207,26 +207,27 @@ def run_job(cmd: list[str], log: Path, env: dict | None = None) -> tuple[float, 
     return wall, peak / 1024, stdout
 
 
-def trl_students(work: Path, students: dict[str, Path], teacher: Path, data: Path, a) -> dict:
+def trl_students(work: Path, students: dict[str, Path], teacher: Path, data: Path, a, seed: int = 0) -> dict:
     runs = {}
     for name, path in students.items():
         out = work / "trl" / name
         shutil.rmtree(out, ignore_errors=True)
         cmd = [a.trl_python, str(ROOT / "bench/peer_trl.py"), "--student", str(path), "--teacher", str(teacher),
                "--data", str(data), "--out", str(out), "--lr", str(a.lr), "--batch-size", str(a.batch_size),
-               "--warmup-steps", str(a.warmup_steps), "--max-length", str(a.max_length), "--seed", "0"]
+               "--warmup-steps", str(a.warmup_steps), "--max-length", str(a.max_length), "--seed", str(seed)]
         wall, rss, stdout = run_job(cmd, work / f"trl-{name}.log")
         runs[name] = {"wall_s": round(wall, 1), "peak_rss_mb": round(rss), **json.loads(stdout.strip().splitlines()[-1]),
                       "dir": str(out)}
     return runs
 
 
-def our_config(out: Path, data: Path, teacher: Path, students: dict[str, Path], variant: str, block: int, a) -> dict:
+def our_config(out: Path, data: Path, teacher: Path, students: dict[str, Path], variant: str, block: int, a,
+               seed: int = 0) -> dict:
     mode, soft, dense, estimator, k, samples, exact_top = VARIANTS[variant]
     loss = {"soft_weight": {"start": soft, "end": soft}}  # loss.tail: auto follows the estimator
     optim = {"lr": a.lr, "min_lr_ratio": 0.0, "warmup_steps": a.warmup_steps, "weight_decay": 0.0,
              "betas": [0.9, 0.95], "grad_clip": 1.0}
-    return {"out_dir": str(out), "seed": 0,
+    return {"out_dir": str(out), "seed": seed,
             "data": {"paths": [str(data)], "seq_len": block, "val_fraction": a.val_fraction,
                      "tokenizer": {"path": str(teacher)}},
             "teacher": {"source": "checkpoint", "path": str(teacher)},
@@ -239,14 +240,14 @@ def our_config(out: Path, data: Path, teacher: Path, students: dict[str, Path], 
 
 
 def our_students(work: Path, students: dict[str, Path], teacher: Path, data: Path, variant: str,
-                 block: int, a) -> dict:
+                 block: int, a, seed: int = 0) -> dict:
     """One co-distillation job over the CLI, as a user runs it: `distill train` (online) or
     `distill cache` + `distill train` (cached), each preparing the data it needs; one block a
     step, one epoch (train.epochs: 1); exported for scoring."""
     out = work / variant
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(work / f"{variant}-export", ignore_errors=True)
-    cfg = our_config(out, data, teacher, students, variant, block, a)
+    cfg = our_config(out, data, teacher, students, variant, block, a, seed)
     path = work / f"{variant}.yaml"
     path.write_text(json.dumps(cfg))  # JSON is YAML
     cli = [sys.executable, str(ROOT / "cli.py")]
@@ -316,6 +317,8 @@ def main() -> None:
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--val-fraction", type=float, default=0.02, help="Ours holds this share of the rows out for "
                    "its own validation (it needs one); TRL trains on them all.")
+    p.add_argument("--seeds", default="0", help="Comma-separated seeds; each reruns both sides (their data order) "
+                   "and the JSON adds `over_seeds`: every seed's perplexities and the ratio of their means.")
     p.add_argument("--work", type=Path, default=None, help="Keep everything here (default: a temporary dir).")
     p.add_argument("--quick", action="store_true", help="Every stage at the tiniest size (checks the script).")
     a = p.parse_args()
@@ -370,34 +373,55 @@ def bench(work: Path, a: argparse.Namespace) -> dict:
         tok.save_pretrained(str(students[f"s{hidden}"]))
     params = {n: sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(d)).parameters()) for n, d in students.items()}
 
-    trl = trl_students(work, students, teacher_dir, data, a)
-    trl_steps = next(iter(trl.values()))["steps"]
-    # The same number of optimiser steps as TRL's epoch: ours packs rows into blocks, one block
-    # a step, so a block holds about as many tokens as TRL's batch of rows.
-    lengths = [len(encode(tok, r["messages"])) for r in train]
-    block = max(max(lengths), math.ceil(sum(lengths) / trl_steps))
-    ours = {v: our_students(work, students, teacher_dir, data, v, block, a) for v in a.variants.split(",")}
-
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
-    quality = {"trl": {n: score(Path(r["dir"]), teacher, tok, held) for n, r in trl.items()}}
-    quality["init"] = {n: score(d, teacher, tok, held) for n, d in students.items()}
-    for v, r in ours.items():
-        quality[v] = {n: score(Path(d), teacher, tok, held) for n, d in r["dirs"].items()}
+    seeds = [int(x) for x in a.seeds.split(",")]
+    runs, block = {}, None
+    for seed in seeds:  # the first seed's dirs are the work dir's own, as with one seed
+        where = work if seed == seeds[0] else work / f"seed{seed}"
+        where.mkdir(exist_ok=True)
+        trl = trl_students(where, students, teacher_dir, data, a, seed)
+        if block is None:
+            # The same number of optimiser steps as TRL's epoch: ours packs rows into blocks, one
+            # block a step, so a block holds about as many tokens as TRL's batch of rows.
+            trl_steps = next(iter(trl.values()))["steps"]
+            lengths = [len(encode(tok, r["messages"])) for r in train]
+            block = max(max(lengths), math.ceil(sum(lengths) / trl_steps))
+        ours = {v: our_students(where, students, teacher_dir, data, v, block, a, seed) for v in a.variants.split(",")}
+        quality = {"trl": {n: score(Path(r["dir"]), teacher, tok, held) for n, r in trl.items()}}
+        for v, r in ours.items():
+            quality[v] = {n: score(Path(d), teacher, tok, held) for n, d in r["dirs"].items()}
+        runs[seed] = {"trl": trl, "ours": ours, "quality": quality}
+
+    first = runs[seeds[0]]
+    quality = {"trl": first["quality"]["trl"], "init": {n: score(d, teacher, tok, held) for n, d in students.items()},
+               **{v: q for v, q in first["quality"].items() if v != "trl"}}
     teacher_self = score(teacher_dir, teacher, tok, held)
-    trl_wall = sum(r["wall_s"] for r in trl.values())
-    return {
+    trl_wall = lambda run: sum(r["wall_s"] for r in run["trl"].values())  # noqa: E731
+    result = {
         "setup": {"rows": a.rows, "held_out": a.held_out, "vocab": len(tok), "max_length": a.max_length,
                   "batch_size": a.batch_size, "lr": a.lr, "k": a.k, "student_params": params,
-                  "teacher": teacher_info, "teacher_held_out_ppl": teacher_self["ppl"],
+                  "teacher": teacher_info, "teacher_held_out_ppl": teacher_self["ppl"], "seeds": seeds,
                   "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"},
-        "trl": {"wall_s": round(trl_wall, 1), "peak_rss_mb": max(r["peak_rss_mb"] for r in trl.values()),
-                "teacher_forwards": sum(r["teacher_forwards"] for r in trl.values()), "runs": trl},
-        "ours": {v: {**r, "wall_vs_trl": round(r["wall_s"] / trl_wall, 3)} for v, r in ours.items()},
+        "trl": {"wall_s": round(trl_wall(first), 1), "peak_rss_mb": max(r["peak_rss_mb"] for r in first["trl"].values()),
+                "teacher_forwards": sum(r["teacher_forwards"] for r in first["trl"].values()), "runs": first["trl"]},
+        "ours": {v: {**r, "wall_vs_trl": round(r["wall_s"] / trl_wall(first), 3)} for v, r in first["ours"].items()},
         "quality": quality,
         "ppl_vs_trl": {v: {n: round(q[n]["ppl"] / quality["trl"][n]["ppl"], 4) for n in q}
                        for v, q in quality.items() if v not in ("trl", "init")},
     }
-
+    if len(seeds) > 1:
+        # The seed moves both sides' data order (TRL's sampler; our block order): one epoch from
+        # random init carries a spread, so a ratio of one run each is read against it.
+        result["over_seeds"] = {
+            "wall_s": {"trl": [round(trl_wall(runs[s]), 1) for s in seeds],
+                       **{v: [runs[s]["ours"][v]["wall_s"] for s in seeds] for v in first["ours"]}},
+            "ppl": {side: {n: [runs[s]["quality"][side][n]["ppl"] for s in seeds] for n in students}
+                    for side in first["quality"]},
+            "mean_ppl_vs_trl": {v: {n: round(sum(runs[s]["quality"][v][n]["ppl"] for s in seeds)
+                                             / sum(runs[s]["quality"]["trl"][n]["ppl"] for s in seeds), 4)
+                                    for n in students} for v in first["ours"]},
+        }
+    return result
 
 if __name__ == "__main__":
     main()

@@ -113,3 +113,12 @@ def writable_temp_dir(final: Path) -> Path:
     except OSError as e:
         raise UserError(describe_os_error(e, final)) from e
     return tmp
+
+
+def human_bytes(n: int) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as disks are sold)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n} B"

@@ -229,6 +229,20 @@ def _row_name(row: dict) -> str:
     return "row beginning " + json.dumps(row)[:80]
 
 
+def _written(value) -> bool:
+    return bool(value.strip()) if isinstance(value, str) else bool(value)
+
+
+def empty_answers(chat: str) -> int:
+    """How many of the row's assistant turns (or its completion) hold nothing: training there
+    teaches the student to end its turn at once (often a placeholder left in the data)."""
+    row = json.loads(chat)
+    if "prompt" in row:
+        return int(not _written(row.get("completion")))
+    return sum(1 for m in row.get("messages", []) if m.get("role") == "assistant"
+               and not any(_written(m.get(k)) for k in PAYLOAD))
+
+
 def render(tok, chat: str) -> tuple[list[int], list[bool]]:
     """One row (the `chat` column's JSON) -> (token ids (T,), is-target per token (T,))."""
     row = json.loads(chat)
@@ -271,6 +285,7 @@ class PackCounts:
     cut_away: int = 0
     no_target: int = 0
     need: int = 0
+    empty_answers: int = 0  # assistant turns or completions with nothing in them (their end marker the target)
 
     @property
     def dropped(self) -> int:
@@ -280,6 +295,7 @@ class PackCounts:
         self.truncated += other.truncated
         self.cut_away += other.cut_away
         self.no_target += other.no_target
+        self.empty_answers += other.empty_answers
         self.need = min(self.need or other.need, other.need or self.need)
         return self
 

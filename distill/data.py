@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from common.errors import UserError
+from common.fsutil import human_bytes
 from distill.blocks import Blocks, open_blocks
 from distill.chat import CHAT_FORMAT, PLAIN, PackCounts, as_documents, table_kind
 from distill.config import DataConfig
@@ -180,13 +181,16 @@ def corpus_files(cfg: DataConfig) -> list[Path]:
     return list(discover(cfg))
 
 
-def _read_text_file(path: Path) -> str:
+def _read_text_file(path: Path, named: bool = True) -> str:
+    """The file's text; a leading byte-order mark (Windows editors write one) is not part of it.
+    named: the file is in data.paths itself, not met by a folder walk or a glob."""
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
+        drop = "remove it from data.paths" if named else "leave it out with data.exclude"
         raise UserError(f"{path}: not UTF-8 (bad byte at offset {e.start}); convert it "
-                        f"(e.g. `iconv -t utf-8`) or remove it from data.paths") from None
+                        f"(e.g. `iconv -t utf-8`) or {drop}") from None
 
 
 def _stderr(line: str) -> None:
@@ -327,13 +331,13 @@ def doc_features() -> datasets.Features:
     return datasets.Features({"text": datasets.Value("string"), "chat": datasets.Value("string")})
 
 
-def _plain_documents(files: list[Path]):
+def _plain_documents(files: list[Path], named: list[bool]):
     """Generator of the plain-text files' rows (read one at a time, never all held)."""
-    for f in files:
-        yield {"text": _read_text_file(f), "chat": PLAIN}
+    for f, by_name in zip(files, named):
+        yield {"text": _read_text_file(f, by_name), "chat": PLAIN}
 
 
-def _plain_dataset(files: list[Path], cache_dir: Path | None) -> datasets.Dataset:
+def _plain_dataset(files: dict[Path, bool], cache_dir: Path | None) -> datasets.Dataset:
     """The plain-text files as an on-disk Arrow table, written as they are read (memory stays
     flat in the corpus).  Keyed by each file's path, size and mtime: an edited file is reread."""
     import datasets
@@ -344,7 +348,8 @@ def _plain_dataset(files: list[Path], cache_dir: Path | None) -> datasets.Datase
         key.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     try:
         return _quietly(datasets.Dataset.from_generator, _plain_documents, features=doc_features(),
-                        gen_kwargs={"files": files}, cache_dir=None if cache_dir is None else str(cache_dir),
+                        gen_kwargs={"files": list(files), "named": list(files.values())},
+                        cache_dir=None if cache_dir is None else str(cache_dir),
                         fingerprint=key.hexdigest()[:32])
     except Exception as e:  # datasets wraps the generator's error (a file that is not UTF-8)
         inner: BaseException | None = e
@@ -384,11 +389,11 @@ def load_documents(cfg: DataConfig, log=None, cache_dir: Path | None = None) -> 
 
     features = doc_features()
     parts: list[datasets.Dataset] = []
-    plain: list[Path] = []
+    plain: dict[Path, bool] = {}  # a plain-text file: named in data.paths itself
     skipped: list[str] = []
     for f, named in discover(cfg).items():
         if f.is_file() and file_format(f) == "text":
-            plain.append(f)
+            plain[f] = named
             continue
         try:
             ds = _read_table(f, cache_dir / "tables")
@@ -589,6 +594,10 @@ def _log_chat_counts(counts: dict[str, PackCounts], rows: int, block: int) -> No
                 f"assistant / completion token; raise data.seq_len to at least {total.need} to keep them")
     if total.no_target:
         _stderr(f"[data] {total.no_target} of {rows} chat rows were dropped: no assistant turn or completion to learn")
+    if total.empty_answers:
+        _stderr(f"[data] {total.empty_answers} assistant turns or completions are empty: their only target is the "
+                f"end of the turn, so the student learns to answer nothing there; drop or fill them if that is "
+                f"not meant")
 
 
 FEW_DOCUMENTS = 10  # below this, an empty split is the corpus's size, not data.val_fraction
@@ -614,6 +623,18 @@ def _refuse_empty(name: str, split: dict, counts: PackCounts, block: int, docume
                         f"{counts.no_target} of them with no assistant turn); add data or raise data.val_fraction")
     raise UserError(f"data: the {name} split has no complete block of {block} tokens; "
                     f"add data, lower data.seq_len or raise data.val_fraction")
+
+
+def _note_earlier_preparations(root: Path) -> None:
+    """Say what disk the run dir's other prepared data holds (made under other data settings):
+    nothing is read from them unless the settings return to theirs, and none is removed here,
+    since one may be what a user comes back to."""
+    others = [d for d in sorted(root.parent.glob("blocks-*")) if d != root and d.is_dir()]
+    if others:
+        size = sum(f.stat().st_size for d in others for f in d.rglob("*") if f.is_file())
+        _stderr(f"[data] {root.parent} also holds {len(others)} earlier preparation(s) of other data or settings "
+                f"({human_bytes(size)}: {', '.join(d.name for d in others[:3])}{', ...' if len(others) > 3 else ''}); "
+                f"nothing reads them unless the settings return to theirs: delete them to free the space")
 
 
 def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> PackedData:
@@ -657,6 +678,7 @@ def _prepare_data(cfg: DataConfig, out_dir: Path, progress: bool) -> PackedData:
         for name, split in manifest["splits"].items():
             if split["blocks"] == 0:
                 _refuse_empty(name, split, counts[name], cfg.seq_len + 1, manifest["documents"])
+        _note_earlier_preparations(root)
         held = manifest["splits"]["val"]["blocks"] / max(1, sum(s["blocks"] for s in manifest["splits"].values()))
         if manifest["documents"] < FEW_DOCUMENTS and held > 2 * cfg.val_fraction + 0.05:  # whole documents: coarse
             _stderr(f"[data] note: {held:.0%} of the blocks are held out for validation (data.val_fraction "

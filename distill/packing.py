@@ -37,7 +37,7 @@ import numpy as np
 
 from common.fsutil import atomic_write_bytes, atomic_write_json
 from distill.blocks import FORMAT, MANIFEST, VERSION, ids_dtype, read_manifest, shard_name
-from distill.chat import PLAIN, PackCounts, RowPacker, render
+from distill.chat import PLAIN, PackCounts, RowPacker, empty_answers, render
 
 if TYPE_CHECKING:  # imported where a split is built: opening prepared blocks needs no `datasets`
     import datasets
@@ -64,7 +64,7 @@ def _encode_text(batch: dict, tok, eos: int) -> dict:
 def _encode_chat(batch: dict, tok) -> dict:
     """Worker side: each chat row's ids and is-target flags (distill/chat.py render)."""
     rows = [render(tok, c) for c in batch["chat"]]
-    return {"ids": [r[0] for r in rows], "tgt": [r[1] for r in rows]}
+    return {"ids": [r[0] for r in rows], "tgt": [r[1] for r in rows], "empty": [empty_answers(c) for c in batch["chat"]]}
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -234,7 +234,8 @@ def build_split(docs: datasets.Dataset, split: str, text_rows: np.ndarray, chat_
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     feats = {"text": datasets.Features({"ids": datasets.Sequence(datasets.Value(dtype))}),
              "chat": datasets.Features({"ids": datasets.Sequence(datasets.Value(dtype)),
-                                        "tgt": datasets.Sequence(datasets.Value("bool"))})}
+                                        "tgt": datasets.Sequence(datasets.Value("bool")),
+                                        "empty": datasets.Value("int32")})}
     plans = [("text", a, b, text_rows) for a, b in _chunks(len(text_rows), shard_documents)]
     plans += [("chat", a, b, chat_rows) for a, b in _chunks(len(chat_rows), shard_documents)]
     shards, totals = [], dict(documents=0, tokens=0, blocks=0, rows=0)
@@ -247,6 +248,7 @@ def build_split(docs: datasets.Dataset, split: str, text_rows: np.ndarray, chat_
         if kind == "chat" and a == 0:
             carry = {}  # text and chat are packed apart: the text remainder was dropped
         rec = writer.existing(index, plan)
+        reused = rec is not None  # a killed preparation's shard: no tokenising now
         if rec is None:
             chunk = _tokenized(docs.select(rows[a:b]), _encode_text if kind == "text" else _encode_chat,
                                {"tok": tok, "eos": eos} if kind == "text" else {"tok": tok}, feats[kind], num_proc,
@@ -264,11 +266,15 @@ def build_split(docs: datasets.Dataset, split: str, text_rows: np.ndarray, chat_
                 ids = np.asarray(out_ids, dtype=np.int64).reshape(-1, block)
                 keep = np.asarray(out_tgt, dtype=bool).reshape(-1, block)
                 starts = np.asarray(packer.starts, dtype=bool).reshape(-1, block) if documents else None
+                packer.counts.empty_answers = sum(table["empty"].to_pylist())
                 state = {"carry": packer.carry, "tokens": sum(len(i) for i, _ in pairs),
                          "counts": dataclasses.asdict(packer.counts)}
             del table
-            chunk.cleanup_cache_files()
+            files = [Path(f["filename"]) for f in chunk.cache_files]  # its Arrow files under .work
+            del chunk
             rec = writer.write(index, plan, ids, keep, state, starts)
+            for f in files:  # the shard holds what counts (`cleanup_cache_files` keeps a dataset's own files)
+                f.unlink(missing_ok=True)
         carry = rec["carry"]
         shards.append({k: rec.get(k) for k in ("ids", "mask", "targets", "starts", "blocks") if rec.get(k) is not None})
         totals["documents"] += b - a
@@ -276,7 +282,7 @@ def build_split(docs: datasets.Dataset, split: str, text_rows: np.ndarray, chat_
         totals["blocks"] += rec["blocks"]
         counts += PackCounts(**rec.get("counts", {}))
         totals["rows"] += (b - a) if kind == "chat" else 0
-        bar.update(b - a, tokens=rec["tokens"])
+        bar.update(b - a, tokens=rec["tokens"], reused=reused)
     kept = totals["blocks"] if max_blocks is None else min(totals["blocks"], max_blocks)
     return {"shards": [s for s in shards if s["blocks"]], "blocks": kept, "blocks_packed": totals["blocks"],
             "documents": totals["documents"], "tokens": totals["tokens"], "chat_rows": totals["rows"],
@@ -284,15 +290,20 @@ def build_split(docs: datasets.Dataset, split: str, text_rows: np.ndarray, chat_
 
 
 class _Rate:
-    """The progress bar's info field: tokens so far and tokens/s."""
+    """The progress bar's info field: tokens so far and the rate of those tokenised now (the
+    shards a resumed preparation reuses are counted, not timed)."""
 
     def __init__(self, bar):
-        self.bar, self.tokens, self.t0 = bar, 0, time.monotonic()
+        self.bar, self.tokens, self.reused, self.t0 = bar, 0, 0, time.monotonic()
 
-    def update(self, docs: int, tokens: int) -> None:
+    def update(self, docs: int, tokens: int, reused: bool = False) -> None:
         self.tokens += tokens
-        rate = self.tokens / max(time.monotonic() - self.t0, 1e-9)
-        self.bar.update(docs, info=f"{self.tokens:,} tokens  {rate / 1e6:.2f}M tok/s")
+        self.reused += tokens if reused else 0
+        if reused:  # the clock starts at the first chunk tokenised now
+            self.t0 = time.monotonic()
+        rate = (self.tokens - self.reused) / max(time.monotonic() - self.t0, 1e-9)
+        done = f" ({self.reused:,} from the earlier run)" if self.reused else ""
+        self.bar.update(docs, info=f"{self.tokens:,} tokens{done}  {rate / 1e6:.2f}M tok/s")
 
 
 def build_blocks(docs: datasets.Dataset, tok, *, root: Path, seq_len: int, val_fraction: float, in_val,

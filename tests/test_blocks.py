@@ -159,6 +159,49 @@ def test_prepare_command_then_inspect_describes_prepared_data(cli, stdlib_corpus
         assert want in out, (want, out)
 
 
+def test_inspect_of_data_cut_by_max_blocks_counts_what_was_tokenised_and_stored(cli, stdlib_corpus, tmp_path):
+    """With data.max_train_blocks the later documents are never tokenised and the last shard
+    holds more blocks than are kept: `inspect` said the corpus's document count as if all were
+    tokenised, and divided every shard's bytes by the kept blocks' tokens."""
+    data = prepare_data(DataConfig(paths=[stdlib_corpus], seq_len=32, tokenizer={"vocab_size": 300},
+                                   shard_documents=5, max_train_blocks=40), tmp_path)
+    m, root = data.manifest, data.train.root
+    train = m["splits"]["train"]
+    tokenised = sum(sp["documents"] for sp in m["splits"].values())
+    assert len(data.train) == 40 < train["blocks_packed"] and tokenised < m["documents"]  # the case: a cut
+    r = cli("inspect", str(tmp_path / "data"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = " ".join(r.stdout.split())
+    assert f"{m['documents']:,} in the corpus, {tokenised:,} tokenised" in out, out
+    stored = sum(sp["blocks_packed"] for sp in m["splits"].values()) * 33
+    size = sum(f.stat().st_size for f in root.iterdir() if f.is_file() and not f.name.startswith("."))
+    assert f"({size / stored:.2f} bytes/token)" in out, out
+    assert "(tokenised; an EOS after each plain document)" in out, out
+
+
+def test_inspect_says_how_chat_rows_end(cli, tmp_path):
+    """Chat rows get no EOS of ours: their template writes their ends."""
+    from tests.hf_models import make_tokenizer
+
+    rows = [r for r in chat_rows() if "messages" in r]
+    data_file = write_jsonl(rows, tmp_path / "chat.jsonl")
+    make_tokenizer([m["content"] for r in rows for m in r["messages"]], tmp_path / "tok")
+    data = prepare_data(DataConfig(paths=[data_file], seq_len=128, tokenizer={"path": str(tmp_path / "tok")}),
+                        tmp_path / "run")
+    r = cli("inspect", str(tmp_path / "run" / "data"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = " ".join(r.stdout.split())
+    assert "(tokenised; chat rows as their template writes them)" in out, out
+    assert "in the corpus" not in out, out
+    from distill.report.inspect import data_rows
+
+    rows = data_rows(data.train.root, data.manifest)  # what the table shows, unwrapped
+    for name, blocks in (("train", data.train), ("val", data.val)):  # prompts and padding are no targets
+        targets = int((blocks[:][:, 1:] >= 0).sum())
+        want = f"; {targets:,} targets ({targets / (len(blocks) * 128):.0%} of the positions)"
+        assert 0 < targets < len(blocks) * 128 and rows[f"split {name}"].endswith(want), (want, rows)
+
+
 def test_a_damaged_prepared_shard_is_found_by_verify_and_named_when_read(cli, stdlib_corpus, tmp_path):
     """Prepared shards carry the sha256 of what was written: `inspect --verify` checks them (it
     checked nothing of prepared data before); a read of an id past the vocabulary names the
@@ -238,3 +281,40 @@ def test_tokenizer_workers_die_with_a_killed_prepare(tmp_path):
         for pid in children:
             with contextlib.suppress(psutil.NoSuchProcess):
                 psutil.Process(pid).kill()
+
+
+def test_a_resumed_preparations_rate_times_only_what_it_tokenises(monkeypatch):
+    """A resumed preparation reuses the killed one's shards at once: counted in the tokens, not
+    in the rate (which said millions of tokens a second for a file read)."""
+    from distill import packing
+
+    clock = iter([0.0, 5.0, 5.0, 7.0])  # start; the reused shard's update; then 2 s for 1M new tokens
+    monkeypatch.setattr(packing.time, "monotonic", lambda: next(clock))
+    infos = []
+    bar = type("Bar", (), {"update": lambda self, n, info: infos.append(info)})()
+    rate = packing._Rate(bar)
+    rate.update(10, 3_000_000, reused=True)
+    rate.update(10, 1_000_000)
+    assert infos == ["3,000,000 tokens (3,000,000 from the earlier run)  0.00M tok/s",
+                     "4,000,000 tokens (3,000,000 from the earlier run)  0.50M tok/s"]
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_each_chunks_tokenised_arrow_file_is_removed_once_its_shard_is_written(stdlib_corpus, tmp_path, monkeypatch,
+                                                                               num_proc):
+    """The tokenised chunks under blocks-FP/.work were all kept until the preparation ended (a
+    second copy of the corpus's ids on disk): now only the chunk being packed is there."""
+    seen = []
+    write = ShardWriter.write
+
+    def spy(self, index, plan, *args):
+        work = self.root / ".work"
+        seen.append((f"{plan['split']}-{index:05d}", sorted(f.name for f in work.iterdir())))
+        return write(self, index, plan, *args)
+
+    monkeypatch.setattr(ShardWriter, "write", spy)
+    prepare_data(DataConfig(paths=[stdlib_corpus], seq_len=32, tokenizer={"vocab_size": 300}, shard_documents=3,
+                            num_proc=num_proc), tmp_path)
+    assert len(seen) >= 4
+    for tag, files in seen:
+        assert files and all(f.startswith(tag) for f in files), (tag, files)  # this chunk's alone

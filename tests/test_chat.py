@@ -132,6 +132,30 @@ def test_rows_truncation_empties_are_dropped_and_seq_len_must_rise(hf_family, tm
                                 tokenizer={"path": tmp_path / "tok"}), tmp_path / "c")
 
 
+def test_empty_answers_are_counted_when_data_is_prepared(hf_family, tmp_path, capfd):
+    """An assistant turn (or completion) with nothing in it is a row whose only target is the turn's
+    end: the student learns to answer nothing.  It is often a placeholder left in the data, and
+    was trained on without a word."""
+    full = [{"messages": [{"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": "Hello."}]}
+            for i in range(40)]
+    empty = [{"messages": [{"role": "user", "content": f"Bye {i}"}, {"role": "assistant", "content": ""}]}
+             for i in range(3)]
+    blank = [{"messages": [{"role": "user", "content": "Hm"}, {"role": "assistant", "content": "  "},
+                           {"role": "user", "content": "Well?"}, {"role": "assistant", "content": "Yes."}]}]
+    calls = [tool_row()]  # a turn of tool calls and no content writes something: not empty
+    completions = [{"prompt": "Say: ", "completion": ""}, {"prompt": "Say: ", "completion": "x"}]
+    _templated(hf_family, TOOLS, tmp_path / "tok")  # it renders tool calls
+    tools = {"path": tmp_path / "tok"}
+    prepare_data(DataConfig(paths=[write_jsonl(full + calls, tmp_path / "ok.jsonl")], seq_len=128, tokenizer=tools),
+                 tmp_path / "a")
+    assert "empty" not in capfd.readouterr().err
+    rows = full + empty + blank + calls + completions
+    prepare_data(DataConfig(paths=[write_jsonl(rows, tmp_path / "rows.jsonl")], seq_len=128, tokenizer=tools),
+                 tmp_path / "b")
+    err = capfd.readouterr().err
+    assert "[data] 5 assistant turns or completions are empty: their only target is the end of the turn" in err, err
+
+
 @pytest.fixture(scope="module")
 def chat_data(hf_family, tmp_path_factory):
     work = tmp_path_factory.mktemp("chat")

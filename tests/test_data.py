@@ -83,8 +83,19 @@ def test_jsonl_and_text_field(tmp_path):
 
 def test_non_utf8_file_is_named(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"hello \xff\xfe world")
-    with pytest.raises(UserError, match=r"bad.txt: not UTF-8 \(bad byte at offset 6\)"):
-        load_documents(DataConfig(paths=[tmp_path]))
+    with pytest.raises(UserError, match=r"bad.txt: not UTF-8 \(bad byte at offset 6\).* leave it out with data.exclude$"):
+        load_documents(DataConfig(paths=[tmp_path]))  # met by a folder walk
+    with pytest.raises(UserError, match=r"bad.txt: not UTF-8 \(bad byte at offset 6\).* remove it from data.paths$"):
+        load_documents(DataConfig(paths=[tmp_path / "bad.txt"]))
+
+
+def test_a_byte_order_mark_is_not_part_of_a_text_files_document(tmp_path):
+    """Windows editors start UTF-8 files with a BOM (EF BB BF): it is not text, and it was kept,
+    tokenised at every file's start (jsonl readers already dropped it)."""
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfhello world\n")
+    (tmp_path / "b.txt").write_bytes(b"hello world\n")
+    (tmp_path / "c.txt").write_bytes(b"x\xef\xbb\xbfy\n")  # inside the text it is a character (U+FEFF), kept
+    assert load_documents(DataConfig(paths=[tmp_path]))["text"] == ["hello world\n", "hello world\n", "x\ufeffy\n"]
 
 
 def test_empty_corpus_is_refused(tmp_path):
@@ -226,3 +237,16 @@ def test_fingerprint_reads_at_most_a_mebibyte_of_a_large_file(tmp_path, monkeypa
     assert data_mod.file_digest(big) != base  # the size
     small_base = data_mod.file_digest(small)
     assert all(edited(small, i) != small_base for i in (0, 777, small.stat().st_size - 1))  # every byte
+
+
+def test_a_new_preparation_names_the_earlier_ones_it_leaves_on_disk(stdlib_corpus, tmp_path, capsys):
+    """Each change of data settings prepares a new OUT/data/blocks-FP and keeps the old one (a
+    user may come back to it): say what they hold, once, when a new one is made."""
+    first = prepare_data(cfg_for(stdlib_corpus), tmp_path)
+    assert "earlier preparation" not in capsys.readouterr().err
+    prepare_data(cfg_for(stdlib_corpus, seq_len=32), tmp_path)
+    err = capsys.readouterr().err
+    assert f"also holds 1 earlier preparation(s) of other data or settings (" in err, err
+    assert f"blocks-{first.fingerprint}); nothing reads them" in err, err
+    prepare_data(cfg_for(stdlib_corpus, seq_len=32), tmp_path)  # reused: nothing new made, nothing said
+    assert "earlier preparation" not in capsys.readouterr().err

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.errors import UserError
+from common.fsutil import human_bytes
 
 
 def _table(title: str, rows: dict) -> Table:
@@ -15,15 +16,6 @@ def _table(title: str, rows: dict) -> Table:
     for k, v in rows.items():
         t.add_row(str(k), json.dumps(v) if isinstance(v, (dict, list)) else str(v))
     return t
-
-
-def human_bytes(n: int) -> str:
-    """1234567 -> '1.2 MB' (decimal units, as disks are sold)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def cache_rows(d: dict) -> dict:
@@ -49,20 +41,35 @@ def data_rows(root: Path, m: dict) -> dict:
     """A prepared data dir's manifest (distill/blocks.py) as human rows."""
     files = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
     size = sum(p.stat().st_size for p in files)
-    shards = sum(len(s["shards"]) for s in m["splits"].values())
-    blocks = sum(s["blocks"] for s in m["splits"].values())
+    splits = m["splits"].values()
+    shards = sum(len(s["shards"]) for s in splits)
+    blocks = sum(s["blocks"] for s in splits)
+    stored = sum(s["blocks_packed"] for s in splits)  # the shards hold them all: a max_*_blocks cut is made when read
+    tokenised, chat = sum(s["documents"] for s in splits), sum(s["chat_rows"] for s in splits)
+    documents = f"{m['documents']:,}"
+    if tokenised < m["documents"]:  # data.max_*_blocks: documents past the cut were never tokenised
+        documents += f" in the corpus, {tokenised:,} tokenised (data.max_train_blocks / max_val_blocks needed no more)"
+    ends = ("an EOS after each plain document" if not chat else "chat rows as their template writes them"
+            if chat == tokenised else "an EOS after each plain document; chat rows as their template writes them")
     rows = {"fingerprint": m["fingerprint"], "tokenizer_hash": m["tokenizer_hash"],
-            "documents": f"{m['documents']:,}", "tokens": f"{m['tokens']:,} (tokenised, EOS included)",
+            "documents": documents, "tokens": f"{m['tokens']:,} (tokenised; {ends})",
             "blocks": f"{blocks:,} of {m['seq_len'] + 1:,} tokens (seq_len {m['seq_len']:,})",
             "packing": m.get("packing", "concat") + (" (each row its own context)" if m.get("packing") == "documents"
                                                       else " (one stream a block)"),
             "storage": f"{m['dtype']} ids" + (" + target bit mask" if m["masked"] else "")
                        + (" + row start bits" if m.get("packing") == "documents" else ""),
-            "size": f"{human_bytes(size)} in {shards:,} shards ({size / max(1, blocks * (m['seq_len'] + 1)):.2f} bytes/token)"}
-    for name, sp in m["splits"].items():
+            "size": f"{human_bytes(size)} in {shards:,} shards ({size / max(1, stored * (m['seq_len'] + 1)):.2f} "
+                    f"bytes/token)"}
+    from distill.blocks import open_blocks
+
+    for name, blocks_of in open_blocks(root).items():
+        sp = m["splits"][name]
         cut = f" (of {sp['blocks_packed']:,} packed)" if sp["blocks_packed"] != sp["blocks"] else ""
         rows[f"split {name}"] = (f"{sp['documents']:,} documents, {sp['tokens']:,} tokens, {sp['blocks']:,} blocks{cut}, "
                                  f"{len(sp['shards']):,} shards")
+        if m["masked"]:  # prompts, padding and (documents packing) each row's first token are no target
+            targets, positions = int(blocks_of.target_counts().sum()), sp["blocks"] * m["seq_len"]
+            rows[f"split {name}"] += f"; {targets:,} targets ({targets / max(1, positions):.0%} of the positions)"
     return rows
 
 
