@@ -229,6 +229,20 @@ def open_blocks(root: Path) -> dict[str, Blocks]:
             for name, s in m["splits"].items()}
 
 
+def content_digest(root: Path) -> str:
+    """A digest of what the prepared blocks hold (every shard's recorded sha256s), 16 hex digits.
+    The data fingerprint names the inputs by sampling large files, so an edit that keeps a large
+    file's size can be missed, and a preparation made again after `OUT/data` was deleted gets the
+    old fingerprint: caches and checkpoints record this digest too, and it tells the two apart."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for rec in sorted(Path(root).glob("*-[0-9][0-9][0-9][0-9][0-9].json")):  # shard_name(split, i, "json")
+        h.update(rec.name.encode())
+        h.update(json.dumps(json.loads(rec.read_text()).get("sha256", {}), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
 def damaged(path: Path, what: str) -> str:
     """The one line for a prepared shard that no longer holds what was written."""
     return (f"prepared data {path}: {what}: the shard is damaged; `distill inspect {path.parent} --verify` "

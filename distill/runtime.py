@@ -332,7 +332,7 @@ def cache_identity(cfg: RunConfig, data: PackedData) -> dict:
     else:
         teacher = teacher_identity(cfg.layout.teacher)
     return {**teacher, "tokenizer_hash": data.tokenizer_hash,
-            "data_fingerprint": data.fingerprint, "seq_len": str(data.seq_len),
+            "data_fingerprint": data.fingerprint, "data_content": data.content, "seq_len": str(data.seq_len),
             "vocab_size": str(vocab_size_of(data.tokenizer)), **(sampling.identity() if sampling else {})}
 
 

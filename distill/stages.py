@@ -155,6 +155,21 @@ def check_online_sharding(cfg: RunConfig) -> None:
                         "train.mode: cached (cache first, then train), or teacher.sharding: none")
 
 
+SAME_NAME_OTHER_BLOCKS = ("the data was prepared again under the same fingerprint and came out different (an edit "
+                          "that kept a large file's size, which the fingerprint's sampling missed)")
+
+
+def _check_cached_blocks(cache_dir: Path, data: PackedData) -> None:
+    """The cache's blocks are the data's, also where the fingerprint cannot tell (RECORDED_SINCE)."""
+    try:
+        ident = json.loads((cache_dir / "manifest.json").read_text()).get("identity", {})
+    except (OSError, ValueError):
+        return  # the reader reports it
+    if ident.get("data_fingerprint") == data.fingerprint and ident.get("data_content") not in (None, data.content):
+        raise UserError(f"cache at {cache_dir} holds the teacher's signal for other blocks: {SAME_NAME_OTHER_BLOCKS}; "
+                        f"rerun `distill cache --overwrite`")
+
+
 def open_cached_teachers(cfg: RunConfig, data: PackedData) -> tuple[CachedTeacher, CachedTeacher]:
     """The train and val replays of a cache made for this run's teacher, tokenizer and data."""
     cache_dir = cfg.layout.cache
@@ -165,6 +180,7 @@ def open_cached_teachers(cfg: RunConfig, data: PackedData) -> tuple[CachedTeache
         chosen = " (chosen by cache.estimator: auto)" if cfg.estimator_note else ""
         raise UserError(f"cache at {cache_dir} holds a {have} signal but cache.estimator is {cfg.cache.estimator}"
                         f"{chosen}; set cache.estimator: {have}, or rerun `distill cache --overwrite`")
+    _check_cached_blocks(cache_dir, data)
     identity = None if cfg.teacher.source == "cache" else cache_identity(cfg, data)
     train, val = CachedTeacher(cache_dir, "train", identity), CachedTeacher(cache_dir, "val", identity)
     manifest = train.reader.manifest
@@ -386,7 +402,7 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
     rhash = run_hash(*identity.values())
     loop = loop_config(cfg, cfg.train.steps, cfg.train.batch_size, rank, world, rhash)
     loop.earlier_run_hashes = earlier_run_hashes(cfg, identity)
-    loop.extra_meta = {"run_identity": identity, "data_fingerprint": data.fingerprint,
+    loop.extra_meta = {"run_identity": identity, "data_fingerprint": data.fingerprint, "data_content": data.content,
                        "teacher": str(cfg.layout.teacher.resolve()),
                        "tokenizer": str(tokenizer_dir(cfg, data)),  # what `distill export` ships beside the weights
                        "tokenizer_hash": data.tokenizer_hash}

@@ -214,6 +214,22 @@ def test_identity_mismatch_refused_then_overwrite(tmp_path):
         CacheReader(tmp_path, "train").check_identity(dict(identity, data_fingerprint="other"))
     CacheReader(tmp_path, "train").check_identity(dict(identity, k=K))
 
+
+def test_a_cache_made_before_the_blocks_digest_was_recorded_still_matches(tmp_path):
+    """`data_content` (what the prepared blocks hold) joined the identity later: a cache without
+    it is still read and resumed; one with it must match."""
+    teacher_fn, splits, identity = worker.setup()
+    assert "data_content" not in identity
+    write_cache(tmp_path / "old", teacher_fn, splits, identity=identity, k=K, shard_sequences=8, progress=False)
+    now = dict(identity, data_content="abcd")
+    CacheReader(tmp_path / "old", "train").check_identity(now)  # read as before
+    write_cache(tmp_path / "old", teacher_fn, splits, identity=now, k=K, shard_sequences=8, progress=False)  # reused
+    write_cache(tmp_path / "new", teacher_fn, splits, identity=now, k=K, shard_sequences=8, progress=False)
+    with pytest.raises(CacheMismatch, match="data_content: 'abcd' \\(cache\\) vs 'efgh'"):
+        CacheReader(tmp_path / "new", "train").check_identity(dict(now, data_content="efgh"))
+    with pytest.raises(CacheMismatch, match="data_content"):
+        write_cache(tmp_path / "new", teacher_fn, splits, identity=dict(now, data_content="efgh"), k=K, progress=False)
+
     write_cache(tmp_path, teacher_fn, splits, identity=dict(identity, tokenizer_hash="tok2"), k=K + 1,
                 shard_sequences=8, overwrite=True, progress=False)
     r = CacheReader(tmp_path, "train", verify=True)

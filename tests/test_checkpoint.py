@@ -177,3 +177,14 @@ def test_the_run_hash_of_a_fixed_config_does_not_move():
     # where a student runs is not part of its trajectory (the README: the device may change)
     on_cpu = {**base, "students": [{**base["students"][0], "device": "cpu"}, base["students"][1]]}
     assert _run_hash_of(on_cpu) == _run_hash_of(base)
+
+
+def test_a_checkpoint_records_what_its_blocks_held_and_one_from_before_still_resumes(tmp_path, model):
+    """`data_content` (distill/blocks.py content_digest) tells blocks prepared again under the
+    same fingerprint apart; checkpoints made before it was recorded resume as before."""
+    checkpoint.save(tmp_path / "old", 1, model, {"x": 1}, {"run_hash": "h"})
+    assert checkpoint.load(tmp_path / "old" / "step_00000001", None, "h", data_content="abcd")["x"] == 1
+    checkpoint.save(tmp_path / "new", 1, model, {"x": 1}, {"run_hash": "h", "data_content": "abcd"})
+    assert checkpoint.load(tmp_path / "new" / "step_00000001", None, "h", data_content="abcd")["x"] == 1
+    with pytest.raises(UserError, match="trained on other blocks of data with the same fingerprint"):
+        checkpoint.load(tmp_path / "new" / "step_00000001", None, "h", data_content="efgh")

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -372,3 +373,48 @@ def test_a_cache_of_another_k_is_refused_and_k_is_part_of_the_run(online_setup, 
     line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--resume", *sets, "--set", "cache.k=8",
                             "--set", "train.steps=3"))
     assert "another config (train.steps 2 -> 3; the teacher signal)" in line, line
+
+
+def test_data_prepared_again_that_came_out_different_is_not_taken_for_the_old(online_setup, tmp_path):
+    """The fingerprint samples a large file (16 windows of 64 KiB), so an edit that keeps its size
+    and misses every window keeps the fingerprint; the README says to delete OUT/data then.  The
+    blocks prepared again differ, but a cache and checkpoints of the old ones matched them by
+    fingerprint and were used as theirs.  They now record what the blocks hold too."""
+    from distill.data import SAMPLE_BYTES, SAMPLE_WINDOWS, file_digest
+
+    work, cfg = online_setup
+    rows = [{"text": f"def f{i}(x):\n    return x + {i}  # row {i}\n" * 6, "pad": "z" * 40_000} for i in range(64)]
+    corpus = tmp_path / "big.jsonl"  # 2.6 MB, its text small: the `pad` column is not read
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = corpus.read_bytes()
+    last = len(raw) - SAMPLE_BYTES
+    seen = [(i * last // (SAMPLE_WINDOWS - 1), i * last // (SAMPLE_WINDOWS - 1) + SAMPLE_BYTES)
+            for i in range(SAMPLE_WINDOWS)]
+    at = next(raw.index(b"return x + ", start) for start in range(0, len(raw), 1000)
+              if not any(a - 200 <= raw.index(b"return x + ", start) < b for a, b in seen))
+    edited = raw[:at] + b"return x - " + raw[at + len(b"return x - "):]  # the same size, outside every window
+    assert len(edited) == len(raw) and edited != raw
+    before = file_digest(corpus)
+    sets = ["--set", f"data.paths=['{corpus}']", "--set", "data.max_train_blocks=null", "--set", "train.steps=2",
+            "--set", "train.checkpoint_every=1"]
+
+    online, cached = tmp_path / "online", tmp_path / "cached"
+    r = run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={online}", *sets)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("cache", "-c", str(cfg), "--quiet", "--set", f"out_dir={cached}", *sets,
+                "--set", "train.mode=cached")
+    assert r.returncode == 0, r.stderr[-2000:]
+    corpus.write_bytes(edited)
+    assert file_digest(corpus) == before  # the case: the fingerprint cannot see this edit
+    for out in (online, cached):
+        fingerprints = [d.name for d in (out / "data").glob("blocks-*")]
+        shutil.rmtree(out / "data")  # as the README says to
+
+        mode = "cached" if out == cached else "online"
+        r = run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", f"out_dir={out}", *sets,
+                    "--set", f"train.mode={mode}")
+        line = one_line(r)
+        assert [d.name for d in (out / "data").glob("blocks-*")] == fingerprints, line  # the same name, again
+        want = "holds the teacher's signal for other blocks" if mode == "cached" else \
+            "this checkpoint was trained on other blocks of data with the same fingerprint"
+        assert want in line and "came out different" in line, line

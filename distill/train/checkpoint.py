@@ -227,11 +227,17 @@ def identity_changes(then: dict, now: dict) -> str:
 
 
 def load(ckpt: Path, model: torch.nn.Module | None, expected_run_hash: str | None,
-         expected_identity: dict | None = None, also: tuple[str, ...] = ()) -> dict:
+         expected_identity: dict | None = None, also: tuple[str, ...] = (), data_content: str | None = None) -> dict:
     """Load weights into `model` (None: only check and read the state) and return the saved
     training state.  expected_identity: the run's named identity, to say what changed; also:
-    the hashes the same run had under earlier rules (accepted too)."""
+    the hashes the same run had under earlier rules (accepted too); data_content: what the
+    prepared blocks hold (distill/blocks.py content_digest), checked where the checkpoint has it."""
     meta = load_meta(ckpt)
+    if data_content is not None and meta.get("data_content") not in (None, data_content):
+        raise UserError(f"{ckpt}: this checkpoint was trained on other blocks of data with the same fingerprint: the "
+                        f"data was prepared again and came out different (an edit that kept a large file's size, "
+                        f"which the fingerprint's sampling missed); resume with the data it was trained on, or "
+                        f"start afresh in this out_dir with --overwrite")
     if expected_run_hash is not None and meta.get("run_hash") not in (expected_run_hash, *also):
         then = meta.get("run_identity") if isinstance(meta.get("run_identity"), dict) else None
         changes = identity_changes(then, expected_identity) if then and expected_identity else ""

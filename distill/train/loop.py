@@ -202,7 +202,8 @@ def resume_all(layout: RunLayout, students: list[Student], loop: LoopConfig) -> 
         # Under ZeRO-3 the model's weights are partitions: DeepSpeed's own checkpoint restores them.
         weights_too = getattr(s.engine, "zero_stage", 0) < 3
         state = checkpoint.load(latest[s.name], s.model if weights_too else None, loop.run_hash,
-                                loop.extra_meta.get("run_identity"), also=loop.earlier_run_hashes)
+                                loop.extra_meta.get("run_identity"), also=loop.earlier_run_hashes,
+                                data_content=loop.extra_meta.get("data_content"))
         s.load_state(state)
         s.engine.load_sharded(layout.checkpoints(s.name), tag=latest[s.name].name)
         rng = state["rng"]

@@ -88,10 +88,16 @@ def read_json(path: Path) -> dict | None:
         raise CacheCorrupt(f"{path} is not valid JSON ({e}); remove it, or rerun `distill cache --overwrite`") from e
 
 
+# Identity keys added after caches were written without them: such a cache still matches.
+RECORDED_SINCE = frozenset({"data_content"})  # 2026-12-05: what the prepared blocks hold
+
+
 def identity_diffs(old: Mapping, new: Mapping, keys=None) -> list[str]:
+    """old: the cache's identity; new: the one requested."""
     keys = sorted(set(old) | set(new)) if keys is None else keys
     return [f"{key}: {old.get(key)!r} (cache) vs {new.get(key)!r} (requested)"
-            for key in keys if str(old.get(key)) != str(new.get(key))]
+            for key in keys if str(old.get(key)) != str(new.get(key))
+            and not (key in RECORDED_SINCE and key not in old)]
 
 
 def mismatch_error(cache_dir: Path, diffs: list[str]) -> CacheMismatch:
