@@ -100,7 +100,7 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
             raise UserError(f"cache at {cfg.layout.cache} holds a {have} signal but cache.estimator: auto chose "
                             f"{cfg.cache.estimator}; set cache.estimator: {have} to use it, or pass --overwrite to "
                             f"redo the teacher pass")
-    if progress and is_leader() and cfg.estimator_note:
+    if is_leader() and cfg.estimator_note:  # a log line: --quiet keeps it (it drops only progress bars)
         print(f"[cache] {cfg.estimator_note}", file=sys.stderr, flush=True)
     sharded = cfg.teacher.sharding == "zero3"
     # The teacher reads plain ids; which positions are targets (chat data) is the loss's business.

@@ -157,6 +157,10 @@ def test_prepare_command_then_inspect_describes_prepared_data(cli, stdlib_corpus
                  f"{len(data.train):,} blocks", f"{len(data.val):,} blocks",
                  f"{len(m['splits']['train']['shards']):,} shards", "bytes/token"):
         assert want in out, (want, out)
+    r = cli("inspect", str(tmp_path / "run"))  # the run's out_dir: each thing in it (here its data)
+    assert r.returncode == 0 and f"fingerprint │ {data.fingerprint}" in " ".join(r.stdout.split()), r.stdout + r.stderr
+    r = cli("inspect", str(tmp_path))
+    assert r.returncode == 2 and "or a run's out_dir (data/, cache/, students/)" in r.stderr, r.stderr
 
 
 def test_inspect_of_data_cut_by_max_blocks_counts_what_was_tokenised_and_stored(cli, stdlib_corpus, tmp_path):

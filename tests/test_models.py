@@ -335,6 +335,21 @@ def test_load_text_tower_of_multimodal_checkpoint(tmp_path):
     assert len(collect_router_logits(model)) == 2
 
 
+def test_inspect_describes_a_multimodal_llama4_dir_by_its_text_model(tmp_path, cli):
+    """Llama 4 as Meta ships it (a Llama4Config holding text and vision configs): `inspect`
+    read `vocab_size` from the top-level config and crashed with a traceback, exit 1."""
+    text = tiny("scout", num_layers=2).to_dict()
+    vision = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                  vision_output_dim=16, image_size=28, patch_size=14, projector_input_dim=16, projector_output_dim=16)
+    Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=vision)).save_pretrained(tmp_path)
+    r = cli("inspect", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = " ".join(r.stdout.split())
+    total, active = param_counts(load_causal_lm(tmp_path).config)
+    for want in ("llama4 (its text model, llama4_text, counted)", f"vocab_size │ {VOCAB}", f"{total:,}", f"{active:,}"):
+        assert want in out, (want, out)
+
+
 def test_broken_model_dirs_raise_one_line_value_errors(tmp_path):
     with pytest.raises(ValueError, match="not a directory"):
         load_causal_lm(tmp_path / "nope")

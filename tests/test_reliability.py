@@ -194,8 +194,10 @@ def test_teacher_with_no_weights(online_setup, tmp_path):
 def test_cache_from_other_k_refused_by_cli(online_setup):
     work, cfg = online_setup
     out = work / "cache-k"
-    first = run_cli("cache", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}")
+    first = run_cli("cache", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}", "--set", "train.mode=cached")
     assert first.returncode == 0, first.stderr[-2000:]
+    # --quiet drops progress bars, not log lines: which signal `auto` chose is said (it was not)
+    assert "[cache] teacher signal: 32 draws per token (cache.estimator: auto;" in first.stderr, first.stderr
     shards = {p: p.read_bytes() for p in (out / "cache").glob("*.safetensors")}
     line = one_line(run_cli("cache", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}", "--set", "cache.k=8"))
     assert "overwrite" in line

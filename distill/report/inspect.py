@@ -157,11 +157,21 @@ def inspect_path(path: Path, verify: bool = False) -> bool:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(str(path))
-        total, active = param_counts(config)
-        console.print(_table(f"model {path}", {"model_type": config.model_type, "vocab_size": config.vocab_size,
+        text = config.get_text_config()  # a multimodal dir (Llama 4 as Meta ships it): its language model
+        total, active = param_counts(text)
+        kind = config.model_type if text is config else f"{config.model_type} (its text model, {text.model_type}, counted)"
+        console.print(_table(f"model {path}", {"model_type": kind, "vocab_size": text.vocab_size,
                                                "params_total": f"{total:,}", "params_active": f"{active:,}"}))
         return True
-    raise UserError(f"{path}: not a cache (manifest.json), checkpoint (meta.json) or model dir (config.json)")
+    parts = [p for p in (path / "data", path / "cache", *sorted((path / "students").glob("*/checkpoints")))
+             if p.is_dir() and any(p.iterdir())]
+    if parts:  # a run's out_dir: each thing in it
+        ok = True
+        for part in parts:
+            ok = inspect_path(part.parent if part.name == "checkpoints" else part, verify=verify) and ok
+        return ok
+    raise UserError(f"{path}: not prepared data, a cache (manifest.json), checkpoint (meta.json), model dir "
+                    f"(config.json) or a run's out_dir (data/, cache/, students/)")
 
 
 def _print_difficulty(console: Console, path: Path) -> None:
