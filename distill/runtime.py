@@ -171,6 +171,7 @@ def prepare(cfg: RunConfig, progress: bool = False) -> PackedData:
                             f"signal is over its own token ids, so set data.tokenizer.path to its tokenizer's dir")
         cfg.data.tokenizer.path = cfg.teacher.path
     check_teacher_tokenizer(cfg)  # before the corpus is tokenised with it
+    check_student_tokenizers(cfg)  # and before the teacher's pass: a run that cannot train costs nothing
     # Under a launcher, rank 0 builds the tokenizer and blocks; the others then reuse them.
     leader = is_leader()
     if not leader:
@@ -203,6 +204,32 @@ def check_teacher_tokenizer(cfg: RunConfig) -> None:
                         f"teacher's ids")
 
 
+def check_student_tokenizers(cfg: RunConfig) -> None:
+    """Every pretrained student's own tokenizer gives the run's tokens their ids, checked as soon
+    as the run's tokenizer is named (check_student_vocab checks again when the student is built,
+    which in `distill run` comes after the whole teacher pass)."""
+    from transformers import AutoTokenizer
+
+    named = cfg.data.tokenizer.path
+    students = [s for s in cfg.students if s.model.path is not None and has_tokenizer(s.model.path)]
+    if named is None or not students:
+        return
+    try:
+        run = AutoTokenizer.from_pretrained(str(named), local_files_only=True)
+    except Exception:
+        return  # data preparation names it
+    for s in students:
+        if Path(s.model.path).resolve() != Path(named).resolve():
+            differ = _other_ids(s.model.path, run, f"student {s.name}", f"remove it to use the run's tokenizer ({named})")
+            if differ:
+                raise UserError(_other_tokenizer(s.name, s.model.path, named, differ))
+
+
+def _other_tokenizer(name: str, model_dir, run_tok_dir, differ: str) -> str:
+    return f"student {name}: its tokenizer ({model_dir}) is not the run's ({run_tok_dir}): {differ}; " \
+           f"distil between models of one tokenizer"
+
+
 def model_config(model_cfg: ModelConfig, vocab_size: int, where: str):
     """A transformers config from a preset; vocab defaults to the tokenizer's real size."""
     from students.presets import PRESETS
@@ -232,8 +259,7 @@ def check_student_vocab(cfg: RunConfig, name: str, model_dir, model_vocab: int, 
         differ, extra = _other_ids(model_dir, tokenizer, f"student {name}",
                                    f"remove it to use the run's tokenizer ({run_tok_dir})", with_extra=True)
         if differ:  # (the teacher's own tokenizer was checked against the run's when the data was prepared)
-            raise UserError(f"student {name}: its tokenizer ({model_dir}) is not the run's ({run_tok_dir}): "
-                            f"{differ}; distil between models of one tokenizer")
+            raise UserError(_other_tokenizer(name, model_dir, run_tok_dir, differ))
     if model_vocab < n:
         raise UserError(f"student {name}: its embedding has {model_vocab} rows but the run's tokenizer "
                         f"({run_tok_dir}) has {n} tokens: a different tokenizer; use a student of the same family")
@@ -261,7 +287,7 @@ def _other_ids(model_dir, tokenizer, who: str, fix: str = "", with_extra: bool =
         raise UserError(f"{who}: the tokenizer in {model_dir} could not be loaded ({type(e).__name__})"
                         + (f"; {fix}" if fix else "")) from None
     run = tokenizer.get_vocab()
-    differ = [t for t, i in run.items() if own.get(t) != i]
+    differ = sorted((t for t, i in run.items() if own.get(t) != i), key=run.get)  # the example: the lowest id
     said = f"{len(differ)} of {len(run)} tokens have other ids (e.g. {differ[0]!r})" if differ else ""
     if not with_extra:
         return said

@@ -106,6 +106,33 @@ def test_a_head_the_toolkit_does_not_know_is_refused(hf_family, tmp_path):
         check_head(model)
 
 
+@pytest.mark.parametrize("command", ["cache", "run"])
+def test_a_student_of_another_tokenizer_is_refused_before_the_teacher_pass(hf_family, tmp_path, cli, command):
+    """`distill run` wrote the whole cache (hours, at scale) before the student was built and
+    its tokenizer refused; `distill cache` wrote it and said nothing.  Now both stop first,
+    naming the lowest-id token that differs (the example changed from run to run)."""
+    from tests.hf_models import chat_rows, write_jsonl
+
+    tok = make_tokenizer(["abc def " * 50], tmp_path / "other", alphabet="reversed")  # same size, other ids
+    other = save_model("llama", hf_family["vocab"], tmp_path / "other", tok, seed=3)
+    run = hf_family["tokenizer"].get_vocab()
+    first = min((t for t, i in run.items() if tok.get_vocab().get(t) != i), key=run.get)
+    cfg = {"out_dir": str(tmp_path / "out"), "data": {"paths": [str(write_jsonl(chat_rows(), tmp_path / "c.jsonl"))],
+                                                      "seq_len": 64},
+           "teacher": {"source": "checkpoint", "path": str(hf_family["teacher"])},
+           "students": [{"name": "own", "model": {"path": str(hf_family["student"])}},
+                        {"name": "other", "model": {"path": str(other)}}],
+           "train": {"mode": "cached", "steps": 2, "batch_size": 2}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    r = cli(command, "-c", str(tmp_path / "run.yaml"), "--quiet")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: student other: its tokenizer ({other}) is not the run's ({hf_family['teacher']}): "
+        f"{sum(tok.get_vocab().get(t) != i for t, i in run.items())} of {len(run)} tokens have other ids (e.g. "
+        f"{first!r}); distil between models of one tokenizer"), r.stderr
+    assert not (tmp_path / "out" / "cache").exists() and not (tmp_path / "out" / "data").exists()
+
+
 def test_other_tokenizer_is_refused_naming_both(hf_family, tmp_path, capsys):
     cfg = parse_config({"out_dir": str(tmp_path), "data": {"stdlib": True, "tokenizer": {"path": str(hf_family["teacher"])}},
                         "teacher": {"source": "checkpoint", "path": str(hf_family["teacher"])},
