@@ -160,6 +160,36 @@ def test_export_replaces_only_an_earlier_export_of_the_same_student(demo_dir, tm
         f" --overwrite"), r.stderr
 
 
+def test_eval_of_an_earlier_steps_export_reports_that_steps_tokens(demo_dir, tmp_path):
+    """Eval scores OUT/students/NAME/export, which may be of an earlier step than the latest
+    checkpoint (said on stderr): the report paired its perplexity with the run's last token
+    count and did not say which step it scored."""
+    import shutil
+
+    import yaml
+
+    from distill.demo import demo_config
+    from tests.conftest import run_cli
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_dir, run)
+    earlier, latest = sorted((run / "students" / "dense" / "checkpoints").glob("step_*"))
+    then, last = (json.loads((d / "meta.json").read_text()) for d in (earlier, latest))
+    assert then["step"] < last["step"] and then["tokens_seen"] < last["tokens_seen"]  # the case
+    r = run_cli("export", str(earlier), "--out", str(run / "students" / "dense" / "export"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(yaml.safe_dump(json.loads(json.dumps(demo_config(run, "tiny"), default=str))))
+    r = run_cli("eval", "-c", str(cfg), "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"its export is of step {then['step']}, its latest checkpoint is step {last['step']}" in r.stderr
+    report = json.loads((run / "report.json").read_text())["students"]
+    assert (report["dense"]["step"], report["dense"]["train_tokens"]) == (then["step"], then["tokens_seen"])
+    assert (report["scout"]["step"], report["scout"]["train_tokens"]) == (last["step"], last["tokens_seen"])
+    md = (run / "report.md").read_text()
+    assert f"| {then['step']} | {then['tokens_seen']:,} |" in md.split("| dense |")[1].splitlines()[0], md
+
+
 def test_rerun_resumes_without_redoing_work(demo_dir):
     from tests.conftest import run_cli
 

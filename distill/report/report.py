@@ -3,7 +3,7 @@
 report.json:
   {"teacher": {...}, "students": {"NAME": {"kind": "scout|maverick|dense|baseline",
    "params_total", "params_active", "val_ppl", "teacher_top1_agreement", "kl_to_teacher",
-   "train_tokens", "export_dir" (relative to OUT), "inference_tokens_per_s",
+   "step", "train_tokens" (the scored export's), "export_dir" (relative to OUT), "inference_tokens_per_s",
    "generation" (chat data: distill/report/generation.py)}},
    "generation": {"prompts", "max_new_tokens", "temperature", "top_p", "teacher": {...}} (chat data),
    "teacher_signal": what agreement and KL are measured against (`signal_description`)}
@@ -146,8 +146,13 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
         init = layout.init_report(sc.name)
         if init.exists():  # what the student was built from (train/setup.py)
             stats["init"] = summarise_init(json.loads(init.read_text()))
+        meta = export_meta(export_dir)
+        # The scored export's own step and tokens: an export of an earlier step (said above) is not
+        # paired with the run's last count.  An export made before its meta had them: the run's.
         stats.update(kind="baseline" if sc.baseline else KIND_OF_PRESET.get(sc.model.preset, sc.model.source),
-                     train_tokens=summary.get("students_info", {}).get(sc.name, {}).get("tokens_seen"),
+                     step=meta.get("step"),
+                     train_tokens=meta.get("tokens_seen", summary.get("students_info", {}).get(sc.name, {})
+                                           .get("tokens_seen")),
                      export_dir=str(export_dir.relative_to(layout.root)))
         if layout.data_report(sc.name).exists():  # which training blocks it learnt from (train/selection.py)
             stats["data"] = json.loads(layout.data_report(sc.name).read_text())
@@ -155,7 +160,6 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
         if layout.failure(sc.name).exists():  # dropped in training: these are its last good step's figures
             stats["failed"] = json.loads(layout.failure(sc.name).read_text())
         report["students"][sc.name] = stats
-        meta = export_meta(export_dir)
         card_metrics = {k: stats[k] for k in ("val_ppl", "teacher_top1_agreement", "kl_to_teacher", "params_total", "params_active")}
         atomic_write_text(export_dir / "README.md", model_card(sc.name, meta, card_metrics))
         del model
@@ -251,7 +255,7 @@ def _data_lines(report: dict) -> list[str]:
 
 def render_markdown(report: dict) -> str:
     cols = ["kind", "params_total", "params_active", "val_ppl", "teacher_top1_agreement", "kl_to_teacher",
-            "train_tokens", "data_kept", "inference_tokens_per_s"]
+            "step", "train_tokens", "data_kept", "inference_tokens_per_s"]
     rows = [("teacher", {"kind": "teacher", **report["teacher"]})] if report.get("teacher") else []
     rows += list(report["students"].items())
     lines = ["# Co-distillation report", "",
