@@ -209,3 +209,20 @@ def test_report_says_what_agreement_and_kl_are_measured_against():
     md = render_markdown({"students": {"ok": {"kind": "dense"}}, "teacher_signal": sampled})
     assert f"Agreement and KL to the teacher are measured against {sampled}." in md
     assert "measured against" not in render_markdown({"students": {"ok": {"kind": "dense"}}})  # an older report.json
+
+
+def test_report_md_escapes_control_characters_of_completions():
+    """A model's byte tokens decode to NUL, \\x0b, ...: report.md held them raw (grep called it a
+    binary file).  They are escaped; a prompt keeps its newlines and tabs."""
+    from distill.report.report import render_markdown
+
+    stats = {"reverse_kl": 0.5, "mean_length": 3.0}
+    gen = {"prompts": 1, "max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0,
+           "teacher": {"mean_length": 3.0}}
+    sample = {"prompt": "line 1\n\tline 2\x00", "student": "a\x00b\x0bc\nd`e", "teacher": "ok\x1d\u2028"}
+    report = {"students": {"s": {"kind": "dense", "generation": {"greedy": stats, "sampled": stats,
+                                                                 "samples": [sample]}}}, "generation": gen}
+    md = render_markdown(report)
+    assert all(ch in "\n\t" or ch.isprintable() for ch in md), repr(md)
+    assert "line 1\n\tline 2\\x00\n" in md
+    assert "   - student: `a\\x00b\\x0bc\\nd'e`" in md and "   - teacher: `ok\\x1d\\u2028`" in md

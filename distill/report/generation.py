@@ -17,6 +17,8 @@ the figure is the on-policy loss's own measure on held-out prompts.
 """
 from __future__ import annotations
 
+import unicodedata
+
 from dataclasses import dataclass
 
 import torch
@@ -217,7 +219,7 @@ def markdown(report: dict) -> list[str]:
             continue
         lines += [f"### {name}: sample completions (greedy)", ""]
         for i, smp in enumerate(g["samples"], 1):
-            lines += [f"{i}. prompt:", "", "```text", smp["prompt"], "```", "",
+            lines += [f"{i}. prompt:", "", "```text", _printable(smp["prompt"]), "```", "",
                       f"   - student: `{_inline(smp['student'])}`", f"   - teacher: `{_inline(smp['teacher'])}`"]
             if "reference" in smp:
                 lines.append(f"   - reference: `{_inline(smp['reference'])}`")
@@ -225,6 +227,18 @@ def markdown(report: dict) -> list[str]:
     return lines
 
 
+def _printable(text: str, keep: str = "\n\t") -> str:
+    """Control characters (a model's byte tokens: NUL, \\x0b, ...) as escapes, so report.md stays
+    text; those in `keep` stay as they are."""
+    def shown(ch: str) -> str:
+        if ch in keep or not (unicodedata.category(ch) in ("Cc", "Cs") or ch in "\u2028\u2029"):
+            return ch
+        return f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
+
+    return "".join(map(shown, text))
+
+
 def _inline(text: str) -> str:
-    """One line for a code span: newlines shown as \\n, backticks as '."""
-    return text.replace("\n", "\\n").replace("`", "'")
+    """One line for a code span: newlines shown as \\n, tabs as \\t, other control characters
+    escaped, backticks as '."""
+    return _printable(text.replace("\n", "\\n").replace("\t", "\\t").replace("`", "'"), keep="")
