@@ -176,7 +176,7 @@ def run(
 
 @app.command()
 def export(
-    checkpoint: Path = typer.Argument(..., help="A student checkpoint dir (…/checkpoints/step_N) or a student dir (latest checkpoint)."),
+    checkpoint: Path = typer.Argument(..., help="A student checkpoint dir (OUT/students/NAME/checkpoints/step_00000120, the step zero-padded to 8 digits) or a student dir (its latest checkpoint)."),
     out: Path = typer.Option(..., "--out", help="Where to write the Hugging Face model dir."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer dir to include (default: the one the checkpoint's run trained with)."),
