@@ -229,17 +229,26 @@ def open_blocks(root: Path) -> dict[str, Blocks]:
             for name, s in m["splits"].items()}
 
 
-def content_digest(root: Path) -> str:
-    """A digest of what the prepared blocks hold (every shard's recorded sha256s), 16 hex digits.
+def content_digest(root: Path, splits: dict, block: int, masked: bool) -> str:
+    """A digest of what the prepared blocks hold, 16 hex digits: each split's kept blocks as
+    readers see them (signed ids: targets and not; position ids where rows are recorded), in
+    order, whichever shards hold them (data.shard_documents cuts the shards but not the blocks,
+    and how a shard's first block records its first row's start is not what it reads as).
     The data fingerprint names the inputs by sampling large files, so an edit that keeps a large
-    file's size can be missed, and a preparation made again after `OUT/data` was deleted gets the
-    old fingerprint: caches and checkpoints record this digest too, and it tells the two apart."""
+    file's size is missed, and a preparation made again after `OUT/data` was deleted gets the
+    old fingerprint: caches and checkpoints record this digest too, and it tells the two apart.
+    splits: the manifest's."""
     import hashlib
 
     h = hashlib.sha256()
-    for rec in sorted(Path(root).glob("*-[0-9][0-9][0-9][0-9][0-9].json")):  # shard_name(split, i, "json")
-        h.update(rec.name.encode())
-        h.update(json.dumps(json.loads(rec.read_text()).get("sha256", {}), sort_keys=True).encode())
+    for name in sorted(splits):
+        h.update(name.encode())
+        blocks = Blocks(root, splits[name]["shards"], splits[name]["blocks"], block, masked)
+        for start, rows in blocks.chunks(4096):  # (n, block), a few MB at a time; int32 holds every signed id
+            h.update(rows.numpy().astype(np.int32).tobytes())
+            positions = blocks.positions(slice(start, start + len(rows)))
+            if positions is not None:
+                h.update(positions.numpy().astype(np.int32).tobytes())
     return h.hexdigest()[:16]
 
 

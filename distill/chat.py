@@ -230,7 +230,13 @@ def _row_name(row: dict) -> str:
 
 
 def _written(value) -> bool:
-    return bool(value.strip()) if isinstance(value, str) else bool(value)
+    """Something is in it: text not blank, a content-parts list with a part that is (text not
+    blank, or another kind: an image), a tool call."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
+        return any(_written(p.get("text")) if p.get("type", "text") == "text" else True for p in value)
+    return bool(value)
 
 
 def empty_answers(chat: str) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fnmatch
-import functools
 import hashlib
 import itertools
 import json
@@ -27,7 +26,7 @@ import torch
 
 from common.errors import UserError
 from common.fsutil import human_bytes
-from distill.blocks import Blocks, content_digest, open_blocks
+from distill.blocks import Blocks, open_blocks
 from distill.chat import CHAT_FORMAT, PLAIN, PackCounts, as_documents, table_kind
 from distill.config import DataConfig
 from distill.layout import RunLayout, has_tokenizer
@@ -69,11 +68,12 @@ class PackedData:
     def seq_len(self) -> int:
         return self.train.shape[1] - 1
 
-    @functools.cached_property
-    def content(self) -> str:
-        """What the blocks hold (distill/blocks.py content_digest): recorded by caches and
-        checkpoints beside the fingerprint, which a same-size edit of a large file can miss."""
-        return content_digest(self.train.root)
+    @property
+    def content(self) -> str | None:
+        """What the blocks hold (distill/blocks.py content_digest), recorded by caches and
+        checkpoints beside the fingerprint, which a same-size edit of a large file can miss;
+        None for data prepared before the manifest recorded it."""
+        return (self.manifest or {}).get("content")
 
 
 # ----------------------------------------------------------------------------- corpus

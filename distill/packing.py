@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from common.fsutil import atomic_write_bytes, atomic_write_json
-from distill.blocks import FORMAT, MANIFEST, VERSION, ids_dtype, read_manifest, shard_name
+from distill.blocks import FORMAT, MANIFEST, VERSION, content_digest, ids_dtype, read_manifest, shard_name
 from distill.chat import PLAIN, PackCounts, RowPacker, empty_answers, render
 
 if TYPE_CHECKING:  # imported where a split is built: opening prepared blocks needs no `datasets`
@@ -353,7 +353,8 @@ def _build_blocks(docs: datasets.Dataset, tok, *, root: Path, seq_len: int, val_
     manifest = {"format": FORMAT, "version": VERSION, "seq_len": seq_len, "dtype": dtype, "masked": masked,
                 "packing": packing,
                 "val_fraction": val_fraction, "shard_documents": shard_documents, **meta,
-                "documents": int(len(val)), "tokens": sum(s["tokens"] for s in splits.values()), "splits": splits}
+                "documents": int(len(val)), "tokens": sum(s["tokens"] for s in splits.values()),
+                "content": content_digest(root, splits, block, masked), "splits": splits}
     shutil.rmtree(root / ".work", ignore_errors=True)
     atomic_write_json(root / MANIFEST, manifest)
     return manifest

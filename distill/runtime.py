@@ -4,6 +4,7 @@ and the teacher.  Stages (stages.py), training (train/) and evaluation (report/)
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import sys
 import time
@@ -358,8 +359,24 @@ def cache_identity(cfg: RunConfig, data: PackedData) -> dict:
     else:
         teacher = teacher_identity(cfg.layout.teacher)
     return {**teacher, "tokenizer_hash": data.tokenizer_hash,
-            "data_fingerprint": data.fingerprint, "data_content": data.content, "seq_len": str(data.seq_len),
+            "data_fingerprint": data.fingerprint, **({"data_content": data.content} if data.content else {}),
+            "seq_len": str(data.seq_len),
             "vocab_size": str(vocab_size_of(data.tokenizer)), **(sampling.identity() if sampling else {})}
+
+
+def check_cached_blocks(cache_dir: Path, data: PackedData) -> None:
+    """The cache's blocks are the data's, also where the fingerprint cannot tell: both record
+    what the blocks hold (teachers/cache/format.py RECORDED_SINCE; data prepared or cached
+    before that records nothing and is taken as before)."""
+    try:
+        ident = json.loads((Path(cache_dir) / "manifest.json").read_text()).get("identity", {})
+    except (OSError, ValueError):
+        return  # the reader reports it
+    have = ident.get("data_content")
+    if ident.get("data_fingerprint") == data.fingerprint and have and data.content and have != data.content:
+        raise UserError(f"cache at {cache_dir} holds the teacher's signal for other blocks: the data was prepared "
+                        f"again under the same fingerprint and came out different (an edit that kept a large file's "
+                        f"size, which the fingerprint's sampling missed); rerun `distill cache --overwrite`")
 
 
 def server_teacher(cfg: RunConfig):

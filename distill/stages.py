@@ -21,9 +21,9 @@ from distill.data import PackedData, vocab_size_of
 from distill.layout import has_tokenizer
 from distill.report.export import export_checkpoint, save_hf_dir
 from distill.report.report import evaluate_run
-from distill.runtime import (DENSE_AUTO_BYTES, autocast_dtype, cache_identity, check_k, dense_logits_bytes,
-                             dense_signal, existing_teacher_dir, is_leader, live_teacher, model_config, prepare,
-                             resolve_device, sampling_of, server_teacher, setup_runtime)
+from distill.runtime import (DENSE_AUTO_BYTES, autocast_dtype, cache_identity, check_cached_blocks, check_k,
+                             dense_logits_bytes, dense_signal, existing_teacher_dir, is_leader, live_teacher,
+                             model_config, prepare, resolve_device, sampling_of, server_teacher, setup_runtime)
 from distill.train.checkpoint import DATA_KEY
 from distill.train.loop import claim_out_dir, run_hash, train_loop
 from distill.train.on_policy import on_policy_source
@@ -155,21 +155,6 @@ def check_online_sharding(cfg: RunConfig) -> None:
                         "train.mode: cached (cache first, then train), or teacher.sharding: none")
 
 
-SAME_NAME_OTHER_BLOCKS = ("the data was prepared again under the same fingerprint and came out different (an edit "
-                          "that kept a large file's size, which the fingerprint's sampling missed)")
-
-
-def _check_cached_blocks(cache_dir: Path, data: PackedData) -> None:
-    """The cache's blocks are the data's, also where the fingerprint cannot tell (RECORDED_SINCE)."""
-    try:
-        ident = json.loads((cache_dir / "manifest.json").read_text()).get("identity", {})
-    except (OSError, ValueError):
-        return  # the reader reports it
-    if ident.get("data_fingerprint") == data.fingerprint and ident.get("data_content") not in (None, data.content):
-        raise UserError(f"cache at {cache_dir} holds the teacher's signal for other blocks: {SAME_NAME_OTHER_BLOCKS}; "
-                        f"rerun `distill cache --overwrite`")
-
-
 def open_cached_teachers(cfg: RunConfig, data: PackedData) -> tuple[CachedTeacher, CachedTeacher]:
     """The train and val replays of a cache made for this run's teacher, tokenizer and data."""
     cache_dir = cfg.layout.cache
@@ -180,7 +165,7 @@ def open_cached_teachers(cfg: RunConfig, data: PackedData) -> tuple[CachedTeache
         chosen = " (chosen by cache.estimator: auto)" if cfg.estimator_note else ""
         raise UserError(f"cache at {cache_dir} holds a {have} signal but cache.estimator is {cfg.cache.estimator}"
                         f"{chosen}; set cache.estimator: {have}, or rerun `distill cache --overwrite`")
-    _check_cached_blocks(cache_dir, data)
+    check_cached_blocks(cache_dir, data)
     identity = None if cfg.teacher.source == "cache" else cache_identity(cfg, data)
     train, val = CachedTeacher(cache_dir, "train", identity), CachedTeacher(cache_dir, "val", identity)
     manifest = train.reader.manifest

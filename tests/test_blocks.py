@@ -161,6 +161,12 @@ def test_prepare_command_then_inspect_describes_prepared_data(cli, stdlib_corpus
     assert r.returncode == 0 and f"fingerprint │ {data.fingerprint}" in " ".join(r.stdout.split()), r.stdout + r.stderr
     r = cli("inspect", str(tmp_path))
     assert r.returncode == 2 and "or a run's out_dir (data/, cache/, students/)" in r.stderr, r.stderr
+    for part in ("data/blocks-killed", "cache"):  # a killed preparation, a cache begun: each said, none stops it
+        (tmp_path / "run2" / part).mkdir(parents=True)
+        (tmp_path / "run2" / part / "train-00000.json").write_text("{}")
+    r = cli("inspect", str(tmp_path / "run2"))
+    out = " ".join(r.stdout.split())
+    assert r.returncode == 0 and out.count("nothing complete to describe") == 2, r.stdout + r.stderr
 
 
 def test_inspect_of_data_cut_by_max_blocks_counts_what_was_tokenised_and_stored(cli, stdlib_corpus, tmp_path):
@@ -233,6 +239,14 @@ def test_a_damaged_prepared_shard_is_found_by_verify_and_named_when_read(cli, st
     rec = json.loads(record.read_text())
     record.write_text(json.dumps({k: v for k, v in rec.items() if k != "sha256"}))
     assert [p for p in verify_blocks(root) if "sha256" in p] == [] and len(verify_blocks(root)) == 1
+    # A truncated target-count shard: the description says so and --verify names it (inspect read
+    # the counts before verifying, and died with a traceback)
+    targets = root / data.train.shards[0]["targets"]
+    targets.write_bytes(targets.read_bytes()[:-7])
+    r = cli("inspect", str(tmp_path / "data"), "--verify")
+    out = " ".join(r.stdout.split())
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert "targets unreadable" in out and targets.name in out and "problem(s)" in out, out
 
 
 ORPHAN = """
@@ -322,3 +336,27 @@ def test_each_chunks_tokenised_arrow_file_is_removed_once_its_shard_is_written(s
     assert len(seen) >= 4
     for tag, files in seen:
         assert files and all(f.startswith(tag) for f in files), (tag, files)  # this chunk's alone
+
+
+def test_the_blocks_content_digest_follows_the_blocks_not_the_shards(stdlib_corpus, tmp_path):
+    """`content` (recorded by caches and checkpoints) names what the blocks hold: the same blocks
+    cut into other shards (data.shard_documents, not in the fingerprint) or stored past a
+    max_train_blocks cut give the same digest (a first cut hashed the shard records, and
+    refused a good cache); other blocks give another."""
+    def prepared(out, **kw):
+        return prepare_data(DataConfig(paths=[corpus], seq_len=32, tokenizer={"path": str(tok)}, **kw), tmp_path / out)
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(stdlib_corpus, corpus)
+    prepare_data(DataConfig(paths=[corpus], seq_len=32, tokenizer={"vocab_size": 300}), tmp_path / "t")
+    tok = tmp_path / "t" / "tokenizer"  # one tokenizer for every preparation below
+    a, b = prepared("a", shard_documents=4), prepared("b", shard_documents=7)
+    assert a.fingerprint == b.fingerprint and len(a.train.shards) != len(b.train.shards)
+    assert torch.equal(a.train[:], b.train[:]) and a.content == b.content is not None
+    cut_a, cut_b = prepared("c", shard_documents=4, max_train_blocks=50), prepared("d", shard_documents=7,
+                                                                                    max_train_blocks=50)
+    stored = [sum(s["blocks"] for s in x.manifest["splits"]["train"]["shards"]) for x in (cut_a, cut_b)]
+    assert stored[0] != stored[1] and cut_a.content == cut_b.content != a.content  # kept blocks only
+    first = sorted(corpus.glob("*.py"))[0]
+    first.write_text(first.read_text().replace("def ", "def  ", 1))
+    assert prepared("e", shard_documents=4).content != a.content

@@ -213,6 +213,11 @@ def test_identity_mismatch_refused_then_overwrite(tmp_path):
     with pytest.raises(CacheMismatch, match="data_fingerprint"):
         CacheReader(tmp_path, "train").check_identity(dict(identity, data_fingerprint="other"))
     CacheReader(tmp_path, "train").check_identity(dict(identity, k=K))
+    write_cache(tmp_path, teacher_fn, splits, identity=dict(identity, tokenizer_hash="tok2"), k=K + 1,
+                shard_sequences=8, overwrite=True, progress=False)
+    r = CacheReader(tmp_path, "train", verify=True)
+    assert r.manifest["identity"]["tokenizer_hash"] == "tok2" and r.signal([0]).k == K + 1
+    assert verify_cache(tmp_path) == []
 
 
 def test_a_cache_made_before_the_blocks_digest_was_recorded_still_matches(tmp_path):
@@ -229,12 +234,6 @@ def test_a_cache_made_before_the_blocks_digest_was_recorded_still_matches(tmp_pa
         CacheReader(tmp_path / "new", "train").check_identity(dict(now, data_content="efgh"))
     with pytest.raises(CacheMismatch, match="data_content"):
         write_cache(tmp_path / "new", teacher_fn, splits, identity=dict(now, data_content="efgh"), k=K, progress=False)
-
-    write_cache(tmp_path, teacher_fn, splits, identity=dict(identity, tokenizer_hash="tok2"), k=K + 1,
-                shard_sequences=8, overwrite=True, progress=False)
-    r = CacheReader(tmp_path, "train", verify=True)
-    assert r.manifest["identity"]["tokenizer_hash"] == "tok2" and r.signal([0]).k == K + 1
-    assert verify_cache(tmp_path) == []
 
 
 def test_complete_cache_rerun_is_a_noop(tmp_path):

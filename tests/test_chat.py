@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from common.errors import UserError
-from distill.chat import pack_rows, render
+from distill.chat import empty_answers, pack_rows, render
 from distill.config import DataConfig, LossConfig
 from distill.data import load_documents, prepare_data
 from distill.train.student import distill_loss
@@ -154,6 +154,11 @@ def test_empty_answers_are_counted_when_data_is_prepared(hf_family, tmp_path, ca
                  tmp_path / "b")
     err = capfd.readouterr().err
     assert "[data] 5 assistant turns or completions are empty: their only target is the end of the turn" in err, err
+    parts = {"messages": [{"role": "user", "content": "Hi"},  # content as parts (multimodal chat rows)
+                          {"role": "assistant", "content": [{"type": "text", "text": " "}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]},
+                          {"role": "assistant", "content": [{"type": "image"}]}]}
+    assert empty_answers(json.dumps(parts)) == 1
 
 
 @pytest.fixture(scope="module")

@@ -420,3 +420,7 @@ def test_data_prepared_again_that_came_out_different_is_not_taken_for_the_old(on
         want = "holds the teacher's signal for other blocks" if mode == "cached" else \
             "this checkpoint was trained on other blocks of data with the same fingerprint"
         assert want in line and "came out different" in line, line
+        if mode == "cached":  # eval scores agreement and KL against the cache too
+            line = one_line(run_cli("eval", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}", *sets,
+                                    "--set", "train.mode=cached"))
+            assert "holds the teacher's signal for other blocks" in line, line

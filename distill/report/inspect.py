@@ -68,7 +68,11 @@ def data_rows(root: Path, m: dict) -> dict:
         rows[f"split {name}"] = (f"{sp['documents']:,} documents, {sp['tokens']:,} tokens, {sp['blocks']:,} blocks{cut}, "
                                  f"{len(sp['shards']):,} shards")
         if m["masked"]:  # prompts, padding and (documents packing) each row's first token are no target
-            targets, positions = int(blocks_of.target_counts().sum()), sp["blocks"] * m["seq_len"]
+            try:
+                targets, positions = int(blocks_of.target_counts().sum()), sp["blocks"] * m["seq_len"]
+            except (OSError, ValueError):  # a damaged shard: --verify names it
+                rows[f"split {name}"] += "; targets unreadable (a damaged shard: --verify names it)"
+                continue
             rows[f"split {name}"] += f"; {targets:,} targets ({targets / max(1, positions):.0%} of the positions)"
     return rows
 
@@ -165,10 +169,13 @@ def inspect_path(path: Path, verify: bool = False) -> bool:
         return True
     parts = [p for p in (path / "data", path / "cache", *sorted((path / "students").glob("*/checkpoints")))
              if p.is_dir() and any(p.iterdir())]
-    if parts:  # a run's out_dir: each thing in it
+    if parts:  # a run's out_dir: each thing in it (one unfinished, e.g. a killed preparation, said in a line)
         ok = True
         for part in parts:
-            ok = inspect_path(part.parent if part.name == "checkpoints" else part, verify=verify) and ok
+            try:
+                ok = inspect_path(part.parent if part.name == "checkpoints" else part, verify=verify) and ok
+            except UserError as e:
+                console.print(f"{part}: nothing complete to describe ({e})")
         return ok
     raise UserError(f"{path}: not prepared data, a cache (manifest.json), checkpoint (meta.json), model dir "
                     f"(config.json) or a run's out_dir (data/, cache/, students/)")

@@ -20,7 +20,7 @@ from distill.config import CacheConfig, RunConfig
 from distill.data import vocab_size_of
 from distill.report import generation, plots
 from distill.report.export import export_meta, model_card
-from distill.runtime import prepare, resolve_device, scoring_teacher
+from distill.runtime import check_cached_blocks, prepare, resolve_device, scoring_teacher
 from distill.train import checkpoint
 from distill.train.metrics import read_metrics
 from distill.train.validate import evaluate_model, inference_tokens_per_s
@@ -114,6 +114,7 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
     held_out = first_blocks(data.val, cfg.train.eval_blocks)  # Blocks: their rows' position ids go along
     teacher_model = None
     if cfg.train.mode == "cached":
+        check_cached_blocks(layout.cache, data)
         val_teacher: Teacher = CachedTeacher(layout.cache, "val")
     else:
         live = val_teacher = scoring_teacher(cfg, data, device)
