@@ -43,6 +43,7 @@ take about the same number of optimiser steps over the same epoch.  Wall times a
     python bench/peer.py --trl-python ... --variants online --vocab 49152 --tokenizer-text stdlib \
         --teacher-hidden 512 --teacher-layers 30 --teacher-steps 20 --teacher-batch 8
                         # the issue's shape: V = 49,152, a 114M teacher (30 layers), students of 3.2-10.6M
+    python bench/peer.py --trl-python ... --seeds 0,1,2     # each seed reruns both sides: the spread of a ratio
 """
 from __future__ import annotations
 
