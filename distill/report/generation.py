@@ -18,7 +18,6 @@ the figure is the on-policy loss's own measure on held-out prompts.
 from __future__ import annotations
 
 import unicodedata
-
 from dataclasses import dataclass
 
 import torch
