@@ -473,10 +473,14 @@ def parse_config(raw: dict, source: str = "config", overridden: tuple[str, ...] 
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise UserError(f"{_blame(source, where, overridden)}: {_format_error(err)}{more}") from None
+        # Every refused key, one line each (a second typo is not found only after the first is
+        # fixed), up to a screenful.
+        shown = 8
+        lines = [f"{_blame(source, '.'.join(str(p) for p in err['loc']), overridden)}: {_format_error(err)}"
+                 for err in e.errors()[:shown]]
+        if e.error_count() > shown:
+            lines.append(f"(+{e.error_count() - shown} more)")
+        raise UserError("\n  ".join(lines)) from None
 
 
 def _blame(source: str, where: str, overridden: tuple[str, ...]) -> str:

@@ -60,6 +60,19 @@ def test_bad_values_name_the_key(key, value, expect):
     assert expect in error_of(minimal(**{key: value}))
 
 
+def test_every_refused_key_is_named_one_line_each():
+    """Two mistakes in one file: both are said, each on its own line, each blamed on its
+    source, so the second is not found only after the first is fixed."""
+    raw = minimal(**{"train.stpes": 5, "students.0.optim.lr": -1.0})
+    lines = error_of(raw).splitlines()
+    assert len(lines) == 2, lines
+    assert any("train.stpes: unknown key" in line for line in lines)
+    assert any("students.0.optim.lr" in line for line in lines)
+    many = minimal(**{f"train.bogus{i}": i for i in range(11)})
+    lines = error_of(many).splitlines()
+    assert len(lines) == 9 and lines[-1].strip() == "(+3 more)", lines
+
+
 def test_step_schedule_boundaries_must_increase():
     sched = {"kind": "step", "boundaries": [0.6, 0.3]}
     assert "boundaries" in error_of(minimal(**{"students.0.loss.soft_weight": sched}))
