@@ -173,6 +173,7 @@ def prepare(cfg: RunConfig, progress: bool = False) -> PackedData:
         cfg.data.tokenizer.path = cfg.teacher.path
     check_teacher_tokenizer(cfg)  # before the corpus is tokenised with it
     check_student_tokenizers(cfg)  # and before the teacher's pass: a run that cannot train costs nothing
+    check_cut_students(cfg)
     # Under a launcher, rank 0 builds the tokenizer and blocks; the others then reuse them.
     leader = is_leader()
     if not leader:
@@ -224,6 +225,46 @@ def check_student_tokenizers(cfg: RunConfig) -> None:
             differ = _other_ids(s.model.path, run, f"student {s.name}", f"remove it to use the run's tokenizer ({named})")
             if differ:
                 raise UserError(_other_tokenizer(s.name, s.model.path, named, differ))
+
+
+def cut_layer_spec(t_config, overrides: dict, default: str, where: str) -> tuple[int, list[int] | str]:
+    """(how many layers, which) of a student cut from the teacher: `which` is a list of teacher
+    layer indices, `auto` (chosen by calibration) or `even`.  t_config: the teacher's text config."""
+    from students.derive import student_layer_count
+
+    keep, num = student_layer_count(t_config, overrides), t_config.num_hidden_layers
+    if not 1 <= keep <= num:
+        raise UserError(f"{where}: cannot keep {keep} of the teacher's {num} layers")
+    spec = overrides.get("layers", default)
+    if spec in ("auto", "even") or isinstance(spec, list) and all(isinstance(t, int) for t in spec):
+        return keep, spec
+    raise UserError(f"{where}.layers: give a list of teacher layer indices or `auto`, not {spec!r}")
+
+
+def check_cut_students(cfg: RunConfig) -> None:
+    """A student cut from a checkpoint teacher (`model.from_teacher`) names fields of the
+    teacher's config and teacher layers: both are checked against the checkpoint's config
+    here, before data preparation and the teacher's pass (the student itself is built after
+    them).  `layers: auto` is checked by its count; the calibration picks which later."""
+    from students.derive import derive_config, even_layers
+
+    from transformers import AutoConfig
+
+    cut = [(i, s) for i, s in enumerate(cfg.students) if s.model.from_teacher is not None]
+    if not cut or cfg.teacher.source != "checkpoint" or cfg.teacher.path is None:
+        return
+    try:
+        t_config = AutoConfig.from_pretrained(str(cfg.teacher.path), local_files_only=True).get_text_config()
+    except Exception:
+        return  # loading the teacher says what is wrong with it
+    for i, s in cut:
+        where = f"students[{i}].model.from_teacher"
+        overrides = dict(s.model.from_teacher)
+        keep, spec = cut_layer_spec(t_config, overrides, s.init_layers or "even", where)
+        try:
+            derive_config(t_config, overrides, spec if isinstance(spec, list) else even_layers(keep, t_config.num_hidden_layers))
+        except (ValueError, TypeError) as e:
+            raise UserError(f"{where}: {e}") from None
 
 
 def _other_tokenizer(name: str, model_dir, run_tok_dir, differ: str) -> str:

@@ -139,15 +139,23 @@ def test_cut_student_trains_and_the_report_says_what_was_chosen(cut_run, hf_fami
     assert (trained["model.layers.1.mlp.down_proj.weight"] - teacher[last]).abs().max() < 0.1
 
 
-def test_a_typo_in_from_teacher_is_one_line(hf_family, stdlib_corpus, tmp_path):
+@pytest.mark.parametrize("cut,said", [
+    ({"num_layerz": 2}, "students[0].model.from_teacher: the teacher's Qwen3Config has no field 'num_layerz'"),
+    ({"num_layers": 9}, "students[0].model.from_teacher: cannot keep 9 of the teacher's 3 layers"),
+    ({"layers": [0, 5]}, "students[0].model.from_teacher: layers must be distinct teacher layer indices in [0, 3); got [0, 5]"),
+    ({"layers": "first"}, "students[0].model.from_teacher.layers: give a list of teacher layer indices or `auto`, not 'first'"),
+], ids=["typo", "too_many_layers", "no_such_layer", "bad_layers"])
+def test_a_bad_from_teacher_is_one_line_before_any_data_work(cut, said, hf_family, stdlib_corpus, tmp_path):
+    """Checked against the teacher's config before the corpus is tokenised (and, in `distill
+    run`, before the teacher's whole pass), not when the student is built after them."""
     from tests.conftest import run_cli
 
     cfg = {"out_dir": str(tmp_path / "run"), "data": {"paths": [str(stdlib_corpus)], "seq_len": 32},
            "teacher": {"source": "checkpoint", "path": str(hf_family["teacher"])}, "cache": {"k": 8},
-           "students": [{"name": "s", "model": {"from_teacher": {"num_layerz": 2}}}],
+           "students": [{"name": "s", "model": {"from_teacher": cut}}],
            "train": {"mode": "online", "steps": 1, "batch_size": 2}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     r = run_cli("train", "-c", str(tmp_path / "run.yaml"), "--quiet", timeout=120)
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].endswith(
-        "students[0].model.from_teacher: the teacher's Qwen3Config has no field 'num_layerz'")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith(said), r.stderr
+    assert not list((tmp_path / "run").glob("data/blocks-*")), "refused only after data preparation"

@@ -20,7 +20,7 @@ from common.errors import UserError
 from common.fsutil import atomic_write_json
 from distill.config import RunConfig, StudentConfig
 from distill.data import PackedData, vocab_size_of
-from distill.runtime import check_student_vocab, is_leader, model_config, resolve_device, teacher_model
+from distill.runtime import check_student_vocab, cut_layer_spec, is_leader, model_config, resolve_device, teacher_model
 from distill.train.engines import DeepSpeedEngine, TorchEngine, deepspeed_config
 from distill.train.loop import LoopConfig
 from distill.train.student import Student, make_optimizer
@@ -69,7 +69,7 @@ class _TeacherOnce:
 def _from_teacher(cfg: RunConfig, sc: StudentConfig, i: int, data: PackedData, teacher: _TeacherOnce):
     """(model, info) for `model: {from_teacher: {...}}`."""
     from students.build import build_model
-    from students.derive import choose_layers, derive_config, even_layers, student_layer_count
+    from students.derive import choose_layers, derive_config, even_layers
 
     from transformers import AutoConfig
 
@@ -77,8 +77,7 @@ def _from_teacher(cfg: RunConfig, sc: StudentConfig, i: int, data: PackedData, t
     overrides = dict(sc.model.from_teacher)
     t_config = teacher.model.config if teacher.model is not None else AutoConfig.from_pretrained(str(cfg.layout.teacher))
     t_config = t_config.get_text_config()
-    keep = student_layer_count(t_config, overrides)
-    spec = overrides.get("layers", sc.init_layers or ("auto" if sc.init == "teacher" else "even"))
+    keep, spec = cut_layer_spec(t_config, overrides, sc.init_layers or ("auto" if sc.init == "teacher" else "even"), where)
     why: dict = {"method": "given in the config"}
     if spec == "auto":
         blocks = token_ids(data.train[:CALIBRATION_BLOCKS, :-1])  # (n, T) plain ids of the first train blocks
@@ -89,10 +88,8 @@ def _from_teacher(cfg: RunConfig, sc: StudentConfig, i: int, data: PackedData, t
             raise UserError(f"{where}: {e}") from None
     elif spec == "even":
         layers, why = even_layers(keep, t_config.num_hidden_layers), {"method": "evenly spaced (init: random)"}
-    elif isinstance(spec, list) and all(isinstance(t, int) for t in spec):
-        layers = list(spec)
     else:
-        raise UserError(f"{where}.layers: give a list of teacher layer indices or `auto`, not {spec!r}")
+        layers = list(spec)
     try:
         config = derive_config(t_config, overrides, layers)
     except ValueError as e:
