@@ -241,10 +241,10 @@ def earlier_run_hashes(cfg: RunConfig, identity: dict) -> tuple[str, ...]:
 
 
 def data_views(cfg: RunConfig, teacher: CachedTeacher | None, data: PackedData) -> list[DataView]:
-    """Which training blocks each student learns from (distill/train/selection.py), logged
-    and written to OUT/students/NAME/data.json for the report."""
+    """Which training blocks each student learns from (distill/train/selection.py), logged.
+    The training loop writes them to OUT/students/NAME/data.json once the run is under way
+    (not here: an earlier run may yet be moved aside, or a resume refused)."""
     rules = [(s.name, *cfg.selection_of(i)) for i, s in enumerate(cfg.students)]
-    keys = {name: where for name, where, _ in rules}
     reader = None if teacher is None else teacher.reader
     stats = reader.sequence_stats() if reader is not None and reader.has_difficulty else None
     views = plan_views(rules, stats, len(data.train), block_tokens=data.train.target_counts())
@@ -255,9 +255,6 @@ def data_views(cfg: RunConfig, teacher: CachedTeacher | None, data: PackedData) 
                 print(f"[data] {', '.join(view.students)}: {sm['rule']}: {sm['blocks_kept']:,} of "
                       f"{sm['blocks_total']:,} training blocks ({sm['fraction_kept']:.1%}), {sm['tokens_kept']:,} of "
                       f"{sm['tokens_total']:,} target tokens", file=sys.stderr, flush=True)
-            for name in view.students:
-                atomic_write_json(cfg.layout.data_report(name), {"student": name, "key": keys[name],
-                                                                 "digest": view.digest(), **sm})
     return views
 
 

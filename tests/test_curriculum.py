@@ -275,11 +275,14 @@ def test_selection_resumes_exactly_and_a_changed_one_is_refused(selection_run):
     for name in ("dense", "hard", "all", "dyn"):  # a crash after step 4: the step-6 checkpoint never happened
         shutil.rmtree(crashed / "students" / name / "checkpoints" / "step_00000006")
     sets = ["--set", f"out_dir={crashed}", "--set", f"cache.dir={out / 'cache'}"]
-    # a changed selection is refused, naming the student and both selections; nothing is touched
+    # a changed selection is refused, naming the student and both selections; nothing is touched,
+    # the report's record of what each student saw included
+    saw = {name: _kept(crashed, name) for name in ("dense", "hard", "all", "dyn")}
     r = run_cli("train", "-c", str(path), "--quiet", "--resume", *sets, "--set", "data.select.drop_easiest=0.25")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "student dense: its data selection changed" in r.stderr and "drop the easiest 25%" in r.stderr
     assert not (crashed / "students" / "dense" / "checkpoints" / "step_00000006").exists()
+    assert {name: _kept(crashed, name) for name in saw} == saw
     r = run_cli("train", "-c", str(path), "--quiet", "--resume", *sets)
     assert r.returncode == 0, r.stderr[-2000:]
     # dyn resumes inside its second window (steps 3-5): its gap table and that window's weights

@@ -291,6 +291,8 @@ def test_a_fresh_run_into_a_used_out_dir_is_refused_and_overwrite_moves_the_old_
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000002", "step_00000003"]
     rows = [json.loads(l) for l in (out / "students" / "dense" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
+    # what data the new run's student sees is the new run's, not moved aside with the old run
+    assert json.loads((out / "students" / "dense" / "data.json").read_text())["student"] == "dense"
     r = run_cli("export", str(out / "students" / "dense"), "--out", str(tmp_path / "export"))
     assert r.returncode == 0, r.stderr[-2000:]
     exported = load_file(str(tmp_path / "export" / "model.safetensors"))

@@ -309,11 +309,17 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
     teacher (on_policy.OnPolicySource): the students it names for a step learn from it, not
     from the corpus, that step; None: the corpus only."""
     names = [s.name for s in students]
+    reported = views is not None  # the teacher's own pretraining has no data report
     views = views or [DataView(None, "", None, names, n_total=len(train_blocks))]
     start, students = resume_all(layout, students, loop) if resume else (0, students)
     if not resume and loop.rank == 0:
         for s in students:  # a fresh run retries every student
             layout.failure(s.name).unlink(missing_ok=True)
+    if reported and loop.rank == 0:  # what each student learns from, for the report, now that the run is under way
+        training = {s.name for s in students}
+        for view in views:
+            for name in set(view.students) & training:
+                atomic_write_json(layout.data_report(name), view.report(name))
     logger = MetricsLogger(layout, [s.name for s in students], start, enabled=loop.rank == 0)
     final_eval: dict = {}
     teacher_calls = 0  # teacher forwards made for training batches (evaluation excluded)

@@ -89,6 +89,7 @@ class DataView:
     where: str  # the config key of the rule, for messages
     blocks: torch.Tensor | None
     students: list[str] = field(default_factory=list)
+    keys: dict[str, str] = field(default_factory=dict)  # student -> the config key of its rule
     summary: dict = field(default_factory=dict)
     n_total: int = 0  # training blocks in the split
     gaps: torch.Tensor | None = None  # (M,) fp64, dynamic only
@@ -108,6 +109,10 @@ class DataView:
     @property
     def size(self) -> int:
         return self.n_total if self.blocks is None else int(self.blocks.numel())
+
+    def report(self, name: str) -> dict:
+        """What OUT/students/NAME/data.json holds: the rule, its digest and the summary."""
+        return {"student": name, "key": self.keys.get(name, self.where), "digest": self.digest(), **self.summary}
 
     def digest(self) -> str:
         """Identity of the kept blocks and how they are drawn (part of the run identity)."""
@@ -188,6 +193,7 @@ def plan_views(rules: list[tuple[str, str, SelectConfig | None]], sequence_stats
             blocks = None if rule is None else select_blocks(rule, sequence_stats, where)
             views[key] = DataView(rule, where, blocks, n_total=n_blocks)
         views[key].students.append(name)
+        views[key].keys[name] = where
     for view in views.values():
         view.summary = summarize(view, sequence_stats, n_blocks, block_tokens)
     return list(views.values())
