@@ -406,13 +406,17 @@ def cache_identity(cfg: RunConfig, data: PackedData) -> dict:
 
 
 def check_cached_blocks(cache_dir: Path, data: PackedData) -> None:
-    """The cache's blocks are the data's, also where the fingerprint cannot tell: both record
-    what the blocks hold (teachers/cache/format.py RECORDED_SINCE; data prepared or cached
-    before that records nothing and is taken as before)."""
+    """The cache's blocks are the data's: by fingerprint, and also where the fingerprint cannot
+    tell, by what the blocks hold (both recorded since teachers/cache/format.py RECORDED_SINCE;
+    data prepared or cached before that records no content and is taken by fingerprint)."""
     try:
         ident = json.loads((Path(cache_dir) / "manifest.json").read_text()).get("identity", {})
     except (OSError, ValueError):
         return  # the reader reports it
+    if ident.get("data_fingerprint") not in (None, data.fingerprint):
+        raise UserError(f"cache at {cache_dir} was made from other data (fingerprint "
+                        f"{ident.get('data_fingerprint')} != {data.fingerprint}); rerun `distill cache --overwrite`, "
+                        f"or give the data it was made from")
     have = ident.get("data_content")
     if ident.get("data_fingerprint") == data.fingerprint and have and data.content and have != data.content:
         raise UserError(f"cache at {cache_dir} holds the teacher's signal for other blocks: the data was prepared "

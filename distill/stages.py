@@ -180,10 +180,6 @@ def open_cached_teachers(cfg: RunConfig, data: PackedData) -> tuple[CachedTeache
             if have_value != want:
                 raise UserError(f"cache at {cache_dir} has {key} {have_value} but cache.{key} is {want}; set "
                                 f"cache.{key}: {have_value}, or rerun `distill cache --overwrite`")
-    ident = manifest.get("identity", {})
-    if ident.get("data_fingerprint") not in (None, data.fingerprint):
-        raise UserError(f"cache at {cache_dir} was made from other data (fingerprint "
-                        f"{ident.get('data_fingerprint')} != {data.fingerprint}); rerun `distill cache --overwrite`")
     if len(train) != len(data.train):
         raise UserError(f"cache has {len(train)} train blocks but the data has {len(data.train)}; "
                         f"rerun `distill cache` to complete it")

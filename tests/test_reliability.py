@@ -426,3 +426,12 @@ def test_data_prepared_again_that_came_out_different_is_not_taken_for_the_old(on
             line = one_line(run_cli("eval", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}", *sets,
                                     "--set", "train.mode=cached"))
             assert "holds the teacher's signal for other blocks" in line, line
+            # and a cache of other data altogether (another fingerprint): refused too, not scored
+            # against the wrong blocks or an IndexError past the cache's last block
+            other = tmp_path / "other.jsonl"
+            other.write_text("".join(json.dumps({"text": f"class C{i}:\n    x = {i}\n" * 30}) + "\n" for i in range(40)))
+            r = run_cli("eval", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}", *sets,
+                        "--set", "train.mode=cached", "--set", f"data.paths=['{other}']")
+            assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+            line = r.stderr.strip().splitlines()[-1]  # after the note naming the earlier preparation
+            assert line.startswith(f"error: cache at {out / 'cache'} was made from other data"), line
