@@ -106,6 +106,34 @@ def test_a_head_the_toolkit_does_not_know_is_refused(hf_family, tmp_path):
         check_head(model)
 
 
+def test_a_student_with_non_finite_weights_is_refused_by_name(hf_family, tmp_path, cli):
+    """One NaN in a pretrained student's lm_head: refused naming the weight, not misread as an
+    unknown head architecture (its logits' difference to the head's output is NaN)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tests.hf_models import chat_rows, write_jsonl
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(hf_family["student"], damaged)
+    weights = load_file(str(damaged / "model.safetensors"))
+    head = next(k for k in weights if k.endswith("lm_head.weight") or k.endswith("embed_tokens.weight"))
+    weights[head][3, 5] = float("nan")
+    save_file(weights, str(damaged / "model.safetensors"), metadata={"format": "pt"})
+    cfg = {"out_dir": str(tmp_path / "out"), "data": {"paths": [str(write_jsonl(chat_rows(), tmp_path / "c.jsonl"))],
+                                                      "seq_len": 64},
+           "teacher": {"source": "checkpoint", "path": str(hf_family["teacher"])},
+           "students": [{"name": "s", "model": {"path": str(damaged)}}],
+           "train": {"mode": "online", "steps": 1, "batch_size": 2}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    r = cli("train", "-c", str(tmp_path / "run.yaml"), "--quiet")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: students[0].model: its weights hold NaN or inf ({head}: 1 of {weights[head].numel():,}): a damaged "
+        f"or wrongly converted checkpoint; replace it"), r.stderr
+
+
 @pytest.mark.parametrize("command", ["cache", "run"])
 def test_a_student_of_another_tokenizer_is_refused_before_the_teacher_pass(hf_family, tmp_path, cli, command):
     """`distill run` wrote the whole cache (hours, at scale) before the student was built and

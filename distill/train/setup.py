@@ -99,6 +99,22 @@ def _from_teacher(cfg: RunConfig, sc: StudentConfig, i: int, data: PackedData, t
 
 
 @torch.no_grad()
+def check_finite_weights(model) -> None:
+    """Raise ValueError naming the parameters that hold NaN or inf (a damaged or wrongly
+    converted checkpoint): every step from them would be non-finite."""
+    bad = []
+    for name, param in model.named_parameters():
+        if param.is_floating_point():
+            n = int((~torch.isfinite(param)).sum())
+            if n:
+                bad.append(f"{name}: {n:,} of {param.numel():,}")
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(f"its weights hold NaN or inf ({'; '.join(bad[:3])}{more}): a damaged or wrongly converted "
+                         f"checkpoint; replace it")
+
+
+@torch.no_grad()
 def check_head(model, tokens: int = 8) -> None:
     """Training and validation run the decoder (`model.model`), then the lm_head chunk by
     chunk, then `head_transform`: raise ValueError unless that equals the model's own logits
@@ -129,9 +145,10 @@ def check_head(model, tokens: int = 8) -> None:
 
 def student_model(cfg: RunConfig, sc: StudentConfig, i: int, data: PackedData, teacher: _TeacherOnce):
     """(model, info): the student's model as its config says, and what it was built from;
-    its head checked to be one training computes as the model does (`check_head`)."""
+    its weights checked finite and its head one training computes as the model does."""
     model, info = _student_model(cfg, sc, i, data, teacher)
     try:
+        check_finite_weights(model)
         check_head(model)
     except ValueError as e:
         raise UserError(f"students[{i}].model: {e}") from None
