@@ -289,11 +289,14 @@ def small_top_k_note(cfg: RunConfig, dense: bool = False) -> str | None:
              and s.model.path is None and s.model.from_teacher is None]
     if not names:
         return None
-    online = cfg.train.mode == "online" and cfg.teacher.source != "server"
+    server = cfg.teacher.source == "server"
+    ways = ["train.online_dense: true"] if cfg.train.mode == "online" and not server else []
+    if not server and not cfg.on_policy_active:  # neither takes a sampled signal (config.py refuses it)
+        ways.append("cache.estimator: sampled with cache.samples: 256, the default (1.00-1.02x the full "
+                    "distribution's there)")
     return (f"[train] note: {', '.join(names)} start from random init and learn only the teacher's top-{cfg.cache.k}; "
             f"such students reached 1.7-2.3x the held-out perplexity of the full distribution in bench/peer.py: "
-            f"consider {'train.online_dense: true, ' if online else ''}cache.estimator: sampled with cache.samples: "
-            f"256, the default (1.00-1.02x the full distribution's there), or cache.k: 512")
+            f"consider {', '.join(ways + [''])}{'or ' if ways else ''}cache.k: 512")
 
 
 def schedule_note(cfg: RunConfig) -> str | None:

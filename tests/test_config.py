@@ -250,6 +250,9 @@ def test_small_top_k_note_names_the_random_init_students_it_concerns():
     assert note(dense=True) == cached  # a cached run reads the cache's top-k whatever online_dense says
     assert "train.online_dense: true, " in note(**{"train.mode": "online"})  # online, top-k: auto fell back
     assert note(dense=True, **{"train.mode": "online"}) is None
+    # on-policy steps take no sampled signal (refused by the config): the note does not offer one
+    on_policy = note(**{"train.mode": "online", "train.on_policy": {"share": {"kind": "constant", "start": 0.5}}})
+    assert on_policy.endswith("consider train.online_dense: true, or cache.k: 512"), on_policy
     assert note(**{"cache.k": 512}) is None
     sampled = minimal(**{"cache.estimator": "sampled", "students.0.loss.tail": "sampled"})
     assert small_top_k_note(parse_config(sampled)) is None
