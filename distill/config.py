@@ -13,6 +13,7 @@ with a `UserError`: a one-line message naming the key.
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 from pathlib import Path
@@ -460,11 +461,12 @@ def _check_estimator(where: str, student: StudentConfig, cache: CacheConfig) -> 
 
 
 def _format_error(err: dict) -> str:
-    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key (check the spelling; `distill init` writes every key)"
-    return f"{where}: {msg}"
+    if not err["loc"] and re.match(r"[\w.]+: ", msg):  # a check across keys, which names its key itself
+        return msg
+    return f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {msg}"
 
 
 def parse_config(raw: dict, source: str = "config", overridden: tuple[str, ...] = ()) -> RunConfig:
@@ -487,9 +489,10 @@ def _blame(source: str, where: str, overridden: tuple[str, ...]) -> str:
     """Who wrote the key `where` that a check refused: "--set" when a --set gave it (or a
     key above it), "FILE with --set K" for a check over several keys of which --set gave
     some, else the file."""
-    if any(where == k or where.startswith(f"{k}.") for k in overridden):
+    if where and any(where == k or where.startswith(f"{k}.") for k in overridden):
         return "--set"
-    inside = [k for k in overridden if k.startswith(f"{where}.")]
+    # a key above some --set keys (a check across keys at the top level: all of them)
+    inside = [k for k in overridden if not where or k.startswith(f"{where}.")]
     return f"{source} with --set {', '.join(inside)}" if inside else source
 
 

@@ -174,6 +174,12 @@ def test_an_error_in_a_set_value_is_blamed_on_set_not_the_file(tmp_path):
     p.write_text(yaml.safe_dump(raw))
     with pytest.raises(UserError, match=rf"^{p}: students.0.loss.divergence: unknown divergence"):
         _load(p, ["train.steps=3"])
+    # a check across keys, broken by a --set of one of them: the file with the --set keys, and the
+    # check's own key, not "(top level)"
+    raw = minimal(**{"train.mode": "online", "train.on_policy": {"share": {"kind": "constant", "start": 0.5}}})
+    p.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match=rf"^{p} with --set train.mode: train.on_policy.share: on-policy steps need"):
+        load_config(p, {"train.mode": "cached"})
     raw = minimal()
     raw["train"] = {"stpes": 5}  # the same mistake in the file is the file's
     p.write_text(yaml.safe_dump(raw))
