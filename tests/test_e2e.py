@@ -25,6 +25,7 @@ def test_layout(demo_dir):
     for rel in ("teacher/config.json", "cache/manifest.json", "report.md", "report.json", "curves.png",
                 "schedule.png", "expert_load.png"):
         assert (demo_dir / rel).exists(), rel
+    assert "`expert_load.png` (MoE students)" in (demo_dir / "report.md").read_text()
     for name in ("scout", "maverick", "dense", "dense-baseline"):
         assert list((demo_dir / "students" / name / "checkpoints").glob("step_*"))
         assert (demo_dir / "students" / name / "export" / "config.json").exists()

@@ -58,6 +58,9 @@ def test_plain_text_data_report_has_no_generation(hf_family, tmp_path):
     assert set(report) == {"teacher", "students", "data_fingerprint", "val_blocks", "scored_tokens", "teacher_signal"}
     md = (tmp_path / "plain" / "report.md").read_text()
     assert "Generation" not in md
+    # dense students: no expert-load plot is drawn, and the report names none
+    assert "expert_load.png" not in md and not (tmp_path / "plain" / "expert_load.png").exists()
+    assert "Plots: `curves.png` (training and validation), `schedule.png` (hard/soft weights)." in md
     # online, the defaults: scored against the whole distribution, so the teacher agrees with itself
     # (this teacher's vocab is padded by 12 rows past the tokenizer's: the report says what that does)
     assert report["teacher_signal"] == ("the teacher's whole distribution (exact); the signal spans the tokenizer's "

@@ -277,7 +277,8 @@ def render_markdown(report: dict) -> str:
         lines += [f"- **{name}**: failed at step {f['failed_at_step']}: {f['reason']} (checkpoint: step {f['step']})"
                   for name, f in failed.items()]
     lines += [""] + generation.markdown(report) + _data_lines(report) + _init_lines(report)
-    lines += ["Plots: `curves.png` (training and validation), `schedule.png` (hard/soft weights), "
-              "`expert_load.png` (MoE students).", ""]
+    moe = any(r.get("expert_load") for r in report["students"].values())  # plots.py draws it for them only
+    lines += [f"Plots: `curves.png` (training and validation), `schedule.png` (hard/soft weights)"
+              f"{', `expert_load.png` (MoE students)' if moe else ''}.", ""]
     return "\n".join(lines)
 
