@@ -424,12 +424,17 @@ def run_all(cfg: RunConfig, resume: bool = True, progress: bool = True, overwrit
         claim_out_dir(layout, [s.name for s in cfg.students], overwrite, rank, move=False)
     data = prepare(cfg, progress)
     if cfg.teacher.source == "preset":
-        stage(f"teacher: pretraining a {cfg.teacher.model.preset} preset ({cfg.teacher.pretrain.steps} steps) -> {layout.teacher}")
+        if resume and (layout.teacher / "pretrain_done.json").exists():
+            stage(f"teacher: the pretrained {cfg.teacher.model.preset} preset at {layout.teacher} (reused)")
+        else:
+            stage(f"teacher: pretraining a {cfg.teacher.model.preset} preset ({cfg.teacher.pretrain.steps} steps) "
+                  f"-> {layout.teacher}")
         pretrain_teacher(cfg, resume=resume, progress=progress, data=data, overwrite=overwrite)
     if cfg.train.mode == "cached":
         stage(f"cache: one teacher pass over the data -> {layout.cache}")
         build_cache(cfg, progress=progress, data=data)  # a cache of these inputs is any run's: reused
-    stage(f"train: {len(cfg.students)} students from one teacher signal per batch ({cfg.train.mode})")
+    n = len(cfg.students)
+    stage(f"train: {n} student{'s' if n != 1 else ''} from one teacher signal per batch ({cfg.train.mode})")
     train_students(cfg, resume=resume, progress=progress, data=data, overwrite=overwrite)
     if not is_leader():
         return {}

@@ -195,10 +195,13 @@ def test_rerun_resumes_without_redoing_work(demo_dir):
     from tests.conftest import run_cli
 
     before = {p: p.stat().st_mtime_ns for p in (demo_dir / "cache").glob("*.safetensors")}
-    r = run_cli("demo", "--tiny", "--quiet", "--out", str(demo_dir))
+    r = run_cli("demo", "--tiny", "--out", str(demo_dir))
     assert r.returncode == 0, r.stderr[-2000:]
     after = {p: p.stat().st_mtime_ns for p in (demo_dir / "cache").glob("*.safetensors")}
     assert before == after  # the cache was reused, not rewritten
+    # and its log says the teacher is reused, not pretrained again
+    assert f"==> teacher: the pretrained behemoth preset at {demo_dir / 'teacher'} (reused)" in r.stdout, r.stdout
+    assert "pretraining a" not in r.stdout and "==> train: 4 students from" in r.stdout
     # --no-resume into it is another run: refused before any work, naming --overwrite
     r = run_cli("demo", "--tiny", "--quiet", "--no-resume", "--out", str(demo_dir))
     assert r.returncode == 2 and "--overwrite" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
