@@ -405,15 +405,16 @@ def cache_identity(cfg: RunConfig, data: PackedData) -> dict:
             "vocab_size": str(vocab_size_of(data.tokenizer)), **(sampling.identity() if sampling else {})}
 
 
-def check_cached_blocks(cache_dir: Path, data: PackedData) -> None:
-    """The cache's blocks are the data's: by fingerprint, and also where the fingerprint cannot
-    tell, by what the blocks hold (both recorded since teachers/cache/format.py RECORDED_SINCE;
-    data prepared or cached before that records no content and is taken by fingerprint)."""
+def check_cached_blocks(cache_dir: Path, data: PackedData, by_fingerprint: bool = True) -> None:
+    """The cache's blocks are the data's: by fingerprint (unless not `by_fingerprint`), and also
+    where the fingerprint cannot tell, by what the blocks hold (recorded since
+    teachers/cache/format.py RECORDED_SINCE; data prepared or cached before that records no
+    content and is taken by fingerprint)."""
     try:
         ident = json.loads((Path(cache_dir) / "manifest.json").read_text()).get("identity", {})
     except (OSError, ValueError):
         return  # the reader reports it
-    if ident.get("data_fingerprint") not in (None, data.fingerprint):
+    if by_fingerprint and ident.get("data_fingerprint") not in (None, data.fingerprint):
         raise UserError(f"cache at {cache_dir} was made from other data (fingerprint "
                         f"{ident.get('data_fingerprint')} != {data.fingerprint}); rerun `distill cache --overwrite`, "
                         f"or give the data it was made from")

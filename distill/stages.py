@@ -165,7 +165,7 @@ def open_cached_teachers(cfg: RunConfig, data: PackedData) -> tuple[CachedTeache
         chosen = " (chosen by cache.estimator: auto)" if cfg.estimator_note else ""
         raise UserError(f"cache at {cache_dir} holds a {have} signal but cache.estimator is {cfg.cache.estimator}"
                         f"{chosen}; set cache.estimator: {have}, or rerun `distill cache --overwrite`")
-    check_cached_blocks(cache_dir, data)
+    check_cached_blocks(cache_dir, data, by_fingerprint=False)  # before the identity check, as above
     identity = None if cfg.teacher.source == "cache" else cache_identity(cfg, data)
     train, val = CachedTeacher(cache_dir, "train", identity), CachedTeacher(cache_dir, "val", identity)
     manifest = train.reader.manifest
@@ -180,6 +180,7 @@ def open_cached_teachers(cfg: RunConfig, data: PackedData) -> tuple[CachedTeache
             if have_value != want:
                 raise UserError(f"cache at {cache_dir} has {key} {have_value} but cache.{key} is {want}; set "
                                 f"cache.{key}: {have_value}, or rerun `distill cache --overwrite`")
+    check_cached_blocks(cache_dir, data)  # other data: after the keys above, whose messages name what to set
     if len(train) != len(data.train):
         raise UserError(f"cache has {len(train)} train blocks but the data has {len(data.train)}; "
                         f"rerun `distill cache` to complete it")
