@@ -297,7 +297,7 @@ def small_top_k_note(cfg: RunConfig, dense: bool = False) -> str | None:
                     "distribution's there)")
     return (f"[train] note: {', '.join(names)} start from random init and learn only the teacher's top-{cfg.cache.k}; "
             f"such students reached 1.7-2.3x the held-out perplexity of the full distribution in bench/peer.py: "
-            f"consider {', '.join(ways + [''])}{'or ' if ways else ''}cache.k: 512")
+            f"consider {', or '.join(filter(None, [', '.join(ways), 'cache.k: 512']))}")
 
 
 def schedule_note(cfg: RunConfig) -> str | None:
