@@ -258,7 +258,7 @@ def check_cut_students(cfg: RunConfig) -> None:
     except Exception:
         return  # loading the teacher says what is wrong with it
     for i, s in cut:
-        where = f"students[{i}].model.from_teacher"
+        where = f"students.{i}.model.from_teacher"
         overrides = dict(s.model.from_teacher)
         keep, spec = cut_layer_spec(t_config, overrides, s.init_layers or "even", where)
         try:

@@ -140,10 +140,10 @@ def test_cut_student_trains_and_the_report_says_what_was_chosen(cut_run, hf_fami
 
 
 @pytest.mark.parametrize("cut,said", [
-    ({"num_layerz": 2}, "students[0].model.from_teacher: the teacher's Qwen3Config has no field 'num_layerz'"),
-    ({"num_layers": 9}, "students[0].model.from_teacher: cannot keep 9 of the teacher's 3 layers"),
-    ({"layers": [0, 5]}, "students[0].model.from_teacher: layers must be distinct teacher layer indices in [0, 3); got [0, 5]"),
-    ({"layers": "first"}, "students[0].model.from_teacher.layers: give a list of teacher layer indices or `auto`, not 'first'"),
+    ({"num_layerz": 2}, "students.0.model.from_teacher: the teacher's Qwen3Config has no field 'num_layerz'"),
+    ({"num_layers": 9}, "students.0.model.from_teacher: cannot keep 9 of the teacher's 3 layers"),
+    ({"layers": [0, 5]}, "students.0.model.from_teacher: layers must be distinct teacher layer indices in [0, 3); got [0, 5]"),
+    ({"layers": "first"}, "students.0.model.from_teacher.layers: give a list of teacher layer indices or `auto`, not 'first'"),
 ], ids=["typo", "too_many_layers", "no_such_layer", "bad_layers"])
 def test_a_bad_from_teacher_is_one_line_before_any_data_work(cut, said, hf_family, stdlib_corpus, tmp_path):
     """Checked against the teacher's config before the corpus is tokenised (and, in `distill

@@ -130,7 +130,7 @@ def test_a_student_with_non_finite_weights_is_refused_by_name(hf_family, tmp_pat
     r = cli("train", "-c", str(tmp_path / "run.yaml"), "--quiet")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1] == (
-        f"error: students[0].model: its weights hold NaN or inf ({head}: 1 of {weights[head].numel():,}): a damaged "
+        f"error: students.0.model: its weights hold NaN or inf ({head}: 1 of {weights[head].numel():,}): a damaged "
         f"or wrongly converted checkpoint; replace it"), r.stderr
 
 

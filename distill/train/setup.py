@@ -73,7 +73,7 @@ def _from_teacher(cfg: RunConfig, sc: StudentConfig, i: int, data: PackedData, t
 
     from transformers import AutoConfig
 
-    where = f"students[{i}].model.from_teacher"
+    where = f"students.{i}.model.from_teacher"
     overrides = dict(sc.model.from_teacher)
     t_config = teacher.model.config if teacher.model is not None else AutoConfig.from_pretrained(str(cfg.layout.teacher))
     t_config = t_config.get_text_config()
@@ -151,7 +151,7 @@ def student_model(cfg: RunConfig, sc: StudentConfig, i: int, data: PackedData, t
         check_finite_weights(model)
         check_head(model)
     except ValueError as e:
-        raise UserError(f"students[{i}].model: {e}") from None
+        raise UserError(f"students.{i}.model: {e}") from None
     return model, info
 
 
@@ -163,20 +163,20 @@ def _student_model(cfg: RunConfig, sc: StudentConfig, i: int, data: PackedData, 
         try:
             model = load_causal_lm(sc.model.path)
         except ValueError as e:
-            raise UserError(f"students[{i}].model.path: {e}") from None
+            raise UserError(f"students.{i}.model.path: {e}") from None
         check_student_vocab(cfg, sc.name, sc.model.path, model.config.vocab_size, data.tokenizer)
         return model, {"source": "pretrained", "path": str(sc.model.path), "architecture": type(model).__name__}
     if sc.model.from_teacher is not None:
         model, info = _from_teacher(cfg, sc, i, data, teacher)
     else:
         # The same seed for every student: a baseline and its distilled twin start identical.
-        model = build_model(model_config(sc.model, vocab_size_of(data.tokenizer), f"students[{i}]"), seed=cfg.seed)
+        model = build_model(model_config(sc.model, vocab_size_of(data.tokenizer), f"students.{i}"), seed=cfg.seed)
         info = {"source": f"preset {sc.model.preset}", "layers": sc.init_layers}
     if sc.init == "teacher":
         try:
             copied = init_from_teacher(model, teacher(), layers=info.get("layers"))
         except ValueError as e:
-            raise UserError(f"students[{i}].init_layers: {e}") from None
+            raise UserError(f"students.{i}.init_layers: {e}") from None
         info.update(copied=copied["copied"], not_copied=copied["skipped"])
     return model, info
 
