@@ -205,8 +205,8 @@ def eval_(
 @app.command()
 def inspect(
     path: Path = typer.Argument(..., help="Prepared data (OUT/data), a cache dir, a checkpoint dir (or a student dir: its "
-                                          "latest), an exported model dir, or a whole run dir OUT (its data, cache and "
-                                          "each student's latest checkpoint)."),
+                                          "latest), an exported model dir, or a whole run dir OUT (its data, cache, "
+                                          "teacher, and each student's latest checkpoint and export)."),
     verify: bool = typer.Option(False, "--verify", help="Check every shard's checksum; exit 1 naming a bad shard."),
 ):
     """Describe (and optionally verify) prepared data, a cache, checkpoint or model dir."""

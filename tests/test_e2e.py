@@ -98,6 +98,26 @@ def test_inspect_cache_and_verify(demo_dir):
     assert re.search(r"tokens\s*│\s*\d{1,3}(,\d{3})+", r.stdout)  # thousands separated
 
 
+def test_inspect_a_whole_run_describes_each_part(demo_dir):
+    """`distill inspect OUT`: its data, cache, the pretrained teacher, and each student's latest
+    checkpoint and export, the export naming the student, step and run it was made from."""
+    from tests.conftest import run_cli
+
+    r = run_cli("inspect", str(demo_dir), env={"COLUMNS": "300"})  # no wrapped titles
+    assert r.returncode == 0, r.stderr
+    run_hash = json.loads(next((demo_dir / "students" / "dense").glob("checkpoints/step_*/meta.json")).read_text())["run_hash"]
+    done = json.loads((demo_dir / "teacher" / "pretrain_done.json").read_text())
+    assert f"prepared data {demo_dir / 'data'}" in r.stdout and f"cache {demo_dir / 'cache'}" in r.stdout
+    assert f"model {demo_dir / 'teacher'}" in r.stdout
+    assert re.search(rf"pretrained\s*│ {done['steps']} steps by `distill pretrain`, held-out perplexity "
+                     rf"{done['val_ppl']:.2f}", r.stdout)
+    for name in ("scout", "maverick", "dense", "dense-baseline"):
+        step = int(max((demo_dir / "students" / name / "checkpoints").glob("step_*")).name.split("_")[1])
+        assert f"checkpoint {demo_dir / 'students' / name / 'checkpoints'}" in r.stdout, name
+        assert f"model {demo_dir / 'students' / name / 'export'}" in r.stdout, name
+        assert re.search(rf"exported from\s*│ student {name}, step {step}, run hash {run_hash}", r.stdout), name
+
+
 def test_export_bf16_cli(demo_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -12,7 +12,7 @@ from common.fsutil import human_bytes
 
 
 def _table(title: str, rows: dict) -> Table:
-    t = Table(title=title, show_header=False)
+    t = Table(title=title, show_header=False, min_width=len(title))  # the title (a path) unwrapped where it fits
     for k, v in rows.items():
         t.add_row(str(k), json.dumps(v) if isinstance(v, (dict, list)) else str(v))
     return t
@@ -164,11 +164,14 @@ def inspect_path(path: Path, verify: bool = False) -> bool:
         text = config.get_text_config()  # a multimodal dir (Llama 4 as Meta ships it): its language model
         total, active = param_counts(text)
         kind = config.model_type if text is config else f"{config.model_type} (its text model, {text.model_type}, counted)"
-        console.print(_table(f"model {path}", {"model_type": kind, "vocab_size": text.vocab_size,
-                                               "params_total": f"{total:,}", "params_active": f"{active:,}"}))
+        rows = {"model_type": kind, "vocab_size": text.vocab_size, "params_total": f"{total:,}",
+                "params_active": f"{active:,}", "dtype": str(getattr(config, "dtype", None) or "-").removeprefix("torch.")}
+        rows.update(_export_rows(path))
+        console.print(_table(f"model {path}", rows))
         return True
-    parts = [p for p in (path / "data", path / "cache", *sorted((path / "students").glob("*/checkpoints")))
-             if p.is_dir() and any(p.iterdir())]
+    parts = [p for p in (path / "data", path / "cache", path / "teacher") if p.is_dir() and any(p.iterdir())]
+    for student in sorted(p for p in (path / "students").glob("*") if p.is_dir()):
+        parts += [p for p in (student / "checkpoints", student / "export") if p.is_dir() and any(p.iterdir())]
     if parts:  # a run's out_dir: each thing in it (one unfinished, e.g. a killed preparation, said in a line)
         ok = True
         for part in parts:
@@ -179,6 +182,23 @@ def inspect_path(path: Path, verify: bool = False) -> bool:
         return ok
     raise UserError(f"{path}: not prepared data, a cache (manifest.json), checkpoint (meta.json), model dir "
                     f"(config.json) or a run's out_dir (data/, cache/, students/)")
+
+
+def _export_rows(path: Path) -> dict:
+    """What a model dir this toolkit wrote was made from: an export's student, step and run
+    (its distill_meta.json), a pretrained preset teacher's steps and held-out perplexity
+    (pretrain_done.json); {} for any other model dir."""
+    from distill.report.export import export_meta
+
+    meta = export_meta(path)
+    if meta.get("student"):
+        return {"exported from": f"student {meta['student']}, step {meta.get('step', '?')}, "
+                                 f"run hash {meta.get('run_hash', '?')}"}
+    try:
+        done = json.loads((path / "pretrain_done.json").read_text())
+        return {"pretrained": f"{done['steps']:,} steps by `distill pretrain`, held-out perplexity {done['val_ppl']:.2f}"}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _print_difficulty(console: Console, path: Path) -> None:
