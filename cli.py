@@ -45,7 +45,14 @@ def _overrides(pairs: Optional[list[str]]) -> dict:
         if "=" not in pair:
             raise UserError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.steps=50")
         key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or type(e).__name__
+            inner = value.strip()
+            quoted = f'["{inner[1:-1]}"]' if inner.startswith("[") and inner.endswith("]") else f'"{inner}"'
+            raise UserError(f"--set {pair!r}: the value is not valid YAML ({problem}); quote it: "
+                            f"--set '{key.strip()}={quoted}'") from None
     return out
 
 

@@ -584,6 +584,26 @@ def check_model(model: ModelConfig, placeholder_vocab: int, where: str) -> None:
         raise UserError(f"{where}.args: the {model.preset} model cannot be built ({detail})") from None
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, mark):
+        super().__init__(f"key {key!r} given twice")
+        self.key, self.problem_mark = key, mark
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word, so a second `train:` block
+    would silently drop the first; here it is an error naming the line."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read and validate a YAML config; `overrides` maps dotted keys to values."""
     path = Path(path)
@@ -592,7 +612,10 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfi
     if path.is_dir():
         raise UserError(f"config path {path} is a directory; pass the YAML file inside it")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except _DuplicateKey as e:
+        raise UserError(f"{path} line {e.problem_mark.line + 1}: {e}; keep one (the second would silently replace "
+                        f"the first)") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""

@@ -102,6 +102,23 @@ def test_bad_set_override(cli, tmp_path):
     p = tmp_path / "c.yaml"
     cli("init", str(p))
     assert "KEY=VALUE" in _one_line_error(cli("train", "--config", str(p), "--set", "train.steps"))
+    # A value YAML cannot read (a glob starts with `*`, an alias in YAML): one line with the quoted form.
+    line = _one_line_error(cli("prepare", "--config", str(p), "--set", "data.paths=[*.jsonl]"))
+    assert "--set 'data.paths=[*.jsonl]': the value is not valid YAML" in line and """data.paths=["*.jsonl"]""" in line
+    line = _one_line_error(cli("prepare", "--config", str(p), "--set", "data.text_field=@body"))
+    assert """--set 'data.text_field="@body"'""" in line
+
+
+def test_a_key_given_twice_in_the_config_is_refused_by_line(cli, tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `train:` block would drop the first."""
+    p = tmp_path / "c.yaml"
+    cli("init", str(p))
+    text = p.read_text()
+    p.write_text(text + "train:\n  steps: 2\n")
+    line = _one_line_error(cli("train", "--config", str(p)))
+    assert f"{p} line {len(text.splitlines()) + 1}: key 'train' given twice" in line
+    p.write_text("seed: 1\n" + text)
+    assert "key 'seed' given twice" in _one_line_error(cli("train", "--config", str(p)))
 
 
 def test_inspect_missing_path(cli, tmp_path):
