@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -32,6 +33,23 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_error(e: BaseException, path: Path) -> OSError | None:
+    """The OS error behind a failed write of `path`, also where a library hides it, or None
+    when `e` is not a write failure.  safetensors raises `SafetensorError('... (os error 28)')`;
+    torch.save a RuntimeError naming no cause ('unexpected pos ...'), taken as disk full when
+    the disk holding `path` has under 1 MiB left (call this before removing the partial write)."""
+    if isinstance(e, OSError):
+        return e
+    code = re.search(r"\(os error (\d+)\)", str(e))
+    if code:
+        return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+    if isinstance(e, RuntimeError):
+        existing = next((p for p in (Path(path), *Path(path).parents) if p.exists()), None)
+        if existing is not None and shutil.disk_usage(existing).free < 1 << 20:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return None
 
 
 def describe_os_error(e: OSError, path: Path) -> str:

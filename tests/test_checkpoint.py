@@ -100,6 +100,57 @@ def test_disk_full_during_checkpoint_keeps_previous(tmp_path, model, monkeypatch
     assert checkpoint.latest(tmp_path).name == "step_00000001"
 
 
+def test_disk_full_as_a_library_reports_it_is_one_line_and_keeps_the_previous(tmp_path, model, monkeypatch):
+    """Disk full does not always come as an OSError: safetensors raises its own error type with
+    the OS error's text, torch.save a RuntimeError naming no cause."""
+    from safetensors import SafetensorError
+
+    from common import fsutil
+
+    checkpoint.save(tmp_path, 1, model, {}, {"run_hash": "h"})
+
+    def safetensors_full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "save_file", safetensors_full)
+        with pytest.raises(UserError, match="step_00000002: disk full"):
+            checkpoint.save(tmp_path, 2, model, {}, {"run_hash": "h"})
+    with monkeypatch.context() as m:  # torch.save's error, on a disk with nothing left
+        m.setattr(checkpoint.torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("unexpected pos 576 vs 534")))
+        m.setattr(fsutil.shutil, "disk_usage", lambda path: type("usage", (), {"free": 4096})())
+        with pytest.raises(UserError, match="step_00000002: disk full"):
+            checkpoint.save(tmp_path, 2, model, {}, {"run_hash": "h"})
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]  # no temp dir, old one intact
+    with monkeypatch.context() as m:  # the same error on a disk with room is not called disk full
+        m.setattr(checkpoint.torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("something else")))
+        with pytest.raises(RuntimeError, match="something else"):
+            checkpoint.save(tmp_path, 2, model, {}, {"run_hash": "h"})
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]
+    out = tmp_path / "export"
+    export.save_hf_dir(model, None, out)
+    before = sorted(p.name for p in out.iterdir())
+    with monkeypatch.context() as m:
+        m.setattr(type(model), "save_pretrained", safetensors_full)
+        with pytest.raises(UserError, match="export: disk full"):
+            export.save_hf_dir(model, None, out)
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_damaged_commit_marker_or_meta_is_one_line_naming_the_file(tmp_path, model):
+    students = tmp_path / "students"
+    root = students / "s" / "checkpoints"
+    checkpoint.save(root, 2, model, {}, {"run_hash": "h"})
+    checkpoint.commit(students, {"s": 2}, keep_last=2)
+    (students / "committed.json").write_text("{garbage")
+    with pytest.raises(UserError, match="committed.json: the run's commit marker is unreadable .*delete it"):
+        checkpoint.latest(root)
+    (students / "committed.json").unlink()
+    (root / "step_00000002" / "meta.json").write_text("{")
+    with pytest.raises(UserError, match=r"meta.json: checkpoint is unreadable \(JSONDecodeError\); delete this step"):
+        checkpoint.load_meta(checkpoint.latest(root))
+
+
 def test_torn_checkpoint_without_meta_is_ignored(tmp_path, model):
     checkpoint.save(tmp_path, 1, model, {}, {"run_hash": "h"})
     (tmp_path / "step_00000002").mkdir()  # a dir with no meta.json is never trusted

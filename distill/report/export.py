@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
-from common.fsutil import describe_os_error, publish_dir, writable_temp_dir
+from common.fsutil import describe_os_error, publish_dir, writable_temp_dir, write_error
 from distill.layout import has_tokenizer
 from distill.train import checkpoint
 
@@ -92,9 +92,15 @@ def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
         publish_dir(tmp, out)
-    except OSError as e:
+    except UserError:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(describe_os_error(e, out)) from e
+        raise
+    except Exception as e:  # disk full comes as safetensors' own error type, not OSError
+        failed = write_error(e, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if failed is None:
+            raise
+        raise UserError(describe_os_error(failed, out)) from e
     return out
 
 

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.errors import UserError
-from common.fsutil import atomic_write_json, describe_os_error, publish_dir, writable_temp_dir
+from common.fsutil import atomic_write_json, describe_os_error, publish_dir, writable_temp_dir, write_error
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 COMMITTED = "committed.json"  # in OUT/students: {"students": {name: step}}
@@ -84,7 +84,19 @@ def committed_steps(students_dir: Path) -> dict[str, int]:
     """{student: its last committed step} of a run's students dir ({}: none committed yet,
     or a run from before commit markers)."""
     path = students_dir / COMMITTED
-    return json.loads(path.read_text())["students"] if path.exists() else {}
+    return _read_committed(path) if path.exists() else {}
+
+
+def _read_committed(path: Path) -> dict[str, int]:
+    try:
+        steps = json.loads(path.read_text())["students"]
+        if isinstance(steps, dict) and all(isinstance(v, int) for v in steps.values()):
+            return steps
+        problem = "not a map of student to step"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        problem = type(e).__name__
+    raise UserError(f"{path}: the run's commit marker is unreadable ({problem}); it is written whole, so something "
+                    f"else changed it: restore it, or delete it to count every complete checkpoint as committed")
 
 
 def committed_step(ckpt_root: Path) -> int | None:
@@ -93,7 +105,7 @@ def committed_step(ckpt_root: Path) -> int | None:
     path = _marker(ckpt_root)
     if not path.exists():
         return None
-    return json.loads(path.read_text())["students"].get(ckpt_root.parent.name, 0)
+    return _read_committed(path).get(ckpt_root.parent.name, 0)
 
 
 def latest(ckpt_root: Path) -> Path | None:
@@ -149,12 +161,15 @@ def save(ckpt_root: Path, step: int, model: torch.nn.Module, state: dict, meta: 
         torch.save(state, tmp / "state.pt")
         atomic_write_json(tmp / "meta.json", {**meta, "step": step})
         publish_dir(tmp, final)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(describe_os_error(e, final)) from e
     except UserError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    except Exception as e:  # disk full comes as safetensors' or torch's own error type, not OSError
+        failed = write_error(e, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if failed is None:
+            raise
+        raise UserError(describe_os_error(failed, final)) from e
     _fault_injection()
     return final
 
@@ -171,7 +186,15 @@ def _untie(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_meta(ckpt: Path) -> dict:
-    return json.loads((ckpt / "meta.json").read_text())
+    try:
+        meta = json.loads((ckpt / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        meta = type(e).__name__
+    if not isinstance(meta, dict):
+        problem = meta if isinstance(meta, str) else "not a JSON object"
+        raise UserError(f"{ckpt / 'meta.json'}: checkpoint is unreadable ({problem}); delete this step dir to fall "
+                        f"back to the previous one")
+    return meta
 
 
 def load_state(ckpt: Path) -> dict:
