@@ -15,10 +15,10 @@ import torch
 from pydantic import BaseModel
 
 from common.errors import UserError
-from common.fsutil import atomic_write_json
+from common.fsutil import atomic_write_json, exclusive_lock
 from distill.config import RunConfig, ScheduleConfig, StudentConfig
 from distill.data import PackedData, vocab_size_of
-from distill.layout import has_tokenizer
+from distill.layout import RunLayout, has_tokenizer
 from distill.report.export import export_checkpoint, save_hf_dir
 from distill.report.report import evaluate_run
 from distill.runtime import (DENSE_AUTO_BYTES, autocast_dtype, cache_identity, check_cached_blocks, check_k,
@@ -33,6 +33,15 @@ from teachers import CachedTeacher, LiveTeacher, Teacher
 from teachers.cache.format import Sampling
 
 
+def training_lock(layout: RunLayout, rank: int):
+    """One training run at a time in an out_dir: two would interleave their metrics and
+    overwrite each other's checkpoints.  Rank 0 holds OUT/.train.lock (outside students/,
+    which --overwrite moves aside) for the whole stage; the other ranks follow rank 0."""
+    if rank != 0:
+        return contextlib.nullcontext()
+    return exclusive_lock(layout.root / ".train.lock", f"{layout.root} is being trained into by another run")
+
+
 # ----------------------------------------------------------------------------- teacher
 
 
@@ -40,16 +49,23 @@ def pretrain_teacher(cfg: RunConfig, resume: bool = True, progress: bool = True,
                      data: PackedData | None = None, overwrite: bool = False) -> Path:
     """Plain-CE training of a preset teacher; writes a Hugging Face dir at OUT/teacher.
     overwrite: a fresh run moves an earlier pretraining run's checkpoints aside (else refused)."""
-    from students.build import build_model
-
     if cfg.teacher.source != "preset":
         raise UserError("pretrain: teacher.source must be 'preset' (a checkpoint teacher is already trained)")
     out = cfg.layout.teacher
     if resume and (out / "pretrain_done.json").exists():
         return out
     rank, world = setup_runtime(cfg)
+    with training_lock(cfg.layout.pretrain, rank):
+        return _pretrain(cfg, resume, progress, data, overwrite, rank, world)
+
+
+def _pretrain(cfg: RunConfig, resume: bool, progress: bool, data: PackedData | None, overwrite: bool,
+              rank: int, world: int) -> Path:
+    from students.build import build_model
+
+    out = cfg.layout.teacher
     if not resume:
-        claim_out_dir(cfg.layout.pretrain, ["teacher"], overwrite, rank)
+        claim_out_dir(cfg.layout.pretrain, overwrite, rank)
     data = prepare(cfg, progress) if data is None else data
     vocab = vocab_size_of(data.tokenizer)
     model = build_model(model_config(cfg.teacher.model, vocab, "teacher"), seed=cfg.seed)
@@ -351,11 +367,16 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
     that run aside first (`claim_out_dir`)."""
     check_online_sharding(cfg)
     rank, world = setup_runtime(cfg)
+    with training_lock(cfg.layout, rank):
+        return _train_students(cfg, resume, progress, data, overwrite, rank, world)
+
+
+def _train_students(cfg: RunConfig, resume: bool, progress: bool, data: PackedData | None, overwrite: bool,
+                    rank: int, world: int) -> dict:
     online_server = cfg.train.mode == "online" and cfg.teacher.source == "server"
     remote = server_teacher(cfg) if online_server else None  # checked before anything is written
-    names = [s.name for s in cfg.students]
     if not resume:  # refused before any work; with --overwrite moved aside only once the inputs check out
-        claim_out_dir(cfg.layout, names, overwrite, rank, move=False)
+        claim_out_dir(cfg.layout, overwrite, rank, move=False)
     data = prepare(cfg, progress) if data is None else data
     cfg = with_epoch_steps(cfg, len(data.train), rank == 0)
     dense = cfg.train.mode == "online" and dense_signal(cfg, vocab_size_of(data.tokenizer))
@@ -375,7 +396,7 @@ def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
         teacher = val_teacher = live
     models = student_models(cfg, data, live.model if live is not None else None)  # init: teacher reuses the loaded model
     if not resume:  # the inputs, students too, check out: now an earlier run may move aside
-        claim_out_dir(cfg.layout, names, overwrite, rank)
+        claim_out_dir(cfg.layout, overwrite, rank)
     students = build_students(cfg, models)
     selections = {name: {"rule": v.summary["rule"], "digest": v.digest(), "blocks": v.summary["blocks_kept"]}
                   for v in views for name in v.students}
@@ -421,8 +442,8 @@ def run_all(cfg: RunConfig, resume: bool = True, progress: bool = True, overwrit
     layout = cfg.layout
     if not resume:  # every stage's rule, before any of them starts; each stage moves its earlier run aside itself
         if cfg.teacher.source == "preset":
-            claim_out_dir(layout.pretrain, ["teacher"], overwrite, rank, move=False)
-        claim_out_dir(layout, [s.name for s in cfg.students], overwrite, rank, move=False)
+            claim_out_dir(layout.pretrain, overwrite, rank, move=False)
+        claim_out_dir(layout, overwrite, rank, move=False)
     data = prepare(cfg, progress)
     if cfg.teacher.source == "preset":
         if resume and (layout.teacher / "pretrain_done.json").exists():

@@ -282,6 +282,10 @@ def test_a_fresh_run_into_a_used_out_dir_is_refused_and_overwrite_moves_the_old_
     assert sorted(p.name for p in ckpts.iterdir()) == before
     line = one_line(run_cli("run", "-c", str(cfg), "--quiet", "--no-resume", *sets, "--set", "train.steps=3"))
     assert "--overwrite" in line, line
+    # A fresh run whose student has another name would mix with it just as much.
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", *sets, "--set", "students.0.name=renamed"))
+    assert "earlier run (dense at step 6)" in line, line
+    assert sorted(p.name for p in (out / "students").iterdir()) == ["committed.json", "dense"]
 
     r = run_cli("train", "-c", str(cfg), "--quiet", "--overwrite", *sets, "--set", "train.steps=3")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -300,6 +304,27 @@ def test_a_fresh_run_into_a_used_out_dir_is_refused_and_overwrite_moves_the_old_
     assert all((exported[k] == trained[k]).all() for k in exported)
     line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--overwrite", *sets))
     assert "give one of them" in line, line
+
+
+def test_a_second_training_run_into_an_out_dir_being_trained_is_refused(online_setup, tmp_path):
+    """Two `distill train` at once into one out_dir interleaved their metrics and overwrote each
+    other's checkpoints; the second is now refused while the first holds OUT/.train.lock, and
+    runs once it is let go (the kernel drops it when its holder dies, kill -9 too)."""
+    import os
+
+    from common.fsutil import exclusive_lock
+
+    work, cfg = online_setup
+    out = tmp_path / "o"
+    sets = ["--set", f"out_dir={out}", "--set", "train.steps=2"]
+    with exclusive_lock(out / ".train.lock", "held by this test"):  # a run in progress
+        line = one_line(run_cli("train", "-c", str(cfg), "--quiet", *sets))
+        assert f"{out} is being trained into by another run (pid {os.getpid()} holds {out / '.train.lock'})" in line
+        assert not (out / "students").exists()
+        line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--resume", *sets))
+        assert "being trained into by another run" in line
+    r = run_cli("train", "-c", str(cfg), "--quiet", *sets)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_kill9_between_two_students_checkpoints_resumes_from_the_committed_step(online_setup, tmp_path):

@@ -132,11 +132,13 @@ def commit(students_dir: Path, steps: dict[str, int], keep_last: int) -> None:
                 shutil.rmtree(root / "deepspeed" / old.name, ignore_errors=True)  # the same tag
 
 
-def earlier_checkpoints(students_dir: Path, names: list[str]) -> dict[str, int]:
-    """{student: newest step} of every named student that has any checkpoint dir, committed
-    or not: what a fresh run into this dir would mix with."""
-    found = {n: step_dirs(students_dir / n / "checkpoints") for n in names}
-    return {n: step_of(dirs[-1]) for n, dirs in found.items() if dirs}
+def earlier_checkpoints(students_dir: Path) -> dict[str, int]:
+    """{student: newest step} of every student under `students_dir` that has any checkpoint
+    dir, committed or not, whatever its name: what a fresh run into this dir would mix with
+    (a renamed or dropped student's too: its steps would stay in the commit marker)."""
+    dirs = sorted(d for d in students_dir.iterdir() if d.is_dir()) if students_dir.is_dir() else []
+    found = {d.name: step_dirs(d / "checkpoints") for d in dirs}
+    return {n: step_of(steps[-1]) for n, steps in found.items() if steps}
 
 
 def _fault_injection() -> None:

@@ -148,15 +148,15 @@ def failures(layout: RunLayout, names: list[str]) -> dict[str, dict]:
     return {n: json.loads(layout.failure(n).read_text()) for n in names if layout.failure(n).exists()}
 
 
-def claim_out_dir(layout: RunLayout, names: list[str], overwrite: bool, rank: int, move: bool = True) -> None:
+def claim_out_dir(layout: RunLayout, overwrite: bool, rank: int, move: bool = True) -> None:
     """Before a fresh (not --resume) run writes anything: one run per out_dir.  Checkpoints
-    of an earlier run of these students would mix with this one's (its newer steps outlive
-    this run's pruning, and export, report and metrics would come from two runs), so they
-    are refused, or with `overwrite` that run's students, summary, report and plots are moved
+    of an earlier run, of these students or others, would mix with this one's (its newer
+    steps outlive this run's pruning, the commit marker keeps the others' steps, and export,
+    report and metrics would come from two runs), so they are refused, or with `overwrite` that run's students, summary, report and plots are moved
     aside, whole, to OUT/replaced-TIME/ (rank 0; said on stderr).  move=False only refuses:
     a stage calls it so first, and again once its inputs (cache, teacher) check out, so a
     run refused for its inputs leaves the earlier one where it was."""
-    earlier = checkpoint.earlier_checkpoints(layout.students, names)
+    earlier = checkpoint.earlier_checkpoints(layout.students)
     if not earlier:
         return
     found = ", ".join(f"{n} at step {step}" for n, step in sorted(earlier.items()))
