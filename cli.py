@@ -187,7 +187,7 @@ def export(
     out: Path = typer.Option(..., "--out", help="Where to write the Hugging Face model dir."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer dir to include (default: the one the checkpoint's run trained with)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --out dir whatever it holds (without it: only an empty dir or an earlier export of this student from this run)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --out dir whatever it holds, but never the checkpoint being exported or a run's, cache's or prepared data's dir (without it: only an empty dir or an earlier export of this student from this run)."),
 ):
     """Write a standard Hugging Face model dir (config, safetensors, tokenizer, model card)."""
     from distill.report.export import export_checkpoint

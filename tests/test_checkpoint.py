@@ -151,6 +151,33 @@ def test_a_damaged_commit_marker_or_meta_is_one_line_naming_the_file(tmp_path, m
         checkpoint.load_meta(checkpoint.latest(root))
 
 
+def test_an_export_never_replaces_its_own_checkpoint_or_a_run_even_with_overwrite(tmp_path, model):
+    """An export replaces its --out whole: `--out OUT --overwrite` deleted the whole run (its
+    data, cache and every checkpoint, the exported one too), `--out CKPT` the checkpoint."""
+    run = tmp_path / "run"
+    students = run / "students"
+    ckpt = checkpoint.save(students / "s" / "checkpoints", 2, model, {}, {"run_hash": "h", "student": "s"})
+    checkpoint.commit(students, {"s": 2}, keep_last=2)
+    (run / "cache").mkdir()
+    (run / "cache" / "manifest.json").write_text("{}")
+    files = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    for out, held in ((run, "the checkpoint being exported"), (students, "the checkpoint being exported"),
+                      (ckpt, "the checkpoint being exported"), (run / "cache", "a teacher cache or prepared data")):
+        for overwrite in (False, True):
+            with pytest.raises(UserError, match=f"--out {out} holds {held}.* choose another --out, e.g. "
+                                                f"{students / 's' / 'export'}"):
+                export.export_checkpoint(ckpt, out, overwrite=overwrite)
+    other = tmp_path / "other-run"  # another run's out_dir: not the source, still a run
+    checkpoint.save(other / "students" / "t" / "checkpoints", 1, model, {}, {"run_hash": "g", "student": "t"})
+    with pytest.raises(UserError, match="holds a training run's students and checkpoints"):
+        export.export_checkpoint(ckpt, other, overwrite=True)
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == files
+    export.check_export_target(tmp_path / "mine", {"student": "s"}, overwrite=True, source=ckpt)  # a new dir: fine
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    export.check_export_target(tmp_path / "mine", {"student": "s"}, overwrite=True, source=ckpt)  # someone's files
+
+
 def test_torn_checkpoint_without_meta_is_ignored(tmp_path, model):
     checkpoint.save(tmp_path, 1, model, {}, {"run_hash": "h"})
     (tmp_path / "step_00000002").mkdir()  # a dir with no meta.json is never trusted

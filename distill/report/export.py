@@ -239,13 +239,33 @@ def export_meta(out: Path) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def check_export_target(out: Path, meta: dict, overwrite: bool) -> None:
+def _run_files(out: Path, source: Path | None) -> str | None:
+    """What in `out` no export may replace, even with --overwrite: the checkpoint being
+    exported (`out` is it or holds it) or a training run's files; None when there is none."""
+    resolved = out.resolve()
+    if source is not None and (resolved == source.resolve() or resolved in source.resolve().parents):
+        return f"the checkpoint being exported ({source})"
+    if (out / "students").is_dir() or (out / "committed.json").exists():
+        return "a training run's students and checkpoints"
+    if (out / "meta.json").exists() and (out / "state.pt").exists():
+        return "a training checkpoint"
+    if (out / "manifest.json").exists():
+        return "a teacher cache or prepared data (manifest.json)"
+    return None
+
+
+def check_export_target(out: Path, meta: dict, overwrite: bool, source: Path | None = None) -> None:
     """An export replaces `out` whole, so it may replace only nothing, an empty dir or an
     earlier export of the same student of the same run (a re-export); anything else is
-    someone's files, replaced only with `overwrite`.  A file is never replaced."""
+    someone's files, replaced only with `overwrite`.  A file, the checkpoint `source` being
+    exported (or a dir holding it) and a training run's files are never replaced."""
     out, name = Path(out), meta.get("student")
     if out.exists() and not out.is_dir():
         raise UserError(f"export: --out {out} is a file; give a directory path")
+    if out.exists() and (held := _run_files(out, source)):
+        raise UserError(f"export: --out {out} holds {held}, which an export (it replaces its --out whole) would "
+                        f"delete{', --overwrite or not' if overwrite else ''}; choose another --out, e.g. "
+                        f"{source.parent.parent / 'export' if source is not None else 'a new dir'}")
     if overwrite or not out.exists() or not any(out.iterdir()):
         return
     held = export_meta(out)
@@ -272,7 +292,7 @@ def export_checkpoint(path: Path, out: Path, dtype: str = "fp32", tokenizer_dir:
     meta = checkpoint.load_meta(ckpt)
     meta.setdefault("student", ckpt.parent.parent.name)
     name = meta["student"]
-    check_export_target(out, meta, overwrite)
+    check_export_target(out, meta, overwrite, source=ckpt)
     tok_dir = tokenizer_dir or _find_tokenizer_dir(ckpt, meta)
     if tok_dir is None or not has_tokenizer(tok_dir):
         where = f"{tok_dir} holds no tokenizer" if tok_dir else f"no tokenizer was found for the run of {ckpt}"
