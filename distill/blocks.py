@@ -220,11 +220,33 @@ def read_manifest(root: Path) -> dict | None:
     return m if m.get("format") == FORMAT else None
 
 
+def unusable(root: Path) -> str | None:
+    """Why a prepared data dir cannot be read as it stands (no manifest, an unreadable one, a
+    shard file missing or of another size than written), or None.  A stat per file; the
+    sha256 of each is for `inspect --verify`."""
+    m = read_manifest(root)
+    if m is None:
+        return "manifest.json missing or unreadable"
+    for info in m["splits"].values():
+        for entry in info["shards"]:
+            sizes = _record_of(root, entry["ids"]).get("bytes", {})
+            for part in ("ids", "mask", "targets", "starts"):
+                name = entry.get(part)
+                if name is None:
+                    continue
+                if not (root / name).is_file():
+                    return f"shard file {name} is missing"
+                if sizes.get(name) is not None and (root / name).stat().st_size != sizes[name]:
+                    return f"{name} has {(root / name).stat().st_size} bytes, {sizes[name]} were written"
+    return None
+
+
 def open_blocks(root: Path) -> dict[str, Blocks]:
     """{"train": Blocks, "val": Blocks} of a complete prepared data dir."""
     m = read_manifest(root)
     if m is None:
-        raise UserError(f"{root}: no complete prepared data (manifest.json missing or unreadable); rerun to prepare")
+        raise UserError(f"{root}: no complete prepared data (manifest.json missing or unreadable); the next "
+                        f"command that reads the data prepares it again")
     return {name: Blocks(root, s["shards"], s["blocks"], m["seq_len"] + 1, m["masked"], m.get("vocab_size"))
             for name, s in m["splits"].items()}
 

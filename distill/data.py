@@ -26,7 +26,7 @@ import torch
 
 from common.errors import UserError
 from common.fsutil import human_bytes
-from distill.blocks import Blocks, open_blocks
+from distill.blocks import Blocks, open_blocks, unusable
 from distill.chat import CHAT_FORMAT, PLAIN, PackCounts, as_documents, table_kind
 from distill.config import DataConfig
 from distill.layout import RunLayout, has_tokenizer
@@ -670,6 +670,11 @@ def _prepare_data(cfg: DataConfig, out_dir: Path, progress: bool) -> PackedData:
     tok_hash = tokenizer_hash(tok)
     fp = fingerprint(files, tok_hash, cfg)
     root = layout.packed_blocks(fp)
+    # A finished preparation (its manifest written) damaged since; an unfinished one resumes below.
+    problem = unusable(root) if (root / "manifest.json").exists() else None
+    if problem is not None:  # derived from the corpus alone: preparing it again gives the same blocks
+        _stderr(f"[data] the prepared data at {root} is damaged ({problem}); preparing it again")
+        shutil.rmtree(root)
     if not (root / "manifest.json").exists():
         docs = docs if docs is not None else load_documents(cfg, log=_stderr, cache_dir=cache_dir)
         frac = cfg.val_fraction

@@ -30,7 +30,7 @@ from distill.train.on_policy import on_policy_source
 from distill.train.selection import DataView, plan_views
 from distill.train.setup import build_students, loop_config, make_student, student_models
 from teachers import CachedTeacher, LiveTeacher, Teacher
-from teachers.cache.format import Sampling
+from teachers.cache.format import Sampling, read_json
 
 
 def training_lock(layout: RunLayout, rank: int):
@@ -176,6 +176,7 @@ def open_cached_teachers(cfg: RunConfig, data: PackedData) -> tuple[CachedTeache
     cache_dir = cfg.layout.cache
     if not (cache_dir / "manifest.json").exists():
         raise UserError(f"no cache at {cache_dir}; run `distill cache` first or set train.mode: online")
+    read_json(cache_dir / "manifest.json")  # a damaged one is named here, not read as "holds a None signal"
     have = _estimator_of(cache_dir)  # before the identity check, whose message would not name the key
     if have != cfg.cache.estimator:
         chosen = " (chosen by cache.estimator: auto)" if cfg.estimator_note else ""

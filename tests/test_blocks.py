@@ -249,6 +249,28 @@ def test_a_damaged_prepared_shard_is_found_by_verify_and_named_when_read(cli, st
     assert "targets unreadable" in out and targets.name in out and "problem(s)" in out, out
 
 
+def test_prepared_data_damaged_since_is_prepared_again(cli, stdlib_corpus, tmp_path, capfd):
+    """A finished preparation whose shard went missing, or whose manifest is no JSON, was taken as
+    prepared: `prepare` said so and did nothing, and `train` died reading it (after `--overwrite`
+    had moved the old run aside).  It is now prepared again, to the same blocks."""
+    config = DataConfig(paths=[stdlib_corpus], seq_len=32, tokenizer={"vocab_size": 300}, max_train_blocks=64)
+    data = prepare_data(config, tmp_path)
+    root, content = data.train.root, data.content
+    first = [data.train[i] for i in (0, 9)]
+    capfd.readouterr()
+    (root / data.train.shards[0]["ids"]).unlink()
+    again = prepare_data(config, tmp_path)
+    assert f"the prepared data at {root} is damaged (shard file {data.train.shards[0]['ids']} is missing); preparing " \
+           f"it again" in capfd.readouterr().err
+    assert again.content == content and all(torch.equal(a, again.train[i]) for a, i in zip(first, (0, 9)))
+    (root / "manifest.json").write_text("{")
+    r = cli("inspect", str(root))
+    assert r.returncode == 2 and "the next command that reads the data prepares it again" in r.stderr, r.stderr
+    assert "cache" not in r.stderr, r.stderr  # it read as a cache before: `rerun distill cache --overwrite`
+    assert prepare_data(config, tmp_path).content == content
+    assert "(manifest.json missing or unreadable); preparing it again" in capfd.readouterr().err
+
+
 ORPHAN = """
 import os, signal, threading, time
 import datasets, psutil

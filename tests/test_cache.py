@@ -197,6 +197,22 @@ def test_truncated_shard_raises(tmp_path):
         CacheReader(tmp_path, split)
 
 
+def test_a_missing_or_truncated_shard_is_computed_again_by_the_next_cache_run(tmp_path, reference, capfd):
+    """`distill cache` on a complete cache with a shard gone or cut short (what the reader's
+    error tells the user to do) recomputes those shards, keeping the rest, and the cache is
+    the uninterrupted one again; before, it returned at once and the error came back."""
+    worker.write(tmp_path)
+    shards = _shards(tmp_path)
+    shards[0].unlink()
+    shards[-1].write_bytes(shards[-1].read_bytes()[:-7])
+    kept = {p.name: p.stat().st_mtime_ns for p in shards[1:-1]}
+    worker.write(tmp_path)
+    assert f"2 shard(s) of the cache at {tmp_path} are missing or have another size" in capfd.readouterr().err
+    assert _files(tmp_path) == _files(reference)
+    assert {p.name: p.stat().st_mtime_ns for p in shards[1:-1]} == kept  # the others were not rewritten
+    assert verify_cache(tmp_path) == []
+
+
 def test_identity_mismatch_refused_then_overwrite(tmp_path):
     teacher_fn, splits, identity = worker.setup()
     write_cache(tmp_path, teacher_fn, splits, identity=identity, k=K, shard_sequences=8, progress=False)

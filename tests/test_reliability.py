@@ -327,6 +327,18 @@ def test_a_second_training_run_into_an_out_dir_being_trained_is_refused(online_s
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+def test_a_damaged_cache_manifest_is_named_at_train(online_setup, tmp_path):
+    """It read as `cache at X holds a None signal but cache.estimator is topk; set
+    cache.estimator: None`, advice that cannot work."""
+    work, cfg = online_setup
+    out = tmp_path / "o"
+    (out / "cache").mkdir(parents=True)
+    (out / "cache" / "manifest.json").write_text("{")
+    line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}", "--set", "train.mode=cached"))
+    assert f"{out / 'cache' / 'manifest.json'} is not valid JSON" in line and "--overwrite" in line, line
+    assert "None" not in line, line
+
+
 def test_kill9_between_two_students_checkpoints_resumes_from_the_committed_step(online_setup, tmp_path):
     """Three students, keep_last 1: killed (SIGKILL) after the second student's step-4
     checkpoint was published, before the third's.  Step 4 is not committed, step 2 was not

@@ -135,6 +135,9 @@ def inspect_path(path: Path, verify: bool = False) -> bool:
                 console.print("verify: " + ("ok" if not problems else f"{len(problems)} problem(s)"))
                 ok = ok and not problems
         return ok
+    if path.name.startswith("blocks-") and path.parent.name == "data":  # prepared data whose manifest is unreadable
+        raise UserError(f"{path}: no complete prepared data (manifest.json missing or unreadable); the next command "
+                        f"that reads the data prepares it again")
     if (path / "manifest.json").exists():
         from teachers.cache.reader import describe_cache, verify_cache
 

@@ -29,11 +29,11 @@ def _read_header(path: Path, entry: dict, seq_len: int, group: int) -> tuple[int
         raise CacheCorrupt(f"shard {path.name} listed in the manifest is missing from {path.parent}") from None
     if size != entry["bytes"]:
         raise CacheCorrupt(f"shard {path} has {size} bytes, the manifest says {entry['bytes']} "
-                           "(truncated or replaced); rerun `distill cache` (write_cache) to rewrite it")
+                           "(truncated or replaced); rerun `distill cache` to compute it again")
     try:
         base, tensors, _ = safetensors_header(path)
     except (OSError, ValueError, KeyError) as e:
-        raise CacheCorrupt(f"shard {path} is unreadable ({e!r}); rerun `distill cache` (write_cache) to rewrite it") from None
+        raise CacheCorrupt(f"shard {path} is unreadable ({e!r}); rerun `distill cache` to compute it again") from None
     # Rows held: rows of `values` (fixed-width codecs) or groups * rows per group (the others).
     stored = "stored" in tensors
     rows = tensors["values"][1][0] if "values" in tensors else (tensors["offsets"][1][0] - 1) * (group if stored else seq_len)
@@ -62,7 +62,7 @@ class CacheReader:
             raise CacheCorrupt(f"cache at {self.dir} has format {manifest['format_version']}, newer than this "
                                f"reader's {FORMAT_VERSION}; upgrade the toolkit")
         if not manifest.get("complete"):
-            raise CacheCorrupt(f"cache at {self.dir} is incomplete (writer interrupted?); rerun `distill cache` (write_cache) to resume")
+            raise CacheCorrupt(f"cache at {self.dir} is incomplete (writer interrupted?); rerun `distill cache` to resume")
         if split not in manifest["splits"]:
             raise KeyError(f"split {split!r} not in cache {self.dir}; it has {sorted(manifest['splits'])}")
         self.manifest, self.split = manifest, split

@@ -230,6 +230,14 @@ def _sampled(out, sampling: Sampling, vocab_size: int, keys: torch.Tensor, targe
     return ids, vals, bad, entropy, difficulty
 
 
+def _damaged_shards(cache_dir: Path, manifest: dict) -> list[str]:
+    """The shards of a complete manifest that are missing or have another size (a stat each;
+    a same-size change is for `inspect --verify`, which reads every sha256)."""
+    entries = [e for split in manifest.get("splits", {}).values() for e in split.get("shards", [])]
+    return [e["file"] for e in entries
+            if not (cache_dir / e["file"]).is_file() or (cache_dir / e["file"]).stat().st_size != e["bytes"]]
+
+
 def _entry_ok(cache_dir: Path, entry: dict | None, want: dict) -> bool:
     """A prior shard entry is reusable if it describes the same work and its bytes match."""
     if entry is None or any(entry.get(key) != want[key] for key in ("file", "sequences", "input_sha256")):
@@ -318,7 +326,13 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
         stats = list(STATS) if targets is not None else None
         stored = {"positions": "targets", "group": min(STORE_GROUP, seq_len)} if targets is not None else {"positions": "all"}
         if final and final.get("complete") and not (upgrade and stats and final.get("difficulty") != stats):
-            return cache_dir
+            damaged = _damaged_shards(cache_dir, final)
+            if not damaged:
+                return cache_dir
+            if rank == 0:  # the shards whose bytes still match (sha256) are kept; these are computed again
+                print(f"[cache] {len(damaged)} shard(s) of the cache at {cache_dir} are missing or have another size "
+                      f"than the manifest says ({', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''}); "
+                      f"computing them again", file=sys.stderr, flush=True)
         # A shard written without (or with other) difficulty statistics, or storing other positions, is recomputed.
         prior = {e["file"]: e for old in (final, partial)
                  if old and old.get("difficulty") == stats and old.get("stored", {"positions": "all"}) == stored
