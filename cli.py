@@ -235,6 +235,20 @@ def offline_and_quiet() -> None:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
+def _out_of_room(e: Exception, debug: bool) -> None:
+    """A write that failed for the disk (full, over quota, read-only) wherever no stage named
+    it: one line naming the path, exit 2; anything else goes on as the error it is."""
+    from common.fsutil import describe_os_error, write_error_in
+
+    failed = write_error_in(e)
+    if failed is None:
+        return
+    if debug:
+        traceback.print_exc()
+    typer.echo(f"error: {describe_os_error(failed, Path(failed.filename or '(a file under out_dir)'))}", err=True)
+    sys.exit(2)
+
+
 def main() -> None:
     from common.errors import UserError
 
@@ -271,6 +285,7 @@ def main() -> None:
             sys.exit(e.exit_code)
         if isinstance(e, abort):  # click's form of Ctrl-C
             interrupted()
+        _out_of_room(e, debug)
         raise
     finally:
         # Everything imported so far (torch, transformers: millions of objects) is left out of

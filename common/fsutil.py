@@ -53,6 +53,20 @@ def write_error(e: BaseException, path: Path) -> OSError | None:
     return None
 
 
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})  # a write failed, whatever was read
+
+
+def write_error_in(e: BaseException) -> OSError | None:
+    """An OSError of a failed write (disk full, quota, read-only) in the chain of causes a
+    library wrapped it in, or None."""
+    seen = 0
+    while e is not None and seen < 16:
+        if isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS:
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
 def describe_os_error(e: OSError, path: Path) -> str:
     if e.errno == errno.ENOSPC:
         what = "disk full"

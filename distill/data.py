@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from common.errors import UserError
-from common.fsutil import human_bytes
+from common.fsutil import describe_os_error, human_bytes, write_error_in
 from distill.blocks import Blocks, open_blocks, unusable
 from distill.chat import CHAT_FORMAT, PLAIN, PackCounts, as_documents, table_kind
 from distill.config import DataConfig
@@ -245,11 +245,15 @@ def _read_table(f: Path, work: Path) -> datasets.Dataset:
         raise UserError(f"{f}: a saved DatasetDict with splits {', '.join(ds)} and none named 'train'; save the "
                         f"split to train on by itself (ds[NAME].save_to_disk(...)) and point data.paths at it")
     builder = file_format(f)
-    if f.stat().st_size == 0:
-        raise UserError(f"{f}: the file is empty; remove it from data.paths (or leave it out with data.exclude)")
+    if f.stat().st_size == 0 or (builder == "json" and not _has_a_row(f)):
+        what = "empty" if f.stat().st_size == 0 else "blank (whitespace only)"
+        raise UserError(f"{f}: the file is {what}; remove it from data.paths (or leave it out with data.exclude)")
     try:
         return _quietly(datasets.load_dataset, builder, data_files=str(f), split="train", cache_dir=str(work))
     except Exception as e:  # datasets wraps parse errors in many types
+        full = write_error_in(e)
+        if full is not None:  # the disk it converts to Arrow on (OUT/data) is full, not the file unreadable
+            raise UserError(describe_os_error(full, work)) from None
         bad_line = _first_bad_json_line(f) if builder == "json" else None
         raise UserError(bad_line or f"{f}: could not be read as {builder} ({_reason(e)})") from None
 
@@ -273,6 +277,24 @@ def _one_json_document(f: Path) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _first_non_utf8_line(f: Path) -> str | None:
+    """'line N, byte B' of the first byte that is not UTF-8 in `f` (counted from 1), or None."""
+    with _open_bytes(f) as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"line {number}, byte {e.start + 1}"
+    return None
+
+
+def _has_a_row(f: Path) -> bool:
+    """Whether a JSON-lines file holds anything but whitespace (datasets' error for one that does
+    not names no file: 'Instruction "train" corresponds to no data!')."""
+    with _open_bytes(f) as fh:
+        return any(block.strip() for block in iter(lambda: fh.read(1 << 20), b""))
 
 
 def _first_bad_json_line(f: Path) -> str | None:
@@ -425,8 +447,9 @@ def load_documents(cfg: DataConfig, log=None, cache_dir: Path | None = None) -> 
         try:
             part = as_documents(ds, kind, cfg.text_field, origin=str(f), work=into_work("documents"))
         except UnicodeDecodeError as e:  # a json file in another encoding; datasets reads it lazily
-            raise UserError(f"{f}: not UTF-8 (bad byte at offset {e.start} of a value); convert it (e.g. "
-                            f"`iconv -t utf-8`) or remove it from data.paths") from None
+            where = _first_non_utf8_line(f) or f"bad byte at offset {e.start} of a value"
+            drop = "remove it from data.paths" if named else "leave it out with data.exclude"
+            raise UserError(f"{f}: not UTF-8 ({where}); convert it (e.g. `iconv -t utf-8`) or {drop}") from None
         # one schema for every part: a `large_string` column (polars' parquet, some arrow files) would not concatenate
         parts.append(part if part.features == features else part.cast(features))
     if skipped and log is not None:
@@ -650,7 +673,15 @@ def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> Pack
     from distill.packing import children_die_with_this_process
 
     with children_die_with_this_process():  # datasets' worker processes, here and in packing
-        return _prepare_data(cfg, out_dir, progress)
+        try:
+            return _prepare_data(cfg, out_dir, progress)
+        except UserError:
+            raise
+        except Exception as e:  # datasets and pyarrow wrap a full disk in their own errors, often with no path
+            full = write_error_in(e)
+            if full is None:
+                raise
+            raise UserError(describe_os_error(full, Path(full.filename or Path(out_dir) / "data"))) from None
 
 
 def _prepare_data(cfg: DataConfig, out_dir: Path, progress: bool) -> PackedData:

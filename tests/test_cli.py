@@ -121,6 +121,32 @@ def test_a_key_given_twice_in_the_config_is_refused_by_line(cli, tmp_path):
     assert "key 'seed' given twice" in _one_line_error(cli("train", "--config", str(p)))
 
 
+def test_a_write_the_disk_refused_is_one_line_wherever_it_comes_from(monkeypatch, capsys):
+    """A read-only or full disk met where no stage names it (datasets writing its Arrow files,
+    wrapped in its own error) was a traceback and exit 1; it is one line naming the path, exit 2."""
+    import errno
+    import sys
+
+    import cli as cli_module
+
+    def refused(**kwargs):
+        try:
+            raise OSError(errno.EROFS, "Read-only file system", "/ro/out/data/.documents")
+        except OSError as e:
+            raise RuntimeError("An error occurred while generating the dataset") from e
+
+    monkeypatch.setattr(cli_module, "app", refused)
+    monkeypatch.setattr(sys, "argv", ["distill", "prepare"])
+    with pytest.raises(SystemExit) as e:
+        cli_module.main()
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("error: cannot write /ro/out/data/.documents: not writable; free space or "
+                                       "choose another output dir (previous files are intact)\n")
+    monkeypatch.setattr(cli_module, "app", lambda **kwargs: open("/nonexistent/file"))  # not a write: a bug's traceback
+    with pytest.raises(FileNotFoundError):
+        cli_module.main()
+
+
 def test_inspect_missing_path(cli, tmp_path):
     assert "does not exist" in _one_line_error(cli("inspect", str(tmp_path / "nope")))
 

@@ -210,6 +210,7 @@ def test_saved_datasetdict_split_rules(tmp_path):
     ("rows.jsonl", b'{"title": "a"}\n', r"rows.jsonl: no column 'text', nor chat columns"),
     ("broken.jsonl", b'{"text": "a"}\n{oops\n', r"broken.jsonl: line 2 is not valid JSON \(Expecting property name"),
     ("empty.jsonl", b"", r"empty.jsonl: the file is empty"),
+    ("blank.jsonl", b"\n  \n\n", r"blank.jsonl: the file is blank \(whitespace only\); remove it"),
     ("fake.parquet", b"not parquet", r"fake.parquet: could not be read as parquet"),
     ("ints.jsonl", b'{"text": 1}\n', r"ints.jsonl: column 'text' holds Value\('int64'\), not strings"),
     ("chat.jsonl", b'{"messages": "hi"}\n', r"chat.jsonl: column 'messages' holds .*not lists of \{role, content\}"),
@@ -304,9 +305,44 @@ def test_chat_rows_with_a_prompt_beside_their_messages_read_as_messages(tmp_path
 
 
 def test_a_json_file_in_another_encoding_is_one_line(tmp_path):
+    """Named by its line; met through a glob, the advice is data.exclude (a glob cannot drop one file)."""
     f = _bytes(tmp_path / "latin1.jsonl", _jsonl(text_rows(n=3)).replace(b"Document 1", "Dokumént 1".encode("latin-1")))
-    with pytest.raises(UserError, match=rf"^{f}: not UTF-8 .*; convert it"):
+    column = _jsonl(text_rows(n=3)).splitlines()[1].index(b"Document 1") + len("Dokum") + 1
+    with pytest.raises(UserError, match=rf"^{f}: not UTF-8 \(line 2, byte {column}\); convert it .* remove it from "
+                                        rf"data.paths$"):
         load_documents(DataConfig(paths=[f]))
+    with pytest.raises(UserError, match=rf"^{f}: not UTF-8 \(line 2, byte {column}\); .*leave it out with data.exclude$"):
+        load_documents(DataConfig(paths=[str(tmp_path / "*.jsonl")]))
+
+
+def test_a_full_disk_under_the_data_is_said_so_not_blamed_on_the_input(tmp_path, monkeypatch):
+    """datasets converts a file to Arrow under OUT/data: a full disk there came out as `rows.jsonl:
+    could not be read as json (OSError: [Errno 28] ...)`, and elsewhere in preparation (pyarrow's
+    error names no file) as a traceback."""
+    import errno
+
+    import datasets
+
+    from distill import data as data_module
+    from distill.data import prepare_data
+
+    f = _bytes(tmp_path / "rows.jsonl", _jsonl(text_rows(n=3)))
+
+    def full(*args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise datasets.exceptions.DatasetGenerationError("An error occurred while generating the dataset") from e
+
+    with monkeypatch.context() as m:
+        m.setattr(datasets, "load_dataset", full)
+        with pytest.raises(UserError, match=r": disk full; free space or choose another output dir") as e:
+            load_documents(DataConfig(paths=[f]))
+        assert "rows.jsonl" not in str(e.value)
+    with monkeypatch.context() as m:
+        m.setattr(data_module, "load_documents", full)
+        with pytest.raises(UserError, match=rf"^cannot write {tmp_path / 'out' / 'data'}: disk full"):
+            prepare_data(DataConfig(paths=[f], tokenizer={"vocab_size": 300}), tmp_path / "out")
 
 
 def test_a_table_with_text_and_chat_columns_says_which_it_reads(tmp_path):
