@@ -284,13 +284,15 @@ def render(tok, chat: str) -> tuple[list[int], list[bool]]:
 @dataclass
 class PackCounts:
     """What packing did to the rows: `truncated` were cut to the block and kept; `cut_away` would
-    have lost every target to that cut (their first target sits at or after position `need`, the smallest
-    seq_len that keeps one); `no_target` had none to begin with.  Both kinds are dropped."""
+    have lost every target to that cut (their first targets sit at positions `need` to `need_all`:
+    the smallest seq_len that keeps one of them, and the one that keeps them all); `no_target` had
+    none to begin with.  Both kinds are dropped."""
 
     truncated: int = 0
     cut_away: int = 0
     no_target: int = 0
     need: int = 0
+    need_all: int = 0
     empty_answers: int = 0  # assistant turns or completions with nothing in them (their end marker the target)
 
     @property
@@ -303,6 +305,7 @@ class PackCounts:
         self.no_target += other.no_target
         self.empty_answers += other.empty_answers
         self.need = min(self.need or other.need, other.need or self.need)
+        self.need_all = max(self.need_all, other.need_all)
         return self
 
 
@@ -345,6 +348,7 @@ class RowPacker:
             if first >= self.block:
                 self.counts.cut_away += 1
                 self.counts.need = min(self.counts.need or first, first)
+                self.counts.need_all = max(self.counts.need_all, first)
                 continue
             if len(ids) > self.block:
                 ids, targets = ids[: self.block], targets[: self.block]

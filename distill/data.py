@@ -621,7 +621,7 @@ def _log_chat_counts(counts: dict[str, PackCounts], rows: int, block: int) -> No
                 f"were truncated to it; raise data.seq_len to keep them whole")
     if total.cut_away:
         _stderr(f"[data] {total.cut_away} of {rows} chat rows were dropped: truncation to {block} tokens cut every "
-                f"assistant / completion token; raise data.seq_len to at least {total.need} to keep them")
+                f"assistant / completion token; raise data.seq_len to {_to_keep(total)}")
     if total.no_target:
         _stderr(f"[data] {total.no_target} of {rows} chat rows were dropped: no assistant turn or completion to learn")
     if total.empty_answers:
@@ -633,13 +633,21 @@ def _log_chat_counts(counts: dict[str, PackCounts], rows: int, block: int) -> No
 FEW_DOCUMENTS = 10  # below this, an empty split is the corpus's size, not data.val_fraction
 
 
+def _to_keep(counts: PackCounts) -> str:
+    """The seq_len that keeps every row dropped for its long prompt (and the one that keeps the
+    first of them, when they differ); a manifest from before `need_all` has only the latter."""
+    if counts.need_all > counts.need:
+        return f"at least {counts.need_all:,} to keep them all ({counts.need:,} keeps the shortest)"
+    return f"at least {counts.need:,} to keep them" if not counts.need_all else f"at least {counts.need:,} to keep them all"
+
+
 def _refuse_empty(name: str, split: dict, counts: PackCounts, block: int, documents: int) -> None:
     """A split with no block: say why, and what to change.  documents: the whole corpus's."""
     if counts.cut_away:  # chat rows pack whole: dropped rows are why it is empty
         raise UserError(f"data: the {name} split is empty: its {counts.cut_away} chat rows lost every "
                         f"assistant / completion token to truncation at seq_len + 1 = {block} tokens (their "
-                        f"prompt, with what the chat template adds, is longer); raise data.seq_len to at "
-                        f"least {counts.need}")
+                        f"prompt, with what the chat template adds, is longer); raise data.seq_len to "
+                        f"{_to_keep(counts)}")
     if split["documents"] == 0 and documents < FEW_DOCUMENTS:  # no val_fraction helps: each goes whole
         raise UserError(f"data: the {name} split got no documents: the corpus has {documents}, and each goes whole to "
                         f"one split (by a hash of its text); give more documents, e.g. split a long text into "
@@ -648,6 +656,10 @@ def _refuse_empty(name: str, split: dict, counts: PackCounts, block: int, docume
         change = "raise" if name == "val" else "lower"
         raise UserError(f"data: the {name} split got no documents (they go to validation by a hash of their "
                         f"text, data.val_fraction of them); {change} data.val_fraction or add data")
+    if split["documents"] == split["chat_rows"] and counts.no_target == split["chat_rows"]:
+        raise UserError(f"data: the {name} split has no rows to learn from: none of its {split['chat_rows']} chat rows "
+                        f"has an assistant turn or completion, the only tokens a chat row trains on; give rows with "
+                        f"the assistant's reply (or plain `text` rows)")
     if split["documents"] == split["chat_rows"]:  # no plain text either
         raise UserError(f"data: the {name} split has no rows to learn from ({split['chat_rows']} chat rows, "
                         f"{counts.no_target} of them with no assistant turn); add data or raise data.val_fraction")

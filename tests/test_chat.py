@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -104,7 +105,7 @@ def test_rows_are_packed_whole_and_long_rows_truncated():
     blocks, counts = pack_rows(rows, pad_id=0, block=6)
     # row 2 does not fit after row 1: it starts a new block, cut to 6; row 4 has no target after position 0;
     # row 5's first target (position 7) is past the block: it needs seq_len >= 7
-    assert (counts.truncated, counts.no_target, counts.cut_away, counts.need) == (1, 1, 1, 7)
+    assert (counts.truncated, counts.no_target, counts.cut_away, counts.need, counts.need_all) == (1, 1, 1, 7, 7)
     assert blocks.tolist() == [[-2, -3, 3, 4, -1, -1], [-6, 6, 7, -1, -1, -1], [-9, -9, -9, 8, 8, 8]]
     batch = Batch.of(blocks, range(3))
     assert batch.input_ids.min() >= 0 and batch.labels[0].tolist() == [IGNORE, 3, 4, IGNORE, IGNORE]
@@ -113,23 +114,37 @@ def test_rows_are_packed_whole_and_long_rows_truncated():
 def test_rows_truncation_empties_are_dropped_and_seq_len_must_rise(hf_family, tmp_path, capfd):
     short = [{"messages": [{"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": "Hello."}]}
              for i in range(200)]
-    long = [{"prompt": f"Read this first: {'and then some more words ' * 12}{i}. Now: ", "completion": "ok"}
-            for i in range(5)]
+    long = [{"prompt": f"Read this first: {'and then some more words ' * (12 + 4 * i)}{i}. Now: ", "completion": "ok"}
+            for i in range(5)]  # prompts of several lengths: the seq_len that keeps one is not the one that keeps all
     path = write_jsonl(short + long, tmp_path / "rows.jsonl")
     chatml = {"path": hf_family["teacher"]}
     prepare_data(DataConfig(paths=[path], seq_len=48, tokenizer=chatml), tmp_path / "a")
     err = capfd.readouterr().err
     assert "5 of 205 chat rows were dropped: truncation to 49 tokens cut every assistant / completion token" in err
-    need = int(err.split("raise data.seq_len to at least ")[1].split()[0])
+    said = re.search(r"raise data.seq_len to at least (\d+) to keep them all \((\d+) keeps the shortest\)", err)
+    need_all, need = int(said[1]), int(said[2])
+    assert need_all > need
     prepare_data(DataConfig(paths=[path], seq_len=need, tokenizer=chatml), tmp_path / "b")
+    assert "4 of 205 chat rows were dropped" in capfd.readouterr().err  # the shortest kept, no more
+    prepare_data(DataConfig(paths=[path], seq_len=need_all, tokenizer=chatml), tmp_path / "c")
     assert "dropped" not in capfd.readouterr().err  # at that seq_len each keeps a target
     # 200 short rows under a template that adds a long system prompt: nothing left to learn
     long_system = "{{ '<|im_start|>system\\n' + 'You are a careful, helpful assistant. ' * 12 + '<|im_end|>\\n' }}"
     _templated(hf_family, long_system + CHATML, tmp_path / "tok")
     with pytest.raises(UserError, match=r"the train split is empty: its \d+ chat rows lost every assistant / "
-                                        r"completion token .* raise data.seq_len to at least \d+$"):
+                                        r"completion token .* raise data.seq_len to at least \d+ to keep them all \(\d+ keeps the shortest\)$"):
         prepare_data(DataConfig(paths=[write_jsonl(short, tmp_path / "short.jsonl")], seq_len=48,
-                                tokenizer={"path": tmp_path / "tok"}), tmp_path / "c")
+                                tokenizer={"path": tmp_path / "tok"}), tmp_path / "d")
+
+
+def test_chat_rows_with_no_assistant_turn_are_refused_with_advice_that_helps(hf_family, tmp_path):
+    """It said `add data or raise data.val_fraction`: neither gives such rows a target."""
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Hi {i}"}]}
+            for i in range(40)]
+    with pytest.raises(UserError, match=r"split has no rows to learn from: none of its \d+ chat rows has an assistant "
+                                        r"turn or completion, .*give rows with the assistant's reply"):
+        prepare_data(DataConfig(paths=[write_jsonl(rows, tmp_path / "q.jsonl")], seq_len=48,
+                                tokenizer={"path": hf_family["teacher"]}), tmp_path / "a")
 
 
 def test_empty_answers_are_counted_when_data_is_prepared(hf_family, tmp_path, capfd):
