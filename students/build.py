@@ -129,6 +129,21 @@ def _check_model_dir(path: Path) -> None:
             raise ValueError(f"{file}: corrupt safetensors file ({err})") from None
 
 
+def _check_causal(path: Path, config) -> None:
+    """An encoder (BERT, RoBERTa, ELECTRA, ...) loads as a causal LM without a word, but its
+    position t attends to the tokens after t: as a teacher its signal sees the answer, as a
+    student it learns to read it.  Such a model is causal only when its config says it is a
+    decoder (`is_decoder`, XLM's `causal`); an encoder-decoder's causal LM is its decoder."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_encoder_decoder", False)
+    if encoder and not (getattr(config, "is_decoder", False) or getattr(config, "causal", False)):
+        raise ValueError(f"{path}: a {config.model_type} model attends to the tokens after each position (an encoder, "
+                         f"not a causal LM), so its predictions would see the answer; use a causal LM (a decoder: "
+                         f"Llama, Qwen, Mistral, ...), or set is_decoder: true in its config.json if it was trained "
+                         f"as one")
+
+
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load a local Hugging Face causal-LM directory, sparse MoE enabled.
 
@@ -144,6 +159,7 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreT
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise ValueError(f"{path / 'config.json'}: unreadable config ({err})") from None
+    _check_causal(path, _text_config(config))
     model, info = AutoModelForCausalLM.from_pretrained(
         path, config=_text_config(config), dtype=dtype, output_loading_info=True
     )

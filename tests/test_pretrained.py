@@ -106,6 +106,30 @@ def test_a_head_the_toolkit_does_not_know_is_refused(hf_family, tmp_path):
         check_head(model)
 
 
+def test_an_encoder_is_refused_as_a_teacher_or_student(hf_family, tmp_path):
+    """A BERT dir loads as `BertLMHeadModel` with bidirectional attention: position 0's logits
+    change with token 3, so its signal would see the answer.  Refused unless its config says
+    it is a decoder; a causal LM of an encoder-decoder family (BART's decoder) is not."""
+    from transformers import BartConfig, BartForCausalLM, BertConfig, BertForMaskedLM
+
+    from teachers.live import load_teacher_model
+
+    small = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertForMaskedLM(BertConfig(**small)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(UserError, match=r"teacher: .*bert: a bert model attends to the tokens after each position "
+                                        r"\(an encoder, not a causal LM\)"):
+        load_teacher_model(tmp_path / "bert")
+    BertForMaskedLM(BertConfig(**small, is_decoder=True)).save_pretrained(tmp_path / "bert-decoder")
+    model = load_causal_lm(tmp_path / "bert-decoder")
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 9]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert torch.allclose(logits[0, :3], logits[1, :3], atol=1e-6)  # what the check lets through is causal
+    BartForCausalLM(BartConfig(vocab_size=64, d_model=16, decoder_layers=1, encoder_layers=1, decoder_attention_heads=2,
+                               encoder_attention_heads=2, decoder_ffn_dim=32, encoder_ffn_dim=32)).save_pretrained(tmp_path / "bart")
+    load_causal_lm(tmp_path / "bart")
+
+
 def test_a_student_with_non_finite_weights_is_refused_by_name(hf_family, tmp_path, cli):
     """One NaN in a pretrained student's lm_head: refused naming the weight, not misread as an
     unknown head architecture (its logits' difference to the head's output is NaN)."""
