@@ -24,7 +24,7 @@ from distill.report.report import evaluate_run
 from distill.runtime import (DENSE_AUTO_BYTES, autocast_dtype, cache_identity, check_cached_blocks, check_k,
                              dense_logits_bytes, dense_signal, existing_teacher_dir, is_leader, live_teacher,
                              model_config, prepare, resolve_device, sampling_of, server_teacher, setup_runtime)
-from distill.train.checkpoint import DATA_KEY
+from distill.train.checkpoint import DATA_KEY, earlier_checkpoints
 from distill.train.loop import claim_out_dir, run_hash, train_loop
 from distill.train.on_policy import on_policy_source
 from distill.train.selection import DataView, plan_views
@@ -381,9 +381,11 @@ def _train_students(cfg: RunConfig, resume: bool, progress: bool, data: PackedDa
     data = prepare(cfg, progress) if data is None else data
     cfg = with_epoch_steps(cfg, len(data.train), rank == 0)
     dense = cfg.train.mode == "online" and dense_signal(cfg, vocab_size_of(data.tokenizer))
+    # Said once per run: at its start, whether by `train` or by `run` (which resumes by default).
+    starting = not resume or not earlier_checkpoints(cfg.layout.students)
     for note in (signal_note(cfg, vocab_size_of(data.tokenizer), dense), small_top_k_note(cfg, dense),
                  schedule_note(cfg)):
-        if note and rank == 0 and not resume:
+        if note and rank == 0 and starting:
             print(note, flush=True)
     teacher: Teacher
     live = None

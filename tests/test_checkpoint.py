@@ -266,3 +266,8 @@ def test_a_checkpoint_records_what_its_blocks_held_and_one_from_before_still_res
     assert checkpoint.load(tmp_path / "new" / "step_00000001", None, "h", data_content="abcd")["x"] == 1
     with pytest.raises(UserError, match="trained on other blocks of data with the same fingerprint"):
         checkpoint.load(tmp_path / "new" / "step_00000001", None, "h", data_content="efgh")
+    # Data edited so its fingerprint moved too: that is said, not "the same fingerprint".
+    then = {checkpoint.DATA_KEY: "f1", "seed": 0}
+    checkpoint.save(tmp_path / "edited", 1, model, {}, {"run_hash": "h1", "data_content": "abcd", "run_identity": then})
+    with pytest.raises(UserError, match=r"made from other data \(its fingerprint f1 -> f2"):
+        checkpoint.load(tmp_path / "edited" / "step_00000001", None, "h2", {**then, checkpoint.DATA_KEY: "f2"}, data_content="efgh")

@@ -246,6 +246,8 @@ def pretrained_run(hf_family, stdlib_corpus, tmp_path_factory):
 def test_pretrained_student_run_trains_and_says_the_padding(pretrained_run, hf_family):
     run, r = pretrained_run
     assert "student llama: embedding has" in r.stderr and "4 padding rows are never targets" in r.stderr
+    # `distill run` resumes by default; on a fresh out_dir it still says how the run is set up
+    assert "[train] teacher signal: " in r.stdout, r.stdout
     report = json.loads((run / "report.json").read_text())["students"]["llama"]
     assert report["kind"] == "pretrained" and report["init"]["architecture"] == "LlamaForCausalLM"
     assert "pretrained" in (run / "report.md").read_text()

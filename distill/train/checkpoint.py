@@ -258,11 +258,6 @@ def load(ckpt: Path, model: torch.nn.Module | None, expected_run_hash: str | Non
     the hashes the same run had under earlier rules (accepted too); data_content: what the
     prepared blocks hold (distill/blocks.py content_digest), checked where the checkpoint has it."""
     meta = load_meta(ckpt)
-    if data_content is not None and meta.get("data_content") not in (None, data_content):
-        raise UserError(f"{ckpt}: this checkpoint was trained on other blocks of data with the same fingerprint: the "
-                        f"data was prepared again and came out different (an edit that kept a large file's size, "
-                        f"which the fingerprint's sampling missed); resume with the data it was trained on, or "
-                        f"start afresh in this out_dir with --overwrite")
     if expected_run_hash is not None and meta.get("run_hash") not in (expected_run_hash, *also):
         then = meta.get("run_identity") if isinstance(meta.get("run_identity"), dict) else None
         changes = identity_changes(then, expected_identity) if then and expected_identity else ""
@@ -277,6 +272,12 @@ def load(ckpt: Path, model: torch.nn.Module | None, expected_run_hash: str | Non
         what = (f"another config ({changes})" if changes else
                 f"a different config (run hash {meta.get('run_hash')} != {expected_run_hash})")
         raise UserError(f"{ckpt}: this checkpoint was made by {what}; resume with the config that made it, or "
+                        f"start afresh in this out_dir with --overwrite")
+    # After the fingerprint (in the run hash): other content under the same fingerprint is the case left.
+    if data_content is not None and meta.get("data_content") not in (None, data_content):
+        raise UserError(f"{ckpt}: this checkpoint was trained on other blocks of data with the same fingerprint: the "
+                        f"data was prepared again and came out different (an edit that kept a large file's size, "
+                        f"which the fingerprint's sampling missed); resume with the data it was trained on, or "
                         f"start afresh in this out_dir with --overwrite")
     state = load_state(ckpt)
     if model is None:
