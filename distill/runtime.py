@@ -272,19 +272,27 @@ def _other_tokenizer(name: str, model_dir, run_tok_dir, differ: str) -> str:
            f"distil between models of one tokenizer"
 
 
-def model_config(model_cfg: ModelConfig, vocab_size: int, where: str):
-    """A transformers config from a preset; vocab defaults to the tokenizer's real size."""
+def model_config(model_cfg: ModelConfig, tokenizer, where: str):
+    """A transformers config from a preset; vocab defaults to the tokenizer's real size, and
+    its bos / eos ids are the tokenizer's (the config class's defaults, e.g. Llama's eos 2, name
+    other tokens of another tokenizer, and the export's config.json carries them).  Not the pad
+    id: the embedding would keep that row at zero, untrained, and a tokenizer's pad is often
+    its eos."""
     from students.presets import PRESETS
 
+    vocab_size = vocab_size_of(tokenizer)
     args = dict(model_cfg.args)
     args.setdefault("vocab_size", vocab_size)
     if args["vocab_size"] < vocab_size:
         raise UserError(f"{where}.model.args.vocab_size={args['vocab_size']} is smaller than the tokenizer's "
                         f"{vocab_size} tokens; remove it to use the tokenizer's size")
     try:
-        return PRESETS[model_cfg.preset](**args)
+        config = PRESETS[model_cfg.preset](**args)
     except (TypeError, ValueError) as e:
         raise UserError(f"{where}.model.args: {e}") from None
+    for name in ("bos_token_id", "eos_token_id"):
+        setattr(config, name, getattr(tokenizer, name, None))
+    return config
 
 
 def check_student_vocab(cfg: RunConfig, name: str, model_dir, model_vocab: int, tokenizer) -> None:

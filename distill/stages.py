@@ -67,8 +67,7 @@ def _pretrain(cfg: RunConfig, resume: bool, progress: bool, data: PackedData | N
     if not resume:
         claim_out_dir(cfg.layout.pretrain, overwrite, rank)
     data = prepare(cfg, progress) if data is None else data
-    vocab = vocab_size_of(data.tokenizer)
-    model = build_model(model_config(cfg.teacher.model, vocab, "teacher"), seed=cfg.seed)
+    model = build_model(model_config(cfg.teacher.model, data.tokenizer, "teacher"), seed=cfg.seed)
     pre = cfg.teacher.pretrain
     as_student = StudentConfig(name="teacher", model=cfg.teacher.model, baseline=True, optim=pre.optim)
     student = make_student(cfg, as_student, model, pre.steps, pre.batch_size)

@@ -59,6 +59,8 @@ def test_export_loads_in_stock_transformers(demo_dir, name, arch):
     assert type(model).__name__ == arch
     assert not info["missing_keys"] and not info["unexpected_keys"]
     tok = AutoTokenizer.from_pretrained(str(export))
+    # config.json names the run tokenizer's bos / eos, not the config class's defaults (Llama's 1 and 2)
+    assert (model.config.bos_token_id, model.config.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
     ids = tok("def main():\n    return", return_tensors="pt")["input_ids"]
     # logits parity with the project's own checkpoint (sparse MoE forward) within 1e-5
     from students.build import enable_sparse_moe

@@ -85,7 +85,8 @@ def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size
             _drop_load_options(tmp / "tokenizer_config.json")
         if tokenizer is not None and generation_config is None:
             eos = tokenizer.eos_token_id
-            GenerationConfig(eos_token_id=eos, bos_token_id=tokenizer.bos_token_id, pad_token_id=eos,
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+            GenerationConfig(eos_token_id=eos, bos_token_id=tokenizer.bos_token_id, pad_token_id=pad,
                              max_new_tokens=64).save_pretrained(str(tmp))
         if card is not None:
             (tmp / "README.md").write_text(card)

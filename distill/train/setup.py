@@ -170,7 +170,7 @@ def _student_model(cfg: RunConfig, sc: StudentConfig, i: int, data: PackedData, 
         model, info = _from_teacher(cfg, sc, i, data, teacher)
     else:
         # The same seed for every student: a baseline and its distilled twin start identical.
-        model = build_model(model_config(sc.model, vocab_size_of(data.tokenizer), f"students.{i}"), seed=cfg.seed)
+        model = build_model(model_config(sc.model, data.tokenizer, f"students.{i}"), seed=cfg.seed)
         info = {"source": f"preset {sc.model.preset}", "layers": sc.init_layers}
     if sc.init == "teacher":
         try:
