@@ -24,8 +24,10 @@ Which characters the assistant wrote:
      prompt before `a` (the prompt itself may differ from F's start: a moved system prompt);
      at `a` when the tail found does not hold the whole generation prompt;
   3. its end marker: render turns[:i] + [S-turn]; what follows S there is how the template ends
-     a final assistant turn (`<|im_end|>\n`, `</s>`); as much of it as F has after `z` is a
-     target, so the model learns to stop.
+     a final assistant turn (`<|im_end|>\n`, `</s>`), less the whitespace after its last
+     non-blank character (`<|im_end|>`: the model stops at it and never writes the newline, and
+     a template with generation markers leaves it out too; a marker that is all whitespace is
+     kept whole); as much of it as F has after `z` is a target, so the model learns to stop.
   Turns are found in order, each after the last.  It assumes only that a template renders
   each message's fields in one place.  A row it cannot split (the template fails on it,
   drops or rewrites an assistant turn, or reorders turns) is refused, naming the row.
@@ -47,7 +49,7 @@ from common.errors import UserError
 from teachers.protocol import untrained
 
 PLAIN = ""  # the `chat` column of a plain-text document
-CHAT_FORMAT = 2  # bump when the same rows render to other ids or targets (it is in the data fingerprint)
+CHAT_FORMAT = 3  # bump when the same rows render to other ids or targets (it is in the data fingerprint)
 ROW = "_row"  # key of a row's origin ("FILE row N") in the `chat` JSON
 GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")  # as transformers detects it
 PAYLOAD = ("content", "tool_calls", "reasoning_content", "reasoning", "thinking")  # what the assistant writes
@@ -202,6 +204,7 @@ def _assistant_spans(tok, messages: list[dict], tools) -> tuple[str, list[tuple[
         if ending.count(sentinel) != 1:
             raise _Unsplittable(f"the chat template does not render assistant turn {i} as a final turn")
         end_marker = ending.split(sentinel)[1]  # how the template ends a final assistant turn
+        end_marker = end_marker.rstrip() or end_marker  # `<|im_end|>\n` -> `<|im_end|>` (step 3 above)
         a = min(_common_prefix(full, other), len(before))  # payload: full[a:z]
         same_after = _common_suffix(full, other)
         z = len(full) - min(same_after, len(after))

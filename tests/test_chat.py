@@ -43,8 +43,8 @@ def _templated(hf_family, template, out):
 def test_only_assistant_turns_are_targets(hf_family):
     tok = hf_family["tokenizer"]
     turns = CONVERSATION["messages"]
-    want = "".join(f"{m['content']}<|im_end|>\n" for m in turns if m["role"] == "assistant")
-    assert _targets_text(tok, CONVERSATION) == want  # both turns, with their end-of-turn marker
+    want = "".join(f"{m['content']}<|im_end|>" for m in turns if m["role"] == "assistant")
+    assert _targets_text(tok, CONVERSATION) == want  # both turns, with their end-of-turn marker (not the newline after)
     ids, targets = render(tok, json.dumps(CONVERSATION))
     assert tok.decode(ids) == tok.apply_chat_template(turns, tokenize=False)  # the template's own rendering
 
@@ -57,14 +57,14 @@ def test_a_completion_ends_with_eos_as_a_target(hf_family):
 
 
 @pytest.mark.parametrize("template,row,want", [
-    (CHATML, CONVERSATION, f"{FIRST}<|im_end|>\n{LAST}<|im_end|>\n"),
+    (CHATML, CONVERSATION, f"{FIRST}<|im_end|>{LAST}<|im_end|>"),  # the newline after the marker is never written
     # earlier turns without reasoning (the template drops it), the last with its <think> block
-    (REASONING_LAST, THINKING, f"{FIRST}<|im_end|>\n<think>\nThink of {LAST[:6]}\n</think>\n\n{LAST}<|im_end|>\n"),
+    (REASONING_LAST, THINKING, f"{FIRST}<|im_end|><think>\nThink of {LAST[:6]}\n</think>\n\n{LAST}<|im_end|>"),
     # no generation prompt: the model writes from the template's space after [/INST]
     (SYSTEM_FIRST_USER, CONVERSATION, f" {FIRST} <|im_end|> {LAST} <|im_end|>"),
     (SYSTEM_LAST_USER, CONVERSATION, f" {FIRST}<|im_end|> {LAST}<|im_end|>"),
-    (TOOLS, tool_row(), f"{CALL}<|im_end|>\nIt is sunny in Paris.<|im_end|>\n"),
-    (GENERATION, CONVERSATION, f"{FIRST}<|im_end|>{LAST}<|im_end|>"),  # what its markers mark, newline out
+    (TOOLS, tool_row(), f"{CALL}<|im_end|>It is sunny in Paris.<|im_end|>"),
+    (GENERATION, CONVERSATION, f"{FIRST}<|im_end|>{LAST}<|im_end|>"),  # what its markers mark: the same
 ], ids=["chatml", "reasoning-last-turn", "system-first-user", "system-last-user", "tool-calls", "generation-markers"])
 def test_targets_are_what_the_assistant_writes(template, row, want, hf_family, tmp_path):
     tok = _templated(hf_family, template, tmp_path)
