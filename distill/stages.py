@@ -417,7 +417,8 @@ def _train_students(cfg: RunConfig, resume: bool, progress: bool, data: PackedDa
                         resume=resume, progress=progress, views=views, on_policy=on_policy)
     result["teacher_reads"] = teacher.reads
     if rank == 0:
-        result["students_info"] = {s.name: {"tokens_seen": s.tokens_seen, "nonfinite_steps": s.nonfinite_steps,
+        result["students_info"] = {s.name: {"tokens_seen": s.tokens_seen, "targets_seen": s.targets_seen,
+                                            "nonfinite_steps": s.nonfinite_steps,
                                             **({"failed": result["failed"][s.name]} if s.name in result["failed"] else {})}
                                    for s in students}
         atomic_write_json(cfg.layout.train_summary, result)

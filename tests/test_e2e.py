@@ -42,6 +42,12 @@ def test_report_schema(demo_dir):
         assert r["params_active"] <= r["params_total"]
         assert r["val_ppl"] > 1 and 0 <= r["teacher_top1_agreement"] <= 1 and r["kl_to_teacher"] >= 0
         assert r["train_tokens"] > 0
+        # the targets it learnt from (documents packing: each row's first token is none), not the positions read
+        rows = [json.loads(line) for line in (demo_dir / "students" / name / "metrics.jsonl").read_text().splitlines()]
+        assert r["train_targets"] == sum(row["n_valid"] for row in rows if row["kind"] == "train"), name
+        assert r["train_targets"] < r["train_tokens"] == r["step"] * 4 * 64, name  # the demo's 4 blocks of 64 a step
+        assert f"| training targets (tokens learnt from) | {r['train_targets']} |" in \
+            (demo_dir / r["export_dir"] / "README.md").read_text()
         assert (demo_dir / r["export_dir"] / "config.json").exists()  # relative to the run dir
     moe = report["students"]["scout"]
     assert moe["params_active"] < moe["params_total"]

@@ -144,7 +144,8 @@ def model_card(name: str, meta: dict, metrics: dict | None = None) -> str:
         f"| soft-weight schedule | {sched.get('kind', '-')} {sched.get('start', '-')} -> {sched.get('end', '-')} |",
         f"| hard target | {loss.get('hard_target', '-')} |",
         f"| steps | {meta.get('step', '?')} |",
-        f"| train tokens | {meta.get('tokens_seen', '?')} |",
+        f"| train tokens (positions read) | {meta.get('tokens_seen', '?')} |",
+        f"| training targets (tokens learnt from) | {meta.get('targets_seen') if meta.get('targets_seen') is not None else '?'} |",
     ]
     note = meta.get("routing_without_bias")
     if note:  # see routing_note: the exported router differs from the trained one

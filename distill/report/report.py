@@ -3,7 +3,9 @@
 report.json:
   {"teacher": {...}, "students": {"NAME": {"kind": "scout|maverick|dense|baseline",
    "params_total", "params_active", "val_ppl", "teacher_top1_agreement", "kl_to_teacher",
-   "step", "train_tokens" (the scored export's), "export_dir" (relative to OUT), "inference_tokens_per_s",
+   "step", "train_tokens" (positions the scored export read: prompts and padding too),
+   "train_targets" (the training targets it learnt from; None: resumed from a checkpoint that
+   predates the count), "export_dir" (relative to OUT), "inference_tokens_per_s",
    "generation" (chat data: distill/report/generation.py)}},
    "generation": {"prompts", "max_new_tokens", "temperature", "top_p", "teacher": {...}} (chat data),
    "teacher_signal": what agreement and KL are measured against (`signal_description`)}
@@ -154,6 +156,8 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
                      step=meta.get("step"),
                      train_tokens=meta.get("tokens_seen", summary.get("students_info", {}).get(sc.name, {})
                                            .get("tokens_seen")),
+                     train_targets=meta.get("targets_seen") if "tokens_seen" in meta else
+                     summary.get("students_info", {}).get(sc.name, {}).get("targets_seen"),
                      export_dir=str(export_dir.relative_to(layout.root)))
         if layout.data_report(sc.name).exists():  # which training blocks it learnt from (train/selection.py)
             stats["data"] = json.loads(layout.data_report(sc.name).read_text())
@@ -256,7 +260,7 @@ def _data_lines(report: dict) -> list[str]:
 
 def render_markdown(report: dict) -> str:
     cols = ["kind", "params_total", "params_active", "val_ppl", "teacher_top1_agreement", "kl_to_teacher",
-            "step", "train_tokens", "data_kept", "inference_tokens_per_s"]
+            "step", "train_tokens", "train_targets", "data_kept", "inference_tokens_per_s"]
     rows = [("teacher", {"kind": "teacher", **report["teacher"]})] if report.get("teacher") else []
     rows += list(report["students"].items())
     lines = ["# Co-distillation report", "",

@@ -128,7 +128,7 @@ def save_checkpoints(layout: RunLayout, saves: list[tuple[Student, int]], loop: 
         dist.barrier()
     for s, step in saves:
         meta = {"student": s.name, "run_hash": loop.run_hash, "student_config": s.cfg.model_dump(mode="json"),
-                "tokens_seen": s.tokens_seen, "selection": loop.selections.get(s.name, EVERY_BLOCK),
+                "tokens_seen": s.tokens_seen, "targets_seen": s.targets_seen, "selection": loop.selections.get(s.name, EVERY_BLOCK),
                 **loop.extra_meta}
         root = layout.checkpoints(s.name)
         s.engine.save_sharded(root, tag=f"step_{step:08d}")

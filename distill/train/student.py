@@ -244,7 +244,8 @@ class Student:
         self.total_steps = total_steps
         self.soft_schedule = build_schedule(cfg.loss.soft_weight.as_dict())
         self.nonfinite_steps = 0
-        self.tokens_seen = 0
+        self.tokens_seen = 0  # positions read (prompts and padding too): the throughput's unit
+        self.targets_seen: int | None = 0  # training targets learnt from (None: resumed from before it was counted)
         self.hard_per_block: torch.Tensor | None = None  # (B_local,) the last step's loss per block, for dynamic selection
         self.data_view_state: dict | None = None  # a dynamic data view's table, checkpointed with the student
 
@@ -308,11 +309,14 @@ class Student:
             update_expert_bias(self.model, self.cfg.loss.bias_update_rate)
         tokens = sum(int(mb.valid.numel()) for mb in micro_batches) * world
         self.tokens_seen += tokens
+        if self.targets_seen is not None:
+            self.targets_seen += round(totals.targets)  # every rank's: the step's global count
         metrics = self._reduced(sums, world)
         metrics.update({
             "w_hard": out.stats["w_hard"],
             "lr": self.engine.lr(), "grad_norm": grad_norm,
             "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9), "tokens_seen": self.tokens_seen,
+            "targets_seen": self.targets_seen,
         })
         return metrics
 
@@ -384,7 +388,8 @@ class Student:
         """Everything a resume needs beyond the weights.  expert_bias: one (E,) tensor per MoE
         layer, a non-persistent buffer (model.safetensors stays stock) that routing depends on."""
         state = {"engine": self.engine.state_dict(), "nonfinite_steps": self.nonfinite_steps,
-                 "tokens_seen": self.tokens_seen, "expert_bias": expert_biases(self.model),
+                 "tokens_seen": self.tokens_seen, "targets_seen": self.targets_seen,
+                 "expert_bias": expert_biases(self.model),
                  "routing_counts": routing_counts(self.model)}
         if self.data_view_state is not None:
             state["data_view"] = self.data_view_state
@@ -394,6 +399,7 @@ class Student:
         self.engine.load_state_dict(state["engine"])
         self.nonfinite_steps = state["nonfinite_steps"]
         self.tokens_seen = state["tokens_seen"]
+        self.targets_seen = state.get("targets_seen")  # None in a checkpoint from before it was counted
         if "expert_bias" in state:  # checkpoints from before the bias was saved: zeros, as then
             set_expert_biases(self.model, state["expert_bias"])
         if "routing_counts" in state:  # tokens routed since the last bias update (older checkpoints: none)
