@@ -346,6 +346,12 @@ def _column_problem(ds: datasets.Dataset, kind: str, text_field: str) -> str | N
         # (datasets reads rows whose turns differ in fields as Json); the template judges the rest.
         if isinstance(turn, dict) and key in turn or type(turn).__name__ == "Json":
             return None
+        # Not lists of turns: name the first row that is not one (rows are read on this error path only).
+        values = (v for batch in ds.select_columns([column]).iter(batch_size=1024) for v in batch[column])
+        bad = next(((n, v) for n, v in enumerate(values, start=1)
+                    if not (isinstance(v, list) and all(isinstance(t, dict) for t in v))), None)
+        if bad is not None:
+            return f"row {bad[0]}'s {column!r} is a {type(bad[1]).__name__}, not a list of {shape} turns"
         return f"column {column!r} holds {feats[column]}, not lists of {shape} turns"
     for name in names:
         if not _is_str(feats[name]):

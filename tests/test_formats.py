@@ -213,7 +213,9 @@ def test_saved_datasetdict_split_rules(tmp_path):
     ("blank.jsonl", b"\n  \n\n", r"blank.jsonl: the file is blank \(whitespace only\); remove it"),
     ("fake.parquet", b"not parquet", r"fake.parquet: could not be read as parquet"),
     ("ints.jsonl", b'{"text": 1}\n', r"ints.jsonl: column 'text' holds Value\('int64'\), not strings"),
-    ("chat.jsonl", b'{"messages": "hi"}\n', r"chat.jsonl: column 'messages' holds .*not lists of \{role, content\}"),
+    ("chat.jsonl", b'{"messages": "hi"}\n', r"chat.jsonl: row 1's 'messages' is a str, not a list of \{role, content\}"),
+    ("mixed.jsonl", b'{"messages": [{"role": "user", "content": "a"}]}\n{"messages": "hi"}\n',
+     r"mixed.jsonl: row 2's 'messages' is a str, not a list of \{role, content\} turns"),
 ])
 def test_a_file_in_no_known_shape_is_named(tmp_path, name, content, message):
     f = _bytes(tmp_path / name, content)
