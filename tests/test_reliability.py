@@ -325,6 +325,9 @@ def test_a_second_training_run_into_an_out_dir_being_trained_is_refused(online_s
         assert "being trained into by another run" in line
     r = run_cli("train", "-c", str(cfg), "--quiet", *sets)
     assert r.returncode == 0, r.stderr[-2000:]
+    # `inspect OUT` names the teacher the run's checkpoints record, a checkpoint dir outside OUT here
+    shown = run_cli("inspect", str(out), env={"COLUMNS": "300"})
+    assert shown.returncode == 0 and f"model {work / 'teacher'}" in shown.stdout, shown.stdout + shown.stderr
 
 
 def test_a_damaged_cache_manifest_is_named_at_train(online_setup, tmp_path):

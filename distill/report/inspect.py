@@ -175,6 +175,9 @@ def inspect_path(path: Path, verify: bool = False) -> bool:
     parts = [p for p in (path / "data", path / "cache", path / "teacher") if p.is_dir() and any(p.iterdir())]
     for student in sorted(p for p in (path / "students").glob("*") if p.is_dir()):
         parts += [p for p in (student / "checkpoints", student / "export") if p.is_dir() and any(p.iterdir())]
+    teacher = _run_teacher(path)
+    if teacher is not None and path / "teacher" not in parts:  # a checkpoint teacher outside OUT
+        parts.insert(min(2, len(parts)), teacher)
     if parts:  # a run's out_dir: each thing in it (one unfinished, e.g. a killed preparation, said in a line)
         ok = True
         for part in parts:
@@ -185,6 +188,21 @@ def inspect_path(path: Path, verify: bool = False) -> bool:
         return ok
     raise UserError(f"{path}: not prepared data, a cache (manifest.json), checkpoint (meta.json), model dir "
                     f"(config.json) or a run's out_dir (data/, cache/, students/)")
+
+
+def _run_teacher(out: Path) -> Path | None:
+    """The teacher dir a run's checkpoints name (its `teacher` meta), where it is a model dir."""
+    from distill.train import checkpoint
+
+    for ckpt_root in sorted(out.glob("students/*/checkpoints")):
+        try:
+            latest = checkpoint.latest(ckpt_root)
+            teacher = checkpoint.load_meta(latest).get("teacher") if latest is not None else None
+        except UserError:
+            continue
+        if teacher and (Path(teacher) / "config.json").is_file():
+            return Path(teacher)
+    return None
 
 
 def _export_rows(path: Path) -> dict:
