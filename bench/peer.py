@@ -284,10 +284,12 @@ def score(model_dir: Path, teacher, tok, rows: list[dict]) -> dict:
     for row in rows:
         ids = encode(tok, row["messages"])
         first = len(encode(tok, row["messages"][:-1], add_generation_prompt=True))  # first assistant token
-        x = torch.tensor([ids])
-        s = torch.log_softmax(model(input_ids=x).logits[0, first - 1:-1].double(), -1)  # (A, V) predicting ids[first:]
+        # ... to its end-of-turn marker: the template's newline after it is no token the model writes
+        end = max(i for i, t in enumerate(ids) if t == tok.eos_token_id) + 1
+        x = torch.tensor([ids[:end]])
+        s = torch.log_softmax(model(input_ids=x).logits[0, first - 1:-1].double(), -1)  # (A, V) predicting ids[first:end]
         t = torch.log_softmax(teacher(input_ids=x).logits[0, first - 1:-1].double(), -1)
-        target = torch.tensor(ids[first:])
+        target = torch.tensor(ids[first:end])
         nll += float(-s.gather(-1, target[:, None]).sum())
         kl += float((t.exp() * (t - s)).sum())
         n += len(target)
