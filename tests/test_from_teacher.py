@@ -86,7 +86,17 @@ def cut_run(hf_family, stdlib_corpus, tmp_path_factory):
     (work / "run.yaml").write_text(yaml.safe_dump(cfg))
     r = run_cli("run", "-c", str(work / "run.yaml"), "--quiet", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    (work / "run.stderr").write_text(r.stderr)
     return work / "run"
+
+
+def test_the_cut_is_said_when_the_student_is_made_not_on_every_resume(cut_run):
+    from tests.conftest import run_cli
+
+    assert "[init] cut: teacher layers" in (cut_run.parent / "run.stderr").read_text()
+    r = run_cli("train", "-c", str(cut_run.parent / "run.yaml"), "--quiet", "--resume", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[init]" not in r.stderr, r.stderr  # it loads its checkpoint over the cut
 
 
 def test_full_depth_cut_over_the_cli_matches_the_teacher(cut_run, hf_family):

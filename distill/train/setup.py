@@ -21,6 +21,7 @@ from common.fsutil import atomic_write_json
 from distill.config import RunConfig, StudentConfig
 from distill.data import PackedData, vocab_size_of
 from distill.runtime import check_student_vocab, cut_layer_spec, is_leader, model_config, resolve_device, teacher_model
+from distill.train import checkpoint
 from distill.train.engines import DeepSpeedEngine, TorchEngine, deepspeed_config
 from distill.train.loop import LoopConfig
 from distill.train.student import Student, make_optimizer
@@ -196,7 +197,8 @@ def build_students(cfg: RunConfig, models: list[tuple]) -> list[Student]:
     for sc, (model, info) in zip(cfg.students, models):
         if is_leader():
             atomic_write_json(cfg.layout.init_report(sc.name), {"student": sc.name, "init": sc.init, **info})
-            if "layer_choice" in info and sc.init == "teacher":
+            fresh = not checkpoint.step_dirs(cfg.layout.checkpoints(sc.name))  # a resume loads over it: not said
+            if "layer_choice" in info and sc.init == "teacher" and fresh:
                 print(f"[init] {sc.name}: teacher layers {info['layers']} ({info['layer_choice']['method']}); "
                       f"{len(info['copied'])} tensors copied, {len(info['not_copied'])} not", file=sys.stderr)
         students.append(make_student(cfg, sc, model, cfg.train.steps, cfg.train.batch_size))
