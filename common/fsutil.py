@@ -157,27 +157,40 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-@contextlib.contextmanager
-def exclusive_lock(path: Path, busy: str):
-    """Hold an exclusive lock on `path` (created, with the holder's pid in it) for the block.
-    A second process is refused at once: `busy (pid N holds PATH); ...`.  The kernel drops
-    the lock when its holder dies, kill -9 too, so a stale file never blocks a later run."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise UserError(describe_os_error(e, path.parent)) from None
+def try_lock(path: Path) -> tuple[int | None, str]:
+    """An exclusive, non-blocking lock on `path` (created): (its fd, "") with this pid written
+    in it, or (None, the holder's pid) when another process holds it.  The kernel drops the lock
+    when its holder dies, kill -9 too, so a stale file never blocks a later run; `unlock(fd)`."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise UserError(f"{busy} (pid {holder} holds {path}); wait for it to finish, or use another out_dir") from None
+        return None, holder
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd, ""
+
+
+def unlock(fd: int) -> None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, busy: str):
+    """Hold `try_lock(path)` for the block; a second process is refused at once:
+    `busy (pid N holds PATH); ...`."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, holder = try_lock(path)
+    except OSError as e:
+        raise UserError(describe_os_error(e, path.parent)) from None
+    if fd is None:
+        raise UserError(f"{busy} (pid {holder} holds {path}); wait for it to finish, or use another out_dir")
     try:
         yield
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        unlock(fd)

@@ -644,7 +644,7 @@ def _to_keep(counts: PackCounts) -> str:
     first of them, when they differ); a manifest from before `need_all` has only the latter."""
     if counts.need_all > counts.need:
         return f"at least {counts.need_all:,} to keep them all ({counts.need:,} keeps the shortest)"
-    return f"at least {counts.need:,} to keep them" if not counts.need_all else f"at least {counts.need:,} to keep them all"
+    return f"at least {counts.need:,} to keep them{' all' if counts.need_all else ''}"
 
 
 def _refuse_empty(name: str, split: dict, counts: PackCounts, block: int, documents: int) -> None:

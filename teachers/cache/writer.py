@@ -43,7 +43,6 @@ and errors in format.py.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import inspect
 import json
@@ -59,7 +58,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common.fsutil import write_file_atomically
+from common.fsutil import try_lock, unlock, write_file_atomically
 from teachers.cache.codec import get_codec, safetensors_bytes
 from teachers.cache.format import (MANIFEST, CacheLocked, CacheWriteError, Sampling, format_version, identity_diffs,
                                    mismatch_error, read_json, sha256_file)
@@ -96,20 +95,13 @@ class _Lock:
 
     def __init__(self, cache_dir: Path, rank: int):
         self.path = cache_dir / (".lock" if rank == 0 else f".lock.r{rank}")
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
+        self.fd, holder = try_lock(self.path)
+        if self.fd is None:
             raise CacheLocked(f"cache dir {cache_dir} is being written by another process (pid {holder} "
-                              f"holds {self.path}); wait for it to finish or use another cache dir") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+                              f"holds {self.path}); wait for it to finish or use another cache dir")
 
     def release(self) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
+        unlock(self.fd)
 
 
 class _Sync:
