@@ -234,7 +234,12 @@ def run_identity(cfg: RunConfig, data_fingerprint: str, selections: dict | None,
         signal["dense"] = True  # the whole distribution: another loss, so another trajectory
     identity = {"stage": "train", "students": [student_identity(s) for s in cfg.students],
                 DATA_KEY: data_fingerprint, "seed": cfg.seed, "train.steps": cfg.train.steps,
-                "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
+                "train.batch_size": cfg.train.batch_size,
+                # How a step is split (grad_accum, and the ranks, never hashed) does not shape it:
+                # the step's update is the same (tests/test_data_parallel.py), so a job rescheduled
+                # on other GPUs resumes with the grad_accum that fits them.  Kept at 1, the value
+                # most checkpoints hashed; earlier_run_hashes gives the others.
+                "train.grad_accum": 1,
                 "train.mode": cfg.train.mode, "the teacher signal": signal}
     if selections is not None:
         identity["the data selections"] = selections
@@ -244,13 +249,18 @@ def run_identity(cfg: RunConfig, data_fingerprint: str, selections: dict | None,
 
 
 def earlier_run_hashes(cfg: RunConfig, identity: dict) -> tuple[str, ...]:
-    """The hash this run had before a student's `device` left it (2026-12-05): a checkpoint
-    made then, by a config that set one, still resumes."""
+    """The hashes this run had under earlier rules, so checkpoints made then still resume:
+    until 2026-12-05 a student's `device` was hashed, and so was `train.grad_accum` (any
+    value that divides the batch: the checkpoint's may differ from this config's)."""
     devices = [s.device for s in cfg.students]
-    if not any(devices):
-        return ()
-    then = {**identity, "students": [{**d, "device": dev} for d, dev in zip(identity["students"], devices)]}
-    return (run_hash(*then.values()),)
+    students = [identity["students"]]
+    if any(devices):
+        students.append([{**d, "device": dev} for d, dev in zip(identity["students"], devices)])
+    splits = [g for g in range(1, cfg.train.batch_size + 1) if cfg.train.batch_size % g == 0]
+    then = [{**identity, "students": ss, "train.grad_accum": g} for ss in students for g in splits]
+    hashes = dict.fromkeys(run_hash(*t.values()) for t in then)
+    hashes.pop(run_hash(*identity.values()), None)  # today's own
+    return tuple(hashes)
 
 
 def data_views(cfg: RunConfig, teacher: CachedTeacher | None, data: PackedData) -> list[DataView]:

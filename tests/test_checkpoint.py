@@ -87,8 +87,31 @@ def test_a_checkpoint_hashed_with_a_students_device_still_resumes():
     for d, s in zip(old["students"], cfg.students):  # keys that enter only when set, as before
         d.pop("select"), d.pop("on_policy_share")
     assert old["students"][0]["device"] == "cuda:1" and old != identity
-    assert earlier_run_hashes(cfg, identity) == (run_hash(*old.values()),)
-    assert earlier_run_hashes(check_config(parse_config({**raw, "students": raw["students"][1:]})), identity) == ()
+    assert run_hash(*old.values()) in earlier_run_hashes(cfg, identity)
+    no_device = check_config(parse_config({**raw, "students": raw["students"][1:]}))
+    assert run_hash(*old.values()) not in earlier_run_hashes(no_device, run_identity(no_device, "fingerprint", None,
+                                                                                    dense=False))
+
+
+def test_a_checkpoint_hashed_with_its_grad_accum_still_resumes_with_any():
+    """Until 2026-12-05 `train.grad_accum` was part of the run hash; it does not shape the step
+    (tests/test_data_parallel.py), so it is hashed as 1 now and a checkpoint made with any
+    grad_accum that divides the batch resumes with any other."""
+    from distill.config import check_config, parse_config
+    from distill.stages import earlier_run_hashes, run_identity
+    from distill.train.loop import run_hash
+
+    def cfg(grad_accum):
+        return check_config(parse_config({"data": {"stdlib": True}, "teacher": {"path": "/teacher"},
+                                          "train": {"batch_size": 12, "grad_accum": grad_accum},
+                                          "students": [{"name": "a", "model": {"preset": "dense"}}]}))
+
+    identity = run_identity(cfg(4), "fingerprint", None, dense=False)
+    assert identity == run_identity(cfg(1), "fingerprint", None, dense=False)  # today: one hash for every split
+    made_then = {g: run_hash(*{**identity, "train.grad_accum": g}.values()) for g in (1, 2, 3, 4, 6, 12)}
+    assert made_then[1] == run_hash(*identity.values())  # grad_accum 1's checkpoints kept their hash
+    earlier = earlier_run_hashes(cfg(4), identity)
+    assert set(earlier) == {made_then[g] for g in (2, 3, 4, 6, 12)}
 
 
 def test_disk_full_during_checkpoint_keeps_previous(tmp_path, model, monkeypatch):

@@ -49,32 +49,47 @@ def weights(out, name, step=STEPS):
 
 
 def train(cfg, out, launcher, grad_accum, *extra):
+    """Run `distill train` by `launcher` into `out`; returns `out`."""
+    launch(cfg, out, launcher, grad_accum, *extra)
+    return out
+
+
+def launch(cfg, out, launcher, grad_accum, *extra):
     args = ("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}", "--set", f"train.grad_accum={grad_accum}",
             *extra)
     if launcher == "single":
         r = run_cli(*args)
-    elif launcher == "single-zero3":  # DeepSpeed on one process, no launcher
+    elif launcher.startswith("single-zero"):  # DeepSpeed on one process, no launcher
         ensure_deepspeed_cpu_op()
-        r = run_cli(*args, "--set", "train.engine=deepspeed", "--set", "train.zero_stage=3")
+        r = run_cli(*args, "--set", "train.engine=deepspeed", "--set", f"train.zero_stage={launcher[-1]}")
     elif launcher == "torchrun":
         r = run_torchrun_cli(*args)
     else:  # "zero2", "zero3"
         r = run_deepspeed_cli(*args, "--set", "train.engine=deepspeed", "--set", f"train.zero_stage={launcher[-1]}")
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
-    return out
+    return r
+
+
+def killed_after_step_2(full, to):
+    """A copy of run `full` as if killed -9 after step 2: no step-3 checkpoint, ours or DeepSpeed's."""
+    shutil.copytree(full, to)
+    for name in ("dense", "moe"):
+        shutil.rmtree(to / "students" / name / "checkpoints" / "step_00000003")
+        shutil.rmtree(to / "students" / name / "checkpoints" / "deepspeed" / "step_00000003", ignore_errors=True)
+    return to
 
 
 @pytest.fixture(scope="module")
 def launched(dp_config):
     """launched(launcher, grad_accum) -> out dir of that run, each launched once per module.
-    ZeRO-3 runs checkpoint every step (not part of the run's identity), for the resume test."""
+    Runs checkpoint every step (not part of the run's identity), for the resume tests."""
     work, cfg = dp_config
     runs = {}
 
     def get(launcher, grad_accum):
         if (launcher, grad_accum) not in runs:
-            extra = ("--set", "train.checkpoint_every=1") if launcher == "zero3" else ()
-            runs[launcher, grad_accum] = train(cfg, work / f"{launcher}-ga{grad_accum}", launcher, grad_accum, *extra)
+            runs[launcher, grad_accum] = train(cfg, work / f"{launcher}-ga{grad_accum}", launcher, grad_accum,
+                                               "--set", "train.checkpoint_every=1")
         return runs[launcher, grad_accum]
 
     return get
@@ -128,12 +143,7 @@ def test_zero3_resume_after_a_kill_and_export_to_stock_transformers(launched, dp
     full = launched("zero3", 2)
     ckpts = full / "students" / "dense" / "checkpoints"
     assert sorted(p.name for p in (ckpts / "deepspeed").glob("step_*")) == ["step_00000002", "step_00000003"]
-    killed = work / "zero3-killed"
-    shutil.copytree(full, killed)
-    for name in ("dense", "moe"):
-        shutil.rmtree(killed / "students" / name / "checkpoints" / "step_00000003")
-        shutil.rmtree(killed / "students" / name / "checkpoints" / "deepspeed" / "step_00000003")
-    train(cfg, killed, "zero3", 2, "--resume")
+    killed = train(cfg, killed_after_step_2(full, work / "zero3-killed"), "zero3", 2, "--resume")
     for name in ("dense", "moe"):
         assert rel_diff(weights(killed, name), weights(full, name)) < 1e-6, name
         r = run_cli("export", str(killed / "students" / name), "--out", str(tmp_path / name))
@@ -147,6 +157,25 @@ def test_zero3_resume_after_a_kill_and_export_to_stock_transformers(launched, dp
         with torch.no_grad():
             a, b = stock(ids).logits, ours(ids).logits
         assert float((a - b).abs().max()) < 1e-4 * float(b.abs().max()), name
+
+
+@pytest.mark.parametrize("first, then, grad_accum", [("torchrun", "single", 2), ("zero2", "single-zero2", 2),
+                                                     ("zero3", "single-zero3", 1)])
+def test_a_run_resumes_on_another_number_of_ranks_with_another_grad_accum(launched, dp_config, first, then,
+                                                                          grad_accum):
+    """A job rescheduled on fewer GPUs (2 ranks -> 1 here) resumes, with the grad_accum that
+    fits them, to the weights of the uninterrupted run.  DeepSpeed's partitions are per rank:
+    they go through its universal checkpoint, whose loader needs two corrections (every param
+    group given the first's weight decay; one `step` shared by every group under ZeRO-3)."""
+    work, cfg = dp_config
+    full = launched(first, 3 - grad_accum)
+    killed = killed_after_step_2(full, work / f"{first}-then-{then}")
+    said = launch(cfg, killed, then, grad_accum, "--resume").stdout
+    if then != "single":  # the branch that converts was taken, and cleaned up after
+        assert said.count("written by 2 rank(s), resuming on 1") == 2, said[-3000:]
+        assert not list((killed / "students").glob("*/checkpoints/deepspeed/.universal-*"))
+    for name, tolerance in (("dense", 1e-5), ("moe", 5e-5)):  # rounding only, as in the test above
+        assert rel_diff(weights(killed, name), weights(full, name)) < tolerance, name
 
 
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(dp_config):

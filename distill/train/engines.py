@@ -9,6 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Protocol
 
@@ -258,4 +262,60 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(root / "deepspeed"), tag=tag)
 
     def load_sharded(self, root: Path, tag: str) -> None:
-        self.engine.load_checkpoint(str(root / "deepspeed"), tag=tag, load_module_strict=False)
+        """Every rank loads its partition.  A checkpoint written by another number of ranks (a
+        job rescheduled on fewer or more GPUs) is partitioned differently, which DeepSpeed
+        refuses to load; its universal form (one file per parameter and optimizer state,
+        DeepSpeed's own converter) loads at any number of ranks, to the same training state."""
+        saved = root / "deepspeed"
+        ranks = saved_ranks(saved / tag)
+        if ranks in (0, self.world_size):  # 0: nothing partitioned to count; DeepSpeed says what is missing
+            self.engine.load_checkpoint(str(saved), tag=tag, load_module_strict=False)
+            return
+        universal = saved / f".universal-{tag}"
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            to_universal(saved / tag, universal / tag, ranks, self.world_size)
+        if dist.is_initialized():
+            dist.barrier()
+        # Two things DeepSpeed 0.19's universal loader gets wrong, put right after it: it gives
+        # every param group the first group's hyperparameters (ours differ: no weight decay on
+        # norms and biases), and under ZeRO-3 every group's state one shared `step` tensor,
+        # which a fused or foreach AdamW then advances once per group per step.
+        base = getattr(self.optimizer, "optimizer", self.optimizer)
+        kept = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in base.param_groups]
+        self.engine._config.load_universal_checkpoint = True  # no public switch: a config key read at load
+        try:
+            self.engine.load_checkpoint(str(universal), tag=tag, load_module_strict=False)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+        for group, own in zip(base.param_groups, kept):
+            group.update(own)
+        for state in base.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+        if dist.is_initialized():
+            dist.barrier()
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            shutil.rmtree(universal, ignore_errors=True)
+
+
+def saved_ranks(tag_dir: Path) -> int:
+    """How many data-parallel ranks wrote a DeepSpeed checkpoint: one optimizer-state file each
+    (`[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt`, every ZeRO stage)."""
+    return len(list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")))
+
+
+def to_universal(tag_dir: Path, out: Path, ranks: int, world: int) -> None:
+    """DeepSpeed's converter (`deepspeed.checkpoint.ds_to_universal`) from `tag_dir` into `out`,
+    in a process of its own (it forks workers; this process holds the ranks' threads).  Our
+    checkpoints carry no Megatron-style universal info, so the converter injects it."""
+    shutil.rmtree(out.parent, ignore_errors=True)  # a conversion killed earlier
+    print(f"[resume] {tag_dir}: written by {ranks} rank(s), resuming on {world}: converting DeepSpeed's "
+          f"partitions to its universal checkpoint", flush=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+           "--output_folder", str(out), "--inject_missing_state",
+           "--num_extract_workers", str(max(1, min(8, os.cpu_count() or 1)))]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"{tag_dir}: written by {ranks} rank(s), and DeepSpeed's universal-checkpoint converter "
+                        f"failed on it ({tail[0][:300]}); resume on {ranks} rank(s)")
