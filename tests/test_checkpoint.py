@@ -52,8 +52,12 @@ def test_a_refused_resume_says_what_changed(tmp_path, model):
             checkpoint.load(ckpt, None, run_hash(*now.values()), now)
         return str(e.value)
 
-    assert "made by another config (train.steps 60 -> 70);" in refused(**{"train.steps": 70})
-    assert "made by another config (student s: optim);" in refused(students=[{"name": "s", "optim": {"lr": 1}}])
+    said = refused(**{"train.steps": 70})
+    assert "made by another config (train.steps 60 -> 70);" in said
+    assert said.endswith("to train these students further, `distill export` them and start a new run (another "
+                         "out_dir) with students.N.model.path set to each export"), said
+    said = refused(students=[{"name": "s", "optim": {"lr": 1}}])
+    assert "made by another config (student s: optim);" in said and "further" not in said
     said = refused(**{checkpoint.DATA_KEY: "bbbb"})
     assert ("this checkpoint was made from other data (its fingerprint aaaa -> bbbb: a data file, the tokenizer or "
             "a data setting changed); resume with the data it was trained on") in said, said

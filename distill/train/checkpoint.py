@@ -271,8 +271,14 @@ def load(ckpt: Path, model: torch.nn.Module | None, expected_run_hash: str | Non
                             f"out_dir with --overwrite")
         what = (f"another config ({changes})" if changes else
                 f"a different config (run hash {meta.get('run_hash')} != {expected_run_hash})")
+        # More steps is the change users most often mean to make: the LR schedule spans
+        # train.steps, so the steps taken would have had other rates.  Training on goes through
+        # the exports, as a new run.
+        further = ("; to train these students further, `distill export` them and start a new run (another out_dir) "
+                   "with students.N.model.path set to each export" if then and expected_identity and
+                   then.get("train.steps") != expected_identity.get("train.steps") else "")
         raise UserError(f"{ckpt}: this checkpoint was made by {what}; resume with the config that made it, or "
-                        f"start afresh in this out_dir with --overwrite")
+                        f"start afresh in this out_dir with --overwrite{further}")
     # After the fingerprint (in the run hash): other content under the same fingerprint is the case left.
     if data_content is not None and meta.get("data_content") not in (None, data_content):
         raise UserError(f"{ckpt}: this checkpoint was trained on other blocks of data with the same fingerprint: the "
