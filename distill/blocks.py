@@ -229,16 +229,30 @@ def unusable(root: Path) -> str | None:
         return "manifest.json missing or unreadable"
     for info in m["splits"].values():
         for entry in info["shards"]:
-            sizes = _record_of(root, entry["ids"]).get("bytes", {})
-            for part in ("ids", "mask", "targets", "starts"):
-                name = entry.get(part)
-                if name is None:
-                    continue
-                if not (root / name).is_file():
-                    return f"shard file {name} is missing"
-                if sizes.get(name) is not None and (root / name).stat().st_size != sizes[name]:
-                    return f"{name} has {(root / name).stat().st_size} bytes, {sizes[name]} were written"
+            problem = next(shard_file_problems(root, entry, hashed=False), None)
+            if problem is not None:
+                return problem
     return None
+
+
+def shard_file_problems(root: Path, entry: dict, hashed: bool):
+    """Each problem of one shard's files (a manifest entry: its ids, mask, targets and starts
+    files) against the record written with them: missing, another size, and with `hashed`
+    another sha256 (shards from before the digests were recorded: size only)."""
+    record = _record_of(root, entry["ids"])
+    for part in ("ids", "mask", "targets", "starts"):
+        name = entry.get(part)
+        if name is None:
+            continue
+        path = root / name
+        if not path.is_file():
+            yield f"shard file {name} is missing"
+            continue
+        size, digest = record.get("bytes", {}).get(name), record.get("sha256", {}).get(name)
+        if size is not None and path.stat().st_size != size:
+            yield f"{name} has {path.stat().st_size} bytes, {size} were written"
+        elif hashed and digest is not None and sha256_file(path) != digest:
+            yield f"{name}: sha256 mismatch (bytes changed on disk)"
 
 
 def open_blocks(root: Path) -> dict[str, Blocks]:
@@ -291,20 +305,7 @@ def verify_blocks(root: Path) -> list[str]:
     problems, block, vocab = [], m["seq_len"] + 1, m.get("vocab_size")
     for split, info in m["splits"].items():
         for entry in info["shards"]:
-            record = _record_of(root, entry["ids"])
-            for part in ("ids", "mask", "targets", "starts"):
-                name = entry.get(part)
-                if name is None:
-                    continue
-                path = root / name
-                if not path.is_file():
-                    problems.append(f"{split}: shard file {name} is missing")
-                    continue
-                size, digest = record.get("bytes", {}).get(name), record.get("sha256", {}).get(name)
-                if size is not None and path.stat().st_size != size:
-                    problems.append(f"{split}: {name} has {path.stat().st_size} bytes, {size} were written")
-                elif digest is not None and sha256_file(path) != digest:
-                    problems.append(f"{split}: {name}: sha256 mismatch (bytes changed on disk)")
+            problems += [f"{split}: {problem}" for problem in shard_file_problems(root, entry, hashed=True)]
             try:
                 ids = np.load(root / entry["ids"], mmap_mode="r")
             except (OSError, ValueError) as e:
