@@ -604,6 +604,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def _no_config_advice(path: Path, key: str) -> str:
+    """What to do about a model dir without config.json: a PEFT adapter is the usual one."""
+    if (path / "adapter_config.json").is_file():
+        return (f"it is a PEFT adapter (adapter_config.json): merge it into its base model first (peft: "
+                f"PeftModel.from_pretrained(base, adapter).merge_and_unload().save_pretrained(DIR)) and set {key} to DIR")
+    return "point it at a dir saved with save_pretrained"
+
+
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read and validate a YAML config; `overrides` maps dotted keys to values."""
     path = Path(path)
@@ -700,13 +708,13 @@ def check_inputs_exist(cfg: RunConfig) -> None:
             raise UserError("teacher.path: required when teacher.source is 'checkpoint'")
         if not cfg.teacher.path.is_dir():
             raise UserError(f"teacher.path: {cfg.teacher.path} is not a directory")
-    for i, s in enumerate(cfg.students):
-        if s.model.path is not None and not (s.model.path / "config.json").is_file():
-            raise UserError(f"students.{i}.model.path: {s.model.path} is not a Hugging Face model dir (no "
-                            f"config.json); point it at a dir saved with save_pretrained")
     models = [("students.%d.model.path" % i, s.model.path) for i, s in enumerate(cfg.students)]
     if cfg.teacher.source == "checkpoint":
         models.insert(0, ("teacher.path", cfg.teacher.path))
+    for key, path in models:
+        if path is not None and not (path / "config.json").is_file():
+            raise UserError(f"{key}: {path} is not a Hugging Face model dir (no config.json); "
+                            f"{_no_config_advice(path, key)}")
     for key, path in models:
         limit, rotary = max_positions(path) if path is not None else (None, False)
         if limit is None or cfg.data.seq_len <= limit:

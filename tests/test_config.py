@@ -379,3 +379,31 @@ def test_a_server_teacher_gets_the_top_k():
     raw["cache"] = {"estimator": "sampled"}
     assert "cache.estimator: sampled draws from the teacher's whole distribution, but a server teacher returns " \
            "its top-k log-probs only" in error_of(raw)
+
+
+def test_a_model_dir_without_config_json_is_refused_and_an_adapter_named(tmp_path):
+    """A teacher or student dir with no config.json is refused at config check, naming the key;
+    a PEFT adapter dir (what a LoRA run saves) gets how to merge it (before, a teacher adapter
+    dir failed later with 'teacher: X has no config.json')."""
+    from distill.config import check_inputs_exist
+
+    def error_of(raw):
+        with pytest.raises(UserError) as e:
+            check_inputs_exist(check_config(parse_config(raw)))
+        return str(e.value)
+
+    adapter = tmp_path / "lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "base_model_name_or_path": "base"}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    said = error_of(minimal(**{"teacher": {"source": "checkpoint", "path": str(adapter)}}))
+    assert said.startswith(f"teacher.path: {adapter} is not a Hugging Face model dir (no config.json); it is a PEFT "
+                           f"adapter (adapter_config.json): merge it into its base model first"), said
+    assert said.endswith("and set teacher.path to DIR"), said
+    said = error_of(minimal(**{"students.0.model": {"path": str(adapter)}}))
+    assert said.startswith(f"students.0.model.path: {adapter} is not a Hugging Face model dir") and "PEFT" in said
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    said = error_of(minimal(**{"teacher": {"source": "checkpoint", "path": str(empty)}}))
+    assert said == (f"teacher.path: {empty} is not a Hugging Face model dir (no config.json); point it at a dir "
+                    f"saved with save_pretrained"), said
