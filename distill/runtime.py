@@ -321,8 +321,9 @@ def check_student_vocab(cfg: RunConfig, name: str, model_dir, model_vocab: int, 
               f"({shown}); the run never produces them, and its export ships the run's tokenizer, without them "
               f"(`distill export CKPT --tokenizer {model_dir}` ships the student's own)", file=sys.stderr)
     if model_vocab > n + len(extra):
-        print(f"[vocab] student {name}: embedding has {model_vocab} rows for the tokenizer's {n} tokens; the "
-              f"{model_vocab - n - len(extra)} padding rows are never targets", file=sys.stderr)
+        own = f" and the {len(extra)} of its own" if extra else ""
+        print(f"[vocab] student {name}: embedding has {model_vocab} rows for the run tokenizer's {n} tokens{own}; "
+              f"the {model_vocab - n - len(extra)} padding rows are never targets", file=sys.stderr)
 
 
 def _other_ids(model_dir, tokenizer, who: str, fix: str = "", with_extra: bool = False):

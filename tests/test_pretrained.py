@@ -198,7 +198,7 @@ def test_other_tokenizer_is_refused_naming_both(hf_family, tmp_path, capsys):
     with pytest.raises(UserError, match=rf"embedding has {n - 1} rows but the run's tokenizer .* has {n} tokens"):
         check_student_vocab(cfg, "s", hf_family["student"], n - 1, tok)
     check_student_vocab(cfg, "s", hf_family["student"], n + 4, tok)  # padding: said, not refused
-    assert f"embedding has {n + 4} rows for the tokenizer's {n} tokens; the 4 padding rows" in capsys.readouterr().err
+    assert f"embedding has {n + 4} rows for the run tokenizer's {n} tokens; the 4 padding rows" in capsys.readouterr().err
     # A chat student's own special tokens (ids past the run's): not padding, and its export would
     # ship the run's tokenizer without them, so the run says so and how to keep them.
     from transformers import AutoTokenizer
@@ -211,7 +211,8 @@ def test_other_tokenizer_is_refused_naming_both(hf_family, tmp_path, capsys):
     assert (f"student s: its tokenizer ({tmp_path / 'own'}) has 2 tokens the run's lacks ('<think>', '</think>'); "
             f"the run never produces them, and its export ships the run's tokenizer, without them "
             f"(`distill export CKPT --tokenizer {tmp_path / 'own'}` ships the student's own)") in err, err
-    assert f"the 2 padding rows are never targets" in err
+    assert f"embedding has {n + 4} rows for the run tokenizer's {n} tokens and the 2 of its own; the 2 padding rows " \
+           f"are never targets" in err, err
 
 
 def test_init_teacher_on_a_pretrained_student_is_refused(hf_family, tmp_path):
