@@ -157,17 +157,21 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def try_lock(path: Path) -> tuple[int | None, str]:
+def try_lock(path: Path, on_busy=None) -> tuple[int | None, str]:
     """An exclusive, non-blocking lock on `path` (created): (its fd, "") with this pid written
     in it, or (None, the holder's pid) when another process holds it.  The kernel drops the lock
-    when its holder dies, kill -9 too, so a stale file never blocks a later run; `unlock(fd)`."""
+    when its holder dies, kill -9 too, so a stale file never blocks a later run; `unlock(fd)`.
+    on_busy(holder's pid): called when it is held, then the lock is waited for instead."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        return None, holder
+        if on_busy is None:
+            os.close(fd)
+            return None, holder
+        on_busy(holder)
+        fcntl.flock(fd, fcntl.LOCK_EX)
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd, ""
@@ -190,6 +194,22 @@ def exclusive_lock(path: Path, busy: str):
         raise UserError(describe_os_error(e, path.parent)) from None
     if fd is None:
         raise UserError(f"{busy} (pid {holder} holds {path}); wait for it to finish, or use another out_dir")
+    try:
+        yield
+    finally:
+        unlock(fd)
+
+
+@contextlib.contextmanager
+def waiting_lock(path: Path, on_busy):
+    """Hold the lock on `path` for the block, waiting for another holder to finish first
+    (on_busy(its pid) is called once, to say so)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, _ = try_lock(path, on_busy)
+    except OSError as e:
+        raise UserError(describe_os_error(e, path.parent)) from None
     try:
         yield
     finally:

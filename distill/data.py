@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from common.errors import UserError
-from common.fsutil import describe_os_error, human_bytes, write_error_in
+from common.fsutil import describe_os_error, human_bytes, waiting_lock, write_error_in
 from distill.blocks import Blocks, open_blocks, unusable
 from distill.chat import CHAT_FORMAT, PLAIN, PackCounts, as_documents, table_kind
 from distill.config import DataConfig
@@ -690,7 +690,15 @@ def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> Pack
     under OUT/tokenizer.  Preparation streams (distill/packing.py); reading is by index."""
     from distill.packing import children_die_with_this_process
 
-    with children_die_with_this_process():  # datasets' worker processes, here and in packing
+    # One preparation at a time in an out_dir (`distill cache` and `train` started together):
+    # a second one removed the first's table copies under it and crashed it.  It waits, then
+    # finds the blocks prepared.
+    lock = Path(out_dir) / "data" / ".prepare.lock"
+
+    def busy(pid: str) -> None:
+        _stderr(f"[data] waiting for pid {pid}, which is preparing data in {lock.parent}")
+
+    with waiting_lock(lock, busy), children_die_with_this_process():  # datasets' workers, here and in packing
         try:
             return _prepare_data(cfg, out_dir, progress)
         except UserError:

@@ -330,6 +330,34 @@ def test_a_second_training_run_into_an_out_dir_being_trained_is_refused(online_s
     assert shown.returncode == 0 and f"model {work / 'teacher'}" in shown.stdout, shown.stdout + shown.stderr
 
 
+def test_a_second_preparation_in_an_out_dir_waits_for_the_first(online_setup, tmp_path):
+    """Two commands preparing one out_dir's data at once (`distill cache` and `train` started
+    together): the second removed the first's table copies, crashing it with datasets' traceback
+    (seen 1 in 3 tries).  Now the second waits for OUT/data/.prepare.lock, says so, then reuses
+    the blocks the first prepared."""
+    from common.fsutil import exclusive_lock
+
+    work, cfg = online_setup
+    out = tmp_path / "o"
+    args = [sys.executable, str(ROOT / "cli.py"), "prepare", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}"]
+    with exclusive_lock(out / "data" / ".prepare.lock", "held by this test"):  # a preparation in progress
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            said = ""
+            deadline = time.time() + 120
+            while "waiting for pid" not in said and time.time() < deadline and proc.poll() is None:
+                said += proc.stderr.readline()
+            assert f"[data] waiting for pid {os.getpid()}, which is preparing data in {out / 'data'}" in said, said
+            time.sleep(1)
+            assert proc.poll() is None and not list((out / "data").glob("blocks-*"))  # it waits, touching nothing
+        except BaseException:
+            proc.kill()
+            raise
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert len(list((out / "data").glob("blocks-*/manifest.json"))) == 1
+
+
 def test_a_damaged_cache_manifest_is_named_at_train(online_setup, tmp_path):
     """It read as `cache at X holds a None signal but cache.estimator is topk; set
     cache.estimator: None`, advice that cannot work."""
