@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -312,8 +311,7 @@ def to_universal(tag_dir: Path, out: Path, ranks: int, world: int) -> None:
     print(f"[resume] {tag_dir}: written by {ranks} rank(s), resuming on {world}: converting DeepSpeed's "
           f"partitions to its universal checkpoint", flush=True)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(out), "--inject_missing_state",
-           "--num_extract_workers", str(max(1, min(8, os.cpu_count() or 1)))]
+           "--output_folder", str(out), "--inject_missing_state"]  # its own worker counts: each holds a rank's file
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
