@@ -1,5 +1,6 @@
 """Checkpoints and exports are all-or-nothing: a failed write leaves the previous good state."""
 import errno
+import json
 
 import pytest
 import torch
@@ -298,3 +299,47 @@ def test_a_checkpoint_records_what_its_blocks_held_and_one_from_before_still_res
     checkpoint.save(tmp_path / "edited", 1, model, {}, {"run_hash": "h1", "data_content": "abcd", "run_identity": then})
     with pytest.raises(UserError, match=r"made from other data \(its fingerprint f1 -> f2"):
         checkpoint.load(tmp_path / "edited" / "step_00000001", None, "h2", {**then, checkpoint.DATA_KEY: "f2"}, data_content="efgh")
+
+
+def test_an_export_during_training_reads_a_step_the_run_prunes_meanwhile(tmp_path, model, monkeypatch):
+    """`distill export STUDENT` while the run commits newer steps and prunes older ones
+    (train.keep_last): the step it was reading vanished and it failed 7 times in 8 with a
+    traceback about a Hub repo id.  Given the student's dir it now reads the newer latest;
+    given the vanished step itself, one line says what happened.  Weights holding NaN are
+    refused, naming the earlier steps."""
+    from tests.hf_models import make_tokenizer
+
+    make_tokenizer(["def f(x): return x"], tmp_path / "tok", vocab_size=64)
+    students = tmp_path / "run" / "students"
+    root = students / "s" / "checkpoints"
+    for step in (1, 2):
+        checkpoint.save(root, step, model, {}, {"run_hash": "h", "student": "s"})
+        checkpoint.commit(students, {"s": step}, keep_last=2)
+    real = export.load_checkpoint_model
+    pruned = []
+
+    def the_run_moves_on(ckpt):  # as the run does between two reads: the next step committed, this one pruned
+        if not pruned:
+            step = checkpoint.step_of(ckpt) + 1
+            checkpoint.save(root, step, model, {}, {"run_hash": "h", "student": "s"})
+            checkpoint.commit(students, {"s": step}, keep_last=1)
+            pruned.append(ckpt)
+        return real(ckpt)
+
+    monkeypatch.setattr(export, "load_checkpoint_model", the_run_moves_on)
+    out = export.export_checkpoint(students / "s", tmp_path / "e", tokenizer_dir=tmp_path / "tok")
+    assert pruned == [root / "step_00000002"] and not pruned[0].exists()
+    assert json.loads((out / "distill_meta.json").read_text())["step"] == 3
+    pruned.clear()
+    with pytest.raises(UserError, match=r"step_00000003: removed while it was being read \(a run in progress pruned "
+                                        r"it: train.keep_last\); export a newer step, or the student's dir"):
+        export.export_checkpoint(root / "step_00000003", tmp_path / "e2", tokenizer_dir=tmp_path / "tok")
+    assert not (tmp_path / "e2").exists()
+    monkeypatch.setattr(export, "load_checkpoint_model", real)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[5, 0] = float("nan")
+    checkpoint.save(root, 5, model, {}, {"run_hash": "h", "student": "s"})
+    checkpoint.commit(students, {"s": 5}, keep_last=2)
+    with pytest.raises(UserError, match=r"step_00000005: its weights hold NaN or inf \(model.embed_tokens.weight: 1 "
+                                        r"of 2,048\).*export an earlier step \(the others here: step_00000004\)"):
+        export.export_checkpoint(students / "s", tmp_path / "e3", tokenizer_dir=tmp_path / "tok")

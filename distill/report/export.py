@@ -56,6 +56,26 @@ def load_checkpoint_model(ckpt: Path):
     return model
 
 
+def _read_checkpoint(ckpt: Path, out: Path, overwrite: bool):
+    """(meta, model, expert biases) of step dir `ckpt`, once `out` is known to be writable for
+    it (before the weights are read); weights holding NaN or inf are refused: an export of them
+    only fails its users later."""
+    from distill.train.setup import check_finite_weights
+
+    meta = checkpoint.load_meta(ckpt)
+    meta.setdefault("student", ckpt.parent.parent.name)
+    check_export_target(out, meta, overwrite, source=ckpt)
+    model = load_checkpoint_model(ckpt)
+    biases = checkpoint.load_state(ckpt).get("expert_bias", [])
+    try:
+        check_finite_weights(model)
+    except ValueError as e:
+        earlier = [d.name for d in checkpoint.step_dirs(ckpt.parent) if d != ckpt]
+        hint = f" (the others here: {', '.join(earlier[-3:])})" if earlier else ""
+        raise UserError(f"{ckpt}: {e}; export an earlier step{hint}") from None
+    return meta, model, biases
+
+
 def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size: str = "2GB",
                 card: str | None = None, generation_config=None, state_dict: dict | None = None,
                 files: dict[str, str] | None = None) -> Path:
@@ -290,18 +310,25 @@ def export_checkpoint(path: Path, out: Path, dtype: str = "fp32", tokenizer_dir:
     whatever it holds (else only an earlier export of this student; `check_export_target`)."""
     from transformers import AutoTokenizer
 
-    ckpt = resolve_checkpoint(path)
-    meta = checkpoint.load_meta(ckpt)
-    meta.setdefault("student", ckpt.parent.parent.name)
+    # A run in progress commits newer steps and prunes older ones (train.keep_last) while this
+    # reads: the step read may vanish half-way.  Given a student's dir, its newer latest is read.
+    for tries in range(5):
+        ckpt = resolve_checkpoint(path)
+        try:
+            meta, model, biases = _read_checkpoint(ckpt, out, overwrite)
+            break
+        except (UserError, OSError):
+            if ckpt.is_dir():
+                raise
+            if ckpt == Path(path) or tries == 4:  # the step dir itself was named: nothing newer to read
+                raise UserError(f"{ckpt}: removed while it was being read (a run in progress pruned it: "
+                                f"train.keep_last); export a newer step, or the student's dir for its latest") from None
     name = meta["student"]
-    check_export_target(out, meta, overwrite, source=ckpt)
     tok_dir = tokenizer_dir or _find_tokenizer_dir(ckpt, meta)
     if tok_dir is None or not has_tokenizer(tok_dir):
         where = f"{tok_dir} holds no tokenizer" if tok_dir else f"no tokenizer was found for the run of {ckpt}"
         raise UserError(f"export: {where}; pass --tokenizer DIR (the run's data.tokenizer.path, or the teacher's dir)")
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    model = load_checkpoint_model(ckpt)
-    biases = checkpoint.load_state(ckpt).get("expert_bias", [])
     note = routing_note(model, biases, held_out if held_out is not None else _held_out_blocks(ckpt, meta))
     if note:
         meta["routing_without_bias"] = note
