@@ -284,15 +284,15 @@ def test_disk_full_keeps_previous_state_then_resumes(tmp_path, reference, monkey
         real(f, data)
 
     monkeypatch.setattr(cache_mod, "_write_all", flaky)
-    with pytest.raises(CacheWriteError, match="train-r0-00002.safetensors") as e:
+    with pytest.raises(CacheWriteError, match="train-r0-s000000008.safetensors") as e:  # sequences 8-11
         worker.write(tmp_path)
     assert e.value.errno == errno.ENOSPC
     m = json.loads((tmp_path / "manifest.json").read_text())
-    assert [s["file"] for s in m["splits"]["train"]["shards"]] == ["train-r0-00000.safetensors",
-                                                                   "train-r0-00001.safetensors"]
+    assert [s["file"] for s in m["splits"]["train"]["shards"]] == ["train-r0-s000000000.safetensors",
+                                                                   "train-r0-s000000004.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
-        "manifest.json", "train-r0-00000.safetensors", "train-r0-00001.safetensors"]
-    assert _files(tmp_path)["train-r0-00001.safetensors"] == _files(reference)["train-r0-00001.safetensors"]
+        "manifest.json", "train-r0-s000000000.safetensors", "train-r0-s000000004.safetensors"]
+    assert _files(tmp_path)["train-r0-s000000004.safetensors"] == _files(reference)["train-r0-s000000004.safetensors"]
     monkeypatch.setattr(cache_mod, "_write_all", real)
     worker.write(tmp_path)
     assert _files(tmp_path) == _files(reference)
@@ -366,13 +366,44 @@ def test_lockstep_ranks_call_a_collective_teacher_equally_often(tmp_path, refere
     for split in ("train", "val"):
         a, b = _all_signals(reference, split), _all_signals(cache, split)
         assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.topk_logprobs, b.topk_logprobs)
+    assert not list(cache.glob("manifest.r*.json"))  # merged, then removed
     last = json.loads((cache / "manifest.json").read_text())["splits"]["train"]["shards"][-1]["file"]
-    (cache / "manifest.json").unlink()
     (cache / last).unlink()  # rank 1's last train shard (3 blocks = 2 batches) is lost
     run("b")
     assert [int((cache / f"calls.r{r}").read_text()) for r in (0, 1)] == [2, 2]
     assert verify_cache(cache) == []
     assert torch.equal(_all_signals(cache).topk_logprobs, _all_signals(reference).topk_logprobs)
+
+
+def test_a_cache_stopped_on_two_ranks_resumes_on_one_keeping_their_shards(tmp_path, reference):
+    """A cache job preempted on 8 GPUs and restarted on 4 (2 and 1 here): it started from zero,
+    silently, and left the per-rank manifests behind.  Now every finished shard of the earlier
+    run is kept (by sequence range, whoever wrote it), the rest is computed in shards that end
+    where a kept one starts, and the per-rank manifests go once the cache is complete."""
+    cache = tmp_path / "c"
+    spawn(worker.lockstep_worker, (2, str(tmp_path / "init"), str(cache), 0))  # rank 0 stops after 1 shard
+    assert (cache / "outcome.r0").read_text().startswith("CacheWriteError")
+    assert sorted(p.name for p in cache.glob("manifest.r*.json")) == ["manifest.r0.json", "manifest.r1.json"]
+    teacher_fn, splits, identity = worker.setup()
+    calls = []
+
+    def counting(x):
+        calls.append(x.shape[0])
+        return teacher_fn(x)
+
+    cache_mod.write_cache(cache, counting, splits, identity=identity, k=worker.K, batch_size=2, shard_sequences=4,
+                          progress=False)
+    # Kept: rank 0's train [0, 4), rank 1's train [18, 37) and val [3, 6).  Computed: train
+    # [4, 8) [8, 12) [12, 16) [16, 18) and val [0, 3), in batches of 2: 7 + 2 calls (22 from nothing).
+    assert sum(calls) == 14 + 3 and len(calls) == 9, calls
+    assert verify_cache(cache) == [] and not list(cache.glob("manifest.r*.json"))
+    m = json.loads((cache / "manifest.json").read_text())
+    listed = {e["file"] for split in m["splits"].values() for e in split["shards"]}
+    assert listed == {p.name for p in cache.glob("*.safetensors")}  # nothing left over
+    assert [e["sequences"] for e in m["splits"]["train"]["shards"]][:5] == [[0, 4], [4, 8], [8, 12], [12, 16], [16, 18]]
+    for split in ("train", "val"):
+        a, b = _all_signals(reference, split), _all_signals(cache, split)
+        assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.topk_logprobs, b.topk_logprobs)
 
 
 @pytest.mark.slow

@@ -178,6 +178,9 @@ def test_a_failing_student_is_dropped_the_others_finish_and_it_stays_dropped(tmp
     assert result["start_step"] == 2 and calls["b"] == 0
     assert ckpt_steps(tmp_path, "a")[-1] == "step_00000004" and ckpt_steps(tmp_path, "b") == ["step_00000001"]
     assert set(result["failed"]) == {"b", "c"}
+    # The dropped students' counts are their last checkpoint's, not 0 (the run summary shows them).
+    b, c = students[1], students[2]
+    assert b.tokens_seen == students[0].tokens_seen // 4 > 0 and c.tokens_seen == 0 and c.nonfinite_steps == 1
 
 
 def test_report_marks_a_failed_student():

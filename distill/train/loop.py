@@ -178,6 +178,12 @@ def resume_all(layout: RunLayout, students: list[Student], loop: LoopConfig) -> 
     """Load every live student's latest checkpoint; all must be at the same step.  A student
     with a failure record stays dropped.  Returns (step, the students still training)."""
     dropped = failures(layout, [s.name for s in students])
+    for s in students:
+        if s.name in dropped and (last := checkpoint.latest(layout.checkpoints(s.name))) is not None:
+            # Not trained on, but what it learnt from stays in the run's summary and report.
+            state = checkpoint.load_state(last)
+            s.tokens_seen, s.targets_seen = state["tokens_seen"], state.get("targets_seen")
+            s.nonfinite_steps = state["nonfinite_steps"]
     students = [s for s in students if s.name not in dropped]
     if not students:
         raise TrainingAborted(f"every student failed in an earlier run ({', '.join(sorted(dropped))}; see "

@@ -2,7 +2,8 @@
 
 Layout of a cache dir:
     manifest.json                      identity, k, encoding, per split its shards
-    {split}-r{rank}-{idx:05d}.safetensors  one shard = up to `shard_sequences` sequences
+    {split}-r{rank}-s{first:09d}.safetensors  one shard = up to `shard_sequences` sequences from `first`
+                                       (`-{idx:05d}` before 2026-12-05: still read and reused)
     manifest.r{rank}.json              per-rank partial manifest (multi-rank runs only)
     .lock / .lock.r{rank}              fcntl locks held by a running writer
 
@@ -68,7 +69,7 @@ from losses.signal import TeacherSignal, placeholder_invalid, sample_signal, top
 from teachers.protocol import TeacherUnavailable, token_ids
 
 # Shards and their temp files (fsutil writes `.NAME.tmpPID` beside NAME).
-_SHARD_RE = re.compile(r"^\.?.+-r(?P<rank>\d+)-\d{5}\.safetensors(\.tmp\d+)?$")
+_SHARD_RE = re.compile(r"^\.?.+-r(?P<rank>\d+)-(\d{5}|s\d{9})\.safetensors(\.tmp\d+)?$")
 _PART_RE = re.compile(r"^manifest\.r(?P<rank>\d+)\.json$")
 _MANIFEST_TMP_RE = re.compile(r"^\.manifest(\.r\d+)?\.json\.tmp\d+$")
 
@@ -325,10 +326,14 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
                 print(f"[cache] {len(damaged)} shard(s) of the cache at {cache_dir} are missing or have another size "
                       f"than the manifest says ({', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''}); "
                       f"computing them again", file=sys.stderr, flush=True)
-        # A shard written without (or with other) difficulty statistics, or storing other positions, is recomputed.
-        prior = {e["file"]: e for old in (final, partial)
-                 if old and old.get("difficulty") == stats and old.get("stored", {"positions": "all"}) == stored
-                 for s in old["splits"].values() for e in s["shards"]}
+        # Finished shards of earlier runs, on any number of ranks, by split and first sequence.  One
+        # written without (or with other) difficulty statistics, or storing other positions, is recomputed.
+        prior: dict[str, dict[int, list[dict]]] = {}
+        for old in [final, *partial]:
+            if old and old.get("difficulty") == stats and old.get("stored", {"positions": "all"}) == stored:
+                for split, s in old["splits"].items():
+                    for e in s["shards"]:
+                        prior.setdefault(split, {}).setdefault(e["sequences"][0], []).append(e)
         manifest = dict(format_version=version, identity=ident, k=k, encoding=encoding, vocab_size=vocab,
                         seq_len=seq_len, world_size=world_size, shard_sequences=shard_sequences, complete=False,
                         stored=stored,
@@ -361,14 +366,15 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
 
 
 def _existing(cache_dir: Path, ident: dict, counts: dict, overwrite: bool, rank: int, world_size: int):
-    """-> (manifest.json, this rank's partial manifest), None where absent or overwritten.
-    Raises CacheMismatch when either was written for another identity or other splits."""
+    """-> (manifest.json or None, [every rank's partial manifest]): an earlier run's, on any
+    number of ranks; (None, []) when overwritten.  Raises CacheMismatch when one was written
+    for another identity or other splits."""
     if overwrite:  # before parsing: a corrupt manifest must not block --overwrite
         _clear(cache_dir, rank, world_size)
-        return None, None
+        return None, []
     final = read_json(cache_dir / MANIFEST)
-    partial = read_json(cache_dir / f"manifest.r{rank}.json") if world_size > 1 else None
-    for old in filter(None, (final, partial)):
+    partial = [read_json(p) for p in sorted(cache_dir.glob("manifest.r*.json")) if _PART_RE.match(p.name)]
+    for old in filter(None, (final, *partial)):
         diffs = identity_diffs(old.get("identity", {}), ident)
         old_counts = {s: v["sequences"] for s, v in old.get("splits", {}).items()}
         if old_counts != counts:
@@ -380,18 +386,39 @@ def _existing(cache_dir: Path, ident: dict, counts: dict, overwrite: bool, rank:
 
 def _plan(cache_dir: Path, splits: Mapping[str, torch.Tensor], prior: dict, rank: int, world_size: int,
           shard_sequences: int) -> list[tuple[str, dict, bool]]:
-    """This rank's shards in order: (split, manifest entry, reusable from a prior run)."""
+    """This rank's shards in order: (split, manifest entry, reused from an earlier run).
+
+    A rank takes sequences [n * rank / world, n * (rank + 1) / world) of each split, in shards
+    of `shard_sequences`.  An earlier run's finished shard (prior: split -> first sequence ->
+    entries, from runs on any number of ranks) is reused where it starts at the next sequence,
+    ends inside the range and still matches its input and bytes; a new shard ends where the
+    next such shard starts.  So a cache killed on 8 ranks resumes on 4, or on 1."""
     plan = []
     for split, blocks in splits.items():
         n = blocks.shape[0]
         lo, hi = n * rank // world_size, n * (rank + 1) // world_size
-        for idx, s0 in enumerate(range(lo, hi, shard_sequences)):
-            s1 = min(s0 + shard_sequences, hi)
-            x = blocks[s0:s1].to(torch.int64).contiguous()
-            entry = {"file": f"{split}-r{rank}-{idx:05d}.safetensors", "sequences": [s0, s1],
-                     "tokens": (s1 - s0) * blocks.shape[1],
-                     "input_sha256": hashlib.sha256(x.numpy().tobytes()).hexdigest()}
-            plan.append((split, entry, _entry_ok(cache_dir, prior.get(entry["file"]), entry)))
+
+        def input_sha(s0: int, s1: int) -> str:
+            return hashlib.sha256(blocks[s0:s1].to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+        done = {}  # first sequence -> a finished shard inside [lo, hi) that still holds
+        for s0, entries in prior.get(split, {}).items():
+            fits = [e for e in entries if lo <= s0 < e["sequences"][1] <= hi]
+            ok = next((e for e in fits if _entry_ok(cache_dir, e, {"file": e["file"], "sequences": e["sequences"],
+                                                                    "input_sha256": input_sha(*e["sequences"])})), None)
+            if ok is not None:
+                done[s0] = ok
+        s0 = lo
+        while s0 < hi:
+            if s0 in done:
+                plan.append((split, done[s0], True))
+                s0 = done[s0]["sequences"][1]
+                continue
+            s1 = min([s0 + shard_sequences, hi, *(start for start in done if start > s0)])
+            # Named by its first sequence: unique whatever layout earlier runs' reused shards had.
+            plan.append((split, {"file": f"{split}-r{rank}-s{s0:09d}.safetensors", "sequences": [s0, s1],
+                                 "tokens": (s1 - s0) * blocks.shape[1], "input_sha256": input_sha(s0, s1)}, False))
+            s0 = s1
     return plan
 
 
@@ -416,6 +443,9 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
     failed = lockstep.any_failed(err is not None) if lockstep is not None else err is not None
     if failed:
         raise err or RuntimeError("another rank could not plan its shards; see its error")
+    kept = sum(reuse for _, _, reuse in plan)
+    if progress and kept:
+        print(f"[cache] rank {rank}: {kept} of {len(plan)} shard(s) kept from an earlier run", file=sys.stderr, flush=True)
     forwards = sum(-(-(e["sequences"][1] - e["sequences"][0]) // batch_size) for _, e, reuse in plan if not reuse)
     total = lockstep.max(forwards) if lockstep is not None else forwards
     calls, in_teacher = 0, False
@@ -495,7 +525,7 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
                         if pending is not None:
                             pending.result()
                             pending = None
-                        record(split, prior[entry["file"]])
+                        record(split, entry)
                         continue
                     s0, s1 = entry["sequences"]
                     x = splits[split][s0:s1].to(torch.int64)
@@ -552,8 +582,9 @@ def _merge(cache_dir: Path, world_size: int, cleanup: bool) -> bool:
 
 
 def _cleanup(cache_dir: Path, manifest: dict) -> None:
-    """Remove shard files (and temp files) the manifest does not reference."""
+    """Remove shard files (and temp files) the complete manifest does not reference, and the
+    per-rank manifests it was merged from (or an earlier run's, on other ranks)."""
     keep = {e["file"] for s in manifest["splits"].values() for e in s["shards"]}
     for p in cache_dir.iterdir():
-        if (_SHARD_RE.match(p.name) and p.name not in keep) or _MANIFEST_TMP_RE.match(p.name):
+        if (_SHARD_RE.match(p.name) and p.name not in keep) or _MANIFEST_TMP_RE.match(p.name) or _PART_RE.match(p.name):
             p.unlink(missing_ok=True)
