@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,6 +214,63 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(dp_config):
     assert 2 <= step < 400
     for name in ("dense", "moe"):
         assert checkpoint.latest(out / "students" / name / "checkpoints").name == f"step_{step:08d}"
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is `pid` (from /proc; a zombie counts as gone)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_ranks_whose_launcher_is_killed_checkpoint_and_stop(dp_config):
+    """kill -9 of torchrun alone (it starts its ranks in sessions of their own, and SIGKILL
+    cannot be passed on): the ranks trained on as orphans to the run's end.  Now each notices
+    its launcher is gone, and they stop after the same step, checkpointed and committed."""
+    work, cfg = dp_config
+    out = work / "orphans"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "cli.py"),
+           "train", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}", "--set", "train.steps=400"]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    ranks = []
+    try:
+        metrics = out / "students" / "dense" / "metrics.jsonl"
+        deadline = time.time() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert time.time() < deadline and launcher.poll() is None, "no step 2"
+            time.sleep(0.2)
+        ranks = _children(launcher.pid)
+        assert len(ranks) == 2, ranks
+        launcher.kill()
+        launcher.wait()
+        deadline = time.time() + 120
+        while any(_alive(r) for r in ranks) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(r) for r in ranks), "the ranks outlived their launcher"
+    finally:
+        kill_group(launcher)
+        for r in ranks:
+            if _alive(r):
+                os.kill(r, signal.SIGKILL)
+    steps = checkpoint.committed_steps(out / "students")
+    assert steps["dense"] == steps["moe"] and 2 <= steps["dense"] < 400, steps
+    for name in ("dense", "moe"):
+        assert checkpoint.latest(out / "students" / name / "checkpoints").name == f"step_{steps[name]:08d}"
 
 
 def test_two_ranks_select_and_reweigh_data_as_one_process_does(dp_config):

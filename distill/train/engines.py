@@ -12,6 +12,7 @@ import math
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -117,9 +118,13 @@ class TorchEngine:
             from torch.nn.parallel import DistributedDataParallel
 
             # broadcast_buffers=False: the MoE routing counters are per-rank buffers (summed
-            # over ranks by `update_expert_bias` itself), rank 0's must not overwrite them.
-            self._ddp = DistributedDataParallel(self._runner, broadcast_buffers=False,
-                                                device_ids=[device.index] if device.type == "cuda" else None)
+            # over ranks by `update_expert_bias` itself), rank 0's must not overwrite them.  Its
+            # successor, forward_sync_buffers=False, still syncs them at init: torch's
+            # deprecation warning says to keep this one until init_sync_buffers exists.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+                self._ddp = DistributedDataParallel(self._runner, broadcast_buffers=False,
+                                                    device_ids=[device.index] if device.type == "cuda" else None)
 
     def autocast(self):
         if self._dtype is None:

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal as signals
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -82,19 +84,37 @@ def run_hash(*parts) -> str:
 
 
 class _StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps.  Under a launcher a rank
+    whose launcher is gone (killed with SIGKILL, which it cannot pass on) stops the same way:
+    torchrun starts its ranks in sessions of their own, so they trained on as orphans, holding
+    the GPUs and the rendezvous port, until the run's end."""
 
-    def __init__(self):
+    POLL_S = 1.0
+
+    def __init__(self, launched: bool = False):
         self.signum: int | None = None
+        self._parent = os.getppid() if launched else None
+        self._done = threading.Event()
 
     def __enter__(self):
         self._old = {s: signals.signal(s, self._handle) for s in (signals.SIGINT, signals.SIGTERM)}
+        if self._parent is not None:
+            threading.Thread(target=self._watch_launcher, name="launcher-watch", daemon=True).start()
         return self
 
     def _handle(self, signum, frame):
         self.signum = signum
 
+    def _watch_launcher(self) -> None:
+        while not self._done.wait(self.POLL_S):
+            if os.getppid() != self._parent:  # re-parented: the launcher died
+                print(f"[train] the launcher (pid {self._parent}) is gone: stopping after this step, as on "
+                      f"SIGTERM", file=sys.stderr, flush=True)
+                self.signum = self.signum or signals.SIGTERM
+                return
+
     def __exit__(self, *exc):
+        self._done.set()
         for s, h in self._old.items():
             signals.signal(s, h)
         return False
@@ -342,7 +362,7 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
                 step_batches(v.global_indices(step, loop.batch_size, loop.seed), loop, train_blocks) for v in views]
 
     upcoming = batches_of(start)
-    with _StopFlag() as stop, progress_bar(loop.steps, label, progress and loop.rank == 0, start) as bar:
+    with _StopFlag(launched=loop.world_size > 1) as stop, progress_bar(loop.steps, label, progress and loop.rank == 0, start) as bar:
         for step in range(start, loop.steps):
             # --- the step's blocks, per data view: global batch, this rank's share, split into
             # micro-batches; the next step's are built once, now, and read ahead (a cache
