@@ -464,6 +464,8 @@ def _format_error(err: dict) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key (check the spelling; `distill init` writes every key)"
+    if err["type"] == "string_type" and isinstance(err.get("input"), bool):  # `name: off`, YAML 1.1's boolean
+        msg += f" (YAML reads an unquoted on/off/yes/no/true/false as {err['input']}; quote the word)"
     if not err["loc"] and re.match(r"[\w.]+: ", msg):  # a check across keys, which names its key itself
         return msg
     return f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {msg}"

@@ -284,8 +284,12 @@ def data_views(cfg: RunConfig, teacher: CachedTeacher | None, data: PackedData) 
 def signal_note(cfg: RunConfig, vocab: int, dense: bool) -> str | None:
     """Online training with train.online_dense: auto and a top-k estimator: one line saying
     which signal it chose and why (a step's teacher logits against DENSE_AUTO_BYTES, or
-    on-policy steps); None otherwise (a sampled signal, a server teacher, a cached run)."""
-    if cfg.train.mode != "online" or cfg.train.online_dense != "auto" or cfg.teacher.source == "server":
+    on-policy steps), or that a server teacher gives its top-k; None otherwise (a sampled
+    signal, a cached run)."""
+    if cfg.train.mode == "online" and cfg.teacher.source == "server":
+        return (f"[train] teacher signal: top-{cfg.cache.k} from the server teacher (teacher.source: server; a server "
+                f"returns the top-k log-probs, not the whole distribution)")
+    if cfg.train.mode != "online" or cfg.train.online_dense != "auto":
         return None
     size = f"{_gb(dense_logits_bytes(cfg, vocab))} of fp32 teacher logits a step"
     if dense:

@@ -77,7 +77,8 @@ class ServerClient:
                 cap = min(self.backoff_max_s, self.backoff_s * 2 ** attempt)
                 time.sleep(self._jitter.uniform(0.5 * cap, cap))  # jitter: retries of many requests spread out
         raise TeacherUnavailable(f"teacher server {self.url}{path} failed {retries + 1} time(s), last: {last}; "
-                                 f"check the server (its log), then rerun: finished work is kept")
+                                 f"check the server (its log), then run the same command again (`distill train` "
+                                 f"with --resume): finished work is kept")
 
 
 def _error_text(e: urllib.error.HTTPError) -> str:

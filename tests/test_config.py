@@ -304,6 +304,9 @@ def test_online_dense_auto_picks_the_whole_distribution_where_it_fits():
     assert signal_note(parse_config(minimal()), V, False) is None  # cached
     assert "keeps the top-k with on-policy steps" in signal_note(cfg(**on_policy), V, False)
     server = {"teacher.source": "server", "teacher.server": {"url": "http://x:1", "model": "m"}, "teacher.model": None}
+    said = "[train] teacher signal: top-64 from the server teacher (teacher.source: server; a server returns the top-k"
+    assert signal_note(cfg(**server), V, False).startswith(said)  # online and on-policy runs said nothing
+    assert signal_note(cfg(**server, **on_policy), V, False).startswith(said)
     assert "a server teacher returns its top-k only" in error_of(minimal(**{"train.mode": "online", **server,
                                                                               "train.online_dense": True}))
 
@@ -407,3 +410,12 @@ def test_a_model_dir_without_config_json_is_refused_and_an_adapter_named(tmp_pat
     said = error_of(minimal(**{"teacher": {"source": "checkpoint", "path": str(empty)}}))
     assert said == (f"teacher.path: {empty} is not a Hugging Face model dir (no config.json); point it at a dir "
                     f"saved with save_pretrained"), said
+
+
+def test_a_word_yaml_reads_as_a_boolean_is_named():
+    """`name: off` is the boolean False to YAML 1.1: the message said only "Input should be a
+    valid string"."""
+    raw = yaml.safe_load("students: [{name: off, model: {preset: dense}}]")
+    said = error_of({**minimal(), **raw})
+    assert said == ("config: students.0.name: Input should be a valid string (YAML reads an unquoted "
+                    "on/off/yes/no/true/false as False; quote the word)"), said

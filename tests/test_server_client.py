@@ -66,7 +66,9 @@ def test_4xx_is_never_retried(flaky):
 def test_a_request_that_keeps_failing_names_the_server_and_the_error(flaky):
     state, url = flaky
     state["plan"] = [502] * 10
-    with pytest.raises(TeacherUnavailable, match=r"failed 3 time\(s\), last: HTTP 502: status 502"):
+    with pytest.raises(TeacherUnavailable, match=r"failed 3 time\(s\), last: HTTP 502: status 502; check the server "
+                                                 r"\(its log\), then run the same command again \(`distill train` with "
+                                                 r"--resume\): finished work is kept"):
         ServerClient(url, 5, max_retries=2, backoff_s=0.01).request("/v1/completions", {})
     assert state["calls"] == 3
 
