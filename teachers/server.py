@@ -27,7 +27,9 @@ logits instead (`--logprobs-mode raw_logits`) is refused by the handshake.
 Before any work `handshake` checks: the server is up (/health); it serves `model`
 (/v1/models); its max context holds a block (seq_len + 1 prompt tokens and the 1 generated);
 `k` is within its `--max-logprobs` (a probe request); its tokenizer is the run's (/tokenize
-of probe strings against ours).  Each failure is one line (a UserError: exit 2).
+of probe strings against ours, then /detokenize of every id of the vocabulary in chunks: two
+tokenizers that split text alike can still number two tokens the other way round, and every
+signal over those ids would be read wrong).  Each failure is one line (a UserError: exit 2).
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ from common.errors import UserError
 from losses.signal import TeacherSignal, placeholder_invalid
 from teachers.protocol import Batch, TeacherUnavailable
 from teachers.server_http import IncompleteReply, ServerClient, ServerRefused, TokenBudget
+
+VOCAB_CHUNK = 4096  # ids per /detokenize request of the vocabulary check
 
 # Strings whose tokenisation must agree between the server and the run: code, prose,
 # whitespace runs, digits, non-ASCII and the tokenizer's own special tokens (added below).
@@ -223,6 +227,43 @@ class ServerTeacher:
                 raise UserError(f"teacher.server: the served tokenizer ({self.served_model} at {self.client.url}) "
                                 f"is not the run's ({tokenizer_dir}): {text!r} is {_short(theirs)} on the server, "
                                 f"{_short(ours)} here; set data.tokenizer.path to the served model's tokenizer")
+        self._check_vocabulary(tokenizer, tokenizer_dir)
+
+    def _check_vocabulary(self, tokenizer, tokenizer_dir) -> None:
+        """Every id but the added (special) tokens, VOCAB_CHUNK at a time, must read as the same
+        text on the server as here; a chunk that differs is halved down to one id to name it.
+        Text equal but for whitespace passes (a tokenizer_config's clean-up of spaces differs
+        between copies; the ids do not)."""
+        added = set(tokenizer.get_added_vocab().values()) if hasattr(tokenizer, "get_added_vocab") else set()
+        ids = [i for i in range(len(tokenizer)) if i not in added]
+
+        def differ(chunk: list[int]) -> tuple[str, str] | None:
+            theirs = self.client.request("/detokenize", {"model": self.served_model, "tokens": chunk}).get("prompt")
+            ours = tokenizer.decode(chunk)
+            if theirs == ours or (isinstance(theirs, str) and theirs.split() == ours.split()):
+                return None
+            return theirs, ours
+
+        for start in range(0, len(ids), VOCAB_CHUNK):
+            chunk = ids[start:start + VOCAB_CHUNK]
+            try:
+                found = differ(chunk)
+            except ServerRefused as e:
+                raise UserError(f"teacher.server: {self.client.url} refused /detokenize ({e}); a vLLM server with "
+                                f"its tokenizer loaded is needed to check it is the run's") from None
+            if found is None:
+                continue
+            while len(chunk) > 1:  # the half that still differs; both halves equal: the pair is named
+                half = len(chunk) // 2
+                left, right = differ(chunk[:half]), differ(chunk[half:])
+                if left is None and right is None:
+                    break
+                chunk, found = (chunk[:half], left) if left is not None else (chunk[half:], right)
+            which = f"token id {chunk[0]}" if len(chunk) == 1 else f"token ids {chunk[0]}-{chunk[-1]}"
+            raise UserError(f"teacher.server: the served tokenizer ({self.served_model} at {self.client.url}) "
+                            f"numbers its tokens otherwise than the run's ({tokenizer_dir}): {which} is "
+                            f"{found[0][:40]!r} on the server, {found[1][:40]!r} here; set data.tokenizer.path to "
+                            f"the served model's tokenizer")
 
 
 def parse_prompt_logprobs(reply: dict, prompt: list[int], k: int, vocab_size: int):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -159,6 +160,17 @@ def test_a_different_tokenizer_is_refused(served, tmp_path):
     make_tokenizer([json.dumps(r) for r in chat_rows()], other)  # same kind and size, other merges and ids
     line = _refused(served, tmp_path, **{"data.tokenizer": {"path": str(other)}})
     assert "tokenizer" in line and NAME in line and str(other) in line
+    # The served tokenizer with two ids swapped: every probe string still splits alike (before,
+    # a whole cache was written with those two tokens' signal read as each other's).
+    swapped = tmp_path / "swapped_tok"
+    shutil.copytree(served["model"], swapped, ignore=lambda d, names: [n for n in names if "safetensors" in n])
+    table = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = table["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[-2:]  # the last two merges: in no probe string
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (swapped / "tokenizer.json").write_text(json.dumps(table))
+    line = _refused(served, tmp_path, **{"data.tokenizer": {"path": str(swapped)}})
+    assert f"numbers its tokens otherwise than the run's ({swapped}): token id {vocab[b]} is" in line, line
 
 
 def test_online_and_on_policy_against_the_server(served, tmp_path):
