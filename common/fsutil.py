@@ -182,34 +182,27 @@ def unlock(fd: int) -> None:
     os.close(fd)
 
 
-@contextlib.contextmanager
 def exclusive_lock(path: Path, busy: str):
     """Hold `try_lock(path)` for the block; a second process is refused at once:
     `busy (pid N holds PATH); ...`."""
-    path = Path(path)
+    return _locked(Path(path), busy=busy)
+
+
+def waiting_lock(path: Path, on_busy):
+    """Hold the lock on `path` for the block, waiting for another holder to finish first
+    (on_busy(its pid) is called once, to say so)."""
+    return _locked(Path(path), on_busy=on_busy)
+
+
+@contextlib.contextmanager
+def _locked(path: Path, busy: str = "", on_busy=None):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, holder = try_lock(path)
+        fd, holder = try_lock(path, on_busy)
     except OSError as e:
         raise UserError(describe_os_error(e, path.parent)) from None
     if fd is None:
         raise UserError(f"{busy} (pid {holder} holds {path}); wait for it to finish, or use another out_dir")
-    try:
-        yield
-    finally:
-        unlock(fd)
-
-
-@contextlib.contextmanager
-def waiting_lock(path: Path, on_busy):
-    """Hold the lock on `path` for the block, waiting for another holder to finish first
-    (on_busy(its pid) is called once, to say so)."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, _ = try_lock(path, on_busy)
-    except OSError as e:
-        raise UserError(describe_os_error(e, path.parent)) from None
     try:
         yield
     finally:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from common.errors import UserError
 from distill.config import STAGE_0, OptimConfig, TrainConfig, deepspeed_bf16
-from distill.runtime import autocast_dtype
+from distill.runtime import autocast_dtype, is_leader
 
 
 class Engine(Protocol):
@@ -275,8 +275,8 @@ class DeepSpeedEngine:
         if ranks in (0, self.world_size):  # 0: nothing partitioned to count; DeepSpeed says what is missing
             self.engine.load_checkpoint(str(saved), tag=tag, load_module_strict=False)
             return
-        universal = saved / f".universal-{tag}"
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        universal, leader = saved / f".universal-{tag}", is_leader()
+        if leader:
             to_universal(saved / tag, universal / tag, ranks, self.world_size)
         if dist.is_initialized():
             dist.barrier()
@@ -298,7 +298,7 @@ class DeepSpeedEngine:
                 state["step"] = state["step"].clone()
         if dist.is_initialized():
             dist.barrier()
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if leader:
             shutil.rmtree(universal, ignore_errors=True)
 
 

@@ -148,7 +148,8 @@ def save_checkpoints(layout: RunLayout, saves: list[tuple[Student, int]], loop: 
         dist.barrier()
     for s, step in saves:
         meta = {"student": s.name, "run_hash": loop.run_hash, "student_config": s.cfg.model_dump(mode="json"),
-                "tokens_seen": s.tokens_seen, "targets_seen": s.targets_seen, "selection": loop.selections.get(s.name, EVERY_BLOCK),
+                "tokens_seen": s.tokens_seen, "targets_seen": s.targets_seen, "nonfinite_steps": s.nonfinite_steps,
+                "selection": loop.selections.get(s.name, EVERY_BLOCK),
                 **loop.extra_meta}
         root = layout.checkpoints(s.name)
         s.engine.save_sharded(root, tag=f"step_{step:08d}")
@@ -200,10 +201,11 @@ def resume_all(layout: RunLayout, students: list[Student], loop: LoopConfig) -> 
     dropped = failures(layout, [s.name for s in students])
     for s in students:
         if s.name in dropped and (last := checkpoint.latest(layout.checkpoints(s.name))) is not None:
-            # Not trained on, but what it learnt from stays in the run's summary and report.
-            state = checkpoint.load_state(last)
-            s.tokens_seen, s.targets_seen = state["tokens_seen"], state.get("targets_seen")
-            s.nonfinite_steps = state["nonfinite_steps"]
+            # Not trained on, but what it learnt from stays in the run's summary and report
+            # (from meta.json: state.pt holds the optimizer too).
+            meta = checkpoint.load_meta(last)
+            s.tokens_seen, s.targets_seen = meta.get("tokens_seen", 0), meta.get("targets_seen")
+            s.nonfinite_steps = meta.get("nonfinite_steps", 0)
     students = [s for s in students if s.name not in dropped]
     if not students:
         raise TrainingAborted(f"every student failed in an earlier run ({', '.join(sorted(dropped))}; see "

@@ -43,6 +43,7 @@ and errors in format.py.
 """
 from __future__ import annotations
 
+import bisect
 import errno
 import hashlib
 import inspect
@@ -408,13 +409,15 @@ def _plan(cache_dir: Path, splits: Mapping[str, torch.Tensor], prior: dict, rank
                                                                     "input_sha256": input_sha(*e["sequences"])})), None)
             if ok is not None:
                 done[s0] = ok
+        starts = sorted(done)
         s0 = lo
         while s0 < hi:
             if s0 in done:
                 plan.append((split, done[s0], True))
                 s0 = done[s0]["sequences"][1]
                 continue
-            s1 = min([s0 + shard_sequences, hi, *(start for start in done if start > s0)])
+            after = bisect.bisect_right(starts, s0)  # the next kept shard's start, if any
+            s1 = min(s0 + shard_sequences, hi, starts[after] if after < len(starts) else hi)
             # Named by its first sequence: unique whatever layout earlier runs' reused shards had.
             plan.append((split, {"file": f"{split}-r{rank}-s{s0:09d}.safetensors", "sequences": [s0, s1],
                                  "tokens": (s1 - s0) * blocks.shape[1], "input_sha256": input_sha(s0, s1)}, False))
