@@ -1,6 +1,7 @@
 """Checkpoints and exports are all-or-nothing: a failed write leaves the previous good state."""
 import errno
 import json
+import re
 
 import pytest
 import torch
@@ -340,6 +341,10 @@ def test_an_export_during_training_reads_a_step_the_run_prunes_meanwhile(tmp_pat
         model.model.embed_tokens.weight[5, 0] = float("nan")
     checkpoint.save(root, 5, model, {}, {"run_hash": "h", "student": "s"})
     checkpoint.commit(students, {"s": 5}, keep_last=2)
-    with pytest.raises(UserError, match=r"step_00000005: its weights hold NaN or inf \(model.embed_tokens.weight: 1 "
-                                        r"of 2,048\).*export an earlier step \(the others here: step_00000004\)"):
-        export.export_checkpoint(students / "s", tmp_path / "e3", tokenizer_dir=tmp_path / "tok")
+    from tests.conftest import run_cli  # as a user runs it
+
+    r = run_cli("export", str(students / "s"), "--out", str(tmp_path / "e3"), "--tokenizer", str(tmp_path / "tok"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert re.search(r"step_00000005: its weights hold NaN or inf \(model.embed_tokens.weight: 1 of 2,048\).*export an "
+                     r"earlier step \(the others here: step_00000004\)", r.stderr), r.stderr
+    assert not (tmp_path / "e3").exists()

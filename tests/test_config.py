@@ -384,38 +384,44 @@ def test_a_server_teacher_gets_the_top_k():
            "its top-k log-probs only" in error_of(raw)
 
 
+def _refused_by_the_cli(raw: dict, tmp_path: Path) -> str:
+    """`distill prepare -c` of `raw` as a YAML file: exit 2 and the one line it says."""
+    from tests.conftest import run_cli
+
+    path = tmp_path / "run.yaml"
+    path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw))
+    r = run_cli("prepare", "-c", str(path), "--quiet", "--set", f"out_dir={tmp_path / 'out'}")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+    return lines[0].removeprefix("error: ")
+
+
 def test_a_model_dir_without_config_json_is_refused_and_an_adapter_named(tmp_path):
     """A teacher or student dir with no config.json is refused at config check, naming the key;
     a PEFT adapter dir (what a LoRA run saves) gets how to merge it (before, a teacher adapter
     dir failed later with 'teacher: X has no config.json')."""
-    from distill.config import check_inputs_exist
-
-    def error_of(raw):
-        with pytest.raises(UserError) as e:
-            check_inputs_exist(check_config(parse_config(raw)))
-        return str(e.value)
-
     adapter = tmp_path / "lora"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "base_model_name_or_path": "base"}')
     (adapter / "adapter_model.safetensors").write_bytes(b"")
-    said = error_of(minimal(**{"teacher": {"source": "checkpoint", "path": str(adapter)}}))
+    said = _refused_by_the_cli(minimal(**{"teacher": {"source": "checkpoint", "path": str(adapter)}}), tmp_path)
     assert said.startswith(f"teacher.path: {adapter} is not a Hugging Face model dir (no config.json); it is a PEFT "
                            f"adapter (adapter_config.json): merge it into its base model first"), said
     assert said.endswith("and set teacher.path to DIR"), said
-    said = error_of(minimal(**{"students.0.model": {"path": str(adapter)}}))
+    said = _refused_by_the_cli(minimal(**{"students.0.model": {"path": str(adapter)}}), tmp_path)
     assert said.startswith(f"students.0.model.path: {adapter} is not a Hugging Face model dir") and "PEFT" in said
     empty = tmp_path / "empty"
     empty.mkdir()
-    said = error_of(minimal(**{"teacher": {"source": "checkpoint", "path": str(empty)}}))
+    said = _refused_by_the_cli(minimal(**{"teacher": {"source": "checkpoint", "path": str(empty)}}), tmp_path)
     assert said == (f"teacher.path: {empty} is not a Hugging Face model dir (no config.json); point it at a dir "
                     f"saved with save_pretrained"), said
 
 
-def test_a_word_yaml_reads_as_a_boolean_is_named():
+def test_a_word_yaml_reads_as_a_boolean_is_named(tmp_path):
     """`name: off` is the boolean False to YAML 1.1: the message said only "Input should be a
     valid string"."""
-    raw = yaml.safe_load("students: [{name: off, model: {preset: dense}}]")
-    said = error_of({**minimal(), **raw})
-    assert said == ("config: students.0.name: Input should be a valid string (YAML reads an unquoted "
-                    "on/off/yes/no/true/false as False; quote the word)"), said
+    text = yaml.safe_dump(minimal()).replace("name: s", "name: off")
+    said = _refused_by_the_cli(text, tmp_path)
+    assert said == (f"{tmp_path / 'run.yaml'}: students.0.name: Input should be a valid string (YAML reads an "
+                    f"unquoted on/off/yes/no/true/false as False; quote the word)"), said

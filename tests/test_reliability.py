@@ -87,9 +87,9 @@ def test_resume_with_other_config_refused(online_setup):
     # online_dense: auto (the default) hands over the whole distribution here, and says so once
     assert first.stdout.count("[train] teacher signal: the whole distribution (train.online_dense: auto;") == 1
     assert "[train] note:" not in first.stdout, first.stdout
-    # where a student runs and how often it is checkpointed are not its trajectory
+    # where a student runs, how often it is checkpointed and how a step is split are not its trajectory
     again = run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", f"out_dir={out}",
-                    "--set", "students.0.device=cpu", "--set", "train.checkpoint_every=3")
+                    "--set", "students.0.device=cpu", "--set", "train.checkpoint_every=3", "--set", "train.grad_accum=2")
     assert again.returncode == 0, again.stderr[-2000:]
     line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", f"out_dir={out}",
                             "--set", "students.0.optim.lr=0.1"))
@@ -100,6 +100,8 @@ def test_resume_with_other_config_refused(online_setup):
     line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", f"out_dir={out}",
                             "--set", "train.steps=7"))  # the LR schedule's length: another trajectory
     assert "made by another config (train.steps 4 -> 7);" in line and "--overwrite" in line, line
+    assert line.endswith("to train these students further, `distill export` them and start a new run (another "
+                         "out_dir) with students.N.model.path set to each export"), line
     topk = run_cli("train", "-c", str(cfg), "--quiet", "--set", f"out_dir={work / 'other-topk'}",
                    "--set", "train.online_dense=false", "--set", "train.steps=1", "--set", "students.0.optim.warmup_steps=2")
     assert topk.returncode == 0
