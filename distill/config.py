@@ -198,6 +198,7 @@ class ServerConfig(_Strict):
     timeout_s: float = Field(120.0, gt=0, description="Seconds one request may take before it is retried.")
     max_retries: int = Field(5, ge=0, description="Retries of a request after a connection error, a timeout or a 5xx (never a 4xx), with exponential backoff and jitter; one more failure stops the run naming the shard.")
     max_inflight_tokens: int = Field(65_536, ge=1, description="Most prompt tokens in requests sent and not yet answered (one request is one block, seq_len + 1 tokens, always allowed alone).")
+    drift_tolerance: float = Field(0.2, ge=0, description="A resumed cache or run checks that the server still answers as the model it began with: the mean change of the log-probs of fixed probe tokens, in nats, may be at most this. Another model served under the same name moves it by far more (5.4 in the tests); raise it to accept a deliberately re-quantised teacher.")
 
 
 class TeacherConfig(_Strict):

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from common.errors import UserError
 from common.fsutil import atomic_write_json, exclusive_lock
-from distill.config import RunConfig, ScheduleConfig, StudentConfig
+from distill.config import RunConfig, ScheduleConfig, ServerConfig, StudentConfig
 from distill.data import PackedData, vocab_size_of
 from distill.layout import RunLayout, has_tokenizer
 from distill.report.export import export_checkpoint, save_hf_dir
@@ -24,12 +24,12 @@ from distill.report.report import evaluate_run
 from distill.runtime import (DENSE_AUTO_BYTES, autocast_dtype, cache_identity, check_cached_blocks, check_k,
                              dense_logits_bytes, dense_signal, existing_teacher_dir, is_leader, live_teacher,
                              model_config, prepare, resolve_device, sampling_of, server_teacher, setup_runtime)
-from distill.train.checkpoint import DATA_KEY, earlier_checkpoints
+from distill.train.checkpoint import DATA_KEY, earlier_checkpoints, latest, load_meta
 from distill.train.loop import claim_out_dir, run_hash, train_loop
 from distill.train.on_policy import on_policy_source
 from distill.train.selection import DataView, plan_views
 from distill.train.setup import build_students, loop_config, make_student, student_models
-from teachers import CachedTeacher, LiveTeacher, Teacher
+from teachers import CachedTeacher, LiveTeacher, Teacher, teacher_identity
 from teachers.cache.format import Sampling, read_json
 
 
@@ -115,6 +115,11 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
             raise UserError(f"cache at {cfg.layout.cache} holds a {have} signal but cache.estimator: auto chose "
                             f"{cfg.cache.estimator}; set cache.estimator: {have} to use it, or pass --overwrite to "
                             f"redo the teacher pass")
+    if remote is not None and not overwrite:  # a name says nothing of the weights behind it
+        for then in _cache_manifests(cfg.layout.cache):
+            remote.check_unchanged(then.get("teacher_probe"), cfg.teacher.server.drift_tolerance,
+                                   f"the cache at {cfg.layout.cache}",
+                                   "pass --overwrite to make the cache again from the model served now")
     if is_leader() and cfg.estimator_note:  # a log line: --quiet keeps it (it drops only progress bars)
         print(f"[cache] {cfg.estimator_note}", file=sys.stderr, flush=True)
     sharded = cfg.teacher.sharding == "zero3"
@@ -140,7 +145,8 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
                            k=cfg.cache.k, encoding="sampled" if sampling else cfg.cache.encoding,
                            batch_size=cfg.cache.batch_size, shard_sequences=cfg.cache.shard_sequences,
                            overwrite=overwrite, rank=rank, world_size=world, progress=progress and rank == 0,
-                           lockstep=sharded, sampling=sampling, upgrade=cfg.selects_data, positions=positions)
+                           lockstep=sharded, sampling=sampling, upgrade=cfg.selects_data, positions=positions,
+                           notes={"teacher_probe": remote.probe} if remote is not None else None)
     manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
     if progress and is_leader() and manifest.get("complete") and "difficulty" not in manifest:
         print(f"[cache] {out} was made before teacher difficulty statistics were recorded; a run with data.select "
@@ -151,16 +157,24 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
 # ----------------------------------------------------------------------------- students
 
 
+def _cache_manifests(cache_dir: Path) -> list[dict]:
+    """The manifests of the cache at cache_dir, complete or begun (per rank); a torn one is
+    left out (the writer reports it)."""
+    found = []
+    for path in sorted(cache_dir.glob("manifest*.json")) if cache_dir.is_dir() else []:
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def _estimator_of(cache_dir: Path) -> str | None:
     """"topk" or "sampled": what the cache at cache_dir (complete or begun) holds; None: no cache."""
-    manifests = sorted(cache_dir.glob("manifest*.json")) if cache_dir.is_dir() else []
-    for path in manifests:
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue  # a torn manifest: the writer reports it
-        return "topk" if Sampling.of_manifest(manifest) is None else "sampled"
-    return None
+    manifests = _cache_manifests(cache_dir)
+    if not manifests:
+        return None
+    return "topk" if Sampling.of_manifest(manifests[0]) is None else "sampled"
 
 
 def check_online_sharding(cfg: RunConfig) -> None:
@@ -374,6 +388,49 @@ def with_epoch_steps(cfg: RunConfig, train_blocks: int, leader: bool = True) -> 
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})})
 
 
+def teacher_record(cfg: RunConfig, teacher, remote) -> tuple[dict, dict | None]:
+    """Which teacher the students learn from, as their checkpoints record it: (the cache's
+    teacher, by its identity's teacher_* keys; or the served model's name; or an in-process
+    teacher's config and weights hashes, and a served model's probe: from the server, or from
+    the cache it made).  Kept out of the run hash so checkpoints made before it still resume."""
+    if cfg.train.mode == "cached":
+        manifest = teacher.reader.manifest
+        return ({k: v for k, v in manifest.get("identity", {}).items() if k.startswith("teacher_")},
+                manifest.get("teacher_probe"))
+    if remote is not None:
+        return {"teacher_server_model": cfg.teacher.server.model}, remote.probe
+    return teacher_identity(cfg.layout.teacher), None
+
+
+def check_same_teacher(cfg: RunConfig, names: list[str], now: dict, probe: dict | None) -> None:
+    """A resumed run learns from the teacher its checkpoints learnt from: the same record, and
+    a served teacher whose probe is answered as then (teachers/server.py).  Checkpoints that
+    record neither (made before 2026-12-05) are taken as they are."""
+    from teachers.server import check_probe
+
+    for name in names:
+        last = latest(cfg.layout.checkpoints(name))
+        meta = load_meta(last) if last is not None else {}
+        then = meta.get("teacher_identity")
+        if then is not None and then != now:
+            changed = ", ".join(f"{k} {then.get(k)} -> {now.get(k)}" for k in sorted({*then, *now})
+                                if then.get(k) != now.get(k))
+            raise UserError(f"{last}: the students learnt from another teacher until this checkpoint ({changed}); "
+                            f"resume with that teacher (and its cache), or start afresh in this out_dir with "
+                            f"--overwrite; to train these students on from the new teacher, `distill export` them "
+                            f"and start a new run with students.N.model.path set to each export")
+        if last is None or probe is None:
+            continue
+        server = cfg.teacher.server
+        tolerance = server.drift_tolerance if server else ServerConfig.model_fields["drift_tolerance"].default
+        if cfg.train.mode == "cached":
+            who, back = f"the cache's teacher ({cfg.layout.cache})", "a cache made from the model they learnt from"
+        else:
+            who, back = f"{server.model!r} at {server.url}", "the server serving the weights they learnt from"
+        check_probe(meta.get("teacher_probe"), probe, tolerance, f"{who} answers", f"the checkpoints at {last.parent}",
+                    f"resume with {back}, or start afresh in this out_dir with --overwrite")
+
+
 def train_students(cfg: RunConfig, resume: bool = False, progress: bool = True,
                    data: PackedData | None = None, overwrite: bool = False) -> dict:
     """Co-distil every student from one teacher signal per batch.  A fresh run (not `resume`)
@@ -421,8 +478,12 @@ def _train_students(cfg: RunConfig, resume: bool, progress: bool, data: PackedDa
     rhash = run_hash(*identity.values())
     loop = loop_config(cfg, cfg.train.steps, cfg.train.batch_size, rank, world, rhash)
     loop.earlier_run_hashes = earlier_run_hashes(cfg, identity)
+    learnt_from, probe = teacher_record(cfg, teacher, remote)
+    if resume:
+        check_same_teacher(cfg, [s.name for s in students], learnt_from, probe)
     loop.extra_meta = {"run_identity": identity, "data_fingerprint": data.fingerprint, "data_content": data.content,
-                       "teacher": str(cfg.layout.teacher.resolve()),
+                       "teacher": str(cfg.layout.teacher.resolve()), "teacher_identity": learnt_from,
+                       **({"teacher_probe": probe} if probe is not None else {}),
                        "tokenizer": str(tokenizer_dir(cfg, data)),  # what `distill export` ships beside the weights
                        "tokenizer_hash": data.tokenizer_hash}
     loop.selections = selections

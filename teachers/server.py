@@ -30,6 +30,10 @@ Before any work `handshake` checks: the server is up (/health); it serves `model
 of probe strings against ours, then /detokenize of every id of the vocabulary in chunks: two
 tokenizers that split text alike can still number two tokens the other way round, and every
 signal over those ids would be read wrong).  Each failure is one line (a UserError: exit 2).
+
+The served name says nothing of the weights behind it, so the probe's log-probs are kept as
+the served model's fingerprint (`probe`): a resumed cache or run compares them with the ones it
+began with (`probe_drift`), and refuses a server that now answers as another model would.
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ from teachers.protocol import Batch, TeacherUnavailable
 from teachers.server_http import IncompleteReply, ServerClient, ServerRefused, TokenBudget
 
 VOCAB_CHUNK = 4096  # ids per /detokenize request of the vocabulary check
+PROBE_TOKENS = 64  # tokens of the probe whose log-probs fingerprint the served model (`probe_drift`)
 
 # Strings whose tokenisation must agree between the server and the run: code, prose,
 # whitespace runs, digits, non-ASCII and the tokenizer's own special tokens (added below).
@@ -69,6 +74,7 @@ class ServerTeacher:
         self.forward_calls = 0  # batches scored (each is one request per block)
         self.reads = 0
         self._ahead: dict[tuple, tuple[torch.Tensor, Future]] = {}  # prefetched batches: indices -> (ids, work)
+        self.probe: dict | None = None  # {"ids", "nll"}: the handshake's probe and the served model's answer
 
     # ------------------------------------------------------------------ the protocol
 
@@ -200,9 +206,10 @@ class ServerTeacher:
                             f"tokens, but a block needs {seq_len + 2} (data.seq_len {seq_len} + 1 prompt tokens "
                             f"and 1 generated); restart it with --max-model-len {seq_len + 2} or lower data.seq_len")
         self._check_tokenizer(tokenizer, tokenizer_dir)
-        probe = tokenizer.encode(PROBES[0], add_special_tokens=False)[:16] or [0, 0]
+        # The probe: the served model's own fingerprint (`self.probe`), its values the checks below.
+        probe = (tokenizer.encode("\n".join(PROBES), add_special_tokens=False) + [0, 0])[:min(PROBE_TOKENS, seq_len + 1)]
         try:
-            vals, _, _ = self.client.request("/v1/completions", self._body(probe), read=self._reader(probe))
+            vals, _, stats = self.client.request("/v1/completions", self._body(probe), read=self._reader(probe))
         except ServerRefused as e:
             raise UserError(f"cache.k: the server refused {self.k} prompt log-probs per position ({e}); restart it "
                             f"with --max-logprobs {self.k} (or more), or lower cache.k") from None
@@ -211,7 +218,14 @@ class ServerTeacher:
             raise UserError(f"teacher.server: {url} answers values that are not log-probabilities (top-{self.k} "
                             f"mass up to {math.exp(float(mass.max())):.3g}); it runs with --logprobs-mode "
                             f"*_logits: restart it with the default (raw_logprobs)")
+        self.probe = {"ids": probe, "nll": [round(float(x), 5) for x in stats[:, 0]]}
         return {"url": url, "model": self.served_model, "max_model_len": max_len, "root": served[self.served_model].get("root")}
+
+    def check_unchanged(self, then: dict | None, tolerance: float, what: str, fix: str) -> None:
+        """Refuse a server that answers the probe otherwise than `then`, the probe `what` (a cache,
+        a run's checkpoints) began with; fix: the way out besides serving those weights."""
+        check_probe(then, self.probe, tolerance, f"{self.served_model!r} at {self.client.url} answers",
+                    what, f"serve the weights it began with, or {fix}")
 
     def _check_tokenizer(self, tokenizer, tokenizer_dir) -> None:
         specials = [t for t in getattr(tokenizer, "all_special_tokens", [])][:4]
@@ -264,6 +278,27 @@ class ServerTeacher:
                             f"numbers its tokens otherwise than the run's ({tokenizer_dir}): {which} is "
                             f"{found[0][:40]!r} on the server, {found[1][:40]!r} here; set data.tokenizer.path to "
                             f"the served model's tokenizer")
+
+
+def probe_drift(then: dict, now: dict) -> float | None:
+    """Mean |change| of the served model's -log p(token) over the probe's positions, between
+    two handshakes' `probe`s; None where they probed other ids (another tokenizer or tool
+    version: nothing to compare).  The same weights served again on the CPU test server moved it
+    by 0; another model served under the same name by 5.4 nats (tests/test_server_teacher.py)."""
+    if then.get("ids") != now.get("ids"):
+        return None
+    pairs = [(a, b) for a, b in zip(then["nll"], now["nll"]) if math.isfinite(a) and math.isfinite(b)]
+    return sum(abs(a - b) for a, b in pairs) / len(pairs) if pairs else None
+
+
+def check_probe(then: dict | None, now: dict | None, tolerance: float, who: str, what: str, fix: str) -> None:
+    """UserError when two probes of a served model differ by more than `tolerance` nats
+    (probe_drift): `who` (answers now) is not the model `what` began with."""
+    drift = probe_drift(then, now) if then and now else None
+    if drift is not None and drift > tolerance:
+        raise UserError(f"teacher.server: {who} as another model than the one {what} began with: the log-probs of "
+                        f"the probe tokens moved by {drift:.3g} nats on average (teacher.server.drift_tolerance: "
+                        f"{tolerance:g}); {fix}")
 
 
 def parse_prompt_logprobs(reply: dict, prompt: list[int], k: int, vocab_size: int):

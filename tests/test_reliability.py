@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT, run_cli
@@ -114,6 +115,38 @@ def test_resume_with_other_config_refused(online_setup):
     assert topk.stdout.count("[train] note: training ends after 1 step (schedule steps 0-0), before "
                              "students.0.optim.warmup_steps 2: those curves (or the LR) never reach their end") == 1
     assert "training ends after" not in first.stdout  # 4 steps: every schedule ends in them
+
+
+def test_resume_with_another_teacher_refused(online_setup):
+    """The teacher is not in the run hash (a copy of it elsewhere resumes), but a checkpoint
+    records which one the students learnt from: another one, online or through a cache made
+    again from it, is refused on --resume, naming what changed."""
+    from students.build import load_causal_lm
+
+    work, cfg = online_setup
+    teacher = yaml.safe_load(cfg.read_text())["teacher"]["path"]
+    copy = shutil.copytree(teacher, work / "teacher-copy")
+    other = load_causal_lm(copy)
+    for p in other.parameters():  # the same architecture, config and tokenizer; other weights
+        p.data.mul_(1.5)
+    shutil.copytree(teacher, work / "teacher-other")
+    other.save_pretrained(work / "teacher-other")
+    for mode in ("online", "cached"):
+        out = work / f"teacher-{mode}"
+        sets = ["--quiet", "--set", f"out_dir={out}", "--set", f"train.mode={mode}"]
+        if mode == "cached":
+            assert run_cli("cache", "-c", str(cfg), *sets).returncode == 0
+        first = run_cli("train", "-c", str(cfg), *sets)
+        assert first.returncode == 0, first.stderr[-2000:]
+        moved = run_cli("train", "-c", str(cfg), "--resume", *sets, "--set", f"teacher.path={copy}")
+        assert moved.returncode == 0, moved.stderr[-2000:]
+        if mode == "cached":  # the cache made again from the other teacher
+            again = run_cli("cache", "-c", str(cfg), *sets, "--overwrite", "--set", f"teacher.path={work / 'teacher-other'}")
+            assert again.returncode == 0, again.stderr[-2000:]
+        line = one_line(run_cli("train", "-c", str(cfg), "--resume", *sets,
+                                "--set", f"teacher.path={work / 'teacher-other'}"))
+        assert "the students learnt from another teacher until this checkpoint (teacher_weights_hash " in line, line
+        assert "resume with that teacher (and its cache), or start afresh in this out_dir with --overwrite" in line, line
 
 
 def test_epochs_count_the_steps_from_the_prepared_blocks(online_setup):

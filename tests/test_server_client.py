@@ -239,3 +239,18 @@ def test_packed_rows_go_to_the_server_one_by_one_and_come_back_as_the_in_process
     whole, *_ = server.topk(x, targets)  # without position ids a block is one request, seeing across its rows
     assert not torch.allclose(whole[0, 5:], want_vals[0, 5:], atol=1e-3)
     server.close()
+
+
+def test_the_probe_drift_is_the_mean_change_of_the_probe_tokens_nll():
+    from teachers.server import check_probe, probe_drift
+
+    then = {"ids": [5, 6, 7, 8], "nll": [1.0, 2.0, float("nan"), 4.0]}
+    assert probe_drift(then, then) == 0.0
+    assert probe_drift(then, {"ids": [5, 6, 7, 8], "nll": [1.3, 1.7, 9.0, 4.3]}) == pytest.approx(0.3)  # NaN left out
+    assert probe_drift(then, {"ids": [5, 6, 7, 9], "nll": [1.0, 2.0, 3.0, 4.0]}) is None  # other probe: no comparison
+    check_probe(then, {"ids": [5, 6, 7, 8], "nll": [1.1, 2.1, 3.0, 4.1]}, 0.2, "x answers", "the cache", "fix")
+    with pytest.raises(UserError, match=r"x answers as another model than the one the cache began with: the log-probs "
+                                        r"of the probe tokens moved by 0\.3 nats on average \(teacher\.server\."
+                                        r"drift_tolerance: 0\.2\); fix"):
+        check_probe(then, {"ids": [5, 6, 7, 8], "nll": [1.3, 1.7, 9.0, 4.3]}, 0.2, "x answers", "the cache", "fix")
+    check_probe(None, then, 0.0, "x answers", "a cache made before probes", "fix")  # nothing recorded: taken

@@ -235,6 +235,53 @@ def test_a_server_killed_mid_cache_resumes_to_the_same_bytes(served, tmp_path):
         assert (got / name).read_bytes() == (ref / name).read_bytes(), f"{name} differs from the uninterrupted cache"
 
 
+def test_another_model_served_under_the_same_name_is_refused_on_resume(served, tmp_path):
+    """A name says nothing of the weights: a cache or an online run begun with one model, resumed
+    against a server that serves another under the same name, is refused (the handshake's probe,
+    teachers/server.py), while the same model served again resumes (the kill/restart test)."""
+    from students.build import load_causal_lm
+
+    other = tmp_path / "other-teacher"
+    shutil.copytree(served["model"], other)
+    model = load_causal_lm(other)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20.0)  # the same shapes and tokenizer; peaked distributions
+    model.save_pretrained(other)
+    cache_raw = _config(served, tmp_path / "run")
+    online_raw = _config(served, tmp_path / "online", **{"train.mode": "online", "train.steps": 2,
+                                                         "train.checkpoint_every": 1})
+    _ok(run_cli("cache", "-c", _write(cache_raw, tmp_path / "cache.yaml")))
+    _ok(run_cli("train", "-c", str(tmp_path / "cache.yaml")))  # cached mode: the server is not asked
+    _ok(run_cli("train", "-c", _write(online_raw, tmp_path / "online.yaml")))
+    cached = json.loads((tmp_path / "run" / "cache" / "manifest.json").read_text())["teacher_probe"]
+    assert len(cached["ids"]) == 33 and len(cached["nll"]) == 32  # seq_len 32 + 1: the probe fits a block
+    with vllm_server.running(other, NAME, tmp_path / "other-vllm.log") as server:
+        for raw, cmd, what in ((cache_raw, ("cache",), "the cache at"), (online_raw, ("train", "--resume"), "the checkpoints at")):
+            proc = run_cli(*cmd, "-c", _write(_served_by(raw, server.url), tmp_path / "other.yaml"))
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+            assert f"teacher.server: '{NAME}' at {server.url} answers as another model than the one {what}" in lines[0]
+            assert "teacher.server.drift_tolerance: 0.2" in lines[0], lines[0]
+            assert ("serve the weights it began with" if cmd == ("cache",) else
+                    "resume with the server serving the weights they learnt from") in lines[0], lines[0]
+        # the cache made again from the other model: the cached run's checkpoints learnt from the first
+        remade = _write(_served_by(cache_raw, server.url), tmp_path / "remade.yaml")
+        _ok(run_cli("cache", "--overwrite", "-c", remade))
+        proc = run_cli("train", "--resume", "-c", remade)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert (f"teacher.server: the cache's teacher ({tmp_path / 'run' / 'cache'}) answers as another model than the "
+                f"one the checkpoints at") in proc.stderr, proc.stderr
+        assert "resume with a cache made from the model they learnt from" in proc.stderr, proc.stderr
+        # a run that raises the tolerance takes the other model knowingly
+        loose = _served_by(online_raw, server.url, drift_tolerance=100.0)
+        _ok(run_cli("train", "--resume", "-c", _write(loose, tmp_path / "loose.yaml")))
+
+
+def _served_by(raw: dict, url: str, **server) -> dict:
+    """raw with its teacher at another server url (and other teacher.server keys)."""
+    return {**raw, "teacher": {**raw["teacher"], "server": {**raw["teacher"]["server"], "url": url, **server}}}
+
+
 def test_prefetched_batches_are_scored_before_they_are_asked_for(served):
     from teachers import Batch
     from teachers.server import ServerTeacher

@@ -256,7 +256,7 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
                 overwrite: bool = False, rank: int = 0, world_size: int = 1,
                 progress: bool = True, lockstep: bool = False, sampling: Sampling | None = None,
                 targets: Mapping[str, torch.Tensor] | None = None, upgrade: bool = False,
-                positions: Mapping[str, torch.Tensor] | None = None) -> Path:
+                positions: Mapping[str, torch.Tensor] | None = None, notes: Mapping | None = None) -> Path:
     """Run the teacher over every split's blocks (N_split, T) once and cache its top-k.
 
     teacher_fn: LongTensor (B, T) -> logits (B, T, V), V = identity["vocab_size"], or
@@ -279,7 +279,8 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
     upgrade=True: then its shards are recomputed with them (one more teacher pass; the
     run's data selection needs them).  positions: per split the (N, T) position ids of the
     blocks' inputs, restarting per packed row (data.packing: documents); teacher_fn is then
-    called with `position_ids=` (B, T) too, so each row is scored alone.  Returns cache_dir.  Raises
+    called with `position_ids=` (B, T) too, so each row is scored alone.  notes: more keys for the
+    manifest (a server teacher's probe, checked by its caller on resume).  Returns cache_dir.  Raises
     CacheMismatch, CacheLocked, CacheWriteError (see module docstring).
     """
     cache_dir = Path(cache_dir)
@@ -337,7 +338,7 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
                         prior.setdefault(split, {}).setdefault(e["sequences"][0], []).append(e)
         manifest = dict(format_version=version, identity=ident, k=k, encoding=encoding, vocab_size=vocab,
                         seq_len=seq_len, world_size=world_size, shard_sequences=shard_sequences, complete=False,
-                        stored=stored,
+                        stored=stored, **(notes or {}),
                         splits={s: {"sequences": n, "shards": [], "tokens": 0, "nonfinite_tokens": 0}
                                 for s, n in counts.items()})
         if stats is not None:
