@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -249,6 +250,30 @@ def _out_of_room(e: Exception, debug: bool) -> None:
     sys.exit(2)
 
 
+# What a collective raises on this rank when another rank of the launch has exited: gloo's
+# socket errors (a RuntimeError), torch's DistError kinds (NCCL's, the store's).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def _peer_stopped(e: Exception, debug: bool) -> None:
+    """Under a launcher, a rank whose collective failed because another rank stopped first (bad
+    input found there, a crash): one line, exit 1; the other rank's own error says why, and its
+    traceback here would bury that line.  Anything else goes on as the error it is."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if not (isinstance(e, dist.DistError) or any(m in str(e) for m in _PEER_GONE)):
+        return
+    if debug:
+        traceback.print_exc()
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\] ", "", first)  # gloo's source location
+    typer.echo(f"error: rank {os.environ.get('RANK', '?')}: stopped because another rank of the launch stopped first "
+               f"({first[:160]}); that rank's error, above, says why", err=True)
+    sys.exit(1)
+
+
 def main() -> None:
     from common.errors import UserError
 
@@ -286,6 +311,7 @@ def main() -> None:
         if isinstance(e, abort):  # click's form of Ctrl-C
             interrupted()
         _out_of_room(e, debug)
+        _peer_stopped(e, debug)
         raise
     finally:
         # Everything imported so far (torch, transformers: millions of objects) is left out of

@@ -1,6 +1,7 @@
 """Data parallelism is exact: 2 CPU processes (gloo) train the weights 1 process trains from the
 same global batch, under the torch engine (DDP) and DeepSpeed ZeRO-2/3, with 1 or 2 micro-batches,
 for a dense and a MoE student trained together in one launch (slow: each launch is a real CLI run)."""
+import json
 import os
 import re
 import shutil
@@ -214,6 +215,34 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(dp_config):
     assert 2 <= step < 400
     for name in ("dense", "moe"):
         assert checkpoint.latest(out / "students" / name / "checkpoints").name == f"step_{step:08d}"
+
+
+def test_a_rank_whose_peer_refused_the_input_says_one_line(dp_config, tmp_path):
+    """Rank 0 prepares the data while rank 1 waits: a broken jsonl line is rank 0's one-line
+    error (exit 2), and rank 1, whose wait fails when rank 0 exits, says one line pointing at it
+    (exit 1), not gloo's traceback (before: 50 lines of it under rank 0's line)."""
+    work, cfg = dp_config
+    corpus = tmp_path / "broken.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"def f(x):\n    return x + {i}\n" * 8}) + "\n" for i in range(50))
+                      + '{"text": "cut short\n')
+    args = [sys.executable, str(ROOT / "cli.py"), "train", "-c", str(cfg), "--quiet", "--set", f"out_dir={tmp_path / 'out'}",
+            "--set", f"data.paths=[{corpus}]"]
+    with rendezvous() as meet:
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", **meet}
+        procs = [subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                 for r in range(2)]
+        try:
+            errs = [p.communicate(timeout=300)[1] for p in procs]
+        finally:
+            for p in procs:
+                kill_group(p)
+    assert [p.returncode for p in procs] == [2, 1], errs
+    lines = [[l for l in e.splitlines() if l.startswith("error:")] for e in errs]
+    assert len(lines[0]) == 1 and lines[0][0].startswith(f"error: {corpus}: line 51 is not valid JSON ("), errs[0]
+    assert len(lines[1]) == 1 and lines[1][0].startswith("error: rank 1: stopped because another rank of the launch "
+                                                         "stopped first (Connection closed by peer"), errs[1]
+    assert lines[1][0].endswith("that rank's error, above, says why") and "Traceback" not in errs[1], errs[1]
 
 
 def _children(pid: int) -> list[int]:
