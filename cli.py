@@ -187,13 +187,15 @@ def export(
     checkpoint: Path = typer.Argument(..., help="A student checkpoint dir (OUT/students/NAME/checkpoints/step_00000120, the step zero-padded to 8 digits) or a student dir (its latest checkpoint)."),
     out: Path = typer.Option(..., "--out", help="Where to write the Hugging Face model dir."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16."),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="The largest safetensors file (e.g. 5GB, 500MB); a larger model is split into shards with an index."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer dir to include (default: the one the checkpoint's run trained with)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --out dir whatever it holds, but never the checkpoint being exported or a run's, cache's or prepared data's dir (without it: only an empty dir or an earlier export of this student from this run)."),
 ):
     """Write a standard Hugging Face model dir (config, safetensors, tokenizer, model card)."""
     from distill.report.export import export_checkpoint
 
-    path = export_checkpoint(checkpoint, out, dtype=dtype, tokenizer_dir=tokenizer, overwrite=overwrite)
+    path = export_checkpoint(checkpoint, out, dtype=dtype, tokenizer_dir=tokenizer, overwrite=overwrite,
+                             max_shard_size=max_shard_size)
     typer.echo(f"exported {path}")
 
 

@@ -220,6 +220,34 @@ def _assistant_spans(tok, messages: list[dict], tools) -> tuple[str, list[tuple[
     return full, spans
 
 
+def stop_ids(tok) -> list[int]:
+    """The ids a generation stops at: the tokenizer's EOS and, where its chat template ends an
+    assistant turn with another token of its own (ChatML's `<|im_end|>` beside a base
+    tokenizer's `<|endoftext|>` EOS, Llama 3's `<|eot_id|>`, Gemma's `<end_of_turn>`), that one:
+    a chat-trained model ends its turns with it (the end marker is a target, step 3 above), so
+    generation (eval, on-policy samples, an export's generation_config) must stop there too."""
+    ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    if not getattr(tok, "chat_template", None):
+        return ids
+    try:
+        ending = tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": SENTINEL}],
+                                         tokenize=False)
+    except Exception:  # a template that needs more (a system turn, tools): no end marker known
+        return ids
+    marker = ending.split(SENTINEL)[-1].strip() if ending.count(SENTINEL) == 1 else ""
+    first = tok.encode(marker, add_special_tokens=False)[:1] if marker else []
+    added = set(tok.get_added_vocab().values()) if hasattr(tok, "get_added_vocab") else set()
+    if first and first[0] in added and first[0] not in ids:
+        ids.append(first[0])
+    return ids
+
+
+def cut_at_stop(ids: list[int], stops: list[int]) -> list[int]:
+    """ids up to and with the first of `stops` (all of them when none is there)."""
+    at = next((i for i, t in enumerate(ids) if t in stops), None)
+    return ids if at is None else ids[: at + 1]
+
+
 def _token_targets(offsets, spans: list[tuple[int, int]]) -> list[bool]:
     """Per token (offsets (T, 2) in characters): does it overlap a span?  A token straddling a
     span's edge (' answer' after a template's '[/INST]') is one the model must write."""

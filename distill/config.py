@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from common.errors import UserError
 from distill.layout import RunLayout
@@ -149,8 +149,15 @@ class OptimConfig(_Strict):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine decays to lr * min_lr_ratio.")
     warmup_steps: int = Field(20, ge=0, description="Linear LR warmup steps.")
     weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay (not on norms and biases).")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas, each in [0, 1).")
     grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm (0 = off).")
+
+    @model_validator(mode="after")
+    def _betas(self):
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas {list(self.betas)}: each must be in [0, 1) (AdamW's moving-average factors), "
+                             f"e.g. [0.9, 0.95]")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -176,17 +183,26 @@ class ModelConfig(_Strict):
         return self.preset or ("pretrained" if self.path is not None else "from_teacher")
 
 
+def _device(value: str | None) -> str | None:
+    """A device torch names (auto: ours), refused here rather than deep in a run ("gpu")."""
+    if value is not None and not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", value):
+        raise ValueError(f"{value!r} is no device: write auto, cpu, cuda or cuda:N (mps, xpu[:N])")
+    return value
+
+
 class StudentConfig(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Directory-safe name; artefacts go to OUT/students/NAME/.")
     model: ModelConfig
     baseline: bool = Field(False, description="CE-only baseline: ground-truth labels only, no teacher signal.")
     init: Literal["random", "teacher"] = Field("random", description="Random init, or copy embeddings/layers/experts from the teacher (not with model.path: a pretrained student keeps its weights).")
-    init_layers: list[int] | None = Field(None, description="Teacher layers copied into student layers 0..n-1 when init=teacher.")
+    init_layers: list[int] | None = Field(None, description="Teacher layers copied into student layers 0..n-1 when init=teacher; for a student cut from the teacher (model.from_teacher), also which teacher layers it keeps.")
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
-    device: str | None = Field(None, description="Device for this student (e.g. cuda:1); default: train.device.")
+    device: str | None = Field(None, description="Device for this student (cpu, cuda, cuda:N, ...; e.g. cuda:1); default: train.device.")
     on_policy_share: ScheduleConfig | None = Field(None, description="This student's own train.on_policy.share (e.g. constant 0: this student stays off-policy). null: train.on_policy.share.")
     select: SelectConfig | None = Field(None, description="This student's own data selection, replacing data.select (a Maverick-like student can learn from a harder subset than a Scout-like one, from the same cache); `{drop_easiest: 0}` keeps every block.")
+
+    _device = field_validator("device")(_device)
 
 
 class ServerConfig(_Strict):
@@ -203,7 +219,7 @@ class ServerConfig(_Strict):
 
 class TeacherConfig(_Strict):
     source: Literal["preset", "checkpoint", "cache", "server"] = Field("checkpoint", description="`checkpoint`: a local Hugging Face dir; `preset`: build from a preset (then `distill pretrain` trains it); `cache`: an existing logit cache only; `server`: a vLLM server (`teacher.server`), for a teacher larger than the training machines.")
-    server: ServerConfig | None = Field(None, description="source=server: where the teacher is served (url, model, timeout_s, max_retries, max_inflight_tokens).")
+    server: ServerConfig | None = Field(None, description="source=server: where the teacher is served (url, model, timeout_s, max_retries, max_inflight_tokens, drift_tolerance).")
     path: Path | None = Field(None, description="Teacher checkpoint dir (source=checkpoint). Default for source=preset: OUT/teacher.")
     model: ModelConfig | None = Field(None, description="Teacher architecture (source=preset).")
     sharding: Literal["none", "zero3"] = Field("none", description="`zero3`: for a teacher too large for one device, `distill cache` splits its weights over the ranks of a `deepspeed`/torchrun launch with DeepSpeed ZeRO-3 (each rank keeps 1/N, gathers one layer at a time and runs the whole teacher on its own slice of the data). Online training needs `none`.")
@@ -230,7 +246,7 @@ class PretrainConfig(_Strict):
 class CacheConfig(_Strict):
     dir: Path | None = Field(None, description="Cache dir. Default: OUT/cache.")
     k: int = Field(64, ge=1, description="Top-k log-probs kept per token (must not exceed the vocab).")
-    encoding: str = Field("lossless", description="Shard encoding of a top-k cache: lossless (default), fp16, bf16, compact (lossy, smallest). A sampled cache is always stored as `sampled`.")
+    encoding: Literal["lossless", "fp16", "bf16", "compact"] = Field("lossless", description="Shard encoding of a top-k cache: lossless (default), fp16, bf16, compact (lossy, smallest). A sampled cache is always stored as `sampled` (cache.estimator: sampled), never set here.")
     estimator: Literal["auto", "topk", "sampled"] = Field("auto", description="What the cache keeps per token: the teacher's top-k log-probs (students use tail: bucket or renorm), or `samples` tokens drawn from it (students use tail: sampled; unbiased forward KL). auto (the default): `sampled` in cached mode when every student can learn from draws (forward_kl at cache.sample_temperature, hard_target labels, adaptive not confidence, tail auto or sampled) and the teacher is not a server (teacher.source: cache expects a sampled cache too), else `topk`; `distill cache` says which and why. bench/peer.py measured random-init students at 1.7-2.2x the held-out perplexity of the whole distribution from a top-64 cache and 1.00-1.03x from 256 draws.")
     samples: int = Field(256, ge=1, le=4096, description="estimator: sampled: draws per token (256: students within 1-3% of the whole distribution's perplexity in bench/peer.py; 32: within 10-20%, at about a third of the bytes there).")
     exact_top: int = Field(0, ge=0, le=4096, description="estimator: sampled: the teacher's most likely ids kept with their exact probabilities; the draws then come from the rest of the distribution (still unbiased, with less variance: none on these ids). 0: every entry drawn.")
@@ -272,7 +288,7 @@ class TrainConfig(_Strict):
     keep_last: int = Field(2, ge=1, description="Checkpoints kept per student.")
     max_nonfinite: int = Field(10, ge=0, description="Skipped non-finite steps a student may take; one more is a student failure (see on_student_failure).")
     on_student_failure: Literal["stop", "drop"] = Field("stop", description="When one student fails (past max_nonfinite, or an exception such as out of memory in its step): `stop` checkpoints every student (the failed one at its last good step) and ends the run with exit 3; `drop` does the same, marks the student failed in its metrics and the report, and trains the others to the end. Either way a failed student stays dropped on --resume.")
-    device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N.")
+    device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N (or torch's mps, xpu[:N]).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Autocast precision: auto = bf16 on GPU, fp32 on CPU.")
     engine: Literal["torch", "deepspeed"] = Field("torch", description="Plain PyTorch, or one DeepSpeed engine per student (launch with `deepspeed` or torchrun for several ranks; one process runs without a launcher).")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage 1-3 (engine=deepspeed); 0 is refused (no grad norm to tell a non-finite step by): for unsharded data parallelism use engine: torch (DDP).")
@@ -281,10 +297,26 @@ class TrainConfig(_Strict):
     deterministic: bool = Field(True, description="torch.use_deterministic_algorithms for exact resume.")
     on_policy: OnPolicyConfig | None = Field(None, description="On-policy co-distillation (online mode): students sample completions of the data's prompts and learn from the teacher's scores of them. Absent: off-policy only.")
 
+    _device = field_validator("device")(_device)
+
+
+def shard_size_problem(size: str) -> str | None:
+    """Why `size` is not a save_pretrained shard size (an integer and a unit), or None."""
+    if re.fullmatch(r"\d+(GIB|MIB|KIB|GB|MB|KB)", size.strip().upper()) and int(re.match(r"\d+", size.strip())[0]) > 0:
+        return None
+    return f"{size!r} is not a size: write a whole number and a unit, e.g. 5GB, 500MB or 2GiB"
+
 
 class ExportConfig(_Strict):
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Weights dtype in exported dirs.")
-    max_shard_size: str = Field("2GB", description="Safetensors shard size for large models.")
+    max_shard_size: str = Field("2GB", description="The largest safetensors file of an exported dir (save_pretrained's max_shard_size): a whole number and a unit, e.g. 5GB, 500MB, 2GiB; a larger model is split into shards with an index.")
+
+    @model_validator(mode="after")
+    def _size(self):
+        problem = shard_size_problem(self.max_shard_size)
+        if problem:
+            raise ValueError(f"max_shard_size: {problem}")
+        return self
 
 
 class RunConfig(_Strict):

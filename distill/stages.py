@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from common.errors import UserError
 from common.fsutil import atomic_write_json, exclusive_lock
+from distill.blocks import first_blocks
 from distill.config import RunConfig, ScheduleConfig, ServerConfig, StudentConfig
 from distill.data import PackedData, vocab_size_of
 from distill.layout import RunLayout, has_tokenizer
@@ -467,6 +468,9 @@ def _train_students(cfg: RunConfig, resume: bool, progress: bool, data: PackedDa
         views = data_views(cfg, None, data)
         live = remote or live_teacher(cfg, data, resolve_device(cfg.train.device))
         teacher = val_teacher = live
+    learnt_from, probe = teacher_record(cfg, teacher, remote)
+    if resume:  # before the students are built: another teacher costs nothing
+        check_same_teacher(cfg, [s.name for s in cfg.students], learnt_from, probe)
     models = student_models(cfg, data, live.model if live is not None else None)  # init: teacher reuses the loaded model
     if not resume:  # the inputs, students too, check out: now an earlier run may move aside
         claim_out_dir(cfg.layout, overwrite, rank)
@@ -478,9 +482,6 @@ def _train_students(cfg: RunConfig, resume: bool, progress: bool, data: PackedDa
     rhash = run_hash(*identity.values())
     loop = loop_config(cfg, cfg.train.steps, cfg.train.batch_size, rank, world, rhash)
     loop.earlier_run_hashes = earlier_run_hashes(cfg, identity)
-    learnt_from, probe = teacher_record(cfg, teacher, remote)
-    if resume:
-        check_same_teacher(cfg, [s.name for s in students], learnt_from, probe)
     loop.extra_meta = {"run_identity": identity, "data_fingerprint": data.fingerprint, "data_content": data.content,
                        "teacher": str(cfg.layout.teacher.resolve()), "teacher_identity": learnt_from,
                        **({"teacher_probe": probe} if probe is not None else {}),
@@ -539,7 +540,7 @@ def run_all(cfg: RunConfig, resume: bool = True, progress: bool = True, overwrit
     if not is_leader():
         return {}
     stage("export: Hugging Face model dirs -> OUT/students/NAME/export")
-    export_students(cfg, held_out=data.val[: cfg.train.eval_blocks])
+    export_students(cfg, held_out=first_blocks(data.val, cfg.train.eval_blocks))
     stage("eval: held-out metrics, report and plots")
     report = evaluate_run(cfg, progress=progress, data=data)
     stage(f"done: {layout.report_md}")
@@ -557,11 +558,12 @@ def tokenizer_dir(cfg: RunConfig, data: PackedData) -> Path:
     return cfg.layout.tokenizer.resolve()
 
 
-def export_students(cfg: RunConfig, held_out: torch.Tensor | None = None) -> dict[str, Path]:
+def export_students(cfg: RunConfig, held_out=None) -> dict[str, Path]:
     """held_out: (N, T+1) validation blocks, to measure routing without a trained expert bias.
     Each ships the tokenizer its checkpoint names (the one it trained with)."""
     layout = cfg.layout
     return {sc.name: export_checkpoint(layout.student(sc.name), layout.export(sc.name), dtype=cfg.export.dtype,
-                                       held_out=held_out, overwrite=True)  # the run's own dir for it
+                                       held_out=held_out, overwrite=True,  # the run's own dir for it
+                                       max_shard_size=cfg.export.max_shard_size)
             for sc in cfg.students}
 

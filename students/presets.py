@@ -82,8 +82,30 @@ def _llama4_text(
         attn_temperature_tuning=attn_temperature_tuning, floor_scale=floor_scale,
         attn_scale=attn_scale, attn_implementation=attn_implementation,
     )
+    # vLLM reads which layers are MoE from interleave_moe_layer_step alone (transformers from
+    # moe_layers): both are written, so an export loads in either (`align_moe_step`).
+    fields["interleave_moe_layer_step"] = moe_every
     # Raw config fields win (e.g. an explicit moe_layers, no_rope_layers, rope_parameters).
-    return Llama4TextConfig(**fields | extra)
+    config = Llama4TextConfig(**fields | extra)
+    align_moe_step(config)
+    return config
+
+
+def align_moe_step(config) -> str | None:
+    """Make a Llama 4 config's `interleave_moe_layer_step` name the layers its `moe_layers` do,
+    as vLLM reads them (layer i is MoE when step > 0 and (i + 1) % step == 0; transformers reads
+    moe_layers).  None when they agree (or the config is no Llama 4); else why no step can: a
+    student cut to an irregular set of MoE layers loads in transformers but not in vLLM."""
+    moe, n = getattr(config, "moe_layers", None), getattr(config, "num_hidden_layers", 0)
+    if moe is None or not hasattr(config, "interleave_moe_layer_step"):
+        return None
+    moe = sorted(moe)
+    for step in range(0, n + 1):
+        if moe == ([] if step == 0 else list(range(step - 1, n, step))):
+            config.interleave_moe_layer_step = step
+            return None
+    return (f"its MoE layers {moe} of {n} follow no fixed interval: transformers loads it, but vLLM, which "
+            f"takes every interleave_moe_layer_step-th layer as MoE, does not")
 
 
 def scout(

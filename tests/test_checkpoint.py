@@ -2,6 +2,8 @@
 import errno
 import json
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -300,6 +302,26 @@ def test_a_checkpoint_records_what_its_blocks_held_and_one_from_before_still_res
     checkpoint.save(tmp_path / "edited", 1, model, {}, {"run_hash": "h1", "data_content": "abcd", "run_identity": then})
     with pytest.raises(UserError, match=r"made from other data \(its fingerprint f1 -> f2"):
         checkpoint.load(tmp_path / "edited" / "step_00000001", None, "h2", {**then, checkpoint.DATA_KEY: "f2"}, data_content="efgh")
+
+
+def test_a_pruned_step_is_renamed_before_its_files_go(tmp_path, model, monkeypatch):
+    """A reader (`distill export` of a student's dir during the run) sees a step whole or gone:
+    removed in place, its dir outlived its files, and the export failed naming a missing
+    model.safetensors (1 time in 12 in a trial).  A kill mid-removal leaves nothing the next
+    commit does not clear."""
+    students = tmp_path / "students"
+    root = students / "s" / "checkpoints"
+    removed, real = [], shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda p, **kw: (removed.append(Path(p).name) if Path(p).parent == root
+                                                           else None, real(p, **kw))[1])
+    (root / ".pruned-step_00000000").mkdir(parents=True)  # an earlier kill's leftover
+    for step in (1, 2, 3):
+        checkpoint.save(root, step, model, {}, {"run_hash": "h", "student": "s"})
+        checkpoint.commit(students, {"s": step}, keep_last=1)
+    assert [d.name for d in checkpoint.step_dirs(root)] == ["step_00000003"]
+    assert ".pruned-step_00000001" in removed and ".pruned-step_00000002" in removed
+    assert not any(checkpoint.STEP_DIR.match(n) for n in removed), removed  # never a step dir in place
+    assert not list(root.glob(".pruned-*"))
 
 
 def test_an_export_during_training_reads_a_step_the_run_prunes_meanwhile(tmp_path, model, monkeypatch):

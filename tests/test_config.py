@@ -55,6 +55,13 @@ def test_demo_configs_validate(size, tmp_path):
     ("data.seq_len", 2, "data.seq_len"),
     ("students.0.bogus", 1, "students.0.bogus: unknown key"),
     ("train.mode", "telepathic", "train.mode"),
+    # Before 2026-12-05 these passed the config check and failed deep in a run with a traceback:
+    ("cache.encoding", "fp8", "cache.encoding: Input should be 'lossless', 'fp16', 'bf16' or 'compact'"),
+    ("cache.encoding", "sampled", "cache.encoding: Input should be"),
+    ("students.0.optim.betas", [1.5, 2.0], "students.0.optim: betas [1.5, 2.0]: each must be in [0, 1)"),
+    ("train.device", "gpu", "train.device: 'gpu' is no device: write auto, cpu, cuda or cuda:N"),
+    ("students.0.device", "cuda:1x", "students.0.device: 'cuda:1x' is no device"),
+    ("export.max_shard_size", "lots", "export: max_shard_size: 'lots' is not a size"),  # before: ignored
 ])
 def test_bad_values_name_the_key(key, value, expect):
     assert expect in error_of(minimal(**{key: value}))

@@ -134,3 +134,65 @@ def test_a_skipped_step_leaves_no_routing_counts_and_counts_resume_exactly():
     fresh.load_state(counting.state())
     for a, b in zip(moe_modules(counting.model), moe_modules(fresh.model)):
         assert int(a.counts_since_update.sum()) > 0 and torch.equal(a.counts_since_update, b.counts_since_update)
+
+
+def test_a_chat_run_with_the_expert_bias_exports_what_stock_code_and_vllm_load(tmp_path):
+    """The user's path: `distill run` on chat rows (data.packing: documents, the default, so the
+    held-out blocks hold masked ids), a Maverick-style student with the expert bias and a tied
+    dense one, under a base tokenizer whose EOS is not the template's end of turn.  Before: the
+    export's routing measurement read the masked ids as ids (IndexError, exit 1); Maverick's
+    config said MoE every layer to vLLM (interleave_moe_layer_step 1 beside moe_layers [1]);
+    export.max_shard_size was ignored (export.dtype is checked too); the exports' generation configs stopped at EOS only."""
+    import json
+
+    import yaml
+    from transformers import AutoConfig, AutoTokenizer
+
+    from safetensors import safe_open
+
+    from distill.blocks import open_blocks
+    from tests.conftest import run_cli
+    from tests.hf_models import chat_rows, make_tokenizer, save_model, write_jsonl
+
+    make_tokenizer([json.dumps(r) for r in chat_rows()], tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    tok.eos_token = "<|endoftext|>"  # a base model's: chat turns end with <|im_end|>
+    teacher = save_model("llama", len(tok), tmp_path / "teacher", tok, seed=1, hidden_size=32, intermediate_size=64,
+                         num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1)
+    small = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16}
+    cfg = {"out_dir": str(tmp_path / "run"), "seed": 0,
+           "data": {"paths": [str(write_jsonl(chat_rows(), tmp_path / "chat.jsonl"))], "seq_len": 96,
+                    "val_fraction": 0.2},
+           "teacher": {"source": "checkpoint", "path": str(teacher)}, "cache": {"k": 8},
+           "students": [{"name": "mav", "model": {"preset": "maverick", "args": {
+                             **small, "intermediate_size": 32, "intermediate_size_mlp": 64, "num_experts": 4,
+                             "attention_chunk_size": 32}}, "loss": {"bias_update_rate": 0.05}},
+                        {"name": "dense", "model": {"preset": "dense", "args": small}}],
+           "train": {"mode": "online", "steps": 3, "batch_size": 4, "eval_every": 0, "eval_blocks": 4,
+                     "checkpoint_every": 0},
+           "export": {"max_shard_size": "40KB", "dtype": "bf16"}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    r = run_cli("run", "-c", str(tmp_path / "run.yaml"), "--quiet", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[export] mav: the trained expert bias is dropped" in r.stderr and "held-out tokens route" in r.stderr
+    val = open_blocks(next((tmp_path / "run" / "data").glob("blocks-*")))["val"][:4]
+    assert bool((val < 0).any()), "no masked id among the held-out blocks: the test shows nothing"
+    end, eos = tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id
+    for name in ("mav", "dense"):
+        out = tmp_path / "run" / "students" / name / "export"
+        assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").exists()
+        assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [eos, end]
+        with safe_open(str(next(out.glob("model-*.safetensors"))), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # export.dtype
+    config = AutoConfig.from_pretrained(str(tmp_path / "run" / "students" / "mav" / "export"))
+    step = config.interleave_moe_layer_step  # vLLM's rule: layer i is MoE when step > 0 and (i + 1) % step == 0
+    assert [i for i in range(config.num_hidden_layers) if step > 0 and (i + 1) % step == 0] == config.moe_layers == [1]
+    # the standalone export reads the run's held-out blocks itself
+    r = run_cli("export", str(tmp_path / "run" / "students" / "mav"), "--out", str(tmp_path / "again"),
+                "--max-shard-size", "5000KB")
+    assert r.returncode == 0 and "held-out tokens route" in r.stderr, r.stderr[-3000:]
+    assert (tmp_path / "again" / "model.safetensors").exists()  # one file under 5 MB
+    r = run_cli("export", str(tmp_path / "run" / "students" / "mav"), "--out", str(tmp_path / "bad"),
+                "--max-shard-size", "lots")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "error: --max-shard-size: 'lots' is not a size: write a whole number and a unit, e.g. 5GB, 500MB or 2GiB")

@@ -154,3 +154,41 @@ def test_exact_match_strips_whitespace_and_drops_eos(models):
     assert stats["mean_length"] == sum(map(len, completions)) / 4
     no_answers = completion_stats(completions, [Prompt([1], "")] * 4, tok)  # data without answers
     assert set(no_answers) == {"mean_length"}
+
+
+def test_generation_stops_at_the_chat_templates_end_of_turn(tmp_path):
+    """A base tokenizer (EOS <|endoftext|>) under a ChatML template, as Qwen's base models
+    ship: chat students learn to end turns with <|im_end|>, so eval's and on-policy's
+    generation stop there too (before: only at EOS, every completion ran to max_new_tokens,
+    skewing exact match, mean length and the teacher's reverse KL).  A tokenizer whose EOS is
+    the end of turn, or that has no template, stops at EOS alone."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from distill.chat import stop_ids
+    from distill.report.generation import GenSettings, generate
+    from students.build import load_causal_lm
+    from tests.hf_models import make_tokenizer, save_model
+
+    chat = make_tokenizer([json.dumps(r) for r in chat_rows()], tmp_path / "chatml")
+    end = chat.convert_tokens_to_ids("<|im_end|>")
+    assert stop_ids(chat) == [end]  # EOS is the end of turn
+    base = AutoTokenizer.from_pretrained(str(tmp_path / "chatml"))
+    base.eos_token = "<|endoftext|>"
+    assert stop_ids(base) == [base.eos_token_id, end]
+    base.chat_template = None
+    assert stop_ids(base) == [base.eos_token_id]
+    base = AutoTokenizer.from_pretrained(str(tmp_path / "chatml"))
+    base.eos_token = "<|endoftext|>"
+    model = load_causal_lm(save_model("llama", len(base), tmp_path / "m", base, hidden_size=32, intermediate_size=64,
+                                      num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1))
+    head = torch.nn.Linear(32, len(base), bias=True)  # every position's argmax: <|im_end|>
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[end] = 10.0
+    model.lm_head = head
+    text = base.apply_chat_template([{"role": "user", "content": "2 + 2?"}], add_generation_prompt=True, tokenize=False)
+    prompts = [base.encode(text, add_special_tokens=False)]
+    assert generate(model, prompts, base, GenSettings(6, 1.0, 1.0, 0)) == [[end]]
+    assert generate(model, prompts, base, GenSettings(6, 1.0, 1.0, 0), sample_seed=1) == [[end]]

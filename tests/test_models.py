@@ -490,3 +490,20 @@ def test_presets_take_raw_config_fields_and_reject_typos():
         PRESETS["scout"](num_expert=4)
     with pytest.raises(TypeError, match="moe_layers"):
         PRESETS["dense"](moe_layers=[0])
+
+
+def test_llama4_configs_name_their_moe_layers_as_vllm_reads_them():
+    """vLLM takes layer i as MoE when interleave_moe_layer_step > 0 and (i + 1) % step == 0;
+    transformers reads moe_layers.  Every preset writes both alike; a config whose moe_layers
+    no step can name (a student cut to irregular MoE layers) is said to be unservable."""
+    from students.presets import align_moe_step, dense_llama4, maverick, scout
+
+    for make, step in ((scout, 1), (maverick, 2), (dense_llama4, 0)):
+        c = make(num_layers=6)
+        assert c.interleave_moe_layer_step == step
+        assert [i for i in range(6) if step > 0 and (i + 1) % step == 0] == c.moe_layers
+    old = maverick(num_layers=6)
+    old.interleave_moe_layer_step = 1  # as exports made before 2026-12-05 said
+    assert align_moe_step(old) is None and old.interleave_moe_layer_step == 2
+    old.moe_layers = [0, 3]
+    assert "follow no fixed interval" in align_moe_step(old)

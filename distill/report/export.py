@@ -21,8 +21,11 @@ import torch
 
 from common.errors import UserError
 from common.fsutil import describe_os_error, publish_dir, writable_temp_dir, write_error
+from distill.chat import stop_ids
+from distill.config import shard_size_problem
 from distill.layout import has_tokenizer
 from distill.train import checkpoint
+from students.presets import align_moe_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -81,14 +84,17 @@ def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size
                 files: dict[str, str] | None = None) -> Path:
     """save_pretrained + tokenizer + generation config (+ README.md), atomically.
 
-    generation_config: kept as given (a pretrained student's own), plus the tokenizer's EOS as a
-    stop id (completions were trained to end with it); default: EOS and 64 new tokens.
+    generation_config: kept as given (a pretrained student's own), plus the tokenizer's stop ids
+    (`distill.chat.stop_ids`: EOS, and the chat template's end of turn where it is another token;
+    completions and turns were trained to end with them); default: those and 64 new tokens.
     state_dict: the weights to save when the model holds only partitions of them (ZeRO-3).
     files: more text files (name: text) to publish in the same rename."""
     from transformers import GenerationConfig
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if shard_size_problem(max_shard_size):
+        raise UserError(f"--max-shard-size: {shard_size_problem(max_shard_size)}")
     out = Path(out)
     tmp = writable_temp_dir(out)
     try:
@@ -98,7 +104,8 @@ def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size
             state_dict = {k: v.to(DTYPES[dtype]) for k, v in state_dict.items()}
         model.save_pretrained(str(tmp), max_shard_size=max_shard_size, safe_serialization=True, state_dict=state_dict)
         if generation_config is not None:
-            _stop_at(generation_config, tokenizer.eos_token_id if tokenizer is not None else None)
+            for stop in stop_ids(tokenizer) if tokenizer is not None else []:
+                _stop_at(generation_config, stop)
             generation_config.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -106,7 +113,9 @@ def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size
         if tokenizer is not None and generation_config is None:
             eos = tokenizer.eos_token_id
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-            GenerationConfig(eos_token_id=eos, bos_token_id=tokenizer.bos_token_id, pad_token_id=pad,
+            stops = stop_ids(tokenizer)  # EOS, and a chat template's end of turn where it is another token
+            GenerationConfig(eos_token_id=stops[0] if len(stops) == 1 else stops or None,
+                             bos_token_id=tokenizer.bos_token_id, pad_token_id=pad,
                              max_new_tokens=64).save_pretrained(str(tmp))
         if card is not None:
             (tmp / "README.md").write_text(card)
@@ -211,8 +220,8 @@ def _find_tokenizer_dir(ckpt: Path, meta: dict) -> Path | None:
     return None
 
 
-def _held_out_blocks(ckpt: Path, meta: dict, n: int = 32) -> torch.Tensor | None:
-    """The run's first `n` validation blocks (N, T+1), found from the checkpoint's run dir."""
+def _held_out_blocks(ckpt: Path, meta: dict, n: int = 32):
+    """The run's first `n` validation blocks (`Blocks`, (N, T+1)), found from the checkpoint's run dir."""
     from distill.layout import RunLayout
 
     if len(ckpt.parents) < 4 or "data_fingerprint" not in meta:
@@ -220,16 +229,18 @@ def _held_out_blocks(ckpt: Path, meta: dict, n: int = 32) -> torch.Tensor | None
     packed = RunLayout(ckpt.parents[3]).packed_blocks(meta["data_fingerprint"])  # OUT/students/NAME/checkpoints/step_N
     if not (packed / "manifest.json").exists():
         return None
-    from distill.blocks import open_blocks
+    from distill.blocks import first_blocks, open_blocks
 
-    return open_blocks(packed)["val"][:n]
+    return first_blocks(open_blocks(packed)["val"], n)
 
 
 @torch.no_grad()
-def routing_note(model, biases: list[torch.Tensor], held_out: torch.Tensor | None, batch_size: int = 8) -> dict:
-    """What dropping the expert bias does: share of held-out tokens (blocks (N, T+1)) for
-    which some MoE layer picks another expert without it, router inputs from the model
-    with the bias.  {} when the bias is zero everywhere (nothing is lost)."""
+def routing_note(model, biases: list[torch.Tensor], held_out, batch_size: int = 8) -> dict:
+    """What dropping the expert bias does: share of held-out tokens (blocks (N, T+1), `Blocks`
+    or a tensor, signed ids) for which some MoE layer picks another expert without it, router
+    inputs from the model with the bias, each packed row read alone (its position ids).  {} when
+    the bias is zero everywhere (nothing is lost)."""
+    from distill.blocks import block_positions
     from students.sparse_moe import enable_sparse_moe, routing_changes_without_bias, set_expert_biases
 
     if not any(bool(b.abs().sum()) for b in biases):
@@ -243,7 +254,10 @@ def routing_note(model, biases: list[torch.Tensor], held_out: torch.Tensor | Non
     set_expert_biases(model, biases)
     changed, per_layer, n = 0, 0, 0
     for start in range(0, len(held_out), batch_size):
-        model.model(input_ids=held_out[start:start + batch_size, :-1])
+        rows = slice(start, min(start + batch_size, len(held_out)))
+        x = held_out[rows][:, :-1]  # (B, T): a masked (untrained) position's id is stored as -(id + 1)
+        pos = block_positions(held_out, rows)
+        model.model(input_ids=torch.where(x < 0, -x - 1, x), position_ids=None if pos is None else pos[:, :-1])
         tokens, layers = routing_changes_without_bias(model)  # (N,) bool, (L,) counts
         changed, per_layer, n = changed + int(tokens.sum()), per_layer + layers, n + tokens.numel()
     set_expert_biases(model, [torch.zeros_like(b) for b in biases])  # export what stock code will run
@@ -301,13 +315,14 @@ def check_export_target(out: Path, meta: dict, overwrite: bool, source: Path | N
 
 
 def export_checkpoint(path: Path, out: Path, dtype: str = "fp32", tokenizer_dir: Path | None = None,
-                      metrics: dict | None = None, held_out: torch.Tensor | None = None,
-                      overwrite: bool = False) -> Path:
+                      metrics: dict | None = None, held_out=None,
+                      overwrite: bool = False, max_shard_size: str = "2GB") -> Path:
     """`distill export`: checkpoint (or student dir) -> Hugging Face model dir at `out`.
 
-    held_out: validation blocks (N, T+1) to measure routing without the expert bias on
+    held_out: validation blocks (N, T+1), `Blocks` or a tensor, to measure routing without the expert bias on
     (default: the run's own, found from the checkpoint's run dir).  overwrite: replace `out`
-    whatever it holds (else only an earlier export of this student; `check_export_target`)."""
+    whatever it holds (else only an earlier export of this student; `check_export_target`).
+    max_shard_size: the largest safetensors file (save_pretrained's), e.g. "5GB"."""
     from transformers import AutoTokenizer
 
     # A run in progress commits newer steps and prunes older ones (train.keep_last) while this
@@ -337,7 +352,10 @@ def export_checkpoint(path: Path, out: Path, dtype: str = "fp32", tokenizer_dir:
                     f"least one MoE layer" if isinstance(share, float) else share)
         print(f"[export] {name}: the trained expert bias is {note['expert_bias']}; without it {measured}",
               file=sys.stderr, flush=True)
-    save_hf_dir(model, tokenizer, out, dtype=dtype, card=model_card(name, meta, metrics),
+    unservable = align_moe_step(model.config)  # vLLM reads the MoE layers from another field than transformers
+    if unservable:
+        print(f"[export] {name}: {unservable}", file=sys.stderr, flush=True)
+    save_hf_dir(model, tokenizer, out, dtype=dtype, max_shard_size=max_shard_size, card=model_card(name, meta, metrics),
                 generation_config=_source_generation_config(meta),
                 files={"distill_meta.json": json.dumps(meta, indent=2, default=str)})  # published with the weights
     return Path(out)

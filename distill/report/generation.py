@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.chat import PLAIN
+from distill.chat import PLAIN, cut_at_stop, stop_ids
 from distill.config import OnPolicyConfig, RunConfig
 from distill.data import _doc_in_val, documents_under, vocab_size_of
 from distill.train.on_policy import Prompt, _unit, prompt_of
@@ -67,12 +67,13 @@ def held_out_prompts(cfg: RunConfig, tok, n: int) -> list[Prompt]:
 
 
 def generate(model, prompts: list[list[int]], tok, s: GenSettings, sample_seed: int | None = None) -> list[list[int]]:
-    """Each prompt's completion ids, cut after its first EOS (kept).  sample_seed None:
-    greedy; else sampled at s.temperature / s.top_p on an RNG stream of its own."""
+    """Each prompt's completion ids, cut after its first stop id (EOS, or a chat template's
+    end of turn: `stop_ids`; kept).  sample_seed None: greedy; else sampled at s.temperature /
+    s.top_p on an RNG stream of its own."""
     from transformers import GenerationConfig
 
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    eos = stop_ids(tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     device = next(model.parameters()).device
     extra = model.get_input_embeddings().weight.shape[0]  # padded embedding rows: never generated
     suppress = list(range(vocab_size_of(tok), extra)) or None
@@ -100,7 +101,7 @@ def generate(model, prompts: list[list[int]], tok, s: GenSettings, sample_seed: 
             new = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  generation_config=config)[:, longest:].cpu()  # (B, <= max_new_tokens)
             for row in new.tolist():
-                out.append(row[: row.index(eos) + 1] if eos in row else row)
+                out.append(cut_at_stop(row, eos))
     model.train(was_training)
     return out
 

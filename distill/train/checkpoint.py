@@ -128,8 +128,15 @@ def commit(students_dir: Path, steps: dict[str, int], keep_last: int) -> None:
         kept = [d for d in step_dirs(root) if step_of(d) <= step][-keep_last:]
         for old in step_dirs(root):
             if old not in kept:
-                shutil.rmtree(old, ignore_errors=True)
+                # Renamed first, so a reader (`distill export` during the run) sees the step whole or
+                # gone, never its dir without its files; a kill mid-removal leaves a .pruned- dir.
+                gone = root / f".pruned-{old.name}"
+                shutil.rmtree(gone, ignore_errors=True)
+                old.rename(gone)
+                shutil.rmtree(gone, ignore_errors=True)
                 shutil.rmtree(root / "deepspeed" / old.name, ignore_errors=True)  # the same tag
+        for left in root.glob(".pruned-*"):  # an earlier kill's
+            shutil.rmtree(left, ignore_errors=True)
 
 
 def earlier_checkpoints(students_dir: Path) -> dict[str, int]:

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from common.errors import UserError
-from distill.chat import PLAIN
+from distill.chat import PLAIN, cut_at_stop, stop_ids
 from distill.config import LossConfig, OnPolicyConfig, RunConfig
 from distill.data import _doc_in_val, documents_under, vocab_size_of
 from distill.train.loop import LoopConfig
@@ -115,8 +115,8 @@ class OnPolicySource:
         if self.per_step % (loop.grad_accum * loop.world_size):
             raise UserError(f"train.on_policy.prompts_per_step={self.per_step} must be divisible by grad_accum "
                             f"({loop.grad_accum}) x data-parallel ranks ({loop.world_size})")
-        self.eos = tokenizer.eos_token_id
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self.eos = stop_ids(tokenizer)  # EOS, and a chat template's end of turn
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.vocab = vocab_size_of(tokenizer)
 
     def members(self, step: int, students: list[Student]) -> list[Student]:
@@ -206,9 +206,7 @@ class OnPolicySource:
         new = out[:, longest:].cpu()  # (B, <= max_new_tokens), pad after a row's EOS
         blocks = torch.full((len(prompts), width), int(untrained(torch.tensor(self.pad))), dtype=torch.long)
         for r, p in enumerate(prompts):
-            c = new[r].tolist()
-            if self.eos in c:
-                c = c[: c.index(self.eos) + 1]
+            c = cut_at_stop(new[r].tolist(), self.eos)
             row = torch.cat([untrained(torch.tensor(p)), torch.tensor(c, dtype=torch.long)])
             blocks[r, : len(row)] = row
         return blocks
