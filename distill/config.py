@@ -762,7 +762,7 @@ def check_inputs_exist(cfg: RunConfig) -> None:
     if cfg.train.deepspeed_config is not None and not cfg.train.deepspeed_config.is_file():
         raise UserError(f"train.deepspeed_config: {cfg.train.deepspeed_config} does not exist")
     if cfg.train.engine == "deepspeed" and cfg.train.deepspeed_config is not None:
-        _check_deepspeed_json(cfg.train)
+        _check_deepspeed_json(cfg.train, cfg.students)
 
 
 def deepspeed_bf16(train: TrainConfig) -> bool:
@@ -772,10 +772,11 @@ def deepspeed_bf16(train: TrainConfig) -> bool:
     return train.precision == "bf16" or (train.precision == "auto" and torch.cuda.is_available())
 
 
-def _check_deepspeed_json(train) -> None:
+def _check_deepspeed_json(train, students) -> None:
     """The ds_config JSON and the YAML must not disagree on what both can say: a JSON stage
-    silently beat `--set train.zero_stage=3`, and its bf16 silently made a CPU run's weights
-    bf16 (train.precision auto is fp32 there)."""
+    silently beat `--set train.zero_stage=3`, its bf16 silently made a CPU run's weights
+    bf16 (train.precision auto is fp32 there), and its gradient_clipping silently beat a
+    student's optim.grad_clip."""
     ds = train.deepspeed_config
     try:
         raw = json.loads(ds.read_text())
@@ -783,6 +784,12 @@ def _check_deepspeed_json(train) -> None:
         bf16 = raw.get("bf16", {}).get("enabled")
     except (OSError, ValueError, AttributeError) as e:
         raise UserError(f"train.deepspeed_config: {ds} is not a JSON object ({type(e).__name__}: {e})") from None
+    clip = raw.get("gradient_clipping")
+    for i, sc in enumerate(students):
+        if clip is not None and "grad_clip" in sc.optim.model_fields_set and sc.optim.grad_clip != clip:
+            raise UserError(f"students.{i}.optim.grad_clip is {sc.optim.grad_clip:g} but train.deepspeed_config {ds} "
+                            f"sets gradient_clipping {clip}; set it in one place (remove it from the JSON to let "
+                            f"each student's optim.grad_clip choose)")
     stage = zero.get("stage", train.zero_stage)
     if stage == 0:
         raise UserError(f"train.deepspeed_config: {ds}: zero_optimization.stage 0 is refused: {STAGE_0}")

@@ -195,9 +195,9 @@ def test_an_error_in_a_set_value_is_blamed_on_set_not_the_file(tmp_path):
 
 
 def test_a_deepspeed_json_that_disagrees_with_the_yaml_is_refused(tmp_path):
-    """A ds_config JSON's stage silently beat `--set train.zero_stage=3`, and its bf16 silently
-    made a CPU run's weights bf16 (train.precision auto is fp32 there); both are refused
-    naming both places.  What the YAML leaves unsaid, the JSON may say."""
+    """A ds_config JSON's stage silently beat `--set train.zero_stage=3`, its bf16 silently
+    made a CPU run's weights bf16 (train.precision auto is fp32 there), and its
+    gradient_clipping a student's optim.grad_clip; each is refused naming both places.  What the YAML leaves unsaid, the JSON may say."""
     import torch
 
     from distill.config import check_inputs_exist
@@ -224,6 +224,17 @@ def test_a_deepspeed_json_that_disagrees_with_the_yaml_is_refused(tmp_path):
         with pytest.raises(UserError, match=r"sets bf16.enabled true but train.precision is auto \(auto: fp32 "
                                             r"without a GPU\); set train.precision: bf16"):
             check('{"bf16": {"enabled": true}}')
+    # a student's grad_clip: the JSON's gradient_clipping beat it silently (setdefault)
+    check('{"gradient_clipping": 0.5}')  # unsaid in the YAML: the JSON's
+    ds.write_text('{"gradient_clipping": 0.5}')
+    raw = minimal()
+    raw["train"] = {"engine": "deepspeed", "deepspeed_config": str(ds)}
+    raw["students"][0]["optim"] = {"grad_clip": 0.5}
+    check_inputs_exist(parse_config(raw))
+    raw["students"][0]["optim"] = {"grad_clip": 2.0}
+    with pytest.raises(UserError, match=rf"^students.0.optim.grad_clip is 2 but train.deepspeed_config {ds} sets "
+                                        r"gradient_clipping 0.5; set it in one place"):
+        check_inputs_exist(parse_config(raw))
 
 
 def test_readme_job_examples_validate():
