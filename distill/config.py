@@ -229,6 +229,9 @@ class TeacherConfig(_Strict):
     def _source_fields(self):
         if self.source == "preset" and (self.model is None or self.model.preset is None):
             raise ValueError("teacher.model.preset is required when teacher.source is 'preset'")
+        if self.model is not None and self.source != "preset":  # before: accepted and never read
+            raise ValueError(f"teacher.model is the architecture of a preset teacher (source: preset); a "
+                             f"{self.source} teacher's is its own, so remove teacher.model")
         if (self.source == "server") != (self.server is not None):
             raise ValueError("teacher.server (url, model) is required when teacher.source is 'server', and only then")
         if self.source == "server" and self.sharding != "none":
@@ -268,7 +271,7 @@ class OnPolicyConfig(_Strict):
     judgement of their own samples, one teacher forward per step for every student."""
 
     share: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig(start=0.0, end=0.0), description="Share of steps taken on-policy, a schedule over training: at each step one seeded draw u in [0, 1) (the same for every student and rank) makes the step on-policy for a student when u < share(step); the other steps train on the corpus as without this section. Constant 0 (the default) is off; `{kind: linear, start: 0, end: 1}` goes from off-policy to on-policy.")
-    max_new_tokens: int = Field(64, ge=1, le=65_536, description="Most tokens a student samples per prompt (it stops earlier at EOS).")
+    max_new_tokens: int = Field(64, ge=1, le=65_536, description="Most tokens a student samples per prompt (it stops earlier at EOS, or at the chat template's end of turn).")
     temperature: float = Field(1.0, gt=0.0, le=100.0, description="Sampling temperature; the teacher scores the samples at it too (the on-policy loss's temperature).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set of tokens with this much probability (1.0: the whole vocabulary).")
     prompts_per_step: int | None = Field(None, ge=1, description="Prompts per on-policy step (global, every rank's share together); each student samples one completion per prompt. null: train.batch_size.")

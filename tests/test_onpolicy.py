@@ -303,3 +303,25 @@ def test_a_student_with_another_tokenizer_is_refused_in_an_on_policy_run(op, tmp
     assert "Traceback" not in r.stderr, r.stderr[-2000:]  # (data preparation says its own line first)
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: student b: its tokenizer") and f"({other}) is not the run's" in last, last
+
+
+@pytest.mark.parametrize("key, value", [("temperature", 0.3), ("top_p", 0.3), ("prompts_per_step", 1),
+                                        ("divergence", "forward_kl"), ("divergence", "jsd")])
+def test_each_on_policy_option_changes_the_run(op, spy, tmp_path, key, value):
+    """Every on-policy step, the base run against one with `key` changed: its student ends
+    elsewhere (before, only the API-level RowSampler saw temperature and top_p, and the
+    divergences only a student equal to the teacher, where every one is 0), and the same
+    config run again ends bit for bit where the base did: what an ignored key would give."""
+    base = _raw(op, tmp_path / "base", [_dense("a")], ALWAYS, steps=2)
+    _train(base)
+    _train(_raw(op, tmp_path / "again", [_dense("a")], ALWAYS, steps=2))
+    changed = _raw(op, tmp_path / "changed", [_dense("a")], ALWAYS, steps=2)
+    changed["train"]["on_policy"][key] = value
+    _train(changed)
+    ref = _weights(tmp_path / "base", "a", 2)
+    assert all(torch.equal(_weights(tmp_path / "again", "a", 2)[k], ref[k]) for k in ref)
+    got = _weights(tmp_path / "changed", "a", 2)
+    assert max(float((got[k] - ref[k]).abs().max()) for k in ref) > 1e-4, f"on_policy.{key} was ignored"
+    if key == "prompts_per_step":  # 1 prompt a step, not batch_size's 2
+        rows = [json.loads(l) for l in (tmp_path / "changed" / "students" / "a" / "metrics.jsonl").read_text().splitlines()]
+        assert [r.get("samples") for r in rows if r.get("kind", "train") == "train"] == [1, 1], rows
