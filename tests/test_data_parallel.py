@@ -125,16 +125,28 @@ def test_two_ranks_train_the_weights_one_process_trains(launched, launcher, grad
             assert abs(a["teacher_nll"] - b["teacher_nll"]) < 1e-4 * abs(b["teacher_nll"]), (a, b)
             if name == "moe":
                 assert abs(a["balance_loss"] - b["balance_loss"]) < 1e-4, (a, b)
+    if launcher.startswith("zero"):  # the stage asked for, as DeepSpeed's own optimiser state says
+        saved = out / "students" / "dense" / "checkpoints" / "deepspeed" / f"step_{STEPS:08d}"
+        parts = sorted(saved.glob("*zero_pp_rank_*optim_states.pt"))
+        assert len(parts) == 2, parts  # one per rank
+        for part in parts:
+            state = torch.load(part, map_location="cpu", weights_only=False)
+            assert int(state["optimizer_state_dict"]["zero_stage"]) == int(launcher[-1]), part
 
 
-def test_deepspeed_on_one_process_without_a_launcher_trains_the_same_weights(launched):
+@pytest.mark.parametrize("stage", [1, 3])
+def test_deepspeed_on_one_process_without_a_launcher_trains_the_same_weights(launched, stage):
     """`train.engine: deepspeed` with no launcher (one GPU with ZeRO offload, say) failed in
     DeepSpeed's MPI discovery (no mpi4py) with a traceback; it now runs as a group of one and
-    trains the weights the torch engine does."""
-    out, ref = launched("single-zero3", 2), launched("single", 2)
+    trains the weights the torch engine does, at the ZeRO stage asked for (DeepSpeed's own
+    optimiser state records it; stage 2 runs under both launchers above)."""
+    out, ref = launched(f"single-zero{stage}", 2), launched("single", 2)
     for name, tolerance in (("dense", 1e-5), ("moe", 5e-5)):
         diff = rel_diff(weights(out, name), weights(ref, name))
         assert diff < tolerance, (name, diff)
+        saved = out / "students" / name / "checkpoints" / "deepspeed" / f"step_{STEPS:08d}"
+        state = torch.load(next(saved.glob("*zero_pp_rank_0_*optim_states.pt")), map_location="cpu", weights_only=False)
+        assert int(state["optimizer_state_dict"]["zero_stage"]) == stage
 
 
 def test_zero3_resume_after_a_kill_and_export_to_stock_transformers(launched, dp_config, tmp_path):
