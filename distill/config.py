@@ -204,6 +204,13 @@ class StudentConfig(_Strict):
 
     _device = field_validator("device")(_device)
 
+    @model_validator(mode="after")
+    def _init_layers_used(self):
+        if self.init_layers is not None and self.init != "teacher" and self.model.from_teacher is None:
+            raise ValueError("init_layers names the teacher layers a student copies (init: teacher) or is cut to "
+                             "(model.from_teacher); with neither it would be ignored: set init: teacher, or remove it")
+        return self
+
 
 class ServerConfig(_Strict):
     """A teacher served by vLLM's OpenAI-compatible server (teachers/server.py).  The top-k it

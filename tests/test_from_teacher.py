@@ -81,7 +81,9 @@ def cut_run(hf_family, stdlib_corpus, tmp_path_factory):
            "teacher": {"source": "checkpoint", "path": str(hf_family["teacher"])}, "cache": {"k": 8},
            "students": [{"name": "full", "model": {"from_teacher": {}}, "init": "teacher", "optim": tiny_lr},
                         {"name": "cut", "model": {"from_teacher": {"num_layers": 2, "layers": "auto"}},
-                         "init": "teacher", "optim": {"lr": 1e-2, "warmup_steps": 0}}],
+                         "init": "teacher", "optim": {"lr": 1e-2, "warmup_steps": 0}},
+                        {"name": "picked", "model": {"from_teacher": {"num_layers": 2}}, "init": "teacher",
+                         "init_layers": [1, 2], "optim": tiny_lr}],  # auto would keep [0, 2]
            "train": {"mode": "online", "steps": 2, "batch_size": 2, "eval_every": 0, "eval_blocks": 2}}
     (work / "run.yaml").write_text(yaml.safe_dump(cfg))
     r = run_cli("run", "-c", str(work / "run.yaml"), "--quiet", timeout=300)
@@ -125,6 +127,21 @@ def test_full_depth_cut_over_the_cli_matches_the_teacher(cut_run, hf_family):
     # a cut of the teacher generates as the teacher does: its generation config (stop ids, defaults)
     assert GenerationConfig.from_pretrained(str(export)).to_dict() == \
         GenerationConfig.from_pretrained(str(hf_family["teacher"])).to_dict()
+
+
+def test_init_layers_picks_the_teacher_layers_a_cut_student_keeps(cut_run, hf_family):
+    """students.N.init_layers [1, 2]: the student's layers 0 and 1 are the teacher's 1 and 2 (auto keeps [0, 2])."""
+    from safetensors.torch import load_file
+
+    report = json.loads((cut_run / "report.json").read_text())["students"]
+    assert report["picked"]["init"]["layers"] == [1, 2] and report["cut"]["init"]["layers"] == [0, 2]
+    got = load_file(str(cut_run / "students" / "picked" / "export" / "model.safetensors"))
+    teacher = {}
+    for f in sorted(hf_family["teacher"].glob("*.safetensors")):
+        teacher |= load_file(str(f))
+    for mine, theirs in ((0, 1), (1, 2)):
+        key = "model.layers.{}.self_attn.q_proj.weight"
+        torch.testing.assert_close(got[key.format(mine)], teacher[key.format(theirs)], rtol=0, atol=1e-6)
 
 
 def test_cut_student_trains_and_the_report_says_what_was_chosen(cut_run, hf_family):
