@@ -405,3 +405,17 @@ def test_old_checkpoints_keep_their_run_identity():
     later = ("select", "on_policy_share")
     assert student_identity(sc) == {k: v for k, v in sc.model_dump(mode="json").items() if k not in later}
     assert student_identity(StudentConfig(name="s", model={"preset": "dense"}, select={"keep_hardest": 0.5}))["select"]
+
+
+@pytest.mark.parametrize("temperature", [0.001, 0.5, 50.0])
+def test_rescore_temperature_sets_how_sharply_the_hard_blocks_are_preferred(temperature):
+    """Weights = 3/4 softmax(gap / rescore_temperature) + 1/4 uniform: near 0 the hardest block
+    takes the whole 3/4 (0.78 with its uniform share), at 50 the draw is all but uniform."""
+    gaps = torch.tensor([0.1, 0.1, 2.0, 0.1, 0.5, 0.1, 0.1, 0.1], dtype=torch.float64)
+    view = _dynamic_view(temperature=temperature)
+    view.record(list(range(8)), gaps.float())
+    view.reweigh(2)
+    want = 0.75 * torch.softmax(gaps.float().double() / temperature, dim=0) + 0.25 / 8
+    torch.testing.assert_close(view.weights, want)
+    top = float(view.weights[2])
+    assert {0.001: top == pytest.approx(0.78125), 0.5: 0.55 < top < 0.7, 50.0: top < 0.14}[temperature], top
