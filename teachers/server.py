@@ -38,6 +38,7 @@ began with (`probe_drift`), and refuses a server that now answers as another mod
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
@@ -75,6 +76,8 @@ class ServerTeacher:
         self.reads = 0
         self._ahead: dict[tuple, tuple[torch.Tensor, Future]] = {}  # prefetched batches: indices -> (ids, work)
         self.probe: dict | None = None  # {"ids", "nll"}: the handshake's probe and the served model's answer
+        self.padded_positions = 0  # positions whose top-k held a padded id (parse_prompt_logprobs)
+        self._count_lock = threading.Lock()
 
     # ------------------------------------------------------------------ the protocol
 
@@ -176,7 +179,25 @@ class ServerTeacher:
             self.budget.release(n)
 
     def _reader(self, prompt: list[int]):
-        return lambda reply: parse_prompt_logprobs(reply, prompt, self.k, self.vocab_size)
+        def read(reply: dict):
+            padded: list[int] = []
+            out = parse_prompt_logprobs(reply, prompt, self.k, self.vocab_size, padded)
+            if padded[0]:
+                self._padded_positions(padded[0])
+            return out
+        return read
+
+    def _padded_positions(self, n: int) -> None:
+        """Positions left without a soft target because the server ranked a padded id in their
+        top-k; said once (the first time), counted always (`padded_positions`)."""
+        with self._count_lock:
+            first = self.padded_positions == 0
+            self.padded_positions += n
+        if first:
+            print(f"[teacher] the served model ranks token ids past the tokenizer's {self.vocab_size} (its vocab is "
+                  f"padded past it) in the top-{self.k} of some positions: those positions get no soft target "
+                  f"(counted as the teacher's non-finite tokens); a trained model rarely does this, a random "
+                  f"one often", file=sys.stderr, flush=True)
 
     def _body(self, prompt: list[int]) -> dict:
         # temperature 1 and no sampling processors: raw and processed log-probs coincide.  No `seed`:
@@ -209,7 +230,8 @@ class ServerTeacher:
         # The probe: the served model's own fingerprint (`self.probe`), its values the checks below.
         probe = (tokenizer.encode("\n".join(PROBES), add_special_tokens=False) + [0, 0])[:min(PROBE_TOKENS, seq_len + 1)]
         try:
-            vals, _, stats = self.client.request("/v1/completions", self._body(probe), read=self._reader(probe))
+            vals, _, stats = self.client.request(  # padded ids here are said by the run, not by its checks
+                "/v1/completions", self._body(probe), read=lambda r: parse_prompt_logprobs(r, probe, self.k, self.vocab_size))
         except ServerRefused as e:
             raise UserError(f"cache.k: the server refused {self.k} prompt log-probs per position ({e}); restart it "
                             f"with --max-logprobs {self.k} (or more), or lower cache.k") from None
@@ -301,9 +323,14 @@ def check_probe(then: dict | None, now: dict | None, tolerance: float, who: str,
                         f"{tolerance:g}); {fix}")
 
 
-def parse_prompt_logprobs(reply: dict, prompt: list[int], k: int, vocab_size: int):
+def parse_prompt_logprobs(reply: dict, prompt: list[int], k: int, vocab_size: int, padded: list | None = None):
     """A /v1/completions reply with prompt_logprobs -> (values (T, k) fp32, ids (T, k) int64,
-    difficulty (T, 3) fp32) for the T = len(prompt) - 1 positions after the first."""
+    difficulty (T, 3) fp32) for the T = len(prompt) - 1 positions after the first.
+
+    A position whose top-k ranks an id past the tokenizer's `vocab_size` (a model whose vocab
+    is padded past its tokenizer, Llama 4's and Qwen's; the server cannot cut those rows, as an
+    in-process teacher does) is left invalid (NaN: no soft target there), and counted into
+    `padded` (a list: the count of this reply is appended)."""
     try:
         per_pos = reply["choices"][0]["prompt_logprobs"]
     except (KeyError, IndexError, TypeError):
@@ -311,7 +338,7 @@ def parse_prompt_logprobs(reply: dict, prompt: list[int], k: int, vocab_size: in
     got = len(per_pos or ())
     if got != len(prompt):  # a request vLLM aborted (it is stopping) comes back cut short
         raise IncompleteReply(f"log-probs for {got} positions of a {len(prompt)}-token prompt")
-    t = len(prompt) - 1
+    t, past = len(prompt) - 1, 0
     vals = torch.full((t, k), float("nan"))
     ids = torch.zeros((t, k), dtype=torch.int64)
     actual = torch.full((t,), float("nan"), dtype=torch.float64)
@@ -321,15 +348,16 @@ def parse_prompt_logprobs(reply: dict, prompt: list[int], k: int, vocab_size: in
                         key=lambda item: item[1]["rank"])[:k]
         if len(ranked) < k:  # a position the server could not score fully: flagged invalid below (NaN)
             continue
-        if ranked[-1][0] >= vocab_size or max(i for i, _ in ranked) >= vocab_size:
-            raise TeacherUnavailable(f"teacher server ranked token id {max(i for i, _ in ranked)} in the top-{k}, "
-                                     f"beyond the run's {vocab_size}-token tokenizer (a padded vocab the server "
-                                     f"does not cut); serve the model with a vocab of the tokenizer's size")
+        if max(i for i, _ in ranked) >= vocab_size:  # a padded id: invalid too (docstring)
+            past += 1
+            continue
         ids[p - 1] = torch.tensor([i for i, _ in ranked])
         vals[p - 1] = torch.tensor([float(e["logprob"]) for _, e in ranked])
         mine = entries.get(str(prompt[p]))
         if mine is not None:
             actual[p - 1] = float(mine["logprob"])
+    if padded is not None:
+        padded.append(past)
     return vals, ids, difficulty_from_topk(vals, actual)
 
 

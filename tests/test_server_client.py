@@ -157,6 +157,24 @@ def test_a_position_short_of_k_entries_is_invalid_not_wrong():
     assert torch.isnan(vals[1]).all() and torch.isfinite(vals[0]).all()
 
 
+def test_a_position_whose_top_k_holds_a_padded_id_is_invalid_and_counted():
+    """A model whose vocab is padded past its tokenizer (Llama 4's, Qwen's) served by vLLM:
+    the server cannot cut the padded rows, so a position whose top-k ranks one gets no soft
+    target (before: the whole run stopped at the first such position)."""
+    torch.manual_seed(2)
+    vocab, pad, k = 40, 4, 6
+    logits = torch.randn(9, vocab + pad)
+    logits[:, vocab:] = -50.0  # as a trained model's padded rows: never near the top ...
+    logits[[2, 5], vocab + 1] = 50.0  # ... but at two positions here
+    prompt = torch.randint(0, vocab, (10,)).tolist()
+    padded: list[int] = []
+    vals, ids, stats = parse_prompt_logprobs(_reply(logits, prompt, k), prompt, k, vocab, padded)
+    assert padded == [2]
+    assert torch.isnan(vals[[2, 5]]).all() and torch.isnan(stats[[2, 5]]).all()
+    rest = [p for p in range(9) if p not in (2, 5)]
+    assert torch.isfinite(vals[rest]).all() and bool((ids[rest] < vocab).all())
+
+
 def test_a_reply_cut_short_is_asked_again_and_one_never_whole_fails_naming_the_server(flaky):
     """A vLLM server that is stopping answers the requests it aborts with a 200 whose
     prompt_logprobs stop early; that is the server going away, not the model's answer."""

@@ -238,14 +238,22 @@ def test_a_server_killed_mid_cache_resumes_to_the_same_bytes(served, tmp_path):
 def test_another_model_served_under_the_same_name_is_refused_on_resume(served, tmp_path):
     """A name says nothing of the weights: a cache or an online run begun with one model, resumed
     against a server that serves another under the same name, is refused (the handshake's probe,
-    teachers/server.py), while the same model served again resumes (the kill/restart test)."""
+    teachers/server.py), while the same model served again resumes (the kill/restart test).
+    The other model's vocab is padded past the tokenizer: the cache made from it anyway marks the
+    positions whose top-k holds a padded id, and goes on."""
     from students.build import load_causal_lm
 
     other = tmp_path / "other-teacher"
     shutil.copytree(served["model"], other)
     model = load_causal_lm(other)
+    vocab = model.config.vocab_size
+    # The same tokenizer; peaked distributions; and its vocab padded 8 rows past the tokenizer (as
+    # Llama 4's and Qwen's are), rows a random model ranks in the top-k at some positions.
+    model.resize_token_embeddings(vocab + 8, mean_resizing=False)
     with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(20.0)  # the same shapes and tokenizer; peaked distributions
+        head = model.get_output_embeddings().weight  # (V + 8, H)
+        head.mul_(20.0)
+        head[vocab:] = torch.randn(8, head.shape[1], generator=torch.Generator().manual_seed(0)) * 2.0
     model.save_pretrained(other)
     cache_raw = _config(served, tmp_path / "run")
     online_raw = _config(served, tmp_path / "online", **{"train.mode": "online", "train.steps": 2,
@@ -266,7 +274,11 @@ def test_another_model_served_under_the_same_name_is_refused_on_resume(served, t
                     "resume with the server serving the weights they learnt from") in lines[0], lines[0]
         # the cache made again from the other model: the cached run's checkpoints learnt from the first
         remade = _write(_served_by(cache_raw, server.url), tmp_path / "remade.yaml")
-        _ok(run_cli("cache", "--overwrite", "-c", remade))
+        made = _ok(run_cli("cache", "--overwrite", "-c", remade))
+        # padded ids in a position's top-k leave it without a soft target (before: the run stopped)
+        assert made.stderr.count(f"[teacher] the served model ranks token ids past the tokenizer's {vocab}") == 1
+        counts = json.loads((tmp_path / "run" / "cache" / "manifest.json").read_text())["splits"]["train"]
+        assert 0 < counts["nonfinite_tokens"] < counts["tokens"], counts
         proc = run_cli("train", "--resume", "-c", remade)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert (f"teacher.server: the cache's teacher ({tmp_path / 'run' / 'cache'}) answers as another model than the "
