@@ -126,6 +126,9 @@ class ScheduleConfig(_Strict):
     def _end_after_warmup(self):
         if self.end_step is not None and self.end_step <= self.warmup_steps:
             raise ValueError(f"end_step ({self.end_step}) must come after warmup_steps ({self.warmup_steps})")
+        if self.boundaries != [0.5] and self.kind != "step":  # before: accepted and ignored (a dump keeps the default)
+            raise ValueError(f"boundaries shape a `step` schedule only; this one is {self.kind}: set kind: step, "
+                             f"or remove boundaries")
         return self
 
 
@@ -308,6 +311,13 @@ class TrainConfig(_Strict):
     on_policy: OnPolicyConfig | None = Field(None, description="On-policy co-distillation (online mode): students sample completions of the data's prompts and learn from the teacher's scores of them. Absent: off-policy only.")
 
     _device = field_validator("device")(_device)
+
+    @model_validator(mode="after")
+    def _split(self):  # the ranks' share is checked once they are known (distill/train/setup.py)
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum} "
+                             f"(each micro-batch is batch_size / grad_accum blocks)")
+        return self
 
 
 def shard_size_problem(size: str) -> str | None:

@@ -355,6 +355,12 @@ def _column_problem(ds: datasets.Dataset, kind: str, text_field: str) -> str | N
         return f"column {column!r} holds {feats[column]}, not lists of {shape} turns"
     for name in names:
         if not _is_str(feats[name]):
+            # Name the first row whose value is neither a string nor empty (read on this error path only):
+            # datasets reads a column of mixed strings and numbers as `Json`, which says nothing of where.
+            values = (v for batch in ds.select_columns([name]).iter(batch_size=1024) for v in batch[name])
+            bad = next(((n, v) for n, v in enumerate(values, start=1) if v is not None and not isinstance(v, str)), None)
+            if bad is not None:
+                return f"row {bad[0]}'s {name!r} is {str(bad[1])[:40]} ({type(bad[1]).__name__}), not a string"
             return f"column {name!r} holds {feats[name]}, not strings"
     return None
 

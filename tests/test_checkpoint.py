@@ -370,3 +370,24 @@ def test_an_export_during_training_reads_a_step_the_run_prunes_meanwhile(tmp_pat
     assert re.search(r"step_00000005: its weights hold NaN or inf \(model.embed_tokens.weight: 1 of 2,048\).*export an "
                      r"earlier step \(the others here: step_00000004\)", r.stderr), r.stderr
     assert not (tmp_path / "e3").exists()
+
+
+def test_an_fp16_export_of_weights_past_its_range_is_refused(tmp_path, model):
+    """fp16 stops at 65,504: a weight past it became inf in the export, written silently (the
+    report then said perplexity nan).  Refused, naming the tensor; bf16 keeps fp32's range."""
+    from tests.conftest import run_cli
+    from tests.hf_models import make_tokenizer
+
+    make_tokenizer(["def f(x): return x"], tmp_path / "tok", vocab_size=64)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = 1e5
+    checkpoint.save(tmp_path / "ckpt", 1, model, {}, {"run_hash": "h", "student": "s"})
+    args = ("export", str(tmp_path / "ckpt" / "step_00000001"), "--tokenizer", str(tmp_path / "tok"))
+    r = run_cli(*args, "--out", str(tmp_path / "fp16"), "--dtype", "fp16")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: --dtype fp16: weights past fp16's range became inf (model.layers.0.mlp.down_proj.weight: 1); export "
+        "with --dtype bf16 (fp32's range) or fp32 (export.dtype in a run's config)")
+    assert not (tmp_path / "fp16").exists()
+    r = run_cli(*args, "--out", str(tmp_path / "bf16"), "--dtype", "bf16")
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -62,6 +62,8 @@ def test_demo_configs_validate(size, tmp_path):
     ("train.device", "gpu", "train.device: 'gpu' is no device: write auto, cpu, cuda or cuda:N"),
     ("students.0.device", "cuda:1x", "students.0.device: 'cuda:1x' is no device"),
     ("export.max_shard_size", "lots", "export: max_shard_size: 'lots' is not a size"),  # before: ignored
+    ("train", {"batch_size": 3, "grad_accum": 2}, "train: batch_size 3 must be divisible by grad_accum 2"),  # before: after the cache pass
+    ("students.0.loss.soft_weight", {"kind": "linear", "boundaries": [0.3]}, "boundaries shape a `step` schedule only"),
     ("students.0.init_layers", [0, 1], "students.0: init_layers names the teacher layers a student copies"),
     ("teacher", {"source": "checkpoint", "path": "/models/t", "model": {"preset": "scout"}},
      "teacher.model is the architecture of a preset teacher (source: preset); a checkpoint teacher's is its own"),

@@ -212,7 +212,10 @@ def test_saved_datasetdict_split_rules(tmp_path):
     ("empty.jsonl", b"", r"empty.jsonl: the file is empty"),
     ("blank.jsonl", b"\n  \n\n", r"blank.jsonl: the file is blank \(whitespace only\); remove it"),
     ("fake.parquet", b"not parquet", r"fake.parquet: could not be read as parquet"),
-    ("ints.jsonl", b'{"text": 1}\n', r"ints.jsonl: column 'text' holds Value\('int64'\), not strings"),
+    ("ints.jsonl", b'{"text": 1}\n', r"ints.jsonl: row 1's 'text' is 1 \(int\), not a string"),
+    # mixed strings and a number: datasets reads the column as Json, which named no row (a fuzz trial)
+    ("some.jsonl", b'{"text": "a"}\n{"text": null}\n{"text": "b"}\n{"text": 5}\n',
+     r"some.jsonl: row 4's 'text' is 5 \(int\), not a string"),
     ("chat.jsonl", b'{"messages": "hi"}\n', r"chat.jsonl: row 1's 'messages' is a str, not a list of \{role, content\}"),
     ("mixed.jsonl", b'{"messages": [{"role": "user", "content": "a"}]}\n{"messages": "hi"}\n',
      r"mixed.jsonl: row 2's 'messages' is a str, not a list of \{role, content\} turns"),

@@ -92,6 +92,8 @@ def test_resume_with_other_config_refused(online_setup):
     again = run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", f"out_dir={out}",
                     "--set", "students.0.device=cpu", "--set", "train.checkpoint_every=3", "--set", "train.grad_accum=2")
     assert again.returncode == 0, again.stderr[-2000:]
+    # resuming a finished run says so (before: nothing at all, exit 0)
+    assert "[train] the run is finished: every student is at step 4 of 4; nothing to train" in again.stderr
     line = one_line(run_cli("train", "-c", str(cfg), "--quiet", "--resume", "--set", f"out_dir={out}",
                             "--set", "students.0.optim.lr=0.1"))
     assert "this checkpoint was made by another config (student dense: optim);" in line, line

@@ -102,6 +102,7 @@ def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size
         model.config.architectures = [type(model).__name__]
         if state_dict is not None:
             state_dict = {k: v.to(DTYPES[dtype]) for k, v in state_dict.items()}
+        _check_range(state_dict if state_dict is not None else dict(model.named_parameters()), dtype)
         model.save_pretrained(str(tmp), max_shard_size=max_shard_size, safe_serialization=True, state_dict=state_dict)
         if generation_config is not None:
             for stop in stop_ids(tokenizer) if tokenizer is not None else []:
@@ -132,6 +133,17 @@ def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size
             raise
         raise UserError(describe_os_error(failed, out)) from e
     return out
+
+
+def _check_range(tensors: dict, dtype: str) -> None:
+    """UserError when weights (finite before: export_checkpoint checks) overflowed `dtype`
+    (fp16 stops at 65,504): an export of inf weights loads, and every answer is NaN."""
+    bad = [(name, int((~torch.isfinite(t)).sum())) for name, t in tensors.items() if t.is_floating_point()]
+    bad = [(name, n) for name, n in bad if n]
+    if bad:
+        where = "; ".join(f"{name}: {n:,}" for name, n in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise UserError(f"--dtype {dtype}: weights past {dtype}'s range became inf ({where}); export with --dtype bf16 "
+                        f"(fp32's range) or fp32 (export.dtype in a run's config)")
 
 
 # How the tokenizer was loaded here (offline, from a local dir), which transformers saves

@@ -340,6 +340,10 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
     reported = views is not None  # the teacher's own pretraining has no data report
     views = views or [DataView(None, "", None, names, n_total=len(train_blocks))]
     start, students = resume_all(layout, students, loop) if resume else (0, students)
+    if resume and start >= loop.steps and loop.rank == 0:  # a log line, not a progress bar: --quiet keeps it
+        print(f"[train] the run is finished: every student is at step {start} of {loop.steps}; nothing to train "
+              f"(to train further, `distill export` the students and start a new run from the exports)",
+              file=sys.stderr, flush=True)
     if not resume and loop.rank == 0:
         for s in students:  # a fresh run retries every student
             layout.failure(s.name).unlink(missing_ok=True)
