@@ -213,18 +213,36 @@ def check_student_tokenizers(cfg: RunConfig) -> None:
     from transformers import AutoTokenizer
 
     named = cfg.data.tokenizer.path
-    students = [s for s in cfg.students if s.model.path is not None and has_tokenizer(s.model.path)]
-    if named is None or not students:
+    pretrained = [s for s in cfg.students if s.model.path is not None]
+    if named is None or not pretrained:
         return
     try:
         run = AutoTokenizer.from_pretrained(str(named), local_files_only=True)
     except Exception:
         return  # data preparation names it
-    for s in students:
+    for s in pretrained:  # an embedding smaller than the tokenizer, from config.json alone (no weights read)
+        rows = _config_vocab(s.model.path)
+        if rows is not None and rows < vocab_size_of(run):
+            raise UserError(f"student {s.name}: its embedding has {rows} rows but the run's tokenizer ({named}) has "
+                            f"{vocab_size_of(run)} tokens: a different tokenizer; use a student of the same family")
+    for s in (s for s in pretrained if has_tokenizer(s.model.path)):
         if Path(s.model.path).resolve() != Path(named).resolve():
             differ = _other_ids(s.model.path, run, f"student {s.name}", f"remove it to use the run's tokenizer ({named})")
             if differ:
                 raise UserError(_other_tokenizer(s.name, s.model.path, named, differ))
+
+
+def _config_vocab(model_dir) -> int | None:
+    """The vocab_size a Hugging Face dir's config.json declares (its text config's, for a
+    multimodal one); None when it says none or cannot be read."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for node in (config.get("text_config"), config) if isinstance(config, dict) else ():
+        if isinstance(node, dict) and isinstance(node.get("vocab_size"), int):
+            return node["vocab_size"]
+    return None
 
 
 def cut_layer_spec(t_config, overrides: dict, default: str, where: str) -> tuple[int, list[int] | str]:

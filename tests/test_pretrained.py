@@ -447,3 +447,23 @@ def test_a_teacher_without_a_tokenizer_or_too_few_positions_is_refused(hf_family
     (scaled / "config.json").write_text(json.dumps({"max_position_embeddings": 32768, "rope_theta": 1e6, "rope_scaling": {
         "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}))
     assert max_positions(scaled) == (131072, True)
+
+
+def test_a_student_too_small_for_the_tokenizer_is_refused_before_the_teacher_pass(pretrained_run, hf_family, tmp_path):
+    """`distill run` in cached mode: a pretrained student whose config.json declares fewer
+    embedding rows than the run's tokenizer has tokens is refused from its config alone,
+    before data preparation and the cache (before: after the whole teacher pass)."""
+    from tests.conftest import run_cli
+
+    run, _ = pretrained_run
+    small = save_model("llama", hf_family["vocab"] - 1, tmp_path / "small")
+    cfg = yaml.safe_load((run.parent / "run.yaml").read_text())
+    cfg["out_dir"] = str(tmp_path / "run")
+    cfg["students"][0]["model"]["path"] = str(small)
+    cfg["train"]["mode"] = "cached"
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    r = run_cli("run", "-c", str(tmp_path / "run.yaml"), "--quiet", timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        f"error: student llama: its embedding has {hf_family['vocab'] - 1} rows but the run's tokenizer"), r.stderr
+    assert not (tmp_path / "run" / "cache").exists() and not (tmp_path / "run" / "data").exists()
