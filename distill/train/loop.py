@@ -353,103 +353,105 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
             for name in set(view.students) & training:
                 atomic_write_json(layout.data_report(name), view.report(name))
     logger = MetricsLogger(layout, [s.name for s in students], start, enabled=loop.rank == 0)
-    final_eval: dict = {}
-    teacher_calls = 0  # teacher forwards made for training batches (evaluation excluded)
+    try:  # the metrics files and TensorBoard writers are closed (flushed) whatever ends the loop
+        final_eval: dict = {}
+        teacher_calls = 0  # teacher forwards made for training batches (evaluation excluded)
 
-    for view in views:  # a dynamic view's gap table comes back with its students
-        state = next((s.data_view_state for s in students if s.name in view.students and s.data_view_state), None)
-        if view.dynamic and state is not None:
-            view.load_state_dict(state)
+        for view in views:  # a dynamic view's gap table comes back with its students
+            state = next((s.data_view_state for s in students if s.name in view.students and s.data_view_state), None)
+            if view.dynamic and state is not None:
+                view.load_state_dict(state)
 
-    def batches_of(step: int) -> list[list[Batch] | None]:
-        """Per view, this rank's micro-batches of `step`; None for a dynamic view, whose batch
-        can only be drawn once the step before it has trained (its gaps set the weights)."""
-        return [None if v.dynamic or step >= loop.steps else
-                step_batches(v.global_indices(step, loop.batch_size, loop.seed), loop, train_blocks) for v in views]
+        def batches_of(step: int) -> list[list[Batch] | None]:
+            """Per view, this rank's micro-batches of `step`; None for a dynamic view, whose batch
+            can only be drawn once the step before it has trained (its gaps set the weights)."""
+            return [None if v.dynamic or step >= loop.steps else
+                    step_batches(v.global_indices(step, loop.batch_size, loop.seed), loop, train_blocks) for v in views]
 
-    upcoming = batches_of(start)
-    with _StopFlag(launched=loop.world_size > 1) as stop, progress_bar(loop.steps, label, progress and loop.rank == 0, start) as bar:
-        for step in range(start, loop.steps):
-            # --- the step's blocks, per data view: global batch, this rank's share, split into
-            # micro-batches; the next step's are built once, now, and read ahead (a cache
-            # decodes them while the students train)
-            current, upcoming = upcoming, batches_of(step + 1)
-            failed, traces = {}, {}  # name -> one-line reason, name -> traceback (exceptions only)
+        upcoming = batches_of(start)
+        with _StopFlag(launched=loop.world_size > 1) as stop, progress_bar(loop.steps, label, progress and loop.rank == 0, start) as bar:
+            for step in range(start, loop.steps):
+                # --- the step's blocks, per data view: global batch, this rank's share, split into
+                # micro-batches; the next step's are built once, now, and read ahead (a cache
+                # decodes them while the students train)
+                current, upcoming = upcoming, batches_of(step + 1)
+                failed, traces = {}, {}  # name -> one-line reason, name -> traceback (exceptions only)
 
-            def train(s: Student, micro_batches: list[MicroBatch], shared: dict, recipe=None) -> None:
-                """One student's step; a failure costs that student only."""
-                try:
-                    metrics = s.train_step(step, micro_batches, recipe)  # recipe None: the student's own loss
-                except Exception as e:  # out of memory, say: this student fails, not the run
-                    failed[s.name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
-                    traces[s.name] = traceback.format_exc()  # kept in its failed.json, for a bug report
-                    return
-                logger.log(s.name, step + 1, {**metrics, **shared})
-                if s.nonfinite_steps > loop.max_nonfinite:
-                    failed[s.name] = (f"{s.nonfinite_steps} non-finite steps (limit train.max_nonfinite="
-                                      f"{loop.max_nonfinite}); lower the lr or check the teacher signal")
+                def train(s: Student, micro_batches: list[MicroBatch], shared: dict, recipe=None) -> None:
+                    """One student's step; a failure costs that student only."""
+                    try:
+                        metrics = s.train_step(step, micro_batches, recipe)  # recipe None: the student's own loss
+                    except Exception as e:  # out of memory, say: this student fails, not the run
+                        failed[s.name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+                        traces[s.name] = traceback.format_exc()  # kept in its failed.json, for a bug report
+                        return
+                    logger.log(s.name, step + 1, {**metrics, **shared})
+                    if s.nonfinite_steps > loop.max_nonfinite:
+                        failed[s.name] = (f"{s.nonfinite_steps} non-finite steps (limit train.max_nonfinite="
+                                          f"{loop.max_nonfinite}); lower the lr or check the teacher signal")
 
-            # --- source 1: the students' own samples, for those taking this step on-policy
-            on_members = on_policy.members(step, students) if on_policy is not None else []
-            if on_members:
-                before = teacher.forward_calls
-                own = on_policy.micro_batches(step, on_members)  # one teacher forward for all of them
-                teacher_calls += teacher.forward_calls - before
-                figures = on_policy.figures(on_members[0].device)  # tokens sampled, seconds generating
-                for s in on_members:
-                    train(s, own[s.name], {**teacher_metrics(own[s.name], loop, s.device), **figures, "on_policy": True},
-                          on_policy.recipe(s))
+                # --- source 1: the students' own samples, for those taking this step on-policy
+                on_members = on_policy.members(step, students) if on_policy is not None else []
+                if on_members:
+                    before = teacher.forward_calls
+                    own = on_policy.micro_batches(step, on_members)  # one teacher forward for all of them
+                    teacher_calls += teacher.forward_calls - before
+                    figures = on_policy.figures(on_members[0].device)  # tokens sampled, seconds generating
+                    for s in on_members:
+                        train(s, own[s.name], {**teacher_metrics(own[s.name], loop, s.device), **figures, "on_policy": True},
+                              on_policy.recipe(s))
 
-            # --- source 2: the corpus with its teacher signal, per data view, for everyone else
-            for view, batches, next_batches in zip(views, current, upcoming):
-                members = [s for s in students if s.name in view.students and s not in on_members]
-                if not members:
-                    continue
-                if batches is None:  # dynamic: this window's weights, then the step's draw
-                    view.reweigh(step)
-                    indices = view.global_indices(step, loop.batch_size, loop.seed)
-                    batches = step_batches(indices, loop, train_blocks)
-                if teacher is not None and next_batches:
-                    teacher.prefetch(next_batches)
-                micro_batches = []
-                for batch in batches:
-                    # --- one teacher signal per micro-batch, shared by every student of the view
-                    if teacher is not None:
-                        before = teacher.forward_calls
-                        sig, valid = teacher.signal(batch)
-                        teacher_calls += teacher.forward_calls - before
-                    else:
-                        sig, valid = None, torch.ones_like(batch.labels, dtype=torch.bool)
-                    micro_batches.append(MicroBatch(batch, sig, valid))
+                # --- source 2: the corpus with its teacher signal, per data view, for everyone else
+                for view, batches, next_batches in zip(views, current, upcoming):
+                    members = [s for s in students if s.name in view.students and s not in on_members]
+                    if not members:
+                        continue
+                    if batches is None:  # dynamic: this window's weights, then the step's draw
+                        view.reweigh(step)
+                        indices = view.global_indices(step, loop.batch_size, loop.seed)
+                        batches = step_batches(indices, loop, train_blocks)
+                    if teacher is not None and next_batches:
+                        teacher.prefetch(next_batches)
+                    micro_batches = []
+                    for batch in batches:
+                        # --- one teacher signal per micro-batch, shared by every student of the view
+                        if teacher is not None:
+                            before = teacher.forward_calls
+                            sig, valid = teacher.signal(batch)
+                            teacher_calls += teacher.forward_calls - before
+                        else:
+                            sig, valid = None, torch.ones_like(batch.labels, dtype=torch.bool)
+                        micro_batches.append(MicroBatch(batch, sig, valid))
 
-                # --- every student learns from the same signal; a failure costs that student only
-                shared = teacher_metrics(micro_batches, loop, members[0].device)
-                for s in members:
-                    train(s, micro_batches, shared)
-                if view.dynamic:  # the students' gap on these blocks re-weights the next window
-                    trained = [s for s in members if s.name not in failed and s.hard_per_block is not None]
-                    if trained:
-                        view.record(indices, block_gaps(trained, micro_batches, loop))
+                    # --- every student learns from the same signal; a failure costs that student only
+                    shared = teacher_metrics(micro_batches, loop, members[0].device)
                     for s in members:
-                        s.data_view_state = view.state_dict()
-            if failed:
-                students = drop_failed(students, failed, step, loop, layout, logger, traces)
-            done = step + 1
-            bar.update(1, {s.name: logger.last.get(s.name, {}).get("loss") for s in students})
+                        train(s, micro_batches, shared)
+                    if view.dynamic:  # the students' gap on these blocks re-weights the next window
+                        trained = [s for s in members if s.name not in failed and s.hard_per_block is not None]
+                        if trained:
+                            view.record(indices, block_gaps(trained, micro_batches, loop))
+                        for s in members:
+                            s.data_view_state = view.state_dict()
+                if failed:
+                    students = drop_failed(students, failed, step, loop, layout, logger, traces)
+                done = step + 1
+                bar.update(1, {s.name: logger.last.get(s.name, {}).get("loss") for s in students})
 
-            # --- validation and checkpoints
-            if done == loop.steps or (loop.eval_every and done % loop.eval_every == 0):
-                for s in students:
-                    final_eval[s.name] = evaluate_model(s.model, first_blocks(val_blocks, loop.eval_blocks), val_teacher,
-                                                        device=s.device, chunk_size=s.cfg.loss.chunk_size)
-                    logger.log(s.name, done, final_eval[s.name], kind="val")
-            signum = agreed_stop(stop.signum, loop, students)
-            if done == loop.steps or (loop.checkpoint_every and done % loop.checkpoint_every == 0) or signum:
-                save_all(layout, students, done, loop)
-            if signum and done < loop.steps:
-                raise TrainingInterrupted(
-                    f"stopped by signal {signum} after step {done}; checkpoints saved under "
-                    f"{layout.students}; rerun with --resume to continue")
-    logger.close()
+                # --- validation and checkpoints
+                if done == loop.steps or (loop.eval_every and done % loop.eval_every == 0):
+                    for s in students:
+                        final_eval[s.name] = evaluate_model(s.model, first_blocks(val_blocks, loop.eval_blocks), val_teacher,
+                                                            device=s.device, chunk_size=s.cfg.loss.chunk_size)
+                        logger.log(s.name, done, final_eval[s.name], kind="val")
+                signum = agreed_stop(stop.signum, loop, students)
+                if done == loop.steps or (loop.checkpoint_every and done % loop.checkpoint_every == 0) or signum:
+                    save_all(layout, students, done, loop)
+                if signum and done < loop.steps:
+                    raise TrainingInterrupted(
+                        f"stopped by signal {signum} after step {done}; checkpoints saved under "
+                        f"{layout.students}; rerun with --resume to continue")
+    finally:
+        logger.close()
     return {"students": final_eval, "teacher_forward_calls": teacher_calls, "start_step": start,
             "failed": failures(layout, names)}
