@@ -192,6 +192,15 @@ def test_a_run_resumes_on_another_number_of_ranks_with_another_grad_accum(launch
         assert rel_diff(weights(killed, name), weights(full, name)) < tolerance, name
 
 
+def start_two_ranks(args: list[str], meet: dict) -> list[subprocess.Popen]:
+    """Ranks 0 and 1 of `args` started by hand (no launcher, so each one's exit code and stderr
+    are seen), each in a session of its own; `meet`: the rendezvous() env."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", **meet}
+    return [subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            for r in range(2)]
+
+
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(dp_config):
     """torch engine (DDP), two ranks started by hand so each one's exit code is seen; each in a
     session of its own, killed with all it started whatever happens (bounded: 300 s to step 2,
@@ -202,10 +211,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(dp_config):
             "--set", "train.steps=400"]
     metrics = out / "students" / "dense" / "metrics.jsonl"
     with rendezvous() as meet:
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", **meet}
-        procs = [subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-                 for r in range(2)]
+        procs = start_two_ranks(args, meet)
         try:
             deadline = time.time() + 300
             while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
@@ -240,10 +246,7 @@ def test_a_rank_whose_peer_refused_the_input_says_one_line(dp_config, tmp_path):
     args = [sys.executable, str(ROOT / "cli.py"), "train", "-c", str(cfg), "--quiet", "--set", f"out_dir={tmp_path / 'out'}",
             "--set", f"data.paths=[{corpus}]"]
     with rendezvous() as meet:
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", **meet}
-        procs = [subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-                 for r in range(2)]
+        procs = start_two_ranks(args, meet)
         try:
             errs = [p.communicate(timeout=300)[1] for p in procs]
         finally:
