@@ -102,7 +102,8 @@ def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size
         model.config.architectures = [type(model).__name__]
         if state_dict is not None:
             state_dict = {k: v.to(DTYPES[dtype]) for k, v in state_dict.items()}
-        _check_range(state_dict if state_dict is not None else dict(model.named_parameters()), dtype)
+        if dtype == "fp16":  # bf16 keeps fp32's range: only fp16 can turn finite weights into inf
+            _check_range(state_dict if state_dict is not None else dict(model.named_parameters()), dtype)
         model.save_pretrained(str(tmp), max_shard_size=max_shard_size, safe_serialization=True, state_dict=state_dict)
         if generation_config is not None:
             for stop in stop_ids(tokenizer) if tokenizer is not None else []:
