@@ -302,6 +302,7 @@ def _main() -> None:
     from common.errors import UserError
 
     offline_and_quiet()
+    _stop_on_sigterm()
     debug = "--debug" in sys.argv
     stdout_at_start = _stdout_identity()
     # The deepspeed launcher appends --local_rank=N; the rank also comes in LOCAL_RANK.
@@ -310,6 +311,8 @@ def _main() -> None:
         # standalone_mode=False makes click *return* a `typer.Exit`'s code (inspect --verify's 1)
         # instead of exiting with it; a command's own return value is never an int.
         code = app(standalone_mode=False)
+        if code == 130:  # typer >= 0.16 turns Ctrl-C into this return, silently
+            interrupted()
         if isinstance(code, int) and code != 0:
             sys.exit(code)
     except UserError as e:
@@ -350,6 +353,24 @@ def _stdout_identity() -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler's preemption, `kill`) stops a command as Ctrl-C does: its cleanups
+    run (temporary files, locks) and it says so, exit 130.  Training handles it itself, between
+    steps (distill/train/loop.py); a handler someone else set is kept."""
+    import signal
+
+    main = os.getpid()
+
+    def stop(signum, frame):
+        if os.getpid() != main:  # a forked worker (a data map's pool, which terminates its workers so) dies as before
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, stop)
 
 
 def interrupted() -> None:

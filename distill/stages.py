@@ -29,7 +29,7 @@ from distill.train.checkpoint import DATA_KEY, earlier_checkpoints, latest, load
 from distill.train.loop import claim_out_dir, run_hash, train_loop
 from distill.train.on_policy import on_policy_source
 from distill.train.selection import DataView, plan_views
-from distill.train.setup import build_students, loop_config, make_student, student_models
+from distill.train.setup import build_students, check_pretrained_finite, loop_config, make_student, student_models
 from teachers import CachedTeacher, LiveTeacher, Teacher, teacher_identity
 from teachers.cache.format import Sampling, read_json
 
@@ -532,6 +532,7 @@ def run_all(cfg: RunConfig, resume: bool = True, progress: bool = True, overwrit
                   f"-> {layout.teacher}")
         pretrain_teacher(cfg, resume=resume, progress=progress, data=data, overwrite=overwrite)
     if cfg.train.mode == "cached":
+        check_pretrained_finite(cfg)  # the students are built after the teacher pass: a damaged one fails now
         stage(f"cache: one teacher pass over the data -> {layout.cache}")
         build_cache(cfg, progress=progress, data=data)  # a cache of these inputs is any run's: reused
     n = len(cfg.students)

@@ -130,9 +130,11 @@ def test_an_encoder_is_refused_as_a_teacher_or_student(hf_family, tmp_path):
     load_causal_lm(tmp_path / "bart")
 
 
-def test_a_student_with_non_finite_weights_is_refused_by_name(hf_family, tmp_path, cli):
+@pytest.mark.parametrize("command,mode", [("train", "online"), ("run", "cached")])
+def test_a_student_with_non_finite_weights_is_refused_by_name(hf_family, tmp_path, cli, command, mode):
     """One NaN in a pretrained student's lm_head: refused naming the weight, not misread as an
-    unknown head architecture (its logits' difference to the head's output is NaN)."""
+    unknown head architecture (its logits' difference to the head's output is NaN); by
+    `distill run` before the teacher pass, not after it (no cache is written)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -149,13 +151,15 @@ def test_a_student_with_non_finite_weights_is_refused_by_name(hf_family, tmp_pat
                                                       "seq_len": 64},
            "teacher": {"source": "checkpoint", "path": str(hf_family["teacher"])},
            "students": [{"name": "s", "model": {"path": str(damaged)}}],
-           "train": {"mode": "online", "steps": 1, "batch_size": 2}}
+           "train": {"mode": mode, "steps": 1, "batch_size": 2}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    r = cli("train", "-c", str(tmp_path / "run.yaml"), "--quiet")
+    r = cli(command, "-c", str(tmp_path / "run.yaml"), "--quiet")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    where = "students.0.model" if command == "train" else f"students.0.model.path {damaged}"
     assert r.stderr.strip().splitlines()[-1] == (
-        f"error: students.0.model: its weights hold NaN or inf ({head}: 1 of {weights[head].numel():,}): a damaged "
+        f"error: {where}: its weights hold NaN or inf ({head}: 1 of {weights[head].numel():,}): a damaged "
         f"or wrongly converted checkpoint; replace it"), r.stderr
+    assert not list((tmp_path / "out").glob("cache/**/*.bin")) and not (tmp_path / "out" / "cache").exists()
 
 
 @pytest.mark.parametrize("command", ["cache", "run"])
@@ -282,7 +286,7 @@ def test_pretrained_export_keeps_architecture_config_and_ties(pretrained_run, hf
     assert out.shape == (1, ids.shape[1] + 5) or int(out[0, -1]) == tok.eos_token_id
 
 
-def test_eval_inspect_and_card_work_for_a_pretrained_student(pretrained_run):
+def test_eval_inspect_and_card_work_for_a_pretrained_student(pretrained_run, hf_family):
     from tests.conftest import run_cli
 
     run, _ = pretrained_run
@@ -291,7 +295,13 @@ def test_eval_inspect_and_card_work_for_a_pretrained_student(pretrained_run):
     report = json.loads((run / "report.json").read_text())
     assert report["scored_tokens"] == "all" and report["students"]["llama"]["params_total"] > 0
     export = run / "students" / "llama" / "export"
-    assert "| architecture | pretrained /" in (export / "README.md").read_text()
+    # the card names the models as their readers know them, not by this machine's paths
+    card = (export / "README.md").read_text()
+    assert f"| architecture | pretrained {hf_family['student'].name} |" in card, card
+    assert f"| teacher | {hf_family['teacher'].name} |" in card and str(hf_family["work"]) not in card, card
+    # a tokenizer that sets no model_max_length (transformers' 1e30) ships the model's positions
+    tok_config = json.loads((export / "tokenizer_config.json").read_text())
+    assert tok_config["model_max_length"] == json.loads((export / "config.json").read_text())["max_position_embeddings"]
     r = run_cli("inspect", str(export), timeout=120)
     assert r.returncode == 0 and "params_total" in r.stdout and "llama" in r.stdout, r.stdout + r.stderr
 

@@ -80,6 +80,31 @@ def test_sigterm_checkpoints_then_exits(online_setup):
     assert list((work / "term" / "students" / "dense" / "checkpoints").glob("step_*"))
 
 
+def test_sigterm_during_the_cache_stops_as_ctrl_c_and_the_rerun_keeps_its_shards(online_setup):
+    """SIGTERM outside training (a scheduler's preemption of `distill cache`) killed the process
+    (-15, no word); now it says what Ctrl-C says, exit 130, and the rerun keeps the finished shards."""
+    work, cfg = online_setup
+    out = work / "term-cache"
+    sets = ["--set", f"out_dir={out}", "--set", "train.mode=cached", "--set", "cache.shard_sequences=16"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "cache", "-c", str(cfg), "--quiet", *sets],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not list((out / "cache").glob("train-*.safetensors")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < 300, "no shard in time"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert err.strip().splitlines()[-1] == ("interrupted: what was written is kept; the same command resumes "
+                                            "(train: --resume)"), err
+    assert "Traceback" not in err
+    rerun = run_cli("cache", "-c", str(cfg), *sets)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    kept = [l for l in rerun.stderr.splitlines() if "shard(s) kept from an earlier run" in l]
+    assert kept and not kept[0].startswith("[cache] rank 0: 0 of"), rerun.stderr[-2000:]
+
+
 def test_resume_with_other_config_refused(online_setup):
     work, cfg = online_setup
     out = work / "other"

@@ -110,8 +110,7 @@ def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size
                 _stop_at(generation_config, stop)
             generation_config.save_pretrained(str(tmp))
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-            _drop_load_options(tmp / "tokenizer_config.json")
+            _save_tokenizer(tokenizer, tmp, getattr(model.config, "max_position_embeddings", None))
         if tokenizer is not None and generation_config is None:
             eos = tokenizer.eos_token_id
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -147,6 +146,20 @@ def _check_range(tensors: dict, dtype: str) -> None:
                         f"(fp32's range) or fp32 (export.dtype in a run's config)")
 
 
+def _save_tokenizer(tokenizer, out: Path, max_positions: int | None) -> None:
+    """tokenizer.save_pretrained, its model_max_length at most the model's positions: a
+    tokenizer that sets none says 1e30 (ours 2**30), which truncation=True reads as no limit
+    and a model past its positions answers with garbage.  The caller's tokenizer is unchanged."""
+    own = tokenizer.model_max_length
+    if max_positions and (own is None or own > max_positions):
+        tokenizer.model_max_length = max_positions
+    try:
+        tokenizer.save_pretrained(str(out))
+    finally:
+        tokenizer.model_max_length = own
+    _drop_load_options(out / "tokenizer_config.json")
+
+
 # How the tokenizer was loaded here (offline, from a local dir), which transformers saves
 # with it; a user of the export loads it their own way.
 _LOAD_OPTIONS = ("is_local", "local_files_only")
@@ -179,7 +192,7 @@ def model_card(name: str, meta: dict, metrics: dict | None = None) -> str:
         "| field | value |", "|---|---|",
         f"| architecture | {_model_source(sc.get('model', {}))} |",
         f"| kind | {'CE-only baseline' if sc.get('baseline') else 'distilled'} |",
-        f"| teacher | {meta.get('teacher', '?')} |",
+        f"| teacher | {teacher_name(meta)} |",
         f"| data fingerprint | {meta.get('data_fingerprint', '?')} |",
         f"| tokenizer hash | {meta.get('tokenizer_hash', '?')} |",
         f"| divergence | {loss.get('divergence', '-')} (T={loss.get('temperature', '-')}, tail={loss.get('tail', '-')}) |",
@@ -202,9 +215,28 @@ def model_card(name: str, meta: dict, metrics: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def teacher_name(meta: dict) -> str:
+    """The teacher as a reader of the card knows it: a served model's name, else its dir's
+    (`_model_name`); the absolute path on the machine that trained stays in distill_meta.json."""
+    served = (meta.get("teacher_identity") or {}).get("teacher_server_model")
+    if served:
+        return f"{served} (served)"
+    return _model_name(meta["teacher"]) if meta.get("teacher") else "?"
+
+
+def _model_name(path: str) -> str:
+    """A model dir's name: the Hub id of a Hugging Face cache path (`.../models--ORG--NAME/
+    snapshots/SHA`), else the dir's own name."""
+    parts = Path(path).parts
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            return part[len("models--"):].replace("--", "/")
+    return Path(path).name
+
+
 def _model_source(model: dict) -> str:
     if model.get("path"):
-        return f"pretrained {model['path']}"
+        return f"pretrained {_model_name(model['path'])}"
     return model.get("preset") or ("cut from the teacher" if model.get("from_teacher") is not None else "?")
 
 

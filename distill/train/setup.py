@@ -12,6 +12,7 @@ OUT/students/NAME/init.json for the report.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -103,12 +104,38 @@ def _from_teacher(cfg: RunConfig, sc: StudentConfig, i: int, data: PackedData, t
 def check_finite_weights(model) -> None:
     """Raise ValueError naming the parameters that hold NaN or inf (a damaged or wrongly
     converted checkpoint): every step from them would be non-finite."""
+    _check_finite(model.named_parameters())
+
+
+def check_pretrained_finite(cfg: RunConfig) -> None:
+    """UserError when a pretrained student's safetensors hold NaN or inf, read a tensor at a
+    time: `distill run` builds the students (and checks them, `student_model`) only after the
+    whole teacher pass, hours in which a damaged checkpoint would wait to be refused."""
+    for i, sc in enumerate(cfg.students):
+        if sc.model.path is not None:
+            try:
+                _check_finite(_saved_tensors(Path(sc.model.path)))
+            except ValueError as e:
+                raise UserError(f"students.{i}.model.path {sc.model.path}: {e}") from None
+
+
+def _saved_tensors(model_dir: Path):
+    """(name, tensor) of every tensor in a dir's safetensors files, one in memory at a time."""
+    from safetensors import safe_open
+
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def _check_finite(named_tensors) -> None:
     bad = []
-    for name, param in model.named_parameters():
-        if param.is_floating_point():
-            n = int((~torch.isfinite(param)).sum())
+    for name, tensor in named_tensors:
+        if tensor.is_floating_point():
+            n = int((~torch.isfinite(tensor)).sum())
             if n:
-                bad.append(f"{name}: {n:,} of {param.numel():,}")
+                bad.append(f"{name}: {n:,} of {tensor.numel():,}")
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise ValueError(f"its weights hold NaN or inf ({'; '.join(bad[:3])}{more}): a damaged or wrongly converted "
