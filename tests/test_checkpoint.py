@@ -391,3 +391,17 @@ def test_an_fp16_export_of_weights_past_its_range_is_refused(tmp_path, model):
     assert not (tmp_path / "fp16").exists()
     r = run_cli(*args, "--out", str(tmp_path / "bf16"), "--dtype", "bf16")
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_the_model_card_names_the_teacher_as_its_readers_know_it():
+    """Not the absolute path on the training machine: the served name, the Hub id of a Hugging
+    Face cache snapshot, else the dir's own name."""
+    served = {"teacher": "/runs/x/teacher", "teacher_identity": {"teacher_server_model": "behemoth-instruct"}}
+    assert export.teacher_name(served) == "behemoth-instruct (served)"
+    hub = {"teacher": "/home/u/.cache/huggingface/hub/models--meta-llama--Llama-4-Scout-17B-16E/snapshots/abc123"}
+    assert export.teacher_name(hub) == "meta-llama/Llama-4-Scout-17B-16E"
+    assert export.teacher_name({"teacher": "/data/models/my-teacher"}) == "my-teacher"
+    assert export.teacher_name({}) == "?"
+    card = export.model_card("s", {**hub, "student_config": {"model": {"path": "/data/models/qwen-0.5b"}}})
+    assert "| teacher | meta-llama/Llama-4-Scout-17B-16E |" in card and "| architecture | pretrained qwen-0.5b |" in card
+    assert "/data/" not in card and "/home/" not in card
