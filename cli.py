@@ -71,7 +71,7 @@ def _load(config: Path, sets: Optional[list[str]]):
 
 
 @app.callback()
-def _main(
+def _options(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ):
     """(`--debug` is read by `main` before the command runs.)"""

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill.chat import render  # noqa: E402
 from distill.config import check_config, parse_config  # noqa: E402
-from distill.data import _doc_in_val  # noqa: E402
+from distill.data import doc_in_val  # noqa: E402
 from distill.report.generation import GenSettings, generate, held_out_prompts, reverse_kl_sum, text_of  # noqa: E402
 from distill.runtime import prepare  # noqa: E402
 from distill.stages import export_students, train_students  # noqa: E402
@@ -94,7 +94,7 @@ def train_teacher(rows: list[dict], tok, out: Path, a: argparse.Namespace, eval_
                       max_position_embeddings=128, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       bos_token_id=tok.bos_token_id, tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg)
-    train = [render(tok, json.dumps(r)) for r in rows if not _doc_in_val(json.dumps(r), VAL_FRACTION)]
+    train = [render(tok, json.dumps(r)) for r in rows if not doc_in_val(json.dumps(r), VAL_FRACTION)]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=a.teacher_steps, pct_start=0.05)
     rng, start, em, step = random.Random(0), time.perf_counter(), 0.0, 0

@@ -70,7 +70,7 @@ def step_cost(preset: str, args) -> dict:
         model = build_model(config, seed=0).to(device)
         sc = StudentConfig(name=preset, model={"preset": preset}, optim={"lr": 1e-4, "warmup_steps": 2})
         opt, sched = make_optimizer(model, sc.optim, args.warmup + args.steps)
-        students[name] = Student(sc, model, TorchEngine(model, opt, sched, sc.optim, device, args.precision),
+        students[name] = Student(sc, TorchEngine(model, opt, sched, sc.optim, device, args.precision),
                                  args.warmup + args.steps)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in batches}

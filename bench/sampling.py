@@ -62,7 +62,7 @@ def _student(name: str, args, device: torch.device) -> Student:
     model = build_model(_config(args, args.hidden, args.layers), seed=len(name)).to(device)
     sc = StudentConfig(name=name, model={"preset": "dense"}, optim={"lr": 1e-4})
     opt, sched = make_optimizer(model, sc.optim, 10)
-    return Student(sc, model, TorchEngine(model, opt, sched, sc.optim, device, args.precision), 10)
+    return Student(sc, TorchEngine(model, opt, sched, sc.optim, device, args.precision), 10)
 
 
 def _median_time(fn, reps: int, sync) -> tuple[float, object]:

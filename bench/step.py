@@ -61,7 +61,7 @@ def run(preset: str, args) -> dict:
     model = build_model(config, seed=0).to(device)
     sc = StudentConfig(name=preset, model={"preset": preset}, optim={"lr": 1e-4, "warmup_steps": 2})
     opt, sched = make_optimizer(model, sc.optim, args.warmup + args.steps)
-    student = Student(sc, model, TorchEngine(model, opt, sched, sc.optim, device, args.precision),
+    student = Student(sc, TorchEngine(model, opt, sched, sc.optim, device, args.precision),
                       args.warmup + args.steps)
     g = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)
@@ -94,7 +94,7 @@ def make_student(preset: str, args, baseline: bool) -> Student:
     sc = StudentConfig(name=preset, model={"preset": preset}, baseline=baseline,
                        optim={"lr": 1e-4, "warmup_steps": 2})
     opt, sched = make_optimizer(model, sc.optim, 10_000)
-    return Student(sc, model, TorchEngine(model, opt, sched, sc.optim, torch.device(args.device), args.precision), 10_000)
+    return Student(sc, TorchEngine(model, opt, sched, sc.optim, torch.device(args.device), args.precision), 10_000)
 
 
 def fake_teacher_topk(x: torch.Tensor, k: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:

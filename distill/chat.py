@@ -43,10 +43,7 @@ import json
 import re
 from dataclasses import dataclass
 
-import torch
-
 from common.errors import UserError
-from teachers.protocol import untrained
 
 PLAIN = ""  # the `chat` column of a plain-text document
 CHAT_FORMAT = 3  # bump when the same rows render to other ids or targets (it is in the data fingerprint)
@@ -409,15 +406,3 @@ class RowPacker:
 
     def _padded(self, row: list, value) -> list:
         return row + [value] * (self.block - len(row))
-
-
-def pack_rows(rows, pad_id: int, block: int) -> tuple[torch.Tensor, PackCounts]:
-    """Whole rows into (N, block) blocks, non-targets marked; and what was cut or dropped.
-
-    In memory, for small inputs and tests; preparation streams through `RowPacker`."""
-    packer = RowPacker(pad_id, block)
-    ids_out, tgt_out = packer.add(rows)
-    tail_ids, tail_tgt = packer.flush()
-    ids_t = torch.tensor(ids_out + tail_ids, dtype=torch.int64).view(-1, block)  # (N, block)
-    keep = torch.tensor(tgt_out + tail_tgt, dtype=torch.bool).view(-1, block)
-    return torch.where(keep, ids_t, untrained(ids_t)), packer.counts

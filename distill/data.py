@@ -22,15 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from common.errors import UserError
 from common.fsutil import describe_os_error, human_bytes, waiting_lock, write_error_in
 from distill.blocks import Blocks, open_blocks, unusable
 from distill.chat import CHAT_FORMAT, PLAIN, PackCounts, as_documents, table_kind
 from distill.config import DataConfig
 from distill.layout import RunLayout, has_tokenizer
-from distill.packing import auto_num_proc
+from distill.packing import auto_num_proc, build_blocks, children_die_with_this_process
 
 if TYPE_CHECKING:
     import datasets
@@ -559,19 +557,9 @@ def vocab_size_of(tok) -> int:
 # ----------------------------------------------------------------------------- packing
 
 
-def _doc_in_val(text: str, val_fraction: float) -> bool:
+def doc_in_val(text: str, val_fraction: float) -> bool:
     h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
     return (h % 1_000_000) < val_fraction * 1_000_000
-
-
-def pack(token_lists, eos_id: int, block: int) -> torch.Tensor:
-    """Join documents with EOS after each and cut into (N, block) rows; the remainder is dropped."""
-    flat: list[int] = []
-    for ids in token_lists:
-        flat.extend(ids)
-        flat.append(eos_id)
-    n = len(flat) // block
-    return torch.tensor(flat[: n * block], dtype=torch.int64).view(n, block)
 
 
 WHOLE_FILE_BYTES = 1 << 20  # files up to this size are hashed whole
@@ -694,8 +682,6 @@ def _note_earlier_preparations(root: Path) -> None:
 def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> PackedData:
     """Build (or reuse, or finish) the packed blocks under OUT/data/blocks-FP/; the tokenizer
     under OUT/tokenizer.  Preparation streams (distill/packing.py); reading is by index."""
-    from distill.packing import children_die_with_this_process
-
     # One preparation at a time in an out_dir (`distill cache` and `train` started together):
     # a second one removed the first's table copies under it and crashed it.  It waits, then
     # finds the blocks prepared.
@@ -717,8 +703,6 @@ def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> Pack
 
 
 def _prepare_data(cfg: DataConfig, out_dir: Path, progress: bool) -> PackedData:
-    from distill.packing import build_blocks
-
     layout = RunLayout(Path(out_dir), tokenizer_path=cfg.tokenizer.path)
     files = corpus_files(cfg)
     tok_dir = layout.tokenizer
@@ -742,7 +726,7 @@ def _prepare_data(cfg: DataConfig, out_dir: Path, progress: bool) -> PackedData:
         docs = docs if docs is not None else load_documents(cfg, log=_stderr, cache_dir=cache_dir)
         frac = cfg.val_fraction
         manifest = build_blocks(docs, tok, root=root, seq_len=cfg.seq_len, val_fraction=frac,
-                                in_val=lambda text: _doc_in_val(text, frac), shard_documents=cfg.shard_documents,
+                                in_val=lambda text: doc_in_val(text, frac), shard_documents=cfg.shard_documents,
                                 num_proc=cfg.num_proc, progress=progress, packing=cfg.packing,
                                 max_blocks={"train": cfg.max_train_blocks, "val": cfg.max_val_blocks},
                                 meta={"fingerprint": fp, "tokenizer_hash": tok_hash, "vocab_size": len(tok)})

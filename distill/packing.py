@@ -321,7 +321,7 @@ def build_blocks(docs: datasets.Dataset, tok, *, root: Path, seq_len: int, val_f
 def _build_blocks(docs: datasets.Dataset, tok, *, root: Path, seq_len: int, val_fraction: float, in_val,
                   shard_documents: int, num_proc: int | None, max_blocks: dict, meta: dict,
                   progress: bool = False, packing: str = "concat") -> dict:
-    from distill.train.metrics import progress_bar
+    from common.progress import progress_bar
 
     done = read_manifest(root)
     if done is not None:

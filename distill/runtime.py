@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from common.errors import UserError
 from distill.config import ModelConfig, RunConfig
-from distill.data import PackedData, prepare_data, vocab_size_of
+from distill.data import PackedData, load_tokenizer, prepare_data, vocab_size_of
 from distill.layout import has_tokenizer
 from teachers import LiveTeacher, load_teacher_model, teacher_identity
 from teachers.cache.format import Sampling
@@ -455,7 +455,6 @@ def check_cached_blocks(cache_dir: Path, data: PackedData, by_fingerprint: bool 
 def server_teacher(cfg: RunConfig):
     """The vLLM-served teacher (teachers/server.py), its handshake passed.  Called before
     anything is written: a server that is down or mismatched costs the run nothing."""
-    from distill.data import load_tokenizer
     from teachers.server import ServerTeacher
 
     s, tok = cfg.teacher.server, load_tokenizer(cfg.data.tokenizer.path)

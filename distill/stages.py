@@ -23,8 +23,9 @@ from distill.layout import RunLayout, has_tokenizer
 from distill.report.export import export_checkpoint, save_hf_dir
 from distill.report.report import evaluate_run
 from distill.runtime import (DENSE_AUTO_BYTES, autocast_dtype, cache_identity, check_cached_blocks, check_k,
-                             dense_logits_bytes, dense_signal, existing_teacher_dir, is_leader, live_teacher,
-                             model_config, prepare, resolve_device, sampling_of, server_teacher, setup_runtime)
+                             dense_logits_bytes, dense_signal, existing_teacher_dir, is_leader,
+                             model_config, prepare, resolve_device, sampling_of, scoring_teacher, server_teacher,
+                             setup_runtime)
 from distill.train.checkpoint import DATA_KEY, earlier_checkpoints, latest, load_meta
 from distill.train.loop import claim_out_dir, run_hash, train_loop
 from distill.train.on_policy import on_policy_source
@@ -131,7 +132,7 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
     if sharded:
         teacher_ctx = zero3_live_teacher(cfg, data, rank, world, progress)
     else:
-        teacher_ctx = contextlib.nullcontext(remote or live_teacher(cfg, data, resolve_device(cfg.train.device)))
+        teacher_ctx = contextlib.nullcontext(remote or scoring_teacher(cfg, data, resolve_device(cfg.train.device)))
     sampling = sampling_of(cfg)
     # Each position's next token (negative: no training target), for the teacher's difficulty statistics;
     # a cache made before they existed is redone only if this run selects data by them.
@@ -466,7 +467,7 @@ def _train_students(cfg: RunConfig, resume: bool, progress: bool, data: PackedDa
     else:
         check_k(cfg, vocab_size_of(data.tokenizer))
         views = data_views(cfg, None, data)
-        live = remote or live_teacher(cfg, data, resolve_device(cfg.train.device))
+        live = remote or scoring_teacher(cfg, data, resolve_device(cfg.train.device))
         teacher = val_teacher = live
     learnt_from, probe = teacher_record(cfg, teacher, remote)
     if resume:  # before the students are built: another teacher costs nothing

@@ -173,6 +173,38 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreT
     return model
 
 
+@torch.no_grad()
+def check_finite_weights(model: torch.nn.Module) -> None:
+    """Raise ValueError naming the parameters that hold NaN or inf (a damaged or wrongly
+    converted checkpoint): every step from them would be non-finite."""
+    _check_finite(model.named_parameters())
+
+
+def check_finite_files(model_dir: Path) -> None:
+    """check_finite_weights for a dir's safetensors files, read a tensor at a time (one in
+    memory at once), without building the model."""
+    def saved():
+        for file in sorted(Path(model_dir).glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+
+    _check_finite(saved())
+
+
+def _check_finite(named_tensors) -> None:
+    bad = []
+    for name, tensor in named_tensors:
+        if tensor.is_floating_point():
+            n = int((~torch.isfinite(tensor)).sum())
+            if n:
+                bad.append(f"{name}: {n:,} of {tensor.numel():,}")
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(f"its weights hold NaN or inf ({'; '.join(bad[:3])}{more}): a damaged or wrongly converted "
+                         f"checkpoint; replace it")
+
+
 def head_transform(model: PreTrainedModel) -> dict:
     """`losses.per_token_losses`' keywords (logit_scale, softcap) that turn the model's
     lm_head output into its logits, as its own forward does: Cohere multiplies by

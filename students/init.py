@@ -8,8 +8,8 @@ What is copied (student tensor <- teacher tensor):
     shared expert);
   * MoE experts (`experts.gate_up_proj` (E, H, 2I), `experts.down_proj` (E, I, H))
     and router rows (`router.weight` (E, H)) when the teacher has E_t >= E_s experts of
-    the same width: `experts="take"` keeps the first E_s, `experts="average"` averages
-    consecutive groups of E_t / E_s (E_t must be a multiple of E_s).
+    the same width: the first E_s (not a mean of groups: experts are not aligned neuron for
+    neuron, so an average of them is no expert).
 Everything else keeps its random init and is listed, with the reason, in the report.
 
 Layer tensors are copied only within one architecture family (Llama <- Llama,
@@ -36,17 +36,12 @@ _EXPERT_TENSORS = ("feed_forward.experts.gate_up_proj", "feed_forward.experts.do
                    "mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight")
 
 
-def _reduce_experts(teacher: torch.Tensor, num_student: int, mode: str) -> torch.Tensor | str:
-    """(E_t, ...) -> (E_s, ...) by taking the first E_s or averaging groups; a str is why not."""
+def _first_experts(teacher: torch.Tensor, num_student: int) -> torch.Tensor | str:
+    """(E_t, ...) -> (E_s, ...), the first E_s; a str is why not."""
     num_teacher = teacher.shape[0]
     if num_teacher < num_student:
         return f"teacher has {num_teacher} experts, student {num_student}"
-    if mode == "take":
-        return teacher[:num_student]
-    if num_teacher % num_student:
-        return f"cannot average {num_teacher} experts into {num_student} groups"
-    # (E_t, ...) -> (E_s, E_t / E_s, ...) -> mean over each group of consecutive experts.
-    return teacher.reshape(num_student, num_teacher // num_student, *teacher.shape[1:]).mean(dim=1)
+    return teacher[:num_student]
 
 
 @torch.no_grad()
@@ -54,18 +49,14 @@ def init_from_teacher(
     student: PreTrainedModel,
     teacher: PreTrainedModel,
     layers: list[int] | None = None,
-    experts: str = "take",
 ) -> dict[str, dict[str, str]]:
     """Copy teacher weights into `student` in place; report what happened.
 
     layers:  teacher layer index for each student layer (default: evenly spaced).
-    experts: "take" (first E_s experts / router rows) or "average" (group means).
     Returns {"copied": {student_name: source}, "skipped": {student_name: reason}},
     covering every student parameter.  `source` is the teacher tensor name, suffixed
-    with "[:E]" or "[avg groups of g]" when experts were reduced.
+    with "[:E]" when the student has fewer experts.
     """
-    if experts not in ("take", "average"):
-        raise ValueError(f"experts must be 'take' or 'average', not {experts!r}")
     num_student = student.config.num_hidden_layers
     num_teacher = teacher.config.num_hidden_layers
     layers = even_layers(num_student, num_teacher) if layers is None else list(layers)
@@ -92,12 +83,11 @@ def init_from_teacher(
             continue
         label = source_name
         if source.shape != param.shape and rest.endswith(_EXPERT_TENSORS) and source.shape[1:] == param.shape[1:]:
-            reduced = _reduce_experts(source, param.shape[0], experts)
+            reduced = _first_experts(source, param.shape[0])
             if isinstance(reduced, str):
                 report["skipped"][name] = reduced
                 continue
-            group = source.shape[0] // param.shape[0]
-            label += f"[:{param.shape[0]}]" if experts == "take" else f"[avg groups of {group}]"
+            label += f"[:{param.shape[0]}]"
             source = reduced
         if source.shape != param.shape:
             report["skipped"][name] = f"shape {tuple(param.shape)} != teacher {tuple(source.shape)}"

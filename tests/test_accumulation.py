@@ -47,7 +47,7 @@ def model_of(preset):
 def torch_student(preset, adaptive="none", balance_weight=0.0):
     sc, model = student_config(preset, adaptive, balance_weight), model_of(preset)
     opt, sched = make_optimizer(model, sc.optim, 10)
-    return Student(sc, model, TorchEngine(model, opt, sched, sc.optim, torch.device("cpu"), "fp32"), 10)
+    return Student(sc, TorchEngine(model, opt, sched, sc.optim, torch.device("cpu"), "fp32"), 10)
 
 
 def micro_batch(rows, valid, poison=False, blocks=BLOCKS):
@@ -113,7 +113,7 @@ def _student(engine: str):
         eng = DeepSpeedEngine(model, opt, sched, {
             "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
             "zero_optimization": {"stage": 2}, "steps_per_print": 1 << 30})
-    return Student(sc, model, eng, 10)
+    return Student(sc, eng, 10)
 
 
 def _rank(rank, world, meet, engine, out):

@@ -17,12 +17,13 @@ import pytest
 import torch
 
 from distill.blocks import Blocks, ids_dtype, open_blocks, verify_blocks
-from distill.chat import PLAIN, pack_rows, render
+from distill.chat import PLAIN, render
 from common.errors import UserError
 from distill.config import DataConfig
-from distill.data import _doc_in_val, load_documents, pack, prepare_data
+from distill.data import doc_in_val, load_documents, prepare_data
 from distill.packing import KILL_AFTER_SHARDS, ShardWriter, _Killer
 from tests.hf_models import chat_rows, write_jsonl
+from tests.oracles import pack, pack_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,7 @@ def in_memory_blocks(cfg: DataConfig, tok) -> dict[str, torch.Tensor]:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = {}
     for name, want_val in (("train", False), ("val", True)):
-        rows = [r for r in docs if _doc_in_val(r["text"], cfg.val_fraction) == want_val]
+        rows = [r for r in docs if doc_in_val(r["text"], cfg.val_fraction) == want_val]
         text = [tok(r["text"], add_special_tokens=False)["input_ids"] for r in rows if r["chat"] == PLAIN]
         chats, _ = pack_rows([render(tok, r["chat"]) for r in rows if r["chat"] != PLAIN], pad, block)
         out[name] = torch.cat([pack(text, tok.eos_token_id, block), chats])

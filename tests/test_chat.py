@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from common.errors import UserError
-from distill.chat import empty_answers, pack_rows, render
+from distill.chat import empty_answers, render
 from distill.config import DataConfig, LossConfig
 from distill.data import load_documents, prepare_data
 from distill.train.student import distill_loss
@@ -21,6 +21,7 @@ from distill.train.validate import evaluate_model
 from losses.signal import TeacherSignal
 from students.build import load_causal_lm
 from teachers import IGNORE, Batch, token_ids
+from tests.oracles import pack_rows
 from tests.hf_models import (CHATML, GENERATION, REASONING_LAST, SYSTEM_FIRST_USER, SYSTEM_LAST_USER, TOOLS,
                              chat_rows, tool_row, with_template, write_jsonl)
 

@@ -213,7 +213,7 @@ def test_progress_in_a_log_is_a_plain_line_now_and_then(capsys, monkeypatch):
     """Where output is no terminal (nohup, a SLURM log) a rich bar shows once, at the end: a
     3-minute preparation printed nothing while it ran.  There a plain line comes every
     PLAIN_PROGRESS_SECONDS, and at the end, with the rate of this run's own work."""
-    from distill.train import metrics
+    from common import progress as metrics
 
     with metrics.progress_bar(10, "train", True, completed=4) as bar:
         for _ in range(6):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from distill.config import DataConfig
-from distill.data import EOS, _doc_in_val, corpus_files, load_documents, pack, prepare_data
+from distill.data import EOS, doc_in_val, corpus_files, load_documents, prepare_data
+from tests.oracles import pack
 from common.errors import UserError
 
 
@@ -122,8 +123,8 @@ def test_a_corpus_of_a_few_documents_is_told_what_helps(stdlib_corpus, tmp_path,
         prepare_data(cfg_for(tmp_path / "book", val_fraction=0.49), tmp_path / "run1")
     (tmp_path / "few").mkdir()
     texts = [f.read_text() for f in sorted(stdlib_corpus.glob("*.py"))]
-    val = [t for t in texts if _doc_in_val(t, 0.05) and len(t) > 3000][:1]
-    train = [t for t in texts if not _doc_in_val(t, 0.05) and len(t) > 3000][:3]  # one held-out document of 4
+    val = [t for t in texts if doc_in_val(t, 0.05) and len(t) > 3000][:1]
+    train = [t for t in texts if not doc_in_val(t, 0.05) and len(t) > 3000][:3]  # one held-out document of 4
     for i, t in enumerate(val + train):
         (tmp_path / "few" / f"{i}.txt").write_text(t)
     data = prepare_data(cfg_for(tmp_path / "few", val_fraction=0.05), tmp_path / "run2")
@@ -246,7 +247,7 @@ def test_a_new_preparation_names_the_earlier_ones_it_leaves_on_disk(stdlib_corpu
     assert "earlier preparation" not in capsys.readouterr().err
     prepare_data(cfg_for(stdlib_corpus, seq_len=32), tmp_path)
     err = capsys.readouterr().err
-    assert f"also holds 1 earlier preparation(s) of other data or settings (" in err, err
+    assert "also holds 1 earlier preparation(s) of other data or settings (" in err, err
     assert f"blocks-{first.fingerprint}); nothing reads them" in err, err
     prepare_data(cfg_for(stdlib_corpus, seq_len=32), tmp_path)  # reused: nothing new made, nothing said
     assert "earlier preparation" not in capsys.readouterr().err

@@ -30,7 +30,7 @@ def scout_student(rate=RATE):
                        loss={"bias_update_rate": rate})
     model = tiny_scout()
     opt, sched = make_optimizer(model, sc.optim, 10)
-    return Student(sc, model, TorchEngine(model, opt, sched, sc.optim, torch.device("cpu"), "fp32"), 10)
+    return Student(sc, TorchEngine(model, opt, sched, sc.optim, torch.device("cpu"), "fp32"), 10)
 
 
 def test_resume_with_expert_bias_is_exact(tmp_path):

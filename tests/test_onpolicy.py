@@ -59,11 +59,11 @@ ALWAYS = {"kind": "constant", "start": 1.0}
 @pytest.fixture
 def spy(monkeypatch):
     """Counts the teacher model's real forwards during training (evaluation stubbed out)."""
-    import distill.stages
+    import distill.runtime
     import distill.train.loop
 
     calls = {"forwards": 0, "teacher": None}
-    make = distill.stages.live_teacher
+    make = distill.runtime.live_teacher
 
     def live_teacher(*args, **kwargs):
         teacher = make(*args, **kwargs)
@@ -71,7 +71,8 @@ def spy(monkeypatch):
         calls["teacher"] = teacher
         return teacher
 
-    monkeypatch.setattr(distill.stages, "live_teacher", live_teacher)
+    for source in ("preset", "checkpoint"):  # the teachers that score batches in-process
+        monkeypatch.setitem(distill.runtime.TEACHER_SOURCES, source, live_teacher)
     monkeypatch.setattr(distill.train.loop, "evaluate_model", lambda *a, **k: {})
     return calls
 
@@ -238,14 +239,14 @@ def test_prompt_and_padding_tokens_get_no_gradient(op, tmp_path):
 def test_prompts_are_the_training_rows_up_to_their_final_assistant_turn(op, tmp_path, hf_family):
     from distill.chat import render
     from distill.config import parse_config
-    from distill.data import _doc_in_val, load_documents
+    from distill.data import doc_in_val, load_documents
     from distill.train.on_policy import build_prompts
 
     cfg = parse_config(_raw(op, tmp_path, [_dense("a")], ALWAYS))
     tok = hf_family["tokenizer"]
     prompts = build_prompts(cfg, tok)
     docs = load_documents(cfg.data)
-    train = [json.loads(c) for t, c in zip(docs["text"], docs["chat"]) if not _doc_in_val(t, 0.2)]
+    train = [json.loads(c) for t, c in zip(docs["text"], docs["chat"]) if not doc_in_val(t, 0.2)]
     assert len(prompts) == len(train) < 120  # one per training row; validation rows give none
     chat = next(i for i, r in enumerate(train) if "messages" in r)
     text = tok.decode(prompts[chat].ids)

@@ -7,8 +7,6 @@ were ignored would end bit for bit equal to the base, as its twin (the same conf
 another name) does.  Memory knobs (loss.chunk_size) must change nothing but rounding."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import yaml

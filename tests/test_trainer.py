@@ -7,7 +7,8 @@ import torch
 from distill.config import StudentConfig
 from distill.layout import RunLayout
 from distill.train.engines import TorchEngine
-from distill.train.loop import LoopConfig, TrainingAborted, batch_indices, train_loop
+from distill.train.loop import LoopConfig, TrainingAborted, train_loop
+from distill.train.selection import batch_indices
 from distill.train.student import Student, make_optimizer
 from losses.signal import TeacherSignal
 from students.build import build_model
@@ -21,7 +22,7 @@ def make_student(name="s", **cfg):
     model = build_model(dense(vocab_size=V, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                               head_dim=16, intermediate_size=64), seed=0)
     opt, sched = make_optimizer(model, sc.optim, 10)
-    return Student(sc, model, TorchEngine(model, opt, sched, sc.optim, torch.device("cpu"), "fp32"), 10)
+    return Student(sc, TorchEngine(model, opt, sched, sc.optim, torch.device("cpu"), "fp32"), 10)
 
 
 class CountingTeacher:

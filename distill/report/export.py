@@ -23,8 +23,9 @@ from common.errors import UserError
 from common.fsutil import describe_os_error, publish_dir, writable_temp_dir, write_error
 from distill.chat import stop_ids
 from distill.config import shard_size_problem
-from distill.layout import has_tokenizer
+from distill.layout import RunLayout, has_tokenizer
 from distill.train import checkpoint
+from students.build import check_finite_weights
 from students.presets import align_moe_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,8 +64,6 @@ def _read_checkpoint(ckpt: Path, out: Path, overwrite: bool):
     """(meta, model, expert biases) of step dir `ckpt`, once `out` is known to be writable for
     it (before the weights are read); weights holding NaN or inf are refused: an export of them
     only fails its users later."""
-    from distill.train.setup import check_finite_weights
-
     meta = checkpoint.load_meta(ckpt)
     meta.setdefault("student", ckpt.parent.parent.name)
     check_export_target(out, meta, overwrite, source=ckpt)
@@ -267,8 +266,6 @@ def _find_tokenizer_dir(ckpt: Path, meta: dict) -> Path | None:
 
 def _held_out_blocks(ckpt: Path, meta: dict, n: int = 32):
     """The run's first `n` validation blocks (`Blocks`, (N, T+1)), found from the checkpoint's run dir."""
-    from distill.layout import RunLayout
-
     if len(ckpt.parents) < 4 or "data_fingerprint" not in meta:
         return None
     packed = RunLayout(ckpt.parents[3]).packed_blocks(meta["data_fingerprint"])  # OUT/students/NAME/checkpoints/step_N

@@ -24,7 +24,7 @@ import torch
 
 from distill.chat import PLAIN, cut_at_stop, stop_ids
 from distill.config import OnPolicyConfig, RunConfig
-from distill.data import _doc_in_val, documents_under, vocab_size_of
+from distill.data import doc_in_val, documents_under, vocab_size_of
 from distill.train.on_policy import Prompt, _unit, prompt_of
 from losses.divergences import kl
 from teachers import Batch, Teacher, untrained
@@ -54,7 +54,7 @@ def held_out_prompts(cfg: RunConfig, tok, n: int) -> list[Prompt]:
         return []
     out = []
     with documents_under(cfg.data, cfg.layout.root / "data") as docs:
-        docs = docs.filter(lambda b: [c != PLAIN and _doc_in_val(t, cfg.data.val_fraction)
+        docs = docs.filter(lambda b: [c != PLAIN and doc_in_val(t, cfg.data.val_fraction)
                                       for t, c in zip(b["text"], b["chat"])], batched=True)
         for chat in docs["chat"]:
             p = prompt_of(tok, chat)

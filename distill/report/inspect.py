@@ -234,8 +234,8 @@ def _print_difficulty(console: Console, path: Path) -> None:
         return  # incomplete or damaged: the table above (and --verify) say so
     for reader in readers:
         if not reader.has_difficulty:
-            console.print(f"teacher difficulty: not recorded in this cache (made before it was); "
-                          f"`distill cache --overwrite` records it")
+            console.print("teacher difficulty: not recorded in this cache (made before it was); "
+                          "`distill cache --overwrite` records it")
             return
         stats = reader.sequence_stats()
         note = manifest.get("identity", {}).get("teacher_signal")  # a server teacher's: how entropy was estimated

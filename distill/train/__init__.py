@@ -5,6 +5,8 @@ student.py     a `Student`: model, engine, loss recipe and its `train_step`
 engines.py     the `Engine` protocol: plain torch, or one DeepSpeed engine per student
 setup.py       config -> students, engines and the loop's settings
 checkpoint.py  crash-safe step dirs, exact resume
-metrics.py     metrics.jsonl (+ TensorBoard) and progress bars
+metrics.py     metrics.jsonl (+ TensorBoard)
 validate.py    held-out metrics during training and for the report
+selection.py   data views: which blocks each student reads, by the teacher's difficulty
+on_policy.py   on-policy steps: students sample, one teacher forward scores every sample
 """

@@ -4,8 +4,9 @@
         on-policy students of the step (on_policy.py): each samples the step's prompts, ONE
             teacher forward scores every student's samples, each learns from its own
         for view in data views:                 # students sharing a data selection (one by default)
-            batch   = the step's blocks of the view (a seeded permutation per epoch: resumable exactly)
-            signal  = teacher.signal(batch)     # 1 cache read or 1 teacher forward
+            batch   = the step's blocks of the view (a seeded permutation per epoch, or a draw by
+                      the view's weights: resumable exactly either way)
+            signal, valid = teacher.signal(batch)   # 1 cache read or 1 teacher forward
             for student in view (not on-policy this step):
                 student.train_step(step, [MicroBatch(batch, signal, valid)])
         students that failed: checkpoint everyone, drop them (or stop the run)
@@ -33,15 +34,16 @@ import torch.distributed as dist
 
 from common.errors import UserError
 from common.fsutil import atomic_write_json
+from common.progress import progress_bar
 from distill.blocks import block_positions, first_blocks
 from distill.layout import RunLayout
 from distill.train import checkpoint
-from distill.train.metrics import MetricsLogger, progress_bar
-from distill.train.student import MicroBatch, Student
-from distill.train.selection import DataView, batch_indices  # noqa: F401  (batch_indices: re-exported)
+from distill.train.metrics import MetricsLogger
+from distill.train.student import MicroBatch, Student, target_mask
+from distill.train.selection import DataView
 from distill.train.validate import evaluate_model
 from losses.difficulty import STATS, sequence_difficulty
-from teachers import IGNORE, Batch, Teacher
+from teachers import Batch, Teacher
 
 EVERY_BLOCK = {"rule": "every block", "digest": "all"}  # the selection of a student that has none
 
@@ -291,7 +293,8 @@ def block_gaps(members: list[Student], micro_batches: list[MicroBatch], loop: Lo
     """(batch_size,) the students' mean loss on each block of the step's global batch minus
     the teacher's nll on it (over the block's targets; NaN: none), gathered from every rank
     (one all-reduce of batch_size numbers)."""
-    teacher = torch.cat([sequence_difficulty(mb.signal.difficulty.cpu(), (mb.batch.labels != IGNORE) & mb.valid.cpu())[:, 0]
+    nll = STATS.index("nll")
+    teacher = torch.cat([sequence_difficulty(mb.signal.difficulty.cpu(), target_mask(mb.batch.labels, mb.valid.cpu()))[:, nll]
                          for mb in micro_batches])  # (B_local,) the teacher's nll per block
     student = torch.stack([s.hard_per_block.cpu() for s in members]).mean(0)  # (B_local,)
     flat = torch.zeros(loop.batch_size, dtype=torch.float64)
@@ -312,7 +315,7 @@ def teacher_metrics(micro_batches: list[MicroBatch], loop: LoopConfig, device: t
         sums[-1] += int((~mb.valid).sum())
         if has_difficulty:
             d = mb.signal.difficulty.cpu()  # (B, T, 3)
-            ok = (mb.batch.labels != IGNORE) & mb.valid.cpu() & torch.isfinite(d).all(-1)  # (B, T)
+            ok = target_mask(mb.batch.labels, mb.valid.cpu()) & torch.isfinite(d).all(-1)  # (B, T)
             sums[:len(STATS)] += d[ok].double().sum(0)
             sums[-2] += int(ok.sum())
     if loop.world_size > 1:

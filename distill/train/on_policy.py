@@ -33,7 +33,7 @@ import torch.distributed as dist
 from common.errors import UserError
 from distill.chat import PLAIN, cut_at_stop, stop_ids
 from distill.config import LossConfig, OnPolicyConfig, RunConfig
-from distill.data import _doc_in_val, documents_under, vocab_size_of
+from distill.data import doc_in_val, documents_under, vocab_size_of
 from distill.train.loop import LoopConfig
 from distill.train.student import MicroBatch, Recipe, Student
 from losses import build_schedule
@@ -64,7 +64,7 @@ def build_prompts(cfg: RunConfig, tok, log=None) -> list[Prompt]:
     """The training split's prompts, in document order.  A prompt longer than data.seq_len
     tokens is dropped (and counted): it would not fit a training block either."""
     with documents_under(cfg.data, cfg.layout.root / "data") as docs:
-        docs = docs.filter(lambda b: [c != PLAIN and not _doc_in_val(t, cfg.data.val_fraction)
+        docs = docs.filter(lambda b: [c != PLAIN and not doc_in_val(t, cfg.data.val_fraction)
                                       for t, c in zip(b["text"], b["chat"])], batched=True)
         prompts = [p for p in (prompt_of(tok, c) for c in docs["chat"]) if p is not None and p.ids]
         del docs
@@ -145,7 +145,7 @@ class OnPolicySource:
         prompts = [self.prompts[indices[j]].ids for j in positions]
         # One width for every student and rank, from the step's longest prompt: the blocks'
         # shape (and a MoE student's balance terms, which count every position) is that of one process.
-        width = max(len(self.prompts[i].ids) for i in indices) + self.op.max_new_tokens  # (B, W)
+        width = max(len(self.prompts[i].ids) for i in indices) + self.op.max_new_tokens  # W: every sample's block width
         blocks = torch.cat([self.sample(s, prompts, positions, step, width) for s in members])  # (S*B, W)
         batch = Batch.of(blocks, range(len(blocks)))  # input_ids, labels: (S*B, W-1)
         t1 = time.perf_counter()

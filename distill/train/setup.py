@@ -20,14 +20,14 @@ import torch.distributed as dist
 from common.errors import UserError
 from common.fsutil import atomic_write_json
 from distill.config import RunConfig, StudentConfig
-from distill.data import PackedData, vocab_size_of
+from distill.data import PackedData
 from distill.runtime import check_student_vocab, cut_layer_spec, is_leader, model_config, resolve_device, teacher_model
 from distill.train import checkpoint
 from distill.train.engines import DeepSpeedEngine, TorchEngine, deepspeed_config
 from distill.train.loop import LoopConfig
 from distill.train.student import Student, make_optimizer
 from losses.chunked import head_logits
-from students.build import head_transform
+from students.build import build_model, check_finite_files, check_finite_weights, head_transform, load_causal_lm
 from teachers import token_ids
 
 CALIBRATION_BLOCKS, CALIBRATION_BATCH = 8, 4  # `layers: auto` measures on 8 train blocks, 4 at a time
@@ -53,7 +53,7 @@ def make_student(cfg: RunConfig, sc: StudentConfig, model, steps: int, batch_siz
         engine = DeepSpeedEngine(model, opt, sched, deepspeed_config(cfg.train, sc.optim, micro))
     else:
         engine = TorchEngine(model, opt, sched, sc.optim, device, cfg.train.precision)
-    return Student(sc, model, engine, steps)
+    return Student(sc, engine, steps)
 
 
 class _TeacherOnce:
@@ -70,7 +70,6 @@ class _TeacherOnce:
 
 def _from_teacher(cfg: RunConfig, sc: StudentConfig, i: int, data: PackedData, teacher: _TeacherOnce):
     """(model, info) for `model: {from_teacher: {...}}`."""
-    from students.build import build_model
     from students.derive import choose_layers, derive_config, even_layers
 
     from transformers import AutoConfig
@@ -100,13 +99,6 @@ def _from_teacher(cfg: RunConfig, sc: StudentConfig, i: int, data: PackedData, t
     return model, {"source": "from_teacher", "overrides": overrides, "layers": layers, "layer_choice": why}
 
 
-@torch.no_grad()
-def check_finite_weights(model) -> None:
-    """Raise ValueError naming the parameters that hold NaN or inf (a damaged or wrongly
-    converted checkpoint): every step from them would be non-finite."""
-    _check_finite(model.named_parameters())
-
-
 def check_pretrained_finite(cfg: RunConfig) -> None:
     """UserError when a pretrained student's safetensors hold NaN or inf, read a tensor at a
     time: `distill run` builds the students (and checks them, `student_model`) only after the
@@ -114,32 +106,9 @@ def check_pretrained_finite(cfg: RunConfig) -> None:
     for i, sc in enumerate(cfg.students):
         if sc.model.path is not None:
             try:
-                _check_finite(_saved_tensors(Path(sc.model.path)))
+                check_finite_files(Path(sc.model.path))
             except ValueError as e:
                 raise UserError(f"students.{i}.model.path {sc.model.path}: {e}") from None
-
-
-def _saved_tensors(model_dir: Path):
-    """(name, tensor) of every tensor in a dir's safetensors files, one in memory at a time."""
-    from safetensors import safe_open
-
-    for file in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
-
-
-def _check_finite(named_tensors) -> None:
-    bad = []
-    for name, tensor in named_tensors:
-        if tensor.is_floating_point():
-            n = int((~torch.isfinite(tensor)).sum())
-            if n:
-                bad.append(f"{name}: {n:,} of {tensor.numel():,}")
-    if bad:
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise ValueError(f"its weights hold NaN or inf ({'; '.join(bad[:3])}{more}): a damaged or wrongly converted "
-                         f"checkpoint; replace it")
 
 
 @torch.no_grad()
@@ -184,7 +153,6 @@ def student_model(cfg: RunConfig, sc: StudentConfig, i: int, data: PackedData, t
 
 
 def _student_model(cfg: RunConfig, sc: StudentConfig, i: int, data: PackedData, teacher: _TeacherOnce):
-    from students.build import build_model, load_causal_lm
     from students.init import init_from_teacher
 
     if sc.model.path is not None:

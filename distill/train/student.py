@@ -182,6 +182,15 @@ def positions_arg(position_ids: torch.Tensor | None) -> dict:
     return {"use_cache": False} | ({} if position_ids is None else {"position_ids": position_ids})
 
 
+def weighting_mode(loss_cfg: LossConfig, baseline: bool, w_soft: float, has_signal: bool) -> str:
+    """The step's per-token soft weighting (losses/weighting.py): the config's `adaptive`
+    (its `none` is the losses' `uniform`), uniform where there is no soft term to weight
+    (a baseline, w_soft 0, or no teacher signal)."""
+    if loss_cfg.adaptive == "none" or baseline or w_soft == 0 or not has_signal:
+        return "uniform"
+    return loss_cfg.adaptive
+
+
 def target_mask(labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(B, T) bool: the positions a step learns from, targets with a valid teacher signal."""
     return valid & (labels != IGNORE)
@@ -210,7 +219,7 @@ def distill_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, signal: T
     flat_mask = mask.reshape(-1)  # (N,)
     hard, soft = student_forward(model, input_ids, labels, signal, flat_mask, loss_cfg, baseline, position_ids)
     if signal is not None and not baseline:
-        mode = "uniform" if loss_cfg.adaptive == "none" else loss_cfg.adaptive
+        mode = weighting_mode(loss_cfg, baseline, w_soft, has_signal=True)
         score_mean = totals.score_mean
         if mode == "disagreement" and score_mean is None:  # one micro-batch: its scores, over every rank
             score_sum = weight_scores(mode, None, soft.detach(), flat_mask)[flat_mask].double().sum().reshape(1)
@@ -237,7 +246,7 @@ def distill_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, signal: T
 class Student:
     """A student's model + optimiser + schedule; `train_step` does one optimiser step."""
 
-    def __init__(self, cfg: StudentConfig, model: torch.nn.Module, engine: Engine, total_steps: int):
+    def __init__(self, cfg: StudentConfig, engine: Engine, total_steps: int):
         self.cfg = cfg
         self.name = cfg.name
         self.engine = engine
@@ -311,7 +320,7 @@ class Student:
         self.tokens_seen += tokens
         if self.targets_seen is not None:
             self.targets_seen += round(totals.targets)  # every rank's: the step's global count
-        metrics = self._reduced(sums, world)
+        metrics = self._reduced(sums)
         metrics.update({
             "w_hard": out.stats["w_hard"],
             "lr": self.engine.lr(), "grad_norm": grad_norm,
@@ -329,9 +338,8 @@ class Student:
         third of a step's compute, only in those configurations); with one, the forward
         itself reduces them (see `distill_loss`)."""
         loss_cfg = loss_cfg or self.cfg.loss
-        mode = "uniform" if loss_cfg.adaptive == "none" or self.cfg.baseline or w_soft == 0 else loss_cfg.adaptive
-        if mode != "uniform" and any(sig is None for _, _, _, sig, _ in micro_batches):
-            mode = "uniform"  # no teacher signal (CE only): no soft term to weight
+        mode = weighting_mode(loss_cfg, self.cfg.baseline, w_soft,
+                              has_signal=all(sig is not None for _, _, _, sig, _ in micro_batches))
         masks = [target_mask(labels, valid).reshape(-1) for _, labels, valid, _, _ in micro_batches]  # (N,) each
         moe = bool(moe_modules(self.model)) and loss_cfg.balance_weight > 0
         prepass = len(micro_batches) > 1 and (moe or mode == "disagreement")
@@ -364,7 +372,7 @@ class Student:
         return StepTotals(targets, tokens, score_mean,
                           flat[3:].view_as(slots).float().to(self.device) if slots is not None else None)
 
-    def _reduced(self, sums: dict, world: int) -> dict:
+    def _reduced(self, sums: dict) -> dict:
         """The step's metrics over every rank, from this rank's sums (one all-reduce): loss,
         hard, soft, w_soft, balance/z losses are shares of the step's means (summed), n_valid
         a count (summed); expert imbalance from the last micro-batch's per-expert token

@@ -1,42 +1,42 @@
 """Held-out metrics for a teacher or a student.
 
-val_ppl                exp(mean next-token CE) on validation blocks
+val_ce, val_ppl        mean next-token CE on validation blocks, and its exp
+val_tokens             the positions scored
 teacher_top1_agreement share of tokens where the model's argmax equals the teacher's (a
                        sampled signal: its most frequent draw)
 kl_to_teacher          mean KL(teacher || model): top-k with the tail bucket at T=1 (exact
                        when the signal is dense); a sampled signal: its unbiased estimate at
                        the draws' temperature
-Chat data scores the assistant's (or the completion's) tokens only: every figure above
-counts the positions whose label is not -100.
 expert_load            MoE models: tokens routed to each expert, per MoE layer, summed
                        over these same held-out blocks
+Chat data scores the assistant's (or the completion's) tokens only: every figure above
+counts the positions whose label is not -100.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 
 import torch
 
-from losses import DIVERGENCES
-from losses.chunked import auto_chunk_size
 from distill.blocks import block_positions
 from distill.train.student import positions_arg
-from losses.chunked import head_logits
+from losses import DIVERGENCES
+from losses.chunked import auto_chunk_size, head_logits
 from students.build import expert_load, head_transform
 from teachers import IGNORE, Batch, Teacher
 
 
 @torch.no_grad()
 def evaluate_model(model, blocks: torch.Tensor, teacher: Teacher | None = None, batch_size: int = 8,
-                   device: torch.device | None = None, autocast_dtype=None, chunk_size: int | None = None) -> dict:
+                   device: torch.device | None = None, chunk_size: int | None = None) -> dict:
     """blocks: (N, T+1) token ids, rows 0..N-1 of the teacher's split (None: perplexity only).
 
     Chunked like training: the decoder runs once per batch, then the lm_head goes over
     `chunk_size` tokens at a time (None: `auto_chunk_size`, as for training), so at most
     (chunk_size, V) fp32 logits exist at once,
-    never (B, T, V): a vocabulary and batch that trained fine also evaluate."""
+    never (B, T, V): a vocabulary and batch that trained fine also evaluate.  The model runs in
+    its weights' dtype (no autocast: a bf16-trained student is scored in fp32)."""
     device = device or next(model.parameters()).device
     chunk_size = chunk_size or auto_chunk_size(model.lm_head.weight.shape[0], device)
     was_training = model.training
@@ -44,14 +44,12 @@ def evaluate_model(model, blocks: torch.Tensor, teacher: Teacher | None = None, 
     transform = head_transform(model)  # a Gemma 2/3 soft cap, a Cohere scale: the model's own logits
     ce_sum, n_tok, agree, kl_sum, n_sig = 0.0, 0, 0, 0.0, 0
     loads: list[torch.Tensor] = []  # per MoE layer: (E,) tokens per expert
-    ctx = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
     for start in range(0, len(blocks), batch_size):
         idx = list(range(start, min(start + batch_size, len(blocks))))
         batch = Batch.of(blocks[idx], idx, block_positions(blocks, idx))  # positions: data.packing documents
         input_ids, labels = batch.input_ids.to(device), batch.labels.to(device)
         positions = None if batch.position_ids is None else batch.position_ids.to(device)
-        with ctx():
-            hidden = model.model(input_ids=input_ids, **positions_arg(positions)).last_hidden_state  # (B, T, H)
+        hidden = model.model(input_ids=input_ids, **positions_arg(positions)).last_hidden_state  # (B, T, H)
         batch_loads = expert_load(model)  # from this forward
         loads = [a + b.cpu() for a, b in zip(loads, batch_loads)] if loads else [b.cpu() for b in batch_loads]
         hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)  # (N, H), (N,)
@@ -64,9 +62,7 @@ def evaluate_model(model, blocks: torch.Tensor, teacher: Teacher | None = None, 
             n_sig += int(valid.sum())
         for a in range(0, len(labels), chunk_size):
             b = a + chunk_size
-            with ctx():
-                logits = head_logits(model.lm_head(hidden[a:b]), **transform)
-            logits = logits.float()  # (C, V)
+            logits = head_logits(model.lm_head(hidden[a:b]), **transform).float()  # (C, V)
             ce_sum += float(torch.nn.functional.cross_entropy(logits, labels[a:b], reduction="sum"))
             if teacher is not None:
                 chunk = sig.rows(a, b)

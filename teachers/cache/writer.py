@@ -49,7 +49,6 @@ import hashlib
 import inspect
 import json
 import math
-import os
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +60,7 @@ import torch
 import torch.distributed as dist
 
 from common.fsutil import try_lock, unlock, write_file_atomically
+from common.progress import progress_bar
 from teachers.cache.codec import get_codec, safetensors_bytes
 from teachers.cache.format import (MANIFEST, CacheLocked, CacheWriteError, Sampling, format_version, identity_diffs,
                                    mismatch_error, read_json, sha256_file)
@@ -521,8 +521,9 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
         _atomic_write(manifest_path, _dump(manifest))
 
     pending = None
+    todo = sum(e["sequences"][1] - e["sequences"][0] for _, e, reuse in plan if not reuse)
     try:
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        with ThreadPoolExecutor(max_workers=1) as pool, progress_bar(todo, "cache", progress) as bar:
             try:
                 for split, entry, reuse in plan:
                     if reuse:
@@ -536,12 +537,13 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
                     t = None if targets is None else targets[split][s0:s1].to(torch.int64)  # (n, T), signed
                     plain = None if t is None else token_ids(t)
                     pos = None if positions is None else positions[split][s0:s1]  # (n, T)
+                    outs = []
                     try:
-                        outs = [signal_of(split, x[b0:b0 + batch_size], s0 + b0,
-                                          None if plain is None else plain[b0:b0 + batch_size],
-                                          None if pos is None else pos[b0:b0 + batch_size],
-                                          None if t is None else t[b0:b0 + batch_size] >= 0)
-                                for b0 in range(0, s1 - s0, batch_size)]
+                        for b0 in range(0, s1 - s0, batch_size):
+                            b = slice(b0, b0 + batch_size)
+                            outs.append(signal_of(split, x[b], s0 + b0, None if plain is None else plain[b],
+                                                  None if pos is None else pos[b], None if t is None else t[b] >= 0))
+                            bar.update(len(x[b]), info=f"{split} shard {entry['file']}")
                     except TeacherUnavailable as e:  # name the shard it stopped in
                         raise TeacherUnavailable(f"cache shard {entry['file']} ({split} sequences {s0}-{s1}): {e}") from None
                     ids, vals, bad = (torch.cat(o) for o in list(zip(*outs))[:3])
@@ -551,9 +553,6 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
                         pending.result()
                     pending = pool.submit(finish, split, entry, ids, vals, bad, entropy, difficulty,
                                           None if t is None else t >= 0)
-                    if progress:
-                        n = splits[split].shape[0]
-                        print(f"[cache] rank {rank}: {split} sequences {s0}-{s1} of {n}", file=sys.stderr, flush=True)
             finally:
                 if pending is not None:
                     pending.result()  # a finished shard is recorded even if the teacher failed later
