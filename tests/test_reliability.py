@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -103,6 +104,11 @@ def test_sigterm_during_the_cache_stops_as_ctrl_c_and_the_rerun_keeps_its_shards
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     kept = [l for l in rerun.stderr.splitlines() if "shard(s) kept from an earlier run" in l]
     assert kept and not kept[0].startswith("[cache] rank 0: 0 of"), rerun.stderr[-2000:]
+    # the teacher pass's progress, in a log a plain line (here only the end's: it takes seconds)
+    # counting the sequences this run computes, not the kept ones
+    done = re.findall(r"^cache ([\d,]+)/([\d,]+) \(100%\)", rerun.stdout, re.M)
+    total = sum(s["sequences"] for s in json.loads((out / "cache" / "manifest.json").read_text())["splits"].values())
+    assert len(done) == 1 and done[0][0] == done[0][1] and int(done[0][0].replace(",", "")) < total, rerun.stdout
 
 
 def test_resume_with_other_config_refused(online_setup):
