@@ -148,6 +148,26 @@ def writable_temp_dir(final: Path) -> Path:
     return tmp
 
 
+@contextlib.contextmanager
+def staged_dir(final: Path):
+    """Yield a temp dir beside `final` to write into; on a clean exit it replaces `final` in one
+    rename (`publish_dir`).  On failure it is removed, and a failed write (disk full, not
+    writable; also as a library's own error type, `write_error`) is a UserError naming `final`."""
+    tmp = writable_temp_dir(final)
+    try:
+        yield tmp
+        publish_dir(tmp, final)
+    except UserError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as e:  # disk full comes as safetensors' or torch's own error type, not OSError
+        failed = write_error(e, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if failed is None:
+            raise
+        raise UserError(describe_os_error(failed, final)) from e
+
+
 def human_bytes(n: int) -> str:
     """1234567 -> '1.2 MB' (decimal units, as disks are sold)."""
     for unit in ("B", "kB", "MB", "GB", "TB"):

@@ -483,7 +483,8 @@ def _train_students(cfg: RunConfig, resume: bool, progress: bool, data: PackedDa
     rhash = run_hash(*identity.values())
     loop = loop_config(cfg, cfg.train.steps, cfg.train.batch_size, rank, world, rhash)
     loop.earlier_run_hashes = earlier_run_hashes(cfg, identity)
-    loop.extra_meta = {"run_identity": identity, "data_fingerprint": data.fingerprint, "data_content": data.content,
+    loop.run_identity, loop.data_content = identity, data.content
+    loop.extra_meta = {"data_fingerprint": data.fingerprint,
                        "teacher": str(cfg.layout.teacher.resolve()), "teacher_identity": learnt_from,
                        **({"teacher_probe": probe} if probe is not None else {}),
                        "tokenizer": str(tokenizer_dir(cfg, data)),  # what `distill export` ships beside the weights

@@ -293,6 +293,9 @@ def test_disk_full_keeps_previous_state_then_resumes(tmp_path, reference, monkey
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
         "manifest.json", "train-r0-s000000000.safetensors", "train-r0-s000000004.safetensors"]
     assert _files(tmp_path)["train-r0-s000000004.safetensors"] == _files(reference)["train-r0-s000000004.safetensors"]
+    # `inspect` of the incomplete cache: bytes per block over the 8 sequences written (was: over all 43)
+    assert describe_cache(tmp_path)["bytes_per_block"] == sum(len(b) for n, b in _files(tmp_path).items()
+                                                             if n.endswith(".safetensors")) / 8
     monkeypatch.setattr(cache_mod, "_write_all", real)
     worker.write(tmp_path)
     assert _files(tmp_path) == _files(reference)

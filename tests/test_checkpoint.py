@@ -77,6 +77,13 @@ def test_a_refused_resume_says_what_changed(tmp_path, model):
         checkpoint.load(tmp_path / "b" / "step_00000001", None, run_hash(*other_data.values()), other_data)
     # a hash the same run had under earlier rules is accepted
     checkpoint.load(ckpt, None, "a-new-rule", then, also=(run_hash(*then.values()),))
+    # a checkpoint from before identities were recorded: what changed is not known, the way on is said
+    checkpoint.save(tmp_path / "old", 1, model, {}, {"run_hash": "7f1125e7fb1215a7"})
+    with pytest.raises(UserError) as e:
+        checkpoint.load(tmp_path / "old" / "step_00000001", None, run_hash(*then.values()), then)
+    assert "made by a different config (run hash 7f1125e7fb1215a7 != " in str(e.value)
+    assert str(e.value).endswith("; if train.steps changed, to train these students further, `distill export` them "
+                                 "and start a new run (another out_dir) with students.N.model.path set to each export")
 
 
 def test_a_checkpoint_hashed_with_a_students_device_still_resumes():

@@ -13,14 +13,13 @@ held-out tokens whose experts change (`routing_note`), printed and in the model 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 from common.errors import UserError
-from common.fsutil import describe_os_error, publish_dir, writable_temp_dir, write_error
+from common.fsutil import staged_dir
 from distill.chat import stop_ids
 from distill.config import shard_size_problem
 from distill.layout import RunLayout, has_tokenizer
@@ -95,8 +94,7 @@ def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size
     if shard_size_problem(max_shard_size):
         raise UserError(f"--max-shard-size: {shard_size_problem(max_shard_size)}")
     out = Path(out)
-    tmp = writable_temp_dir(out)
-    try:
+    with staged_dir(out) as tmp:
         model = model.to(DTYPES[dtype])
         model.config.architectures = [type(model).__name__]
         if state_dict is not None:
@@ -121,16 +119,6 @@ def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size
             (tmp / "README.md").write_text(card)
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
-        publish_dir(tmp, out)
-    except UserError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    except Exception as e:  # disk full comes as safetensors' own error type, not OSError
-        failed = write_error(e, tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if failed is None:
-            raise
-        raise UserError(describe_os_error(failed, out)) from e
     return out
 
 

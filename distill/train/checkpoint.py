@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.errors import UserError
-from common.fsutil import atomic_write_json, describe_os_error, publish_dir, writable_temp_dir, write_error
+from common.fsutil import atomic_write_json, staged_dir
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 COMMITTED = "committed.json"  # in OUT/students: {"students": {name: step}}
@@ -162,23 +162,12 @@ def save(ckpt_root: Path, step: int, model: torch.nn.Module, state: dict, meta: 
     weights: the model's full state dict when the model itself holds only partitions
     (ZeRO-3); default model.state_dict()."""
     final = ckpt_root / f"step_{step:08d}"
-    tmp = writable_temp_dir(final)
-    try:
+    with staged_dir(final) as tmp:
         weights = {k: v.detach().contiguous().cpu() for k, v in (weights or model.state_dict()).items()}
         save_file(_untie(weights), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         model.config.to_json_file(str(tmp / "config.json"))
         torch.save(state, tmp / "state.pt")
         atomic_write_json(tmp / "meta.json", {**meta, "step": step})
-        publish_dir(tmp, final)
-    except UserError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    except Exception as e:  # disk full comes as safetensors' or torch's own error type, not OSError
-        failed = write_error(e, tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if failed is None:
-            raise
-        raise UserError(describe_os_error(failed, final)) from e
     _fault_injection()
     return final
 
@@ -281,9 +270,13 @@ def load(ckpt: Path, model: torch.nn.Module | None, expected_run_hash: str | Non
         # More steps is the change users most often mean to make: the LR schedule spans
         # train.steps, so the steps taken would have had other rates.  Training on goes through
         # the exports, as a new run.
-        further = ("; to train these students further, `distill export` them and start a new run (another out_dir) "
-                   "with students.N.model.path set to each export" if then and expected_identity and
-                   then.get("train.steps") != expected_identity.get("train.steps") else "")
+        export_them = ("`distill export` them and start a new run (another out_dir) with students.N.model.path set "
+                       "to each export")
+        if then and expected_identity:
+            further = (f"; to train these students further, {export_them}"
+                       if then.get("train.steps") != expected_identity.get("train.steps") else "")
+        else:  # a checkpoint from before 2026-12-03 records no identity: what changed is not known
+            further = f"; if train.steps changed, to train these students further, {export_them}"
         raise UserError(f"{ckpt}: this checkpoint was made by {what}; resume with the config that made it, or "
                         f"start afresh in this out_dir with --overwrite{further}")
     # After the fingerprint (in the run hash): other content under the same fingerprint is the case left.

@@ -28,6 +28,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,9 @@ from distill.train.selection import DataView
 from distill.train.validate import evaluate_model
 from losses.difficulty import STATS, sequence_difficulty
 from teachers import Batch, Teacher
+
+if TYPE_CHECKING:  # on_policy.py builds on this module (LoopConfig)
+    from distill.train.on_policy import OnPolicySource
 
 EVERY_BLOCK = {"rule": "every block", "digest": "all"}  # the selection of a student that has none
 
@@ -75,7 +79,12 @@ class LoopConfig:
     earlier_run_hashes: tuple[str, ...] = ()  # the same run's hash under earlier rules: resumable too
     rank: int = 0
     world_size: int = 1
-    extra_meta: dict = field(default_factory=dict)
+    # What run_hash was made of (named in a refused resume's line), and the prepared blocks'
+    # content digest (a resume onto blocks prepared again, differently, is refused): both
+    # checked by checkpoint.load, and recorded in every checkpoint's meta.
+    run_identity: dict | None = None
+    data_content: str | None = None
+    extra_meta: dict = field(default_factory=dict)  # more for the checkpoints' meta (teacher, tokenizer, ...)
     on_student_failure: str = "stop"  # "stop" | "drop" (see drop_failed)
     selections: dict = field(default_factory=dict)  # student -> {"rule", "digest"} of its data view
 
@@ -152,6 +161,8 @@ def save_checkpoints(layout: RunLayout, saves: list[tuple[Student, int]], loop: 
         meta = {"student": s.name, "run_hash": loop.run_hash, "student_config": s.cfg.model_dump(mode="json"),
                 "tokens_seen": s.tokens_seen, "targets_seen": s.targets_seen, "nonfinite_steps": s.nonfinite_steps,
                 "selection": loop.selections.get(s.name, EVERY_BLOCK),
+                **({"run_identity": loop.run_identity} if loop.run_identity is not None else {}),
+                **({"data_content": loop.data_content} if loop.data_content is not None else {}),
                 **loop.extra_meta}
         root = layout.checkpoints(s.name)
         s.engine.save_sharded(root, tag=f"step_{step:08d}")
@@ -232,8 +243,7 @@ def resume_all(layout: RunLayout, students: list[Student], loop: LoopConfig) -> 
         # Under ZeRO-3 the model's weights are partitions: DeepSpeed's own checkpoint restores them.
         weights_too = getattr(s.engine, "zero_stage", 0) < 3
         state = checkpoint.load(latest[s.name], s.model if weights_too else None, loop.run_hash,
-                                loop.extra_meta.get("run_identity"), also=loop.earlier_run_hashes,
-                                data_content=loop.extra_meta.get("data_content"))
+                                loop.run_identity, also=loop.earlier_run_hashes, data_content=loop.data_content)
         s.load_state(state)
         s.engine.load_sharded(layout.checkpoints(s.name), tag=latest[s.name].name)
         rng = state["rng"]
@@ -331,7 +341,7 @@ def teacher_metrics(micro_batches: list[MicroBatch], loop: LoopConfig, device: t
 def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: torch.Tensor,
                val_blocks: torch.Tensor, val_teacher: Teacher | None, loop: LoopConfig, layout: RunLayout,
                resume: bool, progress: bool, label: str = "co-distilling",
-               views: list[DataView] | None = None, on_policy=None) -> dict:
+               views: list[DataView] | None = None, on_policy: OnPolicySource | None = None) -> dict:
     """Train every student for `loop.steps`; returns the final validation metrics per student.
 
     train_blocks, val_blocks: (N, T+1) token ids.  teacher None: CE-only training (the

@@ -264,10 +264,11 @@ def describe_cache(cache_dir) -> dict:
         size = sum((cache_dir / e["file"]).stat().st_size for e in info["shards"] if (cache_dir / e["file"]).exists())
         splits[name] = {"sequences": info["sequences"], "tokens": info.get("tokens", 0), "shards": len(info["shards"]),
                         "bytes": size, "nonfinite_tokens": info.get("nonfinite_tokens", 0),
-                        "stored_tokens": sum(e.get("stored_tokens", e["tokens"]) for e in info["shards"])}
+                        "stored_tokens": sum(e.get("stored_tokens", e["tokens"]) for e in info["shards"]),
+                        "written": sum(e["sequences"][1] - e["sequences"][0] for e in info["shards"])}
     tokens = sum(s["tokens"] for s in splits.values())
     stored = sum(s["stored_tokens"] for s in splits.values())
-    blocks = sum(s["sequences"] for s in splits.values())
+    blocks = sum(s.pop("written") for s in splits.values())  # so far: an incomplete cache's bytes cover these only
     size = sum(s["bytes"] for s in splits.values())
     sampling = Sampling.of_manifest(m)
     estimator = "top-k" if sampling is None else (
