@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill.config import OnPolicyConfig, StudentConfig  # noqa: E402
 from distill.train.engines import TorchEngine  # noqa: E402
 from distill.train.loop import LoopConfig  # noqa: E402
-from distill.train.on_policy import OnPolicySource, Prompt  # noqa: E402
+from distill.prompts import Prompt  # noqa: E402
+from distill.train.on_policy import OnPolicySource  # noqa: E402
 from distill.train.student import Student, make_optimizer  # noqa: E402
 from students.build import build_model  # noqa: E402
 from students.presets import PRESETS, param_counts  # noqa: E402

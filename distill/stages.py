@@ -27,7 +27,8 @@ from distill.runtime import (DENSE_AUTO_BYTES, autocast_dtype, cache_identity, c
                              model_config, prepare, resolve_device, sampling_of, scoring_teacher, server_teacher,
                              setup_runtime)
 from distill.train.checkpoint import DATA_KEY, earlier_checkpoints, latest, load_meta
-from distill.train.loop import claim_out_dir, run_hash, train_loop
+from distill.train.loop import claim_out_dir, train_loop
+from distill.train.loop_config import run_hash
 from distill.train.on_policy import on_policy_source
 from distill.train.selection import DataView, plan_views
 from distill.train.setup import build_students, check_pretrained_finite, loop_config, make_student, student_models

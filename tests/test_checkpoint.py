@@ -43,7 +43,7 @@ def test_save_load_round_trip_and_keep_last(tmp_path, model):
 def test_a_refused_resume_says_what_changed(tmp_path, model):
     """A checkpoint keeps its run's identity by name: a refused --resume names what changed,
     and when only the data did, says so rather than blaming the config."""
-    from distill.train.loop import run_hash
+    from distill.train.loop_config import run_hash
 
     then = {"stage": "train", "students": [{"name": "s", "optim": {"lr": 1e-3}}], checkpoint.DATA_KEY: "aaaa",
             "train.steps": 60}
@@ -91,7 +91,7 @@ def test_a_checkpoint_hashed_with_a_students_device_still_resumes():
     sets one gets that hash too, as an earlier one."""
     from distill.config import check_config, parse_config
     from distill.stages import earlier_run_hashes, run_identity
-    from distill.train.loop import run_hash
+    from distill.train.loop_config import run_hash
 
     raw = {"data": {"stdlib": True}, "teacher": {"path": "/teacher"},
            "students": [{"name": "a", "model": {"preset": "dense"}, "device": "cuda:1"},
@@ -114,7 +114,7 @@ def test_a_checkpoint_hashed_with_its_grad_accum_still_resumes_with_any():
     grad_accum that divides the batch resumes with any other."""
     from distill.config import check_config, parse_config
     from distill.stages import earlier_run_hashes, run_identity
-    from distill.train.loop import run_hash
+    from distill.train.loop_config import run_hash
 
     def cfg(grad_accum):
         return check_config(parse_config({"data": {"stdlib": True}, "teacher": {"path": "/teacher"},
@@ -271,7 +271,7 @@ def test_an_uncommitted_step_is_not_the_latest_and_pruning_keeps_the_committed_o
 def _run_hash_of(raw: dict, selections: dict | None = None) -> str:
     from distill.config import check_config, parse_config
     from distill.stages import run_identity
-    from distill.train.loop import run_hash
+    from distill.train.loop_config import run_hash
     identity = run_identity(check_config(parse_config(raw)), "fingerprint", selections, dense=False)
     return run_hash(*identity.values())
 

@@ -87,7 +87,7 @@ def models(hf_family):
 
 
 def _prompts(tok, n=5):
-    from distill.train.on_policy import prompt_of
+    from distill.prompts import prompt_of
 
     rows = [r for r in chat_rows() if "messages" in r][:n]
     return [prompt_of(tok, json.dumps(r)) for r in rows]
@@ -143,7 +143,7 @@ def test_reverse_kl_is_the_mean_over_completion_tokens_of_the_exact_kl(models):
 
 def test_exact_match_strips_whitespace_and_drops_eos(models):
     from distill.report.generation import completion_stats
-    from distill.train.on_policy import Prompt
+    from distill.prompts import Prompt
 
     tok = models["tok"]
     enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731

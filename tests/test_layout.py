@@ -15,7 +15,8 @@ LAYERS = {"cli": 0, "distill": 1, "teachers": 2, "students": 3, "losses": 3, "co
 # Inside distill: the command functions on top, then report, the training code, and the
 # setup, data and config every stage shares.
 DISTILL = {"distill.demo": 0, "distill.stages": 1, "distill.report": 2, "distill.train": 3, "distill.runtime": 4,
-           "distill.data": 5, "distill.chat": 5, "distill.config": 6, "distill.layout": 7}
+           "distill.prompts": 4, "distill.data": 5, "distill.packing": 5, "distill.blocks": 5, "distill.chat": 5,
+           "distill.config": 6, "distill.layout": 7}
 
 
 def project_modules() -> dict[str, Path]:

@@ -196,7 +196,7 @@ def test_prompt_and_padding_tokens_get_no_gradient(op, tmp_path):
     signal does move them."""
     from losses.signal import TeacherSignal
 
-    from distill.train.on_policy import Prompt
+    from distill.prompts import Prompt
 
     source, student = _source(op, tmp_path, op["student"], op["teacher"])
     source.prompts = [source.prompts[0], Prompt(source.prompts[1].ids[-3:], "")]  # a short one: padding after it

@@ -1,7 +1,7 @@
 """Generation evaluation: students answer held-out prompts, the teacher judges the answers.
 
 On the validation split's first `train.eval_prompts` prompts (chat rows up to their final
-assistant turn, prompt/completion rows' prompt: `distill.train.on_policy.prompt_of`), per model:
+assistant turn, prompt/completion rows' prompt: `distill.prompts`), per model:
 
     greedy  = model.generate(prompts)                       # stock generate, no sampling
     sampled = model.generate(prompts, sample at T, top_p)   # own RNG stream, seeded by (seed, name)
@@ -22,12 +22,13 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.chat import PLAIN, cut_at_stop, stop_ids
+from distill.chat import cut_at_stop, stop_ids
 from distill.config import OnPolicyConfig, RunConfig
-from distill.data import doc_in_val, documents_under, vocab_size_of
-from distill.train.on_policy import Prompt, _unit, prompt_of
+from distill.data import vocab_size_of
+from distill.prompts import (Prompt, completion_blocks, left_padded, never_generated, pad_id, split_prompts,
+                             stable_seed)
 from losses.divergences import kl
-from teachers import Batch, Teacher, untrained
+from teachers import Batch, Teacher
 from teachers.protocol import IGNORE
 
 SAMPLES_SHOWN = 3
@@ -50,20 +51,7 @@ class GenSettings:
 def held_out_prompts(cfg: RunConfig, tok, n: int) -> list[Prompt]:
     """The validation split's first n prompts that fit data.seq_len, in document order
     (the split `distill.data` packs the held-out blocks from)."""
-    if n <= 0:
-        return []
-    out = []
-    with documents_under(cfg.data, cfg.layout.root / "data") as docs:
-        docs = docs.filter(lambda b: [c != PLAIN and doc_in_val(t, cfg.data.val_fraction)
-                                      for t, c in zip(b["text"], b["chat"])], batched=True)
-        for chat in docs["chat"]:
-            p = prompt_of(tok, chat)
-            if p is not None and p.ids and len(p.ids) <= cfg.data.seq_len:
-                out.append(p)
-                if len(out) == n:
-                    break
-        del docs
-    return out
+    return split_prompts(cfg, tok, held_out=True, limit=n)[0] if n > 0 else []
 
 
 def generate(model, prompts: list[list[int]], tok, s: GenSettings, sample_seed: int | None = None) -> list[list[int]]:
@@ -72,11 +60,9 @@ def generate(model, prompts: list[list[int]], tok, s: GenSettings, sample_seed: 
     s.top_p on an RNG stream of its own."""
     from transformers import GenerationConfig
 
-    eos = stop_ids(tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos, pad = stop_ids(tok), pad_id(tok)
     device = next(model.parameters()).device
-    extra = model.get_input_embeddings().weight.shape[0]  # padded embedding rows: never generated
-    suppress = list(range(vocab_size_of(tok), extra)) or None
+    suppress = never_generated(model, vocab_size_of(tok))
     if sample_seed is None:
         config = GenerationConfig(do_sample=False, max_new_tokens=s.max_new_tokens, eos_token_id=eos,
                                   pad_token_id=pad, suppress_tokens=suppress)
@@ -91,31 +77,13 @@ def generate(model, prompts: list[list[int]], tok, s: GenSettings, sample_seed: 
         if sample_seed is not None:
             torch.manual_seed(sample_seed)
         for lo in range(0, len(prompts), s.batch_size):
-            part = prompts[lo: lo + s.batch_size]
-            longest = max(len(p) for p in part)
-            ids = torch.full((len(part), longest), pad, dtype=torch.long)  # (B, P) left-padded
-            mask = torch.zeros_like(ids)
-            for r, p in enumerate(part):
-                ids[r, longest - len(p):] = torch.tensor(p)
-                mask[r, longest - len(p):] = 1
+            ids, mask = left_padded(prompts[lo: lo + s.batch_size], pad)  # (B, P)
             new = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 generation_config=config)[:, longest:].cpu()  # (B, <= max_new_tokens)
+                                 generation_config=config)[:, ids.shape[1]:].cpu()  # (B, <= max_new_tokens)
             for row in new.tolist():
                 out.append(cut_at_stop(row, eos))
     model.train(was_training)
     return out
-
-
-def completion_blocks(prompts: list[list[int]], completions: list[list[int]], pad: int) -> torch.Tensor:
-    """(B, W) blocks: prompt (no target) + completion (targets) + padding (no target), marked
-    as packed blocks are (teachers.protocol.untrained), so `Batch.of` makes the labels."""
-    # +1: a row with an empty completion still has a label slot
-    width = max(len(p) + len(c) for p, c in zip(prompts, completions)) + 1
-    blocks = torch.full((len(prompts), width), int(untrained(torch.tensor(pad))), dtype=torch.long)
-    for r, (p, c) in enumerate(zip(prompts, completions)):
-        row = torch.cat([untrained(torch.tensor(p, dtype=torch.long)), torch.tensor(c, dtype=torch.long)])
-        blocks[r, : len(row)] = row
-    return blocks
 
 
 def reverse_kl_sum(model, teacher: Teacher, prompts: list[list[int]], completions: list[list[int]], tok,
@@ -123,8 +91,7 @@ def reverse_kl_sum(model, teacher: Teacher, prompts: list[list[int]], completion
     """(sum over completion tokens of KL(student_T || teacher_T), number of tokens scored).
     The teacher's signal must carry dense logits (a LiveTeacher with keep_dense=True): one
     teacher forward per batch.  Tokens whose teacher logits were not finite are left out."""
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    vocab = vocab_size_of(tok)
+    pad, vocab = pad_id(tok), vocab_size_of(tok)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     was_training = model.training
@@ -175,7 +142,7 @@ def evaluate_generation(model, name: str, teacher: Teacher, tok, prompts: list[P
     teacher's greedy completions of the same prompts (shown beside the student's)."""
     ids = [p.ids for p in prompts]
     out: dict = {}
-    for mode, seed in (("greedy", None), ("sampled", _unit("eval samples", s.seed, name))):
+    for mode, seed in (("greedy", None), ("sampled", stable_seed("eval samples", s.seed, name))):
         completions = generate(model, ids, tok, s, sample_seed=seed)
         total, count = reverse_kl_sum(model, teacher, ids, completions, tok, s.temperature, s.batch_size)
         out[mode] = {"reverse_kl": max(total / max(count, 1), 0.0), **completion_stats(completions, prompts, tok)}

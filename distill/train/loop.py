@@ -19,7 +19,6 @@ A student fails when its step raises (out of memory, say) or it passes
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal as signals
@@ -27,8 +26,6 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -39,15 +36,14 @@ from common.progress import progress_bar
 from distill.blocks import block_positions, first_blocks
 from distill.layout import RunLayout
 from distill.train import checkpoint
+from distill.train.loop_config import LoopConfig
 from distill.train.metrics import MetricsLogger
+from distill.train.on_policy import OnPolicySource
 from distill.train.student import MicroBatch, Student, target_mask
 from distill.train.selection import DataView
 from distill.train.validate import evaluate_model
 from losses.difficulty import STATS, sequence_difficulty
 from teachers import Batch, Teacher
-
-if TYPE_CHECKING:  # on_policy.py builds on this module (LoopConfig)
-    from distill.train.on_policy import OnPolicySource
 
 EVERY_BLOCK = {"rule": "every block", "digest": "all"}  # the selection of a student that has none
 
@@ -62,36 +58,6 @@ class TrainingAborted(UserError):
     """A student failed (on_student_failure=stop), or none is left: every student checkpointed."""
 
     exit_code = 3
-
-
-@dataclass
-class LoopConfig:
-    steps: int
-    batch_size: int  # global blocks per step
-    grad_accum: int
-    eval_every: int
-    eval_blocks: int
-    checkpoint_every: int
-    keep_last: int
-    max_nonfinite: int
-    seed: int
-    run_hash: str  # identity of everything that shapes the trajectory
-    earlier_run_hashes: tuple[str, ...] = ()  # the same run's hash under earlier rules: resumable too
-    rank: int = 0
-    world_size: int = 1
-    # What run_hash was made of (named in a refused resume's line), and the prepared blocks'
-    # content digest (a resume onto blocks prepared again, differently, is refused): both
-    # checked by checkpoint.load, and recorded in every checkpoint's meta.
-    run_identity: dict | None = None
-    data_content: str | None = None
-    extra_meta: dict = field(default_factory=dict)  # more for the checkpoints' meta (teacher, tokenizer, ...)
-    on_student_failure: str = "stop"  # "stop" | "drop" (see drop_failed)
-    selections: dict = field(default_factory=dict)  # student -> {"rule", "digest"} of its data view
-
-
-def run_hash(*parts) -> str:
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class _StopFlag:

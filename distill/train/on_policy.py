@@ -21,56 +21,30 @@ and a linear 0 -> 1 schedule moves from the corpus to the students' own samples.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from common.errors import UserError
-from distill.chat import PLAIN, cut_at_stop, stop_ids
+from distill.chat import cut_at_stop, stop_ids
 from distill.config import LossConfig, OnPolicyConfig, RunConfig
-from distill.data import doc_in_val, documents_under, vocab_size_of
-from distill.train.loop import LoopConfig
+from distill.data import vocab_size_of
+from distill.prompts import (Prompt, completion_blocks, left_padded, never_generated, pad_id, split_prompts,
+                             stable_seed)
+from distill.train.loop_config import LoopConfig
 from distill.train.student import MicroBatch, Recipe, Student
 from losses import build_schedule
-from teachers import IGNORE, Batch, Teacher, untrained
-
-
-@dataclass(frozen=True)
-class Prompt:
-    ids: list[int]  # (P,) the rendered prompt's token ids, ending where the assistant starts
-    reference: str  # the data's own answer (kept for evaluation; not trained on here)
-
-
-def prompt_of(tok, chat: str) -> Prompt | None:
-    """A chat row (the `chat` column's JSON) -> its prompt, or None when it has none."""
-    row = json.loads(chat)
-    if "prompt" in row:
-        return Prompt(tok(row["prompt"], add_special_tokens=False)["input_ids"], row.get("completion", ""))
-    messages = row.get("messages") or []
-    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=0)
-    if last == 0:  # no assistant turn, or nothing before it to answer
-        return None
-    text = tok.apply_chat_template(messages[:last], tools=row.get("tools"), add_generation_prompt=True,
-                                   tokenize=False)
-    return Prompt(tok(text, add_special_tokens=False)["input_ids"], str(messages[last].get("content") or ""))
+from teachers import IGNORE, Batch, Teacher
 
 
 def build_prompts(cfg: RunConfig, tok, log=None) -> list[Prompt]:
     """The training split's prompts, in document order.  A prompt longer than data.seq_len
     tokens is dropped (and counted): it would not fit a training block either."""
-    with documents_under(cfg.data, cfg.layout.root / "data") as docs:
-        docs = docs.filter(lambda b: [c != PLAIN and not doc_in_val(t, cfg.data.val_fraction)
-                                      for t, c in zip(b["text"], b["chat"])], batched=True)
-        prompts = [p for p in (prompt_of(tok, c) for c in docs["chat"]) if p is not None and p.ids]
-        del docs
-    kept = [p for p in prompts if len(p.ids) <= cfg.data.seq_len]
-    if log is not None and len(kept) < len(prompts):
-        log(f"[on-policy] dropped {len(prompts) - len(kept)} of {len(prompts)} prompts longer than data.seq_len "
+    kept, too_long = split_prompts(cfg, tok, held_out=False)
+    if log is not None and too_long:
+        log(f"[on-policy] dropped {too_long} of {len(kept) + too_long} prompts longer than data.seq_len "
             f"({cfg.data.seq_len} tokens)")
     if not kept:
         raise UserError("train.on_policy: the training split has no prompts (chat rows with an assistant turn, or "
@@ -78,14 +52,9 @@ def build_prompts(cfg: RunConfig, tok, log=None) -> list[Prompt]:
     return kept
 
 
-def _unit(*parts) -> int:
-    """A stable 63-bit integer from `parts` (Python's hash() is salted per process)."""
-    return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:8], "big") >> 1
-
-
 def step_draw(seed: int, step: int) -> float:
     """u in [0, 1) deciding whether `step` is on-policy (see the module docstring)."""
-    return _unit("on-policy step", seed, step) / 2.0 ** 63
+    return stable_seed("on-policy step", seed, step) / 2.0 ** 63
 
 
 def on_policy_recipe(student: Student, op: OnPolicyConfig) -> Recipe:
@@ -116,7 +85,7 @@ class OnPolicySource:
             raise UserError(f"train.on_policy.prompts_per_step={self.per_step} must be divisible by grad_accum "
                             f"({loop.grad_accum}) x data-parallel ranks ({loop.world_size})")
         self.eos = stop_ids(tokenizer)  # EOS, and a chat template's end of turn
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad = pad_id(tokenizer)
         self.vocab = vocab_size_of(tokenizer)
 
     def members(self, step: int, students: list[Student]) -> list[Student]:
@@ -132,7 +101,7 @@ class OnPolicySource:
         n, out = len(self.prompts), []
         for j in range(step * self.per_step, (step + 1) * self.per_step):
             epoch, pos = divmod(j, n)
-            g = torch.Generator().manual_seed(_unit("on-policy prompts", self.loop.seed, epoch))
+            g = torch.Generator().manual_seed(stable_seed("on-policy prompts", self.loop.seed, epoch))
             out.append(int(torch.randperm(n, generator=g)[pos]))
         return out
 
@@ -185,31 +154,20 @@ class OnPolicySource:
         from transformers import GenerationConfig, LogitsProcessorList
 
         model, device = student.model, student.device
-        longest = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), longest), self.pad, dtype=torch.long)  # (B, P) left-padded
-        mask = torch.zeros_like(ids)
-        for r, p in enumerate(prompts):
-            ids[r, longest - len(p):] = torch.tensor(p)
-            mask[r, longest - len(p):] = 1
-        seeds = [_unit("on-policy samples", self.loop.seed, step, student.name, j) for j in positions]
+        ids, mask = left_padded(prompts, self.pad)  # (B, P)
+        seeds = [stable_seed("on-policy samples", self.loop.seed, step, student.name, j) for j in positions]
         was_training = model.training
         model.eval()
         with torch.no_grad(), student.engine.generating():  # ZeRO-3: the whole student, gathered once
-            extra = model.get_input_embeddings().weight.shape[0]  # padded embedding rows: never sampled
             # Greedy over RowSampler's perturbed scores = sampling at the temperature (top-p).
             config = GenerationConfig(do_sample=False, max_new_tokens=self.op.max_new_tokens, eos_token_id=self.eos,
-                                      pad_token_id=self.pad, suppress_tokens=list(range(self.vocab, extra)) or None)
+                                      pad_token_id=self.pad, suppress_tokens=never_generated(model, self.vocab))
             sampler = RowSampler(seeds, self.op.temperature, self.op.top_p, device)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
                                  logits_processor=LogitsProcessorList([sampler]), synced_gpus=False)
         model.train(was_training)
-        new = out[:, longest:].cpu()  # (B, <= max_new_tokens), pad after a row's EOS
-        blocks = torch.full((len(prompts), width), int(untrained(torch.tensor(self.pad))), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            c = cut_at_stop(new[r].tolist(), self.eos)
-            row = torch.cat([untrained(torch.tensor(p)), torch.tensor(c, dtype=torch.long)])
-            blocks[r, : len(row)] = row
-        return blocks
+        new = out[:, ids.shape[1]:].cpu()  # (B, <= max_new_tokens), pad after a row's EOS
+        return completion_blocks(prompts, [cut_at_stop(row, self.eos) for row in new.tolist()], self.pad, width)
 
 
 class RowSampler:

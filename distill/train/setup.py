@@ -24,7 +24,7 @@ from distill.data import PackedData
 from distill.runtime import check_student_vocab, cut_layer_spec, is_leader, model_config, resolve_device, teacher_model
 from distill.train import checkpoint
 from distill.train.engines import DeepSpeedEngine, TorchEngine, deepspeed_config
-from distill.train.loop import LoopConfig
+from distill.train.loop_config import LoopConfig
 from distill.train.student import Student, make_optimizer
 from losses.chunked import head_logits
 from students.build import build_model, check_finite_files, check_finite_weights, head_transform, load_causal_lm

@@ -458,13 +458,14 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
     takes_where = takes_targets and _accepts(teacher_fn, "where")
 
     @torch.no_grad()
-    def call(split, x, first_seq: int, t, p=None, w=None):
-        """t: (B, T) plain next-token ids when difficulty statistics are kept, else None;
-        p: (B, T) position ids of packed rows, else None; w: (B, T) bool, the positions
-        that are stored (training targets), else None."""
+    def call(x, keys, t, p=None, w=None):
+        """keys: the draws' keys of a sampled cache (sampling.keys), else None; t: (B, T) plain
+        next-token ids when difficulty statistics are kept, else None; p: (B, T) position ids of
+        packed rows, else None; w: (B, T) bool, the positions that are stored (training
+        targets), else None."""
         nonlocal calls, in_teacher
         calls, in_teacher = calls + 1, True
-        args = (x,) if sampling is None else (x, sampling.keys(split, range(first_seq, first_seq + x.shape[0]), seq_len))
+        args = (x,) if keys is None else (x, keys)
         kwargs = ({"targets": t} if t is not None and takes_targets else {}) | ({} if p is None else {"position_ids": p})
         if w is not None and takes_where:
             kwargs["where"] = w
@@ -473,17 +474,16 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
         return out
 
     def signal_of(split, x, first_seq, t, p, w):
-        out = call(split, x, first_seq, t, p, w)
-        if sampling is None:
-            return _topk(out, k, vocab, t)
-        keys = sampling.keys(split, range(first_seq, first_seq + x.shape[0]), seq_len)
-        return _sampled(out, sampling, vocab, keys, t)
+        keys = None if sampling is None else sampling.keys(split, range(first_seq, first_seq + x.shape[0]), seq_len)
+        out = call(x, keys, t, p, w)
+        return _topk(out, k, vocab, t) if keys is None else _sampled(out, sampling, vocab, keys, t)
 
     def pad_to_total():
         if calls < total:
             dummy = next(t for t in splits.values() if t.shape[0])[:batch_size].to(torch.int64)
             while calls < total:
-                call("padding", dummy, 0, None if targets is None else torch.zeros_like(dummy))
+                keys = None if sampling is None else sampling.keys("padding", range(len(dummy)), seq_len)
+                call(dummy, keys, None if targets is None else torch.zeros_like(dummy))
 
     def finish(split, entry, ids, vals, bad, entropy, difficulty, trained):
         """ids, vals (n*T, k); bad, entropy (n*T,); difficulty (n*T, 3); trained (n, T) bool or
@@ -515,9 +515,7 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
     def record(split, entry):
         s = manifest["splits"][split]
         s["shards"].append(entry)
-        s["tokens"] = sum(e["tokens"] for e in s["shards"])
-        s["nonfinite_tokens"] = sum(e["nonfinite_tokens"] for e in s["shards"])
-        s["stored_tokens"] = sum(e.get("stored_tokens", e["tokens"]) for e in s["shards"])
+        s.update(_split_totals(s["shards"]))
         _atomic_write(manifest_path, _dump(manifest))
 
     pending = None
@@ -565,6 +563,12 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
     _atomic_write(manifest_path, _dump(manifest))
 
 
+def _split_totals(shards: list[dict]) -> dict:
+    """A split's token counts over its shards: positions, those with no finite signal, stored."""
+    return {"tokens": sum(e["tokens"] for e in shards), "nonfinite_tokens": sum(e["nonfinite_tokens"] for e in shards),
+            "stored_tokens": sum(e.get("stored_tokens", e["tokens"]) for e in shards)}
+
+
 def _merge(cache_dir: Path, world_size: int, cleanup: bool) -> bool:
     """Merge complete per-rank manifests into manifest.json; False if some rank is not done."""
     parts = [read_json(cache_dir / f"manifest.r{r}.json") for r in range(world_size)]
@@ -575,9 +579,7 @@ def _merge(cache_dir: Path, world_size: int, cleanup: bool) -> bool:
     for split in parts[0]["splits"]:
         shards = sorted((e for p in parts for e in p["splits"][split]["shards"]), key=lambda e: e["sequences"][0])
         merged["splits"][split] = {"sequences": parts[0]["splits"][split]["sequences"], "shards": shards,
-                                   "tokens": sum(e["tokens"] for e in shards),
-                                   "nonfinite_tokens": sum(e["nonfinite_tokens"] for e in shards),
-                                   "stored_tokens": sum(e.get("stored_tokens", e["tokens"]) for e in shards)}
+                                   **_split_totals(shards)}
     _atomic_write(cache_dir / MANIFEST, _dump(merged))
     if cleanup:  # every rank is past its last write: safe to drop leftovers
         _cleanup(cache_dir, merged)
