@@ -316,6 +316,8 @@ def _main() -> None:
         if isinstance(code, int) and code != 0:
             sys.exit(code)
     except UserError as e:
+        if _after_interrupt(e):
+            interrupted()
         if debug:
             traceback.print_exc()
         typer.echo(f"error: {e}", err=True)
@@ -335,7 +337,7 @@ def _main() -> None:
         if isinstance(e, usage):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, abort):  # click's form of Ctrl-C
+        if isinstance(e, abort) or _after_interrupt(e):  # click's form of Ctrl-C; or a library's error it caused
             interrupted()
         _out_of_room(e, debug)
         _peer_stopped(e, debug)
@@ -353,6 +355,18 @@ def _stdout_identity() -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _after_interrupt(e: BaseException) -> bool:
+    """Whether `e` was raised while a Ctrl-C or SIGTERM unwound: datasets' worker pool, stopped
+    mid-map, raises a TimeoutError of its own over the KeyboardInterrupt (a traceback, exit 1)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _stop_on_sigterm() -> None:
@@ -375,7 +389,9 @@ def _stop_on_sigterm() -> None:
 
 def interrupted() -> None:
     """Ctrl-C: one line, exit 130.  Every stage writes atomically and resumes, so nothing is lost."""
-    typer.echo("interrupted: what was written is kept; the same command resumes (train: --resume)", err=True)
+    from common.errors import INTERRUPTED
+
+    typer.echo(INTERRUPTED, err=True)
     sys.exit(130)
 
 

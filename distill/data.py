@@ -20,7 +20,7 @@ import sysconfig
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from common.errors import UserError
 from common.fsutil import describe_os_error, human_bytes, waiting_lock, write_error_in
@@ -28,7 +28,7 @@ from distill.blocks import Blocks, open_blocks, unusable
 from distill.chat import CHAT_FORMAT, PLAIN, PackCounts, as_documents, table_kind
 from distill.config import DataConfig
 from distill.layout import RunLayout, has_tokenizer
-from distill.packing import auto_num_proc, build_blocks, children_die_with_this_process
+from distill.packing import auto_num_proc, build_blocks, children_die_with_this_process, signals_end_pools
 
 if TYPE_CHECKING:
     import datasets
@@ -474,9 +474,10 @@ def load_documents(cfg: DataConfig, log=None, cache_dir: Path | None = None) -> 
     procs = auto_num_proc(cfg.num_proc)
 
     def non_empty(ds: datasets.Dataset) -> datasets.Dataset:
-        return ds.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True,
-                         num_proc=procs if len(ds) > cfg.shard_documents and procs > 1 else None,
-                         **into_work("non-empty"))
+        workers = procs if len(ds) > cfg.shard_documents and procs > 1 else None
+        with signals_end_pools(workers):
+            return ds.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True, num_proc=workers,
+                             **into_work("non-empty"))
 
     tables = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0] if parts else None
     if tables is not None:  # a table's empty row is worth a line (an empty file in a source tree is not)
@@ -679,9 +680,12 @@ def _note_earlier_preparations(root: Path) -> None:
                 f"nothing reads them unless the settings return to theirs: delete them to free the space")
 
 
-def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> PackedData:
+def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False,
+                 before_building: Callable[[str], None] | None = None) -> PackedData:
     """Build (or reuse, or finish) the packed blocks under OUT/data/blocks-FP/; the tokenizer
-    under OUT/tokenizer.  Preparation streams (distill/packing.py); reading is by index."""
+    under OUT/tokenizer.  Preparation streams (distill/packing.py); reading is by index.
+    before_building(fingerprint): called once the fingerprint is known, where the blocks must
+    be built (it may refuse: a cache of other data, before a long preparation)."""
     # One preparation at a time in an out_dir (`distill cache` and `train` started together):
     # a second one removed the first's table copies under it and crashed it.  It waits, then
     # finds the blocks prepared.
@@ -692,7 +696,7 @@ def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> Pack
 
     with waiting_lock(lock, busy), children_die_with_this_process():  # datasets' workers, here and in packing
         try:
-            return _prepare_data(cfg, out_dir, progress)
+            return _prepare_data(cfg, out_dir, progress, before_building)
         except UserError:
             raise
         except Exception as e:  # datasets and pyarrow wrap a full disk in their own errors, often with no path
@@ -702,7 +706,8 @@ def prepare_data(cfg: DataConfig, out_dir: Path, progress: bool = False) -> Pack
             raise UserError(describe_os_error(full, Path(full.filename or Path(out_dir) / "data"))) from None
 
 
-def _prepare_data(cfg: DataConfig, out_dir: Path, progress: bool) -> PackedData:
+def _prepare_data(cfg: DataConfig, out_dir: Path, progress: bool,
+                  before_building: Callable[[str], None] | None) -> PackedData:
     layout = RunLayout(Path(out_dir), tokenizer_path=cfg.tokenizer.path)
     files = corpus_files(cfg)
     tok_dir = layout.tokenizer
@@ -723,6 +728,8 @@ def _prepare_data(cfg: DataConfig, out_dir: Path, progress: bool) -> PackedData:
         _stderr(f"[data] the prepared data at {root} is damaged ({problem}); preparing it again")
         shutil.rmtree(root)
     if not (root / "manifest.json").exists():
+        if before_building is not None:
+            before_building(fp)
         docs = docs if docs is not None else load_documents(cfg, log=_stderr, cache_dir=cache_dir)
         frac = cfg.val_fraction
         manifest = build_blocks(docs, tok, root=root, seq_len=cfg.seq_len, val_fraction=frac,

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -35,6 +37,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from common.errors import INTERRUPTED
 from common.fsutil import atomic_write_bytes, atomic_write_json
 from distill.blocks import FORMAT, MANIFEST, VERSION, content_digest, ids_dtype, read_manifest, shard_name
 from distill.chat import PLAIN, PackCounts, RowPacker, empty_answers, render
@@ -56,9 +59,67 @@ def auto_num_proc(num_proc: int | None) -> int:
     return max(1, min(cores, MAX_AUTO_PROCS))
 
 
+# Characters per tokenizer call.  A fast tokenizer holds offsets and token strings for every
+# token of a call (about 380 bytes a token: one 50 MB document took 8.8 GB to prepare), so a
+# long document is tokenised in pieces, and a batch a bounded slice at a time.
+PIECE_CHARS = 1 << 18  # 256k characters: about 64k tokens, about 25 MB of the tokenizer's state
+_BETWEEN_WORDS = re.compile(r"(?<=\S) (?=\S)")  # "word| next": one space between two non-spaces
+
+
 def _encode_text(batch: dict, tok, eos: int) -> dict:
-    """Worker side: each document's ids with EOS after it."""
-    return {"ids": [ids + [eos] for ids in tok(batch["text"], add_special_tokens=False)["input_ids"]]}
+    """Worker side: each document's ids with EOS after it, (n_d + 1,) int64 each."""
+    pieces, owner = [], []  # every document's pieces, and the document each is of
+    for d, text in enumerate(batch["text"]):
+        for piece in text_pieces(text, PIECE_CHARS, _space_side(tok)):
+            pieces.append(piece)
+            owner.append(d)
+    parts: list[list[np.ndarray]] = [[] for _ in batch["text"]]
+    start = 0
+    while start < len(pieces):  # calls of at most PIECE_CHARS characters (one piece at least)
+        end, size = start + 1, len(pieces[start])
+        while end < len(pieces) and size + len(pieces[end]) <= PIECE_CHARS:
+            size += len(pieces[end])
+            end += 1
+        for d, ids in zip(owner[start:end], tok(pieces[start:end], add_special_tokens=False)["input_ids"]):
+            parts[d].append(np.asarray(ids, dtype=np.int64))
+        start = end
+    return {"ids": [np.concatenate([*p, np.array([eos], dtype=np.int64)]) for p in parts]}
+
+
+def text_pieces(text: str, size: int, space: str = "starts") -> list[str]:
+    """`text` cut into pieces of at most about `size` characters, each cut at a space between
+    two words, where a tokenizer splits anyway, so the pieces' ids joined equal the whole
+    text's.  space: "starts" the next piece ("word| next": byte-level BPE, GPT-2's and Llama
+    3's, starts a token with the space), or is "dropped" ("word|next": for tokenizers that
+    put a space before every text they are given, SentencePiece's Llama 2 / Mistral style).
+    A stretch with no such space in its last half (a base64 blob) is cut at its end: the ids
+    may differ there."""
+    if len(text) <= size:
+        return [text]
+    skip = 0 if space == "starts" else 1
+    out, start = [], 0
+    while len(text) - start > size:
+        # the last space between words in the piece's second half (endpos 2 further: the lookahead reads on)
+        spaces = [m.start() for m in _BETWEEN_WORDS.finditer(text, start + size // 2, start + size + 2)
+                  if m.start() <= start + size]
+        cut, start_next = (spaces[-1], spaces[-1] + skip) if spaces else (start + size, start + size)
+        out.append(text[start:cut])
+        start = start_next
+    out.append(text[start:])
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _space_side(tok) -> str:
+    """The `space` of text_pieces that gives `tok` the whole text's ids, tried on a probe
+    ("starts" when neither does: its ids may then differ at each cut)."""
+    probe = "Short words, then longer sentences follow here."
+    whole = tok(probe, add_special_tokens=False)["input_ids"]
+    for space in ("starts", "dropped"):
+        cuts = text_pieces(probe, 12, space)
+        if [i for piece in tok(cuts, add_special_tokens=False)["input_ids"] for i in piece] == whole:
+            return space
+    return "starts"
 
 
 def _encode_chat(batch: dict, tok) -> dict:
@@ -138,9 +199,34 @@ def _tokenized(docs: datasets.Dataset, fn, kwargs: dict, features: datasets.Feat
                work: Path, tag: str) -> datasets.Dataset:
     """One chunk through `fn` in `num_proc` processes, into a temp Arrow file (row order kept)."""
     procs = num_proc if len(docs) >= num_proc > 1 else None
-    return docs.map(fn, batched=True, batch_size=64, num_proc=procs, fn_kwargs=kwargs, features=features,
-                    remove_columns=docs.column_names, cache_file_name=str(work / f"{tag}.arrow"),
-                    load_from_cache_file=False, new_fingerprint=tag)
+    with signals_end_pools(procs):
+        return docs.map(fn, batched=True, batch_size=64, num_proc=procs, fn_kwargs=kwargs, features=features,
+                        remove_columns=docs.column_names, cache_file_name=str(work / f"{tag}.arrow"),
+                        load_from_cache_file=False, new_fingerprint=tag)
+
+
+@contextlib.contextmanager
+def signals_end_pools(procs: int | None):
+    """While a worker pool runs (procs > 1), Ctrl-C and SIGTERM end this process at once, after
+    the one line an interrupted command says (exit 130), as a kill would.  Unwinding Python
+    through datasets' pool could wait forever: for the pool's queue lock a killed worker held,
+    or at exit for a thread forking a replacement for a stopped worker.  The workers ignore
+    Ctrl-C and die with this process (`children_die_with_this_process`); the preparation
+    resumes at its first unwritten shard, as after kill -9."""
+    if not procs or procs < 2 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        os.write(2, (INTERRUPTED + "\n").encode())
+        os._exit(130)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 # Whether a child forked now dies with this process: inside `children_die_with_this_process`
@@ -157,6 +243,10 @@ def _after_fork_in_child() -> None:
     if not (_BIND["depth"] and _BIND["main_thread"]):
         return
     _BIND["depth"] = 0  # the child's own children are its business
+    # Ctrl-C reaches the whole process group: this process (a pool's worker) leaves it to its
+    # parent, which ends at once and takes it along (signals_end_pools); SIGTERM kills it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         import ctypes
 

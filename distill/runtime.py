@@ -162,8 +162,10 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def prepare(cfg: RunConfig, progress: bool = False) -> PackedData:
-    """Packed data; a checkpoint teacher's own tokenizer is used unless one is named."""
+def prepare(cfg: RunConfig, progress: bool = False, for_the_cache: bool = False) -> PackedData:
+    """Packed data; a checkpoint teacher's own tokenizer is used unless one is named.
+    for_the_cache: the run reads (or resumes) the cache at cfg.layout.cache, so a cache of
+    other data is refused before new blocks are prepared, not after (hours at scale)."""
     if cfg.teacher.source == "checkpoint" and cfg.data.tokenizer.path is None and cfg.teacher.path is not None:
         if not has_tokenizer(cfg.teacher.path):
             # A BPE trained here would give the teacher's ids other meanings: every signal wrong.
@@ -178,7 +180,8 @@ def prepare(cfg: RunConfig, progress: bool = False) -> PackedData:
     leader = is_leader()
     if not leader:
         dist.barrier()
-    data = prepare_data(cfg.data, cfg.out_dir, progress=progress)
+    check = (lambda fp: refuse_other_data_cache(cfg.layout.cache, fp)) if for_the_cache else None
+    data = prepare_data(cfg.data, cfg.out_dir, progress=progress, before_building=check)
     if leader and dist.is_initialized():
         dist.barrier()
     return data
@@ -430,6 +433,30 @@ def cache_identity(cfg: RunConfig, data: PackedData) -> dict:
             "data_fingerprint": data.fingerprint, **({"data_content": data.content} if data.content else {}),
             "seq_len": str(data.seq_len),
             "vocab_size": str(vocab_size_of(data.tokenizer)), **(sampling.identity() if sampling else {})}
+
+
+def cache_manifests(cache_dir: Path) -> list[dict]:
+    """The manifests of the cache at cache_dir, complete or begun (per rank); a torn one is
+    left out (the writer reports it)."""
+    found = []
+    for path in sorted(cache_dir.glob("manifest*.json")) if cache_dir.is_dir() else []:
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def refuse_other_data_cache(cache_dir: Path, fingerprint: str) -> None:
+    """UserError when the cache at cache_dir (complete or begun) was made from data of another
+    fingerprint: the run would refuse it once the data is prepared."""
+    for manifest in cache_manifests(Path(cache_dir)):
+        have = manifest.get("identity", {}).get("data_fingerprint")
+        if have not in (None, fingerprint):
+            raise UserError(f"cache at {cache_dir} was made from other data (fingerprint {have} != {fingerprint}: a "
+                            f"data file, the tokenizer or a data setting changed), said before the new data is "
+                            f"prepared; give the data it was made from, or make it again with `distill cache "
+                            f"--overwrite` (or `distill run --overwrite`)")
 
 
 def check_cached_blocks(cache_dir: Path, data: PackedData, by_fingerprint: bool = True) -> None:

@@ -24,7 +24,8 @@ from distill.report.export import export_checkpoint, save_hf_dir
 from distill.report.report import evaluate_run
 from distill.runtime import (DENSE_AUTO_BYTES, autocast_dtype, cache_identity, check_cached_blocks, check_k,
                              dense_logits_bytes, dense_signal, existing_teacher_dir, is_leader,
-                             model_config, prepare, resolve_device, sampling_of, scoring_teacher, server_teacher,
+                             cache_manifests, model_config, prepare, resolve_device, sampling_of, scoring_teacher,
+                             server_teacher,
                              setup_runtime)
 from distill.train.checkpoint import DATA_KEY, earlier_checkpoints, latest, load_meta
 from distill.train.loop import claim_out_dir, train_loop
@@ -110,7 +111,7 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
         return cfg.layout.cache
     rank, world = setup_runtime(cfg)
     remote = server_teacher(cfg) if cfg.teacher.source == "server" else None  # checked before anything is written
-    data = prepare(cfg, progress) if data is None else data
+    data = prepare(cfg, progress, for_the_cache=not overwrite) if data is None else data
     check_k(cfg, vocab_size_of(data.tokenizer))
     if cfg.estimator_note and not overwrite:  # a cache made before auto was the default: keep it, or redo it
         have = _estimator_of(cfg.layout.cache)
@@ -119,7 +120,7 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
                             f"{cfg.cache.estimator}; set cache.estimator: {have} to use it, or pass --overwrite to "
                             f"redo the teacher pass")
     if remote is not None and not overwrite:  # a name says nothing of the weights behind it
-        for then in _cache_manifests(cfg.layout.cache):
+        for then in cache_manifests(cfg.layout.cache):
             remote.check_unchanged(then.get("teacher_probe"), cfg.teacher.server.drift_tolerance,
                                    f"the cache at {cfg.layout.cache}",
                                    "pass --overwrite to make the cache again from the model served now")
@@ -160,21 +161,9 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
 # ----------------------------------------------------------------------------- students
 
 
-def _cache_manifests(cache_dir: Path) -> list[dict]:
-    """The manifests of the cache at cache_dir, complete or begun (per rank); a torn one is
-    left out (the writer reports it)."""
-    found = []
-    for path in sorted(cache_dir.glob("manifest*.json")) if cache_dir.is_dir() else []:
-        try:
-            found.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
-    return found
-
-
 def _estimator_of(cache_dir: Path) -> str | None:
     """"topk" or "sampled": what the cache at cache_dir (complete or begun) holds; None: no cache."""
-    manifests = _cache_manifests(cache_dir)
+    manifests = cache_manifests(cache_dir)
     if not manifests:
         return None
     return "topk" if Sampling.of_manifest(manifests[0]) is None else "sampled"
@@ -451,7 +440,7 @@ def _train_students(cfg: RunConfig, resume: bool, progress: bool, data: PackedDa
     remote = server_teacher(cfg) if online_server else None  # checked before anything is written
     if not resume:  # refused before any work; with --overwrite moved aside only once the inputs check out
         claim_out_dir(cfg.layout, overwrite, rank, move=False)
-    data = prepare(cfg, progress) if data is None else data
+    data = prepare(cfg, progress, for_the_cache=cfg.train.mode == "cached") if data is None else data
     cfg = with_epoch_steps(cfg, len(data.train), rank == 0)
     dense = cfg.train.mode == "online" and dense_signal(cfg, vocab_size_of(data.tokenizer))
     # Said once per run: at its start, whether by `train` or by `run` (which resumes by default).
@@ -526,7 +515,7 @@ def run_all(cfg: RunConfig, resume: bool = True, progress: bool = True, overwrit
         if cfg.teacher.source == "preset":
             claim_out_dir(layout.pretrain, overwrite, rank, move=False)
         claim_out_dir(layout, overwrite, rank, move=False)
-    data = prepare(cfg, progress)
+    data = prepare(cfg, progress, for_the_cache=cfg.train.mode == "cached" and not overwrite)
     if cfg.teacher.source == "preset":
         if resume and (layout.teacher / "pretrain_done.json").exists():
             stage(f"teacher: the pretrained {cfg.teacher.model.preset} preset at {layout.teacher} (reused)")

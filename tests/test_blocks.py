@@ -75,6 +75,49 @@ def test_chat_and_text_blocks_read_from_disk_equal_the_in_memory_packer(stdlib_c
     _check_reads(data, in_memory_blocks(cfg, data.tokenizer))
 
 
+def _tokenizer_of_style(style: str, texts: list[str], tmp_path: Path):
+    """A tokenizer built with `tokenizers` the way a model family's is: byte-level BPE (GPT-2,
+    Llama 3, Qwen), a Metaspace pre-tokenizer (newer SentencePiece conversions), or Llama 2's
+    legacy form (a normalizer that puts a space before every text it is given)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.hf_models import make_tokenizer
+
+    if style == "byte-level":
+        return make_tokenizer(texts, tmp_path / style, vocab_size=600)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    if style == "metaspace":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    else:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        tok.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
+    tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "</s>"],
+                                                               show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("style", ["byte-level", "metaspace", "legacy"])
+def test_a_long_document_tokenised_in_pieces_gets_the_whole_documents_ids(stdlib_corpus, tmp_path, style):
+    """One 50 MB document took 8.8 GB to prepare (a fast tokenizer holds about 380 bytes a token
+    of a call); documents are now tokenised in pieces cut at a space between words, on the side
+    of it the tokenizer needs (probed), so the ids equal the whole document's."""
+    from distill.packing import _encode_text, _space_side, text_pieces
+
+    texts = [p.read_text() for p in sorted(stdlib_corpus.glob("*.py"))]
+    tok = _tokenizer_of_style(style, texts, tmp_path)
+    assert _space_side(tok) == ("dropped" if style == "legacy" else "starts")
+    text = "\n".join(texts) * 2  # about 0.8 MB of code: spaces before quotes, brackets, digits
+    pieces = text_pieces(text, 4096, _space_side(tok))
+    assert len(pieces) > 100 and max(map(len, pieces)) <= 4096
+    whole = tok(text, add_special_tokens=False)["input_ids"]
+    assert [i for p in tok(pieces, add_special_tokens=False)["input_ids"] for i in p] == whole
+    # the worker's encoder, over a batch of a long and a short document (pieces of PIECE_CHARS)
+    got = _encode_text({"text": [text * 2, "x = 1"]}, tok, eos=1)["ids"]
+    assert got[0].tolist() == tok(text * 2, add_special_tokens=False)["input_ids"] + [1]
+    assert got[1].tolist() == tok("x = 1", add_special_tokens=False)["input_ids"] + [1]
+
+
 def test_ids_are_uint16_when_the_vocab_fits_else_uint32(tmp_path):
     assert ids_dtype(300) == ids_dtype(1 << 16) == "uint16"
     assert ids_dtype((1 << 16) + 1) == ids_dtype(151_936) == "uint32"

@@ -111,6 +111,85 @@ def test_sigterm_during_the_cache_stops_as_ctrl_c_and_the_rerun_keeps_its_shards
     assert len(done) == 1 and done[0][0] == done[0][1] and int(done[0][0].replace(",", "")) < total, rerun.stdout
 
 
+def test_ctrl_c_and_sigterm_while_workers_tokenise(hf_family, tmp_path):
+    """`distill prepare` stopped while datasets' worker pool tokenises, the signal sent to the
+    whole process group as a terminal's Ctrl-C and a scheduler's SIGTERM send it.  Ctrl-C gave
+    datasets' TimeoutError traceback (and each worker's), exit 1; unwinding through the pool
+    could also wait forever (for a queue lock a killed worker held; at exit, for a thread
+    forking a replacement worker).  Now either signal ends it at once with the interrupted
+    line, 130, and the rerun finishes."""
+    import random
+    import sysconfig
+    from pathlib import Path
+
+    texts = [p.read_text() for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:60]]
+    rng = random.Random(0)
+    corpus = tmp_path / "big.jsonl"
+    with corpus.open("w") as f:  # about 24 MB: seconds of tokenising in 2 workers
+        for _ in range(2400):
+            f.write(json.dumps({"text": rng.choice(texts)[:10_000]}) + "\n")
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "out_dir": str(tmp_path / "out"),
+        "data": {"paths": [str(corpus)], "seq_len": 64, "num_proc": 2, "shard_documents": 400,
+                 "tokenizer": {"path": str(hf_family["teacher"])}},
+        "teacher": {"source": "checkpoint", "path": str(hf_family["teacher"])},
+        "students": [{"name": "s", "model": {"preset": "dense"}}]}))
+
+    def stopped_in_the_pool(sig):
+        proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "prepare", "-c", str(cfg), "--quiet"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        t0 = time.time()
+        while not list((tmp_path / "out" / "data").glob("blocks-*/.work/*.arrow")):  # the pool's first output
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() - t0 < 300, "no tokenising in time"
+            time.sleep(0.02)
+        time.sleep(0.3)
+        os.killpg(proc.pid, sig)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"still running 60 s after {sig!r}")
+        deadline = time.time() + 10  # and no worker is left behind in its process group
+        while time.time() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"processes of the stopped prepare still run 10 s after {sig!r}")
+        return proc.returncode, err
+
+    code, err = stopped_in_the_pool(signal.SIGINT)
+    assert code == 130 and "Traceback" not in err, (code, err[-3000:])
+    assert err.strip().splitlines()[-1].startswith("interrupted: what was written is kept"), err[-2000:]
+    code, err = stopped_in_the_pool(signal.SIGTERM)
+    assert code == 130 and "Traceback" not in err, (code, err[-3000:])
+    assert err.strip().splitlines()[-1].startswith("interrupted: what was written is kept"), err[-2000:]
+    done = run_cli("prepare", "-c", str(cfg), "--quiet", timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", ["train", "cache", "run"])
+def test_a_cache_of_other_data_is_refused_before_the_new_data_is_prepared(online_setup, command, tmp_path):
+    """The corpus (or a data setting) changed after the cache was made: the refusal came only
+    after the new data was prepared in full (15 minutes at 1.5 GB, the old blocks kept beside
+    the new).  Now it comes first, and nothing is prepared."""
+    work, cfg = online_setup
+    out = tmp_path / "out"
+    sets = ["--set", f"out_dir={out}", "--set", "train.mode=cached"]
+    made = run_cli("cache", "-c", str(cfg), "--quiet", *sets)
+    assert made.returncode == 0, made.stderr[-2000:]
+    before = sorted(d.name for d in (out / "data").glob("blocks-*"))
+    line = one_line(run_cli(command, "-c", str(cfg), "--quiet", *sets, "--set", "data.seq_len=24"))
+    assert line.startswith(f"error: cache at {out / 'cache'} was made from other data (fingerprint "), line
+    assert "said before the new data is prepared" in line and "`distill cache --overwrite`" in line, line
+    assert sorted(d.name for d in (out / "data").glob("blocks-*")) == before  # nothing prepared
+
+
 def test_resume_with_other_config_refused(online_setup):
     work, cfg = online_setup
     out = work / "other"

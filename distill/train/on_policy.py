@@ -34,6 +34,7 @@ from distill.data import vocab_size_of
 from distill.prompts import (Prompt, completion_blocks, left_padded, never_generated, pad_id, split_prompts,
                              stable_seed)
 from distill.train.loop_config import LoopConfig
+from distill.train.selection import epoch_permutation
 from distill.train.student import MicroBatch, Recipe, Student
 from losses import build_schedule
 from teachers import IGNORE, Batch, Teacher
@@ -101,8 +102,7 @@ class OnPolicySource:
         n, out = len(self.prompts), []
         for j in range(step * self.per_step, (step + 1) * self.per_step):
             epoch, pos = divmod(j, n)
-            g = torch.Generator().manual_seed(stable_seed("on-policy prompts", self.loop.seed, epoch))
-            out.append(int(torch.randperm(n, generator=g)[pos]))
+            out.append(int(epoch_permutation(n, stable_seed("on-policy prompts", self.loop.seed, epoch))[pos]))
         return out
 
     def micro_batches(self, step: int, members: list[Student]) -> dict[str, list[MicroBatch]]:

@@ -232,6 +232,12 @@ def _damaged_shards(cache_dir: Path, manifest: dict) -> list[str]:
             if not (cache_dir / e["file"]).is_file() or (cache_dir / e["file"]).stat().st_size != e["bytes"]]
 
 
+def input_sha256(blocks: torch.Tensor) -> str:
+    """A shard's input, (n, T) token ids, as the manifest records it: what a resumed cache
+    checks before it keeps the shard."""
+    return hashlib.sha256(blocks.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
 def _entry_ok(cache_dir: Path, entry: dict | None, want: dict) -> bool:
     """A prior shard entry is reusable if it describes the same work and its bytes match."""
     if entry is None or any(entry.get(key) != want[key] for key in ("file", "sequences", "input_sha256")):
@@ -394,20 +400,18 @@ def _plan(cache_dir: Path, splits: Mapping[str, torch.Tensor], prior: dict, rank
     of `shard_sequences`.  An earlier run's finished shard (prior: split -> first sequence ->
     entries, from runs on any number of ranks) is reused where it starts at the next sequence,
     ends inside the range and still matches its input and bytes; a new shard ends where the
-    next such shard starts.  So a cache killed on 8 ranks resumes on 4, or on 1."""
+    next such shard starts.  So a cache killed on 8 ranks resumes on 4, or on 1.  Only the
+    earlier shards' inputs are read here; a new shard's (its input_sha256) when it is computed."""
     plan = []
     for split, blocks in splits.items():
         n = blocks.shape[0]
         lo, hi = n * rank // world_size, n * (rank + 1) // world_size
-
-        def input_sha(s0: int, s1: int) -> str:
-            return hashlib.sha256(blocks[s0:s1].to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
-
         done = {}  # first sequence -> a finished shard inside [lo, hi) that still holds
         for s0, entries in prior.get(split, {}).items():
             fits = [e for e in entries if lo <= s0 < e["sequences"][1] <= hi]
-            ok = next((e for e in fits if _entry_ok(cache_dir, e, {"file": e["file"], "sequences": e["sequences"],
-                                                                    "input_sha256": input_sha(*e["sequences"])})), None)
+            ok = next((e for e in fits if _entry_ok(cache_dir, e, {
+                "file": e["file"], "sequences": e["sequences"],
+                "input_sha256": input_sha256(blocks[e["sequences"][0]:e["sequences"][1]])})), None)
             if ok is not None:
                 done[s0] = ok
         starts = sorted(done)
@@ -421,7 +425,7 @@ def _plan(cache_dir: Path, splits: Mapping[str, torch.Tensor], prior: dict, rank
             s1 = min(s0 + shard_sequences, hi, starts[after] if after < len(starts) else hi)
             # Named by its first sequence: unique whatever layout earlier runs' reused shards had.
             plan.append((split, {"file": f"{split}-r{rank}-s{s0:09d}.safetensors", "sequences": [s0, s1],
-                                 "tokens": (s1 - s0) * blocks.shape[1], "input_sha256": input_sha(s0, s1)}, False))
+                                 "tokens": (s1 - s0) * blocks.shape[1]}, False))
             s0 = s1
     return plan
 
@@ -532,6 +536,7 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
                         continue
                     s0, s1 = entry["sequences"]
                     x = splits[split][s0:s1].to(torch.int64)
+                    entry["input_sha256"] = input_sha256(x)
                     t = None if targets is None else targets[split][s0:s1].to(torch.int64)  # (n, T), signed
                     plain = None if t is None else token_ids(t)
                     pos = None if positions is None else positions[split][s0:s1]  # (n, T)
