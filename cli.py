@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import logging
 import os
 import re
 import sys
@@ -237,6 +238,9 @@ def offline_and_quiet() -> None:
 
     # DeepSpeed's ZeRO collectives call torch names torch deprecates: one warning per call, every step.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    # Imported along with transformers, DeepSpeed says on every CPU command (prepare, export)
+    # that it found no GPU: a CPU run knows.  (Its logger is this one; the filter outlives its setup.)
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
 
 
 def _out_of_room(e: Exception, debug: bool) -> None:
