@@ -52,6 +52,9 @@ def test_sampled_cache_trains_evaluates_and_inspects(online_setup, tmp_path, exa
     raw = yaml.safe_load(cfg2.read_text())
     raw["cache"].update(estimator="topk", dir=str(tmp_path / "run" / "cache"))
     raw["out_dir"] = str(tmp_path / "run2")  # another run: one run per out_dir
+    # the tokenizer the cache's run took from its teacher (else a BPE trained here: other data,
+    # refused as such before the estimator is looked at)
+    raw["data"]["tokenizer"] = {"path": yaml.safe_load(online_setup[1].read_text())["teacher"]["path"]}
     raw["students"][0]["loss"] = {"tail": "bucket"}
     cfg2.write_text(yaml.safe_dump(raw))
     r = run_cli("train", "-c", str(cfg2), "--quiet")
