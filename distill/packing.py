@@ -69,8 +69,9 @@ _BETWEEN_WORDS = re.compile(r"(?<=\S) (?=\S)")  # "word| next": one space betwee
 def _encode_text(batch: dict, tok, eos: int) -> dict:
     """Worker side: each document's ids with EOS after it, (n_d + 1,) int64 each."""
     pieces, owner = [], []  # every document's pieces, and the document each is of
+    space = _space_side(tok)
     for d, text in enumerate(batch["text"]):
-        for piece in text_pieces(text, PIECE_CHARS, _space_side(tok)):
+        for piece in text_pieces(text, PIECE_CHARS, space):
             pieces.append(piece)
             owner.append(d)
     parts: list[list[np.ndarray]] = [[] for _ in batch["text"]]

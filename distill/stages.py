@@ -22,11 +22,9 @@ from distill.data import PackedData, vocab_size_of
 from distill.layout import RunLayout, has_tokenizer
 from distill.report.export import export_checkpoint, save_hf_dir
 from distill.report.report import evaluate_run
-from distill.runtime import (DENSE_AUTO_BYTES, autocast_dtype, cache_identity, check_cached_blocks, check_k,
-                             dense_logits_bytes, dense_signal, existing_teacher_dir, is_leader,
-                             cache_manifests, model_config, prepare, resolve_device, sampling_of, scoring_teacher,
-                             server_teacher,
-                             setup_runtime)
+from distill.runtime import (DENSE_AUTO_BYTES, autocast_dtype, cache_identity, cache_manifests, check_cached_blocks,
+                             check_k, dense_logits_bytes, dense_signal, existing_teacher_dir, is_leader, model_config,
+                             prepare, resolve_device, sampling_of, scoring_teacher, server_teacher, setup_runtime)
 from distill.train.checkpoint import DATA_KEY, earlier_checkpoints, latest, load_meta
 from distill.train.loop import claim_out_dir, train_loop
 from distill.train.loop_config import run_hash
@@ -524,7 +522,8 @@ def run_all(cfg: RunConfig, resume: bool = True, progress: bool = True, overwrit
                   f"-> {layout.teacher}")
         pretrain_teacher(cfg, resume=resume, progress=progress, data=data, overwrite=overwrite)
     if cfg.train.mode == "cached":
-        check_pretrained_finite(cfg)  # the students are built after the teacher pass: a damaged one fails now
+        if not any(m.get("complete") for m in cache_manifests(layout.cache)):  # a teacher pass is to come
+            check_pretrained_finite(cfg)  # the students are built after it: a damaged one fails now
         stage(f"cache: one teacher pass over the data -> {layout.cache}")
         build_cache(cfg, progress=progress, data=data)  # a cache of these inputs is any run's: reused
     n = len(cfg.students)
