@@ -109,6 +109,9 @@ def test_sigterm_during_the_cache_stops_as_ctrl_c_and_the_rerun_keeps_its_shards
     done = re.findall(r"^cache ([\d,]+)/([\d,]+) \(100%\)", rerun.stdout, re.M)
     total = sum(s["sequences"] for s in json.loads((out / "cache" / "manifest.json").read_text())["splits"].values())
     assert len(done) == 1 and done[0][0] == done[0][1] and int(done[0][0].replace(",", "")) < total, rerun.stdout
+    # before it, the earlier shards' bytes are read (a sha256 each) under their own progress
+    checked = re.findall(r"^cache: checking earlier shards (\d+)/(\d+) \(100%\)", rerun.stdout, re.M)
+    assert len(checked) == 1 and checked[0][0] == checked[0][1] and int(checked[0][0]) >= 1, rerun.stdout
 
 
 def test_ctrl_c_and_sigterm_while_workers_tokenise(hf_family, tmp_path):

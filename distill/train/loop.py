@@ -304,6 +304,90 @@ def teacher_metrics(micro_batches: list[MicroBatch], loop: LoopConfig, device: t
     return out
 
 
+class _StepFailures:
+    """The students that failed this step: name -> a one-line reason, and name -> its traceback
+    (exceptions only; kept in the student's failed.json, for a bug report)."""
+
+    def __init__(self) -> None:
+        self.reasons: dict[str, str] = {}
+        self.traces: dict[str, str] = {}
+
+
+def _train_student(s: Student, step: int, micro_batches: list[MicroBatch], shared: dict, logger: MetricsLogger,
+                   loop: LoopConfig, failures: _StepFailures, recipe=None) -> None:
+    """One student's step, logged; a failure (out of memory, say, or past `max_nonfinite`
+    skipped steps) costs that student only.  recipe None: the student's own loss."""
+    try:
+        metrics = s.train_step(step, micro_batches, recipe)
+    except Exception as e:
+        failures.reasons[s.name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+        failures.traces[s.name] = traceback.format_exc()
+        return
+    logger.log(s.name, step + 1, {**metrics, **shared})
+    if s.nonfinite_steps > loop.max_nonfinite:
+        failures.reasons[s.name] = (f"{s.nonfinite_steps} non-finite steps (limit train.max_nonfinite="
+                                    f"{loop.max_nonfinite}); lower the lr or check the teacher signal")
+
+
+def _with_signal(teacher: Teacher | None, batches: list[Batch]) -> tuple[list[MicroBatch], int]:
+    """Each micro-batch with its teacher signal (one cache read or one teacher forward each),
+    shared by every student that learns from it; and the teacher forwards that took.  No
+    teacher (its own pretraining): CE only, every target valid."""
+    micro_batches, calls = [], 0
+    for batch in batches:
+        if teacher is None:
+            micro_batches.append(MicroBatch(batch, None, torch.ones_like(batch.labels, dtype=torch.bool)))
+            continue
+        before = teacher.forward_calls
+        sig, valid = teacher.signal(batch)
+        calls += teacher.forward_calls - before
+        micro_batches.append(MicroBatch(batch, sig, valid))
+    return micro_batches, calls
+
+
+def _learn_on_policy(step: int, on_policy: OnPolicySource | None, students: list[Student], teacher: Teacher,
+                     loop: LoopConfig, logger: MetricsLogger, failures: _StepFailures) -> tuple[list[Student], int]:
+    """Source 1: the students taking this step on-policy sample the step's prompts, one teacher
+    forward scores every student's samples, each learns from its own.  -> (those students,
+    the teacher forwards)."""
+    members = on_policy.members(step, students) if on_policy is not None else []
+    if not members:
+        return [], 0
+    before = teacher.forward_calls
+    own = on_policy.micro_batches(step, members)  # name -> its micro-batches
+    calls = teacher.forward_calls - before
+    figures = on_policy.figures(members[0].device)  # tokens sampled, seconds generating
+    for s in members:
+        shared = {**teacher_metrics(own[s.name], loop, s.device), **figures, "on_policy": True}
+        _train_student(s, step, own[s.name], shared, logger, loop, failures, on_policy.recipe(s))
+    return members, calls
+
+
+def _learn_from_corpus(step: int, view: DataView, batches: list[Batch] | None, next_batches: list[Batch] | None,
+                       members: list[Student], teacher: Teacher | None, train_blocks: torch.Tensor, loop: LoopConfig,
+                       logger: MetricsLogger, failures: _StepFailures) -> int:
+    """Source 2, one data view: its students learn from the step's blocks with one teacher
+    signal per micro-batch.  batches None: a dynamic view, drawn now by this window's
+    weights.  next_batches are read ahead while the students train.  -> the teacher forwards."""
+    if batches is None:
+        view.reweigh(step)
+        indices = view.global_indices(step, loop.batch_size, loop.seed)
+        batches = step_batches(indices, loop, train_blocks)
+    if teacher is not None and next_batches:
+        teacher.prefetch(next_batches)
+    micro_batches, calls = _with_signal(teacher, batches)
+    shared = teacher_metrics(micro_batches, loop, members[0].device)
+    for s in members:
+        _train_student(s, step, micro_batches, shared, logger, loop, failures)
+    if view.dynamic:  # the students' gap on these blocks re-weights the next window
+        trained = [s for s in members if s.name not in failures.reasons and s.hard_per_block is not None]
+        if trained:
+            view.record(indices, block_gaps(trained, micro_batches, loop))
+        for s in members:
+            s.data_view_state = view.state_dict()
+    return calls
+
+
 def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: torch.Tensor,
                val_blocks: torch.Tensor, val_teacher: Teacher | None, loop: LoopConfig, layout: RunLayout,
                resume: bool, progress: bool, label: str = "co-distilling",
@@ -331,22 +415,21 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
         for view in views:
             for name in set(view.students) & training:
                 atomic_write_json(layout.data_report(name), view.report(name))
+    for view in views:  # a dynamic view's gap table comes back with its students
+        state = next((s.data_view_state for s in students if s.name in view.students and s.data_view_state), None)
+        if view.dynamic and state is not None:
+            view.load_state_dict(state)
+
+    def batches_of(step: int) -> list[list[Batch] | None]:
+        """Per view, this rank's micro-batches of `step`; None for a dynamic view, whose batch
+        can only be drawn once the step before it has trained (its gaps set the weights)."""
+        return [None if v.dynamic or step >= loop.steps else
+                step_batches(v.global_indices(step, loop.batch_size, loop.seed), loop, train_blocks) for v in views]
+
     logger = MetricsLogger(layout, [s.name for s in students], start, enabled=loop.rank == 0)
+    final_eval: dict = {}
+    teacher_calls = 0  # teacher forwards made for training batches (evaluation excluded)
     try:  # the metrics files and TensorBoard writers are closed (flushed) whatever ends the loop
-        final_eval: dict = {}
-        teacher_calls = 0  # teacher forwards made for training batches (evaluation excluded)
-
-        for view in views:  # a dynamic view's gap table comes back with its students
-            state = next((s.data_view_state for s in students if s.name in view.students and s.data_view_state), None)
-            if view.dynamic and state is not None:
-                view.load_state_dict(state)
-
-        def batches_of(step: int) -> list[list[Batch] | None]:
-            """Per view, this rank's micro-batches of `step`; None for a dynamic view, whose batch
-            can only be drawn once the step before it has trained (its gaps set the weights)."""
-            return [None if v.dynamic or step >= loop.steps else
-                    step_batches(v.global_indices(step, loop.batch_size, loop.seed), loop, train_blocks) for v in views]
-
         upcoming = batches_of(start)
         with _StopFlag(launched=loop.world_size > 1) as stop, progress_bar(loop.steps, label, progress and loop.rank == 0, start) as bar:
             for step in range(start, loop.steps):
@@ -354,66 +437,16 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
                 # micro-batches; the next step's are built once, now, and read ahead (a cache
                 # decodes them while the students train)
                 current, upcoming = upcoming, batches_of(step + 1)
-                failed, traces = {}, {}  # name -> one-line reason, name -> traceback (exceptions only)
-
-                def train(s: Student, micro_batches: list[MicroBatch], shared: dict, recipe=None) -> None:
-                    """One student's step; a failure costs that student only."""
-                    try:
-                        metrics = s.train_step(step, micro_batches, recipe)  # recipe None: the student's own loss
-                    except Exception as e:  # out of memory, say: this student fails, not the run
-                        failed[s.name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
-                        traces[s.name] = traceback.format_exc()  # kept in its failed.json, for a bug report
-                        return
-                    logger.log(s.name, step + 1, {**metrics, **shared})
-                    if s.nonfinite_steps > loop.max_nonfinite:
-                        failed[s.name] = (f"{s.nonfinite_steps} non-finite steps (limit train.max_nonfinite="
-                                          f"{loop.max_nonfinite}); lower the lr or check the teacher signal")
-
-                # --- source 1: the students' own samples, for those taking this step on-policy
-                on_members = on_policy.members(step, students) if on_policy is not None else []
-                if on_members:
-                    before = teacher.forward_calls
-                    own = on_policy.micro_batches(step, on_members)  # one teacher forward for all of them
-                    teacher_calls += teacher.forward_calls - before
-                    figures = on_policy.figures(on_members[0].device)  # tokens sampled, seconds generating
-                    for s in on_members:
-                        train(s, own[s.name], {**teacher_metrics(own[s.name], loop, s.device), **figures, "on_policy": True},
-                              on_policy.recipe(s))
-
-                # --- source 2: the corpus with its teacher signal, per data view, for everyone else
+                failed = _StepFailures()
+                on_members, calls = _learn_on_policy(step, on_policy, students, teacher, loop, logger, failed)
+                teacher_calls += calls
                 for view, batches, next_batches in zip(views, current, upcoming):
                     members = [s for s in students if s.name in view.students and s not in on_members]
-                    if not members:
-                        continue
-                    if batches is None:  # dynamic: this window's weights, then the step's draw
-                        view.reweigh(step)
-                        indices = view.global_indices(step, loop.batch_size, loop.seed)
-                        batches = step_batches(indices, loop, train_blocks)
-                    if teacher is not None and next_batches:
-                        teacher.prefetch(next_batches)
-                    micro_batches = []
-                    for batch in batches:
-                        # --- one teacher signal per micro-batch, shared by every student of the view
-                        if teacher is not None:
-                            before = teacher.forward_calls
-                            sig, valid = teacher.signal(batch)
-                            teacher_calls += teacher.forward_calls - before
-                        else:
-                            sig, valid = None, torch.ones_like(batch.labels, dtype=torch.bool)
-                        micro_batches.append(MicroBatch(batch, sig, valid))
-
-                    # --- every student learns from the same signal; a failure costs that student only
-                    shared = teacher_metrics(micro_batches, loop, members[0].device)
-                    for s in members:
-                        train(s, micro_batches, shared)
-                    if view.dynamic:  # the students' gap on these blocks re-weights the next window
-                        trained = [s for s in members if s.name not in failed and s.hard_per_block is not None]
-                        if trained:
-                            view.record(indices, block_gaps(trained, micro_batches, loop))
-                        for s in members:
-                            s.data_view_state = view.state_dict()
-                if failed:
-                    students = drop_failed(students, failed, step, loop, layout, logger, traces)
+                    if members:
+                        teacher_calls += _learn_from_corpus(step, view, batches, next_batches, members, teacher,
+                                                            train_blocks, loop, logger, failed)
+                if failed.reasons:
+                    students = drop_failed(students, failed.reasons, step, loop, layout, logger, failed.traces)
                 done = step + 1
                 bar.update(1, {s.name: logger.last.get(s.name, {}).get("loss") for s in students})
 

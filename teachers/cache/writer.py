@@ -393,7 +393,7 @@ def _existing(cache_dir: Path, ident: dict, counts: dict, overwrite: bool, rank:
 
 
 def _plan(cache_dir: Path, splits: Mapping[str, torch.Tensor], prior: dict, rank: int, world_size: int,
-          shard_sequences: int) -> list[tuple[str, dict, bool]]:
+          shard_sequences: int, progress: bool = False) -> list[tuple[str, dict, bool]]:
     """This rank's shards in order: (split, manifest entry, reused from an earlier run).
 
     A rank takes sequences [n * rank / world, n * (rank + 1) / world) of each split, in shards
@@ -401,25 +401,37 @@ def _plan(cache_dir: Path, splits: Mapping[str, torch.Tensor], prior: dict, rank
     entries, from runs on any number of ranks) is reused where it starts at the next sequence,
     ends inside the range and still matches its input and bytes; a new shard ends where the
     next such shard starts.  So a cache killed on 8 ranks resumes on 4, or on 1.  Only the
-    earlier shards' inputs are read here; a new shard's (its input_sha256) when it is computed."""
-    plan = []
+    earlier shards' inputs are read here, and their bytes (a sha256 each, under a progress bar:
+    minutes for a large cache); a new shard's input (its input_sha256) when it is computed."""
+    ranges = {}  # split -> this rank's [lo, hi)
+    candidates = []  # (split, first sequence, the earlier shards that start there and fit)
     for split, blocks in splits.items():
         n = blocks.shape[0]
-        lo, hi = n * rank // world_size, n * (rank + 1) // world_size
-        done = {}  # first sequence -> a finished shard inside [lo, hi) that still holds
+        ranges[split] = lo, hi = n * rank // world_size, n * (rank + 1) // world_size
         for s0, entries in prior.get(split, {}).items():
             fits = [e for e in entries if lo <= s0 < e["sequences"][1] <= hi]
+            if fits:
+                candidates.append((split, s0, fits))
+    done = {split: {} for split in splits}  # split -> first sequence -> a finished shard that still holds
+    with progress_bar(len(candidates), "cache: checking earlier shards", progress and bool(candidates)) as bar:
+        for split, s0, fits in candidates:
+            blocks = splits[split]
             ok = next((e for e in fits if _entry_ok(cache_dir, e, {
                 "file": e["file"], "sequences": e["sequences"],
                 "input_sha256": input_sha256(blocks[e["sequences"][0]:e["sequences"][1]])})), None)
             if ok is not None:
-                done[s0] = ok
-        starts = sorted(done)
+                done[split][s0] = ok
+            bar.update(1)
+    plan = []
+    for split, blocks in splits.items():
+        lo, hi = ranges[split]
+        done_here = done[split]
+        starts = sorted(done_here)
         s0 = lo
         while s0 < hi:
-            if s0 in done:
-                plan.append((split, done[s0], True))
-                s0 = done[s0]["sequences"][1]
+            if s0 in done_here:
+                plan.append((split, done_here[s0], True))
+                s0 = done_here[s0]["sequences"][1]
                 continue
             after = bisect.bisect_right(starts, s0)  # the next kept shard's start, if any
             s1 = min(s0 + shard_sequences, hi, starts[after] if after < len(starts) else hi)
@@ -428,6 +440,99 @@ def _plan(cache_dir: Path, splits: Mapping[str, torch.Tensor], prior: dict, rank
                                  "tokens": (s1 - s0) * blocks.shape[1]}, False))
             s0 = s1
     return plan
+
+
+class _TeacherCalls:
+    """teacher_fn, called with the arguments it takes, and counted: under lockstep every rank
+    makes `total` calls, a rank with less left to do (or that failed outside the teacher)
+    padding with dummy batches whose output is dropped."""
+
+    def __init__(self, teacher_fn, manifest: dict, sampling: Sampling | None, total: int):
+        self.fn, self.sampling, self.total = teacher_fn, sampling, total
+        self.k, self.vocab, self.seq_len = manifest["k"], manifest["vocab_size"], manifest["seq_len"]
+        self.calls, self.in_teacher = 0, False
+        self.takes_targets = _accepts(teacher_fn, "targets")  # else it returns logits and the stats are computed here
+        # A teacher that can skip positions computes the signal at the stored ones only (rows.py).
+        self.takes_where = self.takes_targets and _accepts(teacher_fn, "where")
+
+    @torch.no_grad()
+    def __call__(self, x, keys, t, p=None, w=None):
+        """x: (B, T) ids; keys: the draws' keys of a sampled cache (sampling.keys), else None; t:
+        (B, T) plain next-token ids when difficulty statistics are kept, else None; p: (B, T)
+        position ids of packed rows, else None; w: (B, T) bool, the positions that are stored
+        (training targets), else None."""
+        self.calls, self.in_teacher = self.calls + 1, True
+        args = (x,) if keys is None else (x, keys)
+        kwargs = ({"targets": t} if t is not None and self.takes_targets else {}) | ({} if p is None else {"position_ids": p})
+        if w is not None and self.takes_where:
+            kwargs["where"] = w
+        out = self.fn(*args, **kwargs)
+        self.in_teacher = False
+        return out
+
+    def signal(self, split: str, x, first_seq: int, t, p, w):
+        """-> (ids, vals, bad, entropy or None, difficulty or None) of sequences first_seq.. of `split`."""
+        keys = None if self.sampling is None else self.sampling.keys(split, range(first_seq, first_seq + x.shape[0]),
+                                                                     self.seq_len)
+        out = self(x, keys, t, p, w)
+        return _topk(out, self.k, self.vocab, t) if keys is None else _sampled(out, self.sampling, self.vocab, keys, t)
+
+    def pad_to_total(self, dummy: torch.Tensor | None, with_targets: bool) -> None:
+        """dummy: (B, T) ids, any real ones (None only where every split is empty: no calls)."""
+        while self.calls < self.total:
+            keys = None if self.sampling is None else self.sampling.keys("padding", range(len(dummy)), self.seq_len)
+            self(dummy, keys, torch.zeros_like(dummy) if with_targets else None)
+
+
+def _compute_shard(teacher: _TeacherCalls, split: str, entry: dict, x: torch.Tensor, t: torch.Tensor | None,
+                   pos: torch.Tensor | None, batch_size: int, bar) -> tuple:
+    """The teacher's signal over one shard's sequences, in batches of `batch_size`.  x: (n, T)
+    ids; t: (n, T) next-token ids, a token that is no training target -(id + 1), or None; pos:
+    (n, T) position ids or None.  -> (ids, vals (n*T, k); bad (n*T,); entropy (n*T,) or None;
+    difficulty (n*T, 3) or None)."""
+    s0, s1 = entry["sequences"]
+    plain = None if t is None else token_ids(t)
+    outs = []
+    try:
+        for b0 in range(0, len(x), batch_size):
+            b = slice(b0, b0 + batch_size)
+            outs.append(teacher.signal(split, x[b], s0 + b0, None if plain is None else plain[b],
+                                       None if pos is None else pos[b], None if t is None else t[b] >= 0))
+            bar.update(len(x[b]), info=f"{split} shard {entry['file']}")
+    except TeacherUnavailable as e:  # name the shard it stopped in
+        raise TeacherUnavailable(f"cache shard {entry['file']} ({split} sequences {s0}-{s1}): {e}") from None
+    ids, vals, bad = (torch.cat(o) for o in list(zip(*outs))[:3])
+    entropy = None if teacher.sampling is None else torch.cat([o[3] for o in outs])
+    difficulty = None if t is None else torch.cat([o[4] for o in outs])
+    return ids, vals, bad, entropy, difficulty
+
+
+def _encode_shard(codec, manifest: dict, split: str, entry: dict, ids, vals, bad, entropy, difficulty,
+                  trained) -> bytes:
+    """One shard's safetensors bytes.  ids, vals (n*T, k); bad, entropy (n*T,); difficulty
+    (n*T, 3); trained (n, T) bool or None.  With `trained`, only the training targets are
+    stored (teachers/cache/rows.py), and `entry` gets their count."""
+    seq_len = manifest["seq_len"]
+    arrays, group, rows = {}, seq_len, None
+    if difficulty is not None:  # per sequence over its valid training targets
+        per_seq = sequence_difficulty(difficulty.view(-1, seq_len, len(STATS)), trained & ~bad.view(-1, seq_len))
+        arrays["sequence_stats"] = per_seq.numpy()
+    if trained is not None:
+        arrays["stored"] = np.packbits(trained.numpy(), axis=1)
+        group = manifest["stored"]["group"]
+        rows = torch.from_numpy(encoded_rows(trained.numpy(), group))
+        entry.update(stored_tokens=int(trained.sum()), rows=len(rows))
+    pick = (lambda x: x) if rows is None else (lambda x: x[rows])  # noqa: E731  token rows -> encoded rows
+    arrays.update(codec.encode(pick(ids).numpy(), pick(vals).numpy(), manifest["vocab_size"], group=group))
+    arrays["invalid"] = np.flatnonzero(bad.numpy()).astype(np.int64)  # flat token indices, stored or not
+    if entropy is not None:  # sampled: the teacher's entropy at T makes the KL's value unbiased
+        arrays["entropy"] = pick(entropy).numpy().astype(np.float16)
+    if difficulty is not None:
+        arrays["token_stats"] = pick(difficulty).numpy().astype(np.float16)
+    meta = {"format": "distill-topk-cache", "format_version": str(manifest["format_version"]), "encoding": codec.name,
+            "k": str(manifest["k"]), "vocab_size": str(manifest["vocab_size"]), "seq_len": str(seq_len),
+            "split": split, "sequences": f"{entry['sequences'][0]}-{entry['sequences'][1]}"}
+    return safetensors_bytes(arrays, meta)
 
 
 def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, rank, world_size,
@@ -442,10 +547,9 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
     failure reaches them at the next agreement.  A failure *inside* a collective teacher
     (one rank out of memory) cannot be rescued this way: the launcher's timeout ends it.
     """
-    k, vocab, seq_len = manifest["k"], manifest["vocab_size"], manifest["seq_len"]
     plan = err = None
     try:
-        plan = _plan(cache_dir, splits, prior, rank, world_size, shard_sequences)
+        plan = _plan(cache_dir, splits, prior, rank, world_size, shard_sequences, progress)
     except Exception as e:
         err = e
     failed = lockstep.any_failed(err is not None) if lockstep is not None else err is not None
@@ -455,66 +559,9 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
     if progress and kept:
         print(f"[cache] rank {rank}: {kept} of {len(plan)} shard(s) kept from an earlier run", file=sys.stderr, flush=True)
     forwards = sum(-(-(e["sequences"][1] - e["sequences"][0]) // batch_size) for _, e, reuse in plan if not reuse)
-    total = lockstep.max(forwards) if lockstep is not None else forwards
-    calls, in_teacher = 0, False
-    takes_targets = _accepts(teacher_fn, "targets")  # else it returns logits and the stats are computed here
-    # A teacher that can skip positions computes the signal at the stored ones only (rows.py).
-    takes_where = takes_targets and _accepts(teacher_fn, "where")
-
-    @torch.no_grad()
-    def call(x, keys, t, p=None, w=None):
-        """keys: the draws' keys of a sampled cache (sampling.keys), else None; t: (B, T) plain
-        next-token ids when difficulty statistics are kept, else None; p: (B, T) position ids of
-        packed rows, else None; w: (B, T) bool, the positions that are stored (training
-        targets), else None."""
-        nonlocal calls, in_teacher
-        calls, in_teacher = calls + 1, True
-        args = (x,) if keys is None else (x, keys)
-        kwargs = ({"targets": t} if t is not None and takes_targets else {}) | ({} if p is None else {"position_ids": p})
-        if w is not None and takes_where:
-            kwargs["where"] = w
-        out = teacher_fn(*args, **kwargs)
-        in_teacher = False
-        return out
-
-    def signal_of(split, x, first_seq, t, p, w):
-        keys = None if sampling is None else sampling.keys(split, range(first_seq, first_seq + x.shape[0]), seq_len)
-        out = call(x, keys, t, p, w)
-        return _topk(out, k, vocab, t) if keys is None else _sampled(out, sampling, vocab, keys, t)
-
-    def pad_to_total():
-        if calls < total:
-            dummy = next(t for t in splits.values() if t.shape[0])[:batch_size].to(torch.int64)
-            while calls < total:
-                keys = None if sampling is None else sampling.keys("padding", range(len(dummy)), seq_len)
-                call(dummy, keys, None if targets is None else torch.zeros_like(dummy))
-
-    def finish(split, entry, ids, vals, bad, entropy, difficulty, trained):
-        """ids, vals (n*T, k); bad, entropy (n*T,); difficulty (n*T, 3); trained (n, T) bool or
-        None.  With `trained`, only the training targets are stored (teachers/cache/rows.py)."""
-        arrays, group, rows = {}, seq_len, None
-        if difficulty is not None:  # per sequence over its valid training targets
-            per_seq = sequence_difficulty(difficulty.view(-1, seq_len, len(STATS)), trained & ~bad.view(-1, seq_len))
-            arrays["sequence_stats"] = per_seq.numpy()
-        if trained is not None:
-            arrays["stored"] = np.packbits(trained.numpy(), axis=1)
-            group = manifest["stored"]["group"]
-            rows = torch.from_numpy(encoded_rows(trained.numpy(), group))
-            entry.update(stored_tokens=int(trained.sum()), rows=len(rows))
-        pick = (lambda x: x) if rows is None else (lambda x: x[rows])  # noqa: E731  token rows -> encoded rows
-        arrays.update(codec.encode(pick(ids).numpy(), pick(vals).numpy(), vocab, group=group))
-        arrays["invalid"] = np.flatnonzero(bad.numpy()).astype(np.int64)  # flat token indices, stored or not
-        if entropy is not None:  # sampled: the teacher's entropy at T makes the KL's value unbiased
-            arrays["entropy"] = pick(entropy).numpy().astype(np.float16)
-        if difficulty is not None:
-            arrays["token_stats"] = pick(difficulty).numpy().astype(np.float16)
-        meta = {"format": "distill-topk-cache", "format_version": str(manifest["format_version"]), "encoding": codec.name,
-                "k": str(k), "vocab_size": str(vocab), "seq_len": str(seq_len), "split": split,
-                "sequences": f"{entry['sequences'][0]}-{entry['sequences'][1]}"}
-        data = safetensors_bytes(arrays, meta)
-        _atomic_write(cache_dir / entry["file"], data)
-        entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), nonfinite_tokens=int(bad.sum()))
-        record(split, entry)
+    teacher = _TeacherCalls(teacher_fn, manifest, sampling, lockstep.max(forwards) if lockstep is not None else forwards)
+    # padding calls' input (lockstep): any real ids; there are some whenever a rank has calls to make
+    dummy = next((t[:batch_size].to(torch.int64) for t in splits.values() if t.shape[0]), None)
 
     def record(split, entry):
         s = manifest["splits"][split]
@@ -522,7 +569,13 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
         s.update(_split_totals(s["shards"]))
         _atomic_write(manifest_path, _dump(manifest))
 
-    pending = None
+    def finish(split, entry, *signal, trained):
+        data = _encode_shard(codec, manifest, split, entry, *signal, trained)
+        _atomic_write(cache_dir / entry["file"], data)
+        entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), nonfinite_tokens=int(signal[2].sum()))
+        record(split, entry)
+
+    pending = None  # the shard being encoded and written in the background
     todo = sum(e["sequences"][1] - e["sequences"][0] for _, e, reuse in plan if not reuse)
     try:
         with ThreadPoolExecutor(max_workers=1) as pool, progress_bar(todo, "cache", progress) as bar:
@@ -538,31 +591,18 @@ def _run(cache_dir, teacher_fn, splits, codec, manifest, manifest_path, prior, r
                     x = splits[split][s0:s1].to(torch.int64)
                     entry["input_sha256"] = input_sha256(x)
                     t = None if targets is None else targets[split][s0:s1].to(torch.int64)  # (n, T), signed
-                    plain = None if t is None else token_ids(t)
                     pos = None if positions is None else positions[split][s0:s1]  # (n, T)
-                    outs = []
-                    try:
-                        for b0 in range(0, s1 - s0, batch_size):
-                            b = slice(b0, b0 + batch_size)
-                            outs.append(signal_of(split, x[b], s0 + b0, None if plain is None else plain[b],
-                                                  None if pos is None else pos[b], None if t is None else t[b] >= 0))
-                            bar.update(len(x[b]), info=f"{split} shard {entry['file']}")
-                    except TeacherUnavailable as e:  # name the shard it stopped in
-                        raise TeacherUnavailable(f"cache shard {entry['file']} ({split} sequences {s0}-{s1}): {e}") from None
-                    ids, vals, bad = (torch.cat(o) for o in list(zip(*outs))[:3])
-                    entropy = None if sampling is None else torch.cat([o[3] for o in outs])
-                    difficulty = None if t is None else torch.cat([o[4] for o in outs])
+                    signal = _compute_shard(teacher, split, entry, x, t, pos, batch_size, bar)
                     if pending is not None:
                         pending.result()
-                    pending = pool.submit(finish, split, entry, ids, vals, bad, entropy, difficulty,
-                                          None if t is None else t >= 0)
+                    pending = pool.submit(finish, split, entry, *signal, trained=None if t is None else t >= 0)
             finally:
                 if pending is not None:
                     pending.result()  # a finished shard is recorded even if the teacher failed later
-        pad_to_total()
+        teacher.pad_to_total(dummy, targets is not None)
     except BaseException:
-        if lockstep is not None and not in_teacher:
-            pad_to_total()
+        if lockstep is not None and not teacher.in_teacher:
+            teacher.pad_to_total(dummy, targets is not None)
         raise
     manifest["complete"] = True
     _atomic_write(manifest_path, _dump(manifest))
