@@ -99,6 +99,41 @@ def test_the_logged_loss_is_the_mean_over_targets():
     got = s.train_step(0, [MicroBatch(batch, None, torch.ones(8, T, dtype=torch.bool))])
     assert got["n_valid"] == int((batch.labels != -100).sum()) < 8 * T
     assert abs(got["loss"] - float(want)) < 1e-5, (got["loss"], float(want))
+    assert "soft" not in got  # no soft term was computed: no figure (it logged 0.0)
+
+
+def test_a_moe_students_logged_loss_is_the_objective_its_router_terms_included():
+    """`loss` is what the step minimises: w_hard*hard + w_soft*soft and, for a MoE student,
+    balance_weight*balance_loss + z_weight*z_loss (it left the router's terms out)."""
+    s = torch_student("scout", balance_weight=0.5)
+    s.cfg = s.cfg.model_copy(update={"loss": s.cfg.loss.model_copy(update={"z_weight": 0.25})})
+    got = s.train_step(0, [micro_batch(list(range(8)), torch.ones(8, T, dtype=torch.bool), blocks=CHAT_BLOCKS)])
+    router = 0.5 * got["balance_loss"] + 0.25 * got["z_loss"]
+    assert router > 0.1
+    want = got["w_hard"] * got["hard"] + got["w_soft"] * got["soft"] + router
+    assert abs(got["loss"] - want) < 1e-5 * want, (got["loss"], want)
+
+
+def test_the_logged_lr_is_the_rate_the_steps_update_used():
+    """With warmup over 3 steps the updates use lr x 1/3, 2/3, 1: the logged lr of each step
+    is its own rate (it was the next step's), solved here from the weights' change under
+    plain SGD."""
+    s = torch_student("dense")
+    s.engine.optimizer = torch.optim.SGD(s.model.parameters(), lr=1e-2)
+    s.engine.grad_clip = 0.0  # the update is then -lr x the gradient the hook sees
+    s.engine.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        s.engine.optimizer, lambda step: min(step + 1, 3) / 3)
+    param = s.model.lm_head.weight
+    for step in range(4):
+        rows = [2 * step, 2 * step + 1]
+        before = param.detach().clone()
+        grads = {}
+        hook = param.register_hook(lambda g: grads.setdefault("g", g.clone()))
+        got = s.train_step(step, [micro_batch(rows, torch.ones(2, T, dtype=torch.bool))])
+        hook.remove()
+        applied = float((before - param.detach()).flatten() @ grads["g"].flatten() / grads["g"].square().sum())
+        assert got["lr"] == pytest.approx(applied, rel=1e-4), (step, got["lr"], applied)
+        assert got["lr"] == pytest.approx(1e-2 * min(step + 1, 3) / 3, rel=1e-6), step
 
 
 # ------------------------------------------------------------------ a NaN micro-batch, 2 ranks

@@ -7,6 +7,8 @@ were ignored would end bit for bit equal to the base, as its twin (the same conf
 another name) does.  Memory knobs (loss.chunk_size) must change nothing but rounding."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import yaml
@@ -88,13 +90,18 @@ def test_the_comparison_can_tell_and_a_memory_knob_changes_nothing(trained):
 
 
 def test_the_lr_schedule_follows_warmup_and_min_lr_ratio(trained):
-    """Linear warmup to lr, cosine to lr x min_lr_ratio at the last step (the logged lr is the
-    rate after each step's update)."""
+    """Linear warmup to lr, then cosine towards lr x min_lr_ratio at `train.steps`.  The
+    logged lr is the rate the step's update used (it was the next step's: the warmup's first
+    rate never showed, and the last one logged was never applied)."""
+    def cosine(progress, floor):
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
     lrs = {n: [r["lr"] for r in train_rows(trained, n)] for n in ("base", "min_lr_ratio", "warmup_steps")}
-    assert lrs["base"][-1] == pytest.approx(3e-3 * 0.1, rel=1e-6)  # optim.min_lr_ratio 0.1, the default
-    assert lrs["min_lr_ratio"][-1] == pytest.approx(3e-3 * 0.9, rel=1e-6)
-    assert lrs["warmup_steps"][:3] == pytest.approx([3e-3 * 2 / 4, 3e-3 * 3 / 4, 3e-3], rel=1e-6)
-    assert max(lrs["base"]) == pytest.approx(3e-3, rel=1e-6)
+    # warmup 1 (the tests' setting), then cosine over the other 5 steps, from progress 0 at step 2
+    assert lrs["base"] == pytest.approx([3e-3, *(3e-3 * cosine(i / 5, 0.1) for i in range(5))], rel=1e-6)
+    assert lrs["min_lr_ratio"] == pytest.approx([3e-3, *(3e-3 * cosine(i / 5, 0.9) for i in range(5))], rel=1e-6)
+    assert lrs["warmup_steps"] == pytest.approx([3e-3 * 1 / 4, 3e-3 * 2 / 4, 3e-3 * 3 / 4, 3e-3, 3e-3,
+                                                 3e-3 * cosine(1 / 2, 0.1)], rel=1e-6)
 
 
 def test_precision_bf16_autocasts_and_keeps_fp32_weights(trained, online_setup):

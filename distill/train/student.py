@@ -210,8 +210,9 @@ def distill_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, signal: T
     A label of -100 (chat data: a token outside the assistant's turns; padding) is no
     target: it leaves the one mask that drives the hard and soft terms, the adaptive
     weights and the mean, so neither its label nor its teacher signal reaches a gradient.
-    stats: loss, hard, soft, w_soft, balance_loss, z_loss as shares (they add up over
-    micro-batches and ranks to the step's means).
+    stats: loss (the whole objective: the MoE terms too), hard, soft (absent where no soft
+    term is computed), w_soft, balance_loss, z_loss as shares (they add up over micro-batches
+    and ranks to the step's means).
     """
     mask = target_mask(labels, valid)  # (B, T)
     if totals is None:
@@ -229,6 +230,7 @@ def distill_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, signal: T
         total, stats = combine(hard, soft, flat_mask, 1.0 - w_soft, w_soft_tok, totals.targets)
     else:
         total, stats = combine(hard, soft, flat_mask, 1.0, 0.0, totals.targets)
+        del stats["soft"]  # not computed (a CE-only baseline, or no signal): no figure, rather than a 0
     hard_per_block = (hard.detach().view(labels.shape) * mask).sum(-1) / mask.sum(-1)  # (B,); 0/0 = NaN
     router_logits = collect_router_logits(model)
     if router_logits:
@@ -238,8 +240,10 @@ def distill_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, signal: T
         fractions = slots / slots.sum(-1, keepdim=True).clamp_min(1)
         lb = load_balancing_loss(router_logits, top_k, fractions, n_tokens=totals.tokens)
         z = router_z_loss(router_logits, n_tokens=totals.tokens)
-        total = total + loss_cfg.balance_weight * lb + loss_cfg.z_weight * z
-        stats.update(balance_loss=float(lb.detach()), z_loss=float(z.detach()))
+        router = loss_cfg.balance_weight * lb + loss_cfg.z_weight * z
+        total = total + router
+        # `loss` is the objective minimised, the router's terms included
+        stats.update(loss=stats["loss"] + float(router.detach()), balance_loss=float(lb.detach()), z_loss=float(z.detach()))
     return LossOutput(total * world, stats, hard_per_block)
 
 
@@ -284,6 +288,7 @@ class Student:
         boundary stay aligned)."""
         t0 = time.perf_counter()
         self.model.train()
+        lr = self.engine.lr()  # the rate this step's update uses (read before the schedule moves on)
         loss_cfg, w_soft = recipe if recipe is not None else (self.cfg.loss, self.w_soft(step))
         world, n_micro = self.engine.world_size, len(micro_batches)
         on_device = [tuple(x.to(self.device, non_blocking=True) for x in (mb.batch.input_ids, mb.batch.labels, mb.valid))
@@ -313,7 +318,7 @@ class Student:
             for moe in moe_modules(self.model):  # nor routed anything the expert bias should follow
                 moe.counts_since_update.zero_()
             self.nonfinite_steps += 1
-            return {"skipped": True, "nonfinite_steps": self.nonfinite_steps, "lr": self.engine.lr()}
+            return {"skipped": True, "nonfinite_steps": self.nonfinite_steps, "lr": lr}
         if self.cfg.loss.bias_update_rate > 0:
             update_expert_bias(self.model, self.cfg.loss.bias_update_rate)
         tokens = sum(int(mb.valid.numel()) for mb in micro_batches) * world
@@ -323,7 +328,7 @@ class Student:
         metrics = self._reduced(sums)
         metrics.update({
             "w_hard": out.stats["w_hard"],
-            "lr": self.engine.lr(), "grad_norm": grad_norm,
+            "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9), "tokens_seen": self.tokens_seen,
             "targets_seen": self.targets_seen,
         })
