@@ -277,7 +277,7 @@ def _peer_stopped(e: Exception, debug: bool) -> None:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     first = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\] ", "", first)  # gloo's source location
     typer.echo(f"error: rank {os.environ.get('RANK', '?')}: stopped because another rank of the launch stopped first "
-               f"({first[:160]}); that rank's error, above, says why", err=True)
+               f"({first[:160]}); its output says why (an error, a signal, or a run that ended sooner)", err=True)
     sys.exit(1)
 
 

@@ -4,9 +4,12 @@ and the teacher.  Stages (stages.py), training (train/) and evaluation (report/)
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,17 +46,128 @@ def setup_runtime(cfg: RunConfig) -> tuple[int, int]:
         # destructors aborted one ZeRO-3 rank after all its work was written ("terminate called
         # without an active exception", exit 250 from the launcher; seen once in a clean-clone CI).
         atexit.register(_destroy_process_group)
-        if uses_deepspeed:
-            import deepspeed
+        with _rendezvous_watch(world):
+            if uses_deepspeed:
+                import deepspeed
 
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-            if not torch.cuda.is_available():
-                atexit.register(deepspeed_cpu_shm_buffer(dist.get_rank()).unlink, missing_ok=True)
-        else:
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+                deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+            else:
+                dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if uses_deepspeed and not torch.cuda.is_available():
+            atexit.register(deepspeed_cpu_shm_buffer(dist.get_rank()).unlink, missing_ok=True)
     if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if world > 1:
+            check_ranks_agree(cfg, rank, world)
+        return rank, world
     return 0, 1
+
+
+WAITING_SAID_AFTER = 30.0  # seconds a rank waits for the others before it says so (then at 2x, 4x, ...)
+
+
+@contextlib.contextmanager
+def _rendezvous_watch(world: int):
+    """While this rank waits for the others to join (torch's rendezvous, in C++: Python's signal
+    handlers run only once it returns, up to its 30-minute timeout later), a thread takes Ctrl-C
+    and SIGTERM (the interrupted line, exit 130: nothing is written yet) and says, after
+    WAITING_SAID_AFTER s and then at doubling intervals, that the rank is still waiting and
+    where.  Before, a rank whose peer never came (a wrong MASTER_PORT) sat silent, deaf to SIGTERM."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    from common.errors import INTERRUPTED
+
+    signals = {signal.SIGINT, signal.SIGTERM}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # the watcher, started now, inherits it
+    done = threading.Event()
+    rank, where = os.environ.get("RANK", "?"), f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+
+    def watch():
+        t0, say_at = time.monotonic(), WAITING_SAID_AFTER
+        while not done.is_set():
+            if signal.sigtimedwait(signals, 0.2) is not None:
+                os.write(2, (INTERRUPTED + "\n").encode())
+                os._exit(130)
+            waited = time.monotonic() - t0
+            if waited >= say_at and not done.is_set():
+                print(f"[dist] rank {rank} of {world}: waiting {waited:.0f} s for the other ranks to join at {where} "
+                      f"(each must start with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE)",
+                      file=sys.stderr, flush=True)
+                say_at *= 2
+
+    watcher = threading.Thread(target=watch, name="rendezvous-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # a signal that came meanwhile is taken now
+
+
+_CHECKED_LAUNCH: set = set()  # the configs this process's launch has checked (`distill run` sets up per stage)
+
+
+def _config_view(value):
+    """The config as every rank must hold it: paths stand as "<path>" (nodes may mount the
+    same share at different paths; what lies there is checked by content elsewhere)."""
+    if isinstance(value, dict):
+        return {k: _config_view(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_config_view(v) for v in value]
+    return "<path>" if isinstance(value, Path) else value
+
+
+def _flat(value, prefix: str = "") -> dict[str, object]:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    if isinstance(value, list):
+        return {k: v for i, sub in enumerate(value) for k, v in _flat(sub, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def check_ranks_agree(cfg: RunConfig, rank: int, world: int) -> None:
+    """Every rank of a launch must run one config on one out_dir.  Nothing compared them: a
+    node given another `--set` (lr, batch_size) trained on, exit 0, its weights silently off;
+    one whose out_dir was a node-local disk resumed from step 0 while rank 0 resumed from its
+    checkpoint, and a cache's ranks left their halves on different disks.  Rank 0 writes a
+    file into out_dir that every other rank must then see, and the configs (paths aside) are
+    compared; every rank raises the same one line when they do not agree."""
+    import socket
+    import uuid
+
+    key = json.dumps(_config_view(cfg.model_dump()), sort_keys=True, default=str)
+    if key in _CHECKED_LAUNCH:
+        return
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    mark = Path(cfg.out_dir) / f".launch-{token[0]}"
+    if rank == 0:
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.write_text(socket.gethostname())
+    dist.barrier()
+    views = [None] * world
+    dist.all_gather_object(views, {"sees_out_dir": mark.is_file(), "config": key, "host": socket.gethostname(),
+                                   "out_dir": str(Path(cfg.out_dir).resolve())})
+    dist.barrier()  # every rank has looked before the file goes
+    if rank == 0:
+        mark.unlink(missing_ok=True)
+    blind = [f"rank {r} ({v['host']}: {v['out_dir']})" for r, v in enumerate(views) if not v["sees_out_dir"]]
+    if blind:
+        raise UserError(f"out_dir: {', '.join(blind)} does not see the out_dir rank 0 ({views[0]['host']}) writes "
+                        f"at {views[0]['out_dir']} (a node-local disk, or another relative path there); every rank "
+                        f"reads and writes one out_dir, so put it on a filesystem all nodes share")
+    ours = _flat(json.loads(views[0]["config"]))
+    for r, v in enumerate(views[1:], start=1):
+        if v["config"] != views[0]["config"]:
+            theirs = _flat(json.loads(v["config"]))
+            diffs = [f"{k} {ours.get(k, '(unset)')!r} -> {theirs.get(k, '(unset)')!r}"
+                     for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+            raise UserError(f"rank {r} ({v['host']}) runs another config than rank 0 ({views[0]['host']}): "
+                            f"{'; '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}; every rank of a launch "
+                            f"must run the same config and --set values")
+    _CHECKED_LAUNCH.add(key)
 
 
 def _free_port() -> int:
@@ -153,7 +267,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
-            rank = dist.get_rank() if dist.is_initialized() else 0
+            # this node's rank where the launcher says it (a node may show more GPUs than it runs ranks)
+            rank = int(os.environ.get("LOCAL_RANK", dist.get_rank() if dist.is_initialized() else 0))
             return torch.device("cuda", rank % torch.cuda.device_count())
         return torch.device("cpu")
     dev = torch.device(name)

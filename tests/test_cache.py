@@ -6,6 +6,7 @@ import fcntl
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -340,6 +341,34 @@ def test_ranks_without_torch_distributed_merge(tmp_path, reference):
     worker.write(tmp_path, rank=0, world_size=2)
     assert torch.equal(_all_signals(tmp_path).topk_logprobs, _all_signals(reference).topk_logprobs)
     assert verify_cache(tmp_path) == []
+
+
+def test_ranks_that_computed_other_caches_are_not_merged_into_one(tmp_path):
+    """Two ranks run with other settings (a node given another --set) each finished a half,
+    at the same time, so neither saw the other's manifest before it worked.  The merge took
+    rank 0's k for both, `inspect --verify` said ok and training read garbage ids from rank
+    1's shards ("the shard is damaged").  Now the merge refuses, naming what differs, and
+    `--verify` names shards written with settings other than the manifest's."""
+    from teachers.cache.format import CacheMismatch
+    from teachers.cache.writer import _merge
+
+    worker.write(tmp_path / "a", rank=0, world_size=2)
+    worker.write(tmp_path / "b", rank=1, world_size=2, k=K + 2)
+    for f in (tmp_path / "b").iterdir():  # both halves in one dir, as on a shared disk
+        if f.name.startswith(("manifest.r1", "train-r1", "val-r1")):
+            shutil.copy(f, tmp_path / "a" / f.name)
+    with pytest.raises(CacheMismatch, match=rf"its ranks computed different caches \(.*k: {K} \(rank 0\) vs {K + 2} \(rank 1\)"):
+        _merge(tmp_path / "a", 2, cleanup=False)
+    assert not (tmp_path / "a" / "manifest.json").exists()
+
+
+def test_verify_names_a_shard_written_with_other_settings_than_the_manifests(tmp_path):
+    cache = worker.write(tmp_path / "c")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["k"] = K + 2
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    problems = verify_cache(cache)
+    assert problems and all(f"written with k {K} (manifest: {K + 2})" in p for p in problems), problems
 
 
 @pytest.mark.slow

@@ -192,13 +192,99 @@ def test_a_run_resumes_on_another_number_of_ranks_with_another_grad_accum(launch
         assert rel_diff(weights(killed, name), weights(full, name)) < tolerance, name
 
 
-def start_two_ranks(args: list[str], meet: dict) -> list[subprocess.Popen]:
+def start_two_ranks(args: list[str], meet: dict, rank1_extra: tuple = (), ranks: int = 2) -> list[subprocess.Popen]:
     """Ranks 0 and 1 of `args` started by hand (no launcher, so each one's exit code and stderr
-    are seen), each in a session of its own; `meet`: the rendezvous() env."""
+    are seen), each in a session of its own; `meet`: the rendezvous() env.  rank1_extra: more
+    arguments for rank 1 alone (a node started with other settings).  ranks: how many of the
+    two to start (1: rank 0 waits for a peer that never comes)."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", **meet}
-    return [subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-            for r in range(2)]
+    return [subprocess.Popen(args + (list(rank1_extra) if r else []), env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            for r in range(ranks)]
+
+
+def _two_ranks(args, rank1_extra=(), timeout=300):
+    with rendezvous() as meet:
+        procs = start_two_ranks(args, meet, rank1_extra)
+        try:
+            errs = [p.communicate(timeout=timeout)[1] for p in procs]
+        finally:
+            for p in procs:
+                kill_group(p)
+    return [p.returncode for p in procs], errs
+
+
+@pytest.mark.parametrize("case", ["another_lr", "node_local_out_dir"])
+def test_ranks_with_another_config_or_out_dir_are_refused_before_any_work(dp_config, tmp_path, case):
+    """Nothing compared the ranks of a launch: a node started with another `--set` (lr,
+    batch_size) trained on with the others, exit 0, its weights silently off; one whose
+    out_dir was a node-local disk (or another relative path) resumed from step 0 while rank 0
+    resumed its checkpoint.  Now every rank says the same one line, exit 2, before any work."""
+    work, cfg = dp_config
+    out = tmp_path / "out"
+    args = [sys.executable, str(ROOT / "cli.py"), "train", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}"]
+    other = ("--set", "students.0.optim.lr=0.03") if case == "another_lr" else ("--set", f"out_dir={tmp_path / 'local'}")
+    codes, errs = _two_ranks(args, other)
+    assert codes == [2, 2], errs
+    for e in errs:
+        lines = [l for l in e.splitlines() if l.startswith("error:")]
+        assert len(lines) == 1 and "Traceback" not in e, e
+        if case == "another_lr":
+            assert lines[0].startswith("error: rank 1 (") and "runs another config than rank 0" in lines[0], e
+            assert "students.0.optim.lr 0.003 -> 0.03" in lines[0], e
+        else:
+            assert lines[0].startswith("error: out_dir: rank 1 (") and "does not see the out_dir rank 0" in lines[0], e
+    assert not (out / "students").exists() and not (out / "data").exists()  # refused before any work
+
+
+def test_a_cache_whose_ranks_write_to_disks_rank_0_cannot_read_is_refused(dp_config, tmp_path):
+    """`distill cache` with cache.dir on node-local disks: each rank wrote its half where the other
+    could not see it, rank 0's merge found rank 1's manifest missing and both exited 0, leaving
+    no manifest.json ("no cache; run `distill cache` first" next).  Now each says one line."""
+    work, cfg = dp_config
+    out = tmp_path / "out"
+    args = [sys.executable, str(ROOT / "cli.py"), "cache", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}",
+            "--set", "train.mode=cached", "--set", "data.max_train_blocks=16", "--set", "data.max_val_blocks=4",
+            "--set", f"cache.dir={tmp_path / 'node0-cache'}"]
+    codes, errs = _two_ranks(args, ("--set", f"cache.dir={tmp_path / 'node1-cache'}"))  # the same path, on each node
+    assert codes == [2, 2], errs
+    assert "rank 0 does not see the finished manifest.r1.json" in errs[0] and "Traceback" not in errs[0], errs[0]
+    assert "rank 0 could not merge the per-rank manifests" in errs[1] and "Traceback" not in errs[1], errs[1]
+    assert list((tmp_path / "node0-cache").glob("train-r0-*.safetensors"))  # kept for the rerun
+    assert not (tmp_path / "node0-cache" / "manifest.json").exists()
+
+
+def test_a_rank_waiting_for_a_peer_that_never_comes_stops_on_sigterm(dp_config, tmp_path):
+    """A rank whose peer never joins (a wrong MASTER_PORT) waited in torch's rendezvous, in C++,
+    silent and deaf to SIGTERM and Ctrl-C until its 30-minute timeout.  Now SIGTERM ends it at
+    once with the interrupted line, 130 (what it says while it waits: test_runtime_watch below)."""
+    work, cfg = dp_config
+    args = [sys.executable, str(ROOT / "cli.py"), "train", "-c", str(cfg), "--quiet", "--set", f"out_dir={tmp_path}"]
+    with rendezvous() as meet:
+        proc, = start_two_ranks(args, meet, ranks=1)
+        try:
+            time.sleep(8)  # imported and waiting
+            assert proc.poll() is None, proc.communicate()
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+            took = time.monotonic() - t0
+        finally:
+            kill_group(proc)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("interrupted:") and "Traceback" not in err, err
+    assert took < 10, took
+
+
+def test_runtime_watch_says_a_rank_is_waiting(monkeypatch, capsys):
+    from distill import runtime
+
+    monkeypatch.setattr(runtime, "WAITING_SAID_AFTER", 0.3)
+    monkeypatch.setenv("RANK", "1")
+    with runtime._rendezvous_watch(2):
+        time.sleep(1.0)
+    said = [l for l in capsys.readouterr().err.splitlines() if l.startswith("[dist] rank 1 of 2: waiting")]
+    assert len(said) == 2, said  # after 0.3 s and 0.6 s, not yet at 1.2 s
 
 
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(dp_config):
@@ -257,7 +343,7 @@ def test_a_rank_whose_peer_refused_the_input_says_one_line(dp_config, tmp_path):
     assert len(lines[0]) == 1 and lines[0][0].startswith(f"error: {corpus}: line 51 is not valid JSON ("), errs[0]
     assert len(lines[1]) == 1 and lines[1][0].startswith("error: rank 1: stopped because another rank of the launch "
                                                          "stopped first (Connection closed by peer"), errs[1]
-    assert lines[1][0].endswith("that rank's error, above, says why") and "Traceback" not in errs[1], errs[1]
+    assert lines[1][0].endswith("its output says why (an error, a signal, or a run that ended sooner)") and "Traceback" not in errs[1], errs[1]
 
 
 def _children(pid: int) -> list[int]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+from safetensors import safe_open
 import torch
 
 from teachers.cache.format import (FORMAT_VERSION, MANIFEST, CacheCorrupt, Sampling, identity_diffs, mismatch_error,
@@ -248,6 +249,12 @@ def verify_cache(cache_dir) -> list[str]:
                 continue
             if sha256_file(cache_dir / e["file"]) != e["sha256"]:
                 problems.append(f"shard {e['file']}: sha256 mismatch (bytes changed on disk)")
+            with safe_open(cache_dir / e["file"], "np") as f:
+                meta = f.metadata() or {}
+            other = [f"{key} {meta[key]} (manifest: {manifest[key]})" for key in ("encoding", "k", "vocab_size", "seq_len")
+                     if key in meta and key in manifest and meta[key] != str(manifest[key])]
+            if other:  # a shard of another cache's settings (a rank run with other ones, say): it decodes to garbage
+                problems.append(f"shard {e['file']}: written with {', '.join(other)}")
         if manifest.get("complete") and end != info["sequences"]:
             problems.append(f"split {split}: shards end at sequence {end}, expected {info['sequences']}")
     return problems

@@ -62,7 +62,7 @@ import torch.distributed as dist
 from common.fsutil import try_lock, unlock, write_file_atomically
 from common.progress import progress_bar
 from teachers.cache.codec import get_codec, safetensors_bytes
-from teachers.cache.format import (MANIFEST, CacheLocked, CacheWriteError, Sampling, format_version, identity_diffs,
+from teachers.cache.format import (MANIFEST, CacheLocked, CacheMismatch, CacheWriteError, Sampling, format_version, identity_diffs,
                                    mismatch_error, read_json, sha256_file)
 from teachers.cache.rows import STORE_GROUP, encoded_rows
 from losses.difficulty import STATS, sequence_difficulty
@@ -363,11 +363,18 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
             _cleanup(cache_dir, manifest)
         elif rank == 0 or not sync.on:  # without a process group, whichever rank ends last merges
             try:
-                _merge(cache_dir, world_size, cleanup=sync.on)
+                if not _merge(cache_dir, world_size, cleanup=sync.on) and sync.on:  # every rank has finished
+                    missing = [f"manifest.r{r}.json" for r in range(world_size)
+                               if not (read_json(cache_dir / f"manifest.r{r}.json") or {}).get("complete")]
+                    raise CacheWriteError(
+                        f"cache at {cache_dir}: rank 0 does not see the finished {', '.join(missing)} the other "
+                        f"rank(s) wrote (a node-local disk?); every rank writes one cache dir, so put it on a "
+                        f"filesystem all nodes share (cache.dir), then rerun: the shards rank 0 sees are kept")
             except BaseException as e:
                 err = e
         if sync.any_failed(err is not None):
-            raise err or RuntimeError("rank 0 could not merge the per-rank manifests")
+            raise err or CacheWriteError(f"cache at {cache_dir}: rank 0 could not merge the per-rank manifests; "
+                                         f"its error says why")
         return cache_dir
     finally:
         lock.release()
@@ -619,6 +626,17 @@ def _merge(cache_dir: Path, world_size: int, cleanup: bool) -> bool:
     parts = [read_json(cache_dir / f"manifest.r{r}.json") for r in range(world_size)]
     if any(p is None or not p.get("complete") for p in parts):
         return False
+    def settings(part: dict) -> dict:  # everything but the shards, the identity's keys one by one
+        return {**{k: v for k, v in part.items() if k not in ("splits", "identity")}, **part.get("identity", {})}
+
+    ours = settings(parts[0])
+    for r, part in enumerate(parts[1:], start=1):  # one cache: the same teacher, signal and layout on every rank
+        theirs = settings(part)
+        diffs = [f"{key}: {ours.get(key)} (rank 0) vs {theirs.get(key)} (rank {r})"
+                 for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key)]
+        if diffs:
+            raise CacheMismatch(f"cache at {cache_dir}: its ranks computed different caches ({'; '.join(diffs)[:400]}); "
+                                f"every rank must run the same config, then `distill cache --overwrite`")
     merged = {key: v for key, v in parts[0].items() if key != "splits"}
     merged["splits"] = {}
     for split in parts[0]["splits"]:
