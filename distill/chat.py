@@ -39,7 +39,9 @@ Targets are marked in the ids' sign (teachers.protocol: `untrained`).
 """
 from __future__ import annotations
 
+import bisect
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -180,11 +182,13 @@ def _turn_start(tok, full: str, before: list[dict], tools, cursor: int, a: int) 
     return end
 
 
-def _assistant_spans(tok, messages: list[dict], tools) -> tuple[str, list[tuple[int, int]]]:
-    """(the full rendering F, character spans [start, end) of F that the assistant wrote).
+def _assistant_spans(tok, messages: list[dict], tools, full: str, past: float = math.inf) -> list[tuple[int, int]]:
+    """Character spans [start, end) of the full rendering `full` that the assistant wrote.
 
-    The diff of whole renderings described in the module docstring; one span per assistant turn."""
-    full = _apply(tok, messages, tools)
+    The diff of whole renderings described in the module docstring; one span per assistant
+    turn, up to the first that starts after character `past` (where a block cuts the row: the
+    turns after it could not reach a target, and each costs whole renderings, so a
+    conversation of n turns took O(n^2) of them however little of it a block kept)."""
     sentinel = SENTINEL
     while sentinel in full:  # a conversation about this module
         sentinel += "x"
@@ -214,7 +218,9 @@ def _assistant_spans(tok, messages: list[dict], tools) -> tuple[str, list[tuple[
         end = z + _common_prefix(end_marker, full[z:])
         spans.append((start, end))
         cursor = end
-    return full, spans
+        if start > past:  # every later turn starts after this one ends
+            break
+    return spans
 
 
 def stop_ids(tok) -> list[int]:
@@ -247,8 +253,15 @@ def cut_at_stop(ids: list[int], stops: list[int]) -> list[int]:
 
 def _token_targets(offsets, spans: list[tuple[int, int]]) -> list[bool]:
     """Per token (offsets (T, 2) in characters): does it overlap a span?  A token straddling a
-    span's edge (' answer' after a template's '[/INST]') is one the model must write."""
-    return [any(s < b and max(e, s + 1) > a for a, b in spans) for s, e in offsets]
+    span's edge (' answer' after a template's '[/INST]') is one the model must write.  spans
+    are in order and apart, so their ends ascend: the first span ending after a token's start
+    is the only one it can overlap (a bisection, not a scan of every turn per token)."""
+    ends = [b for _, b in spans]
+    out = []
+    for s, e in offsets:
+        j = bisect.bisect_right(ends, s)
+        out.append(j < len(spans) and max(e, s + 1) > spans[j][0])
+    return out
 
 
 def _row_name(row: dict) -> str:
@@ -277,8 +290,10 @@ def empty_answers(chat: str) -> int:
                and not any(_written(m.get(k)) for k in PAYLOAD))
 
 
-def render(tok, chat: str) -> tuple[list[int], list[bool]]:
-    """One row (the `chat` column's JSON) -> (token ids (T,), is-target per token (T,))."""
+def render(tok, chat: str, block: int | None = None) -> tuple[list[int], list[bool]]:
+    """One row (the `chat` column's JSON) -> (token ids (T,), is-target per token (T,)).
+    block: the tokens a block keeps of a row (packing cuts the rest); past them the targets
+    may be left unmarked (False), since finding them is what costs."""
     row = json.loads(chat)
     name = _row_name(row)
     if "prompt" in row:  # the completion, then EOS: the student learns where a completion ends
@@ -298,11 +313,13 @@ def render(tok, chat: str) -> tuple[list[int], list[bool]]:
         if GENERATION.search(tok.get_chat_template(None, tools)):  # it marks the assistant's text itself
             out = _apply(tok, messages, tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
             return list(out["input_ids"]), [bool(t) for t in out["assistant_masks"]]
-        full, spans = _assistant_spans(tok, messages, tools)
+        full = _apply(tok, messages, tools)
+        enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        past = enc["offset_mapping"][block - 1][1] if block and len(enc["input_ids"]) > block else math.inf
+        spans = _assistant_spans(tok, messages, tools, full, past)
     except _Unsplittable as e:
         raise UserError(f"data: chat {name}: {e}; the assistant turns cannot be found, so fix or drop the row "
                         f"(or give prompt/completion rows)") from None
-    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     return enc["input_ids"], _token_targets(enc["offset_mapping"], spans)
 
 
@@ -322,6 +339,9 @@ class PackCounts:
     need: int = 0
     need_all: int = 0
     empty_answers: int = 0  # assistant turns or completions with nothing in them (their end marker the target)
+    tokens: int = 0  # of the rows kept, before any cut
+    cut_tokens: int = 0  # of those, past the block's end in the `truncated` rows: lost, their targets with them
+    longest: int = 0  # the longest truncated row (tokens): seq_len + 1 that keeps every row whole
 
     @property
     def dropped(self) -> int:
@@ -332,9 +352,20 @@ class PackCounts:
         self.cut_away += other.cut_away
         self.no_target += other.no_target
         self.empty_answers += other.empty_answers
+        self.tokens += other.tokens
+        self.cut_tokens += other.cut_tokens
+        self.longest = max(self.longest, other.longest)
         self.need = min(self.need or other.need, other.need or self.need)
         self.need_all = max(self.need_all, other.need_all)
         return self
+
+
+def cut_share(counts: PackCounts) -> str:
+    """What truncation cost, for the data line and `inspect` ("" for data prepared before it was counted)."""
+    if not counts.tokens:
+        return ""
+    return (f", losing {counts.cut_tokens:,} of the chat rows' {counts.tokens:,} tokens "
+            f"({counts.cut_tokens / counts.tokens:.0%}), the assistant turns in them too")
 
 
 class RowPacker:
@@ -378,7 +409,10 @@ class RowPacker:
                 self.counts.need = min(self.counts.need or first, first)
                 self.counts.need_all = max(self.counts.need_all, first)
                 continue
+            self.counts.tokens += len(ids)
             if len(ids) > self.block:
+                self.counts.cut_tokens += len(ids) - self.block
+                self.counts.longest = max(self.counts.longest, len(ids))
                 ids, targets = ids[: self.block], targets[: self.block]
                 self.counts.truncated += 1
             if len(self.ids) + len(ids) > self.block:

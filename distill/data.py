@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable
 from common.errors import UserError
 from common.fsutil import describe_os_error, human_bytes, waiting_lock, write_error_in
 from distill.blocks import Blocks, open_blocks, unusable
-from distill.chat import CHAT_FORMAT, PLAIN, PackCounts, as_documents, table_kind
+from distill.chat import CHAT_FORMAT, PLAIN, PackCounts, as_documents, cut_share, table_kind
 from distill.config import DataConfig
 from distill.layout import RunLayout, has_tokenizer
 from distill.packing import auto_num_proc, build_blocks, children_die_with_this_process, signals_end_pools
@@ -619,7 +619,8 @@ def _log_chat_counts(counts: dict[str, PackCounts], rows: int, block: int) -> No
         total += c
     if total.truncated:
         _stderr(f"[data] {total.truncated} of {rows} chat rows were longer than seq_len + 1 = {block} tokens and "
-                f"were truncated to it; raise data.seq_len to keep them whole")
+                f"were truncated to it{cut_share(total)}; raise data.seq_len to keep them whole"
+                f"{f' (seq_len {total.longest - 1:,} keeps these whole)' if total.longest else ''}")
     if total.cut_away:
         _stderr(f"[data] {total.cut_away} of {rows} chat rows were dropped: truncation to {block} tokens cut every "
                 f"assistant / completion token; raise data.seq_len to {_to_keep(total)}")

@@ -123,9 +123,10 @@ def _space_side(tok) -> str:
     return "starts"
 
 
-def _encode_chat(batch: dict, tok) -> dict:
-    """Worker side: each chat row's ids and is-target flags (distill/chat.py render)."""
-    rows = [render(tok, c) for c in batch["chat"]]
+def _encode_chat(batch: dict, tok, block: int) -> dict:
+    """Worker side: each chat row's ids and is-target flags (distill/chat.py render), marked
+    as far as a block of `block` tokens keeps them."""
+    rows = [render(tok, c, block) for c in batch["chat"]]
     return {"ids": [r[0] for r in rows], "tgt": [r[1] for r in rows], "empty": [empty_answers(c) for c in batch["chat"]]}
 
 
@@ -342,7 +343,7 @@ def build_split(docs: datasets.Dataset, split: str, text_rows: np.ndarray, chat_
         reused = rec is not None  # a killed preparation's shard: no tokenising now
         if rec is None:
             chunk = _tokenized(docs.select(rows[a:b]), _encode_text if kind == "text" else _encode_chat,
-                               {"tok": tok, "eos": eos} if kind == "text" else {"tok": tok}, feats[kind], num_proc,
+                               {"tok": tok, "eos": eos} if kind == "text" else {"tok": tok, "block": block}, feats[kind], num_proc,
                                work, f"{split}-{index:05d}")
             table = chunk.data.table
             if kind == "text":  # join with the carried tokens and cut: (n, block), the rest carried on

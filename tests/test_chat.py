@@ -198,8 +198,52 @@ def test_chat_corpus_packs_masks_and_logs_truncation(chat_data, hf_family, tmp_p
     assert all(end[0] == eos for end in ends if end[-1] == newline)
     capfd.readouterr()
     short = DataConfig(paths=[path], seq_len=24, val_fraction=0.2, tokenizer={"path": hf_family["teacher"]})
-    prepare_data(short, tmp_path)
-    assert "chat rows were longer than seq_len + 1 = 25 tokens and were truncated" in capfd.readouterr().err
+    prepared = prepare_data(short, tmp_path)
+    said = capfd.readouterr().err
+    # what the cut cost, counted independently: each kept row's tokens past the block
+    rows = [render(data.tokenizer, c) for c in load_documents(DataConfig(paths=[path]))["chat"]]
+    rows = [ids for ids, tgt in rows if next(p for p, t in enumerate(tgt) if t and p) < 25]  # the rest are dropped
+    longest = max(len(r) for r in rows)
+    line = next(l for l in said.splitlines() if "chat rows were longer than seq_len + 1 = 25 tokens" in l)
+    truncated = int(re.search(r"\] (\d+) of", line).group(1))
+    assert truncated == sum(len(r) > 25 for r in rows) > 0, line
+    assert f"losing {sum(max(0, len(r) - 25) for r in rows):,} of the chat rows' {sum(map(len, rows)):,} tokens" in line
+    assert line.endswith(f"raise data.seq_len to keep them whole (seq_len {longest - 1:,} keeps these whole)"), line
+    from distill.report.inspect import data_rows
+
+    root = next((tmp_path / "data").glob(f"blocks-{prepared.fingerprint}*"))
+    shown = " ".join(v for k, v in data_rows(root, prepared.manifest).items() if k.startswith("split "))
+    assert shown.count("chat rows truncated to the block, losing") >= 1, shown  # `inspect OUT/data` says it too
+
+
+def test_a_long_conversation_is_rendered_only_as_far_as_a_block_keeps_it(hf_family):
+    """Each assistant turn costs whole renderings of the conversation, so finding every turn of a
+    long one was quadratic in its turns (a 400-turn row: 1,600 renderings, 27 s) however little
+    of it a block kept.  With the block given, turns past the cut are not looked for: the kept
+    tokens' targets are the same, at a few renderings."""
+    tok = hf_family["tokenizer"]
+    messages = []
+    for i in range(60):
+        messages += [{"role": "user", "content": f"question {i} about the sources"},
+                     {"role": "assistant", "content": f"answer {i}: read the module docs first"}]
+    row = json.dumps({"messages": messages})
+    calls = []
+    real = tok.apply_chat_template
+
+    def counted(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    ids, whole = render(tok, row)
+    block = 64
+    assert len(ids) > 10 * block
+    tok.apply_chat_template = counted
+    try:
+        cut_ids, cut = render(tok, row, block)
+    finally:
+        del tok.apply_chat_template
+    assert cut_ids == ids and cut[:block] == whole[:block] and any(cut[:block])
+    assert len(calls) < 20, len(calls)  # the whole row: 1 + 4 a turn, over 200
 
 
 def _target_runs(blocks: torch.Tensor) -> list[list[int]]:
@@ -364,3 +408,4 @@ def test_chat_run_over_the_cli(hf_family, tmp_path):
     assert out.shape[1] > prompt.shape[1]
     # completions were trained to end with the tokenizer's EOS: generate stops there (and at the student's own)
     assert model.generation_config.eos_token_id == [0, tok.eos_token_id]
+

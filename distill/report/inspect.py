@@ -74,6 +74,12 @@ def data_rows(root: Path, m: dict) -> dict:
                 rows[f"split {name}"] += "; targets unreadable (a damaged shard: --verify names it)"
                 continue
             rows[f"split {name}"] += f"; {targets:,} targets ({targets / max(1, positions):.0%} of the positions)"
+        from distill.chat import PackCounts, cut_share
+
+        counts = PackCounts(**sp.get("chat_rows_packing", {}))
+        if counts.truncated:  # the preparation's [data] line, which a reuse of the data does not repeat
+            rows[f"split {name}"] += (f"; {counts.truncated:,} of {sp['chat_rows']:,} chat rows truncated to the block"
+                                      f"{cut_share(counts)}")
     return rows
 
 
