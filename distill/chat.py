@@ -6,7 +6,11 @@ Two row shapes are read from jsonl / parquet / saved datasets:
   {"prompt": str, "completion": str}  prompt + completion as plain text; the completion and
       an EOS token after it are targets, so the student learns to stop
 Messages go to the template as given (`tool_calls`, `reasoning_content`, `name`, ...), and a
-row's `tools` as `tools=`.  A token is a target when any of its characters is one.
+row's `tools` as `tools=`, but for three things: roles other tools write for the two sides
+(`model`, `gpt`, `human`: MESSAGE_ROLES) are renamed; in struct columns (parquet, saved datasets)
+null-valued keys are dropped (`_without_nulls`); a content of text parts is joined into a string
+where the template cannot read it (`_parts_joined`).  A token is a target when any of its
+characters is one.
 
 Which characters the assistant wrote:
 * A template with `{% generation %}` markers says so itself: transformers'
@@ -87,6 +91,35 @@ def _sharegpt_messages(turns: list, name: str) -> list[dict]:
     return out
 
 
+# Roles other tools write for the two sides, as chat templates know them (Gemma's templates turn
+# "assistant" into "model" themselves): a `messages` row with "model" turns had no target found.
+MESSAGE_ROLES = {"model": "assistant", "gpt": "assistant", "bot": "assistant", "chatgpt": "assistant", "human": "user"}
+
+
+def _without_nulls(value):
+    """`value` with every None-valued key dropped, at any depth.  A struct column (parquet, a
+    saved dataset) holds every key any row has, None where a row has none: a tool call's
+    arguments got every other tool's parameter names, as nulls, which templates print."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def _parts_joined(messages: list[dict]) -> list[dict] | None:
+    """The messages with each content given as a list of text parts (OpenAI's
+    `[{"type": "text", "text": ...}]`) as one string, the parts' texts joined by newlines (as
+    vLLM serves a text model such content); None when no message has one."""
+    def text_only(c) -> bool:
+        return isinstance(c, list) and bool(c) and all(isinstance(p, dict) and p.get("type") == "text" for p in c)
+
+    if not any(text_only(m.get("content")) for m in messages):
+        return None
+    return [m | {"content": "\n".join(str(p.get("text") or "") for p in m["content"])} if text_only(m.get("content"))
+            else m for m in messages]
+
+
 def _flat_text(row: dict) -> str:
     """A chat row's words, for tokenizer training and the validation split's hash."""
     if "messages" in row:
@@ -110,12 +143,16 @@ def as_documents(table, kind: str, text_field: str, origin: str = "the table", w
         return table.map(lambda b: {"chat": [PLAIN] * len(b["text"])}, batched=True, **work)
     # One file may mix both shapes: a row's absent fields read as None and are dropped.
     cols = [c for c in ("messages", "conversations", "tools", "prompt", "completion") if c in table.column_names]
+    structs = {c for c in cols if type(table.features[c]).__name__ != "Json"}  # None there may mean "absent"
 
     def one(row: dict, i: int) -> dict:
-        row = {c: row[c] for c in cols if row[c] is not None}
+        row = {c: _without_nulls(row[c]) if c in structs else row[c] for c in cols if row[c] is not None}
         turns = row.pop("conversations", None)
         if turns is not None and "messages" not in row:
             row["messages"] = _sharegpt_messages(turns, f"{origin} row {i + 1}")
+        if isinstance(row.get("messages"), list):
+            row["messages"] = [m | {"role": MESSAGE_ROLES[m["role"]]} if isinstance(m, dict) and m.get("role") in
+                               MESSAGE_ROLES else m for m in row["messages"]]
         if "messages" in row or not ("prompt" in row and "completion" in row):
             # messages rule (UltraChat's rows carry a `prompt` beside them, and no completion)
             row.pop("prompt", None)
@@ -310,6 +347,14 @@ def render(tok, chat: str, block: int | None = None) -> tuple[list[int], list[bo
                         "a tokenizer dir with a chat template (chat_template.jinja, or chat_template in "
                         "tokenizer_config.json), or give prompt/completion rows")
     try:
+        joined = _parts_joined(messages)
+        if joined is not None:  # content as a list of text parts: as given if the template reads such lists
+            try:
+                shown = _apply(tok, messages, tools)
+                if any(str(m["content"]) in shown for m in messages if isinstance(m.get("content"), list)):
+                    messages = joined  # it wrote the list as Python text ("[{'type': 'text', ...}]")
+            except _Unsplittable:
+                messages = joined  # it could not read one (Qwen's: "can only concatenate str")
         if GENERATION.search(tok.get_chat_template(None, tools)):  # it marks the assistant's text itself
             out = _apply(tok, messages, tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
             return list(out["input_ids"]), [bool(t) for t in out["assistant_masks"]]

@@ -409,3 +409,49 @@ def test_chat_run_over_the_cli(hf_family, tmp_path):
     # completions were trained to end with the tokenizer's EOS: generate stops there (and at the student's own)
     assert model.generation_config.eos_token_id == [0, tok.eos_token_id]
 
+
+
+PARTS_NATIVE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m.content is string %}{{ m.content }}"
+                "{% else %}{% for p in m.content %}[{{ p.text }}]{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("template, want", [
+    (CHATML, "four.\nexactly<|im_end|>"),  # writes the list as Python text: joined for it
+    (PARTS_NATIVE, "[four.][exactly]<|im_end|>"),  # reads the parts itself: as given
+])
+def test_content_as_a_list_of_text_parts(template, want, hf_family, tmp_path):
+    """OpenAI's content shape, `[{"type": "text", "text": ...}]`: a template that printed it wrote
+    "[{'type': 'text', ...}]" into the row, and the student learnt Python reprs; one that
+    concatenates strings failed on it.  Such content is joined into one string (newlines between
+    parts, as vLLM serves a text model) where the template cannot read it."""
+    tok = _templated(hf_family, template, tmp_path / "t")
+    row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "two plus two"}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": "four."},
+                                                          {"type": "text", "text": "exactly"}]}]}
+    assert _targets_text(tok, row) == want
+
+
+def test_parquet_tool_calls_keep_their_own_arguments_and_model_turns_are_the_assistants(hf_family, tmp_path):
+    """A struct column (parquet, a saved dataset) gives every row every key any row has, None
+    where a row has none: each tool call's arguments got the other tools' parameter names as
+    nulls, and templates printed them.  A `messages` turn from role "model" (Gemma's name) was
+    no assistant turn: the row had no target and was dropped."""
+    import datasets
+
+    def call(name, args):
+        return {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args}}]}
+
+    rows = [{"messages": [{"role": "user", "content": "weather?"}, call("get_weather", {"city": "paris"}),
+                          {"role": "model", "content": "sunny"}]},
+            {"messages": [{"role": "user", "content": "list it"}, call("ls", {"path": "/tmp", "all": True}),
+                          {"role": "assistant", "content": "done"}]}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "calls.parquet"))
+    docs = load_documents(DataConfig(paths=[tmp_path / "calls.parquet"]))
+    got = [json.loads(c)["messages"] for c in docs["chat"]]
+    assert [m[1]["tool_calls"][0]["function"]["arguments"] for m in got] == [{"city": "paris"}, {"path": "/tmp", "all": True}]
+    assert got[0][2]["role"] == "assistant"
+    tok = _templated(hf_family, TOOLS, tmp_path / "tools")
+    ids, targets = render(tok, docs["chat"][0])
+    written = tok.decode([i for i, t in zip(ids, targets) if t])
+    assert '"arguments": {"city": "paris"}' in written and "null" not in written and written.endswith("sunny<|im_end|>")
