@@ -44,6 +44,8 @@ Targets are marked in the ids' sign (teachers.protocol: `untrained`).
 from __future__ import annotations
 
 import bisect
+import contextlib
+import datetime
 import json
 import math
 import re
@@ -169,6 +171,37 @@ def as_documents(table, kind: str, text_field: str, origin: str = "the table", w
 
 class _Unsplittable(Exception):
     """Why a row's assistant turns cannot be found; `render` names the row."""
+
+
+@contextlib.contextmanager
+def _one_instant():
+    """Every rendering of one row shows one instant: a template's `strftime_now` (Llama 3.2's
+    default system prompt has the date) reads a clock pinned for the row.  A row is rendered
+    several times, and a clock that moved between renderings (past midnight, or a template
+    showing seconds) made them differ, and the prompt became targets.  transformers gives
+    templates its own `strftime_now` (a function can't be passed in: it sanitises template
+    inputs to plain data), which reads `datetime` from its module: that name is pinned here."""
+    try:
+        from transformers.utils import chat_template_utils as templates
+    except ImportError:
+        yield
+        return
+    real = getattr(templates, "datetime", None)
+    if not (isinstance(real, type) and issubclass(real, datetime.datetime)):
+        yield  # another transformers: its clock as it is
+        return
+    instant = real.now()
+
+    class Pinned(real):
+        @classmethod
+        def now(cls, tz=None):
+            return instant if tz is None else instant.astimezone(tz)
+
+    templates.datetime = Pinned
+    try:
+        yield
+    finally:
+        templates.datetime = real
 
 
 def _apply(tok, messages: list[dict], tools, **kw):
@@ -346,6 +379,12 @@ def render(tok, chat: str, block: int | None = None) -> tuple[list[int], list[bo
         raise UserError("data: the corpus has chat rows (`messages`) but the tokenizer has no chat template; use "
                         "a tokenizer dir with a chat template (chat_template.jinja, or chat_template in "
                         "tokenizer_config.json), or give prompt/completion rows")
+    with _one_instant():
+        return _render_messages(tok, messages, tools, name, block)
+
+
+def _render_messages(tok, messages: list[dict], tools, name: str, block: int | None) -> tuple[list[int], list[bool]]:
+    """`render` of a `messages` row (name: where it came from, for the error)."""
     try:
         joined = _parts_joined(messages)
         if joined is not None:  # content as a list of text parts: as given if the template reads such lists

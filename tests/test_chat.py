@@ -455,3 +455,15 @@ def test_parquet_tool_calls_keep_their_own_arguments_and_model_turns_are_the_ass
     ids, targets = render(tok, docs["chat"][0])
     written = tok.decode([i for i, t in zip(ids, targets) if t])
     assert '"arguments": {"city": "paris"}' in written and "null" not in written and written.endswith("sunny<|im_end|>")
+
+
+def test_a_template_showing_the_time_renders_one_instant_per_row(hf_family, tmp_path):
+    """Llama 3.2's template puts `strftime_now` (the date) in its default system prompt, and a
+    row is rendered several times: a clock that moved between renderings (past midnight) made
+    them differ, and the system prompt and user turn became targets.  A template showing
+    microseconds moves on every rendering: the targets are still the assistant's words alone."""
+    dated = "<|im_start|>system\nNow: {{ strftime_now('%H:%M:%S.%f') }}<|im_end|>\n" + CHATML
+    tok = _templated(hf_family, dated, tmp_path / "dated")
+    row = {"messages": [{"role": "user", "content": "what is two plus two"}, {"role": "assistant", "content": "four."},
+                        {"role": "user", "content": "and three"}, {"role": "assistant", "content": "six."}]}
+    assert _targets_text(tok, row) == "four.<|im_end|>six.<|im_end|>"
