@@ -169,6 +169,11 @@ def as_documents(table, kind: str, text_field: str, origin: str = "the table", w
 # ----------------------------------------------------------------------------- finding the targets
 
 
+class BadRow(UserError):
+    """One chat row cannot be rendered or split: it names the row (`data.bad_rows` says whether
+    the preparation stops on it or drops it)."""
+
+
 class _Unsplittable(Exception):
     """Why a row's assistant turns cannot be found; `render` names the row."""
 
@@ -402,8 +407,8 @@ def _render_messages(tok, messages: list[dict], tools, name: str, block: int | N
         past = enc["offset_mapping"][block - 1][1] if block and len(enc["input_ids"]) > block else math.inf
         spans = _assistant_spans(tok, messages, tools, full, past)
     except _Unsplittable as e:
-        raise UserError(f"data: chat {name}: {e}; the assistant turns cannot be found, so fix or drop the row "
-                        f"(or give prompt/completion rows)") from None
+        raise BadRow(f"data: chat {name}: {e}; the assistant turns cannot be found, so fix or drop the row "
+                     f"(or give prompt/completion rows)") from None
     return enc["input_ids"], _token_targets(enc["offset_mapping"], spans)
 
 
@@ -423,6 +428,8 @@ class PackCounts:
     need: int = 0
     need_all: int = 0
     empty_answers: int = 0  # assistant turns or completions with nothing in them (their end marker the target)
+    bad_rows: int = 0  # skipped (data.bad_rows: skip): the template cannot render or split them
+    bad_example: str = ""  # the first of them, named, and why
     tokens: int = 0  # of the rows kept, before any cut
     cut_tokens: int = 0  # of those, past the block's end in the `truncated` rows: lost, their targets with them
     longest: int = 0  # the longest truncated row (tokens): seq_len + 1 that keeps every row whole
@@ -436,6 +443,8 @@ class PackCounts:
         self.cut_away += other.cut_away
         self.no_target += other.no_target
         self.empty_answers += other.empty_answers
+        self.bad_rows += other.bad_rows
+        self.bad_example = self.bad_example or other.bad_example
         self.tokens += other.tokens
         self.cut_tokens += other.cut_tokens
         self.longest = max(self.longest, other.longest)

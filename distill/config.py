@@ -92,6 +92,7 @@ class DataConfig(_Strict):
     max_train_blocks: int | None = Field(None, ge=1, description="Keep at most this many training blocks.")
     max_val_blocks: int | None = Field(None, ge=1, description="Keep at most this many validation blocks.")
     num_proc: int | None = Field(None, ge=1, description="Processes that tokenise during preparation; null: the cores this process may use, at most 8.")
+    bad_rows: Literal["stop", "skip"] = Field("stop", description="A chat row the tokenizer's chat template cannot render, or whose assistant turns cannot be found in its rendering: `stop` the preparation naming it (and how many more of the rows read with it fail), or `skip` it, counted in a `[data]` line naming the first.")
     shard_documents: int = Field(2048, ge=1, description="Documents per prepared shard: bounds preparation's memory (one shard's tokens) and is the unit a killed preparation resumes from.")
     select: SelectConfig | None = Field(None, description="Train on a subset of the training blocks chosen by the teacher's difficulty (cached mode; the cache records the statistics). A student's own `select` replaces it. Validation blocks are never selected from.")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)

@@ -607,6 +607,8 @@ def fingerprint(files: list[Path], tok_hash: str, cfg: DataConfig) -> str:
         h.update(repr(part).encode())
     if cfg.packing != "concat":  # concat adds nothing: data (and caches) prepared before the switch stay valid
         h.update(f"packing {cfg.packing}".encode())
+    if cfg.bad_rows == "skip":  # the default, stop, adds nothing: its blocks are what they were before the key
+        h.update(b"bad rows skipped")
     if any(f.is_dir() or f.suffix not in TEXT_SUFFIXES for f in files):  # tables may hold chat rows
         h.update(f"chat format {CHAT_FORMAT}".encode())
     return h.hexdigest()[:16]
@@ -624,6 +626,9 @@ def _log_chat_counts(counts: dict[str, PackCounts], rows: int, block: int) -> No
     if total.cut_away:
         _stderr(f"[data] {total.cut_away} of {rows} chat rows were dropped: truncation to {block} tokens cut every "
                 f"assistant / completion token; raise data.seq_len to {_to_keep(total)}")
+    if total.bad_rows:
+        _stderr(f"[data] {total.bad_rows} of {rows} chat rows were skipped (data.bad_rows: skip): the chat template "
+                f"cannot render them or their assistant turns cannot be found; the first: {total.bad_example}")
     if total.no_target:
         _stderr(f"[data] {total.no_target} of {rows} chat rows were dropped: no assistant turn or completion to learn")
     if total.empty_answers:
@@ -736,6 +741,7 @@ def _prepare_data(cfg: DataConfig, out_dir: Path, progress: bool,
         manifest = build_blocks(docs, tok, root=root, seq_len=cfg.seq_len, val_fraction=frac,
                                 in_val=lambda text: doc_in_val(text, frac), shard_documents=cfg.shard_documents,
                                 num_proc=cfg.num_proc, progress=progress, packing=cfg.packing,
+                                skip_bad_rows=cfg.bad_rows == "skip",
                                 max_blocks={"train": cfg.max_train_blocks, "val": cfg.max_val_blocks},
                                 meta={"fingerprint": fp, "tokenizer_hash": tok_hash, "vocab_size": len(tok)})
         del docs

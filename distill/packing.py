@@ -40,7 +40,7 @@ import numpy as np
 from common.errors import INTERRUPTED
 from common.fsutil import atomic_write_bytes, atomic_write_json
 from distill.blocks import FORMAT, MANIFEST, VERSION, content_digest, ids_dtype, read_manifest, shard_name
-from distill.chat import PLAIN, PackCounts, RowPacker, empty_answers, render
+from distill.chat import PLAIN, BadRow, PackCounts, RowPacker, empty_answers, render
 
 if TYPE_CHECKING:  # imported where a split is built: opening prepared blocks needs no `datasets`
     import datasets
@@ -125,9 +125,18 @@ def _space_side(tok) -> str:
 
 def _encode_chat(batch: dict, tok, block: int) -> dict:
     """Worker side: each chat row's ids and is-target flags (distill/chat.py render), marked
-    as far as a block of `block` tokens keeps them."""
-    rows = [render(tok, c, block) for c in batch["chat"]]
-    return {"ids": [r[0] for r in rows], "tgt": [r[1] for r in rows], "empty": [empty_answers(c) for c in batch["chat"]]}
+    as far as a block of `block` tokens keeps them; a row that cannot be rendered gets none and
+    its reason in `bad` (the caller stops on it or skips it: data.bad_rows)."""
+    out = {"ids": [], "tgt": [], "bad": [], "empty": [empty_answers(c) for c in batch["chat"]]}
+    for chat in batch["chat"]:
+        try:
+            ids, tgt, why = *render(tok, chat, block), ""
+        except BadRow as e:
+            ids, tgt, why = [], [], str(e)
+        out["ids"].append(ids)
+        out["tgt"].append(tgt)
+        out["bad"].append(why)
+    return out
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -312,11 +321,14 @@ def _offsets(column) -> np.ndarray:
 
 def build_split(docs: datasets.Dataset, split: str, text_rows: np.ndarray, chat_rows: np.ndarray, tok, *,
                 root: Path, block: int, dtype: str, masked: bool, shard_documents: int, num_proc: int,
-                max_blocks: int | None, killer: _Killer, bar, documents: bool = False) -> dict:
+                max_blocks: int | None, killer: _Killer, bar, documents: bool = False,
+                skip_bad_rows: bool = False) -> dict:
     """Write one split's shards (text chunks, then chat chunks); returns its manifest entry.
 
     text_rows / chat_rows: row numbers in `docs` of this split's plain and chat documents.
-    documents: record where rows start (data.packing: documents), see the module docstring."""
+    documents: record where rows start (data.packing: documents), see the module docstring.
+    skip_bad_rows: a chat row the template cannot render or split is dropped and counted;
+    else it stops the preparation, named (with how many more of its shard fail)."""
     import datasets
 
     writer = ShardWriter(root, split, block, dtype, masked, killer, documents)
@@ -327,6 +339,7 @@ def build_split(docs: datasets.Dataset, split: str, text_rows: np.ndarray, chat_
     feats = {"text": datasets.Features({"ids": datasets.Sequence(datasets.Value(dtype))}),
              "chat": datasets.Features({"ids": datasets.Sequence(datasets.Value(dtype)),
                                         "tgt": datasets.Sequence(datasets.Value("bool")),
+                                        "bad": datasets.Value("string"),
                                         "empty": datasets.Value("int32")})}
     plans = [("text", a, b, text_rows) for a, b in _chunks(len(text_rows), shard_documents)]
     plans += [("chat", a, b, chat_rows) for a, b in _chunks(len(chat_rows), shard_documents)]
@@ -350,8 +363,14 @@ def build_split(docs: datasets.Dataset, split: str, text_rows: np.ndarray, chat_
                 ids, keep, starts, state = _cut_text(table["ids"], carry, block, documents)
             else:
                 packer = RowPacker(pad, block, carry, documents)
-                pairs = list(zip(table["ids"].to_pylist(), table["tgt"].to_pylist()))
+                bad = [why for why in table["bad"].to_pylist() if why]
+                if bad and not skip_bad_rows:
+                    more = f" ({len(bad) - 1} more of the {b - a:,} chat rows read with it fail too)" if len(bad) > 1 else ""
+                    raise BadRow(f"{bad[0]}{more}; data.bad_rows: skip drops such rows, counted")
+                pairs = [(i, t) for i, t, why in zip(table["ids"].to_pylist(), table["tgt"].to_pylist(),
+                                                     table["bad"].to_pylist()) if not why]
                 out_ids, out_tgt = packer.add(pairs)
+                packer.counts.bad_rows, packer.counts.bad_example = len(bad), bad[0] if bad else ""
                 if b == len(rows):  # the last chat chunk: the block being filled is padded and kept
                     tail_ids, tail_tgt = packer.flush()
                     out_ids, out_tgt = out_ids + tail_ids, out_tgt + tail_tgt
@@ -400,19 +419,19 @@ class _Rate:
 
 def build_blocks(docs: datasets.Dataset, tok, *, root: Path, seq_len: int, val_fraction: float, in_val,
                  shard_documents: int, num_proc: int | None, max_blocks: dict, meta: dict,
-                 progress: bool = False, packing: str = "concat") -> dict:
+                 progress: bool = False, packing: str = "concat", skip_bad_rows: bool = False) -> dict:
     """All splits' shards under `root`, then its manifest (returned).  A complete `root`
     is returned as it is; an unfinished one is resumed.  packing: "documents" records the
     rows' starts and masks each row's first token (module docstring); "concat" does not."""
     with children_die_with_this_process():
         return _build_blocks(docs, tok, root=root, seq_len=seq_len, val_fraction=val_fraction, in_val=in_val,
                              shard_documents=shard_documents, num_proc=num_proc, max_blocks=max_blocks, meta=meta,
-                             progress=progress, packing=packing)
+                             progress=progress, packing=packing, skip_bad_rows=skip_bad_rows)
 
 
 def _build_blocks(docs: datasets.Dataset, tok, *, root: Path, seq_len: int, val_fraction: float, in_val,
                   shard_documents: int, num_proc: int | None, max_blocks: dict, meta: dict,
-                  progress: bool = False, packing: str = "concat") -> dict:
+                  progress: bool = False, packing: str = "concat", skip_bad_rows: bool = False) -> dict:
     from common.progress import progress_bar
 
     done = read_manifest(root)
@@ -441,7 +460,7 @@ def _build_blocks(docs: datasets.Dataset, tok, *, root: Path, seq_len: int, val_
                                        root=root, block=block, dtype=dtype, masked=masked,
                                        shard_documents=shard_documents, num_proc=procs,
                                        max_blocks=max_blocks.get(name), killer=killer, bar=rate,
-                                       documents=documents)
+                                       documents=documents, skip_bad_rows=skip_bad_rows)
     manifest = {"format": FORMAT, "version": VERSION, "seq_len": seq_len, "dtype": dtype, "masked": masked,
                 "packing": packing,
                 "val_fraction": val_fraction, "shard_documents": shard_documents, **meta,

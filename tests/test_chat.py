@@ -98,6 +98,35 @@ def test_an_unsplittable_row_stops_the_cli_naming_it(hf_family, tmp_path):
     assert r.returncode == 2, r.stderr[-3000:]
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr  # one line
     assert r.stderr.startswith(f"error: data: chat {path} row 7: the chat template renders nothing of assistant")
+    assert r.stderr.strip().endswith("data.bad_rows: skip drops such rows, counted")
+
+
+def test_bad_rows_are_counted_then_skipped_when_asked(hf_family, tmp_path):
+    """One bad row a run: each fix re-prepared the corpus to stop at the next.  The line now says
+    how many more of the rows read with the first fail too, and `data.bad_rows: skip` drops
+    them, counted, naming the first; the other rows prepare as they would alone."""
+    from tests.conftest import run_cli
+
+    rows = chat_rows()
+    path = write_jsonl(rows[:3] + [tool_row()] + rows[3:8] + [tool_row(), tool_row()] + rows[8:], tmp_path / "chat.jsonl")
+    cfg = {"out_dir": str(tmp_path / "run"), "data": {"paths": [str(path)], "seq_len": 48, "val_fraction": 0.2},
+           "teacher": {"source": "checkpoint", "path": str(hf_family["teacher"])},
+           "students": [{"name": "s", "model": {"path": str(hf_family["student"])}}]}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    r = run_cli("prepare", "-c", str(tmp_path / "run.yaml"), "--quiet", timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert re.search(rf"error: data: chat {path} row \d+: the chat template renders nothing of assistant .* \(\d more "
+                     rf"of the [\d,]+ chat rows read with it fail too\)", r.stderr), r.stderr
+    r = run_cli("prepare", "-c", str(tmp_path / "run.yaml"), "--quiet", "--set", "data.bad_rows=skip", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(rf"\[data\] 3 of {len(rows) + 3} chat rows were skipped \(data.bad_rows: skip\): .* the first: "
+                     rf"data: chat {path} row (4|10|11): ", r.stderr), r.stderr
+    good = write_jsonl(rows, tmp_path / "good.jsonl")  # the same blocks as the good rows alone
+    cfg_good = DataConfig(paths=[good], seq_len=48, val_fraction=0.2, tokenizer={"path": hf_family["teacher"]})
+    alone = prepare_data(cfg_good, tmp_path / "alone")
+    skipped = prepare_data(DataConfig(paths=[path], seq_len=48, val_fraction=0.2, bad_rows="skip",
+                                      tokenizer={"path": hf_family["teacher"]}), tmp_path / "run")
+    assert torch.equal(alone.train[:], skipped.train[:]) and torch.equal(alone.val[:], skipped.val[:])
 
 
 def test_rows_are_packed_whole_and_long_rows_truncated():
