@@ -146,3 +146,11 @@ def test_peer_bench_scores_the_tokens_chat_training_learns_by_the_torch_formulas
     assert abs(got["ppl"] - math.exp(nll / n)) <= 1e-3 * got["ppl"]
     assert abs(got["kl"] - kl / n) <= 1e-3 and got["kl"] > 0.01
     assert peer.score(tmp_path / "t", teacher, tok, held)["kl"] == 0.0
+
+
+def test_chat_render_bench_quick_prints_json():
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "chat_render.py"), "--quick"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    row, = json.loads(r.stdout)["rows"]
+    assert row["turns"] == 10 and row["tokens"] > 0 and row["whole_s"] > 0 and row["block_1025_s"] > 0
