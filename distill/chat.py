@@ -49,12 +49,18 @@ import datetime
 import json
 import math
 import re
+import threading
 from dataclasses import dataclass
 
 from common.errors import UserError
 
 PLAIN = ""  # the `chat` column of a plain-text document
-CHAT_FORMAT = 3  # bump when the same rows render to other ids or targets (it is in the data fingerprint)
+# Bump when rows that rendered right render to other ids or targets (it is in the data fingerprint,
+# so every run's chat data is prepared again and its checkpoints no longer resume).  Not bumped
+# for fixes of rows that rendered wrong (2026-12-06: text parts written as Python reprs, parquet
+# tool calls' null arguments, "model" turns with no target; turns past the block no longer looked
+# for): data prepared before keeps them until OUT/data is prepared again.
+CHAT_FORMAT = 3
 ROW = "_row"  # key of a row's origin ("FILE row N") in the `chat` JSON
 GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")  # as transformers detects it
 PAYLOAD = ("content", "tool_calls", "reasoning_content", "reasoning", "thinking")  # what the assistant writes
@@ -109,6 +115,19 @@ def _without_nulls(value):
     return value
 
 
+def _has_json(feature) -> bool:
+    """Whether a column's feature holds free-form JSON anywhere (datasets' `Json`: what a jsonl's
+    turns of differing fields are read as; its nulls are the row's own) rather than structs."""
+    if type(feature).__name__ == "Json":
+        return True
+    if isinstance(feature, dict):
+        return any(_has_json(f) for f in feature.values())
+    if isinstance(feature, (list, tuple)):
+        return any(_has_json(f) for f in feature)
+    inner = getattr(feature, "feature", None)  # List / Sequence / LargeList
+    return inner is not None and _has_json(inner)
+
+
 def _parts_joined(messages: list[dict]) -> list[dict] | None:
     """The messages with each content given as a list of text parts (OpenAI's
     `[{"type": "text", "text": ...}]`) as one string, the parts' texts joined by newlines (as
@@ -145,7 +164,7 @@ def as_documents(table, kind: str, text_field: str, origin: str = "the table", w
         return table.map(lambda b: {"chat": [PLAIN] * len(b["text"])}, batched=True, **work)
     # One file may mix both shapes: a row's absent fields read as None and are dropped.
     cols = [c for c in ("messages", "conversations", "tools", "prompt", "completion") if c in table.column_names]
-    structs = {c for c in cols if type(table.features[c]).__name__ != "Json"}  # None there may mean "absent"
+    structs = {c for c in cols if not _has_json(table.features[c])}  # None there may mean "absent"
 
     def one(row: dict, i: int) -> dict:
         row = {c: _without_nulls(row[c]) if c in structs else row[c] for c in cols if row[c] is not None}
@@ -178,6 +197,24 @@ class _Unsplittable(Exception):
     """Why a row's assistant turns cannot be found; `render` names the row."""
 
 
+_INSTANT = threading.local()  # this thread's pinned instant while it renders a row, else unset
+
+
+def _pinned_clock(real: type) -> type:
+    """A `datetime` class whose now() is this thread's pinned instant while one is set, the real
+    clock otherwise: installed once in transformers' template module (see `_one_instant`)."""
+
+    class PinnedDatetime(real):
+        @classmethod
+        def now(cls, tz=None):
+            instant = getattr(_INSTANT, "value", None)
+            if instant is None:
+                return real.now(tz)
+            return instant if tz is None else instant.astimezone(tz)
+
+    return PinnedDatetime
+
+
 @contextlib.contextmanager
 def _one_instant():
     """Every rendering of one row shows one instant: a template's `strftime_now` (Llama 3.2's
@@ -185,7 +222,8 @@ def _one_instant():
     several times, and a clock that moved between renderings (past midnight, or a template
     showing seconds) made them differ, and the prompt became targets.  transformers gives
     templates its own `strftime_now` (a function can't be passed in: it sanitises template
-    inputs to plain data), which reads `datetime` from its module: that name is pinned here."""
+    inputs to plain data), which reads `datetime` from its module: that name becomes, once, a
+    class whose now() reads the instant this thread pinned (nested renders keep the outer one)."""
     try:
         from transformers.utils import chat_template_utils as templates
     except ImportError:
@@ -195,18 +233,14 @@ def _one_instant():
     if not (isinstance(real, type) and issubclass(real, datetime.datetime)):
         yield  # another transformers: its clock as it is
         return
-    instant = real.now()
-
-    class Pinned(real):
-        @classmethod
-        def now(cls, tz=None):
-            return instant if tz is None else instant.astimezone(tz)
-
-    templates.datetime = Pinned
+    if real.__name__ != "PinnedDatetime":
+        templates.datetime = _pinned_clock(real)
+    outer = getattr(_INSTANT, "value", None)
+    _INSTANT.value = outer or datetime.datetime.now()
     try:
         yield
     finally:
-        templates.datetime = real
+        _INSTANT.value = outer
 
 
 def _apply(tok, messages: list[dict], tools, **kw):
@@ -404,7 +438,8 @@ def _render_messages(tok, messages: list[dict], tools, name: str, block: int | N
             return list(out["input_ids"]), [bool(t) for t in out["assistant_masks"]]
         full = _apply(tok, messages, tools)
         enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
-        past = enc["offset_mapping"][block - 1][1] if block and len(enc["input_ids"]) > block else math.inf
+        # the last character a block keeps (the max: a token's offsets may be (0, 0), a special's)
+        past = max(e for _, e in enc["offset_mapping"][:block]) if block and len(enc["input_ids"]) > block else math.inf
         spans = _assistant_spans(tok, messages, tools, full, past)
     except _Unsplittable as e:
         raise BadRow(f"data: chat {name}: {e}; the assistant turns cannot be found, so fix or drop the row "
@@ -457,7 +492,7 @@ def cut_share(counts: PackCounts) -> str:
     """What truncation cost, for the data line and `inspect` ("" for data prepared before it was counted)."""
     if not counts.tokens:
         return ""
-    return (f", losing {counts.cut_tokens:,} of the chat rows' {counts.tokens:,} tokens "
+    return (f", losing {counts.cut_tokens:,} of the kept rows' {counts.tokens:,} tokens "
             f"({counts.cut_tokens / counts.tokens:.0%}), the assistant turns in them too")
 
 

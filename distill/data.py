@@ -663,6 +663,10 @@ def _refuse_empty(name: str, split: dict, counts: PackCounts, block: int, docume
         change = "raise" if name == "val" else "lower"
         raise UserError(f"data: the {name} split got no documents (they go to validation by a hash of their "
                         f"text, data.val_fraction of them); {change} data.val_fraction or add data")
+    if split["documents"] == split["chat_rows"] and counts.bad_rows and counts.bad_rows + counts.no_target == split["chat_rows"]:
+        raise UserError(f"data: the {name} split has no rows to learn from: {counts.bad_rows} of its "
+                        f"{split['chat_rows']} chat rows were skipped as bad (data.bad_rows: skip), the first: "
+                        f"{counts.bad_example}")
     if split["documents"] == split["chat_rows"] and counts.no_target == split["chat_rows"]:
         raise UserError(f"data: the {name} split has no rows to learn from: none of its {split['chat_rows']} chat rows "
                         f"has an assistant turn or completion, the only tokens a chat row trains on; give rows with "

@@ -106,7 +106,7 @@ def _rendezvous_watch(world: int):
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # a signal that came meanwhile is taken now
 
 
-_CHECKED_LAUNCH: set = set()  # the configs this process's launch has checked (`distill run` sets up per stage)
+_LAUNCH_CHECKED = {"done": False}  # once a process: `distill run` sets up per stage, every rank alike
 
 
 def _config_view(value):
@@ -127,37 +127,58 @@ def _flat(value, prefix: str = "") -> dict[str, object]:
     return {prefix.rstrip("."): value}
 
 
+def _shared_dirs(cfg: RunConfig) -> dict[str, Path]:
+    """The dirs every rank reads and writes: out_dir, and cache.dir where it is set elsewhere."""
+    dirs = {"out_dir": Path(cfg.out_dir)}
+    cache = Path(cfg.layout.cache)
+    if cfg.cache.dir is not None and not cache.resolve().is_relative_to(Path(cfg.out_dir).resolve()):
+        dirs["cache.dir"] = cache
+    return dirs
+
+
 def check_ranks_agree(cfg: RunConfig, rank: int, world: int) -> None:
-    """Every rank of a launch must run one config on one out_dir.  Nothing compared them: a
-    node given another `--set` (lr, batch_size) trained on, exit 0, its weights silently off;
-    one whose out_dir was a node-local disk resumed from step 0 while rank 0 resumed from its
-    checkpoint, and a cache's ranks left their halves on different disks.  Rank 0 writes a
-    file into out_dir that every other rank must then see, and the configs (paths aside) are
-    compared; every rank raises the same one line when they do not agree."""
+    """Every rank of a launch must run one config on one out_dir (and cache.dir).  Nothing
+    compared them: a node given another `--set` (lr, batch_size) trained on with the others,
+    exit 0, its weights silently off; one whose out_dir was a node-local disk resumed from step
+    0 while rank 0 resumed its checkpoint, and a cache's ranks left their halves on different
+    disks.  Rank 0 writes a file into each shared dir that every other rank must then see,
+    and the configs (paths aside) are compared; every rank raises the same one line when they
+    do not agree (or rank 0 cannot write)."""
     import socket
     import uuid
 
-    key = json.dumps(_config_view(cfg.model_dump()), sort_keys=True, default=str)
-    if key in _CHECKED_LAUNCH:
+    if _LAUNCH_CHECKED["done"]:
         return
-    token = [uuid.uuid4().hex if rank == 0 else None]
-    dist.broadcast_object_list(token, src=0)
-    mark = Path(cfg.out_dir) / f".launch-{token[0]}"
+    dirs = _shared_dirs(cfg)  # each rank's own: a node-local one lacks the file rank 0 wrote in its own
+    name, failed = f".launch-{uuid.uuid4().hex}", None
     if rank == 0:
-        mark.parent.mkdir(parents=True, exist_ok=True)
-        mark.write_text(socket.gethostname())
-    dist.barrier()
+        for key, d in dirs.items():
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                (d / name).write_text(socket.gethostname())
+            except OSError as e:
+                failed = f"{key}: rank 0 cannot write {d} ({e.strerror or e})"
+                break
+    shared = [name, failed]
+    dist.broadcast_object_list(shared, src=0)  # after rank 0's writes: the others look now
+    name, failed = shared
+    host = socket.gethostname()
     views = [None] * world
-    dist.all_gather_object(views, {"sees_out_dir": mark.is_file(), "config": key, "host": socket.gethostname(),
-                                   "out_dir": str(Path(cfg.out_dir).resolve())})
-    dist.barrier()  # every rank has looked before the file goes
+    dist.all_gather_object(views, {"blind": [k for k, d in dirs.items() if not (d / name).is_file()], "host": host,
+                                   "config": json.dumps(_config_view(cfg.model_dump()), sort_keys=True, default=str),
+                                   "dirs": {k: str(d.resolve()) for k, d in dirs.items()}})
+    dist.barrier()  # every rank has looked before the files go
     if rank == 0:
-        mark.unlink(missing_ok=True)
-    blind = [f"rank {r} ({v['host']}: {v['out_dir']})" for r, v in enumerate(views) if not v["sees_out_dir"]]
-    if blind:
-        raise UserError(f"out_dir: {', '.join(blind)} does not see the out_dir rank 0 ({views[0]['host']}) writes "
-                        f"at {views[0]['out_dir']} (a node-local disk, or another relative path there); every rank "
-                        f"reads and writes one out_dir, so put it on a filesystem all nodes share")
+        for d in dirs.values():
+            (d / name).unlink(missing_ok=True)
+    if failed:
+        raise UserError(failed)
+    for r, v in enumerate(views):
+        for key in v["blind"]:
+            raise UserError(f"{key}: rank {r} ({v['host']}: {v['dirs'].get(key, '?')}) does not see the dir rank 0 "
+                            f"({views[0]['host']}) writes at {views[0]['dirs'][key]} (a node-local disk, or another "
+                            f"relative path there); every rank reads and writes one {key}, so put it on a filesystem "
+                            f"all nodes share")
     ours = _flat(json.loads(views[0]["config"]))
     for r, v in enumerate(views[1:], start=1):
         if v["config"] != views[0]["config"]:
@@ -167,7 +188,7 @@ def check_ranks_agree(cfg: RunConfig, rank: int, world: int) -> None:
             raise UserError(f"rank {r} ({v['host']}) runs another config than rank 0 ({views[0]['host']}): "
                             f"{'; '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}; every rank of a launch "
                             f"must run the same config and --set values")
-    _CHECKED_LAUNCH.add(key)
+    _LAUNCH_CHECKED["done"] = True
 
 
 def _free_port() -> int:

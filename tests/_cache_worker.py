@@ -60,6 +60,22 @@ def dist_worker(rank: int, world_size: int, init_file: str, cache_dir: str, enco
         dist.destroy_process_group()
 
 
+def split_dirs_worker(rank: int, world_size: int, init_file: str, root: str) -> None:
+    """Each rank of a gloo group writes the one cache to a dir of its own (node-local disks):
+    writes what it raised to root/outcome.r{rank}."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    outcome = "ok"
+    try:
+        write(Path(root) / f"node{rank}", rank=rank, world_size=world_size)
+    except Exception as e:
+        outcome = f"{type(e).__name__}: {e}"
+    finally:
+        (Path(root) / f"outcome.r{rank}").write_text(outcome)
+        dist.destroy_process_group()
+
+
 def lockstep_worker(rank: int, world_size: int, init_file: str, cache_dir: str, fail_rank: int = -1) -> None:
     """Like dist_worker, but teacher_fn is a collective, as a ZeRO-3 teacher's forward is:
     each call all-reduces, so unequal call counts across ranks fail (60 s timeout) instead

@@ -362,6 +362,19 @@ def test_ranks_that_computed_other_caches_are_not_merged_into_one(tmp_path):
     assert not (tmp_path / "a" / "manifest.json").exists()
 
 
+@pytest.mark.slow
+def test_ranks_writing_where_rank_0_cannot_read_are_refused_at_the_merge(tmp_path):
+    """Ranks whose cache dirs are not one (node-local disks: `distill cache` checks that first,
+    tests/test_data_parallel.py; this is the writer's own guard): rank 0's merge found rank 1's
+    manifest missing and every rank returned as if done, leaving no manifest.json.  Now rank 0
+    names what it cannot see and the others say it could not merge; its shards are kept."""
+    spawn(worker.split_dirs_worker, (2, str(tmp_path / "init"), str(tmp_path)))
+    rank0, rank1 = ((tmp_path / f"outcome.r{r}").read_text() for r in range(2))
+    assert rank0.startswith("CacheWriteError: cache at ") and "rank 0 does not see the finished manifest.r1.json" in rank0
+    assert rank1.startswith("CacheWriteError: ") and "rank 0 could not merge the per-rank manifests" in rank1
+    assert list((tmp_path / "node0").glob("train-r0-*.safetensors")) and not (tmp_path / "node0" / "manifest.json").exists()
+
+
 def test_verify_names_a_shard_written_with_other_settings_than_the_manifests(tmp_path):
     cache = worker.write(tmp_path / "c")
     manifest = json.loads((cache / "manifest.json").read_text())

@@ -127,6 +127,11 @@ def test_bad_rows_are_counted_then_skipped_when_asked(hf_family, tmp_path):
     skipped = prepare_data(DataConfig(paths=[path], seq_len=48, val_fraction=0.2, bad_rows="skip",
                                       tokenizer={"path": hf_family["teacher"]}), tmp_path / "run")
     assert torch.equal(alone.train[:], skipped.train[:]) and torch.equal(alone.val[:], skipped.val[:])
+    only_bad = write_jsonl([tool_row()] * 12, tmp_path / "bad.jsonl")  # every row skipped: said so, not "add data"
+    with pytest.raises(UserError, match=r"the (train|val) split has no rows to learn from: \d+ of its \d+ chat rows "
+                                        r"were skipped as bad \(data.bad_rows: skip\), the first: data: chat "):
+        prepare_data(DataConfig(paths=[only_bad], seq_len=48, bad_rows="skip", tokenizer={"path": hf_family["teacher"]}),
+                     tmp_path / "bad")
 
 
 def test_rows_are_packed_whole_and_long_rows_truncated():
@@ -236,7 +241,7 @@ def test_chat_corpus_packs_masks_and_logs_truncation(chat_data, hf_family, tmp_p
     line = next(l for l in said.splitlines() if "chat rows were longer than seq_len + 1 = 25 tokens" in l)
     truncated = int(re.search(r"\] (\d+) of", line).group(1))
     assert truncated == sum(len(r) > 25 for r in rows) > 0, line
-    assert f"losing {sum(max(0, len(r) - 25) for r in rows):,} of the chat rows' {sum(map(len, rows)):,} tokens" in line
+    assert f"losing {sum(max(0, len(r) - 25) for r in rows):,} of the kept rows' {sum(map(len, rows)):,} tokens" in line
     assert line.endswith(f"raise data.seq_len to keep them whole (seq_len {longest - 1:,} keeps these whole)"), line
     from distill.report.inspect import data_rows
 
@@ -480,6 +485,11 @@ def test_parquet_tool_calls_keep_their_own_arguments_and_model_turns_are_the_ass
     got = [json.loads(c)["messages"] for c in docs["chat"]]
     assert [m[1]["tool_calls"][0]["function"]["arguments"] for m in got] == [{"city": "paris"}, {"path": "/tmp", "all": True}]
     assert got[0][2]["role"] == "assistant"
+    # a jsonl's turns of differing fields are free-form JSON: a null there is the row's own, kept
+    write_jsonl([{"messages": [{"role": "user", "content": "x?"}, call("f", {"x": None, "y": 1}),
+                               {"role": "assistant", "content": "ok"}]}, rows[1]], tmp_path / "calls.jsonl")
+    from_jsonl = json.loads(load_documents(DataConfig(paths=[tmp_path / "calls.jsonl"]))["chat"][0])["messages"]
+    assert from_jsonl[1]["tool_calls"][0]["function"]["arguments"] == {"x": None, "y": 1}
     tok = _templated(hf_family, TOOLS, tmp_path / "tools")
     ids, targets = render(tok, docs["chat"][0])
     written = tok.decode([i for i, t in zip(ids, targets) if t])
@@ -496,3 +506,10 @@ def test_a_template_showing_the_time_renders_one_instant_per_row(hf_family, tmp_
     row = {"messages": [{"role": "user", "content": "what is two plus two"}, {"role": "assistant", "content": "four."},
                         {"role": "user", "content": "and three"}, {"role": "assistant", "content": "six."}]}
     assert _targets_text(tok, row) == "four.<|im_end|>six.<|im_end|>"
+    import time
+
+    from transformers.utils import chat_template_utils
+
+    before = chat_template_utils.datetime.now()  # outside a row's rendering the clock runs again
+    time.sleep(0.01)
+    assert chat_template_utils.datetime.now() > before

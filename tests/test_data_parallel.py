@@ -233,14 +233,15 @@ def test_ranks_with_another_config_or_out_dir_are_refused_before_any_work(dp_con
             assert lines[0].startswith("error: rank 1 (") and "runs another config than rank 0" in lines[0], e
             assert "students.0.optim.lr 0.003 -> 0.03" in lines[0], e
         else:
-            assert lines[0].startswith("error: out_dir: rank 1 (") and "does not see the out_dir rank 0" in lines[0], e
+            assert lines[0].startswith("error: out_dir: rank 1 (") and "does not see the dir rank 0" in lines[0], e
     assert not (out / "students").exists() and not (out / "data").exists()  # refused before any work
 
 
-def test_a_cache_whose_ranks_write_to_disks_rank_0_cannot_read_is_refused(dp_config, tmp_path):
+def test_a_cache_dir_the_ranks_do_not_share_is_refused_before_any_work(dp_config, tmp_path):
     """`distill cache` with cache.dir on node-local disks: each rank wrote its half where the other
     could not see it, rank 0's merge found rank 1's manifest missing and both exited 0, leaving
-    no manifest.json ("no cache; run `distill cache` first" next).  Now each says one line."""
+    no manifest.json ("no cache; run `distill cache` first" next).  Now every rank says one line
+    before the teacher runs (the merge's own refusal: tests/test_cache.py)."""
     work, cfg = dp_config
     out = tmp_path / "out"
     args = [sys.executable, str(ROOT / "cli.py"), "cache", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}",
@@ -248,10 +249,11 @@ def test_a_cache_whose_ranks_write_to_disks_rank_0_cannot_read_is_refused(dp_con
             "--set", f"cache.dir={tmp_path / 'node0-cache'}"]
     codes, errs = _two_ranks(args, ("--set", f"cache.dir={tmp_path / 'node1-cache'}"))  # the same path, on each node
     assert codes == [2, 2], errs
-    assert "rank 0 does not see the finished manifest.r1.json" in errs[0] and "Traceback" not in errs[0], errs[0]
-    assert "rank 0 could not merge the per-rank manifests" in errs[1] and "Traceback" not in errs[1], errs[1]
-    assert list((tmp_path / "node0-cache").glob("train-r0-*.safetensors"))  # kept for the rerun
-    assert not (tmp_path / "node0-cache" / "manifest.json").exists()
+    for e in errs:
+        lines = [l for l in e.splitlines() if l.startswith("error:")]
+        assert len(lines) == 1 and lines[0].startswith("error: cache.dir: rank 1 (") and "Traceback" not in e, e
+        assert "does not see the dir rank 0" in lines[0], e
+    assert not list((tmp_path / "node0-cache").glob("*.safetensors")) and not (out / "data").exists()
 
 
 def test_a_rank_waiting_for_a_peer_that_never_comes_stops_on_sigterm(dp_config, tmp_path):
@@ -284,7 +286,7 @@ def test_runtime_watch_says_a_rank_is_waiting(monkeypatch, capsys):
     with runtime._rendezvous_watch(2):
         time.sleep(1.0)
     said = [l for l in capsys.readouterr().err.splitlines() if l.startswith("[dist] rank 1 of 2: waiting")]
-    assert len(said) == 2, said  # after 0.3 s and 0.6 s, not yet at 1.2 s
+    assert len(said) >= 2, said  # after 0.3 s and 0.6 s (a loaded box may wake it at 1.2 s too)
 
 
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(dp_config):

@@ -77,9 +77,12 @@ def data_rows(root: Path, m: dict) -> dict:
         from distill.chat import PackCounts, cut_share
 
         counts = PackCounts(**sp.get("chat_rows_packing", {}))
-        if counts.truncated:  # the preparation's [data] line, which a reuse of the data does not repeat
+        if counts.truncated:  # the preparation's [data] lines, which a reuse of the data does not repeat
             rows[f"split {name}"] += (f"; {counts.truncated:,} of {sp['chat_rows']:,} chat rows truncated to the block"
                                       f"{cut_share(counts)}")
+        if counts.bad_rows:
+            rows[f"split {name}"] += (f"; {counts.bad_rows:,} of {sp['chat_rows']:,} chat rows skipped as bad "
+                                      f"(data.bad_rows: skip)")
     return rows
 
 

@@ -249,8 +249,12 @@ def verify_cache(cache_dir) -> list[str]:
                 continue
             if sha256_file(cache_dir / e["file"]) != e["sha256"]:
                 problems.append(f"shard {e['file']}: sha256 mismatch (bytes changed on disk)")
-            with safe_open(cache_dir / e["file"], "np") as f:
-                meta = f.metadata() or {}
+            try:
+                with safe_open(cache_dir / e["file"], "np") as f:
+                    meta = f.metadata() or {}
+            except Exception as err:  # a header safetensors refuses (an edited offset): a problem to name
+                problems.append(f"shard {e['file']}: unreadable header ({str(err)[:120]})")
+                continue
             other = [f"{key} {meta[key]} (manifest: {manifest[key]})" for key in ("encoding", "k", "vocab_size", "seq_len")
                      if key in meta and key in manifest and meta[key] != str(manifest[key])]
             if other:  # a shard of another cache's settings (a rank run with other ones, say): it decodes to garbage
