@@ -412,3 +412,20 @@ def test_the_model_card_names_the_teacher_as_its_readers_know_it():
     card = export.model_card("s", {**hub, "student_config": {"model": {"path": "/data/models/qwen-0.5b"}}})
     assert "| teacher | meta-llama/Llama-4-Scout-17B-16E |" in card and "| architecture | pretrained qwen-0.5b |" in card
     assert "/data/" not in card and "/home/" not in card
+
+
+def test_a_deepspeed_checkpoint_missing_a_ranks_files_is_named_not_miscounted(tmp_path):
+    """A ZeRO checkpoint whose rank-1 files stayed on another node's disk was counted as written
+    by 1 rank ("resuming on 2: converting"), the conversion failed, and its advice (resume on 1)
+    failed too.  The count DeepSpeed records (dp_world_size) is checked: the missing rank named."""
+    from common.errors import UserError
+    from distill.train.engines import saved_ranks
+
+    tag = tmp_path / "step_00000028"
+    tag.mkdir()
+    torch.save({"dp_world_size": 2, "module": {"w": torch.zeros(3)}}, tag / "mp_rank_00_model_states.pt")
+    (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    with pytest.raises(UserError, match=r"written by 2 rank\(s\), but the optimizer states of rank\(s\) 1 are not there"):
+        saved_ranks(tag)
+    (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"")
+    assert saved_ranks(tag) == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -304,8 +305,26 @@ class DeepSpeedEngine:
 
 def saved_ranks(tag_dir: Path) -> int:
     """How many data-parallel ranks wrote a DeepSpeed checkpoint: one optimizer-state file each
-    (`[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt`, every ZeRO stage)."""
-    return len(list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")))
+    (`[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt`, every ZeRO stage), checked against the
+    count DeepSpeed records (`dp_world_size` in rank 0's model states, read mapped, not loaded):
+    a rank's files left on a disk this rank cannot read (node-local) were counted as fewer ranks,
+    and the conversion that followed failed."""
+    found = sorted(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"))
+    states = next(iter(sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))), None)
+    recorded = None
+    if states is not None:
+        try:
+            recorded = torch.load(states, map_location="cpu", mmap=True, weights_only=False).get("dp_world_size")
+        except Exception:  # unreadable here: DeepSpeed's own load says what is wrong
+            recorded = None
+    if recorded and recorded != len(found):
+        have = {int(m.group(1)) for f in found if (m := re.search(r"zero_pp_rank_(\d+)_", f.name))}
+        missing = [r for r in range(recorded) if r not in have]
+        raise UserError(f"{tag_dir}: written by {recorded} rank(s), but the optimizer states of rank(s) "
+                        f"{', '.join(map(str, missing[:8]))}{' ...' if len(missing) > 8 else ''} are not there "
+                        f"(zero_pp_rank_R_..._optim_states.pt); every rank's checkpoint files must be on a "
+                        f"filesystem the first rank reads (copy them there to resume)")
+    return len(found)
 
 
 def to_universal(tag_dir: Path, out: Path, ranks: int, world: int) -> None:
