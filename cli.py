@@ -30,7 +30,8 @@ ConfigOpt = typer.Option(..., "--config", "-c", help="Run config (YAML). `distil
 SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set train.steps=50 (repeatable; value parsed as YAML).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars; log lines only.")
 OverwriteOpt = typer.Option(False, "--overwrite", help="A fresh run into an out_dir with an earlier run's checkpoints "
-                            "moves that run aside to OUT/replaced-TIME/ (without it, such a run is refused).")
+                            "moves that run aside to OUT/replaced-TIME/ (pretrain: OUT/pretrain/replaced-TIME/; "
+                            "without it, such a run is refused).")
 
 
 def _fresh_or_resume(resume: bool, overwrite: bool) -> None:

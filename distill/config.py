@@ -170,7 +170,7 @@ class ModelConfig(_Strict):
     preset: str | None = Field(None, description="Model preset: behemoth, scout, maverick, dense, dense_llama4.")
     args: dict[str, Any] = Field(default_factory=dict, description="Preset size arguments (hidden_size, num_layers, num_experts, ...).")
     path: Path | None = Field(None, description="A local Hugging Face causal-LM dir (Llama, Mistral, Qwen2/3, Qwen3-MoE, Mixtral, Llama 4 text, ...): a pretrained student, trained from its own weights.")
-    from_teacher: dict[str, Any] | None = Field(None, description="The teacher's own config with only the named fields changed: `num_layers`, `num_experts`, `hidden_size`, ... or any raw config field; `layers: [..]` (teacher layers kept, in order) or `layers: auto` (the contiguous block whose removal changes the hidden states least, by angular distance; the default). `{}` is the teacher's full shape.")
+    from_teacher: dict[str, Any] | None = Field(None, description="The teacher's own config with only the named fields changed: `num_layers`, `num_experts`, `hidden_size`, ... or any raw config field; `layers: [..]` (teacher layers kept, in order) or `layers: auto` (the contiguous block whose removal changes the hidden states least, by angular distance; the default with `init: teacher`, evenly spaced layers otherwise). `{}` is the teacher's full shape.")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -517,7 +517,7 @@ def _check_estimator(where: str, student: StudentConfig, cache: CacheConfig) -> 
 def _format_error(err: dict) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        msg = "unknown key (check the spelling; `distill init` writes every key)"
+        msg = "unknown key (check the spelling; distill/config.py lists every key)"
     if err["type"] == "string_type" and isinstance(err.get("input"), bool):  # `name: off`, YAML 1.1's boolean
         msg += f" (YAML reads an unquoted on/off/yes/no/true/false as {err['input']}; quote the word)"
     if not err["loc"] and re.match(r"[\w.]+: ", msg):  # a check across keys, which names its key itself

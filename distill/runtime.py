@@ -46,15 +46,17 @@ def setup_runtime(cfg: RunConfig) -> tuple[int, int]:
         # destructors aborted one ZeRO-3 rank after all its work was written ("terminate called
         # without an active exception", exit 250 from the launcher; seen once in a clean-clone CI).
         atexit.register(_destroy_process_group)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # The watch holds the rendezvous alone: its os._exit must not cut short anything that holds
+        # a lock (DeepSpeed's init loads its CPU op under torch's build lock, which a kill leaves).
         with _rendezvous_watch(world):
-            if uses_deepspeed:
-                import deepspeed
+            dist.init_process_group(backend)
+        if uses_deepspeed:  # on the group made above: DeepSpeed's communication layer, no rendezvous of its own
+            import deepspeed
 
-                deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-            else:
-                dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if uses_deepspeed and not torch.cuda.is_available():
-            atexit.register(deepspeed_cpu_shm_buffer(dist.get_rank()).unlink, missing_ok=True)
+            deepspeed.init_distributed(dist_backend=backend)
+            if not torch.cuda.is_available():
+                atexit.register(deepspeed_cpu_shm_buffer(dist.get_rank()).unlink, missing_ok=True)
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         if world > 1:

@@ -327,8 +327,9 @@ def small_top_k_note(cfg: RunConfig, dense: bool = False) -> str | None:
     server = cfg.teacher.source == "server"
     ways = ["train.online_dense: true"] if cfg.train.mode == "online" and not server else []
     if not server and not cfg.on_policy_active:  # neither takes a sampled signal (config.py refuses it)
-        ways.append("cache.estimator: sampled with cache.samples: 256, the default (1.00-1.02x the full "
-                    "distribution's there)")
+        default = ", the cached mode's default" if cfg.train.mode == "cached" else ""
+        ways.append(f"cache.estimator: sampled with cache.samples: 256{default} (1.00-1.02x the full "
+                    f"distribution's there)")
     return (f"[train] note: {', '.join(names)} start from random init and learn only the teacher's top-{cfg.cache.k}; "
             f"such students reached 1.7-2.3x the held-out perplexity of the full distribution in bench/peer.py: "
             f"consider {', or '.join(filter(None, [', '.join(ways), 'cache.k: 512']))}")

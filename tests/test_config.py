@@ -274,7 +274,7 @@ def test_small_top_k_note_names_the_random_init_students_it_concerns():
 
     cached = note()
     assert cached.startswith("[train] note: s start from random init and learn only the teacher's top-64;")
-    assert cached.endswith("consider cache.estimator: sampled with cache.samples: 256, the default (1.00-1.02x "
+    assert cached.endswith("consider cache.estimator: sampled with cache.samples: 256, the cached mode's default (1.00-1.02x "
                            "the full distribution's there), or cache.k: 512")  # no online_dense in cached mode
     assert note(dense=True) == cached  # a cached run reads the cache's top-k whatever online_dense says
     assert "train.online_dense: true, " in note(**{"train.mode": "online"})  # online, top-k: auto fell back

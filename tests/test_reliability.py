@@ -223,7 +223,7 @@ def test_resume_with_other_config_refused(online_setup):
     assert topk.returncode == 0
     # a random-init student on the top-16: the run says what it may cost, once, and how to avoid it
     assert topk.stdout.count("[train] note: dense start from random init") == 1, topk.stdout
-    assert ("train.online_dense: true, cache.estimator: sampled with cache.samples: 256, the default (1.00-1.02x "
+    assert ("train.online_dense: true, cache.estimator: sampled with cache.samples: 256 (1.00-1.02x "
             "the full distribution's there), or cache.k: 512") in topk.stdout
     assert "[train] teacher signal:" not in topk.stdout  # chosen, not picked
     # one step, with an LR warmup of two: the LR never reaches its peak, said once
