@@ -138,6 +138,20 @@ def _shared_dirs(cfg: RunConfig) -> dict[str, Path]:
     return dirs
 
 
+SHARED_FILE_WAIT = 10.0  # seconds a rank waits for rank 0's file to show on a slow shared filesystem
+
+
+def _sees(path: Path) -> bool:
+    """Whether `path` shows here within SHARED_FILE_WAIT s (at once on a shared disk that is
+    prompt; a node-local disk never shows it, and pays the wait once, before its error)."""
+    deadline = time.monotonic() + SHARED_FILE_WAIT
+    while not path.is_file():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.25)
+    return True
+
+
 def check_ranks_agree(cfg: RunConfig, rank: int, world: int) -> None:
     """Every rank of a launch must run one config on one out_dir (and cache.dir).  Nothing
     compared them: a node given another `--set` (lr, batch_size) trained on with the others,
@@ -166,7 +180,7 @@ def check_ranks_agree(cfg: RunConfig, rank: int, world: int) -> None:
     name, failed = shared
     host = socket.gethostname()
     views = [None] * world
-    dist.all_gather_object(views, {"blind": [k for k, d in dirs.items() if not (d / name).is_file()], "host": host,
+    dist.all_gather_object(views, {"blind": [k for k, d in dirs.items() if not _sees(d / name)], "host": host,
                                    "config": json.dumps(_config_view(cfg.model_dump()), sort_keys=True, default=str),
                                    "dirs": {k: str(d.resolve()) for k, d in dirs.items()}})
     dist.barrier()  # every rank has looked before the files go
