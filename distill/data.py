@@ -454,6 +454,11 @@ def load_documents(cfg: DataConfig, log=None, cache_dir: Path | None = None) -> 
             log(f"[data] {f}: has a {cfg.text_field!r} column and chat columns; reading {cfg.text_field!r} as plain "
                 f"text (every token a target, rows without it skipped); to train on the chat rows with the loss on "
                 f"the assistant's tokens, save the table without {cfg.text_field!r}")
+        unread = [c for c in ("system", "system_prompt") if c in ds.column_names]
+        if kind in ("messages", "conversations") and unread and log is not None:  # a prompt the rows may need
+            log(f"[data] {f}: its {unread[0]!r} column is not read (the template gets each row's {kind} only, "
+                f"with its own default system prompt, if any); to train with it, put it in the rows as a first "
+                f"turn from the system")
         try:
             part = as_documents(ds, kind, cfg.text_field, origin=str(f), work=into_work("documents"))
         except UnicodeDecodeError as e:  # a json file in another encoding; datasets reads it lazily

@@ -358,6 +358,17 @@ def test_a_table_with_text_and_chat_columns_says_which_it_reads(tmp_path):
     assert any("has a 'text' column and chat columns; reading 'text' as plain text" in line for line in said), said
 
 
+def test_a_system_column_beside_the_turns_is_said_to_be_unread(tmp_path):
+    """Some ShareGPT sets carry the system prompt in a column beside `conversations`; the template
+    gets the turns only, so a line says the column is not read (it was silent)."""
+    rows = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}],
+             "system": "You are terse."} for i in range(4)]
+    said: list[str] = []
+    docs = load_documents(DataConfig(paths=[_bytes(tmp_path / "sg.jsonl", _jsonl(rows))]), log=said.append)
+    assert len(docs) == 4
+    assert any("its 'system' column is not read" in line for line in said), said
+
+
 def test_one_file_under_two_spellings_is_read_once(tmp_path):
     f = _bytes(tmp_path / "data" / "rows.jsonl", _jsonl(text_rows(n=12)))
     spellings = [f, tmp_path / "data" / ".." / "data" / "rows.jsonl", tmp_path / "data"]
