@@ -425,18 +425,19 @@ def render(tok, chat: str, block: int | None = None) -> tuple[list[int], list[bo
 def _render_messages(tok, messages: list[dict], tools, name: str, block: int | None) -> tuple[list[int], list[bool]]:
     """`render` of a `messages` row (name: where it came from, for the error)."""
     try:
+        full = None  # the rendering, when the parts check below made the one to keep
         joined = _parts_joined(messages)
         if joined is not None:  # content as a list of text parts: as given if the template reads such lists
             try:
-                shown = _apply(tok, messages, tools)
-                if any(str(m["content"]) in shown for m in messages if isinstance(m.get("content"), list)):
-                    messages = joined  # it wrote the list as Python text ("[{'type': 'text', ...}]")
+                full = _apply(tok, messages, tools)
+                if any(str(m["content"]) in full for m in messages if isinstance(m.get("content"), list)):
+                    messages, full = joined, None  # it wrote the list as Python text ("[{'type': 'text', ...}]")
             except _Unsplittable:
                 messages = joined  # it could not read one (Qwen's: "can only concatenate str")
         if GENERATION.search(tok.get_chat_template(None, tools)):  # it marks the assistant's text itself
             out = _apply(tok, messages, tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
             return list(out["input_ids"]), [bool(t) for t in out["assistant_masks"]]
-        full = _apply(tok, messages, tools)
+        full = full if full is not None else _apply(tok, messages, tools)
         enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
         # the last character a block keeps (the max: a token's offsets may be (0, 0), a special's)
         past = max(e for _, e in enc["offset_mapping"][:block]) if block and len(enc["input_ids"]) > block else math.inf

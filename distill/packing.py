@@ -363,12 +363,12 @@ def build_split(docs: datasets.Dataset, split: str, text_rows: np.ndarray, chat_
                 ids, keep, starts, state = _cut_text(table["ids"], carry, block, documents)
             else:
                 packer = RowPacker(pad, block, carry, documents)
-                bad = [why for why in table["bad"].to_pylist() if why]
+                whys = table["bad"].to_pylist()  # per row: why it cannot be rendered, or ""
+                bad = [why for why in whys if why]
                 if bad and not skip_bad_rows:
                     more = f" ({len(bad) - 1} more of the {b - a:,} chat rows read with it fail too)" if len(bad) > 1 else ""
                     raise BadRow(f"{bad[0]}{more}; data.bad_rows: skip drops such rows, counted")
-                pairs = [(i, t) for i, t, why in zip(table["ids"].to_pylist(), table["tgt"].to_pylist(),
-                                                     table["bad"].to_pylist()) if not why]
+                pairs = [(i, t) for i, t, why in zip(table["ids"].to_pylist(), table["tgt"].to_pylist(), whys) if not why]
                 out_ids, out_tgt = packer.add(pairs)
                 packer.counts.bad_rows, packer.counts.bad_example = len(bad), bad[0] if bad else ""
                 if b == len(rows):  # the last chat chunk: the block being filled is padded and kept

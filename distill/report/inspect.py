@@ -9,6 +9,7 @@ from rich.table import Table
 
 from common.errors import UserError
 from common.fsutil import human_bytes
+from distill.chat import PackCounts, cut_share
 
 
 def _table(title: str, rows: dict) -> Table:
@@ -74,8 +75,6 @@ def data_rows(root: Path, m: dict) -> dict:
                 rows[f"split {name}"] += "; targets unreadable (a damaged shard: --verify names it)"
                 continue
             rows[f"split {name}"] += f"; {targets:,} targets ({targets / max(1, positions):.0%} of the positions)"
-        from distill.chat import PackCounts, cut_share
-
         counts = PackCounts(**sp.get("chat_rows_packing", {}))
         if counts.truncated:  # the preparation's [data] lines, which a reuse of the data does not repeat
             rows[f"split {name}"] += (f"; {counts.truncated:,} of {sp['chat_rows']:,} chat rows truncated to the block"

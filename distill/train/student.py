@@ -240,10 +240,11 @@ def distill_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, signal: T
         fractions = slots / slots.sum(-1, keepdim=True).clamp_min(1)
         lb = load_balancing_loss(router_logits, top_k, fractions, n_tokens=totals.tokens)
         z = router_z_loss(router_logits, n_tokens=totals.tokens)
-        router = loss_cfg.balance_weight * lb + loss_cfg.z_weight * z
-        total = total + router
+        total = total + loss_cfg.balance_weight * lb + loss_cfg.z_weight * z
+        lb_f, z_f = torch.stack([lb.detach(), z.detach()]).float().tolist()  # one host read for both
         # `loss` is the objective minimised, the router's terms included
-        stats.update(loss=stats["loss"] + float(router.detach()), balance_loss=float(lb.detach()), z_loss=float(z.detach()))
+        stats.update(loss=stats["loss"] + loss_cfg.balance_weight * lb_f + loss_cfg.z_weight * z_f,
+                     balance_loss=lb_f, z_loss=z_f)
     return LossOutput(total * world, stats, hard_per_block)
 
 

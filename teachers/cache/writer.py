@@ -626,6 +626,7 @@ def _merge(cache_dir: Path, world_size: int, cleanup: bool) -> bool:
     parts = [read_json(cache_dir / f"manifest.r{r}.json") for r in range(world_size)]
     if any(p is None or not p.get("complete") for p in parts):
         return False
+
     def settings(part: dict) -> dict:  # what makes the shards what they are, the identity's keys one by one
         # (not `notes`: each rank probes a served teacher itself, rounded log-probs that may move a little)
         return {**{k: part.get(k) for k in ("format_version", "k", "encoding", "vocab_size", "seq_len", "stored",
