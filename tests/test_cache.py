@@ -382,6 +382,35 @@ def test_verify_names_a_shard_written_with_other_settings_than_the_manifests(tmp
     (cache / "manifest.json").write_text(json.dumps(manifest))
     problems = verify_cache(cache)
     assert problems and all(f"written with k {K} (manifest: {K + 2})" in p for p in problems), problems
+    from tests.conftest import run_cli
+
+    r = run_cli("inspect", str(cache), "--verify")
+    assert r.returncode == 1 and f"written with k {K} (manifest: {K + 2})" in " ".join(r.stdout.split()), r.stdout
+    assert "Traceback" not in r.stderr
+
+
+def test_verify_names_a_shard_whose_header_safetensors_refuses(tmp_path):
+    """A digit of a tensor's offsets edited in a shard's header (the JSON still valid, the size the
+    same): `inspect --verify` read its metadata with safetensors, which refuses such a header, and
+    crashed with its traceback; now the shard is named, exit 1."""
+    cache = worker.write(tmp_path / "c")
+    shard = _shards(cache)[0]
+    data = bytearray(shard.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    tensors = sorted((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__" and v["data_offsets"][1])
+    (start, end), name = tensors[0]  # the first in the data, not the last: the file's size still accounted for
+    assert len(tensors) > 1 and end > start + 1
+    text = data[8:8 + n].decode()
+    edited = text.replace(f'"data_offsets":[{start},{end}]', f'"data_offsets":[{start},{end - 1}]', 1)
+    assert edited != text and len(edited) == len(text) - (len(str(end)) - len(str(end - 1)))
+    edited = edited + " " * (n - len(edited))  # the same header length
+    shard.write_bytes(bytes(data[:8]) + edited.encode() + bytes(data[8 + n:]))
+    from tests.conftest import run_cli
+
+    r = run_cli("inspect", str(cache), "--verify")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, (r.stdout, r.stderr[-2000:])
+    assert f"shard {shard.name}: unreadable header" in " ".join(r.stdout.split()), r.stdout
 
 
 @pytest.mark.slow

@@ -128,10 +128,11 @@ def test_bad_rows_are_counted_then_skipped_when_asked(hf_family, tmp_path):
                                       tokenizer={"path": hf_family["teacher"]}), tmp_path / "run")
     assert torch.equal(alone.train[:], skipped.train[:]) and torch.equal(alone.val[:], skipped.val[:])
     only_bad = write_jsonl([tool_row()] * 12, tmp_path / "bad.jsonl")  # every row skipped: said so, not "add data"
-    with pytest.raises(UserError, match=r"the (train|val) split has no rows to learn from: \d+ of its \d+ chat rows "
-                                        r"were skipped as bad \(data.bad_rows: skip\), the first: data: chat "):
-        prepare_data(DataConfig(paths=[only_bad], seq_len=48, bad_rows="skip", tokenizer={"path": hf_family["teacher"]}),
-                     tmp_path / "bad")
+    r = run_cli("prepare", "-c", str(tmp_path / "run.yaml"), "--quiet", "--set", "data.bad_rows=skip",
+                "--set", f"data.paths=[{only_bad}]", "--set", f"out_dir={tmp_path / 'bad'}", timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert re.search(r"^error: data: the (train|val) split has no rows to learn from: \d+ of its \d+ chat rows were "
+                     r"skipped as bad \(data.bad_rows: skip\), the first: data: chat ", r.stderr, re.M), r.stderr
 
 
 def test_rows_are_packed_whole_and_long_rows_truncated():

@@ -358,15 +358,23 @@ def test_a_table_with_text_and_chat_columns_says_which_it_reads(tmp_path):
     assert any("has a 'text' column and chat columns; reading 'text' as plain text" in line for line in said), said
 
 
-def test_a_system_column_beside_the_turns_is_said_to_be_unread(tmp_path):
+def test_a_system_column_beside_the_turns_is_said_to_be_unread(hf_family, tmp_path):
     """Some ShareGPT sets carry the system prompt in a column beside `conversations`; the template
-    gets the turns only, so a line says the column is not read (it was silent)."""
-    rows = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}],
-             "system": "You are terse."} for i in range(4)]
-    said: list[str] = []
-    docs = load_documents(DataConfig(paths=[_bytes(tmp_path / "sg.jsonl", _jsonl(rows))]), log=said.append)
-    assert len(docs) == 4
-    assert any("its 'system' column is not read" in line for line in said), said
+    gets the turns only, so `distill prepare` says the column is not read (it was silent)."""
+    import yaml
+
+    from tests.conftest import run_cli
+
+    rows = [{"conversations": [{"from": "human", "value": f"question {i}?"}, {"from": "gpt", "value": f"answer {i}."}],
+             "system": "You are terse."} for i in range(40)]
+    path = _bytes(tmp_path / "sg.jsonl", _jsonl(rows))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({
+        "out_dir": str(tmp_path / "out"), "data": {"paths": [str(path)], "seq_len": 32, "val_fraction": 0.2},
+        "teacher": {"source": "checkpoint", "path": str(hf_family["teacher"])},
+        "students": [{"name": "s", "model": {"preset": "dense"}}]}))
+    r = run_cli("prepare", "-c", str(tmp_path / "p.yaml"), "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"[data] {path}: its 'system' column is not read" in r.stderr, r.stderr
 
 
 def test_one_file_under_two_spellings_is_read_once(tmp_path):
