@@ -5,6 +5,10 @@ Two row shapes are read from jsonl / parquet / saved datasets:
       tokenizer's own chat template; only what the assistant writes is a target
   {"prompt": str, "completion": str}  prompt + completion as plain text; the completion and
       an EOS token after it are targets, so the student learns to stop
+and two read as them: ShareGPT's {"conversations": [{"from", "value"}, ...]} as messages, and
+TRL's conversational prompt/completion ({"prompt": [turns], "completion": [turns]}) as the
+messages prompt + completion, the prompt's turns context only (CONTEXT: its assistant turns are
+no targets, as TRL trains on the completion alone).
 Messages go to the template as given (`tool_calls`, `reasoning_content`, `name`, ...), and a
 row's `tools` as `tools=`, but for three things: roles other tools write for the two sides
 (`model`, `gpt`, `human`: MESSAGE_ROLES) are renamed; in struct columns (parquet, saved datasets)
@@ -62,6 +66,7 @@ PLAIN = ""  # the `chat` column of a plain-text document
 # for): data prepared before keeps them until OUT/data is prepared again.
 CHAT_FORMAT = 3
 ROW = "_row"  # key of a row's origin ("FILE row N") in the `chat` JSON
+CONTEXT = "_context"  # key of how many of a row's first messages are context only: no targets in them
 GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")  # as transformers detects it
 PAYLOAD = ("content", "tool_calls", "reasoning_content", "reasoning", "thinking")  # what the assistant writes
 SENTINEL = "Qz7codistillTurnSentinel9x"
@@ -171,6 +176,10 @@ def as_documents(table, kind: str, text_field: str, origin: str = "the table", w
         turns = row.pop("conversations", None)
         if turns is not None and "messages" not in row:
             row["messages"] = _sharegpt_messages(turns, f"{origin} row {i + 1}")
+        if "messages" not in row and isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list):
+            # TRL's conversational prompt/completion: one conversation, the prompt's turns context only
+            row[CONTEXT] = len(row["prompt"])
+            row["messages"] = row.pop("prompt") + row.pop("completion")
         if isinstance(row.get("messages"), list):
             row["messages"] = [m | {"role": MESSAGE_ROLES[m["role"]]} if isinstance(m, dict) and m.get("role") in
                                MESSAGE_ROLES else m for m in row["messages"]]
@@ -291,19 +300,21 @@ def _turn_start(tok, full: str, before: list[dict], tools, cursor: int, a: int) 
     return end
 
 
-def _assistant_spans(tok, messages: list[dict], tools, full: str, past: float = math.inf) -> list[tuple[int, int]]:
+def _assistant_spans(tok, messages: list[dict], tools, full: str, past: float = math.inf,
+                     context: int = 0) -> list[tuple[int, int]]:
     """Character spans [start, end) of the full rendering `full` that the assistant wrote.
 
     The diff of whole renderings described in the module docstring; one span per assistant
-    turn, up to the first that starts after character `past` (where a block cuts the row: the
-    turns after it could not reach a target, and each costs whole renderings, so a
-    conversation of n turns took O(n^2) of them however little of it a block kept)."""
+    turn from message `context` on (the ones before are context only), up to the first that
+    starts after character `past` (where a block cuts the row: the turns after it could not
+    reach a target, and each costs whole renderings, so a conversation of n turns took O(n^2)
+    of them however little of it a block kept)."""
     sentinel = SENTINEL
     while sentinel in full:  # a conversation about this module
         sentinel += "x"
     spans, cursor = [], 0
     for i, m in enumerate(messages):
-        if m.get("role") != "assistant":
+        if m.get("role") != "assistant" or i < context:
             continue
         swapped = {k: v for k, v in m.items() if k not in PAYLOAD} | {"content": sentinel}
         other = _apply(tok, messages[:i] + [swapped] + messages[i + 1:], tools)
@@ -395,7 +406,7 @@ def empty_answers(chat: str) -> int:
     row = json.loads(chat)
     if "prompt" in row:
         return int(not _written(row.get("completion")))
-    return sum(1 for m in row.get("messages", []) if m.get("role") == "assistant"
+    return sum(1 for m in row.get("messages", [])[row.get(CONTEXT, 0):] if m.get("role") == "assistant"
                and not any(_written(m.get(k)) for k in PAYLOAD))
 
 
@@ -406,6 +417,9 @@ def render(tok, chat: str, block: int | None = None) -> tuple[list[int], list[bo
     row = json.loads(chat)
     name = _row_name(row)
     if "prompt" in row:  # the completion, then EOS: the student learns where a completion ends
+        if not (isinstance(row["prompt"], str) and isinstance(row["completion"], str)):
+            raise BadRow(f"data: chat {name}: its prompt is a {type(row['prompt']).__name__} and its completion a "
+                         f"{type(row['completion']).__name__}; give both as strings, or both as lists of turns")
         full, cut = row["prompt"] + row["completion"], len(row["prompt"])
         enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
         ids, targets = enc["input_ids"], _token_targets(enc["offset_mapping"], [(cut, len(full))])
@@ -419,11 +433,13 @@ def render(tok, chat: str, block: int | None = None) -> tuple[list[int], list[bo
                         "a tokenizer dir with a chat template (chat_template.jinja, or chat_template in "
                         "tokenizer_config.json), or give prompt/completion rows")
     with _one_instant():
-        return _render_messages(tok, messages, tools, name, block)
+        return _render_messages(tok, messages, tools, name, block, row.get(CONTEXT, 0))
 
 
-def _render_messages(tok, messages: list[dict], tools, name: str, block: int | None) -> tuple[list[int], list[bool]]:
-    """`render` of a `messages` row (name: where it came from, for the error)."""
+def _render_messages(tok, messages: list[dict], tools, name: str, block: int | None,
+                     context: int = 0) -> tuple[list[int], list[bool]]:
+    """`render` of a `messages` row (name: where it came from, for the error; context: how many
+    of the first messages are context only)."""
     try:
         full = None  # the rendering, when the parts check below made the one to keep
         joined = _parts_joined(messages)
@@ -434,14 +450,15 @@ def _render_messages(tok, messages: list[dict], tools, name: str, block: int | N
                     messages, full = joined, None  # it wrote the list as Python text ("[{'type': 'text', ...}]")
             except _Unsplittable:
                 messages = joined  # it could not read one (Qwen's: "can only concatenate str")
-        if GENERATION.search(tok.get_chat_template(None, tools)):  # it marks the assistant's text itself
+        marks_all = not any(m.get("role") == "assistant" for m in messages[:context])
+        if marks_all and GENERATION.search(tok.get_chat_template(None, tools)):  # it marks the assistant's text itself
             out = _apply(tok, messages, tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
             return list(out["input_ids"]), [bool(t) for t in out["assistant_masks"]]
         full = full if full is not None else _apply(tok, messages, tools)
         enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
         # the last character a block keeps (the max: a token's offsets may be (0, 0), a special's)
         past = max(e for _, e in enc["offset_mapping"][:block]) if block and len(enc["input_ids"]) > block else math.inf
-        spans = _assistant_spans(tok, messages, tools, full, past)
+        spans = _assistant_spans(tok, messages, tools, full, past, context)
     except _Unsplittable as e:
         raise BadRow(f"data: chat {name}: {e}; the assistant turns cannot be found, so fix or drop the row "
                      f"(or give prompt/completion rows)") from None

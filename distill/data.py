@@ -42,7 +42,8 @@ ARROW_SUFFIXES = {".arrow"}
 COMPRESSED_SUFFIXES = {".gz", ".bz2", ".zst", ".xz"}
 ACCEPTED = (".txt/.py/.md/.rst/.text files (one document each), .jsonl/.json (also .gz/.bz2/.zst/.xz), .parquet "
             "or .arrow tables, or a datasets.save_to_disk dir")
-TABLE_SHAPES = ("a 'text' column (data.text_field), or chat columns 'messages', 'prompt' + 'completion' or "
+TABLE_SHAPES = ("a 'text' column (data.text_field), or chat columns 'messages', 'prompt' + 'completion' (strings, "
+                "or both lists of turns) or "
                 "'conversations' (ShareGPT)")
 # `datasets` (with pyarrow and pandas, about 1.5 s) is imported where documents are read, not
 # by every command that imports this module to open blocks already prepared.
@@ -331,18 +332,22 @@ def _is_str(feature) -> bool:
 def _column_problem(ds: datasets.Dataset, kind: str, text_field: str) -> str | None:
     """Why a table's columns of the detected `kind` cannot be read as documents; None when they can."""
     feats = ds.features
+
+    def turns(column: str, key: str) -> bool:  # lists of turns: structs with a `key` (tool-call turns have no
+        ft = feats[column]  # content), or free-form JSON (rows whose turns differ in fields); the template judges the rest
+        turn = ft[0] if isinstance(ft, list) and ft else getattr(ft, "feature", None)  # List/Sequence, or a 1-list
+        return isinstance(turn, dict) and key in turn or type(turn).__name__ == "Json"
+
     if kind == "text":
         names = [text_field]
-    elif kind == "prompt":
+    elif kind == "prompt":  # strings, or (TRL's conversational shape) both lists of {role, content} turns
+        if turns("prompt", "role") and turns("completion", "role"):
+            return None
         names = ["prompt", "completion"]
     else:
         column, key, shape = ("messages", "role", "{role, content}") if kind == "messages" else \
             ("conversations", "from", "ShareGPT {from, value}")
-        ft = feats[column]  # List/Sequence of a struct, or (datasets 3) a one-element list
-        turn = ft[0] if isinstance(ft, list) and ft else getattr(ft, "feature", None)
-        # A turn is a struct with a role (tool-call turns have no content), or free-form JSON
-        # (datasets reads rows whose turns differ in fields as Json); the template judges the rest.
-        if isinstance(turn, dict) and key in turn or type(turn).__name__ == "Json":
+        if turns(column, key):
             return None
         # Not lists of turns: name the first row that is not one (rows are read on this error path only).
         values = (v for batch in ds.select_columns([column]).iter(batch_size=1024) for v in batch[column])

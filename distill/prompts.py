@@ -3,8 +3,9 @@
 Shared by on-policy training (distill/train/on_policy.py: the training split's prompts,
 sampled by the students) and the generation evaluation (distill/report/generation.py: the
 validation split's, answered greedily and sampled).  A prompt is a chat row up to its final
-assistant turn, rendered with add_generation_prompt=True, or a prompt/completion row's
-prompt; plain-text documents have none.
+assistant turn (a conversational prompt/completion row's: up to its completion's first),
+rendered with add_generation_prompt=True, or a prompt/completion row's prompt; plain-text
+documents have none.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.chat import PLAIN
+from distill.chat import CONTEXT, PLAIN
 from distill.config import RunConfig
 from distill.data import doc_in_val, documents_under
 from teachers import untrained
@@ -31,8 +32,10 @@ def prompt_of(tok, chat: str) -> Prompt | None:
     row = json.loads(chat)
     if "prompt" in row:
         return Prompt(tok(row["prompt"], add_special_tokens=False)["input_ids"], row.get("completion", ""))
-    messages = row.get("messages") or []
-    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=0)
+    messages, context = row.get("messages") or [], row.get(CONTEXT, 0)
+    answers = [i for i, m in enumerate(messages) if m.get("role") == "assistant" and i >= context]
+    # the final answer; a prompt/completion conversation's first one, answering its prompt
+    last = (answers[0] if context else answers[-1]) if answers else 0
     if last == 0:  # no assistant turn, or nothing before it to answer
         return None
     text = tok.apply_chat_template(messages[:last], tools=row.get("tools"), add_generation_prompt=True,

@@ -514,3 +514,61 @@ def test_a_template_showing_the_time_renders_one_instant_per_row(hf_family, tmp_
     before = chat_template_utils.datetime.now()  # outside a row's rendering the clock runs again
     time.sleep(0.01)
     assert chat_template_utils.datetime.now() > before
+
+
+@pytest.mark.parametrize("container", ["jsonl", "parquet"])
+def test_trl_conversational_prompt_completion_trains_the_completion_alone(container, hf_family, tmp_path):
+    """TRL's conversational prompt/completion rows ({"prompt": [turns], "completion": [turns]}) were
+    refused ("row 1's 'prompt' is [...] (list), not a string").  They are one conversation whose
+    prompt is context only: an assistant turn in the prompt (a few-shot history) is no target, as
+    TRL trains on the completion alone (every assistant turn of it); the prompt for generation
+    ends where the completion starts."""
+    import datasets
+
+    from distill.prompts import prompt_of
+
+    def row(i):
+        return {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"{i} plus {i}?"},
+                           {"role": "assistant", "content": f"earlier answer {i}"}, {"role": "user", "content": "sure?"}],
+                "completion": [{"role": "assistant", "content": f"adding {i}."}, {"role": "tool", "content": f"{2 * i}"},
+                               {"role": "assistant", "content": f"it is {2 * i}."}]}
+
+    def answers(row):
+        return [m["content"] + "<|im_end|>" for m in row["completion"] if m["role"] == "assistant"]
+
+    rows = [row(i) for i in range(8)]
+    path = tmp_path / f"pc.{container}"
+    if container == "jsonl":
+        write_jsonl(rows, path)
+    else:  # struct columns
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    docs = load_documents(DataConfig(paths=[path]))
+    assert len(docs) == len(rows)
+    for template in (CHATML, GENERATION):  # the diff of renderings, and a template marking the assistant itself
+        tok = _templated(hf_family, template, tmp_path / "t")
+        for chat, want in zip(docs["chat"], rows):
+            ids, targets = render(tok, chat)
+            assert tok.decode(ids) == tok.apply_chat_template(want["prompt"] + want["completion"], tokenize=False)
+            assert tok.decode([i for i, t in zip(ids, targets) if t]) == "".join(answers(want))
+            prompt = prompt_of(tok, chat)
+            assert tok.decode(prompt.ids) == tok.apply_chat_template(want["prompt"], tokenize=False,
+                                                                     add_generation_prompt=True)
+            assert prompt.reference == want["completion"][0]["content"]
+    history = json.loads(docs["chat"][0])  # an empty answer in the prompt's history is not the data's to count
+    history["messages"][2]["content"] = ""
+    assert empty_answers(json.dumps(history)) == 0 and empty_answers(docs["chat"][0]) == 0
+    history["messages"][-1]["content"] = ""
+    assert empty_answers(json.dumps(history)) == 1
+    tok = hf_family["tokenizer"]  # the run's tokenizer (ChatML)
+    prepared = prepare_data(DataConfig(paths=[path], seq_len=160, val_fraction=0.3,
+                                       tokenizer={"path": hf_family["teacher"]}), tmp_path / "run")
+    runs = _target_runs(prepared.train[:]) + _target_runs(prepared.val[:])
+    assert sorted(tok.decode(r) for r in runs) == sorted(a for r in rows for a in answers(r))
+
+
+def test_a_prompt_and_completion_of_different_kinds_is_a_bad_row(hf_family):
+    tok = hf_family["tokenizer"]
+    chat = json.dumps({"prompt": [{"role": "user", "content": "hi"}], "completion": "hello", "_row": "f.jsonl row 3"})
+    with pytest.raises(UserError, match=r"^data: chat f.jsonl row 3: its prompt is a list and its completion a str; "
+                                        r"give both as strings, or both as lists of turns$"):
+        render(tok, chat)
