@@ -1,4 +1,6 @@
 """Config validation: bad input names the key, exits 2, writes nothing."""
+import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -448,3 +450,42 @@ def test_a_word_yaml_reads_as_a_boolean_is_named(tmp_path):
     said = _refused_by_the_cli(text, tmp_path)
     assert said == (f"{tmp_path / 'run.yaml'}: students.0.name: Input should be a valid string (YAML reads an "
                     f"unquoted on/off/yes/no/true/false as False; quote the word)"), said
+
+
+def _choices(model, field: str) -> set[str]:
+    """The names a config field's Literal admits."""
+    return set(typing.get_args(model.model_fields[field].annotation))
+
+
+def test_config_names_match_the_registries():
+    """Each extension point has one registry (a name -> implementation dict or tuple) and the
+    config names its keys again, as a Literal pydantic checks, or in a field's description: a
+    name added to a registry and not to the config (or the other way round) is refused, or
+    offered and then fails.  The deliberate differences are spelled out here."""
+    from distill.config import (CacheConfig, ExportConfig, LossConfig, ModelConfig, OnPolicyConfig, ScheduleConfig,
+                                SelectConfig, TeacherConfig)
+    from distill.report.export import DTYPES
+    from distill.runtime import TEACHER_SOURCES
+    from losses.difficulty import STATS
+    from losses.divergences import DIVERGENCES, ESTIMATORS
+    from losses.hard import HARD_TARGETS
+    from losses.schedules import SCHEDULES, WARMUPS
+    from losses.weighting import WEIGHTING_MODES
+    from students.presets import PRESETS
+    from teachers.cache.codec import CODECS
+
+    assert _choices(ScheduleConfig, "kind") == set(SCHEDULES)
+    assert _choices(ScheduleConfig, "warmup") == set(WARMUPS)
+    assert _choices(LossConfig, "tail") == set(ESTIMATORS) | {"auto"}  # auto: resolve_tail picks one
+    assert _choices(LossConfig, "hard_target") == set(HARD_TARGETS)
+    assert _choices(LossConfig, "adaptive") == set(WEIGHTING_MODES) - {"uniform"} | {"none"}  # none: uniform weights
+    assert _choices(CacheConfig, "encoding") == set(CODECS) - {"sampled"}  # sampled: by cache.estimator only
+    assert _choices(TeacherConfig, "source") == set(TEACHER_SOURCES) | {"cache"}  # cache: replays, scores nothing
+    assert _choices(SelectConfig, "by") == set(STATS)
+    assert _choices(OnPolicyConfig, "divergence") <= set(DIVERGENCES)
+    assert _choices(ExportConfig, "dtype") == set(DTYPES)
+    # free-form names checked against their registry when a run starts: the description lists them all
+    listed = LossConfig.model_fields["divergence"].description
+    assert set(re.findall(r"\b[a-z_]+\b", listed.split(":", 1)[1])) >= set(DIVERGENCES), listed
+    listed = ModelConfig.model_fields["preset"].description
+    assert set(re.findall(r"\b[a-z_0-9]+\b", listed.split(":", 1)[1])) >= set(PRESETS), listed

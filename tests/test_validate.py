@@ -117,3 +117,16 @@ def test_a_sampled_kl_estimate_is_reported_as_it_is_not_clamped_at_zero():
         assert abs(got - want) < 1e-5, (seed, got, want)
         estimates.append(got)
     assert min(estimates) < 0 < max(estimates), estimates  # noise on both sides of the true 0
+
+
+def test_an_exports_training_counts_are_its_own_or_the_runs_when_it_has_none():
+    """report.json's train_tokens / train_targets: the scored export's own counts (an export of an
+    earlier step must not show the run's last ones); an export made before exports recorded
+    counts shows the run's; one whose checkpoint predates the target count shows no targets."""
+    from distill.report.report import _trained_counts
+
+    run = {"tokens_seen": 900, "targets_seen": 300}
+    assert _trained_counts({"step": 3, "tokens_seen": 96, "targets_seen": 40}, run) == (96, 40)
+    assert _trained_counts({"step": 3}, run) == (900, 300)
+    assert _trained_counts({"step": 3, "tokens_seen": 96}, run) == (96, None)
+    assert _trained_counts({}, {}) == (None, None)

@@ -122,7 +122,8 @@ def difficulty_rows(stats) -> dict:
 
 
 def inspect_path(path: Path, verify: bool = False) -> bool:
-    """Print a summary; returns False when verification finds a problem."""
+    """Print a summary of what `path` is (prepared data, a cache, a checkpoint, a model dir, or a
+    run's out_dir, each part of it in turn); returns False when verification finds a problem."""
     from distill.train import checkpoint
 
     console = Console()
@@ -131,61 +132,18 @@ def inspect_path(path: Path, verify: bool = False) -> bool:
         raise UserError(f"{path} does not exist")
     prepared = _prepared_dirs(path) if path.is_dir() else []
     if prepared:
-        ok = True
-        for root, m in prepared:
-            console.print(_table(f"prepared data {root}", data_rows(root, m)))
-            if verify:
-                from distill.blocks import verify_blocks
-
-                problems = verify_blocks(root)
-                for p in problems:
-                    console.print(f"[red]BAD[/red] {p}")
-                console.print("verify: " + ("ok" if not problems else f"{len(problems)} problem(s)"))
-                ok = ok and not problems
-        return ok
+        return all([_inspect_prepared(console, root, manifest, verify) for root, manifest in prepared])
     if path.name.startswith("blocks-") and path.parent.name == "data":  # prepared data whose manifest is unreadable
         raise UserError(f"{path}: no complete prepared data (manifest.json missing or unreadable); the next command "
                         f"that reads the data prepares it again")
     if (path / "manifest.json").exists():
-        from teachers.cache.reader import describe_cache, verify_cache
-
-        console.print(_table(f"cache {path}", cache_rows(describe_cache(path))))
-        _print_difficulty(console, path)
-        if verify:
-            problems = verify_cache(path)
-            for p in problems:
-                console.print(f"[red]BAD[/red] {p}")
-            console.print("verify: " + ("ok" if not problems else f"{len(problems)} problem(s)"))
-            return not problems
-        return True
+        return _inspect_cache(console, path, verify)
     ckpt = path if (path / "meta.json").exists() else checkpoint.latest(path / "checkpoints") or checkpoint.latest(path)
     if ckpt is not None:
-        meta = checkpoint.load_meta(ckpt)
-        cfg = json.loads((ckpt / "config.json").read_text())
-        console.print(_table(f"checkpoint {ckpt}", {
-            "student": meta.get("student"), "step": meta.get("step"), "run_hash": meta.get("run_hash"),
-            "architecture": cfg.get("model_type"), "vocab_size": cfg.get("vocab_size"),
-            "data_fingerprint": meta.get("data_fingerprint")}))
-        return True
+        return _inspect_checkpoint(console, ckpt)
     if (path / "config.json").exists():
-        from students.presets import param_counts
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(str(path))
-        text = config.get_text_config()  # a multimodal dir (Llama 4 as Meta ships it): its language model
-        total, active = param_counts(text)
-        kind = config.model_type if text is config else f"{config.model_type} (its text model, {text.model_type}, counted)"
-        rows = {"model_type": kind, "vocab_size": text.vocab_size, "params_total": f"{total:,}",
-                "params_active": f"{active:,}", "dtype": str(getattr(config, "dtype", None) or "-").removeprefix("torch.")}
-        rows.update(_export_rows(path))
-        console.print(_table(f"model {path}", rows))
-        return True
-    parts = [p for p in (path / "data", path / "cache", path / "teacher") if p.is_dir() and any(p.iterdir())]
-    for student in sorted(p for p in (path / "students").glob("*") if p.is_dir()):
-        parts += [p for p in (student / "checkpoints", student / "export") if p.is_dir() and any(p.iterdir())]
-    teacher = _run_teacher(path)
-    if teacher is not None and path / "teacher" not in parts:  # a checkpoint teacher outside OUT
-        parts.insert(min(2, len(parts)), teacher)
+        return _inspect_model(console, path)
+    parts = _run_parts(path)
     if parts:  # a run's out_dir: each thing in it (one unfinished, e.g. a killed preparation, said in a line)
         ok = True
         for part in parts:
@@ -196,6 +154,71 @@ def inspect_path(path: Path, verify: bool = False) -> bool:
         return ok
     raise UserError(f"{path}: not prepared data, a cache (manifest.json), checkpoint (meta.json), model dir "
                     f"(config.json) or a run's out_dir (data/, cache/, students/)")
+
+
+def _said(console: Console, problems: list[str]) -> bool:
+    """Print verification's problems (one BAD line each) and its verdict; True when none."""
+    for p in problems:
+        console.print(f"[red]BAD[/red] {p}")
+    console.print("verify: " + ("ok" if not problems else f"{len(problems)} problem(s)"))
+    return not problems
+
+
+def _inspect_prepared(console: Console, root: Path, manifest: dict, verify: bool) -> bool:
+    console.print(_table(f"prepared data {root}", data_rows(root, manifest)))
+    if not verify:
+        return True
+    from distill.blocks import verify_blocks
+
+    return _said(console, verify_blocks(root))
+
+
+def _inspect_cache(console: Console, path: Path, verify: bool) -> bool:
+    from teachers.cache.reader import describe_cache, verify_cache
+
+    console.print(_table(f"cache {path}", cache_rows(describe_cache(path))))
+    _print_difficulty(console, path)
+    return _said(console, verify_cache(path)) if verify else True
+
+
+def _inspect_checkpoint(console: Console, ckpt: Path) -> bool:
+    from distill.train import checkpoint
+
+    meta = checkpoint.load_meta(ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    console.print(_table(f"checkpoint {ckpt}", {
+        "student": meta.get("student"), "step": meta.get("step"), "run_hash": meta.get("run_hash"),
+        "architecture": cfg.get("model_type"), "vocab_size": cfg.get("vocab_size"),
+        "data_fingerprint": meta.get("data_fingerprint")}))
+    return True
+
+
+def _inspect_model(console: Console, path: Path) -> bool:
+    from students.presets import param_counts
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path))
+    text = config.get_text_config()  # a multimodal dir (Llama 4 as Meta ships it): its language model
+    total, active = param_counts(text)
+    kind = config.model_type if text is config else f"{config.model_type} (its text model, {text.model_type}, counted)"
+    rows = {"model_type": kind, "vocab_size": text.vocab_size, "params_total": f"{total:,}",
+            "params_active": f"{active:,}", "dtype": str(getattr(config, "dtype", None) or "-").removeprefix("torch.")}
+    rows.update(_export_rows(path))
+    console.print(_table(f"model {path}", rows))
+    return True
+
+
+def _run_parts(out: Path) -> list[Path]:
+    """What a run's out_dir holds that `inspect` describes, in order: data, cache, teacher (its
+    own, or the checkpoint teacher outside OUT its students name), each student's checkpoints
+    and export; empty for a dir that is no run's."""
+    parts = [p for p in (out / "data", out / "cache", out / "teacher") if p.is_dir() and any(p.iterdir())]
+    for student in sorted(p for p in (out / "students").glob("*") if p.is_dir()):
+        parts += [p for p in (student / "checkpoints", student / "export") if p.is_dir() and any(p.iterdir())]
+    teacher = _run_teacher(out)
+    if teacher is not None and out / "teacher" not in parts:  # a checkpoint teacher outside OUT
+        parts.insert(min(2, len(parts)), teacher)
+    return parts
 
 
 def _run_teacher(out: Path) -> Path | None:

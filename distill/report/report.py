@@ -1,7 +1,7 @@
 """`distill eval`: teacher and students on the held-out split -> report.json, report.md, plots.
 
 report.json:
-  {"teacher": {...}, "students": {"NAME": {"kind": "scout|maverick|dense|baseline",
+  {"teacher": {...}, "students": {"NAME": {"kind": "scout|maverick|dense|behemoth|pretrained|from_teacher|baseline",
    "params_total", "params_active", "val_ppl", "teacher_top1_agreement", "kl_to_teacher",
    "step", "train_tokens" (positions the scored export read: prompts and padding too),
    "train_targets" (the training targets it learnt from; None: resumed from a checkpoint that
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import sys
+
+import torch
 
 from common.errors import UserError
 from common.fsutil import atomic_write_json, atomic_write_text
@@ -31,9 +33,6 @@ from students.build import load_causal_lm
 from students.presets import param_counts
 from teachers import CachedTeacher, LiveTeacher, Teacher
 from teachers.cache.format import Sampling
-
-KIND_OF_PRESET = {"scout": "scout", "maverick": "maverick", "dense": "dense", "dense_llama4": "dense",
-                  "behemoth": "behemoth"}
 
 
 def _model_stats(model, blocks, teacher: Teacher, device) -> dict:
@@ -114,60 +113,18 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
     data = prepare(cfg, progress) if data is None else data
     device = resolve_device(cfg.train.device)
     held_out = first_blocks(data.val, cfg.train.eval_blocks)  # Blocks: their rows' position ids go along
-    teacher_model = None
-    if cfg.train.mode == "cached":
-        check_cached_blocks(layout.cache, data)
-        val_teacher: Teacher = CachedTeacher(layout.cache, "val")
-    else:
-        live = val_teacher = scoring_teacher(cfg, data, device)
-        teacher_model = live.model  # evaluate the loaded teacher rather than load a twin (a server teacher: None)
+    val_teacher, teacher_model = _val_teacher(cfg, data, device)
     chat = _has_chat(data, held_out)
     report: dict = {"teacher": {}, "students": {}, "data_fingerprint": data.fingerprint,
                     "val_blocks": len(held_out), "scored_tokens": "assistant / completion only" if chat else "all",
                     "teacher_signal": signal_description(cfg.cache, val_teacher)}
-    if cfg.teacher.sharding != "none":  # too large for one device by the user's own account
-        if progress:
-            print(f"[eval] teacher not evaluated: teacher.sharding={cfg.teacher.sharding}", file=sys.stderr)
-    elif (layout.teacher / "config.json").exists():
-        teacher_model = teacher_model or load_causal_lm(layout.teacher).to(device)
-        report["teacher"] = {"path": str(layout.teacher), **_model_stats(teacher_model, held_out, val_teacher, device)}
-        report["teacher"].pop("expert_load", None)
-        report["teacher_signal"] += _padding_note(teacher_model, vocab_size_of(data.tokenizer))
+    teacher_model = _score_teacher(cfg, data, held_out, val_teacher, teacher_model, device, report, progress)
     judge = _generation_judge(cfg, data, teacher_model, device, report, progress) if chat else None
     del teacher_model
 
     summary = json.loads(layout.train_summary.read_text()) if layout.train_summary.exists() else {}
     for sc in cfg.students:
-        export_dir = layout.export(sc.name)
-        if not (export_dir / "config.json").exists():
-            raise UserError(f"student {sc.name}: no export at {export_dir}; run `distill run` or `distill export`")
-        _check_export_is_the_students(layout, sc.name)
-        model = load_causal_lm(export_dir).to(device)
-        stats = _model_stats(model, held_out, val_teacher, device)
-        if judge is not None:
-            stats["generation"] = generation.evaluate_generation(model, sc.name, *judge)
-        init = layout.init_report(sc.name)
-        if init.exists():  # what the student was built from (train/setup.py)
-            stats["init"] = summarise_init(json.loads(init.read_text()))
-        meta = export_meta(export_dir)
-        # The scored export's own step and tokens: an export of an earlier step (said above) is not
-        # paired with the run's last count.  An export made before its meta had them: the run's.
-        stats.update(kind="baseline" if sc.baseline else KIND_OF_PRESET.get(sc.model.preset, sc.model.source),
-                     step=meta.get("step"),
-                     train_tokens=meta.get("tokens_seen", summary.get("students_info", {}).get(sc.name, {})
-                                           .get("tokens_seen")),
-                     train_targets=meta.get("targets_seen") if "tokens_seen" in meta else
-                     summary.get("students_info", {}).get(sc.name, {}).get("targets_seen"),
-                     export_dir=str(export_dir.relative_to(layout.root)))
-        if layout.data_report(sc.name).exists():  # which training blocks it learnt from (train/selection.py)
-            stats["data"] = json.loads(layout.data_report(sc.name).read_text())
-            stats["data_kept"] = stats["data"]["fraction_kept"]
-        if layout.failure(sc.name).exists():  # dropped in training: these are its last good step's figures
-            stats["failed"] = json.loads(layout.failure(sc.name).read_text())
-        report["students"][sc.name] = stats
-        card_metrics = {k: stats[k] for k in ("val_ppl", "teacher_top1_agreement", "kl_to_teacher", "params_total", "params_active")}
-        atomic_write_text(export_dir / "README.md", model_card(sc.name, meta, card_metrics))
-        del model
+        report["students"][sc.name] = _score_student(cfg, sc, held_out, val_teacher, judge, summary, device)
 
     atomic_write_json(layout.report_json, report)
     atomic_write_text(layout.report_md, render_markdown(report))
@@ -176,6 +133,76 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
     if progress:
         print(render_markdown(report))
     return report
+
+
+def _val_teacher(cfg: RunConfig, data, device) -> tuple[Teacher, torch.nn.Module | None]:
+    """(what agreement and KL are measured against: the cache's validation split, or the live
+    teacher; the live teacher's model, evaluated rather than loaded twice: None for a cache
+    or a server)."""
+    if cfg.train.mode == "cached":
+        check_cached_blocks(cfg.layout.cache, data)
+        return CachedTeacher(cfg.layout.cache, "val"), None
+    live = scoring_teacher(cfg, data, device)
+    return live, live.model
+
+
+def _score_teacher(cfg: RunConfig, data, held_out, val_teacher: Teacher, teacher_model, device, report: dict,
+                   progress: bool):
+    """The teacher's own row of the table (report["teacher"]), when its weights are here and fit
+    one device -> the teacher model (loaded if it was not), or None."""
+    layout = cfg.layout
+    if cfg.teacher.sharding != "none":  # too large for one device by the user's own account
+        if progress:
+            print(f"[eval] teacher not evaluated: teacher.sharding={cfg.teacher.sharding}", file=sys.stderr)
+        return teacher_model
+    if not (layout.teacher / "config.json").exists():
+        return teacher_model
+    teacher_model = teacher_model or load_causal_lm(layout.teacher).to(device)
+    report["teacher"] = {"path": str(layout.teacher), **_model_stats(teacher_model, held_out, val_teacher, device)}
+    report["teacher"].pop("expert_load", None)
+    report["teacher_signal"] += _padding_note(teacher_model, vocab_size_of(data.tokenizer))
+    return teacher_model
+
+
+def _score_student(cfg: RunConfig, sc, held_out, val_teacher: Teacher, judge, summary: dict, device) -> dict:
+    """One student's row of the table, from its export (whose model card gets the figures)."""
+    layout = cfg.layout
+    export_dir = layout.export(sc.name)
+    if not (export_dir / "config.json").exists():
+        raise UserError(f"student {sc.name}: no export at {export_dir}; run `distill run` or `distill export`")
+    _check_export_is_the_students(layout, sc.name)
+    model = load_causal_lm(export_dir).to(device)
+    stats = _model_stats(model, held_out, val_teacher, device)
+    if judge is not None:
+        stats["generation"] = generation.evaluate_generation(model, sc.name, *judge)
+    del model
+    init = layout.init_report(sc.name)
+    if init.exists():  # what the student was built from (train/setup.py)
+        stats["init"] = summarise_init(json.loads(init.read_text()))
+    meta = export_meta(export_dir)
+    tokens, targets = _trained_counts(meta, summary.get("students_info", {}).get(sc.name, {}))
+    stats.update(kind="baseline" if sc.baseline else "dense" if sc.model.preset == "dense_llama4" else sc.model.source,
+                 step=meta.get("step"), train_tokens=tokens, train_targets=targets,
+                 export_dir=str(export_dir.relative_to(layout.root)))
+    if layout.data_report(sc.name).exists():  # which training blocks it learnt from (train/selection.py)
+        stats["data"] = json.loads(layout.data_report(sc.name).read_text())
+        stats["data_kept"] = stats["data"]["fraction_kept"]
+    if layout.failure(sc.name).exists():  # dropped in training: these are its last good step's figures
+        stats["failed"] = json.loads(layout.failure(sc.name).read_text())
+    card_metrics = {k: stats[k] for k in ("val_ppl", "teacher_top1_agreement", "kl_to_teacher", "params_total", "params_active")}
+    atomic_write_text(export_dir / "README.md", model_card(sc.name, meta, card_metrics))
+    return stats
+
+
+def _trained_counts(meta: dict, run_info: dict) -> tuple[int | None, int | None]:
+    """(training tokens, training targets) of the scored export: its own, so an export of an
+    earlier step is not paired with the run's last count.  An export made before its meta had
+    counts takes the run's (run_info: train_summary's entry for the student).  An export whose
+    meta has tokens but no targets came from a checkpoint that predates the target count: None,
+    not the run's count of another step."""
+    if "tokens_seen" not in meta:
+        return run_info.get("tokens_seen"), run_info.get("targets_seen")
+    return meta["tokens_seen"], meta.get("targets_seen")
 
 
 def _generation_judge(cfg: RunConfig, data, teacher_model, device, report: dict, progress: bool):
