@@ -1,9 +1,11 @@
 """Corpus -> tokenizer -> packed token blocks, on Hugging Face `datasets`.
 
 Documents are split into train/validation by a hash of their content (stable when files
-are added or reordered), tokenised, joined with EOS after each document and cut into
-blocks of `seq_len + 1` tokens, so each of the `seq_len` input positions has a
-next-token label.  Every artefact made from the data records `fingerprint`.
+are added or reordered), tokenised and packed into blocks of `seq_len + 1` tokens, so each
+of the `seq_len` input positions has a next-token label (distill/packing.py: plain text
+joined with EOS after each document and cut, chat rows whole with their target masks from
+distill/chat.py; under data.packing: documents, the default, each row its own context).
+Every artefact made from the data records `fingerprint`.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from distill.config import DataConfig
 from distill.layout import RunLayout, has_tokenizer
 from distill.packing import auto_num_proc, build_blocks, children_die_with_this_process, signals_end_pools
 
+# `datasets` (with pyarrow and pandas, about 1.5 s) is imported where documents are read, not
+# by every command that imports this module to open blocks already prepared.
 if TYPE_CHECKING:
     import datasets
 
@@ -45,8 +49,6 @@ ACCEPTED = (".txt/.py/.md/.rst/.text files (one document each), .jsonl/.json (al
 TABLE_SHAPES = ("a 'text' column (data.text_field), or chat columns 'messages', 'prompt' + 'completion' (strings, "
                 "or both lists of turns) or "
                 "'conversations' (ShareGPT)")
-# `datasets` (with pyarrow and pandas, about 1.5 s) is imported where documents are read, not
-# by every command that imports this module to open blocks already prepared.
 SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
 
 
@@ -194,9 +196,7 @@ def _read_text_file(path: Path, named: bool = True) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        drop = "remove it from data.paths" if named else "leave it out with data.exclude"
-        raise UserError(f"{path}: not UTF-8 (bad byte at offset {e.start}); convert it "
-                        f"(e.g. `iconv -t utf-8`) or {drop}") from None
+        raise _not_utf8(path, f"bad byte at offset {e.start}", named) from None
 
 
 def _stderr(line: str) -> None:
@@ -329,6 +329,13 @@ def _is_str(feature) -> bool:
     return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
+def _first_row(ds: datasets.Dataset, column: str, bad) -> tuple[int, object] | None:
+    """(row number from 1, value) of the first row whose `column` value is `bad(value)`, or None.
+    It reads the column: for error paths only."""
+    values = (v for batch in ds.select_columns([column]).iter(batch_size=1024) for v in batch[column])
+    return next(((n, v) for n, v in enumerate(values, start=1) if bad(v)), None)
+
+
 def _column_problem(ds: datasets.Dataset, kind: str, text_field: str) -> str | None:
     """Why a table's columns of the detected `kind` cannot be read as documents; None when they can."""
     feats = ds.features
@@ -349,19 +356,16 @@ def _column_problem(ds: datasets.Dataset, kind: str, text_field: str) -> str | N
             ("conversations", "from", "ShareGPT {from, value}")
         if turns(column, key):
             return None
-        # Not lists of turns: name the first row that is not one (rows are read on this error path only).
-        values = (v for batch in ds.select_columns([column]).iter(batch_size=1024) for v in batch[column])
-        bad = next(((n, v) for n, v in enumerate(values, start=1)
-                    if not (isinstance(v, list) and all(isinstance(t, dict) for t in v))), None)
+        # Not lists of turns: name the first row that is not one.
+        bad = _first_row(ds, column, lambda v: not (isinstance(v, list) and all(isinstance(t, dict) for t in v)))
         if bad is not None:
             return f"row {bad[0]}'s {column!r} is a {type(bad[1]).__name__}, not a list of {shape} turns"
         return f"column {column!r} holds {feats[column]}, not lists of {shape} turns"
     for name in names:
         if not _is_str(feats[name]):
-            # Name the first row whose value is neither a string nor empty (read on this error path only):
-            # datasets reads a column of mixed strings and numbers as `Json`, which says nothing of where.
-            values = (v for batch in ds.select_columns([name]).iter(batch_size=1024) for v in batch[name])
-            bad = next(((n, v) for n, v in enumerate(values, start=1) if v is not None and not isinstance(v, str)), None)
+            # Name the first row whose value is neither a string nor empty: datasets reads a column of
+            # mixed strings and numbers as `Json`, which says nothing of where.
+            bad = _first_row(ds, name, lambda v: v is not None and not isinstance(v, str))
             if bad is not None:
                 return f"row {bad[0]}'s {name!r} is {str(bad[1])[:40]} ({type(bad[1]).__name__}), not a string"
             return f"column {name!r} holds {feats[name]}, not strings"
@@ -415,13 +419,15 @@ def load_documents(cfg: DataConfig, log=None, cache_dir: Path | None = None) -> 
     """All documents as a `datasets.Dataset`: `text` (the words) and `chat` (a chat or
     prompt/completion row as JSON, distill/chat.py; "" for plain text).
 
-    log: called with one line when files found by a folder walk or a glob were skipped.
+    log: called with one line when files found by a folder walk or a glob were skipped, and
+    with the other `[data]` notes (None: not said).
     cache_dir: where the documents' Arrow tables go (plain-text files', tables converted to
     Arrow, and every transform of them: never beside a saved dataset's own files, which would
     change the data's fingerprint); a temp dir removed at exit when None."""
     import datasets
 
     datasets.disable_progress_bars()  # our own progress bars instead
+    log = log or (lambda line: None)
     if cache_dir is None:
         cache_dir = Path(tempfile.mkdtemp(prefix="codistill-documents-"))
         atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
@@ -439,76 +445,94 @@ def load_documents(cfg: DataConfig, log=None, cache_dir: Path | None = None) -> 
         if f.is_file() and file_format(f) == "text":
             plain[f] = named
             continue
-        try:
-            ds = _read_table(f, cache_dir / "tables")
-            kind = table_kind(ds.column_names, cfg.text_field)
-            if kind is None:
-                raise UserError(f"{f}: no column {cfg.text_field!r}, nor chat columns 'messages', 'prompt' + "
-                                f"'completion' or 'conversations' (columns: {', '.join(ds.column_names)}); set "
-                                f"data.text_field, or leave the file out with data.exclude")
-            problem = _column_problem(ds, kind, cfg.text_field)
-            if problem is not None:
-                raise UserError(f"{f}: {problem}; a table needs {TABLE_SHAPES}")
-        except UserError:
-            if named:
-                raise
-            skipped.append(str(f))  # e.g. a package's JSON config met while walking its source tree
+        part = _table_documents(f, named, cfg, log, cache_dir / "tables", into_work)
+        if part is None:  # e.g. a package's JSON config met while walking its source tree
+            skipped.append(str(f))
             continue
-        if kind == "text" and log is not None and table_kind([c for c in ds.column_names if c != cfg.text_field],
-                                                             cfg.text_field) is not None:
-            log(f"[data] {f}: has a {cfg.text_field!r} column and chat columns; reading {cfg.text_field!r} as plain "
-                f"text (every token a target, rows without it skipped); to train on the chat rows with the loss on "
-                f"the assistant's tokens, save the table without {cfg.text_field!r}")
-        unread = [c for c in ("system", "system_prompt") if c in ds.column_names]
-        if kind in ("messages", "conversations") and unread and log is not None:  # a prompt the rows may need
-            log(f"[data] {f}: its {unread[0]!r} column is not read (the template gets each row's {kind} only, "
-                f"with its own default system prompt, if any); to train with it, put it in the rows as a first "
-                f"turn from the system")
-        try:
-            part = as_documents(ds, kind, cfg.text_field, origin=str(f), work=into_work("documents"))
-        except UnicodeDecodeError as e:  # a json file in another encoding; datasets reads it lazily
-            where = _first_non_utf8_line(f) or f"bad byte at offset {e.start} of a value"
-            drop = "remove it from data.paths" if named else "leave it out with data.exclude"
-            raise UserError(f"{f}: not UTF-8 ({where}); convert it (e.g. `iconv -t utf-8`) or {drop}") from None
         # one schema for every part: a `large_string` column (polars' parquet, some arrow files) would not concatenate
         parts.append(part if part.features == features else part.cast(features))
-    if skipped and log is not None:
+    if skipped:
         log(f"[data] skipped {len(skipped)} table file(s) with no {cfg.text_field!r} or chat column, or "
             f"unreadable, e.g. {skipped[0]}; add them to data.exclude to silence this")
     if not parts and not plain:
         raise UserError(f"data: none of the {len(skipped)} files found has a {cfg.text_field!r} column, "
                         f"e.g. {skipped[0]}; set data.text_field or point data.paths elsewhere")
-    # Past one shard of documents the pass runs in worker processes: reading every text maps the
-    # whole Arrow file's pages into whoever reads it, and this process would keep them (its RSS
-    # grew by the corpus's size, bench/data.py).
     procs = auto_num_proc(cfg.num_proc)
-
-    def non_empty(ds: datasets.Dataset) -> datasets.Dataset:
-        workers = procs if len(ds) > cfg.shard_documents and procs > 1 else None
-        with signals_end_pools(workers):
-            return ds.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True, num_proc=workers,
-                             **into_work("non-empty"))
-
     tables = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0] if parts else None
     if tables is not None:  # a table's empty row is worth a line (an empty file in a source tree is not)
-        read, tables = len(tables), non_empty(tables)
-        if log is not None and len(tables) < read:
+        read, tables = len(tables), _drop_empty(tables, procs, cfg.shard_documents, into_work("non-empty"))
+        if len(tables) < read:
             log(f"[data] skipped {read - len(tables):,} of {read:,} table rows with nothing to learn from: empty "
                 f"or null text, or no (null) messages / prompt + completion")
-    parts = ([non_empty(_plain_dataset(plain, cache_dir))] if plain else []) + ([tables] if tables is not None else [])
+    parts = [_drop_empty(_plain_dataset(plain, cache_dir), procs, cfg.shard_documents, into_work("non-empty"))] \
+        if plain else []
+    parts += [tables] if tables is not None else []
     docs = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    if log is not None and cfg.stdlib and cfg.paths:
+    if cfg.stdlib and cfg.paths:
         log("[data] data.stdlib: true adds this Python's standard library sources to data.paths' files; "
             "set data.stdlib: false to train on yours alone")
     if cfg.max_documents is not None and len(docs) > cfg.max_documents:
-        if log is not None:
-            log(f"[data] data.max_documents {cfg.max_documents:,}: using the first {cfg.max_documents:,} of "
-                f"{len(docs):,} documents (plain-text files first, then tables, each in path order); "
-                f"set it to null to use them all")
+        log(f"[data] data.max_documents {cfg.max_documents:,}: using the first {cfg.max_documents:,} of "
+            f"{len(docs):,} documents (plain-text files first, then tables, each in path order); "
+            f"set it to null to use them all")
         docs = docs.select(range(cfg.max_documents))
     if len(docs) == 0:
         raise UserError("data: the corpus has no non-empty documents; check data.paths")
     return docs
+
+
+def _table_documents(f: Path, named: bool, cfg: DataConfig, log, tables: Path, into_work) -> datasets.Dataset | None:
+    """One table file's documents (`as_documents`), or None for a file met by a folder walk or a
+    glob that holds none (one named in data.paths itself must: its problem is raised).
+    tables: where a table converted to Arrow goes; into_work: a transform's output keywords."""
+    try:
+        ds = _read_table(f, tables)
+        kind = table_kind(ds.column_names, cfg.text_field)
+        if kind is None:
+            raise UserError(f"{f}: no column {cfg.text_field!r}, nor chat columns 'messages', 'prompt' + "
+                            f"'completion' or 'conversations' (columns: {', '.join(ds.column_names)}); set "
+                            f"data.text_field, or leave the file out with data.exclude")
+        problem = _column_problem(ds, kind, cfg.text_field)
+        if problem is not None:
+            raise UserError(f"{f}: {problem}; a table needs {TABLE_SHAPES}")
+    except UserError:
+        if named:
+            raise
+        return None
+    _note_unread_columns(f, ds.column_names, kind, cfg.text_field, log)
+    try:
+        return as_documents(ds, kind, cfg.text_field, origin=str(f), work=into_work("documents"))
+    except UnicodeDecodeError as e:  # a json file in another encoding; datasets reads it lazily
+        raise _not_utf8(f, _first_non_utf8_line(f) or f"bad byte at offset {e.start} of a value", named) from None
+
+
+def _note_unread_columns(f: Path, columns: list[str], kind: str, text_field: str, log) -> None:
+    """A line for columns a user may expect read that are not: chat columns beside the text
+    column that is read, or a system prompt column beside chat turns."""
+    if kind == "text" and table_kind([c for c in columns if c != text_field], text_field) is not None:
+        log(f"[data] {f}: has a {text_field!r} column and chat columns; reading {text_field!r} as plain "
+            f"text (every token a target, rows without it skipped); to train on the chat rows with the loss on "
+            f"the assistant's tokens, save the table without {text_field!r}")
+    unread = [c for c in ("system", "system_prompt") if c in columns]
+    if kind in ("messages", "conversations") and unread:  # a prompt the rows may need
+        log(f"[data] {f}: its {unread[0]!r} column is not read (the template gets each row's {kind} only, "
+            f"with its own default system prompt, if any); to train with it, put it in the rows as a first "
+            f"turn from the system")
+
+
+def _drop_empty(ds: datasets.Dataset, procs: int, shard_documents: int, work: dict) -> datasets.Dataset:
+    """The documents with text in them.  Past one shard of documents the pass runs in worker
+    processes: reading every text maps the whole Arrow file's pages into whoever reads it, and
+    this process would keep them (its RSS grew by the corpus's size, bench/data.py)."""
+    workers = procs if len(ds) > shard_documents and procs > 1 else None
+    with signals_end_pools(workers):
+        return ds.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True, num_proc=workers, **work)
+
+
+def _not_utf8(f: Path, where: str, named: bool) -> UserError:
+    """The line for a file that is not UTF-8 (where: the first bad byte)."""
+    drop = "remove it from data.paths" if named else "leave it out with data.exclude"
+    return UserError(f"{f}: not UTF-8 ({where}); convert it (e.g. `iconv -t utf-8`) or {drop}")
 
 
 # ----------------------------------------------------------------------------- tokenizer

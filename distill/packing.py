@@ -419,7 +419,7 @@ class _Rate:
 
 def build_blocks(docs: datasets.Dataset, tok, *, root: Path, seq_len: int, val_fraction: float, in_val,
                  shard_documents: int, num_proc: int | None, max_blocks: dict, meta: dict,
-                 progress: bool = False, packing: str = "concat", skip_bad_rows: bool = False) -> dict:
+                 packing: str, progress: bool = False, skip_bad_rows: bool = False) -> dict:
     """All splits' shards under `root`, then its manifest (returned).  A complete `root`
     is returned as it is; an unfinished one is resumed.  packing: "documents" records the
     rows' starts and masks each row's first token (module docstring); "concat" does not."""
@@ -431,7 +431,7 @@ def build_blocks(docs: datasets.Dataset, tok, *, root: Path, seq_len: int, val_f
 
 def _build_blocks(docs: datasets.Dataset, tok, *, root: Path, seq_len: int, val_fraction: float, in_val,
                   shard_documents: int, num_proc: int | None, max_blocks: dict, meta: dict,
-                  progress: bool = False, packing: str = "concat", skip_bad_rows: bool = False) -> dict:
+                  packing: str, progress: bool = False, skip_bad_rows: bool = False) -> dict:
     from common.progress import progress_bar
 
     done = read_manifest(root)
