@@ -33,7 +33,7 @@ import torch.distributed as dist
 from common.errors import UserError
 from common.fsutil import atomic_write_json
 from common.progress import progress_bar
-from distill.blocks import block_positions, first_blocks
+from distill.blocks import Blocks, block_positions, first_blocks
 from distill.layout import RunLayout
 from distill.train import checkpoint
 from distill.train.loop_config import LoopConfig
@@ -143,7 +143,7 @@ def save_checkpoints(layout: RunLayout, saves: list[tuple[Student, int]], loop: 
         dist.barrier()
 
 
-def failures(layout: RunLayout, names: list[str]) -> dict[str, dict]:
+def recorded_failures(layout: RunLayout, names: list[str]) -> dict[str, dict]:
     """The failure record of each named student that has one (see `drop_failed`)."""
     return {n: json.loads(layout.failure(n).read_text()) for n in names if layout.failure(n).exists()}
 
@@ -177,7 +177,7 @@ def claim_out_dir(layout: RunLayout, overwrite: bool, rank: int, move: bool = Tr
 def resume_all(layout: RunLayout, students: list[Student], loop: LoopConfig) -> tuple[int, list[Student]]:
     """Load every live student's latest checkpoint; all must be at the same step.  A student
     with a failure record stays dropped.  Returns (step, the students still training)."""
-    dropped = failures(layout, [s.name for s in students])
+    dropped = recorded_failures(layout, [s.name for s in students])
     for s in students:
         if s.name in dropped and (last := checkpoint.latest(layout.checkpoints(s.name))) is not None:
             # Not trained on, but what it learnt from stays in the run's summary and report
@@ -259,7 +259,7 @@ def rank_positions(loop: LoopConfig) -> list[list[int]]:
     return [list(range(m * micro, (m + 1) * micro))[loop.rank::loop.world_size] for m in range(loop.grad_accum)]
 
 
-def step_batches(indices: list[int], loop: LoopConfig, train_blocks: torch.Tensor) -> list[Batch]:
+def step_batches(indices: list[int], loop: LoopConfig, train_blocks: Blocks | torch.Tensor) -> list[Batch]:
     """This rank's micro-batches of a step whose global batch is the blocks `indices`."""
     return [Batch.of(train_blocks[ids], ids, block_positions(train_blocks, ids))
             for ids in ([indices[p] for p in pos] for pos in rank_positions(loop))]
@@ -314,19 +314,19 @@ class _StepFailures:
 
 
 def _train_student(s: Student, step: int, micro_batches: list[MicroBatch], shared: dict, logger: MetricsLogger,
-                   loop: LoopConfig, failures: _StepFailures, recipe=None) -> None:
+                   loop: LoopConfig, failed: _StepFailures, recipe=None) -> None:
     """One student's step, logged; a failure (out of memory, say, or past `max_nonfinite`
     skipped steps) costs that student only.  recipe None: the student's own loss."""
     try:
         metrics = s.train_step(step, micro_batches, recipe)
     except Exception as e:
-        failures.reasons[s.name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
-        failures.traces[s.name] = traceback.format_exc()
+        failed.reasons[s.name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+        failed.traces[s.name] = traceback.format_exc()
         return
     logger.log(s.name, step + 1, {**metrics, **shared})
     if s.nonfinite_steps > loop.max_nonfinite:
-        failures.reasons[s.name] = (f"{s.nonfinite_steps} non-finite steps (limit train.max_nonfinite="
-                                    f"{loop.max_nonfinite}); lower the lr or check the teacher signal")
+        failed.reasons[s.name] = (f"{s.nonfinite_steps} non-finite steps (limit train.max_nonfinite="
+                                  f"{loop.max_nonfinite}); lower the lr or check the teacher signal")
 
 
 def _with_signal(teacher: Teacher | None, batches: list[Batch]) -> tuple[list[MicroBatch], int]:
@@ -346,7 +346,7 @@ def _with_signal(teacher: Teacher | None, batches: list[Batch]) -> tuple[list[Mi
 
 
 def _learn_on_policy(step: int, on_policy: OnPolicySource | None, students: list[Student], teacher: Teacher,
-                     loop: LoopConfig, logger: MetricsLogger, failures: _StepFailures) -> tuple[list[Student], int]:
+                     loop: LoopConfig, logger: MetricsLogger, failed: _StepFailures) -> tuple[list[Student], int]:
     """Source 1: the students taking this step on-policy sample the step's prompts, one teacher
     forward scores every student's samples, each learns from its own.  -> (those students,
     the teacher forwards)."""
@@ -359,17 +359,18 @@ def _learn_on_policy(step: int, on_policy: OnPolicySource | None, students: list
     figures = on_policy.figures(members[0].device)  # tokens sampled, seconds generating
     for s in members:
         shared = {**teacher_metrics(own[s.name], loop, s.device), **figures, "on_policy": True}
-        _train_student(s, step, own[s.name], shared, logger, loop, failures, on_policy.recipe(s))
+        _train_student(s, step, own[s.name], shared, logger, loop, failed, on_policy.recipe(s))
     return members, calls
 
 
 def _learn_from_corpus(step: int, view: DataView, batches: list[Batch] | None, next_batches: list[Batch] | None,
-                       members: list[Student], teacher: Teacher | None, train_blocks: torch.Tensor, loop: LoopConfig,
-                       logger: MetricsLogger, failures: _StepFailures) -> int:
+                       members: list[Student], teacher: Teacher | None, train_blocks: Blocks | torch.Tensor, loop: LoopConfig,
+                       logger: MetricsLogger, failed: _StepFailures) -> int:
     """Source 2, one data view: its students learn from the step's blocks with one teacher
-    signal per micro-batch.  batches None: a dynamic view, drawn now by this window's
-    weights.  next_batches are read ahead while the students train.  -> the teacher forwards."""
-    if batches is None:
+    signal per micro-batch.  batches: None for a dynamic view, whose blocks are drawn now by
+    this window's weights.  next_batches are read ahead while the students train.  -> the
+    teacher forwards."""
+    if view.dynamic:
         view.reweigh(step)
         indices = view.global_indices(step, loop.batch_size, loop.seed)
         batches = step_batches(indices, loop, train_blocks)
@@ -378,9 +379,9 @@ def _learn_from_corpus(step: int, view: DataView, batches: list[Batch] | None, n
     micro_batches, calls = _with_signal(teacher, batches)
     shared = teacher_metrics(micro_batches, loop, members[0].device)
     for s in members:
-        _train_student(s, step, micro_batches, shared, logger, loop, failures)
+        _train_student(s, step, micro_batches, shared, logger, loop, failed)
     if view.dynamic:  # the students' gap on these blocks re-weights the next window
-        trained = [s for s in members if s.name not in failures.reasons and s.hard_per_block is not None]
+        trained = [s for s in members if s.name not in failed.reasons and s.hard_per_block is not None]
         if trained:
             view.record(indices, block_gaps(trained, micro_batches, loop))
         for s in members:
@@ -388,13 +389,30 @@ def _learn_from_corpus(step: int, view: DataView, batches: list[Batch] | None, n
     return calls
 
 
-def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: torch.Tensor,
-               val_blocks: torch.Tensor, val_teacher: Teacher | None, loop: LoopConfig, layout: RunLayout,
+def _write_data_reports(views: list[DataView], students: list[Student], layout: RunLayout) -> None:
+    """What each student learns from, for the report, now that the run is under way."""
+    training = {s.name for s in students}
+    for view in views:
+        for name in set(view.students) & training:
+            atomic_write_json(layout.data_report(name), view.report(name))
+
+
+def _restore_views(views: list[DataView], students: list[Student]) -> None:
+    """A dynamic view's gap table comes back with its students (resumed: their checkpoints hold it)."""
+    for view in views:
+        state = next((s.data_view_state for s in students if s.name in view.students and s.data_view_state), None)
+        if view.dynamic and state is not None:
+            view.load_state_dict(state)
+
+
+def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: Blocks | torch.Tensor,
+               val_blocks: Blocks | torch.Tensor, val_teacher: Teacher | None, loop: LoopConfig, layout: RunLayout,
                resume: bool, progress: bool, label: str = "co-distilling",
                views: list[DataView] | None = None, on_policy: OnPolicySource | None = None) -> dict:
     """Train every student for `loop.steps`; returns the final validation metrics per student.
 
-    train_blocks, val_blocks: (N, T+1) token ids.  teacher None: CE-only training (the
+    train_blocks, val_blocks: (N, T+1) token ids, prepared `Blocks` (rows' position ids with
+    them) or a tensor (one sequence a row).  teacher None: CE-only training (the
     teacher's own pretraining).  views: which blocks each student learns from (selection.py);
     None: every student, every block.  on_policy: the students' own samples scored by the
     teacher (on_policy.OnPolicySource): the students it names for a step learn from it, not
@@ -410,15 +428,9 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
     if not resume and loop.rank == 0:
         for s in students:  # a fresh run retries every student
             layout.failure(s.name).unlink(missing_ok=True)
-    if reported and loop.rank == 0:  # what each student learns from, for the report, now that the run is under way
-        training = {s.name for s in students}
-        for view in views:
-            for name in set(view.students) & training:
-                atomic_write_json(layout.data_report(name), view.report(name))
-    for view in views:  # a dynamic view's gap table comes back with its students
-        state = next((s.data_view_state for s in students if s.name in view.students and s.data_view_state), None)
-        if view.dynamic and state is not None:
-            view.load_state_dict(state)
+    if reported and loop.rank == 0:
+        _write_data_reports(views, students, layout)
+    _restore_views(views, students)
 
     def batches_of(step: int) -> list[list[Batch] | None]:
         """Per view, this rank's micro-batches of `step`; None for a dynamic view, whose batch
@@ -466,4 +478,4 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: t
     finally:
         logger.close()
     return {"students": final_eval, "teacher_forward_calls": teacher_calls, "start_step": start,
-            "failed": failures(layout, names)}
+            "failed": recorded_failures(layout, names)}

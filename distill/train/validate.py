@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from distill.blocks import block_positions
+from distill.blocks import Blocks, block_positions
 from distill.train.student import positions_arg
 from losses import DIVERGENCES
 from losses.chunked import auto_chunk_size, head_logits
@@ -28,9 +28,10 @@ from teachers import IGNORE, Batch, Teacher
 
 
 @torch.no_grad()
-def evaluate_model(model, blocks: torch.Tensor, teacher: Teacher | None = None, batch_size: int = 8,
+def evaluate_model(model, blocks: Blocks | torch.Tensor, teacher: Teacher | None = None, batch_size: int = 8,
                    device: torch.device | None = None, chunk_size: int | None = None) -> dict:
-    """blocks: (N, T+1) token ids, rows 0..N-1 of the teacher's split (None: perplexity only).
+    """blocks: (N, T+1) token ids, rows 0..N-1 of the teacher's split (None: perplexity only):
+    prepared `Blocks` (whose rows' position ids go along), or a tensor (one sequence a row).
 
     Chunked like training: the decoder runs once per batch, then the lm_head goes over
     `chunk_size` tokens at a time (None: `auto_chunk_size`, as for training), so at most
