@@ -149,8 +149,7 @@ def vs_ce(args) -> dict:
 
         # kd's phases, apart, on the same student (a fourth step per round)
         sig, ok = timed("read", lambda: on_demand.signal(batch), step)
-        on_dev = timed("copy", lambda: (batch.input_ids.to(device), batch.labels.to(device), ok.to(device),
-                                        sig.to(device), None), step)  # (no packed-row position ids here)
+        on_dev = timed("copy", lambda: MicroBatch(batch, sig, ok).to(device), step)
 
         def fwd_bwd():
             kd.model.train()

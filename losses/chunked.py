@@ -59,7 +59,7 @@ from torch.autograd.function import once_differentiable
 
 from losses.difficulty import row_dot
 from losses.divergences import NEG_INF, bucket_tails, check_estimator, dense_over, get_divergence, resolve_tail
-from losses.hard import hard_labels
+from losses.hard import hard_ce, hard_labels
 from losses.signal import TeacherSignal
 
 # Default memory budget for the (C, V) buffers a chunk holds at once (logits, their fp32
@@ -349,7 +349,7 @@ def _generic_losses(logits, signal, targets, mask, plan) -> tuple[torch.Tensor, 
     """(C, V) logits of any dtype -> (hard (C,), soft (C,)) by the reference functions, in fp32;
     differentiable by autograd (the fallback for divergences without a closed form)."""
     logits = logits if logits.dtype == torch.float64 else logits.float()
-    hard = F.cross_entropy(logits, targets, ignore_index=plan.ignore_index, reduction="none")
+    hard = hard_ce(logits, targets, ignore_index=plan.ignore_index)
     if signal is None:
         return hard, torch.zeros_like(hard)
     return hard, plan.divergence_value(logits, signal, mask)

@@ -44,7 +44,7 @@ def hard_labels(
     mask: torch.Tensor | None = None,
     ignore_index: int = -100,
 ) -> torch.Tensor:
-    """The (N,) targets `hard_ce` should use for one student.
+    """The (N,) targets of one student's hard loss (the chunked loss's CE, or `hard_ce`).
 
     hard_target: "labels" (needs `labels`) or "teacher_argmax" (needs `signal`).
     A token is ignored (set to `ignore_index`) when `mask` is False there, or when the data

@@ -103,7 +103,8 @@ class TeacherSignal:
     def from_logits(logits: torch.Tensor, k: int, keep_dense: bool = False) -> "TeacherSignal":
         """Top-k of a teacher's logits (..., V), computed in fp32 (see `topk_logprobs`).
         keep_dense: also a log-normalised copy of the logits (fp32, fp64 stays fp64) and
-        their entropy, as the live teacher hands them to students."""
+        their entropy, the form the live teacher hands students (it builds its own from its
+        top-k pass, teachers/live.py); this is the reference tests and benches compare with."""
         k = min(k, logits.shape[-1])
         values, ids = topk_logprobs(logits, k)
         if not keep_dense:

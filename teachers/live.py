@@ -248,7 +248,8 @@ class LiveTeacher:
             valid = torch.isfinite(sig.entropy)
             if not bool(valid.all()):
                 sig.topk_logprobs[~valid] = float("-inf")
-                sig.topk_logprobs[~valid, 0] = 0.0  # one id at frequency 1: finite, masked anyway
+                sig.topk_logprobs[~valid, 0] = 0.0  # one id at frequency 1: finite, masked anyway (a cache
+                # stores n distinct ids instead, a row its codec encodes: writer.py's `_sampled`)
                 sig.entropy[~valid] = 0.0
             return sig.to("cpu"), valid.cpu()
         # keep_dense: the targets' whole distribution too, as log-probs (uniform elsewhere), filled by the same pass

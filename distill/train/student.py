@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -82,6 +83,23 @@ class MicroBatch:
     batch: Batch
     signal: TeacherSignal | None  # (B, T, k); None when training without a teacher
     valid: torch.Tensor  # (B, T) bool: False where the teacher's signal is a placeholder
+
+    def to(self, device) -> "DeviceBatch":
+        b = self.batch
+        return DeviceBatch(b.input_ids.to(device, non_blocking=True), b.labels.to(device, non_blocking=True),
+                           self.valid.to(device, non_blocking=True),
+                           None if self.signal is None else self.signal.to(device),
+                           None if b.position_ids is None else b.position_ids.to(device))
+
+
+class DeviceBatch(NamedTuple):
+    """A micro-batch on a student's device, as its step reads it."""
+
+    input_ids: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T): the next token, IGNORE where it is no target
+    valid: torch.Tensor  # (B, T) bool: False where the teacher's signal is a placeholder
+    signal: TeacherSignal | None  # (B, T, k)
+    positions: torch.Tensor | None  # (B, T) position ids of packed rows; None: one sequence a row
 
 
 Recipe = tuple  # (LossConfig, w_soft): a step's loss when not the student's own schedule
@@ -292,10 +310,7 @@ class Student:
         lr = self.engine.lr()  # the rate this step's update uses (read before the schedule moves on)
         loss_cfg, w_soft = recipe if recipe is not None else (self.cfg.loss, self.w_soft(step))
         world, n_micro = self.engine.world_size, len(micro_batches)
-        on_device = [tuple(x.to(self.device, non_blocking=True) for x in (mb.batch.input_ids, mb.batch.labels, mb.valid))
-                     + (mb.signal.to(self.device) if mb.signal is not None else None,
-                        None if mb.batch.position_ids is None else mb.batch.position_ids.to(self.device))
-                     for mb in micro_batches]
+        on_device = [mb.to(self.device) for mb in micro_batches]
         totals = self.step_totals(on_device, w_soft, loss_cfg)
         sums, finite, hard_per_block = {}, True, []
         for i, (input_ids, labels, valid, signal, positions) in enumerate(on_device):
@@ -335,9 +350,9 @@ class Student:
         })
         return metrics
 
-    def step_totals(self, micro_batches: list[tuple], w_soft: float, loss_cfg: LossConfig | None = None) -> StepTotals:
-        """The step's `StepTotals` from this rank's (input_ids, labels, valid, signal, positions) micro-
-        batches, summed over ranks in one all-reduce.  Teacher-scored adaptive weights
+    def step_totals(self, micro_batches: list[DeviceBatch], w_soft: float,
+                    loss_cfg: LossConfig | None = None) -> StepTotals:
+        """The step's `StepTotals` from this rank's micro-batches, summed over ranks in one all-reduce.  Teacher-scored adaptive weights
         (confidence, entropy) sum their scores from the signal alone.  Scores from the
         student itself (disagreement) and a MoE student's routing are known only after a
         forward: with several micro-batches a no-grad forward of each comes first (about a
@@ -345,8 +360,8 @@ class Student:
         itself reduces them (see `distill_loss`)."""
         loss_cfg = loss_cfg or self.cfg.loss
         mode = weighting_mode(loss_cfg, self.cfg.baseline, w_soft,
-                              has_signal=all(sig is not None for _, _, _, sig, _ in micro_batches))
-        masks = [target_mask(labels, valid).reshape(-1) for _, labels, valid, _, _ in micro_batches]  # (N,) each
+                              has_signal=all(mb.signal is not None for mb in micro_batches))
+        masks = [target_mask(mb.labels, mb.valid).reshape(-1) for mb in micro_batches]  # (N,) each
         moe = bool(moe_modules(self.model)) and loss_cfg.balance_weight > 0
         prepass = len(micro_batches) > 1 and (moe or mode == "disagreement")
         scores, slots = torch.zeros((), dtype=torch.float64), None
@@ -366,7 +381,7 @@ class Student:
             if mode in ("confidence", "entropy") or soft is not None and mode == "disagreement":
                 r = weight_scores(mode, signal.flatten() if signal is not None else None, soft, mask)
                 scores = scores + r[mask].double().sum().cpu()
-        counts = [float(sum(int(m.sum()) for m in masks)), float(sum(labels.numel() for _, labels, _, _, _ in micro_batches)),
+        counts = [float(sum(int(m.sum()) for m in masks)), float(sum(mb.labels.numel() for mb in micro_batches)),
                   float(scores)]
         flat = torch.tensor(counts, dtype=torch.float64)
         if slots is not None:

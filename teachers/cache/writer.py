@@ -217,7 +217,8 @@ def _sampled(out, sampling: Sampling, vocab_size: int, keys: torch.Tensor, targe
     ids[:, :sig.k], vals[:, :sig.k] = sig.topk_ids.cpu(), sig.topk_logprobs.float().cpu()
     entropy = sig.entropy.float().cpu()
     bad = ~torch.isfinite(entropy)
-    if bool(bad.any()):
+    if bool(bad.any()):  # the sampled form of `placeholder_invalid`: n distinct ids drawn once each, which
+        # the sampled codec stores like any row (the online signal, never stored, takes one id drawn n times: live.py)
         ids[bad] = torch.arange(n)
         vals[bad] = -math.log(n)
         entropy[bad] = 0.0
