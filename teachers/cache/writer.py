@@ -239,9 +239,10 @@ def input_sha256(blocks: torch.Tensor) -> str:
     return hashlib.sha256(blocks.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
-def _entry_ok(cache_dir: Path, entry: dict | None, want: dict) -> bool:
-    """A prior shard entry is reusable if it describes the same work and its bytes match."""
-    if entry is None or any(entry.get(key) != want[key] for key in ("file", "sequences", "input_sha256")):
+def _entry_ok(cache_dir: Path, entry: dict, input_hash: str) -> bool:
+    """An earlier run's shard is reusable if it was computed from the same input (input_hash:
+    `input_sha256` of the blocks it covers now) and its bytes still match its record."""
+    if entry.get("input_sha256") != input_hash:
         return False
     path = cache_dir / entry["file"]
     return path.is_file() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]
@@ -264,31 +265,36 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
                 progress: bool = True, lockstep: bool = False, sampling: Sampling | None = None,
                 targets: Mapping[str, torch.Tensor] | None = None, upgrade: bool = False,
                 positions: Mapping[str, torch.Tensor] | None = None, notes: Mapping | None = None) -> Path:
-    """Run the teacher over every split's blocks (N_split, T) once and cache its top-k.
+    """Run the teacher over every split's blocks (N_split, T) once and cache its signal.
+    Returns cache_dir.  Raises CacheMismatch, CacheLocked, CacheWriteError (module docstring).
 
-    teacher_fn: LongTensor (B, T) -> logits (B, T, V), V = identity["vocab_size"], or
-    their top-k (values, ids), (B, T, k) each (see `_topk`); it is called under torch.no_grad on batches of `batch_size` sequences taken in order within
-    each shard.  identity: strings naming teacher config/weights, tokenizer and data
-    (k, encoding and seq_len are added).  lockstep=True: teacher_fn is a collective (a
-    ZeRO-3 sharded teacher gathers its weights from every rank), so every rank calls it
-    equally often; a rank with less left to do runs padding batches, whose output is
-    dropped.  sampling: cache n sampled tokens per position instead of the top-k (encoding
-    "sampled", k = `Sampling.width`); teacher_fn is then called as teacher_fn(x, keys), keys (B, T) from
-    `Sampling.keys` (split and token index), and may return logits or the sampled signal it
-    drew itself with `sample_signal(..., sampling.seed, keys)` (see `_sampled`).  targets:
-    per split the (N, T) next-token ids of the blocks, a token that is no training target
-    marked -(id + 1) (teachers.protocol.untrained): the teacher's difficulty statistics are
-    then stored too (losses/difficulty.py), per token as `token_stats` (N*T, 3) fp16 and
-    per sequence over its training targets as `sequence_stats` (N, 4) fp32; teacher_fn is
-    called with `targets=` (B, T) plain ids if it takes that argument and returns them with
-    its output; a teacher_fn that does not take it must return logits, and the writer
-    computes them.  A complete cache made without them is returned as it is, unless
-    upgrade=True: then its shards are recomputed with them (one more teacher pass; the
-    run's data selection needs them).  positions: per split the (N, T) position ids of the
-    blocks' inputs, restarting per packed row (data.packing: documents); teacher_fn is then
-    called with `position_ids=` (B, T) too, so each row is scored alone.  notes: more keys for the
-    manifest (a server teacher's probe, checked by its caller on resume).  Returns cache_dir.  Raises
-    CacheMismatch, CacheLocked, CacheWriteError (see module docstring).
+    teacher_fn: LongTensor (B, T) -> logits (B, T, V), V = identity["vocab_size"], or their
+      top-k (values, ids), (B, T, k) each (see `_topk`); called under torch.no_grad on batches
+      of `batch_size` sequences taken in order within each shard.
+    identity: strings naming teacher config/weights, tokenizer and data (k, encoding and
+      seq_len are added).
+    lockstep: teacher_fn is a collective (a ZeRO-3 sharded teacher gathers its weights from
+      every rank), so every rank calls it equally often; a rank with less left to do runs
+      padding batches, whose output is dropped.
+    sampling: cache n sampled tokens per position instead of the top-k (encoding "sampled",
+      k = `Sampling.width`); teacher_fn is then called as teacher_fn(x, keys), keys (B, T)
+      from `Sampling.keys` (split and token index), and may return logits or the sampled
+      signal it drew itself with `sample_signal(..., sampling.seed, keys)` (see `_sampled`).
+    targets: per split the (N, T) next-token ids of the blocks, a token that is no training
+      target marked -(id + 1) (teachers.protocol.untrained).  The teacher's difficulty
+      statistics are then stored too (losses/difficulty.py), per token as `token_stats`
+      (N*T, 3) fp16 and per sequence over its training targets as `sequence_stats` (N, 4)
+      fp32, and the signal only at targets.  teacher_fn is called with `targets=` (B, T)
+      plain ids if it takes that argument and returns them with its output; one that does
+      not must return logits, and the writer computes them.
+    upgrade: a complete cache made without difficulty statistics is recomputed with them
+      (one more teacher pass; the run's data selection needs them); else it is returned as
+      it is.
+    positions: per split the (N, T) position ids of the blocks' inputs, restarting per
+      packed row (data.packing: documents); teacher_fn is then called with `position_ids=`
+      (B, T) too, so each row is scored alone.
+    notes: more keys for the manifest (a server teacher's probe, checked by its caller on
+      resume).
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -297,21 +303,12 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
     k = sampling.width if sampling is not None else k
     version = format_version(sampling)
     codec = get_codec(encoding, sampling.exact_top if sampling is not None else 0)
-    lens = {t.shape[1] for t in splits.values()}
-    if len(lens) != 1 or any(t.dim() != 2 for t in splits.values()):
-        raise ValueError(f"every split must be a (N, T) block tensor of one T; got lengths {sorted(lens)}")
-    seq_len = lens.pop()
+    seq_len = _seq_len(splits, targets, positions)
     ident = _full_identity({**identity, **(sampling.identity() if sampling else {})}, k, encoding, seq_len)
     vocab = int(ident["vocab_size"])
     if not 0 < k <= vocab:
         raise ValueError(f"k={k} must be in [1, vocab_size={vocab}]")
     counts = {name: int(t.shape[0]) for name, t in splits.items()}
-    if targets is not None and (set(targets) != set(splits)
-                                or any(targets[n].shape != splits[n].shape for n in splits)):
-        raise ValueError("targets must give every split a tensor of its blocks' shape (N, T)")
-    if positions is not None and (set(positions) != set(splits)
-                                  or any(positions[n].shape != splits[n].shape for n in splits)):
-        raise ValueError("positions must give every split a tensor of its blocks' shape (N, T)")
     sync = _Sync(world_size)
 
     lock = err = final = partial = None
@@ -335,14 +332,7 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
                 print(f"[cache] {len(damaged)} shard(s) of the cache at {cache_dir} are missing or have another size "
                       f"than the manifest says ({', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''}); "
                       f"computing them again", file=sys.stderr, flush=True)
-        # Finished shards of earlier runs, on any number of ranks, by split and first sequence.  One
-        # written without (or with other) difficulty statistics, or storing other positions, is recomputed.
-        prior: dict[str, dict[int, list[dict]]] = {}
-        for old in [final, *partial]:
-            if old and old.get("difficulty") == stats and old.get("stored", {"positions": "all"}) == stored:
-                for split, s in old["splits"].items():
-                    for e in s["shards"]:
-                        prior.setdefault(split, {}).setdefault(e["sequences"][0], []).append(e)
+        prior = _earlier_shards([final, *partial], stats, stored)
         manifest = dict(format_version=version, identity=ident, k=k, encoding=encoding, vocab_size=vocab,
                         seq_len=seq_len, world_size=world_size, shard_sequences=shard_sequences, complete=False,
                         stored=stored, **(notes or {}),
@@ -359,26 +349,57 @@ def write_cache(cache_dir: Path, teacher_fn: Callable[[torch.Tensor], torch.Tens
             raise
         if sync.any_failed(False):
             raise RuntimeError("another rank failed while caching; finished shards are kept, rerun to resume")
-        err = None
-        if world_size == 1:
-            _cleanup(cache_dir, manifest)
-        elif rank == 0 or not sync.on:  # without a process group, whichever rank ends last merges
-            try:
-                if not _merge(cache_dir, world_size, cleanup=sync.on) and sync.on:  # every rank has finished
-                    missing = [f"manifest.r{r}.json" for r in range(world_size)
-                               if not (read_json(cache_dir / f"manifest.r{r}.json") or {}).get("complete")]
-                    raise CacheWriteError(
-                        f"cache at {cache_dir}: rank 0 does not see the finished {', '.join(missing)} the other "
-                        f"rank(s) wrote (a node-local disk?); every rank writes one cache dir, so put it on a "
-                        f"filesystem all nodes share (cache.dir), then rerun: the shards rank 0 sees are kept")
-            except BaseException as e:
-                err = e
-        if sync.any_failed(err is not None):
-            raise err or CacheWriteError(f"cache at {cache_dir}: rank 0 could not merge the per-rank manifests; "
-                                         f"its error says why")
+        _publish(cache_dir, manifest, sync, rank, world_size)
         return cache_dir
     finally:
         lock.release()
+
+
+def _seq_len(splits: Mapping[str, torch.Tensor], targets: Mapping | None, positions: Mapping | None) -> int:
+    """T of the splits' (N, T) blocks, which targets and positions (if given) match split by split."""
+    lens = {t.shape[1] for t in splits.values()}
+    if len(lens) != 1 or any(t.dim() != 2 for t in splits.values()):
+        raise ValueError(f"every split must be a (N, T) block tensor of one T; got lengths {sorted(lens)}")
+    for name, given in (("targets", targets), ("positions", positions)):
+        if given is not None and (set(given) != set(splits) or any(given[n].shape != splits[n].shape for n in splits)):
+            raise ValueError(f"{name} must give every split a tensor of its blocks' shape (N, T)")
+    return lens.pop()
+
+
+def _earlier_shards(manifests: list[dict | None], stats: list[str] | None, stored: dict) -> dict[str, dict[int, list[dict]]]:
+    """Finished shards of earlier runs (manifest.json, every rank's partial one), on any number of
+    ranks: split -> first sequence -> their entries.  One written without (or with other)
+    difficulty statistics, or storing other positions, is left out: it is computed again."""
+    prior: dict[str, dict[int, list[dict]]] = {}
+    for old in manifests:
+        if old and old.get("difficulty") == stats and old.get("stored", {"positions": "all"}) == stored:
+            for split, s in old["splits"].items():
+                for e in s["shards"]:
+                    prior.setdefault(split, {}).setdefault(e["sequences"][0], []).append(e)
+    return prior
+
+
+def _publish(cache_dir: Path, manifest: dict, sync: _Sync, rank: int, world_size: int) -> None:
+    """Every rank's shards are written: one process cleans up; several merge their manifests into
+    manifest.json (rank 0, or without a process group whichever rank ends last).  Every rank calls
+    it (a collective), and raises if the merge failed."""
+    err = None
+    if world_size == 1:
+        _cleanup(cache_dir, manifest)
+    elif rank == 0 or not sync.on:
+        try:
+            if not _merge(cache_dir, world_size, cleanup=sync.on) and sync.on:  # every rank has finished
+                missing = [f"manifest.r{r}.json" for r in range(world_size)
+                           if not (read_json(cache_dir / f"manifest.r{r}.json") or {}).get("complete")]
+                raise CacheWriteError(
+                    f"cache at {cache_dir}: rank 0 does not see the finished {', '.join(missing)} the other "
+                    f"rank(s) wrote (a node-local disk?); every rank writes one cache dir, so put it on a "
+                    f"filesystem all nodes share (cache.dir), then rerun: the shards rank 0 sees are kept")
+        except BaseException as e:
+            err = e
+    if sync.any_failed(err is not None):
+        raise err or CacheWriteError(f"cache at {cache_dir}: rank 0 could not merge the per-rank manifests; "
+                                     f"its error says why")
 
 
 def _existing(cache_dir: Path, ident: dict, counts: dict, overwrite: bool, rank: int, world_size: int):
@@ -424,9 +445,8 @@ def _plan(cache_dir: Path, splits: Mapping[str, torch.Tensor], prior: dict, rank
     with progress_bar(len(candidates), "cache: checking earlier shards", progress and bool(candidates)) as bar:
         for split, s0, fits in candidates:
             blocks = splits[split]
-            ok = next((e for e in fits if _entry_ok(cache_dir, e, {
-                "file": e["file"], "sequences": e["sequences"],
-                "input_sha256": input_sha256(blocks[e["sequences"][0]:e["sequences"][1]])})), None)
+            ok = next((e for e in fits
+                       if _entry_ok(cache_dir, e, input_sha256(blocks[e["sequences"][0]:e["sequences"][1]]))), None)
             if ok is not None:
                 done[split][s0] = ok
             bar.update(1)
