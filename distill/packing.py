@@ -361,25 +361,9 @@ def build_split(docs: datasets.Dataset, split: str, text_rows: np.ndarray, chat_
             table = chunk.data.table
             if kind == "text":  # join with the carried tokens and cut: (n, block), the rest carried on
                 ids, keep, starts, state = _cut_text(table["ids"], carry, block, documents)
-            else:
-                packer = RowPacker(pad, block, carry, documents)
-                whys = table["bad"].to_pylist()  # per row: why it cannot be rendered, or ""
-                bad = [why for why in whys if why]
-                if bad and not skip_bad_rows:
-                    more = f" ({len(bad) - 1} more of the {b - a:,} chat rows read with it fail too)" if len(bad) > 1 else ""
-                    raise BadRow(f"{bad[0]}{more}; data.bad_rows: skip drops such rows, counted")
-                pairs = [(i, t) for i, t, why in zip(table["ids"].to_pylist(), table["tgt"].to_pylist(), whys) if not why]
-                out_ids, out_tgt = packer.add(pairs)
-                packer.counts.bad_rows, packer.counts.bad_example = len(bad), bad[0] if bad else ""
-                if b == len(rows):  # the last chat chunk: the block being filled is padded and kept
-                    tail_ids, tail_tgt = packer.flush()
-                    out_ids, out_tgt = out_ids + tail_ids, out_tgt + tail_tgt
-                ids = np.asarray(out_ids, dtype=np.int64).reshape(-1, block)
-                keep = np.asarray(out_tgt, dtype=bool).reshape(-1, block)
-                starts = np.asarray(packer.starts, dtype=bool).reshape(-1, block) if documents else None
-                packer.counts.empty_answers = sum(table["empty"].to_pylist())
-                state = {"carry": packer.carry, "tokens": sum(len(i) for i, _ in pairs),
-                         "counts": dataclasses.asdict(packer.counts)}
+            else:  # whole rows into blocks, the block being filled carried on (padded after the last chunk)
+                ids, keep, starts, state = _pack_chat(table, carry, pad, block, documents, last=b == len(rows),
+                                                      skip_bad_rows=skip_bad_rows)
             del table
             files = [Path(f["filename"]) for f in chunk.cache_files]  # its Arrow files under .work
             del chunk
@@ -398,6 +382,31 @@ def build_split(docs: datasets.Dataset, split: str, text_rows: np.ndarray, chat_
     return {"shards": [s for s in shards if s["blocks"]], "blocks": kept, "blocks_packed": totals["blocks"],
             "documents": totals["documents"], "tokens": totals["tokens"], "chat_rows": totals["rows"],
             "chat_rows_packing": dataclasses.asdict(counts)}
+
+
+def _pack_chat(table, carry: dict, pad: int, block: int, documents: bool, last: bool, skip_bad_rows: bool):
+    """One chunk of tokenised chat rows (an Arrow table: ids, tgt, bad, empty) -> (ids (n, block),
+    targets (n, block), row starts (n, block) or None, the shard record's state: the carry,
+    tokens, PackCounts).  last: the split's last chunk, whose block being filled is padded and
+    kept.  A row that cannot be rendered (`bad` says why) stops it, unless skip_bad_rows."""
+    packer = RowPacker(pad, block, carry, documents)
+    whys = table["bad"].to_pylist()  # per row: why it cannot be rendered, or ""
+    bad = [why for why in whys if why]
+    if bad and not skip_bad_rows:
+        more = f" ({len(bad) - 1} more of the {len(whys):,} chat rows read with it fail too)" if len(bad) > 1 else ""
+        raise BadRow(f"{bad[0]}{more}; data.bad_rows: skip drops such rows, counted")
+    pairs = [(i, t) for i, t, why in zip(table["ids"].to_pylist(), table["tgt"].to_pylist(), whys) if not why]
+    out_ids, out_tgt = packer.add(pairs)
+    packer.counts.bad_rows, packer.counts.bad_example = len(bad), bad[0] if bad else ""
+    if last:
+        tail_ids, tail_tgt = packer.flush()
+        out_ids, out_tgt = out_ids + tail_ids, out_tgt + tail_tgt
+    ids = np.asarray(out_ids, dtype=np.int64).reshape(-1, block)
+    keep = np.asarray(out_tgt, dtype=bool).reshape(-1, block)
+    starts = np.asarray(packer.starts, dtype=bool).reshape(-1, block) if documents else None
+    packer.counts.empty_answers = sum(table["empty"].to_pylist())
+    state = {"carry": packer.carry, "tokens": sum(len(i) for i, _ in pairs), "counts": dataclasses.asdict(packer.counts)}
+    return ids, keep, starts, state
 
 
 class _Rate:

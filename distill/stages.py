@@ -127,8 +127,7 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
     sharded = cfg.teacher.sharding == "zero3"
     # The teacher reads plain ids; which positions are targets (chat data) is the loss's business.
     # Lazy (N, T) views of the on-disk blocks: the writer reads them shard by shard.
-    splits = {"train": data.train.columns(slice(None, -1), plain=True),
-              "val": data.val.columns(slice(None, -1), plain=True)}
+    splits = _per_split(data, slice(None, -1), plain=True)
     if sharded:
         teacher_ctx = zero3_live_teacher(cfg, data, rank, world, progress)
     else:
@@ -136,11 +135,9 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
     sampling = sampling_of(cfg)
     # Each position's next token (negative: no training target), for the teacher's difficulty statistics;
     # a cache made before they existed is redone only if this run selects data by them.
-    targets = {"train": data.train.columns(slice(1, None)), "val": data.val.columns(slice(1, None))}
+    targets = _per_split(data, slice(1, None))
     # data.packing: documents: each packed row is scored alone (position ids restart per row)
-    positions = ({"train": data.train.columns(slice(None, -1), positions=True),
-                  "val": data.val.columns(slice(None, -1), positions=True)}
-                 if data.train.documents else None)
+    positions = _per_split(data, slice(None, -1), positions=True) if data.train.documents else None
     with teacher_ctx as teacher:
         out = write_cache(cfg.layout.cache, teacher.sample if sampling else teacher.topk, splits, targets=targets,
                            identity=cache_identity(cfg, data),
@@ -154,6 +151,11 @@ def build_cache(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
         print(f"[cache] {out} was made before teacher difficulty statistics were recorded; a run with data.select "
               f"records them (one teacher pass), as does `distill cache --overwrite`", file=sys.stderr, flush=True)
     return out
+
+
+def _per_split(data: PackedData, columns: slice, **kw) -> dict:
+    """Lazy (N, T) views of both splits' on-disk blocks (`Blocks.columns`), by split name."""
+    return {"train": data.train.columns(columns, **kw), "val": data.val.columns(columns, **kw)}
 
 
 # ----------------------------------------------------------------------------- students
@@ -470,15 +472,13 @@ def _train_students(cfg: RunConfig, resume: bool, progress: bool, data: PackedDa
     identity = run_identity(cfg, data.fingerprint, selections if any(v.rule is not None for v in views) else None,
                             dense)
     rhash = run_hash(*identity.values())
-    loop = loop_config(cfg, cfg.train.steps, cfg.train.batch_size, rank, world, rhash)
-    loop.earlier_run_hashes = earlier_run_hashes(cfg, identity)
-    loop.run_identity, loop.data_content = identity, data.content
-    loop.extra_meta = {"data_fingerprint": data.fingerprint,
-                       "teacher": str(cfg.layout.teacher.resolve()), "teacher_identity": learnt_from,
-                       **({"teacher_probe": probe} if probe is not None else {}),
-                       "tokenizer": str(tokenizer_dir(cfg, data)),  # what `distill export` ships beside the weights
-                       "tokenizer_hash": data.tokenizer_hash}
-    loop.selections = selections
+    meta = {"data_fingerprint": data.fingerprint, "teacher": str(cfg.layout.teacher.resolve()),
+            "teacher_identity": learnt_from, **({"teacher_probe": probe} if probe is not None else {}),
+            "tokenizer": str(tokenizer_dir(cfg, data)),  # what `distill export` ships beside the weights
+            "tokenizer_hash": data.tokenizer_hash}
+    loop = loop_config(cfg, cfg.train.steps, cfg.train.batch_size, rank, world, rhash,
+                       earlier_run_hashes=earlier_run_hashes(cfg, identity), run_identity=identity,
+                       data_content=data.content, extra_meta=meta, selections=selections)
     on_policy = on_policy_source(cfg, teacher, data.tokenizer, loop) if cfg.train.mode == "online" else None
     result = train_loop(students, teacher, data.train, data.val, val_teacher, loop, cfg.layout,
                         resume=resume, progress=progress, views=views, on_policy=on_policy)

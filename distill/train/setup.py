@@ -33,7 +33,10 @@ from teachers import token_ids
 CALIBRATION_BLOCKS, CALIBRATION_BATCH = 8, 4  # `layers: auto` measures on 8 train blocks, 4 at a time
 
 
-def loop_config(cfg: RunConfig, steps: int, batch_size: int, rank: int, world: int, rhash: str) -> LoopConfig:
+def loop_config(cfg: RunConfig, steps: int, batch_size: int, rank: int, world: int, rhash: str,
+                **run_fields) -> LoopConfig:
+    """The loop's settings from the config; run_fields: LoopConfig's fields that describe this
+    run (its identity, what checkpoints record beside the weights, ...)."""
     t = cfg.train
     if batch_size % (t.grad_accum * world):
         raise UserError(f"train.batch_size={batch_size} must be divisible by grad_accum ({t.grad_accum}) "
@@ -41,7 +44,7 @@ def loop_config(cfg: RunConfig, steps: int, batch_size: int, rank: int, world: i
     return LoopConfig(steps=steps, batch_size=batch_size, grad_accum=t.grad_accum, eval_every=t.eval_every,
                       eval_blocks=t.eval_blocks, checkpoint_every=t.checkpoint_every, keep_last=t.keep_last,
                       max_nonfinite=t.max_nonfinite, on_student_failure=t.on_student_failure, seed=cfg.seed,
-                      run_hash=rhash, rank=rank, world_size=world)
+                      run_hash=rhash, rank=rank, world_size=world, **run_fields)
 
 
 def make_student(cfg: RunConfig, sc: StudentConfig, model, steps: int, batch_size: int) -> Student:
