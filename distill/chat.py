@@ -5,16 +5,21 @@ Two row shapes are read from jsonl / parquet / saved datasets:
       tokenizer's own chat template; only what the assistant writes is a target
   {"prompt": str, "completion": str}  prompt + completion as plain text; the completion and
       an EOS token after it are targets, so the student learns to stop
-and two read as them: ShareGPT's {"conversations": [{"from", "value"}, ...]} as messages, and
-TRL's conversational prompt/completion ({"prompt": [turns], "completion": [turns]}) as the
-messages prompt + completion, the prompt's turns context only (CONTEXT: its assistant turns are
-no targets, as TRL trains on the completion alone).
-Messages go to the template as given (`tool_calls`, `reasoning_content`, `name`, ...), and a
-row's `tools` as `tools=`, but for three things: roles other tools write for the two sides
-(`model`, `gpt`, `human`: MESSAGE_ROLES) are renamed; in struct columns (parquet, saved datasets)
-null-valued keys are dropped (`_without_nulls`); a content of text parts is joined into a string
-where the template cannot read it (`_parts_joined`).  A token is a target when any of its
-characters is one.
+and others as the first: ShareGPT's turns ({"conversations" or "conversation": [{"from",
+"value"} or {"role", "content"}, ...]}); TRL's conversational prompt/completion ({"prompt":
+[turns], "completion": [turns]}), the prompt's turns context only (CONTEXT: no targets in them,
+as TRL trains on the completion alone); instruction tables (INSTRUCTION_SHAPES: Alpaca,
+Dolly, OpenOrca) as a user turn and the assistant's answer.  A `system` / `system_prompt`
+column gives a row with no system turn its first one.  Messages go to the template as given
+(`tool_calls`, `reasoning_content`, `name`, ...), and a row's `tools` as `tools=`, but for
+these (`_turns_as_messages`): roles other tools write for the two sides (`model`, `gpt`,
+`human`: MESSAGE_ROLES) or in another case (`User`) are renamed; a tool call's arguments
+given as a JSON string are parsed; in struct columns (parquet, saved datasets) null-valued
+keys are dropped (`_without_nulls`); a content of text parts is joined into a string where
+the template cannot read it (`_parts_joined`).  An assistant turn marked `"weight": 0`
+(OpenAI's fine-tuning data) is context, not a target (`trained`).  A row a text model's
+template cannot take (a turn that is no object or has no role, a content that is no text, an
+image part) is a BadRow, named.  A token is a target when any of its characters is one.
 
 Which characters the assistant wrote:
 * A template with `{% generation %}` markers says so itself: transformers'
@@ -63,27 +68,45 @@ PLAIN = ""  # the `chat` column of a plain-text document
 # so every run's chat data is prepared again and its checkpoints no longer resume).  Not bumped
 # for fixes of rows that rendered wrong (2026-12-06: text parts written as Python reprs, parquet
 # tool calls' null arguments, "model" turns with no target; turns past the block no longer looked
-# for): data prepared before keeps them until OUT/data is prepared again.
+# for; later that day: roles in another case, JSON-string tool arguments, `weight: 0` turns, a
+# system column read): data prepared before keeps them until OUT/data is prepared again.
 CHAT_FORMAT = 3
 ROW = "_row"  # key of a row's origin ("FILE row N") in the `chat` JSON
+BAD = "_bad"  # key of why a row cannot be read (a BadRow's line), found where the table was read
 CONTEXT = "_context"  # key of how many of a row's first messages are context only: no targets in them
 GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")  # as transformers detects it
 PAYLOAD = ("content", "tool_calls", "reasoning_content", "reasoning", "thinking")  # what the assistant writes
 SENTINEL = "Qz7codistillTurnSentinel9x"
 
 
+# Instruction tables, read as a user turn (the instruction, then its input or context after a blank
+# line) and the assistant's answer: (ask, more, answer).  A system column gives a system turn.
+INSTRUCTION_SHAPES = (("instruction", "input", "output"),  # Alpaca
+                      ("instruction", "context", "response"),  # Dolly
+                      ("question", None, "response"))  # OpenOrca (system_prompt beside it)
+SYSTEM_COLUMNS = ("system", "system_prompt")  # a row's system prompt beside its turns
+
+
 def table_kind(columns: list[str], text_field: str) -> str | None:
-    """"text", "messages", "prompt" (prompt/completion), "conversations" (ShareGPT's turns of
-    {from, value}, read as messages) or None when the table has none of them."""
+    """"text", "messages", "prompt" (prompt/completion), "conversations" (turns of ShareGPT's
+    {from, value} or of {role, content}, in `conversations` or `conversation`, read as messages),
+    "instruction" (INSTRUCTION_SHAPES) or None when the table has none of them."""
     if text_field in columns:
         return "text"
     if "messages" in columns:
         return "messages"
     if "prompt" in columns and "completion" in columns:
         return "prompt"
-    if "conversations" in columns:
+    if "conversations" in columns or "conversation" in columns:
         return "conversations"
+    if any(ask in columns and answer in columns for ask, _, answer in INSTRUCTION_SHAPES):
+        return "instruction"
     return None
+
+
+def instruction_shape(columns) -> tuple[str, str | None, str]:
+    """The INSTRUCTION_SHAPES entry of a table of kind "instruction"."""
+    return next(shape for shape in INSTRUCTION_SHAPES if shape[0] in columns and shape[2] in columns)
 
 
 # ShareGPT's speakers as chat-template roles (the names its variants use).
@@ -92,21 +115,86 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
                   "tool": "tool", "observation": "tool", "function_response": "tool"}
 
 
-def _sharegpt_messages(turns: list, name: str) -> list[dict]:
-    """ShareGPT turns [{from, value}] -> messages [{role, content}]."""
-    out = []
-    for t in turns:
-        speaker = t.get("from") if isinstance(t, dict) else None
-        if speaker not in SHAREGPT_ROLES:
-            raise UserError(f"{name}: a ShareGPT turn from {speaker!r}; known speakers are "
-                            f"{', '.join(sorted(SHAREGPT_ROLES))} (convert the others to `messages` rows)")
-        out.append({"role": SHAREGPT_ROLES[speaker], "content": t.get("value")})
-    return out
-
-
 # Roles other tools write for the two sides, as chat templates know them (Gemma's templates turn
 # "assistant" into "model" themselves): a `messages` row with "model" turns had no target found.
 MESSAGE_ROLES = {"model": "assistant", "gpt": "assistant", "bot": "assistant", "chatgpt": "assistant", "human": "user"}
+KNOWN_ROLES = {"system", "user", "assistant", "tool", "developer", "ipython", "function"}  # as templates spell them
+
+
+def _turns_as_messages(turns, name: str) -> list[dict]:
+    """A row's turns -> chat-template messages: ShareGPT's {from, value} turns and {role, content}
+    messages alike; a role in another case (`User`) or another tool's name for a side
+    (MESSAGE_ROLES) as templates spell it; a tool call's arguments given as a JSON string
+    (OpenAI's shape) as the object templates take.  A row a text model's template cannot take
+    as it is (a turn that is no object or has no role, a content that is no text, an image
+    part) is a BadRow, named (data.bad_rows: skip drops it)."""
+    if not isinstance(turns, list):
+        raise _row_problem(name, f"its turns are a {type(turns).__name__}, not a list")
+    out = []
+    for j, t in enumerate(turns, start=1):
+        if not isinstance(t, dict):
+            raise _row_problem(name, f"turn {j} is a {type(t).__name__}, not an object with a role and a content")
+        if "from" in t and "role" not in t:  # ShareGPT
+            speaker = t["from"]
+            role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
+            if role is None:
+                raise _row_problem(name, f"a ShareGPT turn from {speaker!r}; known speakers are "
+                                         f"{', '.join(sorted(SHAREGPT_ROLES))} (convert the others to `messages` rows)")
+            t = {k: v for k, v in t.items() if k not in ("from", "value")} | {"role": role, "content": t.get("value")}
+        role = t.get("role")
+        if not isinstance(role, str) or not role.strip():
+            raise _row_problem(name, f"turn {j} has no role")
+        low = role.lower()
+        role = MESSAGE_ROLES.get(low, low if low in KNOWN_ROLES else role)
+        content = t.get("content")
+        if isinstance(content, dict) or (isinstance(content, list)
+                                         and not all(isinstance(part, dict) for part in content)):
+            raise _row_problem(name, f"turn {j}'s content is a {type(content).__name__} ({str(content)[:40]}); "
+                                     f"give a string, or a list of text parts")
+        other = next((part.get("type") for part in content if part.get("type", "text") != "text"), None) \
+            if isinstance(content, list) else None
+        if other is not None:
+            raise _row_problem(name, f"turn {j} holds a {other!r} part, which a text model cannot see")
+        t = t | {"role": role}
+        if isinstance(t.get("tool_calls"), list):
+            t["tool_calls"] = [_arguments_parsed(call) for call in t["tool_calls"]]
+        out.append(t)
+    return out
+
+
+def _arguments_parsed(call):
+    """A tool call with its arguments as an object where they were given as a JSON string of one
+    (OpenAI's shape): templates print arguments with `tojson`, so the string was escaped a second
+    time, text the model never sees served (vLLM parses them before the template)."""
+    if not isinstance(call, dict):
+        return call
+    holder = call.get("function") if isinstance(call.get("function"), dict) else call
+    args = holder.get("arguments")
+    if not isinstance(args, str):
+        return call
+    try:
+        parsed = json.loads(args)
+    except ValueError:
+        return call
+    if not isinstance(parsed, dict):
+        return call
+    if holder is call:
+        return call | {"arguments": parsed}
+    return call | {"function": holder | {"arguments": parsed}}
+
+
+def _instruction_messages(row: dict, shape: tuple[str, str | None, str]) -> list[dict]:
+    """An instruction row (INSTRUCTION_SHAPES) -> [user, assistant] messages."""
+    ask, more, answer = shape
+    extra = row.get(more) if more else None
+    user = f"{row.get(ask)}\n\n{extra}" if isinstance(extra, str) and extra.strip() else row.get(ask)
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": row.get(answer)}]
+
+
+def trained(m: dict) -> bool:
+    """Whether a message is one the student learns to write: an assistant turn not marked
+    `weight: 0` (OpenAI's fine-tuning data and others mark the turns not to train on so)."""
+    return m.get("role") == "assistant" and m.get("weight", 1) != 0
 
 
 def _without_nulls(value):
@@ -142,8 +230,7 @@ def _parts_joined(messages: list[dict]) -> list[dict] | None:
 
     if not any(text_only(m.get("content")) for m in messages):
         return None
-    return [m | {"content": "\n".join(str(p.get("text") or "") for p in m["content"])} if text_only(m.get("content"))
-            else m for m in messages]
+    return [m | {"content": text_of(m["content"])} if text_only(m.get("content")) else m for m in messages]
 
 
 def _flat_text(row: dict) -> str:
@@ -167,31 +254,53 @@ def as_documents(table, kind: str, text_field: str, origin: str = "the table", w
         if text_field != "text":  # the Hugging Face convention is already `text`
             table = table.rename_column(text_field, "text")
         return table.map(lambda b: {"chat": [PLAIN] * len(b["text"])}, batched=True, **work)
-    # One file may mix both shapes: a row's absent fields read as None and are dropped.
-    cols = [c for c in ("messages", "conversations", "tools", "prompt", "completion") if c in table.column_names]
+    shape = instruction_shape(table.column_names) if kind == "instruction" else None
+    wanted = ("messages", "conversations", "conversation", "tools", "prompt", "completion", *SYSTEM_COLUMNS,
+              *(c for c in shape or () if c))
+    cols = [c for c in dict.fromkeys(wanted) if c in table.column_names]
     structs = {c for c in cols if not _has_json(table.features[c])}  # None there may mean "absent"
 
     def one(row: dict, i: int) -> dict:
-        row = {c: _without_nulls(row[c]) if c in structs else row[c] for c in cols if row[c] is not None}
-        turns = row.pop("conversations", None)
-        if turns is not None and "messages" not in row:
-            row["messages"] = _sharegpt_messages(turns, f"{origin} row {i + 1}")
-        if "messages" not in row and isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list):
-            # TRL's conversational prompt/completion: one conversation, the prompt's turns context only
-            row[CONTEXT] = len(row["prompt"])
-            row["messages"] = row.pop("prompt") + row.pop("completion")
-        if isinstance(row.get("messages"), list):
-            row["messages"] = [m | {"role": MESSAGE_ROLES[m["role"]]} if isinstance(m, dict) and m.get("role") in
-                               MESSAGE_ROLES else m for m in row["messages"]]
-        if "messages" in row or not ("prompt" in row and "completion" in row):
-            # messages rule (UltraChat's rows carry a `prompt` beside them, and no completion)
-            row.pop("prompt", None)
-            row.pop("completion", None)
-        ok = "messages" in row or "prompt" in row
-        row[ROW] = f"{origin} row {i + 1}"
-        return {"text": _flat_text(row) if ok else "", "chat": json.dumps(row)}  # "" text: dropped as empty
+        name = f"{origin} row {i + 1}"
+        # One file may mix shapes: a row's absent fields read as None and are dropped.
+        raw = {c: _without_nulls(row[c]) if c in structs else row[c] for c in cols if row[c] is not None}
+        try:
+            chat = _chat_row(raw, shape, name)
+            text = _flat_text(chat) if "messages" in chat or "prompt" in chat else ""  # "": dropped as empty
+        except BadRow as e:  # kept to be counted, or to stop the preparation naming it, where rows are packed
+            chat, text = {BAD: str(e)}, json.dumps(raw, default=str)
+        chat[ROW] = name
+        return {"text": text, "chat": json.dumps(chat)}
 
     return table.select_columns(cols).map(one, remove_columns=cols, with_indices=True, **work)
+
+
+def _chat_row(raw: dict, shape, name: str) -> dict:
+    """A table row's chat columns -> the row `render` reads: {"messages", "tools"?, CONTEXT?} or
+    {"prompt", "completion"} (strings), or {} (nothing to learn from).  shape: the table's
+    INSTRUCTION_SHAPES entry, if it is one."""
+    row = {"tools": raw["tools"]} if "tools" in raw else {}
+    if shape is not None:
+        turns = _instruction_messages(raw, shape)
+    elif "messages" in raw:  # messages rule (UltraChat's rows carry a `prompt` beside them, and no completion)
+        turns = raw["messages"]
+    elif isinstance(raw.get("prompt"), list) and isinstance(raw.get("completion"), list):
+        row[CONTEXT] = len(raw["prompt"])  # TRL's conversational prompt/completion: the prompt is context only
+        turns = raw["prompt"] + raw["completion"]
+    elif "prompt" in raw and "completion" in raw:
+        return {"prompt": raw["prompt"], "completion": raw["completion"]}
+    elif "conversations" in raw or "conversation" in raw:
+        turns = raw.get("conversations", raw.get("conversation"))
+    else:
+        return {}
+    messages = _turns_as_messages(turns, name)
+    system = next((raw[c] for c in SYSTEM_COLUMNS if isinstance(raw.get(c), str) and raw[c].strip()), None)
+    if system is not None and not any(m["role"] == "system" for m in messages):  # a system column: the first turn
+        messages = [{"role": "system", "content": system}] + messages
+        if CONTEXT in row:
+            row[CONTEXT] += 1
+    row["messages"] = messages
+    return row
 
 
 # ----------------------------------------------------------------------------- finding the targets
@@ -200,6 +309,10 @@ def as_documents(table, kind: str, text_field: str, origin: str = "the table", w
 class BadRow(UserError):
     """One chat row cannot be rendered or split: it names the row (`data.bad_rows` says whether
     the preparation stops on it or drops it)."""
+
+
+def _row_problem(name: str, why: str) -> BadRow:
+    return BadRow(f"data: chat {name}: {why}")
 
 
 class _Unsplittable(Exception):
@@ -305,7 +418,7 @@ def _assistant_spans(tok, messages: list[dict], tools, full: str, past: float = 
     """Character spans [start, end) of the full rendering `full` that the assistant wrote.
 
     The diff of whole renderings described in the module docstring; one span per assistant
-    turn from message `context` on (the ones before are context only), up to the first that
+    turn that `trained` from message `context` on (the ones before are context only), up to the first that
     starts after character `past` (where a block cuts the row: the turns after it could not
     reach a target, and each costs whole renderings, so a conversation of n turns took O(n^2)
     of them however little of it a block kept)."""
@@ -314,7 +427,7 @@ def _assistant_spans(tok, messages: list[dict], tools, full: str, past: float = 
         sentinel += "x"
     spans, cursor = [], 0
     for i, m in enumerate(messages):
-        if m.get("role") != "assistant" or i < context:
+        if not trained(m) or i < context:
             continue
         swapped = {k: v for k, v in m.items() if k not in PAYLOAD} | {"content": sentinel}
         other = _apply(tok, messages[:i] + [swapped] + messages[i + 1:], tools)
@@ -406,7 +519,7 @@ def empty_answers(chat: str) -> int:
     row = json.loads(chat)
     if "prompt" in row:
         return int(not _written(row.get("completion")))
-    return sum(1 for m in row.get("messages", [])[row.get(CONTEXT, 0):] if m.get("role") == "assistant"
+    return sum(1 for m in row.get("messages", [])[row.get(CONTEXT, 0):] if trained(m)
                and not any(_written(m.get(k)) for k in PAYLOAD))
 
 
@@ -416,6 +529,8 @@ def render(tok, chat: str, block: int | None = None) -> tuple[list[int], list[bo
     may be left unmarked (False), since finding them is what costs."""
     row = json.loads(chat)
     name = _row_name(row)
+    if BAD in row:
+        raise BadRow(row[BAD])
     if "prompt" in row:  # the completion, then EOS: the student learns where a completion ends
         if not (isinstance(row["prompt"], str) and isinstance(row["completion"], str)):
             raise BadRow(f"data: chat {name}: its prompt is a {type(row['prompt']).__name__} and its completion a "
@@ -436,21 +551,46 @@ def render(tok, chat: str, block: int | None = None) -> tuple[list[int], list[bo
         return _render_messages(tok, messages, tools, name, block, row.get(CONTEXT, 0))
 
 
+def _as_the_template_reads(tok, messages: list[dict], tools) -> tuple[list[dict], str | None]:
+    """(the messages, contents of text parts joined where the template cannot read such a list;
+    their rendering when the check made it, else None)."""
+    joined = _parts_joined(messages)
+    if joined is None:
+        return messages, None
+    try:  # content as a list of text parts: as given if the template reads such lists
+        full = _apply(tok, messages, tools)
+    except _Unsplittable:
+        return joined, None  # it could not read one (Qwen's: "can only concatenate str")
+    if any(str(m["content"]) in full for m in messages if isinstance(m.get("content"), list)):
+        return joined, None  # it wrote the list as Python text ("[{'type': 'text', ...}]")
+    return messages, full
+
+
+def generation_prompt(tok, messages: list[dict], tools) -> str:
+    """The conversation `messages` rendered to where the assistant's next turn starts
+    (add_generation_prompt), as `render` would render its turns."""
+    try:
+        messages, _ = _as_the_template_reads(tok, messages, tools)
+    except _Unsplittable:
+        pass
+    return tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+
+
+def text_of(content) -> str:
+    """A message's content as text: a list of text parts joined as `_parts_joined` joins them."""
+    if isinstance(content, list):
+        return "\n".join(str(p.get("text") or "") for p in content if isinstance(p, dict))
+    return str(content or "")
+
+
 def _render_messages(tok, messages: list[dict], tools, name: str, block: int | None,
                      context: int = 0) -> tuple[list[int], list[bool]]:
     """`render` of a `messages` row (name: where it came from, for the error; context: how many
     of the first messages are context only)."""
     try:
-        full = None  # the rendering, when the parts check below made the one to keep
-        joined = _parts_joined(messages)
-        if joined is not None:  # content as a list of text parts: as given if the template reads such lists
-            try:
-                full = _apply(tok, messages, tools)
-                if any(str(m["content"]) in full for m in messages if isinstance(m.get("content"), list)):
-                    messages, full = joined, None  # it wrote the list as Python text ("[{'type': 'text', ...}]")
-            except _Unsplittable:
-                messages = joined  # it could not read one (Qwen's: "can only concatenate str")
-        marks_all = not any(m.get("role") == "assistant" for m in messages[:context])
+        messages, full = _as_the_template_reads(tok, messages, tools)
+        marks_all = all(trained(m) for i, m in enumerate(messages) if m.get("role") == "assistant" and i >= context) \
+            and not any(m.get("role") == "assistant" for m in messages[:context])
         if marks_all and GENERATION.search(tok.get_chat_template(None, tools)):  # it marks the assistant's text itself
             out = _apply(tok, messages, tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
             return list(out["input_ids"]), [bool(t) for t in out["assistant_masks"]]

@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import logging
+import re
 import shutil
 import sys
 import sysconfig
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Callable
 from common.errors import UserError
 from common.fsutil import describe_os_error, human_bytes, waiting_lock, write_error_in
 from distill.blocks import Blocks, open_blocks, unusable
-from distill.chat import CHAT_FORMAT, PLAIN, PackCounts, as_documents, cut_share, table_kind
+from distill.chat import CHAT_FORMAT, PLAIN, PackCounts, as_documents, cut_share, instruction_shape, table_kind
 from distill.config import DataConfig
 from distill.layout import RunLayout, has_tokenizer
 from distill.packing import auto_num_proc, build_blocks, children_die_with_this_process, signals_end_pools
@@ -46,9 +47,10 @@ ARROW_SUFFIXES = {".arrow"}
 COMPRESSED_SUFFIXES = {".gz", ".bz2", ".zst", ".xz"}
 ACCEPTED = (".txt/.py/.md/.rst/.text files (one document each), .jsonl/.json (also .gz/.bz2/.zst/.xz), .parquet "
             "or .arrow tables, or a datasets.save_to_disk dir")
-TABLE_SHAPES = ("a 'text' column (data.text_field), or chat columns 'messages', 'prompt' + 'completion' (strings, "
-                "or both lists of turns) or "
-                "'conversations' (ShareGPT)")
+CHAT_SHAPES = ("chat columns 'messages', 'prompt' + 'completion' (strings, or both lists of turns) or "
+               "'conversations' (ShareGPT), or instruction columns ('instruction' + 'output', Alpaca; 'instruction' + "
+               "'response', Dolly; 'question' + 'response', OpenOrca)")
+TABLE_SHAPES = f"a 'text' column (data.text_field), or {CHAT_SHAPES}"
 SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
 
 
@@ -141,12 +143,29 @@ def _walk(root: Path) -> list[Path]:
     return sorted(saved) + [f for f in files if file_format(f) and not any(f.is_relative_to(d) for d in saved)]
 
 
-def discover(cfg: DataConfig) -> dict[Path, bool]:
+# What a dataset repository (as the Hugging Face hub lays one out) keeps apart from its training
+# data: its card (README.md opening with YAML front matter) and its test / validation splits'
+# tables (test-00000-of-00001.parquet, validation.jsonl, dev.json, ...).  A folder walk or a
+# glob leaves them out, said; named in data.paths they are read.
+HELD_APART_TABLE = re.compile(r"(test|testing|eval|evaluation|validation|valid|val|dev)([-_.]|\d)", re.IGNORECASE)
+
+
+def held_apart(f: Path) -> bool:
+    """A dataset repository's card, or a table of its test / validation split (HELD_APART_TABLE)."""
+    if f.name.lower() == "readme.md":
+        with contextlib.suppress(OSError), open(f, "rb") as fh:
+            return fh.read(4).lstrip(b"\xef\xbb\xbf").startswith(b"---")
+        return False
+    return file_format(f) in ("json", "parquet", "arrow") and HELD_APART_TABLE.match(f.name) is not None
+
+
+def discover(cfg: DataConfig, held: list[Path] | None = None) -> dict[Path, bool]:
     """Every input file (or saved-dataset dir) -> whether the user named it explicitly.
 
     A file found by walking a folder or matching a glob is `False`: unreadable or
     text-less tables among those are skipped with a count, not fatal (a source tree
-    has JSON configs next to its code); a file named in `data.paths` must read."""
+    has JSON configs next to its code); a file named in `data.paths` must read.  Such a file
+    that a dataset repository keeps apart (`held_apart`) is left out, and added to `held`."""
     found: dict[Path, bool] = {}
     stdlib = stdlib_dir()
     if cfg.stdlib:  # the stdlib's Python sources only (no bundled .txt data, tests or site-packages)
@@ -172,6 +191,11 @@ def discover(cfg: DataConfig) -> dict[Path, bool]:
             found[root] = True  # a datasets.save_to_disk dir, read whole
         else:
             found.update({f: False for f in _walk(root) if not excluded(f, root, cfg.exclude) and f not in found})
+    apart = [f for f, named in found.items() if not named and held_apart(f)]
+    for f in apart:
+        del found[f]
+    if held is not None:
+        held += sorted(apart)
     if not found:
         raise UserError(f"data: no readable files under {', '.join(map(str, cfg.paths or [stdlib]))} "
                         f"(looked for {ACCEPTED}; data.exclude: {cfg.exclude or 'none'})")
@@ -329,6 +353,11 @@ def _is_str(feature) -> bool:
     return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
+def _all_null(feature) -> bool:
+    """A column with no value in any row (Alpaca's `input` in a file where none has one)."""
+    return getattr(feature, "dtype", None) == "null"
+
+
 def _first_row(ds: datasets.Dataset, column: str, bad) -> tuple[int, object] | None:
     """(row number from 1, value) of the first row whose `column` value is `bad(value)`, or None.
     It reads the column: for error paths only."""
@@ -351,10 +380,13 @@ def _column_problem(ds: datasets.Dataset, kind: str, text_field: str) -> str | N
         if turns("prompt", "role") and turns("completion", "role"):
             return None
         names = ["prompt", "completion"]
+    elif kind == "instruction":
+        names = [c for c in instruction_shape(ds.column_names) if c]
     else:
-        column, key, shape = ("messages", "role", "{role, content}") if kind == "messages" else \
-            ("conversations", "from", "ShareGPT {from, value}")
-        if turns(column, key):
+        column, keys, shape = ("messages", ("role",), "{role, content}") if kind == "messages" else \
+            ("conversations" if "conversations" in feats else "conversation", ("from", "role"),
+             "ShareGPT {from, value} (or {role, content})")
+        if any(turns(column, key) for key in keys):
             return None
         # Not lists of turns: name the first row that is not one.
         bad = _first_row(ds, column, lambda v: not (isinstance(v, list) and all(isinstance(t, dict) for t in v)))
@@ -362,7 +394,7 @@ def _column_problem(ds: datasets.Dataset, kind: str, text_field: str) -> str | N
             return f"row {bad[0]}'s {column!r} is a {type(bad[1]).__name__}, not a list of {shape} turns"
         return f"column {column!r} holds {feats[column]}, not lists of {shape} turns"
     for name in names:
-        if not _is_str(feats[name]):
+        if not _is_str(feats[name]) and not _all_null(feats[name]):
             # Name the first row whose value is neither a string nor empty: datasets reads a column of
             # mixed strings and numbers as `Json`, which says nothing of where.
             bad = _first_row(ds, name, lambda v: v is not None and not isinstance(v, str))
@@ -440,23 +472,30 @@ def load_documents(cfg: DataConfig, log=None, cache_dir: Path | None = None) -> 
     features = doc_features()
     parts: list[datasets.Dataset] = []
     plain: dict[Path, bool] = {}  # a plain-text file: named in data.paths itself
-    skipped: list[str] = []
-    for f, named in discover(cfg).items():
+    skipped: list[str] = []  # why each table met by a walk or a glob was not read
+    held: list[Path] = []
+    for f, named in discover(cfg, held).items():
         if f.is_file() and file_format(f) == "text":
             plain[f] = named
             continue
-        part = _table_documents(f, named, cfg, log, cache_dir / "tables", into_work)
-        if part is None:  # e.g. a package's JSON config met while walking its source tree
-            skipped.append(str(f))
+        try:
+            part = _table_documents(f, named, cfg, log, cache_dir / "tables", into_work)
+        except UserError as e:
+            if named or isinstance(e, NotUtf8):  # text in another encoding: never skipped unsaid
+                raise
+            skipped.append(str(e))  # e.g. a package's JSON config met while walking its source tree
             continue
         # one schema for every part: a `large_string` column (polars' parquet, some arrow files) would not concatenate
         parts.append(part if part.features == features else part.cast(features))
+    if held:
+        log(f"[data] left out {len(held)} file(s) a dataset repository keeps apart from its training data (its card, "
+            f"README.md, and tables of its test / validation splits), e.g. {held[0]}; name a file in data.paths to "
+            f"read it")
     if skipped:
         log(f"[data] skipped {len(skipped)} table file(s) with no {cfg.text_field!r} or chat column, or "
             f"unreadable, e.g. {skipped[0]}; add them to data.exclude to silence this")
     if not parts and not plain:
-        raise UserError(f"data: none of the {len(skipped)} files found has a {cfg.text_field!r} column, "
-                        f"e.g. {skipped[0]}; set data.text_field or point data.paths elsewhere")
+        raise UserError(f"data: none of the {len(skipped)} table files found can be read, e.g. {skipped[0]}")
     procs = auto_num_proc(cfg.num_proc)
     tables = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0] if parts else None
     if tables is not None:  # a table's empty row is worth a line (an empty file in a source tree is not)
@@ -481,24 +520,28 @@ def load_documents(cfg: DataConfig, log=None, cache_dir: Path | None = None) -> 
     return docs
 
 
-def _table_documents(f: Path, named: bool, cfg: DataConfig, log, tables: Path, into_work) -> datasets.Dataset | None:
-    """One table file's documents (`as_documents`), or None for a file met by a folder walk or a
-    glob that holds none (one named in data.paths itself must: its problem is raised).
-    tables: where a table converted to Arrow goes; into_work: a transform's output keywords."""
-    try:
-        ds = _read_table(f, tables)
-        kind = table_kind(ds.column_names, cfg.text_field)
-        if kind is None:
-            raise UserError(f"{f}: no column {cfg.text_field!r}, nor chat columns 'messages', 'prompt' + "
-                            f"'completion' or 'conversations' (columns: {', '.join(ds.column_names)}); set "
-                            f"data.text_field, or leave the file out with data.exclude")
-        problem = _column_problem(ds, kind, cfg.text_field)
-        if problem is not None:
-            raise UserError(f"{f}: {problem}; a table needs {TABLE_SHAPES}")
-    except UserError:
-        if named:
-            raise
-        return None
+def _table_documents(f: Path, named: bool, cfg: DataConfig, log, tables: Path, into_work) -> datasets.Dataset:
+    """One table file's documents (`as_documents`); a UserError names what it lacks.
+    named: in data.paths itself.  tables: where a table converted to Arrow goes; into_work: a
+    transform's output keywords."""
+    ds = _read_table(f, tables)
+    kind = table_kind(ds.column_names, cfg.text_field)
+    if kind is None:
+        preference = "chosen" in ds.column_names and "rejected" in ds.column_names
+        raise UserError(f"{f}: no column {cfg.text_field!r}, nor {CHAT_SHAPES} (columns: "
+                        f"{', '.join(ds.column_names)}); " + (
+                            "preference data trains no distillation: to learn its preferred answers, save its "
+                            "'chosen' column as 'completion' (strings) or 'messages' (turns)" if preference else
+                            "set data.text_field to the column that holds the text, or leave the file out with "
+                            "data.exclude"))
+    problem = _column_problem(ds, kind, cfg.text_field)
+    if problem is not None:
+        raise UserError(f"{f}: {problem}; a table needs {TABLE_SHAPES}")
+    label = ds.features.get("label")
+    if kind == "prompt" and getattr(label, "dtype", None) == "bool":
+        raise UserError(f"{f}: a true/false 'label' column beside prompt and completion (TRL's unpaired preference "
+                        f"data: false marks a rejected completion, which distillation would learn as a good one); "
+                        f"keep the rows labelled true and drop the column")
     _note_unread_columns(f, ds.column_names, kind, cfg.text_field, log)
     try:
         return as_documents(ds, kind, cfg.text_field, origin=str(f), work=into_work("documents"))
@@ -508,16 +551,11 @@ def _table_documents(f: Path, named: bool, cfg: DataConfig, log, tables: Path, i
 
 def _note_unread_columns(f: Path, columns: list[str], kind: str, text_field: str, log) -> None:
     """A line for columns a user may expect read that are not: chat columns beside the text
-    column that is read, or a system prompt column beside chat turns."""
+    column that is read."""
     if kind == "text" and table_kind([c for c in columns if c != text_field], text_field) is not None:
         log(f"[data] {f}: has a {text_field!r} column and chat columns; reading {text_field!r} as plain "
             f"text (every token a target, rows without it skipped); to train on the chat rows with the loss on "
             f"the assistant's tokens, save the table without {text_field!r}")
-    unread = [c for c in ("system", "system_prompt") if c in columns]
-    if kind in ("messages", "conversations") and unread:  # a prompt the rows may need
-        log(f"[data] {f}: its {unread[0]!r} column is not read (the template gets each row's {kind} only, "
-            f"with its own default system prompt, if any); to train with it, put it in the rows as a first "
-            f"turn from the system")
 
 
 def _drop_empty(ds: datasets.Dataset, procs: int, shard_documents: int, work: dict) -> datasets.Dataset:
@@ -529,10 +567,14 @@ def _drop_empty(ds: datasets.Dataset, procs: int, shard_documents: int, work: di
         return ds.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True, num_proc=workers, **work)
 
 
+class NotUtf8(UserError):
+    """A file that is not UTF-8."""
+
+
 def _not_utf8(f: Path, where: str, named: bool) -> UserError:
     """The line for a file that is not UTF-8 (where: the first bad byte)."""
     drop = "remove it from data.paths" if named else "leave it out with data.exclude"
-    return UserError(f"{f}: not UTF-8 ({where}); convert it (e.g. `iconv -t utf-8`) or {drop}")
+    return NotUtf8(f"{f}: not UTF-8 ({where}); convert it (e.g. `iconv -t utf-8`) or {drop}")
 
 
 # ----------------------------------------------------------------------------- tokenizer

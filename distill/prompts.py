@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.chat import CONTEXT, PLAIN
+from distill.chat import CONTEXT, PLAIN, generation_prompt, text_of, trained
 from distill.config import RunConfig
 from distill.data import doc_in_val, documents_under
 from teachers import untrained
@@ -33,14 +33,13 @@ def prompt_of(tok, chat: str) -> Prompt | None:
     if "prompt" in row:
         return Prompt(tok(row["prompt"], add_special_tokens=False)["input_ids"], row.get("completion", ""))
     messages, context = row.get("messages") or [], row.get(CONTEXT, 0)
-    answers = [i for i, m in enumerate(messages) if m.get("role") == "assistant" and i >= context]
+    answers = [i for i, m in enumerate(messages) if trained(m) and i >= context]
     # the final answer; a prompt/completion conversation's first one, answering its prompt
     last = (answers[0] if context else answers[-1]) if answers else 0
-    if last == 0:  # no assistant turn, or nothing before it to answer
+    if last == 0:  # no assistant turn to learn from, or nothing before it to answer (or a bad row)
         return None
-    text = tok.apply_chat_template(messages[:last], tools=row.get("tools"), add_generation_prompt=True,
-                                   tokenize=False)
-    return Prompt(tok(text, add_special_tokens=False)["input_ids"], str(messages[last].get("content") or ""))
+    text = generation_prompt(tok, messages[:last], row.get("tools"))
+    return Prompt(tok(text, add_special_tokens=False)["input_ids"], text_of(messages[last].get("content")))
 
 
 def split_prompts(cfg: RunConfig, tok, held_out: bool, limit: int | None = None) -> tuple[list[Prompt], int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import json
+import re
 import lzma
 import shutil
 from pathlib import Path
@@ -15,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from transformers import AutoTokenizer
 
 from common.errors import UserError
-from distill.chat import ROW
-from distill.chat import PLAIN
+from distill.chat import PLAIN, ROW, BadRow, render
 from distill.config import DataConfig, load_config
 from distill.data import corpus_files, fingerprint, load_documents, prepare_data
 
@@ -188,9 +189,13 @@ def test_sharegpt_conversations_read_as_the_same_messages(tmp_path):
 
     for a, b in zip(blocks("messages", rows), blocks("sharegpt", shared)):
         assert torch.equal(a, b) and (a < 0).any()  # the same ids, the same targets (user turns masked)
-    shared[5]["conversations"][1]["from"] = "narrator"
-    with pytest.raises(UserError, match=r"odd.jsonl row 6: a ShareGPT turn from 'narrator'; known speakers are"):
-        load_documents(DataConfig(paths=[_bytes(tmp_path / "odd.jsonl", _jsonl(shared))]))
+    shared[5]["conversations"][1]["from"] = "narrator"  # one bad row: counted or named where rows are packed
+    shared[6]["conversations"][1]["from"] = "GPT"  # another case of a known speaker
+    docs = load_documents(DataConfig(paths=[_bytes(tmp_path / "odd.jsonl", _jsonl(shared))]))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    with pytest.raises(BadRow, match=r"odd.jsonl row 6: a ShareGPT turn from 'narrator'; known speakers are"):
+        render(tok, docs["chat"][5])
+    assert [m["role"] for m in json.loads(docs["chat"][6])["messages"]][1] == "assistant"
 
 
 def test_saved_datasetdict_split_rules(tmp_path):
@@ -358,23 +363,35 @@ def test_a_table_with_text_and_chat_columns_says_which_it_reads(tmp_path):
     assert any("has a 'text' column and chat columns; reading 'text' as plain text" in line for line in said), said
 
 
-def test_a_system_column_beside_the_turns_is_said_to_be_unread(hf_family, tmp_path):
-    """Some ShareGPT sets carry the system prompt in a column beside `conversations`; the template
-    gets the turns only, so `distill prepare` says the column is not read (it was silent)."""
+def test_a_system_column_gives_a_row_without_a_system_turn_its_first(hf_family, tmp_path):
+    """Some ShareGPT sets (and OpenOrca's instruction rows) carry the system prompt in a column
+    beside the turns.  It was not read (a line said so); it is now each row's first turn, unless
+    the row has a system turn of its own, and the system prompt is no target."""
     import yaml
 
     from tests.conftest import run_cli
 
     rows = [{"conversations": [{"from": "human", "value": f"question {i}?"}, {"from": "gpt", "value": f"answer {i}."}],
              "system": "You are terse."} for i in range(40)]
+    rows[3]["conversations"].insert(0, {"from": "system", "value": "Its own."})
+    rows[4]["system"] = ""  # none for this row
     path = _bytes(tmp_path / "sg.jsonl", _jsonl(rows))
+    docs = load_documents(DataConfig(paths=[path]))
+    got = [json.loads(c)["messages"] for c in docs["chat"]]
+    assert got[0][0] == {"role": "system", "content": "You are terse."} and len(got[0]) == 3
+    assert [m["content"] for m in got[3] if m["role"] == "system"] == ["Its own."]
+    assert got[4][0]["role"] == "user"
+    tok = hf_family["tokenizer"]
+    ids, targets = render(tok, docs["chat"][0])
+    assert tok.decode(ids).startswith("<|im_start|>system\nYou are terse.<|im_end|>")
+    assert tok.decode([i for i, t in zip(ids, targets) if t]) == "answer 0.<|im_end|>"
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({
-        "out_dir": str(tmp_path / "out"), "data": {"paths": [str(path)], "seq_len": 32, "val_fraction": 0.2},
+        "out_dir": str(tmp_path / "out"), "data": {"paths": [str(path)], "seq_len": 64, "val_fraction": 0.2},
         "teacher": {"source": "checkpoint", "path": str(hf_family["teacher"])},
         "students": [{"name": "s", "model": {"preset": "dense"}}]}))
     r = run_cli("prepare", "-c", str(tmp_path / "p.yaml"), "--quiet")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"[data] {path}: its 'system' column is not read" in r.stderr, r.stderr
+    assert "column is not read" not in r.stderr, r.stderr
 
 
 def test_one_file_under_two_spellings_is_read_once(tmp_path):
@@ -466,3 +483,133 @@ def test_a_file_in_no_known_shape_is_one_line_through_the_cli(cli, tmp_path, nam
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert message in lines[0]
     assert not (tmp_path / "out" / "teacher").exists()
+
+
+def _targets(tok, chat: str) -> str:
+    ids, targets = render(tok, chat)
+    return tok.decode([i for i, t in zip(ids, targets) if t])
+
+
+@pytest.mark.parametrize("rows, user, answer", [
+    ([{"instruction": "Add 2 and 3.", "input": "", "output": "5"},  # Alpaca, with and without an input
+      {"instruction": "Add these.", "input": "4 and 4", "output": "8"}], ["Add 2 and 3.", "Add these.\n\n4 and 4"], ["5", "8"]),
+    ([{"instruction": "Sum it.", "context": "1 and 1", "response": "2", "category": "qa"}],  # Dolly
+     ["Sum it.\n\n1 and 1"], ["2"]),
+    ([{"id": "x", "system_prompt": "Be terse.", "question": "2 plus 2?", "response": "4"}],  # OpenOrca
+     ["2 plus 2?"], ["4"]),
+    ([{"conversation": [{"role": "user", "content": "hi?"}, {"role": "assistant", "content": "hello"}]}],  # LMSYS
+     ["hi?"], ["hello"]),
+    ([{"conversations": [{"role": "User", "content": "hey?"}, {"role": "Assistant", "content": "yo"}]}],  # role/content
+     ["hey?"], ["yo"]),
+])
+def test_instruction_and_other_chat_tables_are_read_as_messages(rows, user, answer, hf_family, tmp_path):
+    """Alpaca, Dolly and OpenOrca tables were refused ("no column 'text' ... set data.text_field",
+    advice that trained the answers alone as plain text); so were LMSYS's `conversation` and
+    `conversations` of {role, content} turns, and a turn from "Assistant" had no target.  Each is
+    read as messages: a user turn (the instruction, then its input after a blank line), the
+    assistant's answer the only target, a system column the first turn."""
+    docs = load_documents(DataConfig(paths=[_bytes(tmp_path / "t.jsonl", _jsonl(rows))]))
+    tok = hf_family["tokenizer"]
+    for chat, want_user, want_answer in zip(docs["chat"], user, answer):
+        messages = json.loads(chat)["messages"]
+        assert [m["content"] for m in messages if m["role"] == "user"] == [want_user]
+        assert _targets(tok, chat) == f"{want_answer}<|im_end|>"
+        if "system_prompt" in rows[0]:
+            assert messages[0] == {"role": "system", "content": "Be terse."}
+
+
+def test_turn_weights_tool_arguments_and_rows_a_text_model_cannot_take(hf_family, tmp_path):
+    """OpenAI's fine-tuning rows mark an assistant turn not to learn with `"weight": 0`: it was a
+    target.  Its tool calls give arguments as a JSON string, which templates escaped a second
+    time.  A turn that is no object crashed with a traceback; a content that is an object, a list
+    of strings or holds an image part was trained as Python text, as was a turn with no role.
+    Such a row is a BadRow now, named, and data.bad_rows: skip drops it, counted."""
+    from distill.chat import empty_answers
+
+    from tests.hf_models import TOOLS, with_template
+
+    weighted = {"messages": [{"role": "user", "content": "capital of France?"},
+                             {"role": "assistant", "content": "Lyon", "weight": 0},
+                             {"role": "user", "content": "no, try again"},
+                             {"role": "assistant", "content": "Paris", "weight": 1}]}
+    call = {"messages": [{"role": "user", "content": "weather?"},
+                         {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+                             "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                         {"role": "assistant", "content": "sunny"}]}
+    bad = [{"messages": ["hello", {"role": "assistant", "content": "x"}]},
+           {"messages": [{"role": "user", "content": {"answer": "a dict"}}, {"role": "assistant", "content": "x"}]},
+           {"messages": [{"role": "user", "content": ["a", "b"]}, {"role": "assistant", "content": "x"}]},
+           {"messages": [{"role": "user", "content": [{"type": "image", "url": "x.png"}, {"type": "text", "text": "what?"}]},
+                         {"role": "assistant", "content": "a cat"}]},
+           {"messages": [{"content": "who am I"}, {"role": "assistant", "content": "x"}]}]
+    why = ["turn 1 is a str, not an object", "turn 1's content is a dict", "turn 1's content is a list",
+           "turn 1 holds a 'image' part, which a text model cannot see", "turn 1 has no role"]
+    path = _bytes(tmp_path / "rows.jsonl", _jsonl([weighted, call] + bad))
+    docs = load_documents(DataConfig(paths=[path]))
+    tok = hf_family["tokenizer"]
+    assert _targets(tok, docs["chat"][0]) == "Paris<|im_end|>"
+    assert empty_answers(json.dumps({"messages": [{"role": "assistant", "content": "", "weight": 0}]})) == 0
+    args = json.loads(docs["chat"][1])["messages"][1]["tool_calls"][0]["function"]["arguments"]
+    assert args == {"city": "Paris"}
+    tools = with_template(hf_family["work"] / "tokenizer", TOOLS, tmp_path / "tools")
+    assert '"arguments": {"city": "Paris"}' in _targets(tools, docs["chat"][1])
+    for chat, because in zip(docs["chat"][2:], why):
+        with pytest.raises(BadRow, match=rf"^data: chat {path} row \d: {re.escape(because)}"):
+            render(tok, chat)
+    more = _bytes(tmp_path / "more.jsonl", _jsonl(message_rows(20)))
+    cfg = DataConfig(paths=[path, more], seq_len=64, val_fraction=0.3, bad_rows="skip",
+                     tokenizer={"path": hf_family["teacher"]})
+    manifest = prepare_data(cfg, tmp_path / "run").manifest
+    # the bad rows, and the tool call the run's template (ChatML, no tool calls) cannot show
+    assert sum(split["chat_rows_packing"]["bad_rows"] for split in manifest["splits"].values()) == len(bad) + 1
+
+
+def test_a_dataset_repositorys_card_and_test_split_are_left_out_of_a_walk(tmp_path):
+    """A dataset as the hub lays it out (README.md with YAML front matter, data/train-*.parquet,
+    data/test-*.parquet), given as a folder, trained on its card as plain text and on its test
+    split, unsaid.  Both are left out of a walk or a glob, said; named, they are read."""
+    repo = tmp_path / "hubdir"
+    _bytes(repo / "README.md", b"---\nlicense: mit\n---\n# My dataset card\nThis dataset is great.\n")
+    datasets.Dataset.from_list(text_rows("train ", n=30)).to_parquet(str(_bytes(repo / "data" / "train-00000-of-00001.parquet", b"")))
+    datasets.Dataset.from_list(text_rows("test ", n=10)).to_parquet(str(repo / "data" / "test-00000-of-00001.parquet"))
+    _bytes(repo / "notes" / "README.md", b"# Plain notes, no front matter: a document like any other\n")
+    for paths in ([repo], [tmp_path / "hubdir" / "**" / "*"]):
+        said: list[str] = []
+        docs = load_documents(DataConfig(paths=paths), log=said.append)
+        assert sorted(t.split(" ")[0] for t in docs["text"]) == ["#"] + ["train"] * 30, paths
+        assert any(line.startswith("[data] left out 2 file(s) a dataset repository keeps apart") for line in said), said
+    named = load_documents(DataConfig(paths=[repo / "data" / "test-00000-of-00001.parquet"]))
+    assert len(named) == 10
+
+
+def test_prompts_for_eval_and_on_policy_join_text_parts_as_training_does(hf_family, tmp_path):
+    """Packing joined OpenAI's content parts where the template cannot read them, but the prompts
+    `distill eval` and on-policy sampling answer were rendered from the raw turns: the prompt held
+    "[{'type': 'text', ...}]" and the reference answer too, so exact match could never hold."""
+    from distill.prompts import prompt_of
+
+    row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Part 8"}, {"type": "text", "text": "more"}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": "Answer 8"}]}]}
+    chat = load_documents(DataConfig(paths=[_bytes(tmp_path / "p.jsonl", _jsonl([row]))]))["chat"][0]
+    tok = hf_family["tokenizer"]
+    prompt = prompt_of(tok, chat)
+    assert tok.decode(prompt.ids) == "<|im_start|>user\nPart 8\nmore<|im_end|>\n<|im_start|>assistant\n"
+    assert prompt.reference == "Answer 8"
+
+
+def test_preference_tables_are_refused_with_advice_that_works(tmp_path):
+    """TRL's unpaired preference rows (prompt, completion, label) trained the rejected completions
+    as good ones, unsaid; paired ones (prompt, chosen, rejected) were told to set data.text_field."""
+    kto = [{"prompt": f"q {i}?", "completion": f"a {i}", "label": i % 2 == 0} for i in range(6)]
+    with pytest.raises(UserError, match=r"kto.jsonl: a true/false 'label' column beside prompt and completion .* keep "
+                                        r"the rows labelled true and drop the column$"):
+        load_documents(DataConfig(paths=[_bytes(tmp_path / "kto.jsonl", _jsonl(kto))]))
+    pairs = [{"prompt": f"q {i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(6)]
+    with pytest.raises(UserError, match=r"pairs.jsonl: no column 'text', .* preference data trains no distillation: to "
+                                        r"learn its preferred answers, save its 'chosen' column as 'completion'"):
+        load_documents(DataConfig(paths=[_bytes(tmp_path / "pairs.jsonl", _jsonl(pairs))]))
+    said: list[str] = []  # met by a walk: skipped, the line says why
+    _bytes(tmp_path / "walk" / "rows.jsonl", _jsonl(text_rows(n=4)))
+    _bytes(tmp_path / "walk" / "pairs.jsonl", _jsonl(pairs))
+    load_documents(DataConfig(paths=[tmp_path / "walk"]), log=said.append)
+    assert any("skipped 1 table file(s)" in line and "preference data trains no distillation" in line for line in said)
