@@ -378,26 +378,14 @@ def sample_signal(logits: torch.Tensor, n: int, temperature: float, seed: int, k
         if flat_targets is not None:
             stats.append(h if temperature == 1.0 else token_difficulty(x, flat_targets[i:i + rows, 0]))
         if exact_top:  # the head's exact probabilities, then draw from the rest only
-            top_s, top_ids = _topk_and_max(s, exact_top)[:2]  # (r, h), most likely first
-            z = e.sum(-1, keepdim=True)  # (r, 1), before the head is zeroed
+            top_ids, top_logp = _take_head(s, e, exact_top)
             head_ids.append(top_ids)
-            head_logp.append(top_s - z.log())  # -inf where the row has fewer than h finite logits
-            e.scatter_(1, top_ids, 0.0)
-            no_tail = e.sum(-1, keepdim=True) == 0  # (r, 1) the head holds every finite entry, or the rest underflowed
-            # There, draw the top-1 again (weight m = 2**-100): never an id of probability 0.  Its
-            # column was just zeroed, so writing no_tail (1 or 0) into it touches those rows only,
-            # with no host read (an accelerator would sync once a chunk to ask which rows).
-            e.scatter_(1, top_ids[:, :1], no_tail.to(e.dtype))
+            head_logp.append(top_logp)
         u = counter_uniform(seed, flat_keys[i:i + rows], n)  # (r, n) fp64
         drawn.append(_inverse_cdf(e_blocks.view(x.shape[0], -1, _CDF_BLOCK), u).clamp_(max=vocab - 1))
-    ids, _ = (torch.cat(drawn) if drawn else torch.empty(0, n, dtype=torch.int64, device=flat.device)).sort(dim=-1)
-    new = torch.ones_like(ids, dtype=torch.bool)
-    new[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    run = new.cumsum(-1) - 1  # (N, n): which distinct id each draw is
-    width = int(run.max()) + 1 if run.numel() else 0
-    counts = torch.zeros(ids.shape[0], width, dtype=torch.float64, device=ids.device).scatter_add_(
-        1, run, torch.ones_like(ids, dtype=torch.float64))
-    distinct = torch.zeros(ids.shape[0], width, dtype=torch.int64, device=ids.device).scatter_(1, run, ids)
+    ids = torch.cat(drawn) if drawn else torch.empty(0, n, dtype=torch.int64, device=flat.device)
+    distinct, counts = distinct_counts(ids)
+    width = distinct.shape[1]
     logfreq = (counts / n).log()  # (N, width) fp64; padding: log 0 = -inf
     if exact_top:  # the head first; each draw weighs m * count / n
         head_lp = torch.cat(head_logp) if head_logp else flat.new_empty(0, exact_top, dtype=torch.float32)
@@ -410,6 +398,37 @@ def sample_signal(logits: torch.Tensor, n: int, temperature: float, seed: int, k
         torch.cat(stats) if stats else flat.new_empty(0, len(STATS), dtype=torch.float32)).reshape(*lead, len(STATS))
     return TeacherSignal(distinct.reshape(*lead, width), logfreq.reshape(*lead, width), kind="sampled",
                          entropy=entropy.reshape(lead), temperature=float(temperature), difficulty=difficulty)
+
+
+def _take_head(s: torch.Tensor, e: torch.Tensor, h: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """exact_top: the h most likely ids of each row, taken out of the draws.  s: (r, V) shifted
+    logits at T; e: (r, V) their exps, in which the head's entries are zeroed in place (so the
+    draws come from the rest).  -> (ids (r, h) most likely first, their log-probs (r, h) at T:
+    -inf where the row has fewer than h finite logits)."""
+    top_s, top_ids = _topk_and_max(s, h)[:2]
+    z = e.sum(-1, keepdim=True)  # (r, 1), before the head is zeroed
+    e.scatter_(1, top_ids, 0.0)
+    no_tail = e.sum(-1, keepdim=True) == 0  # (r, 1) the head holds every finite entry, or the rest underflowed
+    # There, draw the top-1 again (weight m = 2**-100): never an id of probability 0.  Its
+    # column was just zeroed, so writing no_tail (1 or 0) into it touches those rows only,
+    # with no host read (an accelerator would sync once a chunk to ask which rows).
+    e.scatter_(1, top_ids[:, :1], no_tail.to(e.dtype))
+    return top_ids, top_s - z.log()
+
+
+def distinct_counts(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, n) drawn ids -> (the distinct ids of each row, ascending (N, w) int64; how often each
+    was drawn (N, w) fp64), w the most distinct ids any row has; a row with fewer is padded with
+    id 0 at count 0.  One sort; `width` is one host read."""
+    ids, _ = ids.sort(dim=-1)
+    new = torch.ones_like(ids, dtype=torch.bool)
+    new[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    run = new.cumsum(-1) - 1  # (N, n): which distinct id each draw is
+    width = int(run.max()) + 1 if run.numel() else 0
+    counts = torch.zeros(ids.shape[0], width, dtype=torch.float64, device=ids.device).scatter_add_(
+        1, run, torch.ones_like(ids, dtype=torch.float64))
+    distinct = torch.zeros(ids.shape[0], width, dtype=torch.int64, device=ids.device).scatter_(1, run, ids)
+    return distinct, counts
 
 
 MIN_TAIL_MASS = 2.0 ** -100  # the tail's mass never reaches 0: its weights stay invertible to counts

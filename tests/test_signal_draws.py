@@ -115,3 +115,14 @@ def test_draws_read_nothing_back_to_the_host_on_an_accelerator(monkeypatch):
         u = torch.rand(4, 8, dtype=torch.float64)
         ids = signal._inverse_cdf(blocks, u)
     assert ids.shape == (4, 8)
+
+
+def test_distinct_counts_of_draws():
+    """The sampled signal's layout from raw draws: distinct ids ascending, their counts, rows
+    with fewer distinct ids padded with id 0 at count 0; no draws, no columns."""
+    from losses.signal import distinct_counts
+
+    distinct, counts = distinct_counts(torch.tensor([[5, 2, 5, 5], [7, 7, 7, 7]]))
+    assert distinct.tolist() == [[2, 5], [7, 0]] and counts.tolist() == [[1.0, 3.0], [4.0, 0.0]]
+    distinct, counts = distinct_counts(torch.empty(0, 4, dtype=torch.int64))
+    assert distinct.shape == (0, 0) and counts.shape == (0, 0)
