@@ -157,22 +157,30 @@ def _working_copy(logits: torch.Tensor, owned: bool) -> torch.Tensor:
 # ---------------------------------------------------------------------------- analytic path
 
 
+def _soft_case(signal, plan) -> str:
+    """Which soft term the analytic passes compute, decided once per chunk:
+    "none" (CE only); a dense teacher (its whole distribution): "dense_kl_normalised" (forward
+    KL at T = 1 from log-normalised logits and their entropy, `TeacherSignal.dense_entropy`: no
+    teacher log-softmax here), "dense_kl" (forward KL otherwise), "dense" (another divergence);
+    "sampled" (draws); a top-k signal by its tail: "renorm" or "bucket"."""
+    if signal is None:
+        return "none"
+    if signal.logits is not None:
+        if plan.name != "forward_kl":
+            return "dense"
+        normalised = signal.dense_entropy is not None and plan.temperature == 1.0
+        return "dense_kl_normalised" if normalised else "dense_kl"
+    if signal.kind == "sampled":
+        return "sampled"
+    return "renorm" if plan.tail == "renorm" else "bucket"
+
+
 def _softmax_suffices(signal, plan) -> bool:
     """Whether `_analytic_backward` needs only softmax(z) and the per-token state, not z itself
     (a dense teacher under another divergence or temperature, and a sampled signal at T != 1,
     take log-softmax(z / T) again)."""
-    if signal is None:
-        return True
-    if signal.logits is not None:
-        return plan.name == "forward_kl" and plan.temperature == 1.0
-    return signal.kind != "sampled" or plan.temperature == 1.0
-
-
-def _normalised_dense_kl(signal, plan) -> bool:
-    """The dense forward KL at T = 1 from log-normalised teacher logits and their entropy
-    (`TeacherSignal.dense_entropy`): no teacher log-softmax in this student's loss."""
-    return (signal is not None and signal.dense_entropy is not None and signal.logits is not None
-            and plan.name == "forward_kl" and plan.temperature == 1.0)
+    case, T = _soft_case(signal, plan), plan.temperature
+    return case in ("none", "dense_kl_normalised", "renorm", "bucket") or T == 1.0 and case in ("dense_kl", "sampled")
 
 
 def _analytic_forward(z, signal, targets, mask, plan, keep_exp: bool = False):
@@ -180,20 +188,21 @@ def _analytic_forward(z, signal, targets, mask, plan, keep_exp: bool = False):
     state holds what `_analytic_backward` needs per token (a few numbers each).  keep_exp: also
     hold z's exp pass, exp(z - max) (C, V), as state["exp"], so that backward takes softmax(z)
     from it instead of recomputing the chunk's logits (only where `_softmax_suffices`)."""
-    T = plan.temperature
+    T, case = plan.temperature, _soft_case(signal, plan)
     valid_y = targets != plan.ignore_index
     z_y = z.gather(1, targets.clamp_min(0)[:, None]).squeeze(1)  # (C,)
     state: dict[str, torch.Tensor] = {}
     soft = torch.zeros_like(z_y)
     keep = None if mask is None else mask.bool()
     dense_cross = None  # dense forward KL: sum p_t (log p_t - z / T), (C,); + lse(z / T) below
-    if _normalised_dense_kl(signal, plan):
+    # Before the exp pass below clobbers z: what each case needs of the logits themselves.
+    if case == "dense_kl_normalised":
         # KL(t || s) = -H(t) - p_t . z + logsumexp(z), from the teacher's log-probs and entropy
         # (given once per step for every student): one exp pass and one row dot.
         p_t = signal.logits.to(z.dtype).exp()  # (C, V)
         dense_cross = row_dot(p_t, z).neg_().sub_(signal.dense_entropy.to(z.dtype))  # (C,)
         del p_t
-    elif signal is not None and signal.logits is not None and plan.name == "forward_kl":
+    elif case == "dense_kl":
         # KL(t || s) = sum p_t (log p_t - z / T) + logsumexp(z / T): no (C, V) log-softmax of
         # the student, and the sum as one row dot (xlogy + a p_t . z dot cost 2-4x as much at
         # V = 49,152).
@@ -206,14 +215,14 @@ def _analytic_forward(z, signal, targets, mask, plan, keep_exp: bool = False):
         if T != 1.0:  # at T = 1 the exp pass below gives lse(z)
             dense_cross += torch.logsumexp(z / T, dim=-1)
         del t, p_t
-    elif signal is not None and signal.logits is not None:  # dense teacher: exact over all V
+    elif case == "dense":  # exact over all V
         s = torch.log_softmax(z / T, dim=-1)
         t = torch.log_softmax(signal.logits.to(z.dtype) / T, dim=-1)
         if keep is not None:
             t = torch.where(keep[:, None], t, s)
         soft = plan.divergence.value(s, t, **plan.params) * T * T
         del s, t
-    elif signal is not None and signal.kind == "sampled":
+    elif case == "sampled":
         lse_t = torch.logsumexp(z / T, dim=-1) if T != 1.0 else None
         freq = signal.topk_logprobs.to(z.dtype).exp()  # (C, u); padding 0
         entropy = signal.entropy.to(z.dtype)
@@ -221,7 +230,7 @@ def _analytic_forward(z, signal, targets, mask, plan, keep_exp: bool = False):
             freq = freq.masked_fill(~keep[:, None], 0.0)
             entropy = entropy.masked_fill(~keep, 0.0)
         z_u = z.gather(1, signal.topk_ids)  # (C, u)
-    elif signal is not None:
+    elif case in ("renorm", "bucket"):
         z_s = z.gather(1, signal.topk_ids)  # (C, k)
     # One exp pass over the chunk, in place: e = exp(z - max).
     row_max = z.amax(dim=-1, keepdim=True)  # (C, 1)
@@ -236,16 +245,16 @@ def _analytic_forward(z, signal, targets, mask, plan, keep_exp: bool = False):
         soft = (dense_cross + lse if T == 1.0 else dense_cross) * T * T
         if keep is not None:
             soft = torch.where(keep, soft, torch.zeros_like(soft))
-    if signal is None or signal.logits is not None:
+    if case in ("none", "dense_kl_normalised", "dense_kl", "dense"):
         return hard, soft, state
-    if signal.kind == "sampled":
+    if case == "sampled":
         lse_t = lse if lse_t is None else lse_t
         cross = -(freq * (z_u / T - lse_t[:, None])).sum(-1)  # unbiased CE at T
         soft = (cross - entropy) * T * T
         state.update(lse_t=lse_t, freq=freq)
         return hard, soft, state
     top = signal.topk_logprobs.to(z.dtype)  # (C, k) teacher log-probs at T = 1
-    if plan.tail == "renorm":
+    if case == "renorm":
         s = torch.log_softmax(z_s / T, dim=-1)
         t = torch.log_softmax(top / T, dim=-1)
         value, grad = _outcome(s, t, keep, plan)
@@ -287,7 +296,7 @@ def _analytic_backward(z, signal, targets, mask, state, g_hard, g_soft, plan):
     """d(g_hard . hard + g_soft . soft) / d logits, (C, V) in z's dtype, from the recomputed
     working logits z (clobbered) and the forward's per-token state; z is None where forward
     kept its exp pass (state["exp"], consumed here: the gradient is written over it)."""
-    T = plan.temperature
+    T, case = plan.temperature, _soft_case(signal, plan)
     dtype = state["lse"].dtype  # z's: fp32, or fp64
     g_hard = g_hard.to(dtype).masked_fill(targets == plan.ignore_index, 0.0)  # (C,)
     g_soft = g_soft.to(dtype)
@@ -295,30 +304,29 @@ def _analytic_backward(z, signal, targets, mask, state, g_hard, g_soft, plan):
         g_soft = g_soft * mask
     dense_soft, dense_scale = None, None  # a (C, V) soft term not proportional to softmax(z), times (C, 1) if set
     coef = g_hard.clone()  # (C,): p's row scale
-    dense_kl_t1 = signal is not None and signal.logits is not None and plan.name == "forward_kl" and T == 1.0
-    if dense_kl_t1:  # d KL(t || s) / dz = softmax(z) - p_t: the row scale, and -p_t added below
+    if case == "dense_kl_normalised" or case == "dense_kl" and T == 1.0:
+        # d KL(t || s) / dz = softmax(z) - p_t: the row scale, and -p_t added below
         coef += g_soft
-        p_t = signal.logits.to(dtype).exp() if _normalised_dense_kl(signal, plan) else \
+        p_t = signal.logits.to(dtype).exp() if case == "dense_kl_normalised" else \
             torch.log_softmax(signal.logits.to(dtype), dim=-1).exp_()  # (C, V)
         dense_soft, dense_scale = p_t, -g_soft[:, None]  # -p_t g_soft, added in one pass below
-    elif signal is not None and signal.logits is not None:
+    elif case in ("dense_kl", "dense"):
         s = torch.log_softmax(z / T, dim=-1)
         t = torch.log_softmax(signal.logits.to(dtype) / T, dim=-1)
         if mask is not None:
             t = torch.where(mask.bool()[:, None], t, s)
         dense_soft = plan.divergence.outcome_grad(s, t, **plan.params).mul_((g_soft * T)[:, None])
         del s, t
-    elif signal is not None and signal.kind == "sampled" and T != 1.0:
+    elif case == "sampled" and T != 1.0:
         # softmax(z / T) * sum(f): the tempered probabilities are not the T = 1 ones.
         scale = g_soft * T * state["freq"].sum(-1)
         dense_soft = (z / T - state["lse_t"][:, None]).exp_().mul_(scale[:, None])
-    if signal is not None and signal.logits is None:
-        if signal.kind == "sampled" and T == 1.0:
-            coef += g_soft * state["freq"].sum(-1)
-        elif plan.tail == "bucket":
-            coef += g_soft * (state["rest_scale"] - state["sigma"])
+    elif case == "sampled":
+        coef += g_soft * state["freq"].sum(-1)
+    elif case == "bucket":
+        coef += g_soft * (state["rest_scale"] - state["sigma"])
     ids = None if signal is None else signal.topk_ids
-    bucket_ids = plan.tail == "bucket" and ids is not None and signal.logits is None
+    bucket_ids = case == "bucket"
     kept = state.pop("exp", None)
     if kept is not None:  # softmax(z) = exp(z - max) / total: no matmul, no exp pass
         g = kept.mul_((coef / state["total"])[:, None])  # (C, V) softmax(z) * coef, in place
@@ -330,14 +338,13 @@ def _analytic_backward(z, signal, targets, mask, state, g_hard, g_soft, plan):
         g.addcmul_(dense_soft, dense_scale)
     elif dense_soft is not None:
         g.add_(dense_soft)
-    if signal is not None and signal.logits is None:
-        if signal.kind == "sampled":
-            g.scatter_add_(1, ids, -(g_soft * T)[:, None] * state["freq"])
-        elif plan.tail == "renorm":
-            g.scatter_add_(1, ids, g_soft[:, None] * state["c_ids"])
-        else:  # bucket: overwrite the ids' entries (their dense value is not theirs)
-            exact = g_hard[:, None] * p_ids + g_soft[:, None] * (state["c_ids"] - p_ids * state["sigma"][:, None])
-            g.scatter_(1, ids, exact)
+    if case == "sampled":
+        g.scatter_add_(1, ids, -(g_soft * T)[:, None] * state["freq"])
+    elif case == "renorm":
+        g.scatter_add_(1, ids, g_soft[:, None] * state["c_ids"])
+    elif case == "bucket":  # overwrite the ids' entries (their dense value is not theirs)
+        exact = g_hard[:, None] * p_ids + g_soft[:, None] * (state["c_ids"] - p_ids * state["sigma"][:, None])
+        g.scatter_(1, ids, exact)
     g.scatter_add_(1, targets.clamp_min(0)[:, None], -g_hard[:, None])
     return g
 
