@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -304,6 +305,8 @@ def test_eval_reports_and_inspect_shows_what_each_student_saw(selection_run):
     r = run_cli("eval", "-c", str(path))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "What data each student saw" in r.stdout and "- **hard**: keep the hardest 25% by nll" in r.stdout
+    # each model's scoring shows progress (a long held-out split took minutes with nothing said)
+    assert re.search(r"^eval: student hard (\d+)/\1 \(100%\)", r.stdout, re.M), r.stdout[:2000]
     report = json.loads((tmp / "run" / "report.json").read_text())
     assert report["students"]["hard"]["data_kept"] == pytest.approx(0.25, abs=0.02)
     assert report["students"]["all"]["data"]["difficulty"]["nll"]["counts"]

@@ -19,6 +19,7 @@ import torch
 
 from common.errors import UserError
 from common.fsutil import atomic_write_json, atomic_write_text
+from common.progress import progress_bar
 from distill.blocks import first_blocks
 from distill.config import CacheConfig, RunConfig
 from distill.data import vocab_size_of
@@ -35,10 +36,12 @@ from teachers import CachedTeacher, LiveTeacher, Teacher
 from teachers.cache.format import Sampling
 
 
-def _model_stats(model, blocks, teacher: Teacher, device) -> dict:
-    """Held-out metrics on `blocks` (expert load included), then sizes and prefill speed."""
+def _model_stats(model, blocks, teacher: Teacher, device, label: str, progress: bool) -> dict:
+    """Held-out metrics on `blocks` (expert load included), then sizes and prefill speed; a bar
+    labelled `label` counts the blocks scored."""
     total, active = param_counts(model.config)
-    stats = evaluate_model(model, blocks, teacher, device=device)
+    with progress_bar(len(blocks), f"eval: {label}", progress) as bar:
+        stats = evaluate_model(model, blocks, teacher, device=device, bar=bar)
     stats.update(params_total=total, params_active=active,
                  inference_tokens_per_s=round(inference_tokens_per_s(model, model.config.vocab_size, device), 1))
     return stats
@@ -124,7 +127,7 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
 
     summary = json.loads(layout.train_summary.read_text()) if layout.train_summary.exists() else {}
     for sc in cfg.students:
-        report["students"][sc.name] = _score_student(cfg, sc, held_out, val_teacher, judge, summary, device)
+        report["students"][sc.name] = _score_student(cfg, sc, held_out, val_teacher, judge, summary, device, progress)
 
     atomic_write_json(layout.report_json, report)
     atomic_write_text(layout.report_md, render_markdown(report))
@@ -158,13 +161,15 @@ def _score_teacher(cfg: RunConfig, data, held_out, val_teacher: Teacher, teacher
     if not (layout.teacher / "config.json").exists():
         return teacher_model
     teacher_model = teacher_model or load_causal_lm(layout.teacher).to(device)
-    report["teacher"] = {"path": str(layout.teacher), **_model_stats(teacher_model, held_out, val_teacher, device)}
+    report["teacher"] = {"path": str(layout.teacher),
+                         **_model_stats(teacher_model, held_out, val_teacher, device, "teacher", progress)}
     report["teacher"].pop("expert_load", None)
     report["teacher_signal"] += _padding_note(teacher_model, vocab_size_of(data.tokenizer))
     return teacher_model
 
 
-def _score_student(cfg: RunConfig, sc, held_out, val_teacher: Teacher, judge, summary: dict, device) -> dict:
+def _score_student(cfg: RunConfig, sc, held_out, val_teacher: Teacher, judge, summary: dict, device,
+                   progress: bool) -> dict:
     """One student's row of the table, from its export (whose model card gets the figures)."""
     layout = cfg.layout
     export_dir = layout.export(sc.name)
@@ -172,7 +177,7 @@ def _score_student(cfg: RunConfig, sc, held_out, val_teacher: Teacher, judge, su
         raise UserError(f"student {sc.name}: no export at {export_dir}; run `distill run` or `distill export`")
     _check_export_is_the_students(layout, sc.name)
     model = load_causal_lm(export_dir).to(device)
-    stats = _model_stats(model, held_out, val_teacher, device)
+    stats = _model_stats(model, held_out, val_teacher, device, f"student {sc.name}", progress)
     if judge is not None:
         stats["generation"] = generation.evaluate_generation(model, sc.name, *judge)
     del model
