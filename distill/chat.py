@@ -183,18 +183,20 @@ def _arguments_parsed(call):
     return call | {"function": holder | {"arguments": parsed}}
 
 
-def _instruction_messages(row: dict, shape: tuple[str, str | None, str]) -> list[dict]:
+def _instruction_messages(row: dict, shape: tuple[str, str | None, str], name: str) -> list[dict]:
     """An instruction row (INSTRUCTION_SHAPES) -> [user, assistant] messages."""
     ask, more, answer = shape
-    extra = row.get(more) if more else None
-    user = f"{row.get(ask)}\n\n{extra}" if isinstance(extra, str) and extra.strip() else row.get(ask)
+    parts = [row.get(ask), row.get(more) if more else None]
+    user = "\n\n".join(part for part in parts if isinstance(part, str) and part.strip())
+    if not user:
+        raise _row_problem(name, f"its {ask!r}{f' and {more!r}' if more else ''} hold no text")
     return [{"role": "user", "content": user}, {"role": "assistant", "content": row.get(answer)}]
 
 
 def trained(m: dict) -> bool:
     """Whether a message is one the student learns to write: an assistant turn not marked
     `weight: 0` (OpenAI's fine-tuning data and others mark the turns not to train on so)."""
-    return m.get("role") == "assistant" and m.get("weight", 1) != 0
+    return m.get("role") == "assistant" and m.get("weight", 1) not in (0, "0")
 
 
 def _without_nulls(value):
@@ -281,7 +283,7 @@ def _chat_row(raw: dict, shape, name: str) -> dict:
     INSTRUCTION_SHAPES entry, if it is one."""
     row = {"tools": raw["tools"]} if "tools" in raw else {}
     if shape is not None:
-        turns = _instruction_messages(raw, shape)
+        turns = _instruction_messages(raw, shape, name)
     elif "messages" in raw:  # messages rule (UltraChat's rows carry a `prompt` beside them, and no completion)
         turns = raw["messages"]
     elif isinstance(raw.get("prompt"), list) and isinstance(raw.get("completion"), list):

@@ -147,16 +147,22 @@ def _walk(root: Path) -> list[Path]:
 # data: its card (README.md opening with YAML front matter) and its test / validation splits'
 # tables (test-00000-of-00001.parquet, validation.jsonl, dev.json, ...).  A folder walk or a
 # glob leaves them out, said; named in data.paths they are read.
-HELD_APART_TABLE = re.compile(r"(test|testing|eval|evaluation|validation|valid|val|dev)([-_.]|\d)", re.IGNORECASE)
+HELD_APART_SPLIT = r"(test|testing|eval|evaluation|validation|valid|val|dev)"
+HELD_APART_TABLE = re.compile(HELD_APART_SPLIT + r"([-_.]|\d)", re.IGNORECASE)  # a file: test-00000-of-00001.parquet
+HELD_APART_DIR = re.compile(HELD_APART_SPLIT, re.IGNORECASE)  # a folder: data/validation/0000.parquet
 
 
-def held_apart(f: Path) -> bool:
-    """A dataset repository's card, or a table of its test / validation split (HELD_APART_TABLE)."""
+def held_apart(f: Path, root: Path | None = None) -> bool:
+    """A dataset repository's card, or a table of its test / validation split: by its name
+    (HELD_APART_TABLE), or a folder between `root` (where the walk or glob started) and it."""
     if f.name.lower() == "readme.md":
         with contextlib.suppress(OSError), open(f, "rb") as fh:
-            return fh.read(4).lstrip(b"\xef\xbb\xbf").startswith(b"---")
+            return fh.read(7).removeprefix(b"\xef\xbb\xbf").startswith(b"---")
         return False
-    return file_format(f) in ("json", "parquet", "arrow") and HELD_APART_TABLE.match(f.name) is not None
+    if file_format(f) not in ("json", "parquet", "arrow"):
+        return False
+    folders = f.parent.relative_to(root).parts if root is not None and f.is_relative_to(root) else ()
+    return HELD_APART_TABLE.match(f.name) is not None or any(HELD_APART_DIR.fullmatch(d) for d in folders)
 
 
 def discover(cfg: DataConfig, held: list[Path] | None = None) -> dict[Path, bool]:
@@ -167,6 +173,7 @@ def discover(cfg: DataConfig, held: list[Path] | None = None) -> dict[Path, bool
     has JSON configs next to its code); a file named in `data.paths` must read.  Such a file
     that a dataset repository keeps apart (`held_apart`) is left out, and added to `held`."""
     found: dict[Path, bool] = {}
+    apart: list[Path] = []
     stdlib = stdlib_dir()
     if cfg.stdlib:  # the stdlib's Python sources only (no bundled .txt data, tests or site-packages)
         found.update({f: False for f in stdlib.rglob("*.py")
@@ -177,9 +184,15 @@ def discover(cfg: DataConfig, held: list[Path] | None = None) -> dict[Path, bool
             pattern = str(root.relative_to(base)) if root.is_absolute() or base != Path(".") else str(root)
             matches = [f for f in base.glob(pattern) if (is_saved_dataset(f) or f.is_file() and file_format(f))
                        and not excluded(f, base, cfg.exclude)]
+            asked = Path(pattern)  # a pattern that names a split's files (test-*.parquet, validation/*) reads them
+            if not (HELD_APART_TABLE.match(asked.name) or any(HELD_APART_DIR.fullmatch(d) for d in asked.parts[:-1])):
+                apart += [f for f in matches if held_apart(f, base)]
+                matches = [f for f in matches if f not in apart]
             if not matches:
-                raise UserError(f"data.paths[{i}]: the pattern {root} matches none of {ACCEPTED}; check it "
-                                f"(`**` spans folders: repo/**/*.py)")
+                raise UserError(f"data.paths[{i}]: the pattern {root} matches none of {ACCEPTED}"
+                                + (f" but what a dataset repository keeps apart from its training data (e.g. "
+                                   f"{apart[-1]}: its card, or a test / validation split); name those files" if apart
+                                   else "; check it (`**` spans folders: repo/**/*.py)"))
             found.update({f: False for f in matches if f not in found})
         elif not root.exists():
             raise UserError(f"data.paths[{i}]: {root} does not exist")
@@ -190,12 +203,12 @@ def discover(cfg: DataConfig, held: list[Path] | None = None) -> dict[Path, bool
         elif is_saved_dataset(root):
             found[root] = True  # a datasets.save_to_disk dir, read whole
         else:
-            found.update({f: False for f in _walk(root) if not excluded(f, root, cfg.exclude) and f not in found})
-    apart = [f for f, named in found.items() if not named and held_apart(f)]
-    for f in apart:
-        del found[f]
+            walked = [f for f in _walk(root) if not excluded(f, root, cfg.exclude) and f not in found]
+            apart += [f for f in walked if held_apart(f, root)]
+            found.update({f: False for f in walked if not held_apart(f, root)})
+    apart = [f for f in apart if f not in found]  # found by another path too (named, say): read
     if held is not None:
-        held += sorted(apart)
+        held += sorted(set(apart))
     if not found:
         raise UserError(f"data: no readable files under {', '.join(map(str, cfg.paths or [stdlib]))} "
                         f"(looked for {ACCEPTED}; data.exclude: {cfg.exclude or 'none'})")
@@ -353,6 +366,17 @@ def _is_str(feature) -> bool:
     return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
+def _true_false(ds: datasets.Dataset, column: str) -> bool:
+    """Whether `column` holds true/false: booleans, or integers 0 and 1 only (read: a scan)."""
+    feature = ds.features.get(column)
+    dtype = getattr(feature, "dtype", None)
+    if dtype == "bool":
+        return True
+    if dtype not in ("int8", "int16", "int32", "int64", "uint8"):
+        return False
+    return _first_row(ds, column, lambda v: v not in (0, 1, None)) is None
+
+
 def _all_null(feature) -> bool:
     """A column with no value in any row (Alpaca's `input` in a file where none has one)."""
     return getattr(feature, "dtype", None) == "null"
@@ -380,8 +404,8 @@ def _column_problem(ds: datasets.Dataset, kind: str, text_field: str) -> str | N
         if turns("prompt", "role") and turns("completion", "role"):
             return None
         names = ["prompt", "completion"]
-    elif kind == "instruction":
-        names = [c for c in instruction_shape(ds.column_names) if c]
+    elif kind == "instruction":  # Alpaca without `input`, Dolly without `context`: the other two
+        names = [c for c in instruction_shape(ds.column_names) if c and c in feats]
     else:
         column, keys, shape = ("messages", ("role",), "{role, content}") if kind == "messages" else \
             ("conversations" if "conversations" in feats else "conversation", ("from", "role"),
@@ -531,14 +555,14 @@ def _table_documents(f: Path, named: bool, cfg: DataConfig, log, tables: Path, i
         raise UserError(f"{f}: no column {cfg.text_field!r}, nor {CHAT_SHAPES} (columns: "
                         f"{', '.join(ds.column_names)}); " + (
                             "preference data trains no distillation: to learn its preferred answers, save its "
-                            "'chosen' column as 'completion' (strings) or 'messages' (turns)" if preference else
+                            "'chosen' column as 'completion' beside 'prompt' (strings, or both lists of turns), or as "
+                            "'messages' where it holds the whole conversation" if preference else
                             "set data.text_field to the column that holds the text, or leave the file out with "
                             "data.exclude"))
     problem = _column_problem(ds, kind, cfg.text_field)
     if problem is not None:
         raise UserError(f"{f}: {problem}; a table needs {TABLE_SHAPES}")
-    label = ds.features.get("label")
-    if kind == "prompt" and getattr(label, "dtype", None) == "bool":
+    if kind == "prompt" and _true_false(ds, "label"):
         raise UserError(f"{f}: a true/false 'label' column beside prompt and completion (TRL's unpaired preference "
                         f"data: false marks a rejected completion, which distillation would learn as a good one); "
                         f"keep the rows labelled true and drop the column")
@@ -706,7 +730,8 @@ def _log_chat_counts(counts: dict[str, PackCounts], rows: int, block: int) -> No
         _stderr(f"[data] {total.bad_rows} of {rows} chat rows were skipped (data.bad_rows: skip): the chat template "
                 f"cannot render them or their assistant turns cannot be found; the first: {total.bad_example}")
     if total.no_target:
-        _stderr(f"[data] {total.no_target} of {rows} chat rows were dropped: no assistant turn or completion to learn")
+        _stderr(f"[data] {total.no_target} of {rows} chat rows were dropped: no assistant turn or completion to learn "
+                f"(none, or each marked weight 0)")
     if total.empty_answers:
         _stderr(f"[data] {total.empty_answers} assistant turns or completions are empty: their only target is the "
                 f"end of the turn, so the student learns to answer nothing there; drop or fill them if that is "
@@ -745,8 +770,8 @@ def _refuse_empty(name: str, split: dict, counts: PackCounts, block: int, docume
                         f"{counts.bad_example}")
     if split["documents"] == split["chat_rows"] and counts.no_target == split["chat_rows"]:
         raise UserError(f"data: the {name} split has no rows to learn from: none of its {split['chat_rows']} chat rows "
-                        f"has an assistant turn or completion, the only tokens a chat row trains on; give rows with "
-                        f"the assistant's reply (or plain `text` rows)")
+                        f"has an assistant turn or completion to learn (none, or each marked weight 0), the only "
+                        f"tokens a chat row trains on; give rows with the assistant's reply (or plain `text` rows)")
     if split["documents"] == split["chat_rows"]:  # no plain text either
         raise UserError(f"data: the {name} split has no rows to learn from ({split['chat_rows']} chat rows, "
                         f"{counts.no_target} of them with no assistant turn); add data or raise data.val_fraction")

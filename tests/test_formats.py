@@ -495,6 +495,8 @@ def _targets(tok, chat: str) -> str:
       {"instruction": "Add these.", "input": "4 and 4", "output": "8"}], ["Add 2 and 3.", "Add these.\n\n4 and 4"], ["5", "8"]),
     ([{"instruction": "Sum it.", "context": "1 and 1", "response": "2", "category": "qa"}],  # Dolly
      ["Sum it.\n\n1 and 1"], ["2"]),
+    ([{"instruction": "Add 1 and 1.", "output": "2"}], ["Add 1 and 1."], ["2"]),  # Alpaca with no `input` column
+    ([{"instruction": None, "input": "only input", "output": "ok"}], ["only input"], ["ok"]),  # no instruction
     ([{"id": "x", "system_prompt": "Be terse.", "question": "2 plus 2?", "response": "4"}],  # OpenOrca
      ["2 plus 2?"], ["4"]),
     ([{"conversation": [{"role": "user", "content": "hi?"}, {"role": "assistant", "content": "hello"}]}],  # LMSYS
@@ -531,7 +533,9 @@ def test_turn_weights_tool_arguments_and_rows_a_text_model_cannot_take(hf_family
     weighted = {"messages": [{"role": "user", "content": "capital of France?"},
                              {"role": "assistant", "content": "Lyon", "weight": 0},
                              {"role": "user", "content": "no, try again"},
-                             {"role": "assistant", "content": "Paris", "weight": 1}]}
+                             {"role": "assistant", "content": "Paris", "weight": 1},
+                             {"role": "user", "content": "and Italy?"},
+                             {"role": "assistant", "content": "Milan", "weight": "0"}]}
     call = {"messages": [{"role": "user", "content": "weather?"},
                          {"role": "assistant", "tool_calls": [{"type": "function", "function": {
                              "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
@@ -573,13 +577,17 @@ def test_a_dataset_repositorys_card_and_test_split_are_left_out_of_a_walk(tmp_pa
     datasets.Dataset.from_list(text_rows("train ", n=30)).to_parquet(str(_bytes(repo / "data" / "train-00000-of-00001.parquet", b"")))
     datasets.Dataset.from_list(text_rows("test ", n=10)).to_parquet(str(repo / "data" / "test-00000-of-00001.parquet"))
     _bytes(repo / "notes" / "README.md", b"# Plain notes, no front matter: a document like any other\n")
+    _bytes(repo / "sub" / "README.md", b"\xef\xbb\xbf---\nlicense: mit\n---\nA card saved with a byte-order mark\n")
+    datasets.Dataset.from_list(text_rows("val ", n=5)).to_parquet(str(_bytes(repo / "more" / "validation" / "0.parquet", b"")))
     for paths in ([repo], [tmp_path / "hubdir" / "**" / "*"]):
         said: list[str] = []
         docs = load_documents(DataConfig(paths=paths), log=said.append)
         assert sorted(t.split(" ")[0] for t in docs["text"]) == ["#"] + ["train"] * 30, paths
-        assert any(line.startswith("[data] left out 2 file(s) a dataset repository keeps apart") for line in said), said
+        assert any(line.startswith("[data] left out 4 file(s) a dataset repository keeps apart") for line in said), said
     named = load_documents(DataConfig(paths=[repo / "data" / "test-00000-of-00001.parquet"]))
     assert len(named) == 10
+    assert len(load_documents(DataConfig(paths=[repo / "data" / "test-*.parquet"]))) == 10  # a glob that names them
+    assert len(load_documents(DataConfig(paths=[repo / "more" / "validation" / "*.parquet"]))) == 5
 
 
 def test_prompts_for_eval_and_on_policy_join_text_parts_as_training_does(hf_family, tmp_path):
@@ -600,10 +608,13 @@ def test_prompts_for_eval_and_on_policy_join_text_parts_as_training_does(hf_fami
 def test_preference_tables_are_refused_with_advice_that_works(tmp_path):
     """TRL's unpaired preference rows (prompt, completion, label) trained the rejected completions
     as good ones, unsaid; paired ones (prompt, chosen, rejected) were told to set data.text_field."""
-    kto = [{"prompt": f"q {i}?", "completion": f"a {i}", "label": i % 2 == 0} for i in range(6)]
-    with pytest.raises(UserError, match=r"kto.jsonl: a true/false 'label' column beside prompt and completion .* keep "
-                                        r"the rows labelled true and drop the column$"):
-        load_documents(DataConfig(paths=[_bytes(tmp_path / "kto.jsonl", _jsonl(kto))]))
+    for label in (lambda i: i % 2 == 0, lambda i: i % 2):  # booleans, or integers 0 and 1
+        kto = [{"prompt": f"q {i}?", "completion": f"a {i}", "label": label(i)} for i in range(6)]
+        with pytest.raises(UserError, match=r"kto.jsonl: a true/false 'label' column beside prompt and completion .* "
+                                            r"keep the rows labelled true and drop the column$"):
+            load_documents(DataConfig(paths=[_bytes(tmp_path / "kto.jsonl", _jsonl(kto))]))
+    graded = [{"prompt": f"q {i}?", "completion": f"a {i}", "label": i} for i in range(6)]  # another label: read
+    assert len(load_documents(DataConfig(paths=[_bytes(tmp_path / "graded.jsonl", _jsonl(graded))]))) == 6
     pairs = [{"prompt": f"q {i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(6)]
     with pytest.raises(UserError, match=r"pairs.jsonl: no column 'text', .* preference data trains no distillation: to "
                                         r"learn its preferred answers, save its 'chosen' column as 'completion'"):
