@@ -178,7 +178,8 @@ def test_chat_rows_with_no_assistant_turn_are_refused_with_advice_that_helps(hf_
     rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Hi {i}"}]}
             for i in range(40)]
     with pytest.raises(UserError, match=r"split has no rows to learn from: none of its \d+ chat rows has an assistant "
-                                        r"turn or completion, .*give rows with the assistant's reply"):
+                                        r"turn or completion to learn \(none, or each marked weight 0\), .*give rows "
+                                        r"with the assistant's reply"):
         prepare_data(DataConfig(paths=[write_jsonl(rows, tmp_path / "q.jsonl")], seq_len=48,
                                 tokenizer={"path": hf_family["teacher"]}), tmp_path / "a")
 
