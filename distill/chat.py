@@ -1,6 +1,6 @@
 """Chat and instruction rows -> token ids with a training-target mask, packed whole.
 
-Two row shapes are read from jsonl / parquet / saved datasets:
+Two row shapes are rendered, from jsonl / parquet / saved datasets:
   {"messages": [{"role": ..., "content": ..., ...}, ...], "tools": [...]?}  rendered with the
       tokenizer's own chat template; only what the assistant writes is a target
   {"prompt": str, "completion": str}  prompt + completion as plain text; the completion and
@@ -71,6 +71,10 @@ PLAIN = ""  # the `chat` column of a plain-text document
 # for; later that day: roles in another case, JSON-string tool arguments, `weight: 0` turns, a
 # system column read): data prepared before keeps them until OUT/data is prepared again.
 CHAT_FORMAT = 3
+# How table rows are read into chat rows (`as_documents`), recorded in prepared data's manifest
+# (not its fingerprint: a bump there would prepare every table corpus again, plain text too, and
+# refuse its caches and checkpoints); data prepared under another is reused, with a note.
+CHAT_READER = 2  # 2026-12-06: system columns, instruction and TRL tables, weight-0 turns, ...
 ROW = "_row"  # key of a row's origin ("FILE row N") in the `chat` JSON
 BAD = "_bad"  # key of why a row cannot be read (a BadRow's line), found where the table was read
 CONTEXT = "_context"  # key of how many of a row's first messages are context only: no targets in them
@@ -256,7 +260,8 @@ def as_documents(table, kind: str, text_field: str, origin: str = "the table", w
         if text_field != "text":  # the Hugging Face convention is already `text`
             table = table.rename_column(text_field, "text")
         return table.map(lambda b: {"chat": [PLAIN] * len(b["text"])}, batched=True, **work)
-    shape = instruction_shape(table.column_names) if kind == "instruction" else None
+    shape = instruction_shape(table.column_names) if any(
+        ask in table.column_names and answer in table.column_names for ask, _, answer in INSTRUCTION_SHAPES) else None
     wanted = ("messages", "conversations", "conversation", "tools", "prompt", "completion", *SYSTEM_COLUMNS,
               *(c for c in shape or () if c))
     cols = [c for c in dict.fromkeys(wanted) if c in table.column_names]
@@ -280,11 +285,9 @@ def as_documents(table, kind: str, text_field: str, origin: str = "the table", w
 def _chat_row(raw: dict, shape, name: str) -> dict:
     """A table row's chat columns -> the row `render` reads: {"messages", "tools"?, CONTEXT?} or
     {"prompt", "completion"} (strings), or {} (nothing to learn from).  shape: the table's
-    INSTRUCTION_SHAPES entry, if it is one."""
+    INSTRUCTION_SHAPES entry, if it has one (a row of no other shape is read by it)."""
     row = {"tools": raw["tools"]} if "tools" in raw else {}
-    if shape is not None:
-        turns = _instruction_messages(raw, shape, name)
-    elif "messages" in raw:  # messages rule (UltraChat's rows carry a `prompt` beside them, and no completion)
+    if "messages" in raw:  # messages rule (UltraChat's rows carry a `prompt` beside them, and no completion)
         turns = raw["messages"]
     elif isinstance(raw.get("prompt"), list) and isinstance(raw.get("completion"), list):
         row[CONTEXT] = len(raw["prompt"])  # TRL's conversational prompt/completion: the prompt is context only
@@ -293,6 +296,8 @@ def _chat_row(raw: dict, shape, name: str) -> dict:
         return {"prompt": raw["prompt"], "completion": raw["completion"]}
     elif "conversations" in raw or "conversation" in raw:
         turns = raw.get("conversations", raw.get("conversation"))
+    elif shape is not None and (shape[0] in raw or shape[2] in raw):  # an instruction row
+        turns = _instruction_messages(raw, shape, name)
     else:
         return {}
     messages = _turns_as_messages(turns, name)
@@ -571,10 +576,7 @@ def _as_the_template_reads(tok, messages: list[dict], tools) -> tuple[list[dict]
 def generation_prompt(tok, messages: list[dict], tools) -> str:
     """The conversation `messages` rendered to where the assistant's next turn starts
     (add_generation_prompt), as `render` would render its turns."""
-    try:
-        messages, _ = _as_the_template_reads(tok, messages, tools)
-    except _Unsplittable:
-        pass
+    messages, _ = _as_the_template_reads(tok, messages, tools)
     return tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
 
 

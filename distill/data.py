@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable
 from common.errors import UserError
 from common.fsutil import describe_os_error, human_bytes, waiting_lock, write_error_in
 from distill.blocks import Blocks, open_blocks, unusable
-from distill.chat import CHAT_FORMAT, PLAIN, PackCounts, as_documents, cut_share, instruction_shape, table_kind
+from distill.chat import CHAT_FORMAT, CHAT_READER, PLAIN, PackCounts, as_documents, cut_share, instruction_shape, table_kind
 from distill.config import DataConfig
 from distill.layout import RunLayout, has_tokenizer
 from distill.packing import auto_num_proc, build_blocks, children_die_with_this_process, signals_end_pools
@@ -144,12 +144,26 @@ def _walk(root: Path) -> list[Path]:
 
 
 # What a dataset repository (as the Hugging Face hub lays one out) keeps apart from its training
-# data: its card (README.md opening with YAML front matter) and its test / validation splits'
-# tables (test-00000-of-00001.parquet, validation.jsonl, dev.json, ...).  A folder walk or a
-# glob leaves them out, said; named in data.paths they are read.
+# data: its card (README.md opening with a dataset card's YAML front matter) and its test /
+# validation splits' tables (test-00000-of-00001.parquet, validation.jsonl, dev.json, ...,
+# data/validation/*).  A folder walk or a glob leaves them out, said; named in data.paths, or
+# by a glob that names them, they are read.
 HELD_APART_SPLIT = r"(test|testing|eval|evaluation|validation|valid|val|dev)"
 HELD_APART_TABLE = re.compile(HELD_APART_SPLIT + r"([-_.]|\d)", re.IGNORECASE)  # a file: test-00000-of-00001.parquet
 HELD_APART_DIR = re.compile(HELD_APART_SPLIT, re.IGNORECASE)  # a folder: data/validation/0000.parquet
+
+
+def _names_a_split(pattern: Path) -> bool:
+    """A glob whose own words name a split's files (test-*.parquet, test*.jsonl, validation/*):
+    what it matches is read."""
+    literal = re.split(r"[*?\[]", pattern.name, maxsplit=1)[0]
+    return bool(literal and (HELD_APART_TABLE.match(literal) or HELD_APART_DIR.fullmatch(literal))) or \
+        any(HELD_APART_DIR.fullmatch(d) for d in pattern.parts[:-1])
+
+
+# The keys of a dataset card's YAML front matter (not a Jekyll or Hugo page's: title, layout).
+CARD_KEYS = re.compile(rb"^(dataset_info|configs|task_categories|task_ids|size_categories|pretty_name|license|"
+                       rb"language|annotations_creators|source_datasets|multilinguality):", re.M)
 
 
 def held_apart(f: Path, root: Path | None = None) -> bool:
@@ -157,7 +171,9 @@ def held_apart(f: Path, root: Path | None = None) -> bool:
     (HELD_APART_TABLE), or a folder between `root` (where the walk or glob started) and it."""
     if f.name.lower() == "readme.md":
         with contextlib.suppress(OSError), open(f, "rb") as fh:
-            return fh.read(7).removeprefix(b"\xef\xbb\xbf").startswith(b"---")
+            head = fh.read(8192).removeprefix(b"\xef\xbb\xbf")
+            matter = head.split(b"\n---", 1)[0] if head.startswith(b"---") else b""
+            return CARD_KEYS.search(matter) is not None
         return False
     if file_format(f) not in ("json", "parquet", "arrow"):
         return False
@@ -184,14 +200,14 @@ def discover(cfg: DataConfig, held: list[Path] | None = None) -> dict[Path, bool
             pattern = str(root.relative_to(base)) if root.is_absolute() or base != Path(".") else str(root)
             matches = [f for f in base.glob(pattern) if (is_saved_dataset(f) or f.is_file() and file_format(f))
                        and not excluded(f, base, cfg.exclude)]
-            asked = Path(pattern)  # a pattern that names a split's files (test-*.parquet, validation/*) reads them
-            if not (HELD_APART_TABLE.match(asked.name) or any(HELD_APART_DIR.fullmatch(d) for d in asked.parts[:-1])):
-                apart += [f for f in matches if held_apart(f, base)]
-                matches = [f for f in matches if f not in apart]
+            here = [] if _names_a_split(Path(pattern)) else [f for f in matches if held_apart(f, base)]
+            matches = [f for f in matches if f not in here]
+            apart += here
             if not matches:
                 raise UserError(f"data.paths[{i}]: the pattern {root} matches none of {ACCEPTED}"
                                 + (f" but what a dataset repository keeps apart from its training data (e.g. "
-                                   f"{apart[-1]}: its card, or a test / validation split); name those files" if apart
+                                   f"{here[0]}: its card, or a test / validation split); name those files, or a "
+                                   f"pattern that names them (test-*.parquet)" if here
                                    else "; check it (`**` spans folders: repo/**/*.py)"))
             found.update({f: False for f in matches if f not in found})
         elif not root.exists():
@@ -204,8 +220,13 @@ def discover(cfg: DataConfig, held: list[Path] | None = None) -> dict[Path, bool
             found[root] = True  # a datasets.save_to_disk dir, read whole
         else:
             walked = [f for f in _walk(root) if not excluded(f, root, cfg.exclude) and f not in found]
-            apart += [f for f in walked if held_apart(f, root)]
-            found.update({f: False for f in walked if not held_apart(f, root)})
+            here = [f for f in walked if held_apart(f, root)]
+            if walked and len(here) == len(walked):
+                raise UserError(f"data.paths[{i}]: {root} holds only what a dataset repository keeps apart from its "
+                                f"training data (e.g. {here[0]}: its card, or a test / validation split); name those "
+                                f"files, or a pattern that names them (test-*.parquet)")
+            apart += here
+            found.update({f: False for f in walked if f not in here})
     apart = [f for f in apart if f not in found]  # found by another path too (named, say): read
     if held is not None:
         held += sorted(set(apart))
@@ -404,8 +425,9 @@ def _column_problem(ds: datasets.Dataset, kind: str, text_field: str) -> str | N
         if turns("prompt", "role") and turns("completion", "role"):
             return None
         names = ["prompt", "completion"]
-    elif kind == "instruction":  # Alpaca without `input`, Dolly without `context`: the other two
-        names = [c for c in instruction_shape(ds.column_names) if c and c in feats]
+    elif kind == "instruction":  # Alpaca without `input`, Dolly without `context` (or null in every row): the others
+        ask, more, answer = instruction_shape(ds.column_names)
+        names = [ask, answer] + ([more] if more in feats and not _all_null(feats[more]) else [])
     else:
         column, keys, shape = ("messages", ("role",), "{role, content}") if kind == "messages" else \
             ("conversations" if "conversations" in feats else "conversation", ("from", "role"),
@@ -418,7 +440,7 @@ def _column_problem(ds: datasets.Dataset, kind: str, text_field: str) -> str | N
             return f"row {bad[0]}'s {column!r} is a {type(bad[1]).__name__}, not a list of {shape} turns"
         return f"column {column!r} holds {feats[column]}, not lists of {shape} turns"
     for name in names:
-        if not _is_str(feats[name]) and not _all_null(feats[name]):
+        if not _is_str(feats[name]):
             # Name the first row whose value is neither a string nor empty: datasets reads a column of
             # mixed strings and numbers as `Json`, which says nothing of where.
             bad = _first_row(ds, name, lambda v: v is not None and not isinstance(v, str))
@@ -848,7 +870,8 @@ def _prepare_data(cfg: DataConfig, out_dir: Path, progress: bool,
                                 num_proc=cfg.num_proc, progress=progress, packing=cfg.packing,
                                 skip_bad_rows=cfg.bad_rows == "skip",
                                 max_blocks={"train": cfg.max_train_blocks, "val": cfg.max_val_blocks},
-                                meta={"fingerprint": fp, "tokenizer_hash": tok_hash, "vocab_size": len(tok)})
+                                meta={"fingerprint": fp, "tokenizer_hash": tok_hash, "vocab_size": len(tok),
+                                      "chat_reader": CHAT_READER})
         del docs
         shutil.rmtree(cache_dir, ignore_errors=True)  # the plain files' Arrow copy: the shards hold what counts
         counts = {name: PackCounts(**split.get("chat_rows_packing", {})) for name, split in manifest["splits"].items()}
@@ -866,4 +889,10 @@ def _prepare_data(cfg: DataConfig, out_dir: Path, progress: bool,
     shutil.rmtree(cache_dir, ignore_errors=True)  # (also after training a tokenizer for blocks already prepared)
     blocks = open_blocks(root)
     manifest = json.loads((root / "manifest.json").read_text())
+    if manifest.get("chat_reader") != CHAT_READER and any(split.get("chat_rows") for split in manifest["splits"].values()):
+        _stderr(f"[data] note: {root} was prepared before the chat reading of 2026-12-06 (system columns, tool-call "
+                f"arguments given as strings, roles in another case, weight-0 turns, instruction and TRL tables, "
+                f"preference tables refused): it is reused as it is, so rows read differently since keep their "
+                f"earlier blocks, and the held-out prompts `distill eval` answers may include rows it trained on; "
+                f"delete {root} to prepare it again (its checkpoints and cache then no longer match)")
     return PackedData(blocks["train"], blocks["val"], tok, fp, tok_hash, manifest)

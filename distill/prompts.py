@@ -3,7 +3,8 @@
 Shared by on-policy training (distill/train/on_policy.py: the training split's prompts,
 sampled by the students) and the generation evaluation (distill/report/generation.py: the
 validation split's, answered greedily and sampled).  A prompt is a chat row up to its final
-assistant turn (a conversational prompt/completion row's: up to its completion's first),
+assistant turn that is trained (not `weight: 0`; a conversational prompt/completion row's: up
+to its completion's first),
 rendered with add_generation_prompt=True, or a prompt/completion row's prompt; plain-text
 documents have none.
 """
@@ -34,8 +35,8 @@ def prompt_of(tok, chat: str) -> Prompt | None:
         return Prompt(tok(row["prompt"], add_special_tokens=False)["input_ids"], row.get("completion", ""))
     messages, context = row.get("messages") or [], row.get(CONTEXT, 0)
     answers = [i for i, m in enumerate(messages) if trained(m) and i >= context]
-    # the final answer; a prompt/completion conversation's first one, answering its prompt
-    last = (answers[0] if context else answers[-1]) if answers else 0
+    # the final answer learnt; a prompt/completion conversation's first one, answering its prompt
+    last = (answers[0] if CONTEXT in row else answers[-1]) if answers else 0
     if last == 0:  # no assistant turn to learn from, or nothing before it to answer (or a bad row)
         return None
     text = generation_prompt(tok, messages[:last], row.get("tools"))

@@ -573,3 +573,23 @@ def test_a_prompt_and_completion_of_different_kinds_is_a_bad_row(hf_family):
     with pytest.raises(UserError, match=r"^data: chat f.jsonl row 3: its prompt is a list and its completion a str; "
                                         r"give both as strings, or both as lists of turns$"):
         render(tok, chat)
+
+
+def test_chat_data_prepared_before_the_reading_rules_is_reused_with_a_note(hf_family, tmp_path, capfd):
+    """The chat reading changed on 2026-12-06 (system columns, instruction tables, ...) without a
+    fingerprint change (that would prepare every table corpus again and refuse its caches and
+    checkpoints): data prepared before is reused as it is, and said to be, with what to do."""
+    cfg = DataConfig(paths=[write_jsonl(chat_rows(), tmp_path / "c.jsonl")], seq_len=64, val_fraction=0.2,
+                     tokenizer={"path": hf_family["teacher"]})
+    data = prepare_data(cfg, tmp_path / "run")
+    manifest = next((tmp_path / "run" / "data").glob("blocks-*")) / "manifest.json"
+    capfd.readouterr()
+    prepare_data(cfg, tmp_path / "run")
+    assert "prepared before the chat reading" not in capfd.readouterr().err
+    m = json.loads(manifest.read_text())
+    del m["chat_reader"]  # as data prepared before has it
+    manifest.write_text(json.dumps(m))
+    again = prepare_data(cfg, tmp_path / "run")
+    assert torch.equal(again.train[:], data.train[:])  # reused
+    assert re.search(r"\[data\] note: .* was prepared before the chat reading of 2026-12-06 .* delete .* to prepare it "
+                     r"again", capfd.readouterr().err)

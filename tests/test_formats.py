@@ -391,7 +391,6 @@ def test_a_system_column_gives_a_row_without_a_system_turn_its_first(hf_family, 
         "students": [{"name": "s", "model": {"preset": "dense"}}]}))
     r = run_cli("prepare", "-c", str(tmp_path / "p.yaml"), "--quiet")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "column is not read" not in r.stderr, r.stderr
 
 
 def test_one_file_under_two_spellings_is_read_once(tmp_path):
@@ -496,7 +495,10 @@ def _targets(tok, chat: str) -> str:
     ([{"instruction": "Sum it.", "context": "1 and 1", "response": "2", "category": "qa"}],  # Dolly
      ["Sum it.\n\n1 and 1"], ["2"]),
     ([{"instruction": "Add 1 and 1.", "output": "2"}], ["Add 1 and 1."], ["2"]),  # Alpaca with no `input` column
-    ([{"instruction": None, "input": "only input", "output": "ok"}], ["only input"], ["ok"]),  # no instruction
+    ([{"instruction": "Add 1.", "input": None, "output": "1"},  # a row with no instruction: its input
+      {"instruction": None, "input": "only input", "output": "ok"}], ["Add 1.", "only input"], ["1", "ok"]),
+    ([{"messages": [{"role": "user", "content": "hi?"}, {"role": "assistant", "content": "hello"}]},  # one file, two
+      {"instruction": "Add 1.", "output": "1"}], ["hi?", "Add 1."], ["hello", "1"]),  # shapes
     ([{"id": "x", "system_prompt": "Be terse.", "question": "2 plus 2?", "response": "4"}],  # OpenOrca
      ["2 plus 2?"], ["4"]),
     ([{"conversation": [{"role": "user", "content": "hi?"}, {"role": "assistant", "content": "hello"}]}],  # LMSYS
@@ -577,17 +579,25 @@ def test_a_dataset_repositorys_card_and_test_split_are_left_out_of_a_walk(tmp_pa
     datasets.Dataset.from_list(text_rows("train ", n=30)).to_parquet(str(_bytes(repo / "data" / "train-00000-of-00001.parquet", b"")))
     datasets.Dataset.from_list(text_rows("test ", n=10)).to_parquet(str(repo / "data" / "test-00000-of-00001.parquet"))
     _bytes(repo / "notes" / "README.md", b"# Plain notes, no front matter: a document like any other\n")
+    _bytes(repo / "site" / "README.md", b"---\ntitle: Home\nlayout: page\n---\n# A Jekyll page: a document too\n")
     _bytes(repo / "sub" / "README.md", b"\xef\xbb\xbf---\nlicense: mit\n---\nA card saved with a byte-order mark\n")
     datasets.Dataset.from_list(text_rows("val ", n=5)).to_parquet(str(_bytes(repo / "more" / "validation" / "0.parquet", b"")))
     for paths in ([repo], [tmp_path / "hubdir" / "**" / "*"]):
         said: list[str] = []
         docs = load_documents(DataConfig(paths=paths), log=said.append)
-        assert sorted(t.split(" ")[0] for t in docs["text"]) == ["#"] + ["train"] * 30, paths
+        assert sorted(t.split(" ")[0] for t in docs["text"]) == ["#", "---\ntitle:"] + ["train"] * 30, paths
         assert any(line.startswith("[data] left out 4 file(s) a dataset repository keeps apart") for line in said), said
     named = load_documents(DataConfig(paths=[repo / "data" / "test-00000-of-00001.parquet"]))
     assert len(named) == 10
     assert len(load_documents(DataConfig(paths=[repo / "data" / "test-*.parquet"]))) == 10  # a glob that names them
+    assert len(load_documents(DataConfig(paths=[repo / "data" / "test*"]))) == 10
     assert len(load_documents(DataConfig(paths=[repo / "more" / "validation" / "*.parquet"]))) == 5
+    for only in (repo / "more", repo / "data" / "*-of-*.parquet"):  # nothing else there: said, not "no readable files"
+        pattern = only if only.name.startswith("*") else None
+        if pattern is not None:
+            (repo / "data" / "train-00000-of-00001.parquet").rename(repo / "train.parquet")
+        with pytest.raises(UserError, match=r"keeps apart from its training data \(e.g. .*(validation|test-)"):
+            load_documents(DataConfig(paths=[only]))
 
 
 def test_prompts_for_eval_and_on_policy_join_text_parts_as_training_does(hf_family, tmp_path):
