@@ -49,6 +49,12 @@ def test_eval_on_chat_data_scores_the_students_completions(hf_family, tmp_path):
     assert section.count("### ") == 2 and section.count("prompt:") == 6 and section.count("- teacher: `") == 6
     sample = report["students"]["a"]["generation"]["samples"][0]
     assert sample["prompt"] in section and f"- reference: `{sample['reference']}`" in section
+    # `distill eval` again, bars on (a log's plain lines): each model's scoring and answering shows progress
+    r = run_cli("eval", "-c", str(tmp_path / "chat.yaml"), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for line in ("eval: teacher answers 5/5", "eval: student a answers 10/10", "eval: student b answers 10/10",
+                 "eval: student a 1/1", "eval: teacher 1/1"):
+        assert line in r.stdout, (line, r.stdout[:3000])
 
 
 def test_plain_text_data_report_has_no_generation(hf_family, tmp_path):

@@ -54,10 +54,11 @@ def held_out_prompts(cfg: RunConfig, tok, n: int) -> list[Prompt]:
     return split_prompts(cfg, tok, held_out=True, limit=n)[0] if n > 0 else []
 
 
-def generate(model, prompts: list[list[int]], tok, s: GenSettings, sample_seed: int | None = None) -> list[list[int]]:
+def generate(model, prompts: list[list[int]], tok, s: GenSettings, sample_seed: int | None = None,
+             bar=None) -> list[list[int]]:
     """Each prompt's completion ids, cut after its first stop id (EOS, or a chat template's
     end of turn: `stop_ids`; kept).  sample_seed None: greedy; else sampled at s.temperature /
-    s.top_p on an RNG stream of its own."""
+    s.top_p on an RNG stream of its own.  bar: a `common.progress` bar told the prompts answered."""
     from transformers import GenerationConfig
 
     eos, pad = stop_ids(tok), pad_id(tok)
@@ -82,6 +83,8 @@ def generate(model, prompts: list[list[int]], tok, s: GenSettings, sample_seed: 
                                  generation_config=config)[:, ids.shape[1]:].cpu()  # (B, <= max_new_tokens)
             for row in new.tolist():
                 out.append(cut_at_stop(row, eos))
+            if bar is not None:
+                bar.update(len(new))
     model.train(was_training)
     return out
 
@@ -137,13 +140,14 @@ def completion_stats(completions: list[list[int]], prompts: list[Prompt], tok) -
 
 
 def evaluate_generation(model, name: str, teacher: Teacher, tok, prompts: list[Prompt], s: GenSettings,
-                        teacher_greedy: list[list[int]]) -> dict:
+                        teacher_greedy: list[list[int]], bar=None) -> dict:
     """One student's generation figures (see the module docstring); teacher_greedy: the
-    teacher's greedy completions of the same prompts (shown beside the student's)."""
+    teacher's greedy completions of the same prompts (shown beside the student's).  bar: told
+    the prompts answered, greedy then sampled (2 x prompts)."""
     ids = [p.ids for p in prompts]
     out: dict = {}
     for mode, seed in (("greedy", None), ("sampled", stable_seed("eval samples", s.seed, name))):
-        completions = generate(model, ids, tok, s, sample_seed=seed)
+        completions = generate(model, ids, tok, s, sample_seed=seed, bar=bar)
         total, count = reverse_kl_sum(model, teacher, ids, completions, tok, s.temperature, s.batch_size)
         out[mode] = {"reverse_kl": max(total / max(count, 1), 0.0), **completion_stats(completions, prompts, tok)}
         if mode == "greedy":

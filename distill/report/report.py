@@ -179,7 +179,8 @@ def _score_student(cfg: RunConfig, sc, held_out, val_teacher: Teacher, judge, su
     model = load_causal_lm(export_dir).to(device)
     stats = _model_stats(model, held_out, val_teacher, device, f"student {sc.name}", progress)
     if judge is not None:
-        stats["generation"] = generation.evaluate_generation(model, sc.name, *judge)
+        with progress_bar(2 * len(judge[2]), f"eval: student {sc.name} answers", progress) as bar:
+            stats["generation"] = generation.evaluate_generation(model, sc.name, *judge, bar=bar)
     del model
     init = layout.init_report(sc.name)
     if init.exists():  # what the student was built from (train/setup.py)
@@ -221,7 +222,8 @@ def _generation_judge(cfg: RunConfig, data, teacher_model, device, report: dict,
             print("[eval] no generation evaluation: no teacher model to score completions", file=sys.stderr)
         return None
     s = generation.GenSettings.of(cfg)
-    teacher_greedy = generation.generate(teacher_model, [p.ids for p in prompts], tok, s)
+    with progress_bar(len(prompts), "eval: teacher answers", progress) as bar:
+        teacher_greedy = generation.generate(teacher_model, [p.ids for p in prompts], tok, s, bar=bar)
     report["generation"] = {"prompts": len(prompts), "max_new_tokens": s.max_new_tokens,
                             "temperature": s.temperature, "top_p": s.top_p,
                             "teacher": generation.completion_stats(teacher_greedy, prompts, tok)}
