@@ -17,7 +17,7 @@ these (`_turns_as_messages`): roles other tools write for the two sides (`model`
 given as a JSON string are parsed; in struct columns (parquet, saved datasets) null-valued
 keys are dropped (`_without_nulls`); a content of text parts is joined into a string where
 the template cannot read it (`_parts_joined`).  An assistant turn marked `"weight": 0`
-(OpenAI's fine-tuning data) is context, not a target (`trained`).  A row a text model's
+(OpenAI's fine-tuning data) is context, not a target (`learnt_turns`).  A row a text model's
 template cannot take (a turn that is no object or has no role, a content that is no text, an
 image part) is a BadRow, named.  A token is a target when any of its characters is one.
 
@@ -103,14 +103,14 @@ def table_kind(columns: list[str], text_field: str) -> str | None:
         return "prompt"
     if "conversations" in columns or "conversation" in columns:
         return "conversations"
-    if any(ask in columns and answer in columns for ask, _, answer in INSTRUCTION_SHAPES):
+    if instruction_shape(columns) is not None:
         return "instruction"
     return None
 
 
-def instruction_shape(columns) -> tuple[str, str | None, str]:
-    """The INSTRUCTION_SHAPES entry of a table of kind "instruction"."""
-    return next(shape for shape in INSTRUCTION_SHAPES if shape[0] in columns and shape[2] in columns)
+def instruction_shape(columns) -> tuple[str, str | None, str] | None:
+    """The INSTRUCTION_SHAPES entry whose instruction and answer columns the table has, if any."""
+    return next((shape for shape in INSTRUCTION_SHAPES if shape[0] in columns and shape[2] in columns), None)
 
 
 # ShareGPT's speakers as chat-template roles (the names its variants use).
@@ -197,10 +197,12 @@ def _instruction_messages(row: dict, shape: tuple[str, str | None, str], name: s
     return [{"role": "user", "content": user}, {"role": "assistant", "content": row.get(answer)}]
 
 
-def trained(m: dict) -> bool:
-    """Whether a message is one the student learns to write: an assistant turn not marked
-    `weight: 0` (OpenAI's fine-tuning data and others mark the turns not to train on so)."""
-    return m.get("role") == "assistant" and m.get("weight", 1) not in (0, "0")
+def learnt_turns(messages: list[dict], context: int = 0) -> list[int]:
+    """The indices of the messages the student learns to write: the assistant turns from message
+    `context` on (CONTEXT: the ones before are the prompt) not marked `weight: 0` (OpenAI's
+    fine-tuning data and others mark the turns not to train on so)."""
+    return [i for i, m in enumerate(messages) if i >= context and m.get("role") == "assistant"
+            and m.get("weight", 1) not in (0, "0")]
 
 
 def _without_nulls(value):
@@ -236,7 +238,7 @@ def _parts_joined(messages: list[dict]) -> list[dict] | None:
 
     if not any(text_only(m.get("content")) for m in messages):
         return None
-    return [m | {"content": text_of(m["content"])} if text_only(m.get("content")) else m for m in messages]
+    return [m | {"content": content_text(m["content"])} if text_only(m.get("content")) else m for m in messages]
 
 
 def _flat_text(row: dict) -> str:
@@ -260,8 +262,7 @@ def as_documents(table, kind: str, text_field: str, origin: str = "the table", w
         if text_field != "text":  # the Hugging Face convention is already `text`
             table = table.rename_column(text_field, "text")
         return table.map(lambda b: {"chat": [PLAIN] * len(b["text"])}, batched=True, **work)
-    shape = instruction_shape(table.column_names) if any(
-        ask in table.column_names and answer in table.column_names for ask, _, answer in INSTRUCTION_SHAPES) else None
+    shape = instruction_shape(table.column_names)
     wanted = ("messages", "conversations", "conversation", "tools", "prompt", "completion", *SYSTEM_COLUMNS,
               *(c for c in shape or () if c))
     cols = [c for c in dict.fromkeys(wanted) if c in table.column_names]
@@ -425,17 +426,15 @@ def _assistant_spans(tok, messages: list[dict], tools, full: str, past: float = 
     """Character spans [start, end) of the full rendering `full` that the assistant wrote.
 
     The diff of whole renderings described in the module docstring; one span per assistant
-    turn that `trained` from message `context` on (the ones before are context only), up to the first that
-    starts after character `past` (where a block cuts the row: the turns after it could not
+    turn the student learns (`learnt_turns`), up to the first that starts after character `past` (where a block cuts the row: the turns after it could not
     reach a target, and each costs whole renderings, so a conversation of n turns took O(n^2)
     of them however little of it a block kept)."""
     sentinel = SENTINEL
     while sentinel in full:  # a conversation about this module
         sentinel += "x"
     spans, cursor = [], 0
-    for i, m in enumerate(messages):
-        if not trained(m) or i < context:
-            continue
+    for i in learnt_turns(messages, context):
+        m = messages[i]
         swapped = {k: v for k, v in m.items() if k not in PAYLOAD} | {"content": sentinel}
         other = _apply(tok, messages[:i] + [swapped] + messages[i + 1:], tools)
         if other.count(sentinel) != 1:
@@ -526,8 +525,9 @@ def empty_answers(chat: str) -> int:
     row = json.loads(chat)
     if "prompt" in row:
         return int(not _written(row.get("completion")))
-    return sum(1 for m in row.get("messages", [])[row.get(CONTEXT, 0):] if trained(m)
-               and not any(_written(m.get(k)) for k in PAYLOAD))
+    messages = row.get("messages", [])
+    return sum(1 for i in learnt_turns(messages, row.get(CONTEXT, 0))
+               if not any(_written(messages[i].get(k)) for k in PAYLOAD))
 
 
 def render(tok, chat: str, block: int | None = None) -> tuple[list[int], list[bool]]:
@@ -580,7 +580,7 @@ def generation_prompt(tok, messages: list[dict], tools) -> str:
     return tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
 
 
-def text_of(content) -> str:
+def content_text(content) -> str:
     """A message's content as text: a list of text parts joined as `_parts_joined` joins them."""
     if isinstance(content, list):
         return "\n".join(str(p.get("text") or "") for p in content if isinstance(p, dict))
@@ -593,9 +593,8 @@ def _render_messages(tok, messages: list[dict], tools, name: str, block: int | N
     of the first messages are context only)."""
     try:
         messages, full = _as_the_template_reads(tok, messages, tools)
-        marks_all = all(trained(m) for i, m in enumerate(messages) if m.get("role") == "assistant" and i >= context) \
-            and not any(m.get("role") == "assistant" for m in messages[:context])
-        if marks_all and GENERATION.search(tok.get_chat_template(None, tools)):  # it marks the assistant's text itself
+        every_turn = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+        if learnt_turns(messages, context) == every_turn and GENERATION.search(tok.get_chat_template(None, tools)):  # it marks the assistant's text itself
             out = _apply(tok, messages, tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
             return list(out["input_ids"]), [bool(t) for t in out["assistant_masks"]]
         full = full if full is not None else _apply(tok, messages, tools)

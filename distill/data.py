@@ -405,7 +405,7 @@ def _all_null(feature) -> bool:
 
 def _first_row(ds: datasets.Dataset, column: str, bad) -> tuple[int, object] | None:
     """(row number from 1, value) of the first row whose `column` value is `bad(value)`, or None.
-    It reads the column: for error paths only."""
+    It reads the column (up to that row)."""
     values = (v for batch in ds.select_columns([column]).iter(batch_size=1024) for v in batch[column])
     return next(((n, v) for n, v in enumerate(values, start=1) if bad(v)), None)
 

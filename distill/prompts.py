@@ -2,11 +2,10 @@
 
 Shared by on-policy training (distill/train/on_policy.py: the training split's prompts,
 sampled by the students) and the generation evaluation (distill/report/generation.py: the
-validation split's, answered greedily and sampled).  A prompt is a chat row up to its final
-assistant turn that is trained (not `weight: 0`; a conversational prompt/completion row's: up
-to its completion's first),
-rendered with add_generation_prompt=True, or a prompt/completion row's prompt; plain-text
-documents have none.
+validation split's, answered greedily and sampled).  A prompt is a chat row up to the last
+assistant turn it learns (`learnt_turns`; a conversational prompt/completion row's: up to its
+completion's first), rendered with add_generation_prompt=True, or a prompt/completion row's
+prompt; plain-text documents have none.
 """
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.chat import CONTEXT, PLAIN, generation_prompt, text_of, trained
+from distill.chat import CONTEXT, PLAIN, content_text, generation_prompt, learnt_turns
 from distill.config import RunConfig
 from distill.data import doc_in_val, documents_under
 from teachers import untrained
@@ -33,14 +32,14 @@ def prompt_of(tok, chat: str) -> Prompt | None:
     row = json.loads(chat)
     if "prompt" in row:
         return Prompt(tok(row["prompt"], add_special_tokens=False)["input_ids"], row.get("completion", ""))
-    messages, context = row.get("messages") or [], row.get(CONTEXT, 0)
-    answers = [i for i, m in enumerate(messages) if trained(m) and i >= context]
+    messages = row.get("messages") or []
+    answers = learnt_turns(messages, row.get(CONTEXT, 0))
     # the final answer learnt; a prompt/completion conversation's first one, answering its prompt
     last = (answers[0] if CONTEXT in row else answers[-1]) if answers else 0
     if last == 0:  # no assistant turn to learn from, or nothing before it to answer (or a bad row)
         return None
     text = generation_prompt(tok, messages[:last], row.get("tools"))
-    return Prompt(tok(text, add_special_tokens=False)["input_ids"], text_of(messages[last].get("content")))
+    return Prompt(tok(text, add_special_tokens=False)["input_ids"], content_text(messages[last].get("content")))
 
 
 def split_prompts(cfg: RunConfig, tok, held_out: bool, limit: int | None = None) -> tuple[list[Prompt], int]:
