@@ -634,3 +634,29 @@ def test_preference_tables_are_refused_with_advice_that_works(tmp_path):
     _bytes(tmp_path / "walk" / "pairs.jsonl", _jsonl(pairs))
     load_documents(DataConfig(paths=[tmp_path / "walk"]), log=said.append)
     assert any("skipped 1 table file(s)" in line and "preference data trains no distillation" in line for line in said)
+
+
+def test_refused_tables_and_bad_turns_through_the_cli(hf_family, tmp_path):
+    """Through `distill prepare`: a preference table is one line and exit 2; a turn that is no
+    object (before: an AttributeError traceback, exit 1) stops the preparation naming its row,
+    exit 2, and data.bad_rows: skip prepares the rest."""
+    from tests.conftest import run_cli
+
+    pairs = _bytes(tmp_path / "pairs.jsonl", _jsonl([{"prompt": f"q {i}?", "chosen": "good", "rejected": "bad"}
+                                                     for i in range(8)]))
+    rows = message_rows(30)
+    rows[4] = {"messages": ["hello", {"role": "assistant", "content": "x"}]}
+    chats = _bytes(tmp_path / "chats.jsonl", _jsonl(rows))
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "out"), "data": {"paths": [str(pairs)], "seq_len": 48},
+                                   "teacher": {"source": "checkpoint", "path": str(hf_family["teacher"])},
+                                   "students": [{"name": "s", "model": {"preset": "dense"}}]}))
+    r = run_cli("prepare", "-c", str(cfg), "--quiet")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert re.search(r"^error: .*pairs.jsonl: no column 'text', .* preference data trains no distillation", r.stderr, re.M)
+    r = run_cli("prepare", "-c", str(cfg), "--quiet", "--set", f"data.paths=[{chats}]")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert re.search(rf"^error: data: chat {re.escape(str(chats))} row 5: turn 1 is a str, not an object", r.stderr, re.M)
+    r = run_cli("prepare", "-c", str(cfg), "--quiet", "--set", f"data.paths=[{chats}]", "--set", "data.bad_rows=skip")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[data] 1 of 30 chat rows were skipped (data.bad_rows: skip)" in r.stderr, r.stderr
