@@ -99,34 +99,46 @@ def build_model(
     return model
 
 
-def _check_model_dir(path: Path) -> None:
-    """One-line ValueErrors for the usual ways a model directory is broken."""
+def model_dir_problems(path: Path) -> list[str]:
+    """The usual ways a model directory is broken, one line each (empty: none found): no
+    config.json, an index naming missing shards, no weights, a safetensors file whose header
+    is unreadable or does not cover the file (a truncated or overlong copy).  A flipped byte
+    inside the weights passes: only a recorded hash finds it (an export's, distill/report/export.py)."""
     if not path.is_dir():
-        raise ValueError(f"{path}: not a directory")
+        return [f"{path}: not a directory"]
+    problems = []
     if not (path / "config.json").is_file():
-        raise ValueError(f"{path}: no config.json")
+        problems.append(f"{path}: no config.json")
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as err:
-            raise ValueError(f"{index}: unreadable safetensors index ({err})") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            return problems + [f"{index}: unreadable safetensors index ({err})"]
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
-            raise ValueError(f"{path}: index names missing shard(s) {missing}")
-        files = [path / s for s in shards]
+            problems.append(f"{path}: index names missing shard(s) {missing}")
+        files = [path / s for s in shards if s not in missing]
     else:
         files = sorted(path.glob("*.safetensors"))
-    if not files:
+    if not files and not problems:
         if any(path.glob("pytorch_model*.bin")):
-            return  # legacy torch pickles; from_pretrained reports their problems
-        raise ValueError(f"{path}: no weights (*.safetensors or pytorch_model*.bin)")
+            return []  # legacy torch pickles; from_pretrained reports their problems
+        return [f"{path}: no weights (*.safetensors or pytorch_model*.bin)"]
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as handle:
                 handle.keys()
         except (SafetensorError, OSError) as err:
-            raise ValueError(f"{file}: corrupt safetensors file ({err})") from None
+            problems.append(f"{file}: corrupt safetensors file ({err})")
+    return problems
+
+
+def _check_model_dir(path: Path) -> None:
+    """`model_dir_problems`' first, as a one-line ValueError."""
+    problems = model_dir_problems(path)
+    if problems:
+        raise ValueError(problems[0])
 
 
 def _check_causal(path: Path, config) -> None:

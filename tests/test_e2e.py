@@ -184,7 +184,7 @@ def test_export_replaces_only_an_earlier_export_of_the_same_student(demo_dir, tm
     r = run_cli("eval", "-c", str(cfg), "--quiet")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1] == (
-        f"error: student dense: {run / 'students' / 'dense' / 'export'} holds an export of student scout; export "
+        f"error: eval: student dense: {run / 'students' / 'dense' / 'export'} holds an export of student scout; export "
         f"this student there: distill export {run / 'students' / 'dense'} --out {run / 'students' / 'dense' / 'export'}"
         f" --overwrite"), r.stderr
 
@@ -272,3 +272,127 @@ def test_eval_with_a_corrupt_cache_is_one_line(demo_dir, tmp_path):
     r = run_cli("eval", "-c", str(cfg))
     assert r.returncode == 2, r.stderr[-2000:]
     assert "is not valid JSON" in r.stderr and "Traceback" not in r.stderr
+
+
+def _run_copy(demo_dir, tmp_path):
+    """A copy of the demo run and its config -> (run dir, config path)."""
+    import shutil
+
+    import yaml
+
+    from distill.demo import demo_config
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_dir, run)
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(yaml.safe_dump(json.loads(json.dumps(demo_config(run, "tiny"), default=str))))
+    return run, cfg
+
+
+def test_eval_checks_every_export_before_scoring_any(demo_dir, tmp_path):
+    """A truncated shard in one export and no export for another: one line naming both, exit 2,
+    before any model is scored, and the earlier report and model cards kept.  Before, the
+    damaged export was found at its turn (after minutes of scoring), as a traceback, exit 1,
+    with nothing written; a missing one only at its turn."""
+    import shutil
+
+    from tests.conftest import run_cli
+
+    run, cfg = _run_copy(demo_dir, tmp_path)
+    shard = next((run / "students" / "maverick" / "export").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-16])
+    shutil.rmtree(run / "students" / "dense-baseline" / "export")
+    kept = {p: p.read_bytes() for p in [run / "report.json", *run.glob("students/*/export/README.md")]}
+    r = run_cli("eval", "-c", str(cfg))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: eval: student maverick: its export is damaged: ") and "not fully covered" in line
+    assert (f"student dense-baseline: no export at {run / 'students' / 'dense-baseline' / 'export'}" in line
+            and line.endswith(f"`distill export {run / 'students' / 'dense-baseline'} --out "
+                              f"{run / 'students' / 'dense-baseline' / 'export'}`)")), line
+    assert "eval: teacher" not in r.stdout + r.stderr  # nothing was scored
+    assert {p: p.read_bytes() for p in kept} == kept
+
+
+def test_an_eval_stopped_part_way_leaves_the_report_and_model_cards_as_they_were(demo_dir, tmp_path, monkeypatch):
+    """Model cards were written as each student was scored, the report at the end: Ctrl-C
+    after the first student left its card with new figures and report.json with the old.  Now
+    nothing is written until every model is scored, and an export removed while eval ran is
+    said, not recreated as a dir holding only a model card."""
+    import shutil
+
+    from distill.config import load_config
+    from distill.report import report as report_module
+
+    run, cfg_path = _run_copy(demo_dir, tmp_path)
+    cfg = load_config(cfg_path)
+    for earlier in [run / "report.json", *run.glob("students/*/export/README.md")]:  # an earlier eval's, told apart
+        earlier.write_text(earlier.read_text().replace("0.", "9."))
+    kept = {p: p.read_bytes() for p in [run / "report.json", *run.glob("students/*/export/README.md")]}
+    scored = report_module._score_student
+
+    def stopped_after_the_first(cfg, sc, *args, **kw):
+        if sc.name != cfg.students[0].name:
+            raise KeyboardInterrupt
+        return scored(cfg, sc, *args, **kw)
+
+    monkeypatch.setattr(report_module, "_score_student", stopped_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        report_module.evaluate_run(cfg, progress=False)
+    assert {p: p.read_bytes() for p in kept} == kept
+
+    monkeypatch.setattr(report_module, "_score_student", scored)
+    gone = run / "students" / "dense" / "export"
+
+    def removed_while_scoring(cfg, sc, *args, **kw):
+        stats = scored(cfg, sc, *args, **kw)
+        if sc.name == "dense":
+            shutil.rmtree(gone)
+        return stats
+
+    monkeypatch.setattr(report_module, "_score_student", removed_while_scoring)
+    report = report_module.evaluate_run(cfg, progress=False)
+    assert not gone.exists() and set(report["students"]) == {"scout", "maverick", "dense", "dense-baseline"}
+    assert json.loads((run / "report.json").read_text())["students"]["dense"]["val_ppl"] == report["students"]["dense"]["val_ppl"]
+
+
+def test_inspect_verify_finds_damaged_exports_and_checkpoints(demo_dir, tmp_path):
+    """`inspect --verify` on an export or a checkpoint checked nothing: a truncated or flipped
+    shard got exit 0.  An export records each weights file's size and SHA-256 and verify checks
+    them (a flipped byte); a checkpoint's torch files are checked by their CRCs, its
+    safetensors by their headers (a truncation)."""
+    from tests.conftest import run_cli
+
+    wide = {"COLUMNS": "500"}  # rich's lines unwrapped
+    out = tmp_path / "export"
+    assert run_cli("export", str(demo_dir / "students" / "scout"), "--out", str(out), "--max-shard-size", "200KB").returncode == 0
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 1 and set(json.loads((out / "distill_meta.json").read_text())["weight_files"]) == {s.name for s in shards}
+    r = run_cli("inspect", str(out), "--verify", env=wide)
+    assert r.returncode == 0 and "verify: ok" in r.stdout, r.stdout + r.stderr
+    data = bytearray(shards[1].read_bytes())
+    data[-3] ^= 1  # inside a tensor: the header still reads
+    shards[1].write_bytes(bytes(data))
+    r = run_cli("inspect", str(out), "--verify", env=wide)
+    assert r.returncode == 1 and "verify: 1 problem(s)" in r.stdout, r.stdout + r.stderr
+    assert f"BAD {shards[1]}: damaged (its SHA-256 differs" in r.stdout, r.stdout
+    shards[0].write_bytes(shards[0].read_bytes()[:-8])
+    r = run_cli("inspect", str(out), "--verify", env=wide)
+    assert r.returncode == 1 and "verify: 3 problem(s)" in r.stdout and "not fully covered" in r.stdout, r.stdout
+
+    import shutil
+
+    student = tmp_path / "scout"
+    shutil.copytree(demo_dir / "students" / "scout", student)
+    r = run_cli("inspect", str(student), "--verify", env=wide)
+    assert r.returncode == 0 and "verify: ok" in r.stdout, r.stdout + r.stderr
+    latest = sorted((student / "checkpoints").glob("step_*"))[-1]
+    state = bytearray((latest / "state.pt").read_bytes())
+    state[len(state) // 2] ^= 1
+    (latest / "state.pt").write_bytes(bytes(state))
+    r = run_cli("inspect", str(student), "--verify", env=wide)
+    assert r.returncode == 1 and "verify: 1 problem(s)" in r.stdout and "fails its CRC" in r.stdout, r.stdout
+    weights = latest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    r = run_cli("inspect", str(student), "--verify", env=wide)
+    assert r.returncode == 1 and "verify: 2 problem(s)" in r.stdout, r.stdout

@@ -12,6 +12,7 @@ held-out tokens whose experts change (`routing_note`), printed and in the model 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -24,9 +25,10 @@ from distill.chat import stop_ids
 from distill.config import shard_size_problem
 from distill.layout import RunLayout, has_tokenizer
 from distill.train import checkpoint
-from students.build import check_finite_weights
+from students.build import check_finite_weights, model_dir_problems
 from students.presets import align_moe_step
 
+META = "distill_meta.json"  # an export's record: which student, step and run, and its weights files' hashes
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -79,14 +81,16 @@ def _read_checkpoint(ckpt: Path, out: Path, overwrite: bool):
 
 def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size: str = "2GB",
                 card: str | None = None, generation_config=None, state_dict: dict | None = None,
-                files: dict[str, str] | None = None) -> Path:
+                meta: dict | None = None) -> Path:
     """save_pretrained + tokenizer + generation config (+ README.md), atomically.
 
     generation_config: kept as given (a pretrained student's own), plus the tokenizer's stop ids
     (`distill.chat.stop_ids`: EOS, and the chat template's end of turn where it is another token;
     completions and turns were trained to end with them); default: those and 64 new tokens.
     state_dict: the weights to save when the model holds only partitions of them (ZeRO-3).
-    files: more text files (name: text) to publish in the same rename."""
+    meta: what the export is of (`export_checkpoint`), published in the same rename as
+    distill_meta.json with each weights file's size and SHA-256 (`weight_files`), which
+    `distill inspect --verify` checks."""
     from transformers import GenerationConfig
 
     if dtype not in DTYPES:
@@ -117,9 +121,52 @@ def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size
                              max_new_tokens=64).save_pretrained(str(tmp))
         if card is not None:
             (tmp / "README.md").write_text(card)
-        for name, text in (files or {}).items():
-            (tmp / name).write_text(text)
+        if meta is not None:
+            meta = {**meta, "weight_files": {f.name: file_digest(f) for f in sorted(tmp.glob("*.safetensors"))}}
+            (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
     return out
+
+
+def file_digest(path: Path) -> dict:
+    """{"bytes", "sha256"} of a file, read in 16 MiB pieces (a multi-GB shard never in memory at once)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 24):
+            digest.update(piece)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def export_problems(path: Path) -> tuple[list[str], str | None]:
+    """What `distill inspect --verify` finds wrong with a model dir -> (problems, one line each;
+    a note on what could not be checked, or None).  Its structure (`model_dir_problems`), its
+    config, and, for an export of this toolkit, every weights file against the size and
+    SHA-256 recorded when it was written: a flipped byte or a shard of another export."""
+    from transformers import AutoConfig
+
+    problems = model_dir_problems(path)
+    if (path / "config.json").is_file():
+        try:
+            AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError) as err:
+            problems.append(f"{path / 'config.json'}: unreadable config ({str(err).splitlines()[0][:200]})")
+    recorded = export_meta(path).get("weight_files")
+    if not isinstance(recorded, dict):
+        return problems, ("no recorded weight hashes (not an export of this toolkit, or one made before they were "
+                          "recorded): the files' structure was checked, not their bytes")
+    for name, want in recorded.items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{file}: missing (the export wrote it)")
+            continue
+        have = file_digest(file) if file.stat().st_size == want.get("bytes") else {"bytes": file.stat().st_size}
+        if have != want:
+            what = (f"{have['bytes']:,} bytes, the export wrote {want.get('bytes', 0):,}" if have["bytes"] != want.get("bytes")
+                    else "its SHA-256 differs from the one recorded when it was written")
+            problems.append(f"{file}: damaged ({what}); export the student again")
+    extra = sorted(f.name for f in path.glob("*.safetensors") if f.name not in recorded)
+    if extra:
+        problems.append(f"{path}: weights files the export did not write: {', '.join(extra)}")
+    return problems, None
 
 
 def _check_range(tensors: dict, dtype: str) -> None:
@@ -299,7 +346,7 @@ def routing_note(model, biases: list[torch.Tensor], held_out, batch_size: int = 
 def export_meta(out: Path) -> dict:
     """An export dir's distill_meta.json (which student, which run), or {}."""
     try:
-        meta = json.loads((Path(out) / "distill_meta.json").read_text())
+        meta = json.loads((Path(out) / META).read_text())
     except (OSError, ValueError):
         return {}
     return meta if isinstance(meta, dict) else {}
@@ -387,5 +434,5 @@ def export_checkpoint(path: Path, out: Path, dtype: str = "fp32", tokenizer_dir:
         print(f"[export] {name}: {unservable}", file=sys.stderr, flush=True)
     save_hf_dir(model, tokenizer, out, dtype=dtype, max_shard_size=max_shard_size, card=model_card(name, meta, metrics),
                 generation_config=_source_generation_config(meta),
-                files={"distill_meta.json": json.dumps(meta, indent=2, default=str)})  # published with the weights
+                meta=meta)  # published with the weights
     return Path(out)

@@ -140,9 +140,9 @@ def inspect_path(path: Path, verify: bool = False) -> bool:
         return _inspect_cache(console, path, verify)
     ckpt = path if (path / "meta.json").exists() else checkpoint.latest(path / "checkpoints") or checkpoint.latest(path)
     if ckpt is not None:
-        return _inspect_checkpoint(console, ckpt)
+        return _inspect_checkpoint(console, ckpt, verify)
     if (path / "config.json").exists():
-        return _inspect_model(console, path)
+        return _inspect_model(console, path, verify)
     parts = _run_parts(path)
     if parts:  # a run's out_dir: each thing in it (one unfinished, e.g. a killed preparation, said in a line)
         ok = True
@@ -181,23 +181,34 @@ def _inspect_cache(console: Console, path: Path, verify: bool) -> bool:
     return _said(console, verify_cache(path)) if verify else True
 
 
-def _inspect_checkpoint(console: Console, ckpt: Path) -> bool:
+def _inspect_checkpoint(console: Console, ckpt: Path, verify: bool) -> bool:
     from distill.train import checkpoint
 
     meta = checkpoint.load_meta(ckpt)
-    cfg = json.loads((ckpt / "config.json").read_text())
+    try:
+        cfg = json.loads((ckpt / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}  # --verify says so
+    cfg = cfg if isinstance(cfg, dict) else {}
     console.print(_table(f"checkpoint {ckpt}", {
         "student": meta.get("student"), "step": meta.get("step"), "run_hash": meta.get("run_hash"),
         "architecture": cfg.get("model_type"), "vocab_size": cfg.get("vocab_size"),
         "data_fingerprint": meta.get("data_fingerprint")}))
-    return True
+    return _said(console, checkpoint.checkpoint_problems(ckpt)) if verify else True
 
 
-def _inspect_model(console: Console, path: Path) -> bool:
+def _inspect_model(console: Console, path: Path, verify: bool) -> bool:
+    from distill.report.export import export_problems
     from students.presets import param_counts
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(path))
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        if not verify:
+            raise UserError(f"{path / 'config.json'}: unreadable config ({str(err).splitlines()[0][:200]})") from None
+        console.print(f"model {path}")
+        return _said(console, export_problems(path)[0])
     text = config.get_text_config()  # a multimodal dir (Llama 4 as Meta ships it): its language model
     total, active = param_counts(text)
     kind = config.model_type if text is config else f"{config.model_type} (its text model, {text.model_type}, counted)"
@@ -205,7 +216,12 @@ def _inspect_model(console: Console, path: Path) -> bool:
             "params_active": f"{active:,}", "dtype": str(getattr(config, "dtype", None) or "-").removeprefix("torch.")}
     rows.update(_export_rows(path))
     console.print(_table(f"model {path}", rows))
-    return True
+    if not verify:
+        return True
+    problems, note = export_problems(path)
+    if note:
+        console.print(f"note: {note}")
+    return _said(console, problems)
 
 
 def _run_parts(out: Path) -> list[Path]:

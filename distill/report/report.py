@@ -30,7 +30,7 @@ from distill.train import checkpoint
 from distill.train.metrics import read_metrics
 from distill.train.validate import evaluate_model, inference_tokens_per_s
 from losses.difficulty import STATS
-from students.build import load_causal_lm
+from students.build import load_causal_lm, model_dir_problems
 from students.presets import param_counts
 from teachers import CachedTeacher, LiveTeacher, Teacher
 from teachers.cache.format import Sampling
@@ -87,6 +87,27 @@ def _has_chat(data, held_out) -> bool:
     return bool((held_out[:, 1:] < 0).any())
 
 
+def check_exports(cfg: RunConfig) -> None:
+    """Every student's export, before any scoring (the teacher's row and each student before it
+    can take many minutes): there, whole (`model_dir_problems`), that student's, and said when
+    older than its latest checkpoint.  Every problem found goes in one line."""
+    layout = cfg.layout
+    problems = []
+    for sc in cfg.students:
+        export_dir, redo = layout.export(sc.name), f"distill export {layout.student(sc.name)} --out {layout.export(sc.name)}"
+        if not (export_dir / "config.json").exists():
+            problems.append(f"student {sc.name}: no export at {export_dir} (run `distill run`, or `{redo}`)")
+        elif damage := model_dir_problems(export_dir):
+            problems.append(f"student {sc.name}: its export is damaged: {damage[0]} (export it again: `{redo} --overwrite`)")
+        else:
+            try:
+                _check_export_is_the_students(layout, sc.name)
+            except UserError as e:
+                problems.append(str(e))
+    if problems:
+        raise UserError("eval: " + "; ".join(problems))
+
+
 def _check_export_is_the_students(layout, name: str) -> None:
     """The table scores OUT/students/NAME/export under NAME: it must be that student's (an
     export of another student copied there was scored under this name before), and an export
@@ -113,6 +134,7 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
     export rounds the weights, and a stock Llama 4 export drops the trained expert bias (its
     routing changes: see the export's routing note), so theirs can differ."""
     layout = cfg.layout
+    check_exports(cfg)
     data = prepare(cfg, progress) if data is None else data
     device = resolve_device(cfg.train.device)
     held_out = first_blocks(data.val, cfg.train.eval_blocks)  # Blocks: their rows' position ids go along
@@ -129,10 +151,14 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
     for sc in cfg.students:
         report["students"][sc.name] = _score_student(cfg, sc, held_out, val_teacher, judge, summary, device, progress)
 
+    # Written once every model is scored, the report first: an eval stopped part-way leaves the
+    # report and the model cards as the last whole eval wrote them, in agreement.
     atomic_write_json(layout.report_json, report)
     atomic_write_text(layout.report_md, render_markdown(report))
     histories = {sc.name: read_metrics(layout.metrics(sc.name)) for sc in cfg.students}
     plots.write_all(layout, histories, report)
+    for name, stats in report["students"].items():
+        _write_model_card(layout.export(name), name, stats)
     if progress:
         print(render_markdown(report))
     return report
@@ -173,10 +199,12 @@ def _score_student(cfg: RunConfig, sc, held_out, val_teacher: Teacher, judge, su
     """One student's row of the table, from its export (whose model card gets the figures)."""
     layout = cfg.layout
     export_dir = layout.export(sc.name)
-    if not (export_dir / "config.json").exists():
-        raise UserError(f"student {sc.name}: no export at {export_dir}; run `distill run` or `distill export`")
-    _check_export_is_the_students(layout, sc.name)
-    model = load_causal_lm(export_dir).to(device)
+    try:  # checked up front (`check_exports`); what only loading finds (a missing weight), or a change since
+        model = load_causal_lm(export_dir).to(device)
+    except (ValueError, OSError) as e:
+        raise UserError(f"eval: student {sc.name}: its export cannot be loaded: {str(e).splitlines()[0][:300]} "
+                        f"(export it again: distill export {layout.student(sc.name)} --out {export_dir} "
+                        f"--overwrite)") from None
     stats = _model_stats(model, held_out, val_teacher, device, f"student {sc.name}", progress)
     if judge is not None:
         with progress_bar(2 * len(judge[2]), f"eval: student {sc.name} answers", progress) as bar:
@@ -195,9 +223,18 @@ def _score_student(cfg: RunConfig, sc, held_out, val_teacher: Teacher, judge, su
         stats["data_kept"] = stats["data"]["fraction_kept"]
     if layout.failure(sc.name).exists():  # dropped in training: these are its last good step's figures
         stats["failed"] = json.loads(layout.failure(sc.name).read_text())
-    card_metrics = {k: stats[k] for k in ("val_ppl", "teacher_top1_agreement", "kl_to_teacher", "params_total", "params_active")}
-    atomic_write_text(export_dir / "README.md", model_card(sc.name, meta, card_metrics))
     return stats
+
+
+def _write_model_card(export_dir, name: str, stats: dict) -> None:
+    """The export's README.md with the report's figures; an export removed while eval ran is
+    said, not recreated as a dir holding a model card alone."""
+    if not (export_dir / "config.json").exists():
+        print(f"[eval] student {name}: its export {export_dir} was removed while eval ran; its model card was not "
+              f"written (the report has its figures)", file=sys.stderr, flush=True)
+        return
+    card_metrics = {k: stats[k] for k in ("val_ppl", "teacher_top1_agreement", "kl_to_teacher", "params_total", "params_active")}
+    atomic_write_text(export_dir / "README.md", model_card(name, export_meta(export_dir), card_metrics))
 
 
 def _trained_counts(meta: dict, run_info: dict) -> tuple[int | None, int | None]:

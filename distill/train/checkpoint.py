@@ -26,10 +26,12 @@ import time
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from common.errors import UserError
@@ -208,6 +210,41 @@ def load_state(ckpt: Path) -> dict:
     except Exception as e:
         raise UserError(f"{ckpt / 'state.pt'}: checkpoint is unreadable ({type(e).__name__}); "
                         f"delete this step dir to fall back to the previous one") from None
+
+
+def checkpoint_problems(ckpt: Path) -> list[str]:
+    """What `distill inspect --verify` finds wrong with a checkpoint step dir, one line each:
+    meta.json and config.json unreadable, model.safetensors whose header does not cover the
+    file, and every torch file (state.pt, DeepSpeed's partitions) that is no complete zip or
+    whose members fail their CRC-32 (torch.save records one per tensor: a flipped byte shows).
+    The safetensors weights carry no checksum: a byte flipped inside them passes."""
+    problems = []
+    for name in ("meta.json", "config.json"):
+        try:
+            if not isinstance(json.loads((ckpt / name).read_text()), dict):
+                problems.append(f"{ckpt / name}: not a JSON object")
+        except (OSError, ValueError) as e:
+            problems.append(f"{ckpt / name}: unreadable ({type(e).__name__})")
+    weights = ckpt / "model.safetensors"
+    if weights.exists():
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as e:
+            problems.append(f"{weights}: corrupt safetensors file ({e})")
+    else:
+        problems.append(f"{ckpt}: no model.safetensors")
+    partitions = ckpt.parent / "deepspeed" / ckpt.name  # DeepSpeed's files of this step (engines.py)
+    for file in sorted(ckpt.rglob("*.pt")) + sorted(partitions.rglob("*.pt")):
+        try:
+            with zipfile.ZipFile(file) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError) as e:
+            problems.append(f"{file}: unreadable ({e})")
+            continue
+        if bad is not None:
+            problems.append(f"{file}: damaged (member {bad} fails its CRC)")
+    return [p + "; delete this step dir to fall back to the previous one" for p in problems]
 
 
 def load_weights(ckpt: Path, model: torch.nn.Module, what_to_do: str) -> tuple[list[str], list[str]]:
