@@ -48,7 +48,8 @@ class _Lines:
     def update(self, n: int, losses: dict | None = None, info: str | None = None) -> None:
         self.done += n
         now = time.monotonic()
-        if now - self.last < PLAIN_PROGRESS_SECONDS and self.done < self.total:
+        finishing = n > 0 and self.done >= self.total  # the last unit of work: said at once
+        if now - self.last < PLAIN_PROGRESS_SECONDS and not finishing:
             return
         self.last = now
         desc = _describe(losses, info)

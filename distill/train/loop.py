@@ -405,6 +405,35 @@ def _restore_views(views: list[DataView], students: list[Student]) -> None:
             view.load_state_dict(state)
 
 
+class _ValidationProgress:
+    """evaluate_model's bar, shown as the training bar's text (rich allows one live bar):
+    `validating NAME: k/N blocks`; a log gets it in its plain progress lines."""
+
+    def __init__(self, bar, name: str, total: int):
+        self.bar, self.name, self.total, self.done = bar, name, total, 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        self.bar.update(0, info=f"validating {self.name}: {self.done:,}/{self.total:,} blocks")
+
+
+def _validate(students: list[Student], val_blocks, val_teacher: Teacher | None, loop: LoopConfig,
+              logger: MetricsLogger, done: int, final_eval: dict, bar, stopping) -> bool:
+    """Each student on the first `loop.eval_blocks` validation blocks, logged as its `val` row
+    at step `done` and kept in final_eval; -> True when a signal cut it short (`stopping`, asked
+    after each batch: on a large held-out split a Ctrl-C waited for minutes), the unfinished
+    student's figures not logged."""
+    blocks = first_blocks(val_blocks, loop.eval_blocks)
+    for s in students:
+        metrics = evaluate_model(s.model, blocks, val_teacher, device=s.device, chunk_size=s.cfg.loss.chunk_size,
+                                 bar=_ValidationProgress(bar, s.name, len(blocks)), stop=stopping)
+        if metrics is None:
+            return True
+        final_eval[s.name] = metrics
+        logger.log(s.name, done, metrics, kind="val")
+    return False
+
+
 def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: Blocks | torch.Tensor,
                val_blocks: Blocks | torch.Tensor, val_teacher: Teacher | None, loop: LoopConfig, layout: RunLayout,
                resume: bool, progress: bool, label: str = "co-distilling",
@@ -463,18 +492,18 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: B
                 bar.update(1, {s.name: logger.last.get(s.name, {}).get("loss") for s in students})
 
                 # --- validation and checkpoints
+                cut_short = False
                 if done == loop.steps or (loop.eval_every and done % loop.eval_every == 0):
-                    for s in students:
-                        final_eval[s.name] = evaluate_model(s.model, first_blocks(val_blocks, loop.eval_blocks), val_teacher,
-                                                            device=s.device, chunk_size=s.cfg.loss.chunk_size)
-                        logger.log(s.name, done, final_eval[s.name], kind="val")
+                    cut_short = _validate(students, val_blocks, val_teacher, loop, logger, done, final_eval, bar,
+                                          lambda: agreed_stop(stop.signum, loop, students) is not None)
                 signum = agreed_stop(stop.signum, loop, students)
                 if done == loop.steps or (loop.checkpoint_every and done % loop.checkpoint_every == 0) or signum:
                     save_all(layout, students, done, loop)
-                if signum and done < loop.steps:
+                if signum:  # at the last step too: `distill run` must not go on to export and eval
+                    cut = " (its validation cut short)" if cut_short else ""
                     raise TrainingInterrupted(
-                        f"stopped by signal {signum} after step {done}; checkpoints saved under "
-                        f"{layout.students}; rerun with --resume to continue")
+                        f"stopped by signal {signum} after step {done} of {loop.steps}{cut}; checkpoints saved "
+                        f"under {layout.students}; rerun with --resume to continue")
     finally:
         logger.close()
     return {"students": final_eval, "teacher_forward_calls": teacher_calls, "start_step": start,

@@ -29,7 +29,8 @@ from teachers import IGNORE, Batch, Teacher
 
 @torch.no_grad()
 def evaluate_model(model, blocks: Blocks | torch.Tensor, teacher: Teacher | None = None, batch_size: int = 8,
-                   device: torch.device | None = None, chunk_size: int | None = None, bar=None) -> dict:
+                   device: torch.device | None = None, chunk_size: int | None = None, bar=None,
+                   stop=None) -> dict | None:
     """blocks: (N, T+1) token ids, rows 0..N-1 of the teacher's split (None: perplexity only):
     prepared `Blocks` (whose rows' position ids go along), or a tensor (one sequence a row).
 
@@ -38,7 +39,8 @@ def evaluate_model(model, blocks: Blocks | torch.Tensor, teacher: Teacher | None
     (chunk_size, V) fp32 logits exist at once,
     never (B, T, V): a vocabulary and batch that trained fine also evaluate.  The model runs in
     its weights' dtype (no autocast: a bf16-trained student is scored in fp32).  bar: a
-    `common.progress` bar told the blocks scored."""
+    `common.progress` bar told the blocks scored.  stop: asked after each batch (training's
+    Ctrl-C, agreed by every rank); True cuts the scoring short -> None."""
     device = device or next(model.parameters()).device
     chunk_size = chunk_size or auto_chunk_size(model.lm_head.weight.shape[0], device)
     was_training = model.training
@@ -75,6 +77,9 @@ def evaluate_model(model, blocks: Blocks | torch.Tensor, teacher: Teacher | None
                 kl_sum += float((kl * valid[a:b]).sum())
         if bar is not None:
             bar.update(len(idx))
+        if stop is not None and stop():
+            model.train(was_training)
+            return None
     model.train(was_training)
     out = {"val_ce": ce_sum / max(n_tok, 1), "val_ppl": math.exp(min(ce_sum / max(n_tok, 1), 50.0)),
            "val_tokens": n_tok}
