@@ -15,6 +15,7 @@
       replaced-TIME/              an earlier run moved aside by `--overwrite`
       tensorboard/NAME/
       train_summary.json  report.json  report.md  curves.png  schedule.png  expert_load.png
+      eval_progress.json          the scores of an eval stopped part-way, which the same command resumes from
 """
 from __future__ import annotations
 
@@ -100,6 +101,11 @@ class RunLayout:
     def report_md(self) -> Path:
         return self.root / "report.md"
 
+    @property
+    def eval_progress(self) -> Path:
+        """What an eval stopped part-way had scored (distill/report/report.py::ScoredSoFar)."""
+        return self.root / "eval_progress.json"
+
     def plot(self, name: str) -> Path:
         return self.root / name
 
@@ -107,4 +113,4 @@ class RunLayout:
         """What one training run writes under OUT (beside the shared data, tokenizer, teacher
         and cache): moved aside whole when a fresh run replaces it (`--overwrite`)."""
         return [self.students, self.root / "tensorboard", self.train_summary, self.report_json, self.report_md,
-                *(self.plot(name) for name in PLOTS)]
+                self.eval_progress, *(self.plot(name) for name in PLOTS)]

@@ -1,5 +1,6 @@
 """The real CLI end to end on the tiny demo: files, report schema, stock-transformers export."""
 import json
+import os
 import re
 
 import pytest
@@ -314,11 +315,13 @@ def test_eval_checks_every_export_before_scoring_any(demo_dir, tmp_path):
     assert {p: p.read_bytes() for p in kept} == kept
 
 
-def test_an_eval_stopped_part_way_leaves_the_report_and_model_cards_as_they_were(demo_dir, tmp_path, monkeypatch):
+def test_an_eval_stopped_part_way_keeps_the_report_and_cards_and_resumes(demo_dir, tmp_path, monkeypatch):
     """Model cards were written as each student was scored, the report at the end: Ctrl-C
-    after the first student left its card with new figures and report.json with the old.  Now
-    nothing is written until every model is scored, and an export removed while eval ran is
-    said, not recreated as a dir holding only a model card."""
+    after the first student left its card with new figures and report.json with the old, and
+    the rerun scored every model again.  Now nothing of the report is written until every model
+    is scored, what was scored is kept (eval_progress.json), and the same command scores only
+    the rest, to the same report.  An export removed while eval ran is said, not recreated as a
+    dir holding only a model card."""
     import shutil
 
     from distill.config import load_config
@@ -326,34 +329,54 @@ def test_an_eval_stopped_part_way_leaves_the_report_and_model_cards_as_they_were
 
     run, cfg_path = _run_copy(demo_dir, tmp_path)
     cfg = load_config(cfg_path)
+    full = json.loads((run / "report.json").read_text().replace(str(demo_dir), str(run)))  # `distill demo`'s eval
     for earlier in [run / "report.json", *run.glob("students/*/export/README.md")]:  # an earlier eval's, told apart
         earlier.write_text(earlier.read_text().replace("0.", "9."))
     kept = {p: p.read_bytes() for p in [run / "report.json", *run.glob("students/*/export/README.md")]}
-    scored = report_module._score_student
+    score, scored = report_module._score_export, []
 
-    def stopped_after_the_first(cfg, sc, *args, **kw):
-        if sc.name != cfg.students[0].name:
+    def stopped_at_the_third(name, *args, **kw):
+        if len(scored) == 2:
             raise KeyboardInterrupt
-        return scored(cfg, sc, *args, **kw)
+        scored.append(name)
+        return score(name, *args, **kw)
 
-    monkeypatch.setattr(report_module, "_score_student", stopped_after_the_first)
+    monkeypatch.setattr(report_module, "_score_export", stopped_at_the_third)
     with pytest.raises(KeyboardInterrupt):
         report_module.evaluate_run(cfg, progress=False)
     assert {p: p.read_bytes() for p in kept} == kept
+    progress = json.loads((run / "eval_progress.json").read_text())
+    assert set(progress["students"]) == set(scored) == {"scout", "maverick"} and progress["teacher"]
 
-    monkeypatch.setattr(report_module, "_score_student", scored)
+    scored.clear()
+    report = report_module.evaluate_run(cfg, progress=False)
+    assert scored == ["dense", "dense-baseline"] and not (run / "eval_progress.json").exists()
+    speed = "inference_tokens_per_s"  # timed: not a figure that repeats
+    for row in [report["teacher"], full["teacher"], *report["students"].values(), *full["students"].values()]:
+        row.pop(speed)
+    assert json.loads(json.dumps(report)) == full
+
+    # An export written again since (here: its weights touched) is scored again
+    scored.clear()
+    with pytest.raises(KeyboardInterrupt):
+        report_module.evaluate_run(cfg, progress=False)  # scout and maverick kept
+    weights = next((run / "students" / "scout" / "export").glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
     gone = run / "students" / "dense" / "export"
 
-    def removed_while_scoring(cfg, sc, *args, **kw):
-        stats = scored(cfg, sc, *args, **kw)
-        if sc.name == "dense":
+    def removed_while_scoring(name, *args, **kw):  # and dense's export removed once it is scored
+        scored.append(name)
+        stats = score(name, *args, **kw)
+        if name == "dense":
             shutil.rmtree(gone)
         return stats
 
-    monkeypatch.setattr(report_module, "_score_student", removed_while_scoring)
+    scored.clear()
+    monkeypatch.setattr(report_module, "_score_export", removed_while_scoring)
     report = report_module.evaluate_run(cfg, progress=False)
+    assert scored == ["scout", "dense", "dense-baseline"]
     assert not gone.exists() and set(report["students"]) == {"scout", "maverick", "dense", "dense-baseline"}
-    assert json.loads((run / "report.json").read_text())["students"]["dense"]["val_ppl"] == report["students"]["dense"]["val_ppl"]
+    assert report["students"]["dense"]["val_ppl"] == full["students"]["dense"]["val_ppl"]
 
 
 def test_inspect_verify_finds_damaged_exports_and_checkpoints(demo_dir, tmp_path):

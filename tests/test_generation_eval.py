@@ -57,6 +57,44 @@ def test_eval_on_chat_data_scores_the_students_completions(hf_family, tmp_path):
         assert line in r.stdout, (line, r.stdout[:3000])
 
 
+def test_a_chat_eval_stopped_part_way_resumes_to_the_same_report(hf_family, tmp_path, monkeypatch):
+    """Cached chat data: the rerun keeps the teacher's row and its answers, loads the teacher
+    model only to score the students left (their answers), and ends at the report an eval
+    never stopped writes."""
+    from distill.config import load_config
+    from distill.report import report as report_module
+
+    full = _run(hf_family, tmp_path / "chat", chat_rows(), eval_prompts=4, on_policy={"max_new_tokens": 6},
+                mode="cached")
+    cfg = load_config(tmp_path / "chat.yaml")
+    score, scored = report_module._score_export, []
+
+    def stopped_at_b(name, *args, **kw):
+        if name == "b":
+            raise KeyboardInterrupt
+        scored.append(name)
+        return score(name, *args, **kw)
+
+    monkeypatch.setattr(report_module, "_score_export", stopped_at_b)
+    with pytest.raises(KeyboardInterrupt):
+        report_module.evaluate_run(cfg, progress=False)
+    kept = json.loads((tmp_path / "chat" / "eval_progress.json").read_text())
+    assert set(kept["students"]) == {"a"} and len(kept["teacher_greedy"]) == 4 and kept["teacher"]
+
+    generated = []
+    monkeypatch.setattr(report_module, "_score_export", lambda name, *a, **kw: scored.append(name) or score(name, *a, **kw))
+    real_generate = report_module.generation.generate
+    monkeypatch.setattr(report_module.generation, "generate",
+                        lambda model, *a, **kw: generated.append(type(model).__name__) or real_generate(model, *a, **kw))
+    report = report_module.evaluate_run(cfg, progress=False)
+    assert scored == ["a", "b"] and not (tmp_path / "chat" / "eval_progress.json").exists()
+    # the teacher's answers were kept: only student b answered (greedy and sampled), not the Qwen3 teacher
+    assert generated == ["LlamaForCausalLM"] * 2, generated
+    for row in [report["teacher"], full["teacher"], *report["students"].values(), *full["students"].values()]:
+        row.pop("inference_tokens_per_s")
+    assert json.loads(json.dumps(report)) == full
+
+
 def test_plain_text_data_report_has_no_generation(hf_family, tmp_path):
     rows = [{"text": f"{r['prompt']}{r['completion']}"} for r in chat_rows() if "prompt" in r]
     report = _run(hf_family, tmp_path / "plain", rows)

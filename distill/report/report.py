@@ -12,6 +12,7 @@ report.json:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 
@@ -143,13 +144,16 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
     report: dict = {"teacher": {}, "students": {}, "data_fingerprint": data.fingerprint,
                     "val_blocks": len(held_out), "scored_tokens": "assistant / completion only" if chat else "all",
                     "teacher_signal": signal_description(cfg.cache, val_teacher)}
-    teacher_model = _score_teacher(cfg, data, held_out, val_teacher, teacher_model, device, report, progress)
-    judge = _generation_judge(cfg, data, teacher_model, device, report, progress) if chat else None
+    scored = ScoredSoFar(layout.eval_progress, _eval_key(cfg, data, device), progress)  # an eval stopped part-way
+    unscored = [sc.name for sc in cfg.students if scored.student(sc.name, _export_identity(layout, sc)) is None]
+    teacher_model = _score_teacher(cfg, data, held_out, val_teacher, teacher_model, device, report, progress, scored)
+    judge = _generation_judge(cfg, data, teacher_model, device, report, progress, scored, bool(unscored)) if chat else None
     del teacher_model
 
     summary = json.loads(layout.train_summary.read_text()) if layout.train_summary.exists() else {}
     for sc in cfg.students:
-        report["students"][sc.name] = _score_student(cfg, sc, held_out, val_teacher, judge, summary, device, progress)
+        report["students"][sc.name] = _score_student(cfg, sc, held_out, val_teacher, judge, summary, device, progress,
+                                                     scored)
 
     # Written once every model is scored, the report first: an eval stopped part-way leaves the
     # report and the model cards as the last whole eval wrote them, in agreement.
@@ -159,6 +163,7 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
     plots.write_all(layout, histories, report)
     for name, stats in report["students"].items():
         _write_model_card(layout.export(name), name, stats)
+    scored.finished()
     if progress:
         print(render_markdown(report))
     return report
@@ -176,9 +181,10 @@ def _val_teacher(cfg: RunConfig, data, device) -> tuple[Teacher, torch.nn.Module
 
 
 def _score_teacher(cfg: RunConfig, data, held_out, val_teacher: Teacher, teacher_model, device, report: dict,
-                   progress: bool):
+                   progress: bool, scored: "ScoredSoFar"):
     """The teacher's own row of the table (report["teacher"]), when its weights are here and fit
-    one device -> the teacher model (loaded if it was not), or None."""
+    one device -> the teacher model (loaded if it was not and the row is not `scored` already),
+    or None."""
     layout = cfg.layout
     if cfg.teacher.sharding != "none":  # too large for one device by the user's own account
         if progress:
@@ -186,30 +192,31 @@ def _score_teacher(cfg: RunConfig, data, held_out, val_teacher: Teacher, teacher
         return teacher_model
     if not (layout.teacher / "config.json").exists():
         return teacher_model
+    if scored.get("teacher") is not None:
+        report["teacher"], report["teacher_signal"] = scored.get("teacher"), scored.get("teacher_signal")
+        scored.say("the teacher")
+        return teacher_model
     teacher_model = teacher_model or load_causal_lm(layout.teacher).to(device)
     report["teacher"] = {"path": str(layout.teacher),
                          **_model_stats(teacher_model, held_out, val_teacher, device, "teacher", progress)}
     report["teacher"].pop("expert_load", None)
     report["teacher_signal"] += _padding_note(teacher_model, vocab_size_of(data.tokenizer))
+    scored.put(teacher=report["teacher"], teacher_signal=report["teacher_signal"])
     return teacher_model
 
 
 def _score_student(cfg: RunConfig, sc, held_out, val_teacher: Teacher, judge, summary: dict, device,
-                   progress: bool) -> dict:
+                   progress: bool, scored: "ScoredSoFar") -> dict:
     """One student's row of the table, from its export (whose model card gets the figures)."""
     layout = cfg.layout
     export_dir = layout.export(sc.name)
-    try:  # checked up front (`check_exports`); what only loading finds (a missing weight), or a change since
-        model = load_causal_lm(export_dir).to(device)
-    except (ValueError, OSError) as e:
-        raise UserError(f"eval: student {sc.name}: its export cannot be loaded: {str(e).splitlines()[0][:300]} "
-                        f"(export it again: distill export {layout.student(sc.name)} --out {export_dir} "
-                        f"--overwrite)") from None
-    stats = _model_stats(model, held_out, val_teacher, device, f"student {sc.name}", progress)
-    if judge is not None:
-        with progress_bar(2 * len(judge[2]), f"eval: student {sc.name} answers", progress) as bar:
-            stats["generation"] = generation.evaluate_generation(model, sc.name, *judge, bar=bar)
-    del model
+    identity = _export_identity(layout, sc)
+    stats = scored.student(sc.name, identity)
+    if stats is not None:
+        scored.say(f"student {sc.name}")
+    else:
+        stats = _score_export(sc.name, layout, held_out, val_teacher, judge, device, progress)
+        scored.put_student(sc.name, identity, stats)
     init = layout.init_report(sc.name)
     if init.exists():  # what the student was built from (train/setup.py)
         stats["init"] = summarise_init(json.loads(init.read_text()))
@@ -224,6 +231,91 @@ def _score_student(cfg: RunConfig, sc, held_out, val_teacher: Teacher, judge, su
     if layout.failure(sc.name).exists():  # dropped in training: these are its last good step's figures
         stats["failed"] = json.loads(layout.failure(sc.name).read_text())
     return stats
+
+
+def _score_export(name: str, layout, held_out, val_teacher: Teacher, judge, device, progress: bool) -> dict:
+    """What a student's export scores: held-out metrics, sizes, speed, and (chat data) its answers."""
+    export_dir = layout.export(name)
+    try:  # checked up front (`check_exports`); what only loading finds (a missing weight), or a change since
+        model = load_causal_lm(export_dir).to(device)
+    except (ValueError, OSError) as e:
+        raise UserError(f"eval: student {name}: its export cannot be loaded: {str(e).splitlines()[0][:300]} "
+                        f"(export it again: distill export {layout.student(name)} --out {export_dir} "
+                        f"--overwrite)") from None
+    stats = _model_stats(model, held_out, val_teacher, device, f"student {name}", progress)
+    if judge is not None:
+        with progress_bar(2 * len(judge[2]), f"eval: student {name} answers", progress) as bar:
+            stats["generation"] = generation.evaluate_generation(model, name, *judge, bar=bar)
+    return stats
+
+
+# What eval computes the same from the same inputs; raised when that changes, so scores kept
+# by an eval stopped part-way under an older toolkit are not mixed into a new report.
+EVAL_FORMAT = 1
+
+
+def _eval_key(cfg: RunConfig, data, device) -> str:
+    """What every model's scores depend on besides its own weights: the whole config but the
+    students (the held-out blocks, the teacher and its signal, generation settings, seeds), the
+    data's fingerprint, the device, the teacher's files and the cache's manifest."""
+    layout = cfg.layout
+    parts = {"format": EVAL_FORMAT, "config": cfg.model_dump(mode="json", exclude={"students"}),
+             "data": data.fingerprint, "device": str(device), "teacher_files": _files_identity(layout.teacher),
+             "cache": _files_identity(layout.cache, "manifest.json") if cfg.train.mode == "cached" else None}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _files_identity(root, pattern: str = "*") -> list:
+    """[name, size, mtime_ns] of each file matching `pattern` in `root` (not below): a file
+    written again, or another file, changes it."""
+    if not root.is_dir():
+        return []
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(root.glob(pattern)) if f.is_file()]
+
+
+def _export_identity(layout, sc) -> str:
+    """A student's export as eval scores it: its files (the model card, which eval writes, aside)
+    and the student's config (its row's kind and name)."""
+    files = [f for f in _files_identity(layout.export(sc.name)) if f[0] != "README.md"]
+    return hashlib.sha256(json.dumps([files, sc.model_dump(mode="json")], default=str).encode()).hexdigest()[:16]
+
+
+class ScoredSoFar:
+    """The scores an eval stopped part-way (Ctrl-C, a preemption) had computed, kept in
+    OUT/eval_progress.json after each model, so the same command resumes: each model is scored
+    once.  They are reused only under the same `_eval_key` (a student's, under the same export
+    identity too); once the report is written the file goes."""
+
+    def __init__(self, path, key: str, progress: bool):
+        self.path, self.progress = path, progress
+        try:
+            held = json.loads(path.read_text())
+        except (OSError, ValueError):
+            held = None
+        self.held = held if isinstance(held, dict) and held.get("key") == key else {"key": key, "students": {}}
+
+    def get(self, name: str):
+        return self.held.get(name)
+
+    def put(self, **values) -> None:
+        self.held.update(values)
+        atomic_write_json(self.path, self.held)
+
+    def student(self, name: str, identity: str) -> dict | None:
+        kept = self.held["students"].get(name)
+        return dict(kept["stats"]) if kept and kept.get("identity") == identity else None
+
+    def put_student(self, name: str, identity: str, stats: dict) -> None:
+        self.held["students"][name] = {"identity": identity, "stats": dict(stats)}  # the scores alone
+        self.put()
+
+    def say(self, what: str) -> None:
+        if self.progress:
+            print(f"[eval] {what}: scored by the eval stopped earlier (the same inputs); kept", file=sys.stderr,
+                  flush=True)
+
+    def finished(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def _write_model_card(export_dir, name: str, stats: dict) -> None:
@@ -248,22 +340,34 @@ def _trained_counts(meta: dict, run_info: dict) -> tuple[int | None, int | None]
     return meta["tokens_seen"], meta.get("targets_seen")
 
 
-def _generation_judge(cfg: RunConfig, data, teacher_model, device, report: dict, progress: bool):
+def _generation_judge(cfg: RunConfig, data, teacher_model, device, report: dict, progress: bool,
+                      scored: ScoredSoFar, students_to_score: bool):
     """Chat data: the held-out prompts, the teacher's greedy answers (report["generation"])
     and a dense-logit teacher to score the students' completions -> the arguments of
-    `generation.evaluate_generation` after (model, name); None when there is nothing to do."""
+    `generation.evaluate_generation` after (model, name); None when there is nothing to do
+    (every student `scored` already: the answers' figures are kept too)."""
     tok = data.tokenizer
     prompts = generation.held_out_prompts(cfg, tok, cfg.train.eval_prompts)
+    kept = scored.get("generation")
+    if kept is not None:
+        report["generation"] = kept
+    if not students_to_score:
+        return None
+    if teacher_model is None and cfg.teacher.sharding == "none" and (cfg.layout.teacher / "config.json").exists():
+        teacher_model = load_causal_lm(cfg.layout.teacher).to(device)  # its row was kept: loaded for the answers
     if not prompts or teacher_model is None:
         if prompts and progress:
             print("[eval] no generation evaluation: no teacher model to score completions", file=sys.stderr)
         return None
     s = generation.GenSettings.of(cfg)
-    with progress_bar(len(prompts), "eval: teacher answers", progress) as bar:
-        teacher_greedy = generation.generate(teacher_model, [p.ids for p in prompts], tok, s, bar=bar)
-    report["generation"] = {"prompts": len(prompts), "max_new_tokens": s.max_new_tokens,
-                            "temperature": s.temperature, "top_p": s.top_p,
-                            "teacher": generation.completion_stats(teacher_greedy, prompts, tok)}
+    teacher_greedy = scored.get("teacher_greedy")
+    if teacher_greedy is None:
+        with progress_bar(len(prompts), "eval: teacher answers", progress) as bar:
+            teacher_greedy = generation.generate(teacher_model, [p.ids for p in prompts], tok, s, bar=bar)
+        report["generation"] = {"prompts": len(prompts), "max_new_tokens": s.max_new_tokens,
+                                "temperature": s.temperature, "top_p": s.top_p,
+                                "teacher": generation.completion_stats(teacher_greedy, prompts, tok)}
+        scored.put(teacher_greedy=teacher_greedy, generation=report["generation"])
     judge = LiveTeacher(teacher_model, cfg.cache.k, vocab_size_of(tok), device, keep_dense=True)
     return judge, tok, prompts, s, teacher_greedy
 
