@@ -450,6 +450,8 @@ def render_markdown(report: dict) -> str:
             v = r.get(c)
             cells.append("-" if v is None else f"{v:.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
         lines.append(f"| {name}{' (failed)' if r.get('failed') else ''} | " + " | ".join(cells) + " |")
+    lines += ["", "`inference_tokens_per_s`: prefill speed on the machine that ran eval (random tokens, batch 4 x 128, "
+              "the median of forwards over at least 1 s); other work on that machine lowers it."]
     failed = {name: r["failed"] for name, r in report["students"].items() if r.get("failed")}
     if failed:
         lines += ["", "Failed students (dropped; their figures are from the checkpoint at the last good step):", ""]
