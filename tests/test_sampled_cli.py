@@ -24,13 +24,43 @@ def _config(online_setup, tmp_path, **over):
     return out
 
 
+def _stock_agreement(cfg_path, run, student: str) -> float:
+    """Share of the held-out targets where the student export's argmax is the teacher's, both
+    run by stock transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distill.blocks import block_positions, first_blocks
+    from distill.config import load_config
+    from distill.data import vocab_size_of
+    from distill.runtime import prepare
+    from teachers import IGNORE, Batch
+
+    cfg = load_config(cfg_path)
+    data = prepare(cfg, False)
+    held = first_blocks(data.val, cfg.train.eval_blocks)
+    rows = list(range(len(held)))
+    batch = Batch.of(held[rows], rows, block_positions(held, rows))
+    kw = {} if batch.position_ids is None else {"position_ids": batch.position_ids}
+    with torch.no_grad():
+        teacher = AutoModelForCausalLM.from_pretrained(str(cfg.layout.teacher)).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(run / "students" / student / "export")).eval()
+        want = teacher(input_ids=batch.input_ids, **kw).logits[..., :vocab_size_of(data.tokenizer)].argmax(-1)
+        got = model(input_ids=batch.input_ids, **kw).logits.argmax(-1)
+    targets = batch.labels != IGNORE
+    return float(((want == got) & targets).sum() / targets.sum())
+
+
 @pytest.mark.parametrize("exact_top", [0, 4])
 def test_sampled_cache_trains_evaluates_and_inspects(online_setup, tmp_path, exact_top):
     cfg = _config(online_setup, tmp_path)
-    if exact_top:  # the teacher's top 4 kept exactly, the 24 draws from the rest
-        raw = yaml.safe_load(cfg.read_text())
-        raw["cache"]["exact_top"] = exact_top
-        cfg.write_text(yaml.safe_dump(raw))
+    raw = yaml.safe_load(cfg.read_text())
+    raw["cache"]["exact_top"] = exact_top  # 4: the teacher's top 4 kept exactly, the 24 draws from the rest
+    # The teacher's twin, all but untrained: it agrees with the teacher's argmax, while this flat
+    # random teacher's most frequent draw is almost never its argmax (the teacher's own row)
+    raw["students"].append({"name": "twin", "model": {"path": raw["teacher"]["path"]}, "optim": {"lr": 1e-12},
+                            "loss": raw["students"][0]["loss"]})
+    cfg.write_text(yaml.safe_dump(raw))
     r = run_cli("run", "-c", str(cfg), "--quiet")
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
@@ -40,6 +70,13 @@ def test_sampled_cache_trains_evaluates_and_inspects(online_setup, tmp_path, exa
     assert report["teacher_signal"].startswith(f"{head}24 draws a token from the teacher at T = 2 "), report["teacher_signal"]
     md = " ".join((tmp_path / "run" / "report.md").read_text().split())
     assert "the teacher's own row shows the estimate's noise" in md
+    assert "the students' agreement is with the teacher model's own argmax (exact)" in md
+    # The students' agreement, recomputed with stock transformers: the teacher's argmax (over the
+    # tokenizer's ids), not the most frequent of 24 draws at T = 2 (which missed it often)
+    for name in ("dense", "twin"):
+        got = report["students"][name]["teacher_top1_agreement"]
+        assert got == pytest.approx(_stock_agreement(cfg, tmp_path / "run", name), abs=1e-9), name
+    assert report["students"]["twin"]["teacher_top1_agreement"] > 0.9 > report["teacher"]["teacher_top1_agreement"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "students" / "dense" / "metrics.jsonl").read_text().splitlines()]
     assert all(row["soft"] > 0 for row in rows if row["kind"] == "train")  # the sampled KL is trained on
     r = run_cli("inspect", str(tmp_path / "run" / "cache"), "--verify")

@@ -37,15 +37,27 @@ from teachers import CachedTeacher, LiveTeacher, Teacher
 from teachers.cache.format import Sampling
 
 
-def _model_stats(model, blocks, teacher: Teacher, device, label: str, progress: bool) -> dict:
+def _model_stats(model, blocks, teacher: Teacher, device, label: str, progress: bool, **top1) -> dict:
     """Held-out metrics on `blocks` (expert load included), then sizes and prefill speed; a bar
-    labelled `label` counts the blocks scored."""
+    labelled `label` counts the blocks scored.  top1: evaluate_model's teacher_top1 / keep_top1."""
     total, active = param_counts(model.config)
     with progress_bar(len(blocks), f"eval: {label}", progress) as bar:
-        stats = evaluate_model(model, blocks, teacher, device=device, bar=bar)
+        stats = evaluate_model(model, blocks, teacher, device=device, bar=bar, **top1)
     stats.update(params_total=total, params_active=active,
                  inference_tokens_per_s=round(inference_tokens_per_s(model, model.config.vocab_size, device), 1))
     return stats
+
+
+def _draws(cache: CacheConfig, teacher: Teacher) -> tuple[Sampling | None, int]:
+    """(how the signal draws from the teacher, None: it does not; its k)."""
+    if getattr(teacher, "keep_dense", False):
+        return None, cache.k
+    reader = getattr(teacher, "reader", None)  # a cache: what it holds, whatever the config now says
+    if reader is not None:
+        return reader.sampling, reader.manifest["k"]
+    # the live teacher draws or takes the top-k as the config says
+    return (Sampling(cache.samples, cache.sample_temperature, 0, cache.exact_top)
+            if cache.estimator == "sampled" else None), cache.k
 
 
 def signal_description(cache: CacheConfig, teacher: Teacher) -> str:
@@ -53,13 +65,7 @@ def signal_description(cache: CacheConfig, teacher: Teacher) -> str:
     a sampled signal's noise shows in the teacher's own row, which a reader should be told."""
     if getattr(teacher, "keep_dense", False):
         return "the teacher's whole distribution (exact)"
-    reader = getattr(teacher, "reader", None)  # a cache: what it holds, whatever the config now says
-    if reader is not None:
-        draws, k = reader.sampling, reader.manifest["k"]
-    else:  # the live teacher draws or takes the top-k as the config says
-        draws = Sampling(cache.samples, cache.sample_temperature, 0, cache.exact_top) \
-            if cache.estimator == "sampled" else None
-        k = cache.k
+    draws, k = _draws(cache, teacher)
     if draws is not None:
         head = f"its top {draws.exact_top} exactly and " if draws.exact_top else ""
         return (f"{head}{draws.n} draws a token from the teacher at T = {draws.temperature:g} "
@@ -197,11 +203,22 @@ def _score_teacher(cfg: RunConfig, data, held_out, val_teacher: Teacher, teacher
         scored.say("the teacher")
         return teacher_model
     teacher_model = teacher_model or load_causal_lm(layout.teacher).to(device)
-    report["teacher"] = {"path": str(layout.teacher),
-                         **_model_stats(teacher_model, held_out, val_teacher, device, "teacher", progress)}
-    report["teacher"].pop("expert_load", None)
-    report["teacher_signal"] += _padding_note(teacher_model, vocab_size_of(data.tokenizer))
-    scored.put(teacher=report["teacher"], teacher_signal=report["teacher_signal"])
+    vocab = vocab_size_of(data.tokenizer)
+    # A sampled signal's most frequent draw is a noisy argmax: the teacher's own, recorded as its
+    # row is scored (its ids past the tokenizer's cut as the signal cuts them), is what the
+    # students' agreement compares with.
+    sampled = _draws(cfg.cache, val_teacher)[0] is not None
+    stats = _model_stats(teacher_model, held_out, val_teacher, device, "teacher", progress,
+                         keep_top1=vocab if sampled else None)
+    top1 = stats.pop("top1", None)
+    stats.pop("expert_load", None)
+    report["teacher"] = {"path": str(layout.teacher), **stats}
+    report["teacher_signal"] += _padding_note(teacher_model, vocab)
+    if top1 is not None:
+        report["teacher_signal"] += ("; the students' agreement is with the teacher model's own argmax (exact), "
+                                     "the teacher's row with the most frequent draw")
+    scored.put(teacher=report["teacher"], teacher_signal=report["teacher_signal"],
+               teacher_top1=None if top1 is None else top1.tolist())
     return teacher_model
 
 
@@ -215,7 +232,9 @@ def _score_student(cfg: RunConfig, sc, held_out, val_teacher: Teacher, judge, su
     if stats is not None:
         scored.say(f"student {sc.name}")
     else:
-        stats = _score_export(sc.name, layout, held_out, val_teacher, judge, device, progress)
+        top1 = scored.get("teacher_top1")  # the teacher model's argmax, where the signal's is a noisy estimate
+        stats = _score_export(sc.name, layout, held_out, val_teacher, judge, device, progress,
+                              None if top1 is None else torch.tensor(top1))
         scored.put_student(sc.name, identity, stats)
     init = layout.init_report(sc.name)
     if init.exists():  # what the student was built from (train/setup.py)
@@ -233,8 +252,10 @@ def _score_student(cfg: RunConfig, sc, held_out, val_teacher: Teacher, judge, su
     return stats
 
 
-def _score_export(name: str, layout, held_out, val_teacher: Teacher, judge, device, progress: bool) -> dict:
-    """What a student's export scores: held-out metrics, sizes, speed, and (chat data) its answers."""
+def _score_export(name: str, layout, held_out, val_teacher: Teacher, judge, device, progress: bool,
+                  teacher_top1: torch.Tensor | None) -> dict:
+    """What a student's export scores: held-out metrics, sizes, speed, and (chat data) its answers.
+    teacher_top1: (N, T) the teacher model's argmax ids, for agreement (evaluate_model)."""
     export_dir = layout.export(name)
     try:  # checked up front (`check_exports`); what only loading finds (a missing weight), or a change since
         model = load_causal_lm(export_dir).to(device)
@@ -242,7 +263,7 @@ def _score_export(name: str, layout, held_out, val_teacher: Teacher, judge, devi
         raise UserError(f"eval: student {name}: its export cannot be loaded: {str(e).splitlines()[0][:300]} "
                         f"(export it again: distill export {layout.student(name)} --out {export_dir} "
                         f"--overwrite)") from None
-    stats = _model_stats(model, held_out, val_teacher, device, f"student {name}", progress)
+    stats = _model_stats(model, held_out, val_teacher, device, f"student {name}", progress, teacher_top1=teacher_top1)
     if judge is not None:
         with progress_bar(2 * len(judge[2]), f"eval: student {name} answers", progress) as bar:
             stats["generation"] = generation.evaluate_generation(model, name, *judge, bar=bar)

@@ -31,7 +31,7 @@ from teachers import IGNORE, Batch, Teacher
 @torch.no_grad()
 def evaluate_model(model, blocks: Blocks | torch.Tensor, teacher: Teacher | None = None, batch_size: int = 8,
                    device: torch.device | None = None, chunk_size: int | None = None, bar=None,
-                   stop=None) -> dict | None:
+                   stop=None, teacher_top1: torch.Tensor | None = None, keep_top1: int | None = None) -> dict | None:
     """blocks: (N, T+1) token ids, rows 0..N-1 of the teacher's split (None: perplexity only):
     prepared `Blocks` (whose rows' position ids go along), or a tensor (one sequence a row).
 
@@ -41,7 +41,12 @@ def evaluate_model(model, blocks: Blocks | torch.Tensor, teacher: Teacher | None
     never (B, T, V): a vocabulary and batch that trained fine also evaluate.  The model runs in
     its weights' dtype (no autocast: a bf16-trained student is scored in fp32).  bar: a
     `common.progress` bar told the blocks scored.  stop: asked after each batch (training's
-    Ctrl-C, agreed by every rank); True cuts the scoring short -> None."""
+    Ctrl-C, agreed by every rank); True cuts the scoring short -> None.
+
+    teacher_top1: (N, T) the teacher model's own argmax ids, which agreement then compares with
+    instead of the signal's most likely id (a sampled signal's most frequent draw misses the
+    argmax often: 0.59 against an exact 0.77 on one run).  keep_top1: this model's argmax over
+    its first `keep_top1` ids is returned as out["top1"] (N, T), to be a teacher_top1."""
     device = device or next(model.parameters()).device
     chunk_size = chunk_size or auto_chunk_size(model.lm_head.weight.shape[0], device)
     was_training = model.training
@@ -50,6 +55,7 @@ def evaluate_model(model, blocks: Blocks | torch.Tensor, teacher: Teacher | None
     ce_sum, n_tok, agree, kl_sum, n_sig = 0.0, 0, 0, 0.0, 0
     loads: list[torch.Tensor] = []  # per MoE layer: (E,) tokens per expert
     sampled = False  # whether the KL is a sampled signal's estimate
+    top1: list[torch.Tensor] = []  # keep_top1: per batch, (B, T) ids
     for start in range(0, len(blocks), batch_size):
         idx = list(range(start, min(start + batch_size, len(blocks))))
         batch = Batch.of(blocks[idx], idx, block_positions(blocks, idx))  # positions: data.packing documents
@@ -66,16 +72,23 @@ def evaluate_model(model, blocks: Blocks | torch.Tensor, teacher: Teacher | None
             sig, valid = sig.to(device).flatten(), valid.to(device).reshape(-1) & targets  # (N, k), (N,)
             sampled = sig.kind == "sampled" and sig.logits is None  # KL at the draws' temperature
             n_sig += int(valid.sum())
+        reference = None if teacher_top1 is None else teacher_top1[idx].to(device).reshape(-1)  # (N,)
+        batch_top1 = []
         for a in range(0, len(labels), chunk_size):
             b = a + chunk_size
             logits = head_logits(model.lm_head(hidden[a:b]), **transform).float()  # (C, V)
             ce_sum += float(torch.nn.functional.cross_entropy(logits, labels[a:b], reduction="sum"))
+            if keep_top1 is not None:
+                batch_top1.append(logits[:, :keep_top1].argmax(-1).cpu())
             if teacher is not None:
                 chunk = sig.rows(a, b)
-                agree += int(((logits.argmax(-1) == chunk.most_likely()) & valid[a:b]).sum())
+                best = chunk.most_likely() if reference is None else reference[a:b]
+                agree += int(((logits.argmax(-1) == best) & valid[a:b]).sum())
                 kl = DIVERGENCES["forward_kl"](logits, chunk, temperature=chunk.temperature if sampled else 1.0,
                                                tail="sampled" if sampled else "bucket")  # (C,)
                 kl_sum += float((kl * valid[a:b]).sum())
+        if keep_top1 is not None:
+            top1.append(torch.cat(batch_top1).reshape(len(idx), -1))
         if bar is not None:
             bar.update(len(idx))
         if stop is not None and stop():
@@ -92,6 +105,8 @@ def evaluate_model(model, blocks: Blocks | torch.Tensor, teacher: Teacher | None
         out["kl_to_teacher"] = kl_mean if sampled else max(kl_mean, 0.0)
     if loads:
         out["expert_load"] = [layer.tolist() for layer in loads]
+    if keep_top1 is not None:
+        out["top1"] = torch.cat(top1)
     return out
 
 
