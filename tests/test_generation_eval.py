@@ -119,6 +119,33 @@ def test_plain_text_data_report_has_no_generation(hf_family, tmp_path):
     assert report["teacher"]["kl_to_teacher"] == pytest.approx(math.log(padded / 300), abs=2e-3)
 
 
+def test_online_eval_runs_the_teacher_once_over_the_held_out_blocks(hf_family, tmp_path, monkeypatch):
+    """An online eval asked the live teacher for each held-out batch once per model scored (the
+    teacher's row and each student); now its signal is kept after the first, and the report is
+    the one the teacher asked each time gives."""
+    from distill.config import load_config
+    from distill.report import report as report_module
+    from teachers.live import LiveTeacher
+
+    rows = [{"text": f"{r['prompt']}{r['completion']}"} for r in chat_rows() if "prompt" in r]
+    _run(hf_family, tmp_path / "plain", rows, eval_blocks=12)
+    cfg = load_config(tmp_path / "plain.yaml")
+    asked = []
+    signal = LiveTeacher.signal
+    monkeypatch.setattr(LiveTeacher, "signal", lambda self, batch: asked.append(batch.indices) or signal(self, batch))
+    kept = report_module.evaluate_run(cfg, progress=False)
+    n = kept["val_blocks"]
+    assert asked == [list(range(a, min(a + 8, n))) for a in range(0, n, 8)]  # once each, for all three models
+    asked.clear()
+    monkeypatch.setattr(report_module, "HELD_OUT_SIGNAL_BYTES", 0)  # nothing kept: the teacher asked each time
+    each_time = report_module.evaluate_run(cfg, progress=False)
+    assert len(asked) == 3 * len(range(0, n, 8))
+    for report in (kept, each_time):
+        for row in [report["teacher"], *report["students"].values()]:
+            row.pop("inference_tokens_per_s")
+    assert kept == each_time
+
+
 # ----------------------------------------------------------------------------- in process
 
 

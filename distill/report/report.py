@@ -183,7 +183,37 @@ def _val_teacher(cfg: RunConfig, data, device) -> tuple[Teacher, torch.nn.Module
         check_cached_blocks(cfg.layout.cache, data)
         return CachedTeacher(cfg.layout.cache, "val"), None
     live = scoring_teacher(cfg, data, device)
-    return live, live.model
+    return HeldOutSignals(live), live.model
+
+
+# Held-out signals a live teacher computed, kept for the next model scored (CPU memory).
+HELD_OUT_SIGNAL_BYTES = 2 << 30
+
+
+class HeldOutSignals:
+    """A live (or server) teacher whose signal for each held-out batch is kept, on the CPU, as
+    the first model scored asks for it: every later model is scored against the kept signal,
+    with no teacher forward (before: a teacher pass per student, and one more for the teacher's
+    own row).  Up to HELD_OUT_SIGNAL_BYTES (a dense signal is V floats a token); batches past
+    that are asked of the teacher each time.  Otherwise it is the teacher (keep_dense, ...)."""
+
+    def __init__(self, teacher: Teacher):
+        self.teacher, self.kept, self.held_bytes = teacher, {}, 0
+
+    def __getattr__(self, name):
+        return getattr(self.teacher, name)
+
+    def signal(self, batch):
+        key = tuple(batch.indices)
+        if key in self.kept:
+            return self.kept[key]
+        sig, valid = self.teacher.signal(batch)
+        size = sum(t.numel() * t.element_size() for t in (sig.topk_ids, sig.topk_logprobs, sig.logits, valid)
+                   if t is not None)
+        if self.held_bytes + size <= HELD_OUT_SIGNAL_BYTES:
+            self.kept[key] = (sig.apply(lambda t: t.cpu()), valid.cpu())
+            self.held_bytes += size
+        return sig, valid
 
 
 def _score_teacher(cfg: RunConfig, data, held_out, val_teacher: Teacher, teacher_model, device, report: dict,
