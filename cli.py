@@ -296,6 +296,10 @@ def main() -> None:
         if "RANK" not in os.environ:
             raise
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one's exit was under way (its line said)
+        if "RANK" not in os.environ:
+            sys.exit(130)
+        code = 130
     if "RANK" in os.environ:
         atexit._run_exitfuncs()
         sys.stdout.flush()

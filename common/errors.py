@@ -3,7 +3,7 @@
 
 # What a command stopped by Ctrl-C or SIGTERM says (exit 130): every stage writes atomically
 # and resumes, so nothing is lost.
-INTERRUPTED = "interrupted: what was written is kept; the same command resumes (train: --resume)"
+INTERRUPTED = "interrupted: what was written is kept; rerun the same command to resume (`distill train` needs --resume)"
 
 
 class UserError(Exception):

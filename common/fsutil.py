@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -137,9 +138,14 @@ def publish_dir(tmp: Path, final: Path) -> None:
 
 
 def writable_temp_dir(final: Path) -> Path:
-    """A fresh temp dir beside `final` (same filesystem, so the rename is atomic)."""
+    """A fresh temp dir beside `final` (same filesystem, so the rename is atomic).  Temp dirs of
+    `final` that a killed process left (kill -9: no cleanup ran; its pid is gone) are removed."""
     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
     try:
+        for left in final.parent.glob(f".{glob.escape(final.name)}.tmp*") if final.parent.is_dir() else []:
+            pid = left.name.rsplit(".tmp", 1)[1]
+            if left != tmp and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(left, ignore_errors=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
@@ -166,6 +172,20 @@ def staged_dir(final: Path):
         if failed is None:
             raise
         raise UserError(describe_os_error(failed, final)) from e
+    except BaseException:  # Ctrl-C, SIGTERM (raised as KeyboardInterrupt): no half-written dir left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
 
 
 def human_bytes(n: int) -> str:

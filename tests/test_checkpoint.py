@@ -1,6 +1,7 @@
 """Checkpoints and exports are all-or-nothing: a failed write leaves the previous good state."""
 import errno
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -429,3 +430,32 @@ def test_a_deepspeed_checkpoint_missing_a_ranks_files_is_named_not_miscounted(tm
         saved_ranks(tag)
     (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"")
     assert saved_ranks(tag) == 2
+
+
+def test_a_write_stopped_or_killed_leaves_no_temp_dir_behind(tmp_path):
+    """Ctrl-C during `distill export` left `.OUT.tmpPID/` with part of the export, and a kill -9
+    one that no later export removed (its name has the pid).  Now a Ctrl-C removes it, and the
+    next write of the same dir removes those of processes that are gone (a live one's stays)."""
+    import subprocess
+    import sys
+
+    from common.fsutil import staged_dir
+
+    final = tmp_path / "export"
+    final.mkdir()
+    (final / "config.json").write_text("{}")
+    with pytest.raises(KeyboardInterrupt):
+        with staged_dir(final) as tmp:
+            (tmp / "config.json").write_text("{partial")
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"] and (final / "config.json").read_text() == "{}"
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live = tmp_path / f".export.tmp{int(gone.stdout)}", tmp_path / f".export.tmp{os.getppid()}"
+    for left in (dead, live):
+        left.mkdir()
+        (left / "model.safetensors").write_bytes(b"x" * 100)
+    with staged_dir(final) as tmp:
+        (tmp / "config.json").write_text('{"new": 1}')
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", live.name])
+    assert (final / "config.json").read_text() == '{"new": 1}'

@@ -147,6 +147,28 @@ def test_a_write_the_disk_refused_is_one_line_wherever_it_comes_from(monkeypatch
         cli_module.main()
 
 
+def test_a_second_ctrl_c_while_the_first_ones_exit_runs_still_exits_130(monkeypatch, capsys):
+    """Several Ctrl-Cs 50 ms apart during training's interrupt checkpoint: one landed while the
+    first one's line was being written, escaped every handler, and Python died of SIGINT (-2)."""
+    import sys
+
+    import cli as cli_module
+    from distill.train.loop import TrainingInterrupted
+
+    def stopped(**kwargs):
+        raise TrainingInterrupted("stopped by signal 2 after step 3 of 9; ...")
+
+    def echo(*args, **kwargs):  # the second Ctrl-C, as the first one's line is written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "app", stopped)
+    monkeypatch.setattr(cli_module.typer, "echo", echo)
+    monkeypatch.setattr(sys, "argv", ["distill", "train"])
+    with pytest.raises(SystemExit) as e:
+        cli_module.main()
+    assert e.value.code == 130
+
+
 def test_inspect_missing_path(cli, tmp_path):
     assert "does not exist" in _one_line_error(cli("inspect", str(tmp_path / "nope")))
 

@@ -292,17 +292,18 @@ def test_runtime_watch_says_a_rank_is_waiting(monkeypatch, capsys):
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(dp_config):
     """torch engine (DDP), two ranks started by hand so each one's exit code is seen; each in a
     session of its own, killed with all it started whatever happens (bounded: 300 s to step 2,
-    120 s to stop)."""
+    120 s to stop).  A validation every step: the signal may land in one, which the ranks then
+    cut short at the same batch (they agree after each), or it would deadlock."""
     work, cfg = dp_config
     out = work / "sigterm"
     args = [sys.executable, str(ROOT / "cli.py"), "train", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}",
-            "--set", "train.steps=400"]
+            "--set", "train.steps=400", "--set", "train.eval_every=1", "--set", "train.eval_blocks=24"]
     metrics = out / "students" / "dense" / "metrics.jsonl"
     with rendezvous() as meet:
         procs = start_two_ranks(args, meet)
         try:
             deadline = time.time() + 300
-            while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            while not (metrics.exists() and metrics.read_text().count('"kind": "train"') >= 2):
                 if time.time() > deadline or any(p.poll() is not None for p in procs):
                     for p in procs:  # before reading their output: a live rank's pipe never ends
                         kill_group(p)

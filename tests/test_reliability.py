@@ -124,11 +124,39 @@ def test_ctrl_c_during_a_validation_stops_it_at_the_next_batch(online_setup, tmp
     result = train_students(cfg, resume=True, progress=False)
     assert result["start_step"] == 2
     full = train_students(load_config(online_setup[1], {**sets, "out_dir": str(tmp_path / "full")}), progress=False)
-    if steps > 2:
-        assert result["students"] == full["students"]  # the final validation's figures
+    assert result["students"] == full["students"]  # the final validation's figures (steps 2: validated on resume)
     a, b = (load_file(str(d / "students" / "dense" / "checkpoints" / f"step_{steps:08d}" / "model.safetensors"))
             for d in (tmp_path / "stopped", tmp_path / "full"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # A rerun of the finished run keeps them in train_summary.json (it rewrote them as {}), not validating again
+    scored.clear()
+    monkeypatch.setattr(loop_module, "evaluate_model", evaluate)
+    again = train_students(cfg, resume=True, progress=False)
+    summary = json.loads((tmp_path / "stopped" / "train_summary.json").read_text())
+    assert scored == [] and again["students"] == summary["students"] == full["students"]
+
+
+def test_a_signal_during_the_final_checkpoint_ends_the_run_as_stopped(online_setup, tmp_path, monkeypatch):
+    """A Ctrl-C as the last step's checkpoint was written was read by no one: `distill run`
+    went on to export and eval, exit 0."""
+    from distill.config import load_config
+    from distill.stages import train_students
+    from distill.train import loop as loop_module
+    from distill.train.loop import TrainingInterrupted
+
+    saves = loop_module.save_all
+
+    def save_and_signal(layout, students, step, loop):
+        saves(layout, students, step, loop)
+        if step == loop.steps:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(loop_module, "save_all", save_and_signal)
+    cfg = load_config(online_setup[1], {"train.steps": 2, "out_dir": str(tmp_path / "run")})
+    with pytest.raises(TrainingInterrupted, match=r"stopped by signal 2 after step 2 of 2; checkpoints saved"):
+        train_students(cfg, progress=False)
+    monkeypatch.setattr(loop_module, "save_all", saves)
+    assert train_students(cfg, resume=True, progress=False)["students"]["dense"]["val_ppl"] > 1
 
 
 def test_a_validation_shows_its_progress_in_the_training_bar(online_setup, tmp_path, monkeypatch, capsys):
@@ -164,8 +192,8 @@ def test_sigterm_during_the_cache_stops_as_ctrl_c_and_the_rerun_keeps_its_shards
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (proc.returncode, err[-2000:])
-    assert err.strip().splitlines()[-1] == ("interrupted: what was written is kept; the same command resumes "
-                                            "(train: --resume)"), err
+    assert err.strip().splitlines()[-1] == ("interrupted: what was written is kept; rerun the same command to "
+                                            "resume (`distill train` needs --resume)"), err
     assert "Traceback" not in err
     rerun = run_cli("cache", "-c", str(cfg), *sets)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
@@ -708,6 +736,9 @@ def test_data_prepared_again_that_came_out_different_is_not_taken_for_the_old(on
             "this checkpoint was trained on other blocks of data with the same fingerprint"
         assert want in line and "came out different" in line, line
         if mode == "cached":  # eval scores agreement and KL against the cache too
+            # (its exports are checked first: the online run's student stands in for this one's)
+            export = run_cli("export", str(online / "students" / "dense"), "--out", str(out / "students" / "dense" / "export"))
+            assert export.returncode == 0, export.stderr[-2000:]
             line = one_line(run_cli("eval", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}", *sets,
                                     "--set", "train.mode=cached"))
             assert "holds the teacher's signal for other blocks" in line, line

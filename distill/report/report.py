@@ -12,10 +12,12 @@ report.json:
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import sys
 
+import numpy as np
 import torch
 
 from common.errors import UserError
@@ -248,7 +250,7 @@ def _score_teacher(cfg: RunConfig, data, held_out, val_teacher: Teacher, teacher
         report["teacher_signal"] += ("; the students' agreement is with the teacher model's own argmax (exact), "
                                      "the teacher's row with the most frequent draw")
     scored.put(teacher=report["teacher"], teacher_signal=report["teacher_signal"],
-               teacher_top1=None if top1 is None else top1.tolist())
+               teacher_top1=None if top1 is None else ScoredSoFar.packed(top1))
     return teacher_model
 
 
@@ -264,7 +266,7 @@ def _score_student(cfg: RunConfig, sc, held_out, val_teacher: Teacher, judge, su
     else:
         top1 = scored.get("teacher_top1")  # the teacher model's argmax, where the signal's is a noisy estimate
         stats = _score_export(sc.name, layout, held_out, val_teacher, judge, device, progress,
-                              None if top1 is None else torch.tensor(top1))
+                              None if top1 is None else ScoredSoFar.unpacked(top1))
         scored.put_student(sc.name, identity, stats)
     init = layout.init_report(sc.name)
     if init.exists():  # what the student was built from (train/setup.py)
@@ -359,6 +361,17 @@ class ScoredSoFar:
     def put_student(self, name: str, identity: str, stats: dict) -> None:
         self.held["students"][name] = {"identity": identity, "stats": dict(stats)}  # the scores alone
         self.put()
+
+    @staticmethod
+    def packed(ids: torch.Tensor) -> dict:
+        """(N, T) int ids -> JSON: their shape and int32 bytes in base64 (a JSON list of 2M ids,
+        rewritten after every model, was 20 MB)."""
+        return {"shape": list(ids.shape), "int32": base64.b64encode(ids.to(torch.int32).numpy().tobytes()).decode()}
+
+    @staticmethod
+    def unpacked(held: dict) -> torch.Tensor:
+        ids = np.frombuffer(base64.b64decode(held["int32"]), dtype=np.int32).reshape(held["shape"])
+        return torch.from_numpy(ids.astype(np.int64))
 
     def say(self, what: str) -> None:
         if self.progress:

@@ -37,7 +37,7 @@ from distill.blocks import Blocks, block_positions, first_blocks
 from distill.layout import RunLayout
 from distill.train import checkpoint
 from distill.train.loop_config import LoopConfig
-from distill.train.metrics import MetricsLogger
+from distill.train.metrics import MetricsLogger, read_metrics
 from distill.train.on_policy import OnPolicySource
 from distill.train.student import MicroBatch, Student, target_mask
 from distill.train.selection import DataView
@@ -434,6 +434,22 @@ def _validate(students: list[Student], val_blocks, val_teacher: Teacher | None, 
     return False
 
 
+def _final_validation(students: list[Student], val_blocks, val_teacher: Teacher | None, loop: LoopConfig,
+                      logger: MetricsLogger, layout: RunLayout, step: int, final_eval: dict, bar, stop) -> None:
+    """A run resumed at its last step: each student's final validation from its metrics (a
+    rerun of a finished `distill run` rewrote train_summary.json without them), validated now
+    where it is not there (a Ctrl-C cut it short)."""
+    for s in students:
+        logged = [r for r in read_metrics(layout.metrics(s.name)) if r.get("kind") == "val" and r.get("step") == step]
+        if logged:
+            final_eval[s.name] = {k: v for k, v in logged[-1].items() if k not in ("step", "kind")}
+    unvalidated = [s for s in students if s.name not in final_eval]
+    if unvalidated and _validate(unvalidated, val_blocks, val_teacher, loop, logger, step, final_eval, bar,
+                                 lambda: agreed_stop(stop.signum, loop, students) is not None):
+        raise TrainingInterrupted(f"stopped by a signal during the final validation (step {step}); "
+                                  f"rerun with --resume to validate")
+
+
 def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: Blocks | torch.Tensor,
                val_blocks: Blocks | torch.Tensor, val_teacher: Teacher | None, loop: LoopConfig, layout: RunLayout,
                resume: bool, progress: bool, label: str = "co-distilling",
@@ -473,6 +489,8 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: B
     try:  # the metrics files and TensorBoard writers are closed (flushed) whatever ends the loop
         upcoming = batches_of(start)
         with _StopFlag(launched=loop.world_size > 1) as stop, progress_bar(loop.steps, label, progress and loop.rank == 0, start) as bar:
+            if start >= loop.steps:  # resumed with nothing to train: the final validation, as logged
+                _final_validation(students, val_blocks, val_teacher, loop, logger, layout, start, final_eval, bar, stop)
             for step in range(start, loop.steps):
                 # --- the step's blocks, per data view: global batch, this rank's share, split into
                 # micro-batches; the next step's are built once, now, and read ahead (a cache
@@ -499,6 +517,8 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: B
                 signum = agreed_stop(stop.signum, loop, students)
                 if done == loop.steps or (loop.checkpoint_every and done % loop.checkpoint_every == 0) or signum:
                     save_all(layout, students, done, loop)
+                    if done == loop.steps and not signum:  # one during the final save ends the run too
+                        signum = agreed_stop(stop.signum, loop, students)
                 if signum:  # at the last step too: `distill run` must not go on to export and eval
                     cut = " (its validation cut short)" if cut_short else ""
                     raise TrainingInterrupted(
