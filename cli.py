@@ -329,7 +329,7 @@ def _main() -> None:
             interrupted()
         if debug:
             traceback.print_exc()
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"{'' if e.exit_code == 130 else 'error: '}{e}", err=True)  # a stop asked for is no error
         sys.exit(e.exit_code)
     except (typer.Exit, SystemExit) as e:
         code = getattr(e, "exit_code", getattr(e, "code", 0))
@@ -398,9 +398,9 @@ def _stop_on_sigterm() -> None:
 
 def interrupted() -> None:
     """Ctrl-C: one line, exit 130.  Every stage writes atomically and resumes, so nothing is lost."""
-    from common.errors import INTERRUPTED
+    from common.errors import interrupted_line
 
-    typer.echo(INTERRUPTED, err=True)
+    typer.echo(interrupted_line(), err=True)
     sys.exit(130)
 
 

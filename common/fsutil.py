@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
 
 from common.errors import UserError
@@ -125,27 +126,52 @@ def fsync_tree(root: Path) -> None:
 def publish_dir(tmp: Path, final: Path) -> None:
     """Make a fully written temp dir visible under `final` in one rename.
 
-    An existing `final` is moved aside first and removed only after the new one is in place.
-    """
+    An existing `final` is moved aside first and removed only after the new one is in place;
+    a Ctrl-C between the two renames puts it back (else the caller's cleanup, removing `tmp`,
+    would leave neither)."""
     fsync_tree(tmp)
-    old = final.with_name(f".{final.name}.old{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
+    old = final.with_name(f".{final.name}.old{_writer_tag()}")
+    try:
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except BaseException:
+        if old.exists() and not final.exists():
+            os.replace(old, final)
+        raise
     fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old)
 
 
-def writable_temp_dir(final: Path) -> Path:
-    """A fresh temp dir beside `final` (same filesystem, so the rename is atomic).  Temp dirs of
-    `final` that a killed process left (kill -9: no cleanup ran; its pid is gone) are removed."""
-    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-    try:
-        for left in final.parent.glob(f".{glob.escape(final.name)}.tmp*") if final.parent.is_dir() else []:
-            pid = left.name.rsplit(".tmp", 1)[1]
-            if left != tmp and pid.isdigit() and not _alive(int(pid)):
+def _writer_tag() -> str:
+    """This process, in the names of the temp dirs it writes: host and pid (on a filesystem
+    several machines share, a pid alone names processes of each)."""
+    return f"-{socket.gethostname()}-{os.getpid()}"
+
+
+def _remove_left_behind(final: Path) -> None:
+    """Temp dirs of `final` that a process of this host left when it was killed (kill -9: no
+    cleanup ran; its pid is gone): its `.tmp` dirs, and its `.old` dir (the previous `final`,
+    moved aside) once `final` is there again."""
+    if not final.parent.is_dir():
+        return
+    host = socket.gethostname()
+    for kind in ("tmp", "old"):
+        if kind == "old" and not final.exists():
+            continue  # the previous version may be all there is
+        for left in final.parent.glob(f".{glob.escape(final.name)}.{kind}-{glob.escape(host)}-*"):
+            pid = left.name.rsplit("-", 1)[1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
                 shutil.rmtree(left, ignore_errors=True)
+
+
+def writable_temp_dir(final: Path) -> Path:
+    """A fresh temp dir beside `final` (same filesystem, so the rename is atomic); what killed
+    writers of `final` left is removed first."""
+    tmp = final.with_name(f".{final.name}.tmp{_writer_tag()}")
+    try:
+        _remove_left_behind(final)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)

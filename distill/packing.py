@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from common.errors import INTERRUPTED
+from common.errors import interrupted_line
 from common.fsutil import atomic_write_bytes, atomic_write_json
 from distill.blocks import FORMAT, MANIFEST, VERSION, content_digest, ids_dtype, read_manifest, shard_name
 from distill.chat import PLAIN, BadRow, PackCounts, RowPacker, empty_answers, render
@@ -229,7 +229,7 @@ def signals_end_pools(procs: int | None):
         return
 
     def stop(signum, frame):
-        os.write(2, (INTERRUPTED + "\n").encode())
+        os.write(2, (interrupted_line() + "\n").encode())
         os._exit(130)
 
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}

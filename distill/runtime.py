@@ -78,7 +78,7 @@ def _rendezvous_watch(world: int):
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    from common.errors import INTERRUPTED
+    from common.errors import interrupted_line
 
     signals = {signal.SIGINT, signal.SIGTERM}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # the watcher, started now, inherits it
@@ -89,7 +89,7 @@ def _rendezvous_watch(world: int):
         t0, say_at = time.monotonic(), WAITING_SAID_AFTER
         while not done.is_set():
             if signal.sigtimedwait(signals, 0.2) is not None:
-                os.write(2, (INTERRUPTED + "\n").encode())
+                os.write(2, (interrupted_line() + "\n").encode())
                 os._exit(130)
             waited = time.monotonic() - t0
             if waited >= say_at and not done.is_set():

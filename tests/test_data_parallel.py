@@ -292,18 +292,17 @@ def test_runtime_watch_says_a_rank_is_waiting(monkeypatch, capsys):
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(dp_config):
     """torch engine (DDP), two ranks started by hand so each one's exit code is seen; each in a
     session of its own, killed with all it started whatever happens (bounded: 300 s to step 2,
-    120 s to stop).  A validation every step: the signal may land in one, which the ranks then
-    cut short at the same batch (they agree after each), or it would deadlock."""
+    120 s to stop)."""
     work, cfg = dp_config
     out = work / "sigterm"
     args = [sys.executable, str(ROOT / "cli.py"), "train", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}",
-            "--set", "train.steps=400", "--set", "train.eval_every=1", "--set", "train.eval_blocks=24"]
+            "--set", "train.steps=400"]
     metrics = out / "students" / "dense" / "metrics.jsonl"
     with rendezvous() as meet:
         procs = start_two_ranks(args, meet)
         try:
             deadline = time.time() + 300
-            while not (metrics.exists() and metrics.read_text().count('"kind": "train"') >= 2):
+            while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
                 if time.time() > deadline or any(p.poll() is not None for p in procs):
                     for p in procs:  # before reading their output: a live rank's pipe never ends
                         kill_group(p)
@@ -322,6 +321,29 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(dp_config):
     assert 2 <= step < 400
     for name in ("dense", "moe"):
         assert checkpoint.latest(out / "students" / name / "checkpoints").name == f"step_{step:08d}"
+
+
+def test_a_signal_in_one_ranks_validation_stops_every_rank_at_the_same_batch(dp_config, monkeypatch):
+    """Validation asks after each batch whether to stop, and the ranks agree (an all-reduce), so
+    a SIGTERM that rank 1 alone gets as it validates cuts both at the same batch: both exit 130
+    at the same step, checkpointed, with nothing of the cut validation logged (unagreed, one rank
+    would go on to the next batch's collectives while the other waits in the checkpoint's:
+    a deadlock, and the test's timeout)."""
+    from distill.train.loop import SIGNAL_IN_VALIDATION
+
+    work, cfg = dp_config
+    out = work / "signal-in-validation"
+    monkeypatch.setenv(SIGNAL_IN_VALIDATION, "1")  # rank 1 SIGTERMs itself in its first validation batch
+    args = [sys.executable, str(ROOT / "cli.py"), "train", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}",
+            "--set", "train.steps=400", "--set", "train.eval_every=2", "--set", "train.eval_blocks=24"]
+    codes, errs = _two_ranks(args, timeout=300)
+    assert codes == [130, 130], errs
+    for err in errs:
+        assert "stopped by signal 15 after step 2 of 400 (its validation cut short)" in err, err[-2000:]
+    for name in ("dense", "moe"):
+        assert checkpoint.latest(out / "students" / name / "checkpoints").name == "step_00000002"
+        rows = [json.loads(line) for line in (out / "students" / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if r["kind"] == "val"] == []
 
 
 def test_a_rank_whose_peer_refused_the_input_says_one_line(dp_config, tmp_path):

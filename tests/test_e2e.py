@@ -1,6 +1,5 @@
 """The real CLI end to end on the tiny demo: files, report schema, stock-transformers export."""
 import json
-import os
 import re
 
 import pytest
@@ -303,11 +302,20 @@ def test_eval_checks_every_export_before_scoring_any(demo_dir, tmp_path):
     shard = next((run / "students" / "maverick" / "export").glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-16])
     shutil.rmtree(run / "students" / "dense-baseline" / "export")
+    flipped = next((run / "students" / "scout" / "export").glob("*.safetensors"))
+    data = bytearray(flipped.read_bytes())
+    data[-5] ^= 1  # inside a tensor: only the hash the export recorded tells
+    flipped.write_bytes(bytes(data))
+    (run / "students" / "dense" / "export" / "tokenizer.json").unlink()
     kept = {p: p.read_bytes() for p in [run / "report.json", *run.glob("students/*/export/README.md")]}
     r = run_cli("eval", "-c", str(cfg))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     line = r.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: eval: student maverick: its export is damaged: ") and "not fully covered" in line
+    assert line.startswith(f"error: eval: student scout: its export is damaged: {flipped}: damaged (its SHA-256 "
+                           f"differs from the one recorded when it was written)"), line
+    assert "student maverick: its export is damaged: " in line and "not fully covered" in line
+    assert f"student dense: its export is damaged: {run / 'students' / 'dense' / 'export' / 'tokenizer.json'}: " \
+           f"missing (the export wrote it)" in line
     assert (f"student dense-baseline: no export at {run / 'students' / 'dense-baseline' / 'export'}" in line
             and line.endswith(f"`distill export {run / 'students' / 'dense-baseline'} --out "
                               f"{run / 'students' / 'dense-baseline' / 'export'}`)")), line
@@ -356,12 +364,18 @@ def test_an_eval_stopped_part_way_keeps_the_report_and_cards_and_resumes(demo_di
         row.pop(speed)
     assert json.loads(json.dumps(report)) == full
 
-    # An export written again since (here: its weights touched) is scored again
+    # An export written again since, to other weights, is scored again
     scored.clear()
     with pytest.raises(KeyboardInterrupt):
         report_module.evaluate_run(cfg, progress=False)  # scout and maverick kept
-    weights = next((run / "students" / "scout" / "export").glob("*.safetensors"))
-    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    from tests.conftest import run_cli
+
+    # as `distill run` does before its eval: maverick exported again, to the same bytes (kept), and
+    # scout exported from its earlier checkpoint (scored again)
+    students = run / "students"
+    for ckpt, name in ((students / "maverick", "maverick"), (sorted((students / "scout" / "checkpoints").glob("step_*"))[0], "scout")):
+        r = run_cli("export", str(ckpt), "--out", str(students / name / "export"), "--overwrite")
+        assert r.returncode == 0, r.stderr[-2000:]
     gone = run / "students" / "dense" / "export"
 
     def removed_while_scoring(name, *args, **kw):  # and dense's export removed once it is scored
@@ -379,6 +393,44 @@ def test_an_eval_stopped_part_way_keeps_the_report_and_cards_and_resumes(demo_di
     assert report["students"]["dense"]["val_ppl"] == full["students"]["dense"]["val_ppl"]
 
 
+def test_eval_refuses_a_cache_another_teacher_wrote_and_drops_scores_of_other_inputs(demo_dir, tmp_path, monkeypatch,
+                                                                                       capsys):
+    """Eval scored agreement and KL against a cache the teacher in OUT/teacher did not write (its
+    weights changed since), where `distill train` refuses it; and an eval resumed after its inputs
+    changed scored every model again without a word."""
+    from safetensors.torch import load_file, save_file
+
+    from distill.config import load_config
+    from distill.report import report as report_module
+    from tests.conftest import run_cli
+
+    run, cfg_path = _run_copy(demo_dir, tmp_path)
+    score = report_module._score_export
+
+    def stopped_at_the_second(name, *args, **kw):
+        if name == "maverick":
+            raise KeyboardInterrupt
+        return score(name, *args, **kw)
+
+    monkeypatch.setattr(report_module, "_score_export", stopped_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        report_module.evaluate_run(load_config(cfg_path), progress=False)
+    monkeypatch.setattr(report_module, "_score_export", score)
+    capsys.readouterr()
+    report_module.evaluate_run(load_config(cfg_path, {"train.eval_blocks": 2}), progress=True)
+    assert ("[eval] the scores an eval stopped earlier kept are of other inputs (the config, data, teacher, cache or "
+            "device changed since): every model is scored again") in capsys.readouterr().err
+
+    weights = next((run / "teacher").glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    name = next(k for k in tensors if k.endswith("lm_head.weight") or k.endswith("embed_tokens.weight"))
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    r = run_cli("eval", "-c", str(cfg_path), "--quiet")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "was written for a different setup: teacher_weights_hash" in r.stderr.strip().splitlines()[-1], r.stderr
+
+
 def test_inspect_verify_finds_damaged_exports_and_checkpoints(demo_dir, tmp_path):
     """`inspect --verify` on an export or a checkpoint checked nothing: a truncated or flipped
     shard got exit 0.  An export records each weights file's size and SHA-256 and verify checks
@@ -390,7 +442,8 @@ def test_inspect_verify_finds_damaged_exports_and_checkpoints(demo_dir, tmp_path
     out = tmp_path / "export"
     assert run_cli("export", str(demo_dir / "students" / "scout"), "--out", str(out), "--max-shard-size", "200KB").returncode == 0
     shards = sorted(out.glob("*.safetensors"))
-    assert len(shards) > 1 and set(json.loads((out / "distill_meta.json").read_text())["weight_files"]) == {s.name for s in shards}
+    recorded = json.loads((out / "distill_meta.json").read_text())["files"]
+    assert len(shards) > 1 and {s.name for s in shards} | {"config.json", "tokenizer.json"} <= set(recorded)
     r = run_cli("inspect", str(out), "--verify", env=wide)
     assert r.returncode == 0 and "verify: ok" in r.stdout, r.stdout + r.stderr
     data = bytearray(shards[1].read_bytes())
@@ -400,8 +453,13 @@ def test_inspect_verify_finds_damaged_exports_and_checkpoints(demo_dir, tmp_path
     assert r.returncode == 1 and "verify: 1 problem(s)" in r.stdout, r.stdout + r.stderr
     assert f"BAD {shards[1]}: damaged (its SHA-256 differs" in r.stdout, r.stdout
     shards[0].write_bytes(shards[0].read_bytes()[:-8])
+    (out / "generation_config.json").unlink()
     r = run_cli("inspect", str(out), "--verify", env=wide)
     assert r.returncode == 1 and "verify: 3 problem(s)" in r.stdout and "not fully covered" in r.stdout, r.stdout
+    assert f"BAD {out / 'generation_config.json'}: missing (the export wrote it)" in r.stdout
+    (out / "config.json").unlink()  # still an export (its distill_meta.json), damaged, not an unknown dir
+    r = run_cli("inspect", str(out), "--verify", env=wide)
+    assert r.returncode == 1 and f"BAD {out}: no config.json" in r.stdout, r.stdout + r.stderr
 
     import shutil
 
@@ -419,3 +477,6 @@ def test_inspect_verify_finds_damaged_exports_and_checkpoints(demo_dir, tmp_path
     weights.write_bytes(weights.read_bytes()[:-8])
     r = run_cli("inspect", str(student), "--verify", env=wide)
     assert r.returncode == 1 and "verify: 2 problem(s)" in r.stdout, r.stdout
+    (latest / "meta.json").write_text("{not json")  # was "nothing complete to describe" and exit 0 in a run's OUT
+    r = run_cli("inspect", str(student), "--verify", env=wide)
+    assert r.returncode == 1 and f"BAD {latest / 'meta.json'}: unreadable" in r.stdout, r.stdout + r.stderr

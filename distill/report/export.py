@@ -89,8 +89,8 @@ def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size
     completions and turns were trained to end with them); default: those and 64 new tokens.
     state_dict: the weights to save when the model holds only partitions of them (ZeRO-3).
     meta: what the export is of (`export_checkpoint`), published in the same rename as
-    distill_meta.json with each weights file's size and SHA-256 (`weight_files`), which
-    `distill inspect --verify` checks."""
+    distill_meta.json with each file's size and SHA-256 (`files`; the model card aside, which
+    eval rewrites), which `distill inspect --verify` and `distill eval` check."""
     from transformers import GenerationConfig
 
     if dtype not in DTYPES:
@@ -122,8 +122,8 @@ def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size
         if card is not None:
             (tmp / "README.md").write_text(card)
         if meta is not None:
-            meta = {**meta, "weight_files": {f.name: file_digest(f) for f in sorted(tmp.glob("*.safetensors"))}}
-            (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+            files = {f.name: file_digest(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != "README.md"}
+            (tmp / META).write_text(json.dumps({**meta, "files": files}, indent=2, default=str))
     return out
 
 
@@ -137,32 +137,36 @@ def file_digest(path: Path) -> dict:
 
 
 def export_problems(path: Path) -> tuple[list[str], str | None]:
-    """What `distill inspect --verify` finds wrong with a model dir -> (problems, one line each;
-    a note on what could not be checked, or None).  Its structure (`model_dir_problems`), its
-    config, and, for an export of this toolkit, every weights file against the size and
-    SHA-256 recorded when it was written: a flipped byte or a shard of another export."""
+    """What `distill inspect --verify` and `distill eval` find wrong with a model dir ->
+    (problems, one line each; a note on what could not be checked, or None).  Its structure
+    (`model_dir_problems`), its config, and, for an export of this toolkit, every file it wrote
+    against the size and SHA-256 recorded then: a flipped byte, a file deleted or truncated."""
     from transformers import AutoConfig
 
     problems = model_dir_problems(path)
+    flagged = {p.split(":", 1)[0] for p in problems}  # a file already named is not named twice
     if (path / "config.json").is_file():
         try:
             AutoConfig.from_pretrained(str(path))
         except (OSError, ValueError) as err:
             problems.append(f"{path / 'config.json'}: unreadable config ({str(err).splitlines()[0][:200]})")
-    recorded = export_meta(path).get("weight_files")
+    recorded = export_meta(path).get("files")
     if not isinstance(recorded, dict):
-        return problems, ("no recorded weight hashes (not an export of this toolkit, or one made before they were "
-                          "recorded): the files' structure was checked, not their bytes")
+        return problems, ("no recorded file hashes (not an export of this toolkit, or one made before they were "
+                          "recorded): the weights' structure was checked, not their bytes")
     for name, want in recorded.items():
         file = path / name
+        if str(file) in flagged or (name == "config.json" and not file.is_file()):
+            continue
         if not file.is_file():
             problems.append(f"{file}: missing (the export wrote it)")
             continue
-        have = file_digest(file) if file.stat().st_size == want.get("bytes") else {"bytes": file.stat().st_size}
-        if have != want:
-            what = (f"{have['bytes']:,} bytes, the export wrote {want.get('bytes', 0):,}" if have["bytes"] != want.get("bytes")
-                    else "its SHA-256 differs from the one recorded when it was written")
-            problems.append(f"{file}: damaged ({what}); export the student again")
+        want = want if isinstance(want, dict) else {}
+        size = file.stat().st_size
+        if size != want.get("bytes"):
+            problems.append(f"{file}: damaged ({size:,} bytes, the export wrote {want.get('bytes', 0):,})")
+        elif file_digest(file)["sha256"] != want.get("sha256"):
+            problems.append(f"{file}: damaged (its SHA-256 differs from the one recorded when it was written)")
     extra = sorted(f.name for f in path.glob("*.safetensors") if f.name not in recorded)
     if extra:
         problems.append(f"{path}: weights files the export did not write: {', '.join(extra)}")

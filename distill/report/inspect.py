@@ -141,7 +141,7 @@ def inspect_path(path: Path, verify: bool = False) -> bool:
     ckpt = path if (path / "meta.json").exists() else checkpoint.latest(path / "checkpoints") or checkpoint.latest(path)
     if ckpt is not None:
         return _inspect_checkpoint(console, ckpt, verify)
-    if (path / "config.json").exists():
+    if (path / "config.json").exists() or (path / "distill_meta.json").exists():  # an export, its config lost too
         return _inspect_model(console, path, verify)
     parts = _run_parts(path)
     if parts:  # a run's out_dir: each thing in it (one unfinished, e.g. a killed preparation, said in a line)
@@ -150,7 +150,10 @@ def inspect_path(path: Path, verify: bool = False) -> bool:
             try:
                 ok = inspect_path(part.parent if part.name == "checkpoints" else part, verify=verify) and ok
             except UserError as e:
-                console.print(f"{part}: nothing complete to describe ({e})")
+                if not verify:
+                    console.print(f"{part}: nothing complete to describe ({e})")
+                    continue
+                ok = _said(console, [f"{part}: {e}"]) and ok  # what cannot be described is no verified part
         return ok
     raise UserError(f"{path}: not prepared data, a cache (manifest.json), checkpoint (meta.json), model dir "
                     f"(config.json) or a run's out_dir (data/, cache/, students/)")
@@ -184,7 +187,13 @@ def _inspect_cache(console: Console, path: Path, verify: bool) -> bool:
 def _inspect_checkpoint(console: Console, ckpt: Path, verify: bool) -> bool:
     from distill.train import checkpoint
 
-    meta = checkpoint.load_meta(ckpt)
+    problems = checkpoint.checkpoint_problems(ckpt) if verify else []
+    try:
+        meta = checkpoint.load_meta(ckpt)
+    except UserError:
+        if not verify:
+            raise
+        meta = {}  # described as far as it can be; the problems say what is damaged
     try:
         cfg = json.loads((ckpt / "config.json").read_text())
     except (OSError, ValueError):
@@ -194,7 +203,7 @@ def _inspect_checkpoint(console: Console, ckpt: Path, verify: bool) -> bool:
         "student": meta.get("student"), "step": meta.get("step"), "run_hash": meta.get("run_hash"),
         "architecture": cfg.get("model_type"), "vocab_size": cfg.get("vocab_size"),
         "data_fingerprint": meta.get("data_fingerprint")}))
-    return _said(console, checkpoint.checkpoint_problems(ckpt)) if verify else True
+    return _said(console, problems) if verify else True
 
 
 def _inspect_model(console: Console, path: Path, verify: bool) -> bool:

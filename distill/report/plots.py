@@ -56,13 +56,13 @@ def plot_curves(out: Path, histories: dict[str, list[dict]], teacher: dict):
 
 
 def schedule_groups(histories: dict[str, list[dict]]) -> dict[str, tuple]:
-    """{"a, b": (steps, w_soft, w_hard)}: students whose weights over training are the same share a
-    line (drawn once each, the last hid the others)."""
+    """{"a, b": (steps, w_soft, w_hard's steps, w_hard)}: students whose weights over training are
+    the same share a line (drawn once each, the last hid the others)."""
     groups: dict[tuple, list[str]] = {}
     for name, rows in histories.items():
         steps, w_soft = _series(rows, "train", "w_soft")
         if steps:
-            key = (tuple(steps), tuple(w_soft), tuple(_series(rows, "train", "w_hard")[1]))
+            key = (tuple(steps), tuple(w_soft), *map(tuple, _series(rows, "train", "w_hard")))
             groups.setdefault(key, []).append(name)
     return {", ".join(names): key for key, names in groups.items()}
 
@@ -72,9 +72,9 @@ def plot_schedule(out: Path, histories: dict[str, list[dict]]):
 
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
-    for names, (steps, w_soft, w_hard) in schedule_groups(histories).items():
+    for names, (steps, w_soft, hard_steps, w_hard) in schedule_groups(histories).items():
         line, = ax.plot(steps, w_soft, label=f"{names}: w_soft")
-        ax.plot(steps[:len(w_hard)], w_hard, ls="--", color=line.get_color(), label=f"{names}: w_hard")
+        ax.plot(hard_steps, w_hard, ls="--", color=line.get_color(), label=f"{names}: w_hard")
     ax.set(title="hard/soft loss weights over training", xlabel="step", ylabel="weight", ylim=(-0.05, 1.05))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

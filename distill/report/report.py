@@ -27,24 +27,26 @@ from distill.blocks import first_blocks
 from distill.config import CacheConfig, RunConfig
 from distill.data import vocab_size_of
 from distill.report import generation, plots
-from distill.report.export import export_meta, model_card
-from distill.runtime import check_cached_blocks, prepare, resolve_device, scoring_teacher
+from distill.report.export import export_meta, export_problems, model_card
+from distill.runtime import cache_identity, check_cached_blocks, prepare, resolve_device, scoring_teacher
 from distill.train import checkpoint
 from distill.train.metrics import read_metrics
 from distill.train.validate import evaluate_model, inference_tokens_per_s
 from losses.difficulty import STATS
-from students.build import load_causal_lm, model_dir_problems
+from students.build import load_causal_lm
 from students.presets import param_counts
 from teachers import CachedTeacher, LiveTeacher, Teacher
 from teachers.cache.format import Sampling
 
 
-def _model_stats(model, blocks, teacher: Teacher, device, label: str, progress: bool, **top1) -> dict:
+def _model_stats(model, blocks, teacher: Teacher, device, label: str, progress: bool,
+                 teacher_top1: torch.Tensor | None = None, keep_top1: int | None = None) -> dict:
     """Held-out metrics on `blocks` (expert load included), then sizes and prefill speed; a bar
-    labelled `label` counts the blocks scored.  top1: evaluate_model's teacher_top1 / keep_top1."""
+    labelled `label` counts the blocks scored.  teacher_top1, keep_top1: as evaluate_model's."""
     total, active = param_counts(model.config)
     with progress_bar(len(blocks), f"eval: {label}", progress) as bar:
-        stats = evaluate_model(model, blocks, teacher, device=device, bar=bar, **top1)
+        stats = evaluate_model(model, blocks, teacher, device=device, bar=bar, teacher_top1=teacher_top1,
+                               keep_top1=keep_top1)
     stats.update(params_total=total, params_active=active,
                  inference_tokens_per_s=round(inference_tokens_per_s(model, model.config.vocab_size, device), 1))
     return stats
@@ -98,16 +100,19 @@ def _has_chat(data, held_out) -> bool:
 
 def check_exports(cfg: RunConfig) -> None:
     """Every student's export, before any scoring (the teacher's row and each student before it
-    can take many minutes): there, whole (`model_dir_problems`), that student's, and said when
-    older than its latest checkpoint.  Every problem found goes in one line."""
+    can take many minutes): there, whole (`export_problems`: each file against the hash the
+    export recorded), that student's, and said when older than its latest checkpoint.  Every
+    problem found goes in one line."""
     layout = cfg.layout
     problems = []
     for sc in cfg.students:
         export_dir, redo = layout.export(sc.name), f"distill export {layout.student(sc.name)} --out {layout.export(sc.name)}"
-        if not (export_dir / "config.json").exists():
+        if not export_dir.is_dir() or not any(export_dir.iterdir()):
             problems.append(f"student {sc.name}: no export at {export_dir} (run `distill run`, or `{redo}`)")
-        elif damage := model_dir_problems(export_dir):
-            problems.append(f"student {sc.name}: its export is damaged: {damage[0]} (export it again: `{redo} --overwrite`)")
+        elif damage := export_problems(export_dir)[0]:
+            more = f" and {len(damage) - 1} more" if len(damage) > 1 else ""
+            problems.append(f"student {sc.name}: its export is damaged: {damage[0]}{more} (export it again: "
+                            f"`{redo} --overwrite`)")
         else:
             try:
                 _check_export_is_the_students(layout, sc.name)
@@ -183,7 +188,10 @@ def _val_teacher(cfg: RunConfig, data, device) -> tuple[Teacher, torch.nn.Module
     or a server)."""
     if cfg.train.mode == "cached":
         check_cached_blocks(cfg.layout.cache, data)
-        return CachedTeacher(cfg.layout.cache, "val"), None
+        # made by this teacher, as `distill train` requires (a teacher whose weights are gone: the cache alone)
+        here = cfg.teacher.source == "server" or (cfg.layout.teacher / "config.json").exists()
+        identity = cache_identity(cfg, data) if cfg.teacher.source != "cache" and here else None
+        return CachedTeacher(cfg.layout.cache, "val", identity), None
     live = scoring_teacher(cfg, data, device)
     return HeldOutSignals(live), live.model
 
@@ -210,11 +218,11 @@ class HeldOutSignals:
         if key in self.kept:
             return self.kept[key]
         sig, valid = self.teacher.signal(batch)
-        size = sum(t.numel() * t.element_size() for t in (sig.topk_ids, sig.topk_logprobs, sig.logits, valid)
-                   if t is not None)
-        if self.held_bytes + size <= HELD_OUT_SIGNAL_BYTES:
+        sizes = [valid.numel()]
+        sig.apply(lambda t: sizes.append(t.numel() * t.element_size()) or t)  # every tensor it holds
+        if self.held_bytes + sum(sizes) <= HELD_OUT_SIGNAL_BYTES:
             self.kept[key] = (sig.apply(lambda t: t.cpu()), valid.cpu())
-            self.held_bytes += size
+            self.held_bytes += sum(sizes)
         return sig, valid
 
 
@@ -313,9 +321,17 @@ def _eval_key(cfg: RunConfig, data, device) -> str:
     data's fingerprint, the device, the teacher's files and the cache's manifest."""
     layout = cfg.layout
     parts = {"format": EVAL_FORMAT, "config": cfg.model_dump(mode="json", exclude={"students"}),
-             "data": data.fingerprint, "device": str(device), "teacher_files": _files_identity(layout.teacher),
-             "cache": _files_identity(layout.cache, "manifest.json") if cfg.train.mode == "cached" else None}
+             "data": [data.fingerprint, data.content], "device": _device_name(device),
+             "teacher_files": _files_identity(layout.teacher),
+             "cache": _files_identity(layout.cache) if cfg.train.mode == "cached" else None}  # its shards too
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _device_name(device) -> str:
+    """The device the scores (tokens/s above all) were measured on: its model, not just "cuda"."""
+    if device.type == "cuda":
+        return f"{device}: {torch.cuda.get_device_name(device)}"
+    return str(device)
 
 
 def _files_identity(root, pattern: str = "*") -> list:
@@ -327,9 +343,12 @@ def _files_identity(root, pattern: str = "*") -> list:
 
 
 def _export_identity(layout, sc) -> str:
-    """A student's export as eval scores it: its files (the model card, which eval writes, aside)
-    and the student's config (its row's kind and name)."""
-    files = [f for f in _files_identity(layout.export(sc.name)) if f[0] != "README.md"]
+    """A student's export as eval scores it: its files' SHA-256 as the export recorded them (which
+    `check_exports` checked; `distill run` exports again before each eval, to the same bytes), or
+    for an export without them its files' sizes and times (the model card aside, which eval
+    writes); and the student's config (its row's kind and name)."""
+    export_dir = layout.export(sc.name)
+    files = export_meta(export_dir).get("files") or [f for f in _files_identity(export_dir) if f[0] != "README.md"]
     return hashlib.sha256(json.dumps([files, sc.model_dump(mode="json")], default=str).encode()).hexdigest()[:16]
 
 
@@ -345,7 +364,13 @@ class ScoredSoFar:
             held = json.loads(path.read_text())
         except (OSError, ValueError):
             held = None
-        self.held = held if isinstance(held, dict) and held.get("key") == key else {"key": key, "students": {}}
+        if isinstance(held, dict) and held.get("key") == key:
+            self.held = held
+            return
+        if held is not None and progress:
+            print("[eval] the scores an eval stopped earlier kept are of other inputs (the config, data, teacher, "
+                  "cache or device changed since): every model is scored again", file=sys.stderr, flush=True)
+        self.held = {"key": key, "students": {}}
 
     def get(self, name: str):
         return self.held.get(name)

@@ -216,8 +216,9 @@ def checkpoint_problems(ckpt: Path) -> list[str]:
     """What `distill inspect --verify` finds wrong with a checkpoint step dir, one line each:
     meta.json and config.json unreadable, model.safetensors whose header does not cover the
     file, and every torch file (state.pt, DeepSpeed's partitions) that is no complete zip or
-    whose members fail their CRC-32 (torch.save records one per tensor: a flipped byte shows).
-    The safetensors weights carry no checksum: a byte flipped inside them passes."""
+    whose members fail their CRC-32 (torch.save records one per member, the pickle and each
+    tensor: a byte flipped in them shows; one in the zip's alignment padding, which no load
+    reads, passes).  The safetensors weights carry no checksum: a byte flipped inside them passes."""
     problems = []
     for name in ("meta.json", "config.json"):
         try:
@@ -239,8 +240,8 @@ def checkpoint_problems(ckpt: Path) -> list[str]:
         try:
             with zipfile.ZipFile(file) as archive:
                 bad = archive.testzip()
-        except (zipfile.BadZipFile, OSError) as e:
-            problems.append(f"{file}: unreadable ({e})")
+        except Exception as e:  # a damaged zip directory raises more than BadZipFile (EOFError, NotImplementedError, ...)
+            problems.append(f"{file}: unreadable ({type(e).__name__}: {str(e)[:200]})")
             continue
         if bad is not None:
             problems.append(f"{file}: damaged (member {bad} fails its CRC)")

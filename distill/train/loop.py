@@ -30,7 +30,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from common.errors import UserError
+from common.errors import UserError, resume_hint
 from common.fsutil import atomic_write_json
 from common.progress import progress_bar
 from distill.blocks import Blocks, block_positions, first_blocks
@@ -49,7 +49,7 @@ EVERY_BLOCK = {"rule": "every block", "digest": "all"}  # the selection of a stu
 
 
 class TrainingInterrupted(UserError):
-    """SIGINT/SIGTERM: checkpoints were written; rerun with --resume."""
+    """SIGINT/SIGTERM: checkpoints were written; rerun with --resume.  Said without "error:"."""
 
     exit_code = 130
 
@@ -417,6 +417,19 @@ class _ValidationProgress:
         self.bar.update(0, info=f"validating {self.name}: {self.done:,}/{self.total:,} blocks")
 
 
+# Fault injection for tests: the rank this names sends itself SIGTERM as it scores its first
+# validation batch (every rank must then cut the validation at the same batch).
+SIGNAL_IN_VALIDATION = "DISTILL_TEST_SIGNAL_IN_VALIDATION"
+_signal_injected = False
+
+
+def _inject_signal(rank: int) -> None:
+    global _signal_injected
+    if not _signal_injected and os.environ.get(SIGNAL_IN_VALIDATION) == str(rank):
+        _signal_injected = True
+        os.kill(os.getpid(), signals.SIGTERM)
+
+
 def _validate(students: list[Student], val_blocks, val_teacher: Teacher | None, loop: LoopConfig,
               logger: MetricsLogger, done: int, final_eval: dict, bar, stopping) -> bool:
     """Each student on the first `loop.eval_blocks` validation blocks, logged as its `val` row
@@ -426,7 +439,8 @@ def _validate(students: list[Student], val_blocks, val_teacher: Teacher | None, 
     blocks = first_blocks(val_blocks, loop.eval_blocks)
     for s in students:
         metrics = evaluate_model(s.model, blocks, val_teacher, device=s.device, chunk_size=s.cfg.loss.chunk_size,
-                                 bar=_ValidationProgress(bar, s.name, len(blocks)), stop=stopping)
+                                 bar=_ValidationProgress(bar, s.name, len(blocks)),
+                                 stop=lambda: _inject_signal(loop.rank) or stopping())
         if metrics is None:
             return True
         final_eval[s.name] = metrics
@@ -434,20 +448,29 @@ def _validate(students: list[Student], val_blocks, val_teacher: Teacher | None, 
     return False
 
 
-def _final_validation(students: list[Student], val_blocks, val_teacher: Teacher | None, loop: LoopConfig,
-                      logger: MetricsLogger, layout: RunLayout, step: int, final_eval: dict, bar, stop) -> None:
-    """A run resumed at its last step: each student's final validation from its metrics (a
-    rerun of a finished `distill run` rewrote train_summary.json without them), validated now
-    where it is not there (a Ctrl-C cut it short)."""
-    for s in students:
-        logged = [r for r in read_metrics(layout.metrics(s.name)) if r.get("kind") == "val" and r.get("step") == step]
-        if logged:
-            final_eval[s.name] = {k: v for k, v in logged[-1].items() if k not in ("step", "kind")}
-    unvalidated = [s for s in students if s.name not in final_eval]
+def _resumed_validation(students: list[Student], val_blocks, val_teacher: Teacher | None, loop: LoopConfig,
+                        logger: MetricsLogger, layout: RunLayout, step: int, final_eval: dict, bar, stop) -> None:
+    """A run resumed at a step that validates (every `eval_every`, the last): each student's
+    figures as its metrics logged them, and a validation now of those a Ctrl-C cut short, so
+    the metrics and the final figures are an uninterrupted run's (a rerun of a finished
+    `distill run` rewrote train_summary.json with none).  Rank 0 reads the metrics, which it
+    alone writes; every rank takes its word, as they must validate together."""
+    logged = {}
+    if loop.rank == 0:
+        for s in students:
+            rows = [r for r in read_metrics(layout.metrics(s.name)) if r.get("kind") == "val" and r.get("step") == step]
+            if rows:
+                logged[s.name] = {k: v for k, v in rows[-1].items() if k not in ("step", "kind")}
+    if loop.world_size > 1:
+        shared = [logged]
+        dist.broadcast_object_list(shared, src=0)
+        logged = shared[0]
+    final_eval.update(logged)
+    unvalidated = [s for s in students if s.name not in logged]
     if unvalidated and _validate(unvalidated, val_blocks, val_teacher, loop, logger, step, final_eval, bar,
                                  lambda: agreed_stop(stop.signum, loop, students) is not None):
-        raise TrainingInterrupted(f"stopped by a signal during the final validation (step {step}); "
-                                  f"rerun with --resume to validate")
+        raise TrainingInterrupted(f"stopped by a signal during the validation of step {step}, which resumed it; "
+                                  f"{resume_hint()} to validate")
 
 
 def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: Blocks | torch.Tensor,
@@ -489,8 +512,8 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: B
     try:  # the metrics files and TensorBoard writers are closed (flushed) whatever ends the loop
         upcoming = batches_of(start)
         with _StopFlag(launched=loop.world_size > 1) as stop, progress_bar(loop.steps, label, progress and loop.rank == 0, start) as bar:
-            if start >= loop.steps:  # resumed with nothing to train: the final validation, as logged
-                _final_validation(students, val_blocks, val_teacher, loop, logger, layout, start, final_eval, bar, stop)
+            if resume and start > 0 and (start >= loop.steps or (loop.eval_every and start % loop.eval_every == 0)):
+                _resumed_validation(students, val_blocks, val_teacher, loop, logger, layout, start, final_eval, bar, stop)
             for step in range(start, loop.steps):
                 # --- the step's blocks, per data view: global batch, this rank's share, split into
                 # micro-batches; the next step's are built once, now, and read ahead (a cache
@@ -523,7 +546,7 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: B
                     cut = " (its validation cut short)" if cut_short else ""
                     raise TrainingInterrupted(
                         f"stopped by signal {signum} after step {done} of {loop.steps}{cut}; checkpoints saved "
-                        f"under {layout.students}; rerun with --resume to continue")
+                        f"under {layout.students}; {resume_hint()} to continue")
     finally:
         logger.close()
     return {"students": final_eval, "teacher_forward_calls": teacher_calls, "start_step": start,

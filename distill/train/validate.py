@@ -91,7 +91,7 @@ def evaluate_model(model, blocks: Blocks | torch.Tensor, teacher: Teacher | None
             top1.append(torch.cat(batch_top1).reshape(len(idx), -1))
         if bar is not None:
             bar.update(len(idx))
-        if stop is not None and stop():
+        if stop is not None and idx[-1] + 1 < len(blocks) and stop():  # a finished scoring is kept
             model.train(was_training)
             return None
     model.train(was_training)
