@@ -335,15 +335,22 @@ def test_a_signal_in_one_ranks_validation_stops_every_rank_at_the_same_batch(dp_
     out = work / "signal-in-validation"
     monkeypatch.setenv(SIGNAL_IN_VALIDATION, "1")  # rank 1 SIGTERMs itself in its first validation batch
     args = [sys.executable, str(ROOT / "cli.py"), "train", "-c", str(cfg), "--quiet", "--set", f"out_dir={out}",
-            "--set", "train.steps=400", "--set", "train.eval_every=2", "--set", "train.eval_blocks=24"]
+            "--set", "train.steps=4", "--set", "train.eval_every=2", "--set", "train.eval_blocks=24"]
     codes, errs = _two_ranks(args, timeout=300)
     assert codes == [130, 130], errs
     for err in errs:
-        assert "stopped by signal 15 after step 2 of 400 (its validation cut short)" in err, err[-2000:]
+        assert "stopped by signal 15 after step 2 of 4 (its validation cut short)" in err, err[-2000:]
     for name in ("dense", "moe"):
         assert checkpoint.latest(out / "students" / name / "checkpoints").name == "step_00000002"
         rows = [json.loads(line) for line in (out / "students" / name / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows if r["kind"] == "val"] == []
+    # Resumed on both ranks: rank 0 finds step 2's validation missing and both ranks do it, then go on
+    monkeypatch.delenv(SIGNAL_IN_VALIDATION)
+    codes, errs = _two_ranks(args + ["--resume"], timeout=300)
+    assert codes == [0, 0], errs
+    for name in ("dense", "moe"):
+        rows = [json.loads(line) for line in (out / "students" / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if r["kind"] == "val"] == [2, 4], rows
 
 
 def test_a_rank_whose_peer_refused_the_input_says_one_line(dp_config, tmp_path):
