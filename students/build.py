@@ -125,13 +125,18 @@ def model_dir_problems(path: Path) -> list[str]:
         if any(path.glob("pytorch_model*.bin")):
             return []  # legacy torch pickles; from_pretrained reports their problems
         return [f"{path}: no weights (*.safetensors or pytorch_model*.bin)"]
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                handle.keys()
-        except (SafetensorError, OSError) as err:
-            problems.append(f"{file}: corrupt safetensors file ({err})")
-    return problems
+    return problems + [p for p in map(safetensors_problem, files) if p]
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """A safetensors file whose header is unreadable or does not cover the file (truncated or
+    overlong), in one line; None when it reads."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as err:
+        return f"{file}: corrupt safetensors file ({err})"
+    return None
 
 
 def _check_model_dir(path: Path) -> None:

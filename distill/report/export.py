@@ -12,7 +12,6 @@ held-out tokens whose experts change (`routing_note`), printed and in the model 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
-from common.fsutil import staged_dir
+from common.fsutil import sha256_file, staged_dir
 from distill.chat import stop_ids
 from distill.config import shard_size_problem
 from distill.layout import RunLayout, has_tokenizer
@@ -122,18 +121,10 @@ def save_hf_dir(model, tokenizer, out: Path, dtype: str = "fp32", max_shard_size
         if card is not None:
             (tmp / "README.md").write_text(card)
         if meta is not None:
-            files = {f.name: file_digest(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != "README.md"}
+            files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+                     for f in sorted(tmp.iterdir()) if f.is_file() and f.name != "README.md"}
             (tmp / META).write_text(json.dumps({**meta, "files": files}, indent=2, default=str))
     return out
-
-
-def file_digest(path: Path) -> dict:
-    """{"bytes", "sha256"} of a file, read in 16 MiB pieces (a multi-GB shard never in memory at once)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while piece := f.read(1 << 24):
-            digest.update(piece)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def export_problems(path: Path) -> tuple[list[str], str | None]:
@@ -165,7 +156,7 @@ def export_problems(path: Path) -> tuple[list[str], str | None]:
         size = file.stat().st_size
         if size != want.get("bytes"):
             problems.append(f"{file}: damaged ({size:,} bytes, the export wrote {want.get('bytes', 0):,})")
-        elif file_digest(file)["sha256"] != want.get("sha256"):
+        elif sha256_file(file) != want.get("sha256"):
             problems.append(f"{file}: damaged (its SHA-256 differs from the one recorded when it was written)")
     extra = sorted(f.name for f in path.glob("*.safetensors") if f.name not in recorded)
     if extra:

@@ -158,7 +158,8 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
                     "val_blocks": len(held_out), "scored_tokens": "assistant / completion only" if chat else "all",
                     "teacher_signal": signal_description(cfg.cache, val_teacher)}
     scored = ScoredSoFar(layout.eval_progress, _eval_key(cfg, data, device), progress)  # an eval stopped part-way
-    unscored = [sc.name for sc in cfg.students if scored.student(sc.name, _export_identity(layout, sc)) is None]
+    identities = {sc.name: _export_identity(layout, sc) for sc in cfg.students}
+    unscored = [name for name, identity in identities.items() if scored.student(name, identity) is None]
     teacher_model = _score_teacher(cfg, data, held_out, val_teacher, teacher_model, device, report, progress, scored)
     judge = _generation_judge(cfg, data, teacher_model, device, report, progress, scored, bool(unscored)) if chat else None
     del teacher_model
@@ -166,7 +167,7 @@ def evaluate_run(cfg: RunConfig, progress: bool = True, data=None) -> dict:
     summary = json.loads(layout.train_summary.read_text()) if layout.train_summary.exists() else {}
     for sc in cfg.students:
         report["students"][sc.name] = _score_student(cfg, sc, held_out, val_teacher, judge, summary, device, progress,
-                                                     scored)
+                                                     scored, identities[sc.name])
 
     # Written once every model is scored, the report first: an eval stopped part-way leaves the
     # report and the model cards as the last whole eval wrote them, in agreement.
@@ -263,18 +264,16 @@ def _score_teacher(cfg: RunConfig, data, held_out, val_teacher: Teacher, teacher
 
 
 def _score_student(cfg: RunConfig, sc, held_out, val_teacher: Teacher, judge, summary: dict, device,
-                   progress: bool, scored: "ScoredSoFar") -> dict:
-    """One student's row of the table, from its export (whose model card gets the figures)."""
+                   progress: bool, scored: "ScoredSoFar", identity: str) -> dict:
+    """One student's row of the table, from its export (whose model card gets the figures);
+    identity: its export's (`_export_identity`), under which its scores are kept."""
     layout = cfg.layout
     export_dir = layout.export(sc.name)
-    identity = _export_identity(layout, sc)
     stats = scored.student(sc.name, identity)
     if stats is not None:
         scored.say(f"student {sc.name}")
     else:
-        top1 = scored.get("teacher_top1")  # the teacher model's argmax, where the signal's is a noisy estimate
-        stats = _score_export(sc.name, layout, held_out, val_teacher, judge, device, progress,
-                              None if top1 is None else ScoredSoFar.unpacked(top1))
+        stats = _score_export(sc.name, layout, held_out, val_teacher, judge, device, progress, scored.teacher_top1())
         scored.put_student(sc.name, identity, stats)
     init = layout.init_report(sc.name)
     if init.exists():  # what the student was built from (train/setup.py)
@@ -318,7 +317,7 @@ EVAL_FORMAT = 1
 def _eval_key(cfg: RunConfig, data, device) -> str:
     """What every model's scores depend on besides its own weights: the whole config but the
     students (the held-out blocks, the teacher and its signal, generation settings, seeds), the
-    data's fingerprint, the device, the teacher's files and the cache's manifest."""
+    data's fingerprint and content, the device's model, the teacher's files and the cache's."""
     layout = cfg.layout
     parts = {"format": EVAL_FORMAT, "config": cfg.model_dump(mode="json", exclude={"students"}),
              "data": [data.fingerprint, data.content], "device": _device_name(device),
@@ -334,12 +333,12 @@ def _device_name(device) -> str:
     return str(device)
 
 
-def _files_identity(root, pattern: str = "*") -> list:
-    """[name, size, mtime_ns] of each file matching `pattern` in `root` (not below): a file
-    written again, or another file, changes it."""
+def _files_identity(root) -> list:
+    """[name, size, mtime_ns] of each file in `root` (not below): a file written again, or
+    another file, changes it."""
     if not root.is_dir():
         return []
-    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(root.glob(pattern)) if f.is_file()]
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(root.iterdir()) if f.is_file()]
 
 
 def _export_identity(layout, sc) -> str:
@@ -359,7 +358,7 @@ class ScoredSoFar:
     identity too); once the report is written the file goes."""
 
     def __init__(self, path, key: str, progress: bool):
-        self.path, self.progress = path, progress
+        self.path, self.progress, self._top1 = path, progress, None
         try:
             held = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -393,10 +392,14 @@ class ScoredSoFar:
         rewritten after every model, was 20 MB)."""
         return {"shape": list(ids.shape), "int32": base64.b64encode(ids.to(torch.int32).numpy().tobytes()).decode()}
 
-    @staticmethod
-    def unpacked(held: dict) -> torch.Tensor:
-        ids = np.frombuffer(base64.b64decode(held["int32"]), dtype=np.int32).reshape(held["shape"])
-        return torch.from_numpy(ids.astype(np.int64))
+    def teacher_top1(self) -> torch.Tensor | None:
+        """(N, T) the teacher model's argmax ids, where the signal's is a noisy estimate (`packed`
+        in the file; decoded once)."""
+        held = self.held.get("teacher_top1")
+        if held is not None and self._top1 is None:
+            ids = np.frombuffer(base64.b64decode(held["int32"]), dtype=np.int32).reshape(held["shape"])
+            self._top1 = torch.from_numpy(ids.astype(np.int64))
+        return self._top1
 
     def say(self, what: str) -> None:
         if self.progress:

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from common.errors import UserError
 from common.fsutil import atomic_write_json, staged_dir
+from students.build import safetensors_problem
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 COMMITTED = "committed.json"  # in OUT/students: {"students": {name: step}}
@@ -227,14 +227,8 @@ def checkpoint_problems(ckpt: Path) -> list[str]:
         except (OSError, ValueError) as e:
             problems.append(f"{ckpt / name}: unreadable ({type(e).__name__})")
     weights = ckpt / "model.safetensors"
-    if weights.exists():
-        try:
-            with safe_open(str(weights), framework="pt") as handle:
-                handle.keys()
-        except (SafetensorError, OSError) as e:
-            problems.append(f"{weights}: corrupt safetensors file ({e})")
-    else:
-        problems.append(f"{ckpt}: no model.safetensors")
+    damaged = safetensors_problem(weights) if weights.exists() else f"{ckpt}: no model.safetensors"
+    problems += [damaged] if damaged else []
     partitions = ckpt.parent / "deepspeed" / ckpt.name  # DeepSpeed's files of this step (engines.py)
     for file in sorted(ckpt.rglob("*.pt")) + sorted(partitions.rglob("*.pt")):
         try:

@@ -431,16 +431,20 @@ def _inject_signal(rank: int) -> None:
 
 
 def _validate(students: list[Student], val_blocks, val_teacher: Teacher | None, loop: LoopConfig,
-              logger: MetricsLogger, done: int, final_eval: dict, bar, stopping) -> bool:
+              logger: MetricsLogger, done: int, final_eval: dict, bar, stop: _StopFlag) -> bool:
     """Each student on the first `loop.eval_blocks` validation blocks, logged as its `val` row
-    at step `done` and kept in final_eval; -> True when a signal cut it short (`stopping`, asked
-    after each batch: on a large held-out split a Ctrl-C waited for minutes), the unfinished
-    student's figures not logged."""
+    at step `done` and kept in final_eval; -> True when a signal cut it short (`stop`, agreed by
+    every rank after each batch: on a large held-out split a Ctrl-C waited for minutes), the
+    unfinished student's figures not logged."""
     blocks = first_blocks(val_blocks, loop.eval_blocks)
+
+    def stopping() -> bool:
+        _inject_signal(loop.rank)
+        return agreed_stop(stop.signum, loop, students) is not None
+
     for s in students:
         metrics = evaluate_model(s.model, blocks, val_teacher, device=s.device, chunk_size=s.cfg.loss.chunk_size,
-                                 bar=_ValidationProgress(bar, s.name, len(blocks)),
-                                 stop=lambda: _inject_signal(loop.rank) or stopping())
+                                 bar=_ValidationProgress(bar, s.name, len(blocks)), stop=stopping)
         if metrics is None:
             return True
         final_eval[s.name] = metrics
@@ -467,8 +471,7 @@ def _resumed_validation(students: list[Student], val_blocks, val_teacher: Teache
         logged = shared[0]
     final_eval.update(logged)
     unvalidated = [s for s in students if s.name not in logged]
-    if unvalidated and _validate(unvalidated, val_blocks, val_teacher, loop, logger, step, final_eval, bar,
-                                 lambda: agreed_stop(stop.signum, loop, students) is not None):
+    if unvalidated and _validate(unvalidated, val_blocks, val_teacher, loop, logger, step, final_eval, bar, stop):
         raise TrainingInterrupted(f"stopped by a signal during the validation of step {step}, which resumed it; "
                                   f"{resume_hint()} to validate")
 
@@ -535,8 +538,7 @@ def train_loop(students: list[Student], teacher: Teacher | None, train_blocks: B
                 # --- validation and checkpoints
                 cut_short = False
                 if done == loop.steps or (loop.eval_every and done % loop.eval_every == 0):
-                    cut_short = _validate(students, val_blocks, val_teacher, loop, logger, done, final_eval, bar,
-                                          lambda: agreed_stop(stop.signum, loop, students) is not None)
+                    cut_short = _validate(students, val_blocks, val_teacher, loop, logger, done, final_eval, bar, stop)
                 signum = agreed_stop(stop.signum, loop, students)
                 if done == loop.steps or (loop.checkpoint_every and done % loop.checkpoint_every == 0) or signum:
                     save_all(layout, students, done, loop)
