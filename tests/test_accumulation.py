@@ -3,6 +3,7 @@ tokens and uneven targets (-100 labels, as chat data has) equal one big batch, f
 adaptive soft weighting and a MoE student's balance terms, in one process and on 2 ranks; a
 non-finite micro-batch skips exactly its step on every rank, under
 both engines, and the next step equals a run where that step never happened."""
+import gc
 import os
 
 import pytest
@@ -174,6 +175,11 @@ def _rank(rank, world, meet, engine, out):
             rows.append({"skipped": bool(m.get("skipped")), "lr": m["lr"],
                          "weights": {k: v.clone() for k, v in s.model.state_dict().items()}})
         result[run] = {"rows": rows, "nonfinite": s.nonfinite_steps}
+        # The run's DDP freed here on both ranks, before the next one's is built, not by the
+        # collector at a moment of each rank's own (the [torch] case hung now and then in CI)
+        del s
+        gc.collect()
+        dist.barrier()
     torch.save(result, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
